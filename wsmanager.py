@@ -2116,3 +2116,210 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         sock.close()
         raise
     return websocket
+
+
+###############################################################################
+# Command line: python -m wsmanager ###########################################
+###############################################################################
+
+_CHAT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wsmanager chat</title>
+<style>body{font:15px system-ui,sans-serif;max-width:40em;margin:2em auto}#log{list-style:none;padding:0}
+#log li{padding:.2em 0;border-bottom:1px solid #eee}#status{color:#666}</style></head>
+<body><h1>wsmanager chat</h1><p id="status">connecting&hellip;</p>
+<form id="form"><input id="text" autocomplete="off" size="40" autofocus> <button>Send</button></form>
+<ul id="log"></ul>
+<script>
+"use strict";
+// Every message sent on /ws is broadcast to all peers, this page included.
+const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+const ws = new WebSocket(scheme + location.host + "/ws");
+const log = document.getElementById("log"), status = document.getElementById("status");
+const text = document.getElementById("text");
+function show(line, cls) {
+  const li = document.createElement("li");
+  li.textContent = line;
+  li.className = cls;
+  log.appendChild(li);
+}
+ws.onopen = () => {
+  status.textContent = "connected";
+  // ?say=... sends one message on open: handy for scripted checks of the demo.
+  const say = new URLSearchParams(location.search).get("say");
+  if (say) ws.send(say);
+};
+ws.onmessage = (event) => show(event.data, "message");
+ws.onclose = (event) => { status.textContent = "closed (" + event.code + ")"; };
+document.getElementById("form").onsubmit = (event) => {
+  event.preventDefault();
+  if (text.value) ws.send(text.value);
+  text.value = "";
+};
+</script></body></html>
+"""
+
+
+class _ChatPeer(WebSocket):
+    """A peer of the demo chat: whatever it says goes to everyone."""
+
+    def opened(self) -> None:
+        logger.info("%s connected (%d connected)", _format_peer(self.peer_address), len(self._manager))
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self._manager.broadcast(message)
+
+    def closed(self, code: int, reason: str) -> None:
+        manager = self._manager
+        count = len(manager) if manager is not None else 0
+        logger.info("%s disconnected: %d %s (%d connected)", _format_peer(self.peer_address), code, reason, count)
+
+
+def _format_peer(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address or "unix socket")
+
+
+def _chat_handshake(request: Request) -> Optional[Response]:
+    # Only the page and the socket exist: this is a handshake hook, not a web server.
+    path = request.path.split("?", 1)[0]
+    if request.is_upgrade:
+        return None if path == "/ws" else Response(404)
+    if path == "/" and request.method in ("GET", "HEAD"):
+        body = _CHAT_PAGE.encode() if request.method == "GET" else b""
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
+    return Response(404)
+
+
+def _serve(args: Any) -> int:
+    manager = WebSocketManager()
+    try:
+        host, port = manager.listen((args.host, args.port), _ChatPeer, handshake=_chat_handshake)[:2]
+    except OSError as exc:
+        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        manager.stop()
+        manager.run()  # a stopped manager runs no loop, only its clean-up: no descriptor leaks
+        return 1
+    display = f"[{host}]" if ":" in host else host
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws); Ctrl-C to stop", display, port)
+    import signal
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop is a Ctrl-C too
+    manager.start()
+    try:
+        while manager._thread.is_alive():
+            manager._thread.join(0.5)
+    except KeyboardInterrupt:
+        logger.info("closing %d connection(s) with 1001", len(manager))
+    manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
+    manager.stop(manager.close_timeout)
+    manager.join()
+    return 0
+
+
+class _ConsolePeer(WebSocket):
+    """The interactive client: prints what arrives, while the user types."""
+
+    show_binary_as_hex = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.done = threading.Event()
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        if isinstance(message, str):
+            line = message
+        elif self.show_binary_as_hex:
+            line = message.hex()
+        else:
+            line = f"<binary message, {len(message)} bytes>"
+        print(f"< {line}", flush=True)
+
+    def closed(self, code: int, reason: str) -> None:
+        print(f"connection closed: {code} {reason}".rstrip(), file=sys.stderr, flush=True)
+        self.done.set()
+
+
+def _connect(args: Any) -> int:
+    context = None
+    if args.url.startswith("wss:"):
+        context = ssl.create_default_context()
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    try:
+        peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
+                       subprotocols=args.subprotocol or None)
+    except ValueError as exc:
+        print(f"wsmanager: {exc}", file=sys.stderr)
+        return 2
+    except HandshakeError as exc:
+        print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ssl.SSLError) as exc:
+        print(f"wsmanager: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    peer.show_binary_as_hex = args.binary
+    print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
+    manager = WebSocketManager()
+    manager.start()
+    manager.add(peer)
+
+    def type_lines() -> None:
+        try:
+            for line in sys.stdin:
+                peer.send(line.rstrip("\r\n"))
+        except (ConnectionClosed, ValueError, OSError):
+            pass
+        peer.done.set()
+
+    threading.Thread(target=type_lines, name="stdin", daemon=True).start()
+    try:
+        peer.done.wait()
+    except KeyboardInterrupt:
+        pass
+    if not peer.terminated:
+        peer.close(CloseCode.NORMAL)
+        deadline = time.monotonic() + manager.close_timeout + 1
+        while not peer.terminated and time.monotonic() < deadline:
+            time.sleep(0.01)
+    manager.stop()
+    manager.join()
+    return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m wsmanager [serve|connect] ...``; returns the exit status."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # one line, not a usage dump
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
+                    description="wsmanager demo: a broadcast chat server and an interactive client.")
+    parser.add_argument("--version", action="version", version=f"wsmanager {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    serve = commands.add_parser("serve", formatter_class=formatter,
+                                help="run the broadcast chat (the default command)",
+                                description="Serve a chat page at / and broadcast every message sent on /ws.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=9000, help="port to listen on")
+    client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
+                                 description="Send typed lines as text messages and print what arrives.")
+    client.add_argument("url", help="ws:// or wss:// URL")
+    client.add_argument("--binary", action="store_true", help="print binary messages as hex")
+    client.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    client.add_argument("--subprotocol", action="append", metavar="NAME", help="offer a subprotocol (repeatable)")
+    client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
+        arguments.insert(0, "serve")
+    args = parser.parse_args(arguments)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return _serve(args) if args.command == "serve" else _connect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
