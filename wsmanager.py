@@ -6,19 +6,28 @@ manager loop over :mod:`selectors` that runs server and client connections,
 plain or TLS, in one thread. Copy ``wsmanager.py`` into your tree or
 ``pip install wsmanager``.
 
-An echo server::
+An echo server and a client, in one manager::
 
+    import threading
     import wsmanager
 
     class Echo(wsmanager.WebSocket):
         def received_message(self, message):
             self.send(message)
 
+    class Hello(wsmanager.WebSocket):
+        def opened(self):
+            self.send("hello")
+
+        def received_message(self, message):
+            print(message)  # hello
+            answered.set()
+
+    answered = threading.Event()
     with wsmanager.WebSocketManager() as manager:
         host, port = manager.listen(("127.0.0.1", 0), Echo)
-        client = wsmanager.connect(f"ws://{host}:{port}/")
-        manager.add(client)
-        client.send("hello")
+        manager.add(wsmanager.connect(f"ws://{host}:{port}/", Hello))
+        answered.wait(5)
 
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
 :func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
@@ -1542,13 +1551,15 @@ class _Waker:
         self._finalized = False
 
     def _on_read(self) -> None:
-        # Cleared before the queues are read, so a wake-up that races us is never lost.
-        self.manager._wake_pending = False
         try:
             while self.sock.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
+        # flag stays set) and before the queues are read (work queued before a skipped
+        # wake-up is still seen in this turn).
+        self.manager._wake_pending = False
 
     def _on_write(self) -> None:
         pass
