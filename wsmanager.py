@@ -1056,7 +1056,15 @@ class WebSocket:
         then the close frame; the socket closes when the peer answers or
         after ``close_timeout``. Does nothing once closing."""
         payload = encode_close(code, reason)
-        self._call_in_loop(self._start_close, payload)
+        with self._lock:
+            state = self.state
+            if state > State.OPEN:
+                return
+            # Queued and marked at once, so a send() after close() fails in any thread.
+            self._append_close(payload)
+            self.state = _TRANSITIONS[(state, "send_close")]
+        self._schedule_flush()
+        self._call_in_loop(self._arm_close_timer)
 
     def terminate(self) -> None:
         """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
@@ -1229,16 +1237,10 @@ class WebSocket:
             self.state = _TRANSITIONS[(state, "receive_close")]
         self._wind_down()
 
-    def _start_close(self, payload: bytes) -> None:
-        with self._lock:
-            state = self.state
-            if state > State.OPEN:
-                return
-            self._append_close(payload)
-            self.state = _TRANSITIONS[(state, "send_close")]
-        self._schedule_flush()
+    def _arm_close_timer(self) -> None:
         manager = self._manager
-        if manager is not None and self._parser is not None:  # else _open() starts the timer
+        # Before add() there is no loop yet: _open() arms it then.
+        if manager is not None and self._parser is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self.close_timeout, self._finalize, "close timeout")
 
     def _fail(self, code: int, reason: str) -> None:
@@ -1886,8 +1888,9 @@ class WebSocketManager:
         with websocket._lock:
             if websocket.state is State.CONNECTING:
                 websocket.state = State.OPEN
-            elif websocket.state is State.CLOSING:  # close() before add(): its timer starts now
-                websocket._timer = self._call_later(websocket.close_timeout, websocket._finalize, "close timeout")
+            closing = websocket.state is State.CLOSING
+        if closing:  # close() before add(): its timer starts now
+            websocket._arm_close_timer()
         try:
             websocket.opened()
         except Exception as exc:
