@@ -1015,7 +1015,12 @@ class WebSocket:
         Raises :class:`ConnectionClosed` once closing. When the queue would
         exceed ``max_buffered`` the connection is dropped as a slow consumer.
         """
-        if isinstance(message, (str, bytes, bytearray, memoryview)):
+        kind = type(message)
+        if kind is str:  # deliberate: exact-type fast paths for the common cases
+            data = encode_frame(Opcode.TEXT, message.encode(), mask=self.client)
+        elif kind is bytes:
+            data = encode_frame(Opcode.BINARY, message, mask=self.client)
+        elif isinstance(message, (str, bytes, bytearray, memoryview)):
             opcode, payload = _data_frame(message)
             data = encode_frame(opcode, payload, mask=self.client)
         else:
@@ -1107,10 +1112,15 @@ class WebSocket:
             else:
                 self._out.append(data)
                 self._buffered = size
+                if self._scheduled:
+                    return True
+                self._scheduled = True
         if overflow:
             self._call_in_loop(self._finalize)
             return False
-        self._schedule_flush()
+        manager = self._manager
+        if manager is not None:
+            manager._schedule_flush(self)
         return True
 
     def _schedule_flush(self) -> None:
@@ -1274,8 +1284,8 @@ class WebSocket:
         self._schedule_flush()
 
     def _flush(self) -> None:
-        if self._finalized or self._manager is None:
-            return
+        if self._finalized or self._manager is None or self._parser is None:
+            return  # not running (yet): _open() schedules the flush of what is queued
         error = None
         with self._lock:
             out = self._out
@@ -1895,8 +1905,11 @@ class WebSocketManager:
             websocket.opened()
         except Exception as exc:
             websocket._callback_failed("opened", exc)
-        if websocket._out:
-            websocket._schedule_flush()
+        with websocket._lock:
+            pending_output = bool(websocket._out)
+            websocket._scheduled = pending_output
+        if pending_output:
+            self._dirty.append(websocket)
         if self.heartbeat:
             self._call_later(self.heartbeat, self._heartbeat, websocket)
         extra = websocket._extra
