@@ -1631,6 +1631,7 @@ class WebSocketManager:
         self._thread: Optional[threading.Thread] = None
         self._thread_id: Optional[int] = None
         self._lock = threading.Lock()
+        self._finished = False  # set by _shutdown(): nothing may be added from then on
         self._wake_pending = False
         waker_read, self._waker = socket.socketpair()
         waker_read.setblocking(False)
@@ -1646,8 +1647,10 @@ class WebSocketManager:
             raise ValueError("the connection belongs to another manager")
         if websocket._finalized:
             raise ConnectionClosed("the connection is already closed")
-        self._websockets[websocket._fd] = websocket
-        websocket._manager = self
+        with self._lock:  # either _shutdown() sees this connection, or we see it finished
+            self._check_running()
+            self._websockets[websocket._fd] = websocket
+            websocket._manager = self
         self._call_threadsafe(self._open, websocket)
 
     def remove(self, websocket: WebSocket) -> None:
@@ -1721,7 +1724,14 @@ class WebSocketManager:
         sock.setblocking(False)
         listener = _Listener(self, sock, factory, ssl_context, subprotocols, handshake, max_connections,
                              origins, unix_path)
-        self._listeners.append(listener)
+        with self._lock:
+            if self._finished:
+                listener._finalized = True
+                sock.close()
+                if unix_path is not None:
+                    os.unlink(unix_path)
+            self._check_running()
+            self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
         return unix_path if unix_path is not None else sock.getsockname()[:2]
 
@@ -1736,6 +1746,10 @@ class WebSocketManager:
         now on.
         """
         listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None)
+        with self._lock:
+            if self._finished:
+                sock.close()
+            self._check_running()
         self._call_threadsafe(self._adopt, listener, sock, request_head)
 
     # Running -------------------------------------------------------------------
@@ -2050,7 +2064,13 @@ class WebSocketManager:
         self._stop_deadline = time.monotonic() + timeout
         self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
 
+    def _check_running(self) -> None:
+        if self._finished:
+            raise RuntimeError("the manager has stopped")
+
     def _shutdown(self) -> None:
+        with self._lock:
+            self._finished = True
         for websocket in tuple(self._websockets.values()):
             try:
                 websocket._finalize("manager stopped")
