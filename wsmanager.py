@@ -2218,7 +2218,8 @@ class _ChatPeer(WebSocket):
     def closed(self, code: int, reason: str) -> None:
         manager = self._manager
         count = len(manager) if manager is not None else 0
-        logger.info("%s disconnected: %d %s (%d connected)", _format_peer(self.peer_address), code, reason, count)
+        logger.info("%s disconnected: %d%s (%d connected)", _format_peer(self.peer_address), code,
+                    f" {reason}" if reason else "", count)
 
 
 def _format_peer(address: Any) -> str:
@@ -2251,13 +2252,21 @@ def _serve(args: Any) -> int:
     display = f"[{host}]" if ":" in host else host
     logger.info("chat on http://%s:%d/ (WebSocket at /ws); Ctrl-C to stop", display, port)
     import signal
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop is a Ctrl-C too
+    stop_requests: List[int] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        # A flag, not KeyboardInterrupt: raised inside Thread.join() that marks the loop
+        # thread as ended while it still runs (CPython < 3.13), and the process would exit
+        # in the middle of the close handshakes.
+        stop_requests.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C quits at once
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
     manager.start()
-    try:
-        while manager._thread.is_alive():
-            manager._thread.join(0.5)
-    except KeyboardInterrupt:
-        logger.info("closing %d connection(s) with 1001", len(manager))
+    while not stop_requests and manager._thread.is_alive():
+        time.sleep(0.2)
+    logger.info("closing %d connection(s) with 1001", len(manager))
     manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
     manager.stop(manager.close_timeout)
     manager.join()
@@ -2289,7 +2298,7 @@ class _ConsolePeer(WebSocket):
 
 def _connect(args: Any) -> int:
     context = None
-    if args.url.startswith("wss:"):
+    if args.url.lower().startswith("wss:"):
         context = ssl.create_default_context()
         if args.insecure:
             context.check_hostname = False
@@ -2343,6 +2352,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def error(self, message: str) -> None:  # one line, not a usage dump
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def port(text: str) -> int:  # named for argparse's message: "invalid port value: '70000'"
+        number = int(text)
+        if not 0 <= number <= 65535:
+            raise ValueError(f"port {number} out of range")
+        return number
+
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
                     description="wsmanager demo: a broadcast chat server and an interactive client.")
@@ -2352,7 +2367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 help="run the broadcast chat (the default command)",
                                 description="Serve a chat page at / and broadcast every message sent on /ws.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=9000, help="port to listen on")
+    serve.add_argument("--port", type=port, default=9000, help="port to listen on")
     client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
                                  description="Send typed lines as text messages and print what arrives.")
     client.add_argument("url", help="ws:// or wss:// URL")
