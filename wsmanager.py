@@ -132,6 +132,8 @@ MAX_HEADER_LINES = 100
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
+COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
+WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 ACCEPT_BACKOFF = 0.5  # seconds a listener rests after EMFILE/ENFILE
 
@@ -450,13 +452,14 @@ class MessageAssembler:
     ``max_message_size`` (1009). Fragments are not limited in number.
     """
 
-    __slots__ = ("max_message_size", "_opcode", "_parts", "_size", "_decoder", "_peek_decoder")
+    __slots__ = ("max_message_size", "_opcode", "_buffer", "_decoder", "_peek_decoder")
 
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
         self.max_message_size = max_message_size
         self._opcode: Optional[int] = None  # TEXT or BINARY while a fragmented message is open
-        self._parts: List[Any] = []
-        self._size = 0
+        # One buffer, not a list of fragments: memory stays proportional to the message size
+        # however many (even empty) fragments a peer sends.
+        self._buffer = bytearray()
         self._decoder: Any = None
         self._peek_decoder: Any = None
 
@@ -482,29 +485,28 @@ class MessageAssembler:
                         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
                 return payload
             self._opcode = opcode
-            self._size = 0
             self._decoder = _Utf8Decoder() if opcode == Opcode.TEXT else None
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
-        self._size += len(payload)
-        if self._size > self.max_message_size:
-            raise self._too_big(self._size)
+        buffer = self._buffer
+        size = len(buffer) + len(payload)
+        if size > self.max_message_size:
+            raise self._too_big(size)
         decoder = self._decoder
         if decoder is not None:
+            # Validated fragment by fragment (fail fast); decoded once, whole, at the end.
             try:
-                self._parts.append(decoder.decode(payload, frame.fin))
+                decoder.decode(payload, frame.fin)
             except UnicodeDecodeError:
                 raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
             if not frame.fin and _utf8_prefix_invalid(decoder.getstate()[0]):
                 raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
-        else:
-            self._parts.append(payload)
+        buffer += payload
         if not frame.fin:
             return None
-        parts = self._parts
-        self._parts = []
+        self._buffer = bytearray()
         self._opcode = self._decoder = None
-        return "".join(parts) if decoder is not None else b"".join(parts)
+        return buffer.decode() if decoder is not None else bytes(buffer)
 
     def check_pending(self, opcode: int, length: int) -> bool:
         """Check a frame announced by :meth:`FrameParser.pending` before its payload arrives.
@@ -522,7 +524,7 @@ class MessageAssembler:
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
         else:
-            size = self._size + length
+            size = len(self._buffer) + length
             opcode = self._opcode
         if size > self.max_message_size:
             raise self._too_big(size)
@@ -1110,7 +1112,20 @@ class WebSocket:
                 self._failure = (CloseCode.ABNORMAL,
                                  f"slow consumer: more than {limit} bytes buffered (max_buffered)")
             else:
-                self._out.append(data)
+                out = self._out
+                if out and len(data) < COALESCE_SIZE:
+                    # Small frames share a buffer: thousands of tiny frames (a pong flood) would
+                    # otherwise cost an object each, far more memory than max_buffered says.
+                    last = out[-1]
+                    kind = type(last)
+                    if kind is bytearray and len(last) + len(data) <= COALESCE_SIZE:
+                        last += data
+                    elif kind is bytes and len(last) + len(data) <= COALESCE_SIZE:
+                        out[-1] = bytearray(last) + data
+                    else:
+                        out.append(data)
+                else:
+                    out.append(data)
                 self._buffered = size
                 if self._scheduled:
                     return True
@@ -1287,24 +1302,26 @@ class WebSocket:
         if self._finalized or self._manager is None or self._parser is None:
             return  # not running (yet): _open() schedules the flush of what is queued
         error = None
+        sock = self.sock
         with self._lock:
             out = self._out
-            if out:
-                data = out[0] if len(out) == 1 else b"".join(out)
+            for _ in range(WRITES_PER_FLUSH):
+                if not out:
+                    break
+                data = out[0]
                 try:
-                    sent = self.sock.send(data)
+                    sent = sock.send(data)
                 except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    sent = 0
+                    break
                 except OSError as exc:
                     error = exc
-                    sent = len(data)
-                if sent >= len(data):
-                    out.clear()
-                    self._buffered = 0
-                else:
-                    # A view, not a copy: a large remainder is not copied again on every partial write.
-                    out[:] = [memoryview(data)[sent:]]
-                    self._buffered = len(data) - sent
+                    break
+                self._buffered -= sent
+                if sent < len(data):
+                    # A view, not a copy: the rest of a large frame is not copied per partial write.
+                    out[0] = memoryview(data)[sent:]
+                    break
+                del out[0]
             waiting = bool(out)
             self._scheduled = waiting  # while waiting for EVENT_WRITE no further flush is queued
         if error is not None:
@@ -1313,13 +1330,13 @@ class WebSocket:
         if waiting != self._writing:
             self._writing = waiting
             events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
-            self._manager._selector.modify(self.sock, events, self)
+            self._manager._selector.modify(sock, events, self)
         if not waiting and self.state is State.CLOSED and not self._shut_down:
             self._shut_down = True
             try:
                 # Half-close, then read until the peer's EOF: closing with unread input would
                 # send a RST that can destroy the close frame we just wrote.
-                self.sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 
