@@ -1,0 +1,4907 @@
+"""Tests of wsmanager: codec, handshake, connections, manager loop, CLI, interop and hardening.
+
+Run with ``python -m pytest``. Hypothesis uses a deterministic profile unless
+WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
+::1) only, bounds its loops, and closes what it starts.
+"""
+
+import base64
+import collections
+import contextlib
+import http.client
+import http.server
+import inspect
+import io
+import json
+import logging
+import os
+import pathlib
+import queue
+import random
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import event, given, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.exceptions import InvalidStatus as WsInvalidStatus
+from websockets.protocol import State as WsState
+from websockets.sync.client import connect as ws_connect
+from websockets.sync.server import serve as ws_serve
+
+import wsmanager
+from wsmanager import *  # noqa: F401,F403  (the public API, as users see it)
+
+# Deterministic in CI; WSMANAGER_HYPOTHESIS=fuzz for a deep run.
+settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=200_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("WSMANAGER_HYPOTHESIS", "ci"))
+
+
+def wait_until(predicate, timeout=10.0, interval=0.005):
+    """Poll predicate() until true; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def manager():
+    """A started manager on a background thread; stopped, joined and checked for leaks after the test."""
+    m = WebSocketManager(close_timeout=2.0)
+    m.start()
+    yield m
+    m.stop()
+    m.join(10)
+    assert not m._thread.is_alive()
+
+
+class Recorder(WebSocket):
+    """Records every callback in self.events; self.messages holds received messages."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events = []
+        self.messages = []
+        self.closed_event = threading.Event()
+        self.opened_event = threading.Event()
+
+    def opened(self):
+        self.events.append(("opened",))
+        self.opened_event.set()
+
+    def received_message(self, message):
+        self.events.append(("message", message))
+        self.messages.append(message)
+
+    def ponged(self, payload):
+        self.events.append(("pong", payload))
+
+    def closed(self, code, reason):
+        self.events.append(("closed", code, reason))
+        self.closed_event.set()
+
+
+class EchoServer(WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+
+def raw_client(address, path="/", extra_headers=b"", timeout=5.0):
+    """A plain socket that has completed a WebSocket handshake; returns (sock, bytes after the 101)."""
+    sock = socket.create_connection(address, timeout=timeout)
+    key = new_key()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n".encode() + extra_headers + b"\r\n")
+    reader = HeadReader()
+    result = None
+    while result is None:
+        data = sock.recv(65536)
+        assert data, "server closed during handshake"
+        result = reader.feed(data)
+    head, rest = result
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, rest
+
+
+###############################################################################
+# Codec and handshake: frames, masking, fragmentation, close, UTF-8, limits (issue: codec)
+###############################################################################
+
+# Codec and handshake tests (issue #2). Every RFC 6455 rule is pinned to the
+# exact close code or HTTP status it must produce.
+
+###############################################################################
+# Helpers: a hand-written frame builder, a reference parser, the receive glue
+###############################################################################
+
+RFC_KEY = b"\x37\xfa\x21\x3d"  # the masking key of the examples in RFC 6455 5.7
+SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3
+SAMPLE_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+MAX_HEADER = 14  # 2 bytes + 8 of extended length + 4 of mask key
+KNOWN_OPCODES = frozenset({0, 1, 2, 8, 9, 10})
+SENDABLE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
+
+
+def naive_mask(data, key):
+    """RFC 6455 5.3 read literally: octet i is XORed with key octet i MOD 4."""
+    return bytes(b ^ key[i % 4] for i, b in enumerate(bytes(data)))
+
+
+def raw_frame(opcode, payload=b"", *, fin=True, rsv=0, key=None, form=None, length=None):
+    """A frame built by hand from RFC 6455 5.2, including frames encode_frame refuses to make.
+
+    rsv: any of 0x40/0x20/0x10; form: 7, 16 or 64 forces a length encoding;
+    length: a declared payload length other than len(payload).
+    """
+    n = len(payload) if length is None else length
+    if form is None:
+        form = 7 if n < 126 else 16 if n < 65536 else 64
+    first = (0x80 if fin else 0) | rsv | opcode
+    mask_bit = 0x80 if key is not None else 0
+    if form == 7:
+        head = bytes([first, mask_bit | n])
+    elif form == 16:
+        head = struct.pack("!BBH", first, mask_bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, n)
+    if key is None:
+        return head + bytes(payload)
+    return head + bytes(key) + naive_mask(payload, key)
+
+
+def pieces(data, cuts):
+    """data cut at the given offsets (any order; repeats give empty pieces, which are fed too)."""
+    bounds = [0] + sorted(min(max(c, 0), len(data)) for c in cuts) + [len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def cut_points(length):
+    """Where to cut `length` bytes: hypothesis-chosen offsets, or every byte for small inputs."""
+    chosen = st.lists(st.integers(0, length), max_size=24)
+    if length <= 2048:
+        return st.one_of(chosen, st.just(list(range(1, length))))
+    return chosen
+
+
+def reference_parse(data, expect_masked, max_frame_size):
+    """(frames, close code of the first violation or None), judging each header once its bytes are in."""
+    frames, pos = [], 0
+    while len(data) - pos >= 2:
+        b0, b1 = data[pos], data[pos + 1]
+        fin, rsv, opcode, masked, n = b0 >> 7, b0 & 0x70, b0 & 0x0F, b1 >> 7, b1 & 0x7F
+        if rsv or opcode not in KNOWN_OPCODES:
+            return frames, 1002
+        if opcode >= 8 and (not fin or n > 125):
+            return frames, 1002
+        if masked != expect_masked:
+            return frames, 1002
+        i = pos + 2
+        if n == 126:
+            if len(data) - i < 2:
+                break
+            n = int.from_bytes(data[i:i + 2], "big")
+            i += 2
+            if n < 126:
+                return frames, 1002
+        elif n == 127:
+            if len(data) - i < 8:
+                break
+            n = int.from_bytes(data[i:i + 8], "big")
+            i += 8
+            if n >= 2 ** 63 or n < 65536:
+                return frames, 1002
+        if n > max_frame_size:
+            return frames, 1009
+        if masked:
+            if len(data) - i < 4 + n:
+                break
+            payload = naive_mask(data[i + 4:i + 4 + n], data[i:i + 4])
+            i += 4
+        else:
+            if len(data) - i < n:
+                break
+            payload = bytes(data[i:i + n])
+        frames.append(Frame(Opcode(opcode), payload, bool(fin)))
+        pos = i + n
+    return frames, None
+
+
+_UTF8_LEADS = {}  # lead byte -> (continuation bytes, allowed range of the first one); RFC 3629 section 4
+for _b in range(0xC2, 0xE0):
+    _UTF8_LEADS[_b] = (1, 0x80, 0xBF)
+for _b in range(0xE0, 0xF0):
+    _UTF8_LEADS[_b] = (2, 0xA0 if _b == 0xE0 else 0x80, 0x9F if _b == 0xED else 0xBF)
+for _b in range(0xF0, 0xF5):
+    _UTF8_LEADS[_b] = (3, 0x90 if _b == 0xF0 else 0x80, 0x8F if _b == 0xF4 else 0xBF)
+
+
+def utf8_ok(data, *, prefix=False):
+    """Whether data is UTF-8 (or, with prefix=True, could still become UTF-8). Independent of codecs."""
+    i, n = 0, len(data)
+    while i < n:
+        lead = data[i]
+        if lead < 0x80:
+            i += 1
+            continue
+        if lead not in _UTF8_LEADS:
+            return False
+        need, low, high = _UTF8_LEADS[lead]
+        for j in range(1, need + 1):
+            if i + j >= n:
+                return prefix
+            byte = data[i + j]
+            if not (low <= byte <= high if j == 1 else 0x80 <= byte <= 0xBF):
+                return False
+        i += need + 1
+    return True
+
+
+class Receiver:
+    """FrameParser and MessageAssembler wired exactly as WebSocket._receive wires them, without a socket."""
+
+    def __init__(self, *, expect_masked=False, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+        self.parser = FrameParser(expect_masked=expect_masked, max_frame_size=max_frame_size)
+        self.assembler = MessageAssembler(max_message_size=max_message_size)
+        self.out = []
+
+    def feed(self, data):
+        for frame in self.parser.feed(data):
+            result = self.assembler.receive(frame)
+            if result is not None:
+                self.out.append(result)
+        if self.parser.error is not None:
+            raise self.parser.error
+        pending = self.parser.pending()
+        if pending is not None and self.assembler.check_pending(*pending):
+            self.assembler.receive_partial(self.parser.read_partial(), starts_message=pending[0] == Opcode.TEXT)
+
+
+def parse_all(data, *, expect_masked=False, **limits):
+    return FrameParser(expect_masked=expect_masked, **limits).feed(data)
+
+
+def protocol_error(data, *, expect_masked=False, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+                   max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+    """The ProtocolError a receiver raises for data fed in one piece (fails the test if none)."""
+    receiver = Receiver(expect_masked=expect_masked, max_frame_size=max_frame_size,
+                        max_message_size=max_message_size)
+    with pytest.raises(ProtocolError) as info:
+        receiver.feed(data)
+    return info.value
+
+
+control_payloads = st.one_of(st.binary(max_size=125), st.binary(min_size=125, max_size=125))
+# Lengths around each switch of the length encoding (125/126, 65535/65536).
+edge_payloads = st.builds(lambda n, seed: random.Random(seed).randbytes(n),
+                          st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]), st.integers(0, 2 ** 16))
+data_payloads = st.one_of(st.binary(max_size=300), edge_payloads)
+mask_keys = st.one_of(st.none(), st.binary(min_size=4, max_size=4))
+
+
+@st.composite
+def any_frames(draw, payloads=data_payloads):
+    opcode = draw(st.sampled_from(list(Opcode)))
+    if opcode >= 8:
+        return Frame(opcode, draw(control_payloads), True)
+    return Frame(opcode, draw(payloads), draw(st.booleans()))
+
+
+def check_roundtrip(frames, key, cuts):
+    """encode_frame must produce the hand-built RFC bytes; FrameParser fed any split must give the frames back."""
+    wire = b""
+    for frame in frames:
+        encoded = encode_frame(frame.opcode, frame.payload, fin=frame.fin, mask=key if key is not None else False)
+        assert encoded == raw_frame(frame.opcode, frame.payload, fin=frame.fin, key=key)
+        wire += encoded
+    parser = FrameParser(expect_masked=key is not None)
+    parsed = []
+    for piece in pieces(wire, cuts):
+        parsed += parser.feed(piece)
+    assert parsed == frames
+    assert all(type(frame.payload) is bytes and type(frame.opcode) is Opcode for frame in parsed)
+    assert parser.pending() is None and len(parser._buffer) == 0
+
+
+###############################################################################
+# Public API surface, docstring, vendoring
+###############################################################################
+
+def test_module_docstring_and_all_names_exist():
+    assert wsmanager.__doc__ and "RFC 6455" in wsmanager.__doc__
+    missing = [name for name in wsmanager.__all__ if not hasattr(wsmanager, name)]
+    assert missing == []
+    assert len(set(wsmanager.__all__)) == len(wsmanager.__all__)
+
+
+def test_public_functions_have_type_hints():
+    unannotated = []
+    for name in wsmanager.__all__:
+        obj = getattr(wsmanager, name)
+        if inspect.isfunction(obj):
+            functions = [(name, obj)]
+        elif inspect.isclass(obj):
+            functions = [(f"{name}.{attr}", value) for attr, value in vars(obj).items()
+                         if inspect.isfunction(value) and (not attr.startswith("_") or attr == "__init__")]
+        else:
+            continue
+        for qualname, function in functions:
+            signature = inspect.signature(function)
+            for parameter in signature.parameters.values():
+                if parameter.name not in ("self", "cls") and parameter.annotation is inspect.Parameter.empty:
+                    unannotated.append(f"{qualname}({parameter.name})")
+            # __init__ may leave out "-> None", as PEP 484 allows.
+            if signature.return_annotation is inspect.Signature.empty and not qualname.endswith("__init__"):
+                unannotated.append(f"{qualname} -> ?")
+    assert unannotated == []
+
+
+def test_exception_hierarchy_and_attributes():
+    error = ProtocolError(1007, "bad text")
+    assert isinstance(error, WebSocketError) and (error.code, error.reason) == (1007, "bad text")
+    assert issubclass(HandshakeError, WebSocketError)
+    assert HandshakeError("x", 426).status == 426
+
+
+def test_vendored_copy_runs_alone_in_isolated_mode(tmp_path):
+    shutil.copy(wsmanager.__file__, tmp_path / "wsmanager.py")
+    # -I ignores PYTHON* variables and user site; -S drops site-packages: only the stdlib is left.
+    # Isolated mode does not put the working directory on sys.path, hence the insert.
+    code = (
+        "import os, sys; sys.path.insert(0, os.getcwd()); before = set(sys.modules)\n"
+        "import wsmanager as w\n"
+        "assert os.path.dirname(os.path.realpath(w.__file__)) == os.path.realpath(os.getcwd()), w.__file__\n"
+        "wire = w.encode_frame(w.Opcode.TEXT, 'h\\u00e9llo'.encode(), mask=True)\n"
+        "frames = w.FrameParser(expect_masked=True).feed(wire)\n"
+        "assert w.MessageAssembler().receive(frames[0]) == 'h\\u00e9llo'\n"
+        "names = getattr(sys, 'stdlib_module_names', None)\n"
+        "extra = [m for m in set(sys.modules) - before if names and m.split('.')[0] not in names\n"
+        "         and m.split('.')[0] != 'wsmanager']\n"
+        "assert not extra, extra\n"
+        "print('vendored ok', w.__file__)\n"
+    )
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "vendored ok" in result.stdout
+
+
+###############################################################################
+# Masking
+###############################################################################
+
+T = wsmanager._TRANSLATE_THRESHOLD
+MASK_SIZES = sorted({0, 1, 2, 3, 4, 5, 7, 8, T - 5, T - 4, T - 3, T - 2, T - 1, T, T + 1, T + 2, T + 3, T + 4,
+                     2 * T + 1, 65537})
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview], ids=lambda k: k.__name__)
+@pytest.mark.parametrize("size", MASK_SIZES)
+def test_apply_mask_matches_naive_reference(size, kind):
+    data = random.Random(size).randbytes(size)
+    key = b"\x01\x80\xfe\x7f"
+    masked = apply_mask(kind(data), key)
+    assert type(masked) is bytes
+    assert masked == naive_mask(data, key)
+
+
+@given(data=st.one_of(st.binary(max_size=300), edge_payloads, st.binary(min_size=T - 8, max_size=T + 8)),
+       key=st.binary(min_size=4, max_size=4))
+def test_apply_mask_is_an_involution(data, key):
+    masked = apply_mask(data, key)
+    assert masked == naive_mask(data, key)
+    assert apply_mask(masked, key) == data
+
+
+def test_encode_frame_mask_true_draws_fresh_keys_and_masks_the_payload():
+    payload = b"\x00" * 16  # a zero payload shows the key itself in every 4-byte group
+    keys = set()
+    for _ in range(16):
+        wire = encode_frame(Opcode.BINARY, payload, mask=True)
+        assert wire[:2] == b"\x82\x90"
+        key = wire[2:6]
+        assert wire[6:] == key * 4
+        keys.add(key)
+        assert parse_all(wire, expect_masked=True) == [Frame(Opcode.BINARY, payload)]
+    assert len(keys) > 1
+
+
+@pytest.mark.parametrize("key", [b"abc", b"abcde", b"\x00" * 8], ids=["3-bytes", "5-bytes", "8-zeros"])
+def test_encode_frame_rejects_a_mask_key_that_is_not_4_bytes(key):
+    with pytest.raises(ValueError):
+        encode_frame(Opcode.TEXT, b"hi", mask=key)
+
+
+###############################################################################
+# Frames: RFC 6455 5.7 vectors, round trips, 1002 rules
+###############################################################################
+
+RFC_HELLO = b"\x81\x05\x48\x65\x6c\x6c\x6f"
+RFC_MASKED_HELLO = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+RFC_FRAGMENTS = (b"\x01\x03\x48\x65\x6c", b"\x80\x02\x6c\x6f")
+RFC_PING = b"\x89\x05Hello"
+RFC_MASKED_PONG = b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+RFC_256_HEADER = b"\x82\x7E\x01\x00"
+RFC_64K_HEADER = b"\x82\x7F\x00\x00\x00\x00\x00\x01\x00\x00"
+
+
+def test_rfc_unmasked_hello():
+    assert encode_frame(Opcode.TEXT, b"Hello") == RFC_HELLO
+    frames = parse_all(RFC_HELLO)
+    assert frames == [Frame(Opcode.TEXT, b"Hello", True)]
+    assert MessageAssembler().receive(frames[0]) == "Hello"
+
+
+def test_rfc_masked_hello():
+    assert encode_frame(Opcode.TEXT, b"Hello", mask=RFC_KEY) == RFC_MASKED_HELLO
+    frames = parse_all(RFC_MASKED_HELLO, expect_masked=True)
+    assert frames == [Frame(Opcode.TEXT, b"Hello", True)]
+    assert MessageAssembler().receive(frames[0]) == "Hello"
+
+
+def test_rfc_fragmented_hello():
+    assert encode_frame(Opcode.TEXT, b"Hel", fin=False) == RFC_FRAGMENTS[0]
+    assert encode_frame(Opcode.CONTINUATION, b"lo") == RFC_FRAGMENTS[1]
+    frames = parse_all(b"".join(RFC_FRAGMENTS))
+    assert frames == [Frame(Opcode.TEXT, b"Hel", False), Frame(Opcode.CONTINUATION, b"lo", True)]
+    assembler = MessageAssembler()
+    assert [assembler.receive(frame) for frame in frames] == [None, "Hello"]
+
+
+def test_rfc_unmasked_ping_and_masked_pong():
+    assert encode_frame(Opcode.PING, b"Hello") == RFC_PING
+    assert encode_frame(Opcode.PONG, b"Hello", mask=RFC_KEY) == RFC_MASKED_PONG
+    ping, = parse_all(RFC_PING)
+    pong, = parse_all(RFC_MASKED_PONG, expect_masked=True)
+    assert ping == Frame(Opcode.PING, b"Hello") and pong == Frame(Opcode.PONG, b"Hello")
+    # The assembler hands control frames back as they are, for the connection to answer.
+    assert MessageAssembler().receive(ping) == ping
+    assert MessageAssembler().receive(pong) == pong
+
+
+@pytest.mark.parametrize("size, header", [(256, RFC_256_HEADER), (65536, RFC_64K_HEADER)], ids=["256B", "64KiB"])
+def test_rfc_binary_length_headers(size, header):
+    payload = random.Random(size).randbytes(size)
+    assert encode_frame(Opcode.BINARY, payload) == header + payload
+    assert parse_all(header + payload) == [Frame(Opcode.BINARY, payload)]
+
+
+@given(frame=any_frames(), key=mask_keys, data=st.data())
+def test_frame_roundtrip_in_any_chunking(frame, key, data):
+    length = len(encode_frame(frame.opcode, frame.payload, fin=frame.fin, mask=key or False))
+    check_roundtrip([frame], key, data.draw(cut_points(length)))
+
+
+@given(frames=st.lists(any_frames(payloads=st.binary(max_size=200)), max_size=6), key=mask_keys, data=st.data())
+def test_frame_stream_roundtrip_in_any_chunking(frames, key, data):
+    length = sum(len(encode_frame(f.opcode, f.payload, fin=f.fin, mask=key or False)) for f in frames)
+    check_roundtrip(frames, key, data.draw(cut_points(length)))
+
+
+@given(frame=any_frames(), cuts=st.lists(st.integers(0, 70_000), max_size=8))
+def test_frame_roundtrip_with_random_mask_key(frame, cuts):
+    wire = encode_frame(frame.opcode, frame.payload, fin=frame.fin, mask=True)
+    n = len(frame.payload)
+    key_at = 2 + (0 if n < 126 else 2 if n < 65536 else 8)
+    key = wire[key_at:key_at + 4]
+    assert wire == raw_frame(frame.opcode, frame.payload, fin=frame.fin, key=key)
+    check_roundtrip([frame], key, cuts)
+
+
+@pytest.mark.parametrize("rsv", [0x40, 0x20, 0x10, 0x70], ids=["rsv1", "rsv2", "rsv3", "all-rsv"])
+@pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
+def test_reserved_bits_are_1002(rsv, masked):
+    wire = raw_frame(Opcode.TEXT, b"hi", rsv=rsv, key=RFC_KEY if masked else None)
+    assert protocol_error(wire, expect_masked=masked).code == 1002
+
+
+def test_rsv1_from_encode_frame_is_rejected_without_an_extension():
+    assert encode_frame(Opcode.BINARY, b"x", rsv1=True)[0] == 0xC2
+    assert protocol_error(encode_frame(Opcode.BINARY, b"x", rsv1=True)).code == 1002
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 11, 12, 13, 14, 15], ids=lambda op: f"opcode-{op}")
+def test_reserved_opcodes_are_1002(opcode):
+    assert protocol_error(raw_frame(opcode, b"")).code == 1002
+    with pytest.raises(ValueError):
+        encode_frame(opcode, b"")
+
+
+@pytest.mark.parametrize("opcode", [Opcode.CLOSE, Opcode.PING, Opcode.PONG], ids=lambda op: op.name)
+def test_fragmented_control_frame_is_1002(opcode):
+    assert protocol_error(raw_frame(opcode, b"", fin=False)).code == 1002
+    with pytest.raises(ValueError):
+        encode_frame(opcode, b"", fin=False)
+
+
+@pytest.mark.parametrize("form", [7, 16], ids=["7-bit-126", "16-bit"])
+@pytest.mark.parametrize("opcode", [Opcode.CLOSE, Opcode.PING, Opcode.PONG], ids=lambda op: op.name)
+def test_control_frame_over_125_bytes_is_1002(opcode, form):
+    # A 7-bit length of 126 is itself the 16-bit marker; both ways announce 126 bytes.
+    wire = raw_frame(opcode, b"\x03\xe8" + b"x" * 124, form=16) if form == 16 else bytes([0x80 | opcode, 126])
+    assert protocol_error(wire).code == 1002
+    with pytest.raises(ValueError):
+        encode_frame(opcode, b"x" * 126)
+
+
+@pytest.mark.parametrize("opcode", [Opcode.CLOSE, Opcode.PING, Opcode.PONG], ids=lambda op: op.name)
+def test_control_frame_of_125_bytes_is_fine(opcode):
+    payload = b"\x03\xe8" + b"r" * 123
+    assert parse_all(encode_frame(opcode, payload)) == [Frame(opcode, payload)]
+
+
+def test_unmasked_frame_from_a_client_is_1002():
+    assert protocol_error(RFC_HELLO, expect_masked=True).code == 1002
+
+
+def test_masked_frame_from_a_server_is_1002():
+    assert protocol_error(RFC_MASKED_HELLO, expect_masked=False).code == 1002
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
+def test_64_bit_length_with_top_bit_set_is_1002_not_1009(masked):
+    header = b"\x82\xff" if masked else b"\x82\x7f"
+    for length in (2 ** 63, 2 ** 64 - 1):
+        error = protocol_error(header + length.to_bytes(8, "big"), expect_masked=masked)
+        assert error.code == 1002
+
+
+@pytest.mark.parametrize("form, length", [(16, 0), (16, 125), (64, 0), (64, 125), (64, 126), (64, 65535)],
+                         ids=lambda v: str(v))
+def test_non_minimal_length_encoding_is_1002(form, length):
+    wire = raw_frame(Opcode.BINARY, b"\x00" * length, form=form)
+    assert protocol_error(wire).code == 1002
+
+
+@pytest.mark.parametrize("form, length", [(7, 125), (16, 126), (16, 65535), (64, 65536)], ids=lambda v: str(v))
+def test_minimal_length_encodings_at_the_edges_are_accepted(form, length):
+    payload = bytes(length)
+    assert parse_all(raw_frame(Opcode.BINARY, payload, form=form)) == [Frame(Opcode.BINARY, payload)]
+
+
+@pytest.mark.parametrize("bad", [
+    raw_frame(Opcode.TEXT, b"x", rsv=0x40),
+    raw_frame(5, b""),
+    raw_frame(Opcode.PING, b"", fin=False),
+    raw_frame(Opcode.TEXT, b"x", key=RFC_KEY),
+    raw_frame(Opcode.BINARY, b"", form=16),
+    raw_frame(Opcode.BINARY, b"", length=101),
+], ids=["rsv1", "opcode-5", "fragmented-ping", "masked", "non-minimal", "too-big"])
+def test_frames_before_an_invalid_one_come_out_first(bad):
+    good = RFC_HELLO + RFC_PING
+    parser = FrameParser(expect_masked=False, max_frame_size=100)
+    assert parser.feed(good + bad + RFC_HELLO) == [Frame(Opcode.TEXT, b"Hello"), Frame(Opcode.PING, b"Hello")]
+    assert isinstance(parser.error, ProtocolError)
+    expected = 1009 if bad[1] == 101 else 1002
+    assert parser.error.code == expected
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(b"")
+    assert info.value is parser.error
+    # The error is final: nothing fed afterwards is parsed.
+    with pytest.raises(ProtocolError):
+        parser.feed(RFC_HELLO)
+    assert len(parser._buffer) == 0
+
+
+def test_an_error_with_no_frame_before_it_is_raised_at_once_and_sticks():
+    parser = FrameParser(expect_masked=False)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(b"\xc1\x00")
+    assert parser.error is info.value and info.value.code == 1002
+    with pytest.raises(ProtocolError):
+        parser.feed(RFC_HELLO)
+
+
+def test_encode_frame_rejects_unknown_opcodes_and_oversized_control_frames():
+    for opcode in (3, 7, 11, 15, 16):
+        with pytest.raises(ValueError):
+            encode_frame(opcode, b"")
+    with pytest.raises(ValueError):
+        encode_frame(Opcode.PING, b"x" * 126)
+
+
+def test_pending_and_read_partial_hand_out_each_payload_byte_once_unmasked():
+    payload = bytes(range(256)) * 3
+    wire = raw_frame(Opcode.TEXT, payload, key=RFC_KEY)
+    header = len(wire) - len(payload)
+    parser = FrameParser(expect_masked=True)
+    for offset in range(header - 1):  # the header is complete only with its mask key
+        assert parser.feed(wire[offset:offset + 1]) == []
+        assert parser.pending() is None and parser.read_partial() == b""
+    parser.feed(wire[header - 1:header])
+    assert parser.pending() == (Opcode.TEXT, len(payload)) and parser.read_partial() == b""
+    seen = b""
+    # Odd-sized chunks make every chunk start at a different key rotation.
+    offset = header
+    for size in (1, 4, 2, 3, 5, 7, 11, 13):
+        parser.feed(wire[offset:offset + size])
+        offset += size
+        assert parser.pending() == (Opcode.TEXT, len(payload))
+        seen += parser.read_partial()
+        assert parser.read_partial() == b""
+    assert seen == payload[:offset - header]
+    assert parser.feed(wire[offset:]) == [Frame(Opcode.TEXT, payload)]
+    assert parser.pending() is None and parser.read_partial() == b""
+
+
+@given(payload=st.binary(max_size=400), masked=st.booleans(), data=st.data())
+def test_read_partial_concatenates_to_the_payload_in_any_chunking(payload, masked, data):
+    key = RFC_KEY if masked else None
+    wire = raw_frame(Opcode.BINARY, payload, key=key) + raw_frame(Opcode.PING, b"p", key=key)
+    parser = FrameParser(expect_masked=masked)
+    seen, frames = b"", []
+    for piece in pieces(wire, data.draw(cut_points(len(wire)))):
+        frames += parser.feed(piece)
+        if not frames:
+            seen += parser.read_partial()
+            assert payload.startswith(seen)
+    assert frames[0] == Frame(Opcode.BINARY, payload)
+    assert len(frames) == 2
+
+
+###############################################################################
+# Fuzz: arbitrary and mutated streams never raise anything but ProtocolError
+###############################################################################
+
+FUZZ_LIMIT = 256
+
+
+@st.composite
+def header_only(draw, masked):
+    """A frame header with hypothesis-chosen fields, mostly valid for a peer of this kind, to splice in."""
+    opcode = draw(st.one_of(st.sampled_from(list(Opcode)), st.integers(0, 15)))
+    length = draw(st.sampled_from([0, 1, 2, 125, 126, 127, 255, 256, 257, 65535, 65536, 2 ** 62, 2 ** 63]))
+    form = draw(st.sampled_from([None, 7, 16, 64]))
+    if form == 7:
+        length = min(length, 127)
+    elif form == 16:
+        length = min(length, 65535)
+    key = RFC_KEY if masked == (draw(st.integers(0, 4)) > 0) else None
+    return raw_frame(opcode, b"", fin=draw(st.booleans()), rsv=draw(st.sampled_from([0, 0, 0, 0x40, 0x20, 0x10])),
+                     key=key, form=form, length=length)
+
+
+@st.composite
+def message_streams(draw, masked):
+    """(wire, what the assembler returns, frame boundaries): messages of 1-4 fragments, pings between, maybe a close."""
+    wire, expected = [], []
+
+    def emit(opcode, payload, fin=True):
+        key = draw(st.binary(min_size=4, max_size=4)) if masked else None
+        wire.append(raw_frame(opcode, payload, fin=fin, key=key))
+
+    for _ in range(draw(st.integers(0, 4))):
+        if draw(st.integers(0, 3)) == 0:
+            ping = draw(st.binary(max_size=125))
+            emit(Opcode.PING, ping)
+            expected.append(Frame(Opcode.PING, ping))
+        text = draw(st.booleans())
+        message = draw(st.text(max_size=40)) if text else draw(st.binary(max_size=120))
+        payload = message.encode() if text else message
+        parts = pieces(payload, draw(st.lists(st.integers(0, len(payload)), max_size=3)))
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            emit((Opcode.TEXT if text else Opcode.BINARY) if i == 0 else Opcode.CONTINUATION, part, fin=last)
+            if not last and draw(st.integers(0, 3)) == 0:
+                pong = draw(st.binary(max_size=10))
+                emit(Opcode.PONG, pong)
+                expected.append(Frame(Opcode.PONG, pong))
+        expected.append(message)
+    if draw(st.booleans()):
+        code = draw(st.sampled_from(SENDABLE_CODES))
+        reason = draw(st.text(max_size=30))
+        emit(Opcode.CLOSE, encode_close(code, reason))
+        expected.append(Close(code, reason))
+    boundaries = [0]
+    for frame in wire:
+        boundaries.append(boundaries[-1] + len(frame))
+    return b"".join(wire), expected, boundaries
+
+
+def mutations(masked):
+    """Edits to a valid stream: bit flips, truncation, deletions, spliced headers, inserted bytes."""
+    return st.lists(st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 2 ** 16), st.integers(0, 7)),
+        st.tuples(st.just("truncate"), st.integers(0, 2 ** 16)),
+        st.tuples(st.just("delete"), st.integers(0, 2 ** 16), st.integers(1, 16)),
+        st.tuples(st.just("splice"), st.integers(0, 2 ** 16), header_only(masked)),
+        st.tuples(st.just("insert"), st.integers(0, 2 ** 16), st.binary(min_size=1, max_size=8)),
+    ), max_size=4)
+
+
+def mutate(wire, changes, boundaries):
+    data = bytearray(wire)
+    for change in changes:
+        at = change[1] % (len(data) + 1)
+        if change[0] == "splice":  # a header lands where the parser expects one: at a frame boundary
+            at = min(boundaries[change[1] % len(boundaries)], len(data))
+        if change[0] == "flip" and at < len(data):
+            data[at] ^= 1 << change[2]
+        elif change[0] == "truncate":
+            del data[at:]
+        elif change[0] == "delete":
+            del data[at:at + change[2]]
+        elif change[0] in ("splice", "insert"):
+            data[at:at] = change[2]
+    return bytes(data)
+
+
+def run_fuzz_case(data, masked, cuts, max_frame_size=FUZZ_LIMIT, max_message_size=FUZZ_LIMIT):
+    """Parser alone against the reference, then the full receive path; returns (outputs, error or None)."""
+    expected_frames, expected_code = reference_parse(data, masked, max_frame_size)
+    parser = FrameParser(expect_masked=masked, max_frame_size=max_frame_size)
+    frames, code = [], None
+    try:
+        for piece in pieces(data, cuts) + [b""]:
+            frames += parser.feed(piece)
+            assert len(parser._buffer) <= max_frame_size + MAX_HEADER
+    except ProtocolError as exc:
+        assert parser.error is exc
+        code = exc.code
+    assert frames == expected_frames
+    assert code == expected_code
+    event(f"parser: {code or 'no error'}")
+
+    receiver = Receiver(expect_masked=masked, max_frame_size=max_frame_size, max_message_size=max_message_size)
+    try:
+        for piece in pieces(data, cuts):
+            receiver.feed(piece)
+            assert len(receiver.parser._buffer) <= max_frame_size + MAX_HEADER
+    except ProtocolError as exc:
+        assert exc.code in (1002, 1007, 1009)
+        event(f"receiver: {exc.code}")
+        return receiver.out, exc
+    event("receiver: no error")
+    return receiver.out, None
+
+
+@given(data=st.binary(max_size=600), masked=st.booleans(), limit=st.integers(0, 300),
+       cuts=st.lists(st.integers(0, 600), max_size=16))
+def test_fuzz_arbitrary_bytes(data, masked, limit, cuts):
+    run_fuzz_case(data, masked, cuts, max_frame_size=limit, max_message_size=limit)
+
+
+@given(masked=st.booleans(), data=st.data())
+def test_fuzz_mutated_valid_streams(masked, data):
+    wire, expected, boundaries = data.draw(message_streams(masked))
+    changes = data.draw(mutations(masked))
+    mutated = mutate(wire, changes, boundaries)
+    outputs, error = run_fuzz_case(mutated, masked, data.draw(cut_points(len(mutated))))
+    if mutated == wire:
+        # An untouched stream must come through whole: the fuzz cannot pass by rejecting everything.
+        assert error is None
+        assert outputs == expected
+
+
+@given(frames=st.lists(any_frames(payloads=st.binary(max_size=300)), max_size=5), masked=st.booleans(),
+       data=st.data())
+def test_fuzz_random_frame_sequences_through_the_assembler(frames, masked, data):
+    # Frames in any order (continuation first, TEXT inside a message...): only ProtocolError may come out.
+    wire = b"".join(raw_frame(f.opcode, f.payload, fin=f.fin, key=RFC_KEY if masked else None) for f in frames)
+    run_fuzz_case(wire, masked, data.draw(cut_points(len(wire))), max_frame_size=400, max_message_size=400)
+
+
+###############################################################################
+# Fragmentation
+###############################################################################
+
+def test_continuation_without_a_message_is_1002():
+    assert protocol_error(raw_frame(Opcode.CONTINUATION, b"x")).code == 1002
+    assert protocol_error(raw_frame(Opcode.CONTINUATION, b"x", fin=False)).code == 1002
+
+
+@pytest.mark.parametrize("first", [Opcode.TEXT, Opcode.BINARY], ids=lambda op: f"open-{op.name}")
+@pytest.mark.parametrize("second", [Opcode.TEXT, Opcode.BINARY], ids=lambda op: f"new-{op.name}")
+@pytest.mark.parametrize("fin", [True, False], ids=["fin", "nofin"])
+def test_new_data_frame_inside_a_fragmented_message_is_1002(first, second, fin):
+    wire = raw_frame(first, b"a", fin=False) + raw_frame(second, b"b", fin=fin)
+    assert protocol_error(wire).code == 1002
+
+
+def test_check_pending_enforces_fragmentation_order_before_the_payload():
+    assembler = MessageAssembler()
+    with pytest.raises(ProtocolError) as info:
+        assembler.check_pending(Opcode.CONTINUATION, 5)
+    assert info.value.code == 1002
+    assert assembler.receive(Frame(Opcode.BINARY, b"a", False)) is None
+    with pytest.raises(ProtocolError) as info:
+        assembler.check_pending(Opcode.TEXT, 5)
+    assert info.value.code == 1002
+
+
+def test_control_frames_may_come_between_fragments():
+    wire = (raw_frame(Opcode.TEXT, b"He", fin=False) + RFC_PING + raw_frame(Opcode.CONTINUATION, b"l", fin=False)
+            + raw_frame(Opcode.PONG, b"") + raw_frame(Opcode.CONTINUATION, b"lo"))
+    receiver = Receiver()
+    receiver.feed(wire)
+    assert receiver.out == [Frame(Opcode.PING, b"Hello"), Frame(Opcode.PONG, b""), "Hello"]
+
+
+def test_empty_fragments_and_empty_messages():
+    wire = (raw_frame(Opcode.TEXT, b"") + raw_frame(Opcode.BINARY, b"", fin=False)
+            + raw_frame(Opcode.CONTINUATION, b"", fin=False) + raw_frame(Opcode.CONTINUATION, b""))
+    receiver = Receiver()
+    receiver.feed(wire)
+    assert receiver.out == ["", b""]
+
+
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY], ids=lambda op: op.name)
+def test_one_hundred_thousand_one_byte_fragments_assemble_in_linear_time(opcode):
+    count = 100_000
+    wire = (raw_frame(opcode, b"a", fin=False) + raw_frame(Opcode.CONTINUATION, b"a", fin=False) * (count - 2)
+            + raw_frame(Opcode.CONTINUATION, b"a"))
+    receiver = Receiver(max_message_size=count)
+    started = time.perf_counter()
+    for piece in pieces(wire, range(0, len(wire), 4096)):
+        receiver.feed(piece)
+    elapsed = time.perf_counter() - started
+    assert receiver.out == ["a" * count if opcode == Opcode.TEXT else b"a" * count]
+    assert elapsed < 10, f"{elapsed:.1f} s: assembly is not linear in the fragment count"
+
+
+###############################################################################
+# Close frames
+###############################################################################
+
+def test_empty_close_payload_is_1005_locally():
+    assert parse_close(b"") == (1005, "")
+    assert MessageAssembler().receive(Frame(Opcode.CLOSE, b"")) == Close(1005, "")
+
+
+def test_one_byte_close_payload_is_1002():
+    with pytest.raises(ProtocolError) as info:
+        parse_close(b"\x03")
+    assert info.value.code == 1002
+    assert protocol_error(raw_frame(Opcode.CLOSE, b"\x03")).code == 1002
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+def test_invalid_close_codes_on_the_wire_are_1002(code):
+    with pytest.raises(ProtocolError) as info:
+        parse_close(code.to_bytes(2, "big"))
+    assert info.value.code == 1002
+    assert protocol_error(raw_frame(Opcode.CLOSE, code.to_bytes(2, "big") + b"bye")).code == 1002
+
+
+@pytest.mark.parametrize("code", SENDABLE_CODES)
+def test_valid_close_codes_pass_both_ways(code):
+    payload = encode_close(code, "bye \u00e9")
+    assert payload == code.to_bytes(2, "big") + "bye \u00e9".encode()
+    assert parse_close(payload) == (code, "bye \u00e9")
+    assert parse_all(encode_frame(Opcode.CLOSE, payload)) == [Frame(Opcode.CLOSE, payload)]
+    assert MessageAssembler().receive(Frame(Opcode.CLOSE, payload)) == Close(code, "bye \u00e9")
+
+
+@pytest.mark.parametrize("code", [1005, 1006, 1015], ids=["1005-no-status", "1006-abnormal", "1015-tls"])
+def test_local_only_close_codes_are_never_encoded(code):
+    with pytest.raises(ValueError):
+        encode_close(code)
+    with pytest.raises(ValueError):
+        encode_close(code, "reason")
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1016, 2999, 5000, 65536])
+def test_encode_close_rejects_codes_outside_the_sendable_ranges(code):
+    with pytest.raises(ValueError):
+        encode_close(code)
+
+
+def test_close_reason_limit_is_123_bytes_of_utf8():
+    assert len(encode_close(1000, "x" * 123)) == 125
+    with pytest.raises(ValueError):
+        encode_close(1000, "x" * 124)
+    with pytest.raises(ValueError):
+        encode_close(1000, "\u00e9" * 62)  # 124 bytes, though only 62 characters
+
+
+@pytest.mark.parametrize("reason", [b"\xff", b"\xc3", b"ok\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"],
+                         ids=["ff", "truncated", "surrogate", "above-10ffff", "overlong"])
+def test_close_reason_that_is_not_utf8_is_1007(reason):
+    with pytest.raises(ProtocolError) as info:
+        parse_close(b"\x03\xe8" + reason)
+    assert info.value.code == 1007
+    assert protocol_error(raw_frame(Opcode.CLOSE, b"\x03\xe8" + reason)).code == 1007
+
+
+###############################################################################
+# UTF-8 (1007)
+###############################################################################
+
+INVALID_UTF8 = {
+    "lone-continuation": b"\x80",
+    "ff": b"\xff",
+    "overlong-slash-2": b"\xc0\xaf",
+    "overlong-slash-3": b"\xe0\x80\xaf",
+    "overlong-slash-4": b"\xf0\x80\x80\xaf",
+    "overlong-max-3": b"\xe0\x9f\xbf",
+    "surrogate-d800": b"\xed\xa0\x80",
+    "surrogate-dfff": b"\xed\xbf\xbf",
+    "above-10ffff": b"\xf4\x90\x80\x80",
+    "f5-lead": b"\xf5\x80\x80\x80",
+    "5-byte-form": b"\xf8\x88\x80\x80\x80",
+    "truncated-at-end": b"ok\xe2\x82",
+}
+VALID_EDGES = ["\u007f", "\u0080", "\u07ff", "\u0800", "\ud7ff", "\ue000", "\uffff", "\U00010000", "\U0010ffff"]
+
+
+@pytest.mark.parametrize("bad", list(INVALID_UTF8.values()), ids=list(INVALID_UTF8))
+def test_invalid_utf8_in_a_single_text_frame_is_1007(bad):
+    assert protocol_error(raw_frame(Opcode.TEXT, b"abc" + bad)).code == 1007
+
+
+@pytest.mark.parametrize("bad", list(INVALID_UTF8.values()), ids=list(INVALID_UTF8))
+def test_invalid_utf8_in_a_fragmented_text_message_is_1007(bad):
+    wire = raw_frame(Opcode.TEXT, b"abc", fin=False) + raw_frame(Opcode.CONTINUATION, bad)
+    assert protocol_error(wire).code == 1007
+
+
+def test_invalid_utf8_in_binary_is_fine():
+    receiver = Receiver()
+    receiver.feed(raw_frame(Opcode.BINARY, b"\xff\xed\xa0\x80", fin=False) + raw_frame(Opcode.CONTINUATION, b"\xc0"))
+    assert receiver.out == [b"\xff\xed\xa0\x80\xc0"]
+
+
+@pytest.mark.parametrize("char", VALID_EDGES, ids=lambda c: f"U+{ord(c):04X}")
+def test_valid_utf8_edges_pass(char):
+    assert MessageAssembler().receive(Frame(Opcode.TEXT, char.encode())) == char
+
+
+@pytest.mark.parametrize("cuts", [[1], [2], [3], [1, 2], [1, 3], [2, 3], [1, 2, 3]], ids=lambda c: f"cut-{c}")
+def test_valid_four_byte_char_split_across_fragments(cuts):
+    char = "\U0001F600".encode()
+    parts = pieces(char, cuts)
+    wire = b"".join(raw_frame(Opcode.TEXT if i == 0 else Opcode.CONTINUATION, part, fin=i == len(parts) - 1)
+                    for i, part in enumerate(parts))
+    receiver = Receiver()
+    for piece in pieces(wire, range(len(wire))):  # also byte by byte
+        receiver.feed(piece)
+    assert receiver.out == ["\U0001F600"]
+
+
+KOSME = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode()  # Autobahn's "kosme"
+
+
+@pytest.mark.parametrize("fragments, failing", [
+    ([KOSME, b"\xf4\x90\x80\x80", b"edited"], 1),  # Autobahn 6.4.1
+    ([KOSME + b"\xf4", b"\x90\x80\x80", b"edited"], 1),  # 6.4.2: the bad char is split
+    ([b"a\xed", b"\xa0", b"\x80b"], 1),  # a surrogate is invalid from its second byte
+    ([b"a\xf0", b"\x8f", b"\xbf\xbf"], 1),  # overlong 4-byte form
+    ([b"a\xe0", b"\x9f", b"\xbf"], 1),  # overlong 3-byte form
+    ([b"ok", b"ok\xc3", b"\x28"], 2),  # the continuation byte is missing
+], ids=["6.4.1", "6.4.2", "surrogate-split", "overlong4-split", "overlong3-split", "bad-continuation"])
+def test_fragmented_text_fails_on_the_first_fragment_that_makes_it_invalid(fragments, failing):
+    receiver = Receiver()
+    for index, fragment in enumerate(fragments):
+        frame = raw_frame(Opcode.TEXT if index == 0 else Opcode.CONTINUATION, fragment,
+                          fin=index == len(fragments) - 1)
+        if index < failing:
+            receiver.feed(frame)
+            continue
+        with pytest.raises(ProtocolError) as info:
+            receiver.feed(frame)
+        assert info.value.code == 1007
+        return
+    pytest.fail("no fragment failed")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
+@pytest.mark.parametrize("chunks", [
+    [KOSME, b"\xf4\x90\x80\x80", b"edited"],  # Autobahn 6.4.3
+    [KOSME + b"\xf4", b"\x90", b"\x80\x80edited"],  # 6.4.4
+    [b"ok\xed", b"\xa0", b"\x80"],
+], ids=["6.4.3", "6.4.4", "surrogate"])
+def test_one_text_frame_arriving_in_pieces_fails_before_it_completes(chunks, masked):
+    payload = b"".join(chunks)
+    wire = raw_frame(Opcode.TEXT, payload, key=RFC_KEY if masked else None)
+    header = len(wire) - len(payload)
+    receiver = Receiver(expect_masked=masked)
+    receiver.feed(wire[:header + len(chunks[0])])
+    with pytest.raises(ProtocolError) as info:
+        receiver.feed(wire[header + len(chunks[0]):header + len(chunks[0]) + len(chunks[1])])
+    assert info.value.code == 1007
+    # The frame was still incomplete when it failed.
+    assert receiver.parser.pending() == (Opcode.TEXT, len(payload))
+
+
+def test_continuation_frame_in_pieces_fails_fast_with_the_message_state():
+    # The pending frame's validation must resume from the bytes earlier fragments left open:
+    # "A" is fine on its own but not after the lead byte E2.
+    wire = raw_frame(Opcode.TEXT, b"ab\xe2", fin=False) + raw_frame(Opcode.CONTINUATION, b"A" + b"z" * 50)
+    receiver = Receiver()
+    split = len(raw_frame(Opcode.TEXT, b"ab\xe2", fin=False)) + 2
+    receiver.feed(wire[:split])  # a complete fragment plus a header only
+    with pytest.raises(ProtocolError) as info:
+        receiver.feed(wire[split:split + 1])
+    assert info.value.code == 1007
+
+
+utf8ish = st.lists(st.one_of(
+    st.text(max_size=4).map(str.encode),
+    st.sampled_from([b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf4\x90\x80\x80", b"\xf4\x8f\xbf\xbf", b"\xc0\xaf",
+                     b"\xc2\x80", b"\xe0\x80\xaf", b"\xe0\xa0\x80", b"\xf0\x8f\xbf\xbf", b"\xf0\x90\x80\x80",
+                     b"\xf8\x88\x80\x80\x80", b"\xff", b"\x80", b"\xef\xbb\xbf", b"\xe2\x82", b"\xf0\x9f"]),
+    st.binary(max_size=2),
+), max_size=8).map(b"".join)
+
+
+@given(payload=utf8ish, masked=st.booleans(), data=st.data())
+def test_text_fails_exactly_when_its_bytes_stop_being_a_utf8_prefix(payload, masked, data):
+    fragments = pieces(payload, data.draw(st.lists(st.integers(0, len(payload)), max_size=4)))
+    wire, spans = b"", []  # spans: (wire offset of each fragment's payload, its length)
+    for index, fragment in enumerate(fragments):
+        frame = raw_frame(Opcode.TEXT if index == 0 else Opcode.CONTINUATION, fragment,
+                          fin=index == len(fragments) - 1, key=RFC_KEY if masked else None)
+        spans.append((len(wire) + len(frame) - len(fragment), len(fragment)))
+        wire += frame
+    receiver = Receiver(expect_masked=masked)
+    received = 0
+    for piece in pieces(wire, data.draw(cut_points(len(wire)))):
+        received += len(piece)
+        arrived = sum(min(length, max(0, received - start)) for start, length in spans)
+        should_fail = not utf8_ok(payload[:arrived], prefix=True) or (received == len(wire) and not utf8_ok(payload))
+        try:
+            receiver.feed(piece)
+        except ProtocolError as exc:
+            assert exc.code == 1007
+            assert should_fail, f"1007 with only the valid prefix {payload[:arrived]!r} in"
+            return
+        assert not should_fail, f"{payload[:arrived]!r} is already invalid but was let through"
+    assert receiver.out == [payload.decode()]
+
+
+###############################################################################
+# Limits (1009) and linear work
+###############################################################################
+
+@pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
+@pytest.mark.parametrize("declared", [101, 65536, 2 ** 62, 2 ** 63 - 1], ids=lambda n: f"len-{n}")
+def test_oversized_frame_is_1009_from_its_header_alone(declared, masked):
+    header = raw_frame(Opcode.BINARY, b"", length=declared, key=RFC_KEY if masked else None)
+    header = header[:-4] if masked else header  # not even the mask key is needed
+    parser = FrameParser(expect_masked=masked, max_frame_size=100)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(header)
+    assert info.value.code == 1009
+    assert len(parser._buffer) == 0
+
+
+def test_frame_of_exactly_max_frame_size_passes():
+    parser = FrameParser(expect_masked=False, max_frame_size=100)
+    assert parser.feed(raw_frame(Opcode.BINARY, b"x" * 100)) == [Frame(Opcode.BINARY, b"x" * 100)]
+
+
+def test_default_frame_limit_rejects_2_to_the_62():
+    assert protocol_error(raw_frame(Opcode.BINARY, b"", length=2 ** 62)).code == 1009
+
+
+def test_message_over_the_limit_fails_on_the_fragment_that_exceeds_it():
+    assembler = MessageAssembler(max_message_size=100)
+    assert assembler.receive(Frame(Opcode.TEXT, b"a" * 40, False)) is None
+    assert assembler.receive(Frame(Opcode.CONTINUATION, b"a" * 40, False)) is None
+    with pytest.raises(ProtocolError) as info:
+        assembler.receive(Frame(Opcode.CONTINUATION, b"a" * 21, False))
+    assert info.value.code == 1009
+
+
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY], ids=lambda op: op.name)
+def test_single_frame_message_limit_is_inclusive(opcode):
+    assert MessageAssembler(max_message_size=10).receive(Frame(opcode, b"a" * 10)) is not None
+    with pytest.raises(ProtocolError) as info:
+        MessageAssembler(max_message_size=10).receive(Frame(opcode, b"a" * 11))
+    assert info.value.code == 1009
+
+
+def test_check_pending_rejects_a_frame_that_would_overflow_the_message_before_its_payload():
+    first = raw_frame(Opcode.TEXT, b"a" * 60, fin=False)
+    receiver = Receiver(max_message_size=100)
+    receiver.feed(first + raw_frame(Opcode.CONTINUATION, b"", length=40)[:2])  # 60 + 40 fits
+    assert receiver.parser.pending() == (Opcode.CONTINUATION, 40)
+
+    receiver = Receiver(max_message_size=100)
+    with pytest.raises(ProtocolError) as info:
+        receiver.feed(first + raw_frame(Opcode.CONTINUATION, b"", length=41)[:2])
+    assert info.value.code == 1009
+
+    with pytest.raises(ProtocolError) as info:
+        Receiver(max_message_size=100).feed(raw_frame(Opcode.BINARY, b"", length=101))
+    assert info.value.code == 1009
+
+
+def test_check_pending_ignores_control_frames_and_reports_text():
+    assembler = MessageAssembler(max_message_size=1)
+    assert assembler.check_pending(Opcode.PING, 125) is False
+    assert assembler.check_pending(Opcode.TEXT, 1) is True
+    assert assembler.check_pending(Opcode.BINARY, 1) is False
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
+def test_one_mebibyte_text_frame_in_pieces_is_linear(masked):
+    payload = ("\u00e9" * (2 ** 19)).encode()  # 1 MiB of 2-byte characters, split mid-character often
+    wire = raw_frame(Opcode.TEXT, payload, key=RFC_KEY if masked else None)
+    # Byte-at-a-time at both ends (the end is where the buffer holds ~1 MiB) and 4 KiB chunks between,
+    # through the whole receive path, fail-fast UTF-8 checks of the pending frame included.
+    tail = 65536
+    cuts = list(range(1, 4096)) + list(range(4096, len(wire) - tail, 4096)) + list(range(len(wire) - tail, len(wire)))
+    receiver = Receiver(expect_masked=masked)
+    started = time.perf_counter()
+    for piece in pieces(wire, cuts):
+        receiver.feed(piece)
+    elapsed = time.perf_counter() - started
+    assert receiver.out == [payload.decode()]
+    assert elapsed < 10, f"{elapsed:.1f} s: receiving one frame in pieces is not linear"
+
+
+def test_byte_at_a_time_feeds_do_not_copy_the_buffered_frame():
+    # 64 KiB fed byte by byte behind 8 MiB already buffered: linear work is ~0.5 s, while
+    # copying the buffer on each feed (64 Ki x 8 MiB = 512 GiB) could not finish in time.
+    size = 8 * 2 ** 20
+    payload = b"b" * size
+    wire = raw_frame(Opcode.BINARY, payload)
+    parser = FrameParser(expect_masked=False, max_frame_size=size)
+    tail = len(wire) - 65536
+    for start in range(0, tail, 2 ** 20):
+        assert parser.feed(wire[start:min(start + 2 ** 20, tail)]) == []
+    started = time.perf_counter()
+    for offset in range(tail, len(wire) - 1):
+        parser.feed(wire[offset:offset + 1])
+        parser.pending()
+    elapsed = time.perf_counter() - started
+    assert parser.feed(wire[-1:]) == [Frame(Opcode.BINARY, payload)]
+    assert elapsed < 10, f"{elapsed:.1f} s for 64 KiB: each feed costs time in the buffered size"
+
+
+###############################################################################
+# Handshake: keys
+###############################################################################
+
+def test_rfc_accept_key():
+    assert accept_key(SAMPLE_KEY) == SAMPLE_ACCEPT
+    assert accept_key(SAMPLE_KEY.encode()) == SAMPLE_ACCEPT
+
+
+def test_new_key_is_base64_of_16_random_bytes():
+    keys = {new_key() for _ in range(8)}
+    assert len(keys) == 8
+    for key in keys:
+        assert len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+
+
+###############################################################################
+# Handshake: server side (HeadReader, parse_request, validate_request)
+###############################################################################
+
+BASE_FIELDS = {"Host": "example.com", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": SAMPLE_KEY, "Sec-WebSocket-Version": "13"}
+
+
+def request_head(fields=(), *, method="GET", version="HTTP/1.1", eol=b"\r\n"):
+    """A request head from BASE_FIELDS with some fields replaced (None removes one)."""
+    merged = dict(BASE_FIELDS)
+    merged.update(fields)
+    lines = [f"{method} /chat {version}"] + [f"{name}: {value}" for name, value in merged.items() if value is not None]
+    return eol.join(line.encode("latin-1") for line in lines) + eol + eol
+
+
+def handshake_status(head):
+    with pytest.raises(HandshakeError) as info:
+        validate_request(parse_request(head))
+    return info.value
+
+
+@pytest.mark.parametrize("head, status", [
+    (request_head(method="POST"), 405),
+    (request_head({"Upgrade": None}), 426),
+    (request_head({"Upgrade": "h2c"}), 426),
+    (request_head({"Connection": None}), 426),
+    (request_head({"Connection": "keep-alive"}), 426),
+    (request_head({"Connection": "upgrades"}), 426),
+    (request_head({"Sec-WebSocket-Version": "8"}), 426),
+    (request_head({"Sec-WebSocket-Version": None}), 426),
+    (request_head({"Host": None}), 400),
+    (request_head({"Sec-WebSocket-Key": None}), 400),
+    (request_head({"Sec-WebSocket-Key": "abc"}), 400),
+    (request_head({"Sec-WebSocket-Key": base64.b64encode(b"x" * 15).decode()}), 400),
+    (request_head({"Sec-WebSocket-Key": base64.b64encode(b"x" * 17).decode()}), 400),
+    (request_head({"Sec-WebSocket-Key": "!" * 24}), 400),
+], ids=["post", "no-upgrade", "upgrade-h2c", "no-connection", "connection-keep-alive", "connection-upgrades",
+        "version-8", "no-version", "no-host", "no-key", "short-key", "key-15-bytes", "key-17-bytes-24-chars",
+        "key-not-base64"])
+def test_bad_upgrade_requests_get_their_status(head, status):
+    assert handshake_status(head).status == status
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/0.9"])
+def test_http_before_1_1_is_505(version):
+    with pytest.raises(HandshakeError) as info:
+        parse_request(request_head(version=version))
+    assert info.value.status == 505
+
+
+@pytest.mark.parametrize("version", [None, "8", "13, 8"], ids=["missing", "8", "list"])
+def test_wrong_version_426_advertises_version_13(version):
+    error = handshake_status(request_head({"Sec-WebSocket-Version": version}))
+    assert error.status == 426
+    assert ("Sec-WebSocket-Version", "13") in error.headers
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"Connection": "keep-alive, Upgrade"},
+    {"Connection": "UPGRADE"},
+    {"Connection": "Upgrade,keep-alive"},
+    {"Upgrade": "WebSocket"},
+    {"Upgrade": "foo, websocket"},
+], ids=["plain", "keep-alive-upgrade", "upper", "no-space", "mixed-case-upgrade", "upgrade-list"])
+def test_valid_upgrade_requests_return_the_key(fields):
+    request = parse_request(request_head(fields))
+    assert (request.method, request.path, request.version) == ("GET", "/chat", (1, 1))
+    assert validate_request(request) == SAMPLE_KEY
+
+
+def test_header_names_are_case_insensitive_and_bare_lf_heads_are_accepted():
+    head = request_head(eol=b"\n").replace(b"Sec-WebSocket-Key", b"sec-websocket-key").replace(b"Host", b"HOST")
+    reader = HeadReader()
+    result = reader.feed(head + b"\x81\x00")
+    assert result == (head, b"\x81\x00")
+    assert validate_request(parse_request(head)) == SAMPLE_KEY
+
+
+def test_head_reader_one_byte_at_a_time():
+    head = request_head()
+    reader = HeadReader()
+    for i in range(len(head) - 1):
+        assert reader.feed(head[i:i + 1]) is None
+    assert reader.feed(head[-1:]) == (head, b"")
+
+
+def test_head_reader_keeps_what_follows_the_head_for_every_split():
+    head = request_head()
+    extra = RFC_MASKED_HELLO
+    for split in range(len(head) + len(extra) + 1):
+        reader = HeadReader()
+        first = reader.feed((head + extra)[:split])
+        if split < len(head):
+            assert first is None
+            assert reader.feed((head + extra)[split:]) == (head, extra)
+        else:
+            assert first == (head, extra[:split - len(head)])
+
+
+def test_head_of_16_kib_passes_and_one_byte_more_is_431():
+    def padded_head(size):
+        base = request_head()
+        padding = size - len(base) - len(b"X-Pad: \r\n")
+        return base[:-2] + b"X-Pad: " + b"p" * padding + b"\r\n\r\n"
+    exact = padded_head(MAX_HEAD_SIZE)
+    assert len(exact) == 16 * 1024
+    assert HeadReader().feed(exact) == (exact, b"")
+    with pytest.raises(HandshakeError) as info:
+        HeadReader().feed(padded_head(MAX_HEAD_SIZE + 1))
+    assert info.value.status == 431
+
+
+def test_endless_head_is_431_without_waiting_for_its_end():
+    reader = HeadReader()
+    with pytest.raises(HandshakeError) as info:
+        for _ in range(100):
+            reader.feed(b"X-Junk: " + b"j" * 1000 + b"\r\n")
+    assert info.value.status == 431
+
+
+def test_100_header_lines_pass_and_101_are_431():
+    def head_with(lines):
+        fields = dict(BASE_FIELDS)
+        fields.update({f"X-{i}": "v" for i in range(lines - len(BASE_FIELDS))})
+        return request_head(fields)
+    assert HeadReader().feed(head_with(MAX_HEADER_LINES)) is not None
+    validate_request(parse_request(head_with(MAX_HEADER_LINES)))
+    with pytest.raises(HandshakeError) as info:
+        HeadReader().feed(head_with(MAX_HEADER_LINES + 1))
+    assert info.value.status == 431
+    reader = HeadReader()  # counted incrementally too
+    with pytest.raises(HandshakeError) as info:
+        for byte in range(len(head_with(MAX_HEADER_LINES + 1))):
+            reader.feed(head_with(MAX_HEADER_LINES + 1)[byte:byte + 1])
+    assert info.value.status == 431
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /chat\r\nHost: x\r\n\r\n",
+    b"GET /chat HTTP/1.1\r\n Host: x\r\n\r\n",
+    b"GET /chat HTTP/1.1\r\nHost : x\r\n\r\n",
+    b"GET /chat HTTP/1.1\r\nNoColon\r\n\r\n",
+    b"GET chat HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /chat HTTP/x\r\nHost: x\r\n\r\n",
+], ids=["no-version", "folded", "space-before-colon", "no-colon", "not-a-path", "bad-version"])
+def test_malformed_request_heads_are_400(head):
+    with pytest.raises(HandshakeError) as info:
+        parse_request(head)
+    assert info.value.status == 400
+
+
+def test_build_response_carries_the_accept_key_and_the_subprotocol():
+    response = build_response(SAMPLE_KEY, "chat")
+    assert response.startswith(b"HTTP/1.1 101 ")
+    assert response.endswith(b"\r\n\r\n")
+    assert f"\r\nSec-WebSocket-Accept: {SAMPLE_ACCEPT}\r\n".encode() in response
+    assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
+    assert b"Sec-WebSocket-Protocol" not in build_response(SAMPLE_KEY)
+
+
+def test_encode_response_for_a_refusal():
+    encoded = encode_response(Response(403))
+    assert encoded.startswith(b"HTTP/1.1 403")
+    head, _, body = encoded.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert parse_response(head + b"\r\n\r\n").status == 403
+    custom = encode_response(Response(404, Headers([("X-Why", "gone")]), b"nope", "Gone Fishing"))
+    assert custom.startswith(b"HTTP/1.1 404 Gone Fishing\r\n") and custom.endswith(b"\r\n\r\nnope")
+    assert b"\r\nX-Why: gone\r\n" in custom and b"\r\nContent-Length: 4\r\n" in custom
+
+
+def test_client_and_server_handshake_agree():
+    key = new_key()
+    request = build_request("example.com:8080", "/chat?room=1", key, subprotocols=["v2", "v1"], origin="http://o")
+    head, rest = HeadReader().feed(request)
+    assert rest == b""
+    parsed = parse_request(head)
+    assert validate_request(parsed) == key
+    assert parsed.subprotocols == ["v2", "v1"] and parsed.origin == "http://o"
+    assert parsed.headers["host"] == "example.com:8080" and parsed.path == "/chat?room=1"
+    response = parse_response(build_response(key, "v1"))
+    assert validate_response(response, key, ["v2", "v1"]) == "v1"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(host="example.com\r\nX-Evil: 1"),
+    dict(headers=[("X-Ok", "a\r\nX-Evil: 1")]),
+    dict(headers=[("X-Ok", "a\nX-Evil: 1")]),
+    dict(headers=[("X-Ok", "a\rb")]),
+    dict(headers=[("X-Evil\r\nX", "a")]),
+    dict(origin="http://o\r\nX-Evil: 1"),
+    dict(subprotocols=["chat\r\nX-Evil: 1"]),
+    dict(path="/chat\r\nX-Evil: 1"),
+    dict(path="/chat HTTP/1.1"),
+], ids=["host", "value-crlf", "value-lf", "value-cr", "name", "origin", "subprotocol", "path-crlf", "path-space"])
+def test_build_request_rejects_header_injection(kwargs):
+    args = dict(host="example.com", path="/chat", key=SAMPLE_KEY)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        build_request(args.pop("host"), args.pop("path"), args.pop("key"), **args)
+
+
+def test_server_side_responses_reject_header_injection():
+    with pytest.raises(ValueError):
+        build_response(SAMPLE_KEY, headers=[("X-Ok", "a\r\nSet-Cookie: x")])
+    with pytest.raises(ValueError):
+        encode_response(Response(403, [("X-Ok", "a\nb")]))
+
+
+###############################################################################
+# Handshake: client side (parse_response, validate_response)
+###############################################################################
+
+def good_response(key=SAMPLE_KEY, **fields):
+    extra = [(name.replace("_", "-"), value) for name, value in fields.items()]
+    return parse_response(build_response(key, headers=extra))
+
+
+@pytest.mark.parametrize("status", [200, 302, 400, 403, 404, 426, 500])
+def test_validate_response_needs_101_and_reports_the_servers_status(status):
+    head = encode_response(Response(status)).partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    response = parse_response(head)
+    with pytest.raises(HandshakeError) as info:
+        validate_response(response, SAMPLE_KEY)
+    assert info.value.status == status
+    assert info.value.response is response
+
+
+def test_validate_response_wrong_accept_key():
+    with pytest.raises(HandshakeError) as info:
+        validate_response(good_response(key=new_key()), SAMPLE_KEY)
+    assert info.value.status == 101
+
+
+@pytest.mark.parametrize("offered, chosen, ok", [
+    (None, None, True),
+    (["chat"], None, True),
+    (["a", "chat"], "chat", True),
+    (None, "chat", False),
+    (["a", "b"], "chat", False),
+    (["chat"], "chat, a", False),
+], ids=["none", "offered-not-chosen", "chosen", "not-offered-any", "not-in-offer", "two-chosen"])
+def test_validate_response_subprotocol_only_if_offered(offered, chosen, ok):
+    response = parse_response(build_response(SAMPLE_KEY, chosen))
+    if ok:
+        assert validate_response(response, SAMPLE_KEY, offered) == chosen
+    else:
+        with pytest.raises(HandshakeError) as info:
+            validate_response(response, SAMPLE_KEY, offered)
+        assert info.value.status == 101
+
+
+@pytest.mark.parametrize("extension", ["permessage-deflate", "x-webkit-deflate-frame"])
+def test_validate_response_rejects_extensions_never_asked_for(extension):
+    with pytest.raises(HandshakeError):
+        validate_response(good_response(Sec_WebSocket_Extensions=extension), SAMPLE_KEY)
+
+
+@pytest.mark.parametrize("drop", [b"Upgrade: websocket\r\n", b"Connection: Upgrade\r\n"], ids=["upgrade", "connection"])
+def test_validate_response_needs_upgrade_and_connection(drop):
+    response = parse_response(build_response(SAMPLE_KEY).replace(drop, b""))
+    with pytest.raises(HandshakeError):
+        validate_response(response, SAMPLE_KEY)
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 1O1 Switching\r\n\r\n", b"ICY 200 OK\r\n\r\n", b"\r\n\r\n",
+                                  b"HTTP/1.1 101\r\nbad line\r\n\r\n"],
+                         ids=["letter-in-status", "not-http", "empty", "bad-header"])
+def test_malformed_responses_have_no_status(head):
+    with pytest.raises(HandshakeError) as info:
+        parse_response(head)
+    assert info.value.status is None
+
+
+###############################################################################
+# Connections and the manager loop
+###############################################################################
+
+# The WebSocket, WebSocketManager and connect() chapters, end to end over real
+# sockets (issue #3). Every test stops what it starts; the ones that look for
+# leaks compare /proc/self/fd and threading.active_count() before and after.
+
+
+###############################################################################
+# Helpers ######################################################################
+###############################################################################
+
+@contextlib.contextmanager
+def mgr_running(**kwargs):
+    """A started manager that is stopped and joined however the block ends."""
+    kwargs.setdefault("close_timeout", 2.0)
+    m = WebSocketManager(**kwargs)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        m.join(10)
+        assert not m._thread.is_alive(), "manager thread did not end"
+
+
+@pytest.fixture
+def mgr_clients():
+    """A second manager for the client side, so that each side has its own loop thread."""
+    with mgr_running() as m:
+        yield m
+
+
+@pytest.fixture
+def mgr_no_leaks():
+    """Fails the test if it leaves a descriptor or a thread behind.
+
+    Requested first, so that its teardown runs after every other fixture's.
+    """
+    fds = open_fds()
+    threads = threading.active_count()
+    yield
+    wait_until(lambda: threading.active_count() <= threads, timeout=10)
+    wait_until(lambda: open_fds() <= fds, timeout=10)
+
+
+def mgr_url(address, path="/"):
+    host, port = address[0], address[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{port}{path}"
+
+
+def mgr_collect(cls, into):
+    """A listen() factory that keeps every server-side connection it makes in `into`."""
+    def factory(*args, **kwargs):
+        websocket = cls(*args, **kwargs)
+        into.append(websocket)
+        return websocket
+    return factory
+
+
+def mgr_open_client(manager, url, factory=Recorder, **kwargs):
+    """connect() + add(), returning once opened() ran on the client side."""
+    websocket = connect(url, factory, **kwargs)
+    manager.add(websocket)
+    assert websocket.opened_event.wait(10), "client never opened"
+    return websocket
+
+
+def mgr_closed_events(websocket):
+    return [event for event in websocket.events if event[0] == "closed"]
+
+
+class MgrRawPeer:
+    """The far end of a raw socket: sends masked frames, reads the server's frames."""
+
+    def __init__(self, sock, rest=b""):
+        self.sock = sock
+        self.parser = FrameParser(expect_masked=False)
+        self.frames = collections.deque(self.parser.feed(rest))
+
+    def send_frame(self, opcode, payload, fin=True):
+        self.sock.sendall(encode_frame(opcode, payload, fin=fin, mask=True))
+
+    def next_frame(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no frame within the timeout")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("peer closed the connection")
+            self.frames.extend(self.parser.feed(data))
+        return self.frames.popleft()
+
+    def read_until_eof(self, timeout=5.0):
+        """Drain until the other side closes; True if EOF came within the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except ConnectionResetError:
+                return True
+        return False
+
+
+class MgrEchoRecorder(Recorder):
+    def received_message(self, message):
+        super().received_message(message)
+        self.send(message)
+
+
+@contextlib.contextmanager
+def mgr_raw_peer(address, **kwargs):
+    sock, rest = raw_client(address, **kwargs)
+    try:
+        yield MgrRawPeer(sock, rest)
+    finally:
+        sock.close()
+
+
+def mgr_ipv6_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+###############################################################################
+# The ws4py example: 2,000 clients in one manager ##############################
+###############################################################################
+
+MGR_N_CLIENTS = 2000
+
+
+class MgrCountingEcho(EchoServer):
+    received = 0  # only touched from the server loop thread
+
+    def received_message(self, message):
+        type(self).received += 1
+        super().received_message(message)
+
+
+def test_two_thousand_clients_in_one_manager(mgr_no_leaks):
+    # 2,000 clients and 2,000 server ends live in this process: 4,000+ descriptors.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = open_fds() + 2 * MGR_N_CLIENTS + 200
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = hard if hard != resource.RLIM_INFINITY else needed
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    MgrCountingEcho.received = 0
+    fds_before = open_fds()
+    threads_before = threading.active_count()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    server = WebSocketManager(close_timeout=5.0)
+    clients_manager = WebSocketManager(close_timeout=5.0)
+    server.start()
+    clients_manager.start()
+    try:
+        address = server.listen(("127.0.0.1", 0), MgrCountingEcho)
+        clients = []
+        for i in range(MGR_N_CLIENTS):
+            websocket = connect(mgr_url(address, f"/{i}"), Recorder)
+            clients_manager.add(websocket)
+            clients.append(websocket)
+        assert len(clients_manager) == MGR_N_CLIENTS
+        wait_until(lambda: len(server) == MGR_N_CLIENTS, timeout=30)
+        wait_until(lambda: all(c.opened_event.is_set() for c in clients), timeout=30)
+        connected = time.perf_counter()
+
+        for i, websocket in enumerate(clients):
+            websocket.send(f"message {i}")
+        wait_until(lambda: all(c.messages for c in clients), timeout=60)
+        # Every message accounted for: the server saw each once, each client got its own echo.
+        wait_until(lambda: MgrCountingEcho.received == MGR_N_CLIENTS, timeout=10)
+        for i, websocket in enumerate(clients):
+            assert websocket.messages == [f"message {i}"]
+
+        # The server closes every fourth peer: the client manager drops them by itself.
+        victims = set(range(0, MGR_N_CLIENTS, 4))
+        for conn in list(server):
+            if int(conn.path[1:]) in victims:
+                conn.close(1000, "bye")
+        wait_until(lambda: len(clients_manager) == MGR_N_CLIENTS - len(victims), timeout=30)
+        wait_until(lambda: all(clients[i].terminated for i in victims), timeout=10)
+        for i in victims:
+            assert clients[i] not in clients_manager
+            assert (clients[i].close_code, clients[i].close_reason) == (1000, "bye")
+        survivors = [c for i, c in enumerate(clients) if i not in victims]
+        assert all(c in clients_manager and not c.terminated for c in survivors)
+        wait_until(lambda: len(server) == MGR_N_CLIENTS - len(victims), timeout=10)
+
+        clients_manager.close_all()
+        wait_until(lambda: len(clients_manager) == 0 and len(server) == 0, timeout=30)
+        assert all(len(mgr_closed_events(c)) == 1 for c in clients)
+        assert all(c.close_code == 1001 for c in survivors)
+    finally:
+        clients_manager.stop()
+        server.stop()
+        clients_manager.join(15)
+        server.join(15)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    elapsed = time.perf_counter() - started
+    assert not server._thread.is_alive() and not clients_manager._thread.is_alive()
+    wait_until(lambda: threading.active_count() <= threads_before, timeout=10)
+    wait_until(lambda: open_fds() <= fds_before, timeout=10)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"\n[2000 clients] wall time {elapsed:.2f} s (connect phase {connected - started:.2f} s); "
+          f"peak RSS {rss_after / 1024:.1f} MiB (before the test {rss_before / 1024:.1f} MiB)")
+
+
+###############################################################################
+# Sending from many threads and broadcasting ###################################
+###############################################################################
+
+@pytest.mark.parametrize("sender", ["client", "server"])
+def test_eight_threads_send_to_one_connection(mgr_no_leaks, manager, mgr_clients, sender):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+    source, sink = (client, server_conns[0]) if sender == "client" else (server_conns[0], client)
+    barrier = threading.Barrier(8)
+    errors = []
+
+    def worker(t):
+        try:
+            barrier.wait(10)
+            for n in range(1000):
+                source.send(f"{t}:{n}")
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    wait_until(lambda: len(sink.messages) >= 8000, timeout=60)
+    assert len(sink.messages) == 8000
+    per_thread = collections.defaultdict(list)
+    for message in sink.messages:
+        t, n = message.split(":")
+        per_thread[int(t)].append(int(n))
+    # Messages of different threads interleave, but each thread's stay in send() order.
+    assert {t: numbers for t, numbers in per_thread.items()} == {t: list(range(1000)) for t in range(8)}
+
+
+def test_broadcast_to_a_thousand_connections(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    clients = [connect(mgr_url(address), Recorder) for _ in range(1000)]
+    for client in clients:
+        mgr_clients.add(client)
+    wait_until(lambda: len(manager) == 1000 and all(c.opened_event.is_set() for c in clients), timeout=30)
+    assert manager.broadcast("news") == 1000
+    # A second broadcast is the marker that proves no extra copy of the first was on its way.
+    assert manager.broadcast(b"\x00end") == 1000
+    wait_until(lambda: all(len(c.messages) >= 2 for c in clients), timeout=30)
+    assert all(c.messages == ["news", b"\x00end"] for c in clients)
+
+
+def test_broadcast_counts_only_open_connections(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
+    wait_until(lambda: len(server_conns) == 3 and all(s.opened_event.is_set() for s in server_conns))
+    server_conns[0].close()
+    wait_until(lambda: clients[0].terminated)
+    assert manager.broadcast("to the rest") == 2
+    # From the client manager the same call masks per connection; the servers receive it.
+    assert mgr_clients.broadcast("upstream") == 2
+    wait_until(lambda: all(c.messages == ["to the rest"] for c in clients[1:]))
+    wait_until(lambda: all(s.messages == ["upstream"] for s in server_conns[1:]))
+    assert clients[0].messages == [] and server_conns[0].messages == []
+
+
+###############################################################################
+# Close handshake, close timeout ###############################################
+###############################################################################
+
+@pytest.mark.parametrize("initiator", ["client", "server"])
+def test_manager_close_handshake_both_ways(mgr_no_leaks, mgr_clients, initiator):
+    server_conns = []
+    with mgr_running() as server:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        client = mgr_open_client(mgr_clients, mgr_url(address))
+        wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+        conn = server_conns[0]
+        closer, receiver = (client, conn) if initiator == "client" else (conn, client)
+        closer.close(4001, "done here")
+        with pytest.raises(ConnectionClosed):  # closing at once, whatever thread called close()
+            closer.send("after close")
+        assert receiver.closed_event.wait(10) and closer.closed_event.wait(10)
+        wait_until(lambda: client.terminated and conn.terminated)
+        # The receiving side gets code and reason; the echo carries the code back (RFC 6455 5.5.1).
+        assert mgr_closed_events(receiver) == [("closed", 4001, "done here")]
+        assert mgr_closed_events(closer)[0][1] == 4001
+        assert (receiver.close_code, receiver.close_reason) == (4001, "done here")
+        assert closer.close_code == 4001
+        assert client not in mgr_clients and conn not in server
+        with pytest.raises(ConnectionClosed):
+            closer.send("too late")
+        with pytest.raises(ConnectionClosed):
+            receiver.send("too late")
+        closer.close(1000)  # a second close() is a no-op
+    # After the server stopped and nothing can happen anymore: closed() ran exactly once per side.
+    assert len(mgr_closed_events(client)) == 1 and len(mgr_closed_events(conn)) == 1
+    assert client.events[-1][0] == "closed" and conn.events[-1][0] == "closed"
+
+
+def test_close_without_code_is_reported_as_1005(mgr_no_leaks, manager):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    with mgr_raw_peer(address) as peer:
+        wait_until(lambda: server_conns)
+        peer.send_frame(Opcode.CLOSE, b"")
+        frame = peer.next_frame()
+        # No code in, no code back.
+        assert frame.opcode == Opcode.CLOSE and frame.payload == b""
+        assert peer.read_until_eof()
+    assert server_conns[0].closed_event.wait(10)
+    assert mgr_closed_events(server_conns[0]) == [("closed", 1005, "")]
+
+
+def test_close_timeout_when_peer_never_answers(mgr_no_leaks):
+    server_conns = []
+    with mgr_running(close_timeout=0.5) as server:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        with mgr_raw_peer(address) as peer:
+            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+            conn = server_conns[0]
+            started = time.monotonic()
+            conn.close(1000, "please answer")
+            frame = peer.next_frame()
+            assert frame.opcode == Opcode.CLOSE
+            assert parse_close(frame.payload) == (1000, "please answer")
+            # The peer reads but never answers nor closes: the timeout ends it.
+            assert conn.closed_event.wait(10)
+            elapsed = time.monotonic() - started
+            assert peer.read_until_eof()
+        assert elapsed >= 0.4
+        assert mgr_closed_events(conn)[0][1] == 1006
+        assert conn.terminated and conn.close_code == 1006
+        assert conn not in server
+
+
+def test_send_and_close_before_add(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    early = connect(mgr_url(address, "/early"), Recorder)
+    # Queued before the connection runs anywhere: goes out, in order, once added.
+    early.send("queued before add")
+    early.send(["frag", "mented"])
+    mgr_clients.add(early)
+    wait_until(lambda: server_conns and len(server_conns[0].messages) >= 2)
+    assert server_conns[0].messages == ["queued before add", "fragmented"]
+
+    quitter = connect(mgr_url(address, "/quitter"), Recorder)
+    quitter.send("last words")
+    quitter.close(4002, "before add")
+    with pytest.raises(ConnectionClosed):
+        quitter.send("too late")
+    mgr_clients.add(quitter)
+    assert quitter.closed_event.wait(10)
+    conn = next(c for c in server_conns if c.path == "/quitter")
+    assert conn.closed_event.wait(10)
+    assert conn.messages == ["last words"]
+    assert mgr_closed_events(conn) == [("closed", 4002, "before add")]
+    assert len(mgr_closed_events(quitter)) == 1 and quitter.close_code == 4002
+
+
+def test_terminate_skips_the_handshake(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+    client.terminate()
+    assert client.closed_event.wait(10) and server_conns[0].closed_event.wait(10)
+    # No close frame either way: both ends report 1006.
+    assert mgr_closed_events(client)[0][1] == 1006
+    assert mgr_closed_events(server_conns[0])[0][1] == 1006
+    assert client.terminated and client not in mgr_clients
+    with pytest.raises(ConnectionClosed):
+        client.send("gone")
+
+
+def test_manager_ping_is_answered_with_pong(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    client.ping(b"are you there")
+    client.ping()
+    wait_until(lambda: sum(1 for e in client.events if e[0] == "pong") == 2)
+    assert [e for e in client.events if e[0] == "pong"] == [("pong", b"are you there"), ("pong", b"")]
+    with pytest.raises(ValueError):
+        client.ping(b"x" * 126)  # control frames carry at most 125 bytes
+    assert not client.terminated
+
+
+###############################################################################
+# Heartbeat ####################################################################
+###############################################################################
+
+def test_heartbeat_fails_a_peer_that_never_pongs(mgr_no_leaks):
+    server_conns = []
+    with mgr_running(heartbeat=0.2, heartbeat_timeout=0.3, close_timeout=1.0) as server:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        with mgr_raw_peer(address) as peer:
+            wait_until(lambda: server_conns)
+            ping = peer.next_frame(timeout=5)
+            assert ping.opcode == Opcode.PING
+            close = peer.next_frame(timeout=5)
+            assert close.opcode == Opcode.CLOSE
+            assert parse_close(close.payload)[0] == 1011
+        conn = server_conns[0]
+        assert conn.closed_event.wait(10)
+        assert mgr_closed_events(conn)[0][1] == 1011
+        assert conn.close_code == 1011
+
+
+def test_heartbeat_keeps_a_well_behaved_peer(mgr_no_leaks, mgr_clients):
+    server_conns = []
+    with mgr_running(heartbeat=0.2, heartbeat_timeout=0.3) as server:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        client = mgr_open_client(mgr_clients, mgr_url(address))
+        wait_until(lambda: server_conns)
+        conn = server_conns[0]
+        # Five pongs back = at least five heartbeat periods survived (about 1 s).
+        wait_until(lambda: sum(1 for e in conn.events if e[0] == "pong") >= 5, timeout=15)
+        assert not conn.terminated and not client.terminated
+        assert conn in server and client in mgr_clients
+        client.send("still here")
+        wait_until(lambda: conn.messages == ["still here"])
+
+
+###############################################################################
+# Slow consumer ################################################################
+###############################################################################
+
+def test_slow_consumer_is_dropped_at_max_buffered(mgr_no_leaks):
+    limit = 256 * 1024
+    server_conns = []
+    with mgr_running(max_buffered=limit) as server:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        with mgr_raw_peer(address) as peer:  # never reads
+            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+            conn = server_conns[0]
+            chunk = b"x" * (64 * 1024)
+            highest = 0
+            dropped = False
+            for _ in range(4000):  # 250 MiB at most: far beyond any socket buffer
+                try:
+                    conn.send(chunk)
+                except ConnectionClosed:
+                    dropped = True
+                    break
+                highest = max(highest, conn.buffered_amount)
+                assert conn.buffered_amount <= limit
+            assert dropped, "never dropped as a slow consumer"
+            assert highest <= limit
+            assert conn.closed_event.wait(10)
+            code, reason = mgr_closed_events(conn)[0][1:]
+            assert code == 1006 and "slow consumer" in reason
+            with pytest.raises(ConnectionClosed):
+                conn.send(b"later")
+            assert conn.buffered_amount == 0
+            assert conn not in server
+
+
+###############################################################################
+# Callback exceptions ##########################################################
+###############################################################################
+
+class MgrFragileServer(Recorder):
+    def received_message(self, message):
+        super().received_message(message)
+        if message == "boom":
+            raise RuntimeError("callback blew up")
+        self.send(message)
+
+
+def test_callback_exception_is_isolated(mgr_no_leaks, manager, mgr_clients, caplog):
+    caplog.set_level(logging.ERROR, logger="wsmanager")
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(MgrFragileServer, server_conns))
+    victim = mgr_open_client(mgr_clients, mgr_url(address, "/victim"))
+    bystander = mgr_open_client(mgr_clients, mgr_url(address, "/bystander"))
+    victim.send("boom")
+    assert victim.closed_event.wait(10)
+    assert mgr_closed_events(victim)[0][1] == 1011
+    records = [r for r in caplog.records if r.name == "wsmanager" and r.levelno >= logging.ERROR]
+    assert records, "the callback error was not logged"
+    assert any(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+    # Same manager, other connection: unaffected.
+    for n in range(20):
+        bystander.send(f"ping {n}")
+    wait_until(lambda: len(bystander.messages) == 20)
+    assert bystander.messages == [f"ping {n}" for n in range(20)]
+    assert not bystander.terminated and len(manager) == 1
+
+
+###############################################################################
+# Handshake: refusals, subprotocols, path and headers ##########################
+###############################################################################
+
+def _mgr_refuse_with(status):
+    def hook(request):
+        return Response(status)
+    return hook
+
+
+def _mgr_raise_with(status):
+    def hook(request):
+        raise HandshakeError("not for you", status)
+    return hook
+
+
+def _mgr_crash(request):
+    raise ValueError("hook bug")
+
+
+def _mgr_unoffered_subprotocol(request):
+    return "never-offered"
+
+
+@pytest.mark.parametrize("hook, status", [
+    (_mgr_refuse_with(401), 401), (_mgr_refuse_with(403), 403), (_mgr_refuse_with(404), 404),
+    (_mgr_raise_with(403), 403), (_mgr_raise_with(429), 429),
+    (_mgr_crash, 500), (_mgr_unoffered_subprotocol, 500),  # the hook's own mistakes are the server's error
+])
+def test_handshake_refused_by_hook(mgr_no_leaks, manager, caplog, hook, status):
+    caplog.set_level(logging.ERROR, logger="wsmanager")
+    address = manager.listen(("127.0.0.1", 0), Recorder, handshake=hook)
+    with pytest.raises(HandshakeError) as info:
+        connect(mgr_url(address), timeout=5)
+    assert info.value.status == status
+    assert info.value.response is not None and info.value.response.status == status
+    assert len(manager) == 0
+    if status == 500:
+        assert any(r.name == "wsmanager" and r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_max_connections_answers_503(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), Recorder, max_connections=2)
+    first = mgr_open_client(mgr_clients, mgr_url(address))
+    mgr_open_client(mgr_clients, mgr_url(address))
+    with pytest.raises(HandshakeError) as info:
+        connect(mgr_url(address), timeout=5)
+    assert info.value.status == 503
+    # A slot freed is a slot available again.
+    first.close()
+    wait_until(lambda: first.terminated and len(manager) == 1)
+    third = mgr_open_client(mgr_clients, mgr_url(address))
+    assert not third.terminated
+
+
+def test_origins_are_checked(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example"])
+    assert mgr_open_client(mgr_clients, mgr_url(address), origin="https://good.example")
+    for origin in ("https://evil.example", None):
+        with pytest.raises(HandshakeError) as info:
+            connect(mgr_url(address), origin=origin, timeout=5)
+        assert info.value.status == 403
+    # Listing None admits clients that send no Origin at all (non-browsers).
+    lenient = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example", None])
+    assert mgr_open_client(mgr_clients, mgr_url(lenient))
+
+
+def test_handshake_hook_picks_subprotocol(mgr_no_leaks, manager, mgr_clients):
+    seen = []
+
+    def hook(request):
+        seen.append(request)
+        return "chat.v2"
+
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns), handshake=hook)
+    client = mgr_open_client(mgr_clients, mgr_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
+    wait_until(lambda: server_conns)
+    assert seen[0].path == "/room" and seen[0].subprotocols == ["chat.v1", "chat.v2"]
+    assert client.subprotocol == "chat.v2" and server_conns[0].subprotocol == "chat.v2"
+
+
+@pytest.mark.parametrize("offered, expected", [
+    (["v1", "v2"], "v2"),  # both known to the server: its preference wins, not the client's order
+    (["v1"], "v1"),
+    (["other"], None),
+    (None, None),
+])
+def test_subprotocol_negotiation(mgr_no_leaks, manager, mgr_clients, offered, expected):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns),
+                             subprotocols=["v3", "v2", "v1"])
+    client = mgr_open_client(mgr_clients, mgr_url(address), subprotocols=offered)
+    wait_until(lambda: server_conns)
+    assert client.subprotocol == expected
+    assert server_conns[0].subprotocol == expected
+
+
+def test_request_path_headers_and_peer_address(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    client = mgr_open_client(mgr_clients, mgr_url(address, "/chat/room?user=7"),
+                         headers=[("X-Test", "hello there")])
+    wait_until(lambda: server_conns)
+    conn = server_conns[0]
+    assert conn.path == "/chat/room?user=7" and client.path == "/chat/room?user=7"
+    assert conn.request_headers["X-Test"] == "hello there"
+    assert conn.request_headers["x-test"] == "hello there"
+    assert conn.peer_address == client.sock.getsockname()
+    assert tuple(client.peer_address) == tuple(address)
+    assert not conn.client and client.client
+    assert client.response_headers["Sec-WebSocket-Accept"]
+
+
+###############################################################################
+# Fragmented messages ##########################################################
+###############################################################################
+
+def test_send_iterable_arrives_as_one_message(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+    conn = server_conns[0]
+    client.send(["a", "b", "c"])
+    client.send(iter([b"\x00\x01", b"", b"\x02"]))  # any iterable, empty chunks included
+    client.send(["solo"])
+    with pytest.raises(TypeError):
+        client.send(["text", b"bytes"])
+    with pytest.raises(TypeError):
+        client.send([b"bytes", "text"])
+    client.send("after")  # nothing of the rejected messages went out before it
+    wait_until(lambda: len(conn.messages) >= 4)
+    assert conn.messages == ["abc", b"\x00\x01\x02", "solo", "after"]
+    # And the other way round: a server connection fragments the same way.
+    conn.send(("x" * 1000 for _ in range(5)))
+    wait_until(lambda: client.messages)
+    assert client.messages == ["x" * 5000]
+
+
+def test_manager_ping_between_fragments(mgr_no_leaks, manager):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    with mgr_raw_peer(address) as peer:
+        wait_until(lambda: server_conns)
+        peer.send_frame(Opcode.TEXT, b"frag", fin=False)
+        peer.send_frame(Opcode.PING, b"mid")
+        peer.send_frame(Opcode.CONTINUATION, b"ment", fin=False)
+        peer.send_frame(Opcode.CONTINUATION, b"ed")
+        pong = peer.next_frame()
+        assert pong.opcode == Opcode.PONG and pong.payload == b"mid"
+        wait_until(lambda: server_conns[0].messages)
+        assert server_conns[0].messages == ["fragmented"]
+        assert not server_conns[0].terminated
+
+
+###############################################################################
+# Bytes around the handshake ###################################################
+###############################################################################
+
+class MgrGreeter(Recorder):
+    def opened(self):
+        super().opened()
+        self.send("welcome")
+
+
+def test_bytes_sent_right_after_101_are_kept(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), MgrGreeter)
+    # Raw: the greeting is written with the 101, so it typically comes in the same read.
+    with mgr_raw_peer(address) as peer:
+        frame = peer.next_frame()
+        assert frame.opcode == Opcode.TEXT and frame.payload == b"welcome"
+    # connect(): whatever came along with the 101 reaches received_message().
+    for _ in range(5):
+        client = mgr_open_client(mgr_clients, mgr_url(address))
+        wait_until(lambda: client.messages)
+        assert client.messages == ["welcome"]
+
+
+def test_frames_sent_with_the_request_are_kept(mgr_no_leaks, manager):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    frame = encode_frame(Opcode.TEXT, b"early bird", mask=True)
+    with mgr_raw_peer(address, extra_headers=b"\r\n" + frame) as peer:
+        # extra_headers ended the head itself; the frame followed in the same write.
+        wait_until(lambda: server_conns and server_conns[0].messages)
+        assert server_conns[0].messages == ["early bird"]
+        assert peer.sock.fileno() != -1
+
+
+###############################################################################
+# Transports: Unix socket, IPv6, TLS ###########################################
+###############################################################################
+
+def test_manager_unix_socket_listen(mgr_no_leaks, manager, tmp_path):
+    path = str(tmp_path / "ws.sock")
+    server_conns = []
+    assert manager.listen(path, mgr_collect(MgrEchoRecorder, server_conns)) == path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5)
+        sock.connect(path)
+        key = new_key()
+        sock.sendall(build_request("localhost", "/over/unix", key, subprotocols=["p"]))
+        reader = HeadReader()
+        result = None
+        for _ in range(100):
+            data = sock.recv(65536)
+            assert data
+            result = reader.feed(data)
+            if result is not None:
+                break
+        assert result is not None
+        head, rest = result
+        response = parse_response(head)
+        subprotocol = validate_response(response, key, ["p"])
+        client = Recorder(sock, client=True, path="/over/unix", response_headers=response.headers,
+                          subprotocol=subprotocol, extra_data=rest)
+        manager.add(client)
+        client.send("over unix")
+        wait_until(lambda: client.messages)
+        assert client.messages == ["over unix"]
+        assert server_conns[0].path == "/over/unix"
+        client.close()
+        wait_until(lambda: client.terminated and server_conns[0].terminated)
+    finally:
+        sock.close()
+    manager.stop()
+    manager.join(10)
+    assert not os.path.exists(path)  # the listener removes its socket file
+
+
+@pytest.mark.skipif(not mgr_ipv6_available(), reason="IPv6 loopback unavailable")
+def test_ipv6_listen_and_connect(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    host, port = manager.listen(("::1", 0), mgr_collect(MgrEchoRecorder, server_conns))
+    assert host == "::1"
+    client = mgr_open_client(mgr_clients, f"ws://[::1]:{port}/six")
+    client.send("over IPv6")
+    wait_until(lambda: client.messages)
+    assert client.messages == ["over IPv6"]
+    assert server_conns[0].peer_address[0] == "::1"
+    assert server_conns[0].request_headers["Host"] == f"[::1]:{port}"
+
+
+@pytest.fixture(scope="module")
+def mgr_tls_contexts():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+class MgrTlsGreeter(MgrEchoRecorder):
+    def opened(self):
+        super().opened()
+        self.send("hello over TLS")
+
+
+def test_wss_server_and_client(mgr_no_leaks, mgr_tls_contexts):
+    server_context, client_context = mgr_tls_contexts
+    big = os.urandom(300 * 1024)
+    server_conns = []
+    with mgr_running(max_message_size=4 * 2 ** 20) as server, \
+            mgr_running(max_message_size=4 * 2 ** 20) as clients:
+        port = server.listen(("127.0.0.1", 0), mgr_collect(MgrTlsGreeter, server_conns), ssl_context=server_context)[1]
+        client = mgr_open_client(clients, f"wss://localhost:{port}/secure", ssl_context=client_context)
+        wait_until(lambda: client.messages)
+        assert client.messages[0] == "hello over TLS"  # sent with the 101, inside TLS
+        assert isinstance(client.sock, ssl.SSLSocket) and isinstance(server_conns[0].sock, ssl.SSLSocket)
+        conn = server_conns[0]
+
+        client.send("small")
+        client.send(big)  # client -> server, then echoed server -> client
+        wait_until(lambda: len(client.messages) >= 3, timeout=20)
+        assert client.messages[1:3] == ["small", big]
+        assert conn.messages[:2] == ["small", big]
+
+        # A burst of small messages: none may stay stuck in a TLS buffer with no readiness event.
+        for n in range(500):
+            client.send(f"burst {n}")
+        wait_until(lambda: len(client.messages) >= 503, timeout=20)
+        assert client.messages[3:] == [f"burst {n}" for n in range(500)]
+        del client.messages[:]
+        conn.send(big)
+        for n in range(500):
+            conn.send(f"down {n}")
+        wait_until(lambda: len(client.messages) >= 501, timeout=20)
+        assert client.messages == [big] + [f"down {n}" for n in range(500)]
+
+        # The certificate's IP address works as well.
+        by_ip = mgr_open_client(clients, f"wss://127.0.0.1:{port}/", ssl_context=client_context)
+        by_ip.send("by address")
+        wait_until(lambda: "by address" in by_ip.messages)
+
+        client.close(1000, "tls done")
+        wait_until(lambda: client.terminated and conn.terminated, timeout=10)
+        assert mgr_closed_events(conn) == [("closed", 1000, "tls done")]
+        assert mgr_closed_events(client)[0][1] == 1000
+
+
+def test_wss_rejects_untrusted_certificate(mgr_no_leaks, manager, mgr_tls_contexts):
+    server_context, _ = mgr_tls_contexts
+    port = manager.listen(("127.0.0.1", 0), Recorder, ssl_context=server_context)[1]
+    with pytest.raises(ssl.SSLCertVerificationError):
+        connect(f"wss://localhost:{port}/", ssl_context=ssl.create_default_context(), timeout=5)
+    assert len(manager) == 0
+
+
+###############################################################################
+# connect() failures ###########################################################
+###############################################################################
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/", "ws:///path", "ws://127.0.0.1:99999/", "127.0.0.1:80"])
+def test_connect_rejects_bad_urls(mgr_no_leaks, url):
+    with pytest.raises(ValueError):
+        connect(url, timeout=2)
+
+
+def test_connect_refused(mgr_no_leaks):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(OSError):
+            connect(f"ws://127.0.0.1:{port}/", timeout=2)
+
+
+def test_connect_times_out_against_a_silent_server(mgr_no_leaks):
+    # The kernel completes the TCP handshake on the backlog; nobody ever answers the HTTP request.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # socket.timeout, a TimeoutError
+            connect(mgr_url(silent.getsockname()), timeout=0.5)
+        assert time.monotonic() - started < 5
+
+
+def test_connect_rejects_a_wrong_accept_key(mgr_no_leaks):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer_wrongly():
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(5)
+                reader = HeadReader()
+                result = None
+                for _ in range(100):
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    result = reader.feed(data)
+                    if result is not None:
+                        break
+                conn.sendall(build_response(new_key()))  # the accept key of some other request
+                conn.recv(1)  # until the client gives up
+
+        thread = threading.Thread(target=answer_wrongly)
+        thread.start()
+        try:
+            with pytest.raises(HandshakeError) as info:
+                connect(mgr_url(server.getsockname()), timeout=5)
+            assert info.value.status == 101
+        finally:
+            thread.join(10)
+        assert not thread.is_alive()
+
+
+###############################################################################
+# Manager API ##################################################################
+###############################################################################
+
+def test_manager_collection_api(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
+    assert len(mgr_clients) == 3
+    assert set(mgr_clients) == set(clients)
+    assert all(c in mgr_clients for c in clients)
+    assert all(c not in manager for c in clients)
+    assert "not a websocket" not in mgr_clients
+    wait_until(lambda: len(manager) == 3)
+    assert set(manager) == set(server_conns)
+    mapping = mgr_clients.websockets
+    assert set(mapping.values()) == set(clients)
+    assert mapping[clients[0].fileno()] is clients[0]
+    with pytest.raises(TypeError):
+        mapping[12345] = clients[0]
+    with pytest.raises(TypeError):
+        del mapping[clients[0].fileno()]
+    assert len(mgr_clients) == 3
+    # Iteration is a snapshot: closing while iterating is fine.
+    for client in mgr_clients:
+        client.close()
+    wait_until(lambda: len(mgr_clients) == 0 and len(manager) == 0)
+    assert all(c.terminated for c in clients)
+
+
+def test_add_rejects_foreign_or_closed_connection(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    with pytest.raises(ValueError):
+        manager.add(client)
+    client.close()
+    wait_until(lambda: client.terminated)
+    with pytest.raises(ConnectionClosed):
+        mgr_clients.add(client)
+
+
+def test_remove_stops_managing_without_closing(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    client = mgr_open_client(mgr_clients, mgr_url(address))
+    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+    conn = server_conns[0]
+    try:
+        mgr_clients.remove(client)
+        wait_until(lambda: client not in mgr_clients)
+        assert len(mgr_clients) == 0
+        assert not client.terminated and client.sock.fileno() != -1
+        assert mgr_closed_events(client) == []
+        # The socket is ours again: what the server sends now is ours to read, not the manager's.
+        conn.send("after remove")
+        client.sock.setblocking(True)
+        client.sock.settimeout(5)
+        parser = FrameParser(expect_masked=False)
+        frames = []
+        for _ in range(100):
+            frames += parser.feed(client.sock.recv(65536))
+            if frames:
+                break
+        assert frames == [Frame(Opcode.TEXT, b"after remove")]
+        assert client.messages == []
+        assert not conn.terminated
+    finally:
+        client.sock.close()
+    assert conn.closed_event.wait(10)  # the server saw the socket go
+    assert mgr_closed_events(client) == []
+
+
+def test_context_manager_closes_with_1001(mgr_no_leaks, mgr_clients):
+    server_conns = []
+    with WebSocketManager(close_timeout=5.0) as server:
+        assert server._thread.is_alive()  # __enter__ started it
+        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+        clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
+        wait_until(lambda: len(server) == 3)
+        exit_started = time.monotonic()
+    exit_took = time.monotonic() - exit_started
+    assert not server._thread.is_alive()  # __exit__ stopped and joined
+    for client in clients:
+        assert client.closed_event.wait(10)
+        assert mgr_closed_events(client) == [("closed", 1001, "Server is shutting down")]
+    assert all(len(mgr_closed_events(s)) == 1 and s.terminated for s in server_conns)
+    # The peers answered, so __exit__ did not sit out the whole close_timeout.
+    assert exit_took < 4.0
+    wait_until(lambda: len(mgr_clients) == 0)
+
+
+def test_context_manager_exit_is_bounded_by_close_timeout(mgr_no_leaks):
+    # A peer that never answers the 1001: __exit__ waits close_timeout, then terminates it.
+    server_conns = []
+    sock = None
+    try:
+        with WebSocketManager(close_timeout=0.5) as server:
+            address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+            sock, rest = raw_client(address)
+            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+            exit_started = time.monotonic()
+        exit_took = time.monotonic() - exit_started
+        assert not server._thread.is_alive()
+        frame = MgrRawPeer(sock, rest).next_frame()
+        assert frame.opcode == Opcode.CLOSE
+        assert parse_close(frame.payload) == (1001, "Server is shutting down")
+        assert 0.4 <= exit_took < 5.0
+        assert mgr_closed_events(server_conns[0])[0][1] == 1006
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+class MgrStopper(Recorder):
+    manager = None  # set by the test
+
+    def received_message(self, message):
+        super().received_message(message)
+        if message == "stop":
+            type(self).manager.stop()
+
+
+def test_stop_from_inside_a_callback(mgr_no_leaks, mgr_clients):
+    server_conns = []
+    server = WebSocketManager(close_timeout=2.0)
+    MgrStopper.manager = server
+    server.start()
+    try:
+        address = server.listen(("127.0.0.1", 0), mgr_collect(MgrStopper, server_conns))
+        clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(4)]
+        wait_until(lambda: len(server_conns) == 4 and all(s.opened_event.is_set() for s in server_conns))
+        clients[2].send("stop")
+        server.join(10)
+        assert not server._thread.is_alive()
+    finally:
+        server.stop()
+        server.join(10)
+        MgrStopper.manager = None
+    # Every connection still open got closed() exactly once, the one that asked included.
+    for conn in server_conns:
+        assert len(mgr_closed_events(conn)) == 1 and conn.terminated
+    assert len(server) == 0
+    for client in clients:
+        assert client.closed_event.wait(10)
+        assert mgr_closed_events(client)[0][1] == 1006
+
+
+def test_accept_adopts_a_socket_read_elsewhere(mgr_no_leaks, manager, mgr_clients):
+    server_conns = []
+    with socket.create_server(("127.0.0.1", 0)) as front:
+        result = {}
+
+        def dial():
+            try:
+                result["client"] = connect(mgr_url(front.getsockname(), "/adopted"), Recorder, timeout=10)
+            except Exception as exc:  # reported by the main thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=dial)
+        thread.start()
+        try:
+            # Another server reads the request head, then hands socket and head to the manager.
+            front.settimeout(10)
+            sock, _ = front.accept()
+            sock.settimeout(10)
+            reader = HeadReader()
+            found = None
+            for _ in range(100):
+                found = reader.feed(sock.recv(65536))
+                if found is not None:
+                    break
+            assert found is not None
+            manager.accept(sock, found[0] + found[1], mgr_collect(MgrEchoRecorder, server_conns))
+        finally:
+            thread.join(15)
+        assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    client = result["client"]
+    mgr_clients.add(client)
+    client.send("adopted")
+    wait_until(lambda: client.messages == ["adopted"])
+    assert server_conns[0].path == "/adopted" and server_conns[0] in manager
+
+
+def test_stop_and_join_release_everything(mgr_no_leaks):
+    fds = open_fds()
+    threads = threading.active_count()
+    with mgr_running() as server, mgr_running() as clients:
+        address = server.listen(("127.0.0.1", 0), EchoServer)
+        for _ in range(10):
+            clients.add(connect(mgr_url(address), Recorder))
+        wait_until(lambda: len(server) == 10)
+    wait_until(lambda: threading.active_count() == threads)
+    wait_until(lambda: open_fds() == fds)
+
+
+def _mgr_stopped_manager():
+    late = WebSocketManager()
+    late.start()
+    late.stop()
+    late.join(10)
+    assert not late._thread.is_alive()
+    return late
+
+
+def test_add_after_stop_does_not_leak(mgr_no_leaks, manager):
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    late = _mgr_stopped_manager()
+    client = connect(mgr_url(address), Recorder)
+    try:
+        refused = False
+        try:
+            late.add(client)
+        except (RuntimeError, ConnectionClosed):
+            refused = True
+        # A stopped manager must not take a connection that nobody will ever serve or close.
+        assert client not in late and len(late) == 0
+        assert refused or client.terminated
+    finally:
+        client.sock.close()
+
+
+def test_listen_after_stop_does_not_leak():
+    late = _mgr_stopped_manager()
+    fds = open_fds()
+    try:
+        try:
+            late.listen(("127.0.0.1", 0), Recorder)
+        except RuntimeError:
+            pass  # refusing is fine
+        # Whatever happened, no listening socket may be left open with no loop to serve it.
+        assert open_fds() <= fds
+    finally:
+        for listener in late._listeners:  # clean up after the bug, so that later tests start clean
+            if listener.sock is not None:
+                listener.sock.close()
+
+
+###############################################################################
+# Idle loop ####################################################################
+###############################################################################
+
+def test_idle_loop_sleeps(mgr_no_leaks, manager, mgr_clients):
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    clients = [connect(mgr_url(address), Recorder) for _ in range(50)]
+    for client in clients:
+        mgr_clients.add(client)
+    wait_until(lambda: len(manager) == 50 and all(c.opened_event.is_set() for c in clients))
+    # Both loops are idle now; the process should burn (almost) no CPU while we wait.
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(1.0)  # the measurement itself: one second of idleness
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.2, f"{cpu:.3f} s of CPU in 1 s of idleness"
+    assert all(not c.terminated for c in clients)
+
+
+###############################################################################
+# Command line, accept() from http.server, and a real browser
+###############################################################################
+
+###############################################################################
+# Command line: helpers #######################################################
+###############################################################################
+
+def _cli_env():
+    """The environment for `python -m wsmanager`: it must import the wsmanager under test.
+
+    The directory of wsmanager.__file__ is right both here (parts/ plus
+    PYTHONPATH) and in the final layout (the test file beside wsmanager.py).
+    UTF-8 stdio is forced so that the non-ASCII round trips do not depend on
+    the locale of the machine running the tests.
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(wsmanager.__file__))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def _cli(*args, stdin=b"", timeout=60):
+    """Run `python -m wsmanager ARGS` to completion (killed and reaped on timeout by subprocess.run)."""
+    return subprocess.run([sys.executable, "-m", "wsmanager", *args], input=stdin, capture_output=True,
+                          env=_cli_env(), timeout=timeout)
+
+
+def _free_port():
+    # Racy by nature (another process may take it before we use it): callers retry.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _reap(proc):
+    """Kill a subprocess we started, if it still runs, and wait for it (bounded)."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+        pass
+
+
+@contextlib.contextmanager
+def _chat_server(tmp_path):
+    """`python -m wsmanager serve` on a free port; yields (process, port, read_log)."""
+    log_path = tmp_path / "serve.log"
+    for attempt in range(3):
+        port = _free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    env=_cli_env())
+        try:
+            # The log line comes after the bind: then the port is ours, not a squatter's.
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and b"chat on http://" not in log_path.read_bytes():
+                assert time.monotonic() < deadline, f"serve did not start: {log_path.read_bytes()!r}"
+                time.sleep(0.05)
+            if proc.poll() is not None:
+                if b"cannot listen" in log_path.read_bytes() and attempt < 2:
+                    continue  # lost the port race: try another one
+                raise AssertionError(f"serve exited: {log_path.read_bytes()!r}")
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # it accepts
+            yield proc, port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            return
+        finally:
+            _reap(proc)
+
+
+class _Collect:
+    """A connection factory that remembers every connection it made (the server side of a test)."""
+
+    def __init__(self, cls, **attributes):
+        self.cls = cls
+        self.attributes = attributes
+        self.made = []
+
+    def __call__(self, *args, **kwargs):
+        websocket = self.cls(*args, **kwargs)
+        websocket.__dict__.update(self.attributes)
+        self.made.append(websocket)
+        return websocket
+
+
+class _EchoRecorder(Recorder):
+    """Echoes and records; sends `greeting` first when set."""
+
+    greeting = None
+
+    def opened(self):
+        super().opened()
+        if self.greeting is not None:
+            self.send(self.greeting)
+
+    def received_message(self, message):
+        super().received_message(message)
+        self.send(message)
+
+
+###############################################################################
+# Command line: serve #########################################################
+###############################################################################
+
+def test_cli_serve_page_broadcast_log_and_sigint(tmp_path, manager):
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        # The page: plain HTTP answered by the handshake hook.
+        http_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            http_conn.request("GET", "/")
+            page = http_conn.getresponse()
+            body = page.read().decode()
+            assert page.status == 200
+            assert page.getheader("Content-Type").startswith("text/html")
+            assert "new WebSocket" in body
+        finally:
+            http_conn.close()
+        http_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            http_conn.request("GET", "/no-such-page")
+            missing = http_conn.getresponse()
+            missing.read()
+            assert missing.status == 404
+        finally:
+            http_conn.close()
+
+        # Two peers on /ws: whatever one says is broadcast to all, the sender included.
+        alice = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
+        bob = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
+        manager.add(alice)
+        manager.add(bob)
+        wait_until(lambda: "(2 connected)" in read_log())
+        alice.send("hello, everyone")
+        wait_until(lambda: alice.messages == ["hello, everyone"] and bob.messages == ["hello, everyone"])
+
+        log = read_log()
+        assert re.search(r"127\.0\.0\.1:\d+ connected \(1 connected\)", log), log
+        assert re.search(r"127\.0\.0\.1:\d+ connected \(2 connected\)", log), log
+
+        # Ctrl-C: every peer is told 1001 (going away), then the process ends cleanly and soon.
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert alice.closed_event.wait(10) and bob.closed_event.wait(10)
+        assert proc.wait(10) == 0
+        # Well under close_timeout (5 s): the server stops as soon as the peers answered.
+        assert time.monotonic() - started < 4.5
+        assert alice.events[-1][:2] == ("closed", CloseCode.GOING_AWAY)
+        assert bob.events[-1][:2] == ("closed", CloseCode.GOING_AWAY)
+        log = read_log()
+        assert "closing 2 connection(s) with 1001" in log, log
+        assert "disconnected: 1001" in log, log
+        assert "Traceback" not in log, log
+
+
+def test_cli_serve_sigterm_is_a_clean_stop(tmp_path, manager):
+    # A service manager stops with SIGTERM: it must behave like Ctrl-C, not die mid-close.
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        peer = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
+        manager.add(peer)
+        wait_until(lambda: "(1 connected)" in read_log())
+        proc.send_signal(signal.SIGTERM)
+        assert peer.closed_event.wait(10)
+        assert proc.wait(10) == 0
+        assert peer.close_code == CloseCode.GOING_AWAY
+        assert "Traceback" not in read_log()
+
+
+def test_cli_serve_refuses_upgrades_off_ws(tmp_path):
+    # Only /ws upgrades; any other path is a 404 before any WebSocket exists.
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        with pytest.raises(HandshakeError) as info:
+            connect(f"ws://127.0.0.1:{port}/elsewhere", timeout=10)
+        assert info.value.status == 404
+
+
+###############################################################################
+# Command line: connect #######################################################
+###############################################################################
+
+def test_cli_connect_sends_lines_prints_echoes_and_closes_1000(manager):
+    servers = _Collect(_EchoRecorder)
+    host, port = manager.listen(("127.0.0.1", 0), servers)
+    result = _cli("connect", f"ws://{host}:{port}/", stdin="hello\nwörld\n".encode())
+    stdout = result.stdout.decode()
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    lines = stdout.splitlines()
+    assert "< hello" in lines and "< wörld" in lines, stdout
+    assert "Traceback" not in stderr
+    # EOF on stdin is a normal close, seen as such by the server.
+    assert len(servers.made) == 1
+    server = servers.made[0]
+    assert server.closed_event.wait(10)
+    assert server.messages == ["hello", "wörld"]
+    assert server.events[-1][:2] == ("closed", CloseCode.NORMAL)
+
+
+@pytest.mark.parametrize("flags, shown", [(["--binary"], "< 01ff"), ([], "< <binary message, 2 bytes>")])
+def test_cli_connect_binary_messages(manager, flags, shown):
+    servers = _Collect(_EchoRecorder, greeting=b"\x01\xff")
+    host, port = manager.listen(("127.0.0.1", 0), servers)
+    result = _cli("connect", f"ws://{host}:{port}/", *flags)
+    assert result.returncode == 0, result.stderr
+    assert shown in result.stdout.decode().splitlines(), result.stdout
+    assert servers.made and servers.made[0].closed_event.wait(10)
+    assert servers.made[0].close_code == CloseCode.NORMAL
+
+
+def test_cli_connect_refused_handshake_is_one_line(manager):
+    host, port = manager.listen(("127.0.0.1", 0), EchoServer, handshake=lambda request: Response(403))
+    result = _cli("connect", f"ws://{host}:{port}/")
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    assert "403" in stderr
+    assert "Traceback" not in stderr
+    assert result.stdout == b""
+
+
+###############################################################################
+# Command line: arguments #####################################################
+###############################################################################
+
+@pytest.mark.parametrize("args", [
+    ["--port", "notanumber"],  # no command: serve is the default
+    ["serve", "--port", "70000"],  # an int, but no port: must not reach bind()
+    ["connect"],  # no URL
+    ["connect", "http://x"],  # not ws:// or wss://
+], ids=["bad-port", "port-out-of-range", "missing-url", "bad-scheme"])
+def test_cli_bad_arguments_fail_in_one_line(args):
+    result = _cli(*args)
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    assert "Traceback" not in stderr
+
+
+def test_cli_serve_on_a_busy_port_fails_in_one_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = _cli("serve", "--port", str(busy.getsockname()[1]))
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    assert "cannot listen" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_cli_connect_refused_connection_is_one_line():
+    # Nothing listens there (a port just found free): a user error, not a crash.
+    result = _cli("connect", f"ws://127.0.0.1:{_free_port()}/")
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    assert "cannot connect" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("command, defaults", [("serve", ["9000", "127.0.0.1"]), ("connect", ["10.0"])])
+def test_cli_help_shows_defaults(command, defaults):
+    result = _cli(command, "--help")
+    assert result.returncode == 0
+    for default in defaults:
+        assert f"(default: {default})" in result.stdout.decode()
+
+
+###############################################################################
+# accept(): handing over upgrades from http.server ############################
+###############################################################################
+
+class UpgradeHandler(http.server.BaseHTTPRequestHandler):
+    """http.server answers plain HTTP and hands WebSocket upgrades to a WebSocketManager."""
+
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            # Not self.headers.as_bytes(): it folds long lines and RFC 2047-encodes non-ASCII.
+            fields = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+            head = self.raw_requestline + fields.encode("latin-1") + b"\r\n"
+            sock = socket.socket(fileno=self.connection.detach())
+            self.server.ws_manager.accept(sock, head, EchoServer)
+            self.close_connection = True  # the socket is the manager's now
+            return
+        body = b"plain http"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # keep test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(manager):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), UpgradeHandler)
+    server.ws_manager = manager
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def _plain_get(port, path="/"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_accept_from_http_server(manager):
+    with _http_server(manager) as port:
+        assert _plain_get(port) == (200, b"plain http")
+        client = connect(f"ws://127.0.0.1:{port}/chat", Recorder)
+        manager.add(client)
+        client.send("through http.server")
+        client.send(b"\x00binary\xff")
+        wait_until(lambda: client.messages == ["through http.server", b"\x00binary\xff"])
+        # The adopted connection knows the request http.server read.
+        adopted = [ws for ws in manager if not ws.client]
+        assert len(adopted) == 1 and adopted[0].path == "/chat"
+        # http.server goes on serving plain HTTP beside it.
+        assert _plain_get(port, "/other") == (200, b"plain http")
+        client.close()
+        assert client.closed_event.wait(10)
+        assert client.close_code == CloseCode.NORMAL
+        wait_until(lambda: len(manager) == 0)
+
+
+def test_accept_from_http_server_keeps_headers_intact(manager):
+    # A browser's User-Agent is longer than 78 characters: email's as_bytes() would fold it,
+    # and wsmanager (rightly, RFC 7230 3.2.4) refuses folded headers. The recipe must not.
+    user_agent = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                  "Chrome/156.0.0.0 Safari/537.36")
+    with _http_server(manager) as port:
+        client = connect(f"ws://127.0.0.1:{port}/", Recorder,
+                         headers=[("User-Agent", user_agent), ("X-Name", "café")])
+        manager.add(client)
+        client.send("ok")
+        wait_until(lambda: client.messages == ["ok"])
+        (adopted,) = [ws for ws in manager if not ws.client]
+        assert adopted.request_headers["User-Agent"] == user_agent
+        assert adopted.request_headers["X-Name"] == "café"
+
+
+def test_accept_from_http_server_answers_bad_upgrades(manager):
+    # The handler only checks Upgrade; wsmanager validates the rest and answers the HTTP error.
+    with _http_server(manager) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: " + new_key().encode() + b"\r\nSec-WebSocket-Version: 8\r\n\r\n")
+            answer = b""
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 426 "), answer
+        assert b"Sec-WebSocket-Version: 13" in answer
+
+
+###############################################################################
+# Browser: the chat page in headless Chromium #################################
+###############################################################################
+
+def _find_chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _DevTools(WebSocket):
+    """A minimal Chrome DevTools Protocol client, on wsmanager itself: call() waits for the reply."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = {}
+        self.last_id = 0
+        self.replied = threading.Condition()
+
+    def received_message(self, message):
+        reply = json.loads(message)
+        if "id" in reply:  # events (no id) are not needed here
+            with self.replied:
+                self.replies[reply["id"]] = reply
+                self.replied.notify_all()
+
+    def call(self, method, timeout=10.0, **params):
+        self.last_id += 1
+        ident = self.last_id
+        self.send(json.dumps({"id": ident, "method": method, "params": params}))
+        with self.replied:
+            assert self.replied.wait_for(lambda: ident in self.replies, timeout), f"no reply to {method}"
+            reply = self.replies.pop(ident)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+
+@contextlib.contextmanager
+def _headless_chromium(browser, url, profile):
+    """Headless Chromium showing `url`; yields a DevTools connection to that page."""
+    profile = pathlib.Path(profile)
+    log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
+    proc = subprocess.Popen(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        start_new_session=True)  # its own process group: renderers and helpers go with it
+    try:
+        # Chromium writes the port it picked, and the browser endpoint, to this file.
+        active_port = profile / "DevToolsActivePort"
+        wait_until(lambda: proc.poll() is not None or (
+            active_port.exists() and len(active_port.read_text().split()) >= 2), timeout=60, interval=0.05)
+        assert proc.poll() is None, (profile / "chromium.log").read_bytes()[-2000:]
+        debug_port = int(active_port.read_text().split()[0])
+        pages = []
+
+        def find_page():
+            conn = http.client.HTTPConnection("127.0.0.1", debug_port, timeout=10)
+            try:
+                conn.request("GET", "/json/list")
+                pages[:] = [t for t in json.loads(conn.getresponse().read()) if t["type"] == "page"]
+            except OSError:
+                return False  # not serving yet: poll again
+            finally:
+                conn.close()
+            return bool(pages)
+
+        wait_until(find_page, timeout=30, interval=0.1)
+        devtools = connect(pages[0]["webSocketDebuggerUrl"], _DevTools)
+        with WebSocketManager() as devtools_manager:
+            devtools_manager.add(devtools)
+            yield devtools
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+class _Replier(Recorder):
+    """Answers the browser's message as soon as it arrives: the reply is broadcast back to the page."""
+
+    def received_message(self, message):
+        if message == "from-browser":
+            self.send("from-client")
+        super().received_message(message)
+
+
+def test_browser_chat_page_talks_to_wsmanager(tmp_path, manager):
+    browser = _find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        client = connect(f"ws://127.0.0.1:{port}/ws", _Replier)
+        manager.add(client)
+        wait_until(lambda: "(1 connected)" in read_log())
+        profile = tmp_path / "chromium-profile"
+        profile.mkdir()
+        # Not --dump-dom: its snapshot is taken on virtual time, which does not wait for
+        # WebSocket traffic, and on a busy machine it misses the reply. The DOM is read
+        # over the DevTools protocol instead, polled in real time with a bound.
+        with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser", profile) as page:
+            # Browser -> wsmanager: the page's message reached the client through the broadcast.
+            wait_until(lambda: "from-browser" in client.messages, timeout=30)
+            # wsmanager -> browser: the client's answer was broadcast to the page and rendered.
+            expected = '<li class="message">from-client</li>'
+            dom = []
+
+            def rendered():
+                result = page.call("Runtime.evaluate", expression="document.documentElement.outerHTML",
+                                   returnByValue=True)
+                dom[:] = [result["result"]["value"]]
+                return expected in dom[0]
+
+            wait_until(rendered, timeout=30, interval=0.1)
+        assert expected in dom[0]
+        assert '<li class="message">from-browser</li>' in dom[0], dom[0]
+        assert client.messages[:2] == ["from-browser", "from-client"]
+
+
+###############################################################################
+# Interop with an independent implementation: the websockets library
+###############################################################################
+
+###############################################################################
+# Interop with `websockets` (an independent implementation), both directions ##
+###############################################################################
+
+# 1 MiB messages must pass in both directions, so both libraries' limits sit a little above it.
+MIB = 2 ** 20
+INTEROP_LIMIT = MIB + 4096
+
+# "wsm-server": a websockets client talks to a wsmanager server.
+# "wsm-client": a wsmanager client (connect() + manager.add) talks to a websockets server.
+ROLES = ["wsm-server", "wsm-client"]
+
+# Every close code an endpoint may put in a close frame (RFC 6455 7.4), plus the ends of the private range.
+SENDABLE_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
+
+
+@pytest.fixture
+def interop_manager():
+    """A started manager whose message limit admits 1 MiB messages; stopped and joined afterwards."""
+    m = WebSocketManager(close_timeout=2.0, max_message_size=INTEROP_LIMIT)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        m.join(10)
+    assert not m._thread.is_alive()
+
+
+class InteropPeer(Recorder):
+    """The wsmanager end: records everything and echoes each message back, so one
+    exchange checks wsmanager's receiving and its sending."""
+
+    def received_message(self, message):
+        super().received_message(message)
+        self.send(message)
+
+
+def _ws_options(**options):
+    # No keepalive pings of websockets' own: they would only add noise to what the tests observe.
+    base = dict(max_size=INTEROP_LIMIT, ping_interval=None, open_timeout=10, close_timeout=5)
+    base.update(options)
+    return base
+
+
+@contextlib.contextmanager
+def websockets_server(**options):
+    """A websockets threaded server on 127.0.0.1; yields ((host, port), queue of server connections).
+
+    Its handler hands each connection to the test and then only waits: returning would make
+    websockets close the connection, and the test thread must be the only one calling recv().
+    """
+    connections = queue.Queue()
+    release = threading.Event()
+
+    def handler(connection):
+        connections.put(connection)
+        deadline = time.monotonic() + 60  # bounded even if the test forgets to release it
+        while not release.is_set() and connection.protocol.state is not WsState.CLOSED:
+            if time.monotonic() > deadline:
+                break
+            release.wait(0.02)
+
+    server = ws_serve(handler, "127.0.0.1", 0, **_ws_options(**options))
+    thread = threading.Thread(target=server.serve_forever, name="websockets-server", daemon=True)
+    thread.start()
+    try:
+        yield server.socket.getsockname()[:2], connections
+    finally:
+        release.set()
+        server.shutdown()  # closes open connections (1001) and waits for the handler threads
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def wsmanager_server(manager, factory=InteropPeer, **listen_options):
+    """Listen with wsmanager; returns ((host, port), queue of opened server connections)."""
+    opened = queue.Queue()
+
+    class Server(factory):
+        def opened(self):
+            super().opened()
+            opened.put(self)
+
+    address = manager.listen(("127.0.0.1", 0), Server, **listen_options)
+    return address, opened
+
+
+def wsmanager_client(manager, address, factory=InteropPeer, **connect_options):
+    """connect() + manager.add(); returns the opened client connection."""
+    host, port = address
+    ws = connect(f"ws://{host}:{port}/", factory, timeout=10, **connect_options)
+    try:
+        manager.add(ws)
+    except BaseException:
+        ws.sock.close()  # not owned by the manager yet: close it ourselves
+        raise
+    assert ws.opened_event.wait(10)
+    return ws
+
+
+@contextlib.contextmanager
+def interop_pair(role, manager, *, server_subprotocols=None, client_subprotocols=None, ws_options=None):
+    """An open connection between the two libraries; yields (wsmanager end, websockets end)."""
+    ws_options = ws_options or {}
+    if role == "wsm-server":
+        address, opened = wsmanager_server(manager, subprotocols=server_subprotocols)
+        host, port = address
+        # proxy=None: a proxy set in the environment must not intercept 127.0.0.1.
+        # Leaving the with block closes the websockets end (a no-op when the test already did).
+        with ws_connect(f"ws://{host}:{port}/", proxy=None, subprotocols=client_subprotocols,
+                        **_ws_options(**ws_options)) as peer:
+            wsm = opened.get(timeout=10)
+            yield wsm, peer
+    else:
+        with websockets_server(subprotocols=server_subprotocols, **ws_options) as (address, connections):
+            wsm = wsmanager_client(manager, address, subprotocols=client_subprotocols)
+            try:
+                peer = connections.get(timeout=10)
+                yield wsm, peer
+            finally:
+                wsm.close()  # no-op once closing; the manager fixture terminates whatever remains
+                wsm.closed_event.wait(5)
+
+
+# Messages ---------------------------------------------------------------------
+
+MESSAGES = {
+    "ascii-text": "hello",
+    "latin1-text": "héllo",
+    "cjk-text": "日本語",
+    "4-byte-utf8-text": "😀𝄞",
+    "binary": b"\x00\x01\xfe\xff binary",
+    "empty-text": "",
+    "empty-binary": b"",
+    # 1 MiB: read in many chunks, so wsmanager's partial-frame UTF-8 checks see characters cut in two.
+    "1MiB-text-2byte": "é" * (MIB // 2),
+    "1MiB-text-4byte": "😀" * (MIB // 4),
+    "1MiB-binary": bytes(range(256)) * (MIB // 256),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", list(MESSAGES))
+def test_interop_message_roundtrip(interop_manager, role, name):
+    message = MESSAGES[name]
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        peer.send(message)
+        # wsmanager receives exactly the message, with its type (text -> str, binary -> bytes) ...
+        wait_until(lambda: wsm.messages, timeout=20)
+        assert type(wsm.messages[0]) is type(message)
+        assert wsm.messages == [message]
+        # ... and its echo reaches websockets intact.
+        echoed = peer.recv(timeout=20)
+        assert type(echoed) is type(message)
+        assert echoed == message
+
+
+# Fragments sent by websockets: each is one frame; websockets ends with an empty final continuation.
+WEBSOCKETS_FRAGMENTS = {
+    "text": (["héllo ", "wörld ", "😀"], None, "héllo wörld 😀"),
+    "binary-with-empty-fragment": ([b"ab", b"", b"cd"], None, b"abcd"),
+    # Raw UTF-8 as text fragments, a 4-byte character split across frames: valid as a whole.
+    "text-char-split-across-frames": ([b"x\xf0\x9f", b"\x98", b"\x80y"], True, "x😀y"),
+    "1MiB-binary-in-16-fragments": ([bytes([i]) * (MIB // 16) for i in range(16)], None,
+                                    b"".join(bytes([i]) * (MIB // 16) for i in range(16))),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", list(WEBSOCKETS_FRAGMENTS))
+def test_interop_fragmented_by_websockets(interop_manager, role, name):
+    chunks, text, expected = WEBSOCKETS_FRAGMENTS[name]
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        peer.send(chunks, text=text)
+        # A marker after it: once it arrives, everything before it has been delivered, so the
+        # list proves the fragments came out as one message and not several.
+        peer.send("marker")
+        wait_until(lambda: len(wsm.messages) >= 2, timeout=20)
+        assert wsm.messages == [expected, "marker"]
+        assert peer.recv(timeout=20) == expected  # wsmanager's echo, unfragmented
+        assert peer.recv(timeout=20) == "marker"
+
+
+# Fragments sent by wsmanager's send(iterable); none empty, so the fragments websockets streams
+# must be exactly these chunks.
+WSMANAGER_FRAGMENTS = {
+    "text": ["héllo ", "wörld ", "😀𝄞"],
+    "binary": [b"\x00ab", b"cd", b"ef\xff"],
+    "1MiB-binary-in-16-fragments": [bytes([i]) * (MIB // 16) for i in range(16)],
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", list(WSMANAGER_FRAGMENTS))
+def test_interop_fragmented_by_wsmanager(interop_manager, role, name):
+    chunks = WSMANAGER_FRAGMENTS[name]
+    joined = "".join(chunks) if isinstance(chunks[0], str) else b"".join(chunks)
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        # recv_streaming() yields one item per frame: the boundaries prove real fragmentation.
+        # It has no timeout, so a watchdog drops the socket (making it raise) should it hang.
+        wsm.send(chunks)
+        watchdog = threading.Timer(20, peer.close_socket)
+        watchdog.start()
+        try:
+            fragments = list(peer.recv_streaming())
+        finally:
+            watchdog.cancel()
+            watchdog.join()
+        assert fragments == chunks
+        # recv() assembles the same fragments into one message.
+        wsm.send(chunks)
+        assert peer.recv(timeout=20) == joined
+
+
+# Ping and pong ----------------------------------------------------------------
+
+@pytest.mark.parametrize("role", ROLES)
+def test_interop_ping_from_wsmanager(interop_manager, role):
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        wsm.ping(b"x")
+        wait_until(lambda: ("pong", b"x") in wsm.events)
+        longest = bytes(range(125))  # the largest control payload
+        wsm.ping(longest)
+        wait_until(lambda: ("pong", longest) in wsm.events)
+        # websockets' receive thread answered; the connection is still fine for data.
+        peer.send("after pings")
+        assert peer.recv(timeout=10) == "after pings"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_interop_ping_from_websockets(interop_manager, role):
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        assert peer.ping(b"y").wait(10), "websockets' pong waiter did not resolve"
+        assert peer.ping().wait(10)  # websockets picks a random 4-byte payload
+        # A ping from the peer is answered silently: it is not a pong for wsmanager's callback.
+        assert not [event for event in wsm.events if event[0] == "pong"]
+
+
+# Close codes and reasons ------------------------------------------------------
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("initiator", ["wsmanager", "websockets"])
+@pytest.mark.parametrize("code", SENDABLE_CLOSE_CODES)
+def test_interop_close_code_and_reason(interop_manager, role, initiator, code):
+    reason = f"bye {code} ✓"  # non-ASCII: reasons are UTF-8 on the wire
+    with interop_pair(role, interop_manager) as (wsm, peer):
+        if initiator == "wsmanager":
+            wsm.close(code, reason)
+            with pytest.raises(WsConnectionClosed) as info:
+                peer.recv(timeout=10)
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (code, reason)
+            # websockets answered with a close frame carrying the same code.
+            assert wsm.closed_event.wait(10)
+            assert wsm.events[-1][:2] == ("closed", code)
+        else:
+            peer.close(code, reason)
+            assert wsm.closed_event.wait(10)
+            assert wsm.events[-1] == ("closed", code, reason)
+            assert (wsm.close_code, wsm.close_reason) == (code, reason)
+            # wsmanager's answering close frame echoes the code.
+            assert peer.close_code == code
+
+
+# Subprotocols -----------------------------------------------------------------
+
+# (server's supported list in preference order, client's offer, expected choice).
+# Both libraries choose by the server's preference.
+SUBPROTOCOL_CASES = {
+    "server-preference-wins": (["chat.v2", "chat.v1"], ["chat.v1", "chat.v2"], "chat.v2"),
+    "only-common-one": (["chat.v2", "chat.v1"], ["chat.v1", "other"], "chat.v1"),
+    "server-supports-none": (None, ["chat.v1"], None),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", list(SUBPROTOCOL_CASES))
+def test_interop_subprotocol_negotiation(interop_manager, role, name):
+    server_list, client_list, expected = SUBPROTOCOL_CASES[name]
+    with interop_pair(role, interop_manager, server_subprotocols=server_list,
+                      client_subprotocols=client_list) as (wsm, peer):
+        assert wsm.subprotocol == expected
+        assert peer.subprotocol == expected
+        # The header itself, as the client saw it in the 101.
+        if role == "wsm-server":
+            assert peer.response.headers.get("Sec-WebSocket-Protocol") == expected
+        else:
+            assert wsm.response_headers.get("Sec-WebSocket-Protocol") == expected
+        peer.send("still works")
+        assert peer.recv(timeout=10) == "still works"
+
+
+# Refused handshakes -----------------------------------------------------------
+
+def test_interop_wsmanager_server_refuses_websockets_client(interop_manager):
+    requests = []
+
+    def refuse(request):
+        requests.append(request)
+        return Response(403)
+
+    address, opened = wsmanager_server(interop_manager, handshake=refuse)
+    host, port = address
+    with pytest.raises(WsInvalidStatus) as info:
+        with ws_connect(f"ws://{host}:{port}/refused", proxy=None, **_ws_options()):
+            pass
+    assert info.value.response.status_code == 403
+    assert [request.path for request in requests] == ["/refused"]
+    assert opened.empty()  # no connection was made
+    assert len(interop_manager) == 0
+
+
+def test_interop_websockets_server_refuses_wsmanager_client(interop_manager):
+    def reject(connection, request):
+        return connection.respond(403, "Forbidden\n")
+
+    with websockets_server(process_request=reject) as (address, connections):
+        host, port = address
+        with pytest.raises(HandshakeError) as info:
+            connect(f"ws://{host}:{port}/", timeout=10)
+        assert info.value.status == 403
+        assert info.value.response is not None and info.value.response.status == 403
+        assert connections.empty()
+
+
+# permessage-deflate -----------------------------------------------------------
+
+@pytest.mark.parametrize("role", ROLES)
+def test_interop_permessage_deflate_not_negotiated(interop_manager, role):
+    # websockets offers (as a client) or accepts (as a server) permessage-deflate by default;
+    # wsmanager implements no extension, so none may be agreed and frames stay uncompressed.
+    with interop_pair(role, interop_manager, ws_options={"compression": "deflate"}) as (wsm, peer):
+        if role == "wsm-server":
+            assert "permessage-deflate" in peer.request.headers.get("Sec-WebSocket-Extensions", "")
+            assert "permessage-deflate" in wsm.request_headers.get("Sec-WebSocket-Extensions", "")
+            assert "Sec-WebSocket-Extensions" not in peer.response.headers  # wsmanager's 101
+        else:
+            assert "Sec-WebSocket-Extensions" not in wsm.request_headers  # wsmanager offers none
+            assert "Sec-WebSocket-Extensions" not in wsm.response_headers
+        assert peer.protocol.extensions == []
+        # Highly compressible payloads: had compression been on, wsmanager would see RSV1 and fail.
+        for message in ("a" * 50_000, b"\x00" * 50_000):
+            peer.send(message)
+            assert peer.recv(timeout=10) == message
+        assert wsm.messages == ["a" * 50_000, b"\x00" * 50_000]
+        assert not wsm.closed_event.is_set()
+
+
+###############################################################################
+# Hostile peers, resource exhaustion and faults
+###############################################################################
+
+###############################################################################
+# Hardening (issue #5): helpers ###############################################
+###############################################################################
+
+LOOP_CRASH_LOG = "unexpected error in the wsmanager loop"
+
+
+@pytest.fixture
+def limited_manager():
+    """Managers with per-test limits; every one made is stopped and joined after the test."""
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("close_timeout", 2.0)
+        m = WebSocketManager(**kwargs)
+        m.start()
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+    for m in made:
+        m.join(10)
+        assert not m._thread.is_alive()
+
+
+def call_in_loop_thread(manager, function, timeout=10.0):
+    """Run function() in the manager's loop thread and return its result.
+
+    Internals (_out, _parser, _assembler) are only consistent between two
+    loop steps, so measurements of them are taken there, not racing the loop.
+    """
+    done = threading.Event()
+    box = []
+
+    def call():
+        try:
+            box.append((True, function()))
+        except BaseException as exc:  # handed back to the test thread
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    manager._call_soon(call)
+    assert done.wait(timeout), "the manager loop did not run our call"
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def memory_held_by(buffers):
+    """Memory really held by a list of buffers: the list, each distinct object, and what views keep alive.
+
+    ``buffered_amount`` and the assembled size count payload bytes only; this
+    counts Python objects too, which is what the process pays for.
+    """
+    if isinstance(buffers, (bytes, bytearray, str)):
+        return sys.getsizeof(buffers)  # one buffer, whatever it holds
+    total = sys.getsizeof(buffers)
+    seen = set()
+    for item in list(buffers):
+        obj = item.obj if isinstance(item, memoryview) else item
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+    return total
+
+
+def process_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def nofile_at_least(needed):
+    """Raise the soft RLIMIT_NOFILE to ``needed`` for the block (restored after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    changed = soft != resource.RLIM_INFINITY and soft < needed
+    if changed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        if changed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def lowest_free_fds(count):
+    """The ``count`` lowest descriptor numbers not in use (a new fd takes the lowest free one, and
+    RLIMIT_NOFILE bounds the number, not the count). Probed with fstat: listing
+    /proc/self/fd would itself take one."""
+    free = []
+    for fd in range(1 << 20):
+        try:
+            os.fstat(fd)
+        except OSError:
+            free.append(fd)
+            if len(free) == count:
+                return free
+    raise AssertionError("no free descriptors")
+
+
+class HardeningServer(WebSocket):
+    """Server side of these tests: echoes, counts its messages and closed() calls."""
+
+    echo = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received = 0
+        self.closed_calls = []
+        self.closed_event = threading.Event()
+
+    def received_message(self, message):
+        self.received += 1
+        if self.echo:
+            self.send(message)
+
+    def closed(self, code, reason):
+        self.closed_calls.append((code, reason))
+        self.closed_event.set()
+
+
+class SmallSendBufferServer(HardeningServer):
+    """Loopback sockets start with MBs of kernel send buffer, which would swallow a whole flood of
+    tiny frames before wsmanager's own queue sees any: keep the kernel's share small."""
+
+    def opened(self):
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+
+def tracking_factory(cls=HardeningServer):
+    """A listen() factory that keeps every connection it makes in ``factory.made``."""
+    made = []
+
+    def factory(*args, **kwargs):
+        ws = cls(*args, **kwargs)
+        made.append(ws)
+        return ws
+
+    factory.made = made
+    return factory
+
+
+def made_for_path(factory, path):
+    return [ws for ws in list(factory.made) if ws.path == path]
+
+
+def upgrade_request_bytes(path="/", *, method="GET", version="1.1", origin=None):
+    lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {new_key()}", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def raw_upgrade(address, *, sock=None, path="/", rcvbuf=None, then=b"", timeout=10.0):
+    """Like common.raw_client, with a small receive buffer (a peer that does not read fills up
+    sooner), on a socket made beforehand (the EMFILE test cannot open new ones), or with
+    ``then``: frames sent in the same write as the request head."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(upgrade_request_bytes(path) + then)
+        reader = HeadReader()
+        result = None
+        for _ in range(1000):
+            data = sock.recv(65536)
+            assert data, "server closed during handshake"
+            result = reader.feed(data)
+            if result is not None:
+                break
+        head, rest = result
+        assert head.startswith(b"HTTP/1.1 101"), head
+    except BaseException:
+        sock.close()
+        raise
+    return sock, rest
+
+
+def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
+    """Send raw bytes, read until the server closes; returns everything it sent."""
+    sock = socket.create_connection(address, timeout=timeout)
+    received = bytearray()
+    try:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        for _ in range(10000):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            assert time.monotonic() < deadline, "server did not close"
+    finally:
+        sock.close()
+    return bytes(received)
+
+
+def http_status_of(response):
+    assert response.startswith(b"HTTP/1.1 "), response[:80]
+    return int(response[9:12])
+
+
+class ServerFrameReader:
+    """Reads the server's (unmasked) frames from a raw socket."""
+
+    def __init__(self, sock, rest=b""):
+        self.sock = sock
+        self.parser = FrameParser(expect_masked=False, max_frame_size=2 ** 31)
+        self.frames = collections.deque(self.parser.feed(rest))
+
+    def next(self, timeout=10.0):
+        """The next frame, or None at EOF / reset."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100000):
+            if self.frames:
+                return self.frames.popleft()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no frame from the server in time"
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.frames.extend(self.parser.feed(data))
+        raise AssertionError("too many reads")
+
+    def close_frame(self, timeout=10.0):
+        """Skip data frames until the server's close frame; returns Close, or None at EOF."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100000):
+            frame = self.next(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                return None
+            if frame.opcode == Opcode.CLOSE:
+                return Close(*parse_close(frame.payload))
+        raise AssertionError("too many frames")
+
+    def eof(self, timeout=10.0):
+        """Whether the server closed (EOF or reset) within timeout, ignoring frames."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except ConnectionResetError:
+                return True
+            except socket.timeout:
+                return False
+        return False
+
+
+def assert_echo(sock, reader, text):
+    sock.sendall(encode_frame(Opcode.TEXT, text.encode(), mask=True))
+    frame = reader.next()
+    assert frame is not None and frame.opcode == Opcode.TEXT and frame.payload == text.encode(), frame
+
+
+def close_handshake_from_peer(sock, reader, code=CloseCode.NORMAL):
+    """Our side of a close handshake: send close, read the echo and the server's EOF."""
+    sock.sendall(encode_frame(Opcode.CLOSE, encode_close(code), mask=True))
+    close = reader.close_frame()
+    assert close is not None and close.code == code, close
+    assert reader.eof(), "server did not close after the close handshake"
+    sock.close()
+
+
+class WellBehavedPeer:
+    """A well-behaved peer that keeps connecting, exchanging echoes and closing while an attack runs.
+
+    It runs in its own thread so that it is served *during* the attack, not
+    before or after it; ``exchanges`` counts round-trips that came back intact.
+    """
+
+    def __init__(self, address, path="/bystander", rounds=5, max_seconds=100.0):
+        self.address = address
+        self.path = path
+        self.rounds = rounds
+        self.max_seconds = max_seconds
+        self.exchanges = 0
+        self.connections = 0
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bystander", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        # Served once before the attack starts: a baseline that it works at all.
+        wait_until(lambda: self.exchanges > 0 or self.errors, timeout=20)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "bystander thread did not end"
+
+    def _run(self):
+        deadline = time.monotonic() + self.max_seconds
+        for i in range(100000):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+            sock = None
+            try:
+                sock, rest = raw_upgrade(self.address, path=self.path)
+                reader = ServerFrameReader(sock, rest)
+                for j in range(self.rounds):
+                    assert_echo(sock, reader, f"bystander {i}.{j}")
+                    self.exchanges += 1
+                close_handshake_from_peer(sock, reader)
+                self.connections += 1
+            except Exception as exc:
+                self.errors.append(repr(exc))
+                return
+            finally:
+                if sock is not None:
+                    sock.close()
+            self._stop.wait(0.01)
+
+    def served_now(self, timeout=20.0):
+        """Assert that a whole connection's worth of round-trips completes from now on (called
+        while an attack is in full swing)."""
+        start = self.exchanges
+        wait_until(lambda: self.exchanges >= start + self.rounds or self.errors, timeout=timeout)
+        self.check()
+
+    def served_during(self):
+        """Context: assert that round-trips completed while the block (the attack) ran."""
+        bystander = self
+
+        class _Window:
+            def __enter__(self):
+                self.start = bystander.exchanges
+                return self
+
+            def __exit__(self, exc_type, *rest):
+                if exc_type is None:
+                    # Give it a moment if the attack block was very short.
+                    wait_until(lambda: bystander.exchanges > self.start + bystander.rounds or bystander.errors,
+                               timeout=20)
+                    bystander.check()
+
+        return _Window()
+
+    def check(self):
+        assert not self.errors, self.errors
+        assert self.exchanges > 0
+
+
+###############################################################################
+# Hardening: max_connections ##################################################
+###############################################################################
+
+def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_close(limited_manager):
+    m = limited_manager()
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory, max_connections=3)
+    peers = []
+    try:
+        for _ in range(3):
+            sock, rest = raw_upgrade(address)
+            peers.append((sock, ServerFrameReader(sock, rest)))
+        # The fourth, raw and through connect(): refused with 503, and the server closes it.
+        response = send_and_read_to_eof(address, upgrade_request_bytes())
+        assert http_status_of(response) == 503
+        with pytest.raises(HandshakeError) as refused:
+            connect(f"ws://{address[0]}:{address[1]}/", timeout=10)
+        assert refused.value.status == 503
+        assert len(made_for_path(factory, "/")) == 3  # refused handshakes never made a connection
+        # Existing peers are unaffected by the refusals.
+        for n, (sock, reader) in enumerate(peers):
+            assert_echo(sock, reader, f"still here {n}")
+        # One leaves; once the server has let it go, a new one is admitted (a wsmanager client).
+        sock, reader = peers.pop()
+        close_handshake_from_peer(sock, reader)
+        wait_until(lambda: len(m) == 2)
+        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder, timeout=10)
+        m.add(client)
+        client.send("admitted")
+        wait_until(lambda: client.messages == ["admitted"])
+        # And the limit holds again at 3.
+        assert http_status_of(send_and_read_to_eof(address, upgrade_request_bytes())) == 503
+        client.close()
+        assert client.closed_event.wait(10)
+    finally:
+        for sock, _ in peers:
+            sock.close()
+
+
+###############################################################################
+# Hardening: origins ##########################################################
+###############################################################################
+
+@pytest.mark.parametrize("origins, origin, expected", [
+    (["https://app.example"], "https://app.example", 101),
+    (["https://app.example"], "https://evil.example", 403),
+    (["https://app.example"], "https://app.example.evil.example", 403),  # exact match, not prefix
+    (["https://app.example"], None, 403),  # no Origin: refused unless None is listed
+    (["https://app.example", None], None, 101),
+    (["https://app.example", None], "https://evil.example", 403),
+])
+def test_origins_allow_list(limited_manager, origins, origin, expected):
+    m = limited_manager()
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory, origins=origins)
+    if expected == 101:
+        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder, origin=origin, timeout=10)
+        m.add(client)
+        client.send("from an allowed origin")
+        wait_until(lambda: client.messages == ["from an allowed origin"])
+        client.close()
+        assert client.closed_event.wait(10)
+    else:
+        response = send_and_read_to_eof(address, upgrade_request_bytes(origin=origin))
+        assert http_status_of(response) == expected
+        assert not factory.made
+        with pytest.raises(HandshakeError) as refused:
+            connect(f"ws://{address[0]}:{address[1]}/", origin=origin, timeout=10)
+        assert refused.value.status == expected
+
+
+###############################################################################
+# Hardening: memory one peer can make the server hold ##########################
+###############################################################################
+
+CAP_BUFFERED = 256 * 1024
+CAP_FRAME = 64 * 1024
+CAP_MESSAGE = 256 * 1024
+# On top of the payload caps, per connection: object and list headers, and bytearray
+# over-allocation (up to 1/8 of what a buffer holds).
+OBJECT_OVERHEAD_ALLOWANCE = 64 * 1024
+
+
+def fill_server_output(ws, max_buffered, chunk=b"o" * 16384, max_seconds=20.0):
+    """Server pushes to a peer that never reads until its queue is as full as it can be without
+    crossing max_buffered (the kernel's socket buffers fill first)."""
+    frame_len = len(encode_frame(Opcode.BINARY, chunk))
+    deadline = time.monotonic() + max_seconds
+    full_checks = 0
+    for _ in range(100000):
+        assert time.monotonic() < deadline, f"output never filled: {ws.buffered_amount}"
+        if ws.buffered_amount + frame_len <= max_buffered:
+            ws.send(chunk)  # only this thread adds, the loop only drains: never over the cap
+            full_checks = 0
+            continue
+        full_checks += 1
+        if full_checks >= 3:  # full and staying full: the peer's side holds no more
+            return frame_len
+        time.sleep(0.05)
+    raise AssertionError("fill_server_output did not converge")
+
+
+def wait_until_stable(measure, quiet=0.3, timeout=10.0):
+    """Wait until measure() has not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = measure()
+    since = time.monotonic()
+    for _ in range(100000):
+        time.sleep(0.02)
+        now = time.monotonic()
+        value = measure()
+        if value != last:
+            last, since = value, now
+        elif now - since >= quiet:
+            return value
+        assert now < deadline, "never settled"
+    raise AssertionError("never settled")
+
+
+def send_near_limit_message(sock):
+    """A binary message of many fragments up to max_message_size - max_frame_size, then a
+    continuation frame of max_frame_size (which brings the message exactly to the limit) of
+    which all but one byte is sent: the parser holds a whole frame, the assembler the rest."""
+    fragment = b"f" * 4096
+    count = (CAP_MESSAGE - CAP_FRAME) // len(fragment)
+    data = [encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)]
+    data += [encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True)] * (count - 1)
+    big = encode_frame(Opcode.CONTINUATION, b"b" * CAP_FRAME, fin=False, mask=True)
+    sock.sendall(b"".join(data) + big[:-1])
+    return count * len(fragment), len(big) - 1
+
+
+def test_memory_per_connection_is_bounded_by_the_caps(limited_manager):
+    m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
+    factory = tracking_factory(SmallSendBufferServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/hog", rcvbuf=4096)
+        try:
+            wait_until(lambda: made_for_path(factory, "/hog"))
+            ws = made_for_path(factory, "/hog")[0]
+            frame_len = fill_server_output(ws, CAP_BUFFERED)
+            assembled, partial = send_near_limit_message(sock)
+
+            def snapshot():
+                return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._out),
+                            parser=len(ws._parser._buffer), assembler=len(ws._assembler._buffer),
+                            assembler_held=memory_held_by(ws._assembler._buffer), finalized=ws._finalized)
+
+            wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
+            s = call_in_loop_thread(m, snapshot)
+            assert not s["finalized"]
+            bystander.served_now()  # while this peer holds the server at every cap
+            # Every cap is reached (the peer really makes the server hold that much) ...
+            assert CAP_BUFFERED - 3 * frame_len <= s["buffered"] <= CAP_BUFFERED
+            assert s["assembler"] == assembled == CAP_MESSAGE - CAP_FRAME
+            assert s["parser"] == partial
+            # ... and none is exceeded: a frame's header at most, on top of max_frame_size.
+            assert s["parser"] <= CAP_FRAME + 14
+            assert s["assembler"] <= CAP_MESSAGE
+            assert s["assembler_held"] <= CAP_MESSAGE + OBJECT_OVERHEAD_ALLOWANCE
+            assert s["out_held"] <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE
+            total = s["out_held"] + s["parser"] + s["assembler_held"]
+            assert total <= CAP_BUFFERED + CAP_FRAME + CAP_MESSAGE + wsmanager.READ_SIZE + OBJECT_OVERHEAD_ALLOWANCE
+            # One byte more than max_message_size ends the connection with 1009 (closed() comes
+            # after close_timeout here: the close frame is stuck behind the unread output).
+            sock.sendall(b"b" + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
+            assert ws.closed_event.wait(10)
+            assert ws.closed_calls == [(CloseCode.MESSAGE_TOO_BIG, ws.closed_calls[0][1])]
+            assert "exceeds the limit" in ws.closed_calls[0][1]
+        finally:
+            sock.close()
+
+
+def test_output_memory_stays_near_max_buffered_when_the_peer_reads_slowly(limited_manager):
+    """buffered_amount counts unsent bytes; what was sent already must not stay in memory too.
+
+    A peer that reads most of a full queue, then stalls again while the
+    application keeps sending, must not make the server hold the sent part of
+    the old queue on top of a new full one.
+    """
+    m = limited_manager(max_buffered=CAP_BUFFERED)
+    factory = tracking_factory(SmallSendBufferServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/slow-reader", rcvbuf=4096)
+        try:
+            wait_until(lambda: made_for_path(factory, "/slow-reader"))
+            ws = made_for_path(factory, "/slow-reader")[0]
+            fill_server_output(ws, CAP_BUFFERED)
+            # Read, a little at a time, until three quarters of the queue are gone; then stall.
+            sock.settimeout(10)
+            deadline = time.monotonic() + 30
+            for _ in range(100000):
+                if ws.buffered_amount <= CAP_BUFFERED // 4 or time.monotonic() > deadline:
+                    break
+                assert sock.recv(2048)
+            assert ws.buffered_amount <= CAP_BUFFERED // 4
+            # The kernel's buffers fill up again; from then on nothing more goes out.
+            wait_until_stable(lambda: ws.buffered_amount)
+            fill_server_output(ws, CAP_BUFFERED)
+            buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+            assert not ws.terminated
+            assert CAP_BUFFERED // 2 <= buffered <= CAP_BUFFERED
+            assert held <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE, f"{buffered} bytes queued hold {held} bytes of memory"
+        finally:
+            sock.close()
+
+
+@pytest.mark.parametrize("cap", ["message", "frame", "output"])
+def test_going_over_a_cap_ends_the_connection(limited_manager, cap):
+    m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/hog", rcvbuf=4096)
+        try:
+            wait_until(lambda: made_for_path(factory, "/hog"))
+            ws = made_for_path(factory, "/hog")[0]
+            reader = ServerFrameReader(sock, rest)
+            if cap == "message":
+                # Fragments each under max_frame_size, together one byte over max_message_size.
+                fragment = b"m" * (CAP_FRAME // 2)
+                count = CAP_MESSAGE // len(fragment)
+                sock.sendall(encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)
+                             + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True) * (count - 1)
+                             + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
+                expected = CloseCode.MESSAGE_TOO_BIG
+            elif cap == "frame":
+                # Only the header: refused before any payload is buffered.
+                header = struct.pack("!BBQ", 0x82, 0xFF, CAP_FRAME + 1) + b"mask"
+                sock.sendall(header)
+                expected = CloseCode.MESSAGE_TOO_BIG
+            else:
+                fill_server_output(ws, CAP_BUFFERED)
+                with pytest.raises(ConnectionClosed):
+                    # The send that would take the queue past max_buffered drops the peer.
+                    ws.send(b"x" * (CAP_BUFFERED // 2))
+                expected = CloseCode.ABNORMAL
+            if cap == "output":
+                assert reader.eof(10)  # dropped: no close handshake for a peer that does not read
+            else:
+                close = reader.close_frame()
+                assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
+            sock.close()
+            assert ws.closed_event.wait(10)
+            assert len(ws.closed_calls) == 1
+            code, reason = ws.closed_calls[0]
+            assert code == expected
+            if cap == "output":
+                assert "slow consumer" in reason
+            assert ws.terminated and ws not in m
+        finally:
+            sock.close()
+
+
+@pytest.mark.parametrize("fragment", [b"", b"x"], ids=["empty-fragments", "one-byte-fragments"])
+def test_fragment_bookkeeping_stays_within_max_message_size(limited_manager, fragment):
+    """What the assembler holds for a fragmented message is bounded by max_message_size.
+
+    Counting payload bytes is not enough: each fragment is kept as its own
+    object (a list slot, plus a bytes object when not empty), so tiny or empty
+    fragments make the server hold far more than the peer is charged for, and
+    empty continuation frames (0 bytes each) can be sent forever.
+    """
+    limit = 64 * 1024
+    m = limited_manager(max_message_size=limit)
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/frag")
+        try:
+            wait_until(lambda: made_for_path(factory, "/frag"))
+            ws = made_for_path(factory, "/frag")[0]
+            count = 60_000  # 60,000 bytes at most: under the limit, never refused
+            data = (encode_frame(Opcode.BINARY, fragment, fin=False, mask=b"\0\0\0\0")
+                    + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=b"\0\0\0\0") * (count - 1))
+            # A ping after the fragments (allowed inside a message): its pong proves all were read.
+            sock.sendall(data + encode_frame(Opcode.PING, b"sync", mask=True))
+            pong = ServerFrameReader(sock, rest).next(timeout=20)
+            assert pong == (Opcode.PONG, b"sync", True, False, False, False)
+            assert not ws.terminated, ws.closed_calls
+            assert call_in_loop_thread(m, lambda: len(ws._assembler._buffer)) == count * len(fragment)
+            held = call_in_loop_thread(m, lambda: memory_held_by(ws._assembler._buffer))
+            assert held <= limit + OBJECT_OVERHEAD_ALLOWANCE, (
+                f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
+                f"for a max_message_size of {limit}")
+        finally:
+            sock.close()
+
+
+###############################################################################
+# Hardening: slowloris #########################################################
+###############################################################################
+
+def test_slowloris_handshakes_are_closed_at_handshake_timeout(limited_manager):
+    count = 500
+    handshake_timeout = 1.0
+    head = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"  # never the blank line
+    with nofile_at_least(open_fds() + 2 * count + 200):
+        m = limited_manager(handshake_timeout=handshake_timeout)
+        factory = tracking_factory()
+        address = m.listen(("127.0.0.1", 0), factory)
+        socks = []
+        sel = selectors.DefaultSelector()
+        try:
+            with WellBehavedPeer(address) as bystander, bystander.served_during():
+                connected_at = {}
+                for _ in range(count):
+                    s = socket.create_connection(address, timeout=10)
+                    s.setblocking(False)
+                    socks.append(s)
+                    connected_at[s] = time.monotonic()
+                # One byte per connection per round, then stall: each sees its timer run out.
+                cut = set()
+                for i in range(min(len(head), 30)):
+                    for s in socks:
+                        if s in cut:
+                            continue
+                        try:
+                            s.send(head[i:i + 1])
+                        except OSError:
+                            cut.add(s)  # already closed by the server: fine, that is the point
+                    time.sleep(0.01)
+                bystander.served_now()  # while 500 heads hang
+                # Every raw socket sees EOF (or a reset) from the server, within a bound.
+                closed_after = {}
+                for s in socks:
+                    sel.register(s, selectors.EVENT_READ)
+                deadline = time.monotonic() + handshake_timeout + 30
+                for _ in range(100000):
+                    if len(closed_after) == count or time.monotonic() > deadline:
+                        break
+                    for key, _ in sel.select(1.0):
+                        s = key.fileobj
+                        try:
+                            data = s.recv(4096)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            data = b""
+                        assert not data, data[:80]  # no response to a head that never ends
+                        closed_after[s] = time.monotonic() - connected_at[s]
+                        sel.unregister(s)
+            assert len(closed_after) == count, f"only {len(closed_after)} of {count} closed"
+            # Closed by the handshake timer (from accept, after our connect), not by anything earlier.
+            assert min(closed_after.values()) >= handshake_timeout * 0.9
+            assert max(closed_after.values()) <= handshake_timeout + 10
+            wait_until(lambda: not m._handshakes)
+            assert not made_for_path(factory, "/slow")
+        finally:
+            sel.close()
+            for s in socks:
+                s.close()
+
+
+###############################################################################
+# Hardening: frame bomb ########################################################
+###############################################################################
+
+@pytest.mark.parametrize("where", ["first-frame", "continuation", "with-the-handshake"])
+def test_frame_bomb_gets_1009_at_once_without_allocating(limited_manager, where):
+    m = limited_manager()
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory)
+    prefix = b""
+    opcode = 0x82
+    if where == "continuation":
+        prefix = encode_frame(Opcode.BINARY, b"start", fin=False, mask=True)
+        opcode = 0x80
+    # Header only: 2**62 bytes announced, none sent. The answer must not wait for them.
+    bomb = prefix + struct.pack("!BBQ", opcode, 0xFF, 2 ** 62) + b"\x01\x02\x03\x04"
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        rss_before = process_rss()
+        started = time.monotonic()
+        if where == "with-the-handshake":
+            # In the same packet as the request: it reaches the connection as its first bytes.
+            sock, rest = raw_upgrade(address, path="/bomb", then=bomb)
+        else:
+            sock, rest = raw_upgrade(address, path="/bomb")
+        try:
+            reader = ServerFrameReader(sock, rest)
+            if where != "with-the-handshake":
+                started = time.monotonic()
+                sock.sendall(bomb)
+            close = reader.close_frame(timeout=10)
+            elapsed = time.monotonic() - started
+            assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG, close
+            assert elapsed < 5
+            assert reader.eof()
+            sock.close()
+            ws = made_for_path(factory, "/bomb")[0]
+            assert ws.closed_event.wait(10)
+            assert [code for code, _ in ws.closed_calls] == [CloseCode.MESSAGE_TOO_BIG]
+            assert process_rss() - rss_before < 50 * 2 ** 20
+        finally:
+            sock.close()
+
+
+###############################################################################
+# Hardening: fragment flood ####################################################
+###############################################################################
+
+class LengthEchoServer(HardeningServer):
+    """Answers the flood with the length of what it assembled (echoes anyone else)."""
+
+    def received_message(self, message):
+        self.received += 1
+        self.send(str(len(message)) if self.path == "/flood" else message)
+
+
+@pytest.mark.parametrize("max_message_size, accepted", [(2 ** 20, True), (50_000, False)])
+def test_fragment_flood_is_linear_and_limited(limited_manager, max_message_size, accepted):
+    m = limited_manager(max_message_size=max_message_size)
+    factory = tracking_factory(LengthEchoServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    count = 100_000
+    key = b"\0\0\0\0"  # an all-zero mask is a valid key, and lets the frames be built by repetition
+    data = (encode_frame(Opcode.TEXT, b"a", fin=False, mask=key)
+            + encode_frame(Opcode.CONTINUATION, b"a", fin=False, mask=key) * (count - 2)
+            + encode_frame(Opcode.CONTINUATION, b"a", mask=key))
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/flood", timeout=30)
+        try:
+            reader = ServerFrameReader(sock, rest)
+            started = time.monotonic()
+            try:
+                sock.sendall(data)
+            except (ConnectionResetError, BrokenPipeError):
+                assert not accepted  # a refused peer may be cut off before it has sent it all
+            bystander.served_now()
+            if accepted:
+                frame = reader.next(timeout=30)
+                assert frame is not None and frame.payload == str(count).encode()
+            else:
+                close = reader.close_frame(timeout=30)
+                assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
+                sock.close()
+            # Quadratic work (re-joining, re-scanning) on 100,000 fragments would take minutes.
+            assert time.monotonic() - started < 20
+            ws = made_for_path(factory, "/flood")[0]
+            if accepted:
+                close_handshake_from_peer(sock, reader)
+                assert ws.closed_event.wait(10)
+                assert ws.closed_calls == [(CloseCode.NORMAL, "")]
+            else:
+                assert ws.closed_event.wait(10)
+                assert [code for code, _ in ws.closed_calls] == [CloseCode.MESSAGE_TOO_BIG]
+        finally:
+            sock.close()
+
+
+###############################################################################
+# Hardening: ping flood ########################################################
+###############################################################################
+
+@pytest.mark.parametrize("payload", [b"", b"p" * 125], ids=["empty-pings", "125-byte-pings"])
+def test_ping_flood_from_a_peer_that_never_reads(limited_manager, payload):
+    max_buffered = 64 * 1024
+    m = limited_manager(max_buffered=max_buffered)
+    factory = tracking_factory(SmallSendBufferServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/pings", rcvbuf=4096)
+        try:
+            wait_until(lambda: made_for_path(factory, "/pings"))
+            ws = made_for_path(factory, "/pings")[0]
+            data = memoryview(encode_frame(Opcode.PING, payload, mask=b"abcd") * 100_000)
+            chunk = 3000 if not payload else 32768
+            sock.setblocking(False)
+            offset = 0
+            dropped = False
+            peak_buffered = peak_held = 0
+            served_mid_flood = False
+            deadline = time.monotonic() + 60
+            stalled_since = None
+            for _ in range(200_000):
+                if offset >= len(data) or time.monotonic() > deadline:
+                    break
+                try:
+                    offset += sock.send(data[offset:offset + chunk])
+                    stalled_since = None
+                except BlockingIOError:
+                    # Our send buffer is full: the server stopped reading us or dropped us.
+                    if ws.terminated:
+                        break
+                    stalled_since = stalled_since or time.monotonic()
+                    if time.monotonic() - stalled_since > 10:
+                        break
+                    time.sleep(0.005)
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    dropped = True
+                    break
+                if ws.terminated:
+                    break
+                buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+                peak_buffered = max(peak_buffered, buffered)
+                peak_held = max(peak_held, held)
+                if not served_mid_flood and buffered:  # pongs are piling up: the flood has bitten
+                    bystander.served_now()
+                    served_mid_flood = True
+            assert ws.closed_event.wait(10), f"not dropped after {offset} bytes of pings"
+            assert len(ws.closed_calls) == 1
+            code, reason = ws.closed_calls[0]
+            assert code == CloseCode.ABNORMAL and "slow consumer" in reason, (code, reason)
+            assert peak_buffered <= max_buffered
+            assert peak_buffered > 0  # the pongs did queue up before the drop
+            assert dropped or offset < len(data)  # the flood was cut short, not sent to the end
+            # What the queued pongs really cost stays near max_buffered, whatever their size.
+            assert peak_held <= max_buffered + OBJECT_OVERHEAD_ALLOWANCE, (
+                f"{peak_buffered} bytes of pongs queued held {peak_held} bytes of memory")
+        finally:
+            sock.close()
+
+
+###############################################################################
+# Hardening: peers that vanish #################################################
+###############################################################################
+
+@pytest.mark.parametrize("how", ["reset-mid-frame", "half-close", "close-frame-then-gone", "never-answers-close"])
+def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(limited_manager, how):
+    close_timeout = 0.5
+    m = limited_manager(close_timeout=close_timeout)
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory)
+    fds_before = open_fds()
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        sock, rest = raw_upgrade(address, path="/gone")
+        try:
+            wait_until(lambda: made_for_path(factory, "/gone"))
+            ws = made_for_path(factory, "/gone")[0]
+            reader = ServerFrameReader(sock, rest)
+            assert_echo(sock, reader, "before vanishing")
+            started = time.monotonic()
+            if how == "reset-mid-frame":
+                frame = encode_frame(Opcode.BINARY, b"z" * 1000, mask=True)
+                sock.sendall(frame[:len(frame) // 2])
+                wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._parser._buffer)) > 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # RST
+                expected = (CloseCode.ABNORMAL, None)
+            elif how == "half-close":
+                sock.shutdown(socket.SHUT_WR)
+                assert reader.eof(10)  # and the server closes its side too
+                expected = (CloseCode.ABNORMAL, None)
+            elif how == "close-frame-then-gone":
+                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(4000, "bye"), mask=True))
+                sock.close()
+                expected = (4000, "bye")
+            else:
+                ws.close(CloseCode.NORMAL, "please answer")
+                expected = (CloseCode.ABNORMAL, None)
+            assert ws.closed_event.wait(10)
+            elapsed = time.monotonic() - started
+            time.sleep(0.1)  # a second closed() call would come right after the first
+            assert len(ws.closed_calls) == 1, ws.closed_calls
+            code, reason = ws.closed_calls[0]
+            assert code == expected[0]
+            if expected[1] is not None:
+                assert reason == expected[1]
+            if how == "never-answers-close":
+                assert elapsed >= close_timeout * 0.9
+                assert reader.close_frame() == (CloseCode.NORMAL, "please answer")
+            assert ws.terminated and ws not in m
+        finally:
+            sock.close()
+    # <=, not ==: a socket some earlier test dropped may be garbage-collected meanwhile.
+    wait_until(lambda: open_fds() <= fds_before)
+
+
+###############################################################################
+# Hardening: garbage before the handshake ######################################
+###############################################################################
+
+def tls_client_hello():
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+GARBAGE_BEFORE_HANDSHAKE = {
+    # name: (bytes, half-close after sending, HTTP status expected or None for "a response or a close")
+    "tls-client-hello": (tls_client_hello, False, None),
+    "http-1.0": (lambda: upgrade_request_bytes(version="1.0"), False, 505),  # an upgrade needs 1.1
+    "post": (lambda: upgrade_request_bytes(method="POST"), False, 405),
+    "random-binary": (lambda: random.Random(5).randbytes(4096), True, None),
+    "binary-over-head-limit": (lambda: bytes(b if b != 10 else 0 for b in random.Random(6).randbytes(20000)),
+                               False, 431),
+    "nul-bytes": (lambda: b"\0" * 100 + b"\r\n\r\n", False, 400),
+}
+
+
+@pytest.mark.parametrize("name", list(GARBAGE_BEFORE_HANDSHAKE))
+def test_garbage_before_the_handshake(limited_manager, caplog, name):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    make, half_close, expected = GARBAGE_BEFORE_HANDSHAKE[name]
+    m = limited_manager(handshake_timeout=1.0)
+    factory = tracking_factory()
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        started = time.monotonic()
+        response = send_and_read_to_eof(address, make(), half_close=half_close, timeout=15)
+        assert time.monotonic() - started < 12  # at the latest the handshake timeout closes it
+        if expected is not None:
+            assert http_status_of(response) == expected
+        else:
+            assert response == b"" or 400 <= http_status_of(response) < 600, response[:80]
+    assert not factory.made or [ws.path for ws in factory.made] == ["/bystander"] * len(factory.made)
+    # The loop survived and serves the next client, a wsmanager one this time.
+    assert m._thread.is_alive()
+    client = connect(f"ws://{address[0]}:{address[1]}/after", Recorder, timeout=10)
+    m.add(client)
+    client.send("next")
+    wait_until(lambda: client.messages == ["next"])
+    client.close()
+    assert client.closed_event.wait(10)
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+def test_garbage_heads_fuzzed_never_crash_the_loop(caplog):
+    """Any bytes ending in a blank line get an HTTP error (never a 101, never a loop crash)."""
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    m = WebSocketManager(close_timeout=1.0, handshake_timeout=2.0)
+    m.start()
+    try:
+        address = m.listen(("127.0.0.1", 0), EchoServer)
+
+        @hypothesis_settings(max_examples=60)
+        @given(st.binary(max_size=600), st.sampled_from([b"\r\n\r\n", b"\n\n"]))
+        def one(garbage, end):
+            response = send_and_read_to_eof(address, garbage + end, timeout=10)
+            assert 400 <= http_status_of(response) < 600, response[:80]
+
+        one()
+        assert m._thread.is_alive()
+        sock, rest = raw_client(address)
+        try:
+            assert_echo(sock, ServerFrameReader(sock, rest), "still serving")
+        finally:
+            sock.close()
+    finally:
+        m.stop()
+        m.join(10)
+    assert not m._thread.is_alive()
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+###############################################################################
+# Hardening: EMFILE on accept ##################################################
+###############################################################################
+
+def test_accept_emfile_backs_off_without_spinning_and_recovers(limited_manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    # A long handshake timeout: the flood's fds must be freed by us, not by the timer.
+    m = limited_manager(handshake_timeout=60.0)
+    address = m.listen(("127.0.0.1", 0), EchoServer)
+    # Everything this process will need while the limit is low is made beforehand:
+    # a connected peer that keeps talking, the flood's sockets and the late client's socket.
+    talker, rest = raw_client(address)
+    talker_reader = ServerFrameReader(talker, rest)
+    flood = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(40)]
+    late = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    headroom = 6  # the server's accept() gets at most this many fds, then EMFILE
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fds(headroom)[-1] + 1, hard))
+
+        def emfile_warnings():
+            return [r for r in list(caplog.records) if "accept() failed" in r.getMessage()]
+
+        for s in flood:  # the kernel completes these from the backlog; accept() cannot take them all
+            s.settimeout(10)
+            s.connect(address)
+        wait_until(lambda: emfile_warnings(), timeout=10)
+        # Over one second of EMFILE the listener rests instead of spinning on a readable backlog.
+        warnings_before = len(emfile_warnings())
+        cpu_before = time.process_time()
+        wall_before = time.monotonic()
+        for i in range(100):
+            if time.monotonic() - wall_before >= 1.0:
+                break
+            assert_echo(talker, talker_reader, f"during EMFILE {i}")  # existing peers are served
+            time.sleep(0.1)
+        cpu = time.process_time() - cpu_before
+        wall = time.monotonic() - wall_before
+        retries = len(emfile_warnings()) - warnings_before
+        assert cpu < 0.5, f"{cpu:.2f} s of CPU in {wall:.2f} s while out of descriptors"
+        assert 1 <= retries <= wall / wsmanager.ACCEPT_BACKOFF + 2, retries  # it retries, at the backoff's pace
+        # Freeing descriptors: the listener recovers, still under the lowered limit.
+        for s in flood:
+            s.close()
+        sock, rest = raw_upgrade(address, sock=late, timeout=15)
+        assert_echo(sock, ServerFrameReader(sock, rest), "accepted after EMFILE")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for s in flood:
+            s.close()
+        late.close()
+        talker.close()
+    assert m._thread.is_alive()
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+###############################################################################
+# Hardening: user callbacks that misbehave #####################################
+###############################################################################
+
+class RaisingOnMessageServer(HardeningServer):
+    def received_message(self, message):
+        self.received += 1
+        if self.path == "/raise":
+            raise RuntimeError("user bug")
+        self.send(message)
+
+
+def test_callback_raising_on_every_message_closes_only_that_connection(limited_manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    m = limited_manager()
+    factory = tracking_factory(RaisingOnMessageServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        peers = []
+        try:
+            for _ in range(5):
+                sock, rest = raw_upgrade(address, path="/raise")
+                peers.append((sock, ServerFrameReader(sock, rest)))
+            for n, (sock, _) in enumerate(peers):
+                # Three messages in one write: the first fails the connection, the others are
+                # never delivered (nothing after a failure is processed).
+                sock.sendall(b"".join(encode_frame(Opcode.TEXT, f"boom {n}.{k}".encode(), mask=True)
+                                      for k in range(3)))
+            for sock, reader in peers:
+                close = reader.close_frame()
+                assert close == (CloseCode.INTERNAL_ERROR, "internal error")  # details stay in the log
+                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(CloseCode.INTERNAL_ERROR), mask=True))
+                assert reader.eof()
+        finally:
+            for sock, _ in peers:
+                sock.close()
+    raisers = made_for_path(factory, "/raise")
+    assert len(raisers) == 5
+    for ws in raisers:
+        assert ws.closed_event.wait(10)
+        assert ws.received == 1
+        assert ws.closed_calls == [(CloseCode.INTERNAL_ERROR, "internal error")]
+    assert len([r for r in caplog.records if "raised; closing" in r.getMessage()]) == 5
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+class ReentrantCallbacks(WebSocket):
+    """Calls an action on itself (or the manager) from inside opened() or closed()."""
+
+    where = "opened"
+    action = "send"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closed_calls = []
+        self.closed_event = threading.Event()
+        self.outcome = None
+
+    def _act(self):
+        try:
+            if self.action == "send":
+                self.send("from " + self.where)
+            elif self.action == "close":
+                self.close(4001, "from " + self.where)
+            elif self.action == "terminate":
+                self.terminate()
+            elif self.action == "stop":
+                self._manager.stop()
+            self.outcome = "returned"
+        except ConnectionClosed:
+            self.outcome = "ConnectionClosed"
+        except RecursionError:  # pragma: no cover - the failure being tested for
+            self.outcome = "RecursionError"
+
+    def opened(self):
+        if self.where == "opened" and self.path == "/reentrant":
+            self._act()
+
+    def received_message(self, message):
+        self.send(message)
+
+    def closed(self, code, reason):
+        self.closed_calls.append((code, reason))
+        if self.where == "closed" and self.path == "/reentrant":
+            self._act()
+        self.closed_event.set()
+
+
+@pytest.mark.parametrize("where", ["opened", "closed"])
+@pytest.mark.parametrize("action", ["send", "close", "terminate", "stop"])
+def test_actions_from_inside_opened_and_closed(limited_manager, caplog, where, action):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    cls = type("Reentrant", (ReentrantCallbacks,), {"where": where, "action": action})
+    m = limited_manager(close_timeout=1.0)
+    factory = tracking_factory(cls)
+    address = m.listen(("127.0.0.1", 0), factory)
+    if where == "opened" and action in ("terminate", "stop"):
+        # The connection ends inside opened(), maybe before its 101 is written: read until EOF.
+        response = send_and_read_to_eof(address, upgrade_request_bytes("/reentrant"))
+        assert response == b"" or response.startswith(b"HTTP/1.1 101"), response[:80]
+        expected_code = CloseCode.ABNORMAL
+    else:
+        sock, rest = raw_upgrade(address, path="/reentrant")
+        try:
+            reader = ServerFrameReader(sock, rest)
+            if where == "closed":
+                assert_echo(sock, reader, "hello")
+                close_handshake_from_peer(sock, reader, code=4002)
+                expected_code = 4002
+            elif action == "send":
+                frame = reader.next()
+                assert frame is not None and frame.payload == b"from opened"
+                close_handshake_from_peer(sock, reader)
+                expected_code = CloseCode.NORMAL
+            else:  # close() from opened(): the 101, then our close frame
+                assert reader.close_frame() == (4001, "from opened")
+                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(4001), mask=True))
+                assert reader.eof()
+                expected_code = 4001
+        finally:
+            sock.close()
+    wait_until(lambda: made_for_path(factory, "/reentrant"))
+    ws = made_for_path(factory, "/reentrant")[0]
+    assert ws.closed_event.wait(10)
+    if action == "stop":
+        m.join(10)
+        assert not m._thread.is_alive()  # join returns: stop() from a callback ends the loop
+    time.sleep(0.05)  # a second closed() would follow at once
+    assert len(ws.closed_calls) == 1, ws.closed_calls
+    assert ws.closed_calls[0][0] == expected_code
+    assert ws.terminated and ws.state is State.CLOSED
+    if where == "closed":
+        # From closed() the connection is over: send() says so, close()/terminate() are no-ops.
+        assert ws.outcome == ("ConnectionClosed" if action == "send" else "returned")
+    else:
+        assert ws.outcome == "returned"
+    if action != "stop":
+        # The loop is still fine: another client is served.
+        client = connect(f"ws://{address[0]}:{address[1]}/other", Recorder, timeout=10)
+        m.add(client)
+        client.send("still there")
+        wait_until(lambda: client.messages == ["still there"])
+        client.close()
+        assert client.closed_event.wait(10)
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+def test_stop_and_close_from_closed_during_shutdown(caplog):
+    """stop() from outside, while every closed() calls stop(), close() and send() again."""
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+
+    class Noisy(HardeningServer):
+        late_send = None
+
+        def closed(self, code, reason):
+            super().closed(code, reason)
+            self._manager.stop()
+            self.close()
+            try:
+                self.send("too late")
+                self.late_send = "accepted"
+            except ConnectionClosed:  # recorded, not asserted: this runs in the loop thread
+                self.late_send = "ConnectionClosed"
+
+    m = WebSocketManager(close_timeout=1.0)
+    m.start()
+    factory = tracking_factory(Noisy)
+    socks = []
+    try:
+        address = m.listen(("127.0.0.1", 0), factory)
+        for _ in range(20):
+            socks.append(raw_client(address)[0])
+        wait_until(lambda: len(m) == 20)
+        m.stop()
+        m.join(10)
+        assert not m._thread.is_alive()
+    finally:
+        m.stop()
+        m.join(10)
+        for s in socks:
+            s.close()
+    assert len(factory.made) == 20
+    assert all(ws.closed_calls == [(CloseCode.ABNORMAL, "manager stopped")] for ws in factory.made)
+    assert all(ws.late_send == "ConnectionClosed" for ws in factory.made)
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage() or "closed raised" in r.getMessage()]
+
+
+###############################################################################
+# Hardening: stop() under load #################################################
+###############################################################################
+
+class CountingServer(HardeningServer):
+    echo = False  # clients never read: echoing would only test slow consumers again
+
+
+def test_stop_while_1000_connections_are_mid_transfer(caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    count = 1000
+    with nofile_at_least(open_fds() + 2 * count + 200):
+        fds_before = open_fds()
+        threads_before = set(threading.enumerate())
+        m = WebSocketManager(close_timeout=2.0)
+        m.start()
+        factory = tracking_factory(CountingServer)
+        socks = []
+        stop_sending = threading.Event()
+        sent = [0]
+        sender = None
+        try:
+            address = m.listen(("127.0.0.1", 0), factory, backlog=count)
+            for _ in range(count):
+                s, rest = raw_client(address, timeout=15)
+                assert rest == b""
+                s.setblocking(False)
+                socks.append(s)
+            wait_until(lambda: len(m) == count, timeout=30)
+
+            def send_forever():
+                frame = encode_frame(Opcode.BINARY, b"d" * 512, mask=b"wxyz")
+                pending = {s: memoryview(frame) for s in socks}
+                dead = set()
+                deadline = time.monotonic() + 90
+                for _ in range(10_000_000):
+                    if stop_sending.is_set() or time.monotonic() > deadline or len(dead) == len(socks):
+                        return
+                    for s in socks:
+                        if s in dead:
+                            continue
+                        try:
+                            n = s.send(pending[s])
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            dead.add(s)  # the server went away: expected after stop()
+                            continue
+                        rest_ = pending[s][n:]
+                        if not rest_:
+                            rest_ = memoryview(frame)
+                            sent[0] += 1
+                        pending[s] = rest_
+
+            sender = threading.Thread(target=send_forever, name="sender", daemon=True)
+            sender.start()
+            # Mid-transfer: every connection has delivered messages and is still sending.
+            wait_until(lambda: all(ws.received > 0 for ws in list(factory.made)), timeout=60)
+            sent_before = sent[0]
+            wait_until(lambda: sent[0] > sent_before, timeout=10)
+            started = time.monotonic()
+            m.stop()
+            m.join(10)
+            assert time.monotonic() - started < 10
+            assert not m._thread.is_alive()
+        finally:
+            stop_sending.set()
+            if sender is not None:
+                sender.join(30)
+            m.stop()
+            m.join(10)
+            for s in socks:
+                s.close()
+        assert sender is not None and not sender.is_alive()
+        assert len(factory.made) == count
+        calls = collections.Counter(len(ws.closed_calls) for ws in factory.made)
+        assert calls == {1: count}, calls
+        assert all(ws.closed_calls[0][0] == CloseCode.ABNORMAL for ws in factory.made)
+        assert len(m) == 0 and not m._handshakes
+        # <=: an earlier test's dropped socket or ending thread may go away meanwhile; none may be added.
+        wait_until(lambda: open_fds() <= fds_before)
+        wait_until(lambda: set(threading.enumerate()) <= threads_before)
+    assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
+
+
+###############################################################################
+# Documentation that runs: README snippets and the module docstring
+###############################################################################
+
+# ---------------------------------------------------------------------------
+# README snippets: run as written (only the port and the client count change),
+# so the documentation cannot rot.
+# ---------------------------------------------------------------------------
+
+README = Path(wsmanager.__file__).with_name("README.rst")
+
+
+def readme_snippet(name):
+    """The code block that follows `.. snippet: name` in README.rst, dedented."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"^\.\. snippet: %s\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)" % re.escape(name),
+                      text, re.M)
+    assert match, f"README.rst has no snippet {name!r}"
+    return "\n".join(line[4:] for line in match.group(1).splitlines()) + "\n"
+
+
+@pytest.fixture
+def echo_server():
+    with WebSocketManager(close_timeout=1.0) as server:
+        yield server, server.listen(("127.0.0.1", 0), EchoServer)[1]
+
+
+def test_readme_shows_the_two_fresh_machine_commands_near_the_top():
+    head = README.read_text(encoding="utf-8")[:1500]
+    assert "python -m wsmanager" in head
+    assert "python -m pytest" in head
+
+
+def test_readme_server_quick_start_serves_an_echo():
+    code = readme_snippet("server").replace("9000", "0")
+    namespace = {"__name__": "readme_server"}
+    thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        thread.start()
+        try:
+            wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
+            port = namespace["manager"]._listeners[0].sock.getsockname()[1]
+            with WebSocketManager() as client_manager:
+                client = connect(f"ws://127.0.0.1:{port}/", Recorder)
+                client_manager.add(client)
+                client.send("ping?")
+                wait_until(lambda: client.messages == ["ping?"])
+        finally:
+            if "manager" in namespace:
+                namespace["manager"].stop()
+            thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_readme_client_quick_start_talks_to_a_server(echo_server):
+    _, port = echo_server
+    code = readme_snippet("client").replace("9000", str(port))
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(code, {"__name__": "readme_client"})
+    assert output.getvalue().splitlines() == ["received Hello, world", "closed 1000"]
+
+
+def test_readme_ws4py_port_runs_with_fewer_clients(echo_server):
+    server, port = echo_server
+    code = (readme_snippet("ws4py").replace("range(2000)", "range(50)")
+            .replace("localhost:9000", f"127.0.0.1:{port}").replace("time.sleep(3)", "time.sleep(0.05)"))
+    assert "range(50)" in code and str(port) in code
+    namespace = {"__name__": "__main__"}
+    thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: "m" in namespace and len(server) == 50, timeout=30)
+        client_manager = namespace["m"]
+        wait_until(lambda: len(client_manager) == 50)
+        # Servers closing their side end the example's wait loop: closed clients leave the manager.
+        server.close_all(1000, "done")
+        thread.join(20)
+        assert not thread.is_alive()
+        assert len(client_manager) == 0
+        assert not client_manager._thread.is_alive()
+    finally:
+        if "m" in namespace:
+            namespace["m"].stop()
+        thread.join(10)
+
+
+def test_module_docstring_example_runs():
+    example = wsmanager.__doc__.split("in one manager::\n\n", 1)[1].split("\n\nLayers", 1)[0]
+    code = "\n".join(line[4:] for line in example.splitlines())
+    assert "listen" in code and "connect" in code
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(code, {"__name__": "docstring_example"})
+    assert output.getvalue() == "hello\n"
