@@ -1171,8 +1171,8 @@ class WebSocket:
         self._last_seen = manager._now
 
     def _on_read(self) -> None:
-        if self._finalized:
-            return
+        if self._finalized or self._manager is None:
+            return  # a stale event for a connection closed or remove()d earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
