@@ -124,6 +124,11 @@ class State(enum.IntEnum):
     CLOSED = 3  # close frames exchanged (or the connection failed); the socket winds down
 
 
+# Deliberate: plain globals for the hot paths, where an enum member lookup costs ~5x as much.
+_CONNECTING, _OPEN, _CLOSING, _CLOSED = State
+_CONTINUATION, _TEXT, _BINARY = Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY
+_CLOSE, _PING, _PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+
 DEFAULT_MAX_FRAME_SIZE = 2 ** 20
 DEFAULT_MAX_MESSAGE_SIZE = 2 ** 20
 DEFAULT_MAX_BUFFERED = 4 * 2 ** 20
@@ -469,7 +474,7 @@ class MessageAssembler:
         payload = frame.payload
         self._peek_decoder = None
         if opcode >= 8:
-            if opcode == Opcode.CLOSE:
+            if opcode == _CLOSE:
                 return Close(*parse_close(payload))
             return frame
         if opcode:
@@ -478,14 +483,14 @@ class MessageAssembler:
             if frame.fin:
                 if len(payload) > self.max_message_size:
                     raise self._too_big(len(payload))
-                if opcode == Opcode.TEXT:
+                if opcode == _TEXT:
                     try:
                         return payload.decode()
                     except UnicodeDecodeError:
                         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
                 return payload
             self._opcode = opcode
-            self._decoder = _Utf8Decoder() if opcode == Opcode.TEXT else None
+            self._decoder = _Utf8Decoder() if opcode == _TEXT else None
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
         buffer = self._buffer
@@ -528,7 +533,7 @@ class MessageAssembler:
             opcode = self._opcode
         if size > self.max_message_size:
             raise self._too_big(size)
-        return opcode == Opcode.TEXT
+        return opcode == _TEXT
 
     def receive_partial(self, chunk: bytes, *, starts_message: bool) -> None:
         """Validate the next piece of a text frame that is still arriving (fail fast on bad UTF-8)."""
@@ -926,9 +931,9 @@ _TRANSITIONS = {
 
 def _data_frame(message: Union[str, bytes, bytearray, memoryview]) -> Tuple[Opcode, bytes]:
     if isinstance(message, str):
-        return Opcode.TEXT, message.encode()
+        return _TEXT, message.encode()
     if isinstance(message, (bytes, bytearray, memoryview)):
-        return Opcode.BINARY, message
+        return _BINARY, message
     raise TypeError(f"cannot send {type(message).__name__}: str, bytes or an iterable of them")
 
 
@@ -946,7 +951,7 @@ class WebSocket:
     """
 
     __slots__ = (
-        "sock", "client", "peer_address", "path", "request_headers", "response_headers", "subprotocol",
+        "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "max_buffered", "max_message_size", "max_frame_size", "close_timeout",
         "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
@@ -954,14 +959,17 @@ class WebSocket:
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
-                 request_headers: Optional[Headers] = None, response_headers: Optional[Headers] = None,
+                 request_headers: Union[Headers, bytes, None] = None,
+                 response_headers: Union[Headers, bytes, None] = None,
                  subprotocol: Optional[str] = None, peer_address: Any = None, extra_data: bytes = b""):
         self.sock = sock
         self.client = client
         self.peer_address = peer_address
         self.path = path
-        self.request_headers = request_headers if request_headers is not None else Headers()
-        self.response_headers = response_headers
+        # Kept as the raw head and parsed on first access: parsed headers cost a few KiB per
+        # connection, most of an idle connection's memory, and most applications never look.
+        self._request_headers = request_headers if request_headers is not None else Headers()
+        self._response_headers = response_headers
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
@@ -969,7 +977,7 @@ class WebSocket:
         self.max_message_size: Optional[int] = None
         self.max_frame_size: Optional[int] = None
         self.close_timeout: Optional[float] = None
-        self.state = State.CONNECTING
+        self.state = _CONNECTING
         self._parser: Any = None
         self._assembler: Any = None
         self._lock = threading.Lock()
@@ -1019,9 +1027,9 @@ class WebSocket:
         """
         kind = type(message)
         if kind is str:  # deliberate: exact-type fast paths for the common cases
-            data = encode_frame(Opcode.TEXT, message.encode(), mask=self.client)
+            data = encode_frame(_TEXT, message.encode(), mask=self.client)
         elif kind is bytes:
-            data = encode_frame(Opcode.BINARY, message, mask=self.client)
+            data = encode_frame(_BINARY, message, mask=self.client)
         elif isinstance(message, (str, bytes, bytearray, memoryview)):
             opcode, payload = _data_frame(message)
             data = encode_frame(opcode, payload, mask=self.client)
@@ -1045,17 +1053,17 @@ class WebSocket:
             elif chunk_opcode is not opcode:
                 raise TypeError("fragments of one message must be all str or all bytes-like")
             else:
-                frames.append(encode_frame(Opcode.CONTINUATION if frames else opcode, previous,
+                frames.append(encode_frame(_CONTINUATION if frames else opcode, previous,
                                            fin=False, mask=self.client))
             previous = payload
         if opcode is None:
             return b""
-        frames.append(encode_frame(Opcode.CONTINUATION if frames else opcode, previous, mask=self.client))
+        frames.append(encode_frame(_CONTINUATION if frames else opcode, previous, mask=self.client))
         return b"".join(frames)
 
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes); the pong comes to :meth:`ponged`."""
-        if not self._queue(encode_frame(Opcode.PING, bytes(payload), mask=self.client)):
+        if not self._queue(encode_frame(_PING, bytes(payload), mask=self.client)):
             raise ConnectionClosed(f"cannot ping: connection is {self.state.name}")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -1065,7 +1073,7 @@ class WebSocket:
         payload = encode_close(code, reason)
         with self._lock:
             state = self.state
-            if state > State.OPEN:
+            if state > _OPEN:
                 return
             # Queued and marked at once, so a send() after close() fails in any thread.
             self._append_close(payload)
@@ -1078,6 +1086,22 @@ class WebSocket:
         self._call_in_loop(self._finalize, "terminated")
 
     # State -------------------------------------------------------------------
+
+    @property
+    def request_headers(self) -> Headers:
+        """Headers of the opening request (for a client: the ones it sent)."""
+        headers = self._request_headers
+        if type(headers) is bytes:
+            headers = self._request_headers = _parse_head(headers)[1]
+        return headers
+
+    @property
+    def response_headers(self) -> Optional[Headers]:
+        """Headers of the server's 101 response (client side only, else ``None``)."""
+        headers = self._response_headers
+        if type(headers) is bytes:
+            headers = self._response_headers = _parse_head(headers)[1]
+        return headers
 
     @property
     def terminated(self) -> bool:
@@ -1101,14 +1125,14 @@ class WebSocket:
     def _queue(self, data: bytes) -> bool:
         """Append encoded frames to the write buffer; False when the connection no longer sends."""
         with self._lock:
-            if self.state > State.OPEN:
+            if self.state > _OPEN:
                 return False
             size = self._buffered + len(data)
             limit = self.max_buffered
             overflow = limit is not None and size > limit
             if overflow:
                 # uWebSockets' policy: a peer that does not read is dropped, not buffered for.
-                self.state = State.CLOSED
+                self.state = _CLOSED
                 self._failure = (CloseCode.ABNORMAL,
                                  f"slow consumer: more than {limit} bytes buffered (max_buffered)")
             else:
@@ -1188,7 +1212,7 @@ class WebSocket:
             return
         manager = self._manager
         self._last_seen = manager._now
-        if self.state < State.CLOSED:
+        if self.state < _CLOSED:
             self._receive(data)
         pending = getattr(self.sock, "pending", None)
         if pending is not None and not self._finalized and pending():
@@ -1219,16 +1243,16 @@ class WebSocket:
                 self._on_close_frame(message)
             elif message is None:
                 continue
-            elif frame.opcode == Opcode.PING:
+            elif frame.opcode == _PING:
                 # RFC 6455 5.5.2: answer a ping with a pong carrying the same payload.
-                self._queue(encode_frame(Opcode.PONG, frame.payload, mask=self.client))
+                self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
             else:
                 self._ping_sent = 0.0
                 try:
                     self.ponged(frame.payload)
                 except Exception as exc:
                     self._callback_failed("ponged", exc)
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 return  # RFC 6455 5.5.1: nothing after a close frame (or a failure) is processed
         if parser.error is not None:
             self._fail(parser.error.code, parser.error.reason)
@@ -1237,12 +1261,12 @@ class WebSocket:
         if pending is not None:
             try:
                 if assembler.check_pending(*pending):
-                    assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == Opcode.TEXT)
+                    assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == _TEXT)
             except ProtocolError as exc:
                 self._fail(exc.code, exc.reason)
 
     def _callback_failed(self, name: str, exc: Exception) -> None:
-        if isinstance(exc, ConnectionClosed) and self.state > State.OPEN:
+        if isinstance(exc, ConnectionClosed) and self.state > _OPEN:
             return  # a send() racing the close of its own connection: nothing is wrong
         logger.error("%s.%s raised; closing %r with 1011", type(self).__name__, name, self, exc_info=exc)
         # Details stay in the log: the peer only learns that something went wrong.
@@ -1251,10 +1275,10 @@ class WebSocket:
     def _on_close_frame(self, close: Close) -> None:
         with self._lock:
             state = self.state
-            if state is State.CLOSED:
+            if state is _CLOSED:
                 return
             self._received_close = close
-            if state <= State.OPEN:
+            if state <= _OPEN:
                 # RFC 6455 5.5.1: "the endpoint MUST send a Close frame in response ...
                 # typically echoing the status code it received." No code, no code back.
                 payload = b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big")
@@ -1272,10 +1296,10 @@ class WebSocket:
         """Fail the connection (RFC 6455 7.1.7): error close frame after what is queued, then close."""
         with self._lock:
             state = self.state
-            if state is State.CLOSED:
+            if state is _CLOSED:
                 return
             self._failure = (code, reason)
-            if state <= State.OPEN:
+            if state <= _OPEN:
                 # Cut at 123 bytes without splitting a character: the reason must stay UTF-8.
                 cut = reason.encode()[:123].decode(errors="ignore")
                 self._append_close(encode_close(code, cut))
@@ -1284,7 +1308,7 @@ class WebSocket:
 
     def _append_close(self, payload: bytes) -> None:
         # Under self._lock. A close frame is let past max_buffered so the handshake can finish.
-        data = encode_frame(Opcode.CLOSE, payload, mask=self.client)
+        data = encode_frame(_CLOSE, payload, mask=self.client)
         self._out.append(data)
         self._buffered += len(data)
 
@@ -1331,7 +1355,7 @@ class WebSocket:
             self._writing = waiting
             events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
             self._manager._selector.modify(sock, events, self)
-        if not waiting and self.state is State.CLOSED and not self._shut_down:
+        if not waiting and self.state is _CLOSED and not self._shut_down:
             self._shut_down = True
             try:
                 # Half-close, then read until the peer's EOF: closing with unread input would
@@ -1358,7 +1382,7 @@ class WebSocket:
             code = CloseCode.ABNORMAL
         was_opened = self._parser is not None
         with self._lock:
-            self.state = State.CLOSED
+            self.state = _CLOSED
             self._out.clear()
             self._buffered = 0
         self.close_code = code
@@ -1822,6 +1846,10 @@ class WebSocketManager:
 
     def _run_once(self) -> None:
         timers = self._timers
+        while timers and timers[0][2] is None:
+            # Cancelled (a handshake that completed, a close that finished): dropped now, so it
+            # neither wakes the loop up later nor stays in memory until its time.
+            heapq.heappop(timers)
         if self._calls or self._dirty or self._ready:
             timeout: Optional[float] = 0
         elif timers:
@@ -1927,9 +1955,9 @@ class WebSocketManager:
         except KeyError:
             self._selector.register(sock, selectors.EVENT_READ, websocket)
         with websocket._lock:
-            if websocket.state is State.CONNECTING:
-                websocket.state = State.OPEN
-            closing = websocket.state is State.CLOSING
+            if websocket.state is _CONNECTING:
+                websocket.state = _OPEN
+            closing = websocket.state is _CLOSING
         if closing:  # close() before add(): its timer starts now
             websocket._arm_close_timer()
         try:
@@ -1944,7 +1972,7 @@ class WebSocketManager:
         if self.heartbeat:
             self._call_later(self.heartbeat, self._heartbeat, websocket)
         extra = websocket._extra
-        if extra and websocket.state < State.CLOSED:
+        if extra and websocket.state < _CLOSED:
             websocket._extra = b""
             websocket._receive(extra)
         pending = getattr(sock, "pending", None)
@@ -1972,7 +2000,7 @@ class WebSocketManager:
             websocket._listener = None
 
     def _heartbeat(self, websocket: WebSocket) -> None:
-        if websocket._finalized or websocket.state is not State.OPEN or websocket._manager is not self:
+        if websocket._finalized or websocket.state is not _OPEN or websocket._manager is not self:
             return
         now = self._now
         if websocket._ping_sent:
@@ -1987,7 +2015,7 @@ class WebSocketManager:
         idle = now - websocket._last_seen
         if idle >= self.heartbeat:
             websocket._ping_sent = now
-            websocket._queue(encode_frame(Opcode.PING, b"", mask=websocket.client))
+            websocket._queue(encode_frame(_PING, b"", mask=websocket.client))
             self._call_later(self.heartbeat_timeout, self._heartbeat, websocket)
         else:
             self._call_later(self.heartbeat - idle, self._heartbeat, websocket)
@@ -2059,7 +2087,7 @@ class WebSocketManager:
                 raise HandshakeError("bad subprotocol", 500)
             response = build_response(key, subprotocol)
             websocket = listener.factory(handshake.sock, client=False, path=request.path,
-                                         request_headers=request.headers, subprotocol=subprotocol,
+                                         request_headers=head, subprotocol=subprotocol,
                                          peer_address=handshake.address, extra_data=rest)
         except HandshakeError as exc:
             handshake._reply_and_close(Response(exc.status or 400, exc.headers))
@@ -2172,9 +2200,8 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         head, rest = result
         response = parse_response(head)
         subprotocol = validate_response(response, key, subprotocols)
-        _, request_headers = _parse_head(request)
-        websocket = factory(sock, client=True, path=path, request_headers=request_headers,
-                            response_headers=response.headers, subprotocol=subprotocol,
+        websocket = factory(sock, client=True, path=path, request_headers=request,
+                            response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
     except BaseException:
         sock.close()
