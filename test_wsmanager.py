@@ -31,12 +31,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import event, given, strategies as st
-from hypothesis import given
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis import settings as hypothesis_settings
-from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.exceptions import InvalidStatus as WsInvalidStatus
 from websockets.protocol import State as WsState

@@ -262,6 +262,8 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True,
     unknown opcode or a control frame that is fragmented or over 125 bytes.
     """
     n = len(payload)
+    if n < 126 and fin and not mask and not rsv1 and 0 <= opcode <= 2:
+        return _SHORT_HEADERS[opcode][n] + payload  # deliberate: the common server frame, one concat
     if opcode >= 8 and (n > 125 or not fin):
         if opcode not in CONTROL_OPCODES:
             raise ValueError(f"unknown opcode {opcode}")
@@ -288,6 +290,8 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True,
 
 
 _OPCODES_BY_VALUE = {op.value: op for op in Opcode}
+# Final, unmasked data frames under 126 bytes: their 2-byte header, precomputed per opcode and length.
+_SHORT_HEADERS = [[bytes((0x80 | opcode, n)) for n in range(126)] for opcode in range(3)]
 _OPCODE_LIST = [_OPCODES_BY_VALUE.get(value) for value in range(16)]
 # First header byte -> is it acceptable (no RSV bit, known opcode)? One lookup on the hot path.
 _GOOD_FIRST_BYTE = [not (b & 0x70) and _OPCODE_LIST[b & 0x0F] is not None for b in range(256)]
@@ -954,7 +958,7 @@ class WebSocket:
         "close_code", "close_reason", "max_buffered", "max_message_size", "max_frame_size", "close_timeout",
         "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
-        "_last_seen", "_ping_sent", "_shut_down", "__dict__", "__weakref__",
+        "_last_seen", "_ping_sent", "_shut_down", "_tls", "__dict__", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
@@ -995,6 +999,7 @@ class WebSocket:
         self._last_seen = 0.0
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     # Callbacks ---------------------------------------------------------------
 
@@ -1213,8 +1218,7 @@ class WebSocket:
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
-        pending = getattr(self.sock, "pending", None)
-        if pending is not None and not self._finalized and pending():
+        if self._tls and not self._finalized and self.sock.pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._ready.append(self)
 
@@ -1497,8 +1501,10 @@ class _ServerHandshake:
         if not data:
             self._close()
             return
-        if self.reply is not None:
-            return  # refused: the rest of the request is discarded until the peer's EOF
+        if self.reply is None:  # else refused: the rest of the request is discarded until the peer's EOF
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             result = self.reader.feed(data)
         except HandshakeError as exc:
@@ -1974,8 +1980,7 @@ class WebSocketManager:
         if extra and websocket.state < _CLOSED:
             websocket._extra = b""
             websocket._receive(extra)
-        pending = getattr(sock, "pending", None)
-        if pending is not None and not websocket._finalized and pending():
+        if websocket._tls and not websocket._finalized and sock.pending():
             self._ready.append(websocket)
 
     def _release(self, websocket: WebSocket) -> None:
@@ -2045,15 +2050,8 @@ class WebSocketManager:
         except OSError:
             peer = None
         handshake = self._start_handshake(listener, sock, peer)
-        if handshake is None:
-            return
-        try:
-            result = handshake.reader.feed(request_head)
-        except HandshakeError as exc:
-            handshake._reply_and_close(Response(exc.status or 400, exc.headers))
-            return
-        if result is not None:
-            self._complete_handshake(handshake, *result)
+        if handshake is not None:
+            handshake._feed(request_head)
 
     def _complete_handshake(self, handshake: _ServerHandshake, head: bytes, rest: bytes) -> None:
         listener = handshake.listener
