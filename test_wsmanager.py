@@ -3743,6 +3743,16 @@ def assert_echo(sock, reader, text):
     assert frame is not None and frame.opcode == Opcode.TEXT and frame.payload == text.encode(), frame
 
 
+def assert_manager_serves(m, address, path, text):
+    """A fresh wsmanager client, added to ``m``, gets its echo and closes cleanly."""
+    client = connect(f"ws://{address[0]}:{address[1]}{path}", Recorder, timeout=10)
+    m.add(client)
+    client.send(text)
+    wait_until(lambda: client.messages == [text])
+    client.close()
+    assert client.closed_event.wait(10)
+
+
 def close_handshake_from_peer(sock, reader, code=CloseCode.NORMAL):
     """Our side of a close handshake: send close, read the echo and the server's EOF."""
     sock.sendall(encode_frame(Opcode.CLOSE, encode_close(code), mask=True))
@@ -4448,12 +4458,7 @@ def test_garbage_before_the_handshake(limited_manager, caplog, name):
     assert not factory.made or [ws.path for ws in factory.made] == ["/bystander"] * len(factory.made)
     # The loop survived and serves the next client, a wsmanager one this time.
     assert m._thread.is_alive()
-    client = connect(f"ws://{address[0]}:{address[1]}/after", Recorder, timeout=10)
-    m.add(client)
-    client.send("next")
-    wait_until(lambda: client.messages == ["next"])
-    client.close()
-    assert client.closed_event.wait(10)
+    assert_manager_serves(m, address, "/after", "next")
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
 
@@ -4679,12 +4684,7 @@ def test_actions_from_inside_opened_and_closed(limited_manager, caplog, where, a
         assert ws.outcome == "returned"
     if action != "stop":
         # The loop is still fine: another client is served.
-        client = connect(f"ws://{address[0]}:{address[1]}/other", Recorder, timeout=10)
-        m.add(client)
-        client.send("still there")
-        wait_until(lambda: client.messages == ["still there"])
-        client.close()
-        assert client.closed_event.wait(10)
+        assert_manager_serves(m, address, "/other", "still there")
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
 
