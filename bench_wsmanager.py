@@ -1,0 +1,1830 @@
+#!/usr/bin/env python3
+"""Benchmarks of wsmanager against websockets (the reference) and a raw-TCP ceiling.
+
+Usage::
+
+    python bench_wsmanager.py                     # every scenario but soak, 3 repetitions (~5-10 min)
+    python bench_wsmanager.py s1 s2 --repeat 5    # some scenarios
+    python bench_wsmanager.py --quick             # smoke run: every scenario about 10x smaller
+    python bench_wsmanager.py soak --seconds 60   # stability: fds and RSS of a server under churn
+    python bench_wsmanager.py s2 --profile prof/  # also cProfile each wsmanager server process
+
+Needs ``websockets`` and ``picows`` (``pip install -e '.[bench]'``), Linux
+(/proc, sched_setaffinity) and nothing but loopback (127.0.0.1).
+
+Implementations
+---------------
+wsmanager   ``WebSocketManager.listen()`` with a ``WebSocket`` subclass that
+            echoes (``self.send(message)``) or broadcasts (``manager.broadcast``).
+websockets  ``websockets.asyncio.server.serve`` on the default asyncio loop: the
+            reference. ``compression=None`` (wsmanager has no permessage-deflate)
+            and ``ping_interval=None`` (wsmanager's heartbeat is off by default).
+ceiling     a raw TCP server over ``selectors`` in pure Python that frames
+            messages with a 4-byte length prefix instead of WebSocket frames and
+            has no handshake: about the best any pure-Python selectors server can
+            do. Its "handshake" is a TCP connect plus one 5-byte round trip.
+
+Scenarios
+---------
+s1     latency: 1 connection, 3,000 sequential round trips of a 32 B text
+       message; round trips/s.
+s2     small messages: 50 connections each keeping 16 text messages of 64 B in
+       flight, 2,000 round trips per connection; messages/s.
+s3     large messages: 4 connections each keeping 2 binary messages of 256 KiB
+       in flight, 100 round trips per connection; MB/s of payload echoed back
+       (1 MB = 10**6 bytes). Every server accepts 4 MiB messages.
+s4     connections: 5,000 idle connections opened 64 at a time; the server's
+       RSS growth per connection (VmRSS from /proc/<pid>/status, before and
+       after) and handshakes/s. Opened by a lean selectors client (see below).
+s5     broadcast: 2,000 clients; one of them sends "go" 100 times, back to
+       back, and for each the server broadcasts a 64 B text message to all
+       (``manager.broadcast``, ``websockets.broadcast``); deliveries/s until
+       all 200,000 have arrived. A server may coalesce broadcasts that come in
+       the same loop turn into one write per connection (wsmanager and the
+       ceiling queue, then flush; websockets writes every frame at once).
+s6     client side (ws4py's documented use): one process opens 2,000 client
+       connections one after the other with ``wsmanager.connect()`` +
+       ``manager.add()`` (websockets: ``await websockets.asyncio.client.connect()``;
+       ceiling: blocking sockets in a selector) against a picows echo server
+       (ceiling: the raw server); connections/s and the client's RSS growth
+       per connection, measured after one echo on every connection.
+codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
+       100,000 masked 16 B frames (frames/s) and 64 masked 1 MiB frames (MB/s),
+       fed in 64 KiB chunks, against websockets' own parser (``Frame.parse``
+       over a ``StreamReader``) with its C ``apply_mask`` and with its
+       pure-Python fallback (``websockets.utils.apply_mask``); ``apply_mask`` in
+       MB/s on 1 MiB and in ns per call on 64 B.
+idle   10,000 idle connections for 10 s: CPU time of the server process
+       (wsmanager: its loop thread; the main thread waits on a pipe) over wall
+       time, in percent.
+soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
+       connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
+       or have the server close (plus a few half-sent handshakes and protocol
+       violations), at most 500 new connections/s, for N seconds. Prints
+       connections, messages and errors, and the server's fd count and RSS at
+       start, after warm-up and at the end. With N=60 the fd count must come
+       back to its start value and RSS stay within a small band after warm-up.
+
+Methodology (issue #6)
+----------------------
+* Every implementation runs in the same invocation, interleaved: for each
+  repetition (``--repeat``, default 3) wsmanager, websockets, ceiling, then
+  again. Tables show medians; ratios are wsmanager's median divided by the
+  other's (for "lower is better" metrics a ratio < 1 favours wsmanager).
+* Server and load generator are separate processes, each started fresh for
+  every trial (multiprocessing, spawn) and pinned to its own core (server:
+  the first allowed CPU, generator: the second) when there are two.
+  RLIMIT_NOFILE is raised to its hard limit in every process.
+* The load generator is picows (Cython) on asyncio for WebSocket servers, and
+  a small asyncio length-prefix client for the ceiling; s4 and idle open
+  their connections with a leaner selectors client (a real handshake each,
+  101 and Sec-WebSocket-Accept checked) so that the generator does not set
+  the pace of handshakes. Next to each result the generator's CPU share (its
+  CPU seconds / wall seconds over the timed interval) and the server's are
+  printed, each with "+N% waiting": the time it was runnable but had no CPU
+  (schedstat), i.e. CPU taken by other processes of the machine. A side
+  whose CPU + wait is near 100% was the bottleneck (a starved one if the wait
+  is large); a generator at 100% CPU means the generator set the pace.
+* Rates depend on how much CPU the machine's other processes leave, so a
+  second table divides each rate by the CPU share of the side under test
+  (the server; s6: the client): work per CPU-second.
+* Every timed interval follows a warm-up (connections open, one round trip
+  each). Connections are opened by 64 concurrent workers. All loops are
+  bounded in count and in time; each trial has a deadline after which its
+  processes are killed. Every process started is stopped (terminated, then
+  killed, if it does not exit) before the next trial.
+
+Targets (the "met?" column)
+---------------------------
+S1 >= 1.3x websockets.  S2 >= 3x websockets and >= 0.5x ceiling.
+S3 >= 0.9x websockets.  S4 <= 3 KiB server RSS per connection and
+handshakes/s >= 1.5x websockets.  S5 >= 2x websockets.  S6 <= 3 KiB client
+RSS per connection and connections/s >= 3x websockets.  FrameParser 16 B >=
+1.5x websockets with C speedups.  FrameParser 1 MiB masked >= 2x websockets
+pure Python.  Idle: 10k connections use <= 1% of a core.
+
+The exit status is 0 when every trial ran (whether targets are met or not:
+read the table), 1 when a trial failed or the soak found a leak or errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import collections
+import contextlib
+import cProfile
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import pstats
+import random
+import resource
+import selectors
+import socket
+import statistics
+import string
+import sys
+import threading
+import time
+import timeit
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import wsmanager
+
+try:
+    import websockets
+    import websockets.frames
+    import websockets.streams
+    import websockets.utils
+    from websockets.asyncio.client import connect as websockets_connect
+    from websockets.asyncio.server import broadcast as websockets_broadcast
+    from websockets.asyncio.server import serve as websockets_serve
+except ImportError:  # reported by main()
+    websockets = None
+
+try:
+    from websockets.speedups import apply_mask as websockets_c_apply_mask
+except ImportError:
+    websockets_c_apply_mask = None
+
+try:
+    import picows
+    from picows import WSCloseCode, WSListener, WSMsgType, ws_connect, ws_create_server
+except ImportError:  # reported by main()
+    picows = None
+    WSListener = object
+
+HOST = "127.0.0.1"
+BACKLOG = 4096
+MAX_MESSAGE = 4 * 2 ** 20  # every server accepts messages this large (S3 sends 256 KiB)
+READ_CHUNK = 64 * 1024
+BROADCAST_MESSAGE = "b" * 64  # what every server broadcasts in s5
+CONNECT_TIMEOUT = 15.0
+BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
+IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
+
+
+###############################################################################
+# Parameters ##################################################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Sizes of every scenario; ``--quick`` divides the counts by about 10."""
+
+    s1_round_trips: int = 3000
+    s1_size: int = 32
+    s2_connections: int = 50
+    s2_in_flight: int = 16
+    s2_size: int = 64
+    s2_per_connection: int = 2000
+    s3_connections: int = 4
+    s3_in_flight: int = 2
+    s3_size: int = 256 * 1024
+    s3_per_connection: int = 100
+    s4_connections: int = 5000
+    s5_clients: int = 2000
+    s5_broadcasts: int = 100
+    s6_connections: int = 2000
+    codec_small_frames: int = 100_000
+    codec_big_frames: int = 64
+    idle_connections: int = 10_000
+    idle_seconds: float = 10.0
+    connect_concurrency: int = 64
+    trial_timeout: float = 180.0  # a trial still running then is killed and counted as failed
+    soak_seconds: float = 60.0
+    soak_workers: int = 16
+    soak_rate: float = 500.0  # new connections per second, all workers together
+    soak_max_rounds: int = 1_000_000  # per worker: the loop is bounded in count as well as in time
+
+    def quick(self) -> "Params":
+        return dataclasses.replace(
+            self, s1_round_trips=300, s2_per_connection=200, s3_per_connection=10, s4_connections=500,
+            s5_clients=200, s5_broadcasts=10, s6_connections=200, codec_small_frames=10_000,
+            codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, trial_timeout=60.0)
+
+
+###############################################################################
+# Process plumbing: /proc readings, pinning, children ##########################
+###############################################################################
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: Any = "self") -> int:
+    """Resident set size of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_and_wait(pid: Any = "self") -> "tuple[float, float]":
+    """Seconds a process's threads ran, and spent runnable but waiting for a CPU.
+
+    From /proc/<pid>/task/*/schedstat (ns). The wait is the CPU that other
+    processes took: a process with little CPU and a large wait was starved,
+    not idle. Without schedstat: CPU from /proc/<pid>/stat, wait unknown (0).
+    """
+    ran = waited = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                    fields = stat.read().split()
+                ran += int(fields[0])
+                waited += int(fields[1])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that just ended
+    except OSError:
+        pass
+    if ran:
+        return ran / 1e9, waited / 1e9
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, 0.0
+
+
+def fd_count(pid: Any = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def choose_cpus() -> Dict[str, Optional[int]]:
+    """Server on the first allowed CPU, load generator on the second (no pinning on one CPU)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return {"server": None, "generator": None}
+    return {"server": allowed[0], "generator": allowed[1]}
+
+
+CPUS = choose_cpus()
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+_SPAWN = multiprocessing.get_context("spawn")
+_children: "set[Child]" = set()
+
+
+def _child_entry(target: Callable[..., None], conn: Any, cpu: Optional[int], args: tuple) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    raise_fd_limit()
+    try:
+        target(conn, *args)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class Child:
+    """A fresh process running ``target(conn, *args)``, with a pipe to talk to it."""
+
+    def __init__(self, target: Callable[..., None], *args: Any, cpu: Optional[int]):
+        self.conn, child_conn = _SPAWN.Pipe()
+        self.process = _SPAWN.Process(target=_child_entry, args=(target, child_conn, cpu, args), daemon=True)
+        self.process.start()
+        child_conn.close()
+        _children.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def receive(self, kind: str, timeout: float) -> Any:
+        """The payload of the next message, which must be of ``kind``."""
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"no {kind!r} from process {self.pid} within {timeout:.0f} s")
+        try:
+            tag, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"process {self.pid} died (exit code {self.process.exitcode})") from None
+        if tag == "error":
+            raise RuntimeError(f"process {self.pid} failed:\n{payload}")
+        if tag != kind:
+            raise RuntimeError(f"expected {kind!r} from process {self.pid}, got {tag!r}")
+        return payload
+
+    def ask(self, command: str, timeout: float = 10.0) -> Any:
+        self.conn.send(command)
+        return self.receive(command, timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ask it to stop, then terminate, then kill: it is gone when this returns."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send("stop")
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(3)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(3)
+        self.conn.close()
+        _children.discard(self)
+
+
+@atexit.register
+def _stop_all_children() -> None:
+    for child in list(_children):
+        child.stop(timeout=2)
+
+
+def exit_process() -> None:
+    """End an asyncio server process at once: the kernel closes its sockets.
+
+    Skips the close handshakes of thousands of connections (and the
+    cancellation of their tasks), which no result depends on.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+###############################################################################
+# Servers (each in its own process) ############################################
+###############################################################################
+
+def server_main(conn: Any, impl: str, mode: str, profile_path: Optional[str] = None) -> None:
+    """Serve ``mode`` ("echo", "broadcast" or "soak") with ``impl``; send ("ready", port); obey the pipe."""
+    if impl == "wsmanager":
+        serve_wsmanager(conn, mode, profile_path)
+    elif impl == "websockets":
+        asyncio.run(serve_websockets(conn, mode))
+    elif impl == "picows":
+        asyncio.run(serve_picows(conn))
+    elif impl == "ceiling":
+        serve_ceiling(conn, mode)
+    else:
+        raise ValueError(impl)
+
+
+def serve_control(conn: Any, stats: Callable[[], dict] = dict) -> None:
+    """Answer the parent's commands until it says "stop" (or goes away)."""
+    while True:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):
+            return
+        if command == "stop":
+            return
+        if command == "stats":
+            conn.send(("stats", stats()))
+
+
+async def serve_control_async(conn: Any, stats: Callable[[], dict] = dict) -> None:
+    """serve_control() for an asyncio server: the pipe is one more reader of the loop."""
+    loop = asyncio.get_running_loop()
+    stopped = loop.create_future()
+
+    def on_command() -> None:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):
+            command = "stop"
+        if command == "stop" and not stopped.done():
+            stopped.set_result(None)
+        elif command == "stats":
+            conn.send(("stats", stats()))
+
+    loop.add_reader(conn.fileno(), on_command)
+    try:
+        await stopped
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+def serve_wsmanager(conn: Any, mode: str, profile_path: Optional[str]) -> None:
+    manager = wsmanager.WebSocketManager(max_message_size=MAX_MESSAGE)
+    counts: collections.Counter = collections.Counter()
+
+    class Echo(wsmanager.WebSocket):
+        def received_message(self, message):
+            self.send(message)
+
+    class Broadcast(wsmanager.WebSocket):
+        def received_message(self, message):
+            manager.broadcast(BROADCAST_MESSAGE)
+
+    class SoakEcho(wsmanager.WebSocket):
+        """Echo that counts, and closes from the server side when asked to."""
+
+        def opened(self):
+            counts["opened"] += 1
+
+        def received_message(self, message):
+            counts["messages"] += 1
+            if message == "close-me":
+                self.close(wsmanager.CloseCode.NORMAL, "asked to")
+            else:
+                self.send(message)
+
+        def closed(self, code, reason):
+            counts["closed"] += 1
+            counts[f"closed with {code}"] += 1
+
+    factory = {"echo": Echo, "broadcast": Broadcast, "soak": SoakEcho}[mode]
+    _, port = manager.listen((HOST, 0), factory, backlog=BACKLOG)
+
+    def stats() -> dict:
+        # Internal queues peeked at on purpose (a leak shows there first); "?" if they were renamed.
+        internals = {name: len(getattr(manager, f"_{name}", None) or ()) if hasattr(manager, f"_{name}") else "?"
+                     for name in ("handshakes", "timers")}
+        return dict(counts, live=len(manager), fds=fd_count(), rss=rss_bytes(), **internals)
+
+    if profile_path:
+        def run_profiled() -> None:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            try:
+                manager.run()
+            finally:
+                profiler.disable()
+                profiler.dump_stats(profile_path)
+
+        thread = threading.Thread(target=run_profiled, name="wsmanager")
+        thread.start()
+    else:
+        manager.start()
+    conn.send(("ready", port))
+    serve_control(conn, stats)
+    manager.stop()
+    manager.join(15)
+    if profile_path:
+        thread.join(15)
+
+
+async def serve_websockets(conn: Any, mode: str) -> None:
+    # Load generators drop their connections without a close handshake when done: not an error here.
+    async def echo(connection):
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for message in connection:
+                await connection.send(message)
+
+    async def broadcast(connection):
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for _ in connection:
+                websockets_broadcast(connection.server.connections, BROADCAST_MESSAGE)
+
+    handler = {"echo": echo, "broadcast": broadcast}[mode]
+    server = await websockets_serve(handler, HOST, 0, compression=None, ping_interval=None,
+                                    max_size=MAX_MESSAGE, backlog=BACKLOG)
+    conn.send(("ready", server.sockets[0].getsockname()[1]))
+    await serve_control_async(conn)
+    exit_process()
+
+
+class PicowsEcho(WSListener):
+    """The fast echo server of s6 (the side not under test)."""
+
+    def on_ws_frame(self, transport, frame):
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+            transport.send(msg_type, frame.get_payload_as_bytes())
+        elif msg_type == WSMsgType.CLOSE:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+
+async def serve_picows(conn: Any) -> None:
+    server = await ws_create_server(lambda request: PicowsEcho(), HOST, 0, max_frame_size=MAX_MESSAGE,
+                                    backlog=BACKLOG)
+    conn.send(("ready", server.sockets[0].getsockname()[1]))
+    await serve_control_async(conn)
+    exit_process()
+
+
+def length_prefixed(message: bytes) -> bytes:
+    return len(message).to_bytes(4, "big") + message
+
+
+class CeilingPeer:
+    __slots__ = ("sock", "inbox", "outbox", "writing")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.inbox = bytearray()
+        self.outbox: List[bytes] = []
+        self.writing = False
+
+
+def serve_ceiling(conn: Any, mode: str) -> None:
+    """Raw TCP over selectors, pure Python: 4-byte length prefix, echo (or broadcast on b"go")."""
+    selector = selectors.DefaultSelector()
+    listener = socket.create_server((HOST, 0), backlog=BACKLOG)
+    listener.setblocking(False)
+    selector.register(listener, selectors.EVENT_READ, "listener")
+    selector.register(conn, selectors.EVENT_READ, "control")
+    peers: Dict[socket.socket, CeilingPeer] = {}
+    dirty: Dict[CeilingPeer, None] = {}  # peers with output, in order
+    broadcast_frame = length_prefixed(BROADCAST_MESSAGE.encode())
+    broadcasting = mode == "broadcast"
+
+    def drop(peer: CeilingPeer) -> None:
+        selector.unregister(peer.sock)
+        peer.sock.close()
+        del peers[peer.sock]
+        dirty.pop(peer, None)
+
+    def on_readable(peer: CeilingPeer) -> None:
+        try:
+            data = peer.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            drop(peer)
+            return
+        inbox = peer.inbox
+        inbox += data
+        pos = 0
+        end = len(inbox)
+        while end - pos >= 4:
+            stop = pos + 4 + int.from_bytes(inbox[pos:pos + 4], "big")
+            if stop > end:
+                break
+            message = bytes(inbox[pos + 4:stop])
+            pos = stop
+            if broadcasting and message == b"go":
+                for other in peers.values():
+                    other.outbox.append(broadcast_frame)
+                    dirty[other] = None
+            else:
+                peer.outbox.append(length_prefixed(message))
+                dirty[peer] = None
+        del inbox[:pos]
+
+    def flush(peer: CeilingPeer) -> None:
+        outbox = peer.outbox
+        if outbox:
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            outbox.clear()
+            try:
+                sent = peer.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                drop(peer)
+                return
+            if sent < len(data):
+                outbox.append(data[sent:])
+        waiting = bool(outbox)
+        if waiting != peer.writing:
+            peer.writing = waiting
+            events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
+            selector.modify(peer.sock, events, peer)
+
+    conn.send(("ready", listener.getsockname()[1]))
+    running = True
+    while running:
+        for key, events in selector.select():
+            tag = key.data
+            if tag == "listener":
+                for _ in range(64):
+                    try:
+                        sock, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    peer = peers[sock] = CeilingPeer(sock)
+                    selector.register(sock, selectors.EVENT_READ, peer)
+            elif tag == "control":
+                try:
+                    command = conn.recv()
+                except (EOFError, OSError):
+                    command = "stop"
+                if command == "stop":
+                    running = False
+                elif command == "stats":
+                    conn.send(("stats", {"live": len(peers)}))
+            else:
+                if events & selectors.EVENT_READ and tag.sock in peers:
+                    on_readable(tag)
+                if events & selectors.EVENT_WRITE and tag.sock in peers:
+                    flush(tag)
+        while dirty:
+            peer = next(iter(dirty))
+            del dirty[peer]
+            if peer.sock in peers:
+                flush(peer)
+    for peer in list(peers.values()):
+        peer.sock.close()
+    listener.close()
+    selector.close()
+
+
+###############################################################################
+# Load generator: client connections ##########################################
+###############################################################################
+
+def _ignore(data: Any) -> None:
+    pass
+
+
+class PicowsLink(WSListener):
+    """One picows client connection: the load generator's WebSocket client."""
+
+    def __init__(self):
+        super().__init__()
+        self.transport = None
+        self.on_message: Callable[[Any], None] = _ignore  # gets the payload, valid during the call only
+        self.disconnected = asyncio.get_running_loop().create_future()
+
+    def on_ws_connected(self, transport):
+        self.transport = transport
+
+    def on_ws_frame(self, transport, frame):
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+            self.on_message(frame.get_payload_as_memoryview())
+        elif msg_type == WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            transport.send_close(WSCloseCode.OK if code == WSCloseCode.NO_INFO else code)
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport):
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+
+    def send(self, data: bytes, binary: bool = False) -> None:
+        self.transport.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, data)
+
+    def close(self) -> None:
+        """Start the close handshake; ``disconnected`` completes when it is over."""
+        self.transport.send_close(WSCloseCode.OK)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
+
+class RawLink(asyncio.Protocol):
+    """One client connection to the ceiling: length-prefixed messages."""
+
+    def __init__(self):
+        self.transport = None
+        self.on_message: Callable[[Any], None] = _ignore
+        self.disconnected = asyncio.get_running_loop().create_future()
+        self._inbox = bytearray()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        inbox = self._inbox
+        inbox += data
+        pos = 0
+        end = len(inbox)
+        while end - pos >= 4:
+            stop = pos + 4 + int.from_bytes(inbox[pos:pos + 4], "big")
+            if stop > end:
+                break
+            self.on_message(inbox[pos + 4:stop])
+            pos = stop
+        del inbox[:pos]
+
+    def connection_lost(self, exc):
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+
+    def send(self, data: bytes, binary: bool = False) -> None:
+        self.transport.write(length_prefixed(data))
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def round_trip(link: Any, payload: bytes, binary: bool = False, timeout: float = 10.0) -> bytes:
+    """Send one message and return the next one received."""
+    future = asyncio.get_running_loop().create_future()
+    previous = link.on_message
+
+    def on_message(data: Any) -> None:
+        if not future.done():
+            future.set_result(bytes(data))
+
+    link.on_message = on_message
+    try:
+        link.send(payload, binary)
+        return await asyncio.wait_for(future, timeout)
+    finally:
+        link.on_message = previous
+
+
+async def open_link(impl: str, port: int) -> Any:
+    """A client connection to a server of ``impl``, handshake done."""
+    if impl == "ceiling":
+        _, link = await asyncio.get_running_loop().create_connection(RawLink, HOST, port)
+        await round_trip(link, b"hello")  # the ceiling's stand-in for an opening handshake
+        return link
+    _, link = await ws_connect(PicowsLink, f"ws://{HOST}:{port}/", max_frame_size=MAX_MESSAGE,
+                               websocket_handshake_timeout=CONNECT_TIMEOUT)
+    return link
+
+
+async def open_links(impl: str, port: int, count: int, concurrency: int) -> "tuple[list, collections.Counter]":
+    """Open ``count`` connections, ``concurrency`` at a time; return them and the errors by type."""
+    links: list = []
+    errors: collections.Counter = collections.Counter()
+    indexes = iter(range(count))  # shared: every index is handed to one worker
+
+    async def worker() -> None:
+        for _ in indexes:
+            try:
+                links.append(await asyncio.wait_for(open_link(impl, port), CONNECT_TIMEOUT))
+            except Exception as exc:
+                errors[type(exc).__name__] += 1
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
+    return links, errors
+
+
+class Meter:
+    """One timed interval: wall time, and the CPU and CPU-wait shares of this process and of the server."""
+
+    def __init__(self, server_pid: Optional[int]):
+        self.server_pid = server_pid
+
+    def _sample(self) -> "tuple[float, float, float, float]":
+        server = cpu_and_wait(self.server_pid) if self.server_pid else (0.0, 0.0)
+        return (*cpu_and_wait(), *server)
+
+    def __enter__(self) -> "Meter":
+        self._start = self._sample()
+        self._wall0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.wall = time.perf_counter() - self._wall0
+        shares = [(end - start) / self.wall for start, end in zip(self._start, self._sample())]
+        self.generator_cpu, self.generator_wait, self.server_cpu, self.server_wait = shares
+
+    def result(self, values: Dict[str, float], errors: int = 0, **info: Any) -> dict:
+        return {"values": values, "wall": self.wall, "generator_cpu": self.generator_cpu,
+                "generator_wait": self.generator_wait, "server_cpu": self.server_cpu,
+                "server_wait": self.server_wait, "errors": errors, "info": info}
+
+
+class Tally:
+    """Messages received by all links of a workload, and a future done when all expected arrived."""
+
+    def __init__(self, expected: int):
+        self.expected = expected
+        self.received = 0
+        self.errors = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    def count(self) -> None:
+        self.received += 1
+        if self.received >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+
+class EchoPump:
+    """Keeps ``in_flight`` messages outstanding on one link until ``quota`` were sent."""
+
+    __slots__ = ("link", "payload", "binary", "quota", "sent", "tally")
+
+    def __init__(self, link: Any, payload: bytes, binary: bool, quota: int, tally: Tally):
+        self.link = link
+        self.payload = payload
+        self.binary = binary
+        self.quota = quota
+        self.sent = 0
+        self.tally = tally
+        link.on_message = self.on_message
+
+    def start(self, in_flight: int) -> None:
+        for _ in range(min(in_flight, self.quota)):
+            self.sent += 1
+            self.link.send(self.payload, self.binary)
+
+    def on_message(self, data: Any) -> None:
+        if len(data) != len(self.payload):
+            self.tally.errors += 1
+        if self.sent < self.quota:
+            self.sent += 1
+            self.link.send(self.payload, self.binary)
+        self.tally.count()
+
+
+def close_links(links: Sequence[Any]) -> None:
+    for link in links:
+        link.abort()
+
+
+###############################################################################
+# Load generator: workloads (each in the generator process) ####################
+###############################################################################
+
+async def workload_s1(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    link = await open_link(impl, port)
+    payload = b"x" * p.s1_size
+    for _ in range(100):
+        await round_trip(link, payload)
+    tally = Tally(p.s1_round_trips)
+
+    def on_message(data: Any) -> None:
+        if len(data) != len(payload):
+            tally.errors += 1
+        tally.count()
+        if tally.received < tally.expected:
+            link.send(payload)
+
+    link.on_message = on_message
+    with Meter(server_pid) as meter:
+        link.send(payload)
+        await asyncio.wait_for(tally.done, p.trial_timeout)
+    link.abort()
+    return meter.result({"rate": tally.received / meter.wall}, tally.errors)
+
+
+async def pipelined_echo(impl: str, port: int, server_pid: int, p: Params, *, connections: int,
+                         in_flight: int, size: int, per_connection: int, binary: bool) -> "tuple[Meter, Tally]":
+    links, errors = await open_links(impl, port, connections, p.connect_concurrency)
+    payload = (b"\x00\xff" * size)[:size] if binary else b"m" * size
+    await asyncio.gather(*(round_trip(link, payload, binary) for link in links))  # warm-up
+    tally = Tally(len(links) * per_connection)
+    tally.errors = sum(errors.values())
+    pumps = [EchoPump(link, payload, binary, per_connection, tally) for link in links]
+    with Meter(server_pid) as meter:
+        for pump in pumps:
+            pump.start(in_flight)
+        await asyncio.wait_for(tally.done, p.trial_timeout)
+    close_links(links)
+    return meter, tally
+
+
+async def workload_s2(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    meter, tally = await pipelined_echo(impl, port, server_pid, p, connections=p.s2_connections,
+                                        in_flight=p.s2_in_flight, size=p.s2_size,
+                                        per_connection=p.s2_per_connection, binary=False)
+    return meter.result({"rate": tally.received / meter.wall}, tally.errors)
+
+
+async def workload_s3(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    meter, tally = await pipelined_echo(impl, port, server_pid, p, connections=p.s3_connections,
+                                        in_flight=p.s3_in_flight, size=p.s3_size,
+                                        per_connection=p.s3_per_connection, binary=True)
+    return meter.result({"rate": tally.received * p.s3_size / meter.wall / 1e6}, tally.errors)
+
+
+def open_connections(impl: str, port: int, count: int, concurrency: int, timeout: float
+                     ) -> "tuple[List[socket.socket], collections.Counter]":
+    """Open ``count`` connections with a lean client: non-blocking sockets in a selector.
+
+    Every WebSocket connection sends its own request (a fresh key, built
+    beforehand) and checks the 101 and its Sec-WebSocket-Accept; a ceiling
+    connection does its 5-byte round trip. ``concurrency`` are in progress at
+    a time. Far cheaper per connection than an asyncio client, so that the
+    server's handshakes, not the generator, set the pace. Returns the open
+    sockets and the errors by kind.
+    """
+    if impl == "ceiling":
+        requests = [length_prefixed(b"hello")] * count
+        answers = requests
+    else:
+        keys = [wsmanager.new_key() for _ in range(count)]
+        requests = [wsmanager.build_request(f"{HOST}:{port}", "/", key) for key in keys]
+        answers = [wsmanager.accept_key(key).encode() for key in keys]
+    selector = selectors.DefaultSelector()
+    opened: List[socket.socket] = []
+    errors: collections.Counter = collections.Counter()
+    started = in_progress = 0
+    deadline = time.monotonic() + timeout
+
+    def finish(sock: socket.socket, error: Optional[str]) -> None:
+        nonlocal in_progress
+        in_progress -= 1
+        selector.unregister(sock)
+        if error is None:
+            opened.append(sock)
+        else:
+            errors[error] += 1
+            sock.close()
+
+    while (started < count or in_progress) and time.monotonic() < deadline:
+        while in_progress < concurrency and started < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex((HOST, port))  # EINPROGRESS; the outcome comes as writability
+            selector.register(sock, selectors.EVENT_WRITE, [started, b""])
+            started += 1
+            in_progress += 1
+        for key, _ in selector.select(1.0):
+            sock, state = key.fileobj, key.data
+            try:
+                if not state[1] and key.events == selectors.EVENT_WRITE:
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if error:
+                        finish(sock, os.strerror(error))
+                        continue
+                    sock.send(requests[state[0]])  # a few hundred bytes: one send
+                    selector.modify(sock, selectors.EVENT_READ, state)
+                    continue
+                data = sock.recv(4096)
+            except OSError as exc:
+                finish(sock, type(exc).__name__)
+                continue
+            if not data:
+                finish(sock, "closed during the handshake")
+                continue
+            state[1] += data
+            answer = state[1]
+            if impl == "ceiling":
+                if len(answer) >= len(answers[state[0]]):
+                    finish(sock, None if answer == answers[state[0]] else "wrong echo")
+            elif b"\r\n\r\n" in answer:
+                accepted = answer.startswith(b"HTTP/1.1 101 ") and answers[state[0]] in answer
+                finish(sock, None if accepted else f"refused: {answer[:30]!r}")
+    for key in list(selector.get_map().values()):  # past the deadline
+        errors["timeout"] += 1
+        key.fileobj.close()
+    selector.close()
+    return opened, errors
+
+
+def open_idle(impl: str, port: int, server_pid: int, p: Params, count: int) -> dict:
+    """Open ``count`` connections after a warm-up one; the server's RSS before and after."""
+    warm, _ = open_connections(impl, port, 1, 1, CONNECT_TIMEOUT)
+    time.sleep(0.2)
+    rss_before = rss_bytes(server_pid)
+    with Meter(server_pid) as meter:
+        socks, errors = open_connections(impl, port, count, p.connect_concurrency, p.trial_timeout)
+    time.sleep(0.5)  # let the server settle: the last handshakes, the 101s in flight
+    rss_after = rss_bytes(server_pid)
+    return {"meter": meter, "socks": socks + warm, "opened": len(socks), "errors": errors,
+            "rss_per_connection": (rss_after - rss_before) / max(len(socks), 1) / 1024,
+            "rss_mib": f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f}"}
+
+
+def close_sockets(socks: Sequence[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def workload_s4(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    opened = open_idle(impl, port, server_pid, p, p.s4_connections)
+    meter = opened["meter"]
+    result = meter.result({"rate": opened["opened"] / meter.wall, "rss": opened["rss_per_connection"]},
+                          sum(opened["errors"].values()), errors_by_type=dict(opened["errors"]),
+                          rss_mib=opened["rss_mib"])
+    close_sockets(opened["socks"])
+    return result
+
+
+def workload_idle(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    opened = open_idle(impl, port, server_pid, p, p.idle_connections)
+    time.sleep(1.0)
+    with Meter(server_pid) as meter:
+        time.sleep(p.idle_seconds)
+    result = meter.result({"cpu": meter.server_cpu * 100}, sum(opened["errors"].values()),
+                          connections=opened["opened"],
+                          rss_per_connection_kib=round(opened["rss_per_connection"], 2))
+    close_sockets(opened["socks"])
+    return result
+
+
+async def workload_s5(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    links, errors = await open_links(impl, port, p.s5_clients, p.connect_concurrency)
+    size = len(BROADCAST_MESSAGE)
+
+    async def broadcasts(count: int) -> Tally:
+        """The first client sends "go" ``count`` times back to back; every client counts what arrives."""
+        tally = Tally(len(links) * count)
+
+        def deliver(data: Any) -> None:
+            if len(data) != size:
+                tally.errors += 1
+            tally.count()
+
+        for link in links:
+            link.on_message = deliver
+        for _ in range(count):
+            links[0].send(b"go")
+        await asyncio.wait_for(tally.done, p.trial_timeout)
+        return tally
+
+    await broadcasts(1)  # warm-up
+    with Meter(server_pid) as meter:
+        tally = await broadcasts(p.s5_broadcasts)
+    close_links(links)
+    return meter.result({"rate": tally.received / meter.wall}, tally.errors + sum(errors.values()),
+                        clients=len(links))
+
+
+def s6_result(meter: Meter, opened: int, rss_before: int, rss_after: int, errors: int, echoed: int) -> dict:
+    return meter.result({"rate": opened / meter.wall, "rss": (rss_after - rss_before) / max(opened, 1) / 1024},
+                        errors + (opened - echoed), echoed=echoed,
+                        rss_mib=f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f}")
+
+
+def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
+    url = f"ws://{HOST}:{port}/"
+    received = 0
+    enough = threading.Event()
+    target = 1
+
+    class Client(wsmanager.WebSocket):
+        def received_message(self, message):
+            nonlocal received
+            received += 1
+            if received >= target:
+                enough.set()
+
+    manager = wsmanager.WebSocketManager()
+    manager.start()
+    try:
+        warm = wsmanager.connect(url, Client)
+        manager.add(warm)
+        warm.send("warm-up")
+        enough.wait(CONNECT_TIMEOUT)
+        received, target = 0, p.s6_connections
+        enough.clear()
+        time.sleep(0.2)
+        rss_before = rss_bytes()
+        clients = []
+        errors = 0
+        with Meter(server_pid) as meter:
+            for _ in range(p.s6_connections):
+                try:
+                    client = wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
+                except (OSError, wsmanager.HandshakeError):
+                    errors += 1
+                    continue
+                manager.add(client)
+                clients.append(client)
+        target = len(clients)
+        for client in clients:
+            client.send("hi")
+        enough.wait(p.trial_timeout)
+        rss_after = rss_bytes()
+        return s6_result(meter, len(clients), rss_before, rss_after, errors, received)
+    finally:
+        manager.stop()
+        manager.join(15)
+
+
+async def client_s6_websockets(port: int, server_pid: int, p: Params) -> dict:
+    url = f"ws://{HOST}:{port}/"
+    options = dict(compression=None, ping_interval=None, open_timeout=CONNECT_TIMEOUT)
+    warm = await websockets_connect(url, **options)
+    await warm.send("warm-up")
+    await warm.recv()
+    await asyncio.sleep(0.2)
+    rss_before = rss_bytes()
+    clients = []
+    errors = 0
+    with Meter(server_pid) as meter:
+        for _ in range(p.s6_connections):
+            try:
+                clients.append(await websockets_connect(url, **options))
+            except Exception:
+                errors += 1
+    for client in clients:
+        await client.send("hi")
+    echoes = await asyncio.wait_for(asyncio.gather(*(client.recv() for client in clients)), p.trial_timeout)
+    rss_after = rss_bytes()
+    for client in clients + [warm]:
+        client.transport.abort()
+    return s6_result(meter, len(clients), rss_before, rss_after, errors, len(echoes))
+
+
+def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
+    """Blocking connect + one round trip each (the stand-in for a handshake), then a selector holds them."""
+    selector = selectors.DefaultSelector()
+    hello = length_prefixed(b"hello")
+
+    def open_one() -> socket.socket:
+        sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(hello)
+        answer = b""
+        while len(answer) < len(hello):
+            chunk = sock.recv(len(hello) - len(answer))
+            if not chunk:
+                raise ConnectionError("closed during the round trip")
+            answer += chunk
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, bytearray())
+        return sock
+
+    socks = [open_one()]
+    time.sleep(0.2)
+    rss_before = rss_bytes()
+    errors = 0
+    with Meter(server_pid) as meter:
+        for _ in range(p.s6_connections):
+            try:
+                socks.append(open_one())
+            except OSError:
+                errors += 1
+    for sock in socks:
+        sock.sendall(length_prefixed(b"hi"))
+    echoed = 0
+    deadline = time.monotonic() + p.trial_timeout
+    while echoed < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            data = key.fileobj.recv(READ_CHUNK)
+            key.data.extend(data)
+            if len(key.data) >= 6 or not data:
+                echoed += 1
+                selector.unregister(key.fileobj)
+    rss_after = rss_bytes()
+    for sock in socks:
+        sock.close()
+    selector.close()
+    return s6_result(meter, len(socks) - 1, rss_before, rss_after, errors, echoed - 1)
+
+
+# -- soak -------------------------------------------------------------------
+
+def payload_pools(rng: random.Random) -> Dict[bool, List[bytes]]:
+    """A few payloads of each size, text (ASCII) and binary, made once."""
+    pools: Dict[bool, List[bytes]] = {False: [], True: []}
+    for size in (1, 60, 700, 5000, 70000):
+        for _ in range(4):
+            pools[False].append("".join(rng.choices(string.ascii_letters, k=size)).encode())
+            pools[True].append(rng.randbytes(size))
+    return pools
+
+
+async def soak_session(port: int, rng: random.Random, roll: float, counts: collections.Counter,
+                       pools: Dict[bool, List[bytes]]) -> None:
+    link = await asyncio.wait_for(open_link("wsmanager", port), CONNECT_TIMEOUT)
+    counts["connections"] += 1
+    try:
+        for _ in range(rng.randint(1, 20)):
+            binary = rng.random() < 0.5
+            payload = rng.choice(pools[binary])
+            if await round_trip(link, payload, binary) != payload:
+                counts["errors"] += 1
+                counts["error: echo differs"] += 1
+            counts["messages"] += 1
+        if roll < 0.16:
+            link.abort()  # vanish without a close frame
+            counts["client vanished"] += 1
+        else:
+            if roll < 0.26:
+                link.send(b"close-me")  # the server starts the close handshake
+                counts["server closed"] += 1
+            else:
+                link.close()
+                counts["client closed"] += 1
+            await asyncio.wait_for(link.disconnected, 10)
+    finally:
+        link.abort()
+
+
+async def soak_partial_handshake(port: int) -> None:
+    """Half a request head, then gone: the server must drop the handshake."""
+    _, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def soak_protocol_error(port: int) -> None:
+    """A valid handshake, then an unmasked frame: the server must fail the connection with 1002."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(wsmanager.build_request(f"{HOST}:{port}", "/", wsmanager.new_key()))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"handshake refused: {head[:40]!r}")
+        writer.write(b"\x81\x02hi")
+        rest = await asyncio.wait_for(reader.read(), 10)  # until the server's EOF
+        if rest[:1] != b"\x88" or rest[2:4] != (1002).to_bytes(2, "big"):
+            raise RuntimeError(f"expected a 1002 close frame, got {rest[:8]!r}")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def workload_soak(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + p.soak_seconds
+    counts: collections.Counter = collections.Counter()
+    pools = payload_pools(random.Random(6455))
+    next_start = loop.time()
+
+    async def pace() -> None:
+        """At most soak_rate new connections per second, all workers together."""
+        nonlocal next_start
+        now = loop.time()
+        start = max(now, next_start)
+        next_start = start + 1 / p.soak_rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(p.soak_max_rounds):
+            await pace()
+            if loop.time() >= deadline:
+                return
+            roll = rng.random()
+            try:
+                if roll < 0.03:
+                    await soak_partial_handshake(port)
+                    counts["partial handshakes"] += 1
+                elif roll < 0.06:
+                    await soak_protocol_error(port)
+                    counts["protocol errors provoked"] += 1
+                else:
+                    await soak_session(port, rng, roll, counts, pools)
+            except Exception as exc:
+                counts["errors"] += 1
+                counts[f"error: {type(exc).__name__}: {exc}"[:100]] += 1
+
+    with Meter(server_pid) as meter:
+        await asyncio.gather(*(worker(seed) for seed in range(p.soak_workers)))
+    return meter.result({}, counts["errors"], counts=dict(counts))
+
+
+WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
+             "idle": workload_idle, "soak": workload_soak}
+
+
+def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: int, p: Params) -> None:
+    """The load generator process: run one workload, send ("result", dict)."""
+    if workload == "s6":
+        if impl == "wsmanager":
+            result = client_s6_wsmanager(port, server_pid, p)
+        elif impl == "websockets":
+            result = asyncio.run(client_s6_websockets(port, server_pid, p))
+        else:
+            result = client_s6_ceiling(port, server_pid, p)
+    elif asyncio.iscoroutinefunction(WORKLOADS[workload]):
+        result = asyncio.run(WORKLOADS[workload](impl, port, server_pid, p))
+    else:
+        result = WORKLOADS[workload](impl, port, server_pid, p)
+    conn.send(("result", result))
+
+
+###############################################################################
+# Results: metrics, targets, tables ############################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    against: str  # "websockets", "ceiling" or "absolute"
+    bound: float
+
+    def describe(self, metric: "Metric") -> str:
+        if self.against == "absolute":
+            return f"{'>=' if metric.higher_is_better else '<='} {self.bound:g} {metric.unit}"
+        return f">= {self.bound:g}x {self.against}"
+
+    def met(self, metric: "Metric") -> Optional[bool]:
+        if self.against == "absolute":
+            value = metric.median("wsmanager")
+            if value is None:
+                return None
+            return value >= self.bound if metric.higher_is_better else value <= self.bound
+        ratio = metric.ratio(self.against)
+        return None if ratio is None else ratio >= self.bound
+
+
+@dataclasses.dataclass
+class Metric:
+    """One row of the final table: samples of each implementation, and targets."""
+
+    label: str
+    unit: str
+    higher_is_better: bool = True
+    targets: Sequence[Target] = ()
+    # Table column -> key in samples (the codec rows compare with a websockets variant).
+    columns: Dict[str, str] = dataclasses.field(default_factory=lambda: {impl: impl for impl in IMPLEMENTATIONS})
+    samples: Dict[str, List[float]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+    def median(self, column: str) -> Optional[float]:
+        values = self.samples.get(self.columns.get(column, ""), [])
+        return statistics.median(values) if values else None
+
+    def ratio(self, column: str) -> Optional[float]:
+        ours, theirs = self.median("wsmanager"), self.median(column)
+        if ours is None or not theirs:
+            return None
+        return ours / theirs
+
+    def verdict(self) -> str:
+        if not self.targets:
+            return "-"
+        results = [target.met(self) for target in self.targets]
+        if None in results:
+            return "n/a"
+        return "yes" if all(results) else "NO"
+
+
+def fmt(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(metrics: Sequence[Metric], with_targets: bool = True) -> str:
+    header = ["scenario", "wsmanager", "websockets", "ceiling", "ratio vs websockets", "ratio vs ceiling"]
+    if with_targets:
+        header += ["target", "met?"]
+    rows = [header, ["---"] * len(header)]
+    for metric in metrics:
+        has_ceiling = "ceiling" in metric.columns
+        row = [f"{metric.label} ({metric.unit}{'' if metric.higher_is_better else ', lower is better'})",
+               fmt(metric.median("wsmanager")), fmt(metric.median("websockets")),
+               fmt(metric.median("ceiling")) if has_ceiling else "-",
+               fmt_ratio(metric.ratio("websockets")), fmt_ratio(metric.ratio("ceiling")) if has_ceiling else "-"]
+        if with_targets:
+            row += ["; ".join(target.describe(metric) for target in metric.targets) or "-", metric.verdict()]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+###############################################################################
+# Scenarios (parent side) ######################################################
+###############################################################################
+
+@dataclasses.dataclass
+class Scenario:
+    key: str
+    title: str
+    mode: str  # what the server does: "echo" or "broadcast"
+    metrics: Dict[str, Metric]  # result value name -> row
+    servers: Dict[str, str] = dataclasses.field(default_factory=lambda: {impl: impl for impl in IMPLEMENTATIONS})
+    shares: Dict[str, Dict[str, List[float]]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
+    # The "rate" divided by the CPU share of the side under test (the server; in s6 the client):
+    # work per CPU-second, which CPU contention from other processes disturbs far less.
+    efficiency: Optional[Metric] = None
+
+    def __post_init__(self) -> None:
+        rate = self.metrics.get("rate")
+        if rate is not None:
+            self.efficiency = Metric(rate.label, f"{rate.unit} per CPU-second")
+
+    def cpu_under_test(self, result: dict) -> float:
+        return result["generator_cpu"] if self.key == "s6" else result["server_cpu"]
+
+
+def make_scenarios(p: Params) -> Dict[str, Scenario]:
+    ref, ceiling, absolute = "websockets", "ceiling", "absolute"
+    return {
+        "s1": Scenario("s1", f"S1 latency: 1 connection, {p.s1_round_trips:,} sequential round trips of "
+                             f"{p.s1_size} B text", "echo",
+                       {"rate": Metric("S1 latency", "round trips/s", targets=[Target(ref, 1.3)])}),
+        "s2": Scenario("s2", f"S2 small messages: {p.s2_connections} connections x {p.s2_in_flight} in flight, "
+                             f"{p.s2_size} B text, {p.s2_per_connection:,} round trips each", "echo",
+                       {"rate": Metric("S2 small messages", "msg/s",
+                                       targets=[Target(ref, 3.0), Target(ceiling, 0.5)])}),
+        "s3": Scenario("s3", f"S3 large messages: {p.s3_connections} connections x {p.s3_in_flight} in flight, "
+                             f"{p.s3_size // 1024} KiB binary, {p.s3_per_connection} round trips each", "echo",
+                       {"rate": Metric("S3 large messages", "MB/s", targets=[Target(ref, 0.9)])}),
+        "s4": Scenario("s4", f"S4 connections: {p.s4_connections:,} idle connections opened "
+                             f"{p.connect_concurrency} at a time", "echo",
+                       {"rss": Metric("S4 server RSS per connection", "KiB", higher_is_better=False,
+                                      targets=[Target(absolute, 3.0)]),
+                        "rate": Metric("S4 handshakes", "handshakes/s", targets=[Target(ref, 1.5)])}),
+        "s5": Scenario("s5", f"S5 broadcast: {p.s5_clients:,} clients, {p.s5_broadcasts} broadcasts of "
+                             f"{len(BROADCAST_MESSAGE)} B text triggered back to back", "broadcast",
+                       {"rate": Metric("S5 broadcast", "deliveries/s", targets=[Target(ref, 2.0)])}),
+        "s6": Scenario("s6", f"S6 client side: {p.s6_connections:,} client connections opened one by one "
+                             "against a picows echo server (ceiling: the raw server)", "echo",
+                       {"rss": Metric("S6 client RSS per connection", "KiB", higher_is_better=False,
+                                      targets=[Target(absolute, 3.0)]),
+                        "rate": Metric("S6 client connections", "conn/s", targets=[Target(ref, 3.0)])},
+                       servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling"}),
+        "idle": Scenario("idle", f"Idle: server CPU with {p.idle_connections:,} idle connections for "
+                                 f"{p.idle_seconds:g} s", "echo",
+                         {"cpu": Metric("Idle connections, server CPU", "% of wall", higher_is_better=False,
+                                        targets=[Target(absolute, 1.0)])}),
+    }
+
+
+def run_trial(scenario: Scenario, impl: str, p: Params, profile_path: Optional[str]) -> dict:
+    """One fresh server process and one fresh generator process; the generator's result."""
+    server_impl = scenario.servers[impl]
+    server = Child(server_main, server_impl, scenario.mode,
+                   profile_path if server_impl == "wsmanager" else None, cpu=CPUS["server"])
+    try:
+        port = server.receive("ready", 60)
+        generator = Child(generator_main, scenario.key, impl, port, server.pid, p, cpu=CPUS["generator"])
+        try:
+            return generator.receive("result", p.trial_timeout + 60)
+        finally:
+            generator.stop()
+    finally:
+        server.stop()
+
+
+def describe_trial(scenario: Scenario, impl: str, result: dict) -> str:
+    values = "  ".join(f"{fmt(result['values'][key])} {metric.unit}" for key, metric in scenario.metrics.items())
+    side = "client" if scenario.key == "s6" else "generator"
+    text = (f"{values}  | {side} CPU {result['generator_cpu']:.0%} (+{result['generator_wait']:.0%} waiting), "
+            f"server CPU {result['server_cpu']:.0%} (+{result['server_wait']:.0%} waiting) | {result['wall']:.2f} s")
+    cpu = scenario.cpu_under_test(result)
+    if "rate" in result["values"] and cpu > 0.01:
+        text += f" | {fmt(result['values']['rate'] / cpu)} per {'client' if side == 'client' else 'server'} CPU-s"
+    if result["errors"]:
+        text += f" | ERRORS {result['errors']}"
+    info = {key: value for key, value in result["info"].items() if value}
+    if info:
+        text += " | " + ", ".join(f"{key} {value}" for key, value in info.items())
+    return text
+
+
+def print_profile(path: str, top: int = 15) -> None:
+    print(f"    cProfile of the wsmanager server ({path}), top {top} by own time:")
+    stream = StringIOWithIndent()
+    pstats.Stats(path, stream=stream).strip_dirs().sort_stats("tottime").print_stats(top)
+    print(stream.getvalue())
+
+
+class StringIOWithIndent:
+    """A minimal text sink for pstats that indents what it is given."""
+
+    def __init__(self):
+        self._parts: List[str] = []
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+
+    def getvalue(self) -> str:
+        lines = "".join(self._parts).splitlines()
+        return "\n".join("      " + line for line in lines if line.strip())
+
+
+def run_scenario(scenario: Scenario, p: Params, repeat: int, profile_dir: Optional[str]) -> None:
+    print(f"\n## {scenario.title}")
+    for rep in range(repeat):
+        for impl in IMPLEMENTATIONS:
+            profile_path = None
+            if profile_dir and impl == "wsmanager":
+                profile_path = os.path.join(profile_dir, f"{scenario.key}-rep{rep + 1}.prof")
+            label = f"  {scenario.key} rep {rep + 1}/{repeat}  {impl:<10}"
+            try:
+                result = run_trial(scenario, impl, p, profile_path)
+            except Exception as exc:
+                print(f"{label} FAILED: {exc}", flush=True)
+                continue
+            for key, metric in scenario.metrics.items():
+                metric.samples[impl].append(result["values"][key])
+            for share in ("generator_cpu", "generator_wait", "server_cpu", "server_wait"):
+                scenario.shares[impl][share].append(result[share])
+            cpu = scenario.cpu_under_test(result)
+            if scenario.efficiency is not None and cpu > 0.01:
+                scenario.efficiency.samples[impl].append(result["values"]["rate"] / cpu)
+            print(f"{label} {describe_trial(scenario, impl, result)}", flush=True)
+            if profile_path and rep == 0 and os.path.exists(profile_path):
+                print_profile(profile_path)
+    for metric in scenario.metrics.values():
+        medians = ", ".join(f"{impl} {fmt(metric.median(impl))}" for impl in IMPLEMENTATIONS)
+        print(f"  median {metric.label} ({metric.unit}): {medians}")
+
+
+def share_table(scenarios: Sequence[Scenario]) -> str:
+    """Medians of the CPU shares: "generator cpu+wait / server cpu+wait" per implementation."""
+    rows = [["scenario"] + [f"{impl}: generator / server" for impl in IMPLEMENTATIONS]]
+    rows.append(["---"] * len(rows[0]))
+    for scenario in scenarios:
+        cells = [scenario.key]
+        for impl in IMPLEMENTATIONS:
+            shares = scenario.shares.get(impl)
+            if not shares or not shares["generator_cpu"]:
+                cells.append("-")
+                continue
+            median = {name: statistics.median(values) for name, values in shares.items()}
+            cells.append(f"{median['generator_cpu']:.0%}+{median['generator_wait']:.0%} / "
+                         f"{median['server_cpu']:.0%}+{median['server_wait']:.0%}")
+        rows.append(cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+# -- codec (in this process) --------------------------------------------------
+
+@contextlib.contextmanager
+def websockets_mask(function: Callable[[bytes, bytes], bytes]):
+    """Make websockets' frame parser use ``function`` to unmask (C speedups or the pure-Python fallback)."""
+    saved = websockets.frames.apply_mask
+    websockets.frames.apply_mask = function
+    try:
+        yield
+    finally:
+        websockets.frames.apply_mask = saved
+
+
+def parse_with_wsmanager(chunks: Sequence[bytes]) -> int:
+    parser = wsmanager.FrameParser(expect_masked=True, max_frame_size=MAX_MESSAGE)
+    count = 0
+    for chunk in chunks:
+        count += len(parser.feed(chunk))
+    return count
+
+
+def parse_with_websockets(chunks: Sequence[bytes]) -> int:
+    """websockets' own parsing loop: Frame.parse, a generator-based coroutine, over a StreamReader."""
+    reader = websockets.streams.StreamReader()
+    parse = websockets.frames.Frame.parse
+    read_exact = reader.read_exact
+    parser = None
+    count = 0
+    for chunk in chunks:
+        reader.feed_data(chunk)
+        while True:
+            if parser is None:
+                parser = parse(read_exact, mask=True, max_size=MAX_MESSAGE, extensions=[])
+            try:
+                next(parser)  # returns when it needs more bytes
+            except StopIteration:
+                count += 1
+                parser = None
+                continue
+            break
+    return count
+
+
+def masked_stream(count: int, size: int) -> List[bytes]:
+    """``count`` masked binary frames of ``size`` bytes, cut in 64 KiB chunks as a socket would deliver them."""
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    data = b"".join(wsmanager.encode_frame(wsmanager.Opcode.BINARY, payload, mask=True) for _ in range(count))
+    return [data[i:i + READ_CHUNK] for i in range(0, len(data), READ_CHUNK)]
+
+
+def run_codec(p: Params, repeat: int) -> List[Metric]:
+    print("\n## Codec, in-process (pinned to the generator's CPU)")
+    c_mask = websockets_c_apply_mask
+    pure_mask = websockets.utils.apply_mask
+    variants = {"wsmanager": None, "websockets+C": c_mask, "websockets pure-Python": pure_mask}
+    if c_mask is None:
+        print("  websockets has no C speedups here: its +C rows are missing")
+        del variants["websockets+C"]
+    small = masked_stream(p.codec_small_frames, 16)
+    big = masked_stream(p.codec_big_frames, 2 ** 20)
+    data_1m = bytes(range(256)) * 4096
+    data_64 = bytes(range(64))
+    key = b"\x12\x34\x56\x78"
+    mask_functions = {"wsmanager": wsmanager.apply_mask, "websockets+C": c_mask,
+                      "websockets pure-Python": pure_mask}
+    samples = {name: collections.defaultdict(list) for name in ("small", "big", "mask1m", "mask64")}
+    mask_1m_calls = max(4, p.codec_big_frames // 4)
+    mask_64_calls = max(10_000, p.codec_small_frames // 2)
+
+    def parse_time(variant: str, chunks: List[bytes], expected: int) -> float:
+        """Best of BEST_OF runs: seconds to parse ``chunks`` (which hold ``expected`` frames)."""
+        times = []
+        for _ in range(BEST_OF):
+            with contextlib.ExitStack() as stack:
+                if variant != "wsmanager":
+                    stack.enter_context(websockets_mask(variants[variant]))
+                parse = parse_with_wsmanager if variant == "wsmanager" else parse_with_websockets
+                start = time.perf_counter()
+                count = parse(chunks)
+                times.append(time.perf_counter() - start)
+            if count != expected:
+                raise AssertionError(f"{variant} parsed {count} frames, not {expected}")
+        return min(times)
+
+    def call_time(function: Callable[[bytes, bytes], bytes], data: bytes, calls: int) -> float:
+        """Best of BEST_OF runs: seconds per call."""
+        return min(timeit.repeat(lambda: function(data, key), number=calls, repeat=BEST_OF)) / calls
+
+    saved_affinity = os.sched_getaffinity(0)
+    if CPUS["generator"] is not None:
+        os.sched_setaffinity(0, {CPUS["generator"]})
+    try:
+        for rep in range(repeat):
+            for variant in variants:
+                elapsed = parse_time(variant, small, p.codec_small_frames)
+                samples["small"][variant].append(p.codec_small_frames / elapsed)
+                elapsed = parse_time(variant, big, p.codec_big_frames)
+                samples["big"][variant].append(p.codec_big_frames * 2 ** 20 / elapsed / 1e6)
+                function = mask_functions[variant]
+                samples["mask1m"][variant].append(len(data_1m) / call_time(function, data_1m, mask_1m_calls) / 1e6)
+                samples["mask64"][variant].append(call_time(function, data_64, mask_64_calls) * 1e9)
+            line = "  ".join(f"{variant}: {fmt(samples['small'][variant][-1])} frames/s, "
+                             f"{fmt(samples['big'][variant][-1])} MB/s, mask 1 MiB "
+                             f"{fmt(samples['mask1m'][variant][-1])} MB/s, mask 64 B "
+                             f"{fmt(samples['mask64'][variant][-1])} ns" for variant in variants)
+            print(f"  codec rep {rep + 1}/{repeat}  {line}", flush=True)
+    finally:
+        os.sched_setaffinity(0, saved_affinity)
+
+    short_names = {"websockets+C": "C speedups", "websockets pure-Python": "pure Python"}
+
+    def rows(name: str, label: str, unit: str, higher: bool, targets: Dict[str, Sequence[Target]]) -> List[Metric]:
+        """One table row per websockets variant, all sharing the samples of ``name``."""
+        return [Metric(f"{label} [websockets with {short_names[variant]}]", unit, higher_is_better=higher,
+                       targets=targets.get(variant, ()), samples=samples[name],
+                       columns={"wsmanager": "wsmanager", "websockets": variant})
+                for variant in variants if variant != "wsmanager"]
+
+    ref = [Target("websockets", 1.5)]
+    metrics = (rows("small", f"FrameParser {p.codec_small_frames:,} x 16 B masked", "frames/s", True,
+                    {"websockets+C": ref})
+               + rows("big", f"FrameParser {p.codec_big_frames} x 1 MiB masked", "MB/s", True,
+                      {"websockets pure-Python": [Target("websockets", 2.0)]})
+               + rows("mask1m", "apply_mask 1 MiB", "MB/s", True, {})
+               + rows("mask64", "apply_mask 64 B", "ns/call", False, {}))
+    for metric in metrics:
+        print(f"  median {metric.label} ({metric.unit}): wsmanager {fmt(metric.median('wsmanager'))}, "
+              f"websockets {fmt(metric.median('websockets'))}")
+    return metrics
+
+
+# -- soak ---------------------------------------------------------------------
+
+def run_soak(p: Params) -> int:
+    print(f"## Soak: {p.soak_seconds:.0f} s of churn against one wsmanager server process")
+    server = Child(server_main, "wsmanager", "soak", None, cpu=CPUS["server"])
+    try:
+        port = server.receive("ready", 60)
+        pid = server.pid
+        time.sleep(0.5)
+        start = (fd_count(pid), rss_bytes(pid))
+        print(f"  start:   {start[0]} fds, RSS {start[1] / 2**20:.1f} MiB")
+        warm_up = min(10.0, p.soak_seconds / 5)
+        generator = Child(generator_main, "soak", "wsmanager", port, pid, p, cpu=CPUS["generator"])
+        samples = []  # (seconds since start, fds, rss) after warm-up
+        warm = None
+        began = time.monotonic()
+        last_print = began
+        result = None
+        try:
+            while time.monotonic() - began < p.soak_seconds + 120:
+                if generator.conn.poll(1.0):
+                    result = generator.receive("result", 1)
+                    break
+                elapsed = time.monotonic() - began
+                now = (fd_count(pid), rss_bytes(pid))
+                if elapsed >= warm_up:
+                    if warm is None:
+                        warm = now
+                        print(f"  warm-up: {now[0]} fds, RSS {now[1] / 2**20:.1f} MiB (after {elapsed:.0f} s)")
+                    samples.append((elapsed, *now))
+                if time.monotonic() - last_print >= 10:
+                    last_print = time.monotonic()
+                    stats = server.ask("stats")
+                    print(f"  {elapsed:5.0f} s: {now[0]} fds, RSS {now[1] / 2**20:.1f} MiB, "
+                          f"opened {stats.get('opened', 0)}, closed {stats.get('closed', 0)}, "
+                          f"live {stats['live']}", flush=True)
+        finally:
+            generator.stop()
+        if result is None:
+            print("  the client generator did not finish in time")
+            return 1
+        # The last connections wind down (close handshakes, EOFs): wait for the fd count, bounded.
+        settle_deadline = time.monotonic() + wsmanager.DEFAULT_CLOSE_TIMEOUT + 10
+        while fd_count(pid) != start[0] and time.monotonic() < settle_deadline:
+            time.sleep(0.2)
+        end = (fd_count(pid), rss_bytes(pid))
+        stats = server.ask("stats")
+    finally:
+        server.stop()
+    samples.append((time.monotonic() - began, *end))
+    counts = result["info"]["counts"]
+    print(f"  end:     {end[0]} fds, RSS {end[1] / 2**20:.1f} MiB")
+    print(f"  client side: {counts.get('connections', 0):,} WebSocket connections, "
+          f"{counts.get('messages', 0):,} messages echoed, {counts.get('errors', 0)} errors; "
+          f"{counts.get('client closed', 0):,} closed by the client, {counts.get('server closed', 0):,} by the "
+          f"server, {counts.get('client vanished', 0):,} vanished, {counts.get('partial handshakes', 0):,} "
+          f"partial handshakes, {counts.get('protocol errors provoked', 0):,} protocol errors provoked")
+    for key, value in sorted(counts.items()):
+        if key.startswith("error:"):
+            print(f"    {value} x {key}")
+    print(f"  server side: opened {stats.get('opened', 0):,}, closed {stats.get('closed', 0):,}, "
+          f"messages {stats.get('messages', 0):,}, live {stats['live']}, handshakes {stats['handshakes']}, "
+          f"timers pending {stats['timers']}")
+    codes = {key: value for key, value in stats.items() if key.startswith("closed with")}
+    print("  close codes seen by the server: " + ", ".join(f"{key[12:]}: {value:,}" for key, value in sorted(codes.items())))
+    rss_values = [rss for _, _, rss in samples]
+    band = max(rss_values) - min(rss_values)
+    band_limit = max(4 * 2 ** 20, 0.05 * warm[1]) if warm else 4 * 2 ** 20
+    fds_back = end[0] == start[0]
+    rss_ok = band <= band_limit
+    print(f"  fd count back to its start value ({start[0]}): {'yes' if fds_back else 'NO'} ({end[0]})")
+    print(f"  RSS after warm-up: {min(rss_values) / 2**20:.1f}..{max(rss_values) / 2**20:.1f} MiB, band "
+          f"{band / 2**20:.2f} MiB (limit {band_limit / 2**20:.1f} MiB): {'ok' if rss_ok else 'TOO WIDE'}")
+    return 0 if fds_back and rss_ok and not counts.get("errors") else 1
+
+
+###############################################################################
+# Main #########################################################################
+###############################################################################
+
+SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(
+        description="Benchmark wsmanager against websockets (reference) and a raw-TCP selectors ceiling. "
+                    "Scenarios and methodology are described in this file's docstring.",
+        epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
+               "s6 client side, codec, idle; soak (only when named).",
+        formatter_class=Formatter)
+    parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
+                        help="scenarios to run, in this order; soak runs only when named")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of every implementation, interleaved")
+    parser.add_argument("--quick", action="store_true", help="every scenario about 10x smaller (smoke run)")
+    parser.add_argument("--seconds", type=float, default=Params.soak_seconds, help="duration of soak")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="cProfile every wsmanager server process into DIR and print its top functions")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak",)]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {', '.join(SCENARIO_ORDER)}, soak")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    missing = [name for name, module in (("websockets", websockets), ("picows", picows)) if module is None]
+    if missing:
+        print(f"missing {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    p = Params(soak_seconds=args.seconds)
+    if args.quick:
+        p = p.quick()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    chosen = args.scenarios
+    with open(wsmanager.__file__, "rb") as source:
+        digest = hashlib.sha1(source.read()).hexdigest()[:12]
+    print(f"# wsmanager {wsmanager.__version__} ({wsmanager.__file__}, sha1 {digest}) against websockets "
+          f"{websockets.version.version}; load generator picows {getattr(picows, '__version__', '?')}; "
+          f"Python {sys.version.split()[0]}")
+    print(f"CPUs: server {CPUS['server']}, generator {CPUS['generator']} (of {os.cpu_count()}); "
+          f"load average {os.getloadavg()[0]:.2f}; repeat {args.repeat}{'; quick' if args.quick else ''}")
+    started = time.monotonic()
+    status = 0
+    metrics: List[Metric] = []
+    scenarios_run: List[Scenario] = []
+    scenarios = make_scenarios(p)
+    for name in SCENARIO_ORDER:
+        if name not in chosen:
+            continue
+        if name == "codec":
+            metrics.extend(run_codec(p, args.repeat))
+            continue
+        scenario = scenarios[name]
+        run_scenario(scenario, p, args.repeat, args.profile)
+        scenarios_run.append(scenario)
+        metrics.extend(scenario.metrics.values())
+    if metrics:
+        print(f"\n## Results: medians of {args.repeat} interleaved repetition(s)"
+              f"{' (quick)' if args.quick else ''}, {time.monotonic() - started:.0f} s, "
+              f"load average now {os.getloadavg()[0]:.2f}\n")
+        print(markdown_table(metrics))
+        if scenarios_run:
+            print("\nCPU shares over the timed intervals, medians: CPU used + time runnable but waiting for a CPU "
+                  "(taken by other processes). s6: the client under test / the echo server.\n")
+            print(share_table(scenarios_run))
+            efficiency = [scenario.efficiency for scenario in scenarios_run if scenario.efficiency is not None]
+            if efficiency:
+                print("\nWork per CPU-second of the side under test (the server; s6: the client), medians. "
+                      "Less sensitive than the rates above to other processes taking CPU time; a side that\n"
+                      "is not saturated batches less, so this understates its capacity:\n")
+                print(markdown_table(efficiency, with_targets=False))
+        if any(metric.verdict() == "n/a" for metric in metrics):
+            status = 1  # a trial failed: its row has no median
+    if "soak" in chosen:
+        print()
+        status = run_soak(p) or status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
