@@ -254,6 +254,11 @@ def fd_count(pid: Any = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def rss_growth(before: int, after: int, connections: int) -> "tuple[float, str]":
+    """RSS growth in KiB per connection, and "before -> after" in MiB."""
+    return (after - before) / max(connections, 1) / 1024, f"{before / 2**20:.1f} -> {after / 2**20:.1f}"
+
+
 def choose_cpus() -> Dict[str, Optional[int]]:
     """Server on the first allowed CPU, load generator on the second (no pinning on one CPU)."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -371,17 +376,21 @@ def server_main(conn: Any, impl: str, mode: str, profile_path: Optional[str] = N
         raise ValueError(impl)
 
 
+def obey(conn: Any, stats: Callable[[], dict] = dict) -> bool:
+    """Read one command of the parent and answer it; False once it says "stop" (or has gone away)."""
+    try:
+        command = conn.recv()
+    except (EOFError, OSError):
+        return False
+    if command == "stats":
+        conn.send(("stats", stats()))
+    return command != "stop"
+
+
 def serve_control(conn: Any, stats: Callable[[], dict] = dict) -> None:
     """Answer the parent's commands until it says "stop" (or goes away)."""
-    while True:
-        try:
-            command = conn.recv()
-        except (EOFError, OSError):
-            return
-        if command == "stop":
-            return
-        if command == "stats":
-            conn.send(("stats", stats()))
+    while obey(conn, stats):
+        pass
 
 
 async def serve_control_async(conn: Any, stats: Callable[[], dict] = dict) -> None:
@@ -390,20 +399,21 @@ async def serve_control_async(conn: Any, stats: Callable[[], dict] = dict) -> No
     stopped = loop.create_future()
 
     def on_command() -> None:
-        try:
-            command = conn.recv()
-        except (EOFError, OSError):
-            command = "stop"
-        if command == "stop" and not stopped.done():
+        if not obey(conn, stats) and not stopped.done():
             stopped.set_result(None)
-        elif command == "stats":
-            conn.send(("stats", stats()))
 
     loop.add_reader(conn.fileno(), on_command)
     try:
         await stopped
     finally:
         loop.remove_reader(conn.fileno())
+
+
+async def serve_until_stopped(conn: Any, port: int) -> None:
+    """An asyncio server process: send ("ready", port), answer the parent until "stop", then exit at once."""
+    conn.send(("ready", port))
+    await serve_control_async(conn)
+    exit_process()
 
 
 def serve_wsmanager(conn: Any, mode: str, profile_path: Optional[str]) -> None:
@@ -481,9 +491,7 @@ async def serve_websockets(conn: Any, mode: str) -> None:
     handler = {"echo": echo, "broadcast": broadcast}[mode]
     server = await websockets_serve(handler, HOST, 0, compression=None, ping_interval=None,
                                     max_size=MAX_MESSAGE, backlog=BACKLOG)
-    conn.send(("ready", server.sockets[0].getsockname()[1]))
-    await serve_control_async(conn)
-    exit_process()
+    await serve_until_stopped(conn, server.sockets[0].getsockname()[1])
 
 
 class PicowsEcho(WSListener):
@@ -501,13 +509,26 @@ class PicowsEcho(WSListener):
 async def serve_picows(conn: Any) -> None:
     server = await ws_create_server(lambda request: PicowsEcho(), HOST, 0, max_frame_size=MAX_MESSAGE,
                                     backlog=BACKLOG)
-    conn.send(("ready", server.sockets[0].getsockname()[1]))
-    await serve_control_async(conn)
-    exit_process()
+    await serve_until_stopped(conn, server.sockets[0].getsockname()[1])
 
 
 def length_prefixed(message: bytes) -> bytes:
     return len(message).to_bytes(4, "big") + message
+
+
+def split_frames(inbox: bytearray) -> List[bytearray]:
+    """Take the complete length-prefixed messages off the front of ``inbox``; a partial one stays."""
+    messages = []
+    pos = 0
+    end = len(inbox)
+    while end - pos >= 4:
+        stop = pos + 4 + int.from_bytes(inbox[pos:pos + 4], "big")
+        if stop > end:
+            break
+        messages.append(inbox[pos + 4:stop])
+        pos = stop
+    del inbox[:pos]
+    return messages
 
 
 class CeilingPeer:
@@ -548,16 +569,9 @@ def serve_ceiling(conn: Any, mode: str) -> None:
         if not data:
             drop(peer)
             return
-        inbox = peer.inbox
-        inbox += data
-        pos = 0
-        end = len(inbox)
-        while end - pos >= 4:
-            stop = pos + 4 + int.from_bytes(inbox[pos:pos + 4], "big")
-            if stop > end:
-                break
-            message = bytes(inbox[pos + 4:stop])
-            pos = stop
+        peer.inbox += data
+        for message in split_frames(peer.inbox):
+            message = bytes(message)  # an immutable copy of its own, as a server hands its application
             if broadcasting and message == b"go":
                 for other in peers.values():
                     other.outbox.append(broadcast_frame)
@@ -565,7 +579,6 @@ def serve_ceiling(conn: Any, mode: str) -> None:
             else:
                 peer.outbox.append(length_prefixed(message))
                 dirty[peer] = None
-        del inbox[:pos]
 
     def flush(peer: CeilingPeer) -> None:
         outbox = peer.outbox
@@ -603,14 +616,7 @@ def serve_ceiling(conn: Any, mode: str) -> None:
                     peer = peers[sock] = CeilingPeer(sock)
                     selector.register(sock, selectors.EVENT_READ, peer)
             elif tag == "control":
-                try:
-                    command = conn.recv()
-                except (EOFError, OSError):
-                    command = "stop"
-                if command == "stop":
-                    running = False
-                elif command == "stats":
-                    conn.send(("stats", {"live": len(peers)}))
+                running = obey(conn, lambda: {"live": len(peers)})
             else:
                 if events & selectors.EVENT_READ and tag.sock in peers:
                     on_readable(tag)
@@ -635,14 +641,22 @@ def _ignore(data: Any) -> None:
     pass
 
 
-class PicowsLink(WSListener):
-    """One picows client connection: the load generator's WebSocket client."""
+class Link:
+    """A client connection of the load generator; subclasses add ``send``, ``close`` and ``abort``."""
 
     def __init__(self):
         super().__init__()
         self.transport = None
         self.on_message: Callable[[Any], None] = _ignore  # gets the payload, valid during the call only
-        self.disconnected = asyncio.get_running_loop().create_future()
+        self.disconnected = asyncio.get_running_loop().create_future()  # done when the connection is gone
+
+    def _gone(self) -> None:
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+
+
+class PicowsLink(Link, WSListener):
+    """One picows client connection: the load generator's WebSocket client."""
 
     def on_ws_connected(self, transport):
         self.transport = transport
@@ -657,8 +671,7 @@ class PicowsLink(WSListener):
             transport.disconnect()
 
     def on_ws_disconnected(self, transport):
-        if not self.disconnected.done():
-            self.disconnected.set_result(None)
+        self._gone()
 
     def send(self, data: bytes, binary: bool = False) -> None:
         self.transport.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, data)
@@ -672,34 +685,23 @@ class PicowsLink(WSListener):
             self.transport.disconnect(graceful=False)
 
 
-class RawLink(asyncio.Protocol):
+class RawLink(Link, asyncio.Protocol):
     """One client connection to the ceiling: length-prefixed messages."""
 
     def __init__(self):
-        self.transport = None
-        self.on_message: Callable[[Any], None] = _ignore
-        self.disconnected = asyncio.get_running_loop().create_future()
+        super().__init__()
         self._inbox = bytearray()
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
-        inbox = self._inbox
-        inbox += data
-        pos = 0
-        end = len(inbox)
-        while end - pos >= 4:
-            stop = pos + 4 + int.from_bytes(inbox[pos:pos + 4], "big")
-            if stop > end:
-                break
-            self.on_message(inbox[pos + 4:stop])
-            pos = stop
-        del inbox[:pos]
+        self._inbox += data
+        for message in split_frames(self._inbox):
+            self.on_message(message)
 
     def connection_lost(self, exc):
-        if not self.disconnected.done():
-            self.disconnected.set_result(None)
+        self._gone()
 
     def send(self, data: bytes, binary: bool = False) -> None:
         self.transport.write(length_prefixed(data))
@@ -970,10 +972,9 @@ def open_idle(impl: str, port: int, server_pid: int, p: Params, count: int) -> d
     with Meter(server_pid) as meter:
         socks, errors = open_connections(impl, port, count, p.connect_concurrency, p.trial_timeout)
     time.sleep(0.5)  # let the server settle: the last handshakes, the 101s in flight
-    rss_after = rss_bytes(server_pid)
+    rss_per_connection, rss_mib = rss_growth(rss_before, rss_bytes(server_pid), len(socks))
     return {"meter": meter, "socks": socks + warm, "opened": len(socks), "errors": errors,
-            "rss_per_connection": (rss_after - rss_before) / max(len(socks), 1) / 1024,
-            "rss_mib": f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f}"}
+            "rss_per_connection": rss_per_connection, "rss_mib": rss_mib}
 
 
 def close_sockets(socks: Sequence[socket.socket]) -> None:
@@ -1032,9 +1033,21 @@ async def workload_s5(impl: str, port: int, server_pid: int, p: Params) -> dict:
 
 
 def s6_result(meter: Meter, opened: int, rss_before: int, rss_after: int, errors: int, echoed: int) -> dict:
-    return meter.result({"rate": opened / meter.wall, "rss": (rss_after - rss_before) / max(opened, 1) / 1024},
-                        errors + (opened - echoed), echoed=echoed,
-                        rss_mib=f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f}")
+    rss_per_connection, rss_mib = rss_growth(rss_before, rss_after, opened)
+    return meter.result({"rate": opened / meter.wall, "rss": rss_per_connection},
+                        errors + (opened - echoed), echoed=echoed, rss_mib=rss_mib)
+
+
+def open_one_by_one(open_one: Callable[[], Any], count: int, failures: Any) -> "tuple[list, int]":
+    """Call ``open_one`` ``count`` times in a row: the connections it opened, and how often it raised ``failures``."""
+    opened = []
+    errors = 0
+    for _ in range(count):
+        try:
+            opened.append(open_one())
+        except failures:
+            errors += 1
+    return opened, errors
 
 
 def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
@@ -1050,28 +1063,23 @@ def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
             if received >= target:
                 enough.set()
 
+    def open_client() -> wsmanager.WebSocket:
+        client = wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
+        manager.add(client)
+        return client
+
     manager = wsmanager.WebSocketManager()
     manager.start()
     try:
-        warm = wsmanager.connect(url, Client)
-        manager.add(warm)
+        warm = open_client()
         warm.send("warm-up")
         enough.wait(CONNECT_TIMEOUT)
         received, target = 0, p.s6_connections
         enough.clear()
         time.sleep(0.2)
         rss_before = rss_bytes()
-        clients = []
-        errors = 0
         with Meter(server_pid) as meter:
-            for _ in range(p.s6_connections):
-                try:
-                    client = wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
-                except (OSError, wsmanager.HandshakeError):
-                    errors += 1
-                    continue
-                manager.add(client)
-                clients.append(client)
+            clients, errors = open_one_by_one(open_client, p.s6_connections, (OSError, wsmanager.HandshakeError))
         target = len(clients)
         for client in clients:
             client.send("hi")
@@ -1127,16 +1135,12 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
         selector.register(sock, selectors.EVENT_READ, bytearray())
         return sock
 
-    socks = [open_one()]
+    warm = open_one()
     time.sleep(0.2)
     rss_before = rss_bytes()
-    errors = 0
     with Meter(server_pid) as meter:
-        for _ in range(p.s6_connections):
-            try:
-                socks.append(open_one())
-            except OSError:
-                errors += 1
+        opened, errors = open_one_by_one(open_one, p.s6_connections, OSError)
+    socks = [warm] + opened
     for sock in socks:
         sock.sendall(length_prefixed(b"hi"))
     echoed = 0
@@ -1152,7 +1156,7 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
     for sock in socks:
         sock.close()
     selector.close()
-    return s6_result(meter, len(socks) - 1, rss_before, rss_after, errors, echoed - 1)
+    return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)  # the warm one echoed too
 
 
 # -- soak -------------------------------------------------------------------
@@ -1659,6 +1663,14 @@ def run_codec(p: Params, repeat: int) -> List[Metric]:
 
 # -- soak ---------------------------------------------------------------------
 
+def fds_and_rss(pid: int) -> "tuple[int, int]":
+    return fd_count(pid), rss_bytes(pid)
+
+
+def describe_fds_rss(fds_rss: "tuple[int, int]") -> str:
+    return f"{fds_rss[0]} fds, RSS {fds_rss[1] / 2**20:.1f} MiB"
+
+
 def run_soak(p: Params) -> int:
     print(f"## Soak: {p.soak_seconds:.0f} s of churn against one wsmanager server process")
     server = Child(server_main, "wsmanager", "soak", None, cpu=CPUS["server"])
@@ -1666,8 +1678,8 @@ def run_soak(p: Params) -> int:
         port = server.receive("ready", 60)
         pid = server.pid
         time.sleep(0.5)
-        start = (fd_count(pid), rss_bytes(pid))
-        print(f"  start:   {start[0]} fds, RSS {start[1] / 2**20:.1f} MiB")
+        start = fds_and_rss(pid)
+        print(f"  start:   {describe_fds_rss(start)}")
         warm_up = min(10.0, p.soak_seconds / 5)
         generator = Child(generator_main, "soak", "wsmanager", port, pid, p, cpu=CPUS["generator"])
         samples = []  # (seconds since start, fds, rss) after warm-up
@@ -1681,16 +1693,16 @@ def run_soak(p: Params) -> int:
                     result = generator.receive("result", 1)
                     break
                 elapsed = time.monotonic() - began
-                now = (fd_count(pid), rss_bytes(pid))
+                now = fds_and_rss(pid)
                 if elapsed >= warm_up:
                     if warm is None:
                         warm = now
-                        print(f"  warm-up: {now[0]} fds, RSS {now[1] / 2**20:.1f} MiB (after {elapsed:.0f} s)")
+                        print(f"  warm-up: {describe_fds_rss(now)} (after {elapsed:.0f} s)")
                     samples.append((elapsed, *now))
                 if time.monotonic() - last_print >= 10:
                     last_print = time.monotonic()
                     stats = server.ask("stats")
-                    print(f"  {elapsed:5.0f} s: {now[0]} fds, RSS {now[1] / 2**20:.1f} MiB, "
+                    print(f"  {elapsed:5.0f} s: {describe_fds_rss(now)}, "
                           f"opened {stats.get('opened', 0)}, closed {stats.get('closed', 0)}, "
                           f"live {stats['live']}", flush=True)
         finally:
@@ -1702,13 +1714,13 @@ def run_soak(p: Params) -> int:
         settle_deadline = time.monotonic() + wsmanager.DEFAULT_CLOSE_TIMEOUT + 10
         while fd_count(pid) != start[0] and time.monotonic() < settle_deadline:
             time.sleep(0.2)
-        end = (fd_count(pid), rss_bytes(pid))
+        end = fds_and_rss(pid)
         stats = server.ask("stats")
     finally:
         server.stop()
     samples.append((time.monotonic() - began, *end))
     counts = result["info"]["counts"]
-    print(f"  end:     {end[0]} fds, RSS {end[1] / 2**20:.1f} MiB")
+    print(f"  end:     {describe_fds_rss(end)}")
     print(f"  client side: {counts.get('connections', 0):,} WebSocket connections, "
           f"{counts.get('messages', 0):,} messages echoed, {counts.get('errors', 0)} errors; "
           f"{counts.get('client closed', 0):,} closed by the client, {counts.get('server closed', 0):,} by the "
