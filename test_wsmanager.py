@@ -65,15 +65,25 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+@contextlib.contextmanager
+def running_manager(**kwargs):
+    """A started manager (close_timeout 2 s unless given) that is stopped and joined however the block ends."""
+    kwargs.setdefault("close_timeout", 2.0)
+    m = WebSocketManager(**kwargs)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        m.join(10)
+        assert not m._thread.is_alive(), "manager thread did not end"
+
+
 @pytest.fixture
 def manager():
     """A started manager on a background thread; stopped, joined and checked for leaks after the test."""
-    m = WebSocketManager(close_timeout=2.0)
-    m.start()
-    yield m
-    m.stop()
-    m.join(10)
-    assert not m._thread.is_alive()
+    with running_manager() as m:
+        yield m
 
 
 class Recorder(WebSocket):
@@ -102,26 +112,187 @@ class Recorder(WebSocket):
         self.closed_event.set()
 
 
+class EchoRecorder(Recorder):
+    """Records and echoes every message back; sends `greeting` first when set."""
+
+    greeting = None
+
+    def opened(self):
+        super().opened()
+        if self.greeting is not None:
+            self.send(self.greeting)
+
+    def received_message(self, message):
+        super().received_message(message)
+        self.send(message)
+
+
 class EchoServer(WebSocket):
     def received_message(self, message):
         self.send(message)
 
 
-def raw_client(address, path="/", extra_headers=b"", timeout=5.0):
-    """A plain socket that has completed a WebSocket handshake; returns (sock, bytes after the 101)."""
-    sock = socket.create_connection(address, timeout=timeout)
-    key = new_key()
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n".encode() + extra_headers + b"\r\n")
+class Collect:
+    """A connection factory (for listen() or accept()) that keeps every connection it makes in
+    ``made``, each with ``attributes`` set on it: the server side of a test."""
+
+    def __init__(self, cls, **attributes):
+        self.cls = cls
+        self.attributes = attributes
+        self.made = []
+
+    def __call__(self, *args, **kwargs):
+        websocket = self.cls(*args, **kwargs)
+        websocket.__dict__.update(self.attributes)
+        self.made.append(websocket)
+        return websocket
+
+    def for_path(self, path):
+        return [ws for ws in list(self.made) if ws.path == path]
+
+    def wait_for(self, path):
+        """The first connection made for ``path``, once there is one."""
+        wait_until(lambda: self.for_path(path))
+        return self.for_path(path)[0]
+
+    def first_opened(self):
+        """The first connection made, once its opened() ran (Recorder classes only)."""
+        wait_until(lambda: self.made and self.made[0].opened_event.is_set())
+        return self.made[0]
+
+
+def ws_url(address, path="/"):
+    host, port = address[0], address[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{port}{path}"
+
+
+def open_client(manager, url, factory=Recorder, **connect_options):
+    """connect() + add(), returning once opened() ran on the client side."""
+    websocket = connect(url, factory, **connect_options)
+    try:
+        manager.add(websocket)
+    except BaseException:
+        websocket.sock.close()  # not owned by the manager yet: close it ourselves
+        raise
+    assert websocket.opened_event.wait(10), "client never opened"
+    return websocket
+
+
+def read_head(sock, max_reads=1000):
+    """Read an HTTP head from sock; returns (head, the bytes that came after it)."""
     reader = HeadReader()
-    result = None
-    while result is None:
+    for _ in range(max_reads):
         data = sock.recv(65536)
-        assert data, "server closed during handshake"
+        assert data, "peer closed before the end of the head"
         result = reader.feed(data)
-    head, rest = result
-    assert head.startswith(b"HTTP/1.1 101"), head
+        if result is not None:
+            return result
+    raise AssertionError(f"no complete head in {max_reads} reads")
+
+
+def upgrade_request_bytes(path="/", *, method="GET", version="1.1", origin=None):
+    lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {new_key()}", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def raw_upgrade(address, *, sock=None, path="/", rcvbuf=None, then=b"", timeout=10.0):
+    """A plain socket that has completed a WebSocket handshake; returns (sock, bytes after the 101).
+
+    Optionally with a small receive buffer (a peer that does not read fills up sooner), on a socket
+    made beforehand (the EMFILE test cannot open new ones), or with ``then``: frames sent in the
+    same write as the request head.
+    """
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(upgrade_request_bytes(path) + then)
+        head, rest = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 101"), head
+    except BaseException:
+        sock.close()
+        raise
     return sock, rest
+
+
+class RawPeer:
+    """The client end of a raw upgraded socket: sends masked frames, reads the server's frames.
+
+    ``timeout`` is the default wait of each read below.
+    """
+
+    def __init__(self, sock, rest=b"", timeout=10.0):
+        self.sock = sock
+        self.timeout = timeout
+        self.parser = FrameParser(expect_masked=False, max_frame_size=2 ** 31)
+        self.frames = collections.deque(self.parser.feed(rest))
+
+    def send_frame(self, opcode, payload=b"", fin=True):
+        self.sock.sendall(encode_frame(opcode, payload, fin=fin, mask=True))
+
+    def next(self, timeout=None):
+        """The next frame, or None at EOF / reset."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        for _ in range(100000):
+            if self.frames:
+                return self.frames.popleft()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no frame from the server in time"
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.frames.extend(self.parser.feed(data))
+        raise AssertionError("too many reads")
+
+    def close_frame(self, timeout=None):
+        """Skip data frames until the server's close frame; returns Close, or None at EOF."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        for _ in range(100000):
+            frame = self.next(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                return None
+            if frame.opcode == Opcode.CLOSE:
+                return Close(*parse_close(frame.payload))
+        raise AssertionError("too many frames")
+
+    def eof(self, timeout=None):
+        """Whether the server closed (EOF or reset) within timeout, ignoring frames."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        for _ in range(100000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except ConnectionResetError:
+                return True
+            except socket.timeout:
+                return False
+        return False
+
+
+@contextlib.contextmanager
+def raw_peer(address, **options):
+    """raw_upgrade() (same options) as a RawPeer reading with the same timeout; closed after the block."""
+    sock, rest = raw_upgrade(address, **options)
+    try:
+        yield RawPeer(sock, rest, timeout=options.get("timeout", 10.0))
+    finally:
+        sock.close()
 
 
 ###############################################################################
@@ -1481,24 +1652,10 @@ def test_malformed_responses_have_no_status(head):
 # Helpers ######################################################################
 ###############################################################################
 
-@contextlib.contextmanager
-def mgr_running(**kwargs):
-    """A started manager that is stopped and joined however the block ends."""
-    kwargs.setdefault("close_timeout", 2.0)
-    m = WebSocketManager(**kwargs)
-    m.start()
-    try:
-        yield m
-    finally:
-        m.stop()
-        m.join(10)
-        assert not m._thread.is_alive(), "manager thread did not end"
-
-
 @pytest.fixture
 def mgr_clients():
     """A second manager for the client side, so that each side has its own loop thread."""
-    with mgr_running() as m:
+    with running_manager() as m:
         yield m
 
 
@@ -1515,86 +1672,8 @@ def mgr_no_leaks():
     wait_until(lambda: open_fds() <= fds, timeout=10)
 
 
-def mgr_url(address, path="/"):
-    host, port = address[0], address[1]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"ws://{host}:{port}{path}"
-
-
-def mgr_collect(cls, into):
-    """A listen() factory that keeps every server-side connection it makes in `into`."""
-    def factory(*args, **kwargs):
-        websocket = cls(*args, **kwargs)
-        into.append(websocket)
-        return websocket
-    return factory
-
-
-def mgr_open_client(manager, url, factory=Recorder, **kwargs):
-    """connect() + add(), returning once opened() ran on the client side."""
-    websocket = connect(url, factory, **kwargs)
-    manager.add(websocket)
-    assert websocket.opened_event.wait(10), "client never opened"
-    return websocket
-
-
 def mgr_closed_events(websocket):
     return [event for event in websocket.events if event[0] == "closed"]
-
-
-class MgrRawPeer:
-    """The far end of a raw socket: sends masked frames, reads the server's frames."""
-
-    def __init__(self, sock, rest=b""):
-        self.sock = sock
-        self.parser = FrameParser(expect_masked=False)
-        self.frames = collections.deque(self.parser.feed(rest))
-
-    def send_frame(self, opcode, payload, fin=True):
-        self.sock.sendall(encode_frame(opcode, payload, fin=fin, mask=True))
-
-    def next_frame(self, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no frame within the timeout")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("peer closed the connection")
-            self.frames.extend(self.parser.feed(data))
-        return self.frames.popleft()
-
-    def read_until_eof(self, timeout=5.0):
-        """Drain until the other side closes; True if EOF came within the timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                if not self.sock.recv(65536):
-                    return True
-            except socket.timeout:
-                return False
-            except ConnectionResetError:
-                return True
-        return False
-
-
-class MgrEchoRecorder(Recorder):
-    def received_message(self, message):
-        super().received_message(message)
-        self.send(message)
-
-
-@contextlib.contextmanager
-def mgr_raw_peer(address, **kwargs):
-    sock, rest = raw_client(address, **kwargs)
-    try:
-        yield MgrRawPeer(sock, rest)
-    finally:
-        sock.close()
 
 
 def mgr_ipv6_available():
@@ -1645,7 +1724,7 @@ def test_two_thousand_clients_in_one_manager(mgr_no_leaks):
         address = server.listen(("127.0.0.1", 0), MgrCountingEcho)
         clients = []
         for i in range(MGR_N_CLIENTS):
-            websocket = connect(mgr_url(address, f"/{i}"), Recorder)
+            websocket = connect(ws_url(address, f"/{i}"), Recorder)
             clients_manager.add(websocket)
             clients.append(websocket)
         assert len(clients_manager) == MGR_N_CLIENTS
@@ -1700,11 +1779,11 @@ def test_two_thousand_clients_in_one_manager(mgr_no_leaks):
 
 @pytest.mark.parametrize("sender", ["client", "server"])
 def test_eight_threads_send_to_one_connection(mgr_no_leaks, manager, mgr_clients, sender):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    client = mgr_open_client(mgr_clients, mgr_url(address))
-    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-    source, sink = (client, server_conns[0]) if sender == "client" else (server_conns[0], client)
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
+    source, sink = (client, conn) if sender == "client" else (conn, client)
     barrier = threading.Barrier(8)
     errors = []
 
@@ -1734,9 +1813,9 @@ def test_eight_threads_send_to_one_connection(mgr_no_leaks, manager, mgr_clients
 
 
 def test_broadcast_to_a_thousand_connections(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    clients = [connect(mgr_url(address), Recorder) for _ in range(1000)]
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [connect(ws_url(address), Recorder) for _ in range(1000)]
     for client in clients:
         mgr_clients.add(client)
     wait_until(lambda: len(manager) == 1000 and all(c.opened_event.is_set() for c in clients), timeout=30)
@@ -1748,18 +1827,18 @@ def test_broadcast_to_a_thousand_connections(mgr_no_leaks, manager, mgr_clients)
 
 
 def test_broadcast_counts_only_open_connections(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
-    wait_until(lambda: len(server_conns) == 3 and all(s.opened_event.is_set() for s in server_conns))
-    server_conns[0].close()
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
+    wait_until(lambda: len(servers.made) == 3 and all(s.opened_event.is_set() for s in servers.made))
+    servers.made[0].close()
     wait_until(lambda: clients[0].terminated)
     assert manager.broadcast("to the rest") == 2
     # From the client manager the same call masks per connection; the servers receive it.
     assert mgr_clients.broadcast("upstream") == 2
     wait_until(lambda: all(c.messages == ["to the rest"] for c in clients[1:]))
-    wait_until(lambda: all(s.messages == ["upstream"] for s in server_conns[1:]))
-    assert clients[0].messages == [] and server_conns[0].messages == []
+    wait_until(lambda: all(s.messages == ["upstream"] for s in servers.made[1:]))
+    assert clients[0].messages == [] and servers.made[0].messages == []
 
 
 ###############################################################################
@@ -1768,12 +1847,11 @@ def test_broadcast_counts_only_open_connections(mgr_no_leaks, manager, mgr_clien
 
 @pytest.mark.parametrize("initiator", ["client", "server"])
 def test_manager_close_handshake_both_ways(mgr_no_leaks, mgr_clients, initiator):
-    server_conns = []
-    with mgr_running() as server:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        client = mgr_open_client(mgr_clients, mgr_url(address))
-        wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-        conn = server_conns[0]
+    servers = Collect(Recorder)
+    with running_manager() as server:
+        address = server.listen(("127.0.0.1", 0), servers)
+        client = open_client(mgr_clients, ws_url(address))
+        conn = servers.first_opened()
         closer, receiver = (client, conn) if initiator == "client" else (conn, client)
         closer.close(4001, "done here")
         with pytest.raises(ConnectionClosed):  # closing at once, whatever thread called close()
@@ -1797,35 +1875,34 @@ def test_manager_close_handshake_both_ways(mgr_no_leaks, mgr_clients, initiator)
 
 
 def test_close_without_code_is_reported_as_1005(mgr_no_leaks, manager):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    with mgr_raw_peer(address) as peer:
-        wait_until(lambda: server_conns)
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address, timeout=5.0) as peer:
+        wait_until(lambda: servers.made)
         peer.send_frame(Opcode.CLOSE, b"")
-        frame = peer.next_frame()
+        frame = peer.next()
         # No code in, no code back.
         assert frame.opcode == Opcode.CLOSE and frame.payload == b""
-        assert peer.read_until_eof()
-    assert server_conns[0].closed_event.wait(10)
-    assert mgr_closed_events(server_conns[0]) == [("closed", 1005, "")]
+        assert peer.eof()
+    assert servers.made[0].closed_event.wait(10)
+    assert mgr_closed_events(servers.made[0]) == [("closed", 1005, "")]
 
 
 def test_close_timeout_when_peer_never_answers(mgr_no_leaks):
-    server_conns = []
-    with mgr_running(close_timeout=0.5) as server:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        with mgr_raw_peer(address) as peer:
-            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-            conn = server_conns[0]
+    servers = Collect(Recorder)
+    with running_manager(close_timeout=0.5) as server:
+        address = server.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address, timeout=5.0) as peer:
+            conn = servers.first_opened()
             started = time.monotonic()
             conn.close(1000, "please answer")
-            frame = peer.next_frame()
+            frame = peer.next()
             assert frame.opcode == Opcode.CLOSE
             assert parse_close(frame.payload) == (1000, "please answer")
             # The peer reads but never answers nor closes: the timeout ends it.
             assert conn.closed_event.wait(10)
             elapsed = time.monotonic() - started
-            assert peer.read_until_eof()
+            assert peer.eof()
         assert elapsed >= 0.4
         assert mgr_closed_events(conn)[0][1] == 1006
         assert conn.terminated and conn.close_code == 1006
@@ -1833,24 +1910,24 @@ def test_close_timeout_when_peer_never_answers(mgr_no_leaks):
 
 
 def test_send_and_close_before_add(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    early = connect(mgr_url(address, "/early"), Recorder)
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    early = connect(ws_url(address, "/early"), Recorder)
     # Queued before the connection runs anywhere: goes out, in order, once added.
     early.send("queued before add")
     early.send(["frag", "mented"])
     mgr_clients.add(early)
-    wait_until(lambda: server_conns and len(server_conns[0].messages) >= 2)
-    assert server_conns[0].messages == ["queued before add", "fragmented"]
+    wait_until(lambda: servers.made and len(servers.made[0].messages) >= 2)
+    assert servers.made[0].messages == ["queued before add", "fragmented"]
 
-    quitter = connect(mgr_url(address, "/quitter"), Recorder)
+    quitter = connect(ws_url(address, "/quitter"), Recorder)
     quitter.send("last words")
     quitter.close(4002, "before add")
     with pytest.raises(ConnectionClosed):
         quitter.send("too late")
     mgr_clients.add(quitter)
     assert quitter.closed_event.wait(10)
-    conn = next(c for c in server_conns if c.path == "/quitter")
+    conn = next(c for c in servers.made if c.path == "/quitter")
     assert conn.closed_event.wait(10)
     assert conn.messages == ["last words"]
     assert mgr_closed_events(conn) == [("closed", 4002, "before add")]
@@ -1858,15 +1935,15 @@ def test_send_and_close_before_add(mgr_no_leaks, manager, mgr_clients):
 
 
 def test_terminate_skips_the_handshake(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    client = mgr_open_client(mgr_clients, mgr_url(address))
-    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
     client.terminate()
-    assert client.closed_event.wait(10) and server_conns[0].closed_event.wait(10)
+    assert client.closed_event.wait(10) and conn.closed_event.wait(10)
     # No close frame either way: both ends report 1006.
     assert mgr_closed_events(client)[0][1] == 1006
-    assert mgr_closed_events(server_conns[0])[0][1] == 1006
+    assert mgr_closed_events(conn)[0][1] == 1006
     assert client.terminated and client not in mgr_clients
     with pytest.raises(ConnectionClosed):
         client.send("gone")
@@ -1874,7 +1951,7 @@ def test_terminate_skips_the_handshake(mgr_no_leaks, manager, mgr_clients):
 
 def test_manager_ping_is_answered_with_pong(mgr_no_leaks, manager, mgr_clients):
     address = manager.listen(("127.0.0.1", 0), Recorder)
-    client = mgr_open_client(mgr_clients, mgr_url(address))
+    client = open_client(mgr_clients, ws_url(address))
     client.ping(b"are you there")
     client.ping()
     wait_until(lambda: sum(1 for e in client.events if e[0] == "pong") == 2)
@@ -1889,29 +1966,29 @@ def test_manager_ping_is_answered_with_pong(mgr_no_leaks, manager, mgr_clients):
 ###############################################################################
 
 def test_heartbeat_fails_a_peer_that_never_pongs(mgr_no_leaks):
-    server_conns = []
-    with mgr_running(heartbeat=0.2, heartbeat_timeout=0.3, close_timeout=1.0) as server:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        with mgr_raw_peer(address) as peer:
-            wait_until(lambda: server_conns)
-            ping = peer.next_frame(timeout=5)
+    servers = Collect(Recorder)
+    with running_manager(heartbeat=0.2, heartbeat_timeout=0.3, close_timeout=1.0) as server:
+        address = server.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address, timeout=5.0) as peer:
+            wait_until(lambda: servers.made)
+            ping = peer.next(timeout=5)
             assert ping.opcode == Opcode.PING
-            close = peer.next_frame(timeout=5)
+            close = peer.next(timeout=5)
             assert close.opcode == Opcode.CLOSE
             assert parse_close(close.payload)[0] == 1011
-        conn = server_conns[0]
+        conn = servers.made[0]
         assert conn.closed_event.wait(10)
         assert mgr_closed_events(conn)[0][1] == 1011
         assert conn.close_code == 1011
 
 
 def test_heartbeat_keeps_a_well_behaved_peer(mgr_no_leaks, mgr_clients):
-    server_conns = []
-    with mgr_running(heartbeat=0.2, heartbeat_timeout=0.3) as server:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        client = mgr_open_client(mgr_clients, mgr_url(address))
-        wait_until(lambda: server_conns)
-        conn = server_conns[0]
+    servers = Collect(Recorder)
+    with running_manager(heartbeat=0.2, heartbeat_timeout=0.3) as server:
+        address = server.listen(("127.0.0.1", 0), servers)
+        client = open_client(mgr_clients, ws_url(address))
+        wait_until(lambda: servers.made)
+        conn = servers.made[0]
         # Five pongs back = at least five heartbeat periods survived (about 1 s).
         wait_until(lambda: sum(1 for e in conn.events if e[0] == "pong") >= 5, timeout=15)
         assert not conn.terminated and not client.terminated
@@ -1926,12 +2003,11 @@ def test_heartbeat_keeps_a_well_behaved_peer(mgr_no_leaks, mgr_clients):
 
 def test_slow_consumer_is_dropped_at_max_buffered(mgr_no_leaks):
     limit = 256 * 1024
-    server_conns = []
-    with mgr_running(max_buffered=limit) as server:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        with mgr_raw_peer(address) as peer:  # never reads
-            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-            conn = server_conns[0]
+    servers = Collect(Recorder)
+    with running_manager(max_buffered=limit) as server:
+        address = server.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address, timeout=5.0) as peer:  # never reads
+            conn = servers.first_opened()
             chunk = b"x" * (64 * 1024)
             highest = 0
             dropped = False
@@ -1968,10 +2044,10 @@ class MgrFragileServer(Recorder):
 
 def test_callback_exception_is_isolated(mgr_no_leaks, manager, mgr_clients, caplog):
     caplog.set_level(logging.ERROR, logger="wsmanager")
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(MgrFragileServer, server_conns))
-    victim = mgr_open_client(mgr_clients, mgr_url(address, "/victim"))
-    bystander = mgr_open_client(mgr_clients, mgr_url(address, "/bystander"))
+    servers = Collect(MgrFragileServer)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    victim = open_client(mgr_clients, ws_url(address, "/victim"))
+    bystander = open_client(mgr_clients, ws_url(address, "/bystander"))
     victim.send("boom")
     assert victim.closed_event.wait(10)
     assert mgr_closed_events(victim)[0][1] == 1011
@@ -2019,7 +2095,7 @@ def test_handshake_refused_by_hook(mgr_no_leaks, manager, caplog, hook, status):
     caplog.set_level(logging.ERROR, logger="wsmanager")
     address = manager.listen(("127.0.0.1", 0), Recorder, handshake=hook)
     with pytest.raises(HandshakeError) as info:
-        connect(mgr_url(address), timeout=5)
+        connect(ws_url(address), timeout=5)
     assert info.value.status == status
     assert info.value.response is not None and info.value.response.status == status
     assert len(manager) == 0
@@ -2029,28 +2105,28 @@ def test_handshake_refused_by_hook(mgr_no_leaks, manager, caplog, hook, status):
 
 def test_max_connections_answers_503(mgr_no_leaks, manager, mgr_clients):
     address = manager.listen(("127.0.0.1", 0), Recorder, max_connections=2)
-    first = mgr_open_client(mgr_clients, mgr_url(address))
-    mgr_open_client(mgr_clients, mgr_url(address))
+    first = open_client(mgr_clients, ws_url(address))
+    open_client(mgr_clients, ws_url(address))
     with pytest.raises(HandshakeError) as info:
-        connect(mgr_url(address), timeout=5)
+        connect(ws_url(address), timeout=5)
     assert info.value.status == 503
     # A slot freed is a slot available again.
     first.close()
     wait_until(lambda: first.terminated and len(manager) == 1)
-    third = mgr_open_client(mgr_clients, mgr_url(address))
+    third = open_client(mgr_clients, ws_url(address))
     assert not third.terminated
 
 
 def test_origins_are_checked(mgr_no_leaks, manager, mgr_clients):
     address = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example"])
-    assert mgr_open_client(mgr_clients, mgr_url(address), origin="https://good.example")
+    assert open_client(mgr_clients, ws_url(address), origin="https://good.example")
     for origin in ("https://evil.example", None):
         with pytest.raises(HandshakeError) as info:
-            connect(mgr_url(address), origin=origin, timeout=5)
+            connect(ws_url(address), origin=origin, timeout=5)
         assert info.value.status == 403
     # Listing None admits clients that send no Origin at all (non-browsers).
     lenient = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example", None])
-    assert mgr_open_client(mgr_clients, mgr_url(lenient))
+    assert open_client(mgr_clients, ws_url(lenient))
 
 
 def test_handshake_hook_picks_subprotocol(mgr_no_leaks, manager, mgr_clients):
@@ -2060,12 +2136,12 @@ def test_handshake_hook_picks_subprotocol(mgr_no_leaks, manager, mgr_clients):
         seen.append(request)
         return "chat.v2"
 
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns), handshake=hook)
-    client = mgr_open_client(mgr_clients, mgr_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
-    wait_until(lambda: server_conns)
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers, handshake=hook)
+    client = open_client(mgr_clients, ws_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
+    wait_until(lambda: servers.made)
     assert seen[0].path == "/room" and seen[0].subprotocols == ["chat.v1", "chat.v2"]
-    assert client.subprotocol == "chat.v2" and server_conns[0].subprotocol == "chat.v2"
+    assert client.subprotocol == "chat.v2" and servers.made[0].subprotocol == "chat.v2"
 
 
 @pytest.mark.parametrize("offered, expected", [
@@ -2075,22 +2151,22 @@ def test_handshake_hook_picks_subprotocol(mgr_no_leaks, manager, mgr_clients):
     (None, None),
 ])
 def test_subprotocol_negotiation(mgr_no_leaks, manager, mgr_clients, offered, expected):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns),
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers,
                              subprotocols=["v3", "v2", "v1"])
-    client = mgr_open_client(mgr_clients, mgr_url(address), subprotocols=offered)
-    wait_until(lambda: server_conns)
+    client = open_client(mgr_clients, ws_url(address), subprotocols=offered)
+    wait_until(lambda: servers.made)
     assert client.subprotocol == expected
-    assert server_conns[0].subprotocol == expected
+    assert servers.made[0].subprotocol == expected
 
 
 def test_request_path_headers_and_peer_address(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    client = mgr_open_client(mgr_clients, mgr_url(address, "/chat/room?user=7"),
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address, "/chat/room?user=7"),
                          headers=[("X-Test", "hello there")])
-    wait_until(lambda: server_conns)
-    conn = server_conns[0]
+    wait_until(lambda: servers.made)
+    conn = servers.made[0]
     assert conn.path == "/chat/room?user=7" and client.path == "/chat/room?user=7"
     assert conn.request_headers["X-Test"] == "hello there"
     assert conn.request_headers["x-test"] == "hello there"
@@ -2105,11 +2181,10 @@ def test_request_path_headers_and_peer_address(mgr_no_leaks, manager, mgr_client
 ###############################################################################
 
 def test_send_iterable_arrives_as_one_message(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    client = mgr_open_client(mgr_clients, mgr_url(address))
-    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-    conn = server_conns[0]
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
     client.send(["a", "b", "c"])
     client.send(iter([b"\x00\x01", b"", b"\x02"]))  # any iterable, empty chunks included
     client.send(["solo"])
@@ -2127,52 +2202,46 @@ def test_send_iterable_arrives_as_one_message(mgr_no_leaks, manager, mgr_clients
 
 
 def test_manager_ping_between_fragments(mgr_no_leaks, manager):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    with mgr_raw_peer(address) as peer:
-        wait_until(lambda: server_conns)
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address, timeout=5.0) as peer:
+        wait_until(lambda: servers.made)
         peer.send_frame(Opcode.TEXT, b"frag", fin=False)
         peer.send_frame(Opcode.PING, b"mid")
         peer.send_frame(Opcode.CONTINUATION, b"ment", fin=False)
         peer.send_frame(Opcode.CONTINUATION, b"ed")
-        pong = peer.next_frame()
+        pong = peer.next()
         assert pong.opcode == Opcode.PONG and pong.payload == b"mid"
-        wait_until(lambda: server_conns[0].messages)
-        assert server_conns[0].messages == ["fragmented"]
-        assert not server_conns[0].terminated
+        wait_until(lambda: servers.made[0].messages)
+        assert servers.made[0].messages == ["fragmented"]
+        assert not servers.made[0].terminated
 
 
 ###############################################################################
 # Bytes around the handshake ###################################################
 ###############################################################################
 
-class MgrGreeter(Recorder):
-    def opened(self):
-        super().opened()
-        self.send("welcome")
-
-
 def test_bytes_sent_right_after_101_are_kept(mgr_no_leaks, manager, mgr_clients):
-    address = manager.listen(("127.0.0.1", 0), MgrGreeter)
+    address = manager.listen(("127.0.0.1", 0), Collect(EchoRecorder, greeting="welcome"))
     # Raw: the greeting is written with the 101, so it typically comes in the same read.
-    with mgr_raw_peer(address) as peer:
-        frame = peer.next_frame()
+    with raw_peer(address, timeout=5.0) as peer:
+        frame = peer.next()
         assert frame.opcode == Opcode.TEXT and frame.payload == b"welcome"
     # connect(): whatever came along with the 101 reaches received_message().
     for _ in range(5):
-        client = mgr_open_client(mgr_clients, mgr_url(address))
+        client = open_client(mgr_clients, ws_url(address))
         wait_until(lambda: client.messages)
         assert client.messages == ["welcome"]
 
 
 def test_frames_sent_with_the_request_are_kept(mgr_no_leaks, manager):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
     frame = encode_frame(Opcode.TEXT, b"early bird", mask=True)
-    with mgr_raw_peer(address, extra_headers=b"\r\n" + frame) as peer:
-        # extra_headers ended the head itself; the frame followed in the same write.
-        wait_until(lambda: server_conns and server_conns[0].messages)
-        assert server_conns[0].messages == ["early bird"]
+    with raw_peer(address, then=frame, timeout=5.0) as peer:
+        # The frame followed the head in the same write.
+        wait_until(lambda: servers.made and servers.made[0].messages)
+        assert servers.made[0].messages == ["early bird"]
         assert peer.sock.fileno() != -1
 
 
@@ -2182,24 +2251,15 @@ def test_frames_sent_with_the_request_are_kept(mgr_no_leaks, manager):
 
 def test_manager_unix_socket_listen(mgr_no_leaks, manager, tmp_path):
     path = str(tmp_path / "ws.sock")
-    server_conns = []
-    assert manager.listen(path, mgr_collect(MgrEchoRecorder, server_conns)) == path
+    servers = Collect(EchoRecorder)
+    assert manager.listen(path, servers) == path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(5)
         sock.connect(path)
         key = new_key()
         sock.sendall(build_request("localhost", "/over/unix", key, subprotocols=["p"]))
-        reader = HeadReader()
-        result = None
-        for _ in range(100):
-            data = sock.recv(65536)
-            assert data
-            result = reader.feed(data)
-            if result is not None:
-                break
-        assert result is not None
-        head, rest = result
+        head, rest = read_head(sock, max_reads=100)
         response = parse_response(head)
         subprotocol = validate_response(response, key, ["p"])
         client = Recorder(sock, client=True, path="/over/unix", response_headers=response.headers,
@@ -2208,9 +2268,9 @@ def test_manager_unix_socket_listen(mgr_no_leaks, manager, tmp_path):
         client.send("over unix")
         wait_until(lambda: client.messages)
         assert client.messages == ["over unix"]
-        assert server_conns[0].path == "/over/unix"
+        assert servers.made[0].path == "/over/unix"
         client.close()
-        wait_until(lambda: client.terminated and server_conns[0].terminated)
+        wait_until(lambda: client.terminated and servers.made[0].terminated)
     finally:
         sock.close()
     manager.stop()
@@ -2220,15 +2280,15 @@ def test_manager_unix_socket_listen(mgr_no_leaks, manager, tmp_path):
 
 @pytest.mark.skipif(not mgr_ipv6_available(), reason="IPv6 loopback unavailable")
 def test_ipv6_listen_and_connect(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    host, port = manager.listen(("::1", 0), mgr_collect(MgrEchoRecorder, server_conns))
+    servers = Collect(EchoRecorder)
+    host, port = manager.listen(("::1", 0), servers)
     assert host == "::1"
-    client = mgr_open_client(mgr_clients, f"ws://[::1]:{port}/six")
+    client = open_client(mgr_clients, f"ws://[::1]:{port}/six")
     client.send("over IPv6")
     wait_until(lambda: client.messages)
     assert client.messages == ["over IPv6"]
-    assert server_conns[0].peer_address[0] == "::1"
-    assert server_conns[0].request_headers["Host"] == f"[::1]:{port}"
+    assert servers.made[0].peer_address[0] == "::1"
+    assert servers.made[0].request_headers["Host"] == f"[::1]:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -2243,24 +2303,18 @@ def mgr_tls_contexts():
     return server_context, client_context
 
 
-class MgrTlsGreeter(MgrEchoRecorder):
-    def opened(self):
-        super().opened()
-        self.send("hello over TLS")
-
-
 def test_wss_server_and_client(mgr_no_leaks, mgr_tls_contexts):
     server_context, client_context = mgr_tls_contexts
     big = os.urandom(300 * 1024)
-    server_conns = []
-    with mgr_running(max_message_size=4 * 2 ** 20) as server, \
-            mgr_running(max_message_size=4 * 2 ** 20) as clients:
-        port = server.listen(("127.0.0.1", 0), mgr_collect(MgrTlsGreeter, server_conns), ssl_context=server_context)[1]
-        client = mgr_open_client(clients, f"wss://localhost:{port}/secure", ssl_context=client_context)
+    servers = Collect(EchoRecorder, greeting="hello over TLS")
+    with running_manager(max_message_size=4 * 2 ** 20) as server, \
+            running_manager(max_message_size=4 * 2 ** 20) as clients:
+        port = server.listen(("127.0.0.1", 0), servers, ssl_context=server_context)[1]
+        client = open_client(clients, f"wss://localhost:{port}/secure", ssl_context=client_context)
         wait_until(lambda: client.messages)
         assert client.messages[0] == "hello over TLS"  # sent with the 101, inside TLS
-        assert isinstance(client.sock, ssl.SSLSocket) and isinstance(server_conns[0].sock, ssl.SSLSocket)
-        conn = server_conns[0]
+        assert isinstance(client.sock, ssl.SSLSocket) and isinstance(servers.made[0].sock, ssl.SSLSocket)
+        conn = servers.made[0]
 
         client.send("small")
         client.send(big)  # client -> server, then echoed server -> client
@@ -2281,7 +2335,7 @@ def test_wss_server_and_client(mgr_no_leaks, mgr_tls_contexts):
         assert client.messages == [big] + [f"down {n}" for n in range(500)]
 
         # The certificate's IP address works as well.
-        by_ip = mgr_open_client(clients, f"wss://127.0.0.1:{port}/", ssl_context=client_context)
+        by_ip = open_client(clients, f"wss://127.0.0.1:{port}/", ssl_context=client_context)
         by_ip.send("by address")
         wait_until(lambda: "by address" in by_ip.messages)
 
@@ -2322,7 +2376,7 @@ def test_connect_times_out_against_a_silent_server(mgr_no_leaks):
     with socket.create_server(("127.0.0.1", 0)) as silent:
         started = time.monotonic()
         with pytest.raises(OSError):  # socket.timeout, a TimeoutError
-            connect(mgr_url(silent.getsockname()), timeout=0.5)
+            connect(ws_url(silent.getsockname()), timeout=0.5)
         assert time.monotonic() - started < 5
 
 
@@ -2348,7 +2402,7 @@ def test_connect_rejects_a_wrong_accept_key(mgr_no_leaks):
         thread.start()
         try:
             with pytest.raises(HandshakeError) as info:
-                connect(mgr_url(server.getsockname()), timeout=5)
+                connect(ws_url(server.getsockname()), timeout=5)
             assert info.value.status == 101
         finally:
             thread.join(10)
@@ -2360,16 +2414,16 @@ def test_connect_rejects_a_wrong_accept_key(mgr_no_leaks):
 ###############################################################################
 
 def test_manager_collection_api(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
     assert len(mgr_clients) == 3
     assert set(mgr_clients) == set(clients)
     assert all(c in mgr_clients for c in clients)
     assert all(c not in manager for c in clients)
     assert "not a websocket" not in mgr_clients
     wait_until(lambda: len(manager) == 3)
-    assert set(manager) == set(server_conns)
+    assert set(manager) == set(servers.made)
     mapping = mgr_clients.websockets
     assert set(mapping.values()) == set(clients)
     assert mapping[clients[0].fileno()] is clients[0]
@@ -2387,7 +2441,7 @@ def test_manager_collection_api(mgr_no_leaks, manager, mgr_clients):
 
 def test_add_rejects_foreign_or_closed_connection(mgr_no_leaks, manager, mgr_clients):
     address = manager.listen(("127.0.0.1", 0), Recorder)
-    client = mgr_open_client(mgr_clients, mgr_url(address))
+    client = open_client(mgr_clients, ws_url(address))
     with pytest.raises(ValueError):
         manager.add(client)
     client.close()
@@ -2397,11 +2451,10 @@ def test_add_rejects_foreign_or_closed_connection(mgr_no_leaks, manager, mgr_cli
 
 
 def test_remove_stops_managing_without_closing(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
-    address = manager.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-    client = mgr_open_client(mgr_clients, mgr_url(address))
-    wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
-    conn = server_conns[0]
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
     try:
         mgr_clients.remove(client)
         wait_until(lambda: client not in mgr_clients)
@@ -2428,11 +2481,11 @@ def test_remove_stops_managing_without_closing(mgr_no_leaks, manager, mgr_client
 
 
 def test_context_manager_closes_with_1001(mgr_no_leaks, mgr_clients):
-    server_conns = []
+    servers = Collect(Recorder)
     with WebSocketManager(close_timeout=5.0) as server:
         assert server._thread.is_alive()  # __enter__ started it
-        address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-        clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(3)]
+        address = server.listen(("127.0.0.1", 0), servers)
+        clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
         wait_until(lambda: len(server) == 3)
         exit_started = time.monotonic()
     exit_took = time.monotonic() - exit_started
@@ -2440,7 +2493,7 @@ def test_context_manager_closes_with_1001(mgr_no_leaks, mgr_clients):
     for client in clients:
         assert client.closed_event.wait(10)
         assert mgr_closed_events(client) == [("closed", 1001, "Server is shutting down")]
-    assert all(len(mgr_closed_events(s)) == 1 and s.terminated for s in server_conns)
+    assert all(len(mgr_closed_events(s)) == 1 and s.terminated for s in servers.made)
     # The peers answered, so __exit__ did not sit out the whole close_timeout.
     assert exit_took < 4.0
     wait_until(lambda: len(mgr_clients) == 0)
@@ -2448,21 +2501,21 @@ def test_context_manager_closes_with_1001(mgr_no_leaks, mgr_clients):
 
 def test_context_manager_exit_is_bounded_by_close_timeout(mgr_no_leaks):
     # A peer that never answers the 1001: __exit__ waits close_timeout, then terminates it.
-    server_conns = []
+    servers = Collect(Recorder)
     sock = None
     try:
         with WebSocketManager(close_timeout=0.5) as server:
-            address = server.listen(("127.0.0.1", 0), mgr_collect(Recorder, server_conns))
-            sock, rest = raw_client(address)
-            wait_until(lambda: server_conns and server_conns[0].opened_event.is_set())
+            address = server.listen(("127.0.0.1", 0), servers)
+            sock, rest = raw_upgrade(address, timeout=5.0)
+            servers.first_opened()
             exit_started = time.monotonic()
         exit_took = time.monotonic() - exit_started
         assert not server._thread.is_alive()
-        frame = MgrRawPeer(sock, rest).next_frame()
+        frame = RawPeer(sock, rest, timeout=5.0).next()
         assert frame.opcode == Opcode.CLOSE
         assert parse_close(frame.payload) == (1001, "Server is shutting down")
         assert 0.4 <= exit_took < 5.0
-        assert mgr_closed_events(server_conns[0])[0][1] == 1006
+        assert mgr_closed_events(servers.made[0])[0][1] == 1006
     finally:
         if sock is not None:
             sock.close()
@@ -2478,14 +2531,14 @@ class MgrStopper(Recorder):
 
 
 def test_stop_from_inside_a_callback(mgr_no_leaks, mgr_clients):
-    server_conns = []
+    servers = Collect(MgrStopper)
     server = WebSocketManager(close_timeout=2.0)
     MgrStopper.manager = server
     server.start()
     try:
-        address = server.listen(("127.0.0.1", 0), mgr_collect(MgrStopper, server_conns))
-        clients = [mgr_open_client(mgr_clients, mgr_url(address)) for _ in range(4)]
-        wait_until(lambda: len(server_conns) == 4 and all(s.opened_event.is_set() for s in server_conns))
+        address = server.listen(("127.0.0.1", 0), servers)
+        clients = [open_client(mgr_clients, ws_url(address)) for _ in range(4)]
+        wait_until(lambda: len(servers.made) == 4 and all(s.opened_event.is_set() for s in servers.made))
         clients[2].send("stop")
         server.join(10)
         assert not server._thread.is_alive()
@@ -2494,7 +2547,7 @@ def test_stop_from_inside_a_callback(mgr_no_leaks, mgr_clients):
         server.join(10)
         MgrStopper.manager = None
     # Every connection still open got closed() exactly once, the one that asked included.
-    for conn in server_conns:
+    for conn in servers.made:
         assert len(mgr_closed_events(conn)) == 1 and conn.terminated
     assert len(server) == 0
     for client in clients:
@@ -2503,13 +2556,13 @@ def test_stop_from_inside_a_callback(mgr_no_leaks, mgr_clients):
 
 
 def test_accept_adopts_a_socket_read_elsewhere(mgr_no_leaks, manager, mgr_clients):
-    server_conns = []
+    servers = Collect(EchoRecorder)
     with socket.create_server(("127.0.0.1", 0)) as front:
         result = {}
 
         def dial():
             try:
-                result["client"] = connect(mgr_url(front.getsockname(), "/adopted"), Recorder, timeout=10)
+                result["client"] = connect(ws_url(front.getsockname(), "/adopted"), Recorder, timeout=10)
             except Exception as exc:  # reported by the main thread
                 result["error"] = exc
 
@@ -2520,14 +2573,8 @@ def test_accept_adopts_a_socket_read_elsewhere(mgr_no_leaks, manager, mgr_client
             front.settimeout(10)
             sock, _ = front.accept()
             sock.settimeout(10)
-            reader = HeadReader()
-            found = None
-            for _ in range(100):
-                found = reader.feed(sock.recv(65536))
-                if found is not None:
-                    break
-            assert found is not None
-            manager.accept(sock, found[0] + found[1], mgr_collect(MgrEchoRecorder, server_conns))
+            head, rest = read_head(sock, max_reads=100)
+            manager.accept(sock, head + rest, servers)
         finally:
             thread.join(15)
         assert not thread.is_alive()
@@ -2536,16 +2583,16 @@ def test_accept_adopts_a_socket_read_elsewhere(mgr_no_leaks, manager, mgr_client
     mgr_clients.add(client)
     client.send("adopted")
     wait_until(lambda: client.messages == ["adopted"])
-    assert server_conns[0].path == "/adopted" and server_conns[0] in manager
+    assert servers.made[0].path == "/adopted" and servers.made[0] in manager
 
 
 def test_stop_and_join_release_everything(mgr_no_leaks):
     fds = open_fds()
     threads = threading.active_count()
-    with mgr_running() as server, mgr_running() as clients:
+    with running_manager() as server, running_manager() as clients:
         address = server.listen(("127.0.0.1", 0), EchoServer)
         for _ in range(10):
-            clients.add(connect(mgr_url(address), Recorder))
+            clients.add(connect(ws_url(address), Recorder))
         wait_until(lambda: len(server) == 10)
     wait_until(lambda: threading.active_count() == threads)
     wait_until(lambda: open_fds() == fds)
@@ -2563,7 +2610,7 @@ def _mgr_stopped_manager():
 def test_add_after_stop_does_not_leak(mgr_no_leaks, manager):
     address = manager.listen(("127.0.0.1", 0), Recorder)
     late = _mgr_stopped_manager()
-    client = connect(mgr_url(address), Recorder)
+    client = connect(ws_url(address), Recorder)
     try:
         refused = False
         try:
@@ -2599,7 +2646,7 @@ def test_listen_after_stop_does_not_leak():
 
 def test_idle_loop_sleeps(mgr_no_leaks, manager, mgr_clients):
     address = manager.listen(("127.0.0.1", 0), Recorder)
-    clients = [connect(mgr_url(address), Recorder) for _ in range(50)]
+    clients = [connect(ws_url(address), Recorder) for _ in range(50)]
     for client in clients:
         mgr_clients.add(client)
     wait_until(lambda: len(manager) == 50 and all(c.opened_event.is_set() for c in clients))
@@ -2639,6 +2686,16 @@ def _cli(*args, stdin=b"", timeout=60):
     """Run `python -m wsmanager ARGS` to completion (killed and reaped on timeout by subprocess.run)."""
     return subprocess.run([sys.executable, "-m", "wsmanager", *args], input=stdin, capture_output=True,
                           env=_cli_env(), timeout=timeout)
+
+
+def _assert_fails_in_one_line(result, expected=None):
+    """A failed command whose stderr is one line (containing ``expected``, if given) and no traceback."""
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    if expected is not None:
+        assert expected in stderr
+    assert "Traceback" not in stderr
 
 
 def _free_port():
@@ -2683,36 +2740,6 @@ def _chat_server(tmp_path):
             return
         finally:
             _reap(proc)
-
-
-class _Collect:
-    """A connection factory that remembers every connection it made (the server side of a test)."""
-
-    def __init__(self, cls, **attributes):
-        self.cls = cls
-        self.attributes = attributes
-        self.made = []
-
-    def __call__(self, *args, **kwargs):
-        websocket = self.cls(*args, **kwargs)
-        websocket.__dict__.update(self.attributes)
-        self.made.append(websocket)
-        return websocket
-
-
-class _EchoRecorder(Recorder):
-    """Echoes and records; sends `greeting` first when set."""
-
-    greeting = None
-
-    def opened(self):
-        super().opened()
-        if self.greeting is not None:
-            self.send(self.greeting)
-
-    def received_message(self, message):
-        super().received_message(message)
-        self.send(message)
 
 
 ###############################################################################
@@ -2795,9 +2822,9 @@ def test_cli_serve_refuses_upgrades_off_ws(tmp_path):
 ###############################################################################
 
 def test_cli_connect_sends_lines_prints_echoes_and_closes_1000(manager):
-    servers = _Collect(_EchoRecorder)
-    host, port = manager.listen(("127.0.0.1", 0), servers)
-    result = _cli("connect", f"ws://{host}:{port}/", stdin="hello\nwörld\n".encode())
+    servers = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    result = _cli("connect", ws_url(address), stdin="hello\nwörld\n".encode())
     stdout = result.stdout.decode()
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
@@ -2814,9 +2841,9 @@ def test_cli_connect_sends_lines_prints_echoes_and_closes_1000(manager):
 
 @pytest.mark.parametrize("flags, shown", [(["--binary"], "< 01ff"), ([], "< <binary message, 2 bytes>")])
 def test_cli_connect_binary_messages(manager, flags, shown):
-    servers = _Collect(_EchoRecorder, greeting=b"\x01\xff")
-    host, port = manager.listen(("127.0.0.1", 0), servers)
-    result = _cli("connect", f"ws://{host}:{port}/", *flags)
+    servers = Collect(EchoRecorder, greeting=b"\x01\xff")
+    address = manager.listen(("127.0.0.1", 0), servers)
+    result = _cli("connect", ws_url(address), *flags)
     assert result.returncode == 0, result.stderr
     assert shown in result.stdout.decode().splitlines(), result.stdout
     assert servers.made and servers.made[0].closed_event.wait(10)
@@ -2824,13 +2851,9 @@ def test_cli_connect_binary_messages(manager, flags, shown):
 
 
 def test_cli_connect_refused_handshake_is_one_line(manager):
-    host, port = manager.listen(("127.0.0.1", 0), EchoServer, handshake=lambda request: Response(403))
-    result = _cli("connect", f"ws://{host}:{port}/")
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert len(stderr.splitlines()) == 1, stderr
-    assert "403" in stderr
-    assert "Traceback" not in stderr
+    address = manager.listen(("127.0.0.1", 0), EchoServer, handshake=lambda request: Response(403))
+    result = _cli("connect", ws_url(address))
+    _assert_fails_in_one_line(result, "403")
     assert result.stdout == b""
 
 
@@ -2845,11 +2868,7 @@ def test_cli_connect_refused_handshake_is_one_line(manager):
     ["connect", "http://x"],  # not ws:// or wss://
 ], ids=["bad-port", "port-out-of-range", "missing-url", "bad-scheme"])
 def test_cli_bad_arguments_fail_in_one_line(args):
-    result = _cli(*args)
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert len(stderr.splitlines()) == 1, stderr
-    assert "Traceback" not in stderr
+    _assert_fails_in_one_line(_cli(*args))
 
 
 def test_cli_serve_on_a_busy_port_fails_in_one_line():
@@ -2857,21 +2876,12 @@ def test_cli_serve_on_a_busy_port_fails_in_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         result = _cli("serve", "--port", str(busy.getsockname()[1]))
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert len(stderr.splitlines()) == 1, stderr
-    assert "cannot listen" in stderr
-    assert "Traceback" not in stderr
+    _assert_fails_in_one_line(result, "cannot listen")
 
 
 def test_cli_connect_refused_connection_is_one_line():
     # Nothing listens there (a port just found free): a user error, not a crash.
-    result = _cli("connect", f"ws://127.0.0.1:{_free_port()}/")
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert len(stderr.splitlines()) == 1, stderr
-    assert "cannot connect" in stderr
-    assert "Traceback" not in stderr
+    _assert_fails_in_one_line(_cli("connect", f"ws://127.0.0.1:{_free_port()}/"), "cannot connect")
 
 
 @pytest.mark.parametrize("command, defaults", [("serve", ["9000", "127.0.0.1"]), ("connect", ["10.0"])])
@@ -3131,23 +3141,8 @@ SENDABLE_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 10
 @pytest.fixture
 def interop_manager():
     """A started manager whose message limit admits 1 MiB messages; stopped and joined afterwards."""
-    m = WebSocketManager(close_timeout=2.0, max_message_size=INTEROP_LIMIT)
-    m.start()
-    try:
+    with running_manager(max_message_size=INTEROP_LIMIT) as m:
         yield m
-    finally:
-        m.stop()
-        m.join(10)
-    assert not m._thread.is_alive()
-
-
-class InteropPeer(Recorder):
-    """The wsmanager end: records everything and echoes each message back, so one
-    exchange checks wsmanager's receiving and its sending."""
-
-    def received_message(self, message):
-        super().received_message(message)
-        self.send(message)
 
 
 def _ws_options(**options):
@@ -3187,8 +3182,12 @@ def websockets_server(**options):
         assert not thread.is_alive()
 
 
-def wsmanager_server(manager, factory=InteropPeer, **listen_options):
-    """Listen with wsmanager; returns ((host, port), queue of opened server connections)."""
+def wsmanager_server(manager, factory=EchoRecorder, **listen_options):
+    """Listen with wsmanager; returns ((host, port), queue of opened server connections).
+
+    The wsmanager end records everything and echoes each message back, so one exchange checks
+    wsmanager's receiving and its sending.
+    """
     opened = queue.Queue()
 
     class Server(factory):
@@ -3200,35 +3199,21 @@ def wsmanager_server(manager, factory=InteropPeer, **listen_options):
     return address, opened
 
 
-def wsmanager_client(manager, address, factory=InteropPeer, **connect_options):
-    """connect() + manager.add(); returns the opened client connection."""
-    host, port = address
-    ws = connect(f"ws://{host}:{port}/", factory, timeout=10, **connect_options)
-    try:
-        manager.add(ws)
-    except BaseException:
-        ws.sock.close()  # not owned by the manager yet: close it ourselves
-        raise
-    assert ws.opened_event.wait(10)
-    return ws
-
-
 @contextlib.contextmanager
 def interop_pair(role, manager, *, server_subprotocols=None, client_subprotocols=None, ws_options=None):
     """An open connection between the two libraries; yields (wsmanager end, websockets end)."""
     ws_options = ws_options or {}
     if role == "wsm-server":
         address, opened = wsmanager_server(manager, subprotocols=server_subprotocols)
-        host, port = address
         # proxy=None: a proxy set in the environment must not intercept 127.0.0.1.
         # Leaving the with block closes the websockets end (a no-op when the test already did).
-        with ws_connect(f"ws://{host}:{port}/", proxy=None, subprotocols=client_subprotocols,
+        with ws_connect(ws_url(address), proxy=None, subprotocols=client_subprotocols,
                         **_ws_options(**ws_options)) as peer:
             wsm = opened.get(timeout=10)
             yield wsm, peer
     else:
         with websockets_server(subprotocols=server_subprotocols, **ws_options) as (address, connections):
-            wsm = wsmanager_client(manager, address, subprotocols=client_subprotocols)
+            wsm = open_client(manager, ws_url(address), EchoRecorder, subprotocols=client_subprotocols)
             try:
                 peer = connections.get(timeout=10)
                 yield wsm, peer
@@ -3415,9 +3400,8 @@ def test_interop_wsmanager_server_refuses_websockets_client(interop_manager):
         return Response(403)
 
     address, opened = wsmanager_server(interop_manager, handshake=refuse)
-    host, port = address
     with pytest.raises(WsInvalidStatus) as info:
-        with ws_connect(f"ws://{host}:{port}/refused", proxy=None, **_ws_options()):
+        with ws_connect(ws_url(address, "/refused"), proxy=None, **_ws_options()):
             pass
     assert info.value.response.status_code == 403
     assert [request.path for request in requests] == ["/refused"]
@@ -3430,9 +3414,8 @@ def test_interop_websockets_server_refuses_wsmanager_client(interop_manager):
         return connection.respond(403, "Forbidden\n")
 
     with websockets_server(process_request=reject) as (address, connections):
-        host, port = address
         with pytest.raises(HandshakeError) as info:
-            connect(f"ws://{host}:{port}/", timeout=10)
+            connect(ws_url(address), timeout=10)
         assert info.value.status == 403
         assert info.value.response is not None and info.value.response.status == 403
         assert connections.empty()
@@ -3600,59 +3583,6 @@ class SmallSendBufferServer(HardeningServer):
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
 
 
-def tracking_factory(cls=HardeningServer):
-    """A listen() factory that keeps every connection it makes in ``factory.made``."""
-    made = []
-
-    def factory(*args, **kwargs):
-        ws = cls(*args, **kwargs)
-        made.append(ws)
-        return ws
-
-    factory.made = made
-    return factory
-
-
-def made_for_path(factory, path):
-    return [ws for ws in list(factory.made) if ws.path == path]
-
-
-def upgrade_request_bytes(path="/", *, method="GET", version="1.1", origin=None):
-    lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {new_key()}", "Sec-WebSocket-Version: 13"]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def raw_upgrade(address, *, sock=None, path="/", rcvbuf=None, then=b"", timeout=10.0):
-    """Like common.raw_client, with a small receive buffer (a peer that does not read fills up
-    sooner), on a socket made beforehand (the EMFILE test cannot open new ones), or with
-    ``then``: frames sent in the same write as the request head."""
-    if sock is None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.sendall(upgrade_request_bytes(path) + then)
-        reader = HeadReader()
-        result = None
-        for _ in range(1000):
-            data = sock.recv(65536)
-            assert data, "server closed during handshake"
-            result = reader.feed(data)
-            if result is not None:
-                break
-        head, rest = result
-        assert head.startswith(b"HTTP/1.1 101"), head
-    except BaseException:
-        sock.close()
-        raise
-    return sock, rest
-
-
 def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
     """Send raw bytes, read until the server closes; returns everything it sent."""
     sock = socket.create_connection(address, timeout=timeout)
@@ -3682,70 +3612,16 @@ def http_status_of(response):
     return int(response[9:12])
 
 
-class ServerFrameReader:
-    """Reads the server's (unmasked) frames from a raw socket."""
-
-    def __init__(self, sock, rest=b""):
-        self.sock = sock
-        self.parser = FrameParser(expect_masked=False, max_frame_size=2 ** 31)
-        self.frames = collections.deque(self.parser.feed(rest))
-
-    def next(self, timeout=10.0):
-        """The next frame, or None at EOF / reset."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100000):
-            if self.frames:
-                return self.frames.popleft()
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "no frame from the server in time"
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                return None
-            if not data:
-                return None
-            self.frames.extend(self.parser.feed(data))
-        raise AssertionError("too many reads")
-
-    def close_frame(self, timeout=10.0):
-        """Skip data frames until the server's close frame; returns Close, or None at EOF."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100000):
-            frame = self.next(max(0.01, deadline - time.monotonic()))
-            if frame is None:
-                return None
-            if frame.opcode == Opcode.CLOSE:
-                return Close(*parse_close(frame.payload))
-        raise AssertionError("too many frames")
-
-    def eof(self, timeout=10.0):
-        """Whether the server closed (EOF or reset) within timeout, ignoring frames."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100000):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.sock.settimeout(remaining)
-            try:
-                if not self.sock.recv(65536):
-                    return True
-            except ConnectionResetError:
-                return True
-            except socket.timeout:
-                return False
-        return False
-
-
-def assert_echo(sock, reader, text):
-    sock.sendall(encode_frame(Opcode.TEXT, text.encode(), mask=True))
-    frame = reader.next()
+def assert_echo(peer, text):
+    """A text message from the RawPeer comes back as its echo."""
+    peer.send_frame(Opcode.TEXT, text.encode())
+    frame = peer.next()
     assert frame is not None and frame.opcode == Opcode.TEXT and frame.payload == text.encode(), frame
 
 
-def assert_manager_serves(m, address, path, text):
+def assert_manager_serves(m, address, path, text, **connect_options):
     """A fresh wsmanager client, added to ``m``, gets its echo and closes cleanly."""
-    client = connect(f"ws://{address[0]}:{address[1]}{path}", Recorder, timeout=10)
+    client = connect(ws_url(address, path), Recorder, timeout=10, **connect_options)
     m.add(client)
     client.send(text)
     wait_until(lambda: client.messages == [text])
@@ -3753,13 +3629,13 @@ def assert_manager_serves(m, address, path, text):
     assert client.closed_event.wait(10)
 
 
-def close_handshake_from_peer(sock, reader, code=CloseCode.NORMAL):
+def close_handshake_from_peer(peer, code=CloseCode.NORMAL):
     """Our side of a close handshake: send close, read the echo and the server's EOF."""
-    sock.sendall(encode_frame(Opcode.CLOSE, encode_close(code), mask=True))
-    close = reader.close_frame()
+    peer.send_frame(Opcode.CLOSE, encode_close(code))
+    close = peer.close_frame()
     assert close is not None and close.code == code, close
-    assert reader.eof(), "server did not close after the close handshake"
-    sock.close()
+    assert peer.eof(), "server did not close after the close handshake"
+    peer.sock.close()
 
 
 class WellBehavedPeer:
@@ -3796,21 +3672,16 @@ class WellBehavedPeer:
         for i in range(100000):
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
-            sock = None
             try:
-                sock, rest = raw_upgrade(self.address, path=self.path)
-                reader = ServerFrameReader(sock, rest)
-                for j in range(self.rounds):
-                    assert_echo(sock, reader, f"bystander {i}.{j}")
-                    self.exchanges += 1
-                close_handshake_from_peer(sock, reader)
+                with raw_peer(self.address, path=self.path) as peer:
+                    for j in range(self.rounds):
+                        assert_echo(peer, f"bystander {i}.{j}")
+                        self.exchanges += 1
+                    close_handshake_from_peer(peer)
                 self.connections += 1
             except Exception as exc:
                 self.errors.append(repr(exc))
                 return
-            finally:
-                if sock is not None:
-                    sock.close()
             self._stop.wait(0.01)
 
     def served_now(self, timeout=20.0):
@@ -3843,34 +3714,41 @@ class WellBehavedPeer:
         assert self.exchanges > 0
 
 
+@contextlib.contextmanager
+def attacker_beside_bystander(address, factory, path, **upgrade_options):
+    """A raw peer on ``path`` (the attacker) and the server connection ``factory`` made for it, while
+    a WellBehavedPeer must be served throughout; yields (bystander, attacker RawPeer, connection)."""
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        with raw_peer(address, path=path, **upgrade_options) as attacker:
+            yield bystander, attacker, factory.wait_for(path)
+
+
 ###############################################################################
 # Hardening: max_connections ##################################################
 ###############################################################################
 
 def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_close(limited_manager):
     m = limited_manager()
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory, max_connections=3)
     peers = []
     try:
         for _ in range(3):
-            sock, rest = raw_upgrade(address)
-            peers.append((sock, ServerFrameReader(sock, rest)))
+            peers.append(RawPeer(*raw_upgrade(address)))
         # The fourth, raw and through connect(): refused with 503, and the server closes it.
         response = send_and_read_to_eof(address, upgrade_request_bytes())
         assert http_status_of(response) == 503
         with pytest.raises(HandshakeError) as refused:
-            connect(f"ws://{address[0]}:{address[1]}/", timeout=10)
+            connect(ws_url(address), timeout=10)
         assert refused.value.status == 503
-        assert len(made_for_path(factory, "/")) == 3  # refused handshakes never made a connection
+        assert len(factory.for_path("/")) == 3  # refused handshakes never made a connection
         # Existing peers are unaffected by the refusals.
-        for n, (sock, reader) in enumerate(peers):
-            assert_echo(sock, reader, f"still here {n}")
+        for n, peer in enumerate(peers):
+            assert_echo(peer, f"still here {n}")
         # One leaves; once the server has let it go, a new one is admitted (a wsmanager client).
-        sock, reader = peers.pop()
-        close_handshake_from_peer(sock, reader)
+        close_handshake_from_peer(peers.pop())
         wait_until(lambda: len(m) == 2)
-        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder, timeout=10)
+        client = connect(ws_url(address), Recorder, timeout=10)
         m.add(client)
         client.send("admitted")
         wait_until(lambda: client.messages == ["admitted"])
@@ -3879,8 +3757,8 @@ def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_clos
         client.close()
         assert client.closed_event.wait(10)
     finally:
-        for sock, _ in peers:
-            sock.close()
+        for peer in peers:
+            peer.sock.close()
 
 
 ###############################################################################
@@ -3897,21 +3775,16 @@ def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_clos
 ])
 def test_origins_allow_list(limited_manager, origins, origin, expected):
     m = limited_manager()
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory, origins=origins)
     if expected == 101:
-        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder, origin=origin, timeout=10)
-        m.add(client)
-        client.send("from an allowed origin")
-        wait_until(lambda: client.messages == ["from an allowed origin"])
-        client.close()
-        assert client.closed_event.wait(10)
+        assert_manager_serves(m, address, "/", "from an allowed origin", origin=origin)
     else:
         response = send_and_read_to_eof(address, upgrade_request_bytes(origin=origin))
         assert http_status_of(response) == expected
         assert not factory.made
         with pytest.raises(HandshakeError) as refused:
-            connect(f"ws://{address[0]}:{address[1]}/", origin=origin, timeout=10)
+            connect(ws_url(address), origin=origin, timeout=10)
         assert refused.value.status == expected
 
 
@@ -3978,44 +3851,38 @@ def send_near_limit_message(sock):
 
 def test_memory_per_connection_is_bounded_by_the_caps(limited_manager):
     m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
-    factory = tracking_factory(SmallSendBufferServer)
+    factory = Collect(SmallSendBufferServer)
     address = m.listen(("127.0.0.1", 0), factory)
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/hog", rcvbuf=4096)
-        try:
-            wait_until(lambda: made_for_path(factory, "/hog"))
-            ws = made_for_path(factory, "/hog")[0]
-            frame_len = fill_server_output(ws, CAP_BUFFERED)
-            assembled, partial = send_near_limit_message(sock)
+    with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (bystander, attacker, ws):
+        frame_len = fill_server_output(ws, CAP_BUFFERED)
+        assembled, partial = send_near_limit_message(attacker.sock)
 
-            def snapshot():
-                return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._out),
-                            parser=len(ws._parser._buffer), assembler=len(ws._assembler._buffer),
-                            assembler_held=memory_held_by(ws._assembler._buffer), finalized=ws._finalized)
+        def snapshot():
+            return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._out),
+                        parser=len(ws._parser._buffer), assembler=len(ws._assembler._buffer),
+                        assembler_held=memory_held_by(ws._assembler._buffer), finalized=ws._finalized)
 
-            wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
-            s = call_in_loop_thread(m, snapshot)
-            assert not s["finalized"]
-            bystander.served_now()  # while this peer holds the server at every cap
-            # Every cap is reached (the peer really makes the server hold that much) ...
-            assert CAP_BUFFERED - 3 * frame_len <= s["buffered"] <= CAP_BUFFERED
-            assert s["assembler"] == assembled == CAP_MESSAGE - CAP_FRAME
-            assert s["parser"] == partial
-            # ... and none is exceeded: a frame's header at most, on top of max_frame_size.
-            assert s["parser"] <= CAP_FRAME + 14
-            assert s["assembler"] <= CAP_MESSAGE
-            assert s["assembler_held"] <= CAP_MESSAGE + OBJECT_OVERHEAD_ALLOWANCE
-            assert s["out_held"] <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE
-            total = s["out_held"] + s["parser"] + s["assembler_held"]
-            assert total <= CAP_BUFFERED + CAP_FRAME + CAP_MESSAGE + wsmanager.READ_SIZE + OBJECT_OVERHEAD_ALLOWANCE
-            # One byte more than max_message_size ends the connection with 1009 (closed() comes
-            # after close_timeout here: the close frame is stuck behind the unread output).
-            sock.sendall(b"b" + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
-            assert ws.closed_event.wait(10)
-            assert ws.closed_calls == [(CloseCode.MESSAGE_TOO_BIG, ws.closed_calls[0][1])]
-            assert "exceeds the limit" in ws.closed_calls[0][1]
-        finally:
-            sock.close()
+        wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
+        s = call_in_loop_thread(m, snapshot)
+        assert not s["finalized"]
+        bystander.served_now()  # while this peer holds the server at every cap
+        # Every cap is reached (the peer really makes the server hold that much) ...
+        assert CAP_BUFFERED - 3 * frame_len <= s["buffered"] <= CAP_BUFFERED
+        assert s["assembler"] == assembled == CAP_MESSAGE - CAP_FRAME
+        assert s["parser"] == partial
+        # ... and none is exceeded: a frame's header at most, on top of max_frame_size.
+        assert s["parser"] <= CAP_FRAME + 14
+        assert s["assembler"] <= CAP_MESSAGE
+        assert s["assembler_held"] <= CAP_MESSAGE + OBJECT_OVERHEAD_ALLOWANCE
+        assert s["out_held"] <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE
+        total = s["out_held"] + s["parser"] + s["assembler_held"]
+        assert total <= CAP_BUFFERED + CAP_FRAME + CAP_MESSAGE + wsmanager.READ_SIZE + OBJECT_OVERHEAD_ALLOWANCE
+        # One byte more than max_message_size ends the connection with 1009 (closed() comes
+        # after close_timeout here: the close frame is stuck behind the unread output).
+        attacker.sock.sendall(b"b" + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
+        assert ws.closed_event.wait(10)
+        assert ws.closed_calls == [(CloseCode.MESSAGE_TOO_BIG, ws.closed_calls[0][1])]
+        assert "exceeds the limit" in ws.closed_calls[0][1]
 
 
 def test_output_memory_stays_near_max_buffered_when_the_peer_reads_slowly(limited_manager):
@@ -4026,78 +3893,65 @@ def test_output_memory_stays_near_max_buffered_when_the_peer_reads_slowly(limite
     the old queue on top of a new full one.
     """
     m = limited_manager(max_buffered=CAP_BUFFERED)
-    factory = tracking_factory(SmallSendBufferServer)
+    factory = Collect(SmallSendBufferServer)
     address = m.listen(("127.0.0.1", 0), factory)
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/slow-reader", rcvbuf=4096)
-        try:
-            wait_until(lambda: made_for_path(factory, "/slow-reader"))
-            ws = made_for_path(factory, "/slow-reader")[0]
-            fill_server_output(ws, CAP_BUFFERED)
-            # Read, a little at a time, until three quarters of the queue are gone; then stall.
-            sock.settimeout(10)
-            deadline = time.monotonic() + 30
-            for _ in range(100000):
-                if ws.buffered_amount <= CAP_BUFFERED // 4 or time.monotonic() > deadline:
-                    break
-                assert sock.recv(2048)
-            assert ws.buffered_amount <= CAP_BUFFERED // 4
-            # The kernel's buffers fill up again; from then on nothing more goes out.
-            wait_until_stable(lambda: ws.buffered_amount)
-            fill_server_output(ws, CAP_BUFFERED)
-            buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
-            assert not ws.terminated
-            assert CAP_BUFFERED // 2 <= buffered <= CAP_BUFFERED
-            assert held <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE, f"{buffered} bytes queued hold {held} bytes of memory"
-        finally:
-            sock.close()
+    with attacker_beside_bystander(address, factory, "/slow-reader", rcvbuf=4096) as (_, attacker, ws):
+        fill_server_output(ws, CAP_BUFFERED)
+        # Read, a little at a time, until three quarters of the queue are gone; then stall.
+        attacker.sock.settimeout(10)
+        deadline = time.monotonic() + 30
+        for _ in range(100000):
+            if ws.buffered_amount <= CAP_BUFFERED // 4 or time.monotonic() > deadline:
+                break
+            assert attacker.sock.recv(2048)
+        assert ws.buffered_amount <= CAP_BUFFERED // 4
+        # The kernel's buffers fill up again; from then on nothing more goes out.
+        wait_until_stable(lambda: ws.buffered_amount)
+        fill_server_output(ws, CAP_BUFFERED)
+        buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+        assert not ws.terminated
+        assert CAP_BUFFERED // 2 <= buffered <= CAP_BUFFERED
+        assert held <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE, f"{buffered} bytes queued hold {held} bytes of memory"
 
 
 @pytest.mark.parametrize("cap", ["message", "frame", "output"])
 def test_going_over_a_cap_ends_the_connection(limited_manager, cap):
     m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory)
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/hog", rcvbuf=4096)
-        try:
-            wait_until(lambda: made_for_path(factory, "/hog"))
-            ws = made_for_path(factory, "/hog")[0]
-            reader = ServerFrameReader(sock, rest)
-            if cap == "message":
-                # Fragments each under max_frame_size, together one byte over max_message_size.
-                fragment = b"m" * (CAP_FRAME // 2)
-                count = CAP_MESSAGE // len(fragment)
-                sock.sendall(encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)
-                             + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True) * (count - 1)
-                             + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
-                expected = CloseCode.MESSAGE_TOO_BIG
-            elif cap == "frame":
-                # Only the header: refused before any payload is buffered.
-                header = struct.pack("!BBQ", 0x82, 0xFF, CAP_FRAME + 1) + b"mask"
-                sock.sendall(header)
-                expected = CloseCode.MESSAGE_TOO_BIG
-            else:
-                fill_server_output(ws, CAP_BUFFERED)
-                with pytest.raises(ConnectionClosed):
-                    # The send that would take the queue past max_buffered drops the peer.
-                    ws.send(b"x" * (CAP_BUFFERED // 2))
-                expected = CloseCode.ABNORMAL
-            if cap == "output":
-                assert reader.eof(10)  # dropped: no close handshake for a peer that does not read
-            else:
-                close = reader.close_frame()
-                assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
-            sock.close()
-            assert ws.closed_event.wait(10)
-            assert len(ws.closed_calls) == 1
-            code, reason = ws.closed_calls[0]
-            assert code == expected
-            if cap == "output":
-                assert "slow consumer" in reason
-            assert ws.terminated and ws not in m
-        finally:
-            sock.close()
+    with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (_, attacker, ws):
+        if cap == "message":
+            # Fragments each under max_frame_size, together one byte over max_message_size.
+            fragment = b"m" * (CAP_FRAME // 2)
+            count = CAP_MESSAGE // len(fragment)
+            attacker.sock.sendall(encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)
+                         + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True) * (count - 1)
+                         + encode_frame(Opcode.CONTINUATION, b"!", mask=True))
+            expected = CloseCode.MESSAGE_TOO_BIG
+        elif cap == "frame":
+            # Only the header: refused before any payload is buffered.
+            header = struct.pack("!BBQ", 0x82, 0xFF, CAP_FRAME + 1) + b"mask"
+            attacker.sock.sendall(header)
+            expected = CloseCode.MESSAGE_TOO_BIG
+        else:
+            fill_server_output(ws, CAP_BUFFERED)
+            with pytest.raises(ConnectionClosed):
+                # The send that would take the queue past max_buffered drops the peer.
+                ws.send(b"x" * (CAP_BUFFERED // 2))
+            expected = CloseCode.ABNORMAL
+        if cap == "output":
+            assert attacker.eof(10)  # dropped: no close handshake for a peer that does not read
+        else:
+            close = attacker.close_frame()
+            assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
+        attacker.sock.close()
+        assert ws.closed_event.wait(10)
+        assert len(ws.closed_calls) == 1
+        code, reason = ws.closed_calls[0]
+        assert code == expected
+        if cap == "output":
+            assert "slow consumer" in reason
+        assert ws.terminated and ws not in m
 
 
 @pytest.mark.parametrize("fragment", [b"", b"x"], ids=["empty-fragments", "one-byte-fragments"])
@@ -4111,28 +3965,22 @@ def test_fragment_bookkeeping_stays_within_max_message_size(limited_manager, fra
     """
     limit = 64 * 1024
     m = limited_manager(max_message_size=limit)
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory)
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/frag")
-        try:
-            wait_until(lambda: made_for_path(factory, "/frag"))
-            ws = made_for_path(factory, "/frag")[0]
-            count = 60_000  # 60,000 bytes at most: under the limit, never refused
-            data = (encode_frame(Opcode.BINARY, fragment, fin=False, mask=b"\0\0\0\0")
-                    + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=b"\0\0\0\0") * (count - 1))
-            # A ping after the fragments (allowed inside a message): its pong proves all were read.
-            sock.sendall(data + encode_frame(Opcode.PING, b"sync", mask=True))
-            pong = ServerFrameReader(sock, rest).next(timeout=20)
-            assert pong == (Opcode.PONG, b"sync", True, False, False, False)
-            assert not ws.terminated, ws.closed_calls
-            assert call_in_loop_thread(m, lambda: len(ws._assembler._buffer)) == count * len(fragment)
-            held = call_in_loop_thread(m, lambda: memory_held_by(ws._assembler._buffer))
-            assert held <= limit + OBJECT_OVERHEAD_ALLOWANCE, (
-                f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
-                f"for a max_message_size of {limit}")
-        finally:
-            sock.close()
+    with attacker_beside_bystander(address, factory, "/frag") as (_, attacker, ws):
+        count = 60_000  # 60,000 bytes at most: under the limit, never refused
+        data = (encode_frame(Opcode.BINARY, fragment, fin=False, mask=b"\0\0\0\0")
+                + encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=b"\0\0\0\0") * (count - 1))
+        # A ping after the fragments (allowed inside a message): its pong proves all were read.
+        attacker.sock.sendall(data + encode_frame(Opcode.PING, b"sync", mask=True))
+        pong = attacker.next(timeout=20)
+        assert pong == (Opcode.PONG, b"sync", True, False, False, False)
+        assert not ws.terminated, ws.closed_calls
+        assert call_in_loop_thread(m, lambda: len(ws._assembler._buffer)) == count * len(fragment)
+        held = call_in_loop_thread(m, lambda: memory_held_by(ws._assembler._buffer))
+        assert held <= limit + OBJECT_OVERHEAD_ALLOWANCE, (
+            f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
+            f"for a max_message_size of {limit}")
 
 
 ###############################################################################
@@ -4145,7 +3993,7 @@ def test_slowloris_handshakes_are_closed_at_handshake_timeout(limited_manager):
     head = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"  # never the blank line
     with nofile_at_least(open_fds() + 2 * count + 200):
         m = limited_manager(handshake_timeout=handshake_timeout)
-        factory = tracking_factory()
+        factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         socks = []
         sel = selectors.DefaultSelector()
@@ -4193,7 +4041,7 @@ def test_slowloris_handshakes_are_closed_at_handshake_timeout(limited_manager):
             assert min(closed_after.values()) >= handshake_timeout * 0.9
             assert max(closed_after.values()) <= handshake_timeout + 10
             wait_until(lambda: not m._handshakes)
-            assert not made_for_path(factory, "/slow")
+            assert not factory.for_path("/slow")
         finally:
             sel.close()
             for s in socks:
@@ -4207,7 +4055,7 @@ def test_slowloris_handshakes_are_closed_at_handshake_timeout(limited_manager):
 @pytest.mark.parametrize("where", ["first-frame", "continuation", "with-the-handshake"])
 def test_frame_bomb_gets_1009_at_once_without_allocating(limited_manager, where):
     m = limited_manager()
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory)
     prefix = b""
     opcode = 0x82
@@ -4219,28 +4067,21 @@ def test_frame_bomb_gets_1009_at_once_without_allocating(limited_manager, where)
     with WellBehavedPeer(address) as bystander, bystander.served_during():
         rss_before = process_rss()
         started = time.monotonic()
-        if where == "with-the-handshake":
-            # In the same packet as the request: it reaches the connection as its first bytes.
-            sock, rest = raw_upgrade(address, path="/bomb", then=bomb)
-        else:
-            sock, rest = raw_upgrade(address, path="/bomb")
-        try:
-            reader = ServerFrameReader(sock, rest)
+        # "with-the-handshake": in the same packet as the request, so it reaches the connection as its first bytes.
+        with raw_peer(address, path="/bomb", then=bomb if where == "with-the-handshake" else b"") as peer:
             if where != "with-the-handshake":
                 started = time.monotonic()
-                sock.sendall(bomb)
-            close = reader.close_frame(timeout=10)
+                peer.sock.sendall(bomb)
+            close = peer.close_frame(timeout=10)
             elapsed = time.monotonic() - started
             assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG, close
             assert elapsed < 5
-            assert reader.eof()
-            sock.close()
-            ws = made_for_path(factory, "/bomb")[0]
+            assert peer.eof()
+            peer.sock.close()
+            ws = factory.for_path("/bomb")[0]
             assert ws.closed_event.wait(10)
             assert [code for code, _ in ws.closed_calls] == [CloseCode.MESSAGE_TOO_BIG]
             assert process_rss() - rss_before < 50 * 2 ** 20
-        finally:
-            sock.close()
 
 
 ###############################################################################
@@ -4258,7 +4099,7 @@ class LengthEchoServer(HardeningServer):
 @pytest.mark.parametrize("max_message_size, accepted", [(2 ** 20, True), (50_000, False)])
 def test_fragment_flood_is_linear_and_limited(limited_manager, max_message_size, accepted):
     m = limited_manager(max_message_size=max_message_size)
-    factory = tracking_factory(LengthEchoServer)
+    factory = Collect(LengthEchoServer)
     address = m.listen(("127.0.0.1", 0), factory)
     count = 100_000
     key = b"\0\0\0\0"  # an all-zero mask is a valid key, and lets the frames be built by repetition
@@ -4268,7 +4109,7 @@ def test_fragment_flood_is_linear_and_limited(limited_manager, max_message_size,
     with WellBehavedPeer(address) as bystander, bystander.served_during():
         sock, rest = raw_upgrade(address, path="/flood", timeout=30)
         try:
-            reader = ServerFrameReader(sock, rest)
+            peer = RawPeer(sock, rest)  # reads wait 10 s unless told otherwise
             started = time.monotonic()
             try:
                 sock.sendall(data)
@@ -4276,17 +4117,17 @@ def test_fragment_flood_is_linear_and_limited(limited_manager, max_message_size,
                 assert not accepted  # a refused peer may be cut off before it has sent it all
             bystander.served_now()
             if accepted:
-                frame = reader.next(timeout=30)
+                frame = peer.next(timeout=30)
                 assert frame is not None and frame.payload == str(count).encode()
             else:
-                close = reader.close_frame(timeout=30)
+                close = peer.close_frame(timeout=30)
                 assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
                 sock.close()
             # Quadratic work (re-joining, re-scanning) on 100,000 fragments would take minutes.
             assert time.monotonic() - started < 20
-            ws = made_for_path(factory, "/flood")[0]
+            ws = factory.for_path("/flood")[0]
             if accepted:
-                close_handshake_from_peer(sock, reader)
+                close_handshake_from_peer(peer)
                 assert ws.closed_event.wait(10)
                 assert ws.closed_calls == [(CloseCode.NORMAL, "")]
             else:
@@ -4304,60 +4145,54 @@ def test_fragment_flood_is_linear_and_limited(limited_manager, max_message_size,
 def test_ping_flood_from_a_peer_that_never_reads(limited_manager, payload):
     max_buffered = 64 * 1024
     m = limited_manager(max_buffered=max_buffered)
-    factory = tracking_factory(SmallSendBufferServer)
+    factory = Collect(SmallSendBufferServer)
     address = m.listen(("127.0.0.1", 0), factory)
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/pings", rcvbuf=4096)
-        try:
-            wait_until(lambda: made_for_path(factory, "/pings"))
-            ws = made_for_path(factory, "/pings")[0]
-            data = memoryview(encode_frame(Opcode.PING, payload, mask=b"abcd") * 100_000)
-            chunk = 3000 if not payload else 32768
-            sock.setblocking(False)
-            offset = 0
-            dropped = False
-            peak_buffered = peak_held = 0
-            served_mid_flood = False
-            deadline = time.monotonic() + 60
-            stalled_since = None
-            for _ in range(200_000):
-                if offset >= len(data) or time.monotonic() > deadline:
-                    break
-                try:
-                    offset += sock.send(data[offset:offset + chunk])
-                    stalled_since = None
-                except BlockingIOError:
-                    # Our send buffer is full: the server stopped reading us or dropped us.
-                    if ws.terminated:
-                        break
-                    stalled_since = stalled_since or time.monotonic()
-                    if time.monotonic() - stalled_since > 10:
-                        break
-                    time.sleep(0.005)
-                    continue
-                except (ConnectionResetError, BrokenPipeError):
-                    dropped = True
-                    break
+    with attacker_beside_bystander(address, factory, "/pings", rcvbuf=4096) as (bystander, attacker, ws):
+        data = memoryview(encode_frame(Opcode.PING, payload, mask=b"abcd") * 100_000)
+        chunk = 3000 if not payload else 32768
+        attacker.sock.setblocking(False)
+        offset = 0
+        dropped = False
+        peak_buffered = peak_held = 0
+        served_mid_flood = False
+        deadline = time.monotonic() + 60
+        stalled_since = None
+        for _ in range(200_000):
+            if offset >= len(data) or time.monotonic() > deadline:
+                break
+            try:
+                offset += attacker.sock.send(data[offset:offset + chunk])
+                stalled_since = None
+            except BlockingIOError:
+                # Our send buffer is full: the server stopped reading us or dropped us.
                 if ws.terminated:
                     break
-                buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
-                peak_buffered = max(peak_buffered, buffered)
-                peak_held = max(peak_held, held)
-                if not served_mid_flood and buffered:  # pongs are piling up: the flood has bitten
-                    bystander.served_now()
-                    served_mid_flood = True
-            assert ws.closed_event.wait(10), f"not dropped after {offset} bytes of pings"
-            assert len(ws.closed_calls) == 1
-            code, reason = ws.closed_calls[0]
-            assert code == CloseCode.ABNORMAL and "slow consumer" in reason, (code, reason)
-            assert peak_buffered <= max_buffered
-            assert peak_buffered > 0  # the pongs did queue up before the drop
-            assert dropped or offset < len(data)  # the flood was cut short, not sent to the end
-            # What the queued pongs really cost stays near max_buffered, whatever their size.
-            assert peak_held <= max_buffered + OBJECT_OVERHEAD_ALLOWANCE, (
-                f"{peak_buffered} bytes of pongs queued held {peak_held} bytes of memory")
-        finally:
-            sock.close()
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 10:
+                    break
+                time.sleep(0.005)
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                dropped = True
+                break
+            if ws.terminated:
+                break
+            buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+            peak_buffered = max(peak_buffered, buffered)
+            peak_held = max(peak_held, held)
+            if not served_mid_flood and buffered:  # pongs are piling up: the flood has bitten
+                bystander.served_now()
+                served_mid_flood = True
+        assert ws.closed_event.wait(10), f"not dropped after {offset} bytes of pings"
+        assert len(ws.closed_calls) == 1
+        code, reason = ws.closed_calls[0]
+        assert code == CloseCode.ABNORMAL and "slow consumer" in reason, (code, reason)
+        assert peak_buffered <= max_buffered
+        assert peak_buffered > 0  # the pongs did queue up before the drop
+        assert dropped or offset < len(data)  # the flood was cut short, not sent to the end
+        # What the queued pongs really cost stays near max_buffered, whatever their size.
+        assert peak_held <= max_buffered + OBJECT_OVERHEAD_ALLOWANCE, (
+            f"{peak_buffered} bytes of pongs queued held {peak_held} bytes of memory")
 
 
 ###############################################################################
@@ -4368,49 +4203,42 @@ def test_ping_flood_from_a_peer_that_never_reads(limited_manager, payload):
 def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(limited_manager, how):
     close_timeout = 0.5
     m = limited_manager(close_timeout=close_timeout)
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory)
     fds_before = open_fds()
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        sock, rest = raw_upgrade(address, path="/gone")
-        try:
-            wait_until(lambda: made_for_path(factory, "/gone"))
-            ws = made_for_path(factory, "/gone")[0]
-            reader = ServerFrameReader(sock, rest)
-            assert_echo(sock, reader, "before vanishing")
-            started = time.monotonic()
-            if how == "reset-mid-frame":
-                frame = encode_frame(Opcode.BINARY, b"z" * 1000, mask=True)
-                sock.sendall(frame[:len(frame) // 2])
-                wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._parser._buffer)) > 0)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()  # RST
-                expected = (CloseCode.ABNORMAL, None)
-            elif how == "half-close":
-                sock.shutdown(socket.SHUT_WR)
-                assert reader.eof(10)  # and the server closes its side too
-                expected = (CloseCode.ABNORMAL, None)
-            elif how == "close-frame-then-gone":
-                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(4000, "bye"), mask=True))
-                sock.close()
-                expected = (4000, "bye")
-            else:
-                ws.close(CloseCode.NORMAL, "please answer")
-                expected = (CloseCode.ABNORMAL, None)
-            assert ws.closed_event.wait(10)
-            elapsed = time.monotonic() - started
-            time.sleep(0.1)  # a second closed() call would come right after the first
-            assert len(ws.closed_calls) == 1, ws.closed_calls
-            code, reason = ws.closed_calls[0]
-            assert code == expected[0]
-            if expected[1] is not None:
-                assert reason == expected[1]
-            if how == "never-answers-close":
-                assert elapsed >= close_timeout * 0.9
-                assert reader.close_frame() == (CloseCode.NORMAL, "please answer")
-            assert ws.terminated and ws not in m
-        finally:
-            sock.close()
+    with attacker_beside_bystander(address, factory, "/gone") as (_, attacker, ws):
+        assert_echo(attacker, "before vanishing")
+        started = time.monotonic()
+        if how == "reset-mid-frame":
+            frame = encode_frame(Opcode.BINARY, b"z" * 1000, mask=True)
+            attacker.sock.sendall(frame[:len(frame) // 2])
+            wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._parser._buffer)) > 0)
+            attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            attacker.sock.close()  # RST
+            expected = (CloseCode.ABNORMAL, None)
+        elif how == "half-close":
+            attacker.sock.shutdown(socket.SHUT_WR)
+            assert attacker.eof(10)  # and the server closes its side too
+            expected = (CloseCode.ABNORMAL, None)
+        elif how == "close-frame-then-gone":
+            attacker.send_frame(Opcode.CLOSE, encode_close(4000, "bye"))
+            attacker.sock.close()
+            expected = (4000, "bye")
+        else:
+            ws.close(CloseCode.NORMAL, "please answer")
+            expected = (CloseCode.ABNORMAL, None)
+        assert ws.closed_event.wait(10)
+        elapsed = time.monotonic() - started
+        time.sleep(0.1)  # a second closed() call would come right after the first
+        assert len(ws.closed_calls) == 1, ws.closed_calls
+        code, reason = ws.closed_calls[0]
+        assert code == expected[0]
+        if expected[1] is not None:
+            assert reason == expected[1]
+        if how == "never-answers-close":
+            assert elapsed >= close_timeout * 0.9
+            assert attacker.close_frame() == (CloseCode.NORMAL, "please answer")
+        assert ws.terminated and ws not in m
     # <=, not ==: a socket some earlier test dropped may be garbage-collected meanwhile.
     wait_until(lambda: open_fds() <= fds_before)
 
@@ -4445,7 +4273,7 @@ def test_garbage_before_the_handshake(limited_manager, caplog, name):
     caplog.set_level(logging.DEBUG, logger="wsmanager")
     make, half_close, expected = GARBAGE_BEFORE_HANDSHAKE[name]
     m = limited_manager(handshake_timeout=1.0)
-    factory = tracking_factory()
+    factory = Collect(HardeningServer)
     address = m.listen(("127.0.0.1", 0), factory)
     with WellBehavedPeer(address) as bystander, bystander.served_during():
         started = time.monotonic()
@@ -4465,9 +4293,7 @@ def test_garbage_before_the_handshake(limited_manager, caplog, name):
 def test_garbage_heads_fuzzed_never_crash_the_loop(caplog):
     """Any bytes ending in a blank line get an HTTP error (never a 101, never a loop crash)."""
     caplog.set_level(logging.DEBUG, logger="wsmanager")
-    m = WebSocketManager(close_timeout=1.0, handshake_timeout=2.0)
-    m.start()
-    try:
+    with running_manager(close_timeout=1.0, handshake_timeout=2.0) as m:
         address = m.listen(("127.0.0.1", 0), EchoServer)
 
         @hypothesis_settings(max_examples=60)
@@ -4478,15 +4304,11 @@ def test_garbage_heads_fuzzed_never_crash_the_loop(caplog):
 
         one()
         assert m._thread.is_alive()
-        sock, rest = raw_client(address)
+        sock, rest = raw_upgrade(address, timeout=5.0)
         try:
-            assert_echo(sock, ServerFrameReader(sock, rest), "still serving")
+            assert_echo(RawPeer(sock, rest), "still serving")
         finally:
             sock.close()
-    finally:
-        m.stop()
-        m.join(10)
-    assert not m._thread.is_alive()
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
 
@@ -4501,8 +4323,7 @@ def test_accept_emfile_backs_off_without_spinning_and_recovers(limited_manager, 
     address = m.listen(("127.0.0.1", 0), EchoServer)
     # Everything this process will need while the limit is low is made beforehand:
     # a connected peer that keeps talking, the flood's sockets and the late client's socket.
-    talker, rest = raw_client(address)
-    talker_reader = ServerFrameReader(talker, rest)
+    talker = RawPeer(*raw_upgrade(address, timeout=5.0))
     flood = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(40)]
     late = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -4524,7 +4345,7 @@ def test_accept_emfile_backs_off_without_spinning_and_recovers(limited_manager, 
         for i in range(100):
             if time.monotonic() - wall_before >= 1.0:
                 break
-            assert_echo(talker, talker_reader, f"during EMFILE {i}")  # existing peers are served
+            assert_echo(talker, f"during EMFILE {i}")  # existing peers are served
             time.sleep(0.1)
         cpu = time.process_time() - cpu_before
         wall = time.monotonic() - wall_before
@@ -4535,13 +4356,13 @@ def test_accept_emfile_backs_off_without_spinning_and_recovers(limited_manager, 
         for s in flood:
             s.close()
         sock, rest = raw_upgrade(address, sock=late, timeout=15)
-        assert_echo(sock, ServerFrameReader(sock, rest), "accepted after EMFILE")
+        assert_echo(RawPeer(sock, rest), "accepted after EMFILE")
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for s in flood:
             s.close()
         late.close()
-        talker.close()
+        talker.sock.close()
     assert m._thread.is_alive()
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
@@ -4561,28 +4382,27 @@ class RaisingOnMessageServer(HardeningServer):
 def test_callback_raising_on_every_message_closes_only_that_connection(limited_manager, caplog):
     caplog.set_level(logging.DEBUG, logger="wsmanager")
     m = limited_manager()
-    factory = tracking_factory(RaisingOnMessageServer)
+    factory = Collect(RaisingOnMessageServer)
     address = m.listen(("127.0.0.1", 0), factory)
     with WellBehavedPeer(address) as bystander, bystander.served_during():
         peers = []
         try:
             for _ in range(5):
-                sock, rest = raw_upgrade(address, path="/raise")
-                peers.append((sock, ServerFrameReader(sock, rest)))
-            for n, (sock, _) in enumerate(peers):
+                peers.append(RawPeer(*raw_upgrade(address, path="/raise")))
+            for n, peer in enumerate(peers):
                 # Three messages in one write: the first fails the connection, the others are
                 # never delivered (nothing after a failure is processed).
-                sock.sendall(b"".join(encode_frame(Opcode.TEXT, f"boom {n}.{k}".encode(), mask=True)
-                                      for k in range(3)))
-            for sock, reader in peers:
-                close = reader.close_frame()
+                peer.sock.sendall(b"".join(encode_frame(Opcode.TEXT, f"boom {n}.{k}".encode(), mask=True)
+                                           for k in range(3)))
+            for peer in peers:
+                close = peer.close_frame()
                 assert close == (CloseCode.INTERNAL_ERROR, "internal error")  # details stay in the log
-                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(CloseCode.INTERNAL_ERROR), mask=True))
-                assert reader.eof()
+                peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.INTERNAL_ERROR))
+                assert peer.eof()
         finally:
-            for sock, _ in peers:
-                sock.close()
-    raisers = made_for_path(factory, "/raise")
+            for peer in peers:
+                peer.sock.close()
+    raisers = factory.for_path("/raise")
     assert len(raisers) == 5
     for ws in raisers:
         assert ws.closed_event.wait(10)
@@ -4640,7 +4460,7 @@ def test_actions_from_inside_opened_and_closed(limited_manager, caplog, where, a
     caplog.set_level(logging.DEBUG, logger="wsmanager")
     cls = type("Reentrant", (ReentrantCallbacks,), {"where": where, "action": action})
     m = limited_manager(close_timeout=1.0)
-    factory = tracking_factory(cls)
+    factory = Collect(cls)
     address = m.listen(("127.0.0.1", 0), factory)
     if where == "opened" and action in ("terminate", "stop"):
         # The connection ends inside opened(), maybe before its 101 is written: read until EOF.
@@ -4648,27 +4468,22 @@ def test_actions_from_inside_opened_and_closed(limited_manager, caplog, where, a
         assert response == b"" or response.startswith(b"HTTP/1.1 101"), response[:80]
         expected_code = CloseCode.ABNORMAL
     else:
-        sock, rest = raw_upgrade(address, path="/reentrant")
-        try:
-            reader = ServerFrameReader(sock, rest)
+        with raw_peer(address, path="/reentrant") as peer:
             if where == "closed":
-                assert_echo(sock, reader, "hello")
-                close_handshake_from_peer(sock, reader, code=4002)
+                assert_echo(peer, "hello")
+                close_handshake_from_peer(peer, code=4002)
                 expected_code = 4002
             elif action == "send":
-                frame = reader.next()
+                frame = peer.next()
                 assert frame is not None and frame.payload == b"from opened"
-                close_handshake_from_peer(sock, reader)
+                close_handshake_from_peer(peer)
                 expected_code = CloseCode.NORMAL
             else:  # close() from opened(): the 101, then our close frame
-                assert reader.close_frame() == (4001, "from opened")
-                sock.sendall(encode_frame(Opcode.CLOSE, encode_close(4001), mask=True))
-                assert reader.eof()
+                assert peer.close_frame() == (4001, "from opened")
+                peer.send_frame(Opcode.CLOSE, encode_close(4001))
+                assert peer.eof()
                 expected_code = 4001
-        finally:
-            sock.close()
-    wait_until(lambda: made_for_path(factory, "/reentrant"))
-    ws = made_for_path(factory, "/reentrant")[0]
+    ws = factory.wait_for("/reentrant")
     assert ws.closed_event.wait(10)
     if action == "stop":
         m.join(10)
@@ -4707,12 +4522,12 @@ def test_stop_and_close_from_closed_during_shutdown(caplog):
 
     m = WebSocketManager(close_timeout=1.0)
     m.start()
-    factory = tracking_factory(Noisy)
+    factory = Collect(Noisy)
     socks = []
     try:
         address = m.listen(("127.0.0.1", 0), factory)
         for _ in range(20):
-            socks.append(raw_client(address)[0])
+            socks.append(raw_upgrade(address, timeout=5.0)[0])
         wait_until(lambda: len(m) == 20)
         m.stop()
         m.join(10)
@@ -4744,7 +4559,7 @@ def test_stop_while_1000_connections_are_mid_transfer(caplog):
         threads_before = set(threading.enumerate())
         m = WebSocketManager(close_timeout=2.0)
         m.start()
-        factory = tracking_factory(CountingServer)
+        factory = Collect(CountingServer)
         socks = []
         stop_sending = threading.Event()
         sent = [0]
@@ -4752,7 +4567,7 @@ def test_stop_while_1000_connections_are_mid_transfer(caplog):
         try:
             address = m.listen(("127.0.0.1", 0), factory, backlog=count)
             for _ in range(count):
-                s, rest = raw_client(address, timeout=15)
+                s, rest = raw_upgrade(address, timeout=15)
                 assert rest == b""
                 s.setblocking(False)
                 socks.append(s)
