@@ -2006,7 +2006,7 @@ def test_slow_consumer_is_dropped_at_max_buffered(mgr_no_leaks):
     servers = Collect(Recorder)
     with running_manager(max_buffered=limit) as server:
         address = server.listen(("127.0.0.1", 0), servers)
-        with raw_peer(address, timeout=5.0) as peer:  # never reads
+        with raw_peer(address, timeout=5.0):  # a peer that never reads
             conn = servers.first_opened()
             chunk = b"x" * (64 * 1024)
             highest = 0
