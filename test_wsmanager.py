@@ -28,6 +28,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -3035,11 +3036,14 @@ def _headless_chromium(browser, url, profile):
     """Headless Chromium showing `url`; yields a DevTools connection to that page."""
     profile = pathlib.Path(profile)
     log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
+    # Chromium leaves a singleton-socket folder in TMPDIR when it is killed: keep it in ours,
+    # short enough for a Unix socket path, and removed below.
+    scratch = tempfile.mkdtemp(prefix="wsm-chromium-")
     proc = subprocess.Popen(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, "TMPDIR": scratch},
         start_new_session=True)  # its own process group: renderers and helpers go with it
     try:
         # Chromium writes the port it picked, and the browser endpoint, to this file.
@@ -3075,6 +3079,7 @@ def _headless_chromium(browser, url, profile):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         log.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Replier(Recorder):
