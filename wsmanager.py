@@ -142,11 +142,9 @@ WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 ACCEPT_BACKOFF = 0.5  # seconds a listener rests after EMFILE/ENFILE
 
-DATA_OPCODES = frozenset({Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY})
 CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
-LOCAL_ONLY_CLOSE_CODES = frozenset({1005, 1006, 1015})
 
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -1155,6 +1153,7 @@ class WebSocket:
                 else:
                     out.append(data)
                 self._buffered = size
+                # _schedule_flush(), inlined: under the lock already taken, one lock per send.
                 if self._scheduled:
                     return True
                 self._scheduled = True
