@@ -1998,6 +1998,30 @@ def test_heartbeat_keeps_a_well_behaved_peer(mgr_no_leaks, mgr_clients):
         wait_until(lambda: conn.messages == ["still here"])
 
 
+def test_limit_set_in_a_subclass_wins_over_the_manager_default(manager):
+    """README: per-connection limits of server connections are set in the subclass's __init__."""
+
+    class Strict(Recorder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_message_size = 10
+
+    servers = Collect(Strict)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with running_manager() as client_manager:
+        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder)
+        client_manager.add(client)
+        client.send("0123456789")  # exactly at this connection's limit: delivered
+        client.send("0123456789!")  # one byte over: 1009, though the manager allows 1 MiB
+        assert client.closed_event.wait(10)
+        assert client.close_code == CloseCode.MESSAGE_TOO_BIG
+    server = servers.made[0]
+    assert server.closed_event.wait(10)
+    assert server.messages == ["0123456789"]
+    assert server.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
+
+
 ###############################################################################
 # Slow consumer ################################################################
 ###############################################################################
