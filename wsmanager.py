@@ -1770,12 +1770,7 @@ class WebSocketManager:
         listener = _Listener(self, sock, factory, ssl_context, subprotocols, handshake, max_connections,
                              origins, unix_path)
         with self._lock:
-            if self._finished:
-                listener._finalized = True
-                sock.close()
-                if unix_path is not None:
-                    os.unlink(unix_path)
-            self._check_running()
+            self._check_running(release=listener._close)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
         return unix_path if unix_path is not None else sock.getsockname()[:2]
@@ -1792,9 +1787,7 @@ class WebSocketManager:
         """
         listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None)
         with self._lock:
-            if self._finished:
-                sock.close()
-            self._check_running()
+            self._check_running(release=sock.close)
         self._call_threadsafe(self._adopt, listener, sock, request_head)
 
     # Running -------------------------------------------------------------------
@@ -2105,8 +2098,11 @@ class WebSocketManager:
         self._stop_deadline = time.monotonic() + timeout
         self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
 
-    def _check_running(self) -> None:
+    def _check_running(self, release: Optional[Callable[[], Any]] = None) -> None:
+        # Under self._lock. After _shutdown() nothing is taken in; release() frees what the caller made.
         if self._finished:
+            if release is not None:
+                release()
             raise RuntimeError("the manager has stopped")
 
     def _shutdown(self) -> None:
