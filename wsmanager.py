@@ -76,6 +76,7 @@ import time
 import types
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, ClassVar
 
 logger = logging.getLogger("wsmanager")
 
@@ -235,6 +236,7 @@ def apply_mask(data: bytes, key: bytes) -> bytes:
     return bytes(out)
 
 
+_get_ident = threading.get_ident
 _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
 _mask_keys = b""
@@ -251,14 +253,35 @@ def _random_mask_key() -> bytes:
     return keys[:4]
 
 
-def encode_frame(opcode: int, payload: bytes, *, fin: bool = True,
+def _byte_view(payload: Any) -> Union[bytes, memoryview]:
+    """The bytes of any bytes-like object, as a flat view of unsigned bytes (or a copy).
+
+    ``len()`` of a memoryview with wider items, an ``array('d')`` or a numpy
+    array counts items, not bytes: framing must count ``nbytes``. A view that
+    is not C-contiguous is copied in C order (what ``bytes(obj)`` would give).
+    Raises :class:`TypeError` for an object that is not bytes-like.
+    """
+    view = memoryview(payload)
+    if not view.c_contiguous:
+        return view.tobytes()
+    if view.format != "B" or view.ndim != 1:
+        return view.cast("B")
+    return view
+
+
+def encode_frame(opcode: int, payload: Union[bytes, bytearray, memoryview, Any], *, fin: bool = True,
                  mask: Union[bool, bytes] = False, rsv1: bool = False) -> bytes:
     """Serialize one frame.
 
-    ``mask=True`` draws a fresh random key (clients must mask, RFC 6455 5.3);
-    ``mask=b"abcd"`` uses the given key. Raises :class:`ValueError` for an
-    unknown opcode or a control frame that is fragmented or over 125 bytes.
+    ``payload`` is any bytes-like object; its bytes (``nbytes``, not its item
+    count) are sent. ``mask=True`` draws a fresh random key (clients must
+    mask, RFC 6455 5.3); ``mask=b"abcd"`` uses the given key. Raises
+    :class:`ValueError` for an unknown opcode or a control frame that is
+    fragmented or over 125 bytes, :class:`TypeError` for a payload that is
+    not bytes-like.
     """
+    if type(payload) is not bytes and type(payload) is not bytearray:  # deliberate: exact types first
+        payload = _byte_view(payload)
     n = len(payload)
     if n < 126 and fin and not mask and not rsv1 and 0 <= opcode <= 2:
         return _SHORT_HEADERS[opcode][n] + payload  # deliberate: the common server frame, one concat
@@ -930,12 +953,71 @@ _TRANSITIONS = {
 }
 
 
-def _data_frame(message: Union[str, bytes, bytearray, memoryview]) -> Tuple[Opcode, bytes]:
+def _data_frame(message: Any) -> Tuple[Opcode, Union[bytes, bytearray, memoryview]]:
     if isinstance(message, str):
         return _TEXT, message.encode()
-    if isinstance(message, (bytes, bytearray, memoryview)):
+    if isinstance(message, (bytes, bytearray)):
         return _BINARY, message
-    raise TypeError(f"cannot send {type(message).__name__}: str, bytes or an iterable of them")
+    try:
+        return _BINARY, _byte_view(message)  # any bytes-like object: array, memoryview, numpy ...
+    except TypeError:
+        raise TypeError(f"cannot send {type(message).__name__}: str, bytes-like or an iterable of them") from None
+
+
+def _is_bytes_like(message: Any) -> bool:
+    try:
+        memoryview(message)
+    except TypeError:
+        return False
+    return True
+
+
+# Per-connection settings. Each is resolved in one place (WebSocket._resolve_settings): a value
+# set on the instance (in __init__, or later) wins over a class attribute of its WebSocket
+# subclass, which wins over the manager's default. A setting added later only joins this tuple.
+_CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
+
+
+def _check_setting(name: str, value: Any) -> Any:
+    """``value`` if it is a valid value of setting ``name`` (or ``None``: the default); else raise."""
+    if value is None:
+        return value
+    if name == "close_timeout":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"{name} must be >= 0, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return value
+
+
+class _ConnectionSetting:
+    """Descriptor of one per-connection setting; the value lives in the slot ``_<name>``.
+
+    Reads give the instance's value, else its class's, else ``None`` before
+    the connection runs and the value in force once it does. Writes are
+    checked at once (an invalid value raises) and, once the connection runs,
+    take effect from its next frame, message or send.
+    """
+
+    __slots__ = ("name", "slot")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.slot = "_" + name
+
+    def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
+        if websocket is None:
+            return self
+        value = getattr(websocket, self.slot, None)
+        return value if value is not None else type(websocket)._class_settings.get(self.name)
+
+    def __set__(self, websocket: "WebSocket", value: Any) -> None:
+        websocket._set_setting(self.name, _check_setting(self.name, value))
 
 
 class WebSocket:
@@ -948,15 +1030,33 @@ class WebSocket:
 
     Instances are made by :meth:`WebSocketManager.listen`, :func:`connect`
     and :meth:`WebSocketManager.accept`, and run once given to
-    :meth:`WebSocketManager.add`. Limits left ``None`` take the manager's.
+    :meth:`WebSocketManager.add`.
+
+    The settings ``max_message_size``, ``max_frame_size``, ``max_buffered``
+    and ``close_timeout`` may be set per connection: on the instance (e.g.
+    in ``__init__`` after ``super().__init__()``), or as class attributes of
+    a subclass; the instance's value wins over the class's, which wins over
+    the manager's default. An invalid value raises :class:`TypeError` or
+    :class:`ValueError` when set (for a class attribute, when the class is
+    made); a value set while the connection runs applies from its next
+    frame, message or send.
     """
+
+    if TYPE_CHECKING:  # plain attributes to type checkers; _ConnectionSetting descriptors at run time
+        max_message_size: Optional[int]
+        max_frame_size: Optional[int]
+        max_buffered: Optional[int]
+        close_timeout: Optional[float]
+
+    # Settings given as class attributes of a subclass (see __init_subclass__), by name.
+    _class_settings: ClassVar[Dict[str, Any]] = {}
 
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
-        "close_code", "close_reason", "max_buffered", "max_message_size", "max_frame_size", "close_timeout",
+        "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
         "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
-        "_last_seen", "_ping_sent", "_shut_down", "_tls", "__dict__", "__weakref__",
+        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "__dict__", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
@@ -974,10 +1074,9 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        self.max_buffered: Optional[int] = None
-        self.max_message_size: Optional[int] = None
-        self.max_frame_size: Optional[int] = None
-        self.close_timeout: Optional[float] = None
+        for name in _CONNECTION_SETTINGS:
+            if not hasattr(self, "_" + name):  # a subclass may set one before calling this __init__
+                setattr(self, "_" + name, None)
         self.state = _CONNECTING
         self._parser: Any = None
         self._assembler: Any = None
@@ -998,6 +1097,20 @@ class WebSocket:
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._active = False  # registered in its manager's selector: between _open() and _release()
+        self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, kept as the class's
+        # default, and the attribute handed back to the descriptor that instance values go through.
+        defaults = dict(cls._class_settings)
+        for name in _CONNECTION_SETTINGS:
+            value = cls.__dict__.get(name)
+            if name in cls.__dict__ and not hasattr(value, "__get__"):
+                defaults[name] = _check_setting(name, value)
+                delattr(cls, name)
+        cls._class_settings = defaults
 
     # Callbacks ---------------------------------------------------------------
 
@@ -1024,15 +1137,17 @@ class WebSocket:
         """Queue a message: ``str`` as text, bytes-like as binary, an iterable of
         chunks (all ``str`` or all bytes-like) as one fragmented message.
 
-        Raises :class:`ConnectionClosed` once closing. When the queue would
-        exceed ``max_buffered`` the connection is dropped as a slow consumer.
+        Raises :class:`ConnectionClosed` once closing. A message of any size
+        is accepted while the bytes already queued are within ``max_buffered``;
+        past it (the peer leaves more than that unread) the connection is
+        dropped as a slow consumer (``closed(1006, ...)``) and this raises.
         """
         kind = type(message)
         if kind is str:  # deliberate: exact-type fast paths for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
         elif kind is bytes:
             data = encode_frame(_BINARY, message, mask=self.client)
-        elif isinstance(message, (str, bytes, bytearray, memoryview)):
+        elif isinstance(message, (str, bytearray, memoryview)) or _is_bytes_like(message):
             opcode, payload = _data_frame(message)
             data = encode_frame(opcode, payload, mask=self.client)
         else:
@@ -1063,9 +1178,9 @@ class WebSocket:
         frames.append(encode_frame(_CONTINUATION if frames else opcode, previous, mask=self.client))
         return b"".join(frames)
 
-    def ping(self, payload: bytes = b"") -> None:
-        """Queue a ping (at most 125 bytes); the pong comes to :meth:`ponged`."""
-        if not self._queue(encode_frame(_PING, bytes(payload), mask=self.client)):
+    def ping(self, payload: Union[bytes, bytearray, memoryview] = b"") -> None:
+        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
+        if not self._queue(encode_frame(_PING, payload, mask=self.client)):
             raise ConnectionClosed(f"cannot ping: connection is {self.state.name}")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -1129,14 +1244,16 @@ class WebSocket:
         with self._lock:
             if self.state > _OPEN:
                 return False
-            size = self._buffered + len(data)
-            limit = self.max_buffered
-            overflow = limit is not None and size > limit
+            backlog = self._buffered
+            limit = self._max_buffered
+            # A high-water mark on the backlog (websockets' write limit, uWebSockets' maxBackpressure):
+            # a send is accepted while what is already queued is within the limit, so one message of
+            # any size goes out; a peer that leaves more than the limit unread is dropped, not buffered for.
+            overflow = limit is not None and backlog > limit
             if overflow:
-                # uWebSockets' policy: a peer that does not read is dropped, not buffered for.
                 self.state = _CLOSED
                 self._failure = (CloseCode.ABNORMAL,
-                                 f"slow consumer: more than {limit} bytes buffered (max_buffered)")
+                                 f"slow consumer: more than {limit} bytes left unread (max_buffered)")
             else:
                 out = self._out
                 if out and len(data) < COALESCE_SIZE:
@@ -1152,7 +1269,7 @@ class WebSocket:
                         out.append(data)
                 else:
                     out.append(data)
-                self._buffered = size
+                self._buffered = backlog + len(data)
                 # _schedule_flush(), inlined: under the lock already taken, one lock per send.
                 if self._scheduled:
                     return True
@@ -1185,21 +1302,41 @@ class WebSocket:
 
     def _start(self, manager: "WebSocketManager") -> None:
         self._manager = manager
-        if self.max_buffered is None:
-            self.max_buffered = manager.max_buffered
-        if self.max_message_size is None:
-            self.max_message_size = manager.max_message_size
-        if self.max_frame_size is None:
-            self.max_frame_size = manager.max_frame_size
-        if self.close_timeout is None:
-            self.close_timeout = manager.close_timeout
-        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=self.max_frame_size)
-        self._assembler = MessageAssembler(max_message_size=self.max_message_size)
+        self._resolve_settings()
+        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=self._max_frame_size)
+        self._assembler = MessageAssembler(max_message_size=self._max_message_size)
         self._last_seen = manager._now
 
+    def _resolve_settings(self) -> None:
+        # The one place where a setting is resolved: instance > class attribute > manager.
+        for name in _CONNECTION_SETTINGS:
+            value = getattr(self, name)
+            if value is None:
+                value = self._manager._connection_default(name, self)
+            setattr(self, "_" + name, _check_setting(name, value))
+
+    def _set_setting(self, name: str, value: Any) -> None:
+        # Any thread. Before the connection runs: recorded (None: back to the default). After:
+        # in force at once; the parser and assembler read their limit at each frame.
+        if self._parser is None:
+            setattr(self, "_" + name, value)
+            return
+        if value is None:
+            value = type(self)._class_settings.get(name)
+        if value is None:
+            value = self._manager._connection_default(name, self) if self._manager is not None else None
+        if value is None:
+            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
+        setattr(self, "_" + name, _check_setting(name, value))
+        if name == "max_frame_size":
+            self._parser.max_frame_size = value
+        elif name == "max_message_size":
+            self._assembler.max_message_size = value
+
     def _on_read(self) -> None:
-        if self._finalized or self._manager is None:
-            return  # a stale event for a connection closed or remove()d earlier in this turn
+        manager = self._manager
+        if self._finalized or manager is None or manager._thread_id != _get_ident():
+            return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -1213,7 +1350,6 @@ class WebSocket:
             # EOF: the end of a close handshake, or a peer that vanished without one (1006).
             self._finalize("connection closed without a close frame")
             return
-        manager = self._manager
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
@@ -1292,7 +1428,7 @@ class WebSocket:
         manager = self._manager
         # Before add() there is no loop yet: _open() arms it then.
         if manager is not None and self._parser is not None and self._timer is None and not self._finalized:
-            self._timer = manager._call_later(self.close_timeout, self._finalize, "close timeout")
+            self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): error close frame after what is queued, then close."""
@@ -1321,12 +1457,13 @@ class WebSocket:
             return
         if self._timer is not None:
             self._timer[2] = None
-        self._timer = manager._call_later(self.close_timeout, self._finalize, "close timeout")
+        self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
         self._schedule_flush()
 
     def _flush(self) -> None:
-        if self._finalized or self._manager is None or self._parser is None:
-            return  # not running (yet): _open() schedules the flush of what is queued
+        manager = self._manager
+        if self._finalized or manager is None or self._parser is None or manager._thread_id != _get_ident():
+            return  # not running (yet), or no longer in this loop: _open() schedules the flush of what is queued
         error = None
         sock = self.sock
         with self._lock:
@@ -1356,7 +1493,7 @@ class WebSocket:
         if waiting != self._writing:
             self._writing = waiting
             events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
-            self._manager._selector.modify(sock, events, self)
+            manager._selector.modify(sock, events, self)
         if not waiting and self.state is _CLOSED and not self._shut_down:
             self._shut_down = True
             try:
@@ -1376,6 +1513,9 @@ class WebSocket:
         if self._timer is not None:
             self._timer[2] = None
             self._timer = None
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer[2] = None
+            self._heartbeat_timer = None
         if self._failure is not None:
             code, reason = self._failure
         elif self._received_close is not None:
@@ -1401,6 +1541,11 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
+
+
+for _name in _CONNECTION_SETTINGS:
+    setattr(WebSocket, _name, _ConnectionSetting(_name))
+del _name
 
 
 ###############################################################################
@@ -1578,6 +1723,15 @@ class _ServerHandshake:
             self.timer[2] = None
         self.timer = self.manager._call_later(self.manager.close_timeout, self._close)
 
+    def _refuse_for_stop(self) -> None:
+        """The manager is stopping: refuse with 503 now (a TLS handshake still going is just closed)."""
+        if self._finalized or self.reply is not None:
+            return
+        if self.tls_pending:
+            self._close()
+        else:
+            self._reply_and_close(Response(503))
+
     def _detach(self) -> None:
         self._finalized = True
         if self.timer is not None:
@@ -1655,11 +1809,17 @@ class WebSocketManager:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
+        for name, value in (("close_timeout", close_timeout), ("max_buffered", max_buffered),
+                            ("max_message_size", max_message_size), ("max_frame_size", max_frame_size)):
+            if _check_setting(name, value) is None and name != "max_frame_size":
+                raise TypeError(f"{name} must not be None")
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
         self.max_buffered = max_buffered
         self.max_message_size = max_message_size
         self.max_frame_size = max_frame_size if max_frame_size is not None else max_message_size
+        # Without an explicit max_frame_size, a connection's follows its own max_message_size.
+        self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
         self._handshakes: set = set()
@@ -1673,6 +1833,7 @@ class WebSocketManager:
         self._running = False
         self._stopped = False
         self._stop_deadline: Optional[float] = None
+        self._stopping = False  # set by stop(): no new connection is taken in from then on
         self._thread: Optional[threading.Thread] = None
         self._thread_id: Optional[int] = None
         self._lock = threading.Lock()
@@ -1687,20 +1848,44 @@ class WebSocketManager:
     # Connections ---------------------------------------------------------------
 
     def add(self, websocket: WebSocket) -> None:
-        """Run ``websocket`` in this manager: registered, then ``opened()`` in the loop."""
-        if websocket._manager is not None and websocket._manager is not self:
-            raise ValueError("the connection belongs to another manager")
-        if websocket._finalized:
-            raise ConnectionClosed("the connection is already closed")
+        """Run ``websocket`` in this manager: registered, then ``opened()`` in the loop.
+
+        Adding a connection this manager already runs does nothing. A
+        connection taken out of a manager (this one or another) by
+        :meth:`remove` goes on where it stopped: same state, parser, queued output and
+        settings, and ``opened()`` is not called again (it runs once per
+        connection). Raises :class:`ValueError` while another manager runs
+        it, :class:`ConnectionClosed` once it is closed, :class:`RuntimeError`
+        once this manager is stopping.
+        """
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
-            self._check_running()
+            if websocket._finalized:
+                raise ConnectionClosed("the connection is already closed")
+            manager = websocket._manager
+            if manager is self:
+                return
+            if manager is not None:
+                raise ValueError("the connection belongs to another manager")
+            self._check_running(stopping=True)
             self._websockets[websocket._fd] = websocket
             websocket._manager = self
         self._call_threadsafe(self._open, websocket)
 
     def remove(self, websocket: WebSocket) -> None:
-        """Stop managing ``websocket`` without closing it (its socket is yours again)."""
-        self._call_threadsafe(self._release, websocket)
+        """Stop managing ``websocket`` without closing it (its socket is yours again).
+
+        Nothing of the connection is lost: :meth:`add` it to this or another
+        manager to run it again. Called from another thread while the loop
+        runs, this returns once the loop has let go of the connection.
+        """
+        if self._in_loop() or not self._running:
+            self._release(websocket)
+            return
+        released = threading.Event()
+        self._call_soon(self._release, websocket, released)
+        while not released.wait(0.05):
+            if not self._running:  # the loop ended first: _shutdown() has dealt with the connection
+                return
 
     def __len__(self) -> int:
         return len(self._websockets)
@@ -1727,7 +1912,12 @@ class WebSocketManager:
         return count
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "Server is shutting down") -> None:
-        """Start the close handshake on every connection."""
+        """Start the close handshake on every connection.
+
+        This alone does not stop the manager: listeners keep accepting (an
+        application may close everyone and go on). A graceful stop is
+        ``close_all()`` then ``stop(timeout)``, as ``with manager:`` does.
+        """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
         for websocket in tuple(self._websockets.values()):
             websocket.close(code, reason)
@@ -1770,7 +1960,7 @@ class WebSocketManager:
         listener = _Listener(self, sock, factory, ssl_context, subprotocols, handshake, max_connections,
                              origins, unix_path)
         with self._lock:
-            self._check_running(release=listener._close)
+            self._check_running(release=listener._close, stopping=True)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
         return unix_path if unix_path is not None else sock.getsockname()[:2]
@@ -1815,9 +2005,16 @@ class WebSocketManager:
     def stop(self, timeout: float = 0.0) -> None:
         """End the loop, from any thread or a callback; connections still open are terminated.
 
-        With a ``timeout``, the loop first waits up to that long for the
-        connections to finish closing (see :meth:`close_all`).
+        A stop begins with this call: from then on no connection is taken in.
+        Listeners stop accepting, handshakes in progress are refused with
+        HTTP 503, and :meth:`add` and :meth:`listen` raise
+        :class:`RuntimeError`. With a ``timeout`` the stop is graceful: every
+        connection still open is closed with 1001 (see :meth:`close_all`) and
+        the loop ends as soon as all have closed, or after ``timeout``
+        seconds, terminating what is left.
         """
+        with self._lock:
+            self._stopping = True
         if timeout > 0:
             self._call_threadsafe(self._stop_when_idle, timeout)
             return
@@ -1887,14 +2084,18 @@ class WebSocketManager:
             except Exception as exc:
                 self._crashed(getattr(function, "__self__", None), exc)
         dirty = self._dirty
-        while dirty:
+        # Bounded work per turn: only the connections queued when the flushing starts, each once
+        # (_scheduled keeps a connection in the queue at most once). What other threads queue
+        # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
+        for _ in range(len(dirty)):
             websocket = dirty.popleft()
+            if websocket._manager is not self:
+                continue  # remove()d since it was queued
             try:
                 websocket._flush()
             except Exception as exc:
                 self._crashed(websocket, exc)
-        if self._stop_deadline is not None and (now >= self._stop_deadline or not (
-                self._websockets or self._handshakes)):
+        if self._stop_deadline is not None and (now >= self._stop_deadline or self._stopped_idle()):
             self._running = False
 
     def _crashed(self, handler: Any, exc: Exception) -> None:
@@ -1927,6 +2128,12 @@ class WebSocketManager:
         heapq.heappush(self._timers, handle)
         return handle
 
+    def _connection_default(self, name: str, websocket: WebSocket) -> Any:
+        """The manager's default for a per-connection setting that ``websocket`` leaves unset."""
+        if name == "max_frame_size" and self._frame_size_follows:
+            return websocket._max_message_size
+        return getattr(self, name)
+
     def _schedule_flush(self, websocket: WebSocket) -> None:
         self._dirty.append(websocket)
         if self._thread_id != threading.get_ident():
@@ -1942,32 +2149,39 @@ class WebSocketManager:
             pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
     def _open(self, websocket: WebSocket) -> None:
-        if websocket._finalized:
-            return
-        websocket._start(self)
+        if websocket._finalized or websocket._manager is not self or websocket._active:
+            return  # closed, remove()d, or already running here (a repeat add() queued twice)
+        first_time = websocket._parser is None
+        if first_time:
+            websocket._start(self)
         sock = websocket.sock
         sock.setblocking(False)
         try:
             self._selector.modify(sock, selectors.EVENT_READ, websocket)  # from a server handshake
         except KeyError:
             self._selector.register(sock, selectors.EVENT_READ, websocket)
-        with websocket._lock:
-            if websocket.state is _CONNECTING:
-                websocket.state = _OPEN
-            closing = websocket.state is _CLOSING
-        if closing:  # close() before add(): its timer starts now
-            websocket._arm_close_timer()
-        try:
-            websocket.opened()
-        except Exception as exc:
-            websocket._callback_failed("opened", exc)
+        websocket._active = True
+        if first_time:
+            with websocket._lock:
+                if websocket.state is _CONNECTING:
+                    websocket.state = _OPEN
+                closing = websocket.state is _CLOSING
+            if closing:  # close() before add(): its timer starts now
+                websocket._arm_close_timer()
+            try:
+                websocket.opened()
+            except Exception as exc:
+                websocket._callback_failed("opened", exc)
+        elif websocket.state > _OPEN:
+            # Moved while closing: the close deadline, dropped by _release(), starts again here.
+            websocket._timer = self._call_later(websocket._close_timeout, websocket._finalize, "close timeout")
         with websocket._lock:
             pending_output = bool(websocket._out)
             websocket._scheduled = pending_output
         if pending_output:
             self._dirty.append(websocket)
-        if self.heartbeat:
-            self._call_later(self.heartbeat, self._heartbeat, websocket)
+        if self.heartbeat and websocket.state is _OPEN:
+            websocket._heartbeat_timer = self._call_later(self.heartbeat, self._heartbeat, websocket)
         extra = websocket._extra
         if extra and websocket.state < _CLOSED:
             websocket._extra = b""
@@ -1975,13 +2189,18 @@ class WebSocketManager:
         if websocket._tls and not websocket._finalized and sock.pending():
             self._ready.append(websocket)
 
-    def _release(self, websocket: WebSocket) -> None:
-        self._forget(websocket)
-        websocket._manager = None
-        websocket._scheduled = websocket._writing = False
-        if websocket._timer is not None:
-            websocket._timer[2] = None
-            websocket._timer = None
+    def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
+        if websocket._manager is self:
+            self._forget(websocket)
+            with websocket._lock:
+                websocket._manager = None
+                websocket._active = websocket._scheduled = websocket._writing = False
+            for timer in (websocket._timer, websocket._heartbeat_timer):
+                if timer is not None:
+                    timer[2] = None
+            websocket._timer = websocket._heartbeat_timer = None
+        if released is not None:
+            released.set()
 
     def _forget(self, websocket: WebSocket) -> None:
         if self._websockets.get(websocket._fd) is websocket:
@@ -2006,15 +2225,16 @@ class WebSocketManager:
                 websocket._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
             else:
-                self._call_later(websocket._ping_sent + self.heartbeat_timeout - now, self._heartbeat, websocket)
+                delay = websocket._ping_sent + self.heartbeat_timeout - now
+                websocket._heartbeat_timer = self._call_later(delay, self._heartbeat, websocket)
                 return
         idle = now - websocket._last_seen
         if idle >= self.heartbeat:
             websocket._ping_sent = now
             websocket._queue(encode_frame(_PING, b"", mask=websocket.client))
-            self._call_later(self.heartbeat_timeout, self._heartbeat, websocket)
+            websocket._heartbeat_timer = self._call_later(self.heartbeat_timeout, self._heartbeat, websocket)
         else:
-            self._call_later(self.heartbeat - idle, self._heartbeat, websocket)
+            websocket._heartbeat_timer = self._call_later(self.heartbeat - idle, self._heartbeat, websocket)
 
     def _start_handshake(self, listener: _Listener, sock: socket.socket,
                          address: Any) -> Optional[_ServerHandshake]:
@@ -2048,6 +2268,8 @@ class WebSocketManager:
     def _complete_handshake(self, handshake: _ServerHandshake, head: bytes, rest: bytes) -> None:
         listener = handshake.listener
         try:
+            if self._stopping:
+                raise HandshakeError("the server is shutting down", 503)
             request = parse_request(head)
             if listener.origins is not None and request.origin not in listener.origins:
                 raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
@@ -2097,13 +2319,24 @@ class WebSocketManager:
     def _stop_when_idle(self, timeout: float) -> None:
         self._stop_deadline = time.monotonic() + timeout
         self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
+        for listener in self._listeners:
+            listener._close()
+        for handshake in tuple(self._handshakes):
+            handshake._refuse_for_stop()
+        for websocket in tuple(self._websockets.values()):
+            websocket.close(CloseCode.GOING_AWAY)  # does nothing to a connection already closing
 
-    def _check_running(self, release: Optional[Callable[[], Any]] = None) -> None:
-        # Under self._lock. After _shutdown() nothing is taken in; release() frees what the caller made.
-        if self._finished:
+    def _stopped_idle(self) -> bool:
+        # A refused handshake whose 503 is written only waits for the peer's EOF: it holds no stop.
+        return not self._websockets and all(h.reply is not None and not h.reply for h in self._handshakes)
+
+    def _check_running(self, release: Optional[Callable[[], Any]] = None, *, stopping: bool = False) -> None:
+        # Under self._lock. After _shutdown() nothing is taken in (with ``stopping``, nothing once a
+        # stop has begun either); release() frees what the caller made.
+        if self._finished or (stopping and self._stopping):
             if release is not None:
                 release()
-            raise RuntimeError("the manager has stopped")
+            raise RuntimeError("the manager has stopped" if self._finished else "the manager is stopping")
 
     def _shutdown(self) -> None:
         with self._lock:
