@@ -4664,6 +4664,458 @@ def test_stop_while_1000_connections_are_mid_transfer(caplog):
 
 
 ###############################################################################
+# Issue 9, items 1-7: defects found by using wsmanager as a user would
+###############################################################################
+
+BIG = 16 * 2 ** 20
+
+
+class BigEcho(EchoServer):
+    """An echo server whose messages may reach 16 MiB, set the natural way: a class attribute."""
+
+    max_message_size = BIG
+
+
+def _echo_through_websockets(address, sizes):
+    """websockets (an independent client) sends one binary message of each size; returns the echoes."""
+    echoes = []
+    with ws_connect(ws_url(address), proxy=None, **_ws_options(max_size=None, close_timeout=10)) as client:
+        for size in sizes:
+            payload = os.urandom(64) * (size // 64)
+            client.send(payload)
+            echo = client.recv(timeout=30)
+            echoes.append(echo == payload)
+    return echoes
+
+
+def test_issue9_messages_larger_than_max_buffered_are_echoed(mgr_no_leaks):
+    """Item 1: max_buffered is a high-water mark on the backlog, not a cap on one message."""
+    with running_manager(max_message_size=BIG) as server:
+        assert server.max_buffered == DEFAULT_MAX_BUFFERED == 4 * 2 ** 20
+        address = server.listen(("127.0.0.1", 0), EchoServer)
+        assert _echo_through_websockets(address, [4 * 2 ** 20, 5 * 2 ** 20]) == [True, True]
+
+
+def test_issue9_one_send_past_max_buffered_is_taken_the_next_drops_the_slow_consumer(limited_manager):
+    """Item 1: a send is accepted while the backlog is within max_buffered; a peer that leaves more
+    than that unread is dropped (1006) at the next send."""
+    limit = 64 * 1024
+    m = limited_manager(max_buffered=limit)
+    factory = Collect(SmallSendBufferServer)
+    address = m.listen(("127.0.0.1", 0), factory)
+    with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
+        ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
+        assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
+        assert not ws.terminated
+        with pytest.raises(ConnectionClosed):
+            ws.send(b"one more")
+        assert ws.closed_event.wait(10)
+        code, reason = ws.closed_calls[0]
+        assert code == CloseCode.ABNORMAL and "slow consumer" in reason
+        bystander.served_now()
+
+
+def test_issue9_setting_as_class_attribute_is_honoured(mgr_no_leaks, manager):
+    """Item 2: ``max_message_size = 16 MiB`` on the class lifts the manager's 1 MiB default
+    (max_frame_size follows it when the manager's was not set)."""
+    address = manager.listen(("127.0.0.1", 0), BigEcho)
+    assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
+    assert _echo_through_websockets(address, [4 * 2 ** 20]) == [True]
+
+
+def test_issue9_setting_precedence_instance_then_class_then_manager(mgr_no_leaks):
+    """Item 2: instance attribute (set in __init__) > class attribute > manager default, for each setting."""
+
+    class ByClass(Recorder):
+        max_buffered = 1000
+        close_timeout = 1.5
+        max_frame_size = 3000
+
+    class ByInstance(ByClass):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_buffered = 2000
+            self.max_message_size = 5000
+
+    by_class, by_instance = Collect(ByClass), Collect(ByInstance)
+    with running_manager(max_message_size=7000, close_timeout=2.0) as server, running_manager() as clients:
+        address = server.listen(("127.0.0.1", 0), by_class)
+        other = server.listen(("127.0.0.1", 0), by_instance)
+        open_client(clients, ws_url(address))
+        open_client(clients, ws_url(other))
+        first, second = by_class.first_opened(), by_instance.first_opened()
+        effective = [(ws.max_message_size, ws.max_frame_size, ws.max_buffered, ws.close_timeout)
+                     for ws in (first, second)]
+        assert effective == [(7000, 3000, 1000, 1.5), (5000, 3000, 2000, 1.5)]
+        # ... and they are the limits the running connection enforces.
+        assert call_in_loop_thread(server, lambda: (second._parser.max_frame_size,
+                                                    second._assembler.max_message_size)) == (3000, 5000)
+
+
+@pytest.mark.parametrize("name, value, error", [
+    ("max_message_size", -1, ValueError), ("max_frame_size", "big", TypeError), ("max_buffered", 1.5, TypeError),
+    ("max_buffered", True, TypeError), ("close_timeout", -0.5, ValueError), ("close_timeout", float("nan"), ValueError),
+])
+def test_issue9_invalid_setting_raises_wherever_it_is_set(name, value, error):
+    """Item 2: a setting that cannot be honoured raises, on the class, the instance or the manager."""
+    with pytest.raises(error):
+        type("Bad", (WebSocket,), {name: value})
+    a, b = socket.socketpair()
+    try:
+        websocket = WebSocket(a)
+        with pytest.raises(error):
+            setattr(websocket, name, value)
+        assert getattr(websocket, name) is None  # nothing was recorded
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(error):
+        WebSocketManager(**{name: value}).stop()
+
+
+def test_issue9_setting_changed_while_open_is_in_force_from_the_next_message(mgr_no_leaks, manager, mgr_clients):
+    """Item 2: a value set on a running connection is honoured, never ignored."""
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
+    client.send("x" * 100)
+    wait_until(lambda: conn.messages == ["x" * 100])
+    conn.max_message_size = 10
+    assert conn.max_message_size == 10
+    client.send("0123456789")
+    client.send("0123456789!")
+    assert client.closed_event.wait(10)
+    assert client.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert conn.messages == ["x" * 100, "0123456789"]
+
+
+WIDE_BUFFERS = {
+    "memoryview-cast-I": lambda: memoryview(bytes(range(64))).cast("I"),
+    "array-d": lambda: __import__("array").array("d", [1.5, -2.25, 1e300, 0.0, 7.0, 8.5, 9.0, 10.0]),
+    "non-contiguous": lambda: memoryview(bytes(range(128)))[::2],
+    "2-d": lambda: memoryview(bytes(range(48))).cast("B", (6, 8)),
+}
+
+
+@pytest.mark.parametrize("kind", list(WIDE_BUFFERS))
+@pytest.mark.parametrize("mask", [False, b"abcd"], ids=["unmasked", "masked"])
+def test_issue9_encode_frame_sends_the_bytes_of_any_bytes_like(kind, mask):
+    """Item 3: the header declares nbytes (not the item count) and the payload is those bytes, in C order."""
+    payload = WIDE_BUFFERS[kind]()
+    expected = bytes(memoryview(payload).tobytes())
+    data = encode_frame(Opcode.BINARY, payload, mask=mask)
+    parser = FrameParser(expect_masked=bool(mask))
+    assert parser.feed(data) == [Frame(Opcode.BINARY, expected)]
+    assert parser.pending() is None and not parser._buffer  # nothing left over to be read as a new frame
+    assert encode_frame(Opcode.PING, payload, mask=mask) == encode_frame(Opcode.PING, expected, mask=mask)
+
+
+def test_issue9_encode_frame_refuses_what_is_not_bytes_like():
+    for payload in ("text", 5, [1, 2]):
+        with pytest.raises(TypeError):
+            encode_frame(Opcode.BINARY, payload)
+
+
+def _wide_payloads():
+    return [WIDE_BUFFERS[kind]() for kind in WIDE_BUFFERS]
+
+
+def test_issue9_server_sends_wide_buffers_as_their_bytes(mgr_no_leaks, manager):
+    """Item 3, server side: send, fragments, broadcast and ping, as a raw peer reads them."""
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        conn = servers.first_opened()
+        payloads = _wide_payloads()
+        for payload in payloads:
+            conn.send(payload)
+        conn.send(payloads[:2])  # one message in two fragments
+        assert manager.broadcast(payloads[1]) == 1
+        conn.ping(memoryview(bytes(range(16))).cast("I"))
+        expected = [Frame(Opcode.BINARY, memoryview(p).tobytes()) for p in payloads]
+        first, second = (memoryview(p).tobytes() for p in payloads[:2])
+        expected += [Frame(Opcode.BINARY, first, fin=False), Frame(Opcode.CONTINUATION, second),
+                     Frame(Opcode.BINARY, second), Frame(Opcode.PING, bytes(range(16)))]
+        assert [peer.next() for _ in expected] == expected
+
+
+def test_issue9_client_sends_wide_buffers_as_their_bytes(mgr_no_leaks, manager, mgr_clients):
+    """Item 3, client side (masked): send, fragments and broadcast, as the server receives them."""
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(mgr_clients, ws_url(address))
+    conn = servers.first_opened()
+    payloads = _wide_payloads()
+    for payload in payloads:
+        client.send(payload)
+    client.send(payloads[:2])
+    assert mgr_clients.broadcast(payloads[0]) == 1
+    as_bytes = [memoryview(p).tobytes() for p in payloads]
+    expected = as_bytes + [as_bytes[0] + as_bytes[1], as_bytes[0]]
+    wait_until(lambda: len(conn.messages) >= len(expected) or conn.closed_event.is_set())
+    assert conn.messages == expected
+    assert not conn.closed_event.is_set()
+
+
+class _CountingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.turns = 0
+        self.flushes = collections.Counter()  # (turn, connection id) -> flushes in that turn
+
+    def select(self, timeout=None):
+        self.turns += 1
+        return super().select(timeout)
+
+
+def test_issue9_each_connection_is_flushed_at_most_once_per_turn_while_threads_send(mgr_no_leaks):
+    """Item 4: 8 threads sending to 20 connections cannot keep the loop in one turn."""
+    selector = _CountingSelector()
+
+    class Counted(WebSocket):
+        def _flush(self):
+            selector.flushes[selector.turns, id(self)] += 1
+            super()._flush()
+
+    class Sink(WebSocket):
+        received = 0
+
+        def received_message(self, message):
+            self.received += 1
+
+    connections = 20
+    servers = Collect(Counted)
+    server = WebSocketManager(selector=selector, close_timeout=2.0, max_buffered=256 * 2 ** 20)
+    server.start()
+    try:
+        with running_manager() as clients:
+            address = server.listen(("127.0.0.1", 0), servers)
+            for _ in range(connections):
+                clients.add(connect(ws_url(address), Sink))
+            wait_until(lambda: len(server) == connections)
+            targets = list(servers.made)
+            stop_at = time.monotonic() + 1.5
+            sent = collections.Counter()
+
+            def hammer(index):
+                for _ in range(10 ** 7):
+                    if time.monotonic() > stop_at:
+                        return
+                    for ws in targets:
+                        try:
+                            ws.send(b"tick")
+                        except ConnectionClosed:
+                            return
+                        sent[index] += 1
+
+            threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+            turns_before = selector.turns
+            for thread in threads:
+                thread.start()
+            try:
+                # Meanwhile the loop still accepts, handshakes and opens a new connection.
+                late = open_client(clients, ws_url(address, "/late"))
+                assert not late.terminated
+            finally:
+                for thread in threads:
+                    thread.join(30)
+            assert not any(thread.is_alive() for thread in threads)
+            turns = selector.turns - turns_before
+            assert sum(sent.values()) > 0 and turns > 1
+            per_connection_turn = max(selector.flushes.values())
+            per_turn = collections.Counter(turn for turn, _ in selector.flushes.elements())
+            # One flush from the queue, and possibly one more for a write event, per connection and turn.
+            assert per_connection_turn <= 2, per_connection_turn
+            assert max(per_turn.values()) <= 2 * (connections + 1), max(per_turn.values())
+    finally:
+        server.stop()
+        server.join(10)
+        selector.close()  # given to the manager, so still ours to close
+        assert not server._thread.is_alive()
+
+
+def _partial_handshake(address):
+    """A socket that has sent the first half of an upgrade request head."""
+    head = upgrade_request_bytes("/late")
+    sock = socket.create_connection(address, timeout=10)
+    sock.sendall(head[:len(head) // 2])
+    return sock, head[len(head) // 2:]
+
+
+def _read_to_eof(sock, limit=1000):
+    data = b""
+    for _ in range(limit):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("close_all_first", [True, False], ids=["close_all-then-stop", "stop-alone"])
+def test_issue9_graceful_stop_takes_no_new_connection_and_ends_when_the_open_ones_close(mgr_no_leaks,
+                                                                                      close_all_first):
+    """Item 5: once stop(timeout) begins, no new 101: the listener closes, a handshake in progress
+    gets 503, add() raises; the open connection is closed (1001) and the loop ends as soon as it
+    has closed, long before the timeout."""
+    servers = Collect(Recorder)
+    m = WebSocketManager(close_timeout=60.0)
+    m.start()
+    try:
+        address = m.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address) as peer:
+            servers.first_opened()
+            pending, rest = _partial_handshake(address)
+            with pending:
+                wait_until(lambda: len(m._handshakes) == 1)
+                if close_all_first:
+                    m.close_all()
+                m.stop(60.0)
+                pending.sendall(rest)
+                response = _read_to_eof(pending)
+                assert http_status_of(response) == 503
+            with pytest.raises(OSError):  # the listener is closed: refused, or reset
+                refused = socket.create_connection(address, timeout=5)
+                with refused:
+                    refused.sendall(upgrade_request_bytes())
+                    assert not _read_to_eof(refused).startswith(b"HTTP/1.1 101")
+                    raise ConnectionRefusedError("answered without a 101")
+            with pytest.raises(RuntimeError):
+                with socket.socket() as unused:
+                    m.add(WebSocket(unused))
+            close = peer.close_frame()
+            assert close is not None and close.code == CloseCode.GOING_AWAY
+            peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.GOING_AWAY))
+            assert peer.eof()
+        m.join(15)  # far less than the 60 s the stop may take
+        assert not m._thread.is_alive(), "stop() waited for its deadline, not for the connections"
+        assert [ws.close_code for ws in servers.made] == [CloseCode.GOING_AWAY]
+    finally:
+        m.stop()
+        m.join(10)
+
+
+@pytest.mark.parametrize("target, path", [
+    ("http://example.com:8080/chat?x=1", "/chat?x=1"),
+    ("https://example.com/a/b", "/a/b"),
+    ("HTTP://example.com", "/"),
+    ("http://example.com?x=1", "/?x=1"),
+    ("ws://[::1]:9000/chat", "/chat"),
+])
+def test_issue9_absolute_form_request_target_is_accepted(target, path):
+    """Item 6: RFC 7230 5.3.2, a server MUST accept the absolute form; path and query come from it."""
+    head = request_head().replace(b"GET /chat ", f"GET {target} ".encode())
+    request = parse_request(head)
+    assert request.path == path
+    assert validate_request(request) == SAMPLE_KEY
+
+
+@pytest.mark.parametrize("target", ["example.com:8080", "*", "http:/chat", "ftp://example.com/", "http://",
+                                    "http://user@example.com/", "http://example.com/#frag", "chat"])
+def test_issue9_other_request_target_forms_are_400(target):
+    head = request_head().replace(b"GET /chat ", f"GET {target} ".encode())
+    with pytest.raises(HandshakeError) as info:
+        parse_request(head)
+    assert info.value.status == 400
+
+
+def test_issue9_absolute_form_still_needs_a_host_header():
+    head = request_head({"Host": None}).replace(b"GET /chat ", b"GET http://example.com/chat ")
+    assert handshake_status(head).status == 400
+
+
+def test_issue9_absolute_form_upgrades_through_the_manager(mgr_no_leaks, manager):
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    request = upgrade_request_bytes("/chat?x=1").replace(
+        b"GET /chat?x=1 ", f"GET http://127.0.0.1:{address[1]}/chat?x=1 ".encode())
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(request)
+        head, _ = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert servers.first_opened().path == "/chat?x=1"
+
+
+def _heartbeat_chains(m, websocket):
+    return call_in_loop_thread(m, lambda: sum(
+        1 for when, _, function, args in m._timers if function == m._heartbeat and args[0] is websocket))
+
+
+def test_issue9_repeat_add_is_a_no_op(mgr_no_leaks):
+    """Item 7: adding a connection the manager already runs neither reopens it nor doubles its heartbeat."""
+    with running_manager(heartbeat=30) as server, running_manager(heartbeat=30) as clients:
+        address = server.listen(("127.0.0.1", 0), EchoServer)
+        client = open_client(clients, ws_url(address))
+        clients.add(client)
+        clients.add(client)
+        assert client in clients and len(clients) == 1
+        client.send("still one")
+        wait_until(lambda: client.messages == ["still one"])
+        assert client.events.count(("opened",)) == 1
+        assert _heartbeat_chains(clients, client) == 1
+
+
+def test_issue9_connection_moved_between_managers_keeps_its_half_received_frame(mgr_no_leaks):
+    """Item 7: remove() then add() elsewhere (and back) keeps parser, assembler, buffers and state;
+    opened() runs once and one heartbeat chain follows the connection."""
+    servers = Collect(Recorder)
+    with running_manager(heartbeat=30) as first, running_manager(heartbeat=30) as second:
+        address = first.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address) as peer:
+            conn = servers.first_opened()
+            # A fragmented message: the first fragment whole, the second one half sent.
+            peer.sock.sendall(encode_frame(Opcode.TEXT, b"hello, ", fin=False, mask=True))
+            rest = encode_frame(Opcode.CONTINUATION, b"moved world", mask=True)
+            peer.sock.sendall(rest[:9])
+            wait_until(lambda: call_in_loop_thread(first, lambda: len(conn._parser._buffer)) == 9)
+            parser = conn._parser
+            first.remove(conn)
+            second.add(conn)  # at once: remove() returned once the first loop let go of it
+            assert conn not in first and conn in second
+            peer.sock.sendall(rest[9:])
+            wait_until(lambda: conn.messages == ["hello, moved world"] or conn.closed_event.is_set())
+            assert conn.messages == ["hello, moved world"] and not conn.closed_event.is_set()
+            assert conn._parser is parser
+            assert _heartbeat_chains(second, conn) == 1
+            # Back to the first manager, with a whole frame this time.
+            second.remove(conn)
+            first.add(conn)
+            peer.send_frame(Opcode.TEXT, b"back")
+            wait_until(lambda: conn.messages[-1:] == ["back"])
+            conn.send("from the first manager again")
+            frame = peer.next()
+            assert frame == Frame(Opcode.TEXT, b"from the first manager again")
+            assert conn.events.count(("opened",)) == 1
+            assert _heartbeat_chains(first, conn) == 1 and _heartbeat_chains(second, conn) == 0
+            conn.close()
+            assert peer.close_frame().code == CloseCode.NORMAL
+            peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.NORMAL))
+            assert conn.closed_event.wait(10)
+            assert [e for e in conn.events if e[0] == "closed"] == [("closed", CloseCode.NORMAL, "")]
+
+
+def test_issue9_readme_limits_snippet_sets_per_connection_settings(mgr_no_leaks, manager, mgr_clients):
+    """Item 2, README "Limits": the class attribute and the instance value, each where it applies."""
+    namespace = {}
+    exec(compile(readme_snippet("limits"), "README.rst:limits", "exec"), namespace)
+    servers = Collect(namespace["Guest"])
+    address = manager.listen(("127.0.0.1", 0), servers)
+    for path in ("/upload", "/guest"):
+        client = open_client(mgr_clients, ws_url(address, path))
+        client.send("ok")
+        wait_until(lambda: servers.for_path(path) and servers.for_path(path)[0]._parser is not None)
+    assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
+    assert servers.for_path("/guest")[0].max_message_size == 64 * 1024
+    assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
+
+
+###############################################################################
 # Documentation that runs: README snippets and the module docstring
 ###############################################################################
 

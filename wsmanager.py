@@ -216,7 +216,7 @@ _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
 
 
-def apply_mask(data: bytes, key: bytes) -> bytes:
+def apply_mask(data: Union[bytes, bytearray, memoryview], key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike."""
     n = len(data)
     if n < _TRANSLATE_THRESHOLD:
@@ -798,7 +798,9 @@ _HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
 def parse_request(head: bytes) -> Request:
     """Parse a request head (as returned by :class:`HeadReader`); syntax only.
 
-    Raises :class:`HandshakeError` 400 when malformed, 505 for a version
+    The request target is a path (origin-form) or an absolute URI
+    (``GET http://host/chat?x=1``), of which ``path`` keeps the path and
+    query. Raises :class:`HandshakeError` 400 when malformed, 505 for a version
     other than HTTP/1.x with x >= 1.
     """
     start, headers = _parse_head(head)
@@ -813,8 +815,25 @@ def parse_request(head: bytes) -> Request:
     if version < (1, 1) or version[0] > 1:
         raise HandshakeError(f"HTTP/{version[0]}.{version[1]} cannot upgrade to WebSocket", 505)
     if not path.startswith("/"):
-        raise HandshakeError("request target must be a path", 400)
+        path = _origin_form(path)
     return Request(method, path, version, headers)
+
+
+_ABSOLUTE_FORM_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
+
+def _origin_form(target: str) -> str:
+    # RFC 7230 5.3.2: "a server MUST accept the absolute-form in requests" (RFC 6455 4.1 allows
+    # an absolute http(s) URI). Its path and query are the resource; the Host header is still
+    # required and checked as for any request. Authority-form and asterisk-form stay 400.
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in _ABSOLUTE_FORM_SCHEMES:
+        raise HandshakeError("request target must be a path or an absolute URI", 400)
+    authority, slash, path = rest.partition("/")
+    authority = authority.partition("?")[0]
+    if not authority or "#" in target or "@" in authority:
+        raise HandshakeError("malformed absolute request target", 400)
+    return "/" + path if slash else "/" + rest[len(authority):]  # no path: "/" and the query, if any
 
 
 def validate_request(request: Request) -> str:
@@ -1047,6 +1066,10 @@ class WebSocket:
         max_frame_size: Optional[int]
         max_buffered: Optional[int]
         close_timeout: Optional[float]
+        _max_message_size: Optional[int]
+        _max_frame_size: Optional[int]
+        _max_buffered: Optional[int]
+        _close_timeout: Optional[float]
 
     # Settings given as class attributes of a subclass (see __init_subclass__), by name.
     _class_settings: ClassVar[Dict[str, Any]] = {}
@@ -1303,8 +1326,10 @@ class WebSocket:
     def _start(self, manager: "WebSocketManager") -> None:
         self._manager = manager
         self._resolve_settings()
-        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=self._max_frame_size)
-        self._assembler = MessageAssembler(max_message_size=self._max_message_size)
+        frame_size, message_size = self._max_frame_size, self._max_message_size
+        assert frame_size is not None and message_size is not None  # resolved just above
+        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=frame_size)
+        self._assembler = MessageAssembler(max_message_size=message_size)
         self._last_seen = manager._now
 
     def _resolve_settings(self) -> None:
