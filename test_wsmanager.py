@@ -4779,15 +4779,18 @@ def test_issue9_setting_changed_while_open_is_in_force_from_the_next_message(mgr
     address = manager.listen(("127.0.0.1", 0), servers)
     client = open_client(mgr_clients, ws_url(address))
     conn = servers.first_opened()
-    client.send("x" * 100)
-    wait_until(lambda: conn.messages == ["x" * 100])
-    conn.max_message_size = 10
+    big = b"b" * (2 * DEFAULT_MAX_MESSAGE_SIZE)
+    conn.max_message_size = len(big)  # raised: frames follow, as the manager set no max_frame_size
+    client.send(big)  # one frame of 2 MiB
+    wait_until(lambda: conn.messages == [big] or conn.closed_event.is_set())
+    assert conn.messages == [big]
+    conn.max_message_size = 10  # lowered
     assert conn.max_message_size == 10
     client.send("0123456789")
     client.send("0123456789!")
     assert client.closed_event.wait(10)
     assert client.close_code == CloseCode.MESSAGE_TOO_BIG
-    assert conn.messages == ["x" * 100, "0123456789"]
+    assert conn.messages == [big, "0123456789"]
 
 
 WIDE_BUFFERS = {

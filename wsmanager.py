@@ -1079,7 +1079,8 @@ class WebSocket:
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
         "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
-        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "__dict__", "__weakref__",
+        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
+        "__dict__", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
@@ -1122,6 +1123,7 @@ class WebSocket:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._active = False  # registered in its manager's selector: between _open() and _release()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
+        self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1334,10 +1336,12 @@ class WebSocket:
 
     def _resolve_settings(self) -> None:
         # The one place where a setting is resolved: instance > class attribute > manager.
+        manager = self._manager
+        self._frame_size_follows = self.max_frame_size is None and manager._frame_size_follows
         for name in _CONNECTION_SETTINGS:
             value = getattr(self, name)
             if value is None:
-                value = self._manager._connection_default(name, self)
+                value = manager._connection_default(name, self)
             setattr(self, "_" + name, _check_setting(name, value))
 
     def _set_setting(self, name: str, value: Any) -> None:
@@ -1354,9 +1358,12 @@ class WebSocket:
             raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
         setattr(self, "_" + name, _check_setting(name, value))
         if name == "max_frame_size":
+            self._frame_size_follows = False
             self._parser.max_frame_size = value
         elif name == "max_message_size":
             self._assembler.max_message_size = value
+            if self._frame_size_follows:
+                self._max_frame_size = self._parser.max_frame_size = value
 
     def _on_read(self) -> None:
         manager = self._manager
@@ -1600,6 +1607,8 @@ class _Listener:
         self._finalized = False
 
     def _on_read(self) -> None:
+        if self._finalized:
+            return  # closed by a stop earlier in this turn
         manager = self.manager
         for _ in range(ACCEPT_BATCH):
             try:
