@@ -4882,6 +4882,7 @@ def test_issue9_each_connection_is_flushed_at_most_once_per_turn_while_threads_s
         def _flush(self):
             selector.flushes[selector.turns, id(self)] += 1
             super()._flush()
+            time.sleep(0)  # a write that lets the GIL go, as a large or TLS one does: the senders run now
 
     class Sink(WebSocket):
         received = 0
