@@ -144,7 +144,8 @@ class Collect:
 
     def __call__(self, *args, **kwargs):
         websocket = self.cls(*args, **kwargs)
-        websocket.__dict__.update(self.attributes)
+        for name, value in self.attributes.items():
+            setattr(websocket, name, value)  # not __dict__: per-connection settings are descriptors
         self.made.append(websocket)
         return websocket
 
@@ -4731,6 +4732,8 @@ def test_issue9_setting_precedence_instance_then_class_then_manager(mgr_no_leaks
         close_timeout = 1.5
         max_frame_size = 3000
 
+    assert (ByClass.max_buffered, ByClass.max_message_size, WebSocket.max_buffered) == (1000, None, None)
+
     class ByInstance(ByClass):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -4750,6 +4753,19 @@ def test_issue9_setting_precedence_instance_then_class_then_manager(mgr_no_leaks
         # ... and they are the limits the running connection enforces.
         assert call_in_loop_thread(server, lambda: (second._parser.max_frame_size,
                                                     second._assembler.max_message_size)) == (3000, 5000)
+
+
+def test_issue9_setting_made_before_websocket_init_is_kept():
+    """Item 2: a subclass that sets a limit before calling super().__init__() does not lose it."""
+
+    class Early(WebSocket):
+        def __init__(self, *args, **kwargs):
+            self.max_buffered = 1234
+            super().__init__(*args, **kwargs)
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert Early(a).max_buffered == 1234
 
 
 @pytest.mark.parametrize("name, value, error", [
@@ -5087,9 +5103,11 @@ def test_issue9_connection_moved_between_managers_keeps_its_half_received_frame(
             assert conn.messages == ["hello, moved world"] and not conn.closed_event.is_set()
             assert conn._parser is parser
             assert _heartbeat_chains(second, conn) == 1
-            # Back to the first manager, with a whole frame this time.
+            # Back to the first manager, with a whole frame this time, and output queued while out.
             second.remove(conn)
+            conn.send("queued while out of any manager")
             first.add(conn)
+            assert peer.next() == Frame(Opcode.TEXT, b"queued while out of any manager")
             peer.send_frame(Opcode.TEXT, b"back")
             wait_until(lambda: conn.messages[-1:] == ["back"])
             conn.send("from the first manager again")

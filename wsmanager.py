@@ -1018,7 +1018,8 @@ class _ConnectionSetting:
     """Descriptor of one per-connection setting; the value lives in the slot ``_<name>``.
 
     Reads give the instance's value, else its class's, else ``None`` before
-    the connection runs and the value in force once it does. Writes are
+    the connection runs and the value in force once it does (on the class:
+    the class's value, or ``None``). Writes are
     checked at once (an invalid value raises) and, once the connection runs,
     take effect from its next frame, message or send.
     """
@@ -1031,7 +1032,7 @@ class _ConnectionSetting:
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
         if websocket is None:
-            return self
+            return owner._class_settings.get(self.name)  # on the class: its class attribute, or None
         value = getattr(websocket, self.slot, None)
         return value if value is not None else type(websocket)._class_settings.get(self.name)
 
@@ -1342,12 +1343,14 @@ class WebSocket:
             value = getattr(self, name)
             if value is None:
                 value = manager._connection_default(name, self)
+                if value is None:
+                    raise TypeError(f"the manager's {name} is None: no limit to apply")
             setattr(self, "_" + name, _check_setting(name, value))
 
     def _set_setting(self, name: str, value: Any) -> None:
         # Any thread. Before the connection runs: recorded (None: back to the default). After:
         # in force at once; the parser and assembler read their limit at each frame.
-        if self._parser is None:
+        if getattr(self, "_parser", None) is None:  # (also before WebSocket.__init__ has run)
             setattr(self, "_" + name, value)
             return
         if value is None:
@@ -1828,7 +1831,7 @@ class WebSocketManager:
 
     Limits, each per connection: ``max_message_size`` (default 1 MiB) and
     ``max_frame_size`` (default: ``max_message_size``) on input,
-    ``max_buffered`` (default 4 MiB) on unsent output, ``close_timeout`` (5 s)
+    ``max_buffered`` (default 4 MiB), a high-water mark on unsent output, ``close_timeout`` (5 s)
     for the close handshake, ``handshake_timeout`` (10 s) for a server
     handshake. ``heartbeat=N`` pings connections idle for N seconds and fails
     them with 1011 when nothing comes back within ``heartbeat_timeout``
