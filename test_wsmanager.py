@@ -4708,6 +4708,9 @@ def test_issue9_one_send_past_max_buffered_is_taken_the_next_drops_the_slow_cons
         ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
         assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
         assert not ws.terminated
+        # README "Limits": output holds at most max_buffered + the message queued in one call.
+        held = call_in_loop_thread(m, lambda: memory_held_by(ws._out))
+        assert held <= limit + 2 ** 20 + 14 + OBJECT_OVERHEAD_ALLOWANCE
         with pytest.raises(ConnectionClosed):
             ws.send(b"one more")
         assert ws.closed_event.wait(10)

@@ -2301,6 +2301,8 @@ class WebSocketManager:
         handshake = self._start_handshake(listener, sock, peer)
         if handshake is not None:
             handshake._feed(request_head)
+            if self._stopping:  # a head still incomplete must not hold the stop until its deadline
+                handshake._refuse_for_stop()
 
     def _complete_handshake(self, handshake: _ServerHandshake, head: bytes, rest: bytes) -> None:
         listener = handshake.listener
