@@ -5003,15 +5003,16 @@ def test_issue9_graceful_stop_takes_no_new_connection_and_ends_when_the_open_one
                 pending.sendall(rest)
                 response = _read_to_eof(pending)
                 assert http_status_of(response) == 503
-            with pytest.raises(OSError):  # the listener is closed: refused, or reset
-                refused = socket.create_connection(address, timeout=5)
-                with refused:
-                    refused.sendall(upgrade_request_bytes())
-                    assert not _read_to_eof(refused).startswith(b"HTTP/1.1 101")
-                    raise ConnectionRefusedError("answered without a 101")
-            with pytest.raises(RuntimeError):
-                with socket.socket() as unused:
-                    m.add(WebSocket(unused))
+            try:
+                late = socket.create_connection(address, timeout=5)
+            except OSError:
+                pass  # refused: the listener is closed
+            else:
+                with late:  # (a connection the kernel took just before the close) no 101 either
+                    late.sendall(upgrade_request_bytes())
+                    assert not _read_to_eof(late).startswith(b"HTTP/1.1 101")
+            with socket.socket() as unused, pytest.raises(RuntimeError):
+                m.add(WebSocket(unused))
             close = peer.close_frame()
             assert close is not None and close.code == CloseCode.GOING_AWAY
             peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.GOING_AWAY))
@@ -5134,7 +5135,7 @@ def test_issue9_readme_limits_snippet_sets_per_connection_settings(mgr_no_leaks,
     for path in ("/upload", "/guest"):
         client = open_client(mgr_clients, ws_url(address, path))
         client.send("ok")
-        wait_until(lambda: servers.for_path(path) and servers.for_path(path)[0]._parser is not None)
+        wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._parser is not None)
     assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
     assert servers.for_path("/guest")[0].max_message_size == 64 * 1024
     assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
