@@ -4880,7 +4880,7 @@ def test_issue9_client_sends_wide_buffers_as_their_bytes(mgr_no_leaks, manager, 
     assert not conn.closed_event.is_set()
 
 
-class _CountingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _CountingSelector(selectors.DefaultSelector):
     """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
 
     def __init__(self):
