@@ -44,7 +44,7 @@ __all__ = [
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES",
     # exceptions
-    "WebSocketError", "ProtocolError", "HandshakeError", "ConnectionClosed",
+    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed",
     # codec
     "Frame", "Close", "apply_mask", "encode_frame", "FrameParser", "MessageAssembler",
     "encode_close", "parse_close",
@@ -171,9 +171,10 @@ class HandshakeError(WebSocketError):
     """An opening handshake failed.
 
     On the server side ``status`` is the HTTP status to answer with and
-    ``headers`` the extra headers to send. On the client side ``status`` is
-    what the server answered (``None`` when its response was malformed) and
-    ``response`` the parsed :class:`Response`, if any.
+    ``headers`` the extra headers to send. On the client side ``status`` and
+    ``headers`` are what the server sent (``None`` and ``[]`` when its
+    response was malformed or missing), and ``response`` the parsed
+    :class:`Response` (its ``headers`` a case-insensitive :class:`Headers`).
     """
 
     def __init__(self, message: str, status: Optional[int] = 400,
@@ -184,8 +185,23 @@ class HandshakeError(WebSocketError):
         self.response = response
 
 
+class InvalidURL(WebSocketError, ValueError):
+    """:func:`connect` was given a URL it cannot use (not ``ws://`` or ``wss://``, no host, a bad port)."""
+
+
 class ConnectionClosed(WebSocketError):
-    """The connection is closing or closed: nothing more can be sent."""
+    """The connection is closing or closed: nothing more can be sent.
+
+    ``code`` and ``reason`` are what :meth:`WebSocket.closed` gets (or will
+    get) once they are known: the peer's close frame, the code the
+    connection was failed with, or 1006. Both are ``None`` while our close
+    frame waits for the peer's answer.
+    """
+
+    def __init__(self, message: str, code: Optional[int] = None, reason: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 ###############################################################################
@@ -712,7 +728,9 @@ class HeadReader:
     has arrived, then ``(head, rest)``: ``rest`` is what followed the head in
     the same input (the first WebSocket bytes) and must not be lost. Raises
     :class:`HandshakeError` 431 past ``max_size`` bytes or ``max_lines``
-    header lines. Work is linear in the bytes fed.
+    header lines, and 400 at once for a TLS handshake record (a ``wss://``
+    client at a plain port) rather than waiting for a blank line that never
+    comes. Work is linear in the bytes fed.
     """
 
     __slots__ = ("max_size", "max_lines", "_buffer", "_scanned", "_lines")
@@ -726,6 +744,10 @@ class HeadReader:
 
     def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
         buf = self._buffer
+        if not buf and data[:1] == b"\x16":
+            # A TLS record (content type 22, handshake) can never start an HTTP head: fail now, so
+            # that the client learns at once (is the server speaking TLS?) and not at our timeout.
+            raise HandshakeError("TLS handshake on a plain connection", 400)
         buf += data
         start = max(0, self._scanned - 2)
         # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
@@ -889,18 +911,18 @@ def validate_response(response: Response, key: str,
                       subprotocols: Optional[Sequence[str]] = None) -> Optional[str]:
     """Check a server's answer to our handshake (RFC 6455 4.1); return the subprotocol it chose.
 
-    Raises :class:`HandshakeError` whose ``status`` is the server's.
+    Raises :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
     """
     status = response.status
     headers = response.headers
-    if status != 101:
-        raise HandshakeError(f"server answered {status} {response.reason}".rstrip(), status, response=response)
-
-    def fail(message: str) -> HandshakeError:
-        return HandshakeError(message, status, response=response)
-
     if not isinstance(headers, Headers):
         headers = Headers(headers)
+
+    def fail(message: str) -> HandshakeError:
+        return HandshakeError(message, status, list(headers), response=response)
+
+    if status != 101:
+        raise fail(f"server answered {status} {response.reason}".rstrip())
     if "websocket" not in _tokens(headers.get("Upgrade")) or "upgrade" not in _tokens(headers.get("Connection")):
         raise fail("response lacks Upgrade: websocket / Connection: upgrade")
     if headers.get("Sec-WebSocket-Accept") != accept_key(key):
@@ -1040,7 +1062,7 @@ class WebSocket:
             if not data:
                 return
         if not self._queue(data):
-            raise ConnectionClosed(f"cannot send: connection is {self.state.name}")
+            raise self._closed_error("cannot send")
 
     def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
         # Encoded up front and queued as one piece, so that no other message
@@ -1066,7 +1088,7 @@ class WebSocket:
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes); the pong comes to :meth:`ponged`."""
         if not self._queue(encode_frame(_PING, bytes(payload), mask=self.client)):
-            raise ConnectionClosed(f"cannot ping: connection is {self.state.name}")
+            raise self._closed_error("cannot ping")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
@@ -1086,6 +1108,19 @@ class WebSocket:
     def terminate(self) -> None:
         """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
         self._call_in_loop(self._finalize, "terminated")
+
+    def _closed_error(self, action: str) -> ConnectionClosed:
+        # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
+        if self._finalized:
+            code, reason = self.close_code, self.close_reason
+        elif self._failure is not None:
+            code, reason = self._failure
+        elif self._received_close is not None:
+            code, reason = self._received_close
+        else:
+            code = reason = None
+        detail = f": {code} {reason}".rstrip() if code is not None else ""
+        return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
 
     # State -------------------------------------------------------------------
 
@@ -1397,6 +1432,11 @@ class WebSocket:
         except OSError:
             pass
         if was_opened:
+            # A close handshake that ran its course is routine; anything else is worth a line at INFO.
+            if self._failure is not None or code == CloseCode.ABNORMAL:
+                logger.info("%r failed: %d %r", self, code, reason)
+            else:
+                logger.debug("%r closed: %d %r", self, code, reason)
             try:
                 self.closed(code, reason)
             except Exception as exc:
@@ -1507,7 +1547,7 @@ class _ServerHandshake:
         try:
             result = self.reader.feed(data)
         except HandshakeError as exc:
-            self._reply_and_close(Response(exc.status or 400, exc.headers))
+            self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
         if result is not None:
             self.manager._complete_handshake(self, *result)
@@ -1543,10 +1583,19 @@ class _ServerHandshake:
     def _set_events(self, events: int) -> None:
         self.manager._selector.modify(self.sock, events, self)
 
-    def _reply_and_close(self, response: Response) -> None:
-        """Answer with plain HTTP, then close once it is written and the peer is done."""
+    def _reply_and_close(self, response: Response, reason: str = "") -> None:
+        """Answer with plain HTTP, then close once it is written and the peer is done.
+
+        ``reason`` says why, for the log (the peer only sees the status).
+        """
         if self.reply is not None:
             return
+        status = response.status
+        if status >= 400:
+            logger.info("refused handshake from %s: %d %s", self.address, status,
+                        reason or response.reason or _REASON_PHRASES.get(status, ""))
+        else:
+            logger.debug("answered %s with HTTP %d instead of upgrading", self.address, status)
         try:
             self.reply = memoryview(encode_response(response))
         except ValueError as exc:
@@ -1577,6 +1626,10 @@ class _ServerHandshake:
         if self.timer is not None:
             self.timer[2] = None
         self.timer = self.manager._call_later(self.manager.close_timeout, self._close)
+
+    def _time_out(self) -> None:
+        logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
+        self._close()
 
     def _detach(self) -> None:
         self._finalized = True
@@ -1691,7 +1744,7 @@ class WebSocketManager:
         if websocket._manager is not None and websocket._manager is not self:
             raise ValueError("the connection belongs to another manager")
         if websocket._finalized:
-            raise ConnectionClosed("the connection is already closed")
+            raise websocket._closed_error("cannot add")
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
             self._check_running()
             self._websockets[websocket._fd] = websocket
@@ -1955,6 +2008,7 @@ class WebSocketManager:
             if websocket.state is _CONNECTING:
                 websocket.state = _OPEN
             closing = websocket.state is _CLOSING
+        logger.debug("%r opened", websocket)
         if closing:  # close() before add(): its timer starts now
             websocket._arm_close_timer()
         try:
@@ -2031,7 +2085,7 @@ class WebSocketManager:
         handshake = _ServerHandshake(self, listener, sock, address)
         self._handshakes.add(handshake)
         self._selector.register(sock, selectors.EVENT_READ, handshake)
-        handshake.timer = self._call_later(self.handshake_timeout, handshake._close)
+        handshake.timer = self._call_later(self.handshake_timeout, handshake._time_out)
         if handshake.tls_pending:
             handshake._tls_handshake()
         return handshake
@@ -2079,11 +2133,11 @@ class WebSocketManager:
                                          request_headers=head, subprotocol=subprotocol,
                                          peer_address=handshake.address, extra_data=rest)
         except HandshakeError as exc:
-            handshake._reply_and_close(Response(exc.status or 400, exc.headers))
+            handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
-            handshake._reply_and_close(Response(500))
+            handshake._reply_and_close(Response(500), "the connection factory raised")
             return
         handshake._detach()
         websocket._out.append(response)  # the 101 goes out first, through the connection's own buffer
@@ -2148,23 +2202,30 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
     are kept for the first read. Raises :class:`HandshakeError` (with the
-    server's HTTP ``status``), :class:`ValueError` for a bad URL, or
-    :class:`OSError` when the connection fails.
+    server's HTTP ``status`` and ``headers``) when the server refuses or
+    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
+    bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
+    included) when the network or TLS fails.
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
     if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
     secure = parts.scheme == "wss"
     try:
         port = parts.port or (443 if secure else 80)
     except ValueError:
-        raise ValueError(f"invalid port in {url!r}") from None
+        raise InvalidURL(f"invalid port in {url!r}") from None
     host = parts.hostname
     if not host:
-        raise ValueError(f"no host in {url!r}")
+        raise InvalidURL(f"no host in {url!r}")
     bracketed = f"[{host}]" if ":" in host else host
     host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout)
     try:
@@ -2187,8 +2248,8 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
                 raise HandshakeError("connection closed during the handshake", None)
             try:
                 result = reader.feed(data)
-            except HandshakeError:
-                raise HandshakeError("response head too large", None) from None
+            except HandshakeError as exc:
+                raise HandshakeError(f"malformed response: {exc}", None) from None
         head, rest = result
         response = parse_response(head)
         subprotocol = validate_response(response, key, subprotocols)
