@@ -4658,6 +4658,165 @@ def test_stop_while_1000_connections_are_mid_transfer(caplog):
 
 
 ###############################################################################
+# Errors, logging, types, packaging and the connect command (issue 9, items 8-12)
+###############################################################################
+
+# Errors ----------------------------------------------------------------------
+
+def test_every_public_exception_derives_from_websocketerror():
+    exceptions = [getattr(wsmanager, name) for name in wsmanager.__all__
+                  if isinstance(getattr(wsmanager, name), type)
+                  and issubclass(getattr(wsmanager, name), BaseException)]
+    assert {e.__name__ for e in exceptions} >= {"WebSocketError", "ProtocolError", "HandshakeError",
+                                                 "InvalidURL", "ConnectionClosed"}
+    assert all(issubclass(e, WebSocketError) for e in exceptions)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/", "127.0.0.1:9000", "ws://", "ws://:80/", "ws://127.0.0.1:99999/",
+    "ws://127.0.0.1:port/", "ws://[::1/", "ws://127.0.0.1/a b", "ws://127.0.0.1/a\x00b",
+], ids=["http", "no-scheme", "no-host", "empty-host", "port-range", "port-text", "bracket", "space", "nul"])
+def test_bad_url_raises_invalid_url_also_a_valueerror(url):
+    with pytest.raises(InvalidURL) as info:
+        connect(url, timeout=2)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, WebSocketError)
+    assert repr(url) in str(info.value)
+
+
+def test_refused_upgrade_carries_the_servers_status_and_headers(manager):
+    def refuse(request):
+        return Response(403, [("X-Refused-Because", "no token"), ("Retry-After", "30")])
+
+    address = manager.listen(("127.0.0.1", 0), Recorder, handshake=refuse)
+    with pytest.raises(HandshakeError) as info:
+        connect(ws_url(address), timeout=5)
+    error = info.value
+    assert error.status == 403
+    assert ("X-Refused-Because", "no token") in error.headers and ("Retry-After", "30") in error.headers
+    assert error.response.headers.get("x-refused-because") == "no token"  # case-insensitive lookup
+    assert error.response.reason == "Forbidden"
+
+
+def test_connection_closed_carries_what_closed_gets(manager):
+    # The peer closed with a code: send() afterwards says which.
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(manager, ws_url(address))
+    server = servers.first_opened()
+    server.close(4001, "bye now")
+    assert client.closed_event.wait(10)
+    with pytest.raises(ConnectionClosed) as info:
+        client.send("too late")
+    assert (info.value.code, info.value.reason) == (4001, "bye now") == (client.close_code, client.close_reason)
+    assert "4001 bye now" in str(info.value)
+    with pytest.raises(ConnectionClosed) as info:
+        manager.add(client)
+    assert info.value.code == 4001
+
+
+def test_connection_closed_before_the_close_is_known_has_no_code(manager):
+    # Our own close frame is out, the peer has not answered: what closed() will get is not known yet.
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        server = servers.wait_for("/")
+        wait_until(lambda: server.state is State.OPEN)
+        server.close(1000, "done")
+        assert peer.close_frame() == (1000, "done")
+        with pytest.raises(ConnectionClosed) as info:
+            server.ping()
+        assert info.value.code is None and info.value.reason is None
+
+
+def test_connection_closed_after_a_failure_has_the_failure_code(manager):
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        server = servers.wait_for("/")
+        peer.sock.sendall(b"\x8f\x80abcd")  # reserved opcode 15: the server fails with 1002
+        assert peer.close_frame().code == CloseCode.PROTOCOL_ERROR
+        with pytest.raises(ConnectionClosed) as info:
+            server.send("anything")
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+        assert "reserved opcode" in info.value.reason
+
+
+# Logging ---------------------------------------------------------------------
+
+def _wsmanager_records(caplog, level=None):
+    return [r for r in caplog.records if r.name == "wsmanager" and (level is None or r.levelno == level)]
+
+
+def test_log_refused_handshake_at_info_with_status_reason_and_peer(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    address = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example"])
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(upgrade_request_bytes(origin="https://evil.example"))
+        head, _ = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 403")
+        client_port = sock.getsockname()[1]
+    wait_until(lambda: _wsmanager_records(caplog, logging.INFO))
+    (record,) = _wsmanager_records(caplog, logging.INFO)
+    message = record.getMessage()
+    assert "refused handshake" in message and "403" in message and "evil.example" in message
+    assert str(client_port) in message
+
+
+def test_log_failed_connection_at_info_with_code_and_reason_and_never_payloads(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        peer.send_frame(Opcode.TEXT, b"secret-payload-1")
+        assert peer.next().payload == b"secret-payload-1"
+        peer.sock.sendall(b"\x8f\x80abcd")
+        assert peer.close_frame().code == CloseCode.PROTOCOL_ERROR
+    assert servers.made[0].closed_event.wait(10)  # closed() runs after the log line
+    failures = [r.getMessage() for r in _wsmanager_records(caplog, logging.INFO)]
+    assert len(failures) == 1 and "failed: 1002" in failures[0] and "reserved opcode 15" in failures[0], failures
+    assert not [r for r in caplog.records if "secret-payload" in r.getMessage()]
+
+
+def test_log_opens_and_clean_closes_at_debug_only(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(manager, ws_url(address))
+    client.send("secret-payload-2")
+    server = servers.first_opened()
+    wait_until(lambda: server.messages)
+    client.close(1000, "finished")
+    assert client.closed_event.wait(10) and server.closed_event.wait(10)
+    debug = [r.getMessage() for r in _wsmanager_records(caplog, logging.DEBUG)]
+    assert len([m for m in debug if m.endswith(" opened")]) == 2, debug
+    assert len([m for m in debug if "closed: 1000" in m]) == 2, debug
+    assert not [r for r in _wsmanager_records(caplog) if r.levelno >= logging.INFO]
+    assert not [r for r in caplog.records if "secret-payload" in r.getMessage()]
+
+
+def test_log_vanished_peer_is_a_failure_at_info(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address):
+        servers.wait_for("/")
+    assert servers.made[0].closed_event.wait(10)
+    (record,) = _wsmanager_records(caplog, logging.INFO)
+    assert "failed: 1006" in record.getMessage()
+
+
+def test_tls_client_hello_at_a_plain_listener_is_refused_at_once(manager, caplog):
+    caplog.set_level(logging.INFO, logger="wsmanager")
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(tls_client_hello())  # no blank line will ever come: do not wait for one
+        head, _ = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 400")
+    wait_until(lambda: any("TLS handshake on a plain connection" in r.getMessage()
+                           for r in _wsmanager_records(caplog, logging.INFO)))
+
+
+###############################################################################
 # Documentation that runs: README snippets and the module docstring
 ###############################################################################
 

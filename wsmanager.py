@@ -1154,8 +1154,12 @@ class WebSocket:
         return self._fd
 
     def __repr__(self) -> str:
+        return f"<{self._describe()} {self.state.name}>"
+
+    def _describe(self) -> str:
+        # For the log: formatted now, not when a handler gets to it (the state would have moved on).
         role = "client" if self.client else "server"
-        return f"<{type(self).__name__} {role} {self.peer_address!r} {self.path!r} {self.state.name}>"
+        return f"{type(self).__name__} {role} {self.peer_address!r} {self.path!r}"
 
     # Internals: any thread -----------------------------------------------------
 
@@ -1434,9 +1438,9 @@ class WebSocket:
         if was_opened:
             # A close handshake that ran its course is routine; anything else is worth a line at INFO.
             if self._failure is not None or code == CloseCode.ABNORMAL:
-                logger.info("%r failed: %d %r", self, code, reason)
-            else:
-                logger.debug("%r closed: %d %r", self, code, reason)
+                logger.info("%s failed: %d %r", self._describe(), code, reason)
+            elif logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s closed: %d %r", self._describe(), code, reason)
             try:
                 self.closed(code, reason)
             except Exception as exc:
@@ -2008,7 +2012,8 @@ class WebSocketManager:
             if websocket.state is _CONNECTING:
                 websocket.state = _OPEN
             closing = websocket.state is _CLOSING
-        logger.debug("%r opened", websocket)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s opened", websocket._describe())
         if closing:  # close() before add(): its timer starts now
             websocket._arm_close_timer()
         try:
