@@ -75,7 +75,8 @@ import threading
 import time
 import types
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence,
+                    Set, Tuple, TypeVar, Union, cast, overload)
 
 logger = logging.getLogger("wsmanager")
 
@@ -128,6 +129,9 @@ class State(enum.IntEnum):
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = State
 _CONTINUATION, _TEXT, _BINARY = Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY
 _CLOSE, _PING, _PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+
+# What send() and the codec take as binary data (typing.Buffer is 3.12+).
+_BytesLike = Union[bytes, bytearray, memoryview]
 
 DEFAULT_MAX_FRAME_SIZE = 2 ** 20
 DEFAULT_MAX_MESSAGE_SIZE = 2 ** 20
@@ -231,7 +235,7 @@ _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
 
 
-def apply_mask(data: bytes, key: bytes) -> bytes:
+def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike."""
     n = len(data)
     if n < _TRANSLATE_THRESHOLD:
@@ -267,7 +271,7 @@ def _random_mask_key() -> bytes:
     return keys[:4]
 
 
-def encode_frame(opcode: int, payload: bytes, *, fin: bool = True,
+def encode_frame(opcode: int, payload: _BytesLike, *, fin: bool = True,
                  mask: Union[bool, bytes] = False, rsv1: bool = False) -> bytes:
     """Serialize one frame.
 
@@ -339,7 +343,7 @@ class FrameParser:
         self._buffer = bytearray()  # the incomplete frame at the end of the input, if any
         self._peeked = 0  # payload bytes of that frame already handed out by read_partial()
 
-    def feed(self, data: bytes) -> List[Frame]:
+    def feed(self, data: Union[bytes, bytearray]) -> List[Frame]:
         """Parse ``data`` and return the frames it completes, in order."""
         if self.error is not None:
             raise self.error
@@ -424,7 +428,7 @@ class FrameParser:
             length = (buf[2] << 8) | buf[3]
         elif length == 127:
             length = int.from_bytes(buf[2:10], "big")
-        return _OPCODE_LIST[buf[0] & 0x0F], length
+        return _OPCODES_BY_VALUE[buf[0] & 0x0F], length
 
     def read_partial(self) -> bytes:
         """Unmasked payload bytes of the pending frame that arrived since the last call.
@@ -438,7 +442,7 @@ class FrameParser:
         if header is None:
             return b""
         start = header + self._peeked
-        chunk = buf[start:]
+        chunk: Union[bytes, bytearray] = buf[start:]
         self._peeked += len(chunk)
         if self.expect_masked and chunk:
             rotation = (start - header) & 3
@@ -446,7 +450,7 @@ class FrameParser:
             chunk = apply_mask(chunk, key[rotation:] + key[:rotation])
         return bytes(chunk)
 
-    def _header_length(self, buf: bytes) -> Optional[int]:
+    def _header_length(self, buf: bytearray) -> Optional[int]:
         if len(buf) < 2:
             return None
         length = buf[1] & 0x7F
@@ -692,7 +696,7 @@ def _token_list(value: Optional[str]) -> List[str]:
     return [token for token in (part.strip() for part in value.split(","))if token] if value else []
 
 
-def _tokens(value: Optional[str]) -> set:
+def _tokens(value: Optional[str]) -> Set[str]:
     return {token.lower() for token in _token_list(value)}
 
 
@@ -834,7 +838,7 @@ def validate_request(request: Request) -> str:
         raise HandshakeError("unsupported Sec-WebSocket-Version", 426, upgrade_headers)
     if not headers.get("Host"):
         raise HandshakeError("missing Host header", 400)
-    key = headers.get("Sec-WebSocket-Key", "")
+    key = headers.get("Sec-WebSocket-Key") or ""
     try:
         valid_key = len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
     except ValueError:
@@ -952,7 +956,7 @@ _TRANSITIONS = {
 }
 
 
-def _data_frame(message: Union[str, bytes, bytearray, memoryview]) -> Tuple[Opcode, bytes]:
+def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
     if isinstance(message, str):
         return _TEXT, message.encode()
     if isinstance(message, (bytes, bytearray, memoryview)):
@@ -1004,7 +1008,7 @@ class WebSocket:
         self._parser: Any = None
         self._assembler: Any = None
         self._lock = threading.Lock()
-        self._out: List[bytes] = []  # encoded frames waiting for the socket, in send() order
+        self._out: List[_BytesLike] = []  # encoded frames waiting for the socket, in send() order
         self._buffered = 0
         self._scheduled = False  # a flush is due (queued to the manager, or waiting for EVENT_WRITE)
         self._writing = False  # registered for EVENT_WRITE
@@ -1049,14 +1053,11 @@ class WebSocket:
         Raises :class:`ConnectionClosed` once closing. When the queue would
         exceed ``max_buffered`` the connection is dropped as a slow consumer.
         """
-        kind = type(message)
-        if kind is str:  # deliberate: exact-type fast paths for the common cases
+        if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
-        elif kind is bytes:
-            data = encode_frame(_BINARY, message, mask=self.client)
-        elif isinstance(message, (str, bytes, bytearray, memoryview)):
-            opcode, payload = _data_frame(message)
-            data = encode_frame(opcode, payload, mask=self.client)
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            # pyright narrows the Iterable of the union to memoryview[str | bytes], which cannot exist.
+            data = encode_frame(_BINARY, message, mask=self.client)  # pyright: ignore[reportArgumentType]
         else:
             data = self._encode_fragments(message)
             if not data:
@@ -1067,7 +1068,7 @@ class WebSocket:
     def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
-        frames = []
+        frames: List[bytes] = []
         opcode: Optional[Opcode] = None
         previous: Any = None
         for chunk in chunks:
@@ -1128,7 +1129,7 @@ class WebSocket:
     def request_headers(self) -> Headers:
         """Headers of the opening request (for a client: the ones it sent)."""
         headers = self._request_headers
-        if type(headers) is bytes:
+        if isinstance(headers, bytes):
             headers = self._request_headers = _parse_head(headers)[1]
         return headers
 
@@ -1136,7 +1137,7 @@ class WebSocket:
     def response_headers(self) -> Optional[Headers]:
         """Headers of the server's 101 response (client side only, else ``None``)."""
         headers = self._response_headers
-        if type(headers) is bytes:
+        if isinstance(headers, bytes):
             headers = self._response_headers = _parse_head(headers)[1]
         return headers
 
@@ -1182,10 +1183,9 @@ class WebSocket:
                     # Small frames share a buffer: thousands of tiny frames (a pong flood) would
                     # otherwise cost an object each, far more memory than max_buffered says.
                     last = out[-1]
-                    kind = type(last)
-                    if kind is bytearray and len(last) + len(data) <= COALESCE_SIZE:
+                    if type(last) is bytearray and len(last) + len(data) <= COALESCE_SIZE:
                         last += data
-                    elif kind is bytes and len(last) + len(data) <= COALESCE_SIZE:
+                    elif type(last) is bytes and len(last) + len(data) <= COALESCE_SIZE:
                         out[-1] = bytearray(last) + data
                     else:
                         out.append(data)
@@ -1256,7 +1256,7 @@ class WebSocket:
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
-        if self._tls and not self._finalized and self.sock.pending():
+        if self._tls and not self._finalized and cast(ssl.SSLSocket, self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._ready.append(self)
 
@@ -1475,16 +1475,19 @@ class _Listener:
 
     def _on_read(self) -> None:
         manager = self.manager
+        listening = self.sock
+        if listening is None:
+            return  # the settings of accept(): never in the selector
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self.sock.accept()
+                sock, address = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: the backlog stays readable, so rest instead of spinning.
                     logger.warning("accept() failed (%s); pausing the listener for %.1f s", exc, ACCEPT_BACKOFF)
-                    manager._selector.unregister(self.sock)
+                    manager._selector.unregister(listening)
                     manager._call_later(ACCEPT_BACKOFF, self._resume)
                     return
                 logger.debug("accept() failed: %s", exc)
@@ -1495,7 +1498,7 @@ class _Listener:
         pass
 
     def _resume(self) -> None:
-        if not self._finalized:
+        if not self._finalized and self.sock is not None:
             self.manager._selector.register(self.sock, selectors.EVENT_READ, self)
 
     def _close(self) -> None:
@@ -1569,7 +1572,7 @@ class _ServerHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            self.sock.do_handshake()
+            cast(ssl.SSLSocket, self.sock).do_handshake()
         except ssl.SSLWantReadError:
             self._set_events(selectors.EVENT_READ)
             return False
@@ -1609,6 +1612,8 @@ class _ServerHandshake:
 
     def _write_reply(self) -> None:
         reply = self.reply
+        if reply is None:
+            return
         try:
             sent = self.sock.send(reply) if reply else 0
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -1686,6 +1691,10 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
     return None
 
 
+# listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
+_Address = TypeVar("_Address", Tuple[str, int], str)
+
+
 class WebSocketManager:
     """Runs many WebSocket connections, of either role, in one thread.
 
@@ -1719,12 +1728,13 @@ class WebSocketManager:
         self.max_frame_size = max_frame_size if max_frame_size is not None else max_message_size
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
-        self._handshakes: set = set()
+        self._handshakes: Set[_ServerHandshake] = set()
         self._listeners: List[_Listener] = []
-        self._timers: List[list] = []  # heap of [when, sequence, function or None when cancelled, args]
+        self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
-        self._calls: collections.deque = collections.deque()  # (function, args) from other threads
-        self._dirty: collections.deque = collections.deque()  # connections with output to flush
+        # (function, args) from other threads
+        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._dirty: Deque[WebSocket] = collections.deque()  # connections with output to flush
         self._ready: List[Any] = []  # TLS connections holding decrypted input
         self._now = time.monotonic()
         self._running = False
@@ -1791,11 +1801,11 @@ class WebSocketManager:
 
     # Listening -----------------------------------------------------------------
 
-    def listen(self, address: Union[Tuple[str, int], str], factory: Callable[..., WebSocket] = WebSocket, *,
+    def listen(self, address: _Address, factory: Callable[..., WebSocket] = WebSocket, *,
                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                handshake: Optional[Callable[[Request], Any]] = None, backlog: int = 1024,
                max_connections: Optional[int] = None,
-               origins: Optional[Sequence[Optional[str]]] = None) -> Union[Tuple[str, int], str]:
+               origins: Optional[Sequence[Optional[str]]] = None) -> _Address:
         """Serve WebSocket connections on ``address``; return the bound address.
 
         ``address`` is ``(host, port)`` (port 0 picks a free one; IPv6 hosts
@@ -1830,7 +1840,8 @@ class WebSocketManager:
             self._check_running(release=listener._close)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
-        return unix_path if unix_path is not None else sock.getsockname()[:2]
+        bound: Any = unix_path if unix_path is not None else sock.getsockname()[:2]
+        return cast(_Address, bound)  # the same kind of address as was given
 
     def accept(self, sock: socket.socket, request_head: bytes, factory: Callable[..., WebSocket] = WebSocket, *,
                subprotocols: Optional[Sequence[str]] = None,
@@ -1977,7 +1988,7 @@ class WebSocketManager:
         else:
             self._call_soon(function, *args)
 
-    def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> list:
+    def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
         """Loop thread only. Returns a handle; set ``handle[2] = None`` to cancel."""
         self._timer_sequence += 1
         handle = [time.monotonic() + delay, self._timer_sequence, function, args]
@@ -2031,7 +2042,7 @@ class WebSocketManager:
         if extra and websocket.state < _CLOSED:
             websocket._extra = b""
             websocket._receive(extra)
-        if websocket._tls and not websocket._finalized and sock.pending():
+        if websocket._tls and not websocket._finalized and cast(ssl.SSLSocket, sock).pending():
             self._ready.append(websocket)
 
     def _release(self, websocket: WebSocket) -> None:
@@ -2055,25 +2066,28 @@ class WebSocketManager:
             websocket._listener = None
 
     def _heartbeat(self, websocket: WebSocket) -> None:
+        interval, timeout = self.heartbeat, self.heartbeat_timeout
         if websocket._finalized or websocket.state is not _OPEN or websocket._manager is not self:
             return
+        if not interval or timeout is None:
+            return  # heartbeat turned off since this call was scheduled
         now = self._now
         if websocket._ping_sent:
             if websocket._last_seen > websocket._ping_sent:
                 websocket._ping_sent = 0.0  # any input proves the peer alive
-            elif now - websocket._ping_sent >= self.heartbeat_timeout:
+            elif now - websocket._ping_sent >= timeout:
                 websocket._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
             else:
-                self._call_later(websocket._ping_sent + self.heartbeat_timeout - now, self._heartbeat, websocket)
+                self._call_later(websocket._ping_sent + timeout - now, self._heartbeat, websocket)
                 return
         idle = now - websocket._last_seen
-        if idle >= self.heartbeat:
+        if idle >= interval:
             websocket._ping_sent = now
             websocket._queue(encode_frame(_PING, b"", mask=websocket.client))
-            self._call_later(self.heartbeat_timeout, self._heartbeat, websocket)
+            self._call_later(timeout, self._heartbeat, websocket)
         else:
-            self._call_later(self.heartbeat - idle, self._heartbeat, websocket)
+            self._call_later(interval - idle, self._heartbeat, websocket)
 
     def _start_handshake(self, listener: _Listener, sock: socket.socket,
                          address: Any) -> Optional[_ServerHandshake]:
@@ -2198,6 +2212,21 @@ class WebSocketManager:
 ###############################################################################
 # Client: connect() ###########################################################
 ###############################################################################
+
+_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)
+
+
+@overload
+def connect(url: str, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket: ...
+
+
+@overload
+def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> _WebSocketT: ...
+
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
@@ -2366,7 +2395,7 @@ def _serve(args: Any) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
     manager.start()
-    while not stop_requests and manager._thread.is_alive():
+    while not stop_requests and manager._thread is not None and manager._thread.is_alive():
         time.sleep(0.2)
     logger.info("closing %d connection(s) with 1001", len(manager))
     manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
@@ -2451,7 +2480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, not a usage dump
+        def error(self, message: str) -> NoReturn:  # one line, not a usage dump
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def port(text: str) -> int:  # named for argparse's message: "invalid port value: '70000'"
