@@ -2255,7 +2255,7 @@ def test_bytes_sent_right_after_101_are_kept(mgr_no_leaks, manager, mgr_clients)
     # connect(): whatever came along with the 101 reaches received_message().
     for _ in range(5):
         client = open_client(mgr_clients, ws_url(address))
-        wait_until(lambda: client.messages)
+        wait_until(lambda client=client: client.messages)
         assert client.messages == ["welcome"]
 
 
@@ -4814,6 +4814,89 @@ def test_tls_client_hello_at_a_plain_listener_is_refused_at_once(manager, caplog
     assert head.startswith(b"HTTP/1.1 400")
     wait_until(lambda: any("TLS handshake on a plain connection" in r.getMessage()
                            for r in _wsmanager_records(caplog, logging.INFO)))
+
+
+# Types -----------------------------------------------------------------------
+
+_TYPED_USER_SCRIPT = '''
+import wsmanager
+
+
+class Hello(wsmanager.WebSocket):
+    greeting = "hello"
+
+    def opened(self) -> None:
+        self.send(self.greeting)
+
+
+with wsmanager.WebSocketManager() as manager:
+    host, port = manager.listen(("127.0.0.1", 0), wsmanager.WebSocket)  # the module docstring's line
+    url: str = f"ws://{host}:{port + 0}/"
+    hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
+    plain: wsmanager.WebSocket = wsmanager.connect(url)
+    path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
+    print(hello.greeting, plain.subprotocol, path)
+'''
+
+
+def _type_checker(name):
+    """The command running ``name`` (mypy or pyright), or skip the test saying why."""
+    if name == "mypy":
+        try:
+            import mypy  # noqa: F401
+        except ImportError:
+            pytest.skip("mypy is not installed (pip install '.[lint]')")
+        return [sys.executable, "-m", "mypy", "--no-incremental"]
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (it needs Node.js)")
+    return [path]
+
+
+@pytest.mark.parametrize("checker, options", [("mypy", ["--strict"]), ("pyright", [])])
+def test_type_checkers_report_no_errors_in_the_library_or_a_users_script(tmp_path, checker, options):
+    here = Path(wsmanager.__file__).parent
+    script = tmp_path / "user_script.py"
+    script.write_text(_TYPED_USER_SCRIPT)
+    env = dict(os.environ, MYPYPATH=str(here))
+    if checker == "pyright":
+        (tmp_path / "pyrightconfig.json").write_text(json.dumps({"extraPaths": [str(here)]}))
+    command = _type_checker(checker)
+    for target in (here / "wsmanager.py", script):
+        result = subprocess.run([*command, *options, str(target)], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"Success: no issues|\b0 errors", result.stdout), result.stdout
+
+
+# Packaging -------------------------------------------------------------------
+
+def test_sdist_carries_the_tests_and_they_run_from_it(tmp_path):
+    pytest.importorskip("setuptools.build_meta")  # the build backend pyproject.toml names
+    here = Path(wsmanager.__file__).parent
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
+                 "MANIFEST.in"):
+        shutil.copy(here / name, source / name)
+    # The backend, called as pip or `python -m build` would call it, offline (no isolated environment).
+    built = subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as backend; "
+                            "print(backend.build_sdist(sys.argv[1]))", str(tmp_path)],
+                           cwd=source, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    archive = tmp_path / built.stdout.split()[-1]
+    import tarfile
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[-1] for name in tar.getnames()}
+        assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg"} <= names, names
+        tar.extractall(tmp_path / "unpacked")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-k", "module_docstring_example or readme_client"],
+                            cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 passed" in result.stdout, result.stdout[-3000:]
 
 
 ###############################################################################
