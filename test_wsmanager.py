@@ -4899,6 +4899,100 @@ def test_sdist_carries_the_tests_and_they_run_from_it(tmp_path):
     assert "2 passed" in result.stdout, result.stdout[-3000:]
 
 
+# The connect command -----------------------------------------------------------
+
+def test_cli_connect_sends_header_origin_and_subprotocol_options(manager):
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers, subprotocols=["chat.v2"])
+    result = _cli("connect", ws_url(address, "/opts"), "--header", "X-Token: s3cret", "--header", "X-Trace:7",
+                  "--origin", "https://app.example", "--subprotocol", "chat.v1", "--subprotocol", "chat.v2",
+                  stdin=b"hi\n")
+    assert result.returncode == 0, result.stderr
+    assert "connected to" in result.stderr.decode() and "(chat.v2)" in result.stderr.decode()
+    server = servers.made[0]
+    assert server.closed_event.wait(10) and server.messages == ["hi"]
+    headers = server.request_headers
+    assert headers.get("X-Token") == "s3cret" and headers.get("X-Trace") == "7"
+    assert headers.get("Origin") == "https://app.example"
+    assert server.subprotocol == "chat.v2"
+    assert b"\x1b" not in result.stdout  # not a terminal: plain lines, no cursor moves
+
+
+@pytest.mark.parametrize("option", [["--header", "no colon here"], ["--header", "bad name: x"],
+                                    ["--header", "X-Bad: line\x01break"]], ids=["no-colon", "space-in-name", "ctl"])
+def test_cli_connect_bad_header_option_fails_in_one_line(manager, option):
+    address = manager.listen(("127.0.0.1", 0), EchoServer)
+    _assert_fails_in_one_line(_cli("connect", ws_url(address), *option), "header")
+
+
+def test_cli_connect_wss_to_a_plain_port_fails_fast_with_a_hint(tmp_path):
+    # The chat server speaks plain HTTP: a TLS ClientHello gets its 400 at once, not at a timeout.
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        started = time.monotonic()
+        result = _cli("connect", f"wss://127.0.0.1:{port}/ws", "--timeout", "30")
+        elapsed = time.monotonic() - started
+        _assert_fails_in_one_line(result, "is the server speaking TLS?")
+        assert elapsed < 15, elapsed  # far from the 30 s handshake timeout it was given
+        wait_until(lambda: "TLS handshake on a plain connection" in read_log())
+
+
+def test_cli_connect_wss_to_a_silent_plain_server_times_out_with_the_hint():
+    # A plain server that waits for a request head (as most do) never answers a ClientHello.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        result = _cli("connect", f"wss://127.0.0.1:{silent.getsockname()[1]}/", "--timeout", "1")
+    _assert_fails_in_one_line(result, "is the server speaking TLS?")
+
+
+def _read_pty_until(master, output, token, timeout=10.0):
+    """Read the terminal's output into ``output`` (a bytearray) until ``token`` shows (bounded)."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while token not in output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{token!r} never showed: {bytes(output)!r}"
+            if selector.select(remaining):
+                try:
+                    output += os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+    assert token in output, bytes(output)
+
+
+def test_cli_connect_on_a_terminal_prints_above_the_line_being_typed(manager):
+    pty = pytest.importorskip("pty")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    master, slave = pty.openpty()
+    env = dict(_cli_env(), TERM="xterm")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                stdin=slave, stdout=slave, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+    output = bytearray()
+    try:
+        _read_pty_until(master, output, b"> ")  # a prompt, as on any terminal client
+        os.write(master, b"hal")  # half a line typed ...
+        _read_pty_until(master, output, b"hal")
+        server = servers.wait_for("/")
+        server.send("incoming")  # ... when a message arrives
+        _read_pty_until(master, output, b"< incoming")
+        assert b"hal< incoming" not in output
+        # Printed on a line opened above the input line, then the cursor goes back to the typing.
+        assert re.search(rb"hal\x1b7\r?\n\x1b\[A\x1b\[L< incoming\r?\n\x1b8\x1b\[B", output), bytes(output)
+        os.write(master, b"f\r")  # the line is finished: it was never lost or split
+        wait_until(lambda: server.messages == ["half"])
+        os.write(master, b"\x04")  # Ctrl-D: a normal close
+        assert proc.wait(20) == 0
+        assert server.closed_event.wait(10) and server.close_code == CloseCode.NORMAL
+    finally:
+        _reap(proc)
+        os.close(master)
+
+
 ###############################################################################
 # Documentation that runs: README snippets and the module docstring
 ###############################################################################

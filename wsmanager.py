@@ -1590,19 +1590,20 @@ class _ServerHandshake:
     def _set_events(self, events: int) -> None:
         self.manager._selector.modify(self.sock, events, self)
 
-    def _reply_and_close(self, response: Response, reason: str = "") -> None:
+    def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
         """Answer with plain HTTP, then close once it is written and the peer is done.
 
-        ``reason`` says why, for the log (the peer only sees the status).
+        ``reason`` says why, for the log (the peer only sees the status);
+        ``upgrade=False`` for a plain HTTP request that a handshake hook answered.
         """
         if self.reply is not None:
             return
         status = response.status
-        if status >= 400:
+        if status >= 400 and upgrade:
             logger.info("refused handshake from %s: %d %s", self.address, status,
                         reason or response.reason or _REASON_PHRASES.get(status, ""))
         else:
-            logger.debug("answered %s with HTTP %d instead of upgrading", self.address, status)
+            logger.debug("answered %s with HTTP %d", self.address, status)
         try:
             self.reply = memoryview(encode_response(response))
         except ValueError as exc:
@@ -2136,7 +2137,7 @@ class WebSocketManager:
                     logger.error("handshake hook raised for %s", handshake.address, exc_info=exc)
                     raise HandshakeError("handshake hook failed", 500) from None
                 if isinstance(chosen, Response):
-                    handshake._reply_and_close(chosen)
+                    handshake._reply_and_close(chosen, upgrade=request.is_upgrade)
                     return
             key = validate_request(request)
             offered = request.subprotocols
@@ -2404,10 +2405,24 @@ def _serve(args: Any) -> int:
     return 0
 
 
+def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
+    """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
+    if above_input:
+        # Save the cursor, open a line above the input line (scrolling if at the bottom), write
+        # there, then put the cursor back where the user was typing: the same VT100 moves as
+        # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
+        line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
+    else:
+        line += "\n"
+    stream.write(line)
+    stream.flush()
+
+
 class _ConsolePeer(WebSocket):
     """The interactive client: prints what arrives, while the user types."""
 
     show_binary_as_hex = False
+    interactive = False  # stdin and stdout are a terminal: print above the line being typed
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -2420,11 +2435,21 @@ class _ConsolePeer(WebSocket):
             line = message.hex()
         else:
             line = f"<binary message, {len(message)} bytes>"
-        print(f"< {line}", flush=True)
+        _print_line(f"< {line}", sys.stdout, above_input=self.interactive)
 
     def closed(self, code: int, reason: str) -> None:
-        print(f"connection closed: {code} {reason}".rstrip(), file=sys.stderr, flush=True)
+        _print_line(f"connection closed: {code} {reason}".rstrip(), sys.stderr, above_input=self.interactive)
         self.done.set()
+
+
+def _tls_hint(exc: BaseException) -> str:
+    # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
+    # cannot parse, an EOF or a reset, never what the user did wrong.
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ""
+    if isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout)):
+        return " (is the server speaking TLS?)"
+    return ""
 
 
 def _connect(args: Any) -> int:
@@ -2436,17 +2461,19 @@ def _connect(args: Any) -> int:
             context.verify_mode = ssl.CERT_NONE
     try:
         peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
-                       subprotocols=args.subprotocol or None)
-    except ValueError as exc:
+                       subprotocols=args.subprotocol or None, headers=args.header, origin=args.origin)
+    except ValueError as exc:  # InvalidURL, or a header value that cannot be sent
         print(f"wsmanager: {exc}", file=sys.stderr)
         return 2
     except HandshakeError as exc:
         print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ssl.SSLError) as exc:
-        print(f"wsmanager: cannot connect to {args.url}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        hint = _tls_hint(exc) if context is not None else ""
+        print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     peer.show_binary_as_hex = args.binary
+    peer.interactive = sys.stdin.isatty() and sys.stdout.isatty()
     print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
     manager = WebSocketManager()
     manager.start()
@@ -2454,9 +2481,17 @@ def _connect(args: Any) -> int:
 
     def type_lines() -> None:
         try:
-            for line in sys.stdin:
-                peer.send(line.rstrip("\r\n"))
-        except (ConnectionClosed, ValueError, OSError):
+            if peer.interactive:
+                try:
+                    import readline  # noqa: F401  (line editing and history for input())
+                except ImportError:
+                    pass
+                while True:
+                    peer.send(input("> "))
+            else:
+                for line in sys.stdin:
+                    peer.send(line.rstrip("\r\n"))
+        except (ConnectionClosed, ValueError, OSError, EOFError):
             pass
         peer.done.set()
 
@@ -2483,6 +2518,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def error(self, message: str) -> NoReturn:  # one line, not a usage dump
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def header(text: str) -> Tuple[str, str]:  # "invalid header value: 'X-Token'"
+        name, colon, value = text.partition(":")
+        if not colon or not _TOKEN.match(name.strip()):
+            raise ValueError(f"not NAME:VALUE: {text!r}")
+        return name.strip(), value.strip()
+
     def port(text: str) -> int:  # named for argparse's message: "invalid port value: '70000'"
         number = int(text)
         if not 0 <= number <= 65535:
@@ -2505,6 +2546,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     client.add_argument("--binary", action="store_true", help="print binary messages as hex")
     client.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     client.add_argument("--subprotocol", action="append", metavar="NAME", help="offer a subprotocol (repeatable)")
+    client.add_argument("--header", action="append", type=header, metavar="NAME:VALUE",
+                        help="send this header with the handshake (repeatable)")
+    client.add_argument("--origin", help="send this Origin header")
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
