@@ -4869,6 +4869,36 @@ def test_type_checkers_report_no_errors_in_the_library_or_a_users_script(tmp_pat
         assert re.search(r"Success: no issues|\b0 errors", result.stdout), result.stdout
 
 
+def test_installed_single_module_typing_needs_one_mypy_flag_and_none_for_pyright(tmp_path):
+    """What README.rst says about an installed wsmanager: PEP 561 has no py.typed for a single-file
+    module, so mypy skips it unless told to follow it; pyright reads the module's own annotations."""
+    command = _type_checker("mypy")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    shutil.copy(wsmanager.__file__, site)  # what the wheel installs: the module alone, at the top level
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "user_script.py").write_text(_TYPED_USER_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MYPYPATH")}
+
+    def mypy(*flags):
+        return subprocess.run([*command, "--strict", "--python-executable", str(python), *flags, "user_script.py"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+    without = mypy()
+    assert without.returncode != 0 and "missing library stubs or py.typed marker" in without.stdout, without.stdout
+    with_flag = mypy("--follow-untyped-imports")
+    assert with_flag.returncode == 0, with_flag.stdout
+    pyright = shutil.which("pyright")
+    if pyright is not None:
+        result = subprocess.run([pyright, "--pythonpath", str(python), "user_script.py"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and re.search(r"\b0 errors", result.stdout), result.stdout
+
+
 # Packaging -------------------------------------------------------------------
 
 def test_sdist_carries_the_tests_and_they_run_from_it(tmp_path):
