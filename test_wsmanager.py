@@ -4996,14 +4996,11 @@ def test_cli_connect_on_a_terminal_prints_above_the_line_being_typed(manager):
     servers = Collect(Recorder)
     address = manager.listen(("127.0.0.1", 0), servers)
     master, slave = pty.openpty()
-    env = dict(_cli_env(), TERM="xterm")
+    proc = None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
-                                stdin=slave, stdout=slave, stderr=slave, env=env)
-    finally:
-        os.close(slave)
-    output = bytearray()
-    try:
+                                stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+        output = bytearray()
         _read_pty_until(master, output, b"> ")  # a prompt, as on any terminal client
         os.write(master, b"hal")  # half a line typed ...
         _read_pty_until(master, output, b"hal")
@@ -5019,7 +5016,37 @@ def test_cli_connect_on_a_terminal_prints_above_the_line_being_typed(manager):
         assert proc.wait(20) == 0
         assert server.closed_event.wait(10) and server.close_code == CloseCode.NORMAL
     finally:
-        _reap(proc)
+        if proc is not None:
+            _reap(proc)
+        os.close(slave)
+        os.close(master)
+
+
+def test_cli_connect_on_a_terminal_closed_by_the_server_mid_line_restores_the_terminal(manager):
+    pty = pytest.importorskip("pty")
+    termios = pytest.importorskip("termios")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+        output = bytearray()
+        _read_pty_until(master, output, b"> ")
+        os.write(master, b"half a li")
+        _read_pty_until(master, output, b"half a li")
+        servers.wait_for("/").close(1000, "bye")  # while the user is typing: input() never returns
+        _read_pty_until(master, output, b"connection closed: 1000 bye")
+        assert proc.wait(20) == 0
+        # Line editing switched echo and line mode off; the shell gets its terminal back as it was.
+        after = termios.tcgetattr(slave)
+        assert after[3] & (termios.ECHO | termios.ICANON) == before[3] & (termios.ECHO | termios.ICANON)
+    finally:
+        if proc is not None:
+            _reap(proc)
+        os.close(slave)
         os.close(master)
 
 

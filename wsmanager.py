@@ -2495,6 +2495,9 @@ def _connect(args: Any) -> int:
             pass
         peer.done.set()
 
+    # readline puts the terminal in raw mode while it reads; when the peer ends the session in
+    # the middle of a line, input() never returns to undo that: the mode is restored here.
+    terminal_mode = _terminal_mode() if peer.interactive else None
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     try:
         peer.done.wait()
@@ -2507,7 +2510,27 @@ def _connect(args: Any) -> int:
             time.sleep(0.01)
     manager.stop()
     manager.join()
+    if terminal_mode is not None:
+        terminal_mode()
+        print(file=sys.stderr)  # the shell's prompt goes on a line of its own, not after "> "
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
+
+
+def _terminal_mode() -> Optional[Callable[[], None]]:
+    """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
+    try:
+        import termios
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):
+        return None
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except OSError:
+            pass
+    return restore
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
