@@ -4853,7 +4853,7 @@ def _type_checker(name):
     return [path]
 
 
-@pytest.mark.parametrize("checker, options", [("mypy", ["--strict"]), ("pyright", [])])
+@pytest.mark.parametrize("checker, options", [("mypy", ["--strict"]), ("pyright", ["--pythonversion", "3.9"])])
 def test_type_checkers_report_no_errors_in_the_library_or_a_users_script(tmp_path, checker, options):
     here = Path(wsmanager.__file__).parent
     script = tmp_path / "user_script.py"
