@@ -2259,7 +2259,7 @@ def test_bytes_sent_right_after_101_are_kept(mgr_no_leaks, manager, mgr_clients)
     # connect(): whatever came along with the 101 reaches received_message().
     for _ in range(5):
         client = open_client(mgr_clients, ws_url(address))
-        wait_until(lambda: client.messages)
+        wait_until(lambda client=client: client.messages)
         assert client.messages == ["welcome"]
 
 
@@ -5139,6 +5139,399 @@ def test_issue9_readme_limits_snippet_sets_per_connection_settings(mgr_no_leaks,
     assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
     assert servers.for_path("/guest")[0].max_message_size == 64 * 1024
     assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
+
+
+###############################################################################
+# Errors, logging, types, packaging and the connect command (issue 9, items 8-12)
+###############################################################################
+
+# Errors ----------------------------------------------------------------------
+
+def test_every_public_exception_derives_from_websocketerror():
+    exceptions = [getattr(wsmanager, name) for name in wsmanager.__all__
+                  if isinstance(getattr(wsmanager, name), type)
+                  and issubclass(getattr(wsmanager, name), BaseException)]
+    assert {e.__name__ for e in exceptions} >= {"WebSocketError", "ProtocolError", "HandshakeError",
+                                                 "InvalidURL", "ConnectionClosed"}
+    assert all(issubclass(e, WebSocketError) for e in exceptions)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/", "127.0.0.1:9000", "ws://", "ws://:80/", "ws://127.0.0.1:99999/",
+    "ws://127.0.0.1:port/", "ws://[::1/", "ws://127.0.0.1/a b", "ws://127.0.0.1/a\x00b",
+], ids=["http", "no-scheme", "no-host", "empty-host", "port-range", "port-text", "bracket", "space", "nul"])
+def test_bad_url_raises_invalid_url_also_a_valueerror(url):
+    with pytest.raises(InvalidURL) as info:
+        connect(url, timeout=2)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, WebSocketError)
+    assert repr(url) in str(info.value)
+
+
+def test_refused_upgrade_carries_the_servers_status_and_headers(manager):
+    def refuse(request):
+        return Response(403, [("X-Refused-Because", "no token"), ("Retry-After", "30")])
+
+    address = manager.listen(("127.0.0.1", 0), Recorder, handshake=refuse)
+    with pytest.raises(HandshakeError) as info:
+        connect(ws_url(address), timeout=5)
+    error = info.value
+    assert error.status == 403
+    assert ("X-Refused-Because", "no token") in error.headers and ("Retry-After", "30") in error.headers
+    assert error.response.headers.get("x-refused-because") == "no token"  # case-insensitive lookup
+    assert error.response.reason == "Forbidden"
+
+
+def test_connection_closed_carries_what_closed_gets(manager):
+    # The peer closed with a code: send() afterwards says which.
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(manager, ws_url(address))
+    server = servers.first_opened()
+    server.close(4001, "bye now")
+    assert client.closed_event.wait(10)
+    with pytest.raises(ConnectionClosed) as info:
+        client.send("too late")
+    assert (info.value.code, info.value.reason) == (4001, "bye now") == (client.close_code, client.close_reason)
+    assert "4001 bye now" in str(info.value)
+    with pytest.raises(ConnectionClosed) as info:
+        manager.add(client)
+    assert info.value.code == 4001
+
+
+def test_connection_closed_before_the_close_is_known_has_no_code(manager):
+    # Our own close frame is out, the peer has not answered: what closed() will get is not known yet.
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        server = servers.wait_for("/")
+        wait_until(lambda: server.state is State.OPEN)
+        server.close(1000, "done")
+        assert peer.close_frame() == (1000, "done")
+        with pytest.raises(ConnectionClosed) as info:
+            server.ping()
+        assert info.value.code is None and info.value.reason is None
+
+
+def test_connection_closed_after_a_failure_has_the_failure_code(manager):
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        server = servers.wait_for("/")
+        peer.sock.sendall(b"\x8f\x80abcd")  # reserved opcode 15: the server fails with 1002
+        assert peer.close_frame().code == CloseCode.PROTOCOL_ERROR
+        with pytest.raises(ConnectionClosed) as info:
+            server.send("anything")
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+        assert "reserved opcode" in info.value.reason
+
+
+# Logging ---------------------------------------------------------------------
+
+def _wsmanager_records(caplog, level=None):
+    return [r for r in caplog.records if r.name == "wsmanager" and (level is None or r.levelno == level)]
+
+
+def test_log_refused_handshake_at_info_with_status_reason_and_peer(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    address = manager.listen(("127.0.0.1", 0), Recorder, origins=["https://good.example"])
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(upgrade_request_bytes(origin="https://evil.example"))
+        head, _ = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 403")
+        client_port = sock.getsockname()[1]
+    wait_until(lambda: _wsmanager_records(caplog, logging.INFO))
+    (record,) = _wsmanager_records(caplog, logging.INFO)
+    message = record.getMessage()
+    assert "refused handshake" in message and "403" in message and "evil.example" in message
+    assert str(client_port) in message
+
+
+def test_log_failed_connection_at_info_with_code_and_reason_and_never_payloads(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address) as peer:
+        peer.send_frame(Opcode.TEXT, b"secret-payload-1")
+        assert peer.next().payload == b"secret-payload-1"
+        peer.sock.sendall(b"\x8f\x80abcd")
+        assert peer.close_frame().code == CloseCode.PROTOCOL_ERROR
+    assert servers.made[0].closed_event.wait(10)  # closed() runs after the log line
+    failures = [r.getMessage() for r in _wsmanager_records(caplog, logging.INFO)]
+    assert len(failures) == 1 and "failed: 1002" in failures[0] and "reserved opcode 15" in failures[0], failures
+    assert not [r for r in caplog.records if "secret-payload" in r.getMessage()]
+
+
+def test_log_opens_and_clean_closes_at_debug_only(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    client = open_client(manager, ws_url(address))
+    client.send("secret-payload-2")
+    server = servers.first_opened()
+    wait_until(lambda: server.messages)
+    client.close(1000, "finished")
+    assert client.closed_event.wait(10) and server.closed_event.wait(10)
+    debug = [r.getMessage() for r in _wsmanager_records(caplog, logging.DEBUG)]
+    assert len([m for m in debug if m.endswith(" opened")]) == 2, debug
+    assert len([m for m in debug if "closed: 1000" in m]) == 2, debug
+    assert not [r for r in _wsmanager_records(caplog) if r.levelno >= logging.INFO]
+    assert not [r for r in caplog.records if "secret-payload" in r.getMessage()]
+
+
+def test_log_vanished_peer_is_a_failure_at_info(manager, caplog):
+    caplog.set_level(logging.DEBUG, logger="wsmanager")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address):
+        servers.wait_for("/")
+    assert servers.made[0].closed_event.wait(10)
+    (record,) = _wsmanager_records(caplog, logging.INFO)
+    assert "failed: 1006" in record.getMessage()
+
+
+def test_tls_client_hello_at_a_plain_listener_is_refused_at_once(manager, caplog):
+    caplog.set_level(logging.INFO, logger="wsmanager")
+    address = manager.listen(("127.0.0.1", 0), Recorder)
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(tls_client_hello())  # no blank line will ever come: do not wait for one
+        head, _ = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 400")
+    wait_until(lambda: any("TLS handshake on a plain connection" in r.getMessage()
+                           for r in _wsmanager_records(caplog, logging.INFO)))
+
+
+# Types -----------------------------------------------------------------------
+
+_TYPED_USER_SCRIPT = '''
+import wsmanager
+
+
+class Hello(wsmanager.WebSocket):
+    greeting = "hello"
+
+    def opened(self) -> None:
+        self.send(self.greeting)
+
+
+with wsmanager.WebSocketManager() as manager:
+    host, port = manager.listen(("127.0.0.1", 0), wsmanager.WebSocket)  # the module docstring's line
+    url: str = f"ws://{host}:{port + 0}/"
+    hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
+    plain: wsmanager.WebSocket = wsmanager.connect(url)
+    path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
+    print(hello.greeting, plain.subprotocol, path)
+'''
+
+
+def _type_checker(name):
+    """The command running ``name`` (mypy or pyright), or skip the test saying why."""
+    if name == "mypy":
+        try:
+            import mypy  # noqa: F401
+        except ImportError:
+            pytest.skip("mypy is not installed (pip install '.[lint]')")
+        return [sys.executable, "-m", "mypy", "--no-incremental"]
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (it needs Node.js)")
+    return [path]
+
+
+@pytest.mark.parametrize("checker, options", [("mypy", ["--strict"]), ("pyright", ["--pythonversion", "3.9"])])
+def test_type_checkers_report_no_errors_in_the_library_or_a_users_script(tmp_path, checker, options):
+    here = Path(wsmanager.__file__).parent
+    script = tmp_path / "user_script.py"
+    script.write_text(_TYPED_USER_SCRIPT)
+    env = dict(os.environ, MYPYPATH=str(here))
+    if checker == "pyright":
+        (tmp_path / "pyrightconfig.json").write_text(json.dumps({"extraPaths": [str(here)]}))
+    command = _type_checker(checker)
+    for target in (here / "wsmanager.py", script):
+        result = subprocess.run([*command, *options, str(target)], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"Success: no issues|\b0 errors", result.stdout), result.stdout
+
+
+def test_installed_single_module_typing_needs_one_mypy_flag_and_none_for_pyright(tmp_path):
+    """What README.rst says about an installed wsmanager: PEP 561 has no py.typed for a single-file
+    module, so mypy skips it unless told to follow it; pyright reads the module's own annotations."""
+    command = _type_checker("mypy")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    shutil.copy(wsmanager.__file__, site)  # what the wheel installs: the module alone, at the top level
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "user_script.py").write_text(_TYPED_USER_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MYPYPATH")}
+
+    def mypy(*flags):
+        return subprocess.run([*command, "--strict", "--python-executable", str(python), *flags, "user_script.py"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+    without = mypy()
+    assert without.returncode != 0 and "missing library stubs or py.typed marker" in without.stdout, without.stdout
+    with_flag = mypy("--follow-untyped-imports")
+    assert with_flag.returncode == 0, with_flag.stdout
+    pyright = shutil.which("pyright")
+    if pyright is not None:
+        result = subprocess.run([pyright, "--pythonpath", str(python), "user_script.py"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and re.search(r"\b0 errors", result.stdout), result.stdout
+
+
+# Packaging -------------------------------------------------------------------
+
+def test_sdist_carries_the_tests_and_they_run_from_it(tmp_path):
+    pytest.importorskip("setuptools.build_meta")  # the build backend pyproject.toml names
+    here = Path(wsmanager.__file__).parent
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
+                 "MANIFEST.in"):
+        shutil.copy(here / name, source / name)
+    # The backend, called as pip or `python -m build` would call it, offline (no isolated environment).
+    built = subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as backend; "
+                            "print(backend.build_sdist(sys.argv[1]))", str(tmp_path)],
+                           cwd=source, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    archive = tmp_path / built.stdout.split()[-1]
+    import tarfile
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[-1] for name in tar.getnames()}
+        assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg"} <= names, names
+        tar.extractall(tmp_path / "unpacked")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-k", "module_docstring_example or readme_client"],
+                            cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 passed" in result.stdout, result.stdout[-3000:]
+
+
+# The connect command -----------------------------------------------------------
+
+def test_cli_connect_sends_header_origin_and_subprotocol_options(manager):
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers, subprotocols=["chat.v2"])
+    result = _cli("connect", ws_url(address, "/opts"), "--header", "X-Token: s3cret", "--header", "X-Trace:7",
+                  "--origin", "https://app.example", "--subprotocol", "chat.v1", "--subprotocol", "chat.v2",
+                  stdin=b"hi\n")
+    assert result.returncode == 0, result.stderr
+    assert "connected to" in result.stderr.decode() and "(chat.v2)" in result.stderr.decode()
+    server = servers.made[0]
+    assert server.closed_event.wait(10) and server.messages == ["hi"]
+    headers = server.request_headers
+    assert headers.get("X-Token") == "s3cret" and headers.get("X-Trace") == "7"
+    assert headers.get("Origin") == "https://app.example"
+    assert server.subprotocol == "chat.v2"
+    assert b"\x1b" not in result.stdout  # not a terminal: plain lines, no cursor moves
+
+
+@pytest.mark.parametrize("option", [["--header", "no colon here"], ["--header", "bad name: x"],
+                                    ["--header", "X-Bad: line\x01break"]], ids=["no-colon", "space-in-name", "ctl"])
+def test_cli_connect_bad_header_option_fails_in_one_line(manager, option):
+    address = manager.listen(("127.0.0.1", 0), EchoServer)
+    _assert_fails_in_one_line(_cli("connect", ws_url(address), *option), "header")
+
+
+def test_cli_connect_wss_to_a_plain_port_fails_fast_with_a_hint(tmp_path):
+    # The chat server speaks plain HTTP: a TLS ClientHello gets its 400 at once, not at a timeout.
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        started = time.monotonic()
+        result = _cli("connect", f"wss://127.0.0.1:{port}/ws", "--timeout", "30")
+        elapsed = time.monotonic() - started
+        _assert_fails_in_one_line(result, "is the server speaking TLS?")
+        assert elapsed < 15, elapsed  # far from the 30 s handshake timeout it was given
+        wait_until(lambda: "TLS handshake on a plain connection" in read_log())
+
+
+def test_cli_connect_wss_to_a_silent_plain_server_times_out_with_the_hint():
+    # A plain server that waits for a request head (as most do) never answers a ClientHello.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        result = _cli("connect", f"wss://127.0.0.1:{silent.getsockname()[1]}/", "--timeout", "1")
+    _assert_fails_in_one_line(result, "is the server speaking TLS?")
+
+
+def _read_pty_until(master, output, token, timeout=10.0):
+    """Read the terminal's output into ``output`` (a bytearray) until ``token`` shows (bounded)."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while token not in output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{token!r} never showed: {bytes(output)!r}"
+            if selector.select(remaining):
+                try:
+                    output += os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+    assert token in output, bytes(output)
+
+
+def test_cli_connect_on_a_terminal_prints_above_the_line_being_typed(manager):
+    pty = pytest.importorskip("pty")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    master, slave = pty.openpty()
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+        output = bytearray()
+        _read_pty_until(master, output, b"> ")  # a prompt, as on any terminal client
+        os.write(master, b"hal")  # half a line typed ...
+        _read_pty_until(master, output, b"hal")
+        server = servers.wait_for("/")
+        server.send("incoming")  # ... when a message arrives
+        _read_pty_until(master, output, b"< incoming")
+        assert b"hal< incoming" not in output
+        # Printed on a line opened above the input line, then the cursor goes back to the typing.
+        assert re.search(rb"hal\x1b7\r?\n\x1b\[A\x1b\[L< incoming\r?\n\x1b8\x1b\[B", output), bytes(output)
+        os.write(master, b"f\r")  # the line is finished: it was never lost or split
+        wait_until(lambda: server.messages == ["half"])
+        os.write(master, b"\x04")  # Ctrl-D: a normal close
+        assert proc.wait(20) == 0
+        assert server.closed_event.wait(10) and server.close_code == CloseCode.NORMAL
+    finally:
+        if proc is not None:
+            _reap(proc)
+        os.close(slave)
+        os.close(master)
+
+
+def test_cli_connect_on_a_terminal_closed_by_the_server_mid_line_restores_the_terminal(manager):
+    pty = pytest.importorskip("pty")
+    termios = pytest.importorskip("termios")
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+        output = bytearray()
+        _read_pty_until(master, output, b"> ")
+        os.write(master, b"half a li")
+        _read_pty_until(master, output, b"half a li")
+        servers.wait_for("/").close(1000, "bye")  # while the user is typing: input() never returns
+        _read_pty_until(master, output, b"connection closed: 1000 bye")
+        assert proc.wait(20) == 0
+        # Line editing switched echo and line mode off; the shell gets its terminal back as it was.
+        after = termios.tcgetattr(slave)
+        assert after[3] & (termios.ECHO | termios.ICANON) == before[3] & (termios.ECHO | termios.ICANON)
+    finally:
+        if proc is not None:
+            _reap(proc)
+        os.close(slave)
+        os.close(master)
 
 
 ###############################################################################

@@ -44,7 +44,7 @@ __all__ = [
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES",
     # exceptions
-    "WebSocketError", "ProtocolError", "HandshakeError", "ConnectionClosed",
+    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed",
     # codec
     "Frame", "Close", "apply_mask", "encode_frame", "FrameParser", "MessageAssembler",
     "encode_close", "parse_close",
@@ -75,8 +75,8 @@ import threading
 import time
 import types
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
-from typing import TYPE_CHECKING, ClassVar
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, Iterable, Iterator, List, NamedTuple,
+                    NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 logger = logging.getLogger("wsmanager")
 
@@ -130,6 +130,9 @@ _CONNECTING, _OPEN, _CLOSING, _CLOSED = State
 _CONTINUATION, _TEXT, _BINARY = Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY
 _CLOSE, _PING, _PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 
+# What send() and the codec take as binary data (typing.Buffer is 3.12+).
+_BytesLike = Union[bytes, bytearray, memoryview]
+
 DEFAULT_MAX_FRAME_SIZE = 2 ** 20
 DEFAULT_MAX_MESSAGE_SIZE = 2 ** 20
 DEFAULT_MAX_BUFFERED = 4 * 2 ** 20
@@ -172,9 +175,10 @@ class HandshakeError(WebSocketError):
     """An opening handshake failed.
 
     On the server side ``status`` is the HTTP status to answer with and
-    ``headers`` the extra headers to send. On the client side ``status`` is
-    what the server answered (``None`` when its response was malformed) and
-    ``response`` the parsed :class:`Response`, if any.
+    ``headers`` the extra headers to send. On the client side ``status`` and
+    ``headers`` are what the server sent (``None`` and ``[]`` when its
+    response was malformed or missing), and ``response`` the parsed
+    :class:`Response` (its ``headers`` a case-insensitive :class:`Headers`).
     """
 
     def __init__(self, message: str, status: Optional[int] = 400,
@@ -185,8 +189,23 @@ class HandshakeError(WebSocketError):
         self.response = response
 
 
+class InvalidURL(WebSocketError, ValueError):
+    """:func:`connect` was given a URL it cannot use (not ``ws://`` or ``wss://``, no host, a bad port)."""
+
+
 class ConnectionClosed(WebSocketError):
-    """The connection is closing or closed: nothing more can be sent."""
+    """The connection is closing or closed: nothing more can be sent.
+
+    ``code`` and ``reason`` are what :meth:`WebSocket.closed` gets (or will
+    get) once they are known: the peer's close frame, the code the
+    connection was failed with, or 1006. Both are ``None`` while our close
+    frame waits for the peer's answer.
+    """
+
+    def __init__(self, message: str, code: Optional[int] = None, reason: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 ###############################################################################
@@ -216,7 +235,7 @@ _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
 
 
-def apply_mask(data: Union[bytes, bytearray, memoryview], key: bytes) -> bytes:
+def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike."""
     n = len(data)
     if n < _TRANSLATE_THRESHOLD:
@@ -269,7 +288,7 @@ def _byte_view(payload: Any) -> Union[bytes, memoryview]:
     return view
 
 
-def encode_frame(opcode: int, payload: Union[bytes, bytearray, memoryview, Any], *, fin: bool = True,
+def encode_frame(opcode: int, payload: _BytesLike, *, fin: bool = True,
                  mask: Union[bool, bytes] = False, rsv1: bool = False) -> bytes:
     """Serialize one frame.
 
@@ -346,7 +365,7 @@ class FrameParser:
         self._buffer = bytearray()  # the incomplete frame at the end of the input, if any
         self._peeked = 0  # payload bytes of that frame already handed out by read_partial()
 
-    def feed(self, data: bytes) -> List[Frame]:
+    def feed(self, data: Union[bytes, bytearray]) -> List[Frame]:
         """Parse ``data`` and return the frames it completes, in order."""
         if self.error is not None:
             raise self.error
@@ -431,7 +450,7 @@ class FrameParser:
             length = (buf[2] << 8) | buf[3]
         elif length == 127:
             length = int.from_bytes(buf[2:10], "big")
-        return _OPCODE_LIST[buf[0] & 0x0F], length
+        return _OPCODES_BY_VALUE[buf[0] & 0x0F], length
 
     def read_partial(self) -> bytes:
         """Unmasked payload bytes of the pending frame that arrived since the last call.
@@ -445,7 +464,7 @@ class FrameParser:
         if header is None:
             return b""
         start = header + self._peeked
-        chunk = buf[start:]
+        chunk: Union[bytes, bytearray] = buf[start:]
         self._peeked += len(chunk)
         if self.expect_masked and chunk:
             rotation = (start - header) & 3
@@ -453,7 +472,7 @@ class FrameParser:
             chunk = apply_mask(chunk, key[rotation:] + key[:rotation])
         return bytes(chunk)
 
-    def _header_length(self, buf: bytes) -> Optional[int]:
+    def _header_length(self, buf: bytearray) -> Optional[int]:
         if len(buf) < 2:
             return None
         length = buf[1] & 0x7F
@@ -699,7 +718,7 @@ def _token_list(value: Optional[str]) -> List[str]:
     return [token for token in (part.strip() for part in value.split(","))if token] if value else []
 
 
-def _tokens(value: Optional[str]) -> set:
+def _tokens(value: Optional[str]) -> Set[str]:
     return {token.lower() for token in _token_list(value)}
 
 
@@ -735,7 +754,9 @@ class HeadReader:
     has arrived, then ``(head, rest)``: ``rest`` is what followed the head in
     the same input (the first WebSocket bytes) and must not be lost. Raises
     :class:`HandshakeError` 431 past ``max_size`` bytes or ``max_lines``
-    header lines. Work is linear in the bytes fed.
+    header lines, and 400 at once for a TLS handshake record (a ``wss://``
+    client at a plain port) rather than waiting for a blank line that never
+    comes. Work is linear in the bytes fed.
     """
 
     __slots__ = ("max_size", "max_lines", "_buffer", "_scanned", "_lines")
@@ -749,6 +770,10 @@ class HeadReader:
 
     def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
         buf = self._buffer
+        if not buf and data[:1] == b"\x16":
+            # A TLS record (content type 22, handshake) can never start an HTTP head: fail now, so
+            # that the client learns at once (is the server speaking TLS?) and not at our timeout.
+            raise HandshakeError("TLS handshake on a plain connection", 400)
         buf += data
         start = max(0, self._scanned - 2)
         # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
@@ -854,7 +879,7 @@ def validate_request(request: Request) -> str:
         raise HandshakeError("unsupported Sec-WebSocket-Version", 426, upgrade_headers)
     if not headers.get("Host"):
         raise HandshakeError("missing Host header", 400)
-    key = headers.get("Sec-WebSocket-Key", "")
+    key = headers.get("Sec-WebSocket-Key") or ""
     try:
         valid_key = len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
     except ValueError:
@@ -931,18 +956,18 @@ def validate_response(response: Response, key: str,
                       subprotocols: Optional[Sequence[str]] = None) -> Optional[str]:
     """Check a server's answer to our handshake (RFC 6455 4.1); return the subprotocol it chose.
 
-    Raises :class:`HandshakeError` whose ``status`` is the server's.
+    Raises :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
     """
     status = response.status
     headers = response.headers
-    if status != 101:
-        raise HandshakeError(f"server answered {status} {response.reason}".rstrip(), status, response=response)
-
-    def fail(message: str) -> HandshakeError:
-        return HandshakeError(message, status, response=response)
-
     if not isinstance(headers, Headers):
         headers = Headers(headers)
+
+    def fail(message: str) -> HandshakeError:
+        return HandshakeError(message, status, list(headers), response=response)
+
+    if status != 101:
+        raise fail(f"server answered {status} {response.reason}".rstrip())
     if "websocket" not in _tokens(headers.get("Upgrade")) or "upgrade" not in _tokens(headers.get("Connection")):
         raise fail("response lacks Upgrade: websocket / Connection: upgrade")
     if headers.get("Sec-WebSocket-Accept") != accept_key(key):
@@ -972,7 +997,7 @@ _TRANSITIONS = {
 }
 
 
-def _data_frame(message: Any) -> Tuple[Opcode, Union[bytes, bytearray, memoryview]]:
+def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
     if isinstance(message, str):
         return _TEXT, message.encode()
     if isinstance(message, (bytes, bytearray)):
@@ -1106,7 +1131,7 @@ class WebSocket:
         self._parser: Any = None
         self._assembler: Any = None
         self._lock = threading.Lock()
-        self._out: List[bytes] = []  # encoded frames waiting for the socket, in send() order
+        self._out: List[_BytesLike] = []  # encoded frames waiting for the socket, in send() order
         self._buffered = 0
         self._scheduled = False  # a flush is due (queued to the manager, or waiting for EVENT_WRITE)
         self._writing = False  # registered for EVENT_WRITE
@@ -1168,25 +1193,22 @@ class WebSocket:
         past it (the peer leaves more than that unread) the connection is
         dropped as a slow consumer (``closed(1006, ...)``) and this raises.
         """
-        kind = type(message)
-        if kind is str:  # deliberate: exact-type fast paths for the common cases
+        if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
-        elif kind is bytes:
-            data = encode_frame(_BINARY, message, mask=self.client)
-        elif isinstance(message, (str, bytearray, memoryview)) or _is_bytes_like(message):
-            opcode, payload = _data_frame(message)
-            data = encode_frame(opcode, payload, mask=self.client)
+        elif isinstance(message, (bytes, bytearray, memoryview)) or _is_bytes_like(message):
+            # encode_frame() sends any bytes-like object as its bytes (nbytes, not its item count).
+            data = encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client)
         else:
             data = self._encode_fragments(message)
             if not data:
                 return
         if not self._queue(data):
-            raise ConnectionClosed(f"cannot send: connection is {self.state.name}")
+            raise self._closed_error("cannot send")
 
     def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
-        frames = []
+        frames: List[bytes] = []
         opcode: Optional[Opcode] = None
         previous: Any = None
         for chunk in chunks:
@@ -1204,10 +1226,10 @@ class WebSocket:
         frames.append(encode_frame(_CONTINUATION if frames else opcode, previous, mask=self.client))
         return b"".join(frames)
 
-    def ping(self, payload: Union[bytes, bytearray, memoryview] = b"") -> None:
+    def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
         if not self._queue(encode_frame(_PING, payload, mask=self.client)):
-            raise ConnectionClosed(f"cannot ping: connection is {self.state.name}")
+            raise self._closed_error("cannot ping")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
@@ -1228,13 +1250,26 @@ class WebSocket:
         """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
         self._call_in_loop(self._finalize, "terminated")
 
+    def _closed_error(self, action: str) -> ConnectionClosed:
+        # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
+        if self._finalized:
+            code, reason = self.close_code, self.close_reason
+        elif self._failure is not None:
+            code, reason = self._failure
+        elif self._received_close is not None:
+            code, reason = self._received_close
+        else:
+            code = reason = None
+        detail = f": {code} {reason}".rstrip() if code is not None else ""
+        return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
+
     # State -------------------------------------------------------------------
 
     @property
     def request_headers(self) -> Headers:
         """Headers of the opening request (for a client: the ones it sent)."""
         headers = self._request_headers
-        if type(headers) is bytes:
+        if isinstance(headers, bytes):
             headers = self._request_headers = _parse_head(headers)[1]
         return headers
 
@@ -1242,7 +1277,7 @@ class WebSocket:
     def response_headers(self) -> Optional[Headers]:
         """Headers of the server's 101 response (client side only, else ``None``)."""
         headers = self._response_headers
-        if type(headers) is bytes:
+        if isinstance(headers, bytes):
             headers = self._response_headers = _parse_head(headers)[1]
         return headers
 
@@ -1260,8 +1295,12 @@ class WebSocket:
         return self._fd
 
     def __repr__(self) -> str:
+        return f"<{self._describe()} {self.state.name}>"
+
+    def _describe(self) -> str:
+        # For the log: formatted now, not when a handler gets to it (the state would have moved on).
         role = "client" if self.client else "server"
-        return f"<{type(self).__name__} {role} {self.peer_address!r} {self.path!r} {self.state.name}>"
+        return f"{type(self).__name__} {role} {self.peer_address!r} {self.path!r}"
 
     # Internals: any thread -----------------------------------------------------
 
@@ -1286,10 +1325,9 @@ class WebSocket:
                     # Small frames share a buffer: thousands of tiny frames (a pong flood) would
                     # otherwise cost an object each, far more memory than max_buffered says.
                     last = out[-1]
-                    kind = type(last)
-                    if kind is bytearray and len(last) + len(data) <= COALESCE_SIZE:
+                    if type(last) is bytearray and len(last) + len(data) <= COALESCE_SIZE:
                         last += data
-                    elif kind is bytes and len(last) + len(data) <= COALESCE_SIZE:
+                    elif type(last) is bytes and len(last) + len(data) <= COALESCE_SIZE:
                         out[-1] = bytearray(last) + data
                     else:
                         out.append(data)
@@ -1388,7 +1426,7 @@ class WebSocket:
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
-        if self._tls and not self._finalized and self.sock.pending():
+        if self._tls and not self._finalized and cast(ssl.SSLSocket, self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._ready.append(self)
 
@@ -1572,15 +1610,23 @@ class WebSocket:
         except OSError:
             pass
         if was_opened:
+            # A close handshake that ran its course is routine; anything else is worth a line at INFO.
+            if self._failure is not None or code == CloseCode.ABNORMAL:
+                logger.info("%s failed: %d %r", self._describe(), code, reason)
+            elif logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s closed: %d %r", self._describe(), code, reason)
             try:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
 
 
-for _name in _CONNECTION_SETTINGS:
-    setattr(WebSocket, _name, _ConnectionSetting(_name))
-del _name
+def _install_connection_settings() -> None:
+    for name in _CONNECTION_SETTINGS:
+        setattr(WebSocket, name, _ConnectionSetting(name))
+
+
+_install_connection_settings()
 
 
 ###############################################################################
@@ -1613,16 +1659,19 @@ class _Listener:
         if self._finalized:
             return  # closed by a stop earlier in this turn
         manager = self.manager
+        listening = self.sock
+        if listening is None:
+            return  # the settings of accept(): never in the selector
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self.sock.accept()
+                sock, address = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: the backlog stays readable, so rest instead of spinning.
                     logger.warning("accept() failed (%s); pausing the listener for %.1f s", exc, ACCEPT_BACKOFF)
-                    manager._selector.unregister(self.sock)
+                    manager._selector.unregister(listening)
                     manager._call_later(ACCEPT_BACKOFF, self._resume)
                     return
                 logger.debug("accept() failed: %s", exc)
@@ -1633,7 +1682,7 @@ class _Listener:
         pass
 
     def _resume(self) -> None:
-        if not self._finalized:
+        if not self._finalized and self.sock is not None:
             self.manager._selector.register(self.sock, selectors.EVENT_READ, self)
 
     def _close(self) -> None:
@@ -1689,7 +1738,7 @@ class _ServerHandshake:
         try:
             result = self.reader.feed(data)
         except HandshakeError as exc:
-            self._reply_and_close(Response(exc.status or 400, exc.headers))
+            self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
         if result is not None:
             self.manager._complete_handshake(self, *result)
@@ -1707,7 +1756,7 @@ class _ServerHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            self.sock.do_handshake()
+            cast(ssl.SSLSocket, self.sock).do_handshake()
         except ssl.SSLWantReadError:
             self._set_events(selectors.EVENT_READ)
             return False
@@ -1725,10 +1774,20 @@ class _ServerHandshake:
     def _set_events(self, events: int) -> None:
         self.manager._selector.modify(self.sock, events, self)
 
-    def _reply_and_close(self, response: Response) -> None:
-        """Answer with plain HTTP, then close once it is written and the peer is done."""
+    def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
+        """Answer with plain HTTP, then close once it is written and the peer is done.
+
+        ``reason`` says why, for the log (the peer only sees the status);
+        ``upgrade=False`` for a plain HTTP request that a handshake hook answered.
+        """
         if self.reply is not None:
             return
+        status = response.status
+        if status >= 400 and upgrade:
+            logger.info("refused handshake from %s: %d %s", self.address, status,
+                        reason or response.reason or _REASON_PHRASES.get(status, ""))
+        else:
+            logger.debug("answered %s with HTTP %d", self.address, status)
         try:
             self.reply = memoryview(encode_response(response))
         except ValueError as exc:
@@ -1738,6 +1797,8 @@ class _ServerHandshake:
 
     def _write_reply(self) -> None:
         reply = self.reply
+        if reply is None:
+            return
         try:
             sent = self.sock.send(reply) if reply else 0
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -1768,6 +1829,9 @@ class _ServerHandshake:
             self._close()
         else:
             self._reply_and_close(Response(503))
+    def _time_out(self) -> None:
+        logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
+        self._close()
 
     def _detach(self) -> None:
         self._finalized = True
@@ -1820,6 +1884,10 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
     return None
 
 
+# listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
+_Address = TypeVar("_Address", Tuple[str, int], str)
+
+
 class WebSocketManager:
     """Runs many WebSocket connections, of either role, in one thread.
 
@@ -1859,12 +1927,13 @@ class WebSocketManager:
         self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
-        self._handshakes: set = set()
+        self._handshakes: Set[_ServerHandshake] = set()
         self._listeners: List[_Listener] = []
-        self._timers: List[list] = []  # heap of [when, sequence, function or None when cancelled, args]
+        self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
-        self._calls: collections.deque = collections.deque()  # (function, args) from other threads
-        self._dirty: collections.deque = collections.deque()  # connections with output to flush
+        # (function, args) from other threads
+        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._dirty: Deque[WebSocket] = collections.deque()  # connections with output to flush
         self._ready: List[Any] = []  # TLS connections holding decrypted input
         self._now = time.monotonic()
         self._running = False
@@ -1897,7 +1966,7 @@ class WebSocketManager:
         """
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
             if websocket._finalized:
-                raise ConnectionClosed("the connection is already closed")
+                raise websocket._closed_error("cannot add")
             manager = websocket._manager
             if manager is self:
                 return
@@ -1961,11 +2030,11 @@ class WebSocketManager:
 
     # Listening -----------------------------------------------------------------
 
-    def listen(self, address: Union[Tuple[str, int], str], factory: Callable[..., WebSocket] = WebSocket, *,
+    def listen(self, address: _Address, factory: Callable[..., WebSocket] = WebSocket, *,
                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                handshake: Optional[Callable[[Request], Any]] = None, backlog: int = 1024,
                max_connections: Optional[int] = None,
-               origins: Optional[Sequence[Optional[str]]] = None) -> Union[Tuple[str, int], str]:
+               origins: Optional[Sequence[Optional[str]]] = None) -> _Address:
         """Serve WebSocket connections on ``address``; return the bound address.
 
         ``address`` is ``(host, port)`` (port 0 picks a free one; IPv6 hosts
@@ -2000,7 +2069,8 @@ class WebSocketManager:
             self._check_running(release=listener._close, stopping=True)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
-        return unix_path if unix_path is not None else sock.getsockname()[:2]
+        bound: Any = unix_path if unix_path is not None else sock.getsockname()[:2]
+        return cast(_Address, bound)  # the same kind of address as was given
 
     def accept(self, sock: socket.socket, request_head: bytes, factory: Callable[..., WebSocket] = WebSocket, *,
                subprotocols: Optional[Sequence[str]] = None,
@@ -2158,7 +2228,7 @@ class WebSocketManager:
         else:
             self._call_soon(function, *args)
 
-    def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> list:
+    def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
         """Loop thread only. Returns a handle; set ``handle[2] = None`` to cancel."""
         self._timer_sequence += 1
         handle = [time.monotonic() + delay, self._timer_sequence, function, args]
@@ -2203,6 +2273,8 @@ class WebSocketManager:
                 if websocket.state is _CONNECTING:
                     websocket.state = _OPEN
                 closing = websocket.state is _CLOSING
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s opened", websocket._describe())
             if closing:  # close() before add(): its timer starts now
                 websocket._arm_close_timer()
             try:
@@ -2211,7 +2283,7 @@ class WebSocketManager:
                 websocket._callback_failed("opened", exc)
         elif websocket.state > _OPEN:
             # Moved while closing: the close deadline, dropped by _release(), starts again here.
-            websocket._timer = self._call_later(websocket._close_timeout, websocket._finalize, "close timeout")
+            websocket._arm_close_timer()
         with websocket._lock:
             pending_output = bool(websocket._out)
             websocket._scheduled = pending_output
@@ -2223,7 +2295,7 @@ class WebSocketManager:
         if extra and websocket.state < _CLOSED:
             websocket._extra = b""
             websocket._receive(extra)
-        if websocket._tls and not websocket._finalized and sock.pending():
+        if websocket._tls and not websocket._finalized and cast(ssl.SSLSocket, sock).pending():
             self._ready.append(websocket)
 
     def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
@@ -2252,26 +2324,29 @@ class WebSocketManager:
             websocket._listener = None
 
     def _heartbeat(self, websocket: WebSocket) -> None:
+        interval, timeout = self.heartbeat, self.heartbeat_timeout
         if websocket._finalized or websocket.state is not _OPEN or websocket._manager is not self:
             return
+        if not interval or timeout is None:
+            return  # heartbeat turned off since this call was scheduled
         now = self._now
         if websocket._ping_sent:
             if websocket._last_seen > websocket._ping_sent:
                 websocket._ping_sent = 0.0  # any input proves the peer alive
-            elif now - websocket._ping_sent >= self.heartbeat_timeout:
+            elif now - websocket._ping_sent >= timeout:
                 websocket._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
             else:
-                delay = websocket._ping_sent + self.heartbeat_timeout - now
-                websocket._heartbeat_timer = self._call_later(delay, self._heartbeat, websocket)
+                websocket._heartbeat_timer = self._call_later(websocket._ping_sent + timeout - now,
+                                                              self._heartbeat, websocket)
                 return
         idle = now - websocket._last_seen
-        if idle >= self.heartbeat:
+        if idle >= interval:
             websocket._ping_sent = now
             websocket._queue(encode_frame(_PING, b"", mask=websocket.client))
-            websocket._heartbeat_timer = self._call_later(self.heartbeat_timeout, self._heartbeat, websocket)
+            websocket._heartbeat_timer = self._call_later(timeout, self._heartbeat, websocket)
         else:
-            websocket._heartbeat_timer = self._call_later(self.heartbeat - idle, self._heartbeat, websocket)
+            websocket._heartbeat_timer = self._call_later(interval - idle, self._heartbeat, websocket)
 
     def _start_handshake(self, listener: _Listener, sock: socket.socket,
                          address: Any) -> Optional[_ServerHandshake]:
@@ -2288,7 +2363,7 @@ class WebSocketManager:
         handshake = _ServerHandshake(self, listener, sock, address)
         self._handshakes.add(handshake)
         self._selector.register(sock, selectors.EVENT_READ, handshake)
-        handshake.timer = self._call_later(self.handshake_timeout, handshake._close)
+        handshake.timer = self._call_later(self.handshake_timeout, handshake._time_out)
         if handshake.tls_pending:
             handshake._tls_handshake()
         return handshake
@@ -2324,7 +2399,7 @@ class WebSocketManager:
                     logger.error("handshake hook raised for %s", handshake.address, exc_info=exc)
                     raise HandshakeError("handshake hook failed", 500) from None
                 if isinstance(chosen, Response):
-                    handshake._reply_and_close(chosen)
+                    handshake._reply_and_close(chosen, upgrade=request.is_upgrade)
                     return
             key = validate_request(request)
             offered = request.subprotocols
@@ -2340,11 +2415,11 @@ class WebSocketManager:
                                          request_headers=head, subprotocol=subprotocol,
                                          peer_address=handshake.address, extra_data=rest)
         except HandshakeError as exc:
-            handshake._reply_and_close(Response(exc.status or 400, exc.headers))
+            handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
-            handshake._reply_and_close(Response(500))
+            handshake._reply_and_close(Response(500), "the connection factory raised")
             return
         handshake._detach()
         websocket._out.append(response)  # the 101 goes out first, through the connection's own buffer
@@ -2412,6 +2487,21 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
+_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)
+
+
+@overload
+def connect(url: str, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket: ...
+
+
+@overload
+def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> _WebSocketT: ...
+
+
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket:
@@ -2420,23 +2510,30 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
     are kept for the first read. Raises :class:`HandshakeError` (with the
-    server's HTTP ``status``), :class:`ValueError` for a bad URL, or
-    :class:`OSError` when the connection fails.
+    server's HTTP ``status`` and ``headers``) when the server refuses or
+    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
+    bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
+    included) when the network or TLS fails.
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
     if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
     secure = parts.scheme == "wss"
     try:
         port = parts.port or (443 if secure else 80)
     except ValueError:
-        raise ValueError(f"invalid port in {url!r}") from None
+        raise InvalidURL(f"invalid port in {url!r}") from None
     host = parts.hostname
     if not host:
-        raise ValueError(f"no host in {url!r}")
+        raise InvalidURL(f"no host in {url!r}")
     bracketed = f"[{host}]" if ":" in host else host
     host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout)
     try:
@@ -2459,8 +2556,8 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
                 raise HandshakeError("connection closed during the handshake", None)
             try:
                 result = reader.feed(data)
-            except HandshakeError:
-                raise HandshakeError("response head too large", None) from None
+            except HandshakeError as exc:
+                raise HandshakeError(f"malformed response: {exc}", None) from None
         head, rest = result
         response = parse_response(head)
         subprotocol = validate_response(response, key, subprotocols)
@@ -2572,7 +2669,7 @@ def _serve(args: Any) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
     manager.start()
-    while not stop_requests and manager._thread.is_alive():
+    while not stop_requests and manager._thread is not None and manager._thread.is_alive():
         time.sleep(0.2)
     logger.info("closing %d connection(s) with 1001", len(manager))
     manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
@@ -2581,10 +2678,24 @@ def _serve(args: Any) -> int:
     return 0
 
 
+def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
+    """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
+    if above_input:
+        # Save the cursor, open a line above the input line (scrolling if at the bottom), write
+        # there, then put the cursor back where the user was typing: the same VT100 moves as
+        # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
+        line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
+    else:
+        line += "\n"
+    stream.write(line)
+    stream.flush()
+
+
 class _ConsolePeer(WebSocket):
     """The interactive client: prints what arrives, while the user types."""
 
     show_binary_as_hex = False
+    interactive = False  # stdin and stdout are a terminal: print above the line being typed
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -2597,11 +2708,21 @@ class _ConsolePeer(WebSocket):
             line = message.hex()
         else:
             line = f"<binary message, {len(message)} bytes>"
-        print(f"< {line}", flush=True)
+        _print_line(f"< {line}", sys.stdout, above_input=self.interactive)
 
     def closed(self, code: int, reason: str) -> None:
-        print(f"connection closed: {code} {reason}".rstrip(), file=sys.stderr, flush=True)
+        _print_line(f"connection closed: {code} {reason}".rstrip(), sys.stderr, above_input=self.interactive)
         self.done.set()
+
+
+def _tls_hint(exc: BaseException) -> str:
+    # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
+    # cannot parse, an EOF or a reset, never what the user did wrong.
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ""
+    if isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout)):
+        return " (is the server speaking TLS?)"
+    return ""
 
 
 def _connect(args: Any) -> int:
@@ -2613,17 +2734,19 @@ def _connect(args: Any) -> int:
             context.verify_mode = ssl.CERT_NONE
     try:
         peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
-                       subprotocols=args.subprotocol or None)
-    except ValueError as exc:
+                       subprotocols=args.subprotocol or None, headers=args.header, origin=args.origin)
+    except ValueError as exc:  # InvalidURL, or a header value that cannot be sent
         print(f"wsmanager: {exc}", file=sys.stderr)
         return 2
     except HandshakeError as exc:
         print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ssl.SSLError) as exc:
-        print(f"wsmanager: cannot connect to {args.url}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        hint = _tls_hint(exc) if context is not None else ""
+        print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     peer.show_binary_as_hex = args.binary
+    peer.interactive = sys.stdin.isatty() and sys.stdout.isatty()
     print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
     manager = WebSocketManager()
     manager.start()
@@ -2631,12 +2754,23 @@ def _connect(args: Any) -> int:
 
     def type_lines() -> None:
         try:
-            for line in sys.stdin:
-                peer.send(line.rstrip("\r\n"))
-        except (ConnectionClosed, ValueError, OSError):
+            if peer.interactive:
+                try:
+                    import readline  # noqa: F401  (line editing and history for input())
+                except ImportError:
+                    pass
+                while True:
+                    peer.send(input("> "))
+            else:
+                for line in sys.stdin:
+                    peer.send(line.rstrip("\r\n"))
+        except (ConnectionClosed, ValueError, OSError, EOFError):
             pass
         peer.done.set()
 
+    # readline puts the terminal in raw mode while it reads; when the peer ends the session in
+    # the middle of a line, input() never returns to undo that: the mode is restored here.
+    terminal_mode = _terminal_mode() if peer.interactive else None
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     try:
         peer.done.wait()
@@ -2649,7 +2783,27 @@ def _connect(args: Any) -> int:
             time.sleep(0.01)
     manager.stop()
     manager.join()
+    if terminal_mode is not None:
+        terminal_mode()
+        print(file=sys.stderr)  # the shell's prompt goes on a line of its own, not after "> "
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
+
+
+def _terminal_mode() -> Optional[Callable[[], None]]:
+    """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
+    try:
+        import termios
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):
+        return None
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except OSError:
+            pass
+    return restore
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -2657,8 +2811,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, not a usage dump
+        def error(self, message: str) -> NoReturn:  # one line, not a usage dump
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def header(text: str) -> Tuple[str, str]:  # "invalid header value: 'X-Token'"
+        name, colon, value = text.partition(":")
+        if not colon or not _TOKEN.match(name.strip()):
+            raise ValueError(f"not NAME:VALUE: {text!r}")
+        return name.strip(), value.strip()
 
     def port(text: str) -> int:  # named for argparse's message: "invalid port value: '70000'"
         number = int(text)
@@ -2682,6 +2842,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     client.add_argument("--binary", action="store_true", help="print binary messages as hex")
     client.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     client.add_argument("--subprotocol", action="append", metavar="NAME", help="offer a subprotocol (repeatable)")
+    client.add_argument("--header", action="append", type=header, metavar="NAME:VALUE",
+                        help="send this header with the handshake (repeatable)")
+    client.add_argument("--origin", help="send this Origin header")
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
