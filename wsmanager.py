@@ -829,6 +829,10 @@ def build_response(key: str, subprotocol: Optional[str] = None,
     if subprotocol:
         fields.append(("Sec-WebSocket-Protocol", subprotocol))
     fields.extend(headers)
+    return _encode_switch(fields)
+
+
+def _encode_switch(fields: Iterable[Tuple[str, str]]) -> bytes:
     return f"HTTP/1.1 101 Switching Protocols\r\n{_header_lines(fields)}\r\n".encode("latin-1")
 
 
@@ -1411,7 +1415,7 @@ class _Listener:
     """A listening socket (or, for accept(), just the settings) of a manager."""
 
     __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
-                 "origins", "unix_path", "connections", "_finalized")
+                 "origins", "unix_path", "connections", "_count_lock", "_finalized")
 
     def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
                  ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
@@ -1427,7 +1431,70 @@ class _Listener:
         self.origins = None if origins is None else frozenset(origins)
         self.unix_path = unix_path
         self.connections = 0
+        # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
+        self._count_lock = threading.Lock()
         self._finalized = False
+
+    def accept(self, request: Request, peer: Any = None) -> Response:
+        """The answer to an opening request, with no I/O: a 101, or the refusal to send.
+
+        The one place for the server's rules, shared by :meth:`WebSocketManager.listen`,
+        :meth:`~WebSocketManager.accept` and :meth:`~WebSocketManager.wsgi_app`: Origin
+        (403), max_connections (503), the handshake hook, RFC 6455 validation and the
+        subprotocol choice. A 101's headers are built here and nowhere else; the
+        subprotocol is its ``Sec-WebSocket-Protocol`` header. ``peer`` is for the log.
+        """
+        try:
+            if self.origins is not None and request.origin not in self.origins:
+                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
+            if self.full():
+                raise HandshakeError("too many connections", 503)
+            chosen = None
+            if self.handshake is not None:
+                try:
+                    chosen = self.handshake(request)
+                except HandshakeError:
+                    raise
+                except Exception as exc:
+                    logger.error("handshake hook raised for %s", peer, exc_info=exc)
+                    raise HandshakeError("handshake hook failed", 500) from None
+                if isinstance(chosen, Response):
+                    if chosen.status == 101:  # a 101 without the accept key would be a lie
+                        logger.error("handshake hook answered 101 itself; return None or a subprotocol")
+                        raise HandshakeError("bad handshake hook answer", 500)
+                    return chosen
+            key = validate_request(request)
+            offered = request.subprotocols
+            if chosen is None:
+                subprotocol = _select_subprotocol(offered, self.subprotocols)
+            elif chosen in offered:
+                subprotocol = chosen
+            else:
+                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
+                raise HandshakeError("bad subprotocol", 500)
+        except HandshakeError as exc:
+            return Response(exc.status or 400, exc.headers)
+        fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))]
+        if subprotocol:
+            fields.append(("Sec-WebSocket-Protocol", subprotocol))
+        # Further response headers of the 101 (extensions) are added here.
+        return Response(101, fields)
+
+    def full(self) -> bool:
+        """Whether max_connections connections are open."""
+        return self.max_connections is not None and self.connections >= self.max_connections
+
+    def _claim(self) -> bool:
+        """Count one more connection, unless full; any thread."""
+        with self._count_lock:
+            if self.full():
+                return False
+            self.connections += 1
+            return True
+
+    def _unclaim(self) -> None:
+        with self._count_lock:
+            self.connections -= 1
 
     def _on_read(self) -> None:
         manager = self.manager
@@ -1626,6 +1693,13 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
     for subprotocol in supported:
         if subprotocol in offered:
             return subprotocol
+    return None
+
+
+def _chosen_subprotocol(response: Response) -> Optional[str]:
+    for name, value in response.headers:
+        if name.lower() == "sec-websocket-protocol":
+            return value
     return None
 
 
@@ -1992,7 +2066,7 @@ class WebSocketManager:
             pass
         listener = websocket._listener
         if listener is not None:
-            listener.connections -= 1
+            listener._unclaim()
             websocket._listener = None
 
     def _heartbeat(self, websocket: WebSocket) -> None:
@@ -2049,47 +2123,27 @@ class WebSocketManager:
         listener = handshake.listener
         try:
             request = parse_request(head)
-            if listener.origins is not None and request.origin not in listener.origins:
-                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
-            if listener.max_connections is not None and listener.connections >= listener.max_connections:
-                raise HandshakeError("too many connections", 503)
-            chosen = None
-            if listener.handshake is not None:
-                try:
-                    chosen = listener.handshake(request)
-                except HandshakeError:
-                    raise
-                except Exception as exc:
-                    logger.error("handshake hook raised for %s", handshake.address, exc_info=exc)
-                    raise HandshakeError("handshake hook failed", 500) from None
-                if isinstance(chosen, Response):
-                    handshake._reply_and_close(chosen)
-                    return
-            key = validate_request(request)
-            offered = request.subprotocols
-            if chosen is None:
-                subprotocol = _select_subprotocol(offered, listener.subprotocols)
-            elif chosen in offered:
-                subprotocol = chosen
-            else:
-                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
-                raise HandshakeError("bad subprotocol", 500)
-            response = build_response(key, subprotocol)
-            websocket = listener.factory(handshake.sock, client=False, path=request.path,
-                                         request_headers=head, subprotocol=subprotocol,
-                                         peer_address=handshake.address, extra_data=rest)
         except HandshakeError as exc:
             handshake._reply_and_close(Response(exc.status or 400, exc.headers))
             return
+        response = listener.accept(request, handshake.address)
+        if response.status != 101:
+            handshake._reply_and_close(response)
+            return
+        try:
+            reply = _encode_switch(response.headers)
+            websocket = listener.factory(handshake.sock, client=False, path=request.path,
+                                         request_headers=head, subprotocol=_chosen_subprotocol(response),
+                                         peer_address=handshake.address, extra_data=rest)
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
             handshake._reply_and_close(Response(500))
             return
         handshake._detach()
-        websocket._out.append(response)  # the 101 goes out first, through the connection's own buffer
-        websocket._buffered = len(response)
+        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
+        websocket._buffered = len(reply)
+        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
         websocket._listener = listener
-        listener.connections += 1
         self._websockets[websocket._fd] = websocket
         websocket._manager = self
         self._open(websocket)
