@@ -54,6 +54,8 @@ __all__ = [
     "parse_response", "validate_response",
     # connection and manager
     "WebSocket", "WebSocketManager", "connect",
+    # integrations
+    "WSGIRequestHandler",
 ]
 
 import base64
@@ -1864,6 +1866,42 @@ class WebSocketManager:
             self._check_running(release=sock.close)
         self._call_threadsafe(self._adopt, listener, sock, request_head)
 
+    def wsgi_app(self, factory: Callable[..., WebSocket], app: Optional["WSGIApplication"] = None, *,
+                 subprotocols: Optional[Sequence[str]] = None,
+                 handshake: Optional[Callable[[Request], Any]] = None,
+                 origins: Optional[Sequence[Optional[str]]] = None,
+                 max_connections: Optional[int] = None) -> "WSGIApplication":
+        """A WSGI application that hands WebSocket upgrade requests to this manager.
+
+        An upgrade request gets the rules of :meth:`listen` (``subprotocols``,
+        ``handshake``, ``origins``, ``max_connections``); when accepted, its
+        socket is taken from the host server, the 101 is written by the
+        manager's loop and ``factory`` makes the connection. Any other request
+        goes to ``app`` (a Flask, Bottle or Django application), or gets
+        ``426 Upgrade Required`` when ``app`` is None. Refusals are ordinary
+        WSGI responses. Mount it at a path with the host's routing.
+
+        The socket is found through what the server offers: wsgiref with
+        :class:`WSGIRequestHandler`, gunicorn's sync and gthread workers,
+        werkzeug's development server (``flask run``) and CherryPy's cheroot;
+        any other server gets 501 and a warning in the log. The application
+        may be called from any number of the server's threads. The manager's
+        loop is started (:meth:`start`) at the first WebSocket request when
+        neither ``start()`` nor ``run()`` was called, so a forking server
+        (gunicorn ``--workers N``) gets one loop per worker process.
+        """
+        listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins)
+        return _WSGIHandOff(self, listener, app)
+
+    def _ensure_running(self) -> bool:
+        """Start the loop unless started or run already; False once it has stopped (any thread)."""
+        with self._lock:
+            if self._finished or self._stopped:
+                return False
+            if self._thread is None and self._thread_id is None:
+                self.start()
+            return True
+
     # Running -------------------------------------------------------------------
 
     def start(self) -> None:
@@ -2253,6 +2291,255 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         sock.close()
         raise
     return websocket
+
+
+###############################################################################
+# Integrations: WSGI servers ##################################################
+###############################################################################
+
+StartResponse = Callable[..., Callable[[bytes], Any]]
+WSGIApplication = Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
+
+# Where servers put the connection's socket in environ (wsmanager.socket: WSGIRequestHandler below).
+_WSGI_SOCKET_KEYS = ("wsmanager.socket", "gunicorn.socket", "werkzeug.socket")
+# RFC 7230 6.1; PEP 3333 forbids them in start_response (and wsgiref asserts).
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                         "trailers", "transfer-encoding", "upgrade"})
+
+
+class _WSGIHandOff:
+    """The application :meth:`WebSocketManager.wsgi_app` returns.
+
+    A hand-off in four steps, all in the server's worker thread: decide with
+    ``_Listener.accept`` (refusals are plain WSGI responses); duplicate the
+    connection's descriptor, so the manager owns a socket of its own; put a
+    dead placeholder (a socketpair end) on the server's descriptor number with
+    ``dup2``, so that whatever the server does next (write its idea of a 101,
+    drain, keep-alive, shutdown, close) lands there and never on the
+    connection; answer ``101`` to the server through ``start_response``, which
+    keeps its access log right. The real 101 is the first thing the manager's
+    loop writes on the connection.
+    """
+
+    def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
+        self.manager = manager
+        self.listener = listener
+        self.app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if "websocket" not in _tokens(environ.get("HTTP_UPGRADE")):
+            if self.app is not None:
+                return self.app(environ, start_response)
+            # RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
+            refusal = Response(426, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                     ("Sec-WebSocket-Version", "13")])
+            return self._refuse(environ, start_response, refusal)
+        try:
+            head = _environ_head(environ)
+            request = parse_request(head)
+        except HandshakeError as exc:
+            return self._refuse(environ, start_response, Response(exc.status or 400, exc.headers))
+        peer = _environ_peer(environ)
+        response = self.listener.accept(request, peer)
+        if response.status != 101:
+            return self._refuse(environ, start_response, response)
+        try:
+            fd = _host_fd(environ)
+        except HandshakeError as exc:
+            logger.warning("wsgi_app cannot take the socket of %s: %s",
+                           environ.get("SERVER_SOFTWARE", "this server"), exc)
+            return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
+        manager = self.manager
+        if not manager._ensure_running():
+            return _wsgi_reply(start_response, Response(503, body=b"the WebSocket manager has stopped\n"))
+        if not self.listener._claim():
+            return _wsgi_reply(start_response, Response(503))
+        sock = None
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+            websocket = self.listener.factory(sock, client=False, path=request.path, request_headers=head,
+                                              subprotocol=_chosen_subprotocol(response), peer_address=peer)
+            reply = _encode_switch(response.headers)
+        except Exception as exc:
+            self.listener._unclaim()
+            if sock is not None:
+                sock.close()
+            logger.error("could not create the connection for %s", peer, exc_info=exc)
+            return _wsgi_reply(start_response, Response(500))
+        try:
+            # Only stored (PEP 3333): what the server then writes goes to the placeholder.
+            start_response("101 Switching Protocols", [])
+        except Exception as exc:  # answered already, by a middleware around us
+            self.listener._unclaim()
+            sock.close()
+            logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
+            return []
+        placeholder = _neutralize(fd)
+        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
+        websocket._buffered = len(reply)
+        websocket._listener = self.listener
+        try:
+            manager.add(websocket)
+        except (RuntimeError, WebSocketError):  # the manager stopped meanwhile
+            websocket._listener = None
+            self.listener._unclaim()
+            sock.close()
+        return _Placeholder(placeholder)
+
+    def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
+                response: Response) -> Iterable[bytes]:
+        """Refuse through WSGI; a refusal with hop-by-hop headers (426 names Upgrade) that the
+        server will not pass is written on the socket itself, when it can be taken."""
+        try:
+            return _wsgi_reply(start_response, response, strict=True)
+        except AssertionError:
+            refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
+        try:
+            fd = _host_fd(environ)
+        except HandshakeError:
+            return _wsgi_reply(start_response, response, exc_info=refused)
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            start_response(_wsgi_status(response.status, response.reason), [], refused)
+            placeholder = _neutralize(fd)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            sock.settimeout(self.manager.close_timeout)
+            sock.sendall(encode_response(response))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client left: nothing to tell it
+        finally:
+            sock.close()
+        return _Placeholder(placeholder)
+
+
+class _Placeholder:
+    """The empty body of a handed-off request; closing it ends the placeholder's other end,
+    so the server's next read on its descriptor sees EOF and it closes that."""
+
+    def __init__(self, peer: socket.socket):
+        self.peer = peer
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    def close(self) -> None:
+        self.peer.close()
+
+
+def _neutralize(fd: int) -> socket.socket:
+    """Put a socketpair end on descriptor number ``fd`` (atomically: dup2); return the other end."""
+    placeholder, peer = socket.socketpair()
+    try:
+        os.dup2(placeholder.fileno(), fd, inheritable=False)
+    finally:
+        placeholder.close()
+    return peer
+
+
+def _host_fd(environ: Dict[str, Any]) -> int:
+    """The descriptor of the request's connection, from what the server put in environ."""
+    for key in _WSGI_SOCKET_KEYS:
+        sock = environ.get(key)
+        if sock is not None:
+            if isinstance(sock, ssl.SSLSocket):
+                raise HandshakeError(f"{key} is a TLS socket: its TLS session cannot be taken over", 501)
+            fd = sock.fileno()
+            break
+    else:
+        # cheroot (CherryPy) names no socket, but wsgi.input wraps the connection's reader.
+        stream = environ.get("wsgi.input")
+        reader = getattr(stream, "rfile", None)
+        if not type(stream).__module__.startswith("cheroot.") or reader is None or not hasattr(reader, "fileno"):
+            raise HandshakeError("no socket in environ (wsgiref needs handler_class="
+                                 "wsmanager.WSGIRequestHandler)", 501)
+        if environ.get("HTTPS") == "on":
+            raise HandshakeError("cheroot's TLS session cannot be taken over", 501)
+        fd = reader.fileno()
+    if fd < 0:
+        raise HandshakeError("the connection's socket is already closed or taken", 500)
+    return int(fd)
+
+
+def _environ_head(environ: Dict[str, Any]) -> bytes:
+    """The request head, rebuilt from a WSGI environ (PEP 3333), for parse_request()."""
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not target:
+        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+        query = environ.get("QUERY_STRING")
+        target = urllib.parse.quote(path or b"/", safe="/:@!$&'()*+,;=~") + (f"?{query}" if query else "")
+    fields = [(key[5:].replace("_", "-").title(), value) for key, value in environ.items()
+              if key.startswith("HTTP_") and isinstance(value, str)]
+    start = f"{environ.get('REQUEST_METHOD', 'GET')} {target} {environ.get('SERVER_PROTOCOL', 'HTTP/1.0')}"
+    try:
+        return f"{start}\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+    except ValueError as exc:  # includes UnicodeEncodeError
+        raise HandshakeError(f"malformed request: {exc}", 400) from None
+
+
+def _environ_peer(environ: Dict[str, Any]) -> Any:
+    try:
+        return environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])
+    except (KeyError, ValueError):
+        return environ.get("REMOTE_ADDR")
+
+
+def _wsgi_status(status: int, reason: str = "") -> str:
+    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
+
+
+def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
+                exc_info: Any = None) -> List[bytes]:
+    """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
+    then they are passed, and a server that refuses them raises AssertionError."""
+    body = response.body
+    status = _wsgi_status(response.status, response.reason)
+    if not body and response.status >= 400:
+        body = f"{status}\n".encode()
+    fields = [(name, value) for name, value in response.headers
+              if strict or name.lower() not in _HOP_BY_HOP]
+    names = {name.lower() for name, _ in fields}
+    if "content-type" not in names:
+        fields.append(("Content-Type", "text/plain; charset=utf-8"))
+    if "content-length" not in names:
+        fields.append(("Content-Length", str(len(body))))
+    start_response(status, fields, exc_info)
+    return [body]
+
+
+def _wsgi_request_handler() -> type:
+    from wsgiref import simple_server
+
+    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
+        """wsgiref's request handler, with the connection's socket in ``environ["wsmanager.socket"]``
+        for :meth:`WebSocketManager.wsgi_app` (as ws4py's ``ws4py.socket``)::
+
+            server = wsgiref.simple_server.make_server(
+                "127.0.0.1", 8000, manager.wsgi_app(Echo, app), handler_class=wsmanager.WSGIRequestHandler)
+
+        With a ``socketserver.ThreadingMixIn`` server class each request runs in a thread of its own.
+        """
+
+        def get_environ(self) -> Dict[str, Any]:
+            environ = super().get_environ()
+            environ["wsmanager.socket"] = self.connection
+            return environ
+
+    WSGIRequestHandler.__module__ = __name__
+    WSGIRequestHandler.__qualname__ = "WSGIRequestHandler"
+    return WSGIRequestHandler
+
+
+def __getattr__(name: str) -> Any:
+    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
+    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
+    if name == "WSGIRequestHandler":
+        handler = globals()[name] = _wsgi_request_handler()
+        return handler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ###############################################################################
