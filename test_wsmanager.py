@@ -5008,7 +5008,7 @@ def test_readme_wsgiref_snippet_shares_its_port_and_leaves_nothing_behind(capsys
     threads_before = set(threading.enumerate())
     fds_before = open_fds()
     with caplog.at_level(logging.WARNING, logger="wsmanager"):
-        with _wsgiref_snippet() as (server, manager, port):
+        with _wsgiref_snippet() as (_, manager, port):
             page = b"Hello from WSGI\n"
             assert _http(port)[:3:2] == (200, page)
             _ws_echoes(port)
@@ -5179,7 +5179,7 @@ def wsgi_host(request, tmp_path_factory):
 
 
 def test_wsgi_host_serves_its_page_and_websockets_on_one_port(wsgi_host):
-    kind, port, page, read_log = wsgi_host
+    _, port, page, _ = wsgi_host
     assert _http(port)[:3:2] == (200, page)
     _ws_echoes(port)
     assert _http(port)[:3:2] == (200, page)
@@ -5197,7 +5197,7 @@ def test_wsgi_host_takes_50_websockets_between_ordinary_requests(wsgi_host):
 
 
 def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(wsgi_host):
-    kind, port, page, read_log = wsgi_host
+    _, port, page, read_log = wsgi_host
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": SAMPLE_KEY,
                "Sec-WebSocket-Version": "13"}
     assert _http(port, "POST", "/ws", upgrade)[0] == 405
