@@ -5123,6 +5123,9 @@ _WSGI_HOSTS = {
                       ["-m", "gunicorn", "--worker-class", "sync", "--workers", "1", "app:application"]),
     "gunicorn-gthread": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
                          ["-m", "gunicorn", "--worker-class", "gthread", "--threads", "8", "app:application"]),
+    # The manager is made in the master, before the fork: each worker renews it and runs its own loop.
+    "gunicorn-preload": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                         ["-m", "gunicorn", "--preload", "--workers", "2", "app:application"]),
     "flask": ("wsgi-flask", None, b"Hello from Flask\n", ["-m", "flask", "--app", "app", "run", "--port", "{port}"]),
     "cherrypy": ("wsgi-cherrypy", "8080", b"Hello from CherryPy\n", ["app.py"]),
 }
@@ -5141,8 +5144,7 @@ def wsgi_host(request, tmp_path_factory):
     """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
     kind = request.param
     snippet, port_text, page, _ = _WSGI_HOSTS[kind]
-    pytest.importorskip({"gunicorn-sync": "gunicorn", "gunicorn-gthread": "gunicorn", "flask": "flask",
-                         "cherrypy": "cherrypy"}[kind])
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
     folder = tmp_path_factory.mktemp(kind)
     log_path = folder / "host.log"
     for attempt in range(3):

@@ -1755,11 +1755,8 @@ class WebSocketManager:
         self._lock = threading.Lock()
         self._finished = False  # set by _shutdown(): nothing may be added from then on
         self._wake_pending = False
-        waker_read, self._waker = socket.socketpair()
-        waker_read.setblocking(False)
-        self._waker.setblocking(False)
-        self._selector.register(waker_read, selectors.EVENT_READ, _Waker(self, waker_read))
-        self._waker_read = waker_read
+        self._install_waker()
+        self._pid = os.getpid()  # a manager made before a fork (gunicorn --preload) is renewed: _ensure_running
 
     # Connections ---------------------------------------------------------------
 
@@ -1894,14 +1891,39 @@ class WebSocketManager:
         listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins)
         return _WSGIHandOff(self, listener, app)
 
-    def _ensure_running(self) -> bool:
-        """Start the loop unless started or run already; False once it has stopped (any thread)."""
+    def _ensure_running(self) -> None:
+        """Start the loop unless started or run already (any thread); HandshakeError when it cannot run."""
         with self._lock:
             if self._finished or self._stopped:
-                return False
+                raise HandshakeError("the WebSocket manager has stopped", 503)
+            forked = self._pid != os.getpid()
             if self._thread is None and self._thread_id is None:
+                if forked:
+                    self._renew_after_fork()
                 self.start()
-            return True
+            elif forked:
+                raise HandshakeError("the WebSocket manager was started before this process forked: "
+                                     "start it in the worker, or let wsgi_app start it", 500)
+
+    def _renew_after_fork(self) -> None:
+        # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
+        # objects shared with the parent and every sibling worker; this process needs its own.
+        if self._listeners or self._websockets or self._handshakes or not self._owns_selector:
+            raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
+                                 "this process forked: create it in the worker", 500)
+        self._selector.close()  # this process's copies only: the parent's stay open
+        self._waker_read.close()
+        self._waker.close()
+        self._selector = selectors.DefaultSelector()
+        self._install_waker()
+        self._pid = os.getpid()
+
+    def _install_waker(self) -> None:
+        waker_read, self._waker = socket.socketpair()
+        waker_read.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(waker_read, selectors.EVENT_READ, _Waker(self, waker_read))
+        self._waker_read = waker_read
 
     # Running -------------------------------------------------------------------
 
@@ -2351,8 +2373,11 @@ class _WSGIHandOff:
                            environ.get("SERVER_SOFTWARE", "this server"), exc)
             return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
         manager = self.manager
-        if not manager._ensure_running():
-            return _wsgi_reply(start_response, Response(503, body=b"the WebSocket manager has stopped\n"))
+        try:
+            manager._ensure_running()
+        except HandshakeError as exc:
+            logger.error("wsgi_app cannot hand off: %s", exc)
+            return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
         if not self.listener._claim():
             return _wsgi_reply(start_response, Response(503))
         sock = None
