@@ -4883,6 +4883,66 @@ def test_wsgi_app_on_a_stopped_manager_is_503():
     assert status == "503 Service Unavailable"
 
 
+def test_wsgi_app_leaves_a_request_answered_before_it_alone(caplog):
+    # A middleware around wsgi_app already started a response: the socket stays the server's.
+    manager = WebSocketManager()
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        answered = []
+
+        def start_response(status, headers, exc_info=None):
+            if answered:
+                raise AssertionError("Headers already set!")
+            answered.append(status)
+
+        start_response("200 OK", [])
+        with caplog.at_level(logging.WARNING, logger="wsmanager"):
+            body = manager.wsgi_app(EchoServer)(_environ(**{"wsmanager.socket": server_side}), start_response)
+        assert list(body) == [] and answered == ["200 OK"]
+        assert any("answered before wsgi_app" in record.getMessage() for record in caplog.records)
+        assert len(manager) == 0 and manager.wsgi_app(EchoServer).listener.connections == 0
+        server_side.sendall(b"still the server's")  # not replaced by a placeholder
+        assert client.recv(100) == b"still the server's"
+    manager.stop()
+    manager.join(10)
+
+
+def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran():
+    manager = WebSocketManager()
+    manager._pid = -1  # as if made in gunicorn's master before --preload forked this worker
+    old_selector = manager._selector
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": server_side}))
+        assert status == "101 Switching Protocols"
+        assert manager._selector is not old_selector and manager._pid == os.getpid()
+        wait_until(lambda: b"101 Switching Protocols" in client.recv(4096, socket.MSG_PEEK))
+    manager.stop()
+    manager.join(10)
+
+
+@pytest.mark.parametrize("set_up", ["started", "listening"])
+def test_wsgi_app_in_a_forked_worker_refuses_a_manager_set_up_before_the_fork(set_up, caplog):
+    manager = WebSocketManager()
+    if set_up == "started":
+        manager.start()
+    else:
+        manager.listen(("127.0.0.1", 0), EchoServer)
+    manager._pid = -1
+    try:
+        with socket.socket() as sock, caplog.at_level(logging.ERROR, logger="wsmanager"):
+            status, _, body = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": sock}))
+            assert sock.fileno() >= 0  # not taken
+        assert status == "500 Internal Server Error" and b"before this process forked" in body
+        assert any("before this process forked" in record.getMessage() for record in caplog.records)
+    finally:
+        manager._pid = os.getpid()
+        manager.stop()
+        manager.join(10)
+        if set_up == "listening":
+            manager.run()  # never started: run() does the clean-up
+
+
 def test_environ_head_rebuilds_the_request():
     environ = _environ({"Sec-WebSocket-Protocol": "chat"}, path="/caf\xc3\xa9 x", query="a=1&b=2",
                        SCRIPT_NAME="/app")

@@ -32,7 +32,9 @@ An echo server and a client, in one manager::
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
 :func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
-and the manager (:class:`WebSocketManager`, :func:`connect`).
+and the manager (:class:`WebSocketManager`, :func:`connect`). On top, the
+integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
+application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy).
 Run ``python -m wsmanager --help`` for the demo chat server and client.
 """
 
