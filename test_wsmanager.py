@@ -5259,7 +5259,13 @@ def test_wsgi_host_takes_50_websockets_between_ordinary_requests(wsgi_host):
 
 
 def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(wsgi_host):
-    _, port, page, read_log = wsgi_host
+    kind, port, page, read_log = wsgi_host
+    status, headers, body = _http(port, path="/ws")  # not an upgrade
+    if kind.startswith("gunicorn"):
+        assert (status, body) == (200, page)  # wsgi_app(Echo, site): the site answers
+    else:
+        # Mounted with app=None: 426, naming the protocol (these servers pass hop-by-hop headers).
+        assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": SAMPLE_KEY,
                "Sec-WebSocket-Version": "13"}
     assert _http(port, "POST", "/ws", upgrade)[0] == 405
