@@ -1885,10 +1885,13 @@ class WebSocketManager:
         :class:`WSGIRequestHandler`, gunicorn's sync and gthread workers,
         werkzeug's development server (``flask run``) and CherryPy's cheroot;
         any other server gets 501 and a warning in the log. The application
-        may be called from any number of the server's threads. The manager's
-        loop is started (:meth:`start`) at the first WebSocket request when
-        neither ``start()`` nor ``run()`` was called, so a forking server
-        (gunicorn ``--workers N``) gets one loop per worker process.
+        may be called from any number of the server's threads; ``handshake``
+        and ``factory`` run in the server's thread that calls it (a hook may
+        block there, e.g. to look up a session), the connection's callbacks
+        in the loop. The manager's loop is started (:meth:`start`) at the
+        first WebSocket request when neither ``start()`` nor ``run()`` was
+        called, so a forking server (gunicorn ``--workers N``, ``--preload``)
+        gets one loop per worker process.
         """
         listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins)
         return _WSGIHandOff(self, listener, app)
