@@ -1485,6 +1485,17 @@ class _Listener:
         # Further response headers of the 101 (extensions) are added here.
         return Response(101, fields)
 
+    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, response: Response,
+                         peer: Any, extra_data: bytes = b"") -> WebSocket:
+        """The connection for a request accepted with ``response``, its 101 queued first; any thread."""
+        reply = _encode_switch(response.headers)
+        websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
+                                 subprotocol=_chosen_subprotocol(response), peer_address=peer,
+                                 extra_data=extra_data)
+        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
+        websocket._buffered = len(reply)
+        return websocket
+
     def full(self) -> bool:
         """Whether max_connections connections are open."""
         return self.max_connections is not None and self.connections >= self.max_connections
@@ -2197,17 +2208,12 @@ class WebSocketManager:
             handshake._reply_and_close(response)
             return
         try:
-            reply = _encode_switch(response.headers)
-            websocket = listener.factory(handshake.sock, client=False, path=request.path,
-                                         request_headers=head, subprotocol=_chosen_subprotocol(response),
-                                         peer_address=handshake.address, extra_data=rest)
+            websocket = listener._make_connection(handshake.sock, request, head, response, handshake.address, rest)
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
             handshake._reply_and_close(Response(500))
             return
         handshake._detach()
-        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
-        websocket._buffered = len(reply)
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
         websocket._listener = listener
         self._websockets[websocket._fd] = websocket
@@ -2388,9 +2394,7 @@ class _WSGIHandOff:
         sock = None
         try:
             sock = socket.socket(fileno=os.dup(fd))
-            websocket = self.listener.factory(sock, client=False, path=request.path, request_headers=head,
-                                              subprotocol=_chosen_subprotocol(response), peer_address=peer)
-            reply = _encode_switch(response.headers)
+            websocket = self.listener._make_connection(sock, request, head, response, peer)
         except Exception as exc:
             self.listener._unclaim()
             if sock is not None:
@@ -2406,8 +2410,6 @@ class _WSGIHandOff:
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
         placeholder = _neutralize(fd)
-        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
-        websocket._buffered = len(reply)
         websocket._listener = self.listener
         try:
             manager.add(websocket)
