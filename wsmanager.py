@@ -80,6 +80,7 @@ import time
 import types
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING
 
 logger = logging.getLogger("wsmanager")
 
@@ -2564,6 +2565,13 @@ def _wsgi_request_handler() -> type:
     WSGIRequestHandler.__module__ = __name__
     WSGIRequestHandler.__qualname__ = "WSGIRequestHandler"
     return WSGIRequestHandler
+
+
+if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
+    from wsgiref import simple_server
+
+    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
+        def get_environ(self) -> Dict[str, Any]: ...
 
 
 def __getattr__(name: str) -> Any:
