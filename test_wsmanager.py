@@ -5535,6 +5535,625 @@ def test_cli_connect_on_a_terminal_closed_by_the_server_mid_line_restores_the_te
 
 
 ###############################################################################
+# WSGI hand-off (issue 11): wsgi_app inside wsgiref, gunicorn, Flask and CherryPy
+###############################################################################
+
+###############################################################################
+# WSGI: the handshake policy, with no socket ##################################
+###############################################################################
+
+def _policy(**options):
+    """A listener's settings alone: its accept() is the policy of listen(), accept() and wsgi_app()."""
+    settings = dict(subprotocols=None, handshake=None, max_connections=None, origins=None)
+    settings.update(options)
+    return wsmanager._Listener(None, None, WebSocket, None, settings["subprotocols"], settings["handshake"],
+                               settings["max_connections"], settings["origins"])
+
+
+def _request(fields=(), **options):
+    return parse_request(request_head(fields, **options))
+
+
+def test_policy_accepts_with_a_101_that_carries_the_accept_key():
+    response = _policy().accept(_request())
+    assert response.status == 101
+    assert dict(response.headers) == {"Upgrade": "websocket", "Connection": "Upgrade",
+                                      "Sec-WebSocket-Accept": accept_key(SAMPLE_KEY)}
+    assert wsmanager._encode_switch(response.headers) == build_response(SAMPLE_KEY)
+
+
+@pytest.mark.parametrize("options, fields, status", [
+    ({"origins": ["https://good.example"]}, {"Origin": "https://evil.example"}, 403),
+    ({"origins": ["https://good.example"]}, {}, 403),
+    ({"origins": [None]}, {"Origin": "https://good.example"}, 403),
+    ({"max_connections": 0}, {}, 503),
+    ({}, {"Sec-WebSocket-Version": "8"}, 426),
+    ({}, {"Sec-WebSocket-Key": "abc"}, 400),
+    ({"handshake": lambda request: Response(404)}, {}, 404),
+    ({"handshake": lambda request: 1 / 0}, {}, 500),
+    ({"handshake": lambda request: "mqtt"}, {}, 500),  # a subprotocol the client did not offer
+    ({"handshake": lambda request: Response(101)}, {}, 500),  # a 101 without the key would be a lie
+], ids=["origin-not-listed", "no-origin", "origin-where-none-is-listed", "full", "version-8", "bad-key",
+        "hook-response", "hook-raises", "hook-bad-subprotocol", "hook-101"])
+def test_policy_refusals(options, fields, status, caplog):
+    with caplog.at_level(logging.CRITICAL, logger="wsmanager"):
+        response = _policy(**options).accept(_request(fields))
+    assert response.status == status
+
+
+def test_policy_origin_and_limit_come_before_the_hook():
+    seen = []
+    hook = seen.append
+    assert _policy(origins=["https://good.example"], handshake=hook).accept(_request()).status == 403
+    assert _policy(max_connections=0, handshake=hook).accept(_request()).status == 503
+    assert seen == []
+    assert _policy(origins=[None], handshake=hook).accept(_request()).status == 101
+    assert len(seen) == 1
+
+
+def test_policy_post_is_405_with_allow():
+    response = _policy().accept(_request(method="POST"))
+    assert (response.status, list(response.headers)) == (405, [("Allow", "GET")])
+
+
+@pytest.mark.parametrize("hook, offered, chosen", [
+    (None, "chat, superchat", "superchat"),  # the server's preference wins
+    (lambda request: "chat", "chat, superchat", "chat"),
+    (None, "other", None),
+])
+def test_policy_subprotocol_is_the_101s_header(hook, offered, chosen):
+    response = _policy(subprotocols=["superchat", "chat"], handshake=hook).accept(
+        _request({"Sec-WebSocket-Protocol": offered}))
+    assert response.status == 101
+    assert wsmanager._chosen_subprotocol(response) == chosen
+    assert dict(response.headers).get("Sec-WebSocket-Protocol") == chosen
+
+
+def test_policy_counts_connections_exactly_across_threads():
+    listener = _policy(max_connections=25)
+    admitted = []
+    start = threading.Barrier(50)
+
+    def claim():
+        start.wait(10)
+        admitted.append(listener._claim())
+
+    threads = [threading.Thread(target=claim) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert admitted.count(True) == 25 and listener.connections == 25
+    assert listener.full() and listener.accept(_request()).status == 503
+    listener._unclaim()
+    assert not listener.full() and listener.accept(_request()).status == 101
+
+
+###############################################################################
+# WSGI: wsgi_app with environs and no server ##################################
+###############################################################################
+
+def _environ(fields=(), *, method="GET", path="/ws", query="", protocol="HTTP/1.1", **extra):
+    """A PEP 3333 environ for an upgrade request (BASE_FIELDS, some replaced; None removes one)."""
+    merged = dict(BASE_FIELDS)
+    merged.update(fields)
+    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_PROTOCOL": protocol, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80",
+               "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "wsgi.input": io.BytesIO(),
+               "wsgi.errors": io.StringIO(), "wsgi.url_scheme": "http", "wsgi.version": (1, 0),
+               "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False}
+    for name, value in merged.items():
+        if value is not None:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra)
+    return environ
+
+
+def _call_wsgi(app, environ, *, strict_pep3333=False):
+    """Call a WSGI app; returns (status, headers, body). strict_pep3333 asserts like wsgiref on hop-by-hop."""
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        if "status" in answer and not exc_info:
+            raise AssertionError("Headers already set!")
+        answer["status"], answer["headers"] = status, list(headers)
+        if strict_pep3333:
+            for name, _ in headers:
+                assert name.lower() not in ("upgrade", "connection"), f"Hop-by-hop header {name}"
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return answer["status"], answer["headers"], body
+
+
+def _site(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"site " + environ["PATH_INFO"].encode("latin-1")]
+
+
+def test_wsgi_app_passes_ordinary_requests_to_the_app():
+    app = WebSocketManager().wsgi_app(WebSocket, _site)
+    environ = _environ({"Upgrade": None, "Connection": None}, path="/page")
+    assert _call_wsgi(app, environ) == ("200 OK", [("Content-Type", "text/plain")], b"site /page")
+
+
+def test_wsgi_app_without_app_answers_426_naming_websocket():
+    app = WebSocketManager().wsgi_app(WebSocket)
+    status, headers, body = _call_wsgi(app, _environ({"Upgrade": None}))
+    assert status == "426 Upgrade Required" and body == b"426 Upgrade Required\n"
+    assert ("Upgrade", "websocket") in headers and ("Sec-WebSocket-Version", "13") in headers
+
+
+def test_wsgi_app_426_in_a_strict_server_without_a_socket_drops_only_the_hop_by_hop_headers():
+    app = WebSocketManager().wsgi_app(WebSocket)
+    status, headers, _ = _call_wsgi(app, _environ({"Upgrade": None}), strict_pep3333=True)
+    assert status == "426 Upgrade Required"
+    assert [name for name, _ in headers] == ["Sec-WebSocket-Version", "Content-Type", "Content-Length"]
+
+
+@pytest.mark.parametrize("environ, status", [
+    (_environ(method="POST"), "405 Method Not Allowed"),
+    (_environ(protocol="HTTP/1.0"), "505 HTTP Version Not Supported"),
+    (_environ({"Sec-WebSocket-Key": "abc"}), "400 Bad Request"),
+    (_environ({"Host": None}), "400 Bad Request"),
+    (_environ({"Sec-WebSocket-Version": "8"}), "426 Upgrade Required"),
+    (_environ({"X-Evil": "a\x00b"}), "400 Bad Request"),
+    (_environ({"Origin": "https://evil.example"}), "403 Forbidden"),
+], ids=["post", "http-1.0", "bad-key", "no-host", "version-8", "control-character", "origin"])
+def test_wsgi_app_refusals_are_plain_wsgi_responses(environ, status):
+    # No socket in these environs: a refusal never needs one.
+    app = WebSocketManager().wsgi_app(WebSocket, _site, origins=[None])
+    answer_status, headers, body = _call_wsgi(app, environ, strict_pep3333=status != "426 Upgrade Required")
+    assert answer_status == status
+    assert body == f"{status}\n".encode()
+    assert ("Content-Length", str(len(body))) in headers
+
+
+def test_wsgi_app_hook_answers_with_its_own_response():
+    page = Response(200, [("Content-Type", "text/html")], b"<p>hi</p>")
+    app = WebSocketManager().wsgi_app(WebSocket, handshake=lambda request: page)
+    assert _call_wsgi(app, _environ()) == ("200 OK", [("Content-Type", "text/html"), ("Content-Length", "9")],
+                                           b"<p>hi</p>")
+
+
+def test_wsgi_app_full_is_503():
+    app = WebSocketManager().wsgi_app(WebSocket, max_connections=0)
+    assert _call_wsgi(app, _environ())[0] == "503 Service Unavailable"
+
+
+def test_wsgi_app_in_an_unknown_server_is_501_and_a_warning_not_a_hang(caplog):
+    manager = WebSocketManager()
+    app = manager.wsgi_app(WebSocket)
+    with caplog.at_level(logging.WARNING, logger="wsmanager"):
+        status, _, body = _call_wsgi(app, _environ(SERVER_SOFTWARE="Mystery/1.0"))
+    assert status == "501 Not Implemented"
+    assert b"no socket in environ" in body and b"WSGIRequestHandler" in body
+    assert any("Mystery/1.0" in record.getMessage() for record in caplog.records)
+    assert manager._thread is None  # nothing was handed off, nothing started
+    manager.stop()
+    manager.run()
+
+
+def test_wsgi_app_refuses_a_tls_socket_and_a_taken_one():
+    app = WebSocketManager().wsgi_app(WebSocket)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with socket.socket() as plain, context.wrap_socket(socket.socket(), server_side=True,
+                                                       do_handshake_on_connect=False) as tls:
+        status, _, body = _call_wsgi(app, _environ(**{"gunicorn.socket": tls}))
+        assert status == "501 Not Implemented" and b"TLS" in body
+        plain.close()
+        status, _, body = _call_wsgi(app, _environ(**{"werkzeug.socket": plain}))
+        assert status.startswith("500") and b"already closed or taken" in body
+
+
+def test_wsgi_app_on_a_stopped_manager_is_503():
+    manager = WebSocketManager()
+    manager.stop()
+    manager.run()
+    with socket.socket() as sock:
+        status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _environ(**{"wsmanager.socket": sock}))
+    assert status == "503 Service Unavailable"
+
+
+def test_wsgi_app_leaves_a_request_answered_before_it_alone(caplog):
+    # A middleware around wsgi_app already started a response: the socket stays the server's.
+    manager = WebSocketManager()
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        answered = []
+
+        def start_response(status, headers, exc_info=None):
+            if answered:
+                raise AssertionError("Headers already set!")
+            answered.append(status)
+
+        start_response("200 OK", [])
+        with caplog.at_level(logging.WARNING, logger="wsmanager"):
+            body = manager.wsgi_app(EchoServer)(_environ(**{"wsmanager.socket": server_side}), start_response)
+        assert list(body) == [] and answered == ["200 OK"]
+        assert any("answered before wsgi_app" in record.getMessage() for record in caplog.records)
+        assert len(manager) == 0 and manager.wsgi_app(EchoServer).listener.connections == 0
+        server_side.sendall(b"still the server's")  # not replaced by a placeholder
+        assert client.recv(100) == b"still the server's"
+    manager.stop()
+    manager.join(10)
+
+
+def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran():
+    manager = WebSocketManager()
+    manager._pid = -1  # as if made in gunicorn's master before --preload forked this worker
+    old_selector = manager._selector
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": server_side}))
+        assert status == "101 Switching Protocols"
+        assert manager._selector is not old_selector and manager._pid == os.getpid()
+        wait_until(lambda: b"101 Switching Protocols" in client.recv(4096, socket.MSG_PEEK))
+    manager.stop()
+    manager.join(10)
+
+
+@pytest.mark.parametrize("set_up", ["started", "listening"])
+def test_wsgi_app_in_a_forked_worker_refuses_a_manager_set_up_before_the_fork(set_up, caplog):
+    manager = WebSocketManager()
+    if set_up == "started":
+        manager.start()
+    else:
+        manager.listen(("127.0.0.1", 0), EchoServer)
+    manager._pid = -1
+    try:
+        with socket.socket() as sock, caplog.at_level(logging.ERROR, logger="wsmanager"):
+            status, _, body = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": sock}))
+            assert sock.fileno() >= 0  # not taken
+        assert status == "500 Internal Server Error" and b"before this process forked" in body
+        assert any("before this process forked" in record.getMessage() for record in caplog.records)
+    finally:
+        manager._pid = os.getpid()
+        manager.stop()
+        manager.join(10)
+        if set_up == "listening":
+            manager.run()  # never started: run() does the clean-up
+
+
+def test_environ_head_rebuilds_the_request():
+    environ = _environ({"Sec-WebSocket-Protocol": "chat"}, path="/caf\xc3\xa9 x", query="a=1&b=2",
+                       SCRIPT_NAME="/app")
+    request = parse_request(wsmanager._environ_head(environ))
+    assert (request.method, request.path, request.version) == ("GET", "/app/caf%C3%A9%20x?a=1&b=2", (1, 1))
+    assert request.headers["sec-websocket-key"] == SAMPLE_KEY
+    assert request.subprotocols == ["chat"]
+    # A server's raw request target wins: it is what the client sent.
+    assert parse_request(wsmanager._environ_head(dict(environ, REQUEST_URI="/raw?x"))).path == "/raw?x"
+
+
+###############################################################################
+# WSGI: real servers, helpers #################################################
+###############################################################################
+
+def _http(port, method="GET", path="/", headers=None):
+    """One HTTP/1.1 request; returns (status, headers dict, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _raw_http_status(port, head):
+    """Send a raw request head; the status code of the answer (the server closes after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def _ws_client(port, path="/ws"):
+    """A websockets client (not yet entered: use it in a with block or an ExitStack)."""
+    return ws_connect(f"ws://127.0.0.1:{port}{path}", proxy=None, open_timeout=30, close_timeout=10,
+                      ping_interval=None)
+
+
+def _ws_echoes(port, path="/ws"):
+    """A websockets client: text and binary come back unchanged."""
+    with _ws_client(port, path) as client:
+        client.send("héllo")
+        assert client.recv(timeout=20) == "héllo"
+        client.send(b"\x00\xff" * 1000)
+        assert client.recv(timeout=20) == b"\x00\xff" * 1000
+
+
+def _ws_crowd(port, page, path="/ws", count=50):
+    """`count` WebSocket clients at once, ordinary requests in between; then the host still serves."""
+    clients = []
+    errors = []
+
+    def open_one():
+        try:
+            clients.append(_ws_client(port, path))
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    with contextlib.ExitStack() as stack:
+        threads = [threading.Thread(target=open_one) for _ in range(count)]
+        try:
+            for index, thread in enumerate(threads):
+                thread.start()
+                if index % 10 == 0:
+                    assert _http(port)[2] == page  # ordinary requests while the handshakes go on
+        finally:
+            for thread in threads:
+                thread.join(60)
+            for client in clients:
+                stack.enter_context(client)
+        assert not errors, errors[:3]
+        assert len(clients) == count
+        for index, client in enumerate(clients):
+            client.send(f"client {index}")
+            if index % 10 == 0:
+                assert _http(port)[2] == page
+        for index, client in enumerate(clients):
+            assert client.recv(timeout=30) == f"client {index}"
+            client.send(bytes([index]) * 3)
+        for index, client in enumerate(clients):
+            assert client.recv(timeout=30) == bytes([index]) * 3
+    # After the clients closed, the host serves HTTP and takes new WebSockets.
+    assert _http(port)[:3:2] == (200, page)
+    _ws_echoes(port, path)
+
+
+def _assert_clean_host_log(text):
+    for needle in ("Traceback", "Bad file descriptor", "Error on request", "[ERROR]", "socket.error",
+                   "Exception", "fatal"):
+        assert needle not in text, f"{needle!r} in the host's log:\n{text[-3000:]}"
+
+
+###############################################################################
+# WSGI: wsgiref, in this process ##############################################
+###############################################################################
+
+@contextlib.contextmanager
+def _wsgiref_snippet():
+    """The README's wsgiref snippet, run as written on a free port; yields (server, manager, port)."""
+    code = readme_snippet("wsgi-wsgiref").replace("8000", "0")
+    namespace = {"__name__": "readme_wsgiref"}
+    thread = threading.Thread(target=exec, args=(code, namespace), name="readme-wsgiref", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: "server" in namespace or not thread.is_alive())
+        assert thread.is_alive()
+        yield namespace["server"], namespace["manager"], namespace["server"].server_port
+    finally:
+        if "server" in namespace:
+            namespace["server"].shutdown()
+        thread.join(20)
+        assert not thread.is_alive()
+
+
+def test_readme_wsgiref_snippet_shares_its_port_and_leaves_nothing_behind(capsys, caplog):
+    threads_before = set(threading.enumerate())
+    fds_before = open_fds()
+    with caplog.at_level(logging.WARNING, logger="wsmanager"):
+        with _wsgiref_snippet() as (_, manager, port):
+            page = b"Hello from WSGI\n"
+            assert _http(port)[:3:2] == (200, page)
+            _ws_echoes(port)
+            _ws_crowd(port, page)
+            wait_until(lambda: len(manager) == 0)
+            assert manager._thread.is_alive()  # started by the first WebSocket request
+        assert not manager._thread.is_alive()
+    wait_until(lambda: open_fds() <= fds_before)
+    wait_until(lambda: set(threading.enumerate()) <= threads_before)
+    log = capsys.readouterr().err
+    assert log.count('"GET /ws HTTP/1.1" 101') >= 52  # wsgiref's access log shows each hand-off
+    _assert_clean_host_log(log)
+    assert not caplog.records
+
+
+@contextlib.contextmanager
+def _wsgiref(app, handler_class):
+    from wsgiref.simple_server import make_server
+
+    server = make_server("127.0.0.1", 0, app, handler_class=handler_class)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_wsgiref_refusals_keep_the_server_serving(capsys):
+    with running_manager() as manager:
+        app = manager.wsgi_app(EchoServer, origins=[None])
+        with _wsgiref(app, wsmanager.WSGIRequestHandler) as port:
+            # wsgiref asserts on hop-by-hop headers: the 426 is written on the socket itself.
+            status, headers, body = _http(port, path="/ws")
+            assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": SAMPLE_KEY,
+                       "Sec-WebSocket-Version": "13"}
+            assert _http(port, "POST", "/ws", upgrade)[0] == 405
+            assert _http(port, "GET", "/ws", dict(upgrade, Origin="https://evil.example"))[0] == 403
+            assert _http(port, "GET", "/ws", dict(upgrade, **{"Sec-WebSocket-Key": "abc"}))[0] == 400
+            assert _raw_http_status(port, request_head(version="HTTP/1.0")) == 505
+            _ws_echoes(port)
+    _assert_clean_host_log(capsys.readouterr().err)
+
+
+def test_plain_wsgiref_handler_gets_501_naming_the_handler_to_use(caplog):
+    from wsgiref.simple_server import WSGIRequestHandler as PlainHandler
+
+    manager = WebSocketManager()
+    with caplog.at_level(logging.WARNING, logger="wsmanager"), \
+            _wsgiref(manager.wsgi_app(EchoServer), PlainHandler) as port:
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": SAMPLE_KEY,
+                   "Sec-WebSocket-Version": "13"}
+        status, _, body = _http(port, "GET", "/ws", upgrade)
+        assert status == 501 and b"WSGIRequestHandler" in body
+    assert any("cannot take the socket" in record.getMessage() for record in caplog.records)
+    manager.stop()
+    manager.run()
+
+
+def test_wsgi_request_handler_is_a_wsgiref_handler():
+    from wsgiref.simple_server import WSGIRequestHandler as PlainHandler
+
+    assert issubclass(wsmanager.WSGIRequestHandler, PlainHandler)
+    assert wsmanager.WSGIRequestHandler.__module__ == "wsmanager"
+
+
+class _ChatSite:
+    """The chat page of `python -m wsmanager`, as an ordinary WSGI application."""
+
+    def __call__(self, environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [wsmanager._CHAT_PAGE.encode()]
+
+
+def test_browser_chat_page_through_wsgi_app_and_wsgiref(tmp_path, manager):
+    browser = _find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    with running_manager() as chat:
+        with _wsgiref(chat.wsgi_app(wsmanager._ChatPeer, _ChatSite()), wsmanager.WSGIRequestHandler) as port:
+            client = connect(f"ws://127.0.0.1:{port}/ws", _Replier)
+            manager.add(client)
+            wait_until(lambda: len(chat) == 1)
+            profile = tmp_path / "chromium-profile"
+            profile.mkdir()
+            with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser", profile) as page:
+                wait_until(lambda: "from-browser" in client.messages, timeout=30)
+                expected = '<li class="message">from-client</li>'
+                dom = []
+
+                def rendered():
+                    result = page.call("Runtime.evaluate", expression="document.documentElement.outerHTML",
+                                       returnByValue=True)
+                    dom[:] = [result["result"]["value"]]
+                    return expected in dom[0]
+
+                wait_until(rendered, timeout=30, interval=0.1)
+            assert '<li class="message">from-browser</li>' in dom[0], dom[0]
+            assert client.messages[:2] == ["from-browser", "from-client"]
+
+
+###############################################################################
+# WSGI: gunicorn, the werkzeug dev server (Flask) and CherryPy, as processes ##
+###############################################################################
+
+# Each runs the README's snippet as written, as app.py; only the port changes.
+_WSGI_HOSTS = {
+    "gunicorn-sync": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                      ["-m", "gunicorn", "--worker-class", "sync", "--workers", "1", "app:application"]),
+    "gunicorn-gthread": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                         ["-m", "gunicorn", "--worker-class", "gthread", "--threads", "8", "app:application"]),
+    # The manager is made in the master, before the fork: each worker renews it and runs its own loop.
+    "gunicorn-preload": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                         ["-m", "gunicorn", "--preload", "--workers", "2", "app:application"]),
+    "flask": ("wsgi-flask", None, b"Hello from Flask\n", ["-m", "flask", "--app", "app", "run", "--port", "{port}"]),
+    "cherrypy": ("wsgi-cherrypy", "8080", b"Hello from CherryPy\n", ["app.py"]),
+}
+
+
+def _host_command(kind, port):
+    arguments = [argument.replace("{port}", str(port)) for argument in _WSGI_HOSTS[kind][3]]
+    if arguments[:2] == ["-m", "gunicorn"]:
+        # No control socket: gunicorn's default one is shared by every gunicorn of the user.
+        arguments[2:2] = ["--bind", f"127.0.0.1:{port}", "--no-control-socket", "--access-logfile", "-"]
+    return [sys.executable, *arguments]
+
+
+@pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
+def wsgi_host(request, tmp_path_factory):
+    """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
+    kind = request.param
+    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+    folder = tmp_path_factory.mktemp(kind)
+    log_path = folder / "host.log"
+    for attempt in range(3):
+        port = _free_port()
+        code = readme_snippet(snippet)
+        (folder / "app.py").write_text(code.replace(port_text, str(port)) if port_text else code)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(_host_command(kind, port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None:
+                try:
+                    if _http(port)[2] == page:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, log_path.read_bytes()[-3000:]
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                if b"in use" in log_path.read_bytes() and attempt < 2:
+                    continue  # lost the port race: try another one
+                raise AssertionError(log_path.read_bytes()[-3000:])
+            yield kind, port, page, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            return
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: gunicorn's workers too
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            _reap(proc)
+
+
+def test_wsgi_host_serves_its_page_and_websockets_on_one_port(wsgi_host):
+    _, port, page, _ = wsgi_host
+    assert _http(port)[:3:2] == (200, page)
+    _ws_echoes(port)
+    assert _http(port)[:3:2] == (200, page)
+
+
+def test_wsgi_host_takes_50_websockets_between_ordinary_requests(wsgi_host):
+    kind, port, page, read_log = wsgi_host
+    handed_off = read_log().count('"GET /ws HTTP/1.1" 101')
+    _ws_crowd(port, page)
+    log = read_log()
+    _assert_clean_host_log(log)
+    if kind != "cherrypy":  # CherryPy logs the requests of its own applications only, not a grafted one's
+        # The host's access log shows each hand-off as a 101, as it would a response of its own.
+        assert log.count('"GET /ws HTTP/1.1" 101') - handed_off == 51
+
+
+def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(wsgi_host):
+    kind, port, page, read_log = wsgi_host
+    status, headers, body = _http(port, path="/ws")  # not an upgrade
+    if kind.startswith("gunicorn"):
+        assert (status, body) == (200, page)  # wsgi_app(Echo, site): the site answers
+    else:
+        # Mounted with app=None: 426, naming the protocol (these servers pass hop-by-hop headers).
+        assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": SAMPLE_KEY,
+               "Sec-WebSocket-Version": "13"}
+    assert _http(port, "POST", "/ws", upgrade)[0] == 405
+    assert _http(port, "GET", "/ws", dict(upgrade, **{"Sec-WebSocket-Key": "abc"}))[0] == 400
+    assert _raw_http_status(port, request_head(version="HTTP/1.0").replace(b"/chat", b"/ws")) == 505
+    _ws_echoes(port)
+    assert _http(port)[:3:2] == (200, page)
+    _assert_clean_host_log(read_log())
+
+
+###############################################################################
 # Documentation that runs: README snippets and the module docstring
 ###############################################################################
 

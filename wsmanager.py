@@ -32,7 +32,9 @@ An echo server and a client, in one manager::
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
 :func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
-and the manager (:class:`WebSocketManager`, :func:`connect`).
+and the manager (:class:`WebSocketManager`, :func:`connect`). On top, the
+integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
+application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy).
 Run ``python -m wsmanager --help`` for the demo chat server and client.
 """
 
@@ -54,6 +56,8 @@ __all__ = [
     "parse_response", "validate_response",
     # connection and manager
     "WebSocket", "WebSocketManager", "connect",
+    # integrations
+    "WSGIRequestHandler",
 ]
 
 import base64
@@ -896,6 +900,10 @@ def build_response(key: str, subprotocol: Optional[str] = None,
     if subprotocol:
         fields.append(("Sec-WebSocket-Protocol", subprotocol))
     fields.extend(headers)
+    return _encode_switch(fields)
+
+
+def _encode_switch(fields: Iterable[Tuple[str, str]]) -> bytes:
     return f"HTTP/1.1 101 Switching Protocols\r\n{_header_lines(fields)}\r\n".encode("latin-1")
 
 
@@ -903,7 +911,8 @@ _REASON_PHRASES = {
     101: "Switching Protocols", 200: "OK", 204: "No Content", 301: "Moved Permanently", 302: "Found",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -1637,7 +1646,7 @@ class _Listener:
     """A listening socket (or, for accept(), just the settings) of a manager."""
 
     __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
-                 "origins", "unix_path", "connections", "_finalized")
+                 "origins", "unix_path", "connections", "_count_lock", "_finalized")
 
     def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
                  ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
@@ -1653,7 +1662,85 @@ class _Listener:
         self.origins = None if origins is None else frozenset(origins)
         self.unix_path = unix_path
         self.connections = 0
+        # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
+        self._count_lock = threading.Lock()
         self._finalized = False
+
+    def accept(self, request: Request, peer: Any = None) -> Response:
+        """The answer to an opening request, with no I/O: a 101, or the refusal to send.
+
+        The one place for the server's rules, shared by :meth:`WebSocketManager.listen`,
+        :meth:`~WebSocketManager.accept` and :meth:`~WebSocketManager.wsgi_app`: Origin
+        (403), max_connections (503), the handshake hook, RFC 6455 validation and the
+        subprotocol choice. A 101's headers are built here and nowhere else; the
+        subprotocol is its ``Sec-WebSocket-Protocol`` header. ``peer`` is for the log.
+        """
+        return self._answer(request, peer)[0]
+
+    def _answer(self, request: Request, peer: Any = None) -> Tuple[Response, str]:
+        """:meth:`accept`, and why a refusal refuses (for the log; the peer sees only the status)."""
+        try:
+            if self.origins is not None and request.origin not in self.origins:
+                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
+            if self.full():
+                raise HandshakeError("too many connections", 503)
+            chosen = None
+            if self.handshake is not None:
+                try:
+                    chosen = self.handshake(request)
+                except HandshakeError:
+                    raise
+                except Exception as exc:
+                    logger.error("handshake hook raised for %s", peer, exc_info=exc)
+                    raise HandshakeError("handshake hook failed", 500) from None
+                if isinstance(chosen, Response):
+                    if chosen.status == 101:  # a 101 without the accept key would be a lie
+                        logger.error("handshake hook answered 101 itself; return None or a subprotocol")
+                        raise HandshakeError("bad handshake hook answer", 500)
+                    return chosen, "answered by the handshake hook"
+            key = validate_request(request)
+            offered = request.subprotocols
+            if chosen is None:
+                subprotocol = _select_subprotocol(offered, self.subprotocols)
+            elif chosen in offered:
+                subprotocol = chosen
+            else:
+                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
+                raise HandshakeError("bad subprotocol", 500)
+        except HandshakeError as exc:
+            return Response(exc.status or 400, exc.headers), str(exc)
+        fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))]
+        if subprotocol:
+            fields.append(("Sec-WebSocket-Protocol", subprotocol))
+        # Further response headers of the 101 (extensions) are added here.
+        return Response(101, fields), ""
+
+    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, response: Response,
+                         peer: Any, extra_data: bytes = b"") -> WebSocket:
+        """The connection for a request accepted with ``response``, its 101 queued first; any thread."""
+        reply = _encode_switch(response.headers)
+        websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
+                                 subprotocol=_chosen_subprotocol(response), peer_address=peer,
+                                 extra_data=extra_data)
+        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
+        websocket._buffered = len(reply)
+        return websocket
+
+    def full(self) -> bool:
+        """Whether max_connections connections are open."""
+        return self.max_connections is not None and self.connections >= self.max_connections
+
+    def _claim(self) -> bool:
+        """Count one more connection, unless full; any thread."""
+        with self._count_lock:
+            if self.full():
+                return False
+            self.connections += 1
+            return True
+
+    def _unclaim(self) -> None:
+        with self._count_lock:
+            self.connections -= 1
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -1886,6 +1973,11 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
+def _chosen_subprotocol(response: Response) -> Optional[str]:
+    for name, value in response.headers:
+        if name.lower() == "sec-websocket-protocol":
+            return value
+    return None
 
 
 class WebSocketManager:
@@ -1945,11 +2037,8 @@ class WebSocketManager:
         self._lock = threading.Lock()
         self._finished = False  # set by _shutdown(): nothing may be added from then on
         self._wake_pending = False
-        waker_read, self._waker = socket.socketpair()
-        waker_read.setblocking(False)
-        self._waker.setblocking(False)
-        self._selector.register(waker_read, selectors.EVENT_READ, _Waker(self, waker_read))
-        self._waker_read = waker_read
+        self._install_waker()
+        self._pid = os.getpid()  # a manager made before a fork (gunicorn --preload) is renewed: _ensure_running
 
     # Connections ---------------------------------------------------------------
 
@@ -2086,6 +2175,70 @@ class WebSocketManager:
         with self._lock:
             self._check_running(release=sock.close)
         self._call_threadsafe(self._adopt, listener, sock, request_head)
+
+    def wsgi_app(self, factory: Callable[..., WebSocket], app: Optional["WSGIApplication"] = None, *,
+                 subprotocols: Optional[Sequence[str]] = None,
+                 handshake: Optional[Callable[[Request], Any]] = None,
+                 origins: Optional[Sequence[Optional[str]]] = None,
+                 max_connections: Optional[int] = None) -> "WSGIApplication":
+        """A WSGI application that hands WebSocket upgrade requests to this manager.
+
+        An upgrade request gets the rules of :meth:`listen` (``subprotocols``,
+        ``handshake``, ``origins``, ``max_connections``); when accepted, its
+        socket is taken from the host server, the 101 is written by the
+        manager's loop and ``factory`` makes the connection. Any other request
+        goes to ``app`` (a Flask, Bottle or Django application), or gets
+        ``426 Upgrade Required`` when ``app`` is None. Refusals are ordinary
+        WSGI responses. Mount it at a path with the host's routing.
+
+        The socket is found through what the server offers: wsgiref with
+        :class:`WSGIRequestHandler`, gunicorn's sync and gthread workers,
+        werkzeug's development server (``flask run``) and CherryPy's cheroot;
+        any other server gets 501 and a warning in the log. The application
+        may be called from any number of the server's threads; ``handshake``
+        and ``factory`` run in the server's thread that calls it (a hook may
+        block there, e.g. to look up a session), the connection's callbacks
+        in the loop. The manager's loop is started (:meth:`start`) at the
+        first WebSocket request when neither ``start()`` nor ``run()`` was
+        called, so a forking server (gunicorn ``--workers N``, ``--preload``)
+        gets one loop per worker process.
+        """
+        listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins)
+        return _WSGIHandOff(self, listener, app)
+
+    def _ensure_running(self) -> None:
+        """Start the loop unless started or run already (any thread); HandshakeError when it cannot run."""
+        with self._lock:
+            if self._finished or self._stopped:
+                raise HandshakeError("the WebSocket manager has stopped", 503)
+            forked = self._pid != os.getpid()
+            if self._thread is None and self._thread_id is None:
+                if forked:
+                    self._renew_after_fork()
+                self.start()
+            elif forked:
+                raise HandshakeError("the WebSocket manager was started before this process forked: "
+                                     "start it in the worker, or let wsgi_app start it", 500)
+
+    def _renew_after_fork(self) -> None:
+        # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
+        # objects shared with the parent and every sibling worker; this process needs its own.
+        if self._listeners or self._websockets or self._handshakes or not self._owns_selector:
+            raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
+                                 "this process forked: create it in the worker", 500)
+        self._selector.close()  # this process's copies only: the parent's stay open
+        self._waker_read.close()
+        self._waker.close()
+        self._selector = selectors.DefaultSelector()
+        self._install_waker()
+        self._pid = os.getpid()
+
+    def _install_waker(self) -> None:
+        waker_read, self._waker = socket.socketpair()
+        waker_read.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(waker_read, selectors.EVENT_READ, _Waker(self, waker_read))
+        self._waker_read = waker_read
 
     # Running -------------------------------------------------------------------
 
@@ -2320,7 +2473,7 @@ class WebSocketManager:
             pass
         listener = websocket._listener
         if listener is not None:
-            listener.connections -= 1
+            listener._unclaim()
             websocket._listener = None
 
     def _heartbeat(self, websocket: WebSocket) -> None:
@@ -2385,47 +2538,22 @@ class WebSocketManager:
             if self._stopping:
                 raise HandshakeError("the server is shutting down", 503)
             request = parse_request(head)
-            if listener.origins is not None and request.origin not in listener.origins:
-                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
-            if listener.max_connections is not None and listener.connections >= listener.max_connections:
-                raise HandshakeError("too many connections", 503)
-            chosen = None
-            if listener.handshake is not None:
-                try:
-                    chosen = listener.handshake(request)
-                except HandshakeError:
-                    raise
-                except Exception as exc:
-                    logger.error("handshake hook raised for %s", handshake.address, exc_info=exc)
-                    raise HandshakeError("handshake hook failed", 500) from None
-                if isinstance(chosen, Response):
-                    handshake._reply_and_close(chosen, upgrade=request.is_upgrade)
-                    return
-            key = validate_request(request)
-            offered = request.subprotocols
-            if chosen is None:
-                subprotocol = _select_subprotocol(offered, listener.subprotocols)
-            elif chosen in offered:
-                subprotocol = chosen
-            else:
-                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
-                raise HandshakeError("bad subprotocol", 500)
-            response = build_response(key, subprotocol)
-            websocket = listener.factory(handshake.sock, client=False, path=request.path,
-                                         request_headers=head, subprotocol=subprotocol,
-                                         peer_address=handshake.address, extra_data=rest)
         except HandshakeError as exc:
             handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
+        response, why = listener._answer(request, handshake.address)
+        if response.status != 101:
+            handshake._reply_and_close(response, why, upgrade=request.is_upgrade)
+            return
+        try:
+            websocket = listener._make_connection(handshake.sock, request, head, response, handshake.address, rest)
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
             handshake._reply_and_close(Response(500), "the connection factory raised")
             return
         handshake._detach()
-        websocket._out.append(response)  # the 101 goes out first, through the connection's own buffer
-        websocket._buffered = len(response)
+        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
         websocket._listener = listener
-        listener.connections += 1
         self._websockets[websocket._fd] = websocket
         websocket._manager = self
         self._open(websocket)
@@ -2568,6 +2696,261 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         sock.close()
         raise
     return websocket
+
+
+###############################################################################
+# Integrations: WSGI servers ##################################################
+###############################################################################
+
+StartResponse = Callable[..., Callable[[bytes], Any]]
+WSGIApplication = Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
+
+# Where servers put the connection's socket in environ (wsmanager.socket: WSGIRequestHandler below).
+_WSGI_SOCKET_KEYS = ("wsmanager.socket", "gunicorn.socket", "werkzeug.socket")
+# RFC 7230 6.1; PEP 3333 forbids them in start_response (and wsgiref asserts).
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                         "trailers", "transfer-encoding", "upgrade"})
+
+
+class _WSGIHandOff:
+    """The application :meth:`WebSocketManager.wsgi_app` returns.
+
+    A hand-off in four steps, all in the server's worker thread: decide with
+    ``_Listener.accept`` (refusals are plain WSGI responses); duplicate the
+    connection's descriptor, so the manager owns a socket of its own; put a
+    dead placeholder (a socketpair end) on the server's descriptor number with
+    ``dup2``, so that whatever the server does next (write its idea of a 101,
+    drain, keep-alive, shutdown, close) lands there and never on the
+    connection; answer ``101`` to the server through ``start_response``, which
+    keeps its access log right. The real 101 is the first thing the manager's
+    loop writes on the connection.
+    """
+
+    def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
+        self.manager = manager
+        self.listener = listener
+        self.app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if "websocket" not in _tokens(environ.get("HTTP_UPGRADE")):
+            if self.app is not None:
+                return self.app(environ, start_response)
+            # RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
+            refusal = Response(426, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                     ("Sec-WebSocket-Version", "13")])
+            return self._refuse(environ, start_response, refusal)
+        try:
+            head = _environ_head(environ)
+            request = parse_request(head)
+        except HandshakeError as exc:
+            return self._refuse(environ, start_response, Response(exc.status or 400, exc.headers))
+        peer = _environ_peer(environ)
+        response = self.listener.accept(request, peer)
+        if response.status != 101:
+            return self._refuse(environ, start_response, response)
+        try:
+            fd = _host_fd(environ)
+        except HandshakeError as exc:
+            logger.warning("wsgi_app cannot take the socket of %s: %s",
+                           environ.get("SERVER_SOFTWARE", "this server"), exc)
+            return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
+        manager = self.manager
+        try:
+            manager._ensure_running()
+        except HandshakeError as exc:
+            logger.error("wsgi_app cannot hand off: %s", exc)
+            return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
+        if not self.listener._claim():
+            return _wsgi_reply(start_response, Response(503))
+        sock = None
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+            websocket = self.listener._make_connection(sock, request, head, response, peer)
+        except Exception as exc:
+            self.listener._unclaim()
+            if sock is not None:
+                sock.close()
+            logger.error("could not create the connection for %s", peer, exc_info=exc)
+            return _wsgi_reply(start_response, Response(500))
+        try:
+            # Only stored (PEP 3333): what the server then writes goes to the placeholder.
+            start_response("101 Switching Protocols", [])
+        except Exception as exc:  # answered already, by a middleware around us
+            self.listener._unclaim()
+            sock.close()
+            logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
+            return []
+        placeholder = _neutralize(fd)
+        websocket._listener = self.listener
+        try:
+            manager.add(websocket)
+        except (RuntimeError, WebSocketError):  # the manager stopped meanwhile
+            websocket._listener = None
+            self.listener._unclaim()
+            sock.close()
+        return _Placeholder(placeholder)
+
+    def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
+                response: Response) -> Iterable[bytes]:
+        """Refuse through WSGI; a refusal with hop-by-hop headers (426 names Upgrade) that the
+        server will not pass is written on the socket itself, when it can be taken."""
+        try:
+            return _wsgi_reply(start_response, response, strict=True)
+        except AssertionError:
+            refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
+        try:
+            fd = _host_fd(environ)
+        except HandshakeError:
+            return _wsgi_reply(start_response, response, exc_info=refused)
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            start_response(_wsgi_status(response.status, response.reason), [], refused)
+            placeholder = _neutralize(fd)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            sock.settimeout(self.manager.close_timeout)
+            sock.sendall(encode_response(response))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client left: nothing to tell it
+        finally:
+            sock.close()
+        return _Placeholder(placeholder)
+
+
+class _Placeholder:
+    """The empty body of a handed-off request; closing it ends the placeholder's other end,
+    so the server's next read on its descriptor sees EOF and it closes that."""
+
+    def __init__(self, peer: socket.socket):
+        self.peer = peer
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    def close(self) -> None:
+        self.peer.close()
+
+
+def _neutralize(fd: int) -> socket.socket:
+    """Put a socketpair end on descriptor number ``fd`` (atomically: dup2); return the other end."""
+    placeholder, peer = socket.socketpair()
+    try:
+        os.dup2(placeholder.fileno(), fd, inheritable=False)
+    finally:
+        placeholder.close()
+    return peer
+
+
+def _host_fd(environ: Dict[str, Any]) -> int:
+    """The descriptor of the request's connection, from what the server put in environ."""
+    for key in _WSGI_SOCKET_KEYS:
+        sock = environ.get(key)
+        if sock is not None:
+            if isinstance(sock, ssl.SSLSocket):
+                raise HandshakeError(f"{key} is a TLS socket: its TLS session cannot be taken over", 501)
+            fd = sock.fileno()
+            break
+    else:
+        # cheroot (CherryPy) names no socket, but wsgi.input wraps the connection's reader.
+        stream = environ.get("wsgi.input")
+        reader = getattr(stream, "rfile", None)
+        if not type(stream).__module__.startswith("cheroot.") or reader is None or not hasattr(reader, "fileno"):
+            raise HandshakeError("no socket in environ (wsgiref needs handler_class="
+                                 "wsmanager.WSGIRequestHandler)", 501)
+        if environ.get("HTTPS") == "on":
+            raise HandshakeError("cheroot's TLS session cannot be taken over", 501)
+        fd = reader.fileno()
+    if fd < 0:
+        raise HandshakeError("the connection's socket is already closed or taken", 500)
+    return int(fd)
+
+
+def _environ_head(environ: Dict[str, Any]) -> bytes:
+    """The request head, rebuilt from a WSGI environ (PEP 3333), for parse_request()."""
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not target:
+        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+        query = environ.get("QUERY_STRING")
+        target = urllib.parse.quote(path or b"/", safe="/:@!$&'()*+,;=~") + (f"?{query}" if query else "")
+    fields = [(key[5:].replace("_", "-").title(), value) for key, value in environ.items()
+              if key.startswith("HTTP_") and isinstance(value, str)]
+    start = f"{environ.get('REQUEST_METHOD', 'GET')} {target} {environ.get('SERVER_PROTOCOL', 'HTTP/1.0')}"
+    try:
+        return f"{start}\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+    except ValueError as exc:  # includes UnicodeEncodeError
+        raise HandshakeError(f"malformed request: {exc}", 400) from None
+
+
+def _environ_peer(environ: Dict[str, Any]) -> Any:
+    try:
+        return environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])
+    except (KeyError, ValueError):
+        return environ.get("REMOTE_ADDR")
+
+
+def _wsgi_status(status: int, reason: str = "") -> str:
+    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
+
+
+def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
+                exc_info: Any = None) -> List[bytes]:
+    """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
+    then they are passed, and a server that refuses them raises AssertionError."""
+    body = response.body
+    status = _wsgi_status(response.status, response.reason)
+    if not body and response.status >= 400:
+        body = f"{status}\n".encode()
+    fields = [(name, value) for name, value in response.headers
+              if strict or name.lower() not in _HOP_BY_HOP]
+    names = {name.lower() for name, _ in fields}
+    if "content-type" not in names:
+        fields.append(("Content-Type", "text/plain; charset=utf-8"))
+    if "content-length" not in names:
+        fields.append(("Content-Length", str(len(body))))
+    start_response(status, fields, exc_info)
+    return [body]
+
+
+def _wsgi_request_handler() -> type:
+    from wsgiref import simple_server
+
+    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
+        """wsgiref's request handler, with the connection's socket in ``environ["wsmanager.socket"]``
+        for :meth:`WebSocketManager.wsgi_app` (as ws4py's ``ws4py.socket``)::
+
+            server = wsgiref.simple_server.make_server(
+                "127.0.0.1", 8000, manager.wsgi_app(Echo, app), handler_class=wsmanager.WSGIRequestHandler)
+
+        With a ``socketserver.ThreadingMixIn`` server class each request runs in a thread of its own.
+        """
+
+        def get_environ(self) -> Dict[str, Any]:
+            environ = super().get_environ()
+            environ["wsmanager.socket"] = self.connection
+            return environ
+
+    WSGIRequestHandler.__module__ = __name__
+    WSGIRequestHandler.__qualname__ = "WSGIRequestHandler"
+    return WSGIRequestHandler
+
+
+if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
+    from wsgiref import simple_server
+
+    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
+        def get_environ(self) -> Dict[str, Any]: ...
+
+
+def __getattr__(name: str) -> Any:
+    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
+    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
+    if name == "WSGIRequestHandler":
+        handler = globals()[name] = _wsgi_request_handler()
+        return handler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ###############################################################################
