@@ -2921,6 +2921,10 @@ class RedisBridge:
 
     def _close(self) -> None:
         self._closed = True
+        manager = self.manager
+        with manager._lock:
+            if manager._bridge is self:
+                manager._bridge = None  # publish() is local only from now on
         for connection in list(self._connections.values()):
             if connection is not None:
                 connection._finalize("bridge closed")
@@ -3016,8 +3020,14 @@ class Supervisor:
                 except OSError:
                     pass
 
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         _request_stop_on_signals(self._stop_requests, force)
-        sock = self._sock if self._sock is not None else self._bind()
+        try:
+            sock = self._sock if self._sock is not None else self._bind()
+        except BaseException:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            raise
         try:
             for index in range(self.workers):
                 self._spawn(index, sock)
@@ -3034,6 +3044,8 @@ class Supervisor:
         finally:
             self._sock = None
             sock.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def bind(self) -> Tuple[str, int]:
         """Bind the port now (else :meth:`run` does); return the bound ``(host, port)``.
