@@ -2469,7 +2469,7 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing", "_connecting",
-                 "_tls_pending", "_timer", "_finalized")
+                 "_tls_pending", "_timer", "_finalized", "was_ready")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -2484,6 +2484,7 @@ class _RedisConnection:
         self._tls_pending = False
         self._timer: Any = None
         self._finalized = False
+        self.was_ready = False
 
     @property
     def ready(self) -> bool:
@@ -2567,6 +2568,7 @@ class _RedisConnection:
         self._flush()
 
     def _became_ready(self) -> None:
+        self.was_ready = True
         if self._timer is not None:
             self._timer[2] = None
             self._timer = None
@@ -2831,8 +2833,8 @@ class RedisBridge:
             return
         if self._down_since[role] is None:
             self._down_since[role] = time.monotonic()
-            logger.warning("redis bridge: %s connection to %s:%d lost (%s); local delivery goes on, reconnecting",
-                           role, self.host, self.port, reason)
+            logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
+                           role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
         else:
             logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
                          reason)
