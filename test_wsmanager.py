@@ -5233,6 +5233,47 @@ def test_cli_serve_rejects_a_bad_redis_url_in_one_line():
     _assert_fails_in_one_line(_cli("serve", "--redis", "http://127.0.0.1"), "redis://")
 
 
+@pytest.mark.timeout(120)
+def test_readme_workers_snippet_shares_a_chat_across_two_workers(tmp_path, redis_server):
+    port = _free_port()
+    code = readme_snippet("workers")
+    assert "redis://127.0.0.1:6379" in code and "9000" in code
+    code = code.replace("redis://127.0.0.1:6379", redis_server.url).replace("9000", str(port))
+    script = tmp_path / "workers.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with running_manager() as client_manager:
+            clients = []
+            deadline = time.monotonic() + 30
+            while len(clients) < 8:
+                try:
+                    client = connect(f"ws://127.0.0.1:{port}/", Recorder, timeout=5)
+                except (ConnectionRefusedError, ConnectionResetError, HandshakeError):
+                    assert time.monotonic() < deadline and proc.poll() is None, "the workers never listened"
+                    time.sleep(0.05)
+                    continue
+                client_manager.add(client)
+                clients.append(client)
+            # Sent until every client has one (each worker's subscription in Redis comes up on its own).
+            for attempt in range(100):
+                clients[0].send(f"hello {attempt}")
+                if wait_until_or_false(lambda: all(c.messages for c in clients), 0.2):
+                    break
+            assert all(c.messages for c in clients)
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: all(c.closed_event.is_set() for c in clients), timeout=20)
+            assert {c.close_code for c in clients} == {CloseCode.GOING_AWAY}
+            assert proc.wait(20) == 0
+    finally:
+        _reap(proc)
+        if proc.stderr:
+            stderr = proc.stderr.read().decode(errors="replace")
+            proc.stderr.close()
+            assert "Traceback" not in stderr, stderr
+
+
 ###############################################################################
 # Documentation that runs: README snippets and the module docstring
 ###############################################################################
