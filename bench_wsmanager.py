@@ -60,12 +60,14 @@ idle   10,000 idle connections for 10 s: CPU time of the server process
 scale  ``scale`` (only when named; needs redis-server for its second part):
        publish to 2,000 subscribers, raw sockets in this process, served by
        ``wsmanager.Supervisor`` with 1 and then 2 worker processes
-       (SO_REUSEPORT), interleaved per repetition: each worker publishes 200
+       (SO_REUSEPORT), interleaved per repetition: each worker publishes 500
        messages of 64 B to its subscribers; deliveries/s from the "go" until
-       every byte has arrived, and the 2-worker / 1-worker ratio. Then the
-       latency a Redis hop adds: two bridged managers and a redis-server on
-       loopback, 1,000 publishes one at a time; arrival at a client of the
-       publishing manager vs. at a client of the other manager (p50, p99).
+       every byte has arrived, and the 2-worker / 1-worker ratio (also per
+       CPU-second of the workers). Then the latency a Redis hop adds: two
+       chat servers (``python -m wsmanager serve --redis``) and a redis-server
+       on loopback; 1,000 messages one at a time sent to server A: the
+       arrival back at the sender (local publish) vs. at a client of server B
+       (through Redis), p50 and p99 of each and of their difference.
 soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
        or have the server close (plus a few half-sent handshakes and protocol
@@ -214,7 +216,7 @@ class Params:
     soak_rate: float = 500.0  # new connections per second, all workers together
     soak_max_rounds: int = 1_000_000  # per worker: the loop is bounded in count as well as in time
     scale_subscribers: int = 2000
-    scale_messages: int = 200  # per worker and round: 2,000 x 200 = 400,000 deliveries
+    scale_messages: int = 500  # per worker and round: 2,000 x 500 = 1,000,000 deliveries
     scale_latency_samples: int = 1000
 
     def quick(self) -> "Params":
@@ -1876,8 +1878,15 @@ def measure_publish(workers: int, subscribers: int, count: int, size: int) -> di
         triggers = [group[0] for group in placed.values()]
         # Every worker publishes `count` messages to its share: `count` x `subscribers` deliveries in all.
         publish_round(socks, triggers, 0, max(1, count // 10), size)  # warm-up
+        worker_pids = child_pids(server.pid)
+        before = [cpu_and_wait(pid) for pid in worker_pids]
         seconds = publish_round(socks, triggers, 1, count, size)
-        return {"deliveries/s": count * subscribers / seconds,
+        after = [cpu_and_wait(pid) for pid in worker_pids]
+        cpu = sum(a[0] - b[0] for a, b in zip(after, before))
+        waited = sum(a[1] - b[1] for a, b in zip(after, before))
+        deliveries = count * subscribers
+        return {"deliveries/s": deliveries / seconds, "per CPU-second": deliveries / cpu if cpu else 0.0,
+                "cpu": cpu / seconds, "wait": waited / seconds,
                 "spread": ", ".join(f"{name}: {len(group)}" for name, group in sorted(placed.items()))}
     finally:
         close_sockets(socks)
@@ -1887,6 +1896,15 @@ def measure_publish(workers: int, subscribers: int, count: int, size: int) -> di
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def child_pids(pid: int) -> List[int]:
+    """The child processes of ``pid`` (the Supervisor's workers)."""
+    children: List[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as listing:
+            children.extend(int(child) for child in listing.read().split())
+    return children
 
 
 def free_port() -> int:
@@ -1906,70 +1924,87 @@ class _Arrivals(wsmanager.WebSocket):
         self.arrivals.put(time.perf_counter())
 
 
-class _Subscribed(wsmanager.WebSocket):
-    def opened(self) -> None:
-        self._manager.subscribe(self, "latency")
+def _wait_for_port(port: int, process: "subprocess.Popen[bytes]", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((HOST, port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"nothing listens on port {port}")
+            time.sleep(0.02)
 
 
 def measure_redis_hop(samples: int) -> Optional[Dict[str, float]]:
-    """Publish on one manager; arrival at a subscriber of the same manager, and of another one via Redis."""
+    """Two chat servers (``python -m wsmanager serve --redis``) bridged by a redis-server; this process is the
+    client of both. A message sent to server A comes back to its sender from A (local) and to a client of
+    B through Redis: the difference of the two arrival times is what the hop adds."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         print("  redis-server is not installed: the Redis hop is not measured")
         return None
-    port = free_port()
-    redis = subprocess.Popen([redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    managers = [wsmanager.WebSocketManager() for _ in range(3)]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(wsmanager.__file__)))
+    redis_port, port_a, port_b = free_port(), free_port(), free_port()
+    processes = [subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    clients = wsmanager.WebSocketManager()
     try:
-        deadline = time.monotonic() + 10
-        while True:  # until redis-server answers, so the bridges do not start with a failed attempt
-            try:
-                socket.create_connection((HOST, port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        here, there, clients = managers
-        for manager in managers:
-            manager.start()
-        bridges = [manager.bridge(f"redis://{HOST}:{port}") for manager in (here, there)]
-        near = wsmanager.connect("ws://%s:%d/" % here.listen((HOST, 0), _Subscribed), _Arrivals)
-        far = wsmanager.connect("ws://%s:%d/" % there.listen((HOST, 0), _Subscribed), _Arrivals)
-        clients.add(near)
+        _wait_for_port(redis_port, processes[0])
+        for port in (port_a, port_b):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "wsmanager", "serve", "--port", str(port), "--redis",
+                 f"redis://{HOST}:{redis_port}"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            _wait_for_port(port, processes[-1])
+        clients.start()
+        sender = wsmanager.connect(f"ws://{HOST}:{port_a}/ws", _Arrivals)
+        far = wsmanager.connect(f"ws://{HOST}:{port_b}/ws", _Arrivals)
+        clients.add(sender)
         clients.add(far)
         deadline = time.monotonic() + 20
-        while not all(b.connected and b.subscribed for b in bridges) or here.subscribers("latency") < 1:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the bridges did not come up")
-            time.sleep(0.01)
+        while True:  # until B's subscription is up: a message crosses
+            sender.send("warm-up")
+            sender.arrivals.get(timeout=10)
+            try:
+                far.arrivals.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no message crossed Redis")
+        time.sleep(0.3)
+        while not far.arrivals.empty():
+            far.arrivals.get()
         local: List[float] = []
         remote: List[float] = []
         for i in range(samples + 50):
             started = time.perf_counter()
-            here.publish("latency", "x" * 64)
-            near_at = near.arrivals.get(timeout=10)
-            far_at = far.arrivals.get(timeout=10)
+            sender.send("x" * 64)
+            local_at = sender.arrivals.get(timeout=10)
+            remote_at = far.arrivals.get(timeout=10)
             if i >= 50:  # warm-up
-                local.append(near_at - started)
-                remote.append(far_at - started)
+                local.append(local_at - started)
+                remote.append(remote_at - started)
             time.sleep(0.001)
     finally:
-        for manager in managers:
-            manager.stop()
-            manager.join(10)
-        redis.kill()
-        redis.wait()
+        clients.stop()
+        clients.join(10)
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def quantile(values: List[float], q: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
 
+    added = [r - l for r, l in zip(remote, local)]
     return {"local p50": quantile(local, 0.5), "local p99": quantile(local, 0.99),
             "via Redis p50": quantile(remote, 0.5), "via Redis p99": quantile(remote, 0.99),
-            "hop p50": quantile([r - l for r, l in zip(remote, local)], 0.5),
-            "hop p99": quantile([r - l for r, l in zip(remote, local)], 0.99)}
+            "hop p50": quantile(added, 0.5), "hop p99": quantile(added, 0.99)}
 
 
 def run_scale(p: Params, repeat: int) -> int:
@@ -1977,17 +2012,24 @@ def run_scale(p: Params, repeat: int) -> int:
     print(f"## Scale: publish to {subscribers:,} subscribers ({count} messages of {size} B per worker, each worker to "
           f"its share), 1 and 2 worker processes (Supervisor, SO_REUSEPORT), interleaved, {repeat} repetition(s)")
     rates: Dict[int, List[float]] = {1: [], 2: []}
+    efficiency: Dict[int, List[float]] = {1: [], 2: []}
     for rep in range(repeat):
         for workers in (1, 2):
             result = measure_publish(workers, subscribers, count, size)
             rates[workers].append(result["deliveries/s"])
+            efficiency[workers].append(result["per CPU-second"])
             print(f"  {workers} worker(s), repetition {rep + 1}: {result['deliveries/s']:,.0f} deliveries/s "
-                  f"({result['spread']}); load average {os.getloadavg()[0]:.2f}", flush=True)
+                  f"({result['spread']}); workers' CPU {result['cpu']:.0%} + {result['wait']:.0%} waiting "
+                  f"(of one core), {result['per CPU-second']:,.0f} deliveries per CPU-second; load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"\n| publish to {subscribers:,} subscribers | deliveries/s (median) |\n|---|---|")
-    print(f"| 1 worker | {one:,.0f} |\n| 2 workers | {two:,.0f} |\n| scaling ratio (2 / 1) | {two / one:.2f}x |")
-    print(f"\n## Redis hop: {p.scale_latency_samples} publishes, one at a time, on a bridged manager; arrival at a "
-          f"client of the same manager (local) and of another bridged manager (via Redis), microseconds")
+    one_cpu, two_cpu = statistics.median(efficiency[1]), statistics.median(efficiency[2])
+    print(f"\n| publish to {subscribers:,} subscribers | deliveries/s | per worker CPU-second |\n|---|---|---|")
+    print(f"| 1 worker | {one:,.0f} | {one_cpu:,.0f} |\n| 2 workers | {two:,.0f} | {two_cpu:,.0f} |")
+    print(f"| scaling ratio (2 / 1) | {two / one:.2f}x | {two_cpu / one_cpu:.2f}x |")
+    print(f"\n## Redis hop: {p.scale_latency_samples} messages, one at a time, to a chat server bridged to another "
+          f"by Redis: round trip to the sender (local) and arrival at a client of the other server (via Redis), "
+          f"microseconds from the send")
     hop = measure_redis_hop(p.scale_latency_samples)
     if hop is not None:
         print("\n| latency (us) | p50 | p99 |\n|---|---|---|")
