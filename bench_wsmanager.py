@@ -1932,7 +1932,7 @@ def _wait_for_port(port: int, process: "subprocess.Popen[bytes]", timeout: float
             return
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"nothing listens on port {port}")
+                raise RuntimeError(f"nothing listens on port {port}") from None
             time.sleep(0.02)
 
 
@@ -1971,7 +1971,7 @@ def measure_redis_hop(samples: int) -> Optional[Dict[str, float]]:
                 break
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("no message crossed Redis")
+                    raise TimeoutError("no message crossed Redis") from None
         time.sleep(0.3)
         while not far.arrivals.empty():
             far.arrivals.get()

@@ -4955,7 +4955,7 @@ def test_bridge_relays_between_managers_and_ignores_its_own_echo(manager, redis_
             # Each exactly once (two publishers: no order between them).
             both = sorted(["hi", b"\x01bin"], key=repr)
             for _, client in local + remote:
-                wait_until(lambda: len(client.messages) >= 2, timeout=10)
+                wait_until(lambda client=client: len(client.messages) >= 2, timeout=10)
             wait_until(lambda: here.relayed == 1 and there.relayed == 1)
             time.sleep(0.2)  # an echo or a duplicate would come now
             assert all(sorted(c.messages, key=repr) == both for _, c in local + remote)
@@ -5094,9 +5094,11 @@ def test_two_processes_bridged_100_clients_each_1000_messages_exactly_once_in_or
                 client = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
                 client_manager.add(client)
                 clients[port].append(client)
-        for port in clients:
-            wait_until(lambda: _stats(port)["subscribers"] == 100 and _stats(port)["redis"]["subscribed"] == ["chat"],
-                       timeout=30, interval=0.1)
+        def ready(port):
+            stats = _stats(port)
+            return stats["subscribers"] == 100 and stats["redis"]["subscribed"] == ["chat"]
+
+        wait_until(lambda: ready(port_a) and ready(port_b), timeout=30, interval=0.1)
         everyone = clients[port_a] + clients[port_b]
         # Several publishers on both processes, sending at once: 4 x 250 = 1,000 messages.
         publishers = {"a0": clients[port_a][0], "a1": clients[port_a][1],

@@ -1866,7 +1866,8 @@ class WebSocketManager:
 
     # Listening -----------------------------------------------------------------
 
-    def listen(self, address: Union[Tuple[str, int], str, socket.socket], factory: Callable[..., WebSocket] = WebSocket, *,
+    def listen(self, address: Union[Tuple[str, int], str, socket.socket],
+               factory: Callable[..., WebSocket] = WebSocket, *,
                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                handshake: Optional[Callable[[Request], Any]] = None, backlog: int = 1024,
                max_connections: Optional[int] = None,
@@ -1875,8 +1876,9 @@ class WebSocketManager:
 
         ``address`` is ``(host, port)`` (port 0 picks a free one; IPv6 hosts
         work), a filesystem path for a Unix socket, or a socket that is bound
-        and listening already (the manager owns it from then on). ``factory`` makes each
-        connection after its handshake. ``subprotocols`` lists the server's,
+        and listening already (the manager owns it from then on: a
+        :class:`Supervisor` worker's, an inherited one). ``factory`` makes
+        each connection after its handshake. ``subprotocols`` lists the server's,
         in preference order. ``handshake(request)`` may inspect the
         :class:`Request` and return ``None`` to accept, a subprotocol name,
         or a :class:`Response` to answer with plain HTTP instead (a refusal
