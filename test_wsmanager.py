@@ -5072,6 +5072,47 @@ def test_redis_killed_and_restarted_delivery_resumes_and_the_loss_is_reported(re
             assert "re-subscribed to 1 topic(s)" in log
 
 
+def test_bridge_bounds_what_waits_for_a_stalled_redis_and_counts_the_drops(redis_server, caplog):
+    with running_manager() as here, running_manager() as client_manager:
+        bridge = here.bridge(redis_server.url, max_pending=64 * 1024)
+        with subscribed_pairs(here, client_manager, 1, "t") as [(_, local)]:
+            wait_bridged(bridge)
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis stops reading: the kernel buffers fill up
+            try:
+                payload = "x" * 4096
+                for _ in range(3000):  # 12 MB: past the socket buffers and then past max_pending
+                    here.publish("t", payload)
+                wait_until(lambda: bridge.dropped > 0)
+                assert bridge._publisher.pending() <= 64 * 1024 + 5000  # bounded: one message past the limit at most
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            wait_until(lambda: bridge.relayed + bridge.dropped == 3000, timeout=30)
+            assert bridge.relayed > 0 and bridge.reconnections == 0
+            wait_until(lambda: len(local.messages) == 3000, timeout=30)  # local delivery lost nothing
+
+
+def test_a_stalled_local_subscriber_never_stops_the_bridge_reading(redis_server):
+    with running_manager() as here, running_manager() as there, running_manager() as client_manager:
+        near = here.bridge(redis_server.url)
+        far = there.bridge(redis_server.url)
+        servers = Collect(Subscriber, topics=("t",), max_buffered=128 * 1024)
+        address = there.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address, rcvbuf=4096) as stalled:
+            reader = open_client(client_manager, ws_url(address))
+            wait_until(lambda: there.subscribers("t") == 2)
+            wait_bridged(near)
+            wait_bridged(far, topics=["t"])
+            payload = "y" * 8192
+            for i in range(1000):  # 8 MB through Redis to a manager with a subscriber that reads nothing
+                here.publish("t", payload)
+                if i % 50 == 49:
+                    wait_until(lambda: far.received >= i - 100, timeout=20)
+            wait_until(lambda: len(reader.messages) == 1000, timeout=30)
+            stalled_server = next(s for s in servers.made if s.peer_address[1] == stalled.sock.getsockname()[1])
+            assert stalled_server.closed_event.is_set() and "slow consumer" in stalled_server.close_reason
+            assert far.received == 1000 and far.reconnections == 0 and near.dropped == 0
+
+
 def _stats(port):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
