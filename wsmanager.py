@@ -32,7 +32,9 @@ An echo server and a client, in one manager::
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
 :func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
-and the manager (:class:`WebSocketManager`, :func:`connect`).
+and the manager (:class:`WebSocketManager`, :func:`connect`). On top, for
+more than one core or host: topics (``manager.publish``), a Redis pub/sub
+bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`).
 Run ``python -m wsmanager --help`` for the demo chat server and client.
 """
 
