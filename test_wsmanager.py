@@ -5080,8 +5080,10 @@ def test_bridge_bounds_what_waits_for_a_stalled_redis_and_counts_the_drops(redis
             os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis stops reading: the kernel buffers fill up
             try:
                 payload = "x" * 4096
-                for _ in range(3000):  # 12 MB: past the socket buffers and then past max_pending
+                for i in range(3000):  # 12 MB: past the socket buffers and then past max_pending
                     here.publish("t", payload)
+                    if i % 100 == 99:  # paced to the local reader (else it is a slow consumer, and dropped)
+                        wait_until(lambda i=i: len(local.messages) >= i - 200, timeout=20)
                 wait_until(lambda: bridge.dropped > 0)
                 assert bridge._publisher.pending() <= 64 * 1024 + 5000  # bounded: one message past the limit at most
             finally:
@@ -5106,7 +5108,7 @@ def test_a_stalled_local_subscriber_never_stops_the_bridge_reading(redis_server)
             for i in range(1000):  # 8 MB through Redis to a manager with a subscriber that reads nothing
                 here.publish("t", payload)
                 if i % 50 == 49:
-                    wait_until(lambda: far.received >= i - 100, timeout=20)
+                    wait_until(lambda i=i: far.received >= i - 100, timeout=20)
             wait_until(lambda: len(reader.messages) == 1000, timeout=30)
             stalled_server = next(s for s in servers.made if s.peer_address[1] == stalled.sock.getsockname()[1])
             assert stalled_server.closed_event.is_set() and "slow consumer" in stalled_server.close_reason
