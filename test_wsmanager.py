@@ -5260,6 +5260,22 @@ def test_cli_serve_workers_without_redis_says_workers_do_not_share(tmp_path):
         assert proc.wait(20) == 0
 
 
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    with _serve_workers(tmp_path) as (proc, port, read_log, serving):
+        pids = list(serving().values())
+        proc.kill()  # SIGKILL: the supervisor cannot stop anyone
+        proc.wait(10)
+        wait_until(lambda: not any(running(pid) for pid in pids), timeout=10)
+        assert read_log().count("the supervisor is gone; stopping") == 2
+
+
 def test_cli_serve_second_ctrl_c_says_it_forces_the_exit(tmp_path):
     with _chat_server(tmp_path) as (proc, port, read_log):
         # A peer that never answers the close frame keeps the first Ctrl-C waiting (close_timeout, 5 s).

@@ -3174,7 +3174,11 @@ class Supervisor:
         manager.start()
         logger.info("worker %d (pid %d) serving", index, os.getpid())
         thread = manager._thread
+        supervisor = os.getppid()
         while not stop_requests and thread is not None and thread.is_alive():
+            if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
+                logger.warning("worker %d: the supervisor is gone; stopping", index)
+                break
             time.sleep(0.1)
         logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
         manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
