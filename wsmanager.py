@@ -2786,6 +2786,7 @@ class RedisBridge:
         down_since = self._down_since[role]
         self._delays[role] = 0.0
         hello = self._hello()
+        lost = 0
         if role == "publish":
             if hello:
                 connection.write(hello)
