@@ -5260,6 +5260,50 @@ def test_cli_serve_workers_without_redis_says_workers_do_not_share(tmp_path):
         assert proc.wait(20) == 0
 
 
+@pytest.mark.timeout(240)
+def test_two_browsers_on_different_workers_see_each_others_messages(tmp_path, redis_server):
+    browser = _find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    with _serve_workers(tmp_path, "--redis", redis_server.url) as (proc, port, read_log, serving), \
+            contextlib.ExitStack() as browsers:
+        def landed():
+            """The worker of each WebSocket connection so far, in the order they connected."""
+            return [int(worker) for worker in re.findall(r"worker (\d+): 127\.0\.0\.1:\d+ connected", read_log())]
+
+        pages = []
+        for name in ("a", "b"):
+            profile = tmp_path / f"chromium-{name}"
+            profile.mkdir()
+            pages.append(browsers.enter_context(_headless_chromium(browser, f"http://127.0.0.1:{port}/", profile)))
+            wait_until(lambda: len(landed()) == len(pages), timeout=60, interval=0.05)
+        first, second = pages
+        for _ in range(20):  # the kernel picks the worker: reload the second page until it is on the other one
+            if landed()[0] != landed()[-1]:
+                break
+            seen = len(landed())
+            second.call("Page.reload")
+            wait_until(lambda: len(landed()) == seen + 1, timeout=60, interval=0.05)
+        assert landed()[0] != landed()[-1], landed()
+
+        def show(page):
+            result = page.call("Runtime.evaluate", expression="document.getElementById('log').innerHTML",
+                               returnByValue=True)
+            return result["result"]["value"]
+
+        def say(page, text):
+            page.call("Runtime.evaluate", expression=f"ws.send({json.dumps(text)})")
+
+        # Sent until the other page shows it: each worker's Redis subscription comes up on its own.
+        for sender, receiver, text in ((first, second, "from browser a"), (second, first, "from browser b")):
+            for attempt in range(100):
+                say(sender, f"{text} ({attempt})")
+                if wait_until_or_false(lambda: text in show(receiver), 0.3):
+                    break
+            assert text in show(receiver)
+        assert "from browser b" in show(second) and "from browser a" in show(first)  # and each its own
+
+
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
     def running(pid):
         try:
