@@ -5304,6 +5304,52 @@ def test_two_browsers_on_different_workers_see_each_others_messages(tmp_path, re
         assert "from browser b" in show(second) and "from browser a" in show(first)  # and each its own
 
 
+SUPERVISOR_SCRIPT = """
+import logging, sys, wsmanager
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(f"{index}:{message}")
+
+def setup(manager, sock, worker):
+    global index
+    index = worker
+    manager.listen(sock, Echo)
+
+supervisor = wsmanager.Supervisor(("127.0.0.1", 0), setup, workers=2, reuse_port=sys.argv[1] == "1",
+                                  restart_delay=0.1)
+print("port", supervisor.bind()[1], flush=True)
+sys.exit(supervisor.run())
+"""
+
+
+@pytest.mark.parametrize("reuse_port", [True, False], ids=["SO_REUSEPORT", "inherited-socket"])
+def test_supervisor_library_api_serves_on_one_port_and_stops_cleanly(tmp_path, reuse_port):
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR_SCRIPT, "1" if reuse_port else "0"],
+                                env=_cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    try:
+        port = int(proc.stdout.readline().split()[1])  # bind() happened before any worker existed
+        wait_until(lambda: log_path.read_text().count(") serving") == 2, timeout=30)
+        with running_manager() as client_manager:
+            clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/") for _ in range(8)]
+            for client in clients:
+                client.send("hi")
+            wait_until(lambda: all(len(c.messages) == 1 for c in clients), timeout=20)
+            assert {c.messages[0].split(":")[1] for c in clients} == {"hi"}
+            assert {c.messages[0].split(":")[0] for c in clients} <= {"0", "1"}
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: all(c.closed_event.is_set() for c in clients), timeout=20)
+            assert {c.close_code for c in clients} == {CloseCode.GOING_AWAY}
+        assert proc.wait(20) == 0
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        _reap(proc)
+        proc.stdout.close()
+
+
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
     def running(pid):
         try:
