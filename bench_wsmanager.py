@@ -57,6 +57,17 @@ codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
 idle   10,000 idle connections for 10 s: CPU time of the server process
        (wsmanager: its loop thread; the main thread waits on a pipe) over wall
        time, in percent.
+scale  ``scale`` (only when named; needs redis-server for its second part):
+       publish to 2,000 subscribers, raw sockets in this process, served by
+       ``wsmanager.Supervisor`` with 1 and then 2 worker processes
+       (SO_REUSEPORT), interleaved per repetition: each worker publishes 500
+       messages of 64 B to its subscribers; deliveries/s from the "go" until
+       every byte has arrived, and the 2-worker / 1-worker ratio (also per
+       CPU-second of the workers). Then the latency a Redis hop adds: two
+       chat servers (``python -m wsmanager serve --redis``) and a redis-server
+       on loopback; 1,000 messages one at a time sent to server A: the
+       arrival back at the sender (local publish) vs. at a client of server B
+       (through Redis), p50 and p99 of each and of their difference.
 soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
        or have the server close (plus a few half-sent handshakes and protocol
@@ -120,12 +131,16 @@ import hashlib
 import multiprocessing
 import os
 import pstats
+import queue
 import random
 import resource
 import selectors
+import shutil
+import signal
 import socket
 import statistics
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -200,12 +215,16 @@ class Params:
     soak_workers: int = 16
     soak_rate: float = 500.0  # new connections per second, all workers together
     soak_max_rounds: int = 1_000_000  # per worker: the loop is bounded in count as well as in time
+    scale_subscribers: int = 2000
+    scale_messages: int = 500  # per worker and round: 2,000 x 500 = 1,000,000 deliveries
+    scale_latency_samples: int = 1000
 
     def quick(self) -> "Params":
         return dataclasses.replace(
             self, s1_round_trips=300, s2_per_connection=200, s3_per_connection=10, s4_connections=500,
             s5_clients=200, s5_broadcasts=10, s6_connections=200, codec_small_frames=10_000,
-            codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, trial_timeout=60.0)
+            codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, trial_timeout=60.0,
+            scale_subscribers=200, scale_messages=50, scale_latency_samples=200)
 
 
 ###############################################################################
@@ -1746,6 +1765,281 @@ def run_soak(p: Params) -> int:
 
 
 ###############################################################################
+# Scaling out: publish with worker processes, and the Redis hop (issue 12) ####
+###############################################################################
+
+SCALE_WORKER = r'''
+import sys, wsmanager
+workers, port = int(sys.argv[1]), int(sys.argv[2])
+rounds = {}
+
+def setup(manager, sock, index):
+    class Subscriber(wsmanager.WebSocket):
+        def opened(self):
+            self.send(f"w{index}")  # tells the client which worker it landed on
+            manager.subscribe(self, "bench")
+
+        def received_message(self, message):
+            # "go:<round>:<count>:<size>": publish <count> messages to every subscriber of this worker.
+            _, round_id, count, size = message.split(":")
+            message = "p" * int(size)
+            for _ in range(int(count)):
+                manager.publish("bench", message)
+
+    manager.listen(sock, Subscriber, backlog=4096)
+
+wsmanager.Supervisor(("127.0.0.1", port), setup, workers=workers, backlog=4096).run()
+'''
+
+
+def _raw_subscriber(port: int) -> "tuple[socket.socket, str]":
+    """A WebSocket client socket after its handshake, and the worker it landed on ("w0", "w1"...)."""
+    sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
+    key = wsmanager.new_key()
+    sock.sendall(wsmanager.build_request(f"{HOST}:{port}", "/", key))
+    reader = wsmanager.HeadReader()
+    result = None
+    while result is None:
+        data = sock.recv(READ_CHUNK)
+        if not data:
+            raise ConnectionError("closed during the handshake")
+        result = reader.feed(data)
+    head, rest = result
+    wsmanager.validate_response(wsmanager.parse_response(head), key)
+    parser = wsmanager.FrameParser(expect_masked=False)
+    frames = parser.feed(rest)
+    while not frames:
+        frames = parser.feed(sock.recv(READ_CHUNK))
+    sock.setblocking(False)
+    return sock, frames[0].payload.decode()
+
+
+def publish_round(socks: Sequence[socket.socket], triggers: Sequence[socket.socket], round_id: int, count: int,
+                  size: int, timeout: float = 120.0) -> float:
+    """Seconds from the "go" messages until every subscriber has all ``count`` messages of ``size`` B."""
+    frame_size = len(wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"p" * size))
+    expected = count * frame_size
+    remaining = {sock.fileno(): expected for sock in socks}
+    by_fd = {sock.fileno(): sock for sock in socks}
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        selector.register(sock, selectors.EVENT_READ)
+    go = f"go:{round_id}:{count}:{size}".encode()
+    started = time.perf_counter()
+    for sock in triggers:
+        sock.setblocking(True)
+        sock.sendall(wsmanager.encode_frame(wsmanager.Opcode.TEXT, go, mask=True))
+        sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    try:
+        while remaining and time.monotonic() < deadline:
+            for key, _ in selector.select(1.0):
+                fd = key.fd
+                try:
+                    data = by_fd[fd].recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    raise ConnectionError("a subscriber was closed by the server")
+                left = remaining[fd] - len(data)
+                if left <= 0:
+                    del remaining[fd]
+                    selector.unregister(by_fd[fd])
+                else:
+                    remaining[fd] = left
+    finally:
+        selector.close()
+    if remaining:
+        raise TimeoutError(f"{len(remaining)} subscribers still waiting after {timeout:.0f} s")
+    return time.perf_counter() - started
+
+
+def measure_publish(workers: int, subscribers: int, count: int, size: int) -> dict:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(wsmanager.__file__)))
+    server = subprocess.Popen([sys.executable, "-c", SCALE_WORKER, str(workers), str(port)], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    socks: List[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        placed: Dict[str, List[socket.socket]] = collections.defaultdict(list)
+        while len(socks) < subscribers:
+            try:
+                sock, worker = _raw_subscriber(port)
+            except (ConnectionRefusedError, ConnectionResetError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # the workers are not all listening yet
+                continue
+            socks.append(sock)
+            placed[worker].append(sock)
+        if len(placed) < workers:
+            raise RuntimeError(f"connections landed on {len(placed)} of {workers} workers")
+        triggers = [group[0] for group in placed.values()]
+        # Every worker publishes `count` messages to its share: `count` x `subscribers` deliveries in all.
+        publish_round(socks, triggers, 0, max(1, count // 10), size)  # warm-up
+        worker_pids = child_pids(server.pid)
+        before = [cpu_and_wait(pid) for pid in worker_pids]
+        seconds = publish_round(socks, triggers, 1, count, size)
+        after = [cpu_and_wait(pid) for pid in worker_pids]
+        cpu = sum(a[0] - b[0] for a, b in zip(after, before))
+        waited = sum(a[1] - b[1] for a, b in zip(after, before))
+        deliveries = count * subscribers
+        return {"deliveries/s": deliveries / seconds, "per CPU-second": deliveries / cpu if cpu else 0.0,
+                "cpu": cpu / seconds, "wait": waited / seconds,
+                "spread": ", ".join(f"{name}: {len(group)}" for name, group in sorted(placed.items()))}
+    finally:
+        close_sockets(socks)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def child_pids(pid: int) -> List[int]:
+    """The child processes of ``pid`` (the Supervisor's workers)."""
+    children: List[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as listing:
+            children.extend(int(child) for child in listing.read().split())
+    return children
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class _Arrivals(wsmanager.WebSocket):
+    """A client that hands each message's arrival time to a queue."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.arrivals: "queue.SimpleQueue[float]" = queue.SimpleQueue()
+
+    def received_message(self, message: Any) -> None:
+        self.arrivals.put(time.perf_counter())
+
+
+def _wait_for_port(port: int, process: "subprocess.Popen[bytes]", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((HOST, port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"nothing listens on port {port}") from None
+            time.sleep(0.02)
+
+
+def measure_redis_hop(samples: int) -> Optional[Dict[str, float]]:
+    """Two chat servers (``python -m wsmanager serve --redis``) bridged by a redis-server; this process is the
+    client of both. A message sent to server A comes back to its sender from A (local) and to a client of
+    B through Redis: the difference of the two arrival times is what the hop adds."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        print("  redis-server is not installed: the Redis hop is not measured")
+        return None
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(wsmanager.__file__)))
+    redis_port, port_a, port_b = free_port(), free_port(), free_port()
+    processes = [subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    clients = wsmanager.WebSocketManager()
+    try:
+        _wait_for_port(redis_port, processes[0])
+        for port in (port_a, port_b):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "wsmanager", "serve", "--port", str(port), "--redis",
+                 f"redis://{HOST}:{redis_port}"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            _wait_for_port(port, processes[-1])
+        clients.start()
+        sender = wsmanager.connect(f"ws://{HOST}:{port_a}/ws", _Arrivals)
+        far = wsmanager.connect(f"ws://{HOST}:{port_b}/ws", _Arrivals)
+        clients.add(sender)
+        clients.add(far)
+        deadline = time.monotonic() + 20
+        while True:  # until B's subscription is up: a message crosses
+            sender.send("warm-up")
+            sender.arrivals.get(timeout=10)
+            try:
+                far.arrivals.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no message crossed Redis") from None
+        time.sleep(0.3)
+        while not far.arrivals.empty():
+            far.arrivals.get()
+        local: List[float] = []
+        remote: List[float] = []
+        for i in range(samples + 50):
+            started = time.perf_counter()
+            sender.send("x" * 64)
+            local_at = sender.arrivals.get(timeout=10)
+            remote_at = far.arrivals.get(timeout=10)
+            if i >= 50:  # warm-up
+                local.append(local_at - started)
+                remote.append(remote_at - started)
+            time.sleep(0.001)
+    finally:
+        clients.stop()
+        clients.join(10)
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def quantile(values: List[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+    added = [hop - direct for hop, direct in zip(remote, local)]
+    return {"local p50": quantile(local, 0.5), "local p99": quantile(local, 0.99),
+            "via Redis p50": quantile(remote, 0.5), "via Redis p99": quantile(remote, 0.99),
+            "hop p50": quantile(added, 0.5), "hop p99": quantile(added, 0.99)}
+
+
+def run_scale(p: Params, repeat: int) -> int:
+    subscribers, count, size = p.scale_subscribers, p.scale_messages, 64
+    print(f"## Scale: publish to {subscribers:,} subscribers ({count} messages of {size} B per worker, each worker to "
+          f"its share), 1 and 2 worker processes (Supervisor, SO_REUSEPORT), interleaved, {repeat} repetition(s)")
+    rates: Dict[int, List[float]] = {1: [], 2: []}
+    efficiency: Dict[int, List[float]] = {1: [], 2: []}
+    for rep in range(repeat):
+        for workers in (1, 2):
+            result = measure_publish(workers, subscribers, count, size)
+            rates[workers].append(result["deliveries/s"])
+            efficiency[workers].append(result["per CPU-second"])
+            print(f"  {workers} worker(s), repetition {rep + 1}: {result['deliveries/s']:,.0f} deliveries/s "
+                  f"({result['spread']}); workers' CPU {result['cpu']:.0%} + {result['wait']:.0%} waiting "
+                  f"(of one core), {result['per CPU-second']:,.0f} deliveries per CPU-second; load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    one_cpu, two_cpu = statistics.median(efficiency[1]), statistics.median(efficiency[2])
+    print(f"\n| publish to {subscribers:,} subscribers | deliveries/s | per worker CPU-second |\n|---|---|---|")
+    print(f"| 1 worker | {one:,.0f} | {one_cpu:,.0f} |\n| 2 workers | {two:,.0f} | {two_cpu:,.0f} |")
+    print(f"| scaling ratio (2 / 1) | {two / one:.2f}x | {two_cpu / one_cpu:.2f}x |")
+    print(f"\n## Redis hop: {p.scale_latency_samples} messages, one at a time, to a chat server bridged to another "
+          f"by Redis: round trip to the sender (local) and arrival at a client of the other server (via Redis), "
+          f"microseconds from the send")
+    hop = measure_redis_hop(p.scale_latency_samples)
+    if hop is not None:
+        print("\n| latency (us) | p50 | p99 |\n|---|---|---|")
+        for name in ("local", "via Redis", "hop"):
+            label = "added by the Redis hop" if name == "hop" else name
+            print(f"| {label} | {hop[name + ' p50']:,.0f} | {hop[name + ' p99']:,.0f} |")
+    return 0
+
+
+###############################################################################
 # Main #########################################################################
 ###############################################################################
 
@@ -1760,7 +2054,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Benchmark wsmanager against websockets (reference) and a raw-TCP selectors ceiling. "
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
-               "s6 client side, codec, idle; soak (only when named).",
+               "s6 client side, codec, idle; soak and scale (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")
@@ -1770,9 +2064,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="cProfile every wsmanager server process into DIR and print its top functions")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak",)]
+    unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak", "scale")]
     if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {', '.join(SCENARIO_ORDER)}, soak")
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {', '.join(SCENARIO_ORDER)}, soak, "
+                     "scale")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.seconds <= 0:
@@ -1835,6 +2130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "soak" in chosen:
         print()
         status = run_soak(p) or status
+    if "scale" in chosen:
+        print()
+        status = run_scale(p, args.repeat) or status
     return status
 
 

@@ -2745,13 +2745,13 @@ def _reap(proc):
 
 
 @contextlib.contextmanager
-def _chat_server(tmp_path):
-    """`python -m wsmanager serve` on a free port; yields (process, port, read_log)."""
-    log_path = tmp_path / "serve.log"
+def _chat_server(tmp_path, *options, name="serve"):
+    """`python -m wsmanager serve [options]` on a free port; yields (process, port, read_log)."""
+    log_path = tmp_path / f"{name}.log"
     for attempt in range(3):
         port = _free_port()
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port), *options],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                     env=_cli_env())
         try:
@@ -6151,6 +6151,774 @@ def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(wsgi_host):
     _ws_echoes(port)
     assert _http(port)[:3:2] == (200, page)
     _assert_clean_host_log(read_log())
+
+
+###############################################################################
+# Scaling out: topics, the Redis bridge, worker processes (issue 12)
+###############################################################################
+
+class Subscriber(Recorder):
+    """A Recorder that subscribes itself to every topic in its ``topics`` attribute when it opens."""
+
+    topics = ()
+
+    def opened(self):
+        for topic in self.topics:
+            self._manager.subscribe(self, topic)
+        super().opened()
+
+
+@contextlib.contextmanager
+def subscribed_pairs(manager, client_manager, count, *topics, factory=Subscriber):
+    """``count`` server connections of ``manager`` subscribed to ``topics``, each with its client in
+    ``client_manager``; yields [(server, client), ...] once every server is subscribed."""
+    servers = Collect(factory, topics=topics)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [open_client(client_manager, ws_url(address)) for _ in range(count)]
+    wait_until(lambda: len(servers.made) == count and all(s.opened_event.is_set() for s in servers.made))
+    by_port = {s.peer_address[1]: s for s in servers.made}
+    yield [(by_port[c.sock.getsockname()[1]], c) for c in clients]
+
+
+def test_publish_reaches_the_subscribers_of_its_topic_only(manager):
+    with running_manager() as client_manager:
+        with subscribed_pairs(manager, client_manager, 3, "news") as news, \
+                subscribed_pairs(manager, client_manager, 2, "sport") as sport:
+            assert manager.subscribers("news") == 3 and manager.subscribers("sport") == 2
+            assert sorted(manager.topics()) == ["news", "sport"]
+            assert manager.topics(news[0][0]) == ["news"]
+            assert manager.publish("news", "headline") == 3
+            assert manager.publish("sport", b"\x00score") == 2
+            assert manager.publish("weather", "nobody listens") == 0
+            wait_until(lambda: all(c.messages == ["headline"] for _, c in news))
+            wait_until(lambda: all(c.messages == [b"\x00score"] for _, c in sport))
+            # A connection may be in several topics; broadcast() still reaches everyone.
+            manager.subscribe(sport[0][0], "news")
+            assert manager.publish("news", "second") == 4
+            assert manager.broadcast("all") == 5
+            wait_until(lambda: sport[0][1].messages == [b"\x00score", "second", "all"])
+            wait_until(lambda: sport[1][1].messages == [b"\x00score", "all"])
+
+
+def test_publish_encodes_the_frame_once_for_every_server_subscriber(manager, monkeypatch):
+    with running_manager() as client_manager:
+        with subscribed_pairs(manager, client_manager, 20, "t") as pairs:
+            calls = []
+            real_encode = wsmanager.encode_frame
+
+            def counting_encode(*args, **kwargs):
+                calls.append(kwargs.get("mask", False))
+                return real_encode(*args, **kwargs)
+
+            monkeypatch.setattr(wsmanager, "encode_frame", counting_encode)
+            assert manager.publish("t", "once") == 20
+            monkeypatch.undo()
+            assert calls == [False]
+            wait_until(lambda: all(c.messages == ["once"] for _, c in pairs))
+
+
+def test_client_role_subscribers_get_a_masked_frame_of_their_own(manager):
+    # A server that got an unmasked frame from a client would fail it with 1002: these arrive intact.
+    servers = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [open_client(manager, ws_url(address)) for _ in range(3)]
+    for client in clients:
+        manager.subscribe(client, "up")
+    server_side = servers.first_opened()
+    wait_until(lambda: len(servers.made) == 3)
+    assert manager.subscribers("up") == 3
+    assert manager.publish("up", "from every client") == 3
+    wait_until(lambda: all(s.messages == ["from every client"] for s in servers.made))
+    assert all(not s.closed_event.is_set() for s in servers.made)
+    assert server_side.state is State.OPEN
+
+
+def test_unsubscribe_stops_delivery_and_an_empty_topic_disappears(manager):
+    with running_manager() as client_manager:
+        with subscribed_pairs(manager, client_manager, 2, "t") as pairs:
+            (first, first_client), (second, second_client) = pairs
+            manager.unsubscribe(first, "t")
+            manager.unsubscribe(first, "t")  # twice, or a topic it never joined: nothing happens
+            manager.unsubscribe(first, "elsewhere")
+            assert manager.topics(first) == []
+            assert manager.publish("t", "only the second") == 1
+            wait_until(lambda: second_client.messages == ["only the second"])
+            manager.unsubscribe(second, "t")
+            assert manager.topics() == [] and manager.subscribers("t") == 0
+            assert manager.publish("t", "nobody") == 0
+            first_client.send("sync")  # anything published to them would have arrived before the echo of this
+            wait_until(lambda: first.messages == ["sync"])
+            assert first_client.messages == []
+
+
+def test_a_closed_connection_leaves_all_its_topics_by_itself(manager):
+    with running_manager() as client_manager:
+        with subscribed_pairs(manager, client_manager, 2, "a", "b", "c") as pairs:
+            (leaving, leaving_client), (staying, _) = pairs
+            assert sorted(manager.topics(leaving)) == ["a", "b", "c"]
+            leaving_client.close()
+            assert leaving.closed_event.wait(10)
+            assert manager.topics(leaving) == []
+            assert all(manager.subscribers(topic) == 1 for topic in "abc")
+            staying._manager.unsubscribe(staying, "a")
+            assert sorted(manager.topics()) == ["b", "c"]
+            assert manager._memberships.keys() == {staying}
+            with pytest.raises(ConnectionClosed):
+                manager.subscribe(leaving, "a")  # over: it cannot come back
+    with pytest.raises(TypeError):
+        manager.publish(b"bytes topic", "x")
+
+
+def test_a_slow_subscriber_is_dropped_and_the_others_get_everything(manager):
+    servers = Collect(Subscriber, topics=("t",), max_buffered=256 * 1024)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    with raw_peer(address, rcvbuf=4096) as stalled, running_manager() as client_manager:
+        fast = open_client(client_manager, ws_url(address))
+        wait_until(lambda: len(servers.made) == 2 and manager.subscribers("t") == 2)
+        slow_server = next(s for s in servers.made if s.peer_address[1] == stalled.sock.getsockname()[1])
+        fast_server = next(s for s in servers.made if s is not slow_server)
+        payload = b"x" * 65536
+        counts = []
+        for _ in range(400):  # 26 MB: far past what the kernel buffers for the stalled peer
+            counts.append(manager.publish("t", payload))
+            # Paced to the fast reader only: publish() itself never waits for anyone.
+            wait_until(lambda: fast_server.buffered_amount < 128 * 1024)
+        assert counts[0] == 2 and counts[-1] == 1  # the stalled one was dropped, not waited for
+        assert slow_server.closed_event.wait(10)
+        assert slow_server.close_code == CloseCode.ABNORMAL
+        assert "slow consumer" in slow_server.close_reason
+        assert manager.subscribers("t") == 1
+        wait_until(lambda: len(fast.messages) == 400, timeout=30)
+        assert all(message == payload for message in fast.messages)
+
+
+def test_publish_from_many_threads_keeps_each_threads_order(manager):
+    with running_manager() as client_manager:
+        with subscribed_pairs(manager, client_manager, 5, "t") as pairs:
+            def publisher(name):
+                for i in range(200):
+                    manager.publish("t", f"{name}:{i}")
+
+            threads = [threading.Thread(target=publisher, args=(f"p{n}",)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            wait_until(lambda: all(len(c.messages) == 800 for _, c in pairs), timeout=30)
+            for _, client in pairs:
+                for name in ("p0", "p1", "p2", "p3"):
+                    assert [m for m in client.messages if m.startswith(name + ":")] == [
+                        f"{name}:{i}" for i in range(200)]
+
+
+# ---------------------------------------------------------------------------
+# The RESP client and the bridge's URL, without a server
+# ---------------------------------------------------------------------------
+
+def test_resp_parser_in_any_chunking():
+    replies = [b"+OK\r\n", b"-ERR wrong\r\n", b":42\r\n", b"$5\r\nhe\r\no\r\n", b"$-1\r\n", b"$0\r\n\r\n",
+               b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\n\x00\r\n\r\n", b"*0\r\n", b"*-1\r\n",
+               b"*2\r\n*1\r\n:1\r\n+x\r\n"]
+    expected = ["OK", wsmanager._RedisError("ERR wrong"), 42, b"he\r\no", None, b"",
+                [b"message", b"ch", b"\x00\r\n"], [], None, [[1], "x"]]
+    stream = b"".join(replies)
+    for cut in range(len(stream) + 1):
+        parser = wsmanager._RespParser()
+        assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == expected, cut
+    parser = wsmanager._RespParser()
+    assert [r for byte in stream for r in parser.feed(bytes([byte]))] == expected
+    with pytest.raises(ValueError):
+        wsmanager._RespParser().feed(b"?what\r\n")
+    with pytest.raises(ValueError):
+        wsmanager._RespParser(max_size=10).feed(b"$11\r\n")
+    assert wsmanager._resp_command(b"PUBLISH", b"c", b"") == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$0\r\n\r\n"
+
+
+@pytest.mark.parametrize("url, parsed", [
+    ("redis://127.0.0.1", (False, "127.0.0.1", 6379, 0, None, None)),
+    ("redis://:s%40cret@host:7000/3", (False, "host", 7000, 3, None, "s@cret")),
+    ("redis://user:pw@[::1]:6380", (False, "::1", 6380, 0, "user", "pw")),
+    ("redis://pw@host", (False, "host", 6379, 0, None, "pw")),
+    ("rediss://host:6390/0", (True, "host", 6390, 0, None, None)),
+])
+def test_redis_urls(url, parsed):
+    assert wsmanager._parse_redis_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["http://host", "redis://host:99999", "redis://host/x"])
+def test_bad_redis_urls_fail_at_once(url, manager):
+    with pytest.raises(ValueError):
+        manager.bridge(url)
+    assert manager._bridge is None
+
+
+# ---------------------------------------------------------------------------
+# A real redis-server, started on a free port by the test and killed afterwards
+# ---------------------------------------------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1, persistence off; start() again after kill() reuses the port.
+
+    With ``tls`` (a trustme CA), it serves TLS only, with a certificate for 127.0.0.1 from that CA.
+    """
+
+    def __init__(self, directory, *options, tls=None):
+        self.directory = directory
+        self.options = options
+        self.tls = tls
+        self.port = None
+        self.proc = None
+        if tls is not None:
+            cert = tls.issue_cert("127.0.0.1")
+            cert.private_key_pem.write_to_path(str(directory / "redis-key.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(directory / "redis-cert.pem"))
+            tls.cert_pem.write_to_path(str(directory / "redis-ca.pem"))
+
+    @property
+    def url(self):
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
+
+    def _arguments(self):
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                "--tls-cert-file", str(self.directory / "redis-cert.pem"),
+                "--tls-key-file", str(self.directory / "redis-key.pem"),
+                "--tls-ca-cert-file", str(self.directory / "redis-ca.pem")]
+
+    def _probe(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+        if self.tls is not None:
+            context = ssl.create_default_context()
+            self.tls.configure_trust(context)
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        return sock
+
+    def start(self):
+        for attempt in range(3):
+            if self.port is None or attempt:
+                self.port = _free_port()
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, *self._arguments(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory), *self.options],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with self._probe() as probe:
+                        probe.sendall(b"PING\r\n")
+                        if probe.recv(100).startswith((b"+PONG", b"-NOAUTH")):
+                            return
+                except OSError:
+                    time.sleep(0.02)
+            _reap(self.proc)
+            if attempt == 2:
+                raise AssertionError("redis-server did not start")
+
+    def kill(self):
+        if self.proc is not None:
+            _reap(self.proc)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def wait_bridged(*bridges, topics=(), timeout=10):
+    wait_until(lambda: all(b.connected and b.subscribed >= set(topics) for b in bridges), timeout=timeout)
+
+
+def test_bridge_relays_between_managers_and_ignores_its_own_echo(manager, redis_server):
+    with running_manager() as other, running_manager() as client_manager:
+        here = manager.bridge(redis_server.url, prefix="test:")
+        there = other.bridge(redis_server.url + "/0", prefix="test:")
+        with subscribed_pairs(manager, client_manager, 2, "room") as local, \
+                subscribed_pairs(other, client_manager, 2, "room") as remote:
+            wait_bridged(here, there, topics=["room"])
+            assert manager.publish("room", "hi") == 2  # the count is of local deliveries
+            other.publish("room", b"\x01bin")
+            # Each exactly once (two publishers: no order between them).
+            both = sorted(["hi", b"\x01bin"], key=repr)
+            for _, client in local + remote:
+                wait_until(lambda client=client: len(client.messages) >= 2, timeout=10)
+            wait_until(lambda: here.relayed == 1 and there.relayed == 1)
+            time.sleep(0.2)  # an echo or a duplicate would come now
+            assert all(sorted(c.messages, key=repr) == both for _, c in local + remote)
+            assert here.received == 1 and there.received == 1 and here.dropped == 0
+            # A topic without local subscribers is left in Redis too.
+            for server, _ in remote:
+                other.unsubscribe(server, "room")
+            wait_until(lambda: "room" not in there.subscribed)
+            manager.publish("room", "no one there")
+            wait_until(lambda: all(c.messages[-1] == "no one there" for _, c in local))
+            time.sleep(0.2)
+            assert there.received == 1
+    # Stopping the manager closes the bridge's sockets with it.
+    manager.stop()
+    manager.join(10)
+    assert here._connections == {"publish": None, "subscribe": None}
+
+
+def test_bridge_authenticates_with_the_password_in_the_url(tmp_path, caplog):
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path, "--requirepass", "s3cret")
+    server.start()
+    try:
+        with running_manager() as good, running_manager() as wrong, running_manager() as client_manager:
+            bridge = good.bridge(f"redis://:s3cret@127.0.0.1:{server.port}")
+            refused = wrong.bridge(f"redis://:nope@127.0.0.1:{server.port}")
+            with subscribed_pairs(good, client_manager, 1, "t") as [(_, client)]:
+                wait_bridged(bridge, topics=["t"])
+                wrong.publish("t", "unheard")
+                wait_until(lambda: any("WRONGPASS" in r.getMessage() or "invalid password" in r.getMessage()
+                                       for r in caplog.records))
+                assert not refused.connected and client.messages == []
+                good.publish("t", "heard")
+                wait_until(lambda: bridge.relayed == 1 and client.messages == ["heard"])
+    finally:
+        server.kill()
+
+
+def test_bridge_over_tls_with_rediss(tmp_path):
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    import trustme
+    ca = trustme.CA()
+    server = RedisServer(tmp_path, tls=ca)
+    try:
+        server.start()
+    except AssertionError:
+        pytest.skip("this redis-server was built without TLS")
+    try:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with running_manager() as here, running_manager() as there, running_manager() as client_manager:
+            near = here.bridge(server.url, ssl_context=context)
+            far = there.bridge(server.url, ssl_context=context)
+            with subscribed_pairs(there, client_manager, 1, "t") as [(_, client)]:
+                wait_bridged(near)
+                wait_bridged(far, topics=["t"])
+                here.publish("t", "over TLS")
+                wait_until(lambda: client.messages == ["over TLS"])
+            with running_manager() as stranger:  # the system trust store does not know this CA
+                refused = stranger.bridge(server.url)
+                time.sleep(0.5)
+                assert not refused.connected
+    finally:
+        server.kill()
+
+
+def test_redis_killed_and_restarted_delivery_resumes_and_the_loss_is_reported(redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="wsmanager")
+    with running_manager() as here, running_manager() as there, running_manager() as client_manager:
+        near = here.bridge(redis_server.url)
+        far = there.bridge(redis_server.url)
+        with subscribed_pairs(here, client_manager, 1, "t") as [(_, local)], \
+                subscribed_pairs(there, client_manager, 1, "t") as [(_, remote)]:
+            wait_bridged(near, far, topics=["t"])
+            sent = []
+            stop = threading.Event()
+
+            def publish_steadily():
+                for i in range(5000):
+                    if stop.wait(0.01):
+                        return
+                    here.publish("t", str(i))
+                    sent.append(str(i))
+
+            publisher = threading.Thread(target=publish_steadily)
+            publisher.start()
+            try:
+                wait_until(lambda: len(remote.messages) >= 10)
+                redis_server.kill()
+                wait_until(lambda: not near.connected and not far.connected)
+                outage_began = len(sent)
+                wait_until(lambda: len(sent) >= outage_began + 20)  # published while Redis is gone
+                redis_server.start()  # same port
+                restarted = time.monotonic()
+                resumed_at = len(sent)
+                wait_until(lambda: any(int(m) >= resumed_at for m in remote.messages), timeout=10)
+                resumed_after = time.monotonic() - restarted
+            finally:
+                stop.set()
+                publisher.join(30)
+            assert resumed_after < 5, resumed_after
+            wait_until(lambda: local.messages == sent)  # local delivery never stopped
+            received = [int(m) for m in remote.messages]
+            assert received == sorted(set(received))  # in order, never twice
+            lost = len(sent) - len(remote.messages)
+            wait_until(lambda: near.relayed + near.dropped == len(sent))
+            assert near.dropped >= 20 and lost >= near.dropped - 0  # counted what it could not relay
+            assert near.reconnections >= 1 and far.reconnections >= 1
+            log = "\n".join(r.getMessage() for r in caplog.records)
+            assert re.search(r"publish connection .* restored after [\d.]+ s; \d+ message\(s\) could not be relayed",
+                             log), log
+            assert "re-subscribed to 1 topic(s)" in log
+
+
+def test_bridge_bounds_what_waits_for_a_stalled_redis_and_counts_the_drops(redis_server, caplog):
+    with running_manager() as here, running_manager() as client_manager:
+        bridge = here.bridge(redis_server.url, max_pending=64 * 1024)
+        with subscribed_pairs(here, client_manager, 1, "t") as [(_, local)]:
+            wait_bridged(bridge)
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis stops reading: the kernel buffers fill up
+            try:
+                payload = "x" * 4096
+                for i in range(3000):  # 12 MB: past the socket buffers and then past max_pending
+                    here.publish("t", payload)
+                    if i % 100 == 99:  # paced to the local reader (else it is a slow consumer, and dropped)
+                        wait_until(lambda i=i: len(local.messages) >= i - 200, timeout=20)
+                wait_until(lambda: bridge.dropped > 0)
+                assert bridge._publisher.pending() <= 64 * 1024 + 5000  # bounded: one message past the limit at most
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            wait_until(lambda: bridge.relayed + bridge.dropped == 3000, timeout=30)
+            assert bridge.relayed > 0 and bridge.reconnections == 0
+            wait_until(lambda: len(local.messages) == 3000, timeout=30)  # local delivery lost nothing
+
+
+def test_a_stalled_local_subscriber_never_stops_the_bridge_reading(redis_server):
+    with running_manager() as here, running_manager() as there, running_manager() as client_manager:
+        near = here.bridge(redis_server.url)
+        far = there.bridge(redis_server.url)
+        servers = Collect(Subscriber, topics=("t",), max_buffered=128 * 1024)
+        address = there.listen(("127.0.0.1", 0), servers)
+        with raw_peer(address, rcvbuf=4096) as stalled:
+            reader = open_client(client_manager, ws_url(address))
+            wait_until(lambda: there.subscribers("t") == 2)
+            wait_bridged(near)
+            wait_bridged(far, topics=["t"])
+            payload = "y" * 8192
+            for i in range(1000):  # 8 MB through Redis to a manager with a subscriber that reads nothing
+                here.publish("t", payload)
+                if i % 50 == 49:
+                    wait_until(lambda i=i: far.received >= i - 100, timeout=20)
+            wait_until(lambda: len(reader.messages) == 1000, timeout=30)
+            stalled_server = next(s for s in servers.made if s.peer_address[1] == stalled.sock.getsockname()[1])
+            assert stalled_server.closed_event.is_set() and "slow consumer" in stalled_server.close_reason
+            assert far.received == 1000 and far.reconnections == 0 and near.dropped == 0
+
+
+def _stats(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/stats")
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_bridged_100_clients_each_1000_messages_exactly_once_in_order(tmp_path, redis_server):
+    with _chat_server(tmp_path, "--redis", redis_server.url, name="a") as (_, port_a, _), \
+            _chat_server(tmp_path, "--redis", redis_server.url, name="b") as (_, port_b, _), \
+            running_manager() as client_manager:
+        clients = {port: [] for port in (port_a, port_b)}
+        for port in clients:
+            for _ in range(100):
+                client = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
+                client_manager.add(client)
+                clients[port].append(client)
+        def ready(port):
+            stats = _stats(port)
+            return stats["subscribers"] == 100 and stats["redis"]["subscribed"] == ["chat"]
+
+        wait_until(lambda: ready(port_a) and ready(port_b), timeout=30, interval=0.1)
+        everyone = clients[port_a] + clients[port_b]
+        # Several publishers on both processes, sending at once: 4 x 250 = 1,000 messages.
+        publishers = {"a0": clients[port_a][0], "a1": clients[port_a][1],
+                      "b0": clients[port_b][0], "b1": clients[port_b][1]}
+
+        def publish(name, client):
+            for i in range(250):
+                client.send(f"{name}:{i}")
+
+        threads = [threading.Thread(target=publish, args=item) for item in publishers.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        wait_until(lambda: all(len(c.messages) >= 1000 for c in everyone), timeout=90, interval=0.05)
+        time.sleep(0.3)  # a duplicate would arrive right after
+        for client in everyone:
+            assert len(client.messages) == 1000
+            for name in publishers:
+                assert [m for m in client.messages if m.startswith(name + ":")] == [
+                    f"{name}:{i}" for i in range(250)]
+        for port in clients:
+            stats = _stats(port)["redis"]
+            assert stats["relayed"] == 500 and stats["received"] == 500 and stats["dropped"] == 0, stats
+
+
+@contextlib.contextmanager
+def _serve_workers(tmp_path, *options, workers=2):
+    """`python -m wsmanager serve --workers N [options]`; yields (process, port, read_log, pids by worker)."""
+    log_path = tmp_path / "workers.log"
+    port = _free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port),
+                                 "--workers", str(workers), *options],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=_cli_env())
+    read_log = lambda: log_path.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+
+    def serving():
+        return dict((int(i), int(p)) for i, p in re.findall(r"worker (\d+) \(pid (\d+)\) serving", read_log()))
+
+    try:
+        wait_until(lambda: len(serving()) == workers or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, read_log()
+        yield proc, port, read_log, serving
+    finally:
+        _reap(proc)
+        for pid in serving().values():  # workers of a supervisor killed by _reap
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _landed_on(read_log, client):
+    """The worker whose log says that ``client`` connected to it."""
+    port = client.sock.getsockname()[1]
+    found = re.findall(r"worker (\d+): 127\.0\.0\.1:%d connected" % port, read_log())
+    return int(found[0]) if found else None
+
+
+@pytest.mark.timeout(120)
+def test_cli_serve_workers_spread_connections_share_messages_and_restart_a_killed_worker(tmp_path, redis_server):
+    with _serve_workers(tmp_path, "--redis", redis_server.url) as (proc, port, read_log, serving), \
+            running_manager() as client_manager:
+        pids = serving()
+        assert len(set(pids.values())) == 2
+        clients = []
+        for _ in range(24):  # the kernel hashes each connection to a worker: all on one is 2**-23 likely
+            client = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
+            client_manager.add(client)
+            clients.append(client)
+        wait_until(lambda: all(_landed_on(read_log, c) is not None for c in clients), timeout=20)
+        on = {index: [c for c in clients if _landed_on(read_log, c) == index] for index in (0, 1)}
+        assert on[0] and on[1], {i: len(c) for i, c in on.items()}
+
+        # A message crosses workers through Redis (sent until the far worker's subscription is up).
+        sender, receiver = on[0][0], on[1][0]
+        for attempt in range(100):
+            sender.send(f"from worker 0, try {attempt}")
+            if wait_until_or_false(lambda: any(m.startswith("from worker 0") for m in receiver.messages), 0.2):
+                break
+        assert any(m.startswith("from worker 0") for m in receiver.messages)
+        on[1][-1].send("from worker 1")
+        wait_until(lambda: all("from worker 1" in c.messages for c in clients), timeout=10)
+
+        # A killed worker is forked again; its connections are gone, the other worker's stay.
+        os.kill(pids[1], signal.SIGKILL)
+        wait_until(lambda: all(c.closed_event.is_set() for c in on[1]), timeout=10)
+        assert all(c.close_code == CloseCode.ABNORMAL for c in on[1])
+        wait_until(lambda: 1 in serving() and serving()[1] != pids[1], timeout=20)
+        assert re.search(r"worker 1 \(pid %d\) died \(killed by signal 9\)" % pids[1], read_log())
+        assert not any(c.closed_event.is_set() for c in on[0])
+
+        # SIGINT (or SIGTERM): every worker closes its connections with 1001; the supervisor exits 0.
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: all(c.closed_event.is_set() for c in on[0]), timeout=15)
+        assert all(c.close_code == CloseCode.GOING_AWAY for c in on[0])
+        assert proc.wait(20) == 0
+        log = read_log()
+        assert "Traceback" not in log, log
+        assert "stopping 2 worker(s)" in log
+
+
+def wait_until_or_false(predicate, timeout):
+    try:
+        wait_until(predicate, timeout=timeout)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_cli_serve_workers_without_redis_says_workers_do_not_share(tmp_path):
+    with _serve_workers(tmp_path) as (proc, port, read_log, serving):
+        assert "each worker is a chat of its own" in read_log()
+        stats = _stats(port)
+        assert stats["worker"] in (0, 1) and stats["pid"] in serving().values() and stats["redis"] is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.timeout(240)
+def test_two_browsers_on_different_workers_see_each_others_messages(tmp_path, redis_server):
+    browser = _find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    with _serve_workers(tmp_path, "--redis", redis_server.url) as (proc, port, read_log, serving), \
+            contextlib.ExitStack() as browsers:
+        def landed():
+            """The worker of each WebSocket connection so far, in the order they connected."""
+            return [int(worker) for worker in re.findall(r"worker (\d+): 127\.0\.0\.1:\d+ connected", read_log())]
+
+        pages = []
+        for name in ("a", "b"):
+            profile = tmp_path / f"chromium-{name}"
+            profile.mkdir()
+            pages.append(browsers.enter_context(_headless_chromium(browser, f"http://127.0.0.1:{port}/", profile)))
+            wait_until(lambda: len(landed()) == len(pages), timeout=60, interval=0.05)
+        first, second = pages
+        for _ in range(20):  # the kernel picks the worker: reload the second page until it is on the other one
+            if landed()[0] != landed()[-1]:
+                break
+            seen = len(landed())
+            second.call("Page.reload")
+            wait_until(lambda seen=seen: len(landed()) == seen + 1, timeout=60, interval=0.05)
+        assert landed()[0] != landed()[-1], landed()
+
+        def show(page):
+            result = page.call("Runtime.evaluate", expression="document.getElementById('log').innerHTML",
+                               returnByValue=True)
+            return result["result"]["value"]
+
+        def say(page, text):
+            page.call("Runtime.evaluate", expression=f"ws.send({json.dumps(text)})")
+
+        # Sent until the other page shows it: each worker's Redis subscription comes up on its own.
+        for sender, receiver, text in ((first, second, "from browser a"), (second, first, "from browser b")):
+            for attempt in range(100):
+                say(sender, f"{text} ({attempt})")
+                if wait_until_or_false(lambda text=text, receiver=receiver: text in show(receiver), 0.3):
+                    break
+            assert text in show(receiver)
+        assert "from browser b" in show(second) and "from browser a" in show(first)  # and each its own
+
+
+SUPERVISOR_SCRIPT = """
+import logging, sys, wsmanager
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(f"{index}:{message}")
+
+def setup(manager, sock, worker):
+    global index
+    index = worker
+    manager.listen(sock, Echo)
+
+supervisor = wsmanager.Supervisor(("127.0.0.1", 0), setup, workers=2, reuse_port=sys.argv[1] == "1",
+                                  restart_delay=0.1)
+print("port", supervisor.bind()[1], flush=True)
+sys.exit(supervisor.run())
+"""
+
+
+@pytest.mark.parametrize("reuse_port", [True, False], ids=["SO_REUSEPORT", "inherited-socket"])
+def test_supervisor_library_api_serves_on_one_port_and_stops_cleanly(tmp_path, reuse_port):
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR_SCRIPT, "1" if reuse_port else "0"],
+                                env=_cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    try:
+        port = int(proc.stdout.readline().split()[1])  # bind() happened before any worker existed
+        wait_until(lambda: log_path.read_text().count(") serving") == 2, timeout=30)
+        with running_manager() as client_manager:
+            clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/") for _ in range(8)]
+            for client in clients:
+                client.send("hi")
+            wait_until(lambda: all(len(c.messages) == 1 for c in clients), timeout=20)
+            assert {c.messages[0].split(":")[1] for c in clients} == {"hi"}
+            assert {c.messages[0].split(":")[0] for c in clients} <= {"0", "1"}
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: all(c.closed_event.is_set() for c in clients), timeout=20)
+            assert {c.close_code for c in clients} == {CloseCode.GOING_AWAY}
+        assert proc.wait(20) == 0
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        _reap(proc)
+        proc.stdout.close()
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    with _serve_workers(tmp_path) as (proc, port, read_log, serving):
+        pids = list(serving().values())
+        proc.kill()  # SIGKILL: the supervisor cannot stop anyone
+        proc.wait(10)
+        wait_until(lambda: not any(running(pid) for pid in pids), timeout=10)
+        assert read_log().count("the supervisor is gone; stopping") == 2
+
+
+def test_cli_serve_second_ctrl_c_says_it_forces_the_exit(tmp_path):
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        # A peer that never answers the close frame keeps the first Ctrl-C waiting (close_timeout, 5 s).
+        with raw_peer(("127.0.0.1", port), path="/ws"):
+            wait_until(lambda: "(1 connected)" in read_log())
+            proc.send_signal(signal.SIGINT)
+            wait_until(lambda: "Ctrl-C again to force the exit" in read_log())
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(3) == 1
+        log = read_log()
+        assert "second Ctrl-C: forcing the exit (1 connection(s) dropped" in log, log
+        assert "Traceback" not in log
+
+
+def test_cli_serve_rejects_a_bad_redis_url_in_one_line():
+    _assert_fails_in_one_line(_cli("serve", "--redis", "http://127.0.0.1"), "redis://")
+
+
+@pytest.mark.timeout(120)
+def test_readme_workers_snippet_shares_a_chat_across_two_workers(tmp_path, redis_server):
+    port = _free_port()
+    code = readme_snippet("workers")
+    assert "redis://127.0.0.1:6379" in code and "9000" in code
+    code = code.replace("redis://127.0.0.1:6379", redis_server.url).replace("9000", str(port))
+    script = tmp_path / "workers.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with running_manager() as client_manager:
+            clients = []
+            deadline = time.monotonic() + 30
+            while len(clients) < 8:
+                try:
+                    client = connect(f"ws://127.0.0.1:{port}/", Recorder, timeout=5)
+                except (ConnectionRefusedError, ConnectionResetError, HandshakeError):
+                    assert time.monotonic() < deadline and proc.poll() is None, "the workers never listened"
+                    time.sleep(0.05)
+                    continue
+                client_manager.add(client)
+                clients.append(client)
+            # Sent until every client has one (each worker's subscription in Redis comes up on its own).
+            for attempt in range(100):
+                clients[0].send(f"hello {attempt}")
+                if wait_until_or_false(lambda: all(c.messages for c in clients), 0.2):
+                    break
+            assert all(c.messages for c in clients)
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: all(c.closed_event.is_set() for c in clients), timeout=20)
+            assert {c.close_code for c in clients} == {CloseCode.GOING_AWAY}
+            assert proc.wait(20) == 0
+    finally:
+        _reap(proc)
+        if proc.stderr:
+            stderr = proc.stderr.read().decode(errors="replace")
+            proc.stderr.close()
+            assert "Traceback" not in stderr, stderr
 
 
 ###############################################################################

@@ -34,7 +34,9 @@ Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
 and the manager (:class:`WebSocketManager`, :func:`connect`). On top, the
 integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
-application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy).
+application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy);
+and for more than one core or host: topics (``manager.publish``), a Redis
+pub/sub bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`).
 Run ``python -m wsmanager --help`` for the demo chat server and client.
 """
 
@@ -58,6 +60,8 @@ __all__ = [
     "WebSocket", "WebSocketManager", "connect",
     # integrations
     "WSGIRequestHandler",
+    # scaling out: Redis bridge and worker processes
+    "RedisBridge", "Supervisor",
 ]
 
 import base64
@@ -79,8 +83,8 @@ import threading
 import time
 import types
 import urllib.parse
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, Iterable, Iterator, List, NamedTuple,
-                    NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
+                    NamedTuple, NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 logger = logging.getLogger("wsmanager")
 
@@ -149,6 +153,12 @@ COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (
 WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 ACCEPT_BACKOFF = 0.5  # seconds a listener rests after EMFILE/ENFILE
+DEFAULT_BRIDGE_MAX_PENDING = 8 * 2 ** 20  # bytes of PUBLISH commands waiting for the Redis socket
+DEFAULT_BRIDGE_MAX_MESSAGE = 64 * 2 ** 20  # largest reply the bridge reads from Redis
+BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per failure ...
+BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
+BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
+BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
 
 CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
@@ -1072,6 +1082,31 @@ class _ConnectionSetting:
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
         websocket._set_setting(self.name, _check_setting(self.name, value))
+
+
+def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _BytesLike) -> int:
+    """Queue one message to many connections (publish, broadcast); return how many took it.
+
+    Deliberate: the frame is encoded once, and each connection's bytes come from
+    :func:`_frame_for`, the one place that decides what a connection is sent.
+    """
+    shared = encode_frame(opcode, payload)
+    count = 0
+    for websocket in websockets:
+        if websocket._queue(_frame_for(websocket, opcode, payload, shared)):
+            count += 1
+    return count
+
+
+def _frame_for(websocket: "WebSocket", opcode: int, payload: _BytesLike, shared: bytes) -> bytes:
+    """The frame of one published message for ``websocket``, given the ``shared`` encoding.
+
+    A server connection takes the shared unmasked bytes as they are; a client
+    connection must mask every frame with a fresh key of its own (RFC 6455 5.3).
+    """
+    if websocket.client:
+        return encode_frame(opcode, payload, mask=True)
+    return shared
 
 
 class WebSocket:
@@ -2019,6 +2054,11 @@ class WebSocketManager:
         self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
+        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
+        self._topics: Dict[str, Dict[WebSocket, None]] = {}
+        self._memberships: Dict[WebSocket, Set[str]] = {}
+        self._topics_lock = threading.Lock()
+        self._bridge: Optional["RedisBridge"] = None
         self._handshakes: Set[_ServerHandshake] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
@@ -2094,17 +2134,110 @@ class WebSocketManager:
     def broadcast(self, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every open connection; return how many took it.
 
-        The frame is encoded once and the same bytes queued to every server
+        A publish to everyone, in this manager only (never relayed by a
+        :meth:`bridge`): encoded once, the same bytes queued to every server
         connection (client connections need their own masks).
         """
         opcode, payload = _data_frame(message)
-        frame = encode_frame(opcode, payload)
-        count = 0
-        for websocket in tuple(self._websockets.values()):
-            data = encode_frame(opcode, payload, mask=True) if websocket.client else frame
-            if websocket._queue(data):
-                count += 1
-        return count
+        return _queue_to_all(tuple(self._websockets.values()), opcode, payload)
+
+    # Topics ----------------------------------------------------------------------
+
+    def subscribe(self, websocket: WebSocket, topic: str) -> None:
+        """Add ``websocket`` (one of this manager's connections) to ``topic``.
+
+        Any thread. A connection leaves its topics by itself when it closes
+        (or is :meth:`remove`\\ d). Raises :class:`ConnectionClosed` for a
+        connection that is over, :class:`ValueError` for one of another manager.
+        """
+        if type(topic) is not str:
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        if websocket._manager is not self and websocket._manager is not None:
+            raise ValueError("the connection belongs to another manager")
+        with self._topics_lock:
+            # _forget() drops the connection from _websockets before it takes this lock: either
+            # we see it gone, or _forget() sees the subscription and takes it out again.
+            if self._websockets.get(websocket._fd) is not websocket:
+                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
+            members = self._topics.get(topic)
+            first = members is None
+            if members is None:
+                members = self._topics[topic] = {}
+            members[websocket] = None
+            self._memberships.setdefault(websocket, set()).add(topic)
+        if first and self._bridge is not None:
+            self._bridge._topic_changed(topic)
+
+    def unsubscribe(self, websocket: WebSocket, topic: str) -> None:
+        """Take ``websocket`` out of ``topic`` (nothing happens if it was not in). Any thread."""
+        with self._topics_lock:
+            emptied = self._leave(websocket, topic)
+            topics = self._memberships.get(websocket)
+            if topics is not None:
+                topics.discard(topic)
+                if not topics:
+                    del self._memberships[websocket]
+        if emptied and self._bridge is not None:
+            self._bridge._topic_changed(topic)
+
+    def subscribers(self, topic: str) -> int:
+        """How many of this manager's connections are subscribed to ``topic``."""
+        return len(self._topics.get(topic, ()))
+
+    def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
+        """The topics with a local subscriber, or those of ``websocket``."""
+        with self._topics_lock:
+            if websocket is None:
+                return list(self._topics)
+            return list(self._memberships.get(websocket, ()))
+
+    def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
+        """Queue ``message`` to every subscriber of ``topic``; return how many took it.
+
+        Any thread. The frame is encoded once and the same bytes are queued
+        to every server connection; a subscriber whose queue would pass
+        ``max_buffered`` is dropped as a slow consumer, never waited for.
+        Cost: O(subscribers of the topic). With a :meth:`bridge`, the message
+        also goes to Redis for the other processes and hosts; the count
+        returned is of local deliveries only.
+        """
+        if type(topic) is not str:
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        opcode, payload = _data_frame(message)
+        bridge = self._bridge
+        if bridge is not None:
+            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
+            # calls of one thread, which is all "in publish order per publisher" promises.
+            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
+        return self._deliver(topic, opcode, payload)
+
+    def _deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
+        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
+        with self._topics_lock:
+            members = self._topics.get(topic)
+            if not members:
+                return 0
+            subscribers = tuple(members)
+        return _queue_to_all(subscribers, opcode, payload)
+
+    def _leave(self, websocket: WebSocket, topic: str) -> bool:
+        # Under self._topics_lock. True when the topic lost its last local subscriber.
+        members = self._topics.get(topic)
+        if members is None or websocket not in members:
+            return False
+        del members[websocket]
+        if members:
+            return False
+        del self._topics[topic]
+        return True
+
+    def _leave_all(self, websocket: WebSocket) -> None:
+        with self._topics_lock:
+            topics = self._memberships.pop(websocket, None)
+            emptied = [topic for topic in topics if self._leave(websocket, topic)] if topics else []
+        if self._bridge is not None:
+            for topic in emptied:
+                self._bridge._topic_changed(topic)
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "Server is shutting down") -> None:
         """Start the close handshake on every connection.
@@ -2119,16 +2252,33 @@ class WebSocketManager:
 
     # Listening -----------------------------------------------------------------
 
-    def listen(self, address: _Address, factory: Callable[..., WebSocket] = WebSocket, *,
+    @overload
+    def listen(self, address: _Address, factory: Callable[..., WebSocket] = ..., *,
+               ssl_context: Optional[ssl.SSLContext] = ..., subprotocols: Optional[Sequence[str]] = ...,
+               handshake: Optional[Callable[[Request], Any]] = ..., backlog: int = ...,
+               max_connections: Optional[int] = ...,
+               origins: Optional[Sequence[Optional[str]]] = ...) -> _Address: ...
+
+    @overload
+    def listen(self, address: socket.socket, factory: Callable[..., WebSocket] = ..., *,
+               ssl_context: Optional[ssl.SSLContext] = ..., subprotocols: Optional[Sequence[str]] = ...,
+               handshake: Optional[Callable[[Request], Any]] = ..., backlog: int = ...,
+               max_connections: Optional[int] = ...,
+               origins: Optional[Sequence[Optional[str]]] = ...) -> Union[Tuple[str, int], str]: ...
+
+    def listen(self, address: Union[Tuple[str, int], str, socket.socket],
+               factory: Callable[..., WebSocket] = WebSocket, *,
                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                handshake: Optional[Callable[[Request], Any]] = None, backlog: int = 1024,
                max_connections: Optional[int] = None,
-               origins: Optional[Sequence[Optional[str]]] = None) -> _Address:
+               origins: Optional[Sequence[Optional[str]]] = None) -> Union[Tuple[str, int], str]:
         """Serve WebSocket connections on ``address``; return the bound address.
 
         ``address`` is ``(host, port)`` (port 0 picks a free one; IPv6 hosts
-        work) or a filesystem path for a Unix socket. ``factory`` makes each
-        connection after its handshake. ``subprotocols`` lists the server's,
+        work), a filesystem path for a Unix socket, or a socket that is bound
+        and listening already (the manager owns it from then on: a
+        :class:`Supervisor` worker's, an inherited one). ``factory`` makes
+        each connection after its handshake. ``subprotocols`` lists the server's,
         in preference order. ``handshake(request)`` may inspect the
         :class:`Request` and return ``None`` to accept, a subprotocol name,
         or a :class:`Response` to answer with plain HTTP instead (a refusal
@@ -2138,7 +2288,9 @@ class WebSocketManager:
         not listed gets 403 (list ``None`` to admit requests without one).
         """
         unix_path = None
-        if isinstance(address, (str, bytes, os.PathLike)):
+        if isinstance(address, socket.socket):
+            sock = address  # bound and listening already (a worker's, an inherited or activated one)
+        elif isinstance(address, (str, bytes, os.PathLike)):
             unix_path = os.fsdecode(address)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -2158,8 +2310,29 @@ class WebSocketManager:
             self._check_running(release=listener._close, stopping=True)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
-        bound: Any = unix_path if unix_path is not None else sock.getsockname()[:2]
-        return cast(_Address, bound)  # the same kind of address as was given
+        if unix_path is None and sock.family == socket.AF_UNIX:
+            return str(sock.getsockname())
+        return unix_path if unix_path is not None else sock.getsockname()[:2]
+
+    def bridge(self, url: str, *, prefix: str = "wsmanager:", ssl_context: Optional[ssl.SSLContext] = None,
+               max_pending: int = DEFAULT_BRIDGE_MAX_PENDING) -> "RedisBridge":
+        """Relay :meth:`publish` through Redis pub/sub; return the :class:`RedisBridge`.
+
+        ``url`` is ``redis://[[user]:password@]host[:port][/db]``, or
+        ``rediss://...`` for TLS (``ssl_context`` defaults to the system's
+        trust store). Channels are named ``prefix + topic``. At most
+        ``max_pending`` bytes of messages wait for Redis; past that, and
+        while Redis is unreachable, messages are delivered locally only and
+        counted in :attr:`RedisBridge.dropped`. One bridge per manager.
+        """
+        bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
+        with self._lock:
+            self._check_running()
+            if self._bridge is not None:
+                raise RuntimeError("this manager is bridged already")
+            self._bridge = bridge
+        self._call_threadsafe(bridge._start)
+        return bridge
 
     def accept(self, sock: socket.socket, request_head: bytes, factory: Callable[..., WebSocket] = WebSocket, *,
                subprotocols: Optional[Sequence[str]] = None,
@@ -2343,8 +2516,13 @@ class WebSocketManager:
                 function(*args)
             except Exception as exc:
                 self._crashed(getattr(function, "__self__", None), exc)
+        self._flush_dirty()
+        if self._stop_deadline is not None and (now >= self._stop_deadline or self._stopped_idle()):
+            self._running = False
+
+    def _flush_dirty(self) -> None:
         dirty = self._dirty
-        # Bounded work per turn: only the connections queued when the flushing starts, each once
+        # Bounded work: only the connections queued when the flushing starts, each once
         # (_scheduled keeps a connection in the queue at most once). What other threads queue
         # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
         for _ in range(len(dirty)):
@@ -2355,8 +2533,6 @@ class WebSocketManager:
                 websocket._flush()
             except Exception as exc:
                 self._crashed(websocket, exc)
-        if self._stop_deadline is not None and (now >= self._stop_deadline or self._stopped_idle()):
-            self._running = False
 
     def _crashed(self, handler: Any, exc: Exception) -> None:
         # A bug in wsmanager itself: it ends that one connection, never the loop.
@@ -2467,6 +2643,7 @@ class WebSocketManager:
     def _forget(self, websocket: WebSocket) -> None:
         if self._websockets.get(websocket._fd) is websocket:
             del self._websockets[websocket._fd]
+        self._leave_all(websocket)
         try:
             self._selector.unregister(websocket.sock)
         except (KeyError, ValueError):
@@ -2592,6 +2769,8 @@ class WebSocketManager:
             handshake._close()
         for listener in self._listeners:
             listener._close()
+        if self._bridge is not None:
+            self._bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
             if function == self._open:
@@ -2954,6 +3133,841 @@ def __getattr__(name: str) -> Any:
 
 
 ###############################################################################
+# Scaling out: a Redis pub/sub bridge and worker processes ####################
+###############################################################################
+
+_SUBSCRIBE_BATCH = 512  # channels per SUBSCRIBE command when (re)subscribing
+_ORIGIN_SIZE = 8
+_KIND_TO_OPCODE: Dict[int, Opcode] = {b"t"[0]: _TEXT, b"b"[0]: _BINARY}
+_OPCODE_TO_KIND: Dict[int, bytes] = {_TEXT: b"t", _BINARY: b"b"}
+
+
+class _RedisError(NamedTuple):
+    """An error reply of Redis (``-ERR ...``)."""
+
+    message: str
+
+
+def _utf8_valid(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _resp_command(*arguments: bytes) -> bytes:
+    """One command as a RESP2 array of bulk strings."""
+    parts = [b"*%d\r\n" % len(arguments)]
+    for argument in arguments:
+        parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
+class _RespParser:
+    """Incremental RESP2 reply parser: bytes in, complete replies out.
+
+    Simple strings come out as ``str``, errors as :class:`_RedisError`,
+    integers as ``int``, bulk strings as ``bytes`` (``None`` when null),
+    arrays as ``list``. A reply that needs more bytes leaves no state behind.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
+        self.max_size = max_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> List[Any]:
+        buffer = self._buffer
+        buffer += data
+        replies = []
+        position = 0
+        while position < len(buffer):
+            parsed = self._parse(buffer, position)
+            if parsed is None:
+                break
+            reply, position = parsed
+            replies.append(reply)
+        del buffer[:position]
+        if len(buffer) > self.max_size:
+            raise ValueError(f"a Redis reply of more than {self.max_size} bytes")
+        return replies
+
+    def _parse(self, buffer: bytearray, position: int) -> Optional[Tuple[Any, int]]:
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            if len(buffer) - position > MAX_HEAD_SIZE:
+                raise ValueError("a RESP line without its end")
+            return None
+        kind = buffer[position]
+        line = bytes(buffer[position + 1:end])
+        position = end + 2
+        if kind == 43:  # "+": simple string
+            return line.decode(errors="replace"), position
+        if kind == 45:  # "-": error
+            return _RedisError(line.decode(errors="replace")), position
+        if kind == 58:  # ":": integer
+            return int(line), position
+        if kind == 36:  # "$": bulk string, "$-1" is null
+            length = int(line)
+            if length < 0:
+                return None, position
+            if length > self.max_size:
+                raise ValueError(f"a Redis reply of {length} bytes (limit {self.max_size})")
+            if len(buffer) < position + length + 2:
+                return None
+            return bytes(buffer[position:position + length]), position + length + 2
+        if kind == 42:  # "*": array, "*-1" is null
+            count = int(line)
+            if count < 0:
+                return None, position
+            items = []
+            for _ in range(count):
+                parsed = self._parse(buffer, position)
+                if parsed is None:
+                    return None
+                item, position = parsed
+                items.append(item)
+            return items, position
+        raise ValueError(f"not a RESP2 reply: {bytes(buffer[position - len(line) - 3:end])!r}")
+
+
+class _RedisConnection:
+    """One non-blocking connection to Redis, a handler in the manager's selector.
+
+    Connects (TCP, then TLS for ``rediss://``), then writes what the bridge
+    queues and hands every reply to the bridge. Any failure ends it; the
+    bridge makes a new one after a back-off.
+    """
+
+    __slots__ = ("bridge", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing", "_connecting",
+                 "_tls_pending", "_timer", "_finalized", "was_ready")
+
+    def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
+        self.bridge = bridge
+        self.role = role  # "publish" or "subscribe": a subscribed RESP connection can do nothing else
+        self.sock = sock
+        self.parser = _RespParser(bridge.max_message_size)
+        self._out = bytearray()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._writing = True  # registered for EVENT_WRITE until connected
+        self._connecting = True
+        self._tls_pending = False
+        self._timer: Any = None
+        self._finalized = False
+        self.was_ready = False
+
+    @property
+    def ready(self) -> bool:
+        return not (self._connecting or self._tls_pending or self._finalized)
+
+    @property
+    def _manager(self) -> "WebSocketManager":
+        # The loop's flush queue skips entries whose _manager is not itself (a connection
+        # remove()d since it was queued): a Redis connection always belongs to its bridge's.
+        return self.bridge.manager
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes (any thread); the loop writes them once connected."""
+        with self._lock:
+            self._out += data
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.bridge.manager._schedule_flush(self)  # type: ignore[arg-type]
+
+    def pending(self) -> int:
+        return len(self._out)
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return
+        if self._connecting or self._tls_pending:
+            self._on_write()
+            return
+        manager = self.bridge.manager
+        for _ in range(BRIDGE_READS_PER_EVENT):
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError as exc:
+                self._finalize(str(exc) or type(exc).__name__)
+                return
+            if not data:
+                self._finalize("Redis closed the connection")
+                return
+            try:
+                replies = self.parser.feed(data)
+            except ValueError as exc:
+                self._finalize(str(exc))
+                return
+            self.bridge._deliver_replies(self, replies)
+            # What this read queued goes to the subscribers' sockets before the next read: draining
+            # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
+            manager._flush_dirty()
+            if len(data) < READ_SIZE and not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                break
+
+    def _on_write(self) -> None:
+        if self._finalized:
+            return
+        if self._connecting:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._finalize(os.strerror(error))
+                return
+            self._connecting = False
+            context = self.bridge.ssl_context
+            if context is None:
+                self._became_ready()
+            else:
+                manager = self.bridge.manager
+                manager._selector.unregister(self.sock)
+                try:
+                    self.sock = context.wrap_socket(self.sock, server_hostname=self.bridge.host,
+                                                    do_handshake_on_connect=False)
+                    manager._selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+                except (OSError, ValueError) as exc:
+                    self._finalize(f"TLS: {exc}")
+                    return
+                self._tls_pending = True
+        if self._tls_pending:
+            try:
+                self.sock.do_handshake()  # type: ignore[attr-defined]
+            except ssl.SSLWantReadError:
+                self._set_events(selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self._finalize(f"TLS handshake: {exc}")
+                return
+            self._tls_pending = False
+            self._became_ready()
+            if self._finalized:
+                return
+        self._flush()
+
+    def _became_ready(self) -> None:
+        self.was_ready = True
+        if self._timer is not None:
+            self._timer[2] = None
+            self._timer = None
+        self.bridge._connection_ready(self)
+
+    def _set_events(self, events: int) -> None:
+        self._writing = bool(events & selectors.EVENT_WRITE)
+        self.bridge.manager._selector.modify(self.sock, events, self)
+
+    def _flush(self) -> None:
+        if self._finalized or self._connecting or self._tls_pending:
+            return
+        error = None
+        with self._lock:
+            out = self._out
+            for _ in range(WRITES_PER_FLUSH):
+                if not out:
+                    break
+                try:
+                    sent = self.sock.send(out)
+                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    break
+                except OSError as exc:
+                    error = exc
+                    break
+                del out[:sent]
+            waiting = bool(out)
+            self._scheduled = waiting
+        if error is not None:
+            self._finalize(f"write failed: {error}")
+            return
+        if waiting != self._writing:
+            self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ)
+
+    def _finalize(self, reason: str = "") -> None:
+        if self._finalized:
+            return
+        self._finalized = True
+        if self._timer is not None:
+            self._timer[2] = None
+            self._timer = None
+        try:
+            self.bridge.manager._selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+        with self._lock:
+            self._out.clear()
+        self.bridge._connection_lost(self, reason)
+
+
+def _parse_redis_url(url: str) -> Tuple[bool, str, int, int, Optional[str], Optional[str]]:
+    """``redis[s]://[[user]:password@]host[:port][/db]`` -> (TLS, host, port, db, user, password)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"invalid port in {url!r}") from None
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"invalid database number in {url!r}")
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if password is None and username:  # redis://password@host, as redis-py reads it
+        password, username = username, None
+    return parts.scheme == "rediss", parts.hostname or "127.0.0.1", port, int(database or 0), username, password
+
+
+class RedisBridge:
+    """Relays a manager's :meth:`~WebSocketManager.publish` through Redis pub/sub.
+
+    Made by :meth:`WebSocketManager.bridge`. Every message published on one
+    manager reaches the subscribers of every bridged manager (other worker
+    processes, other hosts) once: local subscribers at once, the others
+    through the Redis channel ``prefix + topic``, in publish order per
+    publisher. Each bridge tags what it publishes with its own ``origin``
+    and ignores that tag when Redis echoes it back.
+
+    Two connections to Redis run in the manager's loop (no thread): one
+    PUBLISHes, one SUBSCRIBEs to the channels of the topics that have a
+    local subscriber (a subscribed connection may send nothing else). When
+    Redis is unreachable, local publish/subscribe go on, the bridge
+    reconnects with a back-off (0.1 s doubling to 5 s) and re-subscribes;
+    messages that could not be relayed are counted in :attr:`dropped` and
+    logged. Like Redis pub/sub itself, delivery is at most once.
+
+    Counters (read from any thread): :attr:`relayed` (PUBLISHes Redis
+    acknowledged), :attr:`received` (messages from other publishers handed
+    to local subscribers), :attr:`dropped` (not relayed: Redis down, more than
+    ``max_pending`` bytes waiting for it, or in flight when the connection
+    broke), :attr:`rejected` (malformed messages on our channels),
+    :attr:`reconnections`.
+    """
+
+    def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
+                 ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
+                 max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
+        # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
+        secure, self.host, self.port, self.database, self._username, self._password = _parse_redis_url(url)
+        if secure and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        self.ssl_context = ssl_context if secure else None
+        self.manager = manager
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode()
+        self.max_pending = max_pending
+        self.max_message_size = max_message_size
+        self.origin = os.urandom(_ORIGIN_SIZE)
+        self.relayed = 0
+        self.received = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.reconnections = 0
+        self._lock = threading.Lock()  # guards the publisher, _unacknowledged and the counters it touches
+        self._publisher: Optional[_RedisConnection] = None  # set only while it is ready to take PUBLISHes
+        self._unacknowledged = 0  # PUBLISHes written whose reply has not come
+        self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
+        self._delays = {"publish": 0.0, "subscribe": 0.0}  # 0: connected (or never failed)
+        self._down_since: Dict[str, Optional[float]] = {"publish": None, "subscribe": None}
+        self._dropped_at_loss = 0
+        self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
+        self._subscribed: Set[str] = set()  # topics Redis confirmed
+        self._closed = False
+
+    def __repr__(self) -> str:
+        scheme = "rediss" if self.ssl_context is not None else "redis"
+        return f"<RedisBridge {scheme}://{self.host}:{self.port} prefix={self.prefix!r}>"
+
+    @property
+    def connected(self) -> bool:
+        """Whether both connections to Redis are up."""
+        return all(connection is not None and connection.ready for connection in self._connections.values())
+
+    @property
+    def subscribed(self) -> FrozenSet[str]:
+        """The topics whose Redis channel subscription Redis has confirmed."""
+        return frozenset(self._subscribed)
+
+    def stats(self) -> Dict[str, Any]:
+        """The counters and state, as a dict (for a status page or a log line)."""
+        return {"connected": self.connected, "relayed": self.relayed, "received": self.received,
+                "dropped": self.dropped, "rejected": self.rejected, "reconnections": self.reconnections,
+                "subscribed": sorted(self._subscribed)}
+
+    def close(self) -> None:
+        """Stop relaying and close the Redis connections (any thread). Topics stay local."""
+        self._closed = True
+        self.manager._call_threadsafe(self._close)
+
+    # Any thread ----------------------------------------------------------------
+
+    def _relay(self, topic: str, opcode: int, payload: bytes) -> None:
+        channel = self._prefix_bytes + topic.encode()
+        with self._lock:
+            publisher = self._publisher
+            if publisher is None or publisher.pending() > self.max_pending:
+                self.dropped += 1
+                return
+            self._unacknowledged += 1
+            # Deliberate: written while holding the lock, so that two threads' PUBLISHes cannot
+            # swap places between the counter and the buffer.
+            publisher.write(_resp_command(b"PUBLISH", channel, self.origin + _OPCODE_TO_KIND[opcode] + payload))
+
+    def _topic_changed(self, topic: str) -> None:
+        if not self._closed:
+            self.manager._call_threadsafe(self._sync_topic, topic)
+
+    # Loop thread ---------------------------------------------------------------
+
+    def _start(self) -> None:
+        for role in ("publish", "subscribe"):
+            self._connect(role)
+
+    def _connect(self, role: str) -> None:
+        if self._closed or self.manager._finished:
+            return
+        try:
+            # Resolving a name blocks the loop for as long as the resolver takes: give an
+            # address, or a name /etc/hosts answers, for a bridge that reconnects quickly.
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, protocol)
+        except OSError as exc:
+            self._retry(role, f"cannot resolve {self.host}: {exc}")
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = _RedisConnection(self, role, sock)
+        self._connections[role] = connection
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            sock.close()
+            connection._finalized = True
+            self._connection_lost(connection, os.strerror(error))
+            return
+        self.manager._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
+
+    def _hello(self) -> bytes:
+        if self._password is None:
+            return b""
+        if self._username is not None:
+            return _resp_command(b"AUTH", self._username.encode(), self._password.encode())
+        return _resp_command(b"AUTH", self._password.encode())
+
+    def _connection_ready(self, connection: _RedisConnection) -> None:
+        role = connection.role
+        down_since = self._down_since[role]
+        self._delays[role] = 0.0
+        hello = self._hello()
+        lost = 0
+        if role == "publish":
+            if hello:
+                connection.write(hello)
+            with self._lock:
+                self._unacknowledged = 0
+                self._publisher = connection
+                lost = self.dropped - self._dropped_at_loss
+        else:
+            # Re-subscribe to every topic that has a local subscriber now.
+            self._channels = set(self.manager.topics())
+            self._subscribed.clear()
+            commands = [hello] if hello else []
+            channels = sorted(self._channels)
+            for start in range(0, len(channels), _SUBSCRIBE_BATCH):
+                batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
+                commands.append(_resp_command(b"SUBSCRIBE", *batch))
+            if commands:
+                connection.write(b"".join(commands))
+        if down_since is not None:
+            self._down_since[role] = None
+            self.reconnections += 1
+            if role == "publish":
+                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %d message(s) "
+                               "could not be relayed", role, self.host, self.port, time.monotonic() - down_since, lost)
+            else:
+                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; re-subscribed to "
+                               "%d topic(s)", role, self.host, self.port, time.monotonic() - down_since,
+                               len(self._channels))
+        else:
+            logger.debug("redis bridge: %s connection to %s:%d up", role, self.host, self.port)
+
+    def _connection_lost(self, connection: _RedisConnection, reason: str) -> None:
+        role = connection.role
+        if self._connections.get(role) is not connection:
+            return
+        self._connections[role] = None
+        if role == "publish":
+            with self._lock:
+                if self._down_since[role] is None:
+                    self._dropped_at_loss = self.dropped
+                self._publisher = None
+                # Written but never acknowledged: maybe relayed, maybe not (at most once).
+                self.dropped += self._unacknowledged
+                self._unacknowledged = 0
+        else:
+            self._subscribed.clear()
+            self._channels.clear()
+        if self._closed:
+            return
+        if self._down_since[role] is None:
+            self._down_since[role] = time.monotonic()
+            logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
+                           role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
+        else:
+            logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
+                         reason)
+        self._retry(role, reason)
+
+    def _retry(self, role: str, reason: str) -> None:
+        if self._closed:
+            return
+        delay = self._delays[role]
+        delay = BRIDGE_RECONNECT_DELAY if delay <= 0 else min(delay * 2, BRIDGE_MAX_RECONNECT_DELAY)
+        self._delays[role] = delay
+        if self._down_since[role] is None:
+            self._down_since[role] = time.monotonic()
+        self.manager._call_later(delay, self._connect, role)
+
+    def _sync_topic(self, topic: str) -> None:
+        # Reads the manager's state now, so that subscribe/unsubscribe races end where the topic stands.
+        connection = self._connections["subscribe"]
+        wanted = self.manager.subscribers(topic) > 0
+        if connection is None or not connection.ready or wanted == (topic in self._channels):
+            return
+        channel = self._prefix_bytes + topic.encode()
+        if wanted:
+            self._channels.add(topic)
+            connection.write(_resp_command(b"SUBSCRIBE", channel))
+        else:
+            self._channels.discard(topic)
+            connection.write(_resp_command(b"UNSUBSCRIBE", channel))
+
+    def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
+        if connection.role == "publish":
+            acknowledged = 0
+            for reply in replies:
+                if isinstance(reply, _RedisError):
+                    logger.error("redis bridge: Redis answered %s", reply.message)
+                    if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
+                        connection._finalize(f"authentication failed: {reply.message}")
+                        return
+                    with self._lock:
+                        self._unacknowledged -= 1
+                        self.dropped += 1
+                elif isinstance(reply, int):
+                    acknowledged += 1
+            if acknowledged:
+                with self._lock:
+                    self._unacknowledged -= acknowledged
+                    self.relayed += acknowledged
+            return
+        prefix = self._prefix_bytes
+        skip = len(prefix)
+        manager = self.manager
+        for reply in replies:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                _, channel, data = reply
+                if not channel.startswith(prefix) or len(data) <= _ORIGIN_SIZE:
+                    self.rejected += 1
+                    continue
+                if data[:_ORIGIN_SIZE] == self.origin:
+                    continue  # our own message, already delivered locally
+                opcode = _KIND_TO_OPCODE.get(data[_ORIGIN_SIZE])
+                payload = data[_ORIGIN_SIZE + 1:]
+                if opcode is None or opcode is _TEXT and not _utf8_valid(payload):
+                    self.rejected += 1
+                    continue
+                self.received += 1
+                try:
+                    topic = channel[skip:].decode()
+                except UnicodeDecodeError:
+                    self.rejected += 1
+                    continue
+                manager._deliver(topic, opcode, payload)
+            elif type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
+                try:
+                    topic = reply[1][skip:].decode()
+                except (TypeError, UnicodeDecodeError):
+                    continue
+                if reply[0] == b"subscribe":
+                    self._subscribed.add(topic)
+                else:
+                    self._subscribed.discard(topic)
+            elif isinstance(reply, _RedisError):
+                logger.error("redis bridge: Redis answered %s", reply.message)
+                if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
+                    connection._finalize(f"authentication failed: {reply.message}")
+                    return
+
+    def _close(self) -> None:
+        self._closed = True
+        manager = self.manager
+        with manager._lock:
+            if manager._bridge is self:
+                manager._bridge = None  # publish() is local only from now on
+        for connection in list(self._connections.values()):
+            if connection is not None:
+                connection._finalize("bridge closed")
+
+
+def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> None:
+    """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``."""
+    import signal
+
+    def request_stop(signum: int, frame: Any) -> None:
+        # A flag, not KeyboardInterrupt: raised inside Thread.join() that marks the loop
+        # thread as ended while it still runs (CPython < 3.13), and the process would exit
+        # in the middle of the close handshakes.
+        if stop_requests:
+            force(signum)
+        stop_requests.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
+
+
+class Supervisor:
+    """Runs a server in ``workers`` forked processes sharing one port, and keeps them running.
+
+    ``setup(manager, sock, index)`` runs in each worker, before its loop
+    starts: it must ``manager.listen(sock, Factory, ...)`` (``sock`` is the
+    worker's listening socket) and may do anything else a worker needs,
+    such as ``manager.bridge(redis_url)`` so that workers share topics::
+
+        def setup(manager, sock, index):
+            manager.listen(sock, Chat)
+            manager.bridge("redis://127.0.0.1:6379")
+
+        wsmanager.Supervisor(("0.0.0.0", 9000), setup, workers=4).run()
+
+    Where the OS has ``SO_REUSEPORT`` (Linux, the BSDs) every worker listens
+    on a socket of its own and the kernel spreads connections over them;
+    elsewhere the workers inherit one listening socket. A worker that dies is
+    forked again after ``restart_delay`` seconds, doubled for each death
+    within ``stable_after`` seconds of its start, up to ``max_restart_delay``.
+    SIGINT or SIGTERM (or :meth:`stop`) makes every worker close its
+    connections with 1001 and exit; :meth:`run` then returns 0. A second
+    signal kills the workers at once and :meth:`run` returns 1. POSIX only
+    (``os.fork``); call :meth:`run` from the main thread of a process that
+    has started no other threads.
+    """
+
+    def __init__(self, address: Tuple[str, int], setup: Callable[[WebSocketManager, socket.socket, int], Any], *,
+                 workers: int = 2, manager_options: Optional[Dict[str, Any]] = None, backlog: int = 1024,
+                 reuse_port: Optional[bool] = None, restart_delay: float = 0.5, max_restart_delay: float = 30.0,
+                 stable_after: float = 10.0):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.address = address
+        self.setup = setup
+        self.workers = workers
+        self.manager_options = dict(manager_options or {})
+        self.backlog = backlog
+        self.reuse_port = hasattr(socket, "SO_REUSEPORT") if reuse_port is None else reuse_port
+        self.restart_delay = restart_delay
+        self.max_restart_delay = max_restart_delay
+        self.stable_after = stable_after
+        self.bound_address: Optional[Tuple[str, int]] = None
+        self._pids: Dict[int, int] = {}  # pid -> worker index
+        self._started: Dict[int, float] = {}  # worker index -> when it was last forked
+        self._delays: Dict[int, float] = {}
+        self._stop_requests: List[int] = []
+        self._forced = False
+        self._sock: Optional[socket.socket] = None
+
+    @property
+    def pids(self) -> Dict[int, int]:
+        """Worker index -> pid, for the workers running now."""
+        return {index: pid for pid, index in self._pids.items()}
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop the workers (from a signal handler or another thread)."""
+        self._stop_requests.append(0)
+
+    def run(self) -> int:
+        """Bind, fork the workers, restart those that die; return 0 after a stop (1 if forced)."""
+        if not hasattr(os, "fork"):
+            raise RuntimeError("Supervisor needs os.fork (POSIX)")
+        import signal
+
+        def force(signum: int) -> None:
+            self._forced = True
+            logger.warning("second %s: forcing the exit (workers killed, connections dropped)",
+                           signal.Signals(signum).name)
+            for pid in list(self._pids):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        _request_stop_on_signals(self._stop_requests, force)
+        try:
+            sock = self._sock if self._sock is not None else self._bind()
+        except BaseException:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            raise
+        try:
+            for index in range(self.workers):
+                self._spawn(index, sock)
+            restarts: List[Tuple[float, int]] = []
+            while not self._stop_requests:
+                restarts.extend(self._reap())
+                now = time.monotonic()
+                for due, index in sorted(restarts):
+                    if due <= now:
+                        restarts.remove((due, index))
+                        self._spawn(index, sock)
+                time.sleep(0.05)
+            return self._stop_workers()
+        finally:
+            self._sock = None
+            sock.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def bind(self) -> Tuple[str, int]:
+        """Bind the port now (else :meth:`run` does); return the bound ``(host, port)``.
+
+        Raises :class:`OSError` when the address is taken or not ours.
+        """
+        self._bind()
+        assert self.bound_address is not None
+        return self.bound_address
+
+    def _bind(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        host, port = self.address
+        family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            if not self.reuse_port:
+                sock.listen(self.backlog)
+            # With SO_REUSEPORT this socket never listens: it only holds the port between worker restarts.
+        except BaseException:
+            sock.close()
+            raise
+        self.bound_address = sock.getsockname()[:2]
+        self._sock = sock
+        return sock
+
+    def _spawn(self, index: int, sock: socket.socket) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's code
+            status = 1
+            try:
+                status = self._worker(index, sock)
+            except BaseException:
+                logger.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self._pids[pid] = index
+        self._started[index] = time.monotonic()
+        logger.info("worker %d started (pid %d)", index, pid)
+
+    def _reap(self) -> List[Tuple[float, int]]:
+        restarts = []
+        while self._pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            index = self._pids.pop(pid, None)
+            if index is None:
+                continue
+            lived = time.monotonic() - self._started[index]
+            delay = self._delays.get(index, 0.0)
+            delay = self.restart_delay if lived >= self.stable_after or not delay else min(
+                delay * 2, self.max_restart_delay)
+            self._delays[index] = delay
+            how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit status {os.waitstatus_to_exitcode(status)}")
+            logger.warning("worker %d (pid %d) died (%s) after %.1f s; restarting it in %.1f s",
+                           index, pid, how, lived, delay)
+            restarts.append((time.monotonic() + delay, index))
+        return restarts
+
+    def _stop_workers(self) -> int:
+        import signal
+        logger.info("stopping %d worker(s): their connections close with 1001", len(self._pids))
+        for pid in list(self._pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        close_timeout = float(self.manager_options.get("close_timeout", DEFAULT_CLOSE_TIMEOUT))
+        deadline = time.monotonic() + close_timeout + 5.0
+        while self._pids and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self._pids.pop(pid, None)
+            else:
+                time.sleep(0.02)
+        for pid in list(self._pids):  # stuck past every timeout of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        self._pids.clear()
+        return 1 if self._forced else 0
+
+    def _worker(self, index: int, inherited: socket.socket) -> int:
+        import signal
+        # Ctrl-C in a terminal reaches the whole process group: the supervisor alone answers it
+        # (with a SIGTERM to each worker), so a worker never sees two stop signals for one Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_requests: List[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop_requests.append(signum))
+        if self.reuse_port:
+            inherited.close()
+            host, port = self.bound_address or self.address
+            sock = socket.create_server((host, port), family=inherited.family, backlog=self.backlog,
+                                        reuse_port=True)
+        else:
+            sock = inherited
+        manager = WebSocketManager(**self.manager_options)
+        try:
+            self.setup(manager, sock, index)
+        except BaseException:
+            manager.stop()
+            manager.run()  # only its clean-up
+            raise
+        manager.start()
+        logger.info("worker %d (pid %d) serving", index, os.getpid())
+        thread = manager._thread
+        supervisor = os.getppid()
+        while not stop_requests and thread is not None and thread.is_alive():
+            if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
+                logger.warning("worker %d: the supervisor is gone; stopping", index)
+                break
+            time.sleep(0.1)
+        logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
+        manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
+        manager.stop(manager.close_timeout)
+        manager.join()
+        return 0
+
+
+###############################################################################
 # Command line: python -m wsmanager ###########################################
 ###############################################################################
 
@@ -2966,7 +3980,7 @@ _CHAT_PAGE = """<!doctype html>
 <ul id="log"></ul>
 <script>
 "use strict";
-// Every message sent on /ws is broadcast to all peers, this page included.
+// Every message sent on /ws is published to all peers, this page included.
 const scheme = location.protocol === "https:" ? "wss://" : "ws://";
 const ws = new WebSocket(scheme + location.host + "/ws");
 const log = document.getElementById("log"), status = document.getElementById("status");
@@ -2994,19 +4008,26 @@ document.getElementById("form").onsubmit = (event) => {
 """
 
 
+_CHAT_TOPIC = "chat"
+
+
 class _ChatPeer(WebSocket):
-    """A peer of the demo chat: whatever it says goes to everyone."""
+    """A peer of the demo chat: whatever it says is published to every peer (all workers, with Redis)."""
+
+    worker = ""  # "worker N: " in front of its log lines when the chat runs in worker processes
 
     def opened(self) -> None:
-        logger.info("%s connected (%d connected)", _format_peer(self.peer_address), len(self._manager))
+        self._manager.subscribe(self, _CHAT_TOPIC)
+        logger.info("%s%s connected (%d connected)", self.worker, _format_peer(self.peer_address),
+                    len(self._manager))
 
     def received_message(self, message: Union[str, bytes]) -> None:
-        self._manager.broadcast(message)
+        self._manager.publish(_CHAT_TOPIC, message)
 
     def closed(self, code: int, reason: str) -> None:
         manager = self._manager
         count = len(manager) if manager is not None else 0
-        logger.info("%s disconnected: %d%s (%d connected)", _format_peer(self.peer_address), code,
+        logger.info("%s%s disconnected: %d%s (%d connected)", self.worker, _format_peer(self.peer_address), code,
                     f" {reason}" if reason else "", count)
 
 
@@ -3017,44 +4038,81 @@ def _format_peer(address: Any) -> str:
     return str(address or "unix socket")
 
 
-def _chat_handshake(request: Request) -> Optional[Response]:
-    # Only the page and the socket exist: this is a handshake hook, not a web server.
+def _chat_handshake(request: Request, stats: Optional[Callable[[], Dict[str, Any]]] = None) -> Optional[Response]:
+    # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
         return None if path == "/ws" else Response(404)
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
+    if path == "/stats" and request.method == "GET" and stats is not None:
+        import json
+        return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                        json.dumps(stats()).encode())
     return Response(404)
 
 
+def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.socket, int], None]:
+    """The chat's set-up of one manager: for a :class:`Supervisor` worker, or index -1 for the only process."""
+
+    def setup(manager: WebSocketManager, sock: socket.socket, index: int) -> None:
+        bridge = manager.bridge(redis) if redis else None
+
+        def stats() -> Dict[str, Any]:
+            # Which process answered: with workers, the kernel picks one per connection.
+            return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
+                    "subscribers": manager.subscribers(_CHAT_TOPIC),
+                    "redis": bridge.stats() if bridge is not None else None}
+
+        def factory(*args: Any, **kwargs: Any) -> _ChatPeer:
+            peer = _ChatPeer(*args, **kwargs)
+            if index >= 0:
+                peer.worker = f"worker {index}: "
+            return peer
+
+        manager.listen(sock, factory, handshake=lambda request: _chat_handshake(request, stats))
+
+    return setup
+
+
 def _serve(args: Any) -> int:
+    if args.redis:
+        try:
+            _parse_redis_url(args.redis)  # a bad URL fails here, in one line, not in every worker
+        except ValueError as exc:
+            print(f"wsmanager: {exc}", file=sys.stderr)
+            return 2
+    if args.workers > 1:
+        return _serve_workers(args)
     manager = WebSocketManager()
     try:
-        host, port = manager.listen((args.host, args.port), _ChatPeer, handshake=_chat_handshake)[:2]
+        sock = socket.create_server((args.host, args.port),
+                                    family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         manager.stop()
         manager.run()  # a stopped manager runs no loop, only its clean-up: no descriptor leaks
         return 1
+    host, port = sock.getsockname()[:2]
+    _chat_setup(args.redis)(manager, sock, -1)
     display = f"[{host}]" if ":" in host else host
-    logger.info("chat on http://%s:%d/ (WebSocket at /ws); Ctrl-C to stop", display, port)
-    import signal
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", display, port,
+                f", relayed through {args.redis}" if args.redis else "")
     stop_requests: List[int] = []
 
-    def request_stop(signum: int, frame: Any) -> None:
-        # A flag, not KeyboardInterrupt: raised inside Thread.join() that marks the loop
-        # thread as ended while it still runs (CPython < 3.13), and the process would exit
-        # in the middle of the close handshakes.
-        stop_requests.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C quits at once
+    def force(signum: int) -> None:
+        logger.warning("second Ctrl-C: forcing the exit (%d connection(s) dropped without a close handshake)",
+                       len(manager))
+        logging.shutdown()
+        os._exit(1)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
+    _request_stop_on_signals(stop_requests, force)
     manager.start()
-    while not stop_requests and manager._thread is not None and manager._thread.is_alive():
+    thread = manager._thread
+    while not stop_requests and thread is not None and thread.is_alive():
         time.sleep(0.2)
-    logger.info("closing %d connection(s) with 1001", len(manager))
+    logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
     manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
     manager.stop(manager.close_timeout)
     manager.join()
@@ -3072,6 +4130,20 @@ def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
         line += "\n"
     stream.write(line)
     stream.flush()
+def _serve_workers(args: Any) -> int:
+    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
+    try:
+        host, port = supervisor.bind()
+    except OSError as exc:
+        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    display = f"[{host}]" if ":" in host else host
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", display, port,
+                args.workers, f", relayed through {args.redis}" if args.redis else "")
+    if not args.redis:
+        logger.warning("%d workers without --redis: each worker is a chat of its own (peers on different "
+                       "workers do not see each other)", args.workers)
+    return supervisor.run()
 
 
 class _ConsolePeer(WebSocket):
@@ -3209,6 +4281,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"port {number} out of range")
         return number
 
+    def workers(text: str) -> int:
+        number = int(text)
+        if number < 1:
+            raise ValueError(f"{number} workers")
+        return number
+
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
                     description="wsmanager demo: a broadcast chat server and an interactive client.")
@@ -3216,9 +4294,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
     serve = commands.add_parser("serve", formatter_class=formatter,
                                 help="run the broadcast chat (the default command)",
-                                description="Serve a chat page at / and broadcast every message sent on /ws.")
+                                description="Serve a chat page at / (and /stats) and publish every message sent on /ws "
+                                            "to every peer.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=port, default=9000, help="port to listen on")
+    serve.add_argument("--workers", type=workers, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT where the OS has it); a worker that "
+                            "dies is restarted. Without --redis each worker is a chat of its own")
+    serve.add_argument("--redis", metavar="URL", default=None,
+                       help="relay the chat through Redis pub/sub (redis://[:password@]host:port/db or rediss://), "
+                            "so that every worker and every host running it shares one chat")
     client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
                                  description="Send typed lines as text messages and print what arrives.")
     client.add_argument("url", help="ws:// or wss:// URL")
