@@ -68,7 +68,9 @@ zmem1k zmem10k  1,000 and 10,000 connections opened like S4 but offering
        server's RSS growth per connection idle, then after one compressed
        message echoed on every connection (the server keeps the client's
        inflate context; its own compressor is shared or per connection,
-       depending on the implementation).
+       depending on the implementation). zmemctx10k: wsmanager alone, with
+       ``Deflate(server_no_context_takeover=False, client_no_context_takeover=False)``
+       (the server keeps the client's 12-bit inflate context).
 soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
        or have the server close (plus a few half-sent handshakes and protocol
@@ -449,7 +451,10 @@ def split_mode(mode: str) -> "tuple[str, Optional[str]]":
 
 def serve_wsmanager(conn: Any, mode: str, profile_path: Optional[str]) -> None:
     mode, compression = split_mode(mode)
-    manager = wsmanager.WebSocketManager(max_message_size=MAX_MESSAGE, compression=compression)
+    settings: Any = compression
+    if compression == "deflate-context":  # both sides keep their context (12-bit client window)
+        settings = wsmanager.Deflate(server_no_context_takeover=False, client_no_context_takeover=False)
+    manager = wsmanager.WebSocketManager(max_message_size=MAX_MESSAGE, compression=settings)
     counts: collections.Counter = collections.Counter()
 
     class Echo(wsmanager.WebSocket):
@@ -1392,7 +1397,7 @@ async def workload_soak(impl: str, port: int, server_pid: int, p: Params) -> dic
 
 WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
              "idle": workload_idle, "soak": workload_soak, "z2": workload_z2, "z3": workload_z3, "z5": workload_z5,
-             "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large}
+             "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large, "zmemctx10k": workload_zmem_large}
 
 
 def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: int, p: Params) -> None:
@@ -1569,17 +1574,21 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                        {"rate": Metric("Z5 broadcast, deflate", "deliveries/s")}, implementations=compressed),
         "zmem1k": zmem_scenario("zmem1k", p.zmem_small),
         "zmem10k": zmem_scenario("zmem10k", p.zmem_large),
+        "zmemctx10k": zmem_scenario("zmemctx10k", p.zmem_large, context=True),
     }
 
 
-def zmem_scenario(key: str, count: int) -> Scenario:
-    return Scenario(key, f"Memory with permessage-deflate: {count:,} connections offering "
-                         f"{BROWSER_DEFLATE_OFFER!r}, idle then after one compressed message each", "echo+deflate",
-                    {"idle": Metric(f"deflate, {count:,} idle connections: server RSS per connection", "KiB",
+def zmem_scenario(key: str, count: int, context: bool = False) -> Scenario:
+    """Server RSS per connection with deflate; ``context``: wsmanager alone, with contexts kept on both sides."""
+    label = "deflate with contexts" if context else "deflate"
+    return Scenario(key, f"Memory with permessage-deflate{' (contexts kept)' if context else ''}: {count:,} "
+                         f"connections offering {BROWSER_DEFLATE_OFFER!r}, idle then after one compressed message "
+                         "each", "echo+deflate-context" if context else "echo+deflate",
+                    {"idle": Metric(f"{label}, {count:,} idle connections: server RSS per connection", "KiB",
                                     higher_is_better=False),
-                     "used": Metric(f"deflate, {count:,} connections after 1 message: server RSS per connection",
+                     "used": Metric(f"{label}, {count:,} connections after 1 message: server RSS per connection",
                                     "KiB", higher_is_better=False)},
-                    implementations=("wsmanager", "websockets"))
+                    implementations=("wsmanager",) if context else ("wsmanager", "websockets"))
 
 
 def run_trial(scenario: Scenario, impl: str, p: Params, profile_path: Optional[str]) -> dict:
@@ -1900,7 +1909,8 @@ def run_soak(p: Params) -> int:
 # Main #########################################################################
 ###############################################################################
 
-SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle", "z2", "z3", "z5", "zmem1k", "zmem10k")
+SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle", "z2", "z3", "z5", "zmem1k", "zmem10k",
+                  "zmemctx10k")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -1912,7 +1922,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
                "s6 client side, codec, idle; z2 z3 z5 (s2 s3 s5 with permessage-deflate), zmem1k zmem10k "
-               "(memory with deflate); soak (only when named).",
+               "zmemctx10k (memory with deflate); soak (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")

@@ -4915,34 +4915,38 @@ def test_compression_settings_are_checked_up_front():
 
 # Negotiation: the server side -------------------------------------------------
 
+# What the default settings answer: neither side keeps a compression context.
+NO_CONTEXT = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
 # (offer, settings, expected answer); the settings default to Deflate().
 SERVER_NEGOTIATION = {
     "no-offer": (None, None, None),
     "other-extension-only": ("x-webkit-deflate-frame", None, None),
-    "plain": ("permessage-deflate", None, "permessage-deflate; server_no_context_takeover"),
-    "browser": ("permessage-deflate; client_max_window_bits", None,
-                "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"),
+    "plain": ("permessage-deflate", None, f"{NO_CONTEXT}"),
+    "browser": ("permessage-deflate; client_max_window_bits", None, f"{NO_CONTEXT}; client_max_window_bits=12"),
     "client-window-10": ("permessage-deflate; client_max_window_bits=10", None,
-                         "permessage-deflate; server_no_context_takeover; client_max_window_bits=10"),
+                         f"{NO_CONTEXT}; client_max_window_bits=10"),
     "client-window-15-capped": ("permessage-deflate; client_max_window_bits=15", None,
-                                "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"),
+                                f"{NO_CONTEXT}; client_max_window_bits=12"),
     "server-window-10": ("permessage-deflate; server_max_window_bits=10", None,
-                         "permessage-deflate; server_no_context_takeover; server_max_window_bits=10"),
-    "client-no-context-echoed": ("permessage-deflate; client_no_context_takeover", None,
-                                 "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
-    "quoted-value": ('permessage-deflate; client_max_window_bits="11"', None,
-                     "permessage-deflate; server_no_context_takeover; client_max_window_bits=11"),
-    "context-takeover-allowed": ("permessage-deflate", Deflate(server_no_context_takeover=False), "permessage-deflate"),
-    "server-asks-client-no-context": ("permessage-deflate", Deflate(client_no_context_takeover=True),
-                                      "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+                         f"{NO_CONTEXT}; server_max_window_bits=10"),
+    "quoted-value": ('permessage-deflate; client_max_window_bits="11"', None, f"{NO_CONTEXT}; client_max_window_bits=11"),
+    "server-context-allowed": ("permessage-deflate", Deflate(server_no_context_takeover=False),
+                               "permessage-deflate; client_no_context_takeover"),
+    "client-context-allowed": ("permessage-deflate", Deflate(client_no_context_takeover=False),
+                               "permessage-deflate; server_no_context_takeover"),
+    "all-context-allowed": ("permessage-deflate", Deflate(False, False), "permessage-deflate"),
+    "client-no-context-echoed": ("permessage-deflate; client_no_context_takeover", Deflate(False, False),
+                                 "permessage-deflate; client_no_context_takeover"),
+    "server-no-context-asked": ("permessage-deflate; server_no_context_takeover", Deflate(False, False),
+                                "permessage-deflate; server_no_context_takeover"),
     "server-limits-own-window": ("permessage-deflate", Deflate(server_max_window_bits=11),
-                                 "permessage-deflate; server_no_context_takeover; server_max_window_bits=11"),
+                                 f"{NO_CONTEXT}; server_max_window_bits=11"),
     # Several offers: the first acceptable one wins; unacceptable ones are declined, not fatal.
     "first-acceptable-wins": ("permessage-deflate; server_max_window_bits=8, "
                               "permessage-deflate; client_max_window_bits=9, permessage-deflate", None,
-                              "permessage-deflate; server_no_context_takeover; client_max_window_bits=9"),
-    "unknown-then-good": ("x-foo; bar=1, permessage-deflate; unknown_param, permessage-deflate", None,
-                          "permessage-deflate; server_no_context_takeover"),
+                              f"{NO_CONTEXT}; client_max_window_bits=9"),
+    "unknown-then-good": ("x-foo; bar=1, permessage-deflate; unknown_param, permessage-deflate", None, NO_CONTEXT),
     # Malformed or conflicting offers, each declined (RFC 7692 5, 7.1).
     "server-window-8": ("permessage-deflate; server_max_window_bits=8", None, None),
     "server-window-without-value": ("permessage-deflate; server_max_window_bits", None, None),
@@ -4967,8 +4971,7 @@ def test_server_negotiation(name):
     assert (params is None) == (expected is None)
     if params is not None:
         # What the server will do matches what it answered, and the client reads it back the same way.
-        assert accept_deflate_response(answer, Deflate(server_no_context_takeover=False,
-                                                       client_max_window_bits=15)) == params
+        assert accept_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
 
 
 def test_server_negotiation_off_declines_everything():
@@ -4978,7 +4981,7 @@ def test_server_negotiation_off_declines_everything():
 # Negotiation: the client side -------------------------------------------------
 
 def test_client_offers():
-    assert deflate_offer() == "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"
+    assert deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
     assert deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
     assert deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
                                                          "client_no_context_takeover; server_max_window_bits=10; "
@@ -4992,18 +4995,18 @@ def test_client_offers():
 # (settings, server's answer, expected DeflateParams or an error message part)
 CLIENT_NEGOTIATION = {
     "declined": (Deflate(), None, None),
-    "accepted": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=12",
-                 DeflateParams(True, False, 15, 12)),
-    "client-window-omitted": (Deflate(), "permessage-deflate; server_no_context_takeover",
-                              DeflateParams(True, False, 15, 12)),
-    "server-no-context-unasked": (Deflate(server_no_context_takeover=False), "permessage-deflate; server_no_context_takeover",
+    "accepted": (Deflate(), f"{NO_CONTEXT}; client_max_window_bits=12", DeflateParams(True, True, 15, 12)),
+    # We said we keep no context: the answer need not repeat it.
+    "client-no-context-not-echoed": (Deflate(), "permessage-deflate; server_no_context_takeover",
+                                     DeflateParams(True, True, 15, 12)),
+    "client-window-omitted": (Deflate(False, False), "permessage-deflate", DeflateParams(False, False, 15, 12)),
+    "server-no-context-unasked": (Deflate(False, False), "permessage-deflate; server_no_context_takeover",
                                   DeflateParams(True, False, 15, 12)),
-    "client-no-context-imposed": (Deflate(), "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-                                  DeflateParams(True, True, 15, 12)),
-    "server-window-unasked": (Deflate(), "permessage-deflate; server_no_context_takeover; server_max_window_bits=10",
-                              DeflateParams(True, False, 10, 12)),
-    "server-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; server_max_window_bits=8",
-                        DeflateParams(True, False, 8, 12)),  # we only inflate with it: fine
+    "client-no-context-imposed": (Deflate(False, False), "permessage-deflate; client_no_context_takeover",
+                                  DeflateParams(False, True, 15, 12)),
+    "server-window-unasked": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=10", DeflateParams(True, True, 10, 12)),
+    "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
+                        DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
     "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
     "client-window-too-big": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
                               "exceeds"),
@@ -5098,8 +5101,7 @@ def test_server_compresses_messages_and_never_control_frames(manager):
     address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
     peer, headers = _upgrade_with_extensions(address, "permessage-deflate; client_max_window_bits")
     with contextlib.closing(peer.sock):
-        assert headers["Sec-WebSocket-Extensions"] == ("permessage-deflate; server_no_context_takeover; "
-                                                       "client_max_window_bits=12")
+        assert headers["Sec-WebSocket-Extensions"] == f"{NO_CONTEXT}; client_max_window_bits=12"
         message = ("compress me " * 100).encode()
         peer.sock.sendall(raw_frame(Opcode.TEXT, deflate_payload(message, wbits=12), rsv=0x40, key=RFC_KEY))
         echo = peer.next()
@@ -5125,8 +5127,7 @@ def test_server_compresses_messages_and_never_control_frames(manager):
 
 def test_server_connection_holds_no_zlib_object_until_a_message(manager):
     factory = Collect(EchoRecorder)
-    address = manager.listen(("127.0.0.1", 0), factory,
-                             compression=Deflate(client_no_context_takeover=True))
+    address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
     peer, _ = _upgrade_with_extensions(address, "permessage-deflate")
     with contextlib.closing(peer.sock):
         server = factory.first_opened()
@@ -5207,7 +5208,7 @@ def test_autobahn_13_combinations_with_websockets(role, combo):
         # websockets offers exactly the combination; wsmanager accepts what is offered.
         ws_extension = ClientPerMessageDeflateFactory(server_no_context_takeover=snct, client_no_context_takeover=cnct,
                                                       server_max_window_bits=bits, client_max_window_bits=bits)
-        wsm_settings = Deflate(server_no_context_takeover=False, client_max_window_bits=15)
+        wsm_settings = Deflate(False, False, client_max_window_bits=15)
     else:
         # wsmanager offers it; websockets (as the server) accepts it.
         wsm_settings = Deflate(server_no_context_takeover=snct, client_no_context_takeover=cnct,
@@ -5271,14 +5272,14 @@ def test_interop_with_websockets_defaults(interop_manager, role):
         address, opened = wsmanager_server(interop_manager, compression="deflate")
         with ws_connect(ws_url(address), proxy=None, **options) as peer:
             wsm = opened.get(timeout=10)
-            assert wsm.compression == DeflateParams(True, False, 15, 12)
+            assert wsm.compression == DeflateParams(True, True, 15, 12)
             _exchange(wsm, peer, autobahn_messages()[:12])
     else:
         with websockets_server(**options) as (address, connections):
             wsm = open_client(interop_manager, ws_url(address), EchoRecorder, compression="deflate")
             peer = connections.get(timeout=10)
             # websockets' server limits its own window to 12 bits too.
-            assert wsm.compression == DeflateParams(True, False, 12, 12)
+            assert wsm.compression == DeflateParams(True, True, 12, 12)
             _exchange(wsm, peer, autobahn_messages()[:12])
             wsm.close()
             wsm.closed_event.wait(5)
@@ -5286,7 +5287,7 @@ def test_interop_with_websockets_defaults(interop_manager, role):
 
 def test_sends_from_many_threads_keep_a_shared_context_in_step():
     # The client keeps its compression context: messages must be compressed in the order they are queued.
-    settings = Deflate(server_no_context_takeover=False)
+    settings = Deflate(server_no_context_takeover=False, client_no_context_takeover=False)
     with running_manager(compression=settings) as manager:
         address, opened = wsmanager_server(manager, factory=Recorder)
         client = open_client(manager, ws_url(address), Recorder, compression=settings)
@@ -5342,7 +5343,7 @@ def test_broadcast_compresses_once_for_connections_without_context(monkeypatch):
 def test_demo_server_offers_compression(tmp_path, manager):
     with _chat_server(tmp_path) as (proc, port, read_log):
         client = open_client(manager, f"ws://127.0.0.1:{port}/ws", Recorder, compression="deflate")
-        assert client.compression == DeflateParams(True, False, 15, 12)
+        assert client.compression == DeflateParams(True, True, 15, 12)
         client.send("compressed hello " * 20)
         wait_until(lambda: client.messages == ["compressed hello " * 20])  # broadcast back to us
 
@@ -5371,8 +5372,9 @@ def test_browser_negotiates_deflate_with_the_demo_server(tmp_path, manager):
 
             wait_until(negotiated, timeout=30, interval=0.1)
             # The Sec-WebSocket-Extensions answer the browser accepted: Chromium offers
-            # "permessage-deflate; client_max_window_bits", the demo server limits the client to 12 bits.
-            assert answers[0] == "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"
+            # "permessage-deflate; client_max_window_bits"; the demo server keeps no context and limits
+            # the client to 12 bits.
+            assert answers[0] == f"{NO_CONTEXT}; client_max_window_bits=12"
             expected = '<li class="message">from-client</li>'
             wait_until(lambda: expected in evaluate("document.documentElement.outerHTML"), timeout=30, interval=0.1)
         assert client.messages[:2] == ["from-browser", "from-client"]
