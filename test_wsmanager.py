@@ -5338,6 +5338,21 @@ def test_broadcast_compresses_once_for_connections_without_context(monkeypatch):
         assert own.compression.server_no_context_takeover is False and plain.compression is None
 
 
+# README ---------------------------------------------------------------------------
+
+def test_readme_compression_snippet_runs():
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(readme_snippet("compression"), {"__name__": "readme_compression"})
+    assert output.getvalue().splitlines() == ["True 12", "1200"]
+    assert "This prints ``True 12`` and ``1200``." in README.read_text(encoding="utf-8")
+
+
+def test_readme_snippet_message_is_about_20_bytes_on_the_wire():
+    payload = PerMessageDeflate(DeflateParams(True, True, 15, 12), client=True).compress(("compress me " * 100).encode())
+    assert 10 <= len(payload) <= 30
+
+
 # Browser and demo server -------------------------------------------------------
 
 def test_demo_server_offers_compression(tmp_path, manager):
