@@ -71,6 +71,8 @@ zmem1k zmem10k  1,000 and 10,000 connections opened like S4 but offering
        depending on the implementation). zmemctx10k: wsmanager alone, with
        ``Deflate(server_no_context_takeover=False, client_no_context_takeover=False)``
        (the server keeps the client's 12-bit inflate context).
+z5ctx  Z5 with that setting, wsmanager alone: each broadcast is compressed
+       once per connection instead of once for all (the gain of sharing).
 soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
        or have the server close (plus a few half-sent handshakes and protocol
@@ -1397,7 +1399,7 @@ async def workload_soak(impl: str, port: int, server_pid: int, p: Params) -> dic
 
 WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
              "idle": workload_idle, "soak": workload_soak, "z2": workload_z2, "z3": workload_z3, "z5": workload_z5,
-             "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large, "zmemctx10k": workload_zmem_large}
+             "z5ctx": workload_z5, "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large, "zmemctx10k": workload_zmem_large}
 
 
 def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: int, p: Params) -> None:
@@ -1572,6 +1574,11 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
         "z5": Scenario("z5", f"Z5 = S5 compressed: {p.s5_clients:,} clients, {p.s5_broadcasts} broadcasts of "
                              f"{len(BROADCAST_MESSAGE)} B text", "broadcast+deflate",
                        {"rate": Metric("Z5 broadcast, deflate", "deliveries/s")}, implementations=compressed),
+        # The gain of compressing a broadcast once: the same with contexts kept, so once per connection.
+        "z5ctx": Scenario("z5ctx", f"Z5 with contexts kept (wsmanager only: compressed once per connection): "
+                                   f"{p.s5_clients:,} clients, {p.s5_broadcasts} broadcasts", "broadcast+deflate-context",
+                          {"rate": Metric("Z5 broadcast, deflate, contexts kept", "deliveries/s")},
+                          implementations=("wsmanager",)),
         "zmem1k": zmem_scenario("zmem1k", p.zmem_small),
         "zmem10k": zmem_scenario("zmem10k", p.zmem_large),
         "zmemctx10k": zmem_scenario("zmemctx10k", p.zmem_large, context=True),
@@ -1909,8 +1916,8 @@ def run_soak(p: Params) -> int:
 # Main #########################################################################
 ###############################################################################
 
-SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle", "z2", "z3", "z5", "zmem1k", "zmem10k",
-                  "zmemctx10k")
+SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
+                  "zmem10k", "zmemctx10k")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -1922,7 +1929,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
                "s6 client side, codec, idle; z2 z3 z5 (s2 s3 s5 with permessage-deflate), zmem1k zmem10k "
-               "zmemctx10k (memory with deflate); soak (only when named).",
+               "z5ctx, zmemctx10k (memory with deflate); soak (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")

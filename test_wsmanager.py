@@ -4856,6 +4856,33 @@ def test_decompression_bomb_fails_with_1009_without_inflating_it():
     assert peak < len(bomb) + 4 * DEFAULT_MAX_MESSAGE_SIZE, peak
 
 
+@given(messages=st.lists(st.one_of(st.text(max_size=300), st.binary(max_size=300)), min_size=1, max_size=8),
+       cut=st.integers(min_value=1, max_value=50), context=st.booleans(), wbits=st.sampled_from([9, 12, 15]),
+       chunk=st.integers(min_value=1, max_value=64))
+def test_compressed_stream_round_trips_through_parser_and_assembler(messages, cut, context, wbits, chunk):
+    """Client-side compression -> wire (fragmented at ``cut``, fed ``chunk`` bytes at a time) -> server side."""
+    params = DeflateParams(not context, not context, wbits, wbits)
+    sender = PerMessageDeflate(params, client=True)
+    parser = FrameParser(expect_masked=True, allow_rsv1=True)
+    assembler = MessageAssembler(deflate=PerMessageDeflate(params, client=False))
+    wire = b""
+    for message in messages:
+        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
+        data = message.encode() if isinstance(message, str) else message
+        payload = sender.compress(data)
+        pieces = [payload[:cut], payload[cut:]] if len(payload) > cut else [payload]
+        for i, piece in enumerate(pieces):
+            wire += encode_frame(Opcode.CONTINUATION if i else opcode, piece, fin=i == len(pieces) - 1,
+                                 mask=True, rsv1=i == 0)
+    received = []
+    for start in range(0, len(wire), chunk):
+        for frame in parser.feed(wire[start:start + chunk]):
+            result = assembler.receive(frame)
+            if result is not None:
+                received.append(result)
+    assert received == messages
+
+
 # Codec: compressing -----------------------------------------------------------
 
 @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
