@@ -5152,6 +5152,30 @@ def test_server_compresses_messages_and_never_control_frames(manager):
     assert server.messages == [message.decode(), b"fragments " * 50, "plain"]
 
 
+def test_several_offers_in_one_header_on_a_live_connection(manager):
+    # Autobahn 13.7's list of offers: the 8-bit one cannot be honoured, the next one is.
+    factory = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), factory, compression=Deflate(False, False))
+    offers = ("permessage-deflate; server_no_context_takeover; server_max_window_bits=8, "
+              "permessage-deflate; server_no_context_takeover, permessage-deflate")
+    peer, headers = _upgrade_with_extensions(address, offers)
+    with contextlib.closing(peer.sock):
+        assert headers["Sec-WebSocket-Extensions"] == "permessage-deflate; server_no_context_takeover"
+        for i in range(3):  # no server context: each echo inflates on its own
+            message = f"message {i} ".encode() * 30
+            peer.sock.sendall(raw_frame(Opcode.BINARY, deflate_payload(message), rsv=0x40, key=RFC_KEY))
+            assert inflate_payload(peer.next().payload) == message
+    assert factory.first_opened().compression == DeflateParams(True, False, 15, 15)
+
+
+def test_accept_from_http_server_negotiates_with_the_managers_compression():
+    with running_manager(compression="deflate") as manager, _http_server(manager) as port:
+        client = open_client(manager, f"ws://127.0.0.1:{port}/", Recorder, compression="deflate")
+        assert client.compression == DeflateParams(True, True, 15, 12)
+        client.send("adopted " * 100)
+        wait_until(lambda: client.messages == ["adopted " * 100])  # EchoServer's compressed echo
+
+
 def test_server_connection_holds_no_zlib_object_until_a_message(manager):
     factory = Collect(EchoRecorder)
     address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
@@ -5253,9 +5277,13 @@ def test_autobahn_13_combinations_with_websockets(role, combo):
             _exchange(wsm, peer, messages)
             # Many messages in a row: contexts carried over (or reset) stay in step.
             _exchange(wsm, peer, messages[:9], rounds=20)
-            # wsmanager's own fragmented sends, compressed as one stream.
+            # wsmanager's own fragmented sends, compressed as one stream ...
             wsm.send(["frag-", "mented ", "✓" * 3000])
             assert peer.recv(timeout=20) == "frag-mented " + "✓" * 3000
+            # ... and websockets' (Autobahn 12.x also auto-fragments), echoed whole.
+            chunks = [bytes([i]) * 5000 + os.urandom(100) for i in range(5)]
+            peer.send(chunks)
+            assert peer.recv(timeout=20) == b"".join(chunks)
 
 
 @pytest.mark.parametrize("combo", AUTOBAHN_COMBINATIONS, ids=_combo_id)

@@ -30,7 +30,8 @@ An echo server and a client, in one manager::
         answered.wait(5)
 
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
-:func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
+:func:`encode_frame`, :class:`MessageAssembler`, close payloads,
+permessage-deflate in :class:`PerMessageDeflate`), the
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
 and the manager (:class:`WebSocketManager`, :func:`connect`).
 Run ``python -m wsmanager --help`` for the demo chat server and client.
