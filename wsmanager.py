@@ -847,11 +847,17 @@ class PerMessageDeflate:
         decompressor = self._decompressor
         if decompressor is None:
             decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
-        if final:
-            data += _DEFLATE_TAIL
         try:
             # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
-            out: bytes = decompressor.decompress(data, max_length + 1)
+            if not final:
+                out: bytes = decompressor.decompress(data, max_length + 1)
+            elif len(data) < 2048:
+                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
+            else:
+                # Large: the tail goes in a second call rather than copying the payload to append it.
+                out = decompressor.decompress(data, max_length + 1)
+                if len(out) <= max_length:
+                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
         except zlib.error as exc:
             # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
             raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
