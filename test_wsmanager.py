@@ -3455,7 +3455,7 @@ def test_interop_websockets_server_refuses_wsmanager_client(interop_manager):
 @pytest.mark.parametrize("role", ROLES)
 def test_interop_permessage_deflate_not_negotiated(interop_manager, role):
     # websockets offers (as a client) or accepts (as a server) permessage-deflate by default;
-    # wsmanager implements no extension, so none may be agreed and frames stay uncompressed.
+    # wsmanager declines it unless compression= is set, so none may be agreed and frames stay uncompressed.
     with interop_pair(role, interop_manager, ws_options={"compression": "deflate"}) as (wsm, peer):
         if role == "wsm-server":
             assert "permessage-deflate" in peer.request.headers.get("Sec-WebSocket-Extensions", "")
