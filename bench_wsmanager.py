@@ -57,6 +57,22 @@ codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
 idle   10,000 idle connections for 10 s: CPU time of the server process
        (wsmanager: its loop thread; the main thread waits on a pipe) over wall
        time, in percent.
+z2 z3 z5  S2, S3 and S5 with permessage-deflate on both sides (issue 13):
+       wsmanager with ``compression="deflate"`` against websockets with its
+       default compression (12-bit windows, memLevel 5); no ceiling. Same
+       payloads as S2/S3/S5 (highly compressible). The load generator is
+       picows' websockets-compatible client (``picows.websockets``, which
+       negotiates permessage-deflate), one task per message sent.
+zmem1k zmem10k  1,000 and 10,000 connections opened like S4 but offering
+       ``permessage-deflate; client_max_window_bits`` (as browsers do); the
+       server's RSS growth per connection idle, then after one compressed
+       message echoed on every connection (the server keeps the client's
+       inflate context; its own compressor is shared or per connection,
+       depending on the implementation). zmemctx10k: wsmanager alone, with
+       ``Deflate(server_no_context_takeover=False, client_no_context_takeover=False)``
+       (the server keeps the client's 12-bit inflate context).
+z5ctx  Z5 with that setting, wsmanager alone: each broadcast is compressed
+       once per connection instead of once for all (the gain of sharing).
 scale  ``scale`` (only when named; needs redis-server for its second part):
        publish to 2,000 subscribers, raw sockets in this process, served by
        ``wsmanager.Supervisor`` with 1 and then 2 worker processes
@@ -146,6 +162,7 @@ import threading
 import time
 import timeit
 import traceback
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import wsmanager
@@ -160,6 +177,11 @@ try:
     from websockets.asyncio.server import serve as websockets_serve
 except ImportError:  # reported by main()
     websockets = None
+
+try:
+    from picows.websockets.asyncio.client import connect as picows_websockets_connect
+except ImportError:  # an older picows: the compressed scenarios report the failure
+    picows_websockets_connect = None
 
 try:
     from websockets.speedups import apply_mask as websockets_c_apply_mask
@@ -181,6 +203,10 @@ BROADCAST_MESSAGE = "b" * 64  # what every server broadcasts in s5
 CONNECT_TIMEOUT = 15.0
 BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
 IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
+# What a browser offers; answered with 12-bit client windows by both servers' defaults.
+BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+ZMEM_MESSAGE = ('{"type": "chat", "user": "alice", "room": "general", "text": "hello everyone, '
+                'how is the benchmark going today?", "ts": 1700000000}').encode()
 
 
 ###############################################################################
@@ -209,6 +235,8 @@ class Params:
     codec_big_frames: int = 64
     idle_connections: int = 10_000
     idle_seconds: float = 10.0
+    zmem_small: int = 1000
+    zmem_large: int = 10_000
     connect_concurrency: int = 64
     trial_timeout: float = 180.0  # a trial still running then is killed and counted as failed
     soak_seconds: float = 60.0
@@ -223,8 +251,8 @@ class Params:
         return dataclasses.replace(
             self, s1_round_trips=300, s2_per_connection=200, s3_per_connection=10, s4_connections=500,
             s5_clients=200, s5_broadcasts=10, s6_connections=200, codec_small_frames=10_000,
-            codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, trial_timeout=60.0,
-            scale_subscribers=200, scale_messages=50, scale_latency_samples=200)
+            codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, zmem_small=100, zmem_large=1000,
+            trial_timeout=60.0, scale_subscribers=200, scale_messages=50, scale_latency_samples=200)
 
 
 ###############################################################################
@@ -435,8 +463,18 @@ async def serve_until_stopped(conn: Any, port: int) -> None:
     exit_process()
 
 
+def split_mode(mode: str) -> "tuple[str, Optional[str]]":
+    """"echo+deflate" -> ("echo", "deflate"): what the server does, and its compression."""
+    base, _, compression = mode.partition("+")
+    return base, compression or None
+
+
 def serve_wsmanager(conn: Any, mode: str, profile_path: Optional[str]) -> None:
-    manager = wsmanager.WebSocketManager(max_message_size=MAX_MESSAGE)
+    mode, compression = split_mode(mode)
+    settings: Any = compression
+    if compression == "deflate-context":  # both sides keep their context (12-bit client window)
+        settings = wsmanager.Deflate(server_no_context_takeover=False, client_no_context_takeover=False)
+    manager = wsmanager.WebSocketManager(max_message_size=MAX_MESSAGE, compression=settings)
     counts: collections.Counter = collections.Counter()
 
     class Echo(wsmanager.WebSocket):
@@ -496,6 +534,7 @@ def serve_wsmanager(conn: Any, mode: str, profile_path: Optional[str]) -> None:
 
 
 async def serve_websockets(conn: Any, mode: str) -> None:
+    mode, compression = split_mode(mode)
     # Load generators drop their connections without a close handshake when done: not an error here.
     async def echo(connection):
         with contextlib.suppress(websockets.ConnectionClosed):
@@ -508,7 +547,7 @@ async def serve_websockets(conn: Any, mode: str) -> None:
                 websockets_broadcast(connection.server.connections, BROADCAST_MESSAGE)
 
     handler = {"echo": echo, "broadcast": broadcast}[mode]
-    server = await websockets_serve(handler, HOST, 0, compression=None, ping_interval=None,
+    server = await websockets_serve(handler, HOST, 0, compression=compression, ping_interval=None,
                                     max_size=MAX_MESSAGE, backlog=BACKLOG)
     await serve_until_stopped(conn, server.sockets[0].getsockname()[1])
 
@@ -750,8 +789,42 @@ async def round_trip(link: Any, payload: bytes, binary: bool = False, timeout: f
         link.on_message = previous
 
 
-async def open_link(impl: str, port: int) -> Any:
-    """A client connection to a server of ``impl``, handshake done."""
+class DeflateLink(Link):
+    """A picows.websockets client connection with permessage-deflate (the compressed scenarios)."""
+
+    def __init__(self, connection: Any):
+        super().__init__()
+        self.transport = connection
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.transport:
+                self.on_message(message.encode() if isinstance(message, str) else message)
+        except Exception:
+            pass
+        finally:
+            self._gone()
+
+    def send(self, data: bytes, binary: bool = False) -> None:
+        # Deliberate: one task per message; the same cost against either server.
+        asyncio.get_running_loop().create_task(self.transport.send(bytes(data) if binary else data.decode()))
+
+    def close(self) -> None:
+        asyncio.get_running_loop().create_task(self.transport.close())
+
+    def abort(self) -> None:
+        self._reader.cancel()
+        self.close()
+
+
+async def open_link(impl: str, port: int, compressed: bool = False) -> Any:
+    """A client connection to a server of ``impl``, handshake done (with permessage-deflate if ``compressed``)."""
+    if compressed:
+        connection = await picows_websockets_connect(f"ws://{HOST}:{port}/", compression="deflate",
+                                                     max_size=MAX_MESSAGE, ping_interval=None,
+                                                     open_timeout=CONNECT_TIMEOUT)
+        return DeflateLink(connection)
     if impl == "ceiling":
         _, link = await asyncio.get_running_loop().create_connection(RawLink, HOST, port)
         await round_trip(link, b"hello")  # the ceiling's stand-in for an opening handshake
@@ -761,7 +834,8 @@ async def open_link(impl: str, port: int) -> Any:
     return link
 
 
-async def open_links(impl: str, port: int, count: int, concurrency: int) -> "tuple[list, collections.Counter]":
+async def open_links(impl: str, port: int, count: int, concurrency: int,
+                     compressed: bool = False) -> "tuple[list, collections.Counter]":
     """Open ``count`` connections, ``concurrency`` at a time; return them and the errors by type."""
     links: list = []
     errors: collections.Counter = collections.Counter()
@@ -770,7 +844,7 @@ async def open_links(impl: str, port: int, count: int, concurrency: int) -> "tup
     async def worker() -> None:
         for _ in indexes:
             try:
-                links.append(await asyncio.wait_for(open_link(impl, port), CONNECT_TIMEOUT))
+                links.append(await asyncio.wait_for(open_link(impl, port, compressed), CONNECT_TIMEOUT))
             except Exception as exc:
                 errors[type(exc).__name__] += 1
 
@@ -879,8 +953,9 @@ async def workload_s1(impl: str, port: int, server_pid: int, p: Params) -> dict:
 
 
 async def pipelined_echo(impl: str, port: int, server_pid: int, p: Params, *, connections: int,
-                         in_flight: int, size: int, per_connection: int, binary: bool) -> "tuple[Meter, Tally]":
-    links, errors = await open_links(impl, port, connections, p.connect_concurrency)
+                         in_flight: int, size: int, per_connection: int, binary: bool,
+                         compressed: bool = False) -> "tuple[Meter, Tally]":
+    links, errors = await open_links(impl, port, connections, p.connect_concurrency, compressed)
     payload = (b"\x00\xff" * size)[:size] if binary else b"m" * size
     await asyncio.gather(*(round_trip(link, payload, binary) for link in links))  # warm-up
     tally = Tally(len(links) * per_connection)
@@ -894,22 +969,34 @@ async def pipelined_echo(impl: str, port: int, server_pid: int, p: Params, *, co
     return meter, tally
 
 
-async def workload_s2(impl: str, port: int, server_pid: int, p: Params) -> dict:
+async def workload_s2(impl: str, port: int, server_pid: int, p: Params, compressed: bool = False) -> dict:
     meter, tally = await pipelined_echo(impl, port, server_pid, p, connections=p.s2_connections,
                                         in_flight=p.s2_in_flight, size=p.s2_size,
-                                        per_connection=p.s2_per_connection, binary=False)
+                                        per_connection=p.s2_per_connection, binary=False, compressed=compressed)
     return meter.result({"rate": tally.received / meter.wall}, tally.errors)
 
 
-async def workload_s3(impl: str, port: int, server_pid: int, p: Params) -> dict:
+async def workload_s3(impl: str, port: int, server_pid: int, p: Params, compressed: bool = False) -> dict:
     meter, tally = await pipelined_echo(impl, port, server_pid, p, connections=p.s3_connections,
                                         in_flight=p.s3_in_flight, size=p.s3_size,
-                                        per_connection=p.s3_per_connection, binary=True)
+                                        per_connection=p.s3_per_connection, binary=True, compressed=compressed)
     return meter.result({"rate": tally.received * p.s3_size / meter.wall / 1e6}, tally.errors)
 
 
-def open_connections(impl: str, port: int, count: int, concurrency: int, timeout: float
-                     ) -> "tuple[List[socket.socket], collections.Counter]":
+async def workload_z2(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    return await workload_s2(impl, port, server_pid, p, compressed=True)
+
+
+async def workload_z3(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    return await workload_s3(impl, port, server_pid, p, compressed=True)
+
+
+async def workload_z5(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    return await workload_s5(impl, port, server_pid, p, compressed=True)
+
+
+def open_connections(impl: str, port: int, count: int, concurrency: int, timeout: float,
+                     extensions: Optional[str] = None) -> "tuple[List[socket.socket], collections.Counter]":
     """Open ``count`` connections with a lean client: non-blocking sockets in a selector.
 
     Every WebSocket connection sends its own request (a fresh key, built
@@ -924,7 +1011,8 @@ def open_connections(impl: str, port: int, count: int, concurrency: int, timeout
         answers = requests
     else:
         keys = [wsmanager.new_key() for _ in range(count)]
-        requests = [wsmanager.build_request(f"{HOST}:{port}", "/", key) for key in keys]
+        headers = [("Sec-WebSocket-Extensions", extensions)] if extensions else None
+        requests = [wsmanager.build_request(f"{HOST}:{port}", "/", key, headers=headers) for key in keys]
         answers = [wsmanager.accept_key(key).encode() for key in keys]
     selector = selectors.DefaultSelector()
     opened: List[socket.socket] = []
@@ -975,6 +1063,9 @@ def open_connections(impl: str, port: int, count: int, concurrency: int, timeout
                     finish(sock, None if answer == answers[state[0]] else "wrong echo")
             elif b"\r\n\r\n" in answer:
                 accepted = answer.startswith(b"HTTP/1.1 101 ") and answers[state[0]] in answer
+                if accepted and extensions and b"permessage-deflate" not in answer:
+                    finish(sock, "permessage-deflate declined")
+                    continue
                 finish(sock, None if accepted else f"refused: {answer[:30]!r}")
     for key in list(selector.get_map().values()):  # past the deadline
         errors["timeout"] += 1
@@ -983,17 +1074,17 @@ def open_connections(impl: str, port: int, count: int, concurrency: int, timeout
     return opened, errors
 
 
-def open_idle(impl: str, port: int, server_pid: int, p: Params, count: int) -> dict:
+def open_idle(impl: str, port: int, server_pid: int, p: Params, count: int, extensions: Optional[str] = None) -> dict:
     """Open ``count`` connections after a warm-up one; the server's RSS before and after."""
-    warm, _ = open_connections(impl, port, 1, 1, CONNECT_TIMEOUT)
+    warm, _ = open_connections(impl, port, 1, 1, CONNECT_TIMEOUT, extensions)
     time.sleep(0.2)
     rss_before = rss_bytes(server_pid)
     with Meter(server_pid) as meter:
-        socks, errors = open_connections(impl, port, count, p.connect_concurrency, p.trial_timeout)
+        socks, errors = open_connections(impl, port, count, p.connect_concurrency, p.trial_timeout, extensions)
     time.sleep(0.5)  # let the server settle: the last handshakes, the 101s in flight
     rss_per_connection, rss_mib = rss_growth(rss_before, rss_bytes(server_pid), len(socks))
     return {"meter": meter, "socks": socks + warm, "opened": len(socks), "errors": errors,
-            "rss_per_connection": rss_per_connection, "rss_mib": rss_mib}
+            "rss_per_connection": rss_per_connection, "rss_mib": rss_mib, "rss_before": rss_before}
 
 
 def close_sockets(socks: Sequence[socket.socket]) -> None:
@@ -1023,8 +1114,48 @@ def workload_idle(impl: str, port: int, server_pid: int, p: Params) -> dict:
     return result
 
 
-async def workload_s5(impl: str, port: int, server_pid: int, p: Params) -> dict:
-    links, errors = await open_links(impl, port, p.s5_clients, p.connect_concurrency)
+def compressed_echo_on_each(socks: Sequence[socket.socket], timeout: float) -> int:
+    """Send one compressed, masked text message on every socket and read its echo; the errors."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -9)  # 9 bits: within any window a server allows
+    payload = (compressor.compress(ZMEM_MESSAGE) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    errors = 0
+    for sock in socks:
+        try:
+            sock.setblocking(True)
+            sock.settimeout(timeout)
+            sock.sendall(wsmanager.encode_frame(wsmanager.Opcode.TEXT, payload, mask=True, rsv1=True))
+            echo = sock.recv(4096)
+            # A compressed echo: RSV1 set, and shorter than the message.
+            if len(echo) < 2 or not echo[0] & 0x40 or len(echo) >= len(ZMEM_MESSAGE):
+                errors += 1
+        except OSError:
+            errors += 1
+    return errors
+
+
+def workload_zmem(impl: str, port: int, server_pid: int, p: Params, count: int) -> dict:
+    opened = open_idle(impl, port, server_pid, p, count, BROWSER_DEFLATE_OFFER)
+    errors = sum(opened["errors"].values())
+    with Meter(server_pid) as meter:
+        errors += compressed_echo_on_each(opened["socks"], CONNECT_TIMEOUT)
+    time.sleep(0.5)
+    used, used_mib = rss_growth(opened["rss_before"], rss_bytes(server_pid), opened["opened"])
+    result = meter.result({"idle": opened["rss_per_connection"], "used": used}, errors,
+                          connections=opened["opened"], rss_idle_mib=opened["rss_mib"], rss_used_mib=used_mib)
+    close_sockets(opened["socks"])
+    return result
+
+
+def workload_zmem_small(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    return workload_zmem(impl, port, server_pid, p, p.zmem_small)
+
+
+def workload_zmem_large(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    return workload_zmem(impl, port, server_pid, p, p.zmem_large)
+
+
+async def workload_s5(impl: str, port: int, server_pid: int, p: Params, compressed: bool = False) -> dict:
+    links, errors = await open_links(impl, port, p.s5_clients, p.connect_concurrency, compressed)
     size = len(BROADCAST_MESSAGE)
 
     async def broadcasts(count: int) -> Tally:
@@ -1285,7 +1416,8 @@ async def workload_soak(impl: str, port: int, server_pid: int, p: Params) -> dic
 
 
 WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
-             "idle": workload_idle, "soak": workload_soak}
+             "idle": workload_idle, "soak": workload_soak, "z2": workload_z2, "z3": workload_z3, "z5": workload_z5,
+             "z5ctx": workload_z5, "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large, "zmemctx10k": workload_zmem_large}
 
 
 def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: int, p: Params) -> None:
@@ -1401,6 +1533,7 @@ class Scenario:
     mode: str  # what the server does: "echo" or "broadcast"
     metrics: Dict[str, Metric]  # result value name -> row
     servers: Dict[str, str] = dataclasses.field(default_factory=lambda: {impl: impl for impl in IMPLEMENTATIONS})
+    implementations: Sequence[str] = IMPLEMENTATIONS  # the compressed scenarios have no ceiling
     shares: Dict[str, Dict[str, List[float]]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
     # The "rate" divided by the CPU share of the side under test (the server; in s6 the client):
@@ -1418,6 +1551,7 @@ class Scenario:
 
 def make_scenarios(p: Params) -> Dict[str, Scenario]:
     ref, ceiling, absolute = "websockets", "ceiling", "absolute"
+    compressed = ("wsmanager", "websockets")
     return {
         "s1": Scenario("s1", f"S1 latency: 1 connection, {p.s1_round_trips:,} sequential round trips of "
                              f"{p.s1_size} B text", "echo",
@@ -1447,7 +1581,39 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                                  f"{p.idle_seconds:g} s", "echo",
                          {"cpu": Metric("Idle connections, server CPU", "% of wall", higher_is_better=False,
                                         targets=[Target(absolute, 1.0)])}),
+        # Issue 13: the same with permessage-deflate on both sides, against websockets' default compression.
+        "z2": Scenario("z2", f"Z2 = S2 compressed: {p.s2_connections} connections x {p.s2_in_flight} in flight, "
+                             f"{p.s2_size} B text, {p.s2_per_connection:,} round trips each", "echo+deflate",
+                       {"rate": Metric("Z2 small messages, deflate", "msg/s")}, implementations=compressed),
+        "z3": Scenario("z3", f"Z3 = S3 compressed: {p.s3_connections} connections x {p.s3_in_flight} in flight, "
+                             f"{p.s3_size // 1024} KiB binary, {p.s3_per_connection} round trips each",
+                       "echo+deflate", {"rate": Metric("Z3 large messages, deflate", "MB/s")},
+                       implementations=compressed),
+        "z5": Scenario("z5", f"Z5 = S5 compressed: {p.s5_clients:,} clients, {p.s5_broadcasts} broadcasts of "
+                             f"{len(BROADCAST_MESSAGE)} B text", "broadcast+deflate",
+                       {"rate": Metric("Z5 broadcast, deflate", "deliveries/s")}, implementations=compressed),
+        # The gain of compressing a broadcast once: the same with contexts kept, so once per connection.
+        "z5ctx": Scenario("z5ctx", f"Z5 with contexts kept (wsmanager only: compressed once per connection): "
+                                   f"{p.s5_clients:,} clients, {p.s5_broadcasts} broadcasts", "broadcast+deflate-context",
+                          {"rate": Metric("Z5 broadcast, deflate, contexts kept", "deliveries/s")},
+                          implementations=("wsmanager",)),
+        "zmem1k": zmem_scenario("zmem1k", p.zmem_small),
+        "zmem10k": zmem_scenario("zmem10k", p.zmem_large),
+        "zmemctx10k": zmem_scenario("zmemctx10k", p.zmem_large, context=True),
     }
+
+
+def zmem_scenario(key: str, count: int, context: bool = False) -> Scenario:
+    """Server RSS per connection with deflate; ``context``: wsmanager alone, with contexts kept on both sides."""
+    label = "deflate with contexts" if context else "deflate"
+    return Scenario(key, f"Memory with permessage-deflate{' (contexts kept)' if context else ''}: {count:,} "
+                         f"connections offering {BROWSER_DEFLATE_OFFER!r}, idle then after one compressed message "
+                         "each", "echo+deflate-context" if context else "echo+deflate",
+                    {"idle": Metric(f"{label}, {count:,} idle connections: server RSS per connection", "KiB",
+                                    higher_is_better=False),
+                     "used": Metric(f"{label}, {count:,} connections after 1 message: server RSS per connection",
+                                    "KiB", higher_is_better=False)},
+                    implementations=("wsmanager",) if context else ("wsmanager", "websockets"))
 
 
 def run_trial(scenario: Scenario, impl: str, p: Params, profile_path: Optional[str]) -> dict:
@@ -1506,7 +1672,7 @@ class StringIOWithIndent:
 def run_scenario(scenario: Scenario, p: Params, repeat: int, profile_dir: Optional[str]) -> None:
     print(f"\n## {scenario.title}")
     for rep in range(repeat):
-        for impl in IMPLEMENTATIONS:
+        for impl in scenario.implementations:
             profile_path = None
             if profile_dir and impl == "wsmanager":
                 profile_path = os.path.join(profile_dir, f"{scenario.key}-rep{rep + 1}.prof")
@@ -2043,7 +2209,8 @@ def run_scale(p: Params, repeat: int) -> int:
 # Main #########################################################################
 ###############################################################################
 
-SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle")
+SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "codec", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
+                  "zmem10k", "zmemctx10k")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -2054,7 +2221,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Benchmark wsmanager against websockets (reference) and a raw-TCP selectors ceiling. "
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
-               "s6 client side, codec, idle; soak and scale (only when named).",
+               "s6 client side, codec, idle; z2 z3 z5 (s2 s3 s5 with permessage-deflate), zmem1k zmem10k "
+               "z5ctx, zmemctx10k (memory with deflate); soak and scale (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")

@@ -3459,7 +3459,7 @@ def test_interop_websockets_server_refuses_wsmanager_client(interop_manager):
 @pytest.mark.parametrize("role", ROLES)
 def test_interop_permessage_deflate_not_negotiated(interop_manager, role):
     # websockets offers (as a client) or accepts (as a server) permessage-deflate by default;
-    # wsmanager implements no extension, so none may be agreed and frames stay uncompressed.
+    # wsmanager declines it unless compression= is set, so none may be agreed and frames stay uncompressed.
     with interop_pair(role, interop_manager, ws_options={"compression": "deflate"}) as (wsm, peer):
         if role == "wsm-server":
             assert "permessage-deflate" in peer.request.headers.get("Sec-WebSocket-Extensions", "")
@@ -6919,6 +6919,804 @@ def test_readme_workers_snippet_shares_a_chat_across_two_workers(tmp_path, redis
             stderr = proc.stderr.read().decode(errors="replace")
             proc.stderr.close()
             assert "Traceback" not in stderr, stderr
+
+
+###############################################################################
+# Compression: permessage-deflate (RFC 7692) (issue 13) ########################
+###############################################################################
+
+# The public conformance suite (Autobahn testsuite, sections 12 and 13) needs Docker or Python 2, neither
+# of which runs here: the tests below follow its cases instead (every combination of context takeover
+# and window bits of section 13, the message sizes of section 12), against websockets and wsmanager
+# itself, in both roles.
+
+import zlib  # noqa: E402
+
+from websockets.extensions.permessage_deflate import (  # noqa: E402
+    ClientPerMessageDeflateFactory, ServerPerMessageDeflateFactory)
+
+
+def deflate_payload(data, *, wbits=15):
+    """``data`` compressed as one permessage-deflate message by an independent zlib object."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def inflate_payload(payload, *, wbits=15):
+    return zlib.decompressobj(-wbits).decompress(payload + b"\x00\x00\xff\xff")
+
+
+def deflate_codec(max_message_size=DEFAULT_MAX_MESSAGE_SIZE, **params):
+    """A server-side assembler that inflates, as a negotiated connection has it."""
+    deflate = PerMessageDeflate(DeflateParams(**params), client=False)
+    return MessageAssembler(max_message_size=max_message_size, deflate=deflate), deflate
+
+
+def compressed_frame(opcode, payload, fin=True):
+    return Frame(opcode, payload, fin, True)
+
+
+# Codec: RSV1 ------------------------------------------------------------------
+
+def test_parser_accepts_rsv1_on_data_frames_only_when_told():
+    wire = raw_frame(Opcode.TEXT, b"x", rsv=0x40, key=RFC_KEY)
+    with pytest.raises(ProtocolError) as info:
+        FrameParser(expect_masked=True).feed(wire)
+    assert info.value.code == 1002
+    for opcode in (Opcode.TEXT, Opcode.BINARY):
+        (frame,) = FrameParser(expect_masked=True, allow_rsv1=True).feed(raw_frame(opcode, b"x", rsv=0x40, key=RFC_KEY))
+        assert frame.rsv1 and frame.payload == b"x" and frame.opcode == opcode
+    (plain,) = FrameParser(expect_masked=True, allow_rsv1=True).feed(raw_frame(Opcode.TEXT, b"x", key=RFC_KEY))
+    assert not plain.rsv1
+
+
+@pytest.mark.parametrize("opcode", [Opcode.CONTINUATION, Opcode.PING, Opcode.PONG, Opcode.CLOSE])
+def test_rsv1_on_continuation_or_control_frame_is_1002_even_when_negotiated(opcode):
+    wire = raw_frame(opcode, b"", rsv=0x40, key=RFC_KEY)
+    with pytest.raises(ProtocolError) as info:
+        FrameParser(expect_masked=True, allow_rsv1=True).feed(wire)
+    assert info.value.code == 1002
+    assert "RSV1" in info.value.reason
+
+
+@pytest.mark.parametrize("rsv", [0x20, 0x10, 0x60])
+def test_rsv2_and_rsv3_stay_1002_when_deflate_is_negotiated(rsv):
+    with pytest.raises(ProtocolError) as info:
+        FrameParser(expect_masked=True, allow_rsv1=True).feed(raw_frame(Opcode.TEXT, b"x", rsv=rsv, key=RFC_KEY))
+    assert info.value.code == 1002
+
+
+def test_assembler_without_deflate_rejects_a_compressed_frame_with_1002():
+    with pytest.raises(ProtocolError) as info:
+        MessageAssembler().receive(compressed_frame(Opcode.TEXT, deflate_payload(b"hi")))
+    assert info.value.code == 1002
+
+
+# Codec: inflating -------------------------------------------------------------
+
+def test_compressed_text_and_binary_messages_inflate():
+    assembler, _ = deflate_codec()
+    assert assembler.receive(compressed_frame(Opcode.TEXT, deflate_payload("héllo 😀".encode()))) == "héllo 😀"
+    assert assembler.receive(compressed_frame(Opcode.BINARY, deflate_payload(b"\x00\xff" * 1000))) == b"\x00\xff" * 1000
+    # An uncompressed message in between: RSV1 is per message (RFC 7692 6).
+    assert assembler.receive(Frame(Opcode.TEXT, b"plain")) == "plain"
+    # RFC 7692 7.2.3.6: an empty message may be a single 0x00 byte.
+    assert assembler.receive(compressed_frame(Opcode.BINARY, b"\x00")) == b""
+    assert assembler.receive(compressed_frame(Opcode.TEXT, deflate_payload(b""))) == ""
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 7], list(range(1, 40, 3))], ids=["2-frames", "3-frames", "many-frames"])
+def test_fragmented_compressed_message_inflates_whole(cuts):
+    text = ("fragmented and compressed ✓ " * 40).encode()
+    payload = deflate_payload(text)
+    pieces = [payload[a:b] for a, b in zip([0] + cuts, cuts + [len(payload)])]
+    assembler, _ = deflate_codec()
+    results = []
+    for i, piece in enumerate(pieces):
+        frame = Frame(Opcode.TEXT if i == 0 else Opcode.CONTINUATION, piece, i == len(pieces) - 1, i == 0)
+        results.append(assembler.receive(frame))
+    assert results == [None] * (len(pieces) - 1) + [text.decode()]
+    # The next message starts clean.
+    assert assembler.receive(compressed_frame(Opcode.BINARY, deflate_payload(b"next"))) == b"next"
+
+
+def test_context_takeover_across_messages_is_honoured():
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    assembler, deflate = deflate_codec()  # the client keeps its context: the default
+    for i in range(5):
+        message = f"the same sentence, again and again ({i})".encode()
+        payload = (compressor.compress(message) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        assert assembler.receive(compressed_frame(Opcode.TEXT, payload)) == message.decode()
+    assert deflate._decompressor is not None  # kept for the next message
+
+
+def test_no_context_takeover_releases_the_inflater_after_each_message():
+    assembler, deflate = deflate_codec(client_no_context_takeover=True)
+    assert deflate._decompressor is None and deflate._compressor is None  # made on first use only
+    assert assembler.receive(Frame(Opcode.TEXT, deflate_payload(b"one"), False, True)) is None
+    assert deflate._decompressor is not None  # the message is still open
+    assert assembler.receive(Frame(Opcode.CONTINUATION, b"", True, False)) == "one"
+    assert deflate._decompressor is None
+
+
+def test_invalid_deflate_data_is_1007():
+    assembler, _ = deflate_codec()
+    with pytest.raises(ProtocolError) as info:
+        assembler.receive(compressed_frame(Opcode.BINARY, b"\xff\xff\xff\xff"))
+    assert info.value.code == 1007
+
+
+@pytest.mark.parametrize("size", [4, 50_000], ids=["small", "large"])  # two code paths: under and over 2 KiB
+def test_data_after_a_final_deflate_block_is_1007(size):
+    message = random.Random(size).randbytes(size)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    stream = compressor.compress(message) + compressor.flush(zlib.Z_FINISH)  # BFINAL set
+    assembler, _ = deflate_codec()
+    assert assembler.receive(compressed_frame(Opcode.BINARY, stream)) == message  # RFC 7692 7.2.3.3
+    with pytest.raises(ProtocolError) as info:
+        assembler.receive(compressed_frame(Opcode.BINARY, stream + b"garbage"))
+    assert info.value.code == 1007
+
+
+def test_invalid_utf8_in_inflated_text_is_1007_at_the_fragment_that_has_it():
+    assembler, _ = deflate_codec()
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    first = compressor.compress(b"valid ") + compressor.flush(zlib.Z_SYNC_FLUSH)
+    second = compressor.compress(b"\xff broken") + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert assembler.receive(Frame(Opcode.TEXT, first, False, True)) is None
+    with pytest.raises(ProtocolError) as info:
+        assembler.receive(Frame(Opcode.CONTINUATION, second, False, False))  # not the last one: fail fast
+    assert info.value.code == 1007
+    with pytest.raises(ProtocolError) as info:
+        deflate_codec()[0].receive(compressed_frame(Opcode.TEXT, deflate_payload("😀".encode()[:3])))
+    assert info.value.code == 1007
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragmented"])
+def test_compressed_message_just_under_and_just_over_the_limit(fragmented):
+    limit = 64 * 1024
+    for size, expected in ((limit, "delivered"), (limit + 1, 1009)):
+        message = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        payload = deflate_payload(message)
+        assembler, _ = deflate_codec(max_message_size=limit)
+        frames = ([compressed_frame(Opcode.BINARY, payload)] if not fragmented else
+                  [Frame(Opcode.BINARY, payload[:10], False, True), Frame(Opcode.CONTINUATION, payload[10:], True)])
+        try:
+            results = [assembler.receive(frame) for frame in frames]
+        except ProtocolError as exc:
+            assert exc.code == expected
+        else:
+            assert expected == "delivered" and results[-1] == message
+
+
+def _zero_bomb(inflated_mib):
+    """A permessage-deflate payload of about 1 KiB per MiB it inflates to: full-flush segments,
+    each inflating to 1 MiB of zeros, repeated (each is independent, so the repetition is valid)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    segment = compressor.compress(bytes(2 ** 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert len(segment) < 1100
+    return (segment * inflated_mib)[:-4]
+
+
+def test_decompression_bomb_fails_with_1009_without_inflating_it():
+    import tracemalloc
+    small = _zero_bomb(1)  # ~1 KiB that inflates to 1 MiB, against a 64 KiB limit
+    assembler, _ = deflate_codec(max_message_size=64 * 1024)
+    with pytest.raises(ProtocolError) as info:
+        assembler.receive(compressed_frame(Opcode.BINARY, small))
+    assert info.value.code == 1009
+    bomb = _zero_bomb(1024)  # ~1 MiB that inflates to 1 GiB, against the default 1 MiB limit
+    assembler, _ = deflate_codec()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError) as info:
+            assembler.receive(compressed_frame(Opcode.BINARY, bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == 1009
+    # At most limit + 1 bytes inflated (zlib's output blocks, then joined into one bytes object), and
+    # the payload is not copied: about 3 MiB, never the gigabyte.
+    assert peak < 4 * DEFAULT_MAX_MESSAGE_SIZE, peak
+
+
+@given(messages=st.lists(st.one_of(st.text(max_size=300), st.binary(max_size=300)), min_size=1, max_size=8),
+       cut=st.integers(min_value=1, max_value=50), context=st.booleans(), wbits=st.sampled_from([9, 12, 15]),
+       chunk=st.integers(min_value=1, max_value=64))
+def test_compressed_stream_round_trips_through_parser_and_assembler(messages, cut, context, wbits, chunk):
+    """Client-side compression -> wire (fragmented at ``cut``, fed ``chunk`` bytes at a time) -> server side."""
+    params = DeflateParams(not context, not context, wbits, wbits)
+    sender = PerMessageDeflate(params, client=True)
+    parser = FrameParser(expect_masked=True, allow_rsv1=True)
+    assembler = MessageAssembler(deflate=PerMessageDeflate(params, client=False))
+    wire = b""
+    for message in messages:
+        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
+        data = message.encode() if isinstance(message, str) else message
+        payload = sender.compress(data)
+        pieces = [payload[:cut], payload[cut:]] if len(payload) > cut else [payload]
+        for i, piece in enumerate(pieces):
+            wire += encode_frame(Opcode.CONTINUATION if i else opcode, piece, fin=i == len(pieces) - 1,
+                                 mask=True, rsv1=i == 0)
+    received = []
+    for start in range(0, len(wire), chunk):
+        for frame in parser.feed(wire[start:start + chunk]):
+            result = assembler.receive(frame)
+            if result is not None:
+                received.append(result)
+    assert received == messages
+
+
+# Codec: compressing -----------------------------------------------------------
+
+@pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
+@pytest.mark.parametrize("wbits", [9, 12, 15])
+def test_compressed_messages_inflate_with_an_independent_zlib(no_context, wbits):
+    params = DeflateParams(server_no_context_takeover=no_context, server_max_window_bits=wbits)
+    deflate = PerMessageDeflate(params, client=False)
+    inflater = zlib.decompressobj(-wbits)
+    messages = [b"", b"a", ("text " * 500).encode(), os.urandom(3000), b"\x00" * 100_000]
+    for message in messages:
+        if no_context:
+            inflater = zlib.decompressobj(-wbits)  # what a peer that was told it may reset does
+        payload = deflate.compress(message)
+        assert inflater.decompress(payload + b"\x00\x00\xff\xff") == message
+    assert (deflate._compressor is None) == no_context  # shared per thread when no context is kept
+    # Fragments: only the last loses its tail, and they join into one stream.
+    payloads = deflate.compress_fragments([b"abc" * 100, b"", b"def" * 100])
+    assert len(payloads) == 3
+    if no_context:
+        inflater = zlib.decompressobj(-wbits)
+    assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
+
+
+def test_no_context_output_is_the_same_bytes_for_every_connection():
+    params = DeflateParams(server_no_context_takeover=True)
+    first, second = (PerMessageDeflate(params, client=False) for _ in range(2))
+    message = b'{"event": "tick", "value": 42}' * 10
+    assert first.send_key == second.send_key
+    assert first.compress(message) == second.compress(message) == first.compress(message)
+
+
+def test_eight_bit_compressor_windows_are_refused():
+    with pytest.raises(ValueError):
+        PerMessageDeflate(DeflateParams(server_max_window_bits=8), client=False)
+    # Receiving with 8 bits is fine: zlib inflates them. zlib cannot make an 8-bit stream, so the
+    # peer's is made of stored blocks, which refer to nothing.
+    deflate = PerMessageDeflate(DeflateParams(client_max_window_bits=8), client=False)
+    stored = zlib.compressobj(0, zlib.DEFLATED, -9)
+    payload = (stored.compress(b"y" * 300) + stored.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    assert MessageAssembler(deflate=deflate).receive(compressed_frame(Opcode.BINARY, payload)) == b"y" * 300
+
+
+# Settings ---------------------------------------------------------------------
+
+def test_compression_settings_are_checked_up_front():
+    for bad in ("gzip", "Deflate"):
+        with pytest.raises(ValueError):
+            WebSocketManager(compression=bad)
+    with pytest.raises(TypeError):
+        connect("ws://127.0.0.1:1/", compression=True)
+    for bad in (Deflate(server_max_window_bits=8), Deflate(client_max_window_bits=16), Deflate(level=10),
+                Deflate(mem_level=0)):
+        with pytest.raises(ValueError):
+            negotiate_deflate("permessage-deflate", bad)
+    assert negotiate_deflate("permessage-deflate", "deflate") == negotiate_deflate("permessage-deflate", Deflate())
+
+
+# Negotiation: the server side -------------------------------------------------
+
+# What the default settings answer: neither side keeps a compression context.
+NO_CONTEXT = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+# (offer, settings, expected answer); the settings default to Deflate().
+SERVER_NEGOTIATION = {
+    "no-offer": (None, None, None),
+    "other-extension-only": ("x-webkit-deflate-frame", None, None),
+    "plain": ("permessage-deflate", None, f"{NO_CONTEXT}"),
+    "browser": ("permessage-deflate; client_max_window_bits", None, f"{NO_CONTEXT}; client_max_window_bits=12"),
+    "client-window-10": ("permessage-deflate; client_max_window_bits=10", None,
+                         f"{NO_CONTEXT}; client_max_window_bits=10"),
+    "client-window-15-capped": ("permessage-deflate; client_max_window_bits=15", None,
+                                f"{NO_CONTEXT}; client_max_window_bits=12"),
+    "server-window-10": ("permessage-deflate; server_max_window_bits=10", None,
+                         f"{NO_CONTEXT}; server_max_window_bits=10"),
+    "quoted-value": ('permessage-deflate; client_max_window_bits="11"', None, f"{NO_CONTEXT}; client_max_window_bits=11"),
+    "server-context-allowed": ("permessage-deflate", Deflate(server_no_context_takeover=False),
+                               "permessage-deflate; client_no_context_takeover"),
+    "client-context-allowed": ("permessage-deflate", Deflate(client_no_context_takeover=False),
+                               "permessage-deflate; server_no_context_takeover"),
+    "all-context-allowed": ("permessage-deflate", Deflate(False, False), "permessage-deflate"),
+    "client-no-context-echoed": ("permessage-deflate; client_no_context_takeover", Deflate(False, False),
+                                 "permessage-deflate; client_no_context_takeover"),
+    "server-no-context-asked": ("permessage-deflate; server_no_context_takeover", Deflate(False, False),
+                                "permessage-deflate; server_no_context_takeover"),
+    "server-limits-own-window": ("permessage-deflate", Deflate(server_max_window_bits=11),
+                                 f"{NO_CONTEXT}; server_max_window_bits=11"),
+    # Several offers: the first acceptable one wins; unacceptable ones are declined, not fatal.
+    "first-acceptable-wins": ("permessage-deflate; server_max_window_bits=8, "
+                              "permessage-deflate; client_max_window_bits=9, permessage-deflate", None,
+                              f"{NO_CONTEXT}; client_max_window_bits=9"),
+    "unknown-then-good": ("x-foo; bar=1, permessage-deflate; unknown_param, permessage-deflate", None, NO_CONTEXT),
+    # Malformed or conflicting offers, each declined (RFC 7692 5, 7.1).
+    "server-window-8": ("permessage-deflate; server_max_window_bits=8", None, None),
+    "server-window-without-value": ("permessage-deflate; server_max_window_bits", None, None),
+    "window-16": ("permessage-deflate; client_max_window_bits=16", None, None),
+    "window-7": ("permessage-deflate; server_max_window_bits=7", None, None),
+    "window-leading-zero": ("permessage-deflate; client_max_window_bits=09", None, None),
+    "window-not-a-number": ("permessage-deflate; client_max_window_bits=abc", None, None),
+    "repeated-parameter": ("permessage-deflate; server_no_context_takeover; server_no_context_takeover", None, None),
+    "repeated-window": ("permessage-deflate; client_max_window_bits=10; client_max_window_bits=11", None, None),
+    "flag-with-value": ("permessage-deflate; client_no_context_takeover=1", None, None),
+    "unknown-parameter": ("permessage-deflate; x=1", None, None),
+    "broken-quotes": ('permessage-deflate; client_max_window_bits="10', None, None),
+    "empty-parameter": ("permessage-deflate;", None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVER_NEGOTIATION))
+def test_server_negotiation(name):
+    offer, settings, expected = SERVER_NEGOTIATION[name]
+    answer, params = negotiate_deflate(offer, settings or Deflate())
+    assert answer == expected
+    assert (params is None) == (expected is None)
+    if params is not None:
+        # What the server will do matches what it answered, and the client reads it back the same way.
+        assert accept_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
+
+
+def test_server_negotiation_off_declines_everything():
+    assert negotiate_deflate("permessage-deflate", None) == (None, None)  # type: ignore[arg-type]
+
+
+# Negotiation: the client side -------------------------------------------------
+
+def test_client_offers():
+    assert deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
+    assert deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
+    assert deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
+                                                         "client_no_context_takeover; server_max_window_bits=10; "
+                                                         "client_max_window_bits=9")
+    # What we offer, a server of ours accepts as offered.
+    for offered in (Deflate(), Deflate(False, False, 15, 15), Deflate(True, True, 10, 9)):
+        answer, params = negotiate_deflate(deflate_offer(offered), offered)
+        assert accept_deflate_response(answer, offered) == params
+
+
+# (settings, server's answer, expected DeflateParams or an error message part)
+CLIENT_NEGOTIATION = {
+    "declined": (Deflate(), None, None),
+    "accepted": (Deflate(), f"{NO_CONTEXT}; client_max_window_bits=12", DeflateParams(True, True, 15, 12)),
+    # We said we keep no context: the answer need not repeat it.
+    "client-no-context-not-echoed": (Deflate(), "permessage-deflate; server_no_context_takeover",
+                                     DeflateParams(True, True, 15, 12)),
+    "client-window-omitted": (Deflate(False, False), "permessage-deflate", DeflateParams(False, False, 15, 12)),
+    "server-no-context-unasked": (Deflate(False, False), "permessage-deflate; server_no_context_takeover",
+                                  DeflateParams(True, False, 15, 12)),
+    "client-no-context-imposed": (Deflate(False, False), "permessage-deflate; client_no_context_takeover",
+                                  DeflateParams(False, True, 15, 12)),
+    "server-window-unasked": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=10", DeflateParams(True, True, 10, 12)),
+    "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
+                        DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
+    "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
+    "client-window-too-big": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
+                              "exceeds"),
+    "client-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
+                        "8"),
+    "client-window-without-value": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits",
+                                    "needs a value"),
+    "server-window-too-big": (Deflate(server_max_window_bits=10),
+                              "permessage-deflate; server_no_context_takeover; server_max_window_bits=11", "exceeds"),
+    "server-window-missing": (Deflate(server_max_window_bits=10), "permessage-deflate; server_no_context_takeover",
+                              "exceeds"),
+    "not-offered-extension": (Deflate(), "x-foo", "not offered"),
+    "two-extensions": (Deflate(), "permessage-deflate; server_no_context_takeover, permessage-deflate", "not offered"),
+    "unknown-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; foo", "unknown"),
+    "repeated-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                           "repeated"),
+    "malformed": (Deflate(), "permessage-deflate; =12", "malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIENT_NEGOTIATION))
+def test_client_negotiation(name):
+    settings, answer, expected = CLIENT_NEGOTIATION[name]
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            accept_deflate_response(answer, settings)
+        # validate_response fails the handshake the same way.
+        headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                           ("Sec-WebSocket-Accept", SAMPLE_ACCEPT), ("Sec-WebSocket-Extensions", answer)])
+        with pytest.raises(HandshakeError):
+            validate_response(Response(101, headers), SAMPLE_KEY, compression=settings)
+    else:
+        assert accept_deflate_response(answer, settings) == expected
+
+
+def test_validate_response_accepts_an_extension_only_if_offered():
+    headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),
+                       ("Sec-WebSocket-Extensions", "permessage-deflate; server_no_context_takeover")])
+    with pytest.raises(HandshakeError, match="not offered"):
+        validate_response(Response(101, headers), SAMPLE_KEY)
+    assert validate_response(Response(101, headers), SAMPLE_KEY, compression="deflate") is None
+
+
+def test_connect_fails_the_handshake_on_an_answer_it_did_not_allow():
+    def answer_with_8_bits(connection, request, response):
+        response.headers["Sec-WebSocket-Extensions"] = ("permessage-deflate; server_no_context_takeover; "
+                                                        "client_max_window_bits=8")
+        return response
+
+    with websockets_server(compression=None, process_response=answer_with_8_bits) as (address, connections):
+        with pytest.raises(HandshakeError, match="8"):
+            connect(ws_url(address), compression="deflate", timeout=10)
+        # Without our offer, any extension in the answer fails the handshake too.
+        with pytest.raises(HandshakeError, match="not offered"):
+            connect(ws_url(address), timeout=10)
+
+
+# Connections: RSV1 and control frames on the wire -----------------------------
+
+def _upgrade_with_extensions(address, extensions):
+    """A raw socket upgraded with the given Sec-WebSocket-Extensions; returns (RawPeer, the 101's headers)."""
+    sock = socket.create_connection(address, timeout=10)
+    request = upgrade_request_bytes().replace(b"\r\n\r\n", f"\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"
+                                              .encode(), 1) if extensions else upgrade_request_bytes()
+    sock.sendall(request)
+    head, rest = read_head(sock)
+    response = parse_response(head)
+    assert response.status == 101
+    peer = RawPeer(sock)
+    peer.parser.allow_rsv1 = "Sec-WebSocket-Extensions" in response.headers
+    peer.frames.extend(peer.parser.feed(rest))
+    return peer, response.headers
+
+
+@pytest.mark.parametrize("server_compression", [None, "deflate"], ids=["server-off", "server-on-not-offered"])
+def test_rsv1_without_negotiation_is_1002_on_a_live_connection(manager, server_compression):
+    factory = Collect(Recorder)
+    address = manager.listen(("127.0.0.1", 0), factory, compression=server_compression)
+    peer, headers = _upgrade_with_extensions(address, None)
+    with contextlib.closing(peer.sock):
+        assert "Sec-WebSocket-Extensions" not in headers
+        peer.send_frame(Opcode.TEXT, b"before")
+        peer.sock.sendall(raw_frame(Opcode.TEXT, deflate_payload(b"x"), rsv=0x40, key=RFC_KEY))
+        close = peer.close_frame()
+    assert close is not None and close.code == 1002
+    server = factory.first_opened()
+    assert server.messages == ["before"]  # the valid message before the violation was delivered
+
+
+def test_server_compresses_messages_and_never_control_frames(manager):
+    factory = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
+    peer, headers = _upgrade_with_extensions(address, "permessage-deflate; client_max_window_bits")
+    with contextlib.closing(peer.sock):
+        assert headers["Sec-WebSocket-Extensions"] == f"{NO_CONTEXT}; client_max_window_bits=12"
+        message = ("compress me " * 100).encode()
+        peer.sock.sendall(raw_frame(Opcode.TEXT, deflate_payload(message, wbits=12), rsv=0x40, key=RFC_KEY))
+        echo = peer.next()
+        assert echo.rsv1 and len(echo.payload) < len(message) // 5
+        assert inflate_payload(echo.payload) == message
+        # A fragmented compressed message, and an uncompressed one, from the peer.
+        payload = deflate_payload(b"fragments " * 50, wbits=12)
+        peer.sock.sendall(raw_frame(Opcode.BINARY, payload[:5], fin=False, rsv=0x40, key=RFC_KEY)
+                          + raw_frame(Opcode.CONTINUATION, payload[5:], key=RFC_KEY))
+        assert inflate_payload(peer.next().payload) == b"fragments " * 50
+        peer.send_frame(Opcode.TEXT, b"plain")
+        assert inflate_payload(peer.next().payload) == b"plain"  # our answers are always compressed
+        server = factory.first_opened()
+        server.ping(b"p")
+        peer.send_frame(Opcode.PING, b"q")
+        frames = [peer.next(), peer.next()]
+        assert {(f.opcode, f.payload, f.rsv1) for f in frames} == {(Opcode.PING, b"p", False), (Opcode.PONG, b"q", False)}
+        server.close(1000, "bye")
+        frame = peer.next()
+        assert (frame.opcode, frame.rsv1, frame.payload) == (Opcode.CLOSE, False, encode_close(1000, "bye"))
+    assert server.messages == [message.decode(), b"fragments " * 50, "plain"]
+
+
+def test_several_offers_in_one_header_on_a_live_connection(manager):
+    # Autobahn 13.7's list of offers: the 8-bit one cannot be honoured, the next one is.
+    factory = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), factory, compression=Deflate(False, False))
+    offers = ("permessage-deflate; server_no_context_takeover; server_max_window_bits=8, "
+              "permessage-deflate; server_no_context_takeover, permessage-deflate")
+    peer, headers = _upgrade_with_extensions(address, offers)
+    with contextlib.closing(peer.sock):
+        assert headers["Sec-WebSocket-Extensions"] == "permessage-deflate; server_no_context_takeover"
+        for i in range(3):  # no server context: each echo inflates on its own
+            message = f"message {i} ".encode() * 30
+            peer.sock.sendall(raw_frame(Opcode.BINARY, deflate_payload(message), rsv=0x40, key=RFC_KEY))
+            assert inflate_payload(peer.next().payload) == message
+    assert factory.first_opened().compression == DeflateParams(True, False, 15, 15)
+
+
+def test_accept_from_http_server_negotiates_with_the_managers_compression():
+    with running_manager(compression="deflate") as manager, _http_server(manager) as port:
+        client = open_client(manager, f"ws://127.0.0.1:{port}/", Recorder, compression="deflate")
+        assert client.compression == DeflateParams(True, True, 15, 12)
+        client.send("adopted " * 100)
+        wait_until(lambda: client.messages == ["adopted " * 100])  # EchoServer's compressed echo
+
+
+def test_server_connection_holds_no_zlib_object_until_a_message(manager):
+    factory = Collect(EchoRecorder)
+    address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
+    peer, _ = _upgrade_with_extensions(address, "permessage-deflate")
+    with contextlib.closing(peer.sock):
+        server = factory.first_opened()
+        deflate = server._deflate
+        assert deflate is not None and deflate._compressor is None and deflate._decompressor is None
+        peer.sock.sendall(raw_frame(Opcode.TEXT, deflate_payload(b"hi"), rsv=0x40, key=RFC_KEY))
+        assert inflate_payload(peer.next().payload) == b"hi"
+        # Neither side keeps a context here: both zlib objects are gone again.
+        assert deflate._compressor is None and deflate._decompressor is None
+
+
+# Interop and sections 12/13 of the conformance suite ---------------------------
+
+# Section 12: message sizes (text and binary) ...
+AUTOBAHN_SIZES = [16, 64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+def autobahn_messages(seed=12):
+    """Messages of every section-12 size: compressible text, incompressible binary, repetitive binary."""
+    rng = random.Random(seed)
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "ünïcode", "😀", "json", '{"k": 1}', "\n"]
+    messages = []
+    for size in AUTOBAHN_SIZES:
+        text = " ".join(rng.choice(words) for _ in range(size // 4))
+        text = text.encode()[:size].decode(errors="ignore")
+        messages.append(text)
+        messages.append(rng.randbytes(size))
+        messages.append(bytes([size % 251]) * size)
+    return messages
+
+
+# ... Section 13: (server_no_context_takeover, client_no_context_takeover, max window bits of both sides).
+AUTOBAHN_COMBINATIONS = [(snct, cnct, bits) for snct in (False, True) for cnct in (False, True) for bits in (9, 15)]
+
+
+def _combo_id(combo):
+    snct, cnct, bits = combo
+    return f"snct{int(snct)}-cnct{int(cnct)}-w{bits}"
+
+
+@contextlib.contextmanager
+def deflate_pair(role, manager, wsm_compression, ws_extension):
+    """An open connection between wsmanager (with ``wsm_compression``) and websockets (with the extension
+    factory ``ws_extension``, or none); yields (wsmanager end, websockets end)."""
+    ws_options = {"compression": None, "extensions": [ws_extension] if ws_extension else None,
+                  "max_size": 2 ** 22}
+    if role == "wsm-server":
+        address, opened = wsmanager_server(manager, compression=wsm_compression)
+        with ws_connect(ws_url(address), proxy=None, **_ws_options(**ws_options)) as peer:
+            yield opened.get(timeout=10), peer
+    else:
+        with websockets_server(**ws_options) as (address, connections):
+            wsm = open_client(manager, ws_url(address), EchoRecorder, compression=wsm_compression)
+            try:
+                yield wsm, connections.get(timeout=10)
+            finally:
+                wsm.close()
+                wsm.closed_event.wait(5)
+
+
+def _exchange(wsm, peer, messages, rounds=1):
+    """Both directions: the peer sends, wsmanager echoes (compressing), the peer checks every echo."""
+    start = len(wsm.messages)
+    for _ in range(rounds):
+        for message in messages:
+            peer.send(message)
+            echoed = peer.recv(timeout=20)
+            assert type(echoed) is type(message) and echoed == message
+    # Each echo came after wsmanager received its message: all are there, in order.
+    assert wsm.messages[start:] == list(messages) * rounds
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("combo", AUTOBAHN_COMBINATIONS, ids=_combo_id)
+def test_autobahn_13_combinations_with_websockets(role, combo):
+    snct, cnct, bits = combo
+    if role == "wsm-server":
+        # websockets offers exactly the combination; wsmanager accepts what is offered.
+        ws_extension = ClientPerMessageDeflateFactory(server_no_context_takeover=snct, client_no_context_takeover=cnct,
+                                                      server_max_window_bits=bits, client_max_window_bits=bits)
+        wsm_settings = Deflate(False, False, client_max_window_bits=15)
+    else:
+        # wsmanager offers it; websockets (as the server) accepts it.
+        wsm_settings = Deflate(server_no_context_takeover=snct, client_no_context_takeover=cnct,
+                               server_max_window_bits=bits, client_max_window_bits=bits)
+        ws_extension = ServerPerMessageDeflateFactory(client_max_window_bits=bits)
+    with running_manager(max_message_size=2 ** 22) as manager:
+        with deflate_pair(role, manager, wsm_settings, ws_extension) as (wsm, peer):
+            assert wsm.compression == DeflateParams(snct, cnct, bits, bits)
+            # websockets agreed on the same: its "remote" side is wsmanager's role.
+            (extension,) = peer.protocol.extensions
+            ours, theirs = (snct, cnct) if role == "wsm-server" else (cnct, snct)
+            assert (extension.remote_no_context_takeover, extension.local_no_context_takeover) == (ours, theirs)
+            assert extension.remote_max_window_bits == bits and extension.local_max_window_bits == bits
+            messages = autobahn_messages()
+            _exchange(wsm, peer, messages)
+            # Many messages in a row: contexts carried over (or reset) stay in step.
+            _exchange(wsm, peer, messages[:9], rounds=20)
+            # wsmanager's own fragmented sends, compressed as one stream ...
+            wsm.send(["frag-", "mented ", "✓" * 3000])
+            assert peer.recv(timeout=20) == "frag-mented " + "✓" * 3000
+            # ... and websockets' (Autobahn 12.x also auto-fragments), echoed whole.
+            chunks = [bytes([i]) * 5000 + os.urandom(100) for i in range(5)]
+            peer.send(chunks)
+            assert peer.recv(timeout=20) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("combo", AUTOBAHN_COMBINATIONS, ids=_combo_id)
+def test_autobahn_13_combinations_wsmanager_to_wsmanager(combo):
+    snct, cnct, bits = combo
+    settings = Deflate(server_no_context_takeover=snct, client_no_context_takeover=cnct,
+                       server_max_window_bits=bits, client_max_window_bits=bits)
+    messages = autobahn_messages()
+    with running_manager(max_message_size=2 ** 22, max_buffered=2 ** 26, compression=settings) as manager:
+        address, opened = wsmanager_server(manager)
+        client = open_client(manager, ws_url(address), Recorder, compression=settings)
+        server = opened.get(timeout=10)
+        assert client.compression == server.compression == DeflateParams(snct, cnct, bits, bits)
+        for _ in range(5):
+            for message in messages:
+                client.send(message)
+        wait_until(lambda: len(client.messages) == 5 * len(messages), timeout=60)
+        assert client.messages == messages * 5
+        assert server.messages == messages * 5
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("wsm_on", [False, True], ids=["wsm-off", "wsm-on"])
+@pytest.mark.parametrize("ws_on", [False, True], ids=["websockets-off", "websockets-on"])
+def test_interop_compression_on_and_off(interop_manager, role, wsm_on, ws_on):
+    ws_extension = None
+    if ws_on:
+        ws_extension = ClientPerMessageDeflateFactory() if role == "wsm-server" else ServerPerMessageDeflateFactory()
+    with deflate_pair(role, interop_manager, "deflate" if wsm_on else None, ws_extension) as (wsm, peer):
+        negotiated = wsm_on and ws_on
+        assert (wsm.compression is not None) == negotiated
+        assert len(peer.protocol.extensions) == int(negotiated)
+        _exchange(wsm, peer, ["a" * 50_000, b"\x00" * 50_000, "héllo", b"", ""])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_interop_with_websockets_defaults(interop_manager, role):
+    # websockets' own default compression (windows of 12 bits, memLevel 5) against ours.
+    options = _ws_options(compression="deflate", max_size=2 ** 22)
+    if role == "wsm-server":
+        address, opened = wsmanager_server(interop_manager, compression="deflate")
+        with ws_connect(ws_url(address), proxy=None, **options) as peer:
+            wsm = opened.get(timeout=10)
+            assert wsm.compression == DeflateParams(True, True, 15, 12)
+            _exchange(wsm, peer, autobahn_messages()[:12])
+    else:
+        with websockets_server(**options) as (address, connections):
+            wsm = open_client(interop_manager, ws_url(address), EchoRecorder, compression="deflate")
+            peer = connections.get(timeout=10)
+            # websockets' server limits its own window to 12 bits too.
+            assert wsm.compression == DeflateParams(True, True, 12, 12)
+            _exchange(wsm, peer, autobahn_messages()[:12])
+            wsm.close()
+            wsm.closed_event.wait(5)
+
+
+def test_sends_from_many_threads_keep_a_shared_context_in_step():
+    # The client keeps its compression context: messages must be compressed in the order they are queued.
+    settings = Deflate(server_no_context_takeover=False, client_no_context_takeover=False)
+    with running_manager(compression=settings) as manager:
+        address, opened = wsmanager_server(manager, factory=Recorder)
+        client = open_client(manager, ws_url(address), Recorder, compression=settings)
+        server = opened.get(timeout=10)
+        assert client._deflate.lock is not None
+
+        def sender(n):
+            for i in range(200):
+                client.send(f"thread {n} message {i} " * (i % 7 + 1))
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        wait_until(lambda: len(server.messages) == 800, timeout=30)
+        for n in range(4):
+            mine = [m for m in server.messages if m.startswith(f"thread {n} ")]
+            assert mine == [f"thread {n} message {i} " * (i % 7 + 1) for i in range(200)]
+
+
+# Broadcast: one compression for every connection without context ----------------
+
+def test_broadcast_compresses_once_for_connections_without_context(monkeypatch):
+    calls = []
+    original = PerMessageDeflate.compress
+
+    def counting(self, data):
+        calls.append(self)
+        return original(self, data)
+
+    monkeypatch.setattr(PerMessageDeflate, "compress", counting)
+    # The server lets clients that do not ask for server_no_context_takeover have a context.
+    with running_manager(compression=Deflate(server_no_context_takeover=False)) as server_manager, \
+            running_manager() as client_manager:
+        address, opened = wsmanager_server(server_manager, factory=Recorder)
+        shared = [open_client(client_manager, ws_url(address), Recorder, compression="deflate") for _ in range(10)]
+        # One that lets the server keep its context, one uncompressed: each gets a frame of its own.
+        own = open_client(client_manager, ws_url(address), Recorder, compression=Deflate(server_no_context_takeover=False))
+        plain = open_client(client_manager, ws_url(address), Recorder)
+        wait_until(lambda: len(server_manager) == 12)
+        message = json.dumps({"event": "tick", "values": list(range(200))})
+        assert server_manager.broadcast(message) == 12
+        clients = shared + [own, plain]
+        wait_until(lambda: all(c.messages == [message] for c in clients), timeout=20)
+        server_calls = [d for d in calls if not d.client]
+        assert len(server_calls) == 2  # once for the ten that share, once for the one with a context
+        assert own.compression.server_no_context_takeover is False and plain.compression is None
+
+
+# README ---------------------------------------------------------------------------
+
+def test_readme_compression_snippet_runs():
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(readme_snippet("compression"), {"__name__": "readme_compression"})
+    assert output.getvalue().splitlines() == ["True 12", "1200"]
+    assert "This prints ``True 12`` and ``1200``." in README.read_text(encoding="utf-8")
+
+
+def test_readme_snippet_message_is_about_20_bytes_on_the_wire():
+    payload = PerMessageDeflate(DeflateParams(True, True, 15, 12), client=True).compress(("compress me " * 100).encode())
+    assert 10 <= len(payload) <= 30
+
+
+# Browser and demo server -------------------------------------------------------
+
+def test_demo_server_offers_compression(tmp_path, manager):
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        client = open_client(manager, f"ws://127.0.0.1:{port}/ws", Recorder, compression="deflate")
+        assert client.compression == DeflateParams(True, True, 15, 12)
+        client.send("compressed hello " * 20)
+        wait_until(lambda: client.messages == ["compressed hello " * 20])  # broadcast back to us
+
+
+def test_browser_negotiates_deflate_with_the_demo_server(tmp_path, manager):
+    browser = _find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    with _chat_server(tmp_path) as (proc, port, read_log):
+        client = connect(f"ws://127.0.0.1:{port}/ws", _Replier, compression="deflate")
+        manager.add(client)
+        wait_until(lambda: "(1 connected)" in read_log())
+        profile = tmp_path / "chromium-profile"
+        profile.mkdir()
+        with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser", profile) as page:
+            wait_until(lambda: "from-browser" in client.messages, timeout=30)
+            answers = []
+
+            def evaluate(expression):
+                result = page.call("Runtime.evaluate", expression=expression, returnByValue=True)
+                return result["result"].get("value")
+
+            def negotiated():
+                answers[:] = [evaluate("ws.readyState === 1 ? ws.extensions : null")]
+                return answers[0] is not None
+
+            wait_until(negotiated, timeout=30, interval=0.1)
+            # The Sec-WebSocket-Extensions answer the browser accepted: Chromium offers
+            # "permessage-deflate; client_max_window_bits"; the demo server keeps no context and limits
+            # the client to 12 bits.
+            assert answers[0] == f"{NO_CONTEXT}; client_max_window_bits=12"
+            expected = '<li class="message">from-client</li>'
+            wait_until(lambda: expected in evaluate("document.documentElement.outerHTML"), timeout=30, interval=0.1)
+        assert client.messages[:2] == ["from-browser", "from-client"]
+        assert client.compression is not None
+
+
 
 
 ###############################################################################

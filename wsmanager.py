@@ -30,7 +30,8 @@ An echo server and a client, in one manager::
         answered.wait(5)
 
 Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
-:func:`encode_frame`, :class:`MessageAssembler`, close payloads), the
+:func:`encode_frame`, :class:`MessageAssembler`, close payloads,
+permessage-deflate in :class:`PerMessageDeflate`), the
 handshake (pure functions over bytes), the connection (:class:`WebSocket`)
 and the manager (:class:`WebSocketManager`, :func:`connect`). On top, the
 integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
@@ -51,11 +52,12 @@ __all__ = [
     "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed",
     # codec
     "Frame", "Close", "apply_mask", "encode_frame", "FrameParser", "MessageAssembler",
-    "encode_close", "parse_close",
+    "encode_close", "parse_close", "Deflate", "DeflateParams", "PerMessageDeflate",
     # handshake
     "Headers", "Request", "Response", "HeadReader", "accept_key", "new_key",
     "build_request", "parse_request", "validate_request", "build_response", "encode_response",
-    "parse_response", "validate_response",
+    "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "deflate_offer",
+    "accept_deflate_response",
     # connection and manager
     "WebSocket", "WebSocketManager", "connect",
     # integrations
@@ -67,6 +69,7 @@ __all__ = [
 import base64
 import codecs
 import collections
+import contextlib
 import enum
 import errno
 import hashlib
@@ -83,6 +86,7 @@ import threading
 import time
 import types
 import urllib.parse
+import zlib
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
@@ -349,10 +353,15 @@ _SHORT_HEADERS = [[bytes((0x80 | opcode, n)) for n in range(126)] for opcode in 
 _OPCODE_LIST = [_OPCODES_BY_VALUE.get(value) for value in range(16)]
 # First header byte -> is it acceptable (no RSV bit, known opcode)? One lookup on the hot path.
 _GOOD_FIRST_BYTE = [not (b & 0x70) and _OPCODE_LIST[b & 0x0F] is not None for b in range(256)]
+# The same once permessage-deflate is negotiated. RFC 7692 6: RSV1 marks the first frame of a
+# compressed message, so it is valid on TEXT and BINARY only, never on a continuation or control frame.
+_GOOD_FIRST_BYTE_RSV1 = [good or (b & 0x70 == 0x40 and b & 0x0F in (1, 2)) for b, good in enumerate(_GOOD_FIRST_BYTE)]
 _new_frame = tuple.__new__  # deliberate: skips NamedTuple.__new__'s argument handling
 
 
-def _first_byte_error(first: int) -> ProtocolError:
+def _first_byte_error(first: int, allow_rsv1: bool = False) -> ProtocolError:
+    if allow_rsv1 and first & 0x70 == 0x40 and _OPCODE_LIST[first & 0x0F] is not None:
+        return ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation or control frame")
     if first & 0x70:
         return ProtocolError(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
     return ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {first & 0x0F}")
@@ -368,13 +377,19 @@ class FrameParser:
     before any of its payload is buffered). When complete frames precede a
     violation in the same input, they are returned first and the error is
     raised by the next call (``feed(b"")`` will do); ``error`` holds it.
+
+    RSV1 is accepted only with ``allow_rsv1`` (permessage-deflate was
+    negotiated), and then only on TEXT and BINARY frames; ``Frame.rsv1``
+    reports it. RSV2 and RSV3 are always 1002.
     """
 
-    __slots__ = ("expect_masked", "max_frame_size", "error", "_buffer", "_peeked")
+    __slots__ = ("expect_masked", "max_frame_size", "allow_rsv1", "error", "_buffer", "_peeked")
 
-    def __init__(self, *, expect_masked: bool, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+    def __init__(self, *, expect_masked: bool, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 allow_rsv1: bool = False):
         self.expect_masked = expect_masked
         self.max_frame_size = max_frame_size
+        self.allow_rsv1 = allow_rsv1
         self.error: Optional[ProtocolError] = None
         self._buffer = bytearray()  # the incomplete frame at the end of the input, if any
         self._peeked = 0  # payload bytes of that frame already handed out by read_partial()
@@ -391,12 +406,13 @@ class FrameParser:
         pos = 0
         end = len(data)
         expect_masked = 0x80 if self.expect_masked else 0
+        good_first_byte = _GOOD_FIRST_BYTE_RSV1 if self.allow_rsv1 else _GOOD_FIRST_BYTE
         try:
             while end - pos >= 2:
                 first = data[pos]
                 second = data[pos + 1]
-                if not _GOOD_FIRST_BYTE[first]:
-                    raise _first_byte_error(first)
+                if not good_first_byte[first]:
+                    raise _first_byte_error(first, self.allow_rsv1)
                 opcode = first & 0x0F
                 length = second & 0x7F
                 if opcode >= 8 and (length > 125 or not first & 0x80):
@@ -437,7 +453,8 @@ class FrameParser:
                     if stop > end:
                         break
                     payload = bytes(data[start:stop]) if type(data) is not bytes else data[start:stop]
-                frames.append(_new_frame(Frame, (_OPCODE_LIST[opcode], payload, first >= 0x80, False, False, False)))
+                frames.append(_new_frame(Frame, (_OPCODE_LIST[opcode], payload, first >= 0x80,
+                                                 first & 0x40 != 0, False, False)))
                 pos = stop
         except ProtocolError as exc:
             self.error = exc
@@ -465,6 +482,11 @@ class FrameParser:
         elif length == 127:
             length = int.from_bytes(buf[2:10], "big")
         return _OPCODES_BY_VALUE[buf[0] & 0x0F], length
+
+    def pending_rsv1(self) -> bool:
+        """Whether the frame reported by :meth:`pending` has RSV1 set (it starts a compressed message)."""
+        buf = self._buffer
+        return len(buf) >= 2 and buf[0] & 0x40 != 0
 
     def read_partial(self) -> bytes:
         """Unmasked payload bytes of the pending frame that arrived since the last call.
@@ -512,12 +534,20 @@ class MessageAssembler:
     message is still open. It enforces fragmentation order (1002), UTF-8
     validity of text and close reasons, fragment by fragment (1007), and
     ``max_message_size`` (1009). Fragments are not limited in number.
+
+    With ``deflate`` (a :class:`PerMessageDeflate`), a message whose first
+    frame has RSV1 is inflated as it arrives: ``max_message_size`` and the
+    UTF-8 check apply to the inflated data, and invalid compressed data is
+    1007. Without it, RSV1 is 1002.
     """
 
-    __slots__ = ("max_message_size", "_opcode", "_buffer", "_decoder", "_peek_decoder")
+    __slots__ = ("max_message_size", "deflate", "_opcode", "_compressed", "_buffer", "_decoder", "_peek_decoder")
 
-    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 deflate: "Optional[PerMessageDeflate]" = None):
         self.max_message_size = max_message_size
+        self.deflate = deflate
+        self._compressed = False  # the open fragmented message is compressed
         self._opcode: Optional[int] = None  # TEXT or BINARY while a fragmented message is open
         # One buffer, not a list of fragments: memory stays proportional to the message size
         # however many (even empty) fragments a peer sends.
@@ -537,6 +567,8 @@ class MessageAssembler:
         if opcode:
             if self._opcode is not None:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "new message started inside a fragmented message")
+            if frame.rsv1:
+                return self._inflate(frame)
             if frame.fin:
                 if len(payload) > self.max_message_size:
                     raise self._too_big(len(payload))
@@ -550,6 +582,8 @@ class MessageAssembler:
             self._decoder = _Utf8Decoder() if opcode == _TEXT else None
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+        elif self._compressed:
+            return self._inflate(frame)
         buffer = self._buffer
         size = len(buffer) + len(payload)
         if size > self.max_message_size:
@@ -570,21 +604,71 @@ class MessageAssembler:
         self._opcode = self._decoder = None
         return buffer.decode() if decoder is not None else bytes(buffer)
 
-    def check_pending(self, opcode: int, length: int) -> bool:
+    def _inflate(self, frame: Frame) -> Union[str, bytes, None]:
+        # A frame of a compressed message (RFC 7692 6.2): inflated at most up to the limit,
+        # so a small frame that would inflate to gigabytes fails with 1009 having held 1 byte
+        # more than max_message_size, at most.
+        deflate = self.deflate
+        if deflate is None:
+            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+        opcode = frame.opcode
+        buffer = self._buffer
+        limit = self.max_message_size - len(buffer)
+        data = deflate.decompress(frame.payload, frame.fin, limit)
+        if len(data) > limit:
+            raise self._too_big(len(buffer) + len(data))
+        if opcode:
+            if frame.fin:  # the whole message in one frame: the common case
+                if opcode == _TEXT:
+                    try:
+                        return data.decode()
+                    except UnicodeDecodeError:
+                        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                return data
+            self._opcode = opcode
+            self._compressed = True
+            self._decoder = _Utf8Decoder() if opcode == _TEXT else None
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                decoder.decode(data, frame.fin)
+            except UnicodeDecodeError:
+                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+            if not frame.fin and _utf8_prefix_invalid(decoder.getstate()[0]):
+                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+        if not frame.fin:
+            buffer += data
+            return None
+        self._opcode = self._decoder = None
+        self._compressed = False
+        if buffer:
+            self._buffer = bytearray()
+            buffer += data
+            data = bytes(buffer)
+        return data.decode() if decoder is not None else data  # validated above: decoding cannot fail
+
+    def check_pending(self, opcode: int, length: int, compressed: bool = False) -> bool:
         """Check a frame announced by :meth:`FrameParser.pending` before its payload arrives.
 
         Raises 1009 at once when it would take the message over the limit,
         1002 when it breaks fragmentation order. Returns whether the frame
         carries text, whose partial payload :meth:`receive_partial` validates.
+        ``compressed`` (:meth:`FrameParser.pending_rsv1`) says the frame
+        starts a compressed message: its size and text are checked as it
+        inflates instead.
         """
         if opcode >= 8:
             return False
         if opcode:
             if self._opcode is not None:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "new message started inside a fragmented message")
+            if compressed:
+                return False
             size = length
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+        elif self._compressed:
+            return False
         else:
             size = len(self._buffer) + length
             opcode = self._opcode
@@ -644,6 +728,205 @@ def parse_close(payload: bytes) -> Tuple[int, str]:
     except UnicodeDecodeError:
         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in the close reason") from None
     return code, reason
+
+
+# permessage-deflate (RFC 7692) -------------------------------------------------
+
+# RFC 7692 7.2.1: a message is compressed with a sync flush, and these 4 bytes that end it are
+# removed before sending; the receiver appends them again before inflating (7.2.2).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+class Deflate(NamedTuple):
+    """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
+
+    ``compression="deflate"`` means ``Deflate()``. The four negotiation
+    parameters keep their RFC 7692 7.1 meaning in both roles: a server
+    answers with them (asking the client to comply where the RFC lets it),
+    a client offers them. The defaults keep no zlib object on any
+    connection between messages, so memory per connection stays a few KiB:
+
+    - ``server_no_context_takeover=True``: the server compresses each
+      message on its own, with a compressor shared by all its connections,
+      so one compressed broadcast frame is valid for every connection;
+    - ``client_no_context_takeover=True``: the same for the client, so the
+      server frees its inflater after each message (a client of ours then
+      shares its compressor too). Set both to ``False`` for better ratios on
+      streams of small similar messages, at about 10 KiB (12-bit windows)
+      to 300 KiB (15 bits, as a compressor) per connection that has sent or
+      received one;
+    - ``server_max_window_bits`` / ``client_max_window_bits``: the LZ77
+      window of each side, 9..15 (zlib cannot compress with 8). The client
+      window defaults to 12 bits (when the client offers
+      ``client_max_window_bits``, as browsers do), which bounds the
+      inflater a server keeps per client if contexts are kept.
+
+    ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
+    """
+
+    server_no_context_takeover: bool = True
+    client_no_context_takeover: bool = True
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 12
+    level: int = 6
+    mem_level: int = 8
+
+
+class DeflateParams(NamedTuple):
+    """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 15
+
+
+def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflate]:
+    """Check a ``compression=`` argument; ``None`` when compression is off."""
+    if compression is None:
+        return None
+    if isinstance(compression, str):
+        if compression != "deflate":
+            raise ValueError(f"unknown compression {compression!r}: None or 'deflate'")
+        return Deflate()
+    if not isinstance(compression, Deflate):
+        raise TypeError(f"compression must be None, 'deflate' or a Deflate, not {type(compression).__name__}")
+    for name in ("server_max_window_bits", "client_max_window_bits"):
+        if not 9 <= getattr(compression, name) <= 15:
+            raise ValueError(f"{name} must be between 9 and 15 (zlib cannot compress with 8)")
+    if not 0 <= compression.level <= 9 or not 1 <= compression.mem_level <= 9:
+        raise ValueError("level must be between 0 and 9 and mem_level between 1 and 9")
+    return compression
+
+
+# Compressors of messages sent without context takeover, one per thread and setting: each
+# message ends with a full flush, which resets the compressor, so its output never refers
+# to an earlier message and the same compressor serves every connection of that thread.
+_thread_compressors = threading.local()
+
+
+def _shared_compressor(key: Tuple[int, int, int]) -> Any:
+    try:
+        compressors = _thread_compressors.compressors
+    except AttributeError:
+        compressors = _thread_compressors.compressors = {}
+    compressor = compressors.get(key)
+    if compressor is None:
+        wbits, level, mem_level = key
+        compressor = compressors[key] = zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+    return compressor
+
+
+class PerMessageDeflate:
+    """Sans-I/O permessage-deflate state of one connection: compresses what it sends,
+    inflates what it receives (RFC 7692 7.2).
+
+    zlib objects are made on first use and, where no context is kept,
+    dropped after each message: an idle connection holds none. Without
+    context takeover on the sending side, messages are compressed by a
+    compressor shared per thread (see :class:`Deflate`). ``lock`` orders
+    compress-and-queue when the sending context is kept.
+    """
+
+    __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
+                 "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
+
+    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 8):
+        self.params = params
+        self.client = client
+        if client:
+            send_keep = not params.client_no_context_takeover
+            self._send_wbits = params.client_max_window_bits
+            self._recv_keep = not params.server_no_context_takeover
+            self._recv_wbits = params.server_max_window_bits
+        else:
+            send_keep = not params.server_no_context_takeover
+            self._send_wbits = params.server_max_window_bits
+            self._recv_keep = not params.client_no_context_takeover
+            self._recv_wbits = params.client_max_window_bits
+        if self._send_wbits < 9:
+            raise ValueError("zlib cannot compress with a window of 8 bits")
+        self._level = level
+        self._mem_level = mem_level
+        # Messages that share this key compress to the same bytes: a broadcast compresses once.
+        self.send_key: Optional[Tuple[int, int, int]] = None if send_keep else (self._send_wbits, level, mem_level)
+        self.lock: Optional[threading.Lock] = threading.Lock() if send_keep else None
+        self._compressor: Any = None
+        self._decompressor: Any = None
+
+    def compress(self, data: _BytesLike) -> bytes:
+        """The payload of a compressed message (sent with RSV1 on its first frame)."""
+        key = self.send_key
+        if key is not None:
+            compressor = _shared_compressor(key)
+            try:
+                compressed: bytes = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+            except BaseException:
+                del _thread_compressors.compressors[key]  # half used: its next output would be wrong
+                raise
+        else:
+            compressor = self._compressor
+            if compressor is None:
+                compressor = self._compressor = zlib.compressobj(
+                    self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+            compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
+
+    def compress_fragments(self, chunks: Sequence[_BytesLike]) -> List[bytes]:
+        """Payloads of one compressed message sent in several frames, one per chunk."""
+        key = self.send_key
+        compressor = _shared_compressor(key) if key is not None else self._compressor
+        if compressor is None:
+            compressor = self._compressor = zlib.compressobj(
+                self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+        payloads = []
+        try:
+            for chunk in chunks[:-1]:
+                # A sync flush per fragment: each frame carries whole deflate blocks.
+                payloads.append(compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH))
+            last = compressor.compress(chunks[-1]) + compressor.flush(
+                zlib.Z_FULL_FLUSH if key is not None else zlib.Z_SYNC_FLUSH)
+        except BaseException:
+            if key is not None:
+                del _thread_compressors.compressors[key]
+            raise
+        payloads.append(last[:-4])
+        return payloads
+
+    def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
+        """Inflate one frame's payload; at most ``max_length + 1`` bytes come out.
+
+        More than ``max_length`` means the message is over its limit (the
+        rest is never inflated). Invalid compressed data raises
+        :class:`ProtocolError` 1007.
+        """
+        decompressor = self._decompressor
+        if decompressor is None:
+            decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
+        try:
+            # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
+            if not final:
+                out: bytes = decompressor.decompress(data, max_length + 1)
+            elif len(data) < 2048:
+                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
+            else:
+                # Large: the tail goes in a second call rather than copying the payload to append it.
+                out = decompressor.decompress(data, max_length + 1)
+                if len(out) <= max_length:
+                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
+        except zlib.error as exc:
+            # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
+            raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
+        if decompressor.eof:
+            # The peer ended its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
+            # but our tail is garbage, and the next message starts a new stream.
+            if decompressor.unused_data not in (b"", _DEFLATE_TAIL):
+                raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
+            if final:
+                self._decompressor = None
+        if final and not self._recv_keep:
+            self._decompressor = None
+        return out
 
 
 ###############################################################################
@@ -971,11 +1254,14 @@ def parse_response(head: bytes) -> Response:
     return Response(int(status_text), headers, b"", reason)
 
 
-def validate_response(response: Response, key: str,
-                      subprotocols: Optional[Sequence[str]] = None) -> Optional[str]:
+def validate_response(response: Response, key: str, subprotocols: Optional[Sequence[str]] = None,
+                      compression: Union[None, str, Deflate] = None) -> Optional[str]:
     """Check a server's answer to our handshake (RFC 6455 4.1); return the subprotocol it chose.
 
-    Raises :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
+    ``compression`` is what the request offered (see :func:`deflate_offer`):
+    an extension in the answer is accepted only if it is that one, with
+    parameters RFC 7692 allows (:func:`accept_deflate_response`). Raises
+    :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
     """
     status = response.status
     headers = response.headers
@@ -991,12 +1277,195 @@ def validate_response(response: Response, key: str,
         raise fail("response lacks Upgrade: websocket / Connection: upgrade")
     if headers.get("Sec-WebSocket-Accept") != accept_key(key):
         raise fail("wrong Sec-WebSocket-Accept")
-    if headers.get("Sec-WebSocket-Extensions"):
-        raise fail("server chose an extension that was not offered")
+    extensions = headers.get("Sec-WebSocket-Extensions")
+    if extensions:
+        settings = _deflate_settings(compression)
+        if settings is None:
+            raise fail("server chose an extension that was not offered")
+        try:
+            accept_deflate_response(extensions, settings)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     chosen = headers.get("Sec-WebSocket-Protocol")
     if chosen is not None and chosen not in (subprotocols or ()):
         raise fail(f"server chose subprotocol {chosen!r} that was not offered")
     return chosen
+
+
+# Sec-WebSocket-Extensions and permessage-deflate negotiation (RFC 7692 7.1) ---
+
+_EXTENSION_PARAM = re.compile(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
+# RFC 7692 7.1.2: 8..15, decimal, no leading zero.
+_WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
+_DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",
+                   "client_max_window_bits")
+
+
+def _parse_extension(element: str) -> Tuple[str, List[Tuple[str, Optional[str]]]]:
+    name, *raw_params = element.split(";")
+    name = name.strip()
+    if not _TOKEN.match(name):
+        raise ValueError(f"malformed extension {element.strip()[:60]!r}")
+    params: List[Tuple[str, Optional[str]]] = []
+    for raw in raw_params:
+        match = _EXTENSION_PARAM.match(raw)
+        if match is None or not _TOKEN.match(match.group(1)):
+            raise ValueError(f"malformed extension parameter {raw.strip()[:60]!r}")
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        # RFC 6455 9.1: a quoted value must still be a token once unquoted.
+        if value is not None and not _TOKEN.match(value):
+            raise ValueError(f"malformed extension parameter {raw.strip()[:60]!r}")
+        params.append((match.group(1), value))
+    return name, params
+
+
+def parse_extensions(value: Optional[str]) -> List[Tuple[str, List[Tuple[str, Optional[str]]]]]:
+    """Parse a Sec-WebSocket-Extensions value (RFC 6455 9.1) into ``[(name, [(param, value or None)])]``.
+
+    Raises :class:`ValueError` when it is malformed.
+    """
+    if not value:
+        return []
+    # Commas inside quotes would only appear in a malformed value: they make one of the pieces fail.
+    return [_parse_extension(element) for element in value.split(",") if element.strip()]
+
+
+def _deflate_request_params(params: Sequence[Tuple[str, Optional[str]]]) -> Dict[str, Any]:
+    """Parameters of one permessage-deflate offer or answer, checked; ValueError when invalid."""
+    found: Dict[str, Any] = {}
+    for name, value in params:
+        if name not in _DEFLATE_PARAMS:
+            raise ValueError(f"unknown permessage-deflate parameter {name!r}")
+        if name in found:
+            raise ValueError(f"permessage-deflate parameter {name} repeated")
+        if name.endswith("_no_context_takeover"):
+            if value is not None:
+                raise ValueError(f"{name} takes no value")
+            found[name] = True
+        elif value is None:
+            if name == "server_max_window_bits":
+                raise ValueError("server_max_window_bits needs a value")
+            found[name] = True  # client_max_window_bits without a value: "the server may set it"
+        elif value in _WINDOW_BITS:
+            found[name] = _WINDOW_BITS[value]
+        else:
+            raise ValueError(f"invalid {name} {value!r}: 8..15")
+    return found
+
+
+def _format_deflate(params: Sequence[Tuple[str, Any]]) -> str:
+    parts = ["permessage-deflate"]
+    for name, value in params:
+        parts.append(name if value is True else f"{name}={value}")
+    return "; ".join(parts)
+
+
+def negotiate_deflate(offers: Optional[str],
+                      settings: Union[str, Deflate] = "deflate") -> Tuple[Optional[str], Optional[DeflateParams]]:
+    """The server side of RFC 7692 negotiation, a pure function.
+
+    ``offers`` is the request's Sec-WebSocket-Extensions value. Returns the
+    Sec-WebSocket-Extensions value to answer with and the agreed
+    :class:`DeflateParams`, or ``(None, None)`` when no offer is acceptable.
+    Offers are tried in the client's order; the first acceptable
+    permessage-deflate offer wins. A malformed or conflicting offer (unknown
+    or repeated parameter, bad value) is declined, as is one asking the
+    server for a window of 8 bits (zlib cannot compress with it), and other
+    extensions are ignored: the handshake goes on without them.
+    """
+    deflate = _deflate_settings(settings)
+    if deflate is None or not offers:
+        return None, None
+    for element in offers.split(","):
+        if not element.strip():
+            continue
+        try:
+            name, params = _parse_extension(element)
+            if name != "permessage-deflate":
+                continue
+            offer = _deflate_request_params(params)
+        except ValueError:
+            continue  # RFC 7692 5: the server declines an offer it does not understand
+        answer: List[Tuple[str, Any]] = []
+        # RFC 7692 7.1.1.1: a server that accepts server_no_context_takeover must answer it;
+        # it may also answer it unasked.
+        server_no_context = deflate.server_no_context_takeover or "server_no_context_takeover" in offer
+        if server_no_context:
+            answer.append(("server_no_context_takeover", True))
+        # 7.1.1.2: the server may ask the client for no context takeover, offered or not.
+        client_no_context = deflate.client_no_context_takeover or "client_no_context_takeover" in offer
+        if client_no_context:
+            answer.append(("client_no_context_takeover", True))
+        # 7.1.2.1: the client's limit binds the server's compressor, which cannot use 8 bits.
+        server_bits = min(offer.get("server_max_window_bits", 15), deflate.server_max_window_bits)
+        if server_bits < 9:
+            continue
+        if server_bits < 15 or "server_max_window_bits" in offer:
+            answer.append(("server_max_window_bits", server_bits))
+        # 7.1.2.2: the server may limit the client's window only if the offer has the parameter.
+        client_bits = 15
+        if "client_max_window_bits" in offer:
+            offered = offer["client_max_window_bits"]
+            client_bits = min(15 if offered is True else offered, deflate.client_max_window_bits)
+            answer.append(("client_max_window_bits", client_bits))
+        return _format_deflate(answer), DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
+    return None, None
+
+
+def deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
+    """The Sec-WebSocket-Extensions value a client sends to offer permessage-deflate.
+
+    It always carries ``client_max_window_bits`` (so the server may limit
+    the client's window), with a value when the settings limit it.
+    """
+    deflate = _deflate_settings(settings)
+    if deflate is None:
+        raise ValueError("compression is off: nothing to offer")
+    params: List[Tuple[str, Any]] = []
+    if deflate.server_no_context_takeover:
+        params.append(("server_no_context_takeover", True))
+    if deflate.client_no_context_takeover:
+        params.append(("client_no_context_takeover", True))
+    if deflate.server_max_window_bits < 15:
+        params.append(("server_max_window_bits", deflate.server_max_window_bits))
+    client_bits = deflate.client_max_window_bits
+    params.append(("client_max_window_bits", client_bits if client_bits < 15 else True))
+    return _format_deflate(params)
+
+
+def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] = "deflate") -> Optional[DeflateParams]:
+    """The client side of RFC 7692 negotiation: check the server's answer to :func:`deflate_offer`.
+
+    Returns the agreed :class:`DeflateParams`, or ``None`` when the server
+    declined (no Sec-WebSocket-Extensions). Raises :class:`ValueError` when
+    the answer is malformed or not allowed by the offer; the client must
+    then fail the handshake (RFC 7692 5).
+    """
+    deflate = _deflate_settings(settings)
+    if deflate is None:
+        raise ValueError("compression is off: no answer can be accepted")
+    extensions = parse_extensions(value)
+    if not extensions:
+        return None
+    if len(extensions) > 1 or extensions[0][0] != "permessage-deflate":
+        raise ValueError(f"server chose extensions that were not offered: {str(value)[:100]!r}")
+    answer = _deflate_request_params(extensions[0][1])
+    if answer.get("client_max_window_bits") is True:
+        raise ValueError("client_max_window_bits needs a value in a response")
+    # RFC 7692 7.1.1.1: a server accepting an offer with server_no_context_takeover must answer it.
+    server_no_context = "server_no_context_takeover" in answer
+    if deflate.server_no_context_takeover and not server_no_context:
+        raise ValueError("the server did not agree to server_no_context_takeover")
+    client_no_context = deflate.client_no_context_takeover or "client_no_context_takeover" in answer
+    server_bits = answer.get("server_max_window_bits", 15)
+    if deflate.server_max_window_bits < 15 and server_bits > deflate.server_max_window_bits:
+        raise ValueError(f"server_max_window_bits {server_bits} exceeds the {deflate.server_max_window_bits} offered")
+    client_bits = answer.get("client_max_window_bits", deflate.client_max_window_bits)
+    if client_bits > deflate.client_max_window_bits:
+        raise ValueError(f"client_max_window_bits {client_bits} exceeds the {deflate.client_max_window_bits} offered")
+    if client_bits < 9:
+        raise ValueError("client_max_window_bits 8 is not supported (zlib cannot compress with 8)")
+    return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
 
 
 ###############################################################################
@@ -1025,6 +1494,20 @@ def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
         return _BINARY, _byte_view(message)  # any bytes-like object: array, memoryview, numpy ...
     except TypeError:
         raise TypeError(f"cannot send {type(message).__name__}: str, bytes-like or an iterable of them") from None
+
+
+def _fragments(chunks: Iterable[Any]) -> Tuple[Optional[Opcode], List[_BytesLike]]:
+    """The opcode and payloads of a message given as chunks, all ``str`` or all bytes-like."""
+    opcode: Optional[Opcode] = None
+    payloads: List[_BytesLike] = []
+    for chunk in chunks:
+        chunk_opcode, payload = _data_frame(chunk)
+        if opcode is None:
+            opcode = chunk_opcode
+        elif chunk_opcode is not opcode:
+            raise TypeError("fragments of one message must be all str or all bytes-like")
+        payloads.append(payload)
+    return opcode, payloads
 
 
 def _is_bytes_like(message: Any) -> bool:
@@ -1087,26 +1570,21 @@ class _ConnectionSetting:
 def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _BytesLike) -> int:
     """Queue one message to many connections (publish, broadcast); return how many took it.
 
-    Deliberate: the frame is encoded once, and each connection's bytes come from
-    :func:`_frame_for`, the one place that decides what a connection is sent.
+    Deliberate: the frame is encoded once and shared through one cache per call
+    (see :meth:`WebSocket._queue_message`): every uncompressed server connection
+    takes the same bytes, and so does every compressed one that keeps no context.
     """
-    shared = encode_frame(opcode, payload)
+    frame = encode_frame(opcode, payload)
+    shared: Dict[Any, bytes] = {None: frame}
     count = 0
     for websocket in websockets:
-        if websocket._queue(_frame_for(websocket, opcode, payload, shared)):
+        if websocket._deflate is None and not websocket.client:  # deliberate: the common case inline
+            queued = websocket._queue(frame)
+        else:
+            queued = websocket._queue_message(opcode, payload, shared)
+        if queued:
             count += 1
     return count
-
-
-def _frame_for(websocket: "WebSocket", opcode: int, payload: _BytesLike, shared: bytes) -> bytes:
-    """The frame of one published message for ``websocket``, given the ``shared`` encoding.
-
-    A server connection takes the shared unmasked bytes as they are; a client
-    connection must mask every frame with a fresh key of its own (RFC 6455 5.3).
-    """
-    if websocket.client:
-        return encode_frame(opcode, payload, mask=True)
-    return shared
 
 
 class WebSocket:
@@ -1150,7 +1628,7 @@ class WebSocket:
         "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
         "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
-        "__dict__", "__weakref__",
+        "_deflate", "__dict__", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
@@ -1194,6 +1672,7 @@ class WebSocket:
         self._active = False  # registered in its manager's selector: between _open() and _release()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
+        self._deflate: Optional[PerMessageDeflate] = None  # set when permessage-deflate was negotiated
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1236,7 +1715,11 @@ class WebSocket:
         is accepted while the bytes already queued are within ``max_buffered``;
         past it (the peer leaves more than that unread) the connection is
         dropped as a slow consumer (``closed(1006, ...)``) and this raises.
+        With permessage-deflate negotiated, every message is compressed.
         """
+        if self._deflate is not None:
+            self._send_compressed(message)
+            return
         if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
         elif isinstance(message, (bytes, bytearray, memoryview)) or _is_bytes_like(message):
@@ -1252,23 +1735,71 @@ class WebSocket:
     def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
-        frames: List[bytes] = []
-        opcode: Optional[Opcode] = None
-        previous: Any = None
-        for chunk in chunks:
-            chunk_opcode, payload = _data_frame(chunk)
-            if opcode is None:
-                opcode = chunk_opcode
-            elif chunk_opcode is not opcode:
-                raise TypeError("fragments of one message must be all str or all bytes-like")
-            else:
-                frames.append(encode_frame(_CONTINUATION if frames else opcode, previous,
-                                           fin=False, mask=self.client))
-            previous = payload
+        opcode, payloads = _fragments(chunks)
         if opcode is None:
             return b""
-        frames.append(encode_frame(_CONTINUATION if frames else opcode, previous, mask=self.client))
-        return b"".join(frames)
+        last = len(payloads) - 1
+        return b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client)
+                        for i, payload in enumerate(payloads))
+
+    def _send_compressed(self, message: Any) -> None:
+        if isinstance(message, (str, bytes, bytearray, memoryview)) or _is_bytes_like(message):
+            opcode, payload = _data_frame(message)
+            queued = self._queue_message(opcode, payload)
+        else:
+            fragments_opcode, payloads = _fragments(message)
+            if fragments_opcode is None:
+                return
+            queued = self._queue_compressed_fragments(fragments_opcode, payloads)
+        if not queued:
+            raise self._closed_error("cannot send")
+
+    def _queue_compressed_fragments(self, opcode: Opcode, chunks: List[_BytesLike]) -> bool:
+        deflate = self._deflate
+        assert deflate is not None
+        with deflate.lock or contextlib.nullcontext():
+            payloads = deflate.compress_fragments(chunks)
+            last = len(payloads) - 1
+            # RFC 7692 6.1: RSV1 on the first frame of the message only.
+            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last,
+                                         mask=self.client, rsv1=not i) for i, payload in enumerate(payloads))
+            return self._queue(data)
+
+    def _queue_message(self, opcode: int, payload: _BytesLike,
+                       cache: Optional[Dict[Any, bytes]] = None) -> bool:
+        """Encode one whole message for this connection and queue it; False once it no longer sends.
+
+        ``cache`` (one dict per broadcast) lets connections that would send
+        the same bytes share them: every uncompressed server connection, and
+        every compressed one without context takeover and the same settings.
+        """
+        deflate = self._deflate
+        client = self.client
+        if deflate is None:
+            if client:
+                return self._queue(encode_frame(opcode, payload, mask=True))
+            key: Any = None
+        elif deflate.lock is not None:
+            with deflate.lock:  # compressed in queue order: the peer inflates with the same context
+                return self._queue(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True))
+        elif client:
+            return self._queue(encode_frame(opcode, deflate.compress(payload), mask=True, rsv1=True))
+        else:
+            key = deflate.send_key
+        data = cache.get(key) if cache is not None else None
+        if data is None:
+            if deflate is None:
+                data = encode_frame(opcode, payload)
+            else:
+                data = encode_frame(opcode, deflate.compress(payload), rsv1=True)
+            if cache is not None:
+                cache[key] = data
+        return self._queue(data)
+
+    def _enable_deflate(self, params: DeflateParams, settings: Deflate) -> None:
+        # Before add(): the parser and assembler made by _start() take it from here.
+        self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
+                                          mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
@@ -1324,6 +1855,12 @@ class WebSocket:
         if isinstance(headers, bytes):
             headers = self._response_headers = _parse_head(headers)[1]
         return headers
+
+    @property
+    def compression(self) -> Optional[DeflateParams]:
+        """What permessage-deflate negotiation agreed on, or ``None`` when messages go uncompressed."""
+        deflate = self._deflate
+        return deflate.params if deflate is not None else None
 
     @property
     def terminated(self) -> bool:
@@ -1413,8 +1950,10 @@ class WebSocket:
         self._resolve_settings()
         frame_size, message_size = self._max_frame_size, self._max_message_size
         assert frame_size is not None and message_size is not None  # resolved just above
-        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=frame_size)
-        self._assembler = MessageAssembler(max_message_size=message_size)
+        deflate = self._deflate
+        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=frame_size,
+                                   allow_rsv1=deflate is not None)
+        self._assembler = MessageAssembler(max_message_size=message_size, deflate=deflate)
         self._last_seen = manager._now
 
     def _resolve_settings(self) -> None:
@@ -1515,7 +2054,7 @@ class WebSocket:
         pending = parser.pending()
         if pending is not None:
             try:
-                if assembler.check_pending(*pending):
+                if assembler.check_pending(*pending, parser.pending_rsv1()):
                     assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == _TEXT)
             except ProtocolError as exc:
                 self._fail(exc.code, exc.reason)
@@ -1677,16 +2216,25 @@ _install_connection_settings()
 # WebSocketManager: the selector loop #########################################
 ###############################################################################
 
+class _Answer(NamedTuple):
+    """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
+
+    response: Response  # a 101 to send, or the refusal (or page) that ends the connection
+    why: str = ""  # for the log: why a refusal refuses
+    deflate: Optional[DeflateParams] = None  # the permessage-deflate parameters a 101 agreed to
+
+
 class _Listener:
     """A listening socket (or, for accept(), just the settings) of a manager."""
 
     __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
-                 "origins", "unix_path", "connections", "_count_lock", "_finalized")
+                 "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized")
 
     def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
                  ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
                  handshake: Optional[Callable[[Request], Any]], max_connections: Optional[int],
-                 origins: Optional[Sequence[Optional[str]]], unix_path: Optional[str] = None):
+                 origins: Optional[Sequence[Optional[str]]], unix_path: Optional[str] = None,
+                 compression: Optional[Deflate] = None):
         self.manager = manager
         self.sock = sock
         self.factory = factory
@@ -1697,6 +2245,7 @@ class _Listener:
         self.origins = None if origins is None else frozenset(origins)
         self.unix_path = unix_path
         self.connections = 0
+        self.compression = compression
         # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
         self._count_lock = threading.Lock()
         self._finalized = False
@@ -1706,14 +2255,16 @@ class _Listener:
 
         The one place for the server's rules, shared by :meth:`WebSocketManager.listen`,
         :meth:`~WebSocketManager.accept` and :meth:`~WebSocketManager.wsgi_app`: Origin
-        (403), max_connections (503), the handshake hook, RFC 6455 validation and the
-        subprotocol choice. A 101's headers are built here and nowhere else; the
-        subprotocol is its ``Sec-WebSocket-Protocol`` header. ``peer`` is for the log.
+        (403), max_connections (503), the handshake hook, RFC 6455 validation, the
+        subprotocol choice and permessage-deflate negotiation. A 101's headers are built
+        here and nowhere else; the subprotocol is its ``Sec-WebSocket-Protocol`` header.
+        ``peer`` is for the log.
         """
-        return self._answer(request, peer)[0]
+        return self._answer(request, peer).response
 
-    def _answer(self, request: Request, peer: Any = None) -> Tuple[Response, str]:
-        """:meth:`accept`, and why a refusal refuses (for the log; the peer sees only the status)."""
+    def _answer(self, request: Request, peer: Any = None) -> "_Answer":
+        """:meth:`accept`, with why a refusal refuses (for the log; the peer sees only the
+        status) and the permessage-deflate parameters a 101 agreed to."""
         try:
             if self.origins is not None and request.origin not in self.origins:
                 raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
@@ -1732,7 +2283,7 @@ class _Listener:
                     if chosen.status == 101:  # a 101 without the accept key would be a lie
                         logger.error("handshake hook answered 101 itself; return None or a subprotocol")
                         raise HandshakeError("bad handshake hook answer", 500)
-                    return chosen, "answered by the handshake hook"
+                    return _Answer(chosen, "answered by the handshake hook")
             key = validate_request(request)
             offered = request.subprotocols
             if chosen is None:
@@ -1743,20 +2294,27 @@ class _Listener:
                 logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
                 raise HandshakeError("bad subprotocol", 500)
         except HandshakeError as exc:
-            return Response(exc.status or 400, exc.headers), str(exc)
+            return _Answer(Response(exc.status or 400, exc.headers), str(exc))
         fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))]
         if subprotocol:
             fields.append(("Sec-WebSocket-Protocol", subprotocol))
-        # Further response headers of the 101 (extensions) are added here.
-        return Response(101, fields), ""
+        deflate = None
+        if self.compression is not None:
+            extension, deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"), self.compression)
+            if extension:
+                fields.append(("Sec-WebSocket-Extensions", extension))
+        return _Answer(Response(101, fields), "", deflate)
 
-    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, response: Response,
+    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
                          peer: Any, extra_data: bytes = b"") -> WebSocket:
-        """The connection for a request accepted with ``response``, its 101 queued first; any thread."""
+        """The connection for a request accepted with ``answer``, its 101 queued first; any thread."""
+        response = answer.response
         reply = _encode_switch(response.headers)
         websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
                                  subprotocol=_chosen_subprotocol(response), peer_address=peer,
                                  extra_data=extra_data)
+        if answer.deflate is not None and self.compression is not None:
+            websocket._enable_deflate(answer.deflate, self.compression)
         websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
         websocket._buffered = len(reply)
         return websocket
@@ -2031,12 +2589,18 @@ class WebSocketManager:
     handshake. ``heartbeat=N`` pings connections idle for N seconds and fails
     them with 1011 when nothing comes back within ``heartbeat_timeout``
     (default N).
+
+    ``compression="deflate"`` (or a :class:`Deflate`) accepts
+    permessage-deflate offers on every ``listen()`` and ``accept()`` that does
+    not say otherwise; the default ``None`` declines them.
     """
 
     def __init__(self, *, selector: Optional[selectors.BaseSelector] = None, heartbeat: Optional[float] = None,
                  heartbeat_timeout: Optional[float] = None, close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_buffered: int = DEFAULT_MAX_BUFFERED,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_frame_size: Optional[int] = None):
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_frame_size: Optional[int] = None,
+                 compression: Union[None, str, Deflate] = None):
+        self.compression = _deflate_settings(compression)
         self._owns_selector = selector is None
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self.heartbeat = heartbeat
@@ -2136,7 +2700,10 @@ class WebSocketManager:
 
         A publish to everyone, in this manager only (never relayed by a
         :meth:`bridge`): encoded once, the same bytes queued to every server
-        connection (client connections need their own masks).
+        connection (client connections need their own masks). With
+        compression, it is compressed once for all the connections that keep
+        no compression context (``server_no_context_takeover``, the default
+        of :class:`Deflate`), and once per connection for the others.
         """
         opcode, payload = _data_frame(message)
         return _queue_to_all(tuple(self._websockets.values()), opcode, payload)
@@ -2256,22 +2823,22 @@ class WebSocketManager:
     def listen(self, address: _Address, factory: Callable[..., WebSocket] = ..., *,
                ssl_context: Optional[ssl.SSLContext] = ..., subprotocols: Optional[Sequence[str]] = ...,
                handshake: Optional[Callable[[Request], Any]] = ..., backlog: int = ...,
-               max_connections: Optional[int] = ...,
-               origins: Optional[Sequence[Optional[str]]] = ...) -> _Address: ...
+               max_connections: Optional[int] = ..., origins: Optional[Sequence[Optional[str]]] = ...,
+               compression: Union[None, str, Deflate] = ...) -> _Address: ...
 
     @overload
     def listen(self, address: socket.socket, factory: Callable[..., WebSocket] = ..., *,
                ssl_context: Optional[ssl.SSLContext] = ..., subprotocols: Optional[Sequence[str]] = ...,
                handshake: Optional[Callable[[Request], Any]] = ..., backlog: int = ...,
-               max_connections: Optional[int] = ...,
-               origins: Optional[Sequence[Optional[str]]] = ...) -> Union[Tuple[str, int], str]: ...
+               max_connections: Optional[int] = ..., origins: Optional[Sequence[Optional[str]]] = ...,
+               compression: Union[None, str, Deflate] = ...) -> Union[Tuple[str, int], str]: ...
 
     def listen(self, address: Union[Tuple[str, int], str, socket.socket],
                factory: Callable[..., WebSocket] = WebSocket, *,
                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                handshake: Optional[Callable[[Request], Any]] = None, backlog: int = 1024,
-               max_connections: Optional[int] = None,
-               origins: Optional[Sequence[Optional[str]]] = None) -> Union[Tuple[str, int], str]:
+               max_connections: Optional[int] = None, origins: Optional[Sequence[Optional[str]]] = None,
+               compression: Union[None, str, Deflate] = "manager") -> Union[Tuple[str, int], str]:
         """Serve WebSocket connections on ``address``; return the bound address.
 
         ``address`` is ``(host, port)`` (port 0 picks a free one; IPv6 hosts
@@ -2286,7 +2853,11 @@ class WebSocketManager:
         refuses with its status. Past ``max_connections`` open connections,
         new handshakes get 503. With ``origins``, a request whose Origin is
         not listed gets 403 (list ``None`` to admit requests without one).
+        ``compression``: ``"deflate"`` or a :class:`Deflate` accepts
+        permessage-deflate offers, ``None`` declines them; by default the
+        manager's ``compression`` applies.
         """
+        settings = self._compression_for(compression)
         unix_path = None
         if isinstance(address, socket.socket):
             sock = address  # bound and listening already (a worker's, an inherited or activated one)
@@ -2305,7 +2876,7 @@ class WebSocketManager:
             sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
         listener = _Listener(self, sock, factory, ssl_context, subprotocols, handshake, max_connections,
-                             origins, unix_path)
+                             origins, unix_path, settings)
         with self._lock:
             self._check_running(release=listener._close, stopping=True)
             self._listeners.append(listener)
@@ -2335,29 +2906,34 @@ class WebSocketManager:
         return bridge
 
     def accept(self, sock: socket.socket, request_head: bytes, factory: Callable[..., WebSocket] = WebSocket, *,
-               subprotocols: Optional[Sequence[str]] = None,
-               handshake: Optional[Callable[[Request], Any]] = None) -> None:
+               subprotocols: Optional[Sequence[str]] = None, handshake: Optional[Callable[[Request], Any]] = None,
+               compression: Union[None, str, Deflate] = "manager") -> None:
         """Adopt a connected socket whose HTTP upgrade request another server read.
 
         ``request_head`` is the raw request head (and anything read after
         it). wsmanager validates it, answers 101 (or the HTTP error) and runs
         the connection in its loop. The socket belongs to the manager from
-        now on.
+        now on. ``compression`` as for :meth:`listen`.
         """
-        listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None)
+        settings = self._compression_for(compression)
+        listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None, None, settings)
         with self._lock:
             self._check_running(release=sock.close)
         self._call_threadsafe(self._adopt, listener, sock, request_head)
+
+    def _compression_for(self, compression: Union[None, str, Deflate]) -> Optional[Deflate]:
+        return self.compression if compression == "manager" else _deflate_settings(compression)
 
     def wsgi_app(self, factory: Callable[..., WebSocket], app: Optional["WSGIApplication"] = None, *,
                  subprotocols: Optional[Sequence[str]] = None,
                  handshake: Optional[Callable[[Request], Any]] = None,
                  origins: Optional[Sequence[Optional[str]]] = None,
-                 max_connections: Optional[int] = None) -> "WSGIApplication":
+                 max_connections: Optional[int] = None,
+                 compression: Union[None, str, Deflate] = "manager") -> "WSGIApplication":
         """A WSGI application that hands WebSocket upgrade requests to this manager.
 
         An upgrade request gets the rules of :meth:`listen` (``subprotocols``,
-        ``handshake``, ``origins``, ``max_connections``); when accepted, its
+        ``handshake``, ``origins``, ``max_connections``, ``compression``); when accepted, its
         socket is taken from the host server, the 101 is written by the
         manager's loop and ``factory`` makes the connection. Any other request
         goes to ``app`` (a Flask, Bottle or Django application), or gets
@@ -2376,7 +2952,8 @@ class WebSocketManager:
         called, so a forking server (gunicorn ``--workers N``, ``--preload``)
         gets one loop per worker process.
         """
-        listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins)
+        listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins,
+                             compression=self._compression_for(compression))
         return _WSGIHandOff(self, listener, app)
 
     def _ensure_running(self) -> None:
@@ -2718,12 +3295,12 @@ class WebSocketManager:
         except HandshakeError as exc:
             handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
-        response, why = listener._answer(request, handshake.address)
-        if response.status != 101:
-            handshake._reply_and_close(response, why, upgrade=request.is_upgrade)
+        answer = listener._answer(request, handshake.address)
+        if answer.response.status != 101:
+            handshake._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
             return
         try:
-            websocket = listener._make_connection(handshake.sock, request, head, response, handshake.address, rest)
+            websocket = listener._make_connection(handshake.sock, request, head, answer, handshake.address, rest)
         except Exception as exc:
             logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
             handshake._reply_and_close(Response(500), "the connection factory raised")
@@ -2811,17 +3388,21 @@ def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 1
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket:
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None) -> WebSocket:
     """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
 
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
-    are kept for the first read. Raises :class:`HandshakeError` (with the
+    are kept for the first read. ``compression="deflate"`` (or a
+    :class:`Deflate`) offers permessage-deflate; an answer the offer does not
+    allow fails the handshake. Raises :class:`HandshakeError` (with the
     server's HTTP ``status`` and ``headers``) when the server refuses or
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
     bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
     included) when the network or TLS fails.
     """
+    settings = _deflate_settings(compression)
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unbalanced [ in the host
@@ -2849,6 +3430,8 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
             context = ssl_context if ssl_context is not None else ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
         key = new_key()
+        if settings is not None:
+            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
         request = build_request(host_header, path, key, subprotocols=subprotocols, headers=headers, origin=origin)
         sock.sendall(request)
         reader = HeadReader()
@@ -2867,10 +3450,15 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
                 raise HandshakeError(f"malformed response: {exc}", None) from None
         head, rest = result
         response = parse_response(head)
-        subprotocol = validate_response(response, key, subprotocols)
+        subprotocol = validate_response(response, key, subprotocols, settings)
+        deflate = None
+        if settings is not None and isinstance(response.headers, Headers):
+            deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
         websocket = factory(sock, client=True, path=path, request_headers=request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
+        if deflate is not None and settings is not None:
+            websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
         raise
@@ -2924,9 +3512,9 @@ class _WSGIHandOff:
         except HandshakeError as exc:
             return self._refuse(environ, start_response, Response(exc.status or 400, exc.headers))
         peer = _environ_peer(environ)
-        response = self.listener.accept(request, peer)
-        if response.status != 101:
-            return self._refuse(environ, start_response, response)
+        answer = self.listener._answer(request, peer)
+        if answer.response.status != 101:
+            return self._refuse(environ, start_response, answer.response)
         try:
             fd = _host_fd(environ)
         except HandshakeError as exc:
@@ -2944,7 +3532,7 @@ class _WSGIHandOff:
         sock = None
         try:
             sock = socket.socket(fileno=os.dup(fd))
-            websocket = self.listener._make_connection(sock, request, head, response, peer)
+            websocket = self.listener._make_connection(sock, request, head, answer, peer)
         except Exception as exc:
             self.listener._unclaim()
             if sock is not None:
@@ -4071,7 +4659,9 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
                 peer.worker = f"worker {index}: "
             return peer
 
-        manager.listen(sock, factory, handshake=lambda request: _chat_handshake(request, stats))
+        # Browsers offer permessage-deflate, and chat text compresses well.
+        manager.listen(sock, factory, handshake=lambda request: _chat_handshake(request, stats),
+                       compression="deflate")
 
     return setup
 
