@@ -5011,7 +5011,7 @@ def test_issue9_graceful_stop_takes_no_new_connection_and_ends_when_the_open_one
                 with late:  # (a connection the kernel took just before the close) no 101 either
                     late.sendall(upgrade_request_bytes())
                     assert not _read_to_eof(late).startswith(b"HTTP/1.1 101")
-            with socket.socket() as unused, pytest.raises(RuntimeError):
+            with socket.socket() as unused, pytest.raises(ManagerStopped):
                 m.add(WebSocket(unused))
             close = peer.close_frame()
             assert close is not None and close.code == CloseCode.GOING_AWAY
@@ -5152,8 +5152,24 @@ def test_every_public_exception_derives_from_websocketerror():
                   if isinstance(getattr(wsmanager, name), type)
                   and issubclass(getattr(wsmanager, name), BaseException)]
     assert {e.__name__ for e in exceptions} >= {"WebSocketError", "ProtocolError", "HandshakeError",
-                                                 "InvalidURL", "ConnectionClosed"}
+                                                 "InvalidURL", "ConnectionClosed", "ManagerStopped"}
     assert all(issubclass(e, WebSocketError) for e in exceptions)
+
+
+def test_a_stopped_manager_refuses_new_work_with_manager_stopped_also_a_runtimeerror():
+    manager = WebSocketManager()
+    manager.stop()
+    manager.run()  # only its clean-up
+    fds = open_fds()
+    with socket.socket() as unused:
+        with pytest.raises(ManagerStopped) as info:
+            manager.add(WebSocket(unused))
+        assert isinstance(info.value, WebSocketError) and isinstance(info.value, RuntimeError)
+    with pytest.raises(ManagerStopped):
+        manager.listen(("127.0.0.1", 0), WebSocket)
+    with pytest.raises(ManagerStopped):
+        manager.bridge("redis://127.0.0.1:1")
+    assert open_fds() <= fds  # what the refused calls made is released
 
 
 @pytest.mark.parametrize("url", [

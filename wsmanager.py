@@ -49,7 +49,7 @@ __all__ = [
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES",
     # exceptions
-    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed",
+    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed", "ManagerStopped",
     # codec
     "Frame", "Close", "apply_mask", "encode_frame", "FrameParser", "MessageAssembler",
     "encode_close", "parse_close", "Deflate", "DeflateParams", "PerMessageDeflate",
@@ -224,6 +224,13 @@ class ConnectionClosed(WebSocketError):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class ManagerStopped(WebSocketError, RuntimeError):
+    """The manager is stopping or has stopped: it takes no new connection, listener or bridge.
+
+    Also a :class:`RuntimeError`, which it was before it had a class of its own.
+    """
 
 
 ###############################################################################
@@ -2654,7 +2661,7 @@ class WebSocketManager:
         :meth:`remove` goes on where it stopped: same state, parser, queued output and
         settings, and ``opened()`` is not called again (it runs once per
         connection). Raises :class:`ValueError` while another manager runs
-        it, :class:`ConnectionClosed` once it is closed, :class:`RuntimeError`
+        it, :class:`ConnectionClosed` once it is closed, :class:`ManagerStopped`
         once this manager is stopping.
         """
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
@@ -3018,7 +3025,7 @@ class WebSocketManager:
         A stop begins with this call: from then on no connection is taken in.
         Listeners stop accepting, handshakes in progress are refused with
         HTTP 503, and :meth:`add` and :meth:`listen` raise
-        :class:`RuntimeError`. With a ``timeout`` the stop is graceful: every
+        :class:`ManagerStopped`. With a ``timeout`` the stop is graceful: every
         connection still open is closed with 1001 (see :meth:`close_all`) and
         the loop ends as soon as all have closed, or after ``timeout``
         seconds, terminating what is left.
@@ -3332,7 +3339,7 @@ class WebSocketManager:
         if self._finished or (stopping and self._stopping):
             if release is not None:
                 release()
-            raise RuntimeError("the manager has stopped" if self._finished else "the manager is stopping")
+            raise ManagerStopped("the manager has stopped" if self._finished else "the manager is stopping")
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -3551,7 +3558,7 @@ class _WSGIHandOff:
         websocket._listener = self.listener
         try:
             manager.add(websocket)
-        except (RuntimeError, WebSocketError):  # the manager stopped meanwhile
+        except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
             websocket._listener = None
             self.listener._unclaim()
             sock.close()
