@@ -77,7 +77,7 @@ def running_manager(**kwargs):
     finally:
         m.stop()
         m.join(10)
-        assert not m._thread.is_alive(), "manager thread did not end"
+        assert not m.running, "manager thread did not end"
 
 
 @pytest.fixture
@@ -266,7 +266,7 @@ class RawPeer:
             if frame is None:
                 return None
             if frame.opcode == Opcode.CLOSE:
-                return Close(*parse_close(frame.payload))
+                return parse_close(frame.payload)
         raise AssertionError("too many frames")
 
     def eof(self, timeout=None):
@@ -431,24 +431,17 @@ def utf8_ok(data, *, prefix=False):
 
 
 class Receiver:
-    """FrameParser and MessageAssembler wired exactly as WebSocket._receive wires them, without a socket."""
+    """The connection's own receive path (wsmanager._Receiver), collecting what it delivers in ``out``."""
 
-    def __init__(self, *, expect_masked=False, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
-        self.parser = FrameParser(expect_masked=expect_masked, max_frame_size=max_frame_size)
-        self.assembler = MessageAssembler(max_message_size=max_message_size)
+    def __init__(self, *, expect_masked=False, **limits):
+        self.path = wsmanager._Receiver(expect_masked=expect_masked, **limits)
+        self.parser, self.assembler = self.path.parser, self.path.assembler
         self.out = []
 
     def feed(self, data):
-        for frame in self.parser.feed(data):
-            result = self.assembler.receive(frame)
+        for _, result in self.path.feed(data):
             if result is not None:
                 self.out.append(result)
-        if self.parser.error is not None:
-            raise self.parser.error
-        pending = self.parser.pending()
-        if pending is not None and self.assembler.check_pending(*pending):
-            self.assembler.receive_partial(self.parser.read_partial(), starts_message=pending[0] == Opcode.TEXT)
 
 
 def parse_all(data, *, expect_masked=False, **limits):
@@ -1767,7 +1760,7 @@ def test_two_thousand_clients_in_one_manager(mgr_no_leaks):
         server.join(15)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     elapsed = time.perf_counter() - started
-    assert not server._thread.is_alive() and not clients_manager._thread.is_alive()
+    assert not server.running and not clients_manager.running
     wait_until(lambda: threading.active_count() <= threads_before, timeout=10)
     wait_until(lambda: open_fds() <= fds_before, timeout=10)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -2512,13 +2505,13 @@ def test_remove_stops_managing_without_closing(mgr_no_leaks, manager, mgr_client
 def test_context_manager_closes_with_1001(mgr_no_leaks, mgr_clients):
     servers = Collect(Recorder)
     with WebSocketManager(close_timeout=5.0) as server:
-        assert server._thread.is_alive()  # __enter__ started it
+        assert server.running  # __enter__ started it
         address = server.listen(("127.0.0.1", 0), servers)
         clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
         wait_until(lambda: len(server) == 3)
         exit_started = time.monotonic()
     exit_took = time.monotonic() - exit_started
-    assert not server._thread.is_alive()  # __exit__ stopped and joined
+    assert not server.running  # __exit__ stopped and joined
     for client in clients:
         assert client.closed_event.wait(10)
         assert mgr_closed_events(client) == [("closed", 1001, "Server is shutting down")]
@@ -2539,7 +2532,7 @@ def test_context_manager_exit_is_bounded_by_close_timeout(mgr_no_leaks):
             servers.first_opened()
             exit_started = time.monotonic()
         exit_took = time.monotonic() - exit_started
-        assert not server._thread.is_alive()
+        assert not server.running
         frame = RawPeer(sock, rest, timeout=5.0).next()
         assert frame.opcode == Opcode.CLOSE
         assert parse_close(frame.payload) == (1001, "Server is shutting down")
@@ -2570,7 +2563,7 @@ def test_stop_from_inside_a_callback(mgr_no_leaks, mgr_clients):
         wait_until(lambda: len(servers.made) == 4 and all(s.opened_event.is_set() for s in servers.made))
         clients[2].send("stop")
         server.join(10)
-        assert not server._thread.is_alive()
+        assert not server.running
     finally:
         server.stop()
         server.join(10)
@@ -2632,7 +2625,7 @@ def _mgr_stopped_manager():
     late.start()
     late.stop()
     late.join(10)
-    assert not late._thread.is_alive()
+    assert not late.running
     return late
 
 
@@ -3505,7 +3498,7 @@ def limited_manager():
         m.stop()
     for m in made:
         m.join(10)
-        assert not m._thread.is_alive()
+        assert not m.running
 
 
 def call_in_loop_thread(manager, function, timeout=10.0):
@@ -3892,8 +3885,8 @@ def test_memory_per_connection_is_bounded_by_the_caps(limited_manager):
 
         def snapshot():
             return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._out),
-                        parser=len(ws._parser._buffer), assembler=len(ws._assembler._buffer),
-                        assembler_held=memory_held_by(ws._assembler._buffer), finalized=ws._finalized)
+                        parser=len(ws._receiver.parser._buffer), assembler=len(ws._receiver.assembler._buffer),
+                        assembler_held=memory_held_by(ws._receiver.assembler._buffer), finalized=ws._finalized)
 
         wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
         s = call_in_loop_thread(m, snapshot)
@@ -4012,8 +4005,8 @@ def test_fragment_bookkeeping_stays_within_max_message_size(limited_manager, fra
         pong = attacker.next(timeout=20)
         assert pong == (Opcode.PONG, b"sync", True, False, False, False)
         assert not ws.terminated, ws.closed_calls
-        assert call_in_loop_thread(m, lambda: len(ws._assembler._buffer)) == count * len(fragment)
-        held = call_in_loop_thread(m, lambda: memory_held_by(ws._assembler._buffer))
+        assert call_in_loop_thread(m, lambda: len(ws._receiver.assembler._buffer)) == count * len(fragment)
+        held = call_in_loop_thread(m, lambda: memory_held_by(ws._receiver.assembler._buffer))
         assert held <= limit + OBJECT_OVERHEAD_ALLOWANCE, (
             f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
             f"for a max_message_size of {limit}")
@@ -4248,7 +4241,7 @@ def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(limited_manager
         if how == "reset-mid-frame":
             frame = encode_frame(Opcode.BINARY, b"z" * 1000, mask=True)
             attacker.sock.sendall(frame[:len(frame) // 2])
-            wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._parser._buffer)) > 0)
+            wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._receiver.parser._buffer)) > 0)
             attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             attacker.sock.close()  # RST
             expected = (CloseCode.ABNORMAL, None)
@@ -4321,7 +4314,7 @@ def test_garbage_before_the_handshake(limited_manager, caplog, name):
             assert response == b"" or 400 <= http_status_of(response) < 600, response[:80]
     assert not factory.made or [ws.path for ws in factory.made] == ["/bystander"] * len(factory.made)
     # The loop survived and serves the next client, a wsmanager one this time.
-    assert m._thread.is_alive()
+    assert m.running
     assert_manager_serves(m, address, "/after", "next")
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
@@ -4339,7 +4332,7 @@ def test_garbage_heads_fuzzed_never_crash_the_loop(caplog):
             assert 400 <= http_status_of(response) < 600, response[:80]
 
         one()
-        assert m._thread.is_alive()
+        assert m.running
         sock, rest = raw_upgrade(address, timeout=5.0)
         try:
             assert_echo(RawPeer(sock, rest), "still serving")
@@ -4399,7 +4392,7 @@ def test_accept_emfile_backs_off_without_spinning_and_recovers(limited_manager, 
             s.close()
         late.close()
         talker.sock.close()
-    assert m._thread.is_alive()
+    assert m.running
     assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
 
@@ -4469,7 +4462,7 @@ class ReentrantCallbacks(WebSocket):
             elif self.action == "terminate":
                 self.terminate()
             elif self.action == "stop":
-                self._manager.stop()
+                self.manager.stop()
             self.outcome = "returned"
         except ConnectionClosed:
             self.outcome = "ConnectionClosed"
@@ -4523,7 +4516,7 @@ def test_actions_from_inside_opened_and_closed(limited_manager, caplog, where, a
     assert ws.closed_event.wait(10)
     if action == "stop":
         m.join(10)
-        assert not m._thread.is_alive()  # join returns: stop() from a callback ends the loop
+        assert not m.running  # join returns: stop() from a callback ends the loop
     time.sleep(0.05)  # a second closed() would follow at once
     assert len(ws.closed_calls) == 1, ws.closed_calls
     assert ws.closed_calls[0][0] == expected_code
@@ -4548,7 +4541,7 @@ def test_stop_and_close_from_closed_during_shutdown(caplog):
 
         def closed(self, code, reason):
             super().closed(code, reason)
-            self._manager.stop()
+            self.manager.stop()
             self.close()
             try:
                 self.send("too late")
@@ -4567,7 +4560,7 @@ def test_stop_and_close_from_closed_during_shutdown(caplog):
         wait_until(lambda: len(m) == 20)
         m.stop()
         m.join(10)
-        assert not m._thread.is_alive()
+        assert not m.running
     finally:
         m.stop()
         m.join(10)
@@ -4643,7 +4636,7 @@ def test_stop_while_1000_connections_are_mid_transfer(caplog):
             m.stop()
             m.join(10)
             assert time.monotonic() - started < 10
-            assert not m._thread.is_alive()
+            assert not m.running
         finally:
             stop_sending.set()
             if sender is not None:
@@ -4754,8 +4747,8 @@ def test_issue9_setting_precedence_instance_then_class_then_manager(mgr_no_leaks
                      for ws in (first, second)]
         assert effective == [(7000, 3000, 1000, 1.5), (5000, 3000, 2000, 1.5)]
         # ... and they are the limits the running connection enforces.
-        assert call_in_loop_thread(server, lambda: (second._parser.max_frame_size,
-                                                    second._assembler.max_message_size)) == (3000, 5000)
+        assert call_in_loop_thread(server, lambda: (second._receiver.parser.max_frame_size,
+                                                    second._receiver.assembler.max_message_size)) == (3000, 5000)
 
 
 def test_issue9_setting_made_before_websocket_init_is_kept():
@@ -4957,7 +4950,7 @@ def test_issue9_each_connection_is_flushed_at_most_once_per_turn_while_threads_s
         server.stop()
         server.join(10)
         selector.close()  # given to the manager, so still ours to close
-        assert not server._thread.is_alive()
+        assert not server.running
 
 
 def _partial_handshake(address):
@@ -5018,7 +5011,7 @@ def test_issue9_graceful_stop_takes_no_new_connection_and_ends_when_the_open_one
             peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.GOING_AWAY))
             assert peer.eof()
         m.join(15)  # far less than the 60 s the stop may take
-        assert not m._thread.is_alive(), "stop() waited for its deadline, not for the connections"
+        assert not m.running, "stop() waited for its deadline, not for the connections"
         assert [ws.close_code for ws in servers.made] == [CloseCode.GOING_AWAY]
     finally:
         m.stop()
@@ -5068,7 +5061,7 @@ def test_issue9_absolute_form_upgrades_through_the_manager(mgr_no_leaks, manager
 
 def _heartbeat_chains(m, websocket):
     return call_in_loop_thread(m, lambda: sum(
-        1 for when, _, function, args in m._timers if function == m._heartbeat and args[0] is websocket))
+        1 for when, _, function, args in m._timers if function == websocket._heartbeat))
 
 
 def test_issue9_repeat_add_is_a_no_op(mgr_no_leaks):
@@ -5097,15 +5090,15 @@ def test_issue9_connection_moved_between_managers_keeps_its_half_received_frame(
             peer.sock.sendall(encode_frame(Opcode.TEXT, b"hello, ", fin=False, mask=True))
             rest = encode_frame(Opcode.CONTINUATION, b"moved world", mask=True)
             peer.sock.sendall(rest[:9])
-            wait_until(lambda: call_in_loop_thread(first, lambda: len(conn._parser._buffer)) == 9)
-            parser = conn._parser
+            wait_until(lambda: call_in_loop_thread(first, lambda: len(conn._receiver.parser._buffer)) == 9)
+            parser = conn._receiver.parser
             first.remove(conn)
             second.add(conn)  # at once: remove() returned once the first loop let go of it
             assert conn not in first and conn in second
             peer.sock.sendall(rest[9:])
             wait_until(lambda: conn.messages == ["hello, moved world"] or conn.closed_event.is_set())
             assert conn.messages == ["hello, moved world"] and not conn.closed_event.is_set()
-            assert conn._parser is parser
+            assert conn._receiver.parser is parser
             assert _heartbeat_chains(second, conn) == 1
             # Back to the first manager, with a whole frame this time, and output queued while out.
             second.remove(conn)
@@ -5135,7 +5128,7 @@ def test_issue9_readme_limits_snippet_sets_per_connection_settings(mgr_no_leaks,
     for path in ("/upload", "/guest"):
         client = open_client(mgr_clients, ws_url(address, path))
         client.send("ok")
-        wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._parser is not None)
+        wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._receiver is not None)
     assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
     assert servers.for_path("/guest")[0].max_message_size == 64 * 1024
     assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
@@ -5967,8 +5960,8 @@ def test_readme_wsgiref_snippet_shares_its_port_and_leaves_nothing_behind(capsys
             _ws_echoes(port)
             _ws_crowd(port, page)
             wait_until(lambda: len(manager) == 0)
-            assert manager._thread.is_alive()  # started by the first WebSocket request
-        assert not manager._thread.is_alive()
+            assert manager.running  # started by the first WebSocket request
+        assert not manager.running
     wait_until(lambda: open_fds() <= fds_before)
     wait_until(lambda: set(threading.enumerate()) <= threads_before)
     log = capsys.readouterr().err
@@ -6180,7 +6173,7 @@ class Subscriber(Recorder):
 
     def opened(self):
         for topic in self.topics:
-            self._manager.subscribe(self, topic)
+            self.manager.subscribe(self, topic)
         super().opened()
 
 
@@ -6276,7 +6269,7 @@ def test_a_closed_connection_leaves_all_its_topics_by_itself(manager):
             assert leaving.closed_event.wait(10)
             assert manager.topics(leaving) == []
             assert all(manager.subscribers(topic) == 1 for topic in "abc")
-            staying._manager.unsubscribe(staying, "a")
+            staying.manager.unsubscribe(staying, "a")
             assert sorted(manager.topics()) == ["b", "c"]
             assert manager._memberships.keys() == {staying}
             with pytest.raises(ConnectionClosed):
@@ -7815,7 +7808,7 @@ def test_readme_ws4py_port_runs_with_fewer_clients(echo_server):
         thread.join(20)
         assert not thread.is_alive()
         assert len(client_manager) == 0
-        assert not client_manager._thread.is_alive()
+        assert not client_manager.running
     finally:
         if "m" in namespace:
             namespace["m"].stop()
