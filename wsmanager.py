@@ -2791,15 +2791,15 @@ class WebSocketManager:
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_buffered: int = DEFAULT_MAX_BUFFERED,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_frame_size: Optional[int] = None,
                  compression: Union[None, str, Deflate] = None):
-        self.compression = _deflate_settings(compression)
-        self._owns_selector = selector is None
-        self._selector = selector if selector is not None else selectors.DefaultSelector()
-        self.heartbeat = heartbeat
-        self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
         for name, value in (("close_timeout", close_timeout), ("max_buffered", max_buffered),
                             ("max_message_size", max_message_size), ("max_frame_size", max_frame_size)):
             if _check_setting(name, value) is None and name != "max_frame_size":
                 raise TypeError(f"{name} must not be None")
+        self.compression = _deflate_settings(compression)  # checked, like the settings, before a selector is made
+        self._owns_selector = selector is None
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self.heartbeat = heartbeat
+        self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
         self.max_buffered = max_buffered
@@ -2886,7 +2886,7 @@ class WebSocketManager:
         return iter(tuple(self._websockets.values()))
 
     def __contains__(self, websocket: object) -> bool:
-        return isinstance(websocket, WebSocket) and self._websockets.get(websocket._fd) is websocket
+        return isinstance(websocket, WebSocket) and self._websockets.get(websocket.fileno()) is websocket
 
     def broadcast(self, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every open connection; return how many took it.
@@ -2917,7 +2917,7 @@ class WebSocketManager:
         with self._topics_lock:
             # _forget() drops the connection from _websockets before it takes this lock: either
             # we see it gone, or _forget() sees the subscription and takes it out again.
-            if self._websockets.get(websocket._fd) is not websocket:
+            if self._websockets.get(websocket.fileno()) is not websocket:
                 raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
             members = self._topics.get(topic)
             first = members is None
