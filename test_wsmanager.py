@@ -1,4 +1,9 @@
-"""Tests of wsmanager: codec, handshake, connections, manager loop, CLI, interop and hardening.
+"""Tests of wsmanager, one class per layer or chapter, after one section of helpers.
+
+TestCodec, TestHandshake (sans I/O), TestConnection, TestManager (real sockets),
+TestIntegrations (http.server, WSGI servers), TestScaling (topics, Redis,
+workers), TestCompression, TestCommandLine, TestInterop (against websockets,
+skipped without it), TestHardening (hostile peers) and TestDocs.
 
 Run with ``python -m pytest``. Hypothesis uses a deterministic profile unless
 WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
