@@ -2037,7 +2037,7 @@ class WebSocket:
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
     # refusal) and, for a server connection made by a listener, _enable_deflate() and
-    # _queue_reply(). A connection uses of its manager: _now and _thread_id (read only),
+    # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
 
