@@ -255,13 +255,29 @@ class Close(NamedTuple):
     reason: str
 
 
-# One XOR table per key byte, for bytes.translate: 64 KiB built once.
-_XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
+# One XOR table per key byte, for bytes.translate: 64 KiB built once, each table by one
+# big-int XOR of the identity table (a generator over 65,536 bytes would cost ms at import).
+_IDENTITY = int.from_bytes(bytes(range(256)), "big")
+_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes((k,)) * 256, "big")).to_bytes(256, "big") for k in range(256)]
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
+
+# The optional accelerator (the ``speedups`` extra): wsaccel's C masking, as ws4py used it.
+# The pure-Python path below stays the one that runs on the standard library alone.
+_xor_masker: Optional[Callable[[Union[bytes, bytearray]], Any]]
+try:
+    from wsaccel.xormask import XorMaskerSimple as _xor_masker  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+except ImportError:  # pragma: no cover - depends on what is installed
+    _xor_masker = None
 
 
 def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike."""
+    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
+
+    Runs in C when ``wsaccel`` is installed (``pip install wsmanager[speedups]``),
+    else in pure Python.
+    """
+    if _xor_masker is not None:
+        return cast(bytes, _xor_masker(key).process(data))
     n = len(data)
     if n < _TRANSLATE_THRESHOLD:
         if not n:
@@ -1704,6 +1720,10 @@ class WebSocket:
     def ponged(self, payload: bytes) -> None:
         """Called for each pong received."""
 
+    def connect_failed(self, exc: BaseException) -> None:
+        """Called instead of :meth:`opened` and :meth:`closed` when :meth:`WebSocketManager.connect`
+        could not open the connection: ``exc`` says why (see there). The socket is closed."""
+
     def closed(self, code: int, reason: str) -> None:
         """Called exactly once when the connection is over and its socket closed.
 
@@ -2539,6 +2559,191 @@ class _ServerHandshake:
     _finalize = _close
 
 
+class _ClientHandshake:
+    """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
+
+    Runs in the loop: the TCP connect, the TLS handshake, writing the request
+    and reading the response, bounded by the manager's ``handshake_timeout``.
+    On success the :class:`WebSocket` made up front opens in the manager; on
+    failure its socket is closed and ``connect_failed(exc)`` is called.
+    """
+
+    __slots__ = ("manager", "websocket", "sock", "address", "key", "subprotocols", "settings", "timeout",
+                 "request", "reader", "timer", "tls_pending", "connected", "_finalized")
+
+    # Never writes a refusal: read by the manager's stop bookkeeping, shared with _ServerHandshake.
+    reply: Optional[memoryview] = None
+
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, key: str,
+                 subprotocols: Optional[Sequence[str]], settings: Optional[Deflate], request: bytes,
+                 timeout: float):
+        self.manager = manager
+        self.websocket = websocket
+        self.sock = websocket.sock
+        self.address = address
+        self.key = key
+        self.subprotocols = subprotocols
+        self.settings = settings
+        self.timeout = timeout
+        self.request = memoryview(request)
+        self.reader = HeadReader()
+        self.timer: Any = None
+        self.tls_pending = websocket._tls
+        self.connected = False
+        self._finalized = False
+
+    def _begin(self) -> None:
+        """Loop thread: start the TCP connect (the socket is non-blocking)."""
+        manager = self.manager
+        if self._finalized or self.websocket._finalized:
+            self._detach()  # terminated before the loop got to it
+            return
+        if manager._stopping or manager._finished:
+            self._fail(ManagerStopped("the manager is stopping"))
+            return
+        manager._handshakes.add(self)
+        self.timer = manager._call_later(self.timeout, self._time_out)
+        try:
+            # For an SSLSocket, connect_ex() also sets up the TLS object for the handshake to come.
+            error = self.sock.connect_ex(self.address)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            self._fail(OSError(error, os.strerror(error)))
+            return
+        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+
+    def _on_write(self) -> None:
+        if self._finalized:
+            return
+        if not self.connected:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(OSError(error, os.strerror(error)))
+                return
+            self.connected = True
+        if self.tls_pending and not self._tls_handshake():
+            return
+        self._write_request()
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return
+        if self.tls_pending:
+            if self._tls_handshake():
+                self._write_request()
+            return
+        if self.request:
+            return  # a hang-up before the request is out: the write handler sees the error
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        try:
+            if not data:
+                raise HandshakeError("connection closed during the handshake", None)
+            result = _feed_response(self.reader, data)
+            if result is None:
+                if self.websocket._tls and cast(ssl.SSLSocket, self.sock).pending():
+                    self.manager._ready.append(self)
+                return
+            head, rest = result
+            subprotocol, deflate = _check_client_response(head, self.key, self.subprotocols, self.settings)
+        except HandshakeError as exc:
+            self._fail(exc)
+            return
+        self._open(head, rest, subprotocol, deflate)
+
+    def _tls_handshake(self) -> bool:
+        try:
+            cast(ssl.SSLSocket, self.sock).do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._set_events(selectors.EVENT_WRITE)
+            return False
+        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
+            self._fail(exc)
+            return False
+        self.tls_pending = False
+        return True
+
+    def _write_request(self) -> None:
+        request = self.request
+        try:
+            sent = self.sock.send(request) if request else 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self.request = request = request[sent:]
+        self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
+
+    def _set_events(self, events: int) -> None:
+        self.manager._selector.modify(self.sock, events, self)
+
+    def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
+              deflate: Optional[DeflateParams]) -> None:
+        websocket = self.websocket
+        self._detach()
+        if websocket._finalized:
+            return  # terminate()d meanwhile
+        # What the blocking connect() gives the factory, known only now: set before opened() runs.
+        websocket._response_headers = head
+        websocket.subprotocol = subprotocol
+        websocket._extra = rest
+        if deflate is not None and self.settings is not None:
+            websocket._enable_deflate(deflate, self.settings)
+        manager = self.manager
+        manager._websockets[websocket._fd] = websocket
+        manager._open(websocket)  # takes the selector registration over from this handshake
+
+    def _time_out(self) -> None:
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
+
+    def _refuse_for_stop(self) -> None:
+        self._fail(ManagerStopped("the manager stopped before the connection opened"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._finalized:
+            return
+        self._release()
+        websocket = self.websocket
+        logger.info("could not connect %s: %s", websocket._describe(), exc)
+        websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
+        try:
+            websocket.connect_failed(exc)
+        except Exception as error:
+            logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+
+    def _detach(self) -> None:
+        self._finalized = True
+        if self.timer is not None:
+            self.timer[2] = None
+        self.manager._handshakes.discard(self)
+
+    def _release(self) -> None:
+        self._detach()
+        try:
+            self.manager._selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _close(self) -> None:
+        # The manager's shutdown.
+        self._fail(ManagerStopped("the manager stopped before the connection opened"))
+
+    def _finalize(self, reason: str = "") -> None:
+        # An internal error (WebSocketManager._crashed).
+        self._fail(WebSocketError(reason or "internal error"))
+
+
 class _Waker:
     """The read end of a socketpair: other threads write a byte to end select()."""
 
@@ -2573,6 +2778,7 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
+_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
 def _chosen_subprotocol(response: Response) -> Optional[str]:
     for name, value in response.headers:
         if name.lower() == "sec-websocket-protocol":
@@ -2630,7 +2836,7 @@ class WebSocketManager:
         self._memberships: Dict[WebSocket, Set[str]] = {}
         self._topics_lock = threading.Lock()
         self._bridge: Optional["RedisBridge"] = None
-        self._handshakes: Set[_ServerHandshake] = set()
+        self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
@@ -2676,6 +2882,70 @@ class WebSocketManager:
             self._websockets[websocket._fd] = websocket
             websocket._manager = self
         self._call_threadsafe(self._open, websocket)
+
+    @overload
+    def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
+                subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
+                origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
+                timeout: Optional[float] = None) -> WebSocket: ...
+
+    @overload
+    def connect(self, url: str, factory: Callable[..., _WebSocketT], *, ssl_context: Optional[ssl.SSLContext] = None,
+                subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
+                origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
+                timeout: Optional[float] = None) -> _WebSocketT: ...
+
+    def connect(self, url: str, factory: Callable[..., WebSocket] = WebSocket, *,
+                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+                headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None) -> WebSocket:
+        """Open a client connection without blocking: the connection is returned at once.
+
+        The TCP connect, the TLS handshake and the opening handshake run in
+        the loop, within ``timeout`` (default: the manager's
+        ``handshake_timeout``); then the connection opens here as if
+        :meth:`add`-ed (``opened()``, with ``subprotocol``,
+        ``response_headers`` and ``compression`` set). If any step fails, the
+        socket is closed and ``connect_failed(exc)`` is called in the loop
+        instead of ``opened()`` and ``closed()``: ``exc`` is a
+        :class:`HandshakeError`, an :class:`OSError` (``ssl.SSLError`` and
+        ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
+        meanwhile are queued and go out once it opens.
+
+        Same options as :func:`connect`. Only the host name is resolved here,
+        in the caller (an IP address costs nothing); raises
+        :class:`InvalidURL` for a bad URL, :class:`OSError` when the name does
+        not resolve and :class:`ManagerStopped` once the manager is stopping.
+        Any thread may call it.
+        """
+        settings = _deflate_settings(compression)
+        target = _client_target(url)
+        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if target.secure:
+                context = ssl_context if ssl_context is not None else ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+            key = new_key()
+            request = _client_request(target, key, settings, subprotocols, headers, origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=request,
+                                peer_address=address)
+            handshake = _ClientHandshake(self, websocket, address, key, subprotocols, settings, request,
+                                         self.handshake_timeout if timeout is None else timeout)
+            with self._lock:
+                self._check_running(stopping=True)
+                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
+                websocket._manager = self
+        except BaseException:
+            sock.close()
+            raise
+        self._call_threadsafe(self._begin_client, handshake)
+        return websocket
+
+    def _begin_client(self, handshake: "_ClientHandshake") -> None:
+        handshake._begin()
 
     def remove(self, websocket: WebSocket) -> None:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
@@ -3361,6 +3631,8 @@ class WebSocketManager:
                 args[0]._finalize("manager stopped")
             elif function == self._adopt:
                 args[1].close()
+            elif function == self._begin_client:
+                args[0]._close()
         self._calls.clear()
         self._timers.clear()
         self._dirty.clear()
@@ -3378,7 +3650,69 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
-_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)
+class _ClientTarget(NamedTuple):
+    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
+
+    secure: bool
+    host: str  # for name resolution and TLS's server_hostname
+    port: int
+    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
+    path: str  # origin-form request target: path and query
+
+
+def _client_target(url: str) -> _ClientTarget:
+    """Parse and check a client URL; raises :class:`InvalidURL`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise InvalidURL(f"invalid port in {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise InvalidURL(f"no host in {url!r}")
+    bracketed = f"[{host}]" if ":" in host else host
+    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate],
+                    subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                    origin: Optional[str]) -> bytes:
+    """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
+    if settings is not None:
+        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
+    return build_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
+                         origin=origin)
+
+
+def _feed_response(reader: HeadReader, data: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """Feed the server's answer to ``reader``: (head, rest) once the head is complete."""
+    try:
+        return reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"malformed response: {exc}", None) from None
+
+
+def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequence[str]],
+                           settings: Optional[Deflate]) -> Tuple[Optional[str], Optional[DeflateParams]]:
+    """Check the server's response head: (subprotocol, deflate parameters); raises :class:`HandshakeError`."""
+    response = parse_response(head)
+    subprotocol = validate_response(response, key, subprotocols, settings)
+    deflate = None
+    if settings is not None and isinstance(response.headers, Headers):
+        deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
+    return subprotocol, deflate
+
+
 
 
 @overload
@@ -3410,36 +3744,16 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     included) when the network or TLS fails.
     """
     settings = _deflate_settings(compression)
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
-    secure = parts.scheme == "wss"
-    try:
-        port = parts.port or (443 if secure else 80)
-    except ValueError:
-        raise InvalidURL(f"invalid port in {url!r}") from None
-    host = parts.hostname
-    if not host:
-        raise InvalidURL(f"no host in {url!r}")
-    bracketed = f"[{host}]" if ":" in host else host
-    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
-        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    target = _client_target(url)
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((host, port), timeout)
+    sock = socket.create_connection((target.host, target.port), timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if secure:
+        if target.secure:
             context = ssl_context if ssl_context is not None else ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=host)
+            sock = context.wrap_socket(sock, server_hostname=target.host)
         key = new_key()
-        if settings is not None:
-            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
-        request = build_request(host_header, path, key, subprotocols=subprotocols, headers=headers, origin=origin)
+        request = _client_request(target, key, settings, subprotocols, headers, origin)
         sock.sendall(request)
         reader = HeadReader()
         result = None
@@ -3451,17 +3765,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
             data = sock.recv(READ_SIZE)
             if not data:
                 raise HandshakeError("connection closed during the handshake", None)
-            try:
-                result = reader.feed(data)
-            except HandshakeError as exc:
-                raise HandshakeError(f"malformed response: {exc}", None) from None
+            result = _feed_response(reader, data)
         head, rest = result
-        response = parse_response(head)
-        subprotocol = validate_response(response, key, subprotocols, settings)
-        deflate = None
-        if settings is not None and isinstance(response.headers, Headers):
-            deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
-        websocket = factory(sock, client=True, path=path, request_headers=request,
+        subprotocol, deflate = _check_client_response(head, key, subprotocols, settings)
+        websocket = factory(sock, client=True, path=target.path, request_headers=request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
         if deflate is not None and settings is not None:
