@@ -41,6 +41,8 @@ pub/sub bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`)
 Run ``python -m wsmanager --help`` for the demo chat server and client.
 """
 
+from __future__ import annotations  # annotations are not evaluated: typing costs nothing at import
+
 __version__ = "0.1.0"
 __license__ = "MIT"
 
@@ -66,31 +68,67 @@ __all__ = [
     "RedisBridge", "Supervisor",
 ]
 
-import base64
 import codecs
 import collections
 import contextlib
 import enum
 import errno
-import hashlib
 import heapq
-import logging
 import os
 import re
 import selectors
 import socket
-import ssl
 import struct
 import sys
 import threading
 import time
 import types
-import urllib.parse
-import zlib
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
-logger = logging.getLogger("wsmanager")
+if TYPE_CHECKING:
+    import base64
+    import hashlib
+    import logging
+    import ssl
+    import urllib.parse
+    import zlib
+else:
+    class _LazyModule(types.ModuleType):
+        """A module imported on its first use, then bound in its place: no cost at import, none after.
+
+        Deliberate: these modules are most of what ``import wsmanager`` would
+        cost (``ssl`` and ``logging`` above all, issue 14), and many programs
+        never touch TLS, compression or a log line.
+        """
+
+        def __getattr__(self, attribute: str) -> Any:
+            name = self.__name__
+            __import__(name)
+            top = name.partition(".")[0]
+            globals()[top] = module = sys.modules[top]  # every later use finds the real module
+            return getattr(module, attribute)
+
+    base64, hashlib, logging, ssl, zlib = map(_LazyModule, ("base64", "hashlib", "logging", "ssl", "zlib"))
+    urllib = _LazyModule("urllib.parse")
+
+
+def _is_tls(sock: Any) -> bool:
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is)."""
+    module = sys.modules.get("ssl")
+    return module is not None and isinstance(sock, module.SSLSocket)
+
+
+class _Logger:
+    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily)."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        global logger
+        logger = logging.getLogger("wsmanager")
+        return getattr(logger, attribute)
+
+
+logger = cast("logging.Logger", _Logger())
 
 
 ###############################################################################
@@ -1691,7 +1729,7 @@ class WebSocket:
         self._last_seen = 0.0
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls = _is_tls(sock)
         self._active = False  # registered in its manager's selector: between _open() and _release()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
@@ -2036,7 +2074,7 @@ class WebSocket:
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
-        if self._tls and not self._finalized and cast(ssl.SSLSocket, self.sock).pending():
+        if self._tls and not self._finalized and cast("ssl.SSLSocket", self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._ready.append(self)
 
@@ -2420,7 +2458,7 @@ class _ServerHandshake:
         self.address = address
         self.reader = HeadReader()
         self.timer: Any = None
-        self.tls_pending = isinstance(sock, ssl.SSLSocket)
+        self.tls_pending = _is_tls(sock)
         self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
         self._finalized = False
 
@@ -2449,7 +2487,7 @@ class _ServerHandshake:
             return
         if result is not None:
             self.manager._complete_handshake(self, *result)
-        elif isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._ready.append(self)
 
     def _on_write(self) -> None:
@@ -2463,7 +2501,7 @@ class _ServerHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            cast(ssl.SSLSocket, self.sock).do_handshake()
+            cast("ssl.SSLSocket", self.sock).do_handshake()
         except ssl.SSLWantReadError:
             self._set_events(selectors.EVENT_READ)
             return False
@@ -2648,7 +2686,7 @@ class _ClientHandshake:
                 raise HandshakeError("connection closed during the handshake", None)
             result = _feed_response(self.reader, data)
             if result is None:
-                if self.websocket._tls and cast(ssl.SSLSocket, self.sock).pending():
+                if self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
                     self.manager._ready.append(self)
                 return
             head, rest = result
@@ -2660,7 +2698,7 @@ class _ClientHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            cast(ssl.SSLSocket, self.sock).do_handshake()
+            cast("ssl.SSLSocket", self.sock).do_handshake()
         except ssl.SSLWantReadError:
             self._set_events(selectors.EVENT_READ)
             return False
@@ -3478,7 +3516,7 @@ class WebSocketManager:
         if extra and websocket.state < _CLOSED:
             websocket._extra = b""
             websocket._receive(extra)
-        if websocket._tls and not websocket._finalized and cast(ssl.SSLSocket, sock).pending():
+        if websocket._tls and not websocket._finalized and cast("ssl.SSLSocket", sock).pending():
             self._ready.append(websocket)
 
     def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
@@ -3930,7 +3968,7 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     for key in _WSGI_SOCKET_KEYS:
         sock = environ.get(key)
         if sock is not None:
-            if isinstance(sock, ssl.SSLSocket):
+            if _is_tls(sock):
                 raise HandshakeError(f"{key} is a TLS socket: its TLS session cannot be taken over", 501)
             fd = sock.fileno()
             break
@@ -4208,7 +4246,7 @@ class _RedisConnection:
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             manager._flush_dirty()
-            if len(data) < READ_SIZE and not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
 
     def _on_write(self) -> None:
