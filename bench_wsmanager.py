@@ -30,6 +30,9 @@ s1     latency: 1 connection, 3,000 sequential round trips of a 32 B text
        message; round trips/s.
 s2     small messages: 50 connections each keeping 16 text messages of 64 B in
        flight, 2,000 round trips per connection; messages/s.
+s2node S2 with a second load generator: node's ``ws`` with ``bufferutil`` (native
+       masking), installed by npm into ~/.cache/wsmanager-bench on first use; only
+       when ``node`` and ``npm`` are on PATH. No ceiling (it speaks no WebSocket).
 s3     large messages: 4 connections each keeping 2 binary messages of 256 KiB
        in flight, 100 round trips per connection; MB/s of payload echoed back
        (1 MB = 10**6 bytes). Every server accepts 4 MiB messages.
@@ -47,13 +50,30 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        ``manager.add()`` (websockets: ``await websockets.asyncio.client.connect()``;
        ceiling: blocking sockets in a selector) against a picows echo server
        (ceiling: the raw server); connections/s and the client's RSS growth
-       per connection, measured after one echo on every connection.
+       per connection, measured after one echo on every connection. ws4py
+       (when installed, ``bench`` extra) in the same run: ``connect()`` then
+       its ``WebSocketManager``, its documented client use.
+s6c    client side, concurrent (issue 14): 2,000 ``manager.connect()`` calls in
+       a loop, every TCP connect and handshake running in the loop at once,
+       timed until all have opened (websockets: 2,000 ``connect()`` tasks
+       gathered). ws4py has no non-blocking connect.
 codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
        100,000 masked 16 B frames (frames/s) and 64 masked 1 MiB frames (MB/s),
        fed in 64 KiB chunks, against websockets' own parser (``Frame.parse``
        over a ``StreamReader``) with its C ``apply_mask`` and with its
-       pure-Python fallback (``websockets.utils.apply_mask``); ``apply_mask`` in
-       MB/s on 1 MiB and in ns per call on 64 B.
+       pure-Python fallback (``websockets.utils.apply_mask``), and against
+       wsproto's ``FrameProtocol`` (pure Python); wsmanager as installed (with
+       wsaccel when importable) and with its masking forced to pure Python;
+       ``apply_mask`` in MB/s on 1 MiB and in ns per call on 64 B.
+import ``python -I -S -X importtime -c "import wsmanager"``, cumulative ms,
+       against the standard-library modules wsmanager needs (its floor).
+S3 also runs a wsmanager server whose masking is forced to pure Python
+("wsmanager-pure") and prints what the pure ``apply_mask`` alone does on the
+server's CPU (64 KiB pieces): the bound of a pure-Python S3.
+
+Every figure comes with the CPU shares of both sides; a figure whose load
+generator (s6: the echo server) used 90% of a CPU or more is marked ">=": a
+lower bound. "per CPU-second" tables divide by the CPU of the side under test.
 idle   10,000 idle connections for 10 s: CPU time of the server process
        (wsmanager: its loop thread; the main thread waits on a pipe) over wall
        time, in percent.
@@ -873,12 +893,13 @@ async def open_links(impl: str, port: int, count: int, concurrency: int,
 class Meter:
     """One timed interval: wall time, and the CPU and CPU-wait shares of this process and of the server."""
 
-    def __init__(self, server_pid: Optional[int]):
+    def __init__(self, server_pid: Optional[int], generator_pid: Any = "self"):
         self.server_pid = server_pid
+        self.generator_pid = generator_pid  # the node generator's pid: its CPU, not this process's
 
     def _sample(self) -> "tuple[float, float, float, float]":
         server = cpu_and_wait(self.server_pid) if self.server_pid else (0.0, 0.0)
-        return (*cpu_and_wait(), *server)
+        return (*cpu_and_wait(self.generator_pid), *server)
 
     def __enter__(self) -> "Meter":
         self._start = self._sample()
@@ -992,6 +1013,83 @@ async def workload_s2(impl: str, port: int, server_pid: int, p: Params, compress
                                         in_flight=p.s2_in_flight, size=p.s2_size,
                                         per_connection=p.s2_per_connection, binary=False, compressed=compressed)
     return meter.result({"rate": tally.received / meter.wall}, tally.errors)
+
+
+# -- a second load generator: node's ws with bufferutil (native masking) -----------
+
+NODE_CACHE = os.path.expanduser("~/.cache/wsmanager-bench")  # npm installs ws + bufferutil here, not in the repo
+NODE_S2 = r"""
+// S2 for node's ws: N connections, each keeping K text messages in flight, until each got M echoes.
+// Prints "ready" once all are open, starts on a line from stdin, prints "done <received> <errors>".
+const WebSocket = require("ws");
+const [port, connections, inFlight, size, perConnection] = process.argv.slice(2).map(Number);
+const payload = "m".repeat(size);
+let open = 0, finished = 0, received = 0, errors = 0;
+const sockets = [];
+for (let i = 0; i < connections; i++) {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/`, { perMessageDeflate: false });
+  ws.on("error", () => { errors++; });
+  ws.on("open", () => { if (++open === connections) console.log("ready"); });
+  sockets.push(ws);
+}
+process.stdin.once("data", () => {
+  for (const ws of sockets) {
+    let got = 0, sent = 0;
+    ws.on("message", () => {
+      received++; got++;
+      if (sent < perConnection) { ws.send(payload); sent++; }
+      if (got === perConnection && ++finished === connections) {
+        console.log(`done ${received} ${errors}`);
+        for (const s of sockets) s.terminate();
+        process.exit(0);
+      }
+    });
+    for (; sent < Math.min(inFlight, perConnection); sent++) ws.send(payload);
+  }
+});
+"""
+
+
+def node_generator() -> Optional[str]:
+    """The node binary, once ws and bufferutil are installed in NODE_CACHE (npm, first use); None without node."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return None
+    modules = os.path.join(NODE_CACHE, "node_modules")
+    if not all(os.path.isdir(os.path.join(modules, name)) for name in ("ws", "bufferutil")):
+        os.makedirs(NODE_CACHE, exist_ok=True)
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", NODE_CACHE, "ws", "bufferutil"],
+                       check=True, capture_output=True, timeout=300)
+    script = os.path.join(NODE_CACHE, "s2.js")
+    with open(script, "w") as out:
+        out.write(NODE_S2)
+    return node
+
+
+def workload_s2node(impl: str, port: int, server_pid: int, p: Params) -> dict:
+    """S2 with node's ws as the load generator (bufferutil masks natively): the generator's CPU is node's."""
+    node = node_generator()
+    if node is None:
+        raise RuntimeError("node is not on PATH")
+    env = dict(os.environ, NODE_PATH=os.path.join(NODE_CACHE, "node_modules"))
+    child = subprocess.Popen([node, os.path.join(NODE_CACHE, "s2.js"), str(port), str(p.s2_connections),
+                              str(p.s2_in_flight), str(p.s2_size), str(p.s2_per_connection)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the node generator did not connect")
+        with Meter(server_pid, child.pid) as meter:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            line = child.stdout.readline().split()
+        if not line or line[0] != "done":
+            raise RuntimeError(f"the node generator failed: {line}")
+        received, errors = int(line[1]), int(line[2])
+        return meter.result({"rate": received / meter.wall}, errors + p.s2_connections * p.s2_per_connection
+                            - received, generator="node ws + bufferutil")
+    finally:
+        child.kill()
+        child.wait(10)
 
 
 async def workload_s3(impl: str, port: int, server_pid: int, p: Params, compressed: bool = False) -> dict:
@@ -1547,7 +1645,7 @@ async def workload_soak(impl: str, port: int, server_pid: int, p: Params) -> dic
     return meter.result({}, counts["errors"], counts=dict(counts))
 
 
-WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
+WORKLOADS = {"s1": workload_s1, "s2": workload_s2, "s2node": workload_s2node, "s3": workload_s3, "s4": workload_s4, "s5": workload_s5,
              "idle": workload_idle, "soak": workload_soak, "z2": workload_z2, "z3": workload_z3, "z5": workload_z5,
              "z5ctx": workload_z5, "zmem1k": workload_zmem_small, "zmem10k": workload_zmem_large, "zmemctx10k": workload_zmem_large}
 
@@ -1723,6 +1821,12 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                              f"{p.s2_size} B text, {p.s2_per_connection:,} round trips each", "echo",
                        {"rate": Metric("S2 small messages", "msg/s", targets=[Target(ref, 3.0)])},
                        efficiency_targets=[Target(ref, 3.0)]),
+        "s2node": Scenario("s2node", f"S2 with node's ws + bufferutil as the load generator (when node is on "
+                                     f"PATH): {p.s2_connections} connections x {p.s2_in_flight} in flight, "
+                                     f"{p.s2_size} B text, {p.s2_per_connection:,} round trips each", "echo",
+                           {"rate": Metric("S2 small messages, node generator", "msg/s",
+                                           targets=[Target(ref, 3.0)])},
+                           efficiency_targets=[Target(ref, 3.0)], implementations=("wsmanager", "websockets")),
         "s3": Scenario("s3", f"S3 large messages: {p.s3_connections} connections x {p.s3_in_flight} in flight, "
                              f"{p.s3_size // 1024} KiB binary, {p.s3_per_connection} round trips each", "echo",
                        {"rate": Metric(f"S3 large messages{' (wsaccel)' if wsmanager._xor_masker else ''}",
@@ -2526,7 +2630,7 @@ def run_scale(p: Params, repeat: int) -> int:
 # Main #########################################################################
 ###############################################################################
 
-SCENARIO_ORDER = ("s1", "s2", "s3", "s4", "s5", "s6", "s6c", "codec", "import", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
+SCENARIO_ORDER = ("s1", "s2", "s2node", "s3", "s4", "s5", "s6", "s6c", "codec", "import", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
                   "zmem10k", "zmemctx10k")
 
 
@@ -2593,6 +2697,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if name == "import":
             metrics.append(run_import_time(args.repeat))
+            continue
+        if name == "s2node" and node_generator() is None:
+            print("\n## s2node skipped: node is not on PATH")
             continue
         scenario = scenarios[name]
         run_scenario(scenario, p, args.repeat, args.profile)
