@@ -8002,9 +8002,20 @@ def test_frames_round_trip_on_both_masking_paths(monkeypatch, accelerated):
     assert partial == payload[:len(partial)] and len(partial) > 29_000
 
 
+def test_readme_connect_many_snippet_opens_its_clients_at_once(echo_server):
+    _, port = echo_server
+    code = readme_snippet("connect-many").replace("2000", "300").replace("9000", str(port))
+    assert code.count("300") == 3
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(code, {"__name__": "readme_connect_many"})
+    assert output.getvalue().splitlines() == ["300 replies, 0 failures"]
+
+
 def test_speedups_extra_names_wsaccel():
     setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
     assert re.search(r"^speedups =\n    wsaccel", setup, re.M)
+    assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)  # the tests cover both masking paths
 
 
 
