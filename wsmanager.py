@@ -38,7 +38,18 @@ integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
 application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy);
 and for more than one core or host: topics (``manager.publish``), a Redis
 pub/sub bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`).
-Run ``python -m wsmanager --help`` for the demo chat server and client.
+Last, the command line (``main()``): run ``python -m wsmanager --help`` for
+the demo chat server and client.
+
+Internal classes, one job each: ``_Receiver`` is a connection's receive path
+(parser, assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
+listening socket and the server's handshake policy (``accept(request) ->
+Response``); ``_ServerHandshake`` reads one server connection's request head
+before its 101; ``_Waker`` lets other threads interrupt ``select()``;
+``_Handler`` is the interface of everything in the selector and
+``_Flushable`` that of the loop's flush queue; ``_WSGIHandOff`` is the WSGI
+application of :meth:`WebSocketManager.wsgi_app`; ``_RedisConnection`` and
+``_RespParser`` are the bridge's socket and its RESP reader.
 """
 
 from __future__ import annotations  # annotations are not evaluated: typing costs nothing at import
@@ -84,7 +95,7 @@ import threading
 import time
 import types
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, NoReturn, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
+                    NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 if TYPE_CHECKING:
     import base64
@@ -107,6 +118,8 @@ else:
             __import__(name)
             top = name.partition(".")[0]
             globals()[top] = module = sys.modules[top]  # every later use finds the real module
+            if name == "ssl":
+                _tls_in_use()
             return getattr(module, attribute)
 
     base64, hashlib, logging, ssl, zlib = map(_LazyModule, ("base64", "hashlib", "logging", "ssl", "zlib"))
@@ -114,9 +127,16 @@ else:
 
 
 def _is_tls(sock: Any) -> bool:
-    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is)."""
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
+
+    Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
+    """
     module = sys.modules.get("ssl")
-    return module is not None and isinstance(sock, module.SSLSocket)
+    if module is None or not isinstance(sock, module.SSLSocket):
+        return False
+    if len(_WOULD_BLOCK) == 2:
+        _tls_in_use()
+    return True
 
 
 class _Logger:
@@ -205,6 +225,17 @@ BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per eve
 CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+
+# What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
+# ssl's two join once ssl is in use (_tls_in_use): ssl is imported lazily, and no TLS socket exists before.
+_WOULD_BLOCK: Tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+
+
+def _tls_in_use() -> None:
+    """Add ssl's would-block errors to _WOULD_BLOCK (when ssl is imported, or a TLS socket is first seen)."""
+    global _WOULD_BLOCK
+    module = sys.modules["ssl"]
+    _WOULD_BLOCK = (BlockingIOError, InterruptedError, module.SSLWantReadError, module.SSLWantWriteError)
 
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -623,7 +654,7 @@ class MessageAssembler:
         self._peek_decoder = None
         if opcode >= 8:
             if opcode == _CLOSE:
-                return Close(*parse_close(payload))
+                return parse_close(payload)
             return frame
         if opcode:
             if self._opcode is not None:
@@ -756,6 +787,43 @@ class MessageAssembler:
                              f"message of {size} bytes exceeds the limit of {self.max_message_size}")
 
 
+class _Receiver:
+    """The receive path of one endpoint, sans I/O: bytes in, messages and control frames out.
+
+    :class:`FrameParser`, then :class:`MessageAssembler` (which inflates
+    permessage-deflate messages), then the UTF-8 check of a text frame still
+    arriving, wired once for :class:`WebSocket` and the tests. ``feed(data)``
+    yields ``(frame, result)`` for each frame, ``result`` being what
+    :meth:`MessageAssembler.receive` returns, lazily: a setting changed by
+    the consumer applies from the next frame, and a consumer that stops (a
+    close frame) processes nothing after. A violation raises
+    :class:`ProtocolError` where it stands in the stream, after every valid
+    frame before it.
+    """
+
+    __slots__ = ("parser", "assembler")
+
+    def __init__(self, *, expect_masked: bool, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 deflate: "Optional[PerMessageDeflate]" = None):
+        self.parser = FrameParser(expect_masked=expect_masked, max_frame_size=max_frame_size,
+                                  allow_rsv1=deflate is not None)
+        self.assembler = MessageAssembler(max_message_size=max_message_size, deflate=deflate)
+
+    def feed(self, data: Union[bytes, bytearray]) -> Iterator[Tuple[Frame, Union[str, bytes, Close, Frame, None]]]:
+        parser = self.parser
+        receive = self.assembler.receive
+        for frame in parser.feed(data):
+            yield frame, receive(frame)
+        if parser.error is not None:
+            raise parser.error
+        pending = parser.pending()
+        if pending is not None:
+            assembler = self.assembler
+            if assembler.check_pending(*pending, parser.pending_rsv1()):
+                assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == _TEXT)
+
+
 def encode_close(code: int, reason: str = "") -> bytes:
     """Close frame payload: 2-byte code and UTF-8 reason (at most 123 bytes).
 
@@ -770,14 +838,14 @@ def encode_close(code: int, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + data
 
 
-def parse_close(payload: bytes) -> Tuple[int, str]:
-    """``(code, reason)`` from a close frame payload; ``(1005, "")`` when empty.
+def parse_close(payload: bytes) -> Close:
+    """The :class:`Close` of a close frame payload; ``Close(1005, "")`` when empty.
 
     Raises :class:`ProtocolError` 1002 for a 1-byte payload or an invalid
     code, 1007 for a reason that is not UTF-8.
     """
     if not payload:
-        return CloseCode.NO_STATUS, ""
+        return Close(CloseCode.NO_STATUS, "")
     if len(payload) == 1:
         raise ProtocolError(CloseCode.PROTOCOL_ERROR, "close frame payload of 1 byte")
     code = (payload[0] << 8) | payload[1]
@@ -788,7 +856,7 @@ def parse_close(payload: bytes) -> Tuple[int, str]:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in the close reason") from None
-    return code, reason
+    return Close(code, reason)
 
 
 # permessage-deflate (RFC 7692) -------------------------------------------------
@@ -1250,11 +1318,16 @@ def validate_request(request: Request) -> str:
 def build_response(key: str, subprotocol: Optional[str] = None,
                    headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     """The 101 Switching Protocols response for a validated request's key."""
+    fields = _switch_fields(key, subprotocol)
+    fields.extend(headers)
+    return _encode_switch(fields)
+
+
+def _switch_fields(key: str, subprotocol: Optional[str]) -> List[Tuple[str, str]]:
     fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))]
     if subprotocol:
         fields.append(("Sec-WebSocket-Protocol", subprotocol))
-    fields.extend(headers)
-    return _encode_switch(fields)
+    return fields
 
 
 def _encode_switch(fields: Iterable[Tuple[str, str]]) -> bytes:
@@ -1533,9 +1606,12 @@ def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] 
 # WebSocket: one connection ###################################################
 ###############################################################################
 
-# h11-style transition table: (state, event) -> next state. An event missing
-# for a state is ignored (e.g. a second close() while closing).
+# h11-style transition table: (state, event) -> next state, the only way ``state`` changes.
+# An event missing for a state is ignored (e.g. a second close() while closing). After
+# CLOSED comes one more stage, not a state: *finalized* (socket closed, closed() called;
+# the ``terminated`` property), reached by the "drop" event from any state.
 _TRANSITIONS = {
+    (State.CONNECTING, "open"): State.OPEN,  # running in a manager: opened() is next
     (State.CONNECTING, "send_close"): State.CLOSING,  # close() before add(): sent once running
     (State.CONNECTING, "fail"): State.CLOSED,
     (State.OPEN, "send_close"): State.CLOSING,  # close(): our close frame queued, waiting for the peer's
@@ -1543,7 +1619,23 @@ _TRANSITIONS = {
     (State.OPEN, "fail"): State.CLOSED,  # protocol violation / internal error: error close queued
     (State.CLOSING, "receive_close"): State.CLOSED,  # close handshake complete
     (State.CLOSING, "fail"): State.CLOSED,
+    # No close handshake (or no more of it): a slow consumer, a lost socket, a timeout, terminate().
+    (State.CONNECTING, "drop"): State.CLOSED,
+    (State.OPEN, "drop"): State.CLOSED,
+    (State.CLOSING, "drop"): State.CLOSED,
+    (State.CLOSED, "drop"): State.CLOSED,
 }
+
+
+def _cancel(timer: Optional[List[Any]]) -> None:
+    """Cancel a timer of :meth:`WebSocketManager._call_later` (``None``: none pending); returns ``None``."""
+    if timer is not None:
+        timer[2] = None
+
+
+def _bracket(host: str) -> str:
+    """A host as it stands before ``:port`` (in a URL, a Host header, a log line): IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
@@ -1686,7 +1778,7 @@ class WebSocket:
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
-        "state", "_parser", "_assembler", "_lock", "_out", "_buffered", "_scheduled", "_writing",
+        "state", "_receiver", "_lock", "_out", "_buffered", "_scheduled", "_writing",
         "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
         "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
         "_deflate", "__dict__", "__weakref__",
@@ -1711,8 +1803,7 @@ class WebSocket:
             if not hasattr(self, "_" + name):  # a subclass may set one before calling this __init__
                 setattr(self, "_" + name, None)
         self.state = _CONNECTING
-        self._parser: Any = None
-        self._assembler: Any = None
+        self._receiver: Optional[_Receiver] = None  # made when the connection first runs
         self._lock = threading.Lock()
         self._out: List[_BytesLike] = []  # encoded frames waiting for the socket, in send() order
         self._buffered = 0
@@ -1884,11 +1975,11 @@ class WebSocket:
             self._append_close(payload)
             self.state = _TRANSITIONS[(state, "send_close")]
         self._schedule_flush()
-        self._call_in_loop(self._arm_close_timer)
+        self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
         """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
-        self._call_in_loop(self._finalize, "terminated")
+        self._call_threadsafe(self._finalize, "terminated")
 
     def _closed_error(self, action: str) -> ConnectionClosed:
         # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
@@ -1933,6 +2024,12 @@ class WebSocket:
         return self._finalized
 
     @property
+    def manager(self) -> "Optional[WebSocketManager]":
+        """The manager running this connection, or ``None`` (not added yet, removed, or over)."""
+        manager: Optional[WebSocketManager] = self._manager
+        return manager
+
+    @property
     def buffered_amount(self) -> int:
         """Bytes queued but not yet written to the socket."""
         return self._buffered
@@ -1962,7 +2059,7 @@ class WebSocket:
             # any size goes out; a peer that leaves more than the limit unread is dropped, not buffered for.
             overflow = limit is not None and backlog > limit
             if overflow:
-                self.state = _CLOSED
+                self.state = _TRANSITIONS[(self.state, "drop")]
                 self._failure = (CloseCode.ABNORMAL,
                                  f"slow consumer: more than {limit} bytes left unread (max_buffered)")
             else:
@@ -1985,7 +2082,7 @@ class WebSocket:
                     return True
                 self._scheduled = True
         if overflow:
-            self._call_in_loop(self._finalize)
+            self._call_threadsafe(self._finalize)
             return False
         manager = self._manager
         if manager is not None:
@@ -2001,24 +2098,126 @@ class WebSocket:
         if manager is not None:
             manager._schedule_flush(self)
 
-    def _call_in_loop(self, function: Callable[..., Any], *args: Any) -> None:
+    def _call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
+        # In the loop thread when running, else right here (no loop to race with).
         manager = self._manager
-        if manager is None or manager._in_loop():
+        if manager is None:
             function(*args)
         else:
-            manager._call_soon(function, *args)
+            manager._call_threadsafe(function, *args)
 
-    # Internals: loop thread only ---------------------------------------------
+    # The manager's side: loop thread only ---------------------------------------
+    #
+    # The manager calls, of a connection's private half, only: _bind() and _unbind()
+    # (joining and leaving it), _run() (its loop turn to start), the handler interface
+    # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
+    # refusal) and, for a server connection made by a listener, _enable_deflate() and
+    # _queue_reply(). A connection uses of its manager: _now and _thread_id (read only),
+    # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
+    # _forget() and _connection_default().
+
+    def _bind(self, manager: "WebSocketManager", listener: "Optional[_Listener]" = None) -> None:
+        """Belong to ``manager`` (under its lock, or in its loop); ``listener`` counts it."""
+        self._manager = manager
+        if listener is not None:
+            self._listener = listener
+
+    def _unbind(self) -> None:
+        """Leave the manager (remove()): nothing of the connection is lost but its timers."""
+        with self._lock:
+            self._manager = None
+            self._active = self._scheduled = self._writing = False
+        _cancel(self._timer)
+        _cancel(self._heartbeat_timer)
+        self._timer = self._heartbeat_timer = None
+        self._release_listener()
+
+    def _release_listener(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener._unclaim()
+            self._listener = None
+
+    def _queue_reply(self, reply: bytes) -> None:
+        """Queue the server's 101 before anything else, before the connection runs."""
+        with self._lock:
+            self._out.insert(0, reply)
+            self._buffered += len(reply)
+
+    def _run(self, manager: "WebSocketManager") -> None:
+        """Start (or, moved from another manager, resume) running in ``manager``'s loop."""
+        if self._finalized or self._manager is not manager or self._active:
+            return  # closed, remove()d, or already running here (a repeat add() queued twice)
+        first_time = self._receiver is None
+        if first_time:
+            self._start(manager)
+        sock = self.sock
+        sock.setblocking(False)
+        manager._set_events(sock, selectors.EVENT_READ, self)
+        self._active = True
+        if first_time:
+            with self._lock:
+                if self.state is _CONNECTING:
+                    self.state = _TRANSITIONS[(_CONNECTING, "open")]
+                closing = self.state is _CLOSING
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s opened", self._describe())
+            if closing:  # close() before add(): its timer starts now
+                self._arm_close_timer()
+            try:
+                self.opened()
+            except Exception as exc:
+                self._callback_failed("opened", exc)
+        elif self.state > _OPEN:
+            # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
+            self._arm_close_timer()
+        with self._lock:
+            pending_output = bool(self._out)
+            self._scheduled = pending_output
+        if pending_output:
+            manager._schedule_flush(self)
+        if manager.heartbeat and self.state is _OPEN:
+            self._heartbeat_timer = manager._call_later(manager.heartbeat, self._heartbeat)
+        extra = self._extra
+        if extra and self.state < _CLOSED:
+            self._extra = b""
+            self._receive(extra)
+        if self._tls and not self._finalized and cast("ssl.SSLSocket", sock).pending():
+            manager._read_again(self)
+
+    def _heartbeat(self) -> None:
+        """The heartbeat timer: ping when idle, fail with 1011 when the ping goes unanswered."""
+        manager = self._manager
+        if self._finalized or self.state is not _OPEN or manager is None:
+            return
+        interval, timeout = manager.heartbeat, manager.heartbeat_timeout
+        if not interval or timeout is None:
+            return  # heartbeat turned off since this call was scheduled
+        now = manager._now
+        if self._ping_sent:
+            if self._last_seen > self._ping_sent:
+                self._ping_sent = 0.0  # any input proves the peer alive
+            elif now - self._ping_sent >= timeout:
+                self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                return
+            else:
+                self._heartbeat_timer = manager._call_later(self._ping_sent + timeout - now, self._heartbeat)
+                return
+        idle = now - self._last_seen
+        if idle >= interval:
+            self._ping_sent = now
+            self._queue(encode_frame(_PING, b"", mask=self.client))
+            self._heartbeat_timer = manager._call_later(timeout, self._heartbeat)
+        else:
+            self._heartbeat_timer = manager._call_later(interval - idle, self._heartbeat)
 
     def _start(self, manager: "WebSocketManager") -> None:
         self._manager = manager
         self._resolve_settings()
         frame_size, message_size = self._max_frame_size, self._max_message_size
         assert frame_size is not None and message_size is not None  # resolved just above
-        deflate = self._deflate
-        self._parser = FrameParser(expect_masked=not self.client, max_frame_size=frame_size,
-                                   allow_rsv1=deflate is not None)
-        self._assembler = MessageAssembler(max_message_size=message_size, deflate=deflate)
+        self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
+                                   max_message_size=message_size, deflate=self._deflate)
         self._last_seen = manager._now
 
     def _resolve_settings(self) -> None:
@@ -2036,7 +2235,8 @@ class WebSocket:
     def _set_setting(self, name: str, value: Any) -> None:
         # Any thread. Before the connection runs: recorded (None: back to the default). After:
         # in force at once; the parser and assembler read their limit at each frame.
-        if getattr(self, "_parser", None) is None:  # (also before WebSocket.__init__ has run)
+        receiver = getattr(self, "_receiver", None)
+        if receiver is None:  # (also before WebSocket.__init__ has run)
             setattr(self, "_" + name, value)
             return
         if value is None:
@@ -2048,11 +2248,11 @@ class WebSocket:
         setattr(self, "_" + name, _check_setting(name, value))
         if name == "max_frame_size":
             self._frame_size_follows = False
-            self._parser.max_frame_size = value
+            receiver.parser.max_frame_size = value
         elif name == "max_message_size":
-            self._assembler.max_message_size = value
+            receiver.assembler.max_message_size = value
             if self._frame_size_follows:
-                self._max_frame_size = self._parser.max_frame_size = value
+                self._max_frame_size = receiver.parser.max_frame_size = value
 
     def _on_read(self) -> None:
         manager = self._manager
@@ -2060,7 +2260,7 @@ class WebSocket:
             return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             return
         except ssl.SSLZeroReturnError:
             data = b""
@@ -2076,53 +2276,35 @@ class WebSocket:
             self._receive(data)
         if self._tls and not self._finalized and cast("ssl.SSLSocket", self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
-            manager._ready.append(self)
+            manager._read_again(self)
 
     def _receive(self, data: bytes) -> None:
-        parser = self._parser
-        assembler = self._assembler
+        assert self._receiver is not None  # made by _start()
         try:
-            frames = parser.feed(data)
+            for frame, message in self._receiver.feed(data):
+                kind = type(message)
+                if kind is str or kind is bytes:
+                    try:
+                        self.received_message(message)  # type: ignore[arg-type]
+                    except Exception as exc:
+                        self._callback_failed("received_message", exc)
+                elif kind is Close:
+                    self._on_close_frame(message)  # type: ignore[arg-type]
+                elif message is None:
+                    continue
+                elif frame.opcode == _PING:
+                    # RFC 6455 5.5.2: answer a ping with a pong carrying the same payload.
+                    self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
+                else:
+                    self._ping_sent = 0.0
+                    try:
+                        self.ponged(frame.payload)
+                    except Exception as exc:
+                        self._callback_failed("ponged", exc)
+                if self.state is _CLOSED:
+                    return  # RFC 6455 5.5.1: nothing after a close frame (or a failure) is processed
         except ProtocolError as exc:
             self._fail(exc.code, exc.reason)
-            return
-        for frame in frames:
-            try:
-                message = assembler.receive(frame)
-            except ProtocolError as exc:
-                self._fail(exc.code, exc.reason)
-                return
-            kind = type(message)
-            if kind is str or kind is bytes:
-                try:
-                    self.received_message(message)
-                except Exception as exc:
-                    self._callback_failed("received_message", exc)
-            elif kind is Close:
-                self._on_close_frame(message)
-            elif message is None:
-                continue
-            elif frame.opcode == _PING:
-                # RFC 6455 5.5.2: answer a ping with a pong carrying the same payload.
-                self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
-            else:
-                self._ping_sent = 0.0
-                try:
-                    self.ponged(frame.payload)
-                except Exception as exc:
-                    self._callback_failed("ponged", exc)
-            if self.state is _CLOSED:
-                return  # RFC 6455 5.5.1: nothing after a close frame (or a failure) is processed
-        if parser.error is not None:
-            self._fail(parser.error.code, parser.error.reason)
-            return
-        pending = parser.pending()
-        if pending is not None:
-            try:
-                if assembler.check_pending(*pending, parser.pending_rsv1()):
-                    assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == _TEXT)
-            except ProtocolError as exc:
-                self._fail(exc.code, exc.reason)
 
     def _callback_failed(self, name: str, exc: Exception) -> None:
         if isinstance(exc, ConnectionClosed) and self.state > _OPEN:
@@ -2148,7 +2330,7 @@ class WebSocket:
     def _arm_close_timer(self) -> None:
         manager = self._manager
         # Before add() there is no loop yet: _open() arms it then.
-        if manager is not None and self._parser is not None and self._timer is None and not self._finalized:
+        if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
 
     def _fail(self, code: int, reason: str) -> None:
@@ -2176,14 +2358,13 @@ class WebSocket:
         manager = self._manager
         if manager is None:
             return
-        if self._timer is not None:
-            self._timer[2] = None
+        _cancel(self._timer)
         self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
         self._schedule_flush()
 
     def _flush(self) -> None:
         manager = self._manager
-        if self._finalized or manager is None or self._parser is None or manager._thread_id != _get_ident():
+        if self._finalized or manager is None or self._receiver is None or manager._thread_id != _get_ident():
             return  # not running (yet), or no longer in this loop: _open() schedules the flush of what is queued
         error = None
         sock = self.sock
@@ -2195,7 +2376,7 @@ class WebSocket:
                 data = out[0]
                 try:
                     sent = sock.send(data)
-                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                except _WOULD_BLOCK:
                     break
                 except OSError as exc:
                     error = exc
@@ -2213,8 +2394,8 @@ class WebSocket:
             return
         if waiting != self._writing:
             self._writing = waiting
-            events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
-            manager._selector.modify(sock, events, self)
+            manager._set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ,
+                                self)
         if not waiting and self.state is _CLOSED and not self._shut_down:
             self._shut_down = True
             try:
@@ -2231,21 +2412,18 @@ class WebSocket:
         if self._finalized:
             return
         self._finalized = True
-        if self._timer is not None:
-            self._timer[2] = None
-            self._timer = None
-        if self._heartbeat_timer is not None:
-            self._heartbeat_timer[2] = None
-            self._heartbeat_timer = None
+        _cancel(self._timer)
+        _cancel(self._heartbeat_timer)
+        self._timer = self._heartbeat_timer = None
         if self._failure is not None:
             code, reason = self._failure
         elif self._received_close is not None:
             code, reason = self._received_close
         else:
             code = CloseCode.ABNORMAL
-        was_opened = self._parser is not None
+        was_opened = self._receiver is not None
         with self._lock:
-            self.state = _CLOSED
+            self.state = _TRANSITIONS[(self.state, "drop")]
             self._out.clear()
             self._buffered = 0
         self.close_code = code
@@ -2253,6 +2431,7 @@ class WebSocket:
         manager = self._manager
         if manager is not None:
             manager._forget(self)
+        self._release_listener()
         try:
             self.sock.close()
         except OSError:
@@ -2280,6 +2459,37 @@ _install_connection_settings()
 ###############################################################################
 # WebSocketManager: the selector loop #########################################
 ###############################################################################
+
+# The selector's handlers ----------------------------------------------------------
+#
+# Every object registered in the manager's selector (``SelectorKey.data``) is a _Handler:
+# WebSocket, _Listener, _ServerHandshake, _Waker and _RedisConnection. The loop calls
+# _on_read() and _on_write() for readiness events, and _finalize() when one of them raised
+# (a bug in wsmanager: it ends that handler only, never the loop).
+
+class _Handler(Protocol):
+    """What the loop calls on an object registered in its selector."""
+
+    _finalized: bool  # over: its events (stale ones in this turn) are ignored
+
+    def _on_read(self) -> None: ...
+
+    def _on_write(self) -> None: ...
+
+    def _finalize(self, reason: str = "") -> None:
+        """End it for good: unregister, close its socket, tell its owner; idempotent."""
+
+
+class _Flushable(Protocol):
+    """What the loop's flush queue takes (:meth:`WebSocketManager._schedule_flush`)."""
+
+    @property
+    def manager(self) -> "Optional[WebSocketManager]":
+        """The manager it belongs to: the flush is skipped once it is another (or none)."""
+
+    def _flush(self) -> None:
+        """Write what is queued, as far as the socket takes it now."""
+
 
 class _Answer(NamedTuple):
     """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
@@ -2360,9 +2570,7 @@ class _Listener:
                 raise HandshakeError("bad subprotocol", 500)
         except HandshakeError as exc:
             return _Answer(Response(exc.status or 400, exc.headers), str(exc))
-        fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))]
-        if subprotocol:
-            fields.append(("Sec-WebSocket-Protocol", subprotocol))
+        fields = _switch_fields(key, subprotocol)
         deflate = None
         if self.compression is not None:
             extension, deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"), self.compression)
@@ -2380,8 +2588,7 @@ class _Listener:
                                  extra_data=extra_data)
         if answer.deflate is not None and self.compression is not None:
             websocket._enable_deflate(answer.deflate, self.compression)
-        websocket._out.append(reply)  # the 101 goes out first, through the connection's own buffer
-        websocket._buffered = len(reply)
+        websocket._queue_reply(reply)  # the 101 goes out first, through the connection's own buffer
         return websocket
 
     def full(self) -> bool:
@@ -2410,7 +2617,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -2430,14 +2637,11 @@ class _Listener:
         if not self._finalized and self.sock is not None:
             self.manager._selector.register(self.sock, selectors.EVENT_READ, self)
 
-    def _close(self) -> None:
+    def _finalize(self, reason: str = "") -> None:
         if self._finalized or self.sock is None:
             return
         self._finalized = True
-        try:
-            self.manager._selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        self.manager._unwatch(self.sock)
         self.sock.close()
         if self.unix_path:
             try:
@@ -2469,12 +2673,12 @@ class _ServerHandshake:
             return
         try:
             data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             return
         except OSError:
             data = b""
         if not data:
-            self._close()
+            self._finalize()
             return
         if self.reply is None:  # else refused: the rest of the request is discarded until the peer's EOF
             self._feed(data)
@@ -2488,7 +2692,7 @@ class _ServerHandshake:
         if result is not None:
             self.manager._complete_handshake(self, *result)
         elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-            self.manager._ready.append(self)
+            self.manager._read_again(self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2510,7 +2714,7 @@ class _ServerHandshake:
             return False
         except (ssl.SSLError, OSError) as exc:
             logger.debug("TLS handshake with %s failed: %s", self.address, exc)
-            self._close()
+            self._finalize()
             return False
         self.tls_pending = False
         self._set_events(selectors.EVENT_READ)
@@ -2546,10 +2750,10 @@ class _ServerHandshake:
             return
         try:
             sent = self.sock.send(reply) if reply else 0
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except _WOULD_BLOCK:
             sent = 0
         except OSError:
-            self._close()
+            self._finalize()
             return
         self.reply = reply = reply[sent:]
         if reply:
@@ -2559,51 +2763,46 @@ class _ServerHandshake:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close()
+            self._finalize()
             return
         # Bounded wait for the peer's EOF, so our reply is not destroyed by a RST.
-        if self.timer is not None:
-            self.timer[2] = None
-        self.timer = self.manager._call_later(self.manager.close_timeout, self._close)
+        _cancel(self.timer)
+        self.timer = self.manager._call_later(self.manager.close_timeout, self._finalize)
 
     def _refuse_for_stop(self) -> None:
         """The manager is stopping: refuse with 503 now (a TLS handshake still going is just closed)."""
         if self._finalized or self.reply is not None:
             return
         if self.tls_pending:
-            self._close()
+            self._finalize()
         else:
             self._reply_and_close(Response(503))
+
     def _time_out(self) -> None:
         logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
-        self._close()
+        self._finalize()
 
     def _detach(self) -> None:
         self._finalized = True
-        if self.timer is not None:
-            self.timer[2] = None
+        _cancel(self.timer)
         self.manager._handshakes.discard(self)
 
-    def _close(self) -> None:
+    def _finalize(self, reason: str = "") -> None:
         if self._finalized:
             return
         self._detach()
-        try:
-            self.manager._selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        self.manager._unwatch(self.sock)
         self.sock.close()
-
-    _finalize = _close
 
 
 class _ClientHandshake:
     """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
 
     Runs in the loop: the TCP connect, the TLS handshake, writing the request
-    and reading the response, bounded by the manager's ``handshake_timeout``.
-    On success the :class:`WebSocket` made up front opens in the manager; on
-    failure its socket is closed and ``connect_failed(exc)`` is called.
+    and reading the response, bounded by ``timeout`` (the manager's
+    ``handshake_timeout`` by default). On success the :class:`WebSocket` made
+    up front opens in the manager; on failure its socket is closed and
+    ``connect_failed(exc)`` is called. A :class:`_Handler` while it runs.
     """
 
     __slots__ = ("manager", "websocket", "sock", "address", "key", "subprotocols", "settings", "timeout",
@@ -2633,10 +2832,10 @@ class _ClientHandshake:
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
         manager = self.manager
-        if self._finalized or self.websocket._finalized:
+        if self.websocket.terminated:
             self._detach()  # terminated before the loop got to it
             return
-        if manager._stopping or manager._finished:
+        if manager._stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
         manager._handshakes.add(self)
@@ -2650,7 +2849,7 @@ class _ClientHandshake:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(OSError(error, os.strerror(error)))
             return
-        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+        manager._set_events(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2676,7 +2875,7 @@ class _ClientHandshake:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
             data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             return
         except OSError as exc:
             self._fail(exc)
@@ -2687,7 +2886,7 @@ class _ClientHandshake:
             result = _feed_response(self.reader, data)
             if result is None:
                 if self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
-                    self.manager._ready.append(self)
+                    self.manager._read_again(self)
                 return
             head, rest = result
             subprotocol, deflate = _check_client_response(head, self.key, self.subprotocols, self.settings)
@@ -2715,7 +2914,7 @@ class _ClientHandshake:
         request = self.request
         try:
             sent = self.sock.send(request) if request else 0
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
             self._fail(exc)
@@ -2724,13 +2923,13 @@ class _ClientHandshake:
         self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
 
     def _set_events(self, events: int) -> None:
-        self.manager._selector.modify(self.sock, events, self)
+        self.manager._set_events(self.sock, events, self)
 
     def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
               deflate: Optional[DeflateParams]) -> None:
         websocket = self.websocket
         self._detach()
-        if websocket._finalized:
+        if websocket.terminated:
             return  # terminate()d meanwhile
         # What the blocking connect() gives the factory, known only now: set before opened() runs.
         websocket._response_headers = head
@@ -2739,7 +2938,7 @@ class _ClientHandshake:
         if deflate is not None and self.settings is not None:
             websocket._enable_deflate(deflate, self.settings)
         manager = self.manager
-        manager._websockets[websocket._fd] = websocket
+        manager._take(websocket)
         manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
@@ -2751,7 +2950,8 @@ class _ClientHandshake:
     def _fail(self, exc: BaseException) -> None:
         if self._finalized:
             return
-        self._release()
+        self._detach()
+        self.manager._unwatch(self.sock)
         websocket = self.websocket
         logger.info("could not connect %s: %s", websocket._describe(), exc)
         websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
@@ -2762,24 +2962,15 @@ class _ClientHandshake:
 
     def _detach(self) -> None:
         self._finalized = True
-        if self.timer is not None:
-            self.timer[2] = None
+        _cancel(self.timer)
         self.manager._handshakes.discard(self)
 
-    def _release(self) -> None:
-        self._detach()
-        try:
-            self.manager._selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-
-    def _close(self) -> None:
-        # The manager's shutdown.
-        self._fail(ManagerStopped("the manager stopped before the connection opened"))
-
     def _finalize(self, reason: str = "") -> None:
-        # An internal error (WebSocketManager._crashed).
-        self._fail(WebSocketError(reason or "internal error"))
+        # The manager's shutdown, or an internal error (WebSocketManager._crashed).
+        if self.manager._finished:
+            self._fail(ManagerStopped("the manager stopped before the connection opened"))
+        else:
+            self._fail(WebSocketError(reason or "internal error"))
 
 
 class _Waker:
@@ -2796,7 +2987,7 @@ class _Waker:
         try:
             while self.sock.recv(4096):
                 pass
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             pass
         # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
         # flag stays set) and before the queues are read (work queued before a skipped
@@ -2805,6 +2996,9 @@ class _Waker:
 
     def _on_write(self) -> None:
         pass
+
+    def _finalize(self, reason: str = "") -> None:
+        """Nothing: the waker lives as long as its loop, whose shutdown closes it."""
 
 
 def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Optional[str]:
@@ -2851,15 +3045,15 @@ class WebSocketManager:
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_buffered: int = DEFAULT_MAX_BUFFERED,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_frame_size: Optional[int] = None,
                  compression: Union[None, str, Deflate] = None):
-        self.compression = _deflate_settings(compression)
-        self._owns_selector = selector is None
-        self._selector = selector if selector is not None else selectors.DefaultSelector()
-        self.heartbeat = heartbeat
-        self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
         for name, value in (("close_timeout", close_timeout), ("max_buffered", max_buffered),
                             ("max_message_size", max_message_size), ("max_frame_size", max_frame_size)):
             if _check_setting(name, value) is None and name != "max_frame_size":
                 raise TypeError(f"{name} must not be None")
+        self.compression = _deflate_settings(compression)  # checked, like the settings, before a selector is made
+        self._owns_selector = selector is None
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self.heartbeat = heartbeat
+        self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
         self.max_buffered = max_buffered
@@ -2880,8 +3074,8 @@ class WebSocketManager:
         self._timer_sequence = 0
         # (function, args) from other threads
         self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
-        self._dirty: Deque[WebSocket] = collections.deque()  # connections with output to flush
-        self._ready: List[Any] = []  # TLS connections holding decrypted input
+        self._dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
+        self._ready: List[_Handler] = []  # TLS connections holding decrypted input
         self._now = time.monotonic()
         self._running = False
         self._stopped = False
@@ -2908,17 +3102,19 @@ class WebSocketManager:
         it, :class:`ConnectionClosed` once it is closed, :class:`ManagerStopped`
         once this manager is stopping.
         """
+        self._add(websocket)
+
+    def _add(self, websocket: WebSocket, listener: Optional[_Listener] = None) -> None:
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
-            if websocket._finalized:
+            if websocket.terminated:
                 raise websocket._closed_error("cannot add")
-            manager = websocket._manager
+            manager = websocket.manager
             if manager is self:
                 return
             if manager is not None:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
-            self._websockets[websocket._fd] = websocket
-            websocket._manager = self
+            self._take(websocket, listener)
         self._call_threadsafe(self._open, websocket)
 
     @overload
@@ -2975,7 +3171,7 @@ class WebSocketManager:
             with self._lock:
                 self._check_running(stopping=True)
                 # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
-                websocket._manager = self
+                websocket._bind(self)
         except BaseException:
             sock.close()
             raise
@@ -3008,7 +3204,7 @@ class WebSocketManager:
         return iter(tuple(self._websockets.values()))
 
     def __contains__(self, websocket: object) -> bool:
-        return isinstance(websocket, WebSocket) and self._websockets.get(websocket._fd) is websocket
+        return isinstance(websocket, WebSocket) and self._websockets.get(websocket.fileno()) is websocket
 
     def broadcast(self, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every open connection; return how many took it.
@@ -3034,12 +3230,12 @@ class WebSocketManager:
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if websocket._manager is not self and websocket._manager is not None:
+        if websocket.manager is not self and websocket.manager is not None:
             raise ValueError("the connection belongs to another manager")
         with self._topics_lock:
             # _forget() drops the connection from _websockets before it takes this lock: either
             # we see it gone, or _forget() sees the subscription and takes it out again.
-            if self._websockets.get(websocket._fd) is not websocket:
+            if self._websockets.get(websocket.fileno()) is not websocket:
                 raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
             members = self._topics.get(topic)
             first = members is None
@@ -3193,7 +3389,7 @@ class WebSocketManager:
         listener = _Listener(self, sock, factory, ssl_context, subprotocols, handshake, max_connections,
                              origins, unix_path, settings)
         with self._lock:
-            self._check_running(release=listener._close, stopping=True)
+            self._check_running(release=listener._finalize, stopping=True)
             self._listeners.append(listener)
         self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
         if unix_path is None and sock.family == socket.AF_UNIX:
@@ -3347,6 +3543,14 @@ class WebSocketManager:
         self._running = False
         self._wake()
 
+    @property
+    def running(self) -> bool:
+        """Whether the loop runs: started (or run) and not yet ended, its clean-up included."""
+        thread = self._thread
+        if thread is not None:
+            return thread.is_alive()
+        return self._running
+
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait for the background thread to end."""
         if self._thread is not None:
@@ -3418,13 +3622,13 @@ class WebSocketManager:
         # (_scheduled keeps a connection in the queue at most once). What other threads queue
         # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
         for _ in range(len(dirty)):
-            websocket = dirty.popleft()
-            if websocket._manager is not self:
+            handler = dirty.popleft()
+            if handler.manager is not self:
                 continue  # remove()d since it was queued
             try:
-                websocket._flush()
+                handler._flush()
             except Exception as exc:
-                self._crashed(websocket, exc)
+                self._crashed(handler, exc)
 
     def _crashed(self, handler: Any, exc: Exception) -> None:
         # A bug in wsmanager itself: it ends that one connection, never the loop.
@@ -3435,6 +3639,8 @@ class WebSocketManager:
                 finalize("internal error")
             except Exception:
                 logger.exception("could not close %r", handler)
+
+    # Scheduling: the timer heap, the cross-thread queue, the flush queue ---------
 
     def _in_loop(self) -> bool:
         return self._thread_id == threading.get_ident()
@@ -3450,7 +3656,7 @@ class WebSocketManager:
             self._call_soon(function, *args)
 
     def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
-        """Loop thread only. Returns a handle; set ``handle[2] = None`` to cancel."""
+        """Loop thread only. Returns a handle for :func:`_cancel`."""
         self._timer_sequence += 1
         handle = [time.monotonic() + delay, self._timer_sequence, function, args]
         heapq.heappush(self._timers, handle)
@@ -3459,13 +3665,32 @@ class WebSocketManager:
     def _connection_default(self, name: str, websocket: WebSocket) -> Any:
         """The manager's default for a per-connection setting that ``websocket`` leaves unset."""
         if name == "max_frame_size" and self._frame_size_follows:
-            return websocket._max_message_size
+            return websocket.max_message_size
         return getattr(self, name)
 
-    def _schedule_flush(self, websocket: WebSocket) -> None:
-        self._dirty.append(websocket)
+    def _schedule_flush(self, handler: _Flushable) -> None:
+        """Any thread: flush ``handler`` in the next turn (the caller queues it once until then)."""
+        self._dirty.append(handler)
         if self._thread_id != threading.get_ident():
             self._wake()
+
+    def _unwatch(self, sock: Any) -> None:
+        """Loop thread (or after it): stop watching ``sock``, if watched at all."""
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _read_again(self, handler: _Handler) -> None:
+        """Loop thread: call ``handler._on_read()`` in this turn (TLS holds decrypted input)."""
+        self._ready.append(handler)
+
+    def _set_events(self, sock: Any, events: int, handler: _Handler) -> None:
+        """Loop thread: watch ``sock`` for ``events``, registering it if it is not yet."""
+        try:
+            self._selector.modify(sock, events, handler)
+        except KeyError:
+            self._selector.register(sock, events, handler)
 
     def _wake(self) -> None:
         if self._wake_pending:
@@ -3476,99 +3701,30 @@ class WebSocketManager:
         except OSError:
             pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
+    # Connections' life cycle: taken in, opened, released, forgotten --------------
+
+    def _take(self, websocket: WebSocket, listener: Optional[_Listener] = None) -> None:
+        self._websockets[websocket.fileno()] = websocket
+        websocket._bind(self, listener)
+
     def _open(self, websocket: WebSocket) -> None:
-        if websocket._finalized or websocket._manager is not self or websocket._active:
-            return  # closed, remove()d, or already running here (a repeat add() queued twice)
-        first_time = websocket._parser is None
-        if first_time:
-            websocket._start(self)
-        sock = websocket.sock
-        sock.setblocking(False)
-        try:
-            self._selector.modify(sock, selectors.EVENT_READ, websocket)  # from a server handshake
-        except KeyError:
-            self._selector.register(sock, selectors.EVENT_READ, websocket)
-        websocket._active = True
-        if first_time:
-            with websocket._lock:
-                if websocket.state is _CONNECTING:
-                    websocket.state = _OPEN
-                closing = websocket.state is _CLOSING
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s opened", websocket._describe())
-            if closing:  # close() before add(): its timer starts now
-                websocket._arm_close_timer()
-            try:
-                websocket.opened()
-            except Exception as exc:
-                websocket._callback_failed("opened", exc)
-        elif websocket.state > _OPEN:
-            # Moved while closing: the close deadline, dropped by _release(), starts again here.
-            websocket._arm_close_timer()
-        with websocket._lock:
-            pending_output = bool(websocket._out)
-            websocket._scheduled = pending_output
-        if pending_output:
-            self._dirty.append(websocket)
-        if self.heartbeat and websocket.state is _OPEN:
-            websocket._heartbeat_timer = self._call_later(self.heartbeat, self._heartbeat, websocket)
-        extra = websocket._extra
-        if extra and websocket.state < _CLOSED:
-            websocket._extra = b""
-            websocket._receive(extra)
-        if websocket._tls and not websocket._finalized and cast("ssl.SSLSocket", sock).pending():
-            self._ready.append(websocket)
+        websocket._run(self)
 
     def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
-        if websocket._manager is self:
+        if websocket.manager is self:
             self._forget(websocket)
-            with websocket._lock:
-                websocket._manager = None
-                websocket._active = websocket._scheduled = websocket._writing = False
-            for timer in (websocket._timer, websocket._heartbeat_timer):
-                if timer is not None:
-                    timer[2] = None
-            websocket._timer = websocket._heartbeat_timer = None
+            websocket._unbind()
         if released is not None:
             released.set()
 
     def _forget(self, websocket: WebSocket) -> None:
-        if self._websockets.get(websocket._fd) is websocket:
-            del self._websockets[websocket._fd]
+        fd = websocket.fileno()
+        if self._websockets.get(fd) is websocket:
+            del self._websockets[fd]
         self._leave_all(websocket)
-        try:
-            self._selector.unregister(websocket.sock)
-        except (KeyError, ValueError):
-            pass
-        listener = websocket._listener
-        if listener is not None:
-            listener._unclaim()
-            websocket._listener = None
+        self._unwatch(websocket.sock)
 
-    def _heartbeat(self, websocket: WebSocket) -> None:
-        interval, timeout = self.heartbeat, self.heartbeat_timeout
-        if websocket._finalized or websocket.state is not _OPEN or websocket._manager is not self:
-            return
-        if not interval or timeout is None:
-            return  # heartbeat turned off since this call was scheduled
-        now = self._now
-        if websocket._ping_sent:
-            if websocket._last_seen > websocket._ping_sent:
-                websocket._ping_sent = 0.0  # any input proves the peer alive
-            elif now - websocket._ping_sent >= timeout:
-                websocket._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                return
-            else:
-                websocket._heartbeat_timer = self._call_later(websocket._ping_sent + timeout - now,
-                                                              self._heartbeat, websocket)
-                return
-        idle = now - websocket._last_seen
-        if idle >= interval:
-            websocket._ping_sent = now
-            websocket._queue(encode_frame(_PING, b"", mask=websocket.client))
-            websocket._heartbeat_timer = self._call_later(timeout, self._heartbeat, websocket)
-        else:
-            websocket._heartbeat_timer = self._call_later(interval - idle, self._heartbeat, websocket)
+    # Server handshakes ---------------------------------------------------------
 
     def _start_handshake(self, listener: _Listener, sock: socket.socket,
                          address: Any) -> Optional[_ServerHandshake]:
@@ -3622,16 +3778,16 @@ class WebSocketManager:
             return
         handshake._detach()
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        websocket._listener = listener
-        self._websockets[websocket._fd] = websocket
-        websocket._manager = self
+        self._take(websocket, listener)
         self._open(websocket)
+
+    # Shutdown --------------------------------------------------------------------
 
     def _stop_when_idle(self, timeout: float) -> None:
         self._stop_deadline = time.monotonic() + timeout
         self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
         for listener in self._listeners:
-            listener._close()
+            listener._finalize()
         for handshake in tuple(self._handshakes):
             handshake._refuse_for_stop()
         for websocket in tuple(self._websockets.values()):
@@ -3658,9 +3814,9 @@ class WebSocketManager:
             except Exception as exc:
                 self._crashed(None, exc)
         for handshake in tuple(self._handshakes):
-            handshake._close()
+            handshake._finalize("manager stopped")
         for listener in self._listeners:
-            listener._close()
+            listener._finalize()
         if self._bridge is not None:
             self._bridge._close()
         # Connections added after the loop ended must not leak either.
@@ -3670,14 +3826,11 @@ class WebSocketManager:
             elif function == self._adopt:
                 args[1].close()
             elif function == self._begin_client:
-                args[0]._close()
+                args[0]._finalize("manager stopped")
         self._calls.clear()
         self._timers.clear()
         self._dirty.clear()
-        try:
-            self._selector.unregister(self._waker_read)
-        except (KeyError, ValueError):
-            pass
+        self._unwatch(self._waker_read)
         self._waker_read.close()
         self._waker.close()
         if self._owns_selector:
@@ -3714,7 +3867,7 @@ def _client_target(url: str) -> _ClientTarget:
     host = parts.hostname
     if not host:
         raise InvalidURL(f"no host in {url!r}")
-    bracketed = f"[{host}]" if ":" in host else host
+    bracketed = _bracket(host)
     host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
@@ -3900,11 +4053,9 @@ class _WSGIHandOff:
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
         placeholder = _neutralize(fd)
-        websocket._listener = self.listener
         try:
-            manager.add(websocket)
+            manager._add(websocket, self.listener)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
-            websocket._listener = None
             self.listener._unclaim()
             sock.close()
         return _Placeholder(placeholder)
@@ -4202,9 +4353,8 @@ class _RedisConnection:
         return not (self._connecting or self._tls_pending or self._finalized)
 
     @property
-    def _manager(self) -> "WebSocketManager":
-        # The loop's flush queue skips entries whose _manager is not itself (a connection
-        # remove()d since it was queued): a Redis connection always belongs to its bridge's.
+    def manager(self) -> "WebSocketManager":
+        """Its bridge's manager, for good (see :class:`_Flushable`)."""
         return self.bridge.manager
 
     def write(self, data: bytes) -> None:
@@ -4214,7 +4364,7 @@ class _RedisConnection:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.bridge.manager._schedule_flush(self)  # type: ignore[arg-type]
+        self.bridge.manager._schedule_flush(self)
 
     def pending(self) -> int:
         return len(self._out)
@@ -4229,7 +4379,7 @@ class _RedisConnection:
         for _ in range(BRIDGE_READS_PER_EVENT):
             try:
                 data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except _WOULD_BLOCK:
                 break
             except OSError as exc:
                 self._finalize(str(exc) or type(exc).__name__)
@@ -4292,9 +4442,8 @@ class _RedisConnection:
 
     def _became_ready(self) -> None:
         self.was_ready = True
-        if self._timer is not None:
-            self._timer[2] = None
-            self._timer = None
+        _cancel(self._timer)
+        self._timer = None
         self.bridge._connection_ready(self)
 
     def _set_events(self, events: int) -> None:
@@ -4312,7 +4461,7 @@ class _RedisConnection:
                     break
                 try:
                     sent = self.sock.send(out)
-                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                except _WOULD_BLOCK:
                     break
                 except OSError as exc:
                     error = exc
@@ -4330,13 +4479,9 @@ class _RedisConnection:
         if self._finalized:
             return
         self._finalized = True
-        if self._timer is not None:
-            self._timer[2] = None
-            self._timer = None
-        try:
-            self.bridge.manager._selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        _cancel(self._timer)
+        self._timer = None
+        self.bridge.manager._unwatch(self.sock)
         self.sock.close()
         with self._lock:
             self._out.clear()
@@ -4893,9 +5038,8 @@ class Supervisor:
             raise
         manager.start()
         logger.info("worker %d (pid %d) serving", index, os.getpid())
-        thread = manager._thread
         supervisor = os.getppid()
-        while not stop_requests and thread is not None and thread.is_alive():
+        while not stop_requests and manager.running:
             if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
                 logger.warning("worker %d: the supervisor is gone; stopping", index)
                 break
@@ -4957,15 +5101,15 @@ class _ChatPeer(WebSocket):
     worker = ""  # "worker N: " in front of its log lines when the chat runs in worker processes
 
     def opened(self) -> None:
-        self._manager.subscribe(self, _CHAT_TOPIC)
-        logger.info("%s%s connected (%d connected)", self.worker, _format_peer(self.peer_address),
-                    len(self._manager))
+        manager = cast(WebSocketManager, self.manager)  # the one running this callback
+        manager.subscribe(self, _CHAT_TOPIC)
+        logger.info("%s%s connected (%d connected)", self.worker, _format_peer(self.peer_address), len(manager))
 
     def received_message(self, message: Union[str, bytes]) -> None:
-        self._manager.publish(_CHAT_TOPIC, message)
+        cast(WebSocketManager, self.manager).publish(_CHAT_TOPIC, message)
 
     def closed(self, code: int, reason: str) -> None:
-        manager = self._manager
+        manager = self.manager
         count = len(manager) if manager is not None else 0
         logger.info("%s%s disconnected: %d%s (%d connected)", self.worker, _format_peer(self.peer_address), code,
                     f" {reason}" if reason else "", count)
@@ -4974,7 +5118,7 @@ class _ChatPeer(WebSocket):
 def _format_peer(address: Any) -> str:
     if isinstance(address, tuple):
         host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{_bracket(host)}:{port}"
     return str(address or "unix socket")
 
 
@@ -5038,7 +5182,7 @@ def _serve(args: Any) -> int:
         return 1
     host, port = sock.getsockname()[:2]
     _chat_setup(args.redis)(manager, sock, -1)
-    display = f"[{host}]" if ":" in host else host
+    display = _bracket(host)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", display, port,
                 f", relayed through {args.redis}" if args.redis else "")
     stop_requests: List[int] = []
@@ -5051,8 +5195,7 @@ def _serve(args: Any) -> int:
 
     _request_stop_on_signals(stop_requests, force)
     manager.start()
-    thread = manager._thread
-    while not stop_requests and thread is not None and thread.is_alive():
+    while not stop_requests and manager.running:
         time.sleep(0.2)
     logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
     manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
@@ -5079,7 +5222,7 @@ def _serve_workers(args: Any) -> int:
     except OSError as exc:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    display = f"[{host}]" if ":" in host else host
+    display = _bracket(host)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", display, port,
                 args.workers, f", relayed through {args.redis}" if args.redis else "")
     if not args.redis:
