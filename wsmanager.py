@@ -45,7 +45,8 @@ Internal classes, one job each: ``_Receiver`` is a connection's receive path
 (parser, assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
 listening socket and the server's handshake policy (``accept(request) ->
 Response``); ``_ServerHandshake`` reads one server connection's request head
-before its 101; ``_Waker`` lets other threads interrupt ``select()``;
+before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
+one :meth:`WebSocketManager.connect` in the loop; ``_Waker`` lets other threads interrupt ``select()``;
 ``_Handler`` is the interface of everything in the selector and
 ``_Flushable`` that of the loop's flush queue; ``_WSGIHandOff`` is the WSGI
 application of :meth:`WebSocketManager.wsgi_app`; ``_RedisConnection`` and
