@@ -3022,7 +3022,8 @@ def _chosen_subprotocol(response: Response) -> Optional[str]:
 class WebSocketManager:
     """Runs many WebSocket connections, of either role, in one thread.
 
-    ``add()`` connections made by :func:`connect`, ``listen()`` for servers,
+    ``add()`` connections made by :func:`connect` (or :meth:`connect` them
+    without blocking), ``listen()`` for servers,
     then ``start()`` a background thread or ``run()`` in this one. As a
     context manager it starts on enter and, on exit, closes every
     connection (1001), waits up to ``close_timeout`` for them, stops and
