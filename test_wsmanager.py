@@ -3074,6 +3074,12 @@ class TestCodec:
         assert parser.pending() is not None
         partial = parser.read_partial()
         assert partial == payload[:len(partial)] and len(partial) > 29_000
+        # The rest completes it in the parser's buffer (unmasked through a view of that buffer, which
+        # must be released before the buffer is trimmed), with a partial frame left behind.
+        tail = encode_frame(Opcode.BINARY, b"next", mask=True)
+        frames = parser.feed(wire[30_001:] + tail[:3])
+        assert [(f.opcode, f.payload) for f in frames] == [(Opcode.BINARY, payload), (Opcode.TEXT, b"hi")]
+        assert [f.payload for f in parser.feed(tail[3:])] == [b"next"]
 
 
 ###############################################################################

@@ -540,7 +540,12 @@ class FrameParser:
                     if stop > end:
                         break
                     key = data[start:start + 4]
-                    payload = apply_mask(data[start + 4:stop], key) if length else b""
+                    if length >= _TRANSLATE_THRESHOLD:
+                        # Deliberate: a view, not a slice: one copy of a large payload less (apply_mask
+                        # copies anyway). Released on return, before the buffer is trimmed below.
+                        payload = apply_mask(memoryview(data)[start + 4:stop], key)
+                    else:
+                        payload = apply_mask(data[start + 4:stop], key) if length else b""
                 else:
                     stop = start + length
                     if stop > end:
