@@ -550,7 +550,13 @@ class FrameParser:
                     stop = start + length
                     if stop > end:
                         break
-                    payload = bytes(data[start:stop]) if type(data) is not bytes else data[start:stop]
+                    if type(data) is bytes:
+                        payload = data[start:stop]
+                    elif length >= _TRANSLATE_THRESHOLD:
+                        # Deliberate: bytes of a view copy a large payload once (of a slice: twice).
+                        payload = bytes(memoryview(data)[start:stop])
+                    else:
+                        payload = bytes(data[start:stop])
                 frames.append(_new_frame(Frame, (_OPCODE_LIST[opcode], payload, first >= 0x80,
                                                  first & 0x40 != 0, False, False)))
                 pos = stop
