@@ -828,6 +828,80 @@ def mgr_tls_contexts():
     return server_context, client_context
 
 
+# manager.connect(): a client that records connect_failed(), and a server that proves concurrency
+
+class Dialer(Recorder):
+    """A Recorder for manager.connect(): also records connect_failed(exc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failure = None
+        self.failed_event = threading.Event()
+
+    def connect_failed(self, exc):
+        self.events.append(("connect_failed", exc))
+        self.failure = exc
+        self.failed_event.set()
+
+
+def dial_failure(manager, url, **options):
+    """manager.connect() that must fail: the exception given to connect_failed()."""
+    client = manager.connect(url, Dialer, **options)
+    assert client.failed_event.wait(10), "connect_failed() was never called"
+    assert [event[0] for event in client.events] == ["connect_failed"]  # never opened, never closed
+    assert client.terminated and client.state is State.CLOSED and client.sock.fileno() == -1
+    with pytest.raises(ConnectionClosed):
+        client.send("too late")
+    return client.failure
+
+
+class GatedServer:
+    """A raw server that answers no handshake before `count` complete requests have come in.
+
+    Blocking connects one after the other would wait forever on the first; only
+    clients that handshake concurrently can all open.
+    """
+
+    def __init__(self, count):
+        self.count = count
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=count)
+        self.address = self.listener.getsockname()
+        self.socks = []
+        self.requests = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        readers, keys = {}, {}
+        deadline = time.monotonic() + 60
+        with selector:
+            while self.requests < self.count and not self.stop.is_set() and time.monotonic() < deadline:
+                for key, _ in selector.select(0.1):
+                    if key.fileobj is self.listener:
+                        sock, _ = self.listener.accept()
+                        self.socks.append(sock)
+                        readers[sock] = HeadReader()
+                        selector.register(sock, selectors.EVENT_READ)
+                        continue
+                    data = key.fileobj.recv(65536)
+                    result = readers[key.fileobj].feed(data) if data else None
+                    if result is not None:
+                        selector.unregister(key.fileobj)
+                        keys[key.fileobj] = validate_request(parse_request(result[0]))
+                        self.requests += 1
+            for sock, key in keys.items():
+                sock.sendall(build_response(key))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        for sock in [self.listener, *self.socks]:
+            sock.close()
+
+
 class MgrStopper(Recorder):
     manager = None  # set by the test
 
@@ -2975,6 +3049,45 @@ class TestCodec:
         assert parser.feed(wire[-1:]) == [Frame(Opcode.BINARY, payload)]
         assert elapsed < 10, f"{elapsed:.1f} s for 64 KiB: each feed costs time in the buffered size"
 
+    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch):
+        pytest.importorskip("wsaccel")
+        assert wsmanager._xor_masker is not None  # installed here: apply_mask runs in C
+        rng = random.Random(14)
+        cases = [(bytes(rng.getrandbits(8) for _ in range(n)), bytes(rng.getrandbits(8) for _ in range(4)))
+                 for n in (0, 1, 3, 4, 5, 511, 512, 513, 4097)]
+        accelerated = [apply_mask(data, key) for data, key in cases]
+        accelerated += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
+                        apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
+        monkeypatch.setattr(wsmanager, "_xor_masker", None)  # the standard-library path
+        pure = [apply_mask(data, key) for data, key in cases]
+        pure += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
+                 apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
+        assert accelerated == pure
+        assert pure[:len(cases)] == [naive_mask(data, key) for data, key in cases]
+        assert all(type(result) is bytes for result in accelerated + pure)
+
+    @pytest.mark.parametrize("accelerated", [True, False], ids=["wsaccel", "pure"])
+    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerated):
+        if accelerated:
+            pytest.importorskip("wsaccel")
+        else:
+            monkeypatch.setattr(wsmanager, "_xor_masker", None)
+        payload = os.urandom(70_000)
+        wire = encode_frame(Opcode.BINARY, payload, mask=True) + encode_frame(Opcode.TEXT, b"hi", mask=True)
+        frames = parse_all(wire, expect_masked=True)
+        assert [(f.opcode, f.payload) for f in frames] == [(Opcode.BINARY, payload), (Opcode.TEXT, b"hi")]
+        parser = FrameParser(expect_masked=True)  # the partial-payload path unmasks with a rotating key
+        assert parser.feed(wire[:30_001]) == []
+        assert parser.pending() is not None
+        partial = parser.read_partial()
+        assert partial == payload[:len(partial)] and len(partial) > 29_000
+        # The rest completes it in the parser's buffer (unmasked through a view of that buffer, which
+        # must be released before the buffer is trimmed), with a partial frame left behind.
+        tail = encode_frame(Opcode.BINARY, b"next", mask=True)
+        frames = parser.feed(wire[30_001:] + tail[:3])
+        assert [(f.opcode, f.payload) for f in frames] == [(Opcode.BINARY, payload), (Opcode.TEXT, b"hi")]
+        assert [f.payload for f in parser.feed(tail[3:])] == [b"next"]
+
 
 ###############################################################################
 # Handshake ###################################################################
@@ -4626,6 +4739,152 @@ class TestManager:
         assert head.startswith(b"HTTP/1.1 400")
         wait_until(lambda: any("TLS handshake on a plain connection" in r.getMessage()
                                for r in _wsmanager_records(caplog, logging.INFO)))
+
+    def test_manager_connect_returns_at_once_and_opens_in_the_loop(self):
+        servers = Collect(EchoRecorder)
+        with running_manager() as server, running_manager() as clients:
+            address = server.listen(("127.0.0.1", 0), servers, subprotocols=["chat"])
+            client = clients.connect(ws_url(address, "/room?x=1"), Dialer, subprotocols=["other", "chat"],
+                                     headers=[("X-Token", "t1")], origin="https://example.com")
+            assert client.state is State.CONNECTING and client.client
+            client.send("queued before the handshake")  # goes out once open
+            assert client.opened_event.wait(10)
+            assert client.subprotocol == "chat"
+            assert client.response_headers["Sec-WebSocket-Protocol"] == "chat"
+            assert client.peer_address == address and client in clients
+            wait_until(lambda: client.messages == ["queued before the handshake"])
+            made = servers.made[0]
+            assert made.path == "/room?x=1" and made.request_headers["X-Token"] == "t1"
+            assert made.request_headers["Origin"] == "https://example.com"
+            client.close()
+            assert client.closed_event.wait(10)
+            assert client.failure is None and client.events[0] == ("opened",)
+
+    def test_manager_connect_shares_the_request_of_blocking_connect(self):
+        # One request builder for both ways to connect: the same head but for the key.
+        with running_manager() as server, running_manager() as clients:
+            address = server.listen(("127.0.0.1", 0), EchoServer)
+            options = dict(subprotocols=["a"], headers=[("X-A", "1")], origin="http://o", compression="deflate")
+            blocking = open_client(clients, ws_url(address, "/p"), **options)
+            dialed = clients.connect(ws_url(address, "/p"), Dialer, **options)
+            assert dialed.opened_event.wait(10)
+            first, second = (dict(ws.request_headers) for ws in (blocking, dialed))
+            assert first.pop("Sec-WebSocket-Key") != second.pop("Sec-WebSocket-Key")
+            assert first == second
+
+    def test_manager_connect_negotiates_compression(self):
+        with running_manager() as server, running_manager() as clients:
+            address = server.listen(("127.0.0.1", 0), EchoServer, compression="deflate")
+            client = clients.connect(ws_url(address), Dialer, compression="deflate")
+            client.send("x" * 10_000)
+            wait_until(lambda: client.messages == ["x" * 10_000])
+            assert client.compression is not None
+
+    def test_manager_connect_opens_many_clients_concurrently(self):
+        count = 200
+        gate = GatedServer(count)
+        try:
+            with running_manager() as clients:
+                dialed = [clients.connect(ws_url(gate.address), Dialer) for _ in range(count)]
+                # The gate answers only once all 200 requests are in: they were all in flight at once.
+                wait_until(lambda: all(client.opened_event.is_set() for client in dialed), timeout=30)
+                assert gate.requests == count and len(clients) == count
+                assert not [client.failure for client in dialed if client.failure is not None]
+                for client in dialed:
+                    client.terminate()
+        finally:
+            gate.close()
+
+    def test_manager_connect_refused_is_reported_to_connect_failed(self):
+        with running_manager() as clients:
+            exc = dial_failure(clients, f"ws://127.0.0.1:{_free_port()}/")
+            assert isinstance(exc, ConnectionRefusedError)
+            assert len(clients) == 0 and not clients._handshakes
+
+    def test_manager_connect_times_out_within_the_handshake_timeout(self):
+        with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
+            with running_manager(handshake_timeout=0.3) as clients:
+                exc = dial_failure(clients, ws_url(silent.getsockname()))
+                assert isinstance(exc, TimeoutError) and "0.3 s" in str(exc)
+                exc = dial_failure(clients, ws_url(silent.getsockname()), timeout=0.2)
+                assert isinstance(exc, TimeoutError) and "0.2 s" in str(exc)
+            for _ in range(2):
+                silent.accept()[0].close()
+
+    def test_manager_connect_refusal_is_a_handshake_error_with_the_status(self):
+        with running_manager() as server, running_manager() as clients:
+            address = server.listen(("127.0.0.1", 0), EchoServer, handshake=lambda request: Response(403))
+            exc = dial_failure(clients, ws_url(address))
+            assert isinstance(exc, HandshakeError) and exc.status == 403
+
+    def test_manager_connect_malformed_response_and_early_eof(self):
+        for answer, message in ((b"HTTP/1.1 101 OK\r\nbad header line\r\n\r\n", "malformed response"),
+                                (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 b"Sec-WebSocket-Accept: wrong\r\n\r\n", "wrong Sec-WebSocket-Accept"),
+                                (b"", "connection closed during the handshake")):
+            with socket.create_server(("127.0.0.1", 0)) as listener, running_manager() as clients:
+                client = clients.connect(ws_url(listener.getsockname()), Dialer)
+                peer = listener.accept()[0]
+                with peer:
+                    read_head(peer)
+                    peer.sendall(answer)
+                    peer.shutdown(socket.SHUT_WR)
+                    assert client.failed_event.wait(10)
+                assert isinstance(client.failure, HandshakeError) and message in str(client.failure)
+
+    def test_manager_connect_over_tls(self, mgr_tls_contexts):
+        server_context, client_context = mgr_tls_contexts
+        servers = Collect(EchoRecorder, greeting="hello over TLS")
+        with running_manager() as server, running_manager() as clients:
+            port = server.listen(("127.0.0.1", 0), servers, ssl_context=server_context)[1]
+            client = clients.connect(f"wss://localhost:{port}/secure", Dialer, ssl_context=client_context)
+            client.send("ping over TLS")
+            wait_until(lambda: client.messages == ["hello over TLS", "ping over TLS"])
+            assert isinstance(client.sock, ssl.SSLSocket)
+            # A certificate the client does not trust fails the connect, not the loop.
+            exc = dial_failure(clients, f"wss://localhost:{port}/")  # default context: trustme's CA unknown
+            assert isinstance(exc, ssl.SSLCertVerificationError)
+            client.send("still fine")
+            wait_until(lambda: client.messages[-1:] == ["still fine"])
+
+    def test_manager_connect_checks_the_url_and_the_manager_in_the_caller(self):
+        m = WebSocketManager()
+        try:
+            with pytest.raises(InvalidURL):
+                m.connect("http://127.0.0.1/", Dialer)
+            m.stop()
+            m.run()
+            with pytest.raises(ManagerStopped):
+                m.connect("ws://127.0.0.1:9/", Dialer)
+        finally:
+            m.stop()
+
+    def test_manager_stop_fails_pending_connects_with_manager_stopped(self):
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            with running_manager() as clients:
+                client = clients.connect(ws_url(silent.getsockname()), Dialer)
+                wait_until(lambda: clients._handshakes)
+                clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
+                assert client.failed_event.wait(10)
+            assert isinstance(client.failure, ManagerStopped)
+            # Queued but never run: a connect() made before a loop that never ran is failed at shutdown.
+            never = WebSocketManager()
+            late = never.connect(ws_url(silent.getsockname()), Dialer)
+            never.stop()
+            never.run()
+            assert isinstance(late.failure, ManagerStopped) and late.sock.fileno() == -1
+
+    def test_connect_failed_that_raises_is_logged(self, caplog):
+        class Raising(Dialer):
+            def connect_failed(self, exc):
+                super().connect_failed(exc)
+                raise RuntimeError("boom")
+
+        with running_manager() as clients:
+            client = clients.connect(f"ws://127.0.0.1:{_free_port()}/", Raising)
+            assert client.failed_event.wait(10)
+            wait_until(lambda: "connect_failed raised" in caplog.text)
+            assert clients._thread.is_alive()
 
 
 ###############################################################################
@@ -7411,3 +7670,17 @@ class TestDocs:
         with contextlib.redirect_stdout(output):
             exec(code, {"__name__": "docstring_example"})
         assert output.getvalue() == "hello\n"
+
+    def test_readme_connect_many_snippet_opens_its_clients_at_once(self, echo_server):
+        _, port = echo_server
+        code = readme_snippet("connect-many").replace("2000", "300").replace("9000", str(port))
+        assert code.count("300") == 3
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            exec(code, {"__name__": "readme_connect_many"})
+        assert output.getvalue().splitlines() == ["300 replies, 0 failures"]
+
+    def test_speedups_extra_names_wsaccel(self):
+        setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
+        assert re.search(r"^speedups =\n    wsaccel", setup, re.M)
+        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)  # the tests cover both masking paths

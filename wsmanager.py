@@ -45,12 +45,15 @@ Internal classes, one job each: ``_Receiver`` is a connection's receive path
 (parser, assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
 listening socket and the server's handshake policy (``accept(request) ->
 Response``); ``_ServerHandshake`` reads one server connection's request head
-before its 101; ``_Waker`` lets other threads interrupt ``select()``;
+before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
+one :meth:`WebSocketManager.connect` in the loop; ``_Waker`` lets other threads interrupt ``select()``;
 ``_Handler`` is the interface of everything in the selector and
 ``_Flushable`` that of the loop's flush queue; ``_WSGIHandOff`` is the WSGI
 application of :meth:`WebSocketManager.wsgi_app`; ``_RedisConnection`` and
 ``_RespParser`` are the bridge's socket and its RESP reader.
 """
+
+from __future__ import annotations  # annotations are not evaluated: typing costs nothing at import
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -77,31 +80,76 @@ __all__ = [
     "RedisBridge", "Supervisor",
 ]
 
-import base64
 import codecs
 import collections
 import contextlib
 import enum
 import errno
-import hashlib
 import heapq
-import logging
 import os
 import re
 import selectors
 import socket
-import ssl
 import struct
 import sys
 import threading
 import time
 import types
-import urllib.parse
-import zlib
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
-logger = logging.getLogger("wsmanager")
+if TYPE_CHECKING:
+    import base64
+    import hashlib
+    import logging
+    import ssl
+    import urllib.parse
+    import zlib
+else:
+    class _LazyModule(types.ModuleType):
+        """A module imported on its first use, then bound in its place: no cost at import, none after.
+
+        Deliberate: these modules are most of what ``import wsmanager`` would
+        cost (``ssl`` and ``logging`` above all, issue 14), and many programs
+        never touch TLS, compression or a log line.
+        """
+
+        def __getattr__(self, attribute: str) -> Any:
+            name = self.__name__
+            __import__(name)
+            top = name.partition(".")[0]
+            globals()[top] = module = sys.modules[top]  # every later use finds the real module
+            if name == "ssl":
+                _tls_in_use()
+            return getattr(module, attribute)
+
+    base64, hashlib, logging, ssl, zlib = map(_LazyModule, ("base64", "hashlib", "logging", "ssl", "zlib"))
+    urllib = _LazyModule("urllib.parse")
+
+
+def _is_tls(sock: Any) -> bool:
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
+
+    Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
+    """
+    module = sys.modules.get("ssl")
+    if module is None or not isinstance(sock, module.SSLSocket):
+        return False
+    if len(_WOULD_BLOCK) == 2:
+        _tls_in_use()
+    return True
+
+
+class _Logger:
+    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily)."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        global logger
+        logger = logging.getLogger("wsmanager")
+        return getattr(logger, attribute)
+
+
+logger = cast("logging.Logger", _Logger())
 
 
 ###############################################################################
@@ -180,7 +228,15 @@ CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
 # What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# ssl's two join once ssl is in use (_tls_in_use): ssl is imported lazily, and no TLS socket exists before.
+_WOULD_BLOCK: Tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+
+
+def _tls_in_use() -> None:
+    """Add ssl's would-block errors to _WOULD_BLOCK (when ssl is imported, or a TLS socket is first seen)."""
+    global _WOULD_BLOCK
+    module = sys.modules["ssl"]
+    _WOULD_BLOCK = (BlockingIOError, InterruptedError, module.SSLWantReadError, module.SSLWantWriteError)
 
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -269,13 +325,29 @@ class Close(NamedTuple):
     reason: str
 
 
-# One XOR table per key byte, for bytes.translate: 64 KiB built once.
-_XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
+# One XOR table per key byte, for bytes.translate: 64 KiB built once, each table by one
+# big-int XOR of the identity table (a generator over 65,536 bytes would cost ms at import).
+_IDENTITY = int.from_bytes(bytes(range(256)), "big")
+_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes((k,)) * 256, "big")).to_bytes(256, "big") for k in range(256)]
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
+
+# The optional accelerator (the ``speedups`` extra): wsaccel's C masking, as ws4py used it.
+# The pure-Python path below stays the one that runs on the standard library alone.
+_xor_masker: Optional[Callable[[Union[bytes, bytearray]], Any]]
+try:
+    from wsaccel.xormask import XorMaskerSimple as _xor_masker  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+except ImportError:  # pragma: no cover - depends on what is installed
+    _xor_masker = None
 
 
 def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike."""
+    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
+
+    Runs in C when ``wsaccel`` is installed (``pip install wsmanager[speedups]``),
+    else in pure Python.
+    """
+    if _xor_masker is not None:
+        return cast(bytes, _xor_masker(key).process(data))
     n = len(data)
     if n < _TRANSLATE_THRESHOLD:
         if not n:
@@ -468,12 +540,23 @@ class FrameParser:
                     if stop > end:
                         break
                     key = data[start:start + 4]
-                    payload = apply_mask(data[start + 4:stop], key) if length else b""
+                    if length >= _TRANSLATE_THRESHOLD:
+                        # Deliberate: a view, not a slice: one copy of a large payload less (apply_mask
+                        # copies anyway). Released on return, before the buffer is trimmed below.
+                        payload = apply_mask(memoryview(data)[start + 4:stop], key)
+                    else:
+                        payload = apply_mask(data[start + 4:stop], key) if length else b""
                 else:
                     stop = start + length
                     if stop > end:
                         break
-                    payload = bytes(data[start:stop]) if type(data) is not bytes else data[start:stop]
+                    if type(data) is bytes:
+                        payload = data[start:stop]
+                    elif length >= _TRANSLATE_THRESHOLD:
+                        # Deliberate: bytes of a view copy a large payload once (of a slice: twice).
+                        payload = bytes(memoryview(data)[start:stop])
+                    else:
+                        payload = bytes(data[start:stop])
                 frames.append(_new_frame(Frame, (_OPCODE_LIST[opcode], payload, first >= 0x80,
                                                  first & 0x40 != 0, False, False)))
                 pos = stop
@@ -1749,7 +1832,7 @@ class WebSocket:
         self._last_seen = 0.0
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls = _is_tls(sock)
         self._active = False  # registered in its manager's selector: between _open() and _release()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
@@ -1777,6 +1860,10 @@ class WebSocket:
 
     def ponged(self, payload: bytes) -> None:
         """Called for each pong received."""
+
+    def connect_failed(self, exc: BaseException) -> None:
+        """Called instead of :meth:`opened` and :meth:`closed` when :meth:`WebSocketManager.connect`
+        could not open the connection: ``exc`` says why (see there). The socket is closed."""
 
     def closed(self, code: int, reason: str) -> None:
         """Called exactly once when the connection is over and its socket closed.
@@ -2107,7 +2194,7 @@ class WebSocket:
         if extra and self.state < _CLOSED:
             self._extra = b""
             self._receive(extra)
-        if self._tls and not self._finalized and cast(ssl.SSLSocket, sock).pending():
+        if self._tls and not self._finalized and cast("ssl.SSLSocket", sock).pending():
             manager._read_again(self)
 
     def _heartbeat(self) -> None:
@@ -2199,7 +2286,7 @@ class WebSocket:
         self._last_seen = manager._now
         if self.state < _CLOSED:
             self._receive(data)
-        if self._tls and not self._finalized and cast(ssl.SSLSocket, self.sock).pending():
+        if self._tls and not self._finalized and cast("ssl.SSLSocket", self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._read_again(self)
 
@@ -2587,7 +2674,7 @@ class _ServerHandshake:
         self.address = address
         self.reader = HeadReader()
         self.timer: Any = None
-        self.tls_pending = isinstance(sock, ssl.SSLSocket)
+        self.tls_pending = _is_tls(sock)
         self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
         self._finalized = False
 
@@ -2616,7 +2703,7 @@ class _ServerHandshake:
             return
         if result is not None:
             self.manager._complete_handshake(self, *result)
-        elif isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._read_again(self)
 
     def _on_write(self) -> None:
@@ -2630,7 +2717,7 @@ class _ServerHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            cast(ssl.SSLSocket, self.sock).do_handshake()
+            cast("ssl.SSLSocket", self.sock).do_handshake()
         except ssl.SSLWantReadError:
             self._set_events(selectors.EVENT_READ)
             return False
@@ -2720,6 +2807,184 @@ class _ServerHandshake:
         self.sock.close()
 
 
+class _ClientHandshake:
+    """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
+
+    Runs in the loop: the TCP connect, the TLS handshake, writing the request
+    and reading the response, bounded by ``timeout`` (the manager's
+    ``handshake_timeout`` by default). On success the :class:`WebSocket` made
+    up front opens in the manager; on failure its socket is closed and
+    ``connect_failed(exc)`` is called. A :class:`_Handler` while it runs.
+    """
+
+    __slots__ = ("manager", "websocket", "sock", "address", "key", "subprotocols", "settings", "timeout",
+                 "request", "reader", "timer", "tls_pending", "connected", "_finalized")
+
+    # Never writes a refusal: read by the manager's stop bookkeeping, shared with _ServerHandshake.
+    reply: Optional[memoryview] = None
+
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, key: str,
+                 subprotocols: Optional[Sequence[str]], settings: Optional[Deflate], request: bytes,
+                 timeout: float):
+        self.manager = manager
+        self.websocket = websocket
+        self.sock = websocket.sock
+        self.address = address
+        self.key = key
+        self.subprotocols = subprotocols
+        self.settings = settings
+        self.timeout = timeout
+        self.request = memoryview(request)
+        self.reader = HeadReader()
+        self.timer: Any = None
+        self.tls_pending = websocket._tls
+        self.connected = False
+        self._finalized = False
+
+    def _begin(self) -> None:
+        """Loop thread: start the TCP connect (the socket is non-blocking)."""
+        manager = self.manager
+        if self.websocket.terminated:
+            self._detach()  # terminated before the loop got to it
+            return
+        if manager._stopping:
+            self._fail(ManagerStopped("the manager is stopping"))
+            return
+        manager._handshakes.add(self)
+        self.timer = manager._call_later(self.timeout, self._time_out)
+        try:
+            # For an SSLSocket, connect_ex() also sets up the TLS object for the handshake to come.
+            error = self.sock.connect_ex(self.address)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            self._fail(OSError(error, os.strerror(error)))
+            return
+        manager._set_events(self.sock, selectors.EVENT_WRITE, self)
+
+    def _on_write(self) -> None:
+        if self._finalized:
+            return
+        if not self.connected:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(OSError(error, os.strerror(error)))
+                return
+            self.connected = True
+        if self.tls_pending and not self._tls_handshake():
+            return
+        self._write_request()
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return
+        if self.tls_pending:
+            if self._tls_handshake():
+                self._write_request()
+            return
+        if self.request:
+            return  # a hang-up before the request is out: the write handler sees the error
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        try:
+            if not data:
+                raise HandshakeError("connection closed during the handshake", None)
+            result = _feed_response(self.reader, data)
+            if result is None:
+                if self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
+                    self.manager._read_again(self)
+                return
+            head, rest = result
+            subprotocol, deflate = _check_client_response(head, self.key, self.subprotocols, self.settings)
+        except HandshakeError as exc:
+            self._fail(exc)
+            return
+        self._open(head, rest, subprotocol, deflate)
+
+    def _tls_handshake(self) -> bool:
+        try:
+            cast("ssl.SSLSocket", self.sock).do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._set_events(selectors.EVENT_WRITE)
+            return False
+        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
+            self._fail(exc)
+            return False
+        self.tls_pending = False
+        return True
+
+    def _write_request(self) -> None:
+        request = self.request
+        try:
+            sent = self.sock.send(request) if request else 0
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self.request = request = request[sent:]
+        self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
+
+    def _set_events(self, events: int) -> None:
+        self.manager._set_events(self.sock, events, self)
+
+    def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
+              deflate: Optional[DeflateParams]) -> None:
+        websocket = self.websocket
+        self._detach()
+        if websocket.terminated:
+            return  # terminate()d meanwhile
+        # What the blocking connect() gives the factory, known only now: set before opened() runs.
+        websocket._response_headers = head
+        websocket.subprotocol = subprotocol
+        websocket._extra = rest
+        if deflate is not None and self.settings is not None:
+            websocket._enable_deflate(deflate, self.settings)
+        manager = self.manager
+        manager._take(websocket)
+        manager._open(websocket)  # takes the selector registration over from this handshake
+
+    def _time_out(self) -> None:
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
+
+    def _refuse_for_stop(self) -> None:
+        self._fail(ManagerStopped("the manager stopped before the connection opened"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._finalized:
+            return
+        self._detach()
+        self.manager._unwatch(self.sock)
+        websocket = self.websocket
+        logger.info("could not connect %s: %s", websocket._describe(), exc)
+        websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
+        try:
+            websocket.connect_failed(exc)
+        except Exception as error:
+            logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+
+    def _detach(self) -> None:
+        self._finalized = True
+        _cancel(self.timer)
+        self.manager._handshakes.discard(self)
+
+    def _finalize(self, reason: str = "") -> None:
+        # The manager's shutdown, or an internal error (WebSocketManager._crashed).
+        if self.manager._finished:
+            self._fail(ManagerStopped("the manager stopped before the connection opened"))
+        else:
+            self._fail(WebSocketError(reason or "internal error"))
+
+
 class _Waker:
     """The read end of a socketpair: other threads write a byte to end select()."""
 
@@ -2757,6 +3022,7 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
+_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
 def _chosen_subprotocol(response: Response) -> Optional[str]:
     for name, value in response.headers:
         if name.lower() == "sec-websocket-protocol":
@@ -2767,7 +3033,8 @@ def _chosen_subprotocol(response: Response) -> Optional[str]:
 class WebSocketManager:
     """Runs many WebSocket connections, of either role, in one thread.
 
-    ``add()`` connections made by :func:`connect`, ``listen()`` for servers,
+    ``add()`` connections made by :func:`connect` (or :meth:`connect` them
+    without blocking), ``listen()`` for servers,
     then ``start()`` a background thread or ``run()`` in this one. As a
     context manager it starts on enter and, on exit, closes every
     connection (1001), waits up to ``close_timeout`` for them, stops and
@@ -2814,7 +3081,7 @@ class WebSocketManager:
         self._memberships: Dict[WebSocket, Set[str]] = {}
         self._topics_lock = threading.Lock()
         self._bridge: Optional["RedisBridge"] = None
-        self._handshakes: Set[_ServerHandshake] = set()
+        self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
@@ -2862,6 +3129,70 @@ class WebSocketManager:
             self._check_running(stopping=True)
             self._take(websocket, listener)
         self._call_threadsafe(self._open, websocket)
+
+    @overload
+    def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
+                subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
+                origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
+                timeout: Optional[float] = None) -> WebSocket: ...
+
+    @overload
+    def connect(self, url: str, factory: Callable[..., _WebSocketT], *, ssl_context: Optional[ssl.SSLContext] = None,
+                subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
+                origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
+                timeout: Optional[float] = None) -> _WebSocketT: ...
+
+    def connect(self, url: str, factory: Callable[..., WebSocket] = WebSocket, *,
+                ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+                headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None) -> WebSocket:
+        """Open a client connection without blocking: the connection is returned at once.
+
+        The TCP connect, the TLS handshake and the opening handshake run in
+        the loop, within ``timeout`` (default: the manager's
+        ``handshake_timeout``); then the connection opens here as if
+        :meth:`add`-ed (``opened()``, with ``subprotocol``,
+        ``response_headers`` and ``compression`` set). If any step fails, the
+        socket is closed and ``connect_failed(exc)`` is called in the loop
+        instead of ``opened()`` and ``closed()``: ``exc`` is a
+        :class:`HandshakeError`, an :class:`OSError` (``ssl.SSLError`` and
+        ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
+        meanwhile are queued and go out once it opens.
+
+        Same options as :func:`connect`. Only the host name is resolved here,
+        in the caller (an IP address costs nothing); raises
+        :class:`InvalidURL` for a bad URL, :class:`OSError` when the name does
+        not resolve and :class:`ManagerStopped` once the manager is stopping.
+        Any thread may call it.
+        """
+        settings = _deflate_settings(compression)
+        target = _client_target(url)
+        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if target.secure:
+                context = ssl_context if ssl_context is not None else ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+            key = new_key()
+            request = _client_request(target, key, settings, subprotocols, headers, origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=request,
+                                peer_address=address)
+            handshake = _ClientHandshake(self, websocket, address, key, subprotocols, settings, request,
+                                         self.handshake_timeout if timeout is None else timeout)
+            with self._lock:
+                self._check_running(stopping=True)
+                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
+                websocket._bind(self)
+        except BaseException:
+            sock.close()
+            raise
+        self._call_threadsafe(self._begin_client, handshake)
+        return websocket
+
+    def _begin_client(self, handshake: "_ClientHandshake") -> None:
+        handshake._begin()
 
     def remove(self, websocket: WebSocket) -> None:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
@@ -3507,6 +3838,8 @@ class WebSocketManager:
                 args[0]._finalize("manager stopped")
             elif function == self._adopt:
                 args[1].close()
+            elif function == self._begin_client:
+                args[0]._finalize("manager stopped")
         self._calls.clear()
         self._timers.clear()
         self._dirty.clear()
@@ -3521,7 +3854,69 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
-_WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)
+class _ClientTarget(NamedTuple):
+    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
+
+    secure: bool
+    host: str  # for name resolution and TLS's server_hostname
+    port: int
+    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
+    path: str  # origin-form request target: path and query
+
+
+def _client_target(url: str) -> _ClientTarget:
+    """Parse and check a client URL; raises :class:`InvalidURL`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise InvalidURL(f"invalid port in {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise InvalidURL(f"no host in {url!r}")
+    bracketed = _bracket(host)
+    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate],
+                    subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                    origin: Optional[str]) -> bytes:
+    """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
+    if settings is not None:
+        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
+    return build_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
+                         origin=origin)
+
+
+def _feed_response(reader: HeadReader, data: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """Feed the server's answer to ``reader``: (head, rest) once the head is complete."""
+    try:
+        return reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"malformed response: {exc}", None) from None
+
+
+def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequence[str]],
+                           settings: Optional[Deflate]) -> Tuple[Optional[str], Optional[DeflateParams]]:
+    """Check the server's response head: (subprotocol, deflate parameters); raises :class:`HandshakeError`."""
+    response = parse_response(head)
+    subprotocol = validate_response(response, key, subprotocols, settings)
+    deflate = None
+    if settings is not None and isinstance(response.headers, Headers):
+        deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
+    return subprotocol, deflate
+
+
 
 
 @overload
@@ -3553,36 +3948,16 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     included) when the network or TLS fails.
     """
     settings = _deflate_settings(compression)
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
-    secure = parts.scheme == "wss"
-    try:
-        port = parts.port or (443 if secure else 80)
-    except ValueError:
-        raise InvalidURL(f"invalid port in {url!r}") from None
-    host = parts.hostname
-    if not host:
-        raise InvalidURL(f"no host in {url!r}")
-    bracketed = _bracket(host)
-    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
-        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    target = _client_target(url)
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((host, port), timeout)
+    sock = socket.create_connection((target.host, target.port), timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if secure:
+        if target.secure:
             context = ssl_context if ssl_context is not None else ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=host)
+            sock = context.wrap_socket(sock, server_hostname=target.host)
         key = new_key()
-        if settings is not None:
-            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
-        request = build_request(host_header, path, key, subprotocols=subprotocols, headers=headers, origin=origin)
+        request = _client_request(target, key, settings, subprotocols, headers, origin)
         sock.sendall(request)
         reader = HeadReader()
         result = None
@@ -3594,17 +3969,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
             data = sock.recv(READ_SIZE)
             if not data:
                 raise HandshakeError("connection closed during the handshake", None)
-            try:
-                result = reader.feed(data)
-            except HandshakeError as exc:
-                raise HandshakeError(f"malformed response: {exc}", None) from None
+            result = _feed_response(reader, data)
         head, rest = result
-        response = parse_response(head)
-        subprotocol = validate_response(response, key, subprotocols, settings)
-        deflate = None
-        if settings is not None and isinstance(response.headers, Headers):
-            deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
-        websocket = factory(sock, client=True, path=path, request_headers=request,
+        subprotocol, deflate = _check_client_response(head, key, subprotocols, settings)
+        websocket = factory(sock, client=True, path=target.path, request_headers=request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
         if deflate is not None and settings is not None:
@@ -3764,7 +4132,7 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     for key in _WSGI_SOCKET_KEYS:
         sock = environ.get(key)
         if sock is not None:
-            if isinstance(sock, ssl.SSLSocket):
+            if _is_tls(sock):
                 raise HandshakeError(f"{key} is a TLS socket: its TLS session cannot be taken over", 501)
             fd = sock.fileno()
             break
@@ -4041,7 +4409,7 @@ class _RedisConnection:
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             manager._flush_dirty()
-            if len(data) < READ_SIZE and not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
 
     def _on_write(self) -> None:
