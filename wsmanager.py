@@ -127,6 +127,18 @@ else:
     urllib = _LazyModule("urllib.parse")
 
 
+def _tls_step(sock: Any) -> int:
+    """One step of a non-blocking TLS handshake: 0 once it is complete, else the selector event
+    it waits for. A failed handshake raises (``ssl.SSLError``, ``OSError``)."""
+    try:
+        sock.do_handshake()
+    except ssl.SSLWantReadError:
+        return selectors.EVENT_READ
+    except ssl.SSLWantWriteError:
+        return selectors.EVENT_WRITE
+    return 0
+
+
 def _is_tls(sock: Any) -> bool:
     """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
 
@@ -2717,16 +2729,13 @@ class _ServerHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            cast("ssl.SSLSocket", self.sock).do_handshake()
-        except ssl.SSLWantReadError:
-            self._set_events(selectors.EVENT_READ)
-            return False
-        except ssl.SSLWantWriteError:
-            self._set_events(selectors.EVENT_WRITE)
-            return False
+            waiting = _tls_step(self.sock)
         except (ssl.SSLError, OSError) as exc:
             logger.debug("TLS handshake with %s failed: %s", self.address, exc)
             self._finalize()
+            return False
+        if waiting:
+            self._set_events(waiting)
             return False
         self.tls_pending = False
         self._set_events(selectors.EVENT_READ)
@@ -2909,15 +2918,12 @@ class _ClientHandshake:
 
     def _tls_handshake(self) -> bool:
         try:
-            cast("ssl.SSLSocket", self.sock).do_handshake()
-        except ssl.SSLWantReadError:
-            self._set_events(selectors.EVENT_READ)
-            return False
-        except ssl.SSLWantWriteError:
-            self._set_events(selectors.EVENT_WRITE)
-            return False
+            waiting = _tls_step(self.sock)
         except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
             self._fail(exc)
+            return False
+        if waiting:
+            self._set_events(waiting)
             return False
         self.tls_pending = False
         return True
@@ -4437,15 +4443,13 @@ class _RedisConnection:
                 self._tls_pending = True
         if self._tls_pending:
             try:
-                self.sock.do_handshake()  # type: ignore[attr-defined]
-            except ssl.SSLWantReadError:
-                self._set_events(selectors.EVENT_READ)
-                return
-            except ssl.SSLWantWriteError:
-                self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
-                return
+                waiting = _tls_step(self.sock)
             except (ssl.SSLError, OSError) as exc:
                 self._finalize(f"TLS handshake: {exc}")
+                return
+            if waiting:
+                # Replies may arrive while a write is wanted: reading stays on.
+                self._set_events(waiting | selectors.EVENT_READ)
                 return
             self._tls_pending = False
             self._became_ready()
