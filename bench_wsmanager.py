@@ -1316,18 +1316,48 @@ def open_one_by_one(open_one: Callable[[], Any], count: int, failures: Any) -> "
     return opened, errors
 
 
+class EchoTally:
+    """Echoes counted by the callbacks of a threaded client library, until ``target`` have come."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.target = 1
+        self.enough = threading.Event()
+
+    def count(self) -> None:
+        self.received += 1
+        if self.received >= self.target:
+            self.enough.set()
+
+
+def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, server_pid: int, p: Params,
+                             failures: Any) -> dict:
+    """S6 for a client library whose connections run in its own manager thread: a warm-up connection,
+    then p.s6_connections opened one by one (measured), then one echo each."""
+    warm = open_client()
+    warm.send("warm-up")
+    tally.enough.wait(CONNECT_TIMEOUT)
+    tally.received, tally.target = 0, p.s6_connections
+    tally.enough.clear()
+    time.sleep(0.2)
+    rss_before = rss_bytes()
+    with Meter(server_pid) as meter:
+        clients, errors = open_one_by_one(open_client, p.s6_connections, failures)
+    tally.target = len(clients)
+    for client in clients:
+        client.send("hi")
+    tally.enough.wait(p.trial_timeout)
+    rss_after = rss_bytes()
+    return s6_result(meter, len(clients), rss_before, rss_after, errors, tally.received)
+
+
 def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
     url = f"ws://{HOST}:{port}/"
-    received = 0
-    enough = threading.Event()
-    target = 1
+    tally = EchoTally()
 
     class Client(wsmanager.WebSocket):
         def received_message(self, message):
-            nonlocal received
-            received += 1
-            if received >= target:
-                enough.set()
+            tally.count()
 
     def open_client() -> wsmanager.WebSocket:
         client = wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
@@ -1337,21 +1367,7 @@ def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
     manager = wsmanager.WebSocketManager()
     manager.start()
     try:
-        warm = open_client()
-        warm.send("warm-up")
-        enough.wait(CONNECT_TIMEOUT)
-        received, target = 0, p.s6_connections
-        enough.clear()
-        time.sleep(0.2)
-        rss_before = rss_bytes()
-        with Meter(server_pid) as meter:
-            clients, errors = open_one_by_one(open_client, p.s6_connections, (OSError, wsmanager.HandshakeError))
-        target = len(clients)
-        for client in clients:
-            client.send("hi")
-        enough.wait(p.trial_timeout)
-        rss_after = rss_bytes()
-        return s6_result(meter, len(clients), rss_before, rss_after, errors, received)
+        return measure_threaded_clients(open_client, tally, server_pid, p, (OSError, wsmanager.HandshakeError))
     finally:
         manager.stop()
         manager.join(15)
@@ -1428,19 +1444,14 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
 def client_s6_ws4py(port: int, server_pid: int, p: Params) -> dict:
     """ws4py's documented client use: ``connect()`` (blocking handshake), then its manager runs the connection."""
     url = f"ws://{HOST}:{port}/"
-    received = 0
-    enough = threading.Event()
-    target = 1
+    tally = EchoTally()
 
     class Client(Ws4pyClient):
         def handshake_ok(self):
             manager.add(self)
 
         def received_message(self, message):
-            nonlocal received
-            received += 1
-            if received >= target:
-                enough.set()
+            tally.count()
 
     def open_client() -> Any:
         client = Client(url)
@@ -1451,21 +1462,7 @@ def client_s6_ws4py(port: int, server_pid: int, p: Params) -> dict:
     manager = Ws4pyManager()
     manager.start()
     try:
-        warm = open_client()
-        warm.send("warm-up")
-        enough.wait(CONNECT_TIMEOUT)
-        received, target = 0, p.s6_connections
-        enough.clear()
-        time.sleep(0.2)
-        rss_before = rss_bytes()
-        with Meter(server_pid) as meter:
-            clients, errors = open_one_by_one(open_client, p.s6_connections, Exception)
-        target = len(clients)
-        for client in clients:
-            client.send("hi")
-        enough.wait(p.trial_timeout)
-        rss_after = rss_bytes()
-        return s6_result(meter, len(clients), rss_before, rss_after, errors, received)
+        return measure_threaded_clients(open_client, tally, server_pid, p, Exception)
     finally:
         manager.close_all()
         manager.stop()
