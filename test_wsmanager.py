@@ -6551,6 +6551,9 @@ class TestCommandLine:
             assert re.search(rb"hal\x1b7\r?\n\x1b\[A\x1b\[L< incoming\r?\n\x1b8\x1b\[B", output), bytes(output)
             os.write(master, b"f\r")  # the line is finished: it was never lost or split
             wait_until(lambda: server.messages == ["half"])
+            # Ctrl-D once the next prompt shows, as a person would: sent earlier, it can reach the
+            # terminal while readline switches it from line mode to raw mode, and be lost there.
+            _read_pty_until(master, bytearray(), b"> ")
             os.write(master, b"\x04")  # Ctrl-D: a normal close
             assert proc.wait(20) == 0
             assert server.closed_event.wait(10) and server.close_code == CloseCode.NORMAL
