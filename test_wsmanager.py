@@ -49,8 +49,8 @@ from wsmanager import (  # the public API, as users see it
     MAX_HEAD_SIZE, MAX_HEADER_LINES, WebSocketError, ProtocolError, HandshakeError, InvalidURL,
     ConnectionClosed, ManagerStopped, Frame, Close, apply_mask, encode_frame, FrameParser, MessageAssembler,
     encode_close, parse_close, Deflate, DeflateParams, PerMessageDeflate, Headers, Response, HeadReader,
-    accept_key, new_key, build_request, parse_request, validate_request, build_response, encode_response,
-    parse_response, validate_response, negotiate_deflate, deflate_offer, accept_deflate_response, WebSocket,
+    accept_key, new_key, encode_request, parse_request, validate_request, encode_switching_protocols, encode_response,
+    parse_response, validate_response, negotiate_deflate, encode_deflate_offer, parse_deflate_response, WebSocket,
     WebSocketManager, connect,
 )
 
@@ -727,7 +727,7 @@ def handshake_status(head):
 
 def good_response(key=SAMPLE_KEY, **fields):
     extra = [(name.replace("_", "-"), value) for name, value in fields.items()]
-    return parse_response(build_response(key, headers=extra))
+    return parse_response(encode_switching_protocols(key, headers=extra))
 
 
 def _policy(**options):
@@ -893,7 +893,7 @@ class GatedServer:
                         keys[key.fileobj] = validate_request(parse_request(result[0]))
                         self.requests += 1
             for sock, key in keys.items():
-                sock.sendall(build_response(key))
+                sock.sendall(encode_switching_protocols(key))
 
     def close(self):
         self.stop.set()
@@ -3226,13 +3226,26 @@ class TestHandshake:
             parse_request(head)
         assert info.value.status == 400
 
-    def test_build_response_carries_the_accept_key_and_the_subprotocol(self):
-        response = build_response(SAMPLE_KEY, "chat")
+    def test_encode_switching_protocols_carries_the_accept_key_and_the_subprotocol(self):
+        response = encode_switching_protocols(SAMPLE_KEY, "chat")
         assert response.startswith(b"HTTP/1.1 101 ")
         assert response.endswith(b"\r\n\r\n")
         assert f"\r\nSec-WebSocket-Accept: {SAMPLE_ACCEPT}\r\n".encode() in response
         assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
-        assert b"Sec-WebSocket-Protocol" not in build_response(SAMPLE_KEY)
+        assert b"Sec-WebSocket-Protocol" not in encode_switching_protocols(SAMPLE_KEY)
+
+    @pytest.mark.parametrize("old, new, args", [
+        ("build_request", "encode_request", ("h", "/", SAMPLE_KEY)),
+        ("build_response", "encode_switching_protocols", (SAMPLE_KEY, "chat")),
+        ("deflate_offer", "encode_deflate_offer", ("deflate",)),
+        ("accept_deflate_response", "parse_deflate_response", ("permessage-deflate; server_no_context_takeover", "deflate")),
+    ])
+    def test_former_handshake_names_still_work_warn_and_stay_out_of_all(self, old, new, args):
+        alias = getattr(wsmanager, old)
+        with pytest.warns(DeprecationWarning, match=rf"wsmanager\.{old}\(\) is deprecated: use {new}\(\)"):
+            assert alias(*args) == getattr(wsmanager, new)(*args)
+        assert alias.__name__ == old and "Deprecated" in alias.__doc__
+        assert old not in wsmanager.__all__ and new in wsmanager.__all__
 
     def test_encode_response_for_a_refusal(self):
         encoded = encode_response(Response(403))
@@ -3246,14 +3259,14 @@ class TestHandshake:
 
     def test_client_and_server_handshake_agree(self):
         key = new_key()
-        request = build_request("example.com:8080", "/chat?room=1", key, subprotocols=["v2", "v1"], origin="http://o")
+        request = encode_request("example.com:8080", "/chat?room=1", key, subprotocols=["v2", "v1"], origin="http://o")
         head, rest = HeadReader().feed(request)
         assert rest == b""
         parsed = parse_request(head)
         assert validate_request(parsed) == key
         assert parsed.subprotocols == ["v2", "v1"] and parsed.origin == "http://o"
         assert parsed.headers["host"] == "example.com:8080" and parsed.path == "/chat?room=1"
-        response = parse_response(build_response(key, "v1"))
+        response = parse_response(encode_switching_protocols(key, "v1"))
         assert validate_response(response, key, ["v2", "v1"]) == "v1"
 
     @pytest.mark.parametrize("kwargs", [
@@ -3267,15 +3280,15 @@ class TestHandshake:
         dict(path="/chat\r\nX-Evil: 1"),
         dict(path="/chat HTTP/1.1"),
     ], ids=["host", "value-crlf", "value-lf", "value-cr", "name", "origin", "subprotocol", "path-crlf", "path-space"])
-    def test_build_request_rejects_header_injection(self, kwargs):
+    def test_encode_request_rejects_header_injection(self, kwargs):
         args = dict(host="example.com", path="/chat", key=SAMPLE_KEY)
         args.update(kwargs)
         with pytest.raises(ValueError):
-            build_request(args.pop("host"), args.pop("path"), args.pop("key"), **args)
+            encode_request(args.pop("host"), args.pop("path"), args.pop("key"), **args)
 
     def test_server_side_responses_reject_header_injection(self):
         with pytest.raises(ValueError):
-            build_response(SAMPLE_KEY, headers=[("X-Ok", "a\r\nSet-Cookie: x")])
+            encode_switching_protocols(SAMPLE_KEY, headers=[("X-Ok", "a\r\nSet-Cookie: x")])
         with pytest.raises(ValueError):
             encode_response(Response(403, [("X-Ok", "a\nb")]))
 
@@ -3302,7 +3315,7 @@ class TestHandshake:
         (["chat"], "chat, a", False),
     ], ids=["none", "offered-not-chosen", "chosen", "not-offered-any", "not-in-offer", "two-chosen"])
     def test_validate_response_subprotocol_only_if_offered(self, offered, chosen, ok):
-        response = parse_response(build_response(SAMPLE_KEY, chosen))
+        response = parse_response(encode_switching_protocols(SAMPLE_KEY, chosen))
         if ok:
             assert validate_response(response, SAMPLE_KEY, offered) == chosen
         else:
@@ -3317,7 +3330,7 @@ class TestHandshake:
 
     @pytest.mark.parametrize("drop", [b"Upgrade: websocket\r\n", b"Connection: Upgrade\r\n"], ids=["upgrade", "connection"])
     def test_validate_response_needs_upgrade_and_connection(self, drop):
-        response = parse_response(build_response(SAMPLE_KEY).replace(drop, b""))
+        response = parse_response(encode_switching_protocols(SAMPLE_KEY).replace(drop, b""))
         with pytest.raises(HandshakeError):
             validate_response(response, SAMPLE_KEY)
 
@@ -3334,7 +3347,7 @@ class TestHandshake:
         assert response.status == 101
         assert dict(response.headers) == {"Upgrade": "websocket", "Connection": "Upgrade",
                                           "Sec-WebSocket-Accept": accept_key(SAMPLE_KEY)}
-        assert wsmanager._encode_switch(response.headers) == build_response(SAMPLE_KEY)
+        assert wsmanager._encode_switch(response.headers) == encode_switching_protocols(SAMPLE_KEY)
 
     @pytest.mark.parametrize("options, fields, status", [
         ({"origins": ["https://good.example"]}, {"Origin": "https://evil.example"}, 403),
@@ -3867,7 +3880,7 @@ class TestManager:
             sock.settimeout(5)
             sock.connect(path)
             key = new_key()
-            sock.sendall(build_request("localhost", "/over/unix", key, subprotocols=["p"]))
+            sock.sendall(encode_request("localhost", "/over/unix", key, subprotocols=["p"]))
             head, rest = read_head(sock, max_reads=100)
             response = parse_response(head)
             subprotocol = validate_response(response, key, ["p"])
@@ -3981,7 +3994,7 @@ class TestManager:
                         result = reader.feed(data)
                         if result is not None:
                             break
-                    conn.sendall(build_response(new_key()))  # the accept key of some other request
+                    conn.sendall(encode_switching_protocols(new_key()))  # the accept key of some other request
                     conn.recv(1)  # until the client gives up
 
             thread = threading.Thread(target=answer_wrongly)
@@ -6028,36 +6041,36 @@ class TestCompression:
         assert (params is None) == (expected is None)
         if params is not None:
             # What the server will do matches what it answered, and the client reads it back the same way.
-            assert accept_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
+            assert parse_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
 
     def test_server_negotiation_off_declines_everything(self):
         assert negotiate_deflate("permessage-deflate", None) == (None, None)  # type: ignore[arg-type]
 
     # Negotiation: the client side -------------------------------------------------
     def test_client_offers(self):
-        assert deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
-        assert deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
-        assert deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
+        assert encode_deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
+        assert encode_deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
+        assert encode_deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
                                                              "client_no_context_takeover; server_max_window_bits=10; "
                                                              "client_max_window_bits=9")
         # What we offer, a server of ours accepts as offered.
         for offered in (Deflate(), Deflate(False, False, 15, 15), Deflate(True, True, 10, 9)):
-            answer, params = negotiate_deflate(deflate_offer(offered), offered)
-            assert accept_deflate_response(answer, offered) == params
+            answer, params = negotiate_deflate(encode_deflate_offer(offered), offered)
+            assert parse_deflate_response(answer, offered) == params
 
     @pytest.mark.parametrize("name", list(CLIENT_NEGOTIATION))
     def test_client_negotiation(self, name):
         settings, answer, expected = CLIENT_NEGOTIATION[name]
         if isinstance(expected, str):
             with pytest.raises(ValueError, match=expected):
-                accept_deflate_response(answer, settings)
+                parse_deflate_response(answer, settings)
             # validate_response fails the handshake the same way.
             headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"),
                                ("Sec-WebSocket-Accept", SAMPLE_ACCEPT), ("Sec-WebSocket-Extensions", answer)])
             with pytest.raises(HandshakeError):
                 validate_response(Response(101, headers), SAMPLE_KEY, compression=settings)
         else:
-            assert accept_deflate_response(answer, settings) == expected
+            assert parse_deflate_response(answer, settings) == expected
 
     def test_validate_response_accepts_an_extension_only_if_offered(self):
         headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),

@@ -69,9 +69,9 @@ __all__ = [
     "encode_close", "parse_close", "Deflate", "DeflateParams", "PerMessageDeflate",
     # handshake
     "Headers", "Request", "Response", "HeadReader", "accept_key", "new_key",
-    "build_request", "parse_request", "validate_request", "build_response", "encode_response",
-    "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "deflate_offer",
-    "accept_deflate_response",
+    "encode_request", "parse_request", "validate_request", "encode_switching_protocols", "encode_response",
+    "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "encode_deflate_offer",
+    "parse_deflate_response",
     # connection and manager
     "WebSocket", "WebSocketManager", "connect",
     # integrations
@@ -95,6 +95,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
@@ -1339,7 +1340,7 @@ def validate_request(request: Request) -> str:
     return key
 
 
-def build_response(key: str, subprotocol: Optional[str] = None,
+def encode_switching_protocols(key: str, subprotocol: Optional[str] = None,
                    headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     """The 101 Switching Protocols response for a validated request's key."""
     fields = _switch_fields(key, subprotocol)
@@ -1383,7 +1384,7 @@ def encode_response(response: Response) -> bytes:
     return f"HTTP/1.1 {status} {reason}\r\n{_header_lines(fields)}\r\n".encode("latin-1") + body
 
 
-def build_request(host: str, path: str, key: str, *, subprotocols: Optional[Sequence[str]] = None,
+def encode_request(host: str, path: str, key: str, *, subprotocols: Optional[Sequence[str]] = None,
                   headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> bytes:
     """A client's opening handshake (RFC 6455 4.1). ``host`` is the Host header value."""
     if not path.startswith("/") or _FORBIDDEN_IN_VALUE.search(path) or " " in path:
@@ -1416,9 +1417,9 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
                       compression: Union[None, str, Deflate] = None) -> Optional[str]:
     """Check a server's answer to our handshake (RFC 6455 4.1); return the subprotocol it chose.
 
-    ``compression`` is what the request offered (see :func:`deflate_offer`):
+    ``compression`` is what the request offered (see :func:`encode_deflate_offer`):
     an extension in the answer is accepted only if it is that one, with
-    parameters RFC 7692 allows (:func:`accept_deflate_response`). Raises
+    parameters RFC 7692 allows (:func:`parse_deflate_response`). Raises
     :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
     """
     status = response.status
@@ -1441,7 +1442,7 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
         if settings is None:
             raise fail("server chose an extension that was not offered")
         try:
-            accept_deflate_response(extensions, settings)
+            parse_deflate_response(extensions, settings)
         except ValueError as exc:
             raise fail(str(exc)) from None
     chosen = headers.get("Sec-WebSocket-Protocol")
@@ -1570,7 +1571,7 @@ def negotiate_deflate(offers: Optional[str],
     return None, None
 
 
-def deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
+def encode_deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
     """The Sec-WebSocket-Extensions value a client sends to offer permessage-deflate.
 
     It always carries ``client_max_window_bits`` (so the server may limit
@@ -1591,8 +1592,8 @@ def deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
     return _format_deflate(params)
 
 
-def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] = "deflate") -> Optional[DeflateParams]:
-    """The client side of RFC 7692 negotiation: check the server's answer to :func:`deflate_offer`.
+def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] = "deflate") -> Optional[DeflateParams]:
+    """The client side of RFC 7692 negotiation: check the server's answer to :func:`encode_deflate_offer`.
 
     Returns the agreed :class:`DeflateParams`, or ``None`` when the server
     declined (no Sec-WebSocket-Extensions). Raises :class:`ValueError` when
@@ -1624,6 +1625,27 @@ def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] 
     if client_bits < 9:
         raise ValueError("client_max_window_bits 8 is not supported (zlib cannot compress with 8)")
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _deprecated(old: str, new: _Function) -> _Function:
+    """``new`` under its old public name ``old``, warning (DeprecationWarning) at each call."""
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"wsmanager.{old}() is deprecated: use {new.__name__}()", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`: kept for one release, then removed."
+    return cast(_Function, alias)
+
+
+# The handshake's former names (now one convention: ``encode_*`` serializes, ``parse_*``
+# parses), deprecated and kept for one release; not in ``__all__``.
+build_request = _deprecated("build_request", encode_request)
+build_response = _deprecated("build_response", encode_switching_protocols)
+deflate_offer = _deprecated("deflate_offer", encode_deflate_offer)
+accept_deflate_response = _deprecated("accept_deflate_response", parse_deflate_response)
 
 
 ###############################################################################
@@ -3899,8 +3921,8 @@ def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate]
                     origin: Optional[str]) -> bytes:
     """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
     if settings is not None:
-        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
-    return build_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
+        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+    return encode_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
                          origin=origin)
 
 
@@ -3919,7 +3941,7 @@ def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequenc
     subprotocol = validate_response(response, key, subprotocols, settings)
     deflate = None
     if settings is not None and isinstance(response.headers, Headers):
-        deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
+        deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
     return subprotocol, deflate
 
 
