@@ -2440,6 +2440,8 @@ with wsmanager.WebSocketManager() as manager:
     url: str = f"ws://{host}:{port + 0}/"
     hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
     plain: wsmanager.WebSocket = wsmanager.connect(url)
+    deflated: Hello = wsmanager.connect(url, Hello, compression="deflate")  # both overloads take it
+    wsmanager.connect(url, compression=wsmanager.Deflate())
     path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
     print(hello.greeting, plain.subprotocol, path)
 '''

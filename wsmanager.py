@@ -1368,20 +1368,31 @@ _REASON_PHRASES = {
 }
 
 
+def _status_text(status: int, reason: str = "") -> str:
+    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
+
+
 def encode_response(response: Response) -> bytes:
     """Serialize a plain HTTP response (errors, or a page) that ends the connection."""
-    status = response.status
-    reason = response.reason or _REASON_PHRASES.get(status, "Unknown")
-    body = response.body
     fields = list(response.headers)
+    status, body = _complete_response(response, fields)
+    fields.append(("Connection", "close"))
+    return f"HTTP/1.1 {status}\r\n{_header_lines(fields)}\r\n".encode("latin-1") + body
+
+
+def _complete_response(response: Response, fields: List[Tuple[str, str]]) -> Tuple[str, bytes]:
+    """``response``'s status ("404 Not Found") and body (the status, for an error without one);
+    adds the Content-Type and Content-Length that ``fields`` lack."""
+    status = _status_text(response.status, response.reason)
+    body = response.body
+    if not body and response.status >= 400:
+        body = f"{status}\n".encode()
     names = {name.lower() for name, _ in fields}
-    if not body and status >= 400:
-        body = f"{status} {reason}\n".encode()
     if "content-type" not in names:
         fields.append(("Content-Type", "text/plain; charset=utf-8"))
-    fields.append(("Content-Length", str(len(body))))
-    fields.append(("Connection", "close"))
-    return f"HTTP/1.1 {status} {reason}\r\n{_header_lines(fields)}\r\n".encode("latin-1") + body
+    if "content-length" not in names:
+        fields.append(("Content-Length", str(len(body))))
+    return status, body
 
 
 def encode_request(host: str, path: str, key: str, *, subprotocols: Optional[Sequence[str]] = None,
@@ -2690,10 +2701,8 @@ class _Listener:
         self.manager._unwatch(self.sock)
         self.sock.close()
         if self.unix_path:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
-            except OSError:
-                pass
 
 
 class _ServerHandshake:
@@ -3945,18 +3954,18 @@ def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequenc
     return subprotocol, deflate
 
 
-
-
 @overload
 def connect(url: str, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket: ...
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None) -> WebSocket: ...
 
 
 @overload
 def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> _WebSocketT: ...
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None) -> _WebSocketT: ...
 
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
@@ -4115,7 +4124,7 @@ class _WSGIHandOff:
             return _wsgi_reply(start_response, response, exc_info=refused)
         sock = socket.socket(fileno=os.dup(fd))
         try:
-            start_response(_wsgi_status(response.status, response.reason), [], refused)
+            start_response(_status_text(response.status, response.reason), [], refused)
             placeholder = _neutralize(fd)
         except BaseException:
             sock.close()
@@ -4202,25 +4211,13 @@ def _environ_peer(environ: Dict[str, Any]) -> Any:
         return environ.get("REMOTE_ADDR")
 
 
-def _wsgi_status(status: int, reason: str = "") -> str:
-    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
-
-
 def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
                 exc_info: Any = None) -> List[bytes]:
     """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
     then they are passed, and a server that refuses them raises AssertionError."""
-    body = response.body
-    status = _wsgi_status(response.status, response.reason)
-    if not body and response.status >= 400:
-        body = f"{status}\n".encode()
     fields = [(name, value) for name, value in response.headers
               if strict or name.lower() not in _HOP_BY_HOP]
-    names = {name.lower() for name, _ in fields}
-    if "content-type" not in names:
-        fields.append(("Content-Type", "text/plain; charset=utf-8"))
-    if "content-length" not in names:
-        fields.append(("Content-Length", str(len(body))))
+    status, body = _complete_response(response, fields)
     start_response(status, fields, exc_info)
     return [body]
 
@@ -4777,9 +4774,7 @@ class RedisBridge:
             acknowledged = 0
             for reply in replies:
                 if isinstance(reply, _RedisError):
-                    logger.error("redis bridge: Redis answered %s", reply.message)
-                    if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-                        connection._finalize(f"authentication failed: {reply.message}")
+                    if self._refused(connection, reply):
                         return
                     with self._lock:
                         self._unacknowledged -= 1
@@ -4823,11 +4818,17 @@ class RedisBridge:
                     self._subscribed.add(topic)
                 else:
                     self._subscribed.discard(topic)
-            elif isinstance(reply, _RedisError):
-                logger.error("redis bridge: Redis answered %s", reply.message)
-                if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-                    connection._finalize(f"authentication failed: {reply.message}")
-                    return
+            elif isinstance(reply, _RedisError) and self._refused(connection, reply):
+                return
+
+    @staticmethod
+    def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
+        """Log an error reply; when it refuses our credentials, end ``connection`` and return True."""
+        logger.error("redis bridge: Redis answered %s", error.message)
+        if not error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
+            return False
+        connection._finalize(f"authentication failed: {error.message}")
+        return True
 
     def _close(self) -> None:
         self._closed = True
@@ -4925,10 +4926,8 @@ class Supervisor:
             logger.warning("second %s: forcing the exit (workers killed, connections dropped)",
                            signal.Signals(signum).name)
             for pid in list(self._pids):
-                try:
+                with contextlib.suppress(OSError):  # gone already
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
         previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         _request_stop_on_signals(self._stop_requests, force)
@@ -5030,10 +5029,8 @@ class Supervisor:
         import signal
         logger.info("stopping %d worker(s): their connections close with 1001", len(self._pids))
         for pid in list(self._pids):
-            try:
+            with contextlib.suppress(OSError):  # gone already
                 os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
         close_timeout = float(self.manager_options.get("close_timeout", DEFAULT_CLOSE_TIMEOUT))
         deadline = time.monotonic() + close_timeout + 5.0
         while self._pids and time.monotonic() < deadline:
@@ -5334,10 +5331,8 @@ def _connect(args: Any) -> int:
     def type_lines() -> None:
         try:
             if peer.interactive:
-                try:
+                with contextlib.suppress(ImportError):
                     import readline  # noqa: F401  (line editing and history for input())
-                except ImportError:
-                    pass
                 while True:
                     peer.send(input("> "))
             else:
@@ -5351,10 +5346,8 @@ def _connect(args: Any) -> int:
     # the middle of a line, input() never returns to undo that: the mode is restored here.
     terminal_mode = _terminal_mode() if peer.interactive else None
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
-    except KeyboardInterrupt:
-        pass
     if not peer.terminated:
         peer.close(CloseCode.NORMAL)
         deadline = time.monotonic() + manager.close_timeout + 1
@@ -5378,10 +5371,8 @@ def _terminal_mode() -> Optional[Callable[[], None]]:
         return None
 
     def restore() -> None:
-        try:
+        with contextlib.suppress(OSError):
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        except OSError:
-            pass
     return restore
 
 
