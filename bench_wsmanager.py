@@ -1128,7 +1128,7 @@ def open_connections(impl: str, port: int, count: int, concurrency: int, timeout
     else:
         keys = [wsmanager.new_key() for _ in range(count)]
         headers = [("Sec-WebSocket-Extensions", extensions)] if extensions else None
-        requests = [wsmanager.build_request(f"{HOST}:{port}", "/", key, headers=headers) for key in keys]
+        requests = [wsmanager.encode_request(f"{HOST}:{port}", "/", key, headers=headers) for key in keys]
         answers = [wsmanager.accept_key(key).encode() for key in keys]
     selector = selectors.DefaultSelector()
     opened: List[socket.socket] = []
@@ -1588,7 +1588,7 @@ async def soak_protocol_error(port: int) -> None:
     """A valid handshake, then an unmasked frame: the server must fail the connection with 1002."""
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
-        writer.write(wsmanager.build_request(f"{HOST}:{port}", "/", wsmanager.new_key()))
+        writer.write(wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key()))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         if b" 101 " not in head.split(b"\r\n", 1)[0]:
             raise RuntimeError(f"handshake refused: {head[:40]!r}")
@@ -2380,7 +2380,7 @@ def _raw_subscriber(port: int) -> "tuple[socket.socket, str]":
     """A WebSocket client socket after its handshake, and the worker it landed on ("w0", "w1"...)."""
     sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
     key = wsmanager.new_key()
-    sock.sendall(wsmanager.build_request(f"{HOST}:{port}", "/", key))
+    sock.sendall(wsmanager.encode_request(f"{HOST}:{port}", "/", key))
     reader = wsmanager.HeadReader()
     result = None
     while result is None:

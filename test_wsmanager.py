@@ -49,8 +49,8 @@ from wsmanager import (  # the public API, as users see it
     MAX_HEAD_SIZE, MAX_HEADER_LINES, WebSocketError, ProtocolError, HandshakeError, InvalidURL,
     ConnectionClosed, ManagerStopped, Frame, Close, apply_mask, encode_frame, FrameParser, MessageAssembler,
     encode_close, parse_close, Deflate, DeflateParams, PerMessageDeflate, Headers, Response, HeadReader,
-    accept_key, new_key, build_request, parse_request, validate_request, build_response, encode_response,
-    parse_response, validate_response, negotiate_deflate, deflate_offer, accept_deflate_response, WebSocket,
+    accept_key, new_key, encode_request, parse_request, validate_request, encode_switching_protocols, encode_response,
+    parse_response, validate_response, negotiate_deflate, encode_deflate_offer, parse_deflate_response, WebSocket,
     WebSocketManager, connect,
 )
 
@@ -107,10 +107,23 @@ def running_manager(**kwargs):
 
 
 @pytest.fixture
-def manager():
-    """A started manager on a background thread; stopped, joined and checked for leaks after the test."""
-    with running_manager() as m:
-        yield m
+def make_manager():
+    """The one way tests get managers: ``make_manager(**settings)`` starts one (see running_manager);
+    every one made is stopped and joined after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(running_manager(**settings))
+
+
+@pytest.fixture
+def manager(make_manager):
+    """A started manager with the default settings."""
+    return make_manager()
+
+
+@pytest.fixture
+def client_manager(make_manager):
+    """A second manager for the client side, so that each side has its own loop thread."""
+    return make_manager()
 
 
 class Recorder(WebSocket):
@@ -155,8 +168,32 @@ class EchoRecorder(Recorder):
 
 
 class EchoServer(WebSocket):
+    """Echoes every message and records nothing."""
+
     def received_message(self, message):
         self.send(message)
+
+
+class HardeningServer(WebSocket):
+    """An echo server that counts its messages and keeps its closed() calls, but keeps no message:
+    for floods and many connections (``echo = False`` only counts)."""
+
+    echo = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received = 0
+        self.closed_calls = []
+        self.closed_event = threading.Event()
+
+    def received_message(self, message):
+        self.received += 1
+        if self.echo:
+            self.send(message)
+
+    def closed(self, code, reason):
+        self.closed_calls.append((code, reason))
+        self.closed_event.set()
 
 
 class Collect:
@@ -727,7 +764,7 @@ def handshake_status(head):
 
 def good_response(key=SAMPLE_KEY, **fields):
     extra = [(name.replace("_", "-"), value) for name, value in fields.items()]
-    return parse_response(build_response(key, headers=extra))
+    return parse_response(encode_switching_protocols(key, headers=extra))
 
 
 def _policy(**options):
@@ -749,13 +786,6 @@ def _request(fields=(), **options):
 # The WebSocket, WebSocketManager and connect() chapters, end to end over real
 # sockets. Every test stops what it starts; TestConnection and TestManager check
 # it with no_leaks (/proc/self/fd and threading.active_count() before and after).
-@pytest.fixture
-def mgr_clients():
-    """A second manager for the client side, so that each side has its own loop thread."""
-    with running_manager() as m:
-        yield m
-
-
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves a descriptor or a thread behind.
@@ -786,14 +816,6 @@ def mgr_ipv6_available():
 
 
 MGR_N_CLIENTS = 2000
-
-
-class MgrCountingEcho(EchoServer):
-    received = 0  # only touched from the server loop thread
-
-    def received_message(self, message):
-        type(self).received += 1
-        super().received_message(message)
 
 
 def _mgr_refuse_with(status):
@@ -893,7 +915,7 @@ class GatedServer:
                         keys[key.fileobj] = validate_request(parse_request(result[0]))
                         self.requests += 1
             for sock, key in keys.items():
-                sock.sendall(build_response(key))
+                sock.sendall(encode_switching_protocols(key))
 
     def close(self):
         self.stop.set()
@@ -1896,10 +1918,9 @@ SENDABLE_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 10
 
 
 @pytest.fixture
-def interop_manager():
-    """A started manager whose message limit admits 1 MiB messages; stopped and joined afterwards."""
-    with running_manager(max_message_size=INTEROP_LIMIT) as m:
-        yield m
+def interop_manager(make_manager):
+    """A started manager whose message limit admits 1 MiB messages."""
+    return make_manager(max_message_size=INTEROP_LIMIT)
 
 
 def _ws_options(**options):
@@ -2031,26 +2052,6 @@ SUBPROTOCOL_CASES = {
 LOOP_CRASH_LOG = "unexpected error in the wsmanager loop"
 
 
-@pytest.fixture
-def limited_manager():
-    """Managers with per-test limits; every one made is stopped and joined after the test."""
-    made = []
-
-    def make(**kwargs):
-        kwargs.setdefault("close_timeout", 2.0)
-        m = WebSocketManager(**kwargs)
-        m.start()
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.stop()
-    for m in made:
-        m.join(10)
-        assert not m.running
-
-
 def call_in_loop_thread(manager, function, timeout=10.0):
     """Run function() in the manager's loop thread and return its result.
 
@@ -2128,27 +2129,6 @@ def lowest_free_fds(count):
             if len(free) == count:
                 return free
     raise AssertionError("no free descriptors")
-
-
-class HardeningServer(WebSocket):
-    """Server side of these tests: echoes, counts its messages and closed() calls."""
-
-    echo = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.received = 0
-        self.closed_calls = []
-        self.closed_event = threading.Event()
-
-    def received_message(self, message):
-        self.received += 1
-        if self.echo:
-            self.send(message)
-
-    def closed(self, code, reason):
-        self.closed_calls.append((code, reason))
-        self.closed_event.set()
 
 
 class SmallSendBufferServer(HardeningServer):
@@ -2441,10 +2421,6 @@ class ReentrantCallbacks(WebSocket):
         self.closed_event.set()
 
 
-class CountingServer(HardeningServer):
-    echo = False  # clients never read: echoing would only test slow consumers again
-
-
 # Helpers: docs ---------------------------------------------------------------
 
 # Types -----------------------------------------------------------------------
@@ -2464,6 +2440,8 @@ with wsmanager.WebSocketManager() as manager:
     url: str = f"ws://{host}:{port + 0}/"
     hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
     plain: wsmanager.WebSocket = wsmanager.connect(url)
+    deflated: Hello = wsmanager.connect(url, Hello, compression="deflate")  # both overloads take it
+    wsmanager.connect(url, compression=wsmanager.Deflate())
     path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
     print(hello.greeting, plain.subprotocol, path)
 '''
@@ -2497,9 +2475,10 @@ def readme_snippet(name):
 
 
 @pytest.fixture
-def echo_server():
-    with WebSocketManager(close_timeout=1.0) as server:
-        yield server, server.listen(("127.0.0.1", 0), EchoServer)[1]
+def echo_server(make_manager):
+    """An echo server for the README's client snippets: (its manager, its port)."""
+    server = make_manager(close_timeout=1.0)
+    return server, server.listen(("127.0.0.1", 0), EchoServer)[1]
 
 
 ###############################################################################
@@ -3226,13 +3205,26 @@ class TestHandshake:
             parse_request(head)
         assert info.value.status == 400
 
-    def test_build_response_carries_the_accept_key_and_the_subprotocol(self):
-        response = build_response(SAMPLE_KEY, "chat")
+    def test_encode_switching_protocols_carries_the_accept_key_and_the_subprotocol(self):
+        response = encode_switching_protocols(SAMPLE_KEY, "chat")
         assert response.startswith(b"HTTP/1.1 101 ")
         assert response.endswith(b"\r\n\r\n")
         assert f"\r\nSec-WebSocket-Accept: {SAMPLE_ACCEPT}\r\n".encode() in response
         assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
-        assert b"Sec-WebSocket-Protocol" not in build_response(SAMPLE_KEY)
+        assert b"Sec-WebSocket-Protocol" not in encode_switching_protocols(SAMPLE_KEY)
+
+    @pytest.mark.parametrize("old, new, args", [
+        ("build_request", "encode_request", ("h", "/", SAMPLE_KEY)),
+        ("build_response", "encode_switching_protocols", (SAMPLE_KEY, "chat")),
+        ("deflate_offer", "encode_deflate_offer", ("deflate",)),
+        ("accept_deflate_response", "parse_deflate_response", ("permessage-deflate; server_no_context_takeover", "deflate")),
+    ])
+    def test_former_handshake_names_still_work_warn_and_stay_out_of_all(self, old, new, args):
+        alias = getattr(wsmanager, old)
+        with pytest.warns(DeprecationWarning, match=rf"wsmanager\.{old}\(\) is deprecated: use {new}\(\)"):
+            assert alias(*args) == getattr(wsmanager, new)(*args)
+        assert alias.__name__ == old and "Deprecated" in alias.__doc__
+        assert old not in wsmanager.__all__ and new in wsmanager.__all__
 
     def test_encode_response_for_a_refusal(self):
         encoded = encode_response(Response(403))
@@ -3246,14 +3238,14 @@ class TestHandshake:
 
     def test_client_and_server_handshake_agree(self):
         key = new_key()
-        request = build_request("example.com:8080", "/chat?room=1", key, subprotocols=["v2", "v1"], origin="http://o")
+        request = encode_request("example.com:8080", "/chat?room=1", key, subprotocols=["v2", "v1"], origin="http://o")
         head, rest = HeadReader().feed(request)
         assert rest == b""
         parsed = parse_request(head)
         assert validate_request(parsed) == key
         assert parsed.subprotocols == ["v2", "v1"] and parsed.origin == "http://o"
         assert parsed.headers["host"] == "example.com:8080" and parsed.path == "/chat?room=1"
-        response = parse_response(build_response(key, "v1"))
+        response = parse_response(encode_switching_protocols(key, "v1"))
         assert validate_response(response, key, ["v2", "v1"]) == "v1"
 
     @pytest.mark.parametrize("kwargs", [
@@ -3267,15 +3259,15 @@ class TestHandshake:
         dict(path="/chat\r\nX-Evil: 1"),
         dict(path="/chat HTTP/1.1"),
     ], ids=["host", "value-crlf", "value-lf", "value-cr", "name", "origin", "subprotocol", "path-crlf", "path-space"])
-    def test_build_request_rejects_header_injection(self, kwargs):
+    def test_encode_request_rejects_header_injection(self, kwargs):
         args = dict(host="example.com", path="/chat", key=SAMPLE_KEY)
         args.update(kwargs)
         with pytest.raises(ValueError):
-            build_request(args.pop("host"), args.pop("path"), args.pop("key"), **args)
+            encode_request(args.pop("host"), args.pop("path"), args.pop("key"), **args)
 
     def test_server_side_responses_reject_header_injection(self):
         with pytest.raises(ValueError):
-            build_response(SAMPLE_KEY, headers=[("X-Ok", "a\r\nSet-Cookie: x")])
+            encode_switching_protocols(SAMPLE_KEY, headers=[("X-Ok", "a\r\nSet-Cookie: x")])
         with pytest.raises(ValueError):
             encode_response(Response(403, [("X-Ok", "a\nb")]))
 
@@ -3302,7 +3294,7 @@ class TestHandshake:
         (["chat"], "chat, a", False),
     ], ids=["none", "offered-not-chosen", "chosen", "not-offered-any", "not-in-offer", "two-chosen"])
     def test_validate_response_subprotocol_only_if_offered(self, offered, chosen, ok):
-        response = parse_response(build_response(SAMPLE_KEY, chosen))
+        response = parse_response(encode_switching_protocols(SAMPLE_KEY, chosen))
         if ok:
             assert validate_response(response, SAMPLE_KEY, offered) == chosen
         else:
@@ -3317,7 +3309,7 @@ class TestHandshake:
 
     @pytest.mark.parametrize("drop", [b"Upgrade: websocket\r\n", b"Connection: Upgrade\r\n"], ids=["upgrade", "connection"])
     def test_validate_response_needs_upgrade_and_connection(self, drop):
-        response = parse_response(build_response(SAMPLE_KEY).replace(drop, b""))
+        response = parse_response(encode_switching_protocols(SAMPLE_KEY).replace(drop, b""))
         with pytest.raises(HandshakeError):
             validate_response(response, SAMPLE_KEY)
 
@@ -3334,7 +3326,7 @@ class TestHandshake:
         assert response.status == 101
         assert dict(response.headers) == {"Upgrade": "websocket", "Connection": "Upgrade",
                                           "Sec-WebSocket-Accept": accept_key(SAMPLE_KEY)}
-        assert wsmanager._encode_switch(response.headers) == build_response(SAMPLE_KEY)
+        assert wsmanager._encode_switch(response.headers) == encode_switching_protocols(SAMPLE_KEY)
 
     @pytest.mark.parametrize("options, fields, status", [
         ({"origins": ["https://good.example"]}, {"Origin": "https://evil.example"}, 403),
@@ -3408,10 +3400,10 @@ class TestConnection:
     """One WebSocket over real sockets: sending, closing, heartbeat, slow consumers, callbacks, fragments."""
 
     @pytest.mark.parametrize("sender", ["client", "server"])
-    def test_eight_threads_send_to_one_connection(self, manager, mgr_clients, sender):
+    def test_eight_threads_send_to_one_connection(self, manager, client_manager, sender):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         source, sink = (client, conn) if sender == "client" else (conn, client)
         barrier = threading.Barrier(8)
@@ -3441,12 +3433,12 @@ class TestConnection:
         # Messages of different threads interleave, but each thread's stay in send() order.
         assert {t: numbers for t, numbers in per_thread.items()} == {t: list(range(1000)) for t in range(8)}
 
-    def test_broadcast_to_a_thousand_connections(self, manager, mgr_clients):
+    def test_broadcast_to_a_thousand_connections(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
         clients = [connect(ws_url(address), Recorder) for _ in range(1000)]
         for client in clients:
-            mgr_clients.add(client)
+            client_manager.add(client)
         wait_until(lambda: len(manager) == 1000 and all(c.opened_event.is_set() for c in clients), timeout=30)
         assert manager.broadcast("news") == 1000
         # A second broadcast is the marker that proves no extra copy of the first was on its way.
@@ -3454,26 +3446,26 @@ class TestConnection:
         wait_until(lambda: all(len(c.messages) >= 2 for c in clients), timeout=30)
         assert all(c.messages == ["news", b"\x00end"] for c in clients)
 
-    def test_broadcast_counts_only_open_connections(self, manager, mgr_clients):
+    def test_broadcast_counts_only_open_connections(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
+        clients = [open_client(client_manager, ws_url(address)) for _ in range(3)]
         wait_until(lambda: len(servers.made) == 3 and all(s.opened_event.is_set() for s in servers.made))
         servers.made[0].close()
         wait_until(lambda: clients[0].terminated)
         assert manager.broadcast("to the rest") == 2
         # From the client manager the same call masks per connection; the servers receive it.
-        assert mgr_clients.broadcast("upstream") == 2
+        assert client_manager.broadcast("upstream") == 2
         wait_until(lambda: all(c.messages == ["to the rest"] for c in clients[1:]))
         wait_until(lambda: all(s.messages == ["upstream"] for s in servers.made[1:]))
         assert clients[0].messages == [] and servers.made[0].messages == []
 
     @pytest.mark.parametrize("initiator", ["client", "server"])
-    def test_manager_close_handshake_both_ways(self, mgr_clients, initiator):
+    def test_manager_close_handshake_both_ways(self, client_manager, initiator):
         servers = Collect(Recorder)
         with running_manager() as server:
             address = server.listen(("127.0.0.1", 0), servers)
-            client = open_client(mgr_clients, ws_url(address))
+            client = open_client(client_manager, ws_url(address))
             conn = servers.first_opened()
             closer, receiver = (client, conn) if initiator == "client" else (conn, client)
             closer.close(4001, "done here")
@@ -3486,7 +3478,7 @@ class TestConnection:
             assert mgr_closed_events(closer)[0][1] == 4001
             assert (receiver.close_code, receiver.close_reason) == (4001, "done here")
             assert closer.close_code == 4001
-            assert client not in mgr_clients and conn not in server
+            assert client not in client_manager and conn not in server
             with pytest.raises(ConnectionClosed):
                 closer.send("too late")
             with pytest.raises(ConnectionClosed):
@@ -3529,14 +3521,14 @@ class TestConnection:
             assert conn.terminated and conn.close_code == 1006
             assert conn not in server
 
-    def test_send_and_close_before_add(self, manager, mgr_clients):
+    def test_send_and_close_before_add(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
         early = connect(ws_url(address, "/early"), Recorder)
         # Queued before the connection runs anywhere: goes out, in order, once added.
         early.send("queued before add")
         early.send(["frag", "mented"])
-        mgr_clients.add(early)
+        client_manager.add(early)
         wait_until(lambda: servers.made and len(servers.made[0].messages) >= 2)
         assert servers.made[0].messages == ["queued before add", "fragmented"]
 
@@ -3545,7 +3537,7 @@ class TestConnection:
         quitter.close(4002, "before add")
         with pytest.raises(ConnectionClosed):
             quitter.send("too late")
-        mgr_clients.add(quitter)
+        client_manager.add(quitter)
         assert quitter.closed_event.wait(10)
         conn = next(c for c in servers.made if c.path == "/quitter")
         assert conn.closed_event.wait(10)
@@ -3553,23 +3545,23 @@ class TestConnection:
         assert mgr_closed_events(conn) == [("closed", 4002, "before add")]
         assert len(mgr_closed_events(quitter)) == 1 and quitter.close_code == 4002
 
-    def test_terminate_skips_the_handshake(self, manager, mgr_clients):
+    def test_terminate_skips_the_handshake(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         client.terminate()
         assert client.closed_event.wait(10) and conn.closed_event.wait(10)
         # No close frame either way: both ends report 1006.
         assert mgr_closed_events(client)[0][1] == 1006
         assert mgr_closed_events(conn)[0][1] == 1006
-        assert client.terminated and client not in mgr_clients
+        assert client.terminated and client not in client_manager
         with pytest.raises(ConnectionClosed):
             client.send("gone")
 
-    def test_manager_ping_is_answered_with_pong(self, manager, mgr_clients):
+    def test_manager_ping_is_answered_with_pong(self, manager, client_manager):
         address = manager.listen(("127.0.0.1", 0), Recorder)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         client.ping(b"are you there")
         client.ping()
         wait_until(lambda: sum(1 for e in client.events if e[0] == "pong") == 2)
@@ -3594,17 +3586,17 @@ class TestConnection:
             assert mgr_closed_events(conn)[0][1] == 1011
             assert conn.close_code == 1011
 
-    def test_heartbeat_keeps_a_well_behaved_peer(self, mgr_clients):
+    def test_heartbeat_keeps_a_well_behaved_peer(self, client_manager):
         servers = Collect(Recorder)
         with running_manager(heartbeat=0.2, heartbeat_timeout=0.3) as server:
             address = server.listen(("127.0.0.1", 0), servers)
-            client = open_client(mgr_clients, ws_url(address))
+            client = open_client(client_manager, ws_url(address))
             wait_until(lambda: servers.made)
             conn = servers.made[0]
             # Five pongs back = at least five heartbeat periods survived (about 1 s).
             wait_until(lambda: sum(1 for e in conn.events if e[0] == "pong") >= 5, timeout=15)
             assert not conn.terminated and not client.terminated
-            assert conn in server and client in mgr_clients
+            assert conn in server and client in client_manager
             client.send("still here")
             wait_until(lambda: conn.messages == ["still here"])
 
@@ -3662,10 +3654,10 @@ class TestConnection:
                 assert conn.buffered_amount == 0
                 assert conn not in server
 
-    def test_send_iterable_arrives_as_one_message(self, manager, mgr_clients):
+    def test_send_iterable_arrives_as_one_message(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         client.send(["a", "b", "c"])
         client.send(iter([b"\x00\x01", b"", b"\x02"]))  # any iterable, empty chunks included
@@ -3697,7 +3689,7 @@ class TestConnection:
             assert servers.made[0].messages == ["fragmented"]
             assert not servers.made[0].terminated
 
-    def test_bytes_sent_right_after_101_are_kept(self, manager, mgr_clients):
+    def test_bytes_sent_right_after_101_are_kept(self, manager, client_manager):
         address = manager.listen(("127.0.0.1", 0), Collect(EchoRecorder, greeting="welcome"))
         # Raw: the greeting is written with the 101, so it typically comes in the same read.
         with raw_peer(address, timeout=5.0) as peer:
@@ -3705,7 +3697,7 @@ class TestConnection:
             assert frame.opcode == Opcode.TEXT and frame.payload == b"welcome"
         # connect(): whatever came along with the 101 reaches received_message().
         for _ in range(5):
-            client = open_client(mgr_clients, ws_url(address))
+            client = open_client(client_manager, ws_url(address))
             wait_until(lambda client=client: client.messages)
             assert client.messages == ["welcome"]
 
@@ -3737,7 +3729,6 @@ class TestManager:
         if soft != resource.RLIM_INFINITY and soft < needed:
             raised = hard if hard != resource.RLIM_INFINITY else needed
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-        MgrCountingEcho.received = 0
         fds_before = open_fds()
         threads_before = threading.active_count()
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -3747,7 +3738,8 @@ class TestManager:
         server.start()
         clients_manager.start()
         try:
-            address = server.listen(("127.0.0.1", 0), MgrCountingEcho)
+            servers = Collect(HardeningServer)
+            address = server.listen(("127.0.0.1", 0), servers)
             clients = []
             for i in range(MGR_N_CLIENTS):
                 websocket = connect(ws_url(address, f"/{i}"), Recorder)
@@ -3762,7 +3754,7 @@ class TestManager:
                 websocket.send(f"message {i}")
             wait_until(lambda: all(c.messages for c in clients), timeout=60)
             # Every message accounted for: the server saw each once, each client got its own echo.
-            wait_until(lambda: MgrCountingEcho.received == MGR_N_CLIENTS, timeout=10)
+            wait_until(lambda: sum(ws.received for ws in list(servers.made)) == MGR_N_CLIENTS, timeout=10)
             for i, websocket in enumerate(clients):
                 assert websocket.messages == [f"message {i}"]
 
@@ -3814,7 +3806,7 @@ class TestManager:
         if status == 500:
             assert any(r.name == "wsmanager" and r.levelno == logging.ERROR for r in caplog.records)
 
-    def test_handshake_hook_picks_subprotocol(self, manager, mgr_clients):
+    def test_handshake_hook_picks_subprotocol(self, manager, client_manager):
         seen = []
 
         def hook(request):
@@ -3823,7 +3815,7 @@ class TestManager:
 
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers, handshake=hook)
-        client = open_client(mgr_clients, ws_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
+        client = open_client(client_manager, ws_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
         wait_until(lambda: servers.made)
         assert seen[0].path == "/room" and seen[0].subprotocols == ["chat.v1", "chat.v2"]
         assert client.subprotocol == "chat.v2" and servers.made[0].subprotocol == "chat.v2"
@@ -3834,19 +3826,19 @@ class TestManager:
         (["other"], None),
         (None, None),
     ])
-    def test_subprotocol_negotiation(self, manager, mgr_clients, offered, expected):
+    def test_subprotocol_negotiation(self, manager, client_manager, offered, expected):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers,
                                  subprotocols=["v3", "v2", "v1"])
-        client = open_client(mgr_clients, ws_url(address), subprotocols=offered)
+        client = open_client(client_manager, ws_url(address), subprotocols=offered)
         wait_until(lambda: servers.made)
         assert client.subprotocol == expected
         assert servers.made[0].subprotocol == expected
 
-    def test_request_path_headers_and_peer_address(self, manager, mgr_clients):
+    def test_request_path_headers_and_peer_address(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address, "/chat/room?user=7"),
+        client = open_client(client_manager, ws_url(address, "/chat/room?user=7"),
                              headers=[("X-Test", "hello there")])
         wait_until(lambda: servers.made)
         conn = servers.made[0]
@@ -3867,7 +3859,7 @@ class TestManager:
             sock.settimeout(5)
             sock.connect(path)
             key = new_key()
-            sock.sendall(build_request("localhost", "/over/unix", key, subprotocols=["p"]))
+            sock.sendall(encode_request("localhost", "/over/unix", key, subprotocols=["p"]))
             head, rest = read_head(sock, max_reads=100)
             response = parse_response(head)
             subprotocol = validate_response(response, key, ["p"])
@@ -3887,11 +3879,11 @@ class TestManager:
         assert not os.path.exists(path)  # the listener removes its socket file
 
     @pytest.mark.skipif(not mgr_ipv6_available(), reason="IPv6 loopback unavailable")
-    def test_ipv6_listen_and_connect(self, manager, mgr_clients):
+    def test_ipv6_listen_and_connect(self, manager, client_manager):
         servers = Collect(EchoRecorder)
         host, port = manager.listen(("::1", 0), servers)
         assert host == "::1"
-        client = open_client(mgr_clients, f"ws://[::1]:{port}/six")
+        client = open_client(client_manager, f"ws://[::1]:{port}/six")
         client.send("over IPv6")
         wait_until(lambda: client.messages)
         assert client.messages == ["over IPv6"]
@@ -3981,7 +3973,7 @@ class TestManager:
                         result = reader.feed(data)
                         if result is not None:
                             break
-                    conn.sendall(build_response(new_key()))  # the accept key of some other request
+                    conn.sendall(encode_switching_protocols(new_key()))  # the accept key of some other request
                     conn.recv(1)  # until the client gives up
 
             thread = threading.Thread(target=answer_wrongly)
@@ -3994,50 +3986,50 @@ class TestManager:
                 thread.join(10)
             assert not thread.is_alive()
 
-    def test_manager_collection_api(self, manager, mgr_clients):
+    def test_manager_collection_api(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
-        assert len(mgr_clients) == 3
-        assert set(mgr_clients) == set(clients)
-        assert all(c in mgr_clients for c in clients)
+        clients = [open_client(client_manager, ws_url(address)) for _ in range(3)]
+        assert len(client_manager) == 3
+        assert set(client_manager) == set(clients)
+        assert all(c in client_manager for c in clients)
         assert all(c not in manager for c in clients)
-        assert "not a websocket" not in mgr_clients
+        assert "not a websocket" not in client_manager
         wait_until(lambda: len(manager) == 3)
         assert set(manager) == set(servers.made)
-        mapping = mgr_clients.websockets
+        mapping = client_manager.websockets
         assert set(mapping.values()) == set(clients)
         assert mapping[clients[0].fileno()] is clients[0]
         with pytest.raises(TypeError):
             mapping[12345] = clients[0]
         with pytest.raises(TypeError):
             del mapping[clients[0].fileno()]
-        assert len(mgr_clients) == 3
+        assert len(client_manager) == 3
         # Iteration is a snapshot: closing while iterating is fine.
-        for client in mgr_clients:
+        for client in client_manager:
             client.close()
-        wait_until(lambda: len(mgr_clients) == 0 and len(manager) == 0)
+        wait_until(lambda: len(client_manager) == 0 and len(manager) == 0)
         assert all(c.terminated for c in clients)
 
-    def test_add_rejects_foreign_or_closed_connection(self, manager, mgr_clients):
+    def test_add_rejects_foreign_or_closed_connection(self, manager, client_manager):
         address = manager.listen(("127.0.0.1", 0), Recorder)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         with pytest.raises(ValueError):
             manager.add(client)
         client.close()
         wait_until(lambda: client.terminated)
         with pytest.raises(ConnectionClosed):
-            mgr_clients.add(client)
+            client_manager.add(client)
 
-    def test_remove_stops_managing_without_closing(self, manager, mgr_clients):
+    def test_remove_stops_managing_without_closing(self, manager, client_manager):
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         try:
-            mgr_clients.remove(client)
-            wait_until(lambda: client not in mgr_clients)
-            assert len(mgr_clients) == 0
+            client_manager.remove(client)
+            wait_until(lambda: client not in client_manager)
+            assert len(client_manager) == 0
             assert not client.terminated and client.sock.fileno() != -1
             assert mgr_closed_events(client) == []
             # The socket is ours again: what the server sends now is ours to read, not the manager's.
@@ -4058,12 +4050,12 @@ class TestManager:
         assert conn.closed_event.wait(10)  # the server saw the socket go
         assert mgr_closed_events(client) == []
 
-    def test_context_manager_closes_with_1001(self, mgr_clients):
+    def test_context_manager_closes_with_1001(self, client_manager):
         servers = Collect(Recorder)
         with WebSocketManager(close_timeout=5.0) as server:
             assert server.running  # __enter__ started it
             address = server.listen(("127.0.0.1", 0), servers)
-            clients = [open_client(mgr_clients, ws_url(address)) for _ in range(3)]
+            clients = [open_client(client_manager, ws_url(address)) for _ in range(3)]
             wait_until(lambda: len(server) == 3)
             exit_started = time.monotonic()
         exit_took = time.monotonic() - exit_started
@@ -4074,7 +4066,7 @@ class TestManager:
         assert all(len(mgr_closed_events(s)) == 1 and s.terminated for s in servers.made)
         # The peers answered, so __exit__ did not sit out the whole close_timeout.
         assert exit_took < 4.0
-        wait_until(lambda: len(mgr_clients) == 0)
+        wait_until(lambda: len(client_manager) == 0)
 
     def test_context_manager_exit_is_bounded_by_close_timeout(self):
         # A peer that never answers the 1001: __exit__ waits close_timeout, then terminates it.
@@ -4097,14 +4089,14 @@ class TestManager:
             if sock is not None:
                 sock.close()
 
-    def test_stop_from_inside_a_callback(self, mgr_clients):
+    def test_stop_from_inside_a_callback(self, client_manager):
         servers = Collect(MgrStopper)
         server = WebSocketManager(close_timeout=2.0)
         MgrStopper.manager = server
         server.start()
         try:
             address = server.listen(("127.0.0.1", 0), servers)
-            clients = [open_client(mgr_clients, ws_url(address)) for _ in range(4)]
+            clients = [open_client(client_manager, ws_url(address)) for _ in range(4)]
             wait_until(lambda: len(servers.made) == 4 and all(s.opened_event.is_set() for s in servers.made))
             clients[2].send("stop")
             server.join(10)
@@ -4121,7 +4113,7 @@ class TestManager:
             assert client.closed_event.wait(10)
             assert mgr_closed_events(client)[0][1] == 1006
 
-    def test_accept_adopts_a_socket_read_elsewhere(self, manager, mgr_clients):
+    def test_accept_adopts_a_socket_read_elsewhere(self, manager, client_manager):
         servers = Collect(EchoRecorder)
         with socket.create_server(("127.0.0.1", 0)) as front:
             result = {}
@@ -4146,7 +4138,7 @@ class TestManager:
             assert not thread.is_alive()
         assert "error" not in result, result.get("error")
         client = result["client"]
-        mgr_clients.add(client)
+        client_manager.add(client)
         client.send("adopted")
         wait_until(lambda: client.messages == ["adopted"])
         assert servers.made[0].path == "/adopted" and servers.made[0] in manager
@@ -4193,11 +4185,11 @@ class TestManager:
                 if listener.sock is not None:
                     listener.sock.close()
 
-    def test_idle_loop_sleeps(self, manager, mgr_clients):
+    def test_idle_loop_sleeps(self, manager, client_manager):
         address = manager.listen(("127.0.0.1", 0), Recorder)
         clients = [connect(ws_url(address), Recorder) for _ in range(50)]
         for client in clients:
-            mgr_clients.add(client)
+            client_manager.add(client)
         wait_until(lambda: len(manager) == 50 and all(c.opened_event.is_set() for c in clients))
         # Both loops are idle now; the process should burn (almost) no CPU while we wait.
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -4214,11 +4206,11 @@ class TestManager:
             address = server.listen(("127.0.0.1", 0), EchoServer)
             assert _echo_through_websockets(address, [4 * 2 ** 20, 5 * 2 ** 20]) == [True, True]
 
-    def test_one_send_past_max_buffered_is_taken_the_next_drops_the_slow_consumer(self, limited_manager):
+    def test_one_send_past_max_buffered_is_taken_the_next_drops_the_slow_consumer(self, make_manager):
         """A send is accepted while the backlog is within max_buffered; a peer that leaves more
     than that unread is dropped (1006) at the next send."""
         limit = 64 * 1024
-        m = limited_manager(max_buffered=limit)
+        m = make_manager(max_buffered=limit)
         factory = Collect(SmallSendBufferServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
@@ -4304,11 +4296,11 @@ class TestManager:
         with pytest.raises(error):
             WebSocketManager(**{name: value}).stop()
 
-    def test_setting_changed_while_open_is_in_force_from_the_next_message(self, manager, mgr_clients):
+    def test_setting_changed_while_open_is_in_force_from_the_next_message(self, manager, client_manager):
         """A value set on a running connection is honoured, never ignored."""
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         big = b"b" * (2 * DEFAULT_MAX_MESSAGE_SIZE)
         conn.max_message_size = len(big)  # raised: frames follow, as the manager set no max_frame_size
@@ -4358,17 +4350,17 @@ class TestManager:
                          Frame(Opcode.BINARY, second), Frame(Opcode.PING, bytes(range(16)))]
             assert [peer.next() for _ in expected] == expected
 
-    def test_client_sends_wide_buffers_as_their_bytes(self, manager, mgr_clients):
+    def test_client_sends_wide_buffers_as_their_bytes(self, manager, client_manager):
         """Client side (masked): send, fragments and broadcast, as the server receives them."""
         servers = Collect(Recorder)
         address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(mgr_clients, ws_url(address))
+        client = open_client(client_manager, ws_url(address))
         conn = servers.first_opened()
         payloads = _wide_payloads()
         for payload in payloads:
             client.send(payload)
         client.send(payloads[:2])
-        assert mgr_clients.broadcast(payloads[0]) == 1
+        assert client_manager.broadcast(payloads[0]) == 1
         as_bytes = [memoryview(p).tobytes() for p in payloads]
         expected = as_bytes + [as_bytes[0] + as_bytes[1], as_bytes[0]]
         wait_until(lambda: len(conn.messages) >= len(expected) or conn.closed_event.is_set())
@@ -4385,12 +4377,6 @@ class TestManager:
                 super()._flush()
                 time.sleep(0)  # a write that lets the GIL go, as a large or TLS one does: the senders run now
 
-        class Sink(WebSocket):
-            received = 0
-
-            def received_message(self, message):
-                self.received += 1
-
         connections = 20
         servers = Collect(Counted)
         server = WebSocketManager(selector=selector, close_timeout=2.0, max_buffered=256 * 2 ** 20)
@@ -4399,7 +4385,7 @@ class TestManager:
             with running_manager() as clients:
                 address = server.listen(("127.0.0.1", 0), servers)
                 for _ in range(connections):
-                    clients.add(connect(ws_url(address), Sink))
+                    clients.add(connect(ws_url(address)))  # a sink: WebSocket ignores messages
                 wait_until(lambda: len(server) == connections)
                 targets = list(servers.made)
                 stop_at = time.monotonic() + 1.5
@@ -4574,14 +4560,14 @@ class TestManager:
                 assert conn.closed_event.wait(10)
                 assert [e for e in conn.events if e[0] == "closed"] == [("closed", CloseCode.NORMAL, "")]
 
-    def test_readme_limits_snippet_sets_per_connection_settings(self, manager, mgr_clients):
+    def test_readme_limits_snippet_sets_per_connection_settings(self, manager, client_manager):
         """README "Limits": the class attribute and the instance value, each where it applies."""
         namespace = {}
         exec(compile(readme_snippet("limits"), "README.rst:limits", "exec"), namespace)
         servers = Collect(namespace["Guest"])
         address = manager.listen(("127.0.0.1", 0), servers)
         for path in ("/upload", "/guest"):
-            client = open_client(mgr_clients, ws_url(address, path))
+            client = open_client(client_manager, ws_url(address, path))
             client.send("ok")
             wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._receiver is not None)
         assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
@@ -6028,36 +6014,36 @@ class TestCompression:
         assert (params is None) == (expected is None)
         if params is not None:
             # What the server will do matches what it answered, and the client reads it back the same way.
-            assert accept_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
+            assert parse_deflate_response(answer, Deflate(False, False, client_max_window_bits=15)) == params
 
     def test_server_negotiation_off_declines_everything(self):
         assert negotiate_deflate("permessage-deflate", None) == (None, None)  # type: ignore[arg-type]
 
     # Negotiation: the client side -------------------------------------------------
     def test_client_offers(self):
-        assert deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
-        assert deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
-        assert deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
+        assert encode_deflate_offer() == f"{NO_CONTEXT}; client_max_window_bits=12"
+        assert encode_deflate_offer(Deflate(False, False, 15, 15)) == "permessage-deflate; client_max_window_bits"
+        assert encode_deflate_offer(Deflate(True, True, 10, 9)) == ("permessage-deflate; server_no_context_takeover; "
                                                              "client_no_context_takeover; server_max_window_bits=10; "
                                                              "client_max_window_bits=9")
         # What we offer, a server of ours accepts as offered.
         for offered in (Deflate(), Deflate(False, False, 15, 15), Deflate(True, True, 10, 9)):
-            answer, params = negotiate_deflate(deflate_offer(offered), offered)
-            assert accept_deflate_response(answer, offered) == params
+            answer, params = negotiate_deflate(encode_deflate_offer(offered), offered)
+            assert parse_deflate_response(answer, offered) == params
 
     @pytest.mark.parametrize("name", list(CLIENT_NEGOTIATION))
     def test_client_negotiation(self, name):
         settings, answer, expected = CLIENT_NEGOTIATION[name]
         if isinstance(expected, str):
             with pytest.raises(ValueError, match=expected):
-                accept_deflate_response(answer, settings)
+                parse_deflate_response(answer, settings)
             # validate_response fails the handshake the same way.
             headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"),
                                ("Sec-WebSocket-Accept", SAMPLE_ACCEPT), ("Sec-WebSocket-Extensions", answer)])
             with pytest.raises(HandshakeError):
                 validate_response(Response(101, headers), SAMPLE_KEY, compression=settings)
         else:
-            assert accept_deflate_response(answer, settings) == expected
+            assert parse_deflate_response(answer, settings) == expected
 
     def test_validate_response_accepts_an_extension_only_if_offered(self):
         headers = Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),
@@ -6766,8 +6752,8 @@ class TestInterop:
 class TestHardening:
     """Hostile peers, resource exhaustion and faults: one bad peer never hurts the others."""
 
-    def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_close(self, limited_manager):
-        m = limited_manager()
+    def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_close(self, make_manager):
+        m = make_manager()
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory, max_connections=3)
         peers = []
@@ -6807,8 +6793,8 @@ class TestHardening:
         (["https://app.example", None], None, 101),
         (["https://app.example", None], "https://evil.example", 403),
     ])
-    def test_origins_allow_list(self, limited_manager, origins, origin, expected):
-        m = limited_manager()
+    def test_origins_allow_list(self, make_manager, origins, origin, expected):
+        m = make_manager()
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory, origins=origins)
         if expected == 101:
@@ -6821,8 +6807,8 @@ class TestHardening:
                 connect(ws_url(address), origin=origin, timeout=10)
             assert refused.value.status == expected
 
-    def test_memory_per_connection_is_bounded_by_the_caps(self, limited_manager):
-        m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
+    def test_memory_per_connection_is_bounded_by_the_caps(self, make_manager):
+        m = make_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
         factory = Collect(SmallSendBufferServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (bystander, attacker, ws):
@@ -6856,14 +6842,14 @@ class TestHardening:
             assert ws.closed_calls == [(CloseCode.MESSAGE_TOO_BIG, ws.closed_calls[0][1])]
             assert "exceeds the limit" in ws.closed_calls[0][1]
 
-    def test_output_memory_stays_near_max_buffered_when_the_peer_reads_slowly(self, limited_manager):
+    def test_output_memory_stays_near_max_buffered_when_the_peer_reads_slowly(self, make_manager):
         """buffered_amount counts unsent bytes; what was sent already must not stay in memory too.
 
     A peer that reads most of a full queue, then stalls again while the
     application keeps sending, must not make the server hold the sent part of
     the old queue on top of a new full one.
     """
-        m = limited_manager(max_buffered=CAP_BUFFERED)
+        m = make_manager(max_buffered=CAP_BUFFERED)
         factory = Collect(SmallSendBufferServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/slow-reader", rcvbuf=4096) as (_, attacker, ws):
@@ -6885,8 +6871,8 @@ class TestHardening:
             assert held <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE, f"{buffered} bytes queued hold {held} bytes of memory"
 
     @pytest.mark.parametrize("cap", ["message", "frame", "output"])
-    def test_going_over_a_cap_ends_the_connection(self, limited_manager, cap):
-        m = limited_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
+    def test_going_over_a_cap_ends_the_connection(self, make_manager, cap):
+        m = make_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (_, attacker, ws):
@@ -6927,7 +6913,7 @@ class TestHardening:
             assert ws.terminated and ws not in m
 
     @pytest.mark.parametrize("fragment", [b"", b"x"], ids=["empty-fragments", "one-byte-fragments"])
-    def test_fragment_bookkeeping_stays_within_max_message_size(self, limited_manager, fragment):
+    def test_fragment_bookkeeping_stays_within_max_message_size(self, make_manager, fragment):
         """What the assembler holds for a fragmented message is bounded by max_message_size.
 
     Counting payload bytes is not enough: each fragment is kept as its own
@@ -6936,7 +6922,7 @@ class TestHardening:
     empty continuation frames (0 bytes each) can be sent forever.
     """
         limit = 64 * 1024
-        m = limited_manager(max_message_size=limit)
+        m = make_manager(max_message_size=limit)
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/frag") as (_, attacker, ws):
@@ -6954,12 +6940,12 @@ class TestHardening:
                 f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
                 f"for a max_message_size of {limit}")
 
-    def test_slowloris_handshakes_are_closed_at_handshake_timeout(self, limited_manager):
+    def test_slowloris_handshakes_are_closed_at_handshake_timeout(self, make_manager):
         count = 500
         handshake_timeout = 1.0
         head = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"  # never the blank line
         with nofile_at_least(open_fds() + 2 * count + 200):
-            m = limited_manager(handshake_timeout=handshake_timeout)
+            m = make_manager(handshake_timeout=handshake_timeout)
             factory = Collect(HardeningServer)
             address = m.listen(("127.0.0.1", 0), factory)
             socks = []
@@ -7015,8 +7001,8 @@ class TestHardening:
                     s.close()
 
     @pytest.mark.parametrize("where", ["first-frame", "continuation", "with-the-handshake"])
-    def test_frame_bomb_gets_1009_at_once_without_allocating(self, limited_manager, where):
-        m = limited_manager()
+    def test_frame_bomb_gets_1009_at_once_without_allocating(self, make_manager, where):
+        m = make_manager()
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         prefix = b""
@@ -7046,8 +7032,8 @@ class TestHardening:
                 assert process_rss() - rss_before < 50 * 2 ** 20
 
     @pytest.mark.parametrize("max_message_size, accepted", [(2 ** 20, True), (50_000, False)])
-    def test_fragment_flood_is_linear_and_limited(self, limited_manager, max_message_size, accepted):
-        m = limited_manager(max_message_size=max_message_size)
+    def test_fragment_flood_is_linear_and_limited(self, make_manager, max_message_size, accepted):
+        m = make_manager(max_message_size=max_message_size)
         factory = Collect(LengthEchoServer)
         address = m.listen(("127.0.0.1", 0), factory)
         count = 100_000
@@ -7086,9 +7072,9 @@ class TestHardening:
                 sock.close()
 
     @pytest.mark.parametrize("payload", [b"", b"p" * 125], ids=["empty-pings", "125-byte-pings"])
-    def test_ping_flood_from_a_peer_that_never_reads(self, limited_manager, payload):
+    def test_ping_flood_from_a_peer_that_never_reads(self, make_manager, payload):
         max_buffered = 64 * 1024
-        m = limited_manager(max_buffered=max_buffered)
+        m = make_manager(max_buffered=max_buffered)
         factory = Collect(SmallSendBufferServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with attacker_beside_bystander(address, factory, "/pings", rcvbuf=4096) as (bystander, attacker, ws):
@@ -7139,9 +7125,9 @@ class TestHardening:
                 f"{peak_buffered} bytes of pongs queued held {peak_held} bytes of memory")
 
     @pytest.mark.parametrize("how", ["reset-mid-frame", "half-close", "close-frame-then-gone", "never-answers-close"])
-    def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(self, limited_manager, how):
+    def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(self, make_manager, how):
         close_timeout = 0.5
-        m = limited_manager(close_timeout=close_timeout)
+        m = make_manager(close_timeout=close_timeout)
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         fds_before = open_fds()
@@ -7182,10 +7168,10 @@ class TestHardening:
         wait_until(lambda: open_fds() <= fds_before)
 
     @pytest.mark.parametrize("name", list(GARBAGE_BEFORE_HANDSHAKE))
-    def test_garbage_before_the_handshake(self, limited_manager, caplog, name):
+    def test_garbage_before_the_handshake(self, make_manager, caplog, name):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
         make, half_close, expected = GARBAGE_BEFORE_HANDSHAKE[name]
-        m = limited_manager(handshake_timeout=1.0)
+        m = make_manager(handshake_timeout=1.0)
         factory = Collect(HardeningServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with WellBehavedPeer(address) as bystander, bystander.served_during():
@@ -7223,10 +7209,10 @@ class TestHardening:
                 sock.close()
         assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
-    def test_accept_emfile_backs_off_without_spinning_and_recovers(self, limited_manager, caplog):
+    def test_accept_emfile_backs_off_without_spinning_and_recovers(self, make_manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
         # A long handshake timeout: the flood's fds must be freed by us, not by the timer.
-        m = limited_manager(handshake_timeout=60.0)
+        m = make_manager(handshake_timeout=60.0)
         address = m.listen(("127.0.0.1", 0), EchoServer)
         # Everything this process will need while the limit is low is made beforehand:
         # a connected peer that keeps talking, the flood's sockets and the late client's socket.
@@ -7273,9 +7259,9 @@ class TestHardening:
         assert m.running
         assert not [r for r in caplog.records if LOOP_CRASH_LOG in r.getMessage()]
 
-    def test_callback_raising_on_every_message_closes_only_that_connection(self, limited_manager, caplog):
+    def test_callback_raising_on_every_message_closes_only_that_connection(self, make_manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
-        m = limited_manager()
+        m = make_manager()
         factory = Collect(RaisingOnMessageServer)
         address = m.listen(("127.0.0.1", 0), factory)
         with WellBehavedPeer(address) as bystander, bystander.served_during():
@@ -7309,10 +7295,10 @@ class TestHardening:
 
     @pytest.mark.parametrize("where", ["opened", "closed"])
     @pytest.mark.parametrize("action", ["send", "close", "terminate", "stop"])
-    def test_actions_from_inside_opened_and_closed(self, limited_manager, caplog, where, action):
+    def test_actions_from_inside_opened_and_closed(self, make_manager, caplog, where, action):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
         cls = type("Reentrant", (ReentrantCallbacks,), {"where": where, "action": action})
-        m = limited_manager(close_timeout=1.0)
+        m = make_manager(close_timeout=1.0)
         factory = Collect(cls)
         address = m.listen(("127.0.0.1", 0), factory)
         if where == "opened" and action in ("terminate", "stop"):
@@ -7402,7 +7388,7 @@ class TestHardening:
             threads_before = set(threading.enumerate())
             m = WebSocketManager(close_timeout=2.0)
             m.start()
-            factory = Collect(CountingServer)
+            factory = Collect(HardeningServer, echo=False)  # clients never read: echoing would only test slow consumers again
             socks = []
             stop_sending = threading.Event()
             sent = [0]

@@ -69,9 +69,9 @@ __all__ = [
     "encode_close", "parse_close", "Deflate", "DeflateParams", "PerMessageDeflate",
     # handshake
     "Headers", "Request", "Response", "HeadReader", "accept_key", "new_key",
-    "build_request", "parse_request", "validate_request", "build_response", "encode_response",
-    "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "deflate_offer",
-    "accept_deflate_response",
+    "encode_request", "parse_request", "validate_request", "encode_switching_protocols", "encode_response",
+    "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "encode_deflate_offer",
+    "parse_deflate_response",
     # connection and manager
     "WebSocket", "WebSocketManager", "connect",
     # integrations
@@ -95,6 +95,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
@@ -1339,7 +1340,7 @@ def validate_request(request: Request) -> str:
     return key
 
 
-def build_response(key: str, subprotocol: Optional[str] = None,
+def encode_switching_protocols(key: str, subprotocol: Optional[str] = None,
                    headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     """The 101 Switching Protocols response for a validated request's key."""
     fields = _switch_fields(key, subprotocol)
@@ -1367,23 +1368,34 @@ _REASON_PHRASES = {
 }
 
 
+def _status_text(status: int, reason: str = "") -> str:
+    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
+
+
 def encode_response(response: Response) -> bytes:
     """Serialize a plain HTTP response (errors, or a page) that ends the connection."""
-    status = response.status
-    reason = response.reason or _REASON_PHRASES.get(status, "Unknown")
-    body = response.body
     fields = list(response.headers)
+    status, body = _complete_response(response, fields)
+    fields.append(("Connection", "close"))
+    return f"HTTP/1.1 {status}\r\n{_header_lines(fields)}\r\n".encode("latin-1") + body
+
+
+def _complete_response(response: Response, fields: List[Tuple[str, str]]) -> Tuple[str, bytes]:
+    """``response``'s status ("404 Not Found") and body (the status, for an error without one);
+    adds the Content-Type and Content-Length that ``fields`` lack."""
+    status = _status_text(response.status, response.reason)
+    body = response.body
+    if not body and response.status >= 400:
+        body = f"{status}\n".encode()
     names = {name.lower() for name, _ in fields}
-    if not body and status >= 400:
-        body = f"{status} {reason}\n".encode()
     if "content-type" not in names:
         fields.append(("Content-Type", "text/plain; charset=utf-8"))
-    fields.append(("Content-Length", str(len(body))))
-    fields.append(("Connection", "close"))
-    return f"HTTP/1.1 {status} {reason}\r\n{_header_lines(fields)}\r\n".encode("latin-1") + body
+    if "content-length" not in names:
+        fields.append(("Content-Length", str(len(body))))
+    return status, body
 
 
-def build_request(host: str, path: str, key: str, *, subprotocols: Optional[Sequence[str]] = None,
+def encode_request(host: str, path: str, key: str, *, subprotocols: Optional[Sequence[str]] = None,
                   headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> bytes:
     """A client's opening handshake (RFC 6455 4.1). ``host`` is the Host header value."""
     if not path.startswith("/") or _FORBIDDEN_IN_VALUE.search(path) or " " in path:
@@ -1416,9 +1428,9 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
                       compression: Union[None, str, Deflate] = None) -> Optional[str]:
     """Check a server's answer to our handshake (RFC 6455 4.1); return the subprotocol it chose.
 
-    ``compression`` is what the request offered (see :func:`deflate_offer`):
+    ``compression`` is what the request offered (see :func:`encode_deflate_offer`):
     an extension in the answer is accepted only if it is that one, with
-    parameters RFC 7692 allows (:func:`accept_deflate_response`). Raises
+    parameters RFC 7692 allows (:func:`parse_deflate_response`). Raises
     :class:`HandshakeError` whose ``status`` and ``headers`` are the server's.
     """
     status = response.status
@@ -1441,7 +1453,7 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
         if settings is None:
             raise fail("server chose an extension that was not offered")
         try:
-            accept_deflate_response(extensions, settings)
+            parse_deflate_response(extensions, settings)
         except ValueError as exc:
             raise fail(str(exc)) from None
     chosen = headers.get("Sec-WebSocket-Protocol")
@@ -1570,7 +1582,7 @@ def negotiate_deflate(offers: Optional[str],
     return None, None
 
 
-def deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
+def encode_deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
     """The Sec-WebSocket-Extensions value a client sends to offer permessage-deflate.
 
     It always carries ``client_max_window_bits`` (so the server may limit
@@ -1591,8 +1603,8 @@ def deflate_offer(settings: Union[str, Deflate] = "deflate") -> str:
     return _format_deflate(params)
 
 
-def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] = "deflate") -> Optional[DeflateParams]:
-    """The client side of RFC 7692 negotiation: check the server's answer to :func:`deflate_offer`.
+def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] = "deflate") -> Optional[DeflateParams]:
+    """The client side of RFC 7692 negotiation: check the server's answer to :func:`encode_deflate_offer`.
 
     Returns the agreed :class:`DeflateParams`, or ``None`` when the server
     declined (no Sec-WebSocket-Extensions). Raises :class:`ValueError` when
@@ -1624,6 +1636,27 @@ def accept_deflate_response(value: Optional[str], settings: Union[str, Deflate] 
     if client_bits < 9:
         raise ValueError("client_max_window_bits 8 is not supported (zlib cannot compress with 8)")
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _deprecated(old: str, new: _Function) -> _Function:
+    """``new`` under its old public name ``old``, warning (DeprecationWarning) at each call."""
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"wsmanager.{old}() is deprecated: use {new.__name__}()", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`: kept for one release, then removed."
+    return cast(_Function, alias)
+
+
+# The handshake's former names (now one convention: ``encode_*`` serializes, ``parse_*``
+# parses), deprecated and kept for one release; not in ``__all__``.
+build_request = _deprecated("build_request", encode_request)
+build_response = _deprecated("build_response", encode_switching_protocols)
+deflate_offer = _deprecated("deflate_offer", encode_deflate_offer)
+accept_deflate_response = _deprecated("accept_deflate_response", parse_deflate_response)
 
 
 ###############################################################################
@@ -2668,10 +2701,8 @@ class _Listener:
         self.manager._unwatch(self.sock)
         self.sock.close()
         if self.unix_path:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
-            except OSError:
-                pass
 
 
 class _ServerHandshake:
@@ -3899,8 +3930,8 @@ def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate]
                     origin: Optional[str]) -> bytes:
     """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
     if settings is not None:
-        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", deflate_offer(settings))]
-    return build_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
+        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+    return encode_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
                          origin=origin)
 
 
@@ -3919,22 +3950,22 @@ def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequenc
     subprotocol = validate_response(response, key, subprotocols, settings)
     deflate = None
     if settings is not None and isinstance(response.headers, Headers):
-        deflate = accept_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
+        deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
     return subprotocol, deflate
-
-
 
 
 @overload
 def connect(url: str, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> WebSocket: ...
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None) -> WebSocket: ...
 
 
 @overload
 def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None) -> _WebSocketT: ...
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None) -> _WebSocketT: ...
 
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
@@ -4093,7 +4124,7 @@ class _WSGIHandOff:
             return _wsgi_reply(start_response, response, exc_info=refused)
         sock = socket.socket(fileno=os.dup(fd))
         try:
-            start_response(_wsgi_status(response.status, response.reason), [], refused)
+            start_response(_status_text(response.status, response.reason), [], refused)
             placeholder = _neutralize(fd)
         except BaseException:
             sock.close()
@@ -4180,25 +4211,13 @@ def _environ_peer(environ: Dict[str, Any]) -> Any:
         return environ.get("REMOTE_ADDR")
 
 
-def _wsgi_status(status: int, reason: str = "") -> str:
-    return f"{status} {reason or _REASON_PHRASES.get(status, 'Unknown')}"
-
-
 def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
                 exc_info: Any = None) -> List[bytes]:
     """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
     then they are passed, and a server that refuses them raises AssertionError."""
-    body = response.body
-    status = _wsgi_status(response.status, response.reason)
-    if not body and response.status >= 400:
-        body = f"{status}\n".encode()
     fields = [(name, value) for name, value in response.headers
               if strict or name.lower() not in _HOP_BY_HOP]
-    names = {name.lower() for name, _ in fields}
-    if "content-type" not in names:
-        fields.append(("Content-Type", "text/plain; charset=utf-8"))
-    if "content-length" not in names:
-        fields.append(("Content-Length", str(len(body))))
+    status, body = _complete_response(response, fields)
     start_response(status, fields, exc_info)
     return [body]
 
@@ -4755,9 +4774,7 @@ class RedisBridge:
             acknowledged = 0
             for reply in replies:
                 if isinstance(reply, _RedisError):
-                    logger.error("redis bridge: Redis answered %s", reply.message)
-                    if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-                        connection._finalize(f"authentication failed: {reply.message}")
+                    if self._refused(connection, reply):
                         return
                     with self._lock:
                         self._unacknowledged -= 1
@@ -4801,11 +4818,17 @@ class RedisBridge:
                     self._subscribed.add(topic)
                 else:
                     self._subscribed.discard(topic)
-            elif isinstance(reply, _RedisError):
-                logger.error("redis bridge: Redis answered %s", reply.message)
-                if reply.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-                    connection._finalize(f"authentication failed: {reply.message}")
-                    return
+            elif isinstance(reply, _RedisError) and self._refused(connection, reply):
+                return
+
+    @staticmethod
+    def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
+        """Log an error reply; when it refuses our credentials, end ``connection`` and return True."""
+        logger.error("redis bridge: Redis answered %s", error.message)
+        if not error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
+            return False
+        connection._finalize(f"authentication failed: {error.message}")
+        return True
 
     def _close(self) -> None:
         self._closed = True
@@ -4903,10 +4926,8 @@ class Supervisor:
             logger.warning("second %s: forcing the exit (workers killed, connections dropped)",
                            signal.Signals(signum).name)
             for pid in list(self._pids):
-                try:
+                with contextlib.suppress(OSError):  # gone already
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
         previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         _request_stop_on_signals(self._stop_requests, force)
@@ -5008,10 +5029,8 @@ class Supervisor:
         import signal
         logger.info("stopping %d worker(s): their connections close with 1001", len(self._pids))
         for pid in list(self._pids):
-            try:
+            with contextlib.suppress(OSError):  # gone already
                 os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
         close_timeout = float(self.manager_options.get("close_timeout", DEFAULT_CLOSE_TIMEOUT))
         deadline = time.monotonic() + close_timeout + 5.0
         while self._pids and time.monotonic() < deadline:
@@ -5312,10 +5331,8 @@ def _connect(args: Any) -> int:
     def type_lines() -> None:
         try:
             if peer.interactive:
-                try:
+                with contextlib.suppress(ImportError):
                     import readline  # noqa: F401  (line editing and history for input())
-                except ImportError:
-                    pass
                 while True:
                     peer.send(input("> "))
             else:
@@ -5329,10 +5346,8 @@ def _connect(args: Any) -> int:
     # the middle of a line, input() never returns to undo that: the mode is restored here.
     terminal_mode = _terminal_mode() if peer.interactive else None
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
-    except KeyboardInterrupt:
-        pass
     if not peer.terminated:
         peer.close(CloseCode.NORMAL)
         deadline = time.monotonic() + manager.close_timeout + 1
@@ -5356,10 +5371,8 @@ def _terminal_mode() -> Optional[Callable[[], None]]:
         return None
 
     def restore() -> None:
-        try:
+        with contextlib.suppress(OSError):
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        except OSError:
-            pass
     return restore
 
 
