@@ -4728,12 +4728,18 @@ class TestManager:
 
     def test_manager_connect_returns_at_once_and_opens_in_the_loop(self):
         servers = Collect(EchoRecorder)
+        answer = threading.Event()  # the server holds its 101 back until the client's state is checked
+
+        def hold(request):
+            assert answer.wait(10)
+
         with running_manager() as server, running_manager() as clients:
-            address = server.listen(("127.0.0.1", 0), servers, subprotocols=["chat"])
+            address = server.listen(("127.0.0.1", 0), servers, subprotocols=["chat"], handshake=hold)
             client = clients.connect(ws_url(address, "/room?x=1"), Dialer, subprotocols=["other", "chat"],
                                      headers=[("X-Token", "t1")], origin="https://example.com")
             assert client.state is State.CONNECTING and client.client
             client.send("queued before the handshake")  # goes out once open
+            answer.set()
             assert client.opened_event.wait(10)
             assert client.subprotocol == "chat"
             assert client.response_headers["Sec-WebSocket-Protocol"] == "chat"
