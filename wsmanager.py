@@ -1272,7 +1272,6 @@ def _parse_head(head: bytes) -> Tuple[str, Headers]:
     return start, headers
 
 
-
 _HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
 
 
