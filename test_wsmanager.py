@@ -3365,11 +3365,13 @@ class TestHandshake:
         (None, "other", None),
     ])
     def test_policy_subprotocol_is_the_101s_header(self, hook, offered, chosen):
-        response = _policy(subprotocols=["superchat", "chat"], handshake=hook).accept(
-            _request({"Sec-WebSocket-Protocol": offered}))
+        listener = _policy(subprotocols=["superchat", "chat"], handshake=hook)
+        request = _request({"Sec-WebSocket-Protocol": offered})
+        response = listener.accept(request)
         assert response.status == 101
         assert wsmanager._chosen_subprotocol(response) == chosen
         assert dict(response.headers).get("Sec-WebSocket-Protocol") == chosen
+        assert listener._answer(request).subprotocol == chosen  # what the connection is made with
 
     def test_policy_counts_connections_exactly_across_threads(self):
         listener = _policy(max_connections=25)

@@ -1170,6 +1170,9 @@ def _token_list(value: Optional[str]) -> List[str]:
 
 
 def _tokens(value: Optional[str]) -> Set[str]:
+    if value and "," not in value:  # deliberate: one token (Upgrade: websocket) without the list machinery
+        token = value.strip()
+        return {token.lower()} if token else set()
     return {token.lower() for token in _token_list(value)}
 
 
@@ -1254,6 +1257,7 @@ def _parse_head(head: bytes) -> Tuple[str, Headers]:
         raise HandshakeError("empty head", 400)
     start = lines[0].rstrip(b"\r").decode("latin-1")
     headers = Headers()
+    items, index = headers._items, headers._index  # deliberate: Headers.add() inlined
     for raw in lines[1:]:
         line = raw[:-1] if raw.endswith(b"\r") else raw
         name, sep, value = line.partition(b":")
@@ -1264,7 +1268,8 @@ def _parse_head(head: bytes) -> Tuple[str, Headers]:
         value_text = value.strip(b" \t").decode("latin-1")
         if _FORBIDDEN_IN_VALUE.search(value_text):
             raise HandshakeError(f"invalid character in header {name_text}", 400)
-        headers.add(name_text, value_text)
+        items.append((name_text, value_text))
+        index.setdefault(name_text.lower(), []).append(value_text)
     return start, headers
 
 
@@ -1732,10 +1737,13 @@ def _is_bytes_like(message: Any) -> bool:
 # set on the instance (in __init__, or later) wins over a class attribute of its WebSocket
 # subclass, which wins over the manager's default. A setting added later only joins this tuple.
 _CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
+_SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where each value lives
 
 
 def _check_setting(name: str, value: Any) -> Any:
     """``value`` if it is a valid value of setting ``name`` (or ``None``: the default); else raise."""
+    if type(value) is int and value >= 0:  # deliberate: the common case (bytes, or whole seconds) first
+        return value
     if value is None:
         return value
     if name == "close_timeout":
@@ -1797,6 +1805,9 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
     return count
 
 
+_Self = TypeVar("_Self", bound="WebSocket")  # WebSocket.__new__'s class
+
+
 class WebSocket:
     """One WebSocket connection, server or client side.
 
@@ -1856,9 +1867,7 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        for name in _CONNECTION_SETTINGS:
-            if not hasattr(self, "_" + name):  # a subclass may set one before calling this __init__
-                setattr(self, "_" + name, None)
+        # The setting slots start as None in __new__: a subclass may set one before calling this __init__.
         self.state = _CONNECTING
         self._receiver: Optional[_Receiver] = None  # made when the connection first runs
         self._lock = threading.Lock()
@@ -1882,6 +1891,14 @@ class WebSocket:
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
         self._deflate: Optional[PerMessageDeflate] = None  # set when permessage-deflate was negotiated
+
+    def __new__(cls: "type[_Self]", *args: Any, **kwargs: Any) -> "_Self":
+        # Deliberate: the setting slots exist (None) before any __init__ runs, so that __init__
+        # needs no hasattr() per setting (each a raised and caught AttributeError: 2 us a handshake).
+        self = object.__new__(cls)
+        for slot in _SETTING_SLOTS:
+            setattr(self, slot, None)
+        return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -2209,7 +2226,8 @@ class WebSocket:
         if first_time:
             self._start(manager)
         sock = self.sock
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
+            sock.setblocking(False)
         manager._set_events(sock, selectors.EVENT_READ, self)
         self._active = True
         if first_time:
@@ -2279,15 +2297,23 @@ class WebSocket:
 
     def _resolve_settings(self) -> None:
         # The one place where a setting is resolved: instance > class attribute > manager.
+        # Deliberate: the slots and the class's dict are read directly, not through the
+        # _ConnectionSetting descriptors (same order of precedence; 1 us less a connection).
         manager = self._manager
-        self._frame_size_follows = self.max_frame_size is None and manager._frame_size_follows
-        for name in _CONNECTION_SETTINGS:
-            value = getattr(self, name)
+        class_settings = type(self)._class_settings
+        own_frame_size = self._max_frame_size
+        if own_frame_size is None:
+            own_frame_size = class_settings.get("max_frame_size")
+        self._frame_size_follows = own_frame_size is None and manager._frame_size_follows
+        for name, slot in zip(_CONNECTION_SETTINGS, _SETTING_SLOTS):
+            value = getattr(self, slot)
+            if value is None and class_settings:
+                value = class_settings.get(name)
             if value is None:
                 value = manager._connection_default(name, self)
                 if value is None:
                     raise TypeError(f"the manager's {name} is None: no limit to apply")
-            setattr(self, "_" + name, _check_setting(name, value))
+            setattr(self, slot, _check_setting(name, value))
 
     def _set_setting(self, name: str, value: Any) -> None:
         # Any thread. Before the connection runs: recorded (None: back to the default). After:
@@ -2554,6 +2580,7 @@ class _Answer(NamedTuple):
     response: Response  # a 101 to send, or the refusal (or page) that ends the connection
     why: str = ""  # for the log: why a refusal refuses
     deflate: Optional[DeflateParams] = None  # the permessage-deflate parameters a 101 agreed to
+    subprotocol: Optional[str] = None  # the one a 101's Sec-WebSocket-Protocol names
 
 
 class _Listener:
@@ -2633,7 +2660,7 @@ class _Listener:
             extension, deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"), self.compression)
             if extension:
                 fields.append(("Sec-WebSocket-Extensions", extension))
-        return _Answer(Response(101, fields), "", deflate)
+        return _Answer(Response(101, fields), "", deflate, subprotocol)
 
     def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
                          peer: Any, extra_data: bytes = b"") -> WebSocket:
@@ -2641,7 +2668,7 @@ class _Listener:
         response = answer.response
         reply = _encode_switch(response.headers)
         websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
-                                 subprotocol=_chosen_subprotocol(response), peer_address=peer,
+                                 subprotocol=answer.subprotocol, peer_address=peer,
                                  extra_data=extra_data)
         if answer.deflate is not None and self.compression is not None:
             websocket._enable_deflate(answer.deflate, self.compression)
