@@ -3087,11 +3087,6 @@ def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Opt
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
 _WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
-def _chosen_subprotocol(response: Response) -> Optional[str]:
-    for name, value in response.headers:
-        if name.lower() == "sec-websocket-protocol":
-            return value
-    return None
 
 
 class WebSocketManager:
