@@ -53,7 +53,7 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        per connection, measured after one echo on every connection. ws4py
        (when installed, ``bench`` extra) in the same run: ``connect()`` then
        its ``WebSocketManager``, its documented client use.
-s6c    client side, concurrent (issue 14): 2,000 ``manager.connect()`` calls in
+s6c    client side, concurrent: 2,000 ``manager.connect()`` calls in
        a loop, every TCP connect and handshake running in the loop at once,
        timed until all have opened (websockets: 2,000 ``connect()`` tasks
        gathered). ws4py has no non-blocking connect.
@@ -77,7 +77,7 @@ lower bound. "per CPU-second" tables divide by the CPU of the side under test.
 idle   10,000 idle connections for 10 s: CPU time of the server process
        (wsmanager: its loop thread; the main thread waits on a pipe) over wall
        time, in percent.
-z2 z3 z5  S2, S3 and S5 with permessage-deflate on both sides (issue 13):
+z2 z3 z5  S2, S3 and S5 with permessage-deflate on both sides:
        wsmanager with ``compression="deflate"`` against websockets with its
        default compression (12-bit windows, memLevel 5); no ceiling. Same
        payloads as S2/S3/S5 (highly compressible). The load generator is
@@ -112,8 +112,8 @@ soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        start, after warm-up and at the end. With N=60 the fd count must come
        back to its start value and RSS stay within a small band after warm-up.
 
-Methodology (issue #6)
-----------------------
+Methodology
+-----------
 * Every implementation runs in the same invocation, interleaved: for each
   repetition (``--repeat``, default 3) wsmanager, websockets, ceiling, then
   again. Tables show medians; ratios are wsmanager's median divided by the
@@ -1856,7 +1856,7 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                                  f"{p.idle_seconds:g} s", "echo",
                          {"cpu": Metric("Idle connections, server CPU", "% of wall", higher_is_better=False,
                                         targets=[Target(absolute, 1.0)])}),
-        # Issue 13: the same with permessage-deflate on both sides, against websockets' default compression.
+        # The same with permessage-deflate on both sides, against websockets' default compression.
         "z2": Scenario("z2", f"Z2 = S2 compressed: {p.s2_connections} connections x {p.s2_in_flight} in flight, "
                              f"{p.s2_size} B text, {p.s2_per_connection:,} round trips each", "echo+deflate",
                        {"rate": Metric("Z2 small messages, deflate", "msg/s")}, implementations=compressed),
@@ -1876,7 +1876,7 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
         "zmem10k": zmem_scenario("zmem10k", p.zmem_large),
         "zmemctx10k": zmem_scenario("zmemctx10k", p.zmem_large, context=True),
     }
-    # Issue 14: rows over the same samples, comparing other columns.
+    # Rows over the same samples, comparing other columns.
     s3, s6 = scenarios["s3"].metrics["rate"], scenarios["s6"].metrics["rate"]
     scenarios["s3"].extra_metrics += [
         Metric("S3 large messages, pure-Python masking", "MB/s", samples=s3.samples,
@@ -2349,7 +2349,7 @@ def run_soak(p: Params) -> int:
 
 
 ###############################################################################
-# Scaling out: publish with worker processes, and the Redis hop (issue 12) ####
+# Scaling out: publish with worker processes, and the Redis hop ##############
 ###############################################################################
 
 SCALE_WORKER = r'''

@@ -111,7 +111,7 @@ else:
         """A module imported on its first use, then bound in its place: no cost at import, none after.
 
         Deliberate: these modules are most of what ``import wsmanager`` would
-        cost (``ssl`` and ``logging`` above all, issue 14), and many programs
+        cost (``ssl`` and ``logging`` above all), and many programs
         never touch TLS, compression or a log line.
         """
 
