@@ -642,6 +642,17 @@ def _utf8_prefix_invalid(pending: bytes) -> bool:
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
+def _feed_utf8(decoder: Any, data: bytes, final: bool) -> None:
+    """Feed the next piece of a text message to its incremental ``decoder``: 1007 as soon as
+    the bytes so far can no longer be the start of UTF-8 (fail fast)."""
+    try:
+        decoder.decode(data, final)
+    except UnicodeDecodeError:
+        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+    if not final and _utf8_prefix_invalid(decoder.getstate()[0]):
+        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+
+
 class MessageAssembler:
     """Sans-I/O message assembly: frames in, messages and control frames out.
 
@@ -706,14 +717,8 @@ class MessageAssembler:
         if size > self.max_message_size:
             raise self._too_big(size)
         decoder = self._decoder
-        if decoder is not None:
-            # Validated fragment by fragment (fail fast); decoded once, whole, at the end.
-            try:
-                decoder.decode(payload, frame.fin)
-            except UnicodeDecodeError:
-                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
-            if not frame.fin and _utf8_prefix_invalid(decoder.getstate()[0]):
-                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+        if decoder is not None:  # validated fragment by fragment; decoded once, whole, at the end
+            _feed_utf8(decoder, payload, frame.fin)
         buffer += payload
         if not frame.fin:
             return None
@@ -747,12 +752,7 @@ class MessageAssembler:
             self._decoder = _Utf8Decoder() if opcode == _TEXT else None
         decoder = self._decoder
         if decoder is not None:
-            try:
-                decoder.decode(data, frame.fin)
-            except UnicodeDecodeError:
-                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
-            if not frame.fin and _utf8_prefix_invalid(decoder.getstate()[0]):
-                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+            _feed_utf8(decoder, data, frame.fin)
         if not frame.fin:
             buffer += data
             return None
@@ -800,12 +800,7 @@ class MessageAssembler:
             decoder = self._peek_decoder = _Utf8Decoder()
             if not starts_message and self._decoder is not None:
                 decoder.setstate(self._decoder.getstate())
-        try:
-            decoder.decode(chunk, False)
-        except UnicodeDecodeError:
-            raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
-        if _utf8_prefix_invalid(decoder.getstate()[0]):
-            raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+        _feed_utf8(decoder, chunk, False)
 
     def _too_big(self, size: int) -> ProtocolError:
         return ProtocolError(CloseCode.MESSAGE_TOO_BIG,
