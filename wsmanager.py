@@ -696,7 +696,8 @@ class MessageAssembler:
             if self._opcode is not None:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "new message started inside a fragmented message")
             if frame.rsv1:
-                return self._inflate(frame)
+                payload = self._inflate(frame)
+                self._compressed = not frame.fin
             if frame.fin:
                 if len(payload) > self.max_message_size:
                     raise self._too_big(len(payload))
@@ -711,7 +712,8 @@ class MessageAssembler:
         elif self._opcode is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
         elif self._compressed:
-            return self._inflate(frame)
+            payload = self._inflate(frame)
+            self._compressed = not frame.fin
         buffer = self._buffer
         size = len(buffer) + len(payload)
         if size > self.max_message_size:
@@ -726,43 +728,13 @@ class MessageAssembler:
         self._opcode = self._decoder = None
         return buffer.decode() if decoder is not None else bytes(buffer)
 
-    def _inflate(self, frame: Frame) -> Union[str, bytes, None]:
+    def _inflate(self, frame: Frame) -> bytes:
         # A frame of a compressed message (RFC 7692 6.2): inflated at most up to the limit,
         # so a small frame that would inflate to gigabytes fails with 1009 having held 1 byte
         # more than max_message_size, at most.
-        deflate = self.deflate
-        if deflate is None:
+        if self.deflate is None:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
-        opcode = frame.opcode
-        buffer = self._buffer
-        limit = self.max_message_size - len(buffer)
-        data = deflate.decompress(frame.payload, frame.fin, limit)
-        if len(data) > limit:
-            raise self._too_big(len(buffer) + len(data))
-        if opcode:
-            if frame.fin:  # the whole message in one frame: the common case
-                if opcode == _TEXT:
-                    try:
-                        return data.decode()
-                    except UnicodeDecodeError:
-                        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
-                return data
-            self._opcode = opcode
-            self._compressed = True
-            self._decoder = _Utf8Decoder() if opcode == _TEXT else None
-        decoder = self._decoder
-        if decoder is not None:
-            _feed_utf8(decoder, data, frame.fin)
-        if not frame.fin:
-            buffer += data
-            return None
-        self._opcode = self._decoder = None
-        self._compressed = False
-        if buffer:
-            self._buffer = bytearray()
-            buffer += data
-            data = bytes(buffer)
-        return data.decode() if decoder is not None else data  # validated above: decoding cannot fail
+        return self.deflate.decompress(frame.payload, frame.fin, self.max_message_size - len(self._buffer))
 
     def check_pending(self, opcode: int, length: int, compressed: bool = False) -> bool:
         """Check a frame announced by :meth:`FrameParser.pending` before its payload arrives.
