@@ -236,7 +236,6 @@ BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
 BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
 BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
 
-CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
@@ -428,12 +427,10 @@ def encode_frame(opcode: int, payload: _BytesLike, *, fin: bool = True,
     n = len(payload)
     if n < 126 and fin and not mask and not rsv1 and 0 <= opcode <= 2:
         return _SHORT_HEADERS[opcode][n] + payload  # deliberate: the common server frame, one concat
-    if opcode >= 8 and (n > 125 or not fin):
-        if opcode not in CONTROL_OPCODES:
-            raise ValueError(f"unknown opcode {opcode}")
-        raise ValueError("control frames must be final and carry at most 125 bytes")
     if opcode not in _OPCODES_BY_VALUE:
         raise ValueError(f"unknown opcode {opcode}")
+    if opcode >= 8 and (n > 125 or not fin):
+        raise ValueError("control frames must be final and carry at most 125 bytes")
     first = opcode | (0x80 if fin else 0) | (0x40 if rsv1 else 0)
     if not mask:
         if n < 126:
@@ -633,12 +630,6 @@ class FrameParser:
         return header if len(buf) >= header else None
 
 
-def _utf8_prefix_invalid(pending: bytes) -> bool:
-    # CPython's incremental decoder rejects every invalid prefix at once except
-    # ED A0..BF, the start of a UTF-16 surrogate: catch that one here to fail fast.
-    return len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0
-
-
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
@@ -649,7 +640,10 @@ def _feed_utf8(decoder: Any, data: bytes, final: bool) -> None:
         decoder.decode(data, final)
     except UnicodeDecodeError:
         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
-    if not final and _utf8_prefix_invalid(decoder.getstate()[0]):
+    # CPython's incremental decoder rejects every invalid prefix at once except
+    # ED A0..BF, the start of a UTF-16 surrogate: catch that one here to fail fast.
+    pending = decoder.getstate()[0]
+    if not final and len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
         raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
 
 
@@ -1000,18 +994,14 @@ class PerMessageDeflate:
         if compressor is None:
             compressor = self._compressor = zlib.compressobj(
                 self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
-        payloads = []
         try:
-            for chunk in chunks[:-1]:
-                # A sync flush per fragment: each frame carries whole deflate blocks.
-                payloads.append(compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH))
-            last = compressor.compress(chunks[-1]) + compressor.flush(
-                zlib.Z_FULL_FLUSH if key is not None else zlib.Z_SYNC_FLUSH)
+            # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
+            payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
         except BaseException:
             if key is not None:
                 del _thread_compressors.compressors[key]
             raise
-        payloads.append(last[:-4])
+        payloads.append(self.compress(chunks[-1]))
         return payloads
 
     def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
@@ -1038,14 +1028,11 @@ class PerMessageDeflate:
         except zlib.error as exc:
             # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
             raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
-        if decompressor.eof:
-            # The peer ended its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
-            # but our tail is garbage, and the next message starts a new stream.
-            if decompressor.unused_data not in (b"", _DEFLATE_TAIL):
-                raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
-            if final:
-                self._decompressor = None
-        if final and not self._recv_keep:
+        # The peer may end its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
+        # but our tail is garbage, and the next message starts a new stream.
+        if decompressor.eof and decompressor.unused_data not in (b"", _DEFLATE_TAIL):
+            raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
+        if final and (decompressor.eof or not self._recv_keep):
             self._decompressor = None
         return out
 
@@ -1315,9 +1302,7 @@ def validate_request(request: Request) -> str:
 def encode_switching_protocols(key: str, subprotocol: Optional[str] = None,
                    headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     """The 101 Switching Protocols response for a validated request's key."""
-    fields = _switch_fields(key, subprotocol)
-    fields.extend(headers)
-    return _encode_switch(fields)
+    return _encode_switch([*_switch_fields(key, subprotocol), *headers])
 
 
 def _switch_fields(key: str, subprotocol: Optional[str]) -> List[Tuple[str, str]]:
@@ -1451,13 +1436,12 @@ def _parse_extension(element: str) -> Tuple[str, List[Tuple[str, Optional[str]]]
     params: List[Tuple[str, Optional[str]]] = []
     for raw in raw_params:
         match = _EXTENSION_PARAM.match(raw)
-        if match is None or not _TOKEN.match(match.group(1)):
-            raise ValueError(f"malformed extension parameter {raw.strip()[:60]!r}")
-        value = match.group(2) if match.group(2) is not None else match.group(3)
+        param, quoted, plain = match.groups() if match else ("", None, None)
+        value = quoted if quoted is not None else plain
         # RFC 6455 9.1: a quoted value must still be a token once unquoted.
-        if value is not None and not _TOKEN.match(value):
+        if not _TOKEN.match(param) or (value is not None and not _TOKEN.match(value)):
             raise ValueError(f"malformed extension parameter {raw.strip()[:60]!r}")
-        params.append((match.group(1), value))
+        params.append((param, value))
     return name, params
 
 
