@@ -1155,6 +1155,10 @@ def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
     return "".join(lines)
 
 
+# RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
 class HeadReader:
     """Collects an HTTP head incrementally, bounded in size and lines.
 
@@ -1183,20 +1187,14 @@ class HeadReader:
             # that the client learns at once (is the server speaking TLS?) and not at our timeout.
             raise HandshakeError("TLS handshake on a plain connection", 400)
         buf += data
-        start = max(0, self._scanned - 2)
-        # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
-        ends = [i for i in (buf.find(b"\n\r\n", start), buf.find(b"\n\n", start)) if i >= 0]
-        if ends:
-            end = min(ends)
-            end += 3 if buf[end + 1] == 0x0D else 2
-        else:
-            end = len(buf)
+        blank_line = _BLANK_LINE.search(buf, max(0, self._scanned - 2))
+        end = blank_line.end() if blank_line else len(buf)
         self._lines += buf.count(b"\n", self._scanned, end)
         self._scanned = end
         # The request line and the blank line are not header lines.
-        if end > self.max_size or self._lines > self.max_lines + (2 if ends else 1):
+        if end > self.max_size or self._lines > self.max_lines + (2 if blank_line else 1):
             raise HandshakeError("request head too large", 431)
-        if not ends:
+        if not blank_line:
             return None
         return bytes(buf[:end]), bytes(buf[end:])
 
@@ -1363,8 +1361,7 @@ def encode_request(host: str, path: str, key: str, *, subprotocols: Optional[Seq
         fields.append(("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
     if origin is not None:
         fields.append(("Origin", origin))
-    if headers:
-        fields.extend(headers)
+    fields.extend(headers or ())
     return f"GET {path} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
 
 
