@@ -1477,10 +1477,8 @@ def _deflate_request_params(params: Sequence[Tuple[str, Optional[str]]]) -> Dict
 
 
 def _format_deflate(params: Sequence[Tuple[str, Any]]) -> str:
-    parts = ["permessage-deflate"]
-    for name, value in params:
-        parts.append(name if value is True else f"{name}={value}")
-    return "; ".join(parts)
+    parts = (name if value is True else f"{name}={value}" for name, value in params)
+    return "; ".join(["permessage-deflate", *parts])
 
 
 def negotiate_deflate(offers: Optional[str],
