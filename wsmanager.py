@@ -587,8 +587,7 @@ class FrameParser:
     def pending(self) -> Optional[Tuple[Opcode, int]]:
         """``(opcode, declared payload length)`` of a frame whose header is read but not all its payload."""
         buf = self._buffer
-        header = self._header_length(buf)
-        if header is None:
+        if self._header_length(buf) is None:
             return None
         length = buf[1] & 0x7F
         if length == 126:
