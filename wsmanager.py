@@ -1143,6 +1143,8 @@ def new_key() -> str:
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 6455 4.2.1: Sec-WebSocket-Key is the base64 of 16 bytes: 22 characters and "==".
+_KEY = re.compile(r"[A-Za-z0-9+/]{22}==\Z")
 
 
 def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
@@ -1287,11 +1289,7 @@ def validate_request(request: Request) -> str:
     if not headers.get("Host"):
         raise HandshakeError("missing Host header", 400)
     key = headers.get("Sec-WebSocket-Key") or ""
-    try:
-        valid_key = len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
-    except ValueError:
-        valid_key = False
-    if not valid_key:
+    if not _KEY.match(key):
         raise HandshakeError("invalid Sec-WebSocket-Key", 400)
     return key
 
