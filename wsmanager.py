@@ -775,15 +775,13 @@ class MessageAssembler:
 class _Receiver:
     """The receive path of one endpoint, sans I/O: bytes in, messages and control frames out.
 
-    :class:`FrameParser`, then :class:`MessageAssembler` (which inflates
-    permessage-deflate messages), then the UTF-8 check of a text frame still
-    arriving, wired once for :class:`WebSocket` and the tests. ``feed(data)``
-    yields ``(frame, result)`` for each frame, ``result`` being what
-    :meth:`MessageAssembler.receive` returns, lazily: a setting changed by
-    the consumer applies from the next frame, and a consumer that stops (a
-    close frame) processes nothing after. A violation raises
-    :class:`ProtocolError` where it stands in the stream, after every valid
-    frame before it.
+    :class:`FrameParser`, :class:`MessageAssembler`, then the UTF-8 check of
+    a text frame still arriving, wired once for :class:`WebSocket` and the
+    tests. ``feed(data)`` lazily yields ``(frame, result)`` for each frame,
+    ``result`` being what :meth:`MessageAssembler.receive` returns: a
+    setting changed by the consumer applies from the next frame, and a
+    consumer that stops (a close frame) processes nothing after. A
+    violation raises :class:`ProtocolError` after every valid frame before it.
     """
 
     __slots__ = ("parser", "assembler")
