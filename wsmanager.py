@@ -2727,21 +2727,50 @@ class _Listener:
                 os.unlink(self.unix_path)
 
 
-class _ServerHandshake:
-    """A server connection before its 101: TLS handshake, request head, answer."""
+class _Handshake:
+    """What a connection before its 101 has in both roles: a deadline and a TLS handshake."""
 
-    __slots__ = ("manager", "listener", "sock", "address", "reader", "timer", "tls_pending", "reply", "_finalized")
+    __slots__ = ("manager", "sock", "address", "timer", "tls_pending", "_finalized")
+    _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
 
-    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
+    def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
         self.manager = manager
-        self.listener = listener
         self.sock = sock
         self.address = address
-        self.reader = HeadReader()
         self.timer: Any = None
         self.tls_pending = _is_tls(sock)
-        self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
         self._finalized = False
+
+    def _tls_handshake(self) -> bool:
+        """One step of the TLS handshake: True once it is done (and the socket is watched for reading)."""
+        try:
+            waiting = _tls_step(self.sock)
+        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
+            self._fail(exc)
+            return False
+        self._set_events(waiting or selectors.EVENT_READ)
+        self.tls_pending = bool(waiting)
+        return not waiting
+
+    def _set_events(self, events: int) -> None:
+        self.manager._selector.modify(self.sock, events, self)
+
+    def _detach(self) -> None:
+        self._finalized = True
+        _cancel(self.timer)
+        self.manager._handshakes.discard(self)
+
+
+class _ServerHandshake(_Handshake):
+    """A server connection before its 101: TLS handshake, request head, answer."""
+
+    __slots__ = ("listener", "reader", "reply")
+
+    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
+        super().__init__(manager, sock, address)
+        self.listener = listener
+        self.reader = HeadReader()
+        self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -2780,22 +2809,10 @@ class _ServerHandshake:
         elif self.reply is not None:
             self._write_reply()
 
-    def _tls_handshake(self) -> bool:
-        try:
-            waiting = _tls_step(self.sock)
-        except (ssl.SSLError, OSError) as exc:
-            logger.debug("TLS handshake with %s failed: %s", self.address, exc)
-            self._finalize()
-            return False
-        if waiting:
-            self._set_events(waiting)
-            return False
-        self.tls_pending = False
-        self._set_events(selectors.EVENT_READ)
-        return True
-
-    def _set_events(self, events: int) -> None:
-        self.manager._selector.modify(self.sock, events, self)
+    def _fail(self, exc: BaseException) -> None:
+        # Only the TLS handshake fails this way: the rest is answered with HTTP, or ends at the peer's EOF.
+        logger.debug("TLS handshake with %s failed: %s", self.address, exc)
+        self._finalize()
 
     def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
         """Answer with plain HTTP, then close once it is written and the peer is done.
@@ -2856,11 +2873,6 @@ class _ServerHandshake:
         logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
         self._finalize()
 
-    def _detach(self) -> None:
-        self._finalized = True
-        _cancel(self.timer)
-        self.manager._handshakes.discard(self)
-
     def _finalize(self, reason: str = "") -> None:
         if self._finalized:
             return
@@ -2869,7 +2881,7 @@ class _ServerHandshake:
         self.sock.close()
 
 
-class _ClientHandshake:
+class _ClientHandshake(_Handshake):
     """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
 
     Runs in the loop: the TCP connect, the TLS handshake, writing the request
@@ -2879,29 +2891,19 @@ class _ClientHandshake:
     ``connect_failed(exc)`` is called. A :class:`_Handler` while it runs.
     """
 
-    __slots__ = ("manager", "websocket", "sock", "address", "key", "subprotocols", "settings", "timeout",
-                 "request", "reader", "timer", "tls_pending", "connected", "_finalized")
+    __slots__ = ("websocket", "opening", "timeout", "request", "connected")
 
     # Never writes a refusal: read by the manager's stop bookkeeping, shared with _ServerHandshake.
     reply: Optional[memoryview] = None
 
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, key: str,
-                 subprotocols: Optional[Sequence[str]], settings: Optional[Deflate], request: bytes,
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
                  timeout: float):
-        self.manager = manager
+        super().__init__(manager, websocket.sock, address)
         self.websocket = websocket
-        self.sock = websocket.sock
-        self.address = address
-        self.key = key
-        self.subprotocols = subprotocols
-        self.settings = settings
+        self.opening = opening
         self.timeout = timeout
-        self.request = memoryview(request)
-        self.reader = HeadReader()
-        self.timer: Any = None
-        self.tls_pending = websocket._tls
+        self.request = memoryview(opening.request)
         self.connected = False
-        self._finalized = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
@@ -2923,7 +2925,7 @@ class _ClientHandshake:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(OSError(error, os.strerror(error)))
             return
-        manager._set_events(self.sock, selectors.EVENT_WRITE, self)
+        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2955,31 +2957,14 @@ class _ClientHandshake:
             self._fail(exc)
             return
         try:
-            if not data:
-                raise HandshakeError("connection closed during the handshake", None)
-            result = _feed_response(self.reader, data)
-            if result is None:
-                if self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
-                    self.manager._read_again(self)
-                return
-            head, rest = result
-            subprotocol, deflate = _check_client_response(head, self.key, self.subprotocols, self.settings)
+            result = self.opening.feed(data)
         except HandshakeError as exc:
             self._fail(exc)
             return
-        self._open(head, rest, subprotocol, deflate)
-
-    def _tls_handshake(self) -> bool:
-        try:
-            waiting = _tls_step(self.sock)
-        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
-            self._fail(exc)
-            return False
-        if waiting:
-            self._set_events(waiting)
-            return False
-        self.tls_pending = False
-        return True
+        if result is not None:
+            self._open(*result)
+        elif self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
+            self.manager._read_again(self)
 
     def _write_request(self) -> None:
         request = self.request
@@ -2993,9 +2978,6 @@ class _ClientHandshake:
         self.request = request = request[sent:]
         self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
 
-    def _set_events(self, events: int) -> None:
-        self.manager._set_events(self.sock, events, self)
-
     def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
               deflate: Optional[DeflateParams]) -> None:
         websocket = self.websocket
@@ -3006,8 +2988,8 @@ class _ClientHandshake:
         websocket._response_headers = head
         websocket.subprotocol = subprotocol
         websocket._extra = rest
-        if deflate is not None and self.settings is not None:
-            websocket._enable_deflate(deflate, self.settings)
+        if deflate is not None and self.opening.settings is not None:
+            websocket._enable_deflate(deflate, self.opening.settings)
         manager = self.manager
         manager._take(websocket)
         manager._open(websocket)  # takes the selector registration over from this handshake
@@ -3031,15 +3013,10 @@ class _ClientHandshake:
         except Exception as error:
             logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
 
-    def _detach(self) -> None:
-        self._finalized = True
-        _cancel(self.timer)
-        self.manager._handshakes.discard(self)
-
     def _finalize(self, reason: str = "") -> None:
         # The manager's shutdown, or an internal error (WebSocketManager._crashed).
         if self.manager._finished:
-            self._fail(ManagerStopped("the manager stopped before the connection opened"))
+            self._refuse_for_stop()
         else:
             self._fail(WebSocketError(reason or "internal error"))
 
@@ -3225,15 +3202,11 @@ class WebSocketManager:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if target.secure:
-                context = ssl_context if ssl_context is not None else ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
-            key = new_key()
-            request = _client_request(target, key, settings, subprotocols, headers, origin)
-            websocket = factory(sock, client=True, path=target.path, request_headers=request,
+            sock = target.wrap(sock, ssl_context, do_handshake_on_connect=False)
+            opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                                 peer_address=address)
-            handshake = _ClientHandshake(self, websocket, address, key, subprotocols, settings, request,
+            handshake = _ClientHandshake(self, websocket, address, opening,
                                          self.handshake_timeout if timeout is None else timeout)
             with self._lock:
                 self._check_running(stopping=True)
@@ -3917,6 +3890,15 @@ class _ClientTarget(NamedTuple):
     host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
     path: str  # origin-form request target: path and query
 
+    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
+             do_handshake_on_connect: bool = True) -> socket.socket:
+        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.secure:
+            return sock
+        context = ssl_context if ssl_context is not None else ssl.create_default_context()
+        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
+
 
 def _client_target(url: str) -> _ClientTarget:
     """Parse and check a client URL; raises :class:`InvalidURL`."""
@@ -3942,33 +3924,43 @@ def _client_target(url: str) -> _ClientTarget:
     return _ClientTarget(secure, host, port, host_header, path)
 
 
-def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate],
-                    subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
-                    origin: Optional[str]) -> bytes:
-    """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
-    if settings is not None:
-        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
-    return encode_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
-                         origin=origin)
+class _ClientOpening:
+    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
 
+    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
 
-def _feed_response(reader: HeadReader, data: bytes) -> Optional[Tuple[bytes, bytes]]:
-    """Feed the server's answer to ``reader``: (head, rest) once the head is complete."""
-    try:
-        return reader.feed(data)
-    except HandshakeError as exc:
-        raise HandshakeError(f"malformed response: {exc}", None) from None
+    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
+                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
+        self.key = new_key()
+        self.subprotocols = subprotocols
+        self.settings = settings
+        if settings is not None:  # the permessage-deflate offer
+            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
+                                      headers=headers, origin=origin)
+        self.reader = HeadReader()
 
+    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
+        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
 
-def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequence[str]],
-                           settings: Optional[Deflate]) -> Tuple[Optional[str], Optional[DeflateParams]]:
-    """Check the server's response head: (subprotocol, deflate parameters); raises :class:`HandshakeError`."""
-    response = parse_response(head)
-    subprotocol = validate_response(response, key, subprotocols, settings)
-    deflate = None
-    if settings is not None and isinstance(response.headers, Headers):
-        deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
-    return subprotocol, deflate
+        Once the response head is complete and checked, returns it, the bytes
+        after it, the subprotocol and the permessage-deflate parameters.
+        """
+        if not data:
+            raise HandshakeError("connection closed during the handshake", None)
+        try:
+            result = self.reader.feed(data)
+        except HandshakeError as exc:
+            raise HandshakeError(f"malformed response: {exc}", None) from None
+        if result is None:
+            return None
+        head, rest = result
+        response = parse_response(head)
+        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
+        deflate = None
+        if self.settings is not None and isinstance(response.headers, Headers):
+            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
+        return head, rest, subprotocol, deflate
 
 
 @overload
@@ -4006,27 +3998,18 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((target.host, target.port), timeout)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if target.secure:
-            context = ssl_context if ssl_context is not None else ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=target.host)
-        key = new_key()
-        request = _client_request(target, key, settings, subprotocols, headers, origin)
-        sock.sendall(request)
-        reader = HeadReader()
+        sock = target.wrap(sock, ssl_context)
+        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+        sock.sendall(opening.request)
         result = None
         while result is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out waiting for the handshake response")
             sock.settimeout(remaining)
-            data = sock.recv(READ_SIZE)
-            if not data:
-                raise HandshakeError("connection closed during the handshake", None)
-            result = _feed_response(reader, data)
-        head, rest = result
-        subprotocol, deflate = _check_client_response(head, key, subprotocols, settings)
-        websocket = factory(sock, client=True, path=target.path, request_headers=request,
+            result = opening.feed(sock.recv(READ_SIZE))
+        head, rest, subprotocol, deflate = result
+        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
         if deflate is not None and settings is not None:
