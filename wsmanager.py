@@ -2641,7 +2641,7 @@ class _Listener:
             key = validate_request(request)
             offered = request.subprotocols
             if chosen is None:
-                subprotocol = _select_subprotocol(offered, self.subprotocols)
+                subprotocol = next((name for name in self.subprotocols if name in offered), None)
             elif chosen in offered:
                 subprotocol = chosen
             else:
@@ -2660,14 +2660,13 @@ class _Listener:
     def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
                          peer: Any, extra_data: bytes = b"") -> WebSocket:
         """The connection for a request accepted with ``answer``, its 101 queued first; any thread."""
-        response = answer.response
-        reply = _encode_switch(response.headers)
         websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
                                  subprotocol=answer.subprotocol, peer_address=peer,
                                  extra_data=extra_data)
         if answer.deflate is not None and self.compression is not None:
             websocket._enable_deflate(answer.deflate, self.compression)
-        websocket._queue_reply(reply)  # the 101 goes out first, through the connection's own buffer
+        # The 101 goes out first, through the connection's own buffer.
+        websocket._queue_reply(_encode_switch(answer.response.headers))
         return websocket
 
     def full(self) -> bool:
@@ -2882,14 +2881,7 @@ class _ServerHandshake(_Handshake):
 
 
 class _ClientHandshake(_Handshake):
-    """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
-
-    Runs in the loop: the TCP connect, the TLS handshake, writing the request
-    and reading the response, bounded by ``timeout`` (the manager's
-    ``handshake_timeout`` by default). On success the :class:`WebSocket` made
-    up front opens in the manager; on failure its socket is closed and
-    ``connect_failed(exc)`` is called. A :class:`_Handler` while it runs.
-    """
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
 
     __slots__ = ("websocket", "opening", "timeout", "request", "connected")
 
@@ -3047,13 +3039,6 @@ class _Waker:
 
     def _finalize(self, reason: str = "") -> None:
         """Nothing: the waker lives as long as its loop, whose shutdown closes it."""
-
-
-def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Optional[str]:
-    for subprotocol in supported:
-        if subprotocol in offered:
-            return subprotocol
-    return None
 
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
@@ -3277,11 +3262,8 @@ class WebSocketManager:
             # we see it gone, or _forget() sees the subscription and takes it out again.
             if self._websockets.get(websocket.fileno()) is not websocket:
                 raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
-            members = self._topics.get(topic)
-            first = members is None
-            if members is None:
-                members = self._topics[topic] = {}
-            members[websocket] = None
+            first = topic not in self._topics
+            self._topics.setdefault(topic, {})[websocket] = None
             self._memberships.setdefault(websocket, set()).add(topic)
         if first and self._bridge is not None:
             self._bridge._topic_changed(topic)
@@ -3861,12 +3843,10 @@ class WebSocketManager:
             self._bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
-            if function == self._open:
+            if function in (self._open, self._begin_client):
                 args[0]._finalize("manager stopped")
             elif function == self._adopt:
                 args[1].close()
-            elif function == self._begin_client:
-                args[0]._finalize("manager stopped")
         self._calls.clear()
         self._timers.clear()
         self._dirty.clear()
