@@ -2789,15 +2789,35 @@ class _ServerHandshake(_Handshake):
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        manager = self.manager
         try:
             result = self.reader.feed(data)
+            if result is None:
+                if _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
+                    manager._read_again(self)
+                return
+            head, rest = result
+            if manager._stopping:
+                raise HandshakeError("the server is shutting down", 503)
+            request = parse_request(head)
         except HandshakeError as exc:
             self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
-        if result is not None:
-            self.manager._complete_handshake(self, *result)
-        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-            self.manager._read_again(self)
+        listener = self.listener
+        answer = listener._answer(request, self.address)
+        if answer.response.status != 101:
+            self._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
+            return
+        try:
+            websocket = listener._make_connection(self.sock, request, head, answer, self.address, rest)
+        except Exception as exc:
+            logger.error("could not create the connection for %s", self.address, exc_info=exc)
+            self._reply_and_close(Response(500), "the connection factory raised")
+            return
+        self._detach()
+        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
+        manager._take(websocket, listener)
+        manager._open(websocket)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3778,30 +3798,6 @@ class WebSocketManager:
             handshake._feed(request_head)
             if self._stopping:  # a head still incomplete must not hold the stop until its deadline
                 handshake._refuse_for_stop()
-
-    def _complete_handshake(self, handshake: _ServerHandshake, head: bytes, rest: bytes) -> None:
-        listener = handshake.listener
-        try:
-            if self._stopping:
-                raise HandshakeError("the server is shutting down", 503)
-            request = parse_request(head)
-        except HandshakeError as exc:
-            handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
-            return
-        answer = listener._answer(request, handshake.address)
-        if answer.response.status != 101:
-            handshake._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
-            return
-        try:
-            websocket = listener._make_connection(handshake.sock, request, head, answer, handshake.address, rest)
-        except Exception as exc:
-            logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
-            handshake._reply_and_close(Response(500), "the connection factory raised")
-            return
-        handshake._detach()
-        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        self._take(websocket, listener)
-        self._open(websocket)
 
     # Shutdown --------------------------------------------------------------------
 
