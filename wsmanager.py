@@ -3002,9 +3002,8 @@ class _ClientHandshake(_Handshake):
         websocket._extra = rest
         if deflate is not None and self.opening.settings is not None:
             websocket._enable_deflate(deflate, self.opening.settings)
-        manager = self.manager
-        manager._take(websocket)
-        manager._open(websocket)  # takes the selector registration over from this handshake
+        self.manager._take(websocket)
+        self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
         self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
@@ -3121,8 +3120,7 @@ class WebSocketManager:
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
-        # (function, args) from other threads
-        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
         self._dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
         self._ready: List[_Handler] = []  # TLS connections holding decrypted input
         self._now = time.monotonic()
