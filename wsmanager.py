@@ -46,7 +46,9 @@ Internal classes, one job each: ``_Receiver`` is a connection's receive path
 listening socket and the server's handshake policy (``accept(request) ->
 Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
-one :meth:`WebSocketManager.connect` in the loop; ``_Waker`` lets other threads interrupt ``select()``;
+one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
+deadline and a TLS handshake), with the request and the check of the answer
+that ``_ClientOpening`` shares with :func:`connect`; ``_Waker`` lets other threads interrupt ``select()``;
 ``_Handler`` is the interface of everything in the selector and
 ``_Flushable`` that of the loop's flush queue; ``_WSGIHandOff`` is the WSGI
 application of :meth:`WebSocketManager.wsgi_app`; ``_RedisConnection`` and
@@ -2617,8 +2619,7 @@ class _Listener:
         return self._answer(request, peer).response
 
     def _answer(self, request: Request, peer: Any = None) -> "_Answer":
-        """:meth:`accept`, with why a refusal refuses (for the log; the peer sees only the
-        status) and the permessage-deflate parameters a 101 agreed to."""
+        """:meth:`accept`, with what the log and the connection to make need to know (an :class:`_Answer`)."""
         try:
             if self.origins is not None and request.origin not in self.origins:
                 raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
@@ -3716,10 +3717,8 @@ class WebSocketManager:
 
     def _unwatch(self, sock: Any) -> None:
         """Loop thread (or after it): stop watching ``sock``, if watched at all."""
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
 
     def _read_again(self, handler: _Handler) -> None:
         """Loop thread: call ``handler._on_read()`` in this turn (TLS holds decrypted input)."""
