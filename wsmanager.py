@@ -2827,7 +2827,7 @@ class _ServerHandshake(_Handshake):
             if self._tls_handshake():
                 self._on_read()
         elif self.reply is not None:
-            self._write_reply()
+            self._write_reply(self.reply)
 
     def _fail(self, exc: BaseException) -> None:
         # Only the TLS handshake fails this way: the rest is answered with HTTP, or ends at the peer's EOF.
@@ -2849,16 +2849,13 @@ class _ServerHandshake(_Handshake):
         else:
             logger.debug("answered %s with HTTP %d", self.address, status)
         try:
-            self.reply = memoryview(encode_response(response))
+            reply = encode_response(response)
         except ValueError as exc:
             logger.error("invalid handshake response: %s", exc)
-            self.reply = memoryview(encode_response(Response(500)))
-        self._write_reply()
+            reply = encode_response(Response(500))
+        self._write_reply(memoryview(reply))
 
-    def _write_reply(self) -> None:
-        reply = self.reply
-        if reply is None:
-            return
+    def _write_reply(self, reply: memoryview) -> None:
         try:
             sent = self.sock.send(reply) if reply else 0
         except _WOULD_BLOCK:
