@@ -2960,15 +2960,10 @@ class _ClientHandshake(_Handshake):
         if self.request:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
-            data = self.sock.recv(READ_SIZE)
+            result = self.opening.feed(self.sock.recv(READ_SIZE))
         except _WOULD_BLOCK:
             return
-        except OSError as exc:
-            self._fail(exc)
-            return
-        try:
-            result = self.opening.feed(data)
-        except HandshakeError as exc:
+        except (OSError, HandshakeError) as exc:
             self._fail(exc)
             return
         if result is not None:
