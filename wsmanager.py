@@ -2732,6 +2732,7 @@ class _Handshake:
 
     __slots__ = ("manager", "sock", "address", "timer", "tls_pending", "_finalized")
     _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
+    reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
 
     def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
         self.manager = manager
@@ -2770,7 +2771,7 @@ class _ServerHandshake(_Handshake):
         super().__init__(manager, sock, address)
         self.listener = listener
         self.reader = HeadReader()
-        self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
+        self.reply = None
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -2902,9 +2903,6 @@ class _ClientHandshake(_Handshake):
     """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
 
     __slots__ = ("websocket", "opening", "timeout", "request", "connected")
-
-    # Never writes a refusal: read by the manager's stop bookkeeping, shared with _ServerHandshake.
-    reply: Optional[memoryview] = None
 
     def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
                  timeout: float):
