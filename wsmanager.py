@@ -46,7 +46,9 @@ Internal classes, one job each: ``_Receiver`` is a connection's receive path
 listening socket and the server's handshake policy (``accept(request) ->
 Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
-one :meth:`WebSocketManager.connect` in the loop; ``_Waker`` lets other threads interrupt ``select()``;
+one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
+deadline and a TLS handshake), with the request and the check of the answer
+that ``_ClientOpening`` shares with :func:`connect`; ``_Waker`` lets other threads interrupt ``select()``;
 ``_Handler`` is the interface of everything in the selector and
 ``_Flushable`` that of the loop's flush queue; ``_WSGIHandOff`` is the WSGI
 application of :meth:`WebSocketManager.wsgi_app`; ``_RedisConnection`` and
@@ -2563,8 +2565,7 @@ class _Listener:
         return self._answer(request, peer).response
 
     def _answer(self, request: Request, peer: Any = None) -> "_Answer":
-        """:meth:`accept`, with why a refusal refuses (for the log; the peer sees only the
-        status) and the permessage-deflate parameters a 101 agreed to."""
+        """:meth:`accept`, with what the log and the connection to make need to know (an :class:`_Answer`)."""
         try:
             if self.origins is not None and request.origin not in self.origins:
                 raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
@@ -2587,7 +2588,7 @@ class _Listener:
             key = validate_request(request)
             offered = request.subprotocols
             if chosen is None:
-                subprotocol = _select_subprotocol(offered, self.subprotocols)
+                subprotocol = next((name for name in self.subprotocols if name in offered), None)
             elif chosen in offered:
                 subprotocol = chosen
             else:
@@ -2606,14 +2607,13 @@ class _Listener:
     def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
                          peer: Any, extra_data: bytes = b"") -> WebSocket:
         """The connection for a request accepted with ``answer``, its 101 queued first; any thread."""
-        response = answer.response
-        reply = _encode_switch(response.headers)
         websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
                                  subprotocol=answer.subprotocol, peer_address=peer,
                                  extra_data=extra_data)
         if answer.deflate is not None and self.compression is not None:
             websocket._enable_deflate(answer.deflate, self.compression)
-        websocket._queue_reply(reply)  # the 101 goes out first, through the connection's own buffer
+        # The 101 goes out first, through the connection's own buffer.
+        websocket._queue_reply(_encode_switch(answer.response.headers))
         return websocket
 
     def full(self) -> bool:
@@ -2673,21 +2673,51 @@ class _Listener:
                 os.unlink(self.unix_path)
 
 
-class _ServerHandshake:
-    """A server connection before its 101: TLS handshake, request head, answer."""
+class _Handshake:
+    """What a connection before its 101 has in both roles: a deadline and a TLS handshake."""
 
-    __slots__ = ("manager", "listener", "sock", "address", "reader", "timer", "tls_pending", "reply", "_finalized")
+    __slots__ = ("manager", "sock", "address", "timer", "tls_pending", "_finalized")
+    _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
+    reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
 
-    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
+    def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
         self.manager = manager
-        self.listener = listener
         self.sock = sock
         self.address = address
-        self.reader = HeadReader()
         self.timer: Any = None
         self.tls_pending = _is_tls(sock)
-        self.reply: Optional[memoryview] = None  # a refusal being written, after which we close
         self._finalized = False
+
+    def _tls_handshake(self) -> bool:
+        """One step of the TLS handshake: True once it is done (and the socket is watched for reading)."""
+        try:
+            waiting = _tls_step(self.sock)
+        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
+            self._fail(exc)
+            return False
+        self._set_events(waiting or selectors.EVENT_READ)
+        self.tls_pending = bool(waiting)
+        return not waiting
+
+    def _set_events(self, events: int) -> None:
+        self.manager._selector.modify(self.sock, events, self)
+
+    def _detach(self) -> None:
+        self._finalized = True
+        _cancel(self.timer)
+        self.manager._handshakes.discard(self)
+
+
+class _ServerHandshake(_Handshake):
+    """A server connection before its 101: TLS handshake, request head, answer."""
+
+    __slots__ = ("listener", "reader", "reply")
+
+    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
+        super().__init__(manager, sock, address)
+        self.listener = listener
+        self.reader = HeadReader()
+        self.reply = None
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -2707,15 +2737,35 @@ class _ServerHandshake:
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        manager = self.manager
         try:
             result = self.reader.feed(data)
+            if result is None:
+                if _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
+                    manager._read_again(self)
+                return
+            head, rest = result
+            if manager._stopping:
+                raise HandshakeError("the server is shutting down", 503)
+            request = parse_request(head)
         except HandshakeError as exc:
             self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
             return
-        if result is not None:
-            self.manager._complete_handshake(self, *result)
-        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-            self.manager._read_again(self)
+        listener = self.listener
+        answer = listener._answer(request, self.address)
+        if answer.response.status != 101:
+            self._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
+            return
+        try:
+            websocket = listener._make_connection(self.sock, request, head, answer, self.address, rest)
+        except Exception as exc:
+            logger.error("could not create the connection for %s", self.address, exc_info=exc)
+            self._reply_and_close(Response(500), "the connection factory raised")
+            return
+        self._detach()
+        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
+        manager._take(websocket, listener)
+        manager._open(websocket)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2724,24 +2774,12 @@ class _ServerHandshake:
             if self._tls_handshake():
                 self._on_read()
         elif self.reply is not None:
-            self._write_reply()
+            self._write_reply(self.reply)
 
-    def _tls_handshake(self) -> bool:
-        try:
-            waiting = _tls_step(self.sock)
-        except (ssl.SSLError, OSError) as exc:
-            logger.debug("TLS handshake with %s failed: %s", self.address, exc)
-            self._finalize()
-            return False
-        if waiting:
-            self._set_events(waiting)
-            return False
-        self.tls_pending = False
-        self._set_events(selectors.EVENT_READ)
-        return True
-
-    def _set_events(self, events: int) -> None:
-        self.manager._selector.modify(self.sock, events, self)
+    def _fail(self, exc: BaseException) -> None:
+        # Only the TLS handshake fails this way: the rest is answered with HTTP, or ends at the peer's EOF.
+        logger.debug("TLS handshake with %s failed: %s", self.address, exc)
+        self._finalize()
 
     def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
         """Answer with plain HTTP, then close once it is written and the peer is done.
@@ -2758,16 +2796,13 @@ class _ServerHandshake:
         else:
             logger.debug("answered %s with HTTP %d", self.address, status)
         try:
-            self.reply = memoryview(encode_response(response))
+            reply = encode_response(response)
         except ValueError as exc:
             logger.error("invalid handshake response: %s", exc)
-            self.reply = memoryview(encode_response(Response(500)))
-        self._write_reply()
+            reply = encode_response(Response(500))
+        self._write_reply(memoryview(reply))
 
-    def _write_reply(self) -> None:
-        reply = self.reply
-        if reply is None:
-            return
+    def _write_reply(self, reply: memoryview) -> None:
         try:
             sent = self.sock.send(reply) if reply else 0
         except _WOULD_BLOCK:
@@ -2802,11 +2837,6 @@ class _ServerHandshake:
         logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
         self._finalize()
 
-    def _detach(self) -> None:
-        self._finalized = True
-        _cancel(self.timer)
-        self.manager._handshakes.discard(self)
-
     def _finalize(self, reason: str = "") -> None:
         if self._finalized:
             return
@@ -2815,39 +2845,19 @@ class _ServerHandshake:
         self.sock.close()
 
 
-class _ClientHandshake:
-    """A client connection before the server's 101 (:meth:`WebSocketManager.connect`).
+class _ClientHandshake(_Handshake):
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
 
-    Runs in the loop: the TCP connect, the TLS handshake, writing the request
-    and reading the response, bounded by ``timeout`` (the manager's
-    ``handshake_timeout`` by default). On success the :class:`WebSocket` made
-    up front opens in the manager; on failure its socket is closed and
-    ``connect_failed(exc)`` is called. A :class:`_Handler` while it runs.
-    """
+    __slots__ = ("websocket", "opening", "timeout", "request", "connected")
 
-    __slots__ = ("manager", "websocket", "sock", "address", "key", "subprotocols", "settings", "timeout",
-                 "request", "reader", "timer", "tls_pending", "connected", "_finalized")
-
-    # Never writes a refusal: read by the manager's stop bookkeeping, shared with _ServerHandshake.
-    reply: Optional[memoryview] = None
-
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, key: str,
-                 subprotocols: Optional[Sequence[str]], settings: Optional[Deflate], request: bytes,
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
                  timeout: float):
-        self.manager = manager
+        super().__init__(manager, websocket.sock, address)
         self.websocket = websocket
-        self.sock = websocket.sock
-        self.address = address
-        self.key = key
-        self.subprotocols = subprotocols
-        self.settings = settings
+        self.opening = opening
         self.timeout = timeout
-        self.request = memoryview(request)
-        self.reader = HeadReader()
-        self.timer: Any = None
-        self.tls_pending = websocket._tls
+        self.request = memoryview(opening.request)
         self.connected = False
-        self._finalized = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
@@ -2869,7 +2879,7 @@ class _ClientHandshake:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(OSError(error, os.strerror(error)))
             return
-        manager._set_events(self.sock, selectors.EVENT_WRITE, self)
+        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2894,38 +2904,16 @@ class _ClientHandshake:
         if self.request:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
-            data = self.sock.recv(READ_SIZE)
+            result = self.opening.feed(self.sock.recv(READ_SIZE))
         except _WOULD_BLOCK:
             return
-        except OSError as exc:
+        except (OSError, HandshakeError) as exc:
             self._fail(exc)
             return
-        try:
-            if not data:
-                raise HandshakeError("connection closed during the handshake", None)
-            result = _feed_response(self.reader, data)
-            if result is None:
-                if self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
-                    self.manager._read_again(self)
-                return
-            head, rest = result
-            subprotocol, deflate = _check_client_response(head, self.key, self.subprotocols, self.settings)
-        except HandshakeError as exc:
-            self._fail(exc)
-            return
-        self._open(head, rest, subprotocol, deflate)
-
-    def _tls_handshake(self) -> bool:
-        try:
-            waiting = _tls_step(self.sock)
-        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
-            self._fail(exc)
-            return False
-        if waiting:
-            self._set_events(waiting)
-            return False
-        self.tls_pending = False
-        return True
+        if result is not None:
+            self._open(*result)
+        elif self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
+            self.manager._read_again(self)
 
     def _write_request(self) -> None:
         request = self.request
@@ -2939,9 +2927,6 @@ class _ClientHandshake:
         self.request = request = request[sent:]
         self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
 
-    def _set_events(self, events: int) -> None:
-        self.manager._set_events(self.sock, events, self)
-
     def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
               deflate: Optional[DeflateParams]) -> None:
         websocket = self.websocket
@@ -2952,11 +2937,10 @@ class _ClientHandshake:
         websocket._response_headers = head
         websocket.subprotocol = subprotocol
         websocket._extra = rest
-        if deflate is not None and self.settings is not None:
-            websocket._enable_deflate(deflate, self.settings)
-        manager = self.manager
-        manager._take(websocket)
-        manager._open(websocket)  # takes the selector registration over from this handshake
+        if deflate is not None and self.opening.settings is not None:
+            websocket._enable_deflate(deflate, self.opening.settings)
+        self.manager._take(websocket)
+        self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
         self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
@@ -2977,15 +2961,10 @@ class _ClientHandshake:
         except Exception as error:
             logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
 
-    def _detach(self) -> None:
-        self._finalized = True
-        _cancel(self.timer)
-        self.manager._handshakes.discard(self)
-
     def _finalize(self, reason: str = "") -> None:
         # The manager's shutdown, or an internal error (WebSocketManager._crashed).
         if self.manager._finished:
-            self._fail(ManagerStopped("the manager stopped before the connection opened"))
+            self._refuse_for_stop()
         else:
             self._fail(WebSocketError(reason or "internal error"))
 
@@ -3016,13 +2995,6 @@ class _Waker:
 
     def _finalize(self, reason: str = "") -> None:
         """Nothing: the waker lives as long as its loop, whose shutdown closes it."""
-
-
-def _select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> Optional[str]:
-    for subprotocol in supported:
-        if subprotocol in offered:
-            return subprotocol
-    return None
 
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
@@ -3085,8 +3057,7 @@ class WebSocketManager:
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
         self._timer_sequence = 0
-        # (function, args) from other threads
-        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
         self._dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
         self._ready: List[_Handler] = []  # TLS connections holding decrypted input
         self._now = time.monotonic()
@@ -3171,15 +3142,11 @@ class WebSocketManager:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if target.secure:
-                context = ssl_context if ssl_context is not None else ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
-            key = new_key()
-            request = _client_request(target, key, settings, subprotocols, headers, origin)
-            websocket = factory(sock, client=True, path=target.path, request_headers=request,
+            sock = target.wrap(sock, ssl_context, do_handshake_on_connect=False)
+            opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                                 peer_address=address)
-            handshake = _ClientHandshake(self, websocket, address, key, subprotocols, settings, request,
+            handshake = _ClientHandshake(self, websocket, address, opening,
                                          self.handshake_timeout if timeout is None else timeout)
             with self._lock:
                 self._check_running(stopping=True)
@@ -3250,11 +3217,8 @@ class WebSocketManager:
             # we see it gone, or _forget() sees the subscription and takes it out again.
             if self._websockets.get(websocket.fileno()) is not websocket:
                 raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
-            members = self._topics.get(topic)
-            first = members is None
-            if members is None:
-                members = self._topics[topic] = {}
-            members[websocket] = None
+            first = topic not in self._topics
+            self._topics.setdefault(topic, {})[websocket] = None
             self._memberships.setdefault(websocket, set()).add(topic)
         if first and self._bridge is not None:
             self._bridge._topic_changed(topic)
@@ -3689,10 +3653,8 @@ class WebSocketManager:
 
     def _unwatch(self, sock: Any) -> None:
         """Loop thread (or after it): stop watching ``sock``, if watched at all."""
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
 
     def _read_again(self, handler: _Handler) -> None:
         """Loop thread: call ``handler._on_read()`` in this turn (TLS holds decrypted input)."""
@@ -3770,30 +3732,6 @@ class WebSocketManager:
             if self._stopping:  # a head still incomplete must not hold the stop until its deadline
                 handshake._refuse_for_stop()
 
-    def _complete_handshake(self, handshake: _ServerHandshake, head: bytes, rest: bytes) -> None:
-        listener = handshake.listener
-        try:
-            if self._stopping:
-                raise HandshakeError("the server is shutting down", 503)
-            request = parse_request(head)
-        except HandshakeError as exc:
-            handshake._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
-            return
-        answer = listener._answer(request, handshake.address)
-        if answer.response.status != 101:
-            handshake._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
-            return
-        try:
-            websocket = listener._make_connection(handshake.sock, request, head, answer, handshake.address, rest)
-        except Exception as exc:
-            logger.error("could not create the connection for %s", handshake.address, exc_info=exc)
-            handshake._reply_and_close(Response(500), "the connection factory raised")
-            return
-        handshake._detach()
-        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        self._take(websocket, listener)
-        self._open(websocket)
-
     # Shutdown --------------------------------------------------------------------
 
     def _stop_when_idle(self, timeout: float) -> None:
@@ -3834,12 +3772,10 @@ class WebSocketManager:
             self._bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
-            if function == self._open:
+            if function in (self._open, self._begin_client):
                 args[0]._finalize("manager stopped")
             elif function == self._adopt:
                 args[1].close()
-            elif function == self._begin_client:
-                args[0]._finalize("manager stopped")
         self._calls.clear()
         self._timers.clear()
         self._dirty.clear()
@@ -3862,6 +3798,15 @@ class _ClientTarget(NamedTuple):
     port: int
     host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
     path: str  # origin-form request target: path and query
+
+    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
+             do_handshake_on_connect: bool = True) -> socket.socket:
+        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.secure:
+            return sock
+        context = ssl_context if ssl_context is not None else ssl.create_default_context()
+        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
 
 
 def _client_target(url: str) -> _ClientTarget:
@@ -3888,33 +3833,43 @@ def _client_target(url: str) -> _ClientTarget:
     return _ClientTarget(secure, host, port, host_header, path)
 
 
-def _client_request(target: _ClientTarget, key: str, settings: Optional[Deflate],
-                    subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
-                    origin: Optional[str]) -> bytes:
-    """The opening request of a client, with the permessage-deflate offer when ``settings`` asks for one."""
-    if settings is not None:
-        headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
-    return encode_request(target.host_header, target.path, key, subprotocols=subprotocols, headers=headers,
-                         origin=origin)
+class _ClientOpening:
+    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
 
+    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
 
-def _feed_response(reader: HeadReader, data: bytes) -> Optional[Tuple[bytes, bytes]]:
-    """Feed the server's answer to ``reader``: (head, rest) once the head is complete."""
-    try:
-        return reader.feed(data)
-    except HandshakeError as exc:
-        raise HandshakeError(f"malformed response: {exc}", None) from None
+    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
+                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
+        self.key = new_key()
+        self.subprotocols = subprotocols
+        self.settings = settings
+        if settings is not None:  # the permessage-deflate offer
+            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
+                                      headers=headers, origin=origin)
+        self.reader = HeadReader()
 
+    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
+        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
 
-def _check_client_response(head: bytes, key: str, subprotocols: Optional[Sequence[str]],
-                           settings: Optional[Deflate]) -> Tuple[Optional[str], Optional[DeflateParams]]:
-    """Check the server's response head: (subprotocol, deflate parameters); raises :class:`HandshakeError`."""
-    response = parse_response(head)
-    subprotocol = validate_response(response, key, subprotocols, settings)
-    deflate = None
-    if settings is not None and isinstance(response.headers, Headers):
-        deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), settings)
-    return subprotocol, deflate
+        Once the response head is complete and checked, returns it, the bytes
+        after it, the subprotocol and the permessage-deflate parameters.
+        """
+        if not data:
+            raise HandshakeError("connection closed during the handshake", None)
+        try:
+            result = self.reader.feed(data)
+        except HandshakeError as exc:
+            raise HandshakeError(f"malformed response: {exc}", None) from None
+        if result is None:
+            return None
+        head, rest = result
+        response = parse_response(head)
+        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
+        deflate = None
+        if self.settings is not None and isinstance(response.headers, Headers):
+            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
+        return head, rest, subprotocol, deflate
 
 
 @overload
@@ -3952,27 +3907,18 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((target.host, target.port), timeout)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if target.secure:
-            context = ssl_context if ssl_context is not None else ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=target.host)
-        key = new_key()
-        request = _client_request(target, key, settings, subprotocols, headers, origin)
-        sock.sendall(request)
-        reader = HeadReader()
+        sock = target.wrap(sock, ssl_context)
+        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+        sock.sendall(opening.request)
         result = None
         while result is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out waiting for the handshake response")
             sock.settimeout(remaining)
-            data = sock.recv(READ_SIZE)
-            if not data:
-                raise HandshakeError("connection closed during the handshake", None)
-            result = _feed_response(reader, data)
-        head, rest = result
-        subprotocol, deflate = _check_client_response(head, key, subprotocols, settings)
-        websocket = factory(sock, client=True, path=target.path, request_headers=request,
+            result = opening.feed(sock.recv(READ_SIZE))
+        head, rest, subprotocol, deflate = result
+        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
         if deflate is not None and settings is not None:
