@@ -1706,7 +1706,7 @@ def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
         raise TypeError(f"cannot send {type(message).__name__}: str, bytes-like or an iterable of them") from None
 
 
-def _fragments(chunks: Iterable[Any]) -> Tuple[Optional[Opcode], List[_BytesLike]]:
+def _fragments(chunks: Iterable[Any]) -> Tuple[Optional[Opcode], Sequence[_BytesLike]]:
     """The opcode and payloads of a message given as chunks, all ``str`` or all bytes-like."""
     opcode: Optional[Opcode] = None
     payloads: List[_BytesLike] = []
@@ -1741,15 +1741,11 @@ def _check_setting(name: str, value: Any) -> Any:
         return value
     if value is None:
         return value
-    if name == "close_timeout":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-        if not value >= 0:  # also refuses NaN
-            raise ValueError(f"{name} must be >= 0, not {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__}")
-    if value < 0:
+    seconds = name == "close_timeout"
+    if isinstance(value, bool) or not isinstance(value, (int, float) if seconds else int):
+        unit = "a number of seconds" if seconds else "an int (bytes)"
+        raise TypeError(f"{name} must be {unit}, not {type(value).__name__}")
+    if not value >= 0:  # also refuses NaN
         raise ValueError(f"{name} must be >= 0, not {value!r}")
     return value
 
@@ -1951,44 +1947,35 @@ class WebSocket:
             # encode_frame() sends any bytes-like object as its bytes (nbytes, not its item count).
             data = encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client)
         else:
-            data = self._encode_fragments(message)
-            if not data:
-                return
+            self._send_fragments(message)
+            return
         if not self._queue(data):
             raise self._closed_error("cannot send")
 
-    def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
+    def _send_compressed(self, message: Any) -> None:
+        if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
+            self._send_fragments(message)
+        elif not self._queue_message(*_data_frame(message)):
+            raise self._closed_error("cannot send")
+
+    def _send_fragments(self, chunks: Iterable[Any]) -> None:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
         opcode, payloads = _fragments(chunks)
         if opcode is None:
-            return b""
-        last = len(payloads) - 1
-        return b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client)
-                        for i, payload in enumerate(payloads))
-
-    def _send_compressed(self, message: Any) -> None:
-        if isinstance(message, (str, bytes, bytearray, memoryview)) or _is_bytes_like(message):
-            opcode, payload = _data_frame(message)
-            queued = self._queue_message(opcode, payload)
-        else:
-            fragments_opcode, payloads = _fragments(message)
-            if fragments_opcode is None:
-                return
-            queued = self._queue_compressed_fragments(fragments_opcode, payloads)
+            return
+        deflate = self._deflate
+        lock = deflate.lock if deflate is not None else None
+        with lock or contextlib.nullcontext():  # compressed in queue order, as in _queue_message()
+            if deflate is not None:
+                payloads = deflate.compress_fragments(payloads)
+            last = len(payloads) - 1
+            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
+            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
+                                         rsv1=deflate is not None and not i) for i, payload in enumerate(payloads))
+            queued = self._queue(data)
         if not queued:
             raise self._closed_error("cannot send")
-
-    def _queue_compressed_fragments(self, opcode: Opcode, chunks: List[_BytesLike]) -> bool:
-        deflate = self._deflate
-        assert deflate is not None
-        with deflate.lock or contextlib.nullcontext():
-            payloads = deflate.compress_fragments(chunks)
-            last = len(payloads) - 1
-            # RFC 7692 6.1: RSV1 on the first frame of the message only.
-            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last,
-                                         mask=self.client, rsv1=not i) for i, payload in enumerate(payloads))
-            return self._queue(data)
 
     def _queue_message(self, opcode: int, payload: _BytesLike,
                        cache: Optional[Dict[Any, bytes]] = None) -> bool:
@@ -2000,23 +1987,18 @@ class WebSocket:
         """
         deflate = self._deflate
         client = self.client
-        if deflate is None:
-            if client:
-                return self._queue(encode_frame(opcode, payload, mask=True))
-            key: Any = None
-        elif deflate.lock is not None:
+        if deflate is not None and deflate.lock is not None:
             with deflate.lock:  # compressed in queue order: the peer inflates with the same context
                 return self._queue(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True))
-        elif client:
-            return self._queue(encode_frame(opcode, deflate.compress(payload), mask=True, rsv1=True))
-        else:
-            key = deflate.send_key
+        if client:  # a fresh mask per frame: nothing to share
+            cache = None
+        key = deflate.send_key if deflate is not None else None
         data = cache.get(key) if cache is not None else None
         if data is None:
             if deflate is None:
-                data = encode_frame(opcode, payload)
+                data = encode_frame(opcode, payload, mask=client)
             else:
-                data = encode_frame(opcode, deflate.compress(payload), rsv1=True)
+                data = encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True)
             if cache is not None:
                 cache[key] = data
         return self._queue(data)
