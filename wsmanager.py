@@ -1706,20 +1706,6 @@ def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
         raise TypeError(f"cannot send {type(message).__name__}: str, bytes-like or an iterable of them") from None
 
 
-def _fragments(chunks: Iterable[Any]) -> Tuple[Optional[Opcode], Sequence[_BytesLike]]:
-    """The opcode and payloads of a message given as chunks, all ``str`` or all bytes-like."""
-    opcode: Optional[Opcode] = None
-    payloads: List[_BytesLike] = []
-    for chunk in chunks:
-        chunk_opcode, payload = _data_frame(chunk)
-        if opcode is None:
-            opcode = chunk_opcode
-        elif chunk_opcode is not opcode:
-            raise TypeError("fragments of one message must be all str or all bytes-like")
-        payloads.append(payload)
-    return opcode, payloads
-
-
 def _is_bytes_like(message: Any) -> bool:
     try:
         memoryview(message)
@@ -1728,9 +1714,7 @@ def _is_bytes_like(message: Any) -> bool:
     return True
 
 
-# Per-connection settings. Each is resolved in one place (WebSocket._resolve_settings): a value
-# set on the instance (in __init__, or later) wins over a class attribute of its WebSocket
-# subclass, which wins over the manager's default. A setting added later only joins this tuple.
+# Per-connection settings (see WebSocket), resolved in WebSocket._resolve_settings.
 _CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
 _SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where each value lives
 
@@ -1753,11 +1737,8 @@ def _check_setting(name: str, value: Any) -> Any:
 class _ConnectionSetting:
     """Descriptor of one per-connection setting; the value lives in the slot ``_<name>``.
 
-    Reads give the instance's value, else its class's, else ``None`` before
-    the connection runs and the value in force once it does (on the class:
-    the class's value, or ``None``). Writes are
-    checked at once (an invalid value raises) and, once the connection runs,
-    take effect from its next frame, message or send.
+    Reads give the instance's value, else its class's, else ``None`` (once the
+    connection runs, the slot holds the value in force). Writes are checked at once.
     """
 
     __slots__ = ("name", "slot")
@@ -1780,8 +1761,7 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
     """Queue one message to many connections (publish, broadcast); return how many took it.
 
     Deliberate: the frame is encoded once and shared through one cache per call
-    (see :meth:`WebSocket._queue_message`): every uncompressed server connection
-    takes the same bytes, and so does every compressed one that keeps no context.
+    (see :meth:`WebSocket._queue_message`).
     """
     frame = encode_frame(opcode, payload)
     shared: Dict[Any, bytes] = {None: frame}
@@ -1858,7 +1838,6 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        # The setting slots start as None in __new__: a subclass may set one before calling this __init__.
         self.state = _CONNECTING
         self._receiver: Optional[_Receiver] = None  # made when the connection first runs
         self._lock = threading.Lock()
@@ -1878,7 +1857,7 @@ class WebSocket:
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
         self._tls = _is_tls(sock)
-        self._active = False  # registered in its manager's selector: between _open() and _release()
+        self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
         self._deflate: Optional[PerMessageDeflate] = None  # set when permessage-deflate was negotiated
@@ -1961,18 +1940,25 @@ class WebSocket:
     def _send_fragments(self, chunks: Iterable[Any]) -> None:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
-        opcode, payloads = _fragments(chunks)
+        opcode: Optional[Opcode] = None
+        payloads: List[_BytesLike] = []
+        for chunk in chunks:
+            chunk_opcode, payload = _data_frame(chunk)
+            if opcode is None:
+                opcode = chunk_opcode
+            elif chunk_opcode is not opcode:
+                raise TypeError("fragments of one message must be all str or all bytes-like")
+            payloads.append(payload)
         if opcode is None:
             return
         deflate = self._deflate
         lock = deflate.lock if deflate is not None else None
         with lock or contextlib.nullcontext():  # compressed in queue order, as in _queue_message()
-            if deflate is not None:
-                payloads = deflate.compress_fragments(payloads)
-            last = len(payloads) - 1
+            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
+            last = len(frames) - 1
             # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
             data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
-                                         rsv1=deflate is not None and not i) for i, payload in enumerate(payloads))
+                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
             queued = self._queue(data)
         if not queued:
             raise self._closed_error("cannot send")
@@ -2036,12 +2022,8 @@ class WebSocket:
         # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
         if self._finalized:
             code, reason = self.close_code, self.close_reason
-        elif self._failure is not None:
-            code, reason = self._failure
-        elif self._received_close is not None:
-            code, reason = self._received_close
         else:
-            code = reason = None
+            code, reason = self._failure or self._received_close or (None, None)
         detail = f": {code} {reason}".rstrip() if code is not None else ""
         return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
 
@@ -2246,22 +2228,20 @@ class WebSocket:
         if not interval or timeout is None:
             return  # heartbeat turned off since this call was scheduled
         now = manager._now
-        if self._ping_sent:
-            if self._last_seen > self._ping_sent:
-                self._ping_sent = 0.0  # any input proves the peer alive
-            elif now - self._ping_sent >= timeout:
+        ping_sent = self._ping_sent
+        if ping_sent and self._last_seen <= ping_sent:  # the ping is unanswered: no input since
+            if now - ping_sent >= timeout:
                 self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
-            else:
-                self._heartbeat_timer = manager._call_later(self._ping_sent + timeout - now, self._heartbeat)
-                return
-        idle = now - self._last_seen
-        if idle >= interval:
+            delay = ping_sent + timeout - now
+        elif now - self._last_seen >= interval:
             self._ping_sent = now
             self._queue(encode_frame(_PING, b"", mask=self.client))
-            self._heartbeat_timer = manager._call_later(timeout, self._heartbeat)
+            delay = timeout
         else:
-            self._heartbeat_timer = manager._call_later(interval - idle, self._heartbeat)
+            self._ping_sent = 0.0  # any input proves the peer alive
+            delay = interval - (now - self._last_seen)
+        self._heartbeat_timer = manager._call_later(delay, self._heartbeat)
 
     def _start(self, manager: "WebSocketManager") -> None:
         self._manager = manager
@@ -2389,7 +2369,7 @@ class WebSocket:
 
     def _arm_close_timer(self) -> None:
         manager = self._manager
-        # Before add() there is no loop yet: _open() arms it then.
+        # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
 
@@ -2425,7 +2405,7 @@ class WebSocket:
     def _flush(self) -> None:
         manager = self._manager
         if self._finalized or manager is None or self._receiver is None or manager._thread_id != _get_ident():
-            return  # not running (yet), or no longer in this loop: _open() schedules the flush of what is queued
+            return  # not running (yet), or no longer in this loop: _run() schedules the flush of what is queued
         error = None
         sock = self.sock
         with self._lock:
@@ -2475,12 +2455,7 @@ class WebSocket:
         _cancel(self._timer)
         _cancel(self._heartbeat_timer)
         self._timer = self._heartbeat_timer = None
-        if self._failure is not None:
-            code, reason = self._failure
-        elif self._received_close is not None:
-            code, reason = self._received_close
-        else:
-            code = CloseCode.ABNORMAL
+        code, reason = self._failure or self._received_close or (CloseCode.ABNORMAL, reason)
         was_opened = self._receiver is not None
         with self._lock:
             self.state = _TRANSITIONS[(self.state, "drop")]
