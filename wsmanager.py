@@ -1695,7 +1695,7 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
+def _data_frame(message: Any) -> Tuple[Opcode, _BytesLike]:
     if isinstance(message, str):
         return _TEXT, message.encode()
     if isinstance(message, (bytes, bytearray)):
@@ -1918,7 +1918,10 @@ class WebSocket:
         With permessage-deflate negotiated, every message is compressed.
         """
         if self._deflate is not None:
-            self._send_compressed(message)
+            if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
+                self._send_fragments(message)
+            elif not self._queue_message(*_data_frame(message)):
+                raise self._closed_error("cannot send")
             return
         if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
@@ -1929,12 +1932,6 @@ class WebSocket:
             self._send_fragments(message)
             return
         if not self._queue(data):
-            raise self._closed_error("cannot send")
-
-    def _send_compressed(self, message: Any) -> None:
-        if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
-            self._send_fragments(message)
-        elif not self._queue_message(*_data_frame(message)):
             raise self._closed_error("cannot send")
 
     def _send_fragments(self, chunks: Iterable[Any]) -> None:
@@ -1981,16 +1978,15 @@ class WebSocket:
         key = deflate.send_key if deflate is not None else None
         data = cache.get(key) if cache is not None else None
         if data is None:
-            if deflate is None:
-                data = encode_frame(opcode, payload, mask=client)
-            else:
-                data = encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True)
+            if deflate is not None:
+                payload = deflate.compress(payload)
+            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
             if cache is not None:
                 cache[key] = data
         return self._queue(data)
 
     def _enable_deflate(self, params: DeflateParams, settings: Deflate) -> None:
-        # Before add(): the parser and assembler made by _start() take it from here.
+        # Before add(): the parser and assembler made by _run() take it from here.
         self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
                                           mem_level=settings.mem_level)
 
@@ -2183,7 +2179,12 @@ class WebSocket:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
         first_time = self._receiver is None
         if first_time:
-            self._start(manager)
+            self._resolve_settings()
+            frame_size, message_size = self._max_frame_size, self._max_message_size
+            assert frame_size is not None and message_size is not None  # resolved just above
+            self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
+                                       max_message_size=message_size, deflate=self._deflate)
+            self._last_seen = manager._now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
             sock.setblocking(False)
@@ -2242,15 +2243,6 @@ class WebSocket:
             self._ping_sent = 0.0  # any input proves the peer alive
             delay = interval - (now - self._last_seen)
         self._heartbeat_timer = manager._call_later(delay, self._heartbeat)
-
-    def _start(self, manager: "WebSocketManager") -> None:
-        self._manager = manager
-        self._resolve_settings()
-        frame_size, message_size = self._max_frame_size, self._max_message_size
-        assert frame_size is not None and message_size is not None  # resolved just above
-        self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
-                                   max_message_size=message_size, deflate=self._deflate)
-        self._last_seen = manager._now
 
     def _resolve_settings(self) -> None:
         # The one place where a setting is resolved: instance > class attribute > manager.
@@ -2319,7 +2311,7 @@ class WebSocket:
             manager._read_again(self)
 
     def _receive(self, data: bytes) -> None:
-        assert self._receiver is not None  # made by _start()
+        assert self._receiver is not None  # made by _run()
         try:
             for frame, message in self._receiver.feed(data):
                 kind = type(message)
