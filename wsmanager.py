@@ -1721,9 +1721,7 @@ _SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where eac
 
 def _check_setting(name: str, value: Any) -> Any:
     """``value`` if it is a valid value of setting ``name`` (or ``None``: the default); else raise."""
-    if type(value) is int and value >= 0:  # deliberate: the common case (bytes, or whole seconds) first
-        return value
-    if value is None:
+    if type(value) is int and value >= 0 or value is None:  # deliberate: the common case (bytes, whole seconds) first
         return value
     seconds = name == "close_timeout"
     if isinstance(value, bool) or not isinstance(value, (int, float) if seconds else int):
@@ -1810,6 +1808,11 @@ class WebSocket:
         _max_frame_size: Optional[int]
         _max_buffered: Optional[int]
         _close_timeout: Optional[float]
+    else:
+        max_message_size = _ConnectionSetting("max_message_size")
+        max_frame_size = _ConnectionSetting("max_frame_size")
+        max_buffered = _ConnectionSetting("max_buffered")
+        close_timeout = _ConnectionSetting("close_timeout")
 
     # Settings given as class attributes of a subclass (see __init_subclass__), by name.
     _class_settings: ClassVar[Dict[str, Any]] = {}
@@ -1964,9 +1967,7 @@ class WebSocket:
                        cache: Optional[Dict[Any, bytes]] = None) -> bool:
         """Encode one whole message for this connection and queue it; False once it no longer sends.
 
-        ``cache`` (one dict per broadcast) lets connections that would send
-        the same bytes share them: every uncompressed server connection, and
-        every compressed one without context takeover and the same settings.
+        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
         """
         deflate = self._deflate
         client = self.client
@@ -2044,8 +2045,7 @@ class WebSocket:
     @property
     def compression(self) -> Optional[DeflateParams]:
         """What permessage-deflate negotiation agreed on, or ``None`` when messages go uncompressed."""
-        deflate = self._deflate
-        return deflate.params if deflate is not None else None
+        return self._deflate.params if self._deflate is not None else None
 
     @property
     def terminated(self) -> bool:
@@ -2156,12 +2156,13 @@ class WebSocket:
         with self._lock:
             self._manager = None
             self._active = self._scheduled = self._writing = False
+        self._release()
+
+    def _release(self) -> None:
+        # What running took: the timers, and a place in the listener's count.
         _cancel(self._timer)
         _cancel(self._heartbeat_timer)
         self._timer = self._heartbeat_timer = None
-        self._release_listener()
-
-    def _release_listener(self) -> None:
         listener = self._listener
         if listener is not None:
             listener._unclaim()
@@ -2250,15 +2251,13 @@ class WebSocket:
         # _ConnectionSetting descriptors (same order of precedence; 1 us less a connection).
         manager = self._manager
         class_settings = type(self)._class_settings
-        own_frame_size = self._max_frame_size
-        if own_frame_size is None:
-            own_frame_size = class_settings.get("max_frame_size")
-        self._frame_size_follows = own_frame_size is None and manager._frame_size_follows
         for name, slot in zip(_CONNECTION_SETTINGS, _SETTING_SLOTS):
             value = getattr(self, slot)
             if value is None and class_settings:
                 value = class_settings.get(name)
             if value is None:
+                if name == "max_frame_size":  # none of its own: it may follow max_message_size
+                    self._frame_size_follows = manager._frame_size_follows
                 value = manager._connection_default(name, self)
                 if value is None:
                     raise TypeError(f"the manager's {name} is None: no limit to apply")
@@ -2444,9 +2443,6 @@ class WebSocket:
         if self._finalized:
             return
         self._finalized = True
-        _cancel(self._timer)
-        _cancel(self._heartbeat_timer)
-        self._timer = self._heartbeat_timer = None
         code, reason = self._failure or self._received_close or (CloseCode.ABNORMAL, reason)
         was_opened = self._receiver is not None
         with self._lock:
@@ -2458,7 +2454,7 @@ class WebSocket:
         manager = self._manager
         if manager is not None:
             manager._forget(self)
-        self._release_listener()
+        self._release()
         try:
             self.sock.close()
         except OSError:
@@ -2473,14 +2469,6 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
-
-
-def _install_connection_settings() -> None:
-    for name in _CONNECTION_SETTINGS:
-        setattr(WebSocket, name, _ConnectionSetting(name))
-
-
-_install_connection_settings()
 
 
 ###############################################################################
