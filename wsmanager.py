@@ -2017,10 +2017,7 @@ class WebSocket:
 
     def _closed_error(self, action: str) -> ConnectionClosed:
         # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
-        if self._finalized:
-            code, reason = self.close_code, self.close_reason
-        else:
-            code, reason = self._failure or self._received_close or (None, None)
+        code, reason = self._failure or self._received_close or (self.close_code, self.close_reason)
         detail = f": {code} {reason}".rstrip() if code is not None else ""
         return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
 
@@ -2444,7 +2441,6 @@ class WebSocket:
             return
         self._finalized = True
         code, reason = self._failure or self._received_close or (CloseCode.ABNORMAL, reason)
-        was_opened = self._receiver is not None
         with self._lock:
             self.state = _TRANSITIONS[(self.state, "drop")]
             self._out.clear()
@@ -2455,11 +2451,9 @@ class WebSocket:
         if manager is not None:
             manager._forget(self)
         self._release()
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
-        if was_opened:
+        if self._receiver is not None:  # it was opened
             # A close handshake that ran its course is routine; anything else is worth a line at INFO.
             if self._failure is not None or code == CloseCode.ABNORMAL:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
