@@ -1746,10 +1746,8 @@ class _ConnectionSetting:
         self.slot = "_" + name
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
-        if websocket is None:
-            return owner._class_settings.get(self.name)  # on the class: its class attribute, or None
-        value = getattr(websocket, self.slot, None)
-        return value if value is not None else type(websocket)._class_settings.get(self.name)
+        value = getattr(websocket, self.slot, None)  # (None on the class: its class attribute, or None)
+        return value if value is not None else owner._class_settings.get(self.name)
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
         websocket._set_setting(self.name, _check_setting(self.name, value))
