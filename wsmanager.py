@@ -1969,12 +1969,15 @@ class WebSocket:
         """
         deflate = self._deflate
         client = self.client
-        if deflate is not None and deflate.lock is not None:
+        if deflate is None:
+            key: Any = None
+        elif deflate.lock is not None:
             with deflate.lock:  # compressed in queue order: the peer inflates with the same context
                 return self._queue(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True))
+        else:
+            key = deflate.send_key
         if client:  # a fresh mask per frame: nothing to share
             cache = None
-        key = deflate.send_key if deflate is not None else None
         data = cache.get(key) if cache is not None else None
         if data is None:
             if deflate is not None:
