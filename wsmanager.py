@@ -1733,11 +1733,7 @@ def _check_setting(name: str, value: Any) -> Any:
 
 
 class _ConnectionSetting:
-    """Descriptor of one per-connection setting; the value lives in the slot ``_<name>``.
-
-    Reads give the instance's value, else its class's, else ``None`` (once the
-    connection runs, the slot holds the value in force). Writes are checked at once.
-    """
+    """A per-connection setting: slot ``_<name>`` (the value in force once running), else the class's value."""
 
     __slots__ = ("name", "slot")
 
@@ -2081,9 +2077,8 @@ class WebSocket:
                 return False
             backlog = self._buffered
             limit = self._max_buffered
-            # A high-water mark on the backlog (websockets' write limit, uWebSockets' maxBackpressure):
-            # a send is accepted while what is already queued is within the limit, so one message of
-            # any size goes out; a peer that leaves more than the limit unread is dropped, not buffered for.
+            # A high-water mark on the backlog, as websockets' write limit and uWebSockets' maxBackpressure:
+            # see send() for what it accepts and when it drops the peer.
             overflow = limit is not None and backlog > limit
             if overflow:
                 self.state = _TRANSITIONS[(self.state, "drop")]
@@ -2206,8 +2201,7 @@ class WebSocket:
             # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
             self._arm_close_timer()
         with self._lock:
-            pending_output = bool(self._out)
-            self._scheduled = pending_output
+            self._scheduled = pending_output = bool(self._out)
         if pending_output:
             manager._schedule_flush(self)
         if manager.heartbeat and self.state is _OPEN:
@@ -2351,8 +2345,7 @@ class WebSocket:
             if state <= _OPEN:
                 # RFC 6455 5.5.1: "the endpoint MUST send a Close frame in response ...
                 # typically echoing the status code it received." No code, no code back.
-                payload = b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big")
-                self._append_close(payload)
+                self._append_close(b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big"))
             self.state = _TRANSITIONS[(state, "receive_close")]
         self._wind_down()
 
