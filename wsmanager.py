@@ -1643,7 +1643,7 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
+def _data_frame(message: Any) -> Tuple[Opcode, _BytesLike]:
     if isinstance(message, str):
         return _TEXT, message.encode()
     if isinstance(message, (bytes, bytearray)):
@@ -1654,20 +1654,6 @@ def _data_frame(message: Union[str, _BytesLike]) -> Tuple[Opcode, _BytesLike]:
         raise TypeError(f"cannot send {type(message).__name__}: str, bytes-like or an iterable of them") from None
 
 
-def _fragments(chunks: Iterable[Any]) -> Tuple[Optional[Opcode], List[_BytesLike]]:
-    """The opcode and payloads of a message given as chunks, all ``str`` or all bytes-like."""
-    opcode: Optional[Opcode] = None
-    payloads: List[_BytesLike] = []
-    for chunk in chunks:
-        chunk_opcode, payload = _data_frame(chunk)
-        if opcode is None:
-            opcode = chunk_opcode
-        elif chunk_opcode is not opcode:
-            raise TypeError("fragments of one message must be all str or all bytes-like")
-        payloads.append(payload)
-    return opcode, payloads
-
-
 def _is_bytes_like(message: Any) -> bool:
     try:
         memoryview(message)
@@ -1676,41 +1662,26 @@ def _is_bytes_like(message: Any) -> bool:
     return True
 
 
-# Per-connection settings. Each is resolved in one place (WebSocket._resolve_settings): a value
-# set on the instance (in __init__, or later) wins over a class attribute of its WebSocket
-# subclass, which wins over the manager's default. A setting added later only joins this tuple.
+# Per-connection settings (see WebSocket), resolved in WebSocket._resolve_settings.
 _CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
 _SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where each value lives
 
 
 def _check_setting(name: str, value: Any) -> Any:
     """``value`` if it is a valid value of setting ``name`` (or ``None``: the default); else raise."""
-    if type(value) is int and value >= 0:  # deliberate: the common case (bytes, or whole seconds) first
+    if type(value) is int and value >= 0 or value is None:  # deliberate: the common case (bytes, whole seconds) first
         return value
-    if value is None:
-        return value
-    if name == "close_timeout":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-        if not value >= 0:  # also refuses NaN
-            raise ValueError(f"{name} must be >= 0, not {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__}")
-    if value < 0:
+    seconds = name == "close_timeout"
+    if isinstance(value, bool) or not isinstance(value, (int, float) if seconds else int):
+        unit = "a number of seconds" if seconds else "an int (bytes)"
+        raise TypeError(f"{name} must be {unit}, not {type(value).__name__}")
+    if not value >= 0:  # also refuses NaN
         raise ValueError(f"{name} must be >= 0, not {value!r}")
     return value
 
 
 class _ConnectionSetting:
-    """Descriptor of one per-connection setting; the value lives in the slot ``_<name>``.
-
-    Reads give the instance's value, else its class's, else ``None`` before
-    the connection runs and the value in force once it does (on the class:
-    the class's value, or ``None``). Writes are
-    checked at once (an invalid value raises) and, once the connection runs,
-    take effect from its next frame, message or send.
-    """
+    """A per-connection setting: slot ``_<name>`` (the value in force once running), else the class's value."""
 
     __slots__ = ("name", "slot")
 
@@ -1719,10 +1690,8 @@ class _ConnectionSetting:
         self.slot = "_" + name
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
-        if websocket is None:
-            return owner._class_settings.get(self.name)  # on the class: its class attribute, or None
-        value = getattr(websocket, self.slot, None)
-        return value if value is not None else type(websocket)._class_settings.get(self.name)
+        value = getattr(websocket, self.slot, None)  # (None on the class: its class attribute, or None)
+        return value if value is not None else owner._class_settings.get(self.name)
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
         websocket._set_setting(self.name, _check_setting(self.name, value))
@@ -1732,8 +1701,7 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
     """Queue one message to many connections (publish, broadcast); return how many took it.
 
     Deliberate: the frame is encoded once and shared through one cache per call
-    (see :meth:`WebSocket._queue_message`): every uncompressed server connection
-    takes the same bytes, and so does every compressed one that keeps no context.
+    (see :meth:`WebSocket._queue_message`).
     """
     frame = encode_frame(opcode, payload)
     shared: Dict[Any, bytes] = {None: frame}
@@ -1782,6 +1750,11 @@ class WebSocket:
         _max_frame_size: Optional[int]
         _max_buffered: Optional[int]
         _close_timeout: Optional[float]
+    else:
+        max_message_size = _ConnectionSetting("max_message_size")
+        max_frame_size = _ConnectionSetting("max_frame_size")
+        max_buffered = _ConnectionSetting("max_buffered")
+        close_timeout = _ConnectionSetting("close_timeout")
 
     # Settings given as class attributes of a subclass (see __init_subclass__), by name.
     _class_settings: ClassVar[Dict[str, Any]] = {}
@@ -1810,7 +1783,6 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        # The setting slots start as None in __new__: a subclass may set one before calling this __init__.
         self.state = _CONNECTING
         self._receiver: Optional[_Receiver] = None  # made when the connection first runs
         self._lock = threading.Lock()
@@ -1830,7 +1802,7 @@ class WebSocket:
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
         self._tls = _is_tls(sock)
-        self._active = False  # registered in its manager's selector: between _open() and _release()
+        self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
         self._deflate: Optional[PerMessageDeflate] = None  # set when permessage-deflate was negotiated
@@ -1891,7 +1863,10 @@ class WebSocket:
         With permessage-deflate negotiated, every message is compressed.
         """
         if self._deflate is not None:
-            self._send_compressed(message)
+            if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
+                self._send_fragments(message)
+            elif not self._queue_message(*_data_frame(message)):
+                raise self._closed_error("cannot send")
             return
         if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
             data = encode_frame(_TEXT, message.encode(), mask=self.client)
@@ -1899,78 +1874,65 @@ class WebSocket:
             # encode_frame() sends any bytes-like object as its bytes (nbytes, not its item count).
             data = encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client)
         else:
-            data = self._encode_fragments(message)
-            if not data:
-                return
+            self._send_fragments(message)
+            return
         if not self._queue(data):
             raise self._closed_error("cannot send")
 
-    def _encode_fragments(self, chunks: Iterable[Any]) -> bytes:
+    def _send_fragments(self, chunks: Iterable[Any]) -> None:
         # Encoded up front and queued as one piece, so that no other message
         # can slip between the fragments of this one.
-        opcode, payloads = _fragments(chunks)
+        opcode: Optional[Opcode] = None
+        payloads: List[_BytesLike] = []
+        for chunk in chunks:
+            chunk_opcode, payload = _data_frame(chunk)
+            if opcode is None:
+                opcode = chunk_opcode
+            elif chunk_opcode is not opcode:
+                raise TypeError("fragments of one message must be all str or all bytes-like")
+            payloads.append(payload)
         if opcode is None:
-            return b""
-        last = len(payloads) - 1
-        return b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client)
-                        for i, payload in enumerate(payloads))
-
-    def _send_compressed(self, message: Any) -> None:
-        if isinstance(message, (str, bytes, bytearray, memoryview)) or _is_bytes_like(message):
-            opcode, payload = _data_frame(message)
-            queued = self._queue_message(opcode, payload)
-        else:
-            fragments_opcode, payloads = _fragments(message)
-            if fragments_opcode is None:
-                return
-            queued = self._queue_compressed_fragments(fragments_opcode, payloads)
+            return
+        deflate = self._deflate
+        lock = deflate.lock if deflate is not None else None
+        with lock or contextlib.nullcontext():  # compressed in queue order, as in _queue_message()
+            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
+            last = len(frames) - 1
+            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
+            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
+                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
+            queued = self._queue(data)
         if not queued:
             raise self._closed_error("cannot send")
-
-    def _queue_compressed_fragments(self, opcode: Opcode, chunks: List[_BytesLike]) -> bool:
-        deflate = self._deflate
-        assert deflate is not None
-        with deflate.lock or contextlib.nullcontext():
-            payloads = deflate.compress_fragments(chunks)
-            last = len(payloads) - 1
-            # RFC 7692 6.1: RSV1 on the first frame of the message only.
-            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last,
-                                         mask=self.client, rsv1=not i) for i, payload in enumerate(payloads))
-            return self._queue(data)
 
     def _queue_message(self, opcode: int, payload: _BytesLike,
                        cache: Optional[Dict[Any, bytes]] = None) -> bool:
         """Encode one whole message for this connection and queue it; False once it no longer sends.
 
-        ``cache`` (one dict per broadcast) lets connections that would send
-        the same bytes share them: every uncompressed server connection, and
-        every compressed one without context takeover and the same settings.
+        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
         """
         deflate = self._deflate
         client = self.client
         if deflate is None:
-            if client:
-                return self._queue(encode_frame(opcode, payload, mask=True))
             key: Any = None
         elif deflate.lock is not None:
             with deflate.lock:  # compressed in queue order: the peer inflates with the same context
                 return self._queue(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True))
-        elif client:
-            return self._queue(encode_frame(opcode, deflate.compress(payload), mask=True, rsv1=True))
         else:
             key = deflate.send_key
+        if client:  # a fresh mask per frame: nothing to share
+            cache = None
         data = cache.get(key) if cache is not None else None
         if data is None:
-            if deflate is None:
-                data = encode_frame(opcode, payload)
-            else:
-                data = encode_frame(opcode, deflate.compress(payload), rsv1=True)
+            if deflate is not None:
+                payload = deflate.compress(payload)
+            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
             if cache is not None:
                 cache[key] = data
         return self._queue(data)
 
     def _enable_deflate(self, params: DeflateParams, settings: Deflate) -> None:
-        # Before add(): the parser and assembler made by _start() take it from here.
+        # Before add(): the parser and assembler made by _run() take it from here.
         self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
                                           mem_level=settings.mem_level)
 
@@ -2000,14 +1962,7 @@ class WebSocket:
 
     def _closed_error(self, action: str) -> ConnectionClosed:
         # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
-        if self._finalized:
-            code, reason = self.close_code, self.close_reason
-        elif self._failure is not None:
-            code, reason = self._failure
-        elif self._received_close is not None:
-            code, reason = self._received_close
-        else:
-            code = reason = None
+        code, reason = self._failure or self._received_close or (self.close_code, self.close_reason)
         detail = f": {code} {reason}".rstrip() if code is not None else ""
         return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
 
@@ -2032,8 +1987,7 @@ class WebSocket:
     @property
     def compression(self) -> Optional[DeflateParams]:
         """What permessage-deflate negotiation agreed on, or ``None`` when messages go uncompressed."""
-        deflate = self._deflate
-        return deflate.params if deflate is not None else None
+        return self._deflate.params if self._deflate is not None else None
 
     @property
     def terminated(self) -> bool:
@@ -2071,9 +2025,8 @@ class WebSocket:
                 return False
             backlog = self._buffered
             limit = self._max_buffered
-            # A high-water mark on the backlog (websockets' write limit, uWebSockets' maxBackpressure):
-            # a send is accepted while what is already queued is within the limit, so one message of
-            # any size goes out; a peer that leaves more than the limit unread is dropped, not buffered for.
+            # A high-water mark on the backlog, as websockets' write limit and uWebSockets' maxBackpressure:
+            # see send() for what it accepts and when it drops the peer.
             overflow = limit is not None and backlog > limit
             if overflow:
                 self.state = _TRANSITIONS[(self.state, "drop")]
@@ -2144,12 +2097,13 @@ class WebSocket:
         with self._lock:
             self._manager = None
             self._active = self._scheduled = self._writing = False
+        self._release()
+
+    def _release(self) -> None:
+        # What running took: the timers, and a place in the listener's count.
         _cancel(self._timer)
         _cancel(self._heartbeat_timer)
         self._timer = self._heartbeat_timer = None
-        self._release_listener()
-
-    def _release_listener(self) -> None:
         listener = self._listener
         if listener is not None:
             listener._unclaim()
@@ -2167,7 +2121,12 @@ class WebSocket:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
         first_time = self._receiver is None
         if first_time:
-            self._start(manager)
+            self._resolve_settings()
+            frame_size, message_size = self._max_frame_size, self._max_message_size
+            assert frame_size is not None and message_size is not None  # resolved just above
+            self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
+                                       max_message_size=message_size, deflate=self._deflate)
+            self._last_seen = manager._now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
             sock.setblocking(False)
@@ -2190,8 +2149,7 @@ class WebSocket:
             # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
             self._arm_close_timer()
         with self._lock:
-            pending_output = bool(self._out)
-            self._scheduled = pending_output
+            self._scheduled = pending_output = bool(self._out)
         if pending_output:
             manager._schedule_flush(self)
         if manager.heartbeat and self.state is _OPEN:
@@ -2212,31 +2170,20 @@ class WebSocket:
         if not interval or timeout is None:
             return  # heartbeat turned off since this call was scheduled
         now = manager._now
-        if self._ping_sent:
-            if self._last_seen > self._ping_sent:
-                self._ping_sent = 0.0  # any input proves the peer alive
-            elif now - self._ping_sent >= timeout:
+        ping_sent = self._ping_sent
+        if ping_sent and self._last_seen <= ping_sent:  # the ping is unanswered: no input since
+            if now - ping_sent >= timeout:
                 self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
-            else:
-                self._heartbeat_timer = manager._call_later(self._ping_sent + timeout - now, self._heartbeat)
-                return
-        idle = now - self._last_seen
-        if idle >= interval:
+            delay = ping_sent + timeout - now
+        elif now - self._last_seen >= interval:
             self._ping_sent = now
             self._queue(encode_frame(_PING, b"", mask=self.client))
-            self._heartbeat_timer = manager._call_later(timeout, self._heartbeat)
+            delay = timeout
         else:
-            self._heartbeat_timer = manager._call_later(interval - idle, self._heartbeat)
-
-    def _start(self, manager: "WebSocketManager") -> None:
-        self._manager = manager
-        self._resolve_settings()
-        frame_size, message_size = self._max_frame_size, self._max_message_size
-        assert frame_size is not None and message_size is not None  # resolved just above
-        self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
-                                   max_message_size=message_size, deflate=self._deflate)
-        self._last_seen = manager._now
+            self._ping_sent = 0.0  # any input proves the peer alive
+            delay = interval - (now - self._last_seen)
+        self._heartbeat_timer = manager._call_later(delay, self._heartbeat)
 
     def _resolve_settings(self) -> None:
         # The one place where a setting is resolved: instance > class attribute > manager.
@@ -2244,15 +2191,13 @@ class WebSocket:
         # _ConnectionSetting descriptors (same order of precedence; 1 us less a connection).
         manager = self._manager
         class_settings = type(self)._class_settings
-        own_frame_size = self._max_frame_size
-        if own_frame_size is None:
-            own_frame_size = class_settings.get("max_frame_size")
-        self._frame_size_follows = own_frame_size is None and manager._frame_size_follows
         for name, slot in zip(_CONNECTION_SETTINGS, _SETTING_SLOTS):
             value = getattr(self, slot)
             if value is None and class_settings:
                 value = class_settings.get(name)
             if value is None:
+                if name == "max_frame_size":  # none of its own: it may follow max_message_size
+                    self._frame_size_follows = manager._frame_size_follows
                 value = manager._connection_default(name, self)
                 if value is None:
                     raise TypeError(f"the manager's {name} is None: no limit to apply")
@@ -2305,7 +2250,7 @@ class WebSocket:
             manager._read_again(self)
 
     def _receive(self, data: bytes) -> None:
-        assert self._receiver is not None  # made by _start()
+        assert self._receiver is not None  # made by _run()
         try:
             for frame, message in self._receiver.feed(data):
                 kind = type(message)
@@ -2348,14 +2293,13 @@ class WebSocket:
             if state <= _OPEN:
                 # RFC 6455 5.5.1: "the endpoint MUST send a Close frame in response ...
                 # typically echoing the status code it received." No code, no code back.
-                payload = b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big")
-                self._append_close(payload)
+                self._append_close(b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big"))
             self.state = _TRANSITIONS[(state, "receive_close")]
         self._wind_down()
 
     def _arm_close_timer(self) -> None:
         manager = self._manager
-        # Before add() there is no loop yet: _open() arms it then.
+        # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
 
@@ -2391,7 +2335,7 @@ class WebSocket:
     def _flush(self) -> None:
         manager = self._manager
         if self._finalized or manager is None or self._receiver is None or manager._thread_id != _get_ident():
-            return  # not running (yet), or no longer in this loop: _open() schedules the flush of what is queued
+            return  # not running (yet), or no longer in this loop: _run() schedules the flush of what is queued
         error = None
         sock = self.sock
         with self._lock:
@@ -2438,16 +2382,7 @@ class WebSocket:
         if self._finalized:
             return
         self._finalized = True
-        _cancel(self._timer)
-        _cancel(self._heartbeat_timer)
-        self._timer = self._heartbeat_timer = None
-        if self._failure is not None:
-            code, reason = self._failure
-        elif self._received_close is not None:
-            code, reason = self._received_close
-        else:
-            code = CloseCode.ABNORMAL
-        was_opened = self._receiver is not None
+        code, reason = self._failure or self._received_close or (CloseCode.ABNORMAL, reason)
         with self._lock:
             self.state = _TRANSITIONS[(self.state, "drop")]
             self._out.clear()
@@ -2457,12 +2392,10 @@ class WebSocket:
         manager = self._manager
         if manager is not None:
             manager._forget(self)
-        self._release_listener()
-        try:
+        self._release()
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
-        if was_opened:
+        if self._receiver is not None:  # it was opened
             # A close handshake that ran its course is routine; anything else is worth a line at INFO.
             if self._failure is not None or code == CloseCode.ABNORMAL:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
@@ -2472,14 +2405,6 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
-
-
-def _install_connection_settings() -> None:
-    for name in _CONNECTION_SETTINGS:
-        setattr(WebSocket, name, _ConnectionSetting(name))
-
-
-_install_connection_settings()
 
 
 ###############################################################################
