@@ -4093,9 +4093,8 @@ class _WSGIHandOff:
             logger.warning("wsgi_app cannot take the socket of %s: %s",
                            environ.get("SERVER_SOFTWARE", "this server"), exc)
             return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
-        manager = self.manager
         try:
-            manager._ensure_running()
+            self.manager._ensure_running()
         except HandshakeError as exc:
             logger.error("wsgi_app cannot hand off: %s", exc)
             return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
@@ -4121,7 +4120,7 @@ class _WSGIHandOff:
             return []
         placeholder = _neutralize(fd)
         try:
-            manager._add(websocket, self.listener)
+            self.manager._add(websocket, self.listener)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
             self.listener._unclaim()
             sock.close()
@@ -4239,7 +4238,18 @@ def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bo
     return [body]
 
 
-def _wsgi_request_handler() -> type:
+if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
+    from wsgiref import simple_server
+
+    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
+        def get_environ(self) -> Dict[str, Any]: ...
+
+
+def __getattr__(name: str) -> Any:
+    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
+    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
+    if name != "WSGIRequestHandler":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from wsgiref import simple_server
 
     class WSGIRequestHandler(simple_server.WSGIRequestHandler):
@@ -4259,23 +4269,8 @@ def _wsgi_request_handler() -> type:
 
     WSGIRequestHandler.__module__ = __name__
     WSGIRequestHandler.__qualname__ = "WSGIRequestHandler"
+    globals()[name] = WSGIRequestHandler
     return WSGIRequestHandler
-
-
-if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
-    from wsgiref import simple_server
-
-    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
-        def get_environ(self) -> Dict[str, Any]: ...
-
-
-def __getattr__(name: str) -> Any:
-    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
-    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
-    if name == "WSGIRequestHandler":
-        handler = globals()[name] = _wsgi_request_handler()
-        return handler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ###############################################################################
@@ -4294,20 +4289,10 @@ class _RedisError(NamedTuple):
     message: str
 
 
-def _utf8_valid(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _resp_command(*arguments: bytes) -> bytes:
     """One command as a RESP2 array of bulk strings."""
-    parts = [b"*%d\r\n" % len(arguments)]
-    for argument in arguments:
-        parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(arguments) + b"".join(b"$%d\r\n%s\r\n" % (len(argument), argument)
+                                                  for argument in arguments)
 
 
 class _RespParser:
@@ -4385,11 +4370,12 @@ class _RedisConnection:
     bridge makes a new one after a back-off.
     """
 
-    __slots__ = ("bridge", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing", "_connecting",
-                 "_tls_pending", "_timer", "_finalized", "was_ready")
+    __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
+                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
+        self.manager = bridge.manager  # for good (see :class:`_Flushable`)
         self.role = role  # "publish" or "subscribe": a subscribed RESP connection can do nothing else
         self.sock = sock
         self.parser = _RespParser(bridge.max_message_size)
@@ -4398,19 +4384,14 @@ class _RedisConnection:
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
         self._connecting = True
-        self._tls_pending = False
+        self._tls_pending = _is_tls(sock)
         self._timer: Any = None
         self._finalized = False
         self.was_ready = False
 
     @property
     def ready(self) -> bool:
-        return not (self._connecting or self._tls_pending or self._finalized)
-
-    @property
-    def manager(self) -> "WebSocketManager":
-        """Its bridge's manager, for good (see :class:`_Flushable`)."""
-        return self.bridge.manager
+        return self.was_ready and not self._finalized
 
     def write(self, data: bytes) -> None:
         """Queue bytes (any thread); the loop writes them once connected."""
@@ -4419,7 +4400,7 @@ class _RedisConnection:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.bridge.manager._schedule_flush(self)
+        self.manager._schedule_flush(self)
 
     def pending(self) -> int:
         return len(self._out)
@@ -4430,7 +4411,6 @@ class _RedisConnection:
         if self._connecting or self._tls_pending:
             self._on_write()
             return
-        manager = self.bridge.manager
         for _ in range(BRIDGE_READS_PER_EVENT):
             try:
                 data = self.sock.recv(READ_SIZE)
@@ -4450,7 +4430,7 @@ class _RedisConnection:
             self.bridge._deliver_replies(self, replies)
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
-            manager._flush_dirty()
+            self.manager._flush_dirty()
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
 
@@ -4463,20 +4443,6 @@ class _RedisConnection:
                 self._finalize(os.strerror(error))
                 return
             self._connecting = False
-            context = self.bridge.ssl_context
-            if context is None:
-                self._became_ready()
-            else:
-                manager = self.bridge.manager
-                manager._selector.unregister(self.sock)
-                try:
-                    self.sock = context.wrap_socket(self.sock, server_hostname=self.bridge.host,
-                                                    do_handshake_on_connect=False)
-                    manager._selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
-                except (OSError, ValueError) as exc:
-                    self._finalize(f"TLS: {exc}")
-                    return
-                self._tls_pending = True
         if self._tls_pending:
             try:
                 waiting = _tls_step(self.sock)
@@ -4488,23 +4454,18 @@ class _RedisConnection:
                 self._set_events(waiting | selectors.EVENT_READ)
                 return
             self._tls_pending = False
-            self._became_ready()
-            if self._finalized:
-                return
+        if not self.was_ready:
+            self.was_ready = True
+            _cancel(self._timer)
+            self.bridge._connection_ready(self)
         self._flush()
-
-    def _became_ready(self) -> None:
-        self.was_ready = True
-        _cancel(self._timer)
-        self._timer = None
-        self.bridge._connection_ready(self)
 
     def _set_events(self, events: int) -> None:
         self._writing = bool(events & selectors.EVENT_WRITE)
-        self.bridge.manager._selector.modify(self.sock, events, self)
+        self.manager._set_events(self.sock, events, self)
 
     def _flush(self) -> None:
-        if self._finalized or self._connecting or self._tls_pending:
+        if not self.ready:
             return
         error = None
         with self._lock:
@@ -4533,8 +4494,7 @@ class _RedisConnection:
             return
         self._finalized = True
         _cancel(self._timer)
-        self._timer = None
-        self.bridge.manager._unwatch(self.sock)
+        self.manager._unwatch(self.sock)
         self.sock.close()
         with self._lock:
             self._out.clear()
@@ -4674,19 +4634,20 @@ class RedisBridge:
             family, kind, protocol, _, address = socket.getaddrinfo(
                 self.host, self.port, type=socket.SOCK_STREAM)[0]
             sock = socket.socket(family, kind, protocol)
-        except OSError as exc:
-            self._retry(role, f"cannot resolve {self.host}: {exc}")
+        except OSError:
+            self._retry(role)
             return
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # Wrapped before connect_ex(), which then also sets up the TLS object for the handshake to come.
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
         connection = _RedisConnection(self, role, sock)
         self._connections[role] = connection
         error = sock.connect_ex(address)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            sock.close()
-            connection._finalized = True
-            self._connection_lost(connection, os.strerror(error))
+            connection._finalize(os.strerror(error))
             return
         self.manager._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
         connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
@@ -4725,13 +4686,10 @@ class RedisBridge:
         if down_since is not None:
             self._down_since[role] = None
             self.reconnections += 1
-            if role == "publish":
-                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %d message(s) "
-                               "could not be relayed", role, self.host, self.port, time.monotonic() - down_since, lost)
-            else:
-                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; re-subscribed to "
-                               "%d topic(s)", role, self.host, self.port, time.monotonic() - down_since,
-                               len(self._channels))
+            news = (f"{lost} message(s) could not be relayed" if role == "publish"
+                    else f"re-subscribed to {len(self._channels)} topic(s)")
+            logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %s", role, self.host,
+                        self.port, time.monotonic() - down_since, news)
         else:
             logger.debug("redis bridge: %s connection to %s:%d up", role, self.host, self.port)
 
@@ -4754,15 +4712,14 @@ class RedisBridge:
         if self._closed:
             return
         if self._down_since[role] is None:
-            self._down_since[role] = time.monotonic()
             logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
                            role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
         else:
             logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
                          reason)
-        self._retry(role, reason)
+        self._retry(role)
 
-    def _retry(self, role: str, reason: str) -> None:
+    def _retry(self, role: str) -> None:
         if self._closed:
             return
         delay = self._delays[role]
@@ -4807,36 +4764,37 @@ class RedisBridge:
         skip = len(prefix)
         manager = self.manager
         for reply in replies:
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                _, channel, data = reply
+            if isinstance(reply, _RedisError) and self._refused(connection, reply):
+                return
+            if type(reply) is not list or len(reply) != 3:
+                continue
+            kind, channel, data = reply
+            if kind == b"message":
                 if not channel.startswith(prefix) or len(data) <= _ORIGIN_SIZE:
                     self.rejected += 1
                     continue
                 if data[:_ORIGIN_SIZE] == self.origin:
                     continue  # our own message, already delivered locally
-                opcode = _KIND_TO_OPCODE.get(data[_ORIGIN_SIZE])
                 payload = data[_ORIGIN_SIZE + 1:]
-                if opcode is None or opcode is _TEXT and not _utf8_valid(payload):
+                try:
+                    opcode = _KIND_TO_OPCODE[data[_ORIGIN_SIZE]]
+                    topic = channel[skip:].decode()
+                    if opcode is _TEXT:
+                        payload.decode()  # only valid UTF-8 is a text message
+                except (KeyError, UnicodeDecodeError):
                     self.rejected += 1
                     continue
                 self.received += 1
+                manager._deliver(topic, opcode, payload)
+            elif kind in (b"subscribe", b"unsubscribe"):
                 try:
                     topic = channel[skip:].decode()
-                except UnicodeDecodeError:
-                    self.rejected += 1
-                    continue
-                manager._deliver(topic, opcode, payload)
-            elif type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
-                try:
-                    topic = reply[1][skip:].decode()
                 except (TypeError, UnicodeDecodeError):
                     continue
-                if reply[0] == b"subscribe":
+                if kind == b"subscribe":
                     self._subscribed.add(topic)
                 else:
                     self._subscribed.discard(topic)
-            elif isinstance(reply, _RedisError) and self._refused(connection, reply):
-                return
 
     @staticmethod
     def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
