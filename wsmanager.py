@@ -4550,7 +4550,9 @@ class RedisBridge:
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
                  max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
         # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
-        secure, self.host, self.port, self.database, self._username, self._password = _parse_redis_url(url)
+        secure, self.host, self.port, self.database, username, password = _parse_redis_url(url)
+        credentials = [text.encode() for text in (username, password) if text is not None]
+        self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
         if secure and ssl_context is None:
             ssl_context = ssl.create_default_context()
         self.ssl_context = ssl_context if secure else None
@@ -4652,22 +4654,14 @@ class RedisBridge:
         self.manager._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
         connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
 
-    def _hello(self) -> bytes:
-        if self._password is None:
-            return b""
-        if self._username is not None:
-            return _resp_command(b"AUTH", self._username.encode(), self._password.encode())
-        return _resp_command(b"AUTH", self._password.encode())
-
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
         down_since = self._down_since[role]
         self._delays[role] = 0.0
-        hello = self._hello()
+        if self._hello:
+            connection.write(self._hello)
         lost = 0
         if role == "publish":
-            if hello:
-                connection.write(hello)
             with self._lock:
                 self._unacknowledged = 0
                 self._publisher = connection
@@ -4676,13 +4670,10 @@ class RedisBridge:
             # Re-subscribe to every topic that has a local subscriber now.
             self._channels = set(self.manager.topics())
             self._subscribed.clear()
-            commands = [hello] if hello else []
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
                 batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
-                commands.append(_resp_command(b"SUBSCRIBE", *batch))
-            if commands:
-                connection.write(b"".join(commands))
+                connection.write(_resp_command(b"SUBSCRIBE", *batch))
         if down_since is not None:
             self._down_since[role] = None
             self.reconnections += 1
@@ -4906,13 +4897,9 @@ class Supervisor:
 
         previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         _request_stop_on_signals(self._stop_requests, force)
+        sock = None
         try:
-            sock = self._sock if self._sock is not None else self._bind()
-        except BaseException:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            raise
-        try:
+            sock = self._bind()
             for index in range(self.workers):
                 self._spawn(index, sock)
             restarts: List[Tuple[float, int]] = []
@@ -4927,7 +4914,8 @@ class Supervisor:
             return self._stop_workers()
         finally:
             self._sock = None
-            sock.close()
+            if sock is not None:
+                sock.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -4936,9 +4924,7 @@ class Supervisor:
 
         Raises :class:`OSError` when the address is taken or not ours.
         """
-        self._bind()
-        assert self.bound_address is not None
-        return self.bound_address
+        return cast(Tuple[str, int], self._bind().getsockname()[:2])
 
     def _bind(self) -> socket.socket:
         if self._sock is not None:
@@ -5018,11 +5004,9 @@ class Supervisor:
             else:
                 time.sleep(0.02)
         for pid in list(self._pids):  # stuck past every timeout of its own
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except OSError:
-                pass
         self._pids.clear()
         return 1 if self._forced else 0
 
@@ -5047,18 +5031,15 @@ class Supervisor:
             manager.stop()
             manager.run()  # only its clean-up
             raise
-        manager.start()
-        logger.info("worker %d (pid %d) serving", index, os.getpid())
-        supervisor = os.getppid()
-        while not stop_requests and manager.running:
-            if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
-                logger.warning("worker %d: the supervisor is gone; stopping", index)
-                break
-            time.sleep(0.1)
-        logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
-        manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
-        manager.stop(manager.close_timeout)
-        manager.join()
+        with manager:  # on the way out: close_all() (1001), a graceful stop, join()
+            logger.info("worker %d (pid %d) serving", index, os.getpid())
+            supervisor = os.getppid()
+            while not stop_requests and manager.running:
+                if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
+                    logger.warning("worker %d: the supervisor is gone; stopping", index)
+                    break
+                time.sleep(0.1)
+            logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
         return 0
 
 
@@ -5128,12 +5109,11 @@ class _ChatPeer(WebSocket):
 
 def _format_peer(address: Any) -> str:
     if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"{_bracket(host)}:{port}"
+        return f"{_bracket(address[0])}:{address[1]}"
     return str(address or "unix socket")
 
 
-def _chat_handshake(request: Request, stats: Optional[Callable[[], Dict[str, Any]]] = None) -> Optional[Response]:
+def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
     # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
@@ -5141,7 +5121,7 @@ def _chat_handshake(request: Request, stats: Optional[Callable[[], Dict[str, Any
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
-    if path == "/stats" and request.method == "GET" and stats is not None:
+    if path == "/stats" and request.method == "GET":
         import json
         return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
                         json.dumps(stats()).encode())
@@ -5182,19 +5162,16 @@ def _serve(args: Any) -> int:
             return 2
     if args.workers > 1:
         return _serve_workers(args)
-    manager = WebSocketManager()
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        manager.stop()
-        manager.run()  # a stopped manager runs no loop, only its clean-up: no descriptor leaks
         return 1
     host, port = sock.getsockname()[:2]
+    manager = WebSocketManager()
     _chat_setup(args.redis)(manager, sock, -1)
-    display = _bracket(host)
-    logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", display, port,
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", _bracket(host), port,
                 f", relayed through {args.redis}" if args.redis else "")
     stop_requests: List[int] = []
 
@@ -5205,14 +5182,26 @@ def _serve(args: Any) -> int:
         os._exit(1)
 
     _request_stop_on_signals(stop_requests, force)
-    manager.start()
-    while not stop_requests and manager.running:
-        time.sleep(0.2)
-    logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
-    manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
-    manager.stop(manager.close_timeout)
-    manager.join()
+    with manager:  # on the way out: close_all() (1001), a graceful stop, join()
+        while not stop_requests and manager.running:
+            time.sleep(0.2)
+        logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
     return 0
+
+
+def _serve_workers(args: Any) -> int:
+    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
+    try:
+        host, port = supervisor.bind()
+    except OSError as exc:
+        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", _bracket(host), port,
+                args.workers, f", relayed through {args.redis}" if args.redis else "")
+    if not args.redis:
+        logger.warning("%d workers without --redis: each worker is a chat of its own (peers on different "
+                       "workers do not see each other)", args.workers)
+    return supervisor.run()
 
 
 def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
@@ -5226,20 +5215,6 @@ def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
         line += "\n"
     stream.write(line)
     stream.flush()
-def _serve_workers(args: Any) -> int:
-    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
-    try:
-        host, port = supervisor.bind()
-    except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    display = _bracket(host)
-    logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", display, port,
-                args.workers, f", relayed through {args.redis}" if args.redis else "")
-    if not args.redis:
-        logger.warning("%d workers without --redis: each worker is a chat of its own (peers on different "
-                       "workers do not see each other)", args.workers)
-    return supervisor.run()
 
 
 class _ConsolePeer(WebSocket):
@@ -5266,16 +5241,6 @@ class _ConsolePeer(WebSocket):
         self.done.set()
 
 
-def _tls_hint(exc: BaseException) -> str:
-    # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
-    # cannot parse, an EOF or a reset, never what the user did wrong.
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return ""
-    if isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout)):
-        return " (is the server speaking TLS?)"
-    return ""
-
-
 def _connect(args: Any) -> int:
     context = None
     if args.url.lower().startswith("wss:"):
@@ -5293,7 +5258,10 @@ def _connect(args: Any) -> int:
         print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        hint = _tls_hint(exc) if context is not None else ""
+        # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
+        # cannot parse, an EOF or a reset, never what the user did wrong (a refused certificate says so).
+        plain = context is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout))
+        hint = " (is the server speaking TLS?)" if plain and not isinstance(exc, ssl.SSLCertVerificationError) else ""
         print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     peer.show_binary_as_hex = args.binary
@@ -5323,12 +5291,8 @@ def _connect(args: Any) -> int:
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
-    if not peer.terminated:
-        peer.close(CloseCode.NORMAL)
-        deadline = time.monotonic() + manager.close_timeout + 1
-        while not peer.terminated and time.monotonic() < deadline:
-            time.sleep(0.01)
-    manager.stop()
+    peer.close(CloseCode.NORMAL)  # nothing once closing
+    manager.stop(manager.close_timeout + 1)  # ends as soon as the close handshake has, else terminates
     manager.join()
     if terminal_mode is not None:
         terminal_mode()
