@@ -4406,26 +4406,19 @@ class _RedisConnection:
         return len(self._out)
 
     def _on_read(self) -> None:
-        if self._finalized:
-            return
-        if self._connecting or self._tls_pending:
-            self._on_write()
+        if not self.ready:
+            self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
         for _ in range(BRIDGE_READS_PER_EVENT):
             try:
                 data = self.sock.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                replies = self.parser.feed(data)  # ValueError: not RESP, or past max_message_size
             except _WOULD_BLOCK:
                 break
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 self._finalize(str(exc) or type(exc).__name__)
-                return
-            if not data:
-                self._finalize("Redis closed the connection")
-                return
-            try:
-                replies = self.parser.feed(data)
-            except ValueError as exc:
-                self._finalize(str(exc))
                 return
             self.bridge._deliver_replies(self, replies)
             # What this read queued goes to the subscribers' sockets before the next read: draining
@@ -4651,7 +4644,7 @@ class RedisBridge:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             connection._finalize(os.strerror(error))
             return
-        self.manager._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        self.manager._set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
         connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
@@ -4736,20 +4729,18 @@ class RedisBridge:
 
     def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
         if connection.role == "publish":
-            acknowledged = 0
+            acknowledged = failed = 0
             for reply in replies:
                 if isinstance(reply, _RedisError):
                     if self._refused(connection, reply):
-                        return
-                    with self._lock:
-                        self._unacknowledged -= 1
-                        self.dropped += 1
+                        return  # what is unacknowledged counts as dropped when the connection is lost
+                    failed += 1
                 elif isinstance(reply, int):
                     acknowledged += 1
-            if acknowledged:
-                with self._lock:
-                    self._unacknowledged -= acknowledged
-                    self.relayed += acknowledged
+            with self._lock:
+                self._unacknowledged -= acknowledged + failed
+                self.relayed += acknowledged
+                self.dropped += failed
             return
         prefix = self._prefix_bytes
         skip = len(prefix)
@@ -5061,19 +5052,17 @@ const scheme = location.protocol === "https:" ? "wss://" : "ws://";
 const ws = new WebSocket(scheme + location.host + "/ws");
 const log = document.getElementById("log"), status = document.getElementById("status");
 const text = document.getElementById("text");
-function show(line, cls) {
-  const li = document.createElement("li");
-  li.textContent = line;
-  li.className = cls;
-  log.appendChild(li);
-}
 ws.onopen = () => {
   status.textContent = "connected";
   // ?say=... sends one message on open: handy for scripted checks of the demo.
   const say = new URLSearchParams(location.search).get("say");
   if (say) ws.send(say);
 };
-ws.onmessage = (event) => show(event.data, "message");
+ws.onmessage = (event) => {
+  const li = log.appendChild(document.createElement("li"));
+  li.className = "message";
+  li.textContent = event.data;
+};
 ws.onclose = (event) => { status.textContent = "closed (" + event.code + ")"; };
 document.getElementById("form").onsubmit = (event) => {
   event.preventDefault();
