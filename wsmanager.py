@@ -4118,13 +4118,13 @@ class _WSGIHandOff:
             sock.close()
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
-        placeholder = _neutralize(fd)
+        placeholder = _Placeholder(fd)
         try:
             self.manager._add(websocket, self.listener)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
             self.listener._unclaim()
             sock.close()
-        return _Placeholder(placeholder)
+        return placeholder
 
     def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
                 response: Response) -> Iterable[bytes]:
@@ -4141,7 +4141,7 @@ class _WSGIHandOff:
         sock = socket.socket(fileno=os.dup(fd))
         try:
             start_response(_status_text(response.status, response.reason), [], refused)
-            placeholder = _neutralize(fd)
+            placeholder = _Placeholder(fd)
         except BaseException:
             sock.close()
             raise
@@ -4153,31 +4153,26 @@ class _WSGIHandOff:
             pass  # the client left: nothing to tell it
         finally:
             sock.close()
-        return _Placeholder(placeholder)
+        return placeholder
 
 
 class _Placeholder:
-    """The empty body of a handed-off request; closing it ends the placeholder's other end,
-    so the server's next read on its descriptor sees EOF and it closes that."""
+    """The empty body of a handed-off request. It puts a socketpair end on descriptor number ``fd``
+    (atomically: dup2); closing it ends the other end, so the server's next read on that descriptor
+    sees EOF and it closes that."""
 
-    def __init__(self, peer: socket.socket):
-        self.peer = peer
+    def __init__(self, fd: int):
+        end, self.peer = socket.socketpair()
+        try:
+            os.dup2(end.fileno(), fd, inheritable=False)
+        finally:
+            end.close()
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
         self.peer.close()
-
-
-def _neutralize(fd: int) -> socket.socket:
-    """Put a socketpair end on descriptor number ``fd`` (atomically: dup2); return the other end."""
-    placeholder, peer = socket.socketpair()
-    try:
-        os.dup2(placeholder.fileno(), fd, inheritable=False)
-    finally:
-        placeholder.close()
-    return peer
 
 
 def _host_fd(environ: Dict[str, Any]) -> int:
@@ -4463,17 +4458,16 @@ class _RedisConnection:
         error = None
         with self._lock:
             out = self._out
-            for _ in range(WRITES_PER_FLUSH):
-                if not out:
-                    break
-                try:
+            try:
+                for _ in range(WRITES_PER_FLUSH):
+                    if not out:
+                        break
                     sent = self.sock.send(out)
-                except _WOULD_BLOCK:
-                    break
-                except OSError as exc:
-                    error = exc
-                    break
-                del out[:sent]
+                    del out[:sent]
+            except _WOULD_BLOCK:
+                pass
+            except OSError as exc:
+                error = exc
             waiting = bool(out)
             self._scheduled = waiting
         if error is not None:
@@ -4704,8 +4698,6 @@ class RedisBridge:
         self._retry(role)
 
     def _retry(self, role: str) -> None:
-        if self._closed:
-            return
         delay = self._delays[role]
         delay = BRIDGE_RECONNECT_DELAY if delay <= 0 else min(delay * 2, BRIDGE_MAX_RECONNECT_DELAY)
         self._delays[role] = delay
@@ -4722,10 +4714,9 @@ class RedisBridge:
         channel = self._prefix_bytes + topic.encode()
         if wanted:
             self._channels.add(topic)
-            connection.write(_resp_command(b"SUBSCRIBE", channel))
         else:
             self._channels.discard(topic)
-            connection.write(_resp_command(b"UNSUBSCRIBE", channel))
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
 
     def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
         if connection.role == "publish":
@@ -4798,8 +4789,9 @@ class RedisBridge:
                 connection._finalize("bridge closed")
 
 
-def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> None:
-    """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``."""
+def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> Dict[int, Any]:
+    """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``.
+    Returns the handlers they replace."""
     import signal
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -4810,8 +4802,8 @@ def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], An
             force(signum)
         stop_requests.append(signum)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
+    # SIGTERM: a service manager's stop is a Ctrl-C too.
+    return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 class Supervisor:
@@ -4886,8 +4878,7 @@ class Supervisor:
                 with contextlib.suppress(OSError):  # gone already
                     os.kill(pid, signal.SIGKILL)
 
-        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-        _request_stop_on_signals(self._stop_requests, force)
+        previous = _request_stop_on_signals(self._stop_requests, force)
         sock = None
         try:
             sock = self._bind()
@@ -5010,18 +5001,12 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda signum, frame: stop_requests.append(signum))
         if self.reuse_port:
             inherited.close()
-            host, port = self.bound_address or self.address
-            sock = socket.create_server((host, port), family=inherited.family, backlog=self.backlog,
-                                        reuse_port=True)
+            sock = socket.create_server(self.bound_address or self.address, family=inherited.family,
+                                        backlog=self.backlog, reuse_port=True)
         else:
             sock = inherited
         manager = WebSocketManager(**self.manager_options)
-        try:
-            self.setup(manager, sock, index)
-        except BaseException:
-            manager.stop()
-            manager.run()  # only its clean-up
-            raise
+        self.setup(manager, sock, index)  # if it raises, the worker exits with status 1: what it opened goes with it
         with manager:  # on the way out: close_all() (1001), a graceful stop, join()
             logger.info("worker %d (pid %d) serving", index, os.getpid())
             supervisor = os.getppid()
