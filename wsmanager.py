@@ -4138,21 +4138,13 @@ class _WSGIHandOff:
             fd = _host_fd(environ)
         except HandshakeError:
             return _wsgi_reply(start_response, response, exc_info=refused)
-        sock = socket.socket(fileno=os.dup(fd))
-        try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
             start_response(_status_text(response.status, response.reason), [], refused)
             placeholder = _Placeholder(fd)
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            sock.settimeout(self.manager.close_timeout)
-            sock.sendall(encode_response(response))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the client left: nothing to tell it
-        finally:
-            sock.close()
+            with contextlib.suppress(OSError):  # the client left: nothing to tell it
+                sock.settimeout(self.manager.close_timeout)
+                sock.sendall(encode_response(response))
+                sock.shutdown(socket.SHUT_WR)
         return placeholder
 
 
@@ -4540,9 +4532,7 @@ class RedisBridge:
         secure, self.host, self.port, self.database, username, password = _parse_redis_url(url)
         credentials = [text.encode() for text in (username, password) if text is not None]
         self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
-        if secure and ssl_context is None:
-            ssl_context = ssl.create_default_context()
-        self.ssl_context = ssl_context if secure else None
+        self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
@@ -5178,19 +5168,6 @@ def _serve_workers(args: Any) -> int:
     return supervisor.run()
 
 
-def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
-    """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
-    if above_input:
-        # Save the cursor, open a line above the input line (scrolling if at the bottom), write
-        # there, then put the cursor back where the user was typing: the same VT100 moves as
-        # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
-        line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
-    else:
-        line += "\n"
-    stream.write(line)
-    stream.flush()
-
-
 class _ConsolePeer(WebSocket):
     """The interactive client: prints what arrives, while the user types."""
 
@@ -5208,11 +5185,23 @@ class _ConsolePeer(WebSocket):
             line = message.hex()
         else:
             line = f"<binary message, {len(message)} bytes>"
-        _print_line(f"< {line}", sys.stdout, above_input=self.interactive)
+        self._print(f"< {line}", sys.stdout)
 
     def closed(self, code: int, reason: str) -> None:
-        _print_line(f"connection closed: {code} {reason}".rstrip(), sys.stderr, above_input=self.interactive)
+        self._print(f"connection closed: {code} {reason}".rstrip(), sys.stderr)
         self.done.set()
+
+    def _print(self, line: str, stream: Any) -> None:
+        """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
+        if self.interactive:
+            # Save the cursor, open a line above the input line (scrolling if at the bottom), write
+            # there, then put the cursor back where the user was typing: the same VT100 moves as
+            # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
+            line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
+        else:
+            line += "\n"
+        stream.write(line)
+        stream.flush()
 
 
 def _connect(args: Any) -> int:
@@ -5246,7 +5235,7 @@ def _connect(args: Any) -> int:
     manager.add(peer)
 
     def type_lines() -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed, ValueError, OSError, EOFError):
             if peer.interactive:
                 with contextlib.suppress(ImportError):
                     import readline  # noqa: F401  (line editing and history for input())
@@ -5255,8 +5244,6 @@ def _connect(args: Any) -> int:
             else:
                 for line in sys.stdin:
                     peer.send(line.rstrip("\r\n"))
-        except (ConnectionClosed, ValueError, OSError, EOFError):
-            pass
         peer.done.set()
 
     # readline puts the terminal in raw mode while it reads; when the peer ends the session in
