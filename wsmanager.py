@@ -4225,11 +4225,8 @@ def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bo
     return [body]
 
 
-if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
-    from wsgiref import simple_server
-
-    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
-        def get_environ(self) -> Dict[str, Any]: ...
+if TYPE_CHECKING:  # to type checkers, the subclass made on first use (below) is its base: same interface
+    from wsgiref.simple_server import WSGIRequestHandler
 
 
 def __getattr__(name: str) -> Any:
@@ -4539,11 +4536,7 @@ class RedisBridge:
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.origin = os.urandom(_ORIGIN_SIZE)
-        self.relayed = 0
-        self.received = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.reconnections = 0
+        self.relayed = self.received = self.dropped = self.rejected = self.reconnections = 0
         self._lock = threading.Lock()  # guards the publisher, _unacknowledged and the counters it touches
         self._publisher: Optional[_RedisConnection] = None  # set only while it is ready to take PUBLISHes
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
