@@ -4322,21 +4322,18 @@ class _RespParser:
             return _RedisError(line.decode(errors="replace")), position
         if kind == 58:  # ":": integer
             return int(line), position
-        if kind == 36:  # "$": bulk string, "$-1" is null
-            length = int(line)
-            if length < 0:
+        if kind in (36, 42):  # "$": bulk string of this length, "*": array of this count; -1 is null
+            size = int(line)
+            if size < 0:
                 return None, position
-            if length > self.max_size:
-                raise ValueError(f"a Redis reply of {length} bytes (limit {self.max_size})")
-            if len(buffer) < position + length + 2:
-                return None
-            return bytes(buffer[position:position + length]), position + length + 2
-        if kind == 42:  # "*": array, "*-1" is null
-            count = int(line)
-            if count < 0:
-                return None, position
+            if kind == 36:
+                if size > self.max_size:
+                    raise ValueError(f"a Redis reply of {size} bytes (limit {self.max_size})")
+                if len(buffer) < position + size + 2:
+                    return None
+                return bytes(buffer[position:position + size]), position + size + 2
             items = []
-            for _ in range(count):
+            for _ in range(size):
                 parsed = self._parse(buffer, position)
                 if parsed is None:
                     return None
