@@ -4469,8 +4469,6 @@ class _RedisConnection:
         _cancel(self._timer)
         self.manager._unwatch(self.sock)
         self.sock.close()
-        with self._lock:
-            self._out.clear()
         self.bridge._connection_lost(self, reason)
 
 
@@ -4627,12 +4625,11 @@ class RedisBridge:
         self._delays[role] = 0.0
         if self._hello:
             connection.write(self._hello)
-        lost = 0
         if role == "publish":
             with self._lock:
                 self._unacknowledged = 0
                 self._publisher = connection
-                lost = self.dropped - self._dropped_at_loss
+                news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
             self._channels = set(self.manager.topics())
@@ -4641,11 +4638,10 @@ class RedisBridge:
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
                 batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
                 connection.write(_resp_command(b"SUBSCRIBE", *batch))
+            news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
             self._down_since[role] = None
             self.reconnections += 1
-            news = (f"{lost} message(s) could not be relayed" if role == "publish"
-                    else f"re-subscribed to {len(self._channels)} topic(s)")
             logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %s", role, self.host,
                         self.port, time.monotonic() - down_since, news)
         else:
