@@ -3910,9 +3910,8 @@ class _WSGIHandOff:
             logger.warning("wsgi_app cannot take the socket of %s: %s",
                            environ.get("SERVER_SOFTWARE", "this server"), exc)
             return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
-        manager = self.manager
         try:
-            manager._ensure_running()
+            self.manager._ensure_running()
         except HandshakeError as exc:
             logger.error("wsgi_app cannot hand off: %s", exc)
             return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
@@ -3936,13 +3935,13 @@ class _WSGIHandOff:
             sock.close()
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
-        placeholder = _neutralize(fd)
+        placeholder = _Placeholder(fd)
         try:
-            manager._add(websocket, self.listener)
+            self.manager._add(websocket, self.listener)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
             self.listener._unclaim()
             sock.close()
-        return _Placeholder(placeholder)
+        return placeholder
 
     def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
                 response: Response) -> Iterable[bytes]:
@@ -3956,46 +3955,33 @@ class _WSGIHandOff:
             fd = _host_fd(environ)
         except HandshakeError:
             return _wsgi_reply(start_response, response, exc_info=refused)
-        sock = socket.socket(fileno=os.dup(fd))
-        try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
             start_response(_status_text(response.status, response.reason), [], refused)
-            placeholder = _neutralize(fd)
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            sock.settimeout(self.manager.close_timeout)
-            sock.sendall(encode_response(response))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the client left: nothing to tell it
-        finally:
-            sock.close()
-        return _Placeholder(placeholder)
+            placeholder = _Placeholder(fd)
+            with contextlib.suppress(OSError):  # the client left: nothing to tell it
+                sock.settimeout(self.manager.close_timeout)
+                sock.sendall(encode_response(response))
+                sock.shutdown(socket.SHUT_WR)
+        return placeholder
 
 
 class _Placeholder:
-    """The empty body of a handed-off request; closing it ends the placeholder's other end,
-    so the server's next read on its descriptor sees EOF and it closes that."""
+    """The empty body of a handed-off request. It puts a socketpair end on descriptor number ``fd``
+    (atomically: dup2); closing it ends the other end, so the server's next read on that descriptor
+    sees EOF and it closes that."""
 
-    def __init__(self, peer: socket.socket):
-        self.peer = peer
+    def __init__(self, fd: int):
+        end, self.peer = socket.socketpair()
+        try:
+            os.dup2(end.fileno(), fd, inheritable=False)
+        finally:
+            end.close()
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
         self.peer.close()
-
-
-def _neutralize(fd: int) -> socket.socket:
-    """Put a socketpair end on descriptor number ``fd`` (atomically: dup2); return the other end."""
-    placeholder, peer = socket.socketpair()
-    try:
-        os.dup2(placeholder.fileno(), fd, inheritable=False)
-    finally:
-        placeholder.close()
-    return peer
 
 
 def _host_fd(environ: Dict[str, Any]) -> int:
@@ -4056,7 +4042,15 @@ def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bo
     return [body]
 
 
-def _wsgi_request_handler() -> type:
+if TYPE_CHECKING:  # to type checkers, the subclass made on first use (below) is its base: same interface
+    from wsgiref.simple_server import WSGIRequestHandler
+
+
+def __getattr__(name: str) -> Any:
+    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
+    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
+    if name != "WSGIRequestHandler":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from wsgiref import simple_server
 
     class WSGIRequestHandler(simple_server.WSGIRequestHandler):
@@ -4076,23 +4070,8 @@ def _wsgi_request_handler() -> type:
 
     WSGIRequestHandler.__module__ = __name__
     WSGIRequestHandler.__qualname__ = "WSGIRequestHandler"
+    globals()[name] = WSGIRequestHandler
     return WSGIRequestHandler
-
-
-if TYPE_CHECKING:  # what type checkers see of the class made on first use, below
-    from wsgiref import simple_server
-
-    class WSGIRequestHandler(simple_server.WSGIRequestHandler):
-        def get_environ(self) -> Dict[str, Any]: ...
-
-
-def __getattr__(name: str) -> Any:
-    # wsgiref.simple_server brings http.server and email: it would make `import wsmanager`
-    # a third slower for everyone, so WSGIRequestHandler is made on first use (PEP 562).
-    if name == "WSGIRequestHandler":
-        handler = globals()[name] = _wsgi_request_handler()
-        return handler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ###############################################################################
@@ -4111,20 +4090,10 @@ class _RedisError(NamedTuple):
     message: str
 
 
-def _utf8_valid(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _resp_command(*arguments: bytes) -> bytes:
     """One command as a RESP2 array of bulk strings."""
-    parts = [b"*%d\r\n" % len(arguments)]
-    for argument in arguments:
-        parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(arguments) + b"".join(b"$%d\r\n%s\r\n" % (len(argument), argument)
+                                                  for argument in arguments)
 
 
 class _RespParser:
@@ -4170,21 +4139,18 @@ class _RespParser:
             return _RedisError(line.decode(errors="replace")), position
         if kind == 58:  # ":": integer
             return int(line), position
-        if kind == 36:  # "$": bulk string, "$-1" is null
-            length = int(line)
-            if length < 0:
+        if kind in (36, 42):  # "$": bulk string of this length, "*": array of this count; -1 is null
+            size = int(line)
+            if size < 0:
                 return None, position
-            if length > self.max_size:
-                raise ValueError(f"a Redis reply of {length} bytes (limit {self.max_size})")
-            if len(buffer) < position + length + 2:
-                return None
-            return bytes(buffer[position:position + length]), position + length + 2
-        if kind == 42:  # "*": array, "*-1" is null
-            count = int(line)
-            if count < 0:
-                return None, position
+            if kind == 36:
+                if size > self.max_size:
+                    raise ValueError(f"a Redis reply of {size} bytes (limit {self.max_size})")
+                if len(buffer) < position + size + 2:
+                    return None
+                return bytes(buffer[position:position + size]), position + size + 2
             items = []
-            for _ in range(count):
+            for _ in range(size):
                 parsed = self._parse(buffer, position)
                 if parsed is None:
                     return None
@@ -4202,11 +4168,12 @@ class _RedisConnection:
     bridge makes a new one after a back-off.
     """
 
-    __slots__ = ("bridge", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing", "_connecting",
-                 "_tls_pending", "_timer", "_finalized", "was_ready")
+    __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
+                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
+        self.manager = bridge.manager  # for good (see :class:`_Flushable`)
         self.role = role  # "publish" or "subscribe": a subscribed RESP connection can do nothing else
         self.sock = sock
         self.parser = _RespParser(bridge.max_message_size)
@@ -4215,19 +4182,14 @@ class _RedisConnection:
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
         self._connecting = True
-        self._tls_pending = False
+        self._tls_pending = _is_tls(sock)
         self._timer: Any = None
         self._finalized = False
         self.was_ready = False
 
     @property
     def ready(self) -> bool:
-        return not (self._connecting or self._tls_pending or self._finalized)
-
-    @property
-    def manager(self) -> "WebSocketManager":
-        """Its bridge's manager, for good (see :class:`_Flushable`)."""
-        return self.bridge.manager
+        return self.was_ready and not self._finalized
 
     def write(self, data: bytes) -> None:
         """Queue bytes (any thread); the loop writes them once connected."""
@@ -4236,38 +4198,30 @@ class _RedisConnection:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.bridge.manager._schedule_flush(self)
+        self.manager._schedule_flush(self)
 
     def pending(self) -> int:
         return len(self._out)
 
     def _on_read(self) -> None:
-        if self._finalized:
+        if not self.ready:
+            self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
-        if self._connecting or self._tls_pending:
-            self._on_write()
-            return
-        manager = self.bridge.manager
         for _ in range(BRIDGE_READS_PER_EVENT):
             try:
                 data = self.sock.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                replies = self.parser.feed(data)  # ValueError: not RESP, or past max_message_size
             except _WOULD_BLOCK:
                 break
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 self._finalize(str(exc) or type(exc).__name__)
-                return
-            if not data:
-                self._finalize("Redis closed the connection")
-                return
-            try:
-                replies = self.parser.feed(data)
-            except ValueError as exc:
-                self._finalize(str(exc))
                 return
             self.bridge._deliver_replies(self, replies)
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
-            manager._flush_dirty()
+            self.manager._flush_dirty()
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
 
@@ -4280,20 +4234,6 @@ class _RedisConnection:
                 self._finalize(os.strerror(error))
                 return
             self._connecting = False
-            context = self.bridge.ssl_context
-            if context is None:
-                self._became_ready()
-            else:
-                manager = self.bridge.manager
-                manager._selector.unregister(self.sock)
-                try:
-                    self.sock = context.wrap_socket(self.sock, server_hostname=self.bridge.host,
-                                                    do_handshake_on_connect=False)
-                    manager._selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
-                except (OSError, ValueError) as exc:
-                    self._finalize(f"TLS: {exc}")
-                    return
-                self._tls_pending = True
         if self._tls_pending:
             try:
                 waiting = _tls_step(self.sock)
@@ -4305,38 +4245,32 @@ class _RedisConnection:
                 self._set_events(waiting | selectors.EVENT_READ)
                 return
             self._tls_pending = False
-            self._became_ready()
-            if self._finalized:
-                return
+        if not self.was_ready:
+            self.was_ready = True
+            _cancel(self._timer)
+            self.bridge._connection_ready(self)
         self._flush()
-
-    def _became_ready(self) -> None:
-        self.was_ready = True
-        _cancel(self._timer)
-        self._timer = None
-        self.bridge._connection_ready(self)
 
     def _set_events(self, events: int) -> None:
         self._writing = bool(events & selectors.EVENT_WRITE)
-        self.bridge.manager._selector.modify(self.sock, events, self)
+        self.manager._set_events(self.sock, events, self)
 
     def _flush(self) -> None:
-        if self._finalized or self._connecting or self._tls_pending:
+        if not self.ready:
             return
         error = None
         with self._lock:
             out = self._out
-            for _ in range(WRITES_PER_FLUSH):
-                if not out:
-                    break
-                try:
+            try:
+                for _ in range(WRITES_PER_FLUSH):
+                    if not out:
+                        break
                     sent = self.sock.send(out)
-                except _WOULD_BLOCK:
-                    break
-                except OSError as exc:
-                    error = exc
-                    break
-                del out[:sent]
+                    del out[:sent]
+            except _WOULD_BLOCK:
+                pass
+            except OSError as exc:
+                error = exc
             waiting = bool(out)
             self._scheduled = waiting
         if error is not None:
@@ -4350,11 +4284,8 @@ class _RedisConnection:
             return
         self._finalized = True
         _cancel(self._timer)
-        self._timer = None
-        self.bridge.manager._unwatch(self.sock)
+        self.manager._unwatch(self.sock)
         self.sock.close()
-        with self._lock:
-            self._out.clear()
         self.bridge._connection_lost(self, reason)
 
 
@@ -4407,21 +4338,17 @@ class RedisBridge:
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
                  max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
         # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
-        secure, self.host, self.port, self.database, self._username, self._password = _parse_redis_url(url)
-        if secure and ssl_context is None:
-            ssl_context = ssl.create_default_context()
-        self.ssl_context = ssl_context if secure else None
+        secure, self.host, self.port, self.database, username, password = _parse_redis_url(url)
+        credentials = [text.encode() for text in (username, password) if text is not None]
+        self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
+        self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.origin = os.urandom(_ORIGIN_SIZE)
-        self.relayed = 0
-        self.received = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.reconnections = 0
+        self.relayed = self.received = self.dropped = self.rejected = self.reconnections = 0
         self._lock = threading.Lock()  # guards the publisher, _unacknowledged and the counters it touches
         self._publisher: Optional[_RedisConnection] = None  # set only while it is ready to take PUBLISHes
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
@@ -4491,64 +4418,49 @@ class RedisBridge:
             family, kind, protocol, _, address = socket.getaddrinfo(
                 self.host, self.port, type=socket.SOCK_STREAM)[0]
             sock = socket.socket(family, kind, protocol)
-        except OSError as exc:
-            self._retry(role, f"cannot resolve {self.host}: {exc}")
+        except OSError:
+            self._retry(role)
             return
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # Wrapped before connect_ex(), which then also sets up the TLS object for the handshake to come.
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
         connection = _RedisConnection(self, role, sock)
         self._connections[role] = connection
         error = sock.connect_ex(address)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            sock.close()
-            connection._finalized = True
-            self._connection_lost(connection, os.strerror(error))
+            connection._finalize(os.strerror(error))
             return
-        self.manager._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        self.manager._set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
         connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
-
-    def _hello(self) -> bytes:
-        if self._password is None:
-            return b""
-        if self._username is not None:
-            return _resp_command(b"AUTH", self._username.encode(), self._password.encode())
-        return _resp_command(b"AUTH", self._password.encode())
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
         down_since = self._down_since[role]
         self._delays[role] = 0.0
-        hello = self._hello()
-        lost = 0
+        if self._hello:
+            connection.write(self._hello)
         if role == "publish":
-            if hello:
-                connection.write(hello)
             with self._lock:
                 self._unacknowledged = 0
                 self._publisher = connection
-                lost = self.dropped - self._dropped_at_loss
+                news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
             self._channels = set(self.manager.topics())
             self._subscribed.clear()
-            commands = [hello] if hello else []
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
                 batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
-                commands.append(_resp_command(b"SUBSCRIBE", *batch))
-            if commands:
-                connection.write(b"".join(commands))
+                connection.write(_resp_command(b"SUBSCRIBE", *batch))
+            news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
             self._down_since[role] = None
             self.reconnections += 1
-            if role == "publish":
-                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %d message(s) "
-                               "could not be relayed", role, self.host, self.port, time.monotonic() - down_since, lost)
-            else:
-                logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; re-subscribed to "
-                               "%d topic(s)", role, self.host, self.port, time.monotonic() - down_since,
-                               len(self._channels))
+            logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %s", role, self.host,
+                        self.port, time.monotonic() - down_since, news)
         else:
             logger.debug("redis bridge: %s connection to %s:%d up", role, self.host, self.port)
 
@@ -4571,17 +4483,14 @@ class RedisBridge:
         if self._closed:
             return
         if self._down_since[role] is None:
-            self._down_since[role] = time.monotonic()
             logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
                            role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
         else:
             logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
                          reason)
-        self._retry(role, reason)
+        self._retry(role)
 
-    def _retry(self, role: str, reason: str) -> None:
-        if self._closed:
-            return
+    def _retry(self, role: str) -> None:
         delay = self._delays[role]
         delay = BRIDGE_RECONNECT_DELAY if delay <= 0 else min(delay * 2, BRIDGE_MAX_RECONNECT_DELAY)
         self._delays[role] = delay
@@ -4598,62 +4507,60 @@ class RedisBridge:
         channel = self._prefix_bytes + topic.encode()
         if wanted:
             self._channels.add(topic)
-            connection.write(_resp_command(b"SUBSCRIBE", channel))
         else:
             self._channels.discard(topic)
-            connection.write(_resp_command(b"UNSUBSCRIBE", channel))
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
 
     def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
         if connection.role == "publish":
-            acknowledged = 0
+            acknowledged = failed = 0
             for reply in replies:
                 if isinstance(reply, _RedisError):
                     if self._refused(connection, reply):
-                        return
-                    with self._lock:
-                        self._unacknowledged -= 1
-                        self.dropped += 1
+                        return  # what is unacknowledged counts as dropped when the connection is lost
+                    failed += 1
                 elif isinstance(reply, int):
                     acknowledged += 1
-            if acknowledged:
-                with self._lock:
-                    self._unacknowledged -= acknowledged
-                    self.relayed += acknowledged
+            with self._lock:
+                self._unacknowledged -= acknowledged + failed
+                self.relayed += acknowledged
+                self.dropped += failed
             return
         prefix = self._prefix_bytes
         skip = len(prefix)
         manager = self.manager
         for reply in replies:
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                _, channel, data = reply
+            if isinstance(reply, _RedisError) and self._refused(connection, reply):
+                return
+            if type(reply) is not list or len(reply) != 3:
+                continue
+            kind, channel, data = reply
+            if kind == b"message":
                 if not channel.startswith(prefix) or len(data) <= _ORIGIN_SIZE:
                     self.rejected += 1
                     continue
                 if data[:_ORIGIN_SIZE] == self.origin:
                     continue  # our own message, already delivered locally
-                opcode = _KIND_TO_OPCODE.get(data[_ORIGIN_SIZE])
                 payload = data[_ORIGIN_SIZE + 1:]
-                if opcode is None or opcode is _TEXT and not _utf8_valid(payload):
+                try:
+                    opcode = _KIND_TO_OPCODE[data[_ORIGIN_SIZE]]
+                    topic = channel[skip:].decode()
+                    if opcode is _TEXT:
+                        payload.decode()  # only valid UTF-8 is a text message
+                except (KeyError, UnicodeDecodeError):
                     self.rejected += 1
                     continue
                 self.received += 1
+                manager._deliver(topic, opcode, payload)
+            elif kind in (b"subscribe", b"unsubscribe"):
                 try:
                     topic = channel[skip:].decode()
-                except UnicodeDecodeError:
-                    self.rejected += 1
-                    continue
-                manager._deliver(topic, opcode, payload)
-            elif type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
-                try:
-                    topic = reply[1][skip:].decode()
                 except (TypeError, UnicodeDecodeError):
                     continue
-                if reply[0] == b"subscribe":
+                if kind == b"subscribe":
                     self._subscribed.add(topic)
                 else:
                     self._subscribed.discard(topic)
-            elif isinstance(reply, _RedisError) and self._refused(connection, reply):
-                return
 
     @staticmethod
     def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
@@ -4675,8 +4582,9 @@ class RedisBridge:
                 connection._finalize("bridge closed")
 
 
-def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> None:
-    """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``."""
+def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> Dict[int, Any]:
+    """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``.
+    Returns the handlers they replace."""
     import signal
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -4687,8 +4595,8 @@ def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], An
             force(signum)
         stop_requests.append(signum)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)  # a service manager's stop is a Ctrl-C too
+    # SIGTERM: a service manager's stop is a Ctrl-C too.
+    return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 class Supervisor:
@@ -4763,15 +4671,10 @@ class Supervisor:
                 with contextlib.suppress(OSError):  # gone already
                     os.kill(pid, signal.SIGKILL)
 
-        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-        _request_stop_on_signals(self._stop_requests, force)
+        previous = _request_stop_on_signals(self._stop_requests, force)
+        sock = None
         try:
-            sock = self._sock if self._sock is not None else self._bind()
-        except BaseException:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            raise
-        try:
+            sock = self._bind()
             for index in range(self.workers):
                 self._spawn(index, sock)
             restarts: List[Tuple[float, int]] = []
@@ -4786,7 +4689,8 @@ class Supervisor:
             return self._stop_workers()
         finally:
             self._sock = None
-            sock.close()
+            if sock is not None:
+                sock.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -4795,9 +4699,7 @@ class Supervisor:
 
         Raises :class:`OSError` when the address is taken or not ours.
         """
-        self._bind()
-        assert self.bound_address is not None
-        return self.bound_address
+        return cast(Tuple[str, int], self._bind().getsockname()[:2])
 
     def _bind(self) -> socket.socket:
         if self._sock is not None:
@@ -4877,11 +4779,9 @@ class Supervisor:
             else:
                 time.sleep(0.02)
         for pid in list(self._pids):  # stuck past every timeout of its own
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except OSError:
-                pass
         self._pids.clear()
         return 1 if self._forced else 0
 
@@ -4894,30 +4794,21 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda signum, frame: stop_requests.append(signum))
         if self.reuse_port:
             inherited.close()
-            host, port = self.bound_address or self.address
-            sock = socket.create_server((host, port), family=inherited.family, backlog=self.backlog,
-                                        reuse_port=True)
+            sock = socket.create_server(self.bound_address or self.address, family=inherited.family,
+                                        backlog=self.backlog, reuse_port=True)
         else:
             sock = inherited
         manager = WebSocketManager(**self.manager_options)
-        try:
-            self.setup(manager, sock, index)
-        except BaseException:
-            manager.stop()
-            manager.run()  # only its clean-up
-            raise
-        manager.start()
-        logger.info("worker %d (pid %d) serving", index, os.getpid())
-        supervisor = os.getppid()
-        while not stop_requests and manager.running:
-            if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
-                logger.warning("worker %d: the supervisor is gone; stopping", index)
-                break
-            time.sleep(0.1)
-        logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
-        manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
-        manager.stop(manager.close_timeout)
-        manager.join()
+        self.setup(manager, sock, index)  # if it raises, the worker exits with status 1: what it opened goes with it
+        with manager:  # on the way out: close_all() (1001), a graceful stop, join()
+            logger.info("worker %d (pid %d) serving", index, os.getpid())
+            supervisor = os.getppid()
+            while not stop_requests and manager.running:
+                if os.getppid() != supervisor:  # the supervisor was killed: no one would ever stop us
+                    logger.warning("worker %d: the supervisor is gone; stopping", index)
+                    break
+                time.sleep(0.1)
+            logger.info("worker %d: closing %d connection(s) with 1001", index, len(manager))
         return 0
 
 
@@ -4939,19 +4830,17 @@ const scheme = location.protocol === "https:" ? "wss://" : "ws://";
 const ws = new WebSocket(scheme + location.host + "/ws");
 const log = document.getElementById("log"), status = document.getElementById("status");
 const text = document.getElementById("text");
-function show(line, cls) {
-  const li = document.createElement("li");
-  li.textContent = line;
-  li.className = cls;
-  log.appendChild(li);
-}
 ws.onopen = () => {
   status.textContent = "connected";
   // ?say=... sends one message on open: handy for scripted checks of the demo.
   const say = new URLSearchParams(location.search).get("say");
   if (say) ws.send(say);
 };
-ws.onmessage = (event) => show(event.data, "message");
+ws.onmessage = (event) => {
+  const li = log.appendChild(document.createElement("li"));
+  li.className = "message";
+  li.textContent = event.data;
+};
 ws.onclose = (event) => { status.textContent = "closed (" + event.code + ")"; };
 document.getElementById("form").onsubmit = (event) => {
   event.preventDefault();
@@ -4987,12 +4876,11 @@ class _ChatPeer(WebSocket):
 
 def _format_peer(address: Any) -> str:
     if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"{_bracket(host)}:{port}"
+        return f"{_bracket(address[0])}:{address[1]}"
     return str(address or "unix socket")
 
 
-def _chat_handshake(request: Request, stats: Optional[Callable[[], Dict[str, Any]]] = None) -> Optional[Response]:
+def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
     # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
@@ -5000,7 +4888,7 @@ def _chat_handshake(request: Request, stats: Optional[Callable[[], Dict[str, Any
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
-    if path == "/stats" and request.method == "GET" and stats is not None:
+    if path == "/stats" and request.method == "GET":
         import json
         return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
                         json.dumps(stats()).encode())
@@ -5041,19 +4929,16 @@ def _serve(args: Any) -> int:
             return 2
     if args.workers > 1:
         return _serve_workers(args)
-    manager = WebSocketManager()
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        manager.stop()
-        manager.run()  # a stopped manager runs no loop, only its clean-up: no descriptor leaks
         return 1
     host, port = sock.getsockname()[:2]
+    manager = WebSocketManager()
     _chat_setup(args.redis)(manager, sock, -1)
-    display = _bracket(host)
-    logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", display, port,
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", _bracket(host), port,
                 f", relayed through {args.redis}" if args.redis else "")
     stop_requests: List[int] = []
 
@@ -5064,27 +4949,13 @@ def _serve(args: Any) -> int:
         os._exit(1)
 
     _request_stop_on_signals(stop_requests, force)
-    manager.start()
-    while not stop_requests and manager.running:
-        time.sleep(0.2)
-    logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
-    manager.close_all(CloseCode.GOING_AWAY, "Server is shutting down")
-    manager.stop(manager.close_timeout)
-    manager.join()
+    with manager:  # on the way out: close_all() (1001), a graceful stop, join()
+        while not stop_requests and manager.running:
+            time.sleep(0.2)
+        logger.info("closing %d connection(s) with 1001 (Ctrl-C again to force the exit)", len(manager))
     return 0
 
 
-def _print_line(line: str, stream: Any, *, above_input: bool) -> None:
-    """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
-    if above_input:
-        # Save the cursor, open a line above the input line (scrolling if at the bottom), write
-        # there, then put the cursor back where the user was typing: the same VT100 moves as
-        # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
-        line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
-    else:
-        line += "\n"
-    stream.write(line)
-    stream.flush()
 def _serve_workers(args: Any) -> int:
     supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
     try:
@@ -5092,8 +4963,7 @@ def _serve_workers(args: Any) -> int:
     except OSError as exc:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    display = _bracket(host)
-    logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", display, port,
+    logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", _bracket(host), port,
                 args.workers, f", relayed through {args.redis}" if args.redis else "")
     if not args.redis:
         logger.warning("%d workers without --redis: each worker is a chat of its own (peers on different "
@@ -5118,21 +4988,23 @@ class _ConsolePeer(WebSocket):
             line = message.hex()
         else:
             line = f"<binary message, {len(message)} bytes>"
-        _print_line(f"< {line}", sys.stdout, above_input=self.interactive)
+        self._print(f"< {line}", sys.stdout)
 
     def closed(self, code: int, reason: str) -> None:
-        _print_line(f"connection closed: {code} {reason}".rstrip(), sys.stderr, above_input=self.interactive)
+        self._print(f"connection closed: {code} {reason}".rstrip(), sys.stderr)
         self.done.set()
 
-
-def _tls_hint(exc: BaseException) -> str:
-    # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
-    # cannot parse, an EOF or a reset, never what the user did wrong.
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return ""
-    if isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout)):
-        return " (is the server speaking TLS?)"
-    return ""
+    def _print(self, line: str, stream: Any) -> None:
+        """Print ``line``; on a terminal where the user is typing, above the half-typed line, not glued to it."""
+        if self.interactive:
+            # Save the cursor, open a line above the input line (scrolling if at the bottom), write
+            # there, then put the cursor back where the user was typing: the same VT100 moves as
+            # websockets' interactive client. The last "down" is a no-op when the screen scrolled.
+            line = f"\x1b7\n\x1b[A\x1b[L{line}\n\x1b8\x1b[B"
+        else:
+            line += "\n"
+        stream.write(line)
+        stream.flush()
 
 
 def _connect(args: Any) -> int:
@@ -5152,7 +5024,10 @@ def _connect(args: Any) -> int:
         print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        hint = _tls_hint(exc) if context is not None else ""
+        # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
+        # cannot parse, an EOF or a reset, never what the user did wrong (a refused certificate says so).
+        plain = context is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout))
+        hint = " (is the server speaking TLS?)" if plain and not isinstance(exc, ssl.SSLCertVerificationError) else ""
         print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     peer.show_binary_as_hex = args.binary
@@ -5163,7 +5038,7 @@ def _connect(args: Any) -> int:
     manager.add(peer)
 
     def type_lines() -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed, ValueError, OSError, EOFError):
             if peer.interactive:
                 with contextlib.suppress(ImportError):
                     import readline  # noqa: F401  (line editing and history for input())
@@ -5172,8 +5047,6 @@ def _connect(args: Any) -> int:
             else:
                 for line in sys.stdin:
                     peer.send(line.rstrip("\r\n"))
-        except (ConnectionClosed, ValueError, OSError, EOFError):
-            pass
         peer.done.set()
 
     # readline puts the terminal in raw mode while it reads; when the peer ends the session in
@@ -5182,12 +5055,8 @@ def _connect(args: Any) -> int:
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
-    if not peer.terminated:
-        peer.close(CloseCode.NORMAL)
-        deadline = time.monotonic() + manager.close_timeout + 1
-        while not peer.terminated and time.monotonic() < deadline:
-            time.sleep(0.01)
-    manager.stop()
+    peer.close(CloseCode.NORMAL)  # nothing once closing
+    manager.stop(manager.close_timeout + 1)  # ends as soon as the close handshake has, else terminates
     manager.join()
     if terminal_mode is not None:
         terminal_mode()
