@@ -3150,15 +3150,7 @@ class WebSocketManager:
 
     def unsubscribe(self, websocket: WebSocket, topic: str) -> None:
         """Take ``websocket`` out of ``topic`` (nothing happens if it was not in). Any thread."""
-        with self._topics_lock:
-            emptied = self._leave(websocket, topic)
-            topics = self._memberships.get(websocket)
-            if topics is not None:
-                topics.discard(topic)
-                if not topics:
-                    del self._memberships[websocket]
-        if emptied and self._bridge is not None:
-            self._bridge._topic_changed(topic)
+        self._leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
         """How many of this manager's connections are subscribed to ``topic``."""
@@ -3200,21 +3192,21 @@ class WebSocketManager:
             subscribers = tuple(members)
         return _queue_to_all(subscribers, opcode, payload)
 
-    def _leave(self, websocket: WebSocket, topic: str) -> bool:
-        # Under self._topics_lock. True when the topic lost its last local subscriber.
-        members = self._topics.get(topic)
-        if members is None or websocket not in members:
-            return False
-        del members[websocket]
-        if members:
-            return False
-        del self._topics[topic]
-        return True
-
-    def _leave_all(self, websocket: WebSocket) -> None:
+    def _leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
+        # Out of ``topics`` (None: all of its own, as it goes); the bridge hears of each topic left empty.
+        emptied = []
         with self._topics_lock:
-            topics = self._memberships.pop(websocket, None)
-            emptied = [topic for topic in topics if self._leave(websocket, topic)] if topics else []
+            own = self._memberships.get(websocket, set())
+            for topic in tuple(own) if topics is None else topics:
+                own.discard(topic)
+                members = self._topics.get(topic)
+                if members is not None and websocket in members:
+                    del members[websocket]
+                    if not members:
+                        del self._topics[topic]
+                        emptied.append(topic)
+            if not own:
+                self._memberships.pop(websocket, None)
         if self._bridge is not None:
             for topic in emptied:
                 self._bridge._topic_changed(topic)
@@ -3621,7 +3613,7 @@ class WebSocketManager:
         fd = websocket.fileno()
         if self._websockets.get(fd) is websocket:
             del self._websockets[fd]
-        self._leave_all(websocket)
+        self._leave(websocket)
         self._unwatch(websocket.sock)
 
     # Server handshakes ---------------------------------------------------------
