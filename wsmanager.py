@@ -2086,11 +2086,9 @@ class WebSocket:
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
 
-    def _bind(self, manager: "WebSocketManager", listener: "Optional[_Listener]" = None) -> None:
-        """Belong to ``manager`` (under its lock, or in its loop); ``listener`` counts it."""
+    def _bind(self, manager: "WebSocketManager") -> None:
+        """Belong to ``manager`` (under its lock, or in its loop)."""
         self._manager = manager
-        if listener is not None:
-            self._listener = listener
 
     def _unbind(self) -> None:
         """Leave the manager (remove()): nothing of the connection is lost but its timers."""
@@ -2109,8 +2107,9 @@ class WebSocket:
             listener._unclaim()
             self._listener = None
 
-    def _queue_reply(self, reply: bytes) -> None:
-        """Queue the server's 101 before anything else, before the connection runs."""
+    def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
+        """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
+        self._listener = listener
         with self._lock:
             self._out.insert(0, reply)
             self._buffered += len(reply)
@@ -2538,7 +2537,7 @@ class _Listener:
         if answer.deflate is not None and self.compression is not None:
             websocket._enable_deflate(answer.deflate, self.compression)
         # The 101 goes out first, through the connection's own buffer.
-        websocket._queue_reply(_encode_switch(answer.response.headers))
+        websocket._queue_reply(_encode_switch(answer.response.headers), self)
         return websocket
 
     def full(self) -> bool:
@@ -2689,7 +2688,7 @@ class _ServerHandshake(_Handshake):
             return
         self._detach()
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        manager._take(websocket, listener)
+        manager._take(websocket)
         manager._open(websocket)
 
     def _on_write(self) -> None:
@@ -3011,9 +3010,6 @@ class WebSocketManager:
         it, :class:`ConnectionClosed` once it is closed, :class:`ManagerStopped`
         once this manager is stopping.
         """
-        self._add(websocket)
-
-    def _add(self, websocket: WebSocket, listener: Optional[_Listener] = None) -> None:
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
             if websocket.terminated:
                 raise websocket._closed_error("cannot add")
@@ -3023,7 +3019,7 @@ class WebSocketManager:
             if manager is not None:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
-            self._take(websocket, listener)
+            self._take(websocket)
         self._call_threadsafe(self._open, websocket)
 
     @overload
@@ -3595,9 +3591,9 @@ class WebSocketManager:
 
     # Connections' life cycle: taken in, opened, released, forgotten --------------
 
-    def _take(self, websocket: WebSocket, listener: Optional[_Listener] = None) -> None:
+    def _take(self, websocket: WebSocket) -> None:
         self._websockets[websocket.fileno()] = websocket
-        websocket._bind(self, listener)
+        websocket._bind(self)
 
     def _open(self, websocket: WebSocket) -> None:
         websocket._run(self)
@@ -3929,7 +3925,7 @@ class _WSGIHandOff:
             return []
         placeholder = _Placeholder(fd)
         try:
-            self.manager._add(websocket, self.listener)
+            self.manager.add(websocket)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
             self.listener._unclaim()
             sock.close()
