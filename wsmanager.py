@@ -105,6 +105,7 @@ if TYPE_CHECKING:
     import base64
     import hashlib
     import logging
+    import signal
     import ssl
     import urllib.parse
     import zlib
@@ -114,7 +115,7 @@ else:
 
         Deliberate: these modules are most of what ``import wsmanager`` would
         cost (``ssl`` and ``logging`` above all), and many programs
-        never touch TLS, compression or a log line.
+        never touch TLS, compression, signals or a log line.
         """
 
         def __getattr__(self, attribute: str) -> Any:
@@ -126,7 +127,8 @@ else:
                 _tls_in_use()
             return getattr(module, attribute)
 
-    base64, hashlib, logging, ssl, zlib = map(_LazyModule, ("base64", "hashlib", "logging", "ssl", "zlib"))
+    base64, hashlib, logging, signal, ssl, zlib = map(
+        _LazyModule, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
     urllib = _LazyModule("urllib.parse")
 
 
@@ -4573,7 +4575,6 @@ class RedisBridge:
 def _request_stop_on_signals(stop_requests: List[int], force: Callable[[int], Any]) -> Dict[int, Any]:
     """SIGINT and SIGTERM append to ``stop_requests``; a second one calls ``force(signum)``.
     Returns the handlers they replace."""
-    import signal
 
     def request_stop(signum: int, frame: Any) -> None:
         # A flag, not KeyboardInterrupt: raised inside Thread.join() that marks the loop
@@ -4649,7 +4650,6 @@ class Supervisor:
         """Bind, fork the workers, restart those that die; return 0 after a stop (1 if forced)."""
         if not hasattr(os, "fork"):
             raise RuntimeError("Supervisor needs os.fork (POSIX)")
-        import signal
 
         def force(signum: int) -> None:
             self._forced = True
@@ -4750,7 +4750,6 @@ class Supervisor:
         return restarts
 
     def _stop_workers(self) -> int:
-        import signal
         logger.info("stopping %d worker(s): their connections close with 1001", len(self._pids))
         for pid in list(self._pids):
             with contextlib.suppress(OSError):  # gone already
@@ -4774,7 +4773,6 @@ class Supervisor:
         return 1 if self._forced else 0
 
     def _worker(self, index: int, inherited: socket.socket) -> int:
-        import signal
         # Ctrl-C in a terminal reaches the whole process group: the supervisor alone answers it
         # (with a SIGTERM to each worker), so a worker never sees two stop signals for one Ctrl-C.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
