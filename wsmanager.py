@@ -1147,6 +1147,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 6455 4.2.1: Sec-WebSocket-Key is the base64 of 16 bytes: 22 characters and "==".
 _KEY = re.compile(r"[A-Za-z0-9+/]{22}==\Z")
+# RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
+_UPGRADE_REQUIRED = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13"))
 
 
 def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
@@ -1283,11 +1285,10 @@ def validate_request(request: Request) -> str:
     headers = request.headers
     if request.method != "GET":
         raise HandshakeError(f"method {request.method} not allowed", 405, [("Allow", "GET")])
-    upgrade_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13")]
     if not request.is_upgrade or "upgrade" not in _tokens(headers.get("Connection")):
-        raise HandshakeError("not a WebSocket upgrade request", 426, upgrade_headers)
+        raise HandshakeError("not a WebSocket upgrade request", 426, _UPGRADE_REQUIRED)
     if headers.get("Sec-WebSocket-Version") != "13":
-        raise HandshakeError("unsupported Sec-WebSocket-Version", 426, upgrade_headers)
+        raise HandshakeError("unsupported Sec-WebSocket-Version", 426, _UPGRADE_REQUIRED)
     if not headers.get("Host"):
         raise HandshakeError("missing Host header", 400)
     key = headers.get("Sec-WebSocket-Key") or ""
@@ -1933,10 +1934,11 @@ class WebSocket:
                 cache[key] = data
         return self._queue(data)
 
-    def _enable_deflate(self, params: DeflateParams, settings: Deflate) -> None:
-        # Before add(): the parser and assembler made by _run() take it from here.
-        self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
-                                          mem_level=settings.mem_level)
+    def _enable_deflate(self, params: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
+        # Before add(): the parser and assembler made by _run() take it from here. None: not agreed on.
+        if params is not None and settings is not None:
+            self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
+                                              mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
@@ -2536,8 +2538,7 @@ class _Listener:
         websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
                                  subprotocol=answer.subprotocol, peer_address=peer,
                                  extra_data=extra_data)
-        if answer.deflate is not None and self.compression is not None:
-            websocket._enable_deflate(answer.deflate, self.compression)
+        websocket._enable_deflate(answer.deflate, self.compression)
         # The 101 goes out first, through the connection's own buffer.
         websocket._queue_reply(_encode_switch(answer.response.headers), self)
         return websocket
@@ -2863,8 +2864,7 @@ class _ClientHandshake(_Handshake):
         websocket._response_headers = head
         websocket.subprotocol = subprotocol
         websocket._extra = rest
-        if deflate is not None and self.opening.settings is not None:
-            websocket._enable_deflate(deflate, self.opening.settings)
+        websocket._enable_deflate(deflate, self.opening.settings)
         self.manager._take(websocket)
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
@@ -3439,9 +3439,7 @@ class WebSocketManager:
     def running(self) -> bool:
         """Whether the loop runs: started (or run) and not yet ended, its clean-up included."""
         thread = self._thread
-        if thread is not None:
-            return thread.is_alive()
-        return self._running
+        return thread.is_alive() if thread is not None else self._running
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait for the background thread to end."""
@@ -3836,8 +3834,7 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
                             peer_address=sock.getpeername(), extra_data=rest)
-        if deflate is not None and settings is not None:
-            websocket._enable_deflate(deflate, settings)
+        websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
         raise
@@ -3881,10 +3878,7 @@ class _WSGIHandOff:
         if "websocket" not in _tokens(environ.get("HTTP_UPGRADE")):
             if self.app is not None:
                 return self.app(environ, start_response)
-            # RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
-            refusal = Response(426, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                                     ("Sec-WebSocket-Version", "13")])
-            return self._refuse(environ, start_response, refusal)
+            return self._refuse(environ, start_response, Response(426, _UPGRADE_REQUIRED))
         try:
             head = _environ_head(environ)
             request = parse_request(head)
