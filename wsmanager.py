@@ -2085,7 +2085,7 @@ class WebSocket:
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
-    # refusal) and, for a server connection made by a listener, _enable_deflate() and
+    # refusal), _enable_deflate() (what a handshake agreed) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
@@ -2416,10 +2416,9 @@ class WebSocket:
 
 # The selector's handlers ----------------------------------------------------------
 #
-# Every object registered in the manager's selector (``SelectorKey.data``) is a _Handler:
-# WebSocket, _Listener, _ServerHandshake, _Waker and _RedisConnection. The loop calls
-# _on_read() and _on_write() for readiness events, and _finalize() when one of them raised
-# (a bug in wsmanager: it ends that handler only, never the loop).
+# Every object registered in the manager's selector (``SelectorKey.data``) is a _Handler: WebSocket,
+# _Listener, _ServerHandshake, _ClientHandshake, _Waker and _RedisConnection. The loop calls _on_read()
+# and _on_write() for readiness events, and _finalize() when one of them raised (see _crashed()).
 
 class _Handler(Protocol):
     """What the loop calls on an object registered in its selector."""
@@ -3157,9 +3156,7 @@ class WebSocketManager:
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
         """The topics with a local subscriber, or those of ``websocket``."""
         with self._topics_lock:
-            if websocket is None:
-                return list(self._topics)
-            return list(self._memberships.get(websocket, ()))
+            return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
 
     def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every subscriber of ``topic``; return how many took it.
@@ -3521,7 +3518,7 @@ class WebSocketManager:
                 self._crashed(handler, exc)
 
     def _crashed(self, handler: Any, exc: Exception) -> None:
-        # A bug in wsmanager itself: it ends that one connection, never the loop.
+        # A bug in wsmanager itself: it ends that one handler, never the loop.
         logger.error("unexpected error in the wsmanager loop (handler %r)", handler, exc_info=exc)
         finalize = getattr(handler, "_finalize", None)
         if finalize is not None:
