@@ -3263,13 +3263,7 @@ class WebSocketManager:
             sock = address  # bound and listening already (a worker's, an inherited or activated one)
         elif isinstance(address, (str, bytes, os.PathLike)):
             unix_path = os.fsdecode(address)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(unix_path)
-                sock.listen(backlog)
-            except OSError:
-                sock.close()
-                raise
+            sock = socket.create_server(unix_path, family=socket.AF_UNIX, backlog=backlog)
         else:
             host, port = address[0], address[1]
             family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
