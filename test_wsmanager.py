@@ -13,6 +13,7 @@ WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
 import base64
 import collections
 import contextlib
+import errno
 import http.client
 import http.server
 import inspect
@@ -5497,6 +5498,25 @@ class TestScaling:
                 assert re.search(r"publish connection .* restored after [\d.]+ s; \d+ message\(s\) could not be relayed",
                                  log), log
                 assert "re-subscribed to 1 topic(s)" in log
+
+    def test_bridge_retries_when_starting_a_connection_raises(self, manager, redis_server, monkeypatch, caplog):
+        # connect_ex() may raise instead of returning an errno (e.g. the TLS object it makes for rediss://):
+        # that attempt fails like any other, and the bridge reconnects.
+        real_connect_ex = socket.socket.connect_ex
+        failures = []
+
+        def connect_ex(sock, address):
+            if len(failures) < 2:  # the first attempt of each role
+                failures.append(address)
+                raise OSError(errno.ENETDOWN, "network is down (test)")
+            return real_connect_ex(sock, address)
+
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+        with caplog.at_level(logging.WARNING, logger="wsmanager"):
+            bridge = manager.bridge(redis_server.url)
+            wait_bridged(bridge)
+        assert len(failures) == 2 and bridge.reconnections == 2
+        assert caplog.text.count("network is down (test)") == 2, caplog.text
 
     def test_bridge_bounds_what_waits_for_a_stalled_redis_and_counts_the_drops(self, redis_server, caplog):
         with running_manager() as here, running_manager() as client_manager:

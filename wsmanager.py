@@ -4404,7 +4404,11 @@ class RedisBridge:
             sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
         connection = _RedisConnection(self, role, sock)
         self._connections[role] = connection
-        error = sock.connect_ex(address)
+        try:
+            error = sock.connect_ex(address)
+        except (OSError, ValueError) as exc:  # ValueError: the TLS object it makes refuses the host name
+            connection._finalize(str(exc) or type(exc).__name__)
+            return
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             connection._finalize(os.strerror(error))
             return
