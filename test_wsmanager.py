@@ -1767,7 +1767,11 @@ def _chat_server(tmp_path, *options, name="serve"):
 
 
 def _find_chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    """The Chromium executable; the test is skipped without one."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    return browser
 
 
 class _DevTools(WebSocket):
@@ -1799,12 +1803,11 @@ class _DevTools(WebSocket):
 
 def _browser_chats_with(client, browser, port, tmp_path):
     """The chat page on ``port``, in headless Chromium, and ``client`` (a _Replier) talk through the chat."""
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
     # Not --dump-dom: its snapshot is taken on virtual time, which does not wait for
     # WebSocket traffic, and on a busy machine it misses the reply. The DOM is read
     # over the DevTools protocol instead, polled in real time with a bound.
-    with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser", profile) as page:
+    with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser",
+                            tmp_path / "chromium-profile") as page:
         # Browser -> wsmanager: the page's message reached the client through the broadcast.
         wait_until(lambda: "from-browser" in client.messages, timeout=30)
         # wsmanager -> browser: the client's answer was broadcast to the page and rendered.
@@ -1825,8 +1828,9 @@ def _browser_chats_with(client, browser, port, tmp_path):
 
 @contextlib.contextmanager
 def _headless_chromium(browser, url, profile):
-    """Headless Chromium showing `url`; yields a DevTools connection to that page."""
+    """Headless Chromium showing `url`, `profile` its new user-data folder; yields a DevTools connection to it."""
     profile = pathlib.Path(profile)
+    profile.mkdir()
     log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
     # Chromium leaves a singleton-socket folder in TMPDIR when it is killed: keep it in ours,
     # short enough for a Unix socket path, and removed below.
@@ -5148,8 +5152,6 @@ class TestIntegrations:
 
     def test_browser_chat_page_through_wsgi_app_and_wsgiref(self, tmp_path, manager):
         browser = _find_chromium()
-        if browser is None:
-            pytest.skip("no Chromium: install it with apt-get install -y chromium")
         with running_manager() as chat:
             with _wsgiref(chat.wsgi_app(wsmanager._ChatPeer, _ChatSite()), wsmanager.WSGIRequestHandler) as port:
                 client = connect(f"ws://127.0.0.1:{port}/ws", _Replier)
@@ -5633,8 +5635,6 @@ class TestScaling:
     @pytest.mark.timeout(240)
     def test_two_browsers_on_different_workers_see_each_others_messages(self, tmp_path, redis_server):
         browser = _find_chromium()
-        if browser is None:
-            pytest.skip("no Chromium: install it with apt-get install -y chromium")
         with _serve_workers(tmp_path, "--redis", redis_server.url) as (proc, port, read_log, serving), \
                 contextlib.ExitStack() as browsers:
             def landed():
@@ -5644,7 +5644,6 @@ class TestScaling:
             pages = []
             for name in ("a", "b"):
                 profile = tmp_path / f"chromium-{name}"
-                profile.mkdir()
                 pages.append(browsers.enter_context(_headless_chromium(browser, f"http://127.0.0.1:{port}/", profile)))
                 wait_until(lambda: len(landed()) == len(pages), timeout=60, interval=0.05)
             first, second = pages
@@ -6309,14 +6308,11 @@ class TestCompression:
 
     def test_browser_negotiates_deflate_with_the_demo_server(self, tmp_path, manager):
         browser = _find_chromium()
-        if browser is None:
-            pytest.skip("no Chromium: install it with apt-get install -y chromium")
         with _chat_server(tmp_path) as (proc, port, read_log):
             client = connect(f"ws://127.0.0.1:{port}/ws", _Replier, compression="deflate")
             manager.add(client)
             wait_until(lambda: "(1 connected)" in read_log())
             profile = tmp_path / "chromium-profile"
-            profile.mkdir()
             with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser", profile) as page:
                 wait_until(lambda: "from-browser" in client.messages, timeout=30)
                 answers = []
@@ -6477,8 +6473,6 @@ class TestCommandLine:
 
     def test_browser_chat_page_talks_to_wsmanager(self, tmp_path, manager):
         browser = _find_chromium()
-        if browser is None:
-            pytest.skip("no Chromium: install it with apt-get install -y chromium")
         with _chat_server(tmp_path) as (proc, port, read_log):
             client = connect(f"ws://127.0.0.1:{port}/ws", _Replier)
             manager.add(client)
