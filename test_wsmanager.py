@@ -245,6 +245,13 @@ def open_client(manager, url, factory=Recorder, **connect_options):
     return websocket
 
 
+def open_pair(manager, client_manager):
+    """A Recorder client in client_manager and its server end (a Recorder) in manager, both opened."""
+    servers = Collect(Recorder)
+    client = open_client(client_manager, ws_url(manager.listen(("127.0.0.1", 0), servers)))
+    return client, servers.first_opened()
+
+
 def read_head(sock, max_reads=1000):
     """Read an HTTP head from sock; returns (head, the bytes that came after it)."""
     reader = HeadReader()
@@ -3407,10 +3414,7 @@ class TestConnection:
 
     @pytest.mark.parametrize("sender", ["client", "server"])
     def test_eight_threads_send_to_one_connection(self, manager, client_manager, sender):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         source, sink = (client, conn) if sender == "client" else (conn, client)
         barrier = threading.Barrier(8)
         errors = []
@@ -3468,11 +3472,8 @@ class TestConnection:
 
     @pytest.mark.parametrize("initiator", ["client", "server"])
     def test_manager_close_handshake_both_ways(self, client_manager, initiator):
-        servers = Collect(Recorder)
         with running_manager() as server:
-            address = server.listen(("127.0.0.1", 0), servers)
-            client = open_client(client_manager, ws_url(address))
-            conn = servers.first_opened()
+            client, conn = open_pair(server, client_manager)
             closer, receiver = (client, conn) if initiator == "client" else (conn, client)
             closer.close(4001, "done here")
             with pytest.raises(ConnectionClosed):  # closing at once, whatever thread called close()
@@ -3552,10 +3553,7 @@ class TestConnection:
         assert len(mgr_closed_events(quitter)) == 1 and quitter.close_code == 4002
 
     def test_terminate_skips_the_handshake(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         client.terminate()
         assert client.closed_event.wait(10) and conn.closed_event.wait(10)
         # No close frame either way: both ends report 1006.
@@ -3661,10 +3659,7 @@ class TestConnection:
                 assert conn not in server
 
     def test_send_iterable_arrives_as_one_message(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         client.send(["a", "b", "c"])
         client.send(iter([b"\x00\x01", b"", b"\x02"]))  # any iterable, empty chunks included
         client.send(["solo"])
@@ -4028,10 +4023,7 @@ class TestManager:
             client_manager.add(client)
 
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         try:
             client_manager.remove(client)
             wait_until(lambda: client not in client_manager)
@@ -4304,10 +4296,7 @@ class TestManager:
 
     def test_setting_changed_while_open_is_in_force_from_the_next_message(self, manager, client_manager):
         """A value set on a running connection is honoured, never ignored."""
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         big = b"b" * (2 * DEFAULT_MAX_MESSAGE_SIZE)
         conn.max_message_size = len(big)  # raised: frames follow, as the manager set no max_frame_size
         client.send(big)  # one frame of 2 MiB
@@ -4358,10 +4347,7 @@ class TestManager:
 
     def test_client_sends_wide_buffers_as_their_bytes(self, manager, client_manager):
         """Client side (masked): send, fragments and broadcast, as the server receives them."""
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(client_manager, ws_url(address))
-        conn = servers.first_opened()
+        client, conn = open_pair(manager, client_manager)
         payloads = _wide_payloads()
         for payload in payloads:
             client.send(payload)
@@ -4629,10 +4615,7 @@ class TestManager:
 
     def test_connection_closed_carries_what_closed_gets(self, manager):
         # The peer closed with a code: send() afterwards says which.
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
-        client = open_client(manager, ws_url(address))
-        server = servers.first_opened()
+        client, server = open_pair(manager, manager)
         server.close(4001, "bye now")
         assert client.closed_event.wait(10)
         with pytest.raises(ConnectionClosed) as info:
