@@ -245,6 +245,14 @@ def open_client(manager, url, factory=Recorder, **connect_options):
     return websocket
 
 
+def serve_collected(make_manager, cls, listen=None, **settings):
+    """A manager made with ``settings`` that listens on 127.0.0.1 (``listen``: more listen() options) through a
+    Collect(cls); returns (manager, the Collect, the address)."""
+    m = make_manager(**settings)
+    factory = Collect(cls)
+    return m, factory, m.listen(("127.0.0.1", 0), factory, **(listen or {}))
+
+
 def open_pair(manager, client_manager):
     """A Recorder client in client_manager and its server end (a Recorder) in manager, both opened."""
     servers = Collect(Recorder)
@@ -4208,9 +4216,7 @@ class TestManager:
         """A send is accepted while the backlog is within max_buffered; a peer that leaves more
     than that unread is dropped (1006) at the next send."""
         limit = 64 * 1024
-        m = make_manager(max_buffered=limit)
-        factory = Collect(SmallSendBufferServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=limit)
         with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
             ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
             assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
@@ -6740,9 +6746,7 @@ class TestHardening:
     """Hostile peers, resource exhaustion and faults: one bad peer never hurts the others."""
 
     def test_max_connections_refuses_with_503_keeps_existing_and_admits_after_a_close(self, make_manager):
-        m = make_manager()
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory, max_connections=3)
+        m, factory, address = serve_collected(make_manager, HardeningServer, listen=dict(max_connections=3))
         peers = []
         try:
             for _ in range(3):
@@ -6781,9 +6785,7 @@ class TestHardening:
         (["https://app.example", None], "https://evil.example", 403),
     ])
     def test_origins_allow_list(self, make_manager, origins, origin, expected):
-        m = make_manager()
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory, origins=origins)
+        m, factory, address = serve_collected(make_manager, HardeningServer, listen=dict(origins=origins))
         if expected == 101:
             assert_manager_serves(m, address, "/", "from an allowed origin", origin=origin)
         else:
@@ -6795,9 +6797,8 @@ class TestHardening:
             assert refused.value.status == expected
 
     def test_memory_per_connection_is_bounded_by_the_caps(self, make_manager):
-        m = make_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
-        factory = Collect(SmallSendBufferServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=CAP_BUFFERED,
+                                              max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
         with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (bystander, attacker, ws):
             frame_len = fill_server_output(ws, CAP_BUFFERED)
             assembled, partial = send_near_limit_message(attacker.sock)
@@ -6836,9 +6837,7 @@ class TestHardening:
     application keeps sending, must not make the server hold the sent part of
     the old queue on top of a new full one.
     """
-        m = make_manager(max_buffered=CAP_BUFFERED)
-        factory = Collect(SmallSendBufferServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=CAP_BUFFERED)
         with attacker_beside_bystander(address, factory, "/slow-reader", rcvbuf=4096) as (_, attacker, ws):
             fill_server_output(ws, CAP_BUFFERED)
             # Read, a little at a time, until three quarters of the queue are gone; then stall.
@@ -6859,9 +6858,8 @@ class TestHardening:
 
     @pytest.mark.parametrize("cap", ["message", "frame", "output"])
     def test_going_over_a_cap_ends_the_connection(self, make_manager, cap):
-        m = make_manager(max_buffered=CAP_BUFFERED, max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, HardeningServer, max_buffered=CAP_BUFFERED,
+                                              max_frame_size=CAP_FRAME, max_message_size=CAP_MESSAGE)
         with attacker_beside_bystander(address, factory, "/hog", rcvbuf=4096) as (_, attacker, ws):
             if cap == "message":
                 # Fragments each under max_frame_size, together one byte over max_message_size.
@@ -6909,9 +6907,7 @@ class TestHardening:
     empty continuation frames (0 bytes each) can be sent forever.
     """
         limit = 64 * 1024
-        m = make_manager(max_message_size=limit)
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, HardeningServer, max_message_size=limit)
         with attacker_beside_bystander(address, factory, "/frag") as (_, attacker, ws):
             count = 60_000  # 60,000 bytes at most: under the limit, never refused
             data = (encode_frame(Opcode.BINARY, fragment, fin=False, mask=b"\0\0\0\0")
@@ -6932,9 +6928,7 @@ class TestHardening:
         handshake_timeout = 1.0
         head = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"  # never the blank line
         with nofile_at_least(open_fds() + 2 * count + 200):
-            m = make_manager(handshake_timeout=handshake_timeout)
-            factory = Collect(HardeningServer)
-            address = m.listen(("127.0.0.1", 0), factory)
+            m, factory, address = serve_collected(make_manager, HardeningServer, handshake_timeout=handshake_timeout)
             socks = []
             sel = selectors.DefaultSelector()
             try:
@@ -6989,9 +6983,7 @@ class TestHardening:
 
     @pytest.mark.parametrize("where", ["first-frame", "continuation", "with-the-handshake"])
     def test_frame_bomb_gets_1009_at_once_without_allocating(self, make_manager, where):
-        m = make_manager()
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        _, factory, address = serve_collected(make_manager, HardeningServer)
         prefix = b""
         opcode = 0x82
         if where == "continuation":
@@ -7020,9 +7012,7 @@ class TestHardening:
 
     @pytest.mark.parametrize("max_message_size, accepted", [(2 ** 20, True), (50_000, False)])
     def test_fragment_flood_is_linear_and_limited(self, make_manager, max_message_size, accepted):
-        m = make_manager(max_message_size=max_message_size)
-        factory = Collect(LengthEchoServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        _, factory, address = serve_collected(make_manager, LengthEchoServer, max_message_size=max_message_size)
         count = 100_000
         key = b"\0\0\0\0"  # an all-zero mask is a valid key, and lets the frames be built by repetition
         data = (encode_frame(Opcode.TEXT, b"a", fin=False, mask=key)
@@ -7061,9 +7051,7 @@ class TestHardening:
     @pytest.mark.parametrize("payload", [b"", b"p" * 125], ids=["empty-pings", "125-byte-pings"])
     def test_ping_flood_from_a_peer_that_never_reads(self, make_manager, payload):
         max_buffered = 64 * 1024
-        m = make_manager(max_buffered=max_buffered)
-        factory = Collect(SmallSendBufferServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=max_buffered)
         with attacker_beside_bystander(address, factory, "/pings", rcvbuf=4096) as (bystander, attacker, ws):
             data = memoryview(encode_frame(Opcode.PING, payload, mask=b"abcd") * 100_000)
             chunk = 3000 if not payload else 32768
@@ -7114,9 +7102,7 @@ class TestHardening:
     @pytest.mark.parametrize("how", ["reset-mid-frame", "half-close", "close-frame-then-gone", "never-answers-close"])
     def test_vanishing_peer_gets_exactly_one_closed_and_leaves_no_fd(self, make_manager, how):
         close_timeout = 0.5
-        m = make_manager(close_timeout=close_timeout)
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, HardeningServer, close_timeout=close_timeout)
         fds_before = open_fds()
         with attacker_beside_bystander(address, factory, "/gone") as (_, attacker, ws):
             assert_echo(attacker, "before vanishing")
@@ -7158,9 +7144,7 @@ class TestHardening:
     def test_garbage_before_the_handshake(self, make_manager, caplog, name):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
         make, half_close, expected = GARBAGE_BEFORE_HANDSHAKE[name]
-        m = make_manager(handshake_timeout=1.0)
-        factory = Collect(HardeningServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, HardeningServer, handshake_timeout=1.0)
         with WellBehavedPeer(address) as bystander, bystander.served_during():
             started = time.monotonic()
             response = send_and_read_to_eof(address, make(), half_close=half_close, timeout=15)
@@ -7248,9 +7232,7 @@ class TestHardening:
 
     def test_callback_raising_on_every_message_closes_only_that_connection(self, make_manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
-        m = make_manager()
-        factory = Collect(RaisingOnMessageServer)
-        address = m.listen(("127.0.0.1", 0), factory)
+        _, factory, address = serve_collected(make_manager, RaisingOnMessageServer)
         with WellBehavedPeer(address) as bystander, bystander.served_during():
             peers = []
             try:
@@ -7285,9 +7267,7 @@ class TestHardening:
     def test_actions_from_inside_opened_and_closed(self, make_manager, caplog, where, action):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
         cls = type("Reentrant", (ReentrantCallbacks,), {"where": where, "action": action})
-        m = make_manager(close_timeout=1.0)
-        factory = Collect(cls)
-        address = m.listen(("127.0.0.1", 0), factory)
+        m, factory, address = serve_collected(make_manager, cls, close_timeout=1.0)
         if where == "opened" and action in ("terminate", "stop"):
             # The connection ends inside opened(), maybe before its 101 is written: read until EOF.
             response = send_and_read_to_eof(address, upgrade_request_bytes("/reentrant"))
