@@ -245,12 +245,17 @@ def open_client(manager, url, factory=Recorder, **connect_options):
     return websocket
 
 
-def serve_collected(make_manager, cls, listen=None, **settings):
-    """A manager made with ``settings`` that listens on 127.0.0.1 (``listen``: more listen() options) through a
-    Collect(cls); returns (manager, the Collect, the address)."""
-    m = make_manager(**settings)
+def listen_collected(manager, cls, **options):
+    """manager.listen() on 127.0.0.1, with ``options``, through a Collect(cls); returns (the Collect, the address)."""
     factory = Collect(cls)
-    return m, factory, m.listen(("127.0.0.1", 0), factory, **(listen or {}))
+    return factory, manager.listen(("127.0.0.1", 0), factory, **options)
+
+
+def serve_collected(make_manager, cls, listen=None, **settings):
+    """A manager made with ``settings`` and listen_collected() on it (``listen``: its options);
+    returns (manager, the Collect, the address)."""
+    m = make_manager(**settings)
+    return (m, *listen_collected(m, cls, **(listen or {})))
 
 
 def open_pair(manager, client_manager):
@@ -3452,8 +3457,7 @@ class TestConnection:
         assert {t: numbers for t, numbers in per_thread.items()} == {t: list(range(1000)) for t in range(8)}
 
     def test_broadcast_to_a_thousand_connections(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         clients = [connect(ws_url(address), Recorder) for _ in range(1000)]
         for client in clients:
             client_manager.add(client)
@@ -3465,8 +3469,7 @@ class TestConnection:
         assert all(c.messages == ["news", b"\x00end"] for c in clients)
 
     def test_broadcast_counts_only_open_connections(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         clients = [open_client(client_manager, ws_url(address)) for _ in range(3)]
         wait_until(lambda: len(servers.made) == 3 and all(s.opened_event.is_set() for s in servers.made))
         servers.made[0].close()
@@ -3504,8 +3507,7 @@ class TestConnection:
         assert client.events[-1][0] == "closed" and conn.events[-1][0] == "closed"
 
     def test_close_without_code_is_reported_as_1005(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address, timeout=5.0) as peer:
             wait_until(lambda: servers.made)
             peer.send_frame(Opcode.CLOSE, b"")
@@ -3537,8 +3539,7 @@ class TestConnection:
             assert conn not in server
 
     def test_send_and_close_before_add(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         early = connect(ws_url(address, "/early"), Recorder)
         # Queued before the connection runs anywhere: goes out, in order, once added.
         early.send("queued before add")
@@ -3620,8 +3621,7 @@ class TestConnection:
                 super().__init__(*args, **kwargs)
                 self.max_message_size = 10
 
-        servers = Collect(Strict)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Strict)
         with running_manager() as client_manager:
             client = connect(f"ws://{address[0]}:{address[1]}/", Recorder)
             client_manager.add(client)
@@ -3684,8 +3684,7 @@ class TestConnection:
         assert client.messages == ["x" * 5000]
 
     def test_manager_ping_between_fragments(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address, timeout=5.0) as peer:
             wait_until(lambda: servers.made)
             peer.send_frame(Opcode.TEXT, b"frag", fin=False)
@@ -3711,8 +3710,7 @@ class TestConnection:
             assert client.messages == ["welcome"]
 
     def test_frames_sent_with_the_request_are_kept(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         frame = encode_frame(Opcode.TEXT, b"early bird", mask=True)
         with raw_peer(address, then=frame, timeout=5.0) as peer:
             # The frame followed the head in the same write.
@@ -3747,8 +3745,7 @@ class TestManager:
         server.start()
         clients_manager.start()
         try:
-            servers = Collect(HardeningServer)
-            address = server.listen(("127.0.0.1", 0), servers)
+            servers, address = listen_collected(server, HardeningServer)
             clients = []
             for i in range(MGR_N_CLIENTS):
                 websocket = connect(ws_url(address, f"/{i}"), Recorder)
@@ -3822,8 +3819,7 @@ class TestManager:
             seen.append(request)
             return "chat.v2"
 
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers, handshake=hook)
+        servers, address = listen_collected(manager, Recorder, handshake=hook)
         client = open_client(client_manager, ws_url(address, "/room"), subprotocols=["chat.v1", "chat.v2"])
         wait_until(lambda: servers.made)
         assert seen[0].path == "/room" and seen[0].subprotocols == ["chat.v1", "chat.v2"]
@@ -3845,8 +3841,7 @@ class TestManager:
         assert servers.made[0].subprotocol == expected
 
     def test_request_path_headers_and_peer_address(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         client = open_client(client_manager, ws_url(address, "/chat/room?user=7"),
                              headers=[("X-Test", "hello there")])
         wait_until(lambda: servers.made)
@@ -3996,8 +3991,7 @@ class TestManager:
             assert not thread.is_alive()
 
     def test_manager_collection_api(self, manager, client_manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         clients = [open_client(client_manager, ws_url(address)) for _ in range(3)]
         assert len(client_manager) == 3
         assert set(client_manager) == set(clients)
@@ -4335,8 +4329,7 @@ class TestManager:
 
     def test_server_sends_wide_buffers_as_their_bytes(self, manager):
         """Server side: send, fragments, broadcast and ping, as a raw peer reads them."""
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address) as peer:
             conn = servers.first_opened()
             payloads = _wide_payloads()
@@ -4495,8 +4488,7 @@ class TestManager:
         assert handshake_status(head).status == 400
 
     def test_absolute_form_upgrades_through_the_manager(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         request = upgrade_request_bytes("/chat?x=1").replace(
             b"GET /chat?x=1 ", f"GET http://127.0.0.1:{address[1]}/chat?x=1 ".encode())
         with socket.create_connection(address, timeout=10) as sock:
@@ -4562,8 +4554,7 @@ class TestManager:
         """README "Limits": the class attribute and the instance value, each where it applies."""
         namespace = {}
         exec(compile(readme_snippet("limits"), "README.rst:limits", "exec"), namespace)
-        servers = Collect(namespace["Guest"])
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, namespace["Guest"])
         for path in ("/upload", "/guest"):
             client = open_client(client_manager, ws_url(address, path))
             client.send("ok")
@@ -4634,8 +4625,7 @@ class TestManager:
 
     def test_connection_closed_before_the_close_is_known_has_no_code(self, manager):
         # Our own close frame is out, the peer has not answered: what closed() will get is not known yet.
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address) as peer:
             server = servers.wait_for("/")
             wait_until(lambda: server.state is State.OPEN)
@@ -4646,8 +4636,7 @@ class TestManager:
             assert info.value.code is None and info.value.reason is None
 
     def test_connection_closed_after_a_failure_has_the_failure_code(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address) as peer:
             server = servers.wait_for("/")
             peer.sock.sendall(b"\x8f\x80abcd")  # reserved opcode 15: the server fails with 1002
@@ -4673,8 +4662,7 @@ class TestManager:
 
     def test_log_failed_connection_at_info_with_code_and_reason_and_never_payloads(self, manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
-        servers = Collect(EchoRecorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, EchoRecorder)
         with raw_peer(address) as peer:
             peer.send_frame(Opcode.TEXT, b"secret-payload-1")
             assert peer.next().payload == b"secret-payload-1"
@@ -4687,8 +4675,7 @@ class TestManager:
 
     def test_log_opens_and_clean_closes_at_debug_only(self, manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         client = open_client(manager, ws_url(address))
         client.send("secret-payload-2")
         server = servers.first_opened()
@@ -4703,8 +4690,7 @@ class TestManager:
 
     def test_log_vanished_peer_is_a_failure_at_info(self, manager, caplog):
         caplog.set_level(logging.DEBUG, logger="wsmanager")
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         with raw_peer(address):
             servers.wait_for("/")
         assert servers.made[0].closed_event.wait(10)
@@ -5226,8 +5212,7 @@ class TestScaling:
 
     def test_client_role_subscribers_get_a_masked_frame_of_their_own(self, manager):
         # A server that got an unmasked frame from a client would fail it with 1002: these arrive intact.
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         clients = [open_client(manager, ws_url(address)) for _ in range(3)]
         for client in clients:
             manager.subscribe(client, "up")
@@ -6065,8 +6050,7 @@ class TestCompression:
 
     @pytest.mark.parametrize("server_compression", [None, "deflate"], ids=["server-off", "server-on-not-offered"])
     def test_rsv1_without_negotiation_is_1002_on_a_live_connection(self, manager, server_compression):
-        factory = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), factory, compression=server_compression)
+        factory, address = listen_collected(manager, Recorder, compression=server_compression)
         peer, headers = _upgrade_with_extensions(address, None)
         with contextlib.closing(peer.sock):
             assert "Sec-WebSocket-Extensions" not in headers
@@ -6078,8 +6062,7 @@ class TestCompression:
         assert server.messages == ["before"]  # the valid message before the violation was delivered
 
     def test_server_compresses_messages_and_never_control_frames(self, manager):
-        factory = Collect(EchoRecorder)
-        address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
+        factory, address = listen_collected(manager, EchoRecorder, compression="deflate")
         peer, headers = _upgrade_with_extensions(address, "permessage-deflate; client_max_window_bits")
         with contextlib.closing(peer.sock):
             assert headers["Sec-WebSocket-Extensions"] == f"{NO_CONTEXT}; client_max_window_bits=12"
@@ -6107,8 +6090,7 @@ class TestCompression:
 
     def test_several_offers_in_one_header_on_a_live_connection(self, manager):
         # Autobahn 13.7's list of offers: the 8-bit one cannot be honoured, the next one is.
-        factory = Collect(EchoRecorder)
-        address = manager.listen(("127.0.0.1", 0), factory, compression=Deflate(False, False))
+        factory, address = listen_collected(manager, EchoRecorder, compression=Deflate(False, False))
         offers = ("permessage-deflate; server_no_context_takeover; server_max_window_bits=8, "
                   "permessage-deflate; server_no_context_takeover, permessage-deflate")
         peer, headers = _upgrade_with_extensions(address, offers)
@@ -6128,8 +6110,7 @@ class TestCompression:
             wait_until(lambda: client.messages == ["adopted " * 100])  # EchoServer's compressed echo
 
     def test_server_connection_holds_no_zlib_object_until_a_message(self, manager):
-        factory = Collect(EchoRecorder)
-        address = manager.listen(("127.0.0.1", 0), factory, compression="deflate")
+        factory, address = listen_collected(manager, EchoRecorder, compression="deflate")
         peer, _ = _upgrade_with_extensions(address, "permessage-deflate")
         with contextlib.closing(peer.sock):
             server = factory.first_opened()
@@ -6401,8 +6382,7 @@ class TestCommandLine:
             assert info.value.status == 404
 
     def test_cli_connect_sends_lines_prints_echoes_and_closes_1000(self, manager):
-        servers = Collect(EchoRecorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, EchoRecorder)
         result = _cli("connect", ws_url(address), stdin="hello\nwörld\n".encode())
         stdout = result.stdout.decode()
         stderr = result.stderr.decode()
@@ -6470,8 +6450,7 @@ class TestCommandLine:
 
     # The connect command -----------------------------------------------------------
     def test_cli_connect_sends_header_origin_and_subprotocol_options(self, manager):
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers, subprotocols=["chat.v2"])
+        servers, address = listen_collected(manager, Recorder, subprotocols=["chat.v2"])
         result = _cli("connect", ws_url(address, "/opts"), "--header", "X-Token: s3cret", "--header", "X-Trace:7",
                       "--origin", "https://app.example", "--subprotocol", "chat.v1", "--subprotocol", "chat.v2",
                       stdin=b"hi\n")
@@ -6511,8 +6490,7 @@ class TestCommandLine:
 
     def test_cli_connect_on_a_terminal_prints_above_the_line_being_typed(self, manager):
         pty = pytest.importorskip("pty")
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         master, slave = pty.openpty()
         proc = None
         try:
@@ -6545,8 +6523,7 @@ class TestCommandLine:
     def test_cli_connect_on_a_terminal_closed_by_the_server_mid_line_restores_the_terminal(self, manager):
         pty = pytest.importorskip("pty")
         termios = pytest.importorskip("termios")
-        servers = Collect(Recorder)
-        address = manager.listen(("127.0.0.1", 0), servers)
+        servers, address = listen_collected(manager, Recorder)
         master, slave = pty.openpty()
         before = termios.tcgetattr(slave)
         proc = None
