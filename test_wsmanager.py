@@ -88,6 +88,16 @@ def wait_until(predicate, timeout=10.0, interval=0.005):
         time.sleep(interval)
 
 
+def run_threads(target, arguments, timeout):
+    """target(*args) in one thread per args of ``arguments``, all started, then each joined; returns them."""
+    threads = [threading.Thread(target=target, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return threads
+
+
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
@@ -3406,11 +3416,7 @@ class TestHandshake:
             start.wait(10)
             admitted.append(listener._claim())
 
-        threads = [threading.Thread(target=claim) for _ in range(50)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        run_threads(claim, [()] * 50, 10)
         assert admitted.count(True) == 25 and listener.connections == 25
         assert listener.full() and listener.accept(_request()).status == 503
         listener._unclaim()
@@ -3440,11 +3446,7 @@ class TestConnection:
             except Exception as exc:  # reported by the main thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        threads = run_threads(worker, [(t,) for t in range(8)], 60)
         assert not any(thread.is_alive() for thread in threads)
         assert errors == []
         wait_until(lambda: len(sink.messages) >= 8000, timeout=60)
@@ -5287,11 +5289,7 @@ class TestScaling:
                     for i in range(200):
                         manager.publish("t", f"{name}:{i}")
 
-                threads = [threading.Thread(target=publisher, args=(f"p{n}",)) for n in range(4)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(30)
+                run_threads(publisher, [(f"p{n}",) for n in range(4)], 30)
                 wait_until(lambda: all(len(c.messages) == 800 for _, c in pairs), timeout=30)
                 for _, client in pairs:
                     for name in ("p0", "p1", "p2", "p3"):
@@ -5540,11 +5538,7 @@ class TestScaling:
                 for i in range(250):
                     client.send(f"{name}:{i}")
 
-            threads = [threading.Thread(target=publish, args=item) for item in publishers.items()]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            run_threads(publish, publishers.items(), 30)
             wait_until(lambda: all(len(c.messages) >= 1000 for c in everyone), timeout=90, interval=0.05)
             time.sleep(0.3)  # a duplicate would arrive right after
             for client in everyone:
@@ -6219,11 +6213,7 @@ class TestCompression:
                 for i in range(200):
                     client.send(f"thread {n} message {i} " * (i % 7 + 1))
 
-            threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            run_threads(sender, [(n,) for n in range(4)], 30)
             wait_until(lambda: len(server.messages) == 800, timeout=30)
             for n in range(4):
                 mine = [m for m in server.messages if m.startswith(f"thread {n} ")]
