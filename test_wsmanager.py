@@ -550,6 +550,14 @@ def parse_all(data, *, expect_masked=False, **limits):
     return FrameParser(expect_masked=expect_masked, **limits).feed(data)
 
 
+@contextlib.contextmanager
+def raises_protocol_error(code):
+    """Expects the block to raise a ProtocolError with close code ``code``; yields pytest's ExceptionInfo."""
+    with pytest.raises(ProtocolError) as info:
+        yield info
+    assert info.value.code == code
+
+
 def protocol_error(data, *, expect_masked=False, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
                    max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
     """The ProtocolError a receiver raises for data fed in one piece (fails the test if none)."""
@@ -2783,13 +2791,11 @@ class TestCodec:
 
     def test_check_pending_enforces_fragmentation_order_before_the_payload(self):
         assembler = MessageAssembler()
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             assembler.check_pending(Opcode.CONTINUATION, 5)
-        assert info.value.code == 1002
         assert assembler.receive(Frame(Opcode.BINARY, b"a", False)) is None
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             assembler.check_pending(Opcode.TEXT, 5)
-        assert info.value.code == 1002
 
     def test_control_frames_may_come_between_fragments(self):
         wire = (raw_frame(Opcode.TEXT, b"He", fin=False) + RFC_PING + raw_frame(Opcode.CONTINUATION, b"l", fin=False)
@@ -2823,16 +2829,14 @@ class TestCodec:
         assert MessageAssembler().receive(Frame(Opcode.CLOSE, b"")) == Close(1005, "")
 
     def test_one_byte_close_payload_is_1002(self):
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             parse_close(b"\x03")
-        assert info.value.code == 1002
         assert protocol_error(raw_frame(Opcode.CLOSE, b"\x03")).code == 1002
 
     @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
     def test_invalid_close_codes_on_the_wire_are_1002(self, code):
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             parse_close(code.to_bytes(2, "big"))
-        assert info.value.code == 1002
         assert protocol_error(raw_frame(Opcode.CLOSE, code.to_bytes(2, "big") + b"bye")).code == 1002
 
     @pytest.mark.parametrize("code", SENDABLE_CODES)
@@ -2865,9 +2869,8 @@ class TestCodec:
     @pytest.mark.parametrize("reason", [b"\xff", b"\xc3", b"ok\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"],
                              ids=["ff", "truncated", "surrogate", "above-10ffff", "overlong"])
     def test_close_reason_that_is_not_utf8_is_1007(self, reason):
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             parse_close(b"\x03\xe8" + reason)
-        assert info.value.code == 1007
         assert protocol_error(raw_frame(Opcode.CLOSE, b"\x03\xe8" + reason)).code == 1007
 
     @pytest.mark.parametrize("bad", list(INVALID_UTF8.values()), ids=list(INVALID_UTF8))
@@ -2915,9 +2918,8 @@ class TestCodec:
             if index < failing:
                 receiver.feed(frame)
                 continue
-            with pytest.raises(ProtocolError) as info:
+            with raises_protocol_error(1007):
                 receiver.feed(frame)
-            assert info.value.code == 1007
             return
         pytest.fail("no fragment failed")
 
@@ -2933,9 +2935,8 @@ class TestCodec:
         header = len(wire) - len(payload)
         receiver = Receiver(expect_masked=masked)
         receiver.feed(wire[:header + len(chunks[0])])
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             receiver.feed(wire[header + len(chunks[0]):header + len(chunks[0]) + len(chunks[1])])
-        assert info.value.code == 1007
         # The frame was still incomplete when it failed.
         assert receiver.parser.pending() == (Opcode.TEXT, len(payload))
 
@@ -2946,9 +2947,8 @@ class TestCodec:
         receiver = Receiver()
         split = len(raw_frame(Opcode.TEXT, b"ab\xe2", fin=False)) + 2
         receiver.feed(wire[:split])  # a complete fragment plus a header only
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             receiver.feed(wire[split:split + 1])
-        assert info.value.code == 1007
 
     @given(payload=utf8ish, masked=st.booleans(), data=st.data())
     def test_text_fails_exactly_when_its_bytes_stop_being_a_utf8_prefix(self, payload, masked, data):
@@ -2980,9 +2980,8 @@ class TestCodec:
         header = raw_frame(Opcode.BINARY, b"", length=declared, key=RFC_KEY if masked else None)
         header = header[:-4] if masked else header  # not even the mask key is needed
         parser = FrameParser(expect_masked=masked, max_frame_size=100)
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             parser.feed(header)
-        assert info.value.code == 1009
         assert len(parser._buffer) == 0
 
     def test_frame_of_exactly_max_frame_size_passes(self):
@@ -2996,16 +2995,14 @@ class TestCodec:
         assembler = MessageAssembler(max_message_size=100)
         assert assembler.receive(Frame(Opcode.TEXT, b"a" * 40, False)) is None
         assert assembler.receive(Frame(Opcode.CONTINUATION, b"a" * 40, False)) is None
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             assembler.receive(Frame(Opcode.CONTINUATION, b"a" * 21, False))
-        assert info.value.code == 1009
 
     @pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY], ids=lambda op: op.name)
     def test_single_frame_message_limit_is_inclusive(self, opcode):
         assert MessageAssembler(max_message_size=10).receive(Frame(opcode, b"a" * 10)) is not None
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             MessageAssembler(max_message_size=10).receive(Frame(opcode, b"a" * 11))
-        assert info.value.code == 1009
 
     def test_check_pending_rejects_a_frame_that_would_overflow_the_message_before_its_payload(self):
         first = raw_frame(Opcode.TEXT, b"a" * 60, fin=False)
@@ -3014,13 +3011,11 @@ class TestCodec:
         assert receiver.parser.pending() == (Opcode.CONTINUATION, 40)
 
         receiver = Receiver(max_message_size=100)
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             receiver.feed(first + raw_frame(Opcode.CONTINUATION, b"", length=41)[:2])
-        assert info.value.code == 1009
 
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             Receiver(max_message_size=100).feed(raw_frame(Opcode.BINARY, b"", length=101))
-        assert info.value.code == 1009
 
     def test_check_pending_ignores_control_frames_and_reports_text(self):
         assembler = MessageAssembler(max_message_size=1)
@@ -5769,9 +5764,8 @@ class TestCompression:
     # Codec: RSV1 ------------------------------------------------------------------
     def test_parser_accepts_rsv1_on_data_frames_only_when_told(self):
         wire = raw_frame(Opcode.TEXT, b"x", rsv=0x40, key=RFC_KEY)
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             FrameParser(expect_masked=True).feed(wire)
-        assert info.value.code == 1002
         for opcode in (Opcode.TEXT, Opcode.BINARY):
             (frame,) = FrameParser(expect_masked=True, allow_rsv1=True).feed(raw_frame(opcode, b"x", rsv=0x40, key=RFC_KEY))
             assert frame.rsv1 and frame.payload == b"x" and frame.opcode == opcode
@@ -5781,21 +5775,18 @@ class TestCompression:
     @pytest.mark.parametrize("opcode", [Opcode.CONTINUATION, Opcode.PING, Opcode.PONG, Opcode.CLOSE])
     def test_rsv1_on_continuation_or_control_frame_is_1002_even_when_negotiated(self, opcode):
         wire = raw_frame(opcode, b"", rsv=0x40, key=RFC_KEY)
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002) as info:
             FrameParser(expect_masked=True, allow_rsv1=True).feed(wire)
-        assert info.value.code == 1002
         assert "RSV1" in info.value.reason
 
     @pytest.mark.parametrize("rsv", [0x20, 0x10, 0x60])
     def test_rsv2_and_rsv3_stay_1002_when_deflate_is_negotiated(self, rsv):
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             FrameParser(expect_masked=True, allow_rsv1=True).feed(raw_frame(Opcode.TEXT, b"x", rsv=rsv, key=RFC_KEY))
-        assert info.value.code == 1002
 
     def test_assembler_without_deflate_rejects_a_compressed_frame_with_1002(self):
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1002):
             MessageAssembler().receive(compressed_frame(Opcode.TEXT, deflate_payload(b"hi")))
-        assert info.value.code == 1002
 
     # Codec: inflating -------------------------------------------------------------
     def test_compressed_text_and_binary_messages_inflate(self):
@@ -5841,9 +5832,8 @@ class TestCompression:
 
     def test_invalid_deflate_data_is_1007(self):
         assembler, _ = deflate_codec()
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             assembler.receive(compressed_frame(Opcode.BINARY, b"\xff\xff\xff\xff"))
-        assert info.value.code == 1007
 
     @pytest.mark.parametrize("size", [4, 50_000], ids=["small", "large"])  # two code paths: under and over 2 KiB
     def test_data_after_a_final_deflate_block_is_1007(self, size):
@@ -5852,9 +5842,8 @@ class TestCompression:
         stream = compressor.compress(message) + compressor.flush(zlib.Z_FINISH)  # BFINAL set
         assembler, _ = deflate_codec()
         assert assembler.receive(compressed_frame(Opcode.BINARY, stream)) == message  # RFC 7692 7.2.3.3
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             assembler.receive(compressed_frame(Opcode.BINARY, stream + b"garbage"))
-        assert info.value.code == 1007
 
     def test_invalid_utf8_in_inflated_text_is_1007_at_the_fragment_that_has_it(self):
         assembler, _ = deflate_codec()
@@ -5862,12 +5851,10 @@ class TestCompression:
         first = compressor.compress(b"valid ") + compressor.flush(zlib.Z_SYNC_FLUSH)
         second = compressor.compress(b"\xff broken") + compressor.flush(zlib.Z_SYNC_FLUSH)
         assert assembler.receive(Frame(Opcode.TEXT, first, False, True)) is None
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             assembler.receive(Frame(Opcode.CONTINUATION, second, False, False))  # not the last one: fail fast
-        assert info.value.code == 1007
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1007):
             deflate_codec()[0].receive(compressed_frame(Opcode.TEXT, deflate_payload("😀".encode()[:3])))
-        assert info.value.code == 1007
 
     @pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragmented"])
     def test_compressed_message_just_under_and_just_over_the_limit(self, fragmented):
@@ -5889,9 +5876,8 @@ class TestCompression:
         import tracemalloc
         small = _zero_bomb(1)  # ~1 KiB that inflates to 1 MiB, against a 64 KiB limit
         assembler, _ = deflate_codec(max_message_size=64 * 1024)
-        with pytest.raises(ProtocolError) as info:
+        with raises_protocol_error(1009):
             assembler.receive(compressed_frame(Opcode.BINARY, small))
-        assert info.value.code == 1009
         bomb = _zero_bomb(1024)  # ~1 MiB that inflates to 1 GiB, against the default 1 MiB limit
         assembler, _ = deflate_codec()
         tracemalloc.start()
