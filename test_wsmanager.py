@@ -1098,16 +1098,6 @@ def _http_server(manager):
         assert not thread.is_alive()
 
 
-def _plain_get(port, path="/"):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def _environ(fields=(), *, method="GET", path="/ws", query="", protocol="HTTP/1.1", **extra):
     """A PEP 3333 environ for an upgrade request (BASE_FIELDS, some replaced; None removes one)."""
     merged = dict(BASE_FIELDS)
@@ -1151,9 +1141,9 @@ def _site(environ, start_response):
     return [b"site " + environ["PATH_INFO"].encode("latin-1")]
 
 
-def _http(port, method="GET", path="/", headers=None):
+def _http(port, method="GET", path="/", headers=None, timeout=20):
     """One HTTP/1.1 request; returns (status, headers dict, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
@@ -1456,14 +1446,9 @@ def wait_bridged(*bridges, topics=(), timeout=10):
 
 
 def _stats(port):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/stats")
-        response = conn.getresponse()
-        assert response.status == 200
-        return json.loads(response.read())
-    finally:
-        conn.close()
+    status, _, body = _http(port, path="/stats", timeout=10)
+    assert status == 200
+    return json.loads(body)
 
 
 @contextlib.contextmanager
@@ -4270,14 +4255,11 @@ class TestManager:
         with pytest.raises(error):
             type("Bad", (WebSocket,), {name: value})
         a, b = socket.socketpair()
-        try:
+        with a, b:
             websocket = WebSocket(a)
             with pytest.raises(error):
                 setattr(websocket, name, value)
             assert getattr(websocket, name) is None  # nothing was recorded
-        finally:
-            a.close()
-            b.close()
         with pytest.raises(error):
             WebSocketManager(**{name: value}).stop()
 
@@ -4853,7 +4835,7 @@ class TestIntegrations:
 
     def test_accept_from_http_server(self, manager):
         with _http_server(manager) as port:
-            assert _plain_get(port) == (200, b"plain http")
+            assert _http(port, timeout=10)[:3:2] == (200, b"plain http")
             client = connect(f"ws://127.0.0.1:{port}/chat", Recorder)
             manager.add(client)
             client.send("through http.server")
@@ -4863,7 +4845,7 @@ class TestIntegrations:
             adopted = [ws for ws in manager if not ws.client]
             assert len(adopted) == 1 and adopted[0].path == "/chat"
             # http.server goes on serving plain HTTP beside it.
-            assert _plain_get(port, "/other") == (200, b"plain http")
+            assert _http(port, path="/other", timeout=10)[:3:2] == (200, b"plain http")
             client.close()
             assert client.closed_event.wait(10)
             assert client.close_code == CloseCode.NORMAL
@@ -6279,24 +6261,11 @@ class TestCommandLine:
     def test_cli_serve_page_broadcast_log_and_sigint(self, tmp_path, manager):
         with _chat_server(tmp_path) as (proc, port, read_log):
             # The page: plain HTTP answered by the handshake hook.
-            http_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            try:
-                http_conn.request("GET", "/")
-                page = http_conn.getresponse()
-                body = page.read().decode()
-                assert page.status == 200
-                assert page.getheader("Content-Type").startswith("text/html")
-                assert "new WebSocket" in body
-            finally:
-                http_conn.close()
-            http_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            try:
-                http_conn.request("GET", "/no-such-page")
-                missing = http_conn.getresponse()
-                missing.read()
-                assert missing.status == 404
-            finally:
-                http_conn.close()
+            status, headers, body = _http(port, timeout=10)
+            assert status == 200
+            assert headers["Content-Type"].startswith("text/html")
+            assert "new WebSocket" in body.decode()
+            assert _http(port, path="/no-such-page", timeout=10)[0] == 404
 
             # Two peers on /ws: whatever one says is broadcast to all, the sender included.
             alice = connect(f"ws://127.0.0.1:{port}/ws", Recorder)
