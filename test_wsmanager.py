@@ -2549,15 +2549,10 @@ class TestCodec:
         with pytest.raises(ValueError):
             encode_frame(Opcode.TEXT, b"hi", mask=key)
 
-    def test_rfc_unmasked_hello(self):
-        assert encode_frame(Opcode.TEXT, b"Hello") == RFC_HELLO
-        frames = parse_all(RFC_HELLO)
-        assert frames == [Frame(Opcode.TEXT, b"Hello", True)]
-        assert MessageAssembler().receive(frames[0]) == "Hello"
-
-    def test_rfc_masked_hello(self):
-        assert encode_frame(Opcode.TEXT, b"Hello", mask=RFC_KEY) == RFC_MASKED_HELLO
-        frames = parse_all(RFC_MASKED_HELLO, expect_masked=True)
+    @pytest.mark.parametrize("key, wire", [(False, RFC_HELLO), (RFC_KEY, RFC_MASKED_HELLO)], ids=["unmasked", "masked"])
+    def test_rfc_hello(self, key, wire):
+        assert encode_frame(Opcode.TEXT, b"Hello", mask=key) == wire
+        frames = parse_all(wire, expect_masked=bool(key))
         assert frames == [Frame(Opcode.TEXT, b"Hello", True)]
         assert MessageAssembler().receive(frames[0]) == "Hello"
 
@@ -2640,11 +2635,10 @@ class TestCodec:
         payload = b"\x03\xe8" + b"r" * 123
         assert parse_all(encode_frame(opcode, payload)) == [Frame(opcode, payload)]
 
-    def test_unmasked_frame_from_a_client_is_1002(self):
-        assert protocol_error(RFC_HELLO, expect_masked=True).code == 1002
-
-    def test_masked_frame_from_a_server_is_1002(self):
-        assert protocol_error(RFC_MASKED_HELLO, expect_masked=False).code == 1002
+    @pytest.mark.parametrize("wire, expect_masked", [(RFC_HELLO, True), (RFC_MASKED_HELLO, False)],
+                             ids=["unmasked-from-a-client", "masked-from-a-server"])
+    def test_wrong_masking_is_1002(self, wire, expect_masked):
+        assert protocol_error(wire, expect_masked=expect_masked).code == 1002
 
     @pytest.mark.parametrize("masked", [False, True], ids=["from-server", "from-client"])
     def test_64_bit_length_with_top_bit_set_is_1002_not_1009(self, masked):
@@ -3831,8 +3825,7 @@ class TestManager:
         path = str(tmp_path / "ws.sock")
         servers = Collect(EchoRecorder)
         assert manager.listen(path, servers) == path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
             sock.connect(path)
             key = new_key()
@@ -3849,8 +3842,6 @@ class TestManager:
             assert servers.made[0].path == "/over/unix"
             client.close()
             wait_until(lambda: client.terminated and servers.made[0].terminated)
-        finally:
-            sock.close()
         manager.stop()
         manager.join(10)
         assert not os.path.exists(path)  # the listener removes its socket file
@@ -3941,15 +3932,7 @@ class TestManager:
                 conn, _ = server.accept()
                 with conn:
                     conn.settimeout(5)
-                    reader = HeadReader()
-                    result = None
-                    for _ in range(100):
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        result = reader.feed(data)
-                        if result is not None:
-                            break
+                    read_head(conn, max_reads=100)
                     conn.sendall(encode_switching_protocols(new_key()))  # the accept key of some other request
                     conn.recv(1)  # until the client gives up
 
