@@ -3567,21 +3567,20 @@ class TestConnection:
             assert mgr_closed_events(conn)[0][1] == 1011
             assert conn.close_code == 1011
 
-    def test_heartbeat_keeps_a_well_behaved_peer(self, client_manager):
-        servers = Collect(Recorder)
-        with running_manager(heartbeat=0.2, heartbeat_timeout=0.3) as server:
-            address = server.listen(("127.0.0.1", 0), servers)
-            client = open_client(client_manager, ws_url(address))
-            wait_until(lambda: servers.made)
-            conn = servers.made[0]
-            # Five pongs back = at least five heartbeat periods survived (about 1 s).
-            wait_until(lambda: sum(1 for e in conn.events if e[0] == "pong") >= 5, timeout=15)
-            assert not conn.terminated and not client.terminated
-            assert conn in server and client in client_manager
-            client.send("still here")
-            wait_until(lambda: conn.messages == ["still here"])
+    def test_heartbeat_keeps_a_well_behaved_peer(self, make_manager, client_manager):
+        server = make_manager(heartbeat=0.2, heartbeat_timeout=0.3)
+        servers, address = listen_collected(server, Recorder)
+        client = open_client(client_manager, ws_url(address))
+        wait_until(lambda: servers.made)
+        conn = servers.made[0]
+        # Five pongs back = at least five heartbeat periods survived (about 1 s).
+        wait_until(lambda: sum(1 for e in conn.events if e[0] == "pong") >= 5, timeout=15)
+        assert not conn.terminated and not client.terminated
+        assert conn in server and client in client_manager
+        client.send("still here")
+        wait_until(lambda: conn.messages == ["still here"])
 
-    def test_limit_set_in_a_subclass_wins_over_the_manager_default(self, manager):
+    def test_limit_set_in_a_subclass_wins_over_the_manager_default(self, manager, client_manager):
         """README: per-connection limits of server connections are set in the subclass's __init__."""
 
         class Strict(Recorder):
@@ -3590,13 +3589,12 @@ class TestConnection:
                 self.max_message_size = 10
 
         servers, address = listen_collected(manager, Strict)
-        with running_manager() as client_manager:
-            client = connect(f"ws://{address[0]}:{address[1]}/", Recorder)
-            client_manager.add(client)
-            client.send("0123456789")  # exactly at this connection's limit: delivered
-            client.send("0123456789!")  # one byte over: 1009, though the manager allows 1 MiB
-            assert client.closed_event.wait(10)
-            assert client.close_code == CloseCode.MESSAGE_TOO_BIG
+        client = connect(f"ws://{address[0]}:{address[1]}/", Recorder)
+        client_manager.add(client)
+        client.send("0123456789")  # exactly at this connection's limit: delivered
+        client.send("0123456789!")  # one byte over: 1009, though the manager allows 1 MiB
+        assert client.closed_event.wait(10)
+        assert client.close_code == CloseCode.MESSAGE_TOO_BIG
         server = servers.made[0]
         assert server.closed_event.wait(10)
         assert server.messages == ["0123456789"]
@@ -5124,40 +5122,38 @@ class TestIntegrations:
 class TestScaling:
     """Beyond one loop: topics, the Redis bridge against a real redis-server, worker processes."""
 
-    def test_publish_reaches_the_subscribers_of_its_topic_only(self, manager):
-        with running_manager() as client_manager:
-            with subscribed_pairs(manager, client_manager, 3, "news") as news, \
-                    subscribed_pairs(manager, client_manager, 2, "sport") as sport:
-                assert manager.subscribers("news") == 3 and manager.subscribers("sport") == 2
-                assert sorted(manager.topics()) == ["news", "sport"]
-                assert manager.topics(news[0][0]) == ["news"]
-                assert manager.publish("news", "headline") == 3
-                assert manager.publish("sport", b"\x00score") == 2
-                assert manager.publish("weather", "nobody listens") == 0
-                wait_until(lambda: all(c.messages == ["headline"] for _, c in news))
-                wait_until(lambda: all(c.messages == [b"\x00score"] for _, c in sport))
-                # A connection may be in several topics; broadcast() still reaches everyone.
-                manager.subscribe(sport[0][0], "news")
-                assert manager.publish("news", "second") == 4
-                assert manager.broadcast("all") == 5
-                wait_until(lambda: sport[0][1].messages == [b"\x00score", "second", "all"])
-                wait_until(lambda: sport[1][1].messages == [b"\x00score", "all"])
+    def test_publish_reaches_the_subscribers_of_its_topic_only(self, manager, client_manager):
+        with subscribed_pairs(manager, client_manager, 3, "news") as news, \
+                subscribed_pairs(manager, client_manager, 2, "sport") as sport:
+            assert manager.subscribers("news") == 3 and manager.subscribers("sport") == 2
+            assert sorted(manager.topics()) == ["news", "sport"]
+            assert manager.topics(news[0][0]) == ["news"]
+            assert manager.publish("news", "headline") == 3
+            assert manager.publish("sport", b"\x00score") == 2
+            assert manager.publish("weather", "nobody listens") == 0
+            wait_until(lambda: all(c.messages == ["headline"] for _, c in news))
+            wait_until(lambda: all(c.messages == [b"\x00score"] for _, c in sport))
+            # A connection may be in several topics; broadcast() still reaches everyone.
+            manager.subscribe(sport[0][0], "news")
+            assert manager.publish("news", "second") == 4
+            assert manager.broadcast("all") == 5
+            wait_until(lambda: sport[0][1].messages == [b"\x00score", "second", "all"])
+            wait_until(lambda: sport[1][1].messages == [b"\x00score", "all"])
 
-    def test_publish_encodes_the_frame_once_for_every_server_subscriber(self, manager, monkeypatch):
-        with running_manager() as client_manager:
-            with subscribed_pairs(manager, client_manager, 20, "t") as pairs:
-                calls = []
-                real_encode = wsmanager.encode_frame
+    def test_publish_encodes_the_frame_once_for_every_server_subscriber(self, manager, client_manager, monkeypatch):
+        with subscribed_pairs(manager, client_manager, 20, "t") as pairs:
+            calls = []
+            real_encode = wsmanager.encode_frame
 
-                def counting_encode(*args, **kwargs):
-                    calls.append(kwargs.get("mask", False))
-                    return real_encode(*args, **kwargs)
+            def counting_encode(*args, **kwargs):
+                calls.append(kwargs.get("mask", False))
+                return real_encode(*args, **kwargs)
 
-                monkeypatch.setattr(wsmanager, "encode_frame", counting_encode)
-                assert manager.publish("t", "once") == 20
-                monkeypatch.undo()
-                assert calls == [False]
-                wait_until(lambda: all(c.messages == ["once"] for _, c in pairs))
+            monkeypatch.setattr(wsmanager, "encode_frame", counting_encode)
+            assert manager.publish("t", "once") == 20
+            monkeypatch.undo()
+            assert calls == [False]
+            wait_until(lambda: all(c.messages == ["once"] for _, c in pairs))
 
     def test_client_role_subscribers_get_a_masked_frame_of_their_own(self, manager):
         # A server that got an unmasked frame from a client would fail it with 1002: these arrive intact.
@@ -5173,37 +5169,35 @@ class TestScaling:
         assert all(not s.closed_event.is_set() for s in servers.made)
         assert server_side.state is State.OPEN
 
-    def test_unsubscribe_stops_delivery_and_an_empty_topic_disappears(self, manager):
-        with running_manager() as client_manager:
-            with subscribed_pairs(manager, client_manager, 2, "t") as pairs:
-                (first, first_client), (second, second_client) = pairs
-                manager.unsubscribe(first, "t")
-                manager.unsubscribe(first, "t")  # twice, or a topic it never joined: nothing happens
-                manager.unsubscribe(first, "elsewhere")
-                assert manager.topics(first) == []
-                assert manager.publish("t", "only the second") == 1
-                wait_until(lambda: second_client.messages == ["only the second"])
-                manager.unsubscribe(second, "t")
-                assert manager.topics() == [] and manager.subscribers("t") == 0
-                assert manager.publish("t", "nobody") == 0
-                first_client.send("sync")  # anything published to them would have arrived before the echo of this
-                wait_until(lambda: first.messages == ["sync"])
-                assert first_client.messages == []
+    def test_unsubscribe_stops_delivery_and_an_empty_topic_disappears(self, manager, client_manager):
+        with subscribed_pairs(manager, client_manager, 2, "t") as pairs:
+            (first, first_client), (second, second_client) = pairs
+            manager.unsubscribe(first, "t")
+            manager.unsubscribe(first, "t")  # twice, or a topic it never joined: nothing happens
+            manager.unsubscribe(first, "elsewhere")
+            assert manager.topics(first) == []
+            assert manager.publish("t", "only the second") == 1
+            wait_until(lambda: second_client.messages == ["only the second"])
+            manager.unsubscribe(second, "t")
+            assert manager.topics() == [] and manager.subscribers("t") == 0
+            assert manager.publish("t", "nobody") == 0
+            first_client.send("sync")  # anything published to them would have arrived before the echo of this
+            wait_until(lambda: first.messages == ["sync"])
+            assert first_client.messages == []
 
-    def test_a_closed_connection_leaves_all_its_topics_by_itself(self, manager):
-        with running_manager() as client_manager:
-            with subscribed_pairs(manager, client_manager, 2, "a", "b", "c") as pairs:
-                (leaving, leaving_client), (staying, _) = pairs
-                assert sorted(manager.topics(leaving)) == ["a", "b", "c"]
-                leaving_client.close()
-                assert leaving.closed_event.wait(10)
-                assert manager.topics(leaving) == []
-                assert all(manager.subscribers(topic) == 1 for topic in "abc")
-                staying.manager.unsubscribe(staying, "a")
-                assert sorted(manager.topics()) == ["b", "c"]
-                assert manager._memberships.keys() == {staying}
-                with pytest.raises(ConnectionClosed):
-                    manager.subscribe(leaving, "a")  # over: it cannot come back
+    def test_a_closed_connection_leaves_all_its_topics_by_itself(self, manager, client_manager):
+        with subscribed_pairs(manager, client_manager, 2, "a", "b", "c") as pairs:
+            (leaving, leaving_client), (staying, _) = pairs
+            assert sorted(manager.topics(leaving)) == ["a", "b", "c"]
+            leaving_client.close()
+            assert leaving.closed_event.wait(10)
+            assert manager.topics(leaving) == []
+            assert all(manager.subscribers(topic) == 1 for topic in "abc")
+            staying.manager.unsubscribe(staying, "a")
+            assert sorted(manager.topics()) == ["b", "c"]
+            assert manager._memberships.keys() == {staying}
+            with pytest.raises(ConnectionClosed):
+                manager.subscribe(leaving, "a")  # over: it cannot come back
         with pytest.raises(TypeError):
             manager.publish(b"bytes topic", "x")
 
@@ -5229,19 +5223,18 @@ class TestScaling:
             wait_until(lambda: len(fast.messages) == 400, timeout=30)
             assert all(message == payload for message in fast.messages)
 
-    def test_publish_from_many_threads_keeps_each_threads_order(self, manager):
-        with running_manager() as client_manager:
-            with subscribed_pairs(manager, client_manager, 5, "t") as pairs:
-                def publisher(name):
-                    for i in range(200):
-                        manager.publish("t", f"{name}:{i}")
+    def test_publish_from_many_threads_keeps_each_threads_order(self, manager, client_manager):
+        with subscribed_pairs(manager, client_manager, 5, "t") as pairs:
+            def publisher(name):
+                for i in range(200):
+                    manager.publish("t", f"{name}:{i}")
 
-                run_threads(publisher, [(f"p{n}",) for n in range(4)], 30)
-                wait_until(lambda: all(len(c.messages) == 800 for _, c in pairs), timeout=30)
-                for _, client in pairs:
-                    for name in ("p0", "p1", "p2", "p3"):
-                        assert [m for m in client.messages if m.startswith(name + ":")] == [
-                            f"{name}:{i}" for i in range(200)]
+            run_threads(publisher, [(f"p{n}",) for n in range(4)], 30)
+            wait_until(lambda: all(len(c.messages) == 800 for _, c in pairs), timeout=30)
+            for _, client in pairs:
+                for name in ("p0", "p1", "p2", "p3"):
+                    assert [m for m in client.messages if m.startswith(name + ":")] == [
+                        f"{name}:{i}" for i in range(200)]
 
     # The RESP client and the bridge's URL, without a server ------------------
     def test_resp_parser_in_any_chunking(self):
