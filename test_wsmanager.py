@@ -2502,6 +2502,14 @@ def readme_snippet(name):
     return "\n".join(line[4:] for line in match.group(1).splitlines()) + "\n"
 
 
+def exec_printed(code, name):
+    """What ``code`` prints when it runs as a module named ``name``."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(code, {"__name__": name})
+    return output.getvalue()
+
+
 @pytest.fixture
 def echo_server(make_manager):
     """An echo server for the README's client snippets: (its manager, its port)."""
@@ -6179,10 +6187,7 @@ class TestCompression:
 
     # README ---------------------------------------------------------------------------
     def test_readme_compression_snippet_runs(self):
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(readme_snippet("compression"), {"__name__": "readme_compression"})
-        assert output.getvalue().splitlines() == ["True 12", "1200"]
+        assert exec_printed(readme_snippet("compression"), "readme_compression").splitlines() == ["True 12", "1200"]
         assert "This prints ``True 12`` and ``1200``." in README.read_text(encoding="utf-8")
 
     def test_readme_snippet_message_is_about_20_bytes_on_the_wire(self):
@@ -7471,10 +7476,7 @@ class TestDocs:
     def test_readme_client_quick_start_talks_to_a_server(self, echo_server):
         _, port = echo_server
         code = readme_snippet("client").replace("9000", str(port))
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(code, {"__name__": "readme_client"})
-        assert output.getvalue().splitlines() == ["received Hello, world", "closed 1000"]
+        assert exec_printed(code, "readme_client").splitlines() == ["received Hello, world", "closed 1000"]
 
     def test_readme_ws4py_port_runs_with_fewer_clients(self, echo_server):
         server, port = echo_server
@@ -7503,19 +7505,13 @@ class TestDocs:
         example = wsmanager.__doc__.split("in one manager::\n\n", 1)[1].split("\n\nLayers", 1)[0]
         code = "\n".join(line[4:] for line in example.splitlines())
         assert "listen" in code and "connect" in code
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(code, {"__name__": "docstring_example"})
-        assert output.getvalue() == "hello\n"
+        assert exec_printed(code, "docstring_example") == "hello\n"
 
     def test_readme_connect_many_snippet_opens_its_clients_at_once(self, echo_server):
         _, port = echo_server
         code = readme_snippet("connect-many").replace("2000", "300").replace("9000", str(port))
         assert code.count("300") == 3
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(code, {"__name__": "readme_connect_many"})
-        assert output.getvalue().splitlines() == ["300 replies, 0 failures"]
+        assert exec_printed(code, "readme_connect_many").splitlines() == ["300 replies, 0 failures"]
 
     def test_speedups_extra_names_wsaccel(self):
         setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
