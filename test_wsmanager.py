@@ -3995,15 +3995,9 @@ class TestManager:
             assert mgr_closed_events(client) == []
             # The socket is ours again: what the server sends now is ours to read, not the manager's.
             conn.send("after remove")
-            client.sock.setblocking(True)
-            client.sock.settimeout(5)
-            parser = FrameParser(expect_masked=False)
-            frames = []
-            for _ in range(100):
-                frames += parser.feed(client.sock.recv(65536))
-                if frames:
-                    break
-            assert frames == [Frame(Opcode.TEXT, b"after remove")]
+            peer = RawPeer(client.sock, timeout=5)
+            assert peer.next() == Frame(Opcode.TEXT, b"after remove")
+            assert not peer.frames  # that frame alone
             assert client.messages == []
             assert not conn.terminated
         finally:
