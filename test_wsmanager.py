@@ -2169,9 +2169,8 @@ class SmallSendBufferServer(HardeningServer):
 
 def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
     """Send raw bytes, read until the server closes; returns everything it sent."""
-    sock = socket.create_connection(address, timeout=timeout)
     received = bytearray()
-    try:
+    with socket.create_connection(address, timeout=timeout) as sock:
         sock.sendall(data)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
@@ -2186,8 +2185,6 @@ def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
                 break
             received += chunk
             assert time.monotonic() < deadline, "server did not close"
-    finally:
-        sock.close()
     return bytes(received)
 
 
@@ -4025,24 +4022,19 @@ class TestManager:
 
     def test_context_manager_exit_is_bounded_by_close_timeout(self):
         # A peer that never answers the 1001: __exit__ waits close_timeout, then terminates it.
-        servers = Collect(Recorder)
-        sock = None
-        try:
+        with contextlib.ExitStack() as stack:
             with WebSocketManager(close_timeout=0.5) as server:
-                address = server.listen(("127.0.0.1", 0), servers)
-                sock, rest = raw_upgrade(address, timeout=5.0)
+                servers, address = listen_collected(server, Recorder)
+                peer = stack.enter_context(raw_peer(address, timeout=5.0))
                 servers.first_opened()
                 exit_started = time.monotonic()
             exit_took = time.monotonic() - exit_started
             assert not server.running
-            frame = RawPeer(sock, rest, timeout=5.0).next()
+            frame = peer.next()
             assert frame.opcode == Opcode.CLOSE
             assert parse_close(frame.payload) == (1001, "Server is shutting down")
             assert 0.4 <= exit_took < 5.0
             assert mgr_closed_events(servers.made[0])[0][1] == 1006
-        finally:
-            if sock is not None:
-                sock.close()
 
     def test_stop_from_inside_a_callback(self, client_manager):
         servers = Collect(MgrStopper)
