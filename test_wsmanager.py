@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import pathlib
 import queue
 import random
 import re
@@ -41,7 +40,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
-from hypothesis import settings as hypothesis_settings
 
 import wsmanager
 from wsmanager import (  # the public API, as users see it
@@ -1852,8 +1850,7 @@ def _browser_chats_with(client, browser, port, tmp_path):
 
 @contextlib.contextmanager
 def _headless_chromium(browser, url, profile):
-    """Headless Chromium showing `url`, `profile` its new user-data folder; yields a DevTools connection to it."""
-    profile = pathlib.Path(profile)
+    """Headless Chromium showing `url`, `profile` (a Path) its new user-data folder; yields a DevTools connection."""
     profile.mkdir()
     log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
     # Chromium leaves a singleton-socket folder in TMPDIR when it is killed: keep it in ours,
@@ -7037,7 +7034,7 @@ class TestHardening:
         with running_manager(close_timeout=1.0, handshake_timeout=2.0) as m:
             address = m.listen(("127.0.0.1", 0), EchoServer)
 
-            @hypothesis_settings(max_examples=60)
+            @settings(max_examples=60)
             @given(st.binary(max_size=600), st.sampled_from([b"\r\n\r\n", b"\n\n"]))
             def one(garbage, end):
                 response = send_and_read_to_eof(address, garbage + end, timeout=10)
