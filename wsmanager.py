@@ -2085,7 +2085,8 @@ class WebSocket:
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
-    # refusal), _enable_deflate() (what a handshake agreed) and, from the listener that made it,
+    # refusal), _enable_deflate() (what a handshake agreed), _take_response() (a loop client
+    # handshake's outcome), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
@@ -2110,6 +2111,14 @@ class WebSocket:
         if listener is not None:
             listener._unclaim()
             self._listener = None
+
+    def _take_response(self, head: bytes, rest: bytes, subprotocol: Optional[str],
+                       deflate: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
+        """What the blocking connect() gives the factory, known to a loop client handshake only now."""
+        self._response_headers = head
+        self.subprotocol = subprotocol
+        self._extra = rest
+        self._enable_deflate(deflate, settings)
 
     def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
         """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
@@ -2838,7 +2847,7 @@ class _ClientHandshake(_Handshake):
             return
         if result is not None:
             self._open(*result)
-        elif self.websocket._tls and cast("ssl.SSLSocket", self.sock).pending():
+        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._read_again(self)
 
     def _write_request(self) -> None:
@@ -2859,11 +2868,7 @@ class _ClientHandshake(_Handshake):
         self._detach()
         if websocket.terminated:
             return  # terminate()d meanwhile
-        # What the blocking connect() gives the factory, known only now: set before opened() runs.
-        websocket._response_headers = head
-        websocket.subprotocol = subprotocol
-        websocket._extra = rest
-        websocket._enable_deflate(deflate, self.opening.settings)
+        websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
         self.manager._take(websocket)
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
