@@ -4412,7 +4412,7 @@ class RedisBridge:
         self._connections[role] = connection
         try:
             error = sock.connect_ex(address)
-        except (OSError, ValueError) as exc:  # ValueError: the TLS object it makes refuses the host name
+        except (OSError, ValueError) as exc:  # an SSLError included: for rediss://, it sets up the TLS object
             connection._finalize(str(exc) or type(exc).__name__)
             return
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
