@@ -2,12 +2,17 @@
 
 TestCodec, TestHandshake (sans I/O), TestConnection, TestManager (real sockets),
 TestIntegrations (http.server, WSGI servers), TestScaling (topics, Redis,
-workers), TestCompression, TestCommandLine, TestInterop (against websockets,
-skipped without it), TestHardening (hostile peers) and TestDocs.
+workers), TestCompression (sans I/O), TestCompressionConnections, TestCommandLine,
+TestInterop (against websockets, skipped without it), TestHardening (hostile
+peers) and TestDocs.
 
 Run with ``python -m pytest``. Hypothesis uses a deterministic profile unless
 WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
 ::1) only, bounds its loops, and closes what it starts.
+
+The ``peers`` marker (on whole classes) marks every test that opens a socket or
+starts a process: ``python -m pytest -m "not peers"`` runs the sans-I/O unit
+tests alone, in seconds, and a fixture makes sure none of them opens a socket.
 """
 
 import base64
@@ -63,6 +68,19 @@ settings.load_profile(os.environ.get("WSMANAGER_HYPOTHESIS", "ci"))
 
 ###############################################################################
 # Helpers #####################################################################
+
+@pytest.fixture(autouse=True)
+def _unit_tests_open_no_sockets(request, monkeypatch):
+    """A test not marked ``peers`` is a unit test (``-m "not peers"``): it may open no socket and start no process."""
+    if request.node.get_closest_marker("peers") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} opens a socket or a process: mark it (or its class) peers")
+
+    monkeypatch.setattr(socket.socket, "__init__", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
 ###############################################################################
 
 def websockets_module(name):
@@ -3396,6 +3414,7 @@ class TestHandshake:
 # Connection ##################################################################
 ###############################################################################
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestConnection:
     """One WebSocket over real sockets: sending, closing, heartbeat, slow consumers, callbacks, fragments."""
@@ -3692,6 +3711,7 @@ class TestConnection:
 # Manager #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestManager:
     """The manager loop: many connections, listen() refusals and transports, connect(), the API, stop, errors, logging."""
@@ -4803,6 +4823,7 @@ class TestManager:
 # Integrations ################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestIntegrations:
     """Hosting servers: accept() from http.server and wsgi_app in wsgiref, gunicorn, Flask and CherryPy."""
 
@@ -5111,6 +5132,7 @@ class TestIntegrations:
 # Scaling #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestScaling:
     """Beyond one loop: topics, the Redis bridge against a real redis-server, worker processes."""
 
@@ -5715,7 +5737,7 @@ class TestScaling:
 ###############################################################################
 
 class TestCompression:
-    """permessage-deflate (RFC 7692): codec, negotiation, connections, interop, broadcast."""
+    """permessage-deflate (RFC 7692) sans I/O: RSV1, inflating, compressing, settings and negotiation."""
 
     # Codec: RSV1 ------------------------------------------------------------------
     def test_parser_accepts_rsv1_on_data_frames_only_when_told(self):
@@ -5970,6 +5992,11 @@ class TestCompression:
         with pytest.raises(HandshakeError, match="not offered"):
             validate_response(Response(101, headers), SAMPLE_KEY)
         assert validate_response(Response(101, headers), SAMPLE_KEY, compression="deflate") is None
+
+
+@pytest.mark.peers
+class TestCompressionConnections:
+    """permessage-deflate on live connections: real handshakes, RSV1 on the wire, interop, broadcast, a browser."""
 
     def test_connect_fails_the_handshake_on_an_answer_it_did_not_allow(self):
         def answer_with_8_bits(connection, request, response):
@@ -6239,6 +6266,7 @@ class TestCompression:
 # Command line ################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestCommandLine:
     """python -m wsmanager: the chat server, the connect client, their arguments, the chat page in a browser."""
 
@@ -6466,6 +6494,7 @@ class TestCommandLine:
 # Interop #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestInterop:
     """Against an independent implementation (websockets), in both roles."""
 
@@ -6633,6 +6662,7 @@ class TestInterop:
 # Hardening ###################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestHardening:
     """Hostile peers, resource exhaustion and faults: one bad peer never hurts the others."""
 
@@ -7317,6 +7347,7 @@ class TestHardening:
 # Docs ########################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestDocs:
     """The documentation runs: API surface, README snippets, the module docstring, types and packaging."""
 
