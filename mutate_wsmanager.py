@@ -1,0 +1,365 @@
+"""Mutation testing of wsmanager's sans-I/O layers: would the fast unit tests notice a broken codec?
+
+Each mutant is one small change to one function of the codec, the handshake or
+permessage-deflate (the fixed list ``TARGETS``): an operator swapped, a
+comparison moved by one, a constant changed, a condition forced or negated, a
+``raise`` removed. The module with that change is written to a temporary
+directory beside copies of the tests, and the unit tests run against it in a
+subprocess::
+
+    python -m pytest -x -q -p no:cacheprovider -m "not peers"
+
+A mutant is *killed* when they fail, *timeout* when they run past the limit
+(also a detection: an endless loop), and *survives* when they pass. Survivors
+listed in ``EQUIVALENT`` behave exactly like the original (the reason is given
+there); any other survivor is a behaviour no unit test checks.
+
+Usage::
+
+    python mutate_wsmanager.py --sample 200 --seed 1       # a seeded sample
+    python mutate_wsmanager.py --sample 0 --jobs 2          # every mutant
+    python mutate_wsmanager.py --list --targets parse_close # what would run
+    python mutate_wsmanager.py --mutant 'parse_close+6:7 Eq->NotEq'
+
+The exit status is 0 when at least ``--threshold`` percent (default 95) of the
+non-equivalent mutants run were detected. Standard library only.
+"""
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+MODULE = HERE / "wsmanager.py"
+# Copied beside each mutant: the tests, and the pytest settings (markers) they run with.
+SUPPORT_FILES = ("test_wsmanager.py", "setup.cfg", "README.rst", "pyproject.toml", "mutate_wsmanager.py")
+PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-m", "not peers", "test_wsmanager.py")
+
+# The codec, handshake and permessage-deflate layers: module-level functions and classes (every
+# method of a class), by name. The sockets, the manager and the integrations are out of scope: the
+# unit tests do not reach them by design.
+TARGETS = (
+    # Codec
+    "apply_mask", "_byte_view", "encode_frame", "_first_byte_error", "FrameParser", "_feed_utf8",
+    "MessageAssembler", "_Receiver", "encode_close", "parse_close",
+    # permessage-deflate
+    "_deflate_settings", "_shared_compressor", "PerMessageDeflate",
+    # Handshake
+    "Headers", "Request", "_token_list", "_tokens", "accept_key", "new_key", "_header_lines", "HeadReader",
+    "_parse_head", "parse_request", "_origin_form", "validate_request", "encode_switching_protocols",
+    "_switch_fields", "_encode_switch", "_status_text", "encode_response", "_complete_response",
+    "encode_request", "parse_response", "validate_response",
+    # Extension negotiation
+    "_parse_extension", "parse_extensions", "_deflate_request_params", "_format_deflate", "negotiate_deflate",
+    "encode_deflate_offer", "parse_deflate_response",
+)
+
+# Survivors that behave exactly like the original, by mutant id, with the reason. Ids name the
+# function and the line within it, so they stay valid while the rest of the file changes.
+EQUIVALENT: Dict[str, str] = {
+}
+
+_BINARY_SWAPS = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult, ast.Mod: ast.FloorDiv,
+    ast.BitOr: ast.BitAnd, ast.BitAnd: ast.BitOr, ast.BitXor: ast.BitOr, ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+}
+_COMPARE_SWAPS = {
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+}
+
+
+class Mutant(NamedTuple):
+    id: str  # "<function qualname>+<line within it>:<column> <change>"
+    function: str
+    line: int  # in wsmanager.py
+    start: int  # character offsets of the replaced text in the source
+    end: int
+    replacement: str
+
+    def apply(self, source: str) -> str:
+        return source[:self.start] + self.replacement + source[self.end:]
+
+
+def _offsets(source: str) -> List[int]:
+    """Character offset of the start of each line (1-based line numbers index it directly)."""
+    offsets = [0, 0]
+    for line in source.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line))
+    return offsets
+
+
+def _skipped_nodes(function: ast.AST) -> set:
+    """Nodes not to mutate: docstrings, annotations (no run-time effect) and f-string internals
+    (their positions are unreliable before Python 3.12)."""
+    skipped = set()
+    for node in ast.walk(function):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            skipped.add(body[0].value)
+        annotations: List[Optional[ast.AST]] = []
+        if isinstance(node, ast.FunctionDef):
+            annotations.append(node.returns)
+            arguments = node.args
+            for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                        arguments.vararg, arguments.kwarg]:
+                if arg is not None:
+                    annotations.append(arg.annotation)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        elif isinstance(node, ast.JoinedStr):
+            annotations.append(node)
+        for annotation in annotations:
+            if annotation is not None:
+                skipped.update(ast.walk(annotation))
+    return skipped
+
+
+def _changes(node: ast.AST) -> Iterator[Tuple[ast.AST, str, str]]:
+    """(node whose source is replaced, replacement text, short description) for each mutation of ``node``."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_SWAPS:
+        new = copy.deepcopy(node)
+        new.op = _BINARY_SWAPS[type(node.op)]()
+        yield node, f"({ast.unparse(new)})", f"{type(node.op).__name__}->{type(new.op).__name__}"
+    elif isinstance(node, ast.AugAssign) and type(node.op) in _BINARY_SWAPS:
+        new = copy.deepcopy(node)
+        new.op = _BINARY_SWAPS[type(node.op)]()
+        yield node, ast.unparse(new), f"{type(node.op).__name__}=->{type(new.op).__name__}="
+    elif isinstance(node, ast.Compare):
+        for index, op in enumerate(node.ops):
+            if type(op) in _COMPARE_SWAPS:
+                new = copy.deepcopy(node)
+                new.ops[index] = _COMPARE_SWAPS[type(op)]()
+                which = f"#{index}" if len(node.ops) > 1 else ""
+                yield node, f"({ast.unparse(new)})", f"{type(op).__name__}->{type(new.ops[index]).__name__}{which}"
+    elif isinstance(node, ast.BoolOp):
+        new = copy.deepcopy(node)
+        new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        yield node, f"({ast.unparse(new)})", f"{type(node.op).__name__}->{type(new.op).__name__}"
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield node, f"({ast.unparse(node.operand)})", "not-removed"
+    elif isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            yield node, repr(not value), f"{value}->{not value}"
+        elif isinstance(value, int):
+            yield node, repr(value + 1), f"{value}->{value + 1}"
+            if value > 0:
+                yield node, repr(value - 1), f"{value}->{value - 1}"
+        elif isinstance(value, str):  # a whole other text: a test that reads any part of it notices
+            yield node, repr("mutant" if value != "mutant" else ""), "str-changed"
+        elif isinstance(value, bytes):
+            yield node, repr(b"mutant" if value != b"mutant" else b""), "bytes-changed"
+    elif isinstance(node, ast.Raise):
+        yield node, "pass", "raise-removed"
+    if isinstance(node, (ast.If, ast.IfExp)):
+        yield node.test, "True", "condition-True"
+        yield node.test, "False", "condition-False"
+    elif isinstance(node, ast.While):
+        yield node.test, "False", "condition-False"
+
+
+def _functions(tree: ast.Module, targets: Sequence[str]) -> Iterator[Tuple[str, ast.AST]]:
+    """(qualified name, node) of each target function and of each method of each target class."""
+    wanted = set(targets)
+    found = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in wanted:
+            found.add(node.name)
+            if isinstance(node, ast.FunctionDef):
+                yield node.name, node
+                continue
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef):
+                    yield f"{node.name}.{member.name}", member
+    missing = wanted - found
+    if missing:
+        raise SystemExit(f"targets not found in {MODULE.name}: {', '.join(sorted(missing))}")
+
+
+def generate(source: str, targets: Sequence[str] = TARGETS) -> List[Mutant]:
+    """Every mutant of the target functions of ``source``, in source order."""
+    tree = ast.parse(source)
+    offsets = _offsets(source)
+    mutants: List[Mutant] = []
+    seen = set()
+    for name, function in _functions(tree, targets):
+        skipped = _skipped_nodes(function)
+        for node in ast.walk(function):
+            if node in skipped or node is function:
+                continue
+            for replaced, text, description in _changes(node):
+                if replaced in skipped:
+                    continue
+                start = offsets[replaced.lineno] + replaced.col_offset
+                end = offsets[replaced.end_lineno] + replaced.end_col_offset
+                mutant_id = f"{name}+{replaced.lineno - function.lineno}:{replaced.col_offset} {description}"
+                if source[start:end] == text or mutant_id in seen:
+                    continue
+                seen.add(mutant_id)
+                mutants.append(Mutant(mutant_id, name, replaced.lineno, start, end, text))
+    mutants.sort(key=lambda m: (m.start, m.id))
+    return mutants
+
+
+class Outcome(NamedTuple):
+    mutant: Mutant
+    status: str  # "killed", "survived" or "timeout"
+    seconds: float
+    detail: str  # the first failing test, for a killed mutant
+
+
+def _workspace(source: str) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="wsmanager-mutant-"))
+    for name in SUPPORT_FILES:
+        if (HERE / name).exists():
+            shutil.copy2(HERE / name, directory / name)
+    (directory / "wsmanager.py").write_text(source, encoding="utf-8")
+    return directory
+
+
+def run_tests(source: str, timeout: float, pytest_args: Sequence[str] = PYTEST_ARGS) -> Tuple[str, float, str]:
+    """Run the unit tests against ``source`` as wsmanager.py, in a temporary directory: (status, seconds, detail)."""
+    directory = _workspace(source)
+    # The "mutation" hypothesis profile of the tests does not shrink: a failing example is enough.
+    env = dict(os.environ, PYTHONPATH=str(directory), PYTHONDONTWRITEBYTECODE="1", WSMANAGER_HYPOTHESIS="mutation")
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=directory, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - started, ""
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    seconds = time.monotonic() - started
+    if result.returncode == 0:
+        return "survived", seconds, ""
+    output = result.stdout.decode("utf-8", "replace")
+    failed = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if result.returncode not in (1, 2):  # 2: interrupted by -x's first failure or a collection error
+        failed.append(f"pytest exit status {result.returncode}")
+    lines = failed or output.strip().splitlines()[-1:] or [""]
+    return "killed", seconds, lines[0][:160]
+
+
+def run_mutant(mutant: Mutant, source: str, timeout: float) -> Outcome:
+    mutated = mutant.apply(source)
+    compile(mutated, str(MODULE), "exec")  # a generator bug shows here, not as a "killed" mutant
+    status, seconds, detail = run_tests(mutated, timeout)
+    return Outcome(mutant, status, seconds, detail)
+
+
+def _line_of(source: str, mutant: Mutant) -> Tuple[str, str]:
+    """The mutated line before and after the change."""
+    before = source.splitlines()[mutant.line - 1].strip()
+    mutated = mutant.apply(source)
+    after = mutated.splitlines()[mutant.line - 1].strip()
+    return before, after
+
+
+def report(outcomes: Sequence[Outcome], source: str, out=sys.stdout) -> float:
+    """Print the table per function and the survivors; return the percentage of non-equivalent mutants detected."""
+    rows: Dict[str, Dict[str, int]] = {}
+    for outcome in outcomes:
+        row = rows.setdefault(outcome.mutant.function, dict(mutants=0, killed=0, survived=0, timeout=0,
+                                                            equivalent=0))
+        row["mutants"] += 1
+        if outcome.status == "survived" and outcome.mutant.id in EQUIVALENT:
+            row["equivalent"] += 1
+        else:
+            row[outcome.status] += 1
+    columns = ("mutants", "killed", "survived", "timeout", "equivalent")
+    width = max([len("function"), *map(len, rows)])
+    print(f"{'function':<{width}}  " + "  ".join(f"{c:>10}" for c in columns), file=out)
+    totals = dict.fromkeys(columns, 0)
+    for name in sorted(rows, key=lambda n: min(o.mutant.start for o in outcomes if o.mutant.function == n)):
+        print(f"{name:<{width}}  " + "  ".join(f"{rows[name][c]:>10}" for c in columns), file=out)
+        for column in columns:
+            totals[column] += rows[name][column]
+    print(f"{'total':<{width}}  " + "  ".join(f"{totals[c]:>10}" for c in columns), file=out)
+    relevant = totals["mutants"] - totals["equivalent"]
+    detected = totals["killed"] + totals["timeout"]
+    score = 100.0 * detected / relevant if relevant else 100.0
+    print(f"\ndetected {detected} of {relevant} non-equivalent mutants: {score:.1f}%", file=out)
+    survivors = [o for o in outcomes if o.status == "survived"]
+    if survivors:
+        print("\nsurvivors:", file=out)
+    for outcome in sorted(survivors, key=lambda o: o.mutant.start):
+        before, after = _line_of(source, outcome.mutant)
+        why = EQUIVALENT.get(outcome.mutant.id)
+        print(f"  {outcome.mutant.id}  (line {outcome.mutant.line})", file=out)
+        print(f"      - {before}\n      + {after}", file=out)
+        print(f"      {'equivalent: ' + why if why else 'NOT DETECTED'}", file=out)
+    stale = [o.mutant.id for o in outcomes if o.status != "survived" and o.mutant.id in EQUIVALENT]
+    for mutant_id in stale:
+        print(f"\nlisted as equivalent but detected (remove it from EQUIVALENT): {mutant_id}", file=out)
+    return score
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", type=int, default=200, help="mutants to run, drawn at random (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per mutant (default: 4 times the unmutated run, at least 30)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated functions and classes")
+    parser.add_argument("--mutant", action="append", default=[], help="run this mutant id (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--threshold", type=float, default=95.0, help="percent to detect for exit status 0")
+    args = parser.parse_args(argv)
+
+    source = MODULE.read_text(encoding="utf-8")
+    mutants = generate(source, [name.strip() for name in args.targets.split(",") if name.strip()])
+    if args.mutant:
+        by_id = {m.id: m for m in mutants}
+        unknown = [mutant_id for mutant_id in args.mutant if mutant_id not in by_id]
+        if unknown:
+            raise SystemExit(f"unknown mutant ids: {unknown}")
+        chosen = [by_id[mutant_id] for mutant_id in args.mutant]
+    elif args.sample and args.sample < len(mutants):
+        chosen = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: m.start)
+    else:
+        chosen = mutants
+    if args.list:
+        for mutant in chosen:
+            before, after = _line_of(source, mutant)
+            print(f"{mutant.id}\n    - {before}\n    + {after}")
+        print(f"{len(chosen)} of {len(mutants)} mutants")
+        return 0
+
+    status, baseline, detail = run_tests(source, timeout=600)
+    if status != "survived":
+        print(f"the unit tests fail on the unmutated module ({status}): {detail}", file=sys.stderr)
+        return 2
+    timeout = args.timeout or max(30.0, 4 * baseline)
+    print(f"{len(chosen)} of {len(mutants)} mutants (seed {args.seed}); unmutated run {baseline:.1f} s, "
+          f"timeout {timeout:.0f} s per mutant", flush=True)
+    outcomes: List[Outcome] = []
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_mutant, mutant, source, timeout) for mutant in chosen]
+        for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            outcome = future.result()
+            outcomes.append(outcome)
+            print(f"[{count}/{len(chosen)}] {outcome.status:<8} {outcome.seconds:5.1f}s {outcome.mutant.id}"
+                  + (f"  <- {outcome.detail}" if outcome.detail else ""), flush=True)
+    print(f"\n{len(outcomes)} mutants in {time.monotonic() - started:.0f} s\n")
+    score = report(outcomes, source)
+    return 0 if score >= args.threshold else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
