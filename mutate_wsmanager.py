@@ -221,11 +221,14 @@ class Outcome(NamedTuple):
     detail: str  # the first failing test, for a killed mutant
 
 
+# The tests and settings as they were when the run started: editing them meanwhile cannot skew it.
+_SUPPORT = {name: (HERE / name).read_bytes() for name in SUPPORT_FILES if (HERE / name).exists()}
+
+
 def _workspace(source: str) -> Path:
     directory = Path(tempfile.mkdtemp(prefix="wsmanager-mutant-"))
-    for name in SUPPORT_FILES:
-        if (HERE / name).exists():
-            shutil.copy2(HERE / name, directory / name)
+    for name, content in _SUPPORT.items():
+        (directory / name).write_bytes(content)
     (directory / "wsmanager.py").write_text(source, encoding="utf-8")
     return directory
 

@@ -850,7 +850,8 @@ CODEC_ERRORS = {
                                   RSV1_MISPLACED),
     "rsv1-on-close-with-deflate": (raw_frame(Opcode.CLOSE, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002,
                                    RSV1_MISPLACED),
-    "rsv1-on-opcode-3-with-deflate": (raw_frame(3, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002, RESERVED_BITS),
+    "rsv1-on-opcode-3-with-deflate": (raw_frame(3, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002,
+                                      "reserved opcode 3"),
     "opcode-3": (raw_frame(3, b""), {}, 1002, "reserved opcode 3"),
     "opcode-11": (raw_frame(11, b""), {}, 1002, "reserved opcode 11"),
     "opcode-15-with-deflate": (raw_frame(15, b""), {"deflate": DeflateParams()}, 1002, "reserved opcode 15"),
@@ -1030,6 +1031,9 @@ RESPONSE_ERRORS = {
     "letter-in-status": (b"HTTP/1.1 1O1 Switching\r\n\r\n", "malformed status line 'HTTP/1.1 1O1 Switching'"),
     "four-digit-status": (b"HTTP/1.1 1010 x\r\n\r\n", "malformed status line 'HTTP/1.1 1010 x'"),
     "two-digit-status": (b"HTTP/1.1 99 x\r\n\r\n", "malformed status line 'HTTP/1.1 99 x'"),
+    # str.isdigit() is true of superscripts, which int() refuses: a ValueError, not a HandshakeError, before.
+    "superscript-digits": (b"HTTP/1.1 \xb9\xb2\xb3 x\r\n\r\n", "malformed status line 'HTTP/1.1 \u00b9\u00b2\u00b3 x'"),
+    "superscript-digit": (b"HTTP/1.1 1\xb20\r\n\r\n", "malformed status line 'HTTP/1.1 1\u00b20'"),
 }
 
 
