@@ -29,6 +29,7 @@ import argparse
 import ast
 import concurrent.futures
 import copy
+import json
 import os
 import random
 import shutil
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, TextIO, Tuple
 
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "wsmanager.py"
@@ -100,10 +101,10 @@ def _offsets(source: str) -> List[int]:
     return offsets
 
 
-def _skipped_nodes(function: ast.AST) -> set:
+def _skipped_nodes(function: ast.AST) -> Set[ast.AST]:
     """Nodes not to mutate: docstrings, annotations (no run-time effect) and f-string internals
     (their positions are unreliable before Python 3.12)."""
-    skipped = set()
+    skipped: Set[ast.AST] = set()
     for node in ast.walk(function):
         body = getattr(node, "body", None)
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(body[0], ast.Expr) \
@@ -127,27 +128,28 @@ def _skipped_nodes(function: ast.AST) -> set:
     return skipped
 
 
-def _changes(node: ast.AST) -> Iterator[Tuple[ast.AST, str, str]]:
+def _changes(node: Any) -> Iterator[Tuple[Any, str, str]]:
     """(node whose source is replaced, replacement text, short description) for each mutation of ``node``."""
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_SWAPS:
         new = copy.deepcopy(node)
         new.op = _BINARY_SWAPS[type(node.op)]()
         yield node, f"({ast.unparse(new)})", f"{type(node.op).__name__}->{type(new.op).__name__}"
     elif isinstance(node, ast.AugAssign) and type(node.op) in _BINARY_SWAPS:
-        new = copy.deepcopy(node)
-        new.op = _BINARY_SWAPS[type(node.op)]()
-        yield node, ast.unparse(new), f"{type(node.op).__name__}=->{type(new.op).__name__}="
+        augmented = copy.deepcopy(node)
+        augmented.op = _BINARY_SWAPS[type(node.op)]()
+        yield node, ast.unparse(augmented), f"{type(node.op).__name__}=->{type(augmented.op).__name__}="
     elif isinstance(node, ast.Compare):
         for index, op in enumerate(node.ops):
             if type(op) in _COMPARE_SWAPS:
-                new = copy.deepcopy(node)
-                new.ops[index] = _COMPARE_SWAPS[type(op)]()
+                compare = copy.deepcopy(node)
+                compare.ops[index] = _COMPARE_SWAPS[type(op)]()
                 which = f"#{index}" if len(node.ops) > 1 else ""
-                yield node, f"({ast.unparse(new)})", f"{type(op).__name__}->{type(new.ops[index]).__name__}{which}"
+                swapped = type(compare.ops[index]).__name__
+                yield node, f"({ast.unparse(compare)})", f"{type(op).__name__}->{swapped}{which}"
     elif isinstance(node, ast.BoolOp):
-        new = copy.deepcopy(node)
-        new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
-        yield node, f"({ast.unparse(new)})", f"{type(node.op).__name__}->{type(new.op).__name__}"
+        boolean = copy.deepcopy(node)
+        boolean.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        yield node, f"({ast.unparse(boolean)})", f"{type(node.op).__name__}->{type(boolean.op).__name__}"
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         yield node, f"({ast.unparse(node.operand)})", "not-removed"
     elif isinstance(node, ast.Constant):
@@ -171,7 +173,7 @@ def _changes(node: ast.AST) -> Iterator[Tuple[ast.AST, str, str]]:
         yield node.test, "False", "condition-False"
 
 
-def _functions(tree: ast.Module, targets: Sequence[str]) -> Iterator[Tuple[str, ast.AST]]:
+def _functions(tree: ast.Module, targets: Sequence[str]) -> Iterator[Tuple[str, Any]]:
     """(qualified name, node) of each target function and of each method of each target class."""
     wanted = set(targets)
     found = set()
@@ -233,14 +235,20 @@ def _workspace(source: str) -> Path:
     return directory
 
 
-def run_tests(source: str, timeout: float, pytest_args: Sequence[str] = PYTEST_ARGS) -> Tuple[str, float, str]:
-    """Run the unit tests against ``source`` as wsmanager.py, in a temporary directory: (status, seconds, detail)."""
+def run_tests(source: str, timeout: float, pytest_args: Sequence[str] = PYTEST_ARGS,
+              env: Optional[Dict[str, str]] = None) -> Tuple[str, float, str]:
+    """Run the unit tests against ``source`` as wsmanager.py, in a temporary directory: (status, seconds, detail).
+
+    The status is "survived" (they pass), "killed" (they fail, or cannot even be collected), "timeout",
+    or "error" (pytest could not run as asked: a bug of this script, not a detection).
+    """
     directory = _workspace(source)
     # The "mutation" hypothesis profile of the tests does not shrink: a failing example is enough.
-    env = dict(os.environ, PYTHONPATH=str(directory), PYTHONDONTWRITEBYTECODE="1", WSMANAGER_HYPOTHESIS="mutation")
+    environment = dict(os.environ, PYTHONPATH=str(directory), PYTHONDONTWRITEBYTECODE="1",
+                       WSMANAGER_HYPOTHESIS="mutation", **(env or {}))
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=directory, env=env,
+        result = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=directory, env=environment,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - started, ""
@@ -251,16 +259,87 @@ def run_tests(source: str, timeout: float, pytest_args: Sequence[str] = PYTEST_A
         return "survived", seconds, ""
     output = result.stdout.decode("utf-8", "replace")
     failed = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    if result.returncode not in (1, 2):  # 2: interrupted by -x's first failure or a collection error
-        failed.append(f"pytest exit status {result.returncode}")
     lines = failed or output.strip().splitlines()[-1:] or [""]
-    return "killed", seconds, lines[0][:160]
+    # 1: tests failed; 2: interrupted (a collection error: the mutant breaks the import of the tests).
+    return "killed" if result.returncode in (1, 2) else "error", seconds, lines[0][:160]
 
 
-def run_mutant(mutant: Mutant, source: str, timeout: float) -> Outcome:
+# Which unit tests run which target function: a pytest plugin traces the calls into wsmanager.py
+# while each test runs, and writes {test id: [seconds, [first lines of the functions it ran]]}.
+_TRACE_PLUGIN = """
+import json, os, sys, threading, time
+import pytest
+
+_MODULE = os.path.join(os.getcwd(), "wsmanager.py")
+_seen = {}
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    lines = set()
+
+    def trace(frame, event, arg):
+        if frame.f_code.co_filename == _MODULE:
+            lines.add(frame.f_code.co_firstlineno)
+        return None
+
+    started = time.perf_counter()
+    sys.setprofile(trace)
+    threading.setprofile(trace)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+        _seen[item.nodeid] = [time.perf_counter() - started, sorted(lines)]
+
+def pytest_sessionfinish(session):
+    with open(os.environ["MUTATION_TRACE_OUT"], "w") as out:
+        json.dump(_seen, out)
+"""
+
+
+def _function_lines(source: str, targets: Sequence[str]) -> Dict[int, str]:
+    """First line of each function defined inside a target (nested ones too) -> the target function's name."""
+    lines = {}
+    for name, function in _functions(ast.parse(source), targets):
+        for node in ast.walk(function):
+            if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+                # A function's co_firstlineno is its first decorator's line, if it has one.
+                decorated = isinstance(node, ast.FunctionDef) and node.decorator_list
+                lines[node.decorator_list[0].lineno if decorated else node.lineno] = name
+    return lines
+
+
+def map_tests(source: str, targets: Sequence[str]) -> Tuple[float, Dict[str, List[str]]]:
+    """Run the unit tests once, traced: (seconds, {target function: the tests that run it, fastest first})."""
+    with tempfile.TemporaryDirectory(prefix="wsmanager-trace-") as scratch:
+        out = Path(scratch) / "trace.json"
+        _SUPPORT["_mutation_trace.py"] = _TRACE_PLUGIN.encode()
+        try:
+            status, seconds, detail = run_tests(source, 1800, ("-q", "-p", "no:cacheprovider", "-p", "_mutation_trace",
+                                                               "-m", "not peers", "test_wsmanager.py"),
+                                                env={"MUTATION_TRACE_OUT": str(out)})
+        finally:
+            del _SUPPORT["_mutation_trace.py"]
+        if status != "survived":
+            raise SystemExit(f"the unit tests fail on the unmutated module ({status}): {detail}")
+        seen = json.loads(out.read_text(encoding="utf-8"))
+    owner = _function_lines(source, targets)
+    tests: Dict[str, List[str]] = {}
+    for test, (_, lines) in sorted(seen.items(), key=lambda item: item[1][0]):
+        for name in {owner[line] for line in lines if line in owner}:
+            tests.setdefault(name, []).append(test)
+    return seconds, tests
+
+
+def run_mutant(mutant: Mutant, source: str, timeout: float, tests: Optional[Sequence[str]] = None) -> Outcome:
+    """Run the unit tests against ``mutant``: all of them, or only ``tests`` (those that run its function)."""
     mutated = mutant.apply(source)
     compile(mutated, str(MODULE), "exec")  # a generator bug shows here, not as a "killed" mutant
-    status, seconds, detail = run_tests(mutated, timeout)
+    if tests is not None and not tests:
+        return Outcome(mutant, "survived", 0.0, "no unit test runs this function")
+    arguments = PYTEST_ARGS if tests is None else (*PYTEST_ARGS[:-1], *tests)
+    status, seconds, detail = run_tests(mutated, timeout, arguments)
     return Outcome(mutant, status, seconds, detail)
 
 
@@ -272,7 +351,7 @@ def _line_of(source: str, mutant: Mutant) -> Tuple[str, str]:
     return before, after
 
 
-def report(outcomes: Sequence[Outcome], source: str, out=sys.stdout) -> float:
+def report(outcomes: Sequence[Outcome], source: str, out: TextIO = sys.stdout) -> float:
     """Print the table per function and the survivors; return the percentage of non-equivalent mutants detected."""
     rows: Dict[str, Dict[str, int]] = {}
     for outcome in outcomes:
@@ -322,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mutant", action="append", default=[], help="run this mutant id (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--threshold", type=float, default=95.0, help="percent to detect for exit status 0")
+    parser.add_argument("--all-tests", action="store_true",
+                        help="run every unit test against each mutant, not only those that run its function")
     args = parser.parse_args(argv)
 
     source = MODULE.read_text(encoding="utf-8")
@@ -343,17 +424,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{len(chosen)} of {len(mutants)} mutants")
         return 0
 
-    status, baseline, detail = run_tests(source, timeout=600)
-    if status != "survived":
-        print(f"the unit tests fail on the unmutated module ({status}): {detail}", file=sys.stderr)
-        return 2
+    targets = sorted({mutant.function.split(".")[0] for mutant in chosen})
+    if args.all_tests:
+        status, baseline, detail = run_tests(source, timeout=1800)
+        if status != "survived":
+            print(f"the unit tests fail on the unmutated module ({status}): {detail}", file=sys.stderr)
+            return 2
+        selection: Dict[str, Optional[List[str]]] = {}
+    else:
+        baseline, tests = map_tests(source, targets)
+        selection = {mutant.function: tests.get(mutant.function, []) for mutant in chosen}
+        # Test ids passed back to pytest must select what they name: checked once on the unmutated module.
+        every = sorted({test for names in selection.values() for test in names or ()})
+        status, _, detail = run_tests(source, 1800, (*PYTEST_ARGS[:-1], *every))
+        if status != "survived":
+            print(f"the selected unit tests fail on the unmutated module ({status}): {detail}", file=sys.stderr)
+            return 2
     timeout = args.timeout or max(30.0, 4 * baseline)
     print(f"{len(chosen)} of {len(mutants)} mutants (seed {args.seed}); unmutated run {baseline:.1f} s, "
-          f"timeout {timeout:.0f} s per mutant", flush=True)
+          f"timeout {timeout:.0f} s per mutant; "
+          + ("every unit test for each" if args.all_tests else "the unit tests that run its function, for each"),
+          flush=True)
     outcomes: List[Outcome] = []
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_mutant, mutant, source, timeout) for mutant in chosen]
+        futures = [pool.submit(run_mutant, mutant, source, timeout, selection.get(mutant.function))
+                   for mutant in chosen]
         for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
             outcome = future.result()
             outcomes.append(outcome)
