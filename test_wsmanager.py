@@ -868,6 +868,13 @@ CODEC_ERRORS = {
     "masked-frame-over-the-limit": (raw_frame(Opcode.TEXT, b"", length=70_000, key=RFC_KEY)[:10],
                                     {"expect_masked": True, "max_frame_size": 65_536}, 1009,
                                     "frame of 70000 bytes exceeds the limit of 65536"),
+    # Frames within max_frame_size but over max_message_size: 1009 from the header (check_pending), each length form.
+    "16-bit-header-over-the-message-limit": (raw_frame(Opcode.BINARY, b"", length=300),
+                                             {"max_frame_size": 1000, "max_message_size": 200}, 1009,
+                                             "message of 300 bytes exceeds the limit of 200"),
+    "64-bit-header-over-the-message-limit": (raw_frame(Opcode.BINARY, b"", length=70_000),
+                                             {"max_frame_size": 100_000, "max_message_size": 65_536}, 1009,
+                                             "message of 70000 bytes exceeds the limit of 65536"),
     "text-inside-a-message": (raw_frame(Opcode.TEXT, b"a", fin=False) + raw_frame(Opcode.TEXT, b"b"), {}, 1002,
                               "new message started inside a fragmented message"),
     "binary-inside-a-message": (raw_frame(Opcode.BINARY, b"a", fin=False) + raw_frame(Opcode.BINARY, b"b", fin=False),
@@ -3771,6 +3778,9 @@ class TestHandshake:
         with raises_with(HandshakeError, status=431) as info:
             HeadReader(max_size=64).feed(b"GET / HTTP/1.1\r\nX-Pad: " + b"p" * 64)
         assert str(info.value) == "request head too large"
+        # An empty head is complete at once (parse_request then answers 400), however it ends.
+        for empty in (b"\n\n", b"\r\n\r\n", b"\n\r\n"):
+            assert HeadReader().feed(empty + b"x") == (empty, b"x")
         # A TLS record is recognised at the start of a head only: later, 0x16 is just a byte.
         reader = HeadReader()
         assert reader.feed(b"GET / HTTP/1.1\r\n") is None and reader.feed(b"\x16") is None
@@ -3795,6 +3805,35 @@ class TestHandshake:
             validate_response(response, SAMPLE_KEY, compression=compression)
         assert str(info.value) == message
         assert info.value.headers == list(response.headers)
+
+    # What the encoders write, byte for byte ------------------------------------------------
+    def test_encoded_heads_byte_for_byte(self):
+        assert encode_request("example.com:8080", "/chat?x=1", SAMPLE_KEY, subprotocols=["a", "b"], origin="http://o",
+                              headers=[("X-A", "1")]) == (
+            b"GET /chat?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Protocol: a, b\r\nOrigin: http://o\r\nX-A: 1\r\n\r\n")
+        assert encode_switching_protocols(SAMPLE_KEY, "chat", [("X-A", "1")]) == (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\nX-A: 1\r\n\r\n")
+        plain = b"Content-Type: text/plain; charset=utf-8\r\n"
+        # An error without a body gets its status as the body; a redirect gets none.
+        assert encode_response(Response(400)) == (b"HTTP/1.1 400 Bad Request\r\n" + plain
+                                                  + b"Content-Length: 16\r\nConnection: close\r\n\r\n400 Bad Request\n")
+        assert encode_response(Response(302, [("Location", "/x")])) == (
+            b"HTTP/1.1 302 Found\r\nLocation: /x\r\n" + plain + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert encode_response(Response(599)) == (b"HTTP/1.1 599 Unknown\r\n" + plain
+                                                  + b"Content-Length: 12\r\nConnection: close\r\n\r\n599 Unknown\n")
+        # The caller's Content-Type and Content-Length, whatever their case, are not doubled.
+        assert encode_response(Response(200, [("content-type", "text/html"), ("CONTENT-LENGTH", "2")], b"hi")) == (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nCONTENT-LENGTH: 2\r\nConnection: close\r\n\r\nhi")
+
+    def test_subprotocol_and_token_lists_skip_empty_items_and_spaces(self):
+        request = parse_request(request_head({"Sec-WebSocket-Protocol": " a, b,,c , ", "Upgrade": "foo, WebSocket "}))
+        assert request.subprotocols == ["a", "b", "c"] and request.is_upgrade
+        assert parse_request(request_head({"Origin": "http://o"})).origin == "http://o"
+        for upgrade in ("", " ", ",", "websocket2", "web socket"):
+            assert not parse_request(request_head({"Upgrade": upgrade})).is_upgrade, upgrade
 
     # What parse_request keeps -----------------------------------------------------------
     def test_header_values_keep_tabs_and_latin1_and_lose_surrounding_whitespace(self):
@@ -6424,6 +6463,87 @@ class TestCompression:
         assert error[1] == reason if reason else error[1].startswith("invalid compressed data: ")
         assert receive_outcome(wire, byte_by_byte(wire), deflate=DeflateParams()) == (delivered, error)
 
+    def test_a_fragment_that_inflates_past_the_limit_fails_before_the_message_ends(self):
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = compressor.compress(bytes(1000)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        wire = raw_frame(Opcode.BINARY, payload, fin=False, rsv=0x40)  # the message is not over yet
+        for cuts in ((), byte_by_byte(wire)):
+            assert receive_outcome(wire, cuts, deflate=DeflateParams(), max_message_size=100) == (
+                [], (1009, "message of 101 bytes exceeds the limit of 100"))
+
+    @pytest.mark.parametrize("limit", [100, 3000], ids=["small-frame", "large-frame"])  # one inflate call or two
+    def test_the_appended_tail_counts_against_the_limit_too(self, limit):
+        # A final frame that ends inside a stored block: the 00 00 ff ff appended to it (RFC 7692 7.2.2) is
+        # inflated as the block's data, and may take the message over the limit by one byte, no more.
+        announced = limit + 10
+        payload = b"\x00" + struct.pack("<HH", announced, announced ^ 0xFFFF) + bytes(limit)
+        assert (len(payload) >= 2048) == (limit == 3000)
+        wire = raw_frame(Opcode.BINARY, payload, rsv=0x40)
+        assert receive_outcome(wire, deflate=DeflateParams(), max_message_size=limit) == (
+            [], (1009, f"message of {limit + 1} bytes exceeds the limit of {limit}"))
+
+    def test_each_role_compresses_and_inflates_with_its_own_parameters(self):
+        # RFC 7692 7.1: the server_* parameters bind what the server sends, the client_* what the client sends.
+        params = DeflateParams(server_no_context_takeover=True, client_no_context_takeover=False,
+                               server_max_window_bits=10, client_max_window_bits=12)
+        client, server = PerMessageDeflate(params, client=True), PerMessageDeflate(params, client=False)
+        assert client.send_key is None and client.lock is not None  # the client keeps its context
+        assert server.send_key == (10, 6, 8) and server.lock is None  # the server shares a compressor
+        # The client's messages may refer to earlier ones (the server keeps its inflater); the server's may not
+        # (the client drops its inflater after each message, so a reference to an earlier message is invalid).
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -10)
+        block = random.Random(7).randbytes(300)
+        frames = [compressed_frame(Opcode.BINARY, (compressor.compress(block) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4])
+                  for _ in range(2)]
+        assert len(frames[1].payload) < 50  # the second message refers back to the first
+        server_side = MessageAssembler(deflate=server)
+        assert [server_side.receive(frame) for frame in frames] == [block, block]
+        client_side = MessageAssembler(deflate=client)
+        assert client_side.receive(frames[0]) == block
+        with raises_with(ProtocolError, code=1007):
+            client_side.receive(frames[1])
+
+    def test_compress_fragments_as_the_first_message_with_context_takeover(self):
+        deflate = PerMessageDeflate(DeflateParams(), client=False)  # keeps its context: no compressor yet
+        payloads = deflate.compress_fragments([b"frag", b"ments"])
+        assert inflate_payload(b"".join(payloads)) == b"fragments"
+
+    @pytest.mark.parametrize("answer, message", [
+        ("permessage-deflate; server_no_context_takeover; server_max_window_bits",
+         "server_max_window_bits needs a value"),
+        ("permessage-deflate; server_no_context_takeover; x", "unknown permessage-deflate parameter 'x'"),
+        ("permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+         "permessage-deflate parameter server_no_context_takeover repeated"),
+        ("permessage-deflate; server_no_context_takeover=1", "server_no_context_takeover takes no value"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits=16",
+         "invalid client_max_window_bits '16': 8..15"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits",
+         "client_max_window_bits needs a value in a response"),
+        ("x-foo", "server chose extensions that were not offered: 'x-foo'"),
+        ("permessage-deflate; =1", "malformed extension parameter '=1'"),
+        ("permessage-deflate", "the server did not agree to server_no_context_takeover"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
+         "client_max_window_bits 13 exceeds the 12 offered"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
+         "client_max_window_bits 8 is not supported (zlib cannot compress with 8)"),
+    ])
+    def test_refused_deflate_answers_say_why(self, answer, message):
+        with pytest.raises(ValueError) as info:
+            parse_deflate_response(answer, Deflate())
+        assert str(info.value) == message
+
+    def test_negotiation_edges(self):
+        with pytest.raises(ValueError, match="^server_max_window_bits 11 exceeds the 10 offered$"):
+            parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=11",
+                                   Deflate(server_max_window_bits=10))
+        # 9 bits is the smallest window a server can compress with: accepted as offered.
+        assert negotiate_deflate("permessage-deflate; server_max_window_bits=9") == (
+            f"{NO_CONTEXT}; server_max_window_bits=9", DeflateParams(True, True, 9, 15))
+        with pytest.raises(ValueError, match="^compression is off: no answer can be accepted$"):
+            parse_deflate_response("permessage-deflate", None)
+        with pytest.raises(ValueError, match="^compression is off: nothing to offer$"):
+            encode_deflate_offer(None)
+
     def test_assembler_without_deflate_names_the_reserved_bit(self):
         with raises_with(ProtocolError, code=1002, reason=RESERVED_BITS):
             MessageAssembler().receive(compressed_frame(Opcode.BINARY, deflate_payload(b"x")))
@@ -6467,6 +6587,32 @@ class TestCompression:
         assert MessageAssembler(deflate=deflate).receive(compressed_frame(Opcode.BINARY, payload)) == b"y" * 300
 
     # Settings ---------------------------------------------------------------------
+    @pytest.mark.parametrize("settings, error, message", [
+        ("gzip", ValueError, "unknown compression 'gzip': None or 'deflate'"),
+        (True, TypeError, "compression must be None, 'deflate' or a Deflate, not bool"),
+        (Deflate(server_max_window_bits=8), ValueError,
+         "server_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(server_max_window_bits=16), ValueError,
+         "server_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(client_max_window_bits=8), ValueError,
+         "client_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(client_max_window_bits=16), ValueError,
+         "client_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(level=-1), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(level=10), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(mem_level=0), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(mem_level=10), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+    ], ids=["gzip", "true", "server-8", "server-16", "client-8", "client-16", "level--1", "level-10", "mem-0", "mem-10"])
+    def test_invalid_compression_settings_say_what_is_wrong(self, settings, error, message):
+        with pytest.raises(error) as info:
+            negotiate_deflate("permessage-deflate", settings)
+        assert str(info.value) == message
+        with pytest.raises(error):
+            encode_deflate_offer(settings)
+        # The ends of each range are fine.
+        for fine in (Deflate(True, True, 9, 9, 0, 1), Deflate(False, False, 15, 15, 9, 9)):
+            assert negotiate_deflate("permessage-deflate", fine)[1] is not None
+
     def test_compression_settings_are_checked_up_front(self):
         for bad in ("gzip", "Deflate"):
             with pytest.raises(ValueError):
