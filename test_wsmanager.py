@@ -6630,6 +6630,95 @@ class TestInterop:
 
 
 ###############################################################################
+# Clients #####################################################################
+###############################################################################
+
+# Clients that live for hours: latency, redirects, proxies (a real tinyproxy), reconnection, and the
+# load command. Real peers only: wsmanager's own server, websockets' server, tinyproxy.
+
+class Pinger(Recorder):
+    """A Recorder whose ponged() also sets an event."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ponged_event = threading.Event()
+
+    def ponged(self, payload):
+        super().ponged(payload)
+        self.ponged_event.set()
+
+
+class SlowEcho(EchoServer):
+    """An echo server whose loop is busy for 0.2 s at each message: what it answers next waits that long."""
+
+    def received_message(self, message):
+        time.sleep(0.2)
+        super().received_message(message)
+
+
+@pytest.mark.usefixtures("no_leaks")
+class TestClients:
+    """Clients that live for hours: latency, redirects, proxies, reconnection, the load command."""
+
+    # Latency ---------------------------------------------------------------------
+
+    def test_latency_is_the_round_trip_of_the_last_answered_ping(self, manager, client_manager):
+        address = manager.listen(("127.0.0.1", 0), SlowEcho)
+        client = open_client(client_manager, ws_url(address), Pinger)
+        assert client.latency == 0.0  # nothing measured yet
+        client.ping(b"fast")
+        assert client.ponged_event.wait(10)
+        fast = client.latency
+        assert 0.0 < fast < 0.2
+        # The server's loop sleeps 0.2 s on the message before it reads the ping: the pong comes that late.
+        client.ponged_event.clear()
+        client.send("hold on")
+        client.ping(b"slow")
+        assert client.ponged_event.wait(10)
+        assert client.latency >= 0.2
+        client.close()
+        assert client.closed_event.wait(10)
+
+    def test_latency_against_websockets_and_unsolicited_pongs(self, client_manager):
+        with websockets_server() as (address, connections):
+            client = open_client(client_manager, ws_url(address), Pinger)
+            peer = connections.get(timeout=10)
+            peer.pong(b"unsolicited")  # answers no ping of ours: no latency from it
+            wait_until(lambda: ("pong", b"unsolicited") in client.events)
+            assert client.latency == 0.0
+            # A pong answers its ping and every ping sent before it (websockets' rule).
+            client.ping(b"one")
+            client.ping(b"two")
+            wait_until(lambda: ("pong", b"two") in client.events)
+            assert client.latency > 0.0
+            assert not client._pings  # both answered
+            client.close()
+            assert client.closed_event.wait(10)
+        __import__("gc").collect()  # websockets' server leaves its selector in a reference cycle
+
+    def test_latency_from_the_heartbeat(self, manager, make_manager):
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        pinging = make_manager(heartbeat=0.05)
+        client = open_client(pinging, ws_url(address), Pinger)
+        assert client.ponged_event.wait(10)  # the heartbeat's ping, not ours
+        assert 0.0 < client.latency < 1.0
+        client.close()
+        assert client.closed_event.wait(10)
+
+    def test_cli_serve_echo_endpoint_and_latency_in_stats(self, tmp_path, client_manager):
+        with _chat_server(tmp_path, "--heartbeat", "0.1") as (proc, port, read_log):
+            client = open_client(client_manager, f"ws://127.0.0.1:{port}/echo", Recorder)
+            client.send("to myself")
+            wait_until(lambda: client.messages == ["to myself"])
+            # The heartbeat pings the idle connection: /stats shows the median of the round trips.
+            wait_until(lambda: json.loads(_http(port, path="/stats", timeout=10)[2])["latency"]["measured"] >= 1)
+            latency = json.loads(_http(port, path="/stats", timeout=10)[2])["latency"]
+            assert 0.0 < latency["median"] < 1.0
+            client.close()
+            assert client.closed_event.wait(10)
+
+
+###############################################################################
 # Hardening ###################################################################
 ###############################################################################
 

@@ -230,6 +230,7 @@ MAX_HEADER_LINES = 100
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
+_MAX_TIMED_PINGS = 16  # pings per connection whose send time is kept for `latency`
 COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
 WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
@@ -1763,6 +1764,11 @@ class WebSocket:
     # Settings given as class attributes of a subclass (see __init_subclass__), by name.
     _class_settings: ClassVar[Dict[str, Any]] = {}
 
+    # Client features, as class defaults: an instance gets its own value (in its __dict__) only once used.
+    latency: float = 0.0
+    """Seconds between the last answered ping (:meth:`ping` or the heartbeat's) and its pong; 0.0 before."""
+    _pings: Optional[Dict[bytes, float]] = None  # payload -> when sent, of the pings not answered yet
+
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
@@ -1942,9 +1948,36 @@ class WebSocket:
                                               mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
-        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
-        if not self._queue(encode_frame(_PING, payload, mask=self.client)):
+        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
+        and its round trip to :attr:`latency`."""
+        data = encode_frame(_PING, payload, mask=self.client)
+        self._ping_timed(bytes(payload))
+        if not self._queue(data):
             raise self._closed_error("cannot ping")
+
+    def _ping_timed(self, payload: bytes) -> None:
+        # Any thread. A ping sent again with the same payload is timed from the later one.
+        with self._lock:
+            pings = self._pings
+            if pings is None:
+                pings = self._pings = {}
+            pings.pop(payload, None)
+            pings[payload] = time.monotonic()
+            if len(pings) > _MAX_TIMED_PINGS:  # bounded: unanswered pings are forgotten oldest first
+                del pings[next(iter(pings))]
+
+    def _pong_timed(self, payload: bytes) -> None:
+        # As websockets does: a pong answers the ping with its payload and every ping sent before that one.
+        pings = self._pings
+        if not pings or payload not in pings:
+            return  # unsolicited
+        now = time.monotonic()
+        with self._lock:
+            for sent_payload in list(pings):
+                sent = pings.pop(sent_payload)
+                if sent_payload == payload:
+                    self.latency = now - sent
+                    break
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
@@ -2191,6 +2224,7 @@ class WebSocket:
             delay = ping_sent + timeout - now
         elif now - self._last_seen >= interval:
             self._ping_sent = now
+            self._ping_timed(b"")
             self._queue(encode_frame(_PING, b"", mask=self.client))
             delay = timeout
         else:
@@ -2281,6 +2315,7 @@ class WebSocket:
                     self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
                 else:
                     self._ping_sent = 0.0
+                    self._pong_timed(frame.payload)
                     try:
                         self.ponged(frame.payload)
                     except Exception as exc:
@@ -4861,11 +4896,26 @@ def _format_peer(address: Any) -> str:
     return str(address or "unix socket")
 
 
+class _EchoPeer(WebSocket):
+    """The demo's ``/echo``: every message straight back to its sender (the target of ``python -m wsmanager load``)."""
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.send(message)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
-    # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
+    # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
-        return None if path == "/ws" else Response(404)
+        return None if path in ("/ws", "/echo") else Response(404)
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
@@ -4884,11 +4934,16 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
 
         def stats() -> Dict[str, Any]:
             # Which process answered: with workers, the kernel picks one per connection.
+            # The latency is the heartbeat's round trip: connections not pinged yet are left out.
+            latencies = [websocket.latency for websocket in manager if websocket.latency]
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
+                    "latency": {"median": _median(latencies), "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
-        def factory(*args: Any, **kwargs: Any) -> _ChatPeer:
+        def factory(*args: Any, **kwargs: Any) -> WebSocket:
+            if kwargs.get("path", "").split("?", 1)[0] == "/echo":
+                return _EchoPeer(*args, **kwargs)
             peer = _ChatPeer(*args, **kwargs)
             if index >= 0:
                 peer.worker = f"worker {index}: "
@@ -4917,7 +4972,7 @@ def _serve(args: Any) -> int:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    manager = WebSocketManager()
+    manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", _bracket(host), port,
                 f", relayed through {args.redis}" if args.redis else "")
@@ -4938,7 +4993,8 @@ def _serve(args: Any) -> int:
 
 
 def _serve_workers(args: Any) -> int:
-    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
+    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers,
+                            manager_options={"heartbeat": args.heartbeat or None})
     try:
         host, port = supervisor.bind()
     except OSError as exc:
@@ -5094,7 +5150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve = commands.add_parser("serve", formatter_class=formatter,
                                 help="run the broadcast chat (the default command)",
                                 description="Serve a chat page at / (and /stats) and publish every message sent on /ws "
-                                            "to every peer.")
+                                            "to every peer; /echo sends every message back to its sender.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=port, default=9000, help="port to listen on")
     serve.add_argument("--workers", type=workers, default=1,
@@ -5103,6 +5159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--redis", metavar="URL", default=None,
                        help="relay the chat through Redis pub/sub (redis://[:password@]host:port/db or rediss://), "
                             "so that every worker and every host running it shares one chat")
+    serve.add_argument("--heartbeat", type=float, default=20.0, metavar="SECONDS",
+                       help="ping connections idle this long, and drop those that do not answer within as long "
+                            "(0: never); /stats shows the median round trip")
     client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
                                  description="Send typed lines as text messages and print what arrives.")
     client.add_argument("url", help="ws:// or wss:// URL")
