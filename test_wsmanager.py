@@ -6717,6 +6717,118 @@ class TestClients:
             client.close()
             assert client.closed_event.wait(10)
 
+    # Redirects -------------------------------------------------------------------
+
+    @staticmethod
+    def _redirecting(manager, routes, status=302, **listen_options):
+        """A wsmanager server that answers each path of ``routes`` with ``status`` and Location: the
+        value (a function of the port), and runs an EchoRecorder for any other; returns its address."""
+        port = []
+
+        def hook(request):
+            location = routes.get(request.path)
+            if location is None:
+                return None
+            return Response(status, [("Location", location(port[0]) if callable(location) else location)])
+
+        address = manager.listen(("127.0.0.1", 0), EchoRecorder, handshake=hook, **listen_options)
+        port.append(address[1])
+        return address
+
+    @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+    def test_redirects_are_followed_by_both_ways_to_connect(self, manager, client_manager, status):
+        other = manager.listen(("127.0.0.1", 0), EchoRecorder)
+        address = self._redirecting(manager, {
+            "/old": "/new?x=1",  # relative: same server
+            "/moved": f"ws://127.0.0.1:{other[1]}/there",  # absolute: another server
+            "/http": f"http://127.0.0.1:{other[1]}/as-http",  # an http:// Location means ws://
+        }, status)
+        for path, where, new_path in (("/old", address, "/new?x=1"), ("/moved", other, "/there"),
+                                      ("/http", other, "/as-http")):
+            blocking = open_client(client_manager, ws_url(address, path), Recorder)
+            loop = client_manager.connect(ws_url(address, path), Recorder)
+            assert loop.opened_event.wait(10)
+            for client in (blocking, loop):
+                assert client.path == new_path
+                assert client.request_headers["Host"] == f"127.0.0.1:{where[1]}"
+                assert client.peer_address[1] == where[1]
+                client.send(f"via {status}")
+                wait_until(lambda: client.messages == [f"via {status}"])
+                client.close()
+                assert client.closed_event.wait(10)
+
+    def test_redirect_from_ws_to_wss_is_followed(self, manager, client_manager, mgr_tls_contexts):
+        server_context, client_context = mgr_tls_contexts
+        secure = manager.listen(("127.0.0.1", 0), EchoRecorder, ssl_context=server_context)
+        address = self._redirecting(manager, {"/": f"wss://localhost:{secure[1]}/secure"})
+        blocking = open_client(client_manager, ws_url(address), Recorder, ssl_context=client_context)
+        loop = client_manager.connect(ws_url(address), Recorder, ssl_context=client_context)
+        assert loop.opened_event.wait(10)
+        for client in (blocking, loop):
+            assert isinstance(client.sock, ssl.SSLSocket) and client.path == "/secure"
+            client.send("over TLS")
+            wait_until(lambda: client.messages == ["over TLS"])
+            client.close()
+            assert client.closed_event.wait(10)
+
+    def test_redirect_from_wss_to_ws_is_refused(self, manager, client_manager, mgr_tls_contexts):
+        server_context, client_context = mgr_tls_contexts
+        plain = manager.listen(("127.0.0.1", 0), EchoRecorder)
+        secure = self._redirecting(manager, {"/": f"ws://127.0.0.1:{plain[1]}/"}, ssl_context=server_context)
+        url = f"wss://localhost:{secure[1]}/"
+        with pytest.raises(HandshakeError, match="wss:// to ws://") as caught:
+            connect(url, ssl_context=client_context)
+        assert caught.value.status == 302
+        failure = dial_failure(client_manager, url, ssl_context=client_context)
+        assert isinstance(failure, HandshakeError) and "wss:// to ws://" in str(failure)
+
+    def test_redirect_loops_and_too_many_redirects(self, manager, client_manager):
+        routes = {"/a": "/b", "/b": "/a"}  # a loop
+        routes.update({f"/hop{i}": f"/hop{i + 1}" for i in range(20)})
+        routes.pop(f"/hop{wsmanager.MAX_REDIRECTS}")  # /hop0 -> ... -> /hop10 opens: 10 redirects
+        routes[f"/hop{wsmanager.MAX_REDIRECTS}x"] = "/hop0"  # 11 redirects to /hop10
+        address = self._redirecting(manager, routes)
+        for path, message in (("/a", "redirect loop"), (f"/hop{wsmanager.MAX_REDIRECTS}x", "more than 10 redirects")):
+            with pytest.raises(HandshakeError, match=message):
+                connect(ws_url(address, path))
+            failure = dial_failure(client_manager, ws_url(address, path))
+            assert isinstance(failure, HandshakeError) and message in str(failure)
+        for client in (open_client(client_manager, ws_url(address, "/hop0"), Recorder),
+                       client_manager.connect(ws_url(address, "/hop0"), Recorder)):
+            assert client.opened_event.wait(10) and client.path == f"/hop{wsmanager.MAX_REDIRECTS}"
+            client.close()
+            assert client.closed_event.wait(10)
+
+    def test_a_redirect_without_location_and_other_statuses_fail(self, manager, client_manager):
+        address = manager.listen(("127.0.0.1", 0), EchoRecorder,
+                                 handshake=lambda request: Response(302 if request.path == "/" else 300))
+        for path in ("/", "/300"):
+            with pytest.raises(HandshakeError) as caught:
+                connect(ws_url(address, path))
+            assert caught.value.status == (302 if path == "/" else 300)
+            assert dial_failure(client_manager, ws_url(address, path)).status == caught.value.status
+
+    def test_redirect_from_websockets_server(self, client_manager):
+        # websockets (the independent server) redirects with process_request.
+        def redirect(connection, request):
+            if request.path == "/old":
+                response = connection.respond(http.HTTPStatus.MOVED_PERMANENTLY, "moved\n")
+                response.headers["Location"] = "/new"
+                return response
+            return None
+
+        with websockets_server(process_request=redirect) as (address, connections):
+            for client in (open_client(client_manager, ws_url(address, "/old"), Recorder),
+                           client_manager.connect(ws_url(address, "/old"), Recorder)):
+                assert client.opened_event.wait(10) and client.path == "/new"
+                peer = connections.get(timeout=10)
+                assert peer.request.path == "/new"
+                client.send("hello")
+                assert peer.recv(timeout=10) == "hello"
+                client.close()
+                assert client.closed_event.wait(10)
+        __import__("gc").collect()  # websockets' server leaves its selector in a reference cycle
+
 
 ###############################################################################
 # Hardening ###################################################################

@@ -76,7 +76,7 @@ __all__ = [
     "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "encode_deflate_offer",
     "parse_deflate_response",
     # connection and manager
-    "WebSocket", "WebSocketManager", "connect",
+    "WebSocket", "WebSocketManager", "connect", "Reconnect", "MAX_REDIRECTS",
     # integrations
     "WSGIRequestHandler",
     # scaling out: Redis bridge and worker processes
@@ -1767,7 +1767,14 @@ class WebSocket:
     # Client features, as class defaults: an instance gets its own value (in its __dict__) only once used.
     latency: float = 0.0
     """Seconds between the last answered ping (:meth:`ping` or the heartbeat's) and its pong; 0.0 before."""
+    reconnect: "Optional[Reconnect]" = None
+    """How a :meth:`WebSocketManager.connect` client reconnects (``reconnect=``), ``None`` when it does not.
+    Set it to ``None`` (in any callback too) and this connection, once it ends, is not replaced;
+    :meth:`close` and :meth:`terminate` do that."""
+    reconnects: int = 0
+    """How many connections of this reconnecting client opened before this one: 0 on the first."""
     _pings: Optional[Dict[bytes, float]] = None  # payload -> when sent, of the pings not answered yet
+    _redial: "Optional[_Redial]" = None  # the reconnecting client this connection belongs to
 
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
@@ -1982,8 +1989,11 @@ class WebSocket:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
         then the close frame; the socket closes when the peer answers or
-        after ``close_timeout``. Does nothing once closing."""
+        after ``close_timeout``. Does nothing once closing. A reconnecting
+        client closed by us is not reconnected."""
         payload = encode_close(code, reason)
+        if self.reconnect is not None:
+            self.reconnect = None
         with self._lock:
             state = self.state
             if state > _OPEN:
@@ -1995,7 +2005,9 @@ class WebSocket:
         self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
-        """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
+        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected."""
+        if self.reconnect is not None:
+            self.reconnect = None
         self._call_threadsafe(self._finalize, "terminated")
 
     def _closed_error(self, action: str) -> ConnectionClosed:
@@ -2119,8 +2131,8 @@ class WebSocket:
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
-    # refusal), _enable_deflate() (what a handshake agreed), _take_response() (a loop client
-    # handshake's outcome), _describe() (log lines) and, from the listener that made it,
+    # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
+    # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
@@ -2153,6 +2165,19 @@ class WebSocket:
         self.subprotocol = subprotocol
         self._extra = rest
         self._enable_deflate(deflate, settings)
+
+    def _take_socket(self, sock: socket.socket, peer_address: Any = None, path: Optional[str] = None,
+                     request_head: Optional[bytes] = None) -> None:
+        """A loop client handshake's new socket, before the connection opens: TLS started on it, or a redirect's."""
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._tls = _is_tls(sock)
+        if peer_address is not None:
+            self.peer_address = peer_address
+        if path is not None:
+            self.path = path
+        if request_head is not None:
+            self._request_headers = request_head
 
     def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
         """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
@@ -2453,6 +2478,8 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
+            if self._redial is not None:  # a reconnecting client: maybe a new connection after a back-off
+                self._redial.ended(self)
 
 
 ###############################################################################
@@ -2817,18 +2844,37 @@ class _ServerHandshake(_Handshake):
 
 
 class _ClientHandshake(_Handshake):
-    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
 
-    __slots__ = ("websocket", "opening", "timeout", "request", "connected")
+    In order: the TCP connect (to the proxy, if any), the proxy's CONNECT tunnel, TLS for ``wss://``,
+    the opening handshake; a redirect starts over with a new socket, within the same deadline.
+    """
 
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
-                 timeout: float):
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "proxy", "tunnel",
+                 "visited", "redial")
+
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
+                 proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
+                 redial: Optional[_Redial] = None):
         super().__init__(manager, websocket.sock, address)
         self.websocket = websocket
+        self.options = options
+        self.redial = redial
+        self.visited = [target.url]
+        self._route(target, proxy, opening)
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
+
+    def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
+        self.target = target
+        self.proxy = proxy
         self.opening = opening
-        self.timeout = timeout
-        self.request = memoryview(opening.request)
+        self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
+        self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
         self.connected = False
+        self.tls_pending = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
@@ -2841,8 +2887,10 @@ class _ClientHandshake(_Handshake):
             return
         manager._handshakes.add(self)
         self.timer = manager._call_later(self.timeout, self._time_out)
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            # For an SSLSocket, connect_ex() also sets up the TLS object for the handshake to come.
             error = self.sock.connect_ex(self.address)
         except OSError as exc:
             self._fail(exc)
@@ -2850,7 +2898,7 @@ class _ClientHandshake(_Handshake):
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(OSError(error, os.strerror(error)))
             return
-        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+        self.manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2861,9 +2909,35 @@ class _ClientHandshake(_Handshake):
                 self._fail(OSError(error, os.strerror(error)))
                 return
             self.connected = True
+            if self.tunnel is None:
+                self._secure()
+                return
         if self.tls_pending and not self._tls_handshake():
             return
         self._write_request()
+
+    def _secure(self) -> None:
+        """Connected (through the tunnel, if any): start TLS for ``wss://``, then send the opening request."""
+        self.request = memoryview(self.opening.request)
+        if not self.target.secure:
+            self._write_request()
+            return
+        manager = self.manager
+        manager._unwatch(self.sock)
+        try:
+            # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
+            context = self.options.ssl_context if self.options.ssl_context is not None else (
+                ssl.create_default_context())
+            sock = context.wrap_socket(self.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.sock = sock
+        self.websocket._take_socket(sock)
+        self.tls_pending = True
+        manager._selector.register(sock, selectors.EVENT_WRITE, self)
+        if self._tls_handshake():
+            self._write_request()
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -2872,19 +2946,58 @@ class _ClientHandshake(_Handshake):
             if self._tls_handshake():
                 self._write_request()
             return
-        if self.request:
+        if self.request or not self.connected:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
-            result = self.opening.feed(self.sock.recv(READ_SIZE))
+            data = self.sock.recv(READ_SIZE)
+            if self.tunnel is not None:
+                if self.tunnel.feed(data):
+                    self.tunnel = None
+                    self._secure()
+                return
+            result = self.opening.feed(data)
         except _WOULD_BLOCK:
             return
-        except (OSError, HandshakeError) as exc:
+        except HandshakeError as exc:
+            if exc.status in _REDIRECT_STATUSES:
+                self._redirect(exc)
+            else:
+                self._fail(exc)
+            return
+        except OSError as exc:
             self._fail(exc)
             return
         if result is not None:
             self._open(*result)
         elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._read_again(self)
+
+    def _redirect(self, answer: HandshakeError) -> None:
+        """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
+        try:
+            target = _redirected(self.target, answer, self.visited)
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, (family, kind, proto, _, address) = _client_route(target, self.options.proxy)
+            sock = socket.socket(family, kind, proto)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        options = self.options
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
+        except BaseException:
+            sock.close()
+            raise
+        logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
+        self.manager._unwatch(self.sock)
+        self.sock.close()
+        self.sock = sock
+        self.address = address
+        self.websocket._take_socket(sock, address, target.path, opening.request)
+        self._route(target, proxy, opening)
+        self._connect()
 
     def _write_request(self) -> None:
         request = self.request
@@ -2905,11 +3018,13 @@ class _ClientHandshake(_Handshake):
         if websocket.terminated:
             return  # terminate()d meanwhile
         websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
+        if self.redial is not None:
+            self.redial.opened()
         self.manager._take(websocket)
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.timeout:g} s"))
 
     def _refuse_for_stop(self) -> None:
         self._fail(ManagerStopped("the manager stopped before the connection opened"))
@@ -2926,6 +3041,8 @@ class _ClientHandshake(_Handshake):
             websocket.connect_failed(exc)
         except Exception as error:
             logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+        if self.redial is not None:
+            self.redial.failed(websocket, exc)
 
     def _finalize(self, reason: str = "") -> None:
         # The manager's shutdown, or an internal error (WebSocketManager._crashed).
@@ -3068,24 +3185,28 @@ class WebSocketManager:
     def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> WebSocket: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket: ...
 
     @overload
     def connect(self, url: str, factory: Callable[..., _WebSocketT], *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> _WebSocketT: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> _WebSocketT: ...
 
     def connect(self, url: str, factory: Callable[..., WebSocket] = WebSocket, *,
                 ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                 headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None) -> WebSocket:
+                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None,
+                proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket:
         """Open a client connection without blocking: the connection is returned at once.
 
-        The TCP connect, the TLS handshake and the opening handshake run in
-        the loop, within ``timeout`` (default: the manager's
-        ``handshake_timeout``); then the connection opens here as if
-        :meth:`add`-ed (``opened()``, with ``subprotocol``,
+        The TCP connect, the proxy's tunnel, the TLS handshake and the opening
+        handshake (redirects included) run in the loop, within ``timeout``
+        (default: the manager's ``handshake_timeout``); then the connection
+        opens here as if :meth:`add`-ed (``opened()``, with ``subprotocol``,
         ``response_headers`` and ``compression`` set). If any step fails, the
         socket is closed and ``connect_failed(exc)`` is called in the loop
         instead of ``opened()`` and ``closed()``: ``exc`` is a
@@ -3093,33 +3214,63 @@ class WebSocketManager:
         ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
         meanwhile are queued and go out once it opens.
 
-        Same options as :func:`connect`. Only the host name is resolved here,
-        in the caller (an IP address costs nothing); raises
-        :class:`InvalidURL` for a bad URL, :class:`OSError` when the name does
-        not resolve and :class:`ManagerStopped` once the manager is stopping.
-        Any thread may call it.
+        ``reconnect=True`` (or a :class:`Reconnect` with other delays) keeps
+        the client connected: when a connection ends with 1001 from the
+        server, 1006 (no close frame), 1011, 1012, 1013 or 1014, or an attempt
+        fails on the network, a timeout or a 5xx answer, a new connection (a
+        fresh instance from ``factory``, its ``reconnects`` counting those
+        that opened before it) is attempted after the back-off, until one
+        opens; ``opened()`` runs for each. It stops at a normal close (1000,
+        any :meth:`WebSocket.close` or :meth:`WebSocket.terminate` of ours), a
+        4xx answer, ``ws.reconnect = None``, or when the manager stops.
+
+        Same options as :func:`connect` (``proxy`` included). Only the host name
+        (the proxy's, with a proxy) is resolved here, in the caller (an IP
+        address costs nothing); a redirect to another host and each reconnection
+        resolve in the loop. Raises :class:`InvalidURL` for a bad URL or proxy
+        URL, :class:`OSError` when the name does not resolve and
+        :class:`ManagerStopped` once the manager is stopping. Any thread may call it.
         """
-        settings = _deflate_settings(compression)
         target = _client_target(url)
-        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+        policy = _reconnect_policy(reconnect)
+        if target.secure and ssl_context is None:
+            ssl_context = ssl.create_default_context()  # made here once, not in the loop for each attempt
+        options = _ClientOptions(ssl_context, _deflate_settings(compression), subprotocols,
+                                 list(headers) if headers is not None else None, origin, proxy,
+                                 self.handshake_timeout if timeout is None else timeout)
+        redial = _Redial(self, target, factory, options, policy) if policy is not None else None
+        handshake = self._dial(target, factory, options, redial)
+        websocket = handshake.websocket
         try:
-            sock.setblocking(False)
-            sock = target.wrap(sock, ssl_context, do_handshake_on_connect=False)
-            opening = _ClientOpening(target, settings, subprotocols, headers, origin)
-            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
-                                peer_address=address)
-            handshake = _ClientHandshake(self, websocket, address, opening,
-                                         self.handshake_timeout if timeout is None else timeout)
             with self._lock:
                 self._check_running(stopping=True)
                 # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
                 websocket._bind(self)
         except BaseException:
-            sock.close()
+            websocket.sock.close()
             raise
         self._call_threadsafe(self._begin_client, handshake)
         return websocket
+
+    def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
+              redial: Optional[_Redial]) -> "_ClientHandshake":
+        """A client connection and its handshake, ready to begin in the loop (its first hop resolved here)."""
+        proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
+                                peer_address=address)
+            if redial is not None:
+                websocket.reconnect = redial.policy
+                websocket.reconnects = redial.opens
+                websocket._redial = redial
+            return _ClientHandshake(self, websocket, address, target, proxy, opening, options, redial)
+        except BaseException:
+            sock.close()
+            raise
 
     def _begin_client(self, handshake: "_ClientHandshake") -> None:
         handshake._begin()
@@ -3735,6 +3886,14 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
+MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
+# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Close codes after which a reconnecting client connects again: gone away (the server restarts),
+# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR, 1012, 1013, 1014})
+
+
 class _ClientTarget(NamedTuple):
     """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
 
@@ -3743,6 +3902,10 @@ class _ClientTarget(NamedTuple):
     port: int
     host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
     path: str  # origin-form request target: path and query
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
 
     def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
              do_handshake_on_connect: bool = True) -> socket.socket:
@@ -3776,6 +3939,245 @@ def _client_target(url: str) -> _ClientTarget:
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
     return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
+    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
+
+    ``visited`` holds the URLs tried so far, the first included. Raises
+    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
+    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
+    """
+    response = error.response
+    location = response.headers.get("Location") if response is not None and isinstance(
+        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
+    if not location:
+        raise error
+
+    def refuse(message: str) -> HandshakeError:
+        return HandshakeError(message, error.status, error.headers, response=response)
+
+    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
+    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
+    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    url = f"{scheme}://{rest}" if separator else location
+    try:
+        new_target = _client_target(url)
+    except InvalidURL as exc:
+        raise refuse(f"redirected to an unusable URL: {exc}") from None
+    url = new_target.url
+    if target.secure and not new_target.secure:
+        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
+    if url in visited:
+        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
+    if len(visited) > MAX_REDIRECTS:
+        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
+    visited.append(url)
+    return new_target
+
+
+# Proxies (HTTP CONNECT) --------------------------------------------------------
+
+class _Proxy(NamedTuple):
+    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
+
+    host: str
+    port: int
+    authorization: Optional[str]  # the Proxy-Authorization value, from the proxy URL's user and password
+
+
+def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
+    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
+    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
+    :class:`InvalidURL` for a proxy that is not ``http://``."""
+    if proxy is None or proxy is False:
+        return None
+    if proxy is True:
+        import urllib.request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = urllib.request.getproxies()
+        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
+        if not url or urllib.request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+            return None
+    else:
+        url = proxy
+    if "://" not in url:
+        url = "http://" + url  # "host:port", as curl and requests read it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return _Proxy(parts.hostname, port, authorization)
+
+
+class _ProxyTunnel:
+    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("request", "reader")
+
+    def __init__(self, target: _ClientTarget, proxy: _Proxy):
+        authority = f"{_bracket(target.host)}:{target.port}"
+        fields = [("Host", authority)]
+        if proxy.authorization is not None:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> bool:
+        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
+        (``status``: the proxy's) when it refuses or answers wrongly."""
+        if not data:
+            raise HandshakeError("the proxy closed the connection before answering CONNECT", None)
+        try:
+            result = self.reader.feed(data)
+        except HandshakeError as exc:
+            raise HandshakeError(f"malformed answer from the proxy: {exc}", None) from None
+        if result is None:
+            return False
+        head, rest = result
+        response = parse_response(head)
+        if not 200 <= response.status < 300:
+            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
+                                 response.status, list(response.headers), response=response)
+        if rest:  # the server speaks only after our request: this came from the proxy
+            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
+        return True
+
+
+def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any]:
+    """The proxy (or ``None``) and the resolved address (a ``getaddrinfo()`` entry) of the first hop."""
+    chosen = _client_proxy(target, proxy)
+    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
+    return chosen, socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+
+
+# Reconnecting clients ----------------------------------------------------------
+
+class Reconnect(NamedTuple):
+    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
+
+    The n-th wait in a row (n = 0, 1, ...) is based on
+    ``min(max_delay, initial_delay * factor ** n)``: the first, right after
+    the connection dropped or the first attempt failed, is drawn uniformly
+    between 0 and ``initial_delay`` (so that clients dropped by one event
+    spread out over it), each later one between ``1 - jitter`` and 1 times
+    its base. A connection that stayed open ``max_delay`` or longer starts
+    the count at 0 again; with ``jitter=0`` every wait is exactly its base.
+    """
+
+    initial_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 60.0
+    jitter: float = 0.5
+
+    def delay(self, n: int) -> float:
+        """The ``n``-th wait in a row, drawn as the class docstring says."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
+        if not self.jitter:
+            return base
+        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
+        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
+
+
+def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
+    if value is None or value is False:
+        return None
+    policy = Reconnect() if value is True else Reconnect(*value)
+    initial_delay, factor, max_delay, jitter = policy
+    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
+        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
+    return policy
+
+
+class _ClientOptions(NamedTuple):
+    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
+
+    ssl_context: Optional[ssl.SSLContext]
+    settings: Optional[Deflate]
+    subprotocols: Optional[Sequence[str]]
+    headers: Optional[Sequence[Tuple[str, str]]]
+    origin: Optional[str]
+    proxy: Union[str, bool, None]
+    timeout: float
+
+
+class _Redial:
+    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
+    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
+    is followed by a new attempt after a back-off. Loop thread only."""
+
+    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer")
+
+    def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
+                 options: _ClientOptions, policy: Reconnect):
+        self.manager = manager
+        self.target = target
+        self.factory = factory
+        self.options = options
+        self.policy = policy
+        self.waits = 0  # waits in a row: the back-off's n
+        self.opens = 0  # connections of this client that opened
+        self.opened_at = 0.0
+        self.timer: Any = None
+
+    def opened(self) -> None:
+        self.opens += 1
+        self.opened_at = time.monotonic()
+
+    def ended(self, websocket: WebSocket) -> None:
+        """An open connection ended (after its closed())."""
+        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
+            return
+        if time.monotonic() - self.opened_at >= self.policy.max_delay:
+            self.waits = 0  # it was stable: start the back-off again
+        self._wait(websocket, f"closed with {websocket.close_code}")
+
+    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
+        """An attempt could not open (after its connect_failed())."""
+        if isinstance(exc, HandshakeError):
+            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
+        else:  # the network, a timeout; a certificate that does not verify will not verify later either
+            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
+        if transient and self._wanted(websocket):
+            self._wait(websocket, "could not connect")
+
+    def _wanted(self, websocket: WebSocket) -> bool:
+        manager = self.manager
+        return (websocket.reconnect is not None and websocket.manager is manager
+                and not manager._stopping and not manager._finished)
+
+    def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
+        delay = self.policy.delay(self.waits)
+        self.waits += 1
+        logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
+                    self.target.url, why, delay)
+        self.timer = self.manager._call_later(delay, self._attempt)
+
+    def _attempt(self) -> None:
+        manager = self.manager
+        self.timer = None
+        if manager._stopping or manager._finished:
+            return
+        try:
+            # The name is resolved again, here in the loop: a host that moved is found where it went.
+            handshake = manager._dial(self.target, self.factory, self.options, self)
+        except OSError as exc:  # the name does not resolve (now), out of descriptors
+            logger.info("could not connect to %s: %s", self.target.url, exc)
+            self._wait(None, "could not connect")
+            return
+        except Exception as exc:
+            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
+            return
+        handshake.websocket._bind(manager)
+        handshake._begin()
 
 
 class _ClientOpening:
@@ -3821,47 +4223,88 @@ class _ClientOpening:
 def connect(url: str, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
 
 
 @overload
 def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> _WebSocketT: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
 
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket:
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
     """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
 
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
     are kept for the first read. ``compression="deflate"`` (or a
     :class:`Deflate`) offers permessage-deflate; an answer the offer does not
-    allow fails the handshake. Raises :class:`HandshakeError` (with the
-    server's HTTP ``status`` and ``headers``) when the server refuses or
+    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``;
+    ``timeout`` bounds the whole opening, redirects included.
+
+    ``proxy``: by default (``True``) the HTTP proxy the environment names
+    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
+    reads them; a URL (``http://user:password@host:port``) for that proxy;
+    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
+    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
+    ``wss://`` runs inside it, end to end with the server.
+
+    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
+    ``status`` and ``headers``) when the server or the proxy refuses or
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
-    bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
-    included) when the network or TLS fails.
+    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
+    ``TimeoutError`` included) when the network or TLS fails.
     """
     settings = _deflate_settings(compression)
     target = _client_target(url)
+    if headers is not None:
+        headers = list(headers)  # sent again after a redirect
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((target.host, target.port), timeout)
+    visited = [target.url]
+    while True:
+        try:
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols, headers, origin,
+                                 _client_proxy(target, proxy))
+        except HandshakeError as exc:
+            target = _redirected(target, exc, visited)
+
+
+def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
+                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
+    """One opening handshake of :func:`connect`, with no redirect followed."""
+
+    def receive(sock: socket.socket) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for the handshake response")
+        sock.settimeout(remaining)
+        return sock.recv(READ_SIZE)
+
+    hop = proxy if proxy is not None else target
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out before the handshake (redirects)")
+    sock = socket.create_connection((hop.host, hop.port), remaining)
     try:
+        if proxy is not None:
+            tunnel = _ProxyTunnel(target, proxy)
+            sock.sendall(tunnel.request)
+            while not tunnel.feed(receive(sock)):
+                pass
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
         result = None
         while result is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out waiting for the handshake response")
-            sock.settimeout(remaining)
-            result = opening.feed(sock.recv(READ_SIZE))
+            result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
