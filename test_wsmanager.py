@@ -5349,7 +5349,7 @@ class TestScaling:
                     wait_bridged(near)
                     wait_bridged(far, topics=["t"])
                     here.publish("t", "over TLS")
-                    wait_until(lambda: client.messages == ["over TLS"])
+                    wait_until(lambda client=client: client.messages == ["over TLS"])
                 with running_manager() as stranger:  # the system trust store does not know this CA
                     refused = stranger.bridge(server.url)
                     time.sleep(0.5)
@@ -6753,7 +6753,7 @@ class TestClients:
                 assert client.request_headers["Host"] == f"127.0.0.1:{where[1]}"
                 assert client.peer_address[1] == where[1]
                 client.send(f"via {status}")
-                wait_until(lambda: client.messages == [f"via {status}"])
+                wait_until(lambda client=client: client.messages == [f"via {status}"])
                 client.close()
                 assert client.closed_event.wait(10)
 
@@ -6767,7 +6767,7 @@ class TestClients:
         for client in (blocking, loop):
             assert isinstance(client.sock, ssl.SSLSocket) and client.path == "/secure"
             client.send("over TLS")
-            wait_until(lambda: client.messages == ["over TLS"])
+            wait_until(lambda client=client: client.messages == ["over TLS"])
             client.close()
             assert client.closed_event.wait(10)
 
