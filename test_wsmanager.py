@@ -6656,6 +6656,67 @@ class SlowEcho(EchoServer):
         super().received_message(message)
 
 
+class TinyProxy:
+    """A real HTTP proxy: Debian's tinyproxy, started by the test on a free port with a generated config
+    (BasicAuth when ``credentials`` are given), killed in teardown. Skips the test without tinyproxy."""
+
+    def __init__(self, directory, credentials=None):
+        executable = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy")
+                                                    else None)
+        if executable is None:
+            pytest.skip("no tinyproxy: install it with apt-get install -y tinyproxy (.ci/run does)")
+        self.log = directory / "tinyproxy.log"
+        self.proc = None
+        for attempt in range(3):
+            self.port = _free_port()
+            config = directory / "tinyproxy.conf"
+            config.write_text("\n".join([
+                f"Port {self.port}", "Listen 127.0.0.1", "Timeout 30", "MaxClients 100", "Allow 127.0.0.1",
+                "LogLevel Connect", f'LogFile "{self.log}"', f'PidFile "{directory / "tinyproxy.pid"}"',
+                *([f"BasicAuth {credentials[0]} {credentials[1]}"] if credentials else []), ""]))
+            self.proc = subprocess.Popen([executable, "-d", "-c", str(config)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.02)
+            _reap(self.proc)  # lost the port race (or too slow): another port
+        raise AssertionError(f"tinyproxy did not start: {self.log.read_text() if self.log.exists() else ''}")
+
+    def url(self, credentials=None):
+        from urllib.parse import quote
+        user = "" if credentials is None else f"{quote(credentials[0], safe='')}:{quote(credentials[1], safe='')}@"
+        return f"http://{user}127.0.0.1:{self.port}"
+
+    def tunnels(self):
+        """The CONNECT requests tinyproxy has logged (their target, host:port)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP", text)
+
+    def close(self):
+        _reap(self.proc)
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    proxy = TinyProxy(tmp_path)
+    yield proxy
+    proxy.close()
+
+
+PROXY_CREDENTIALS = ("alice", "s3cret-pass.word")  # tinyproxy's config takes [A-Za-z0-9._-] only
+
+
+@pytest.fixture
+def tinyproxy_with_auth(tmp_path):
+    proxy = TinyProxy(tmp_path, PROXY_CREDENTIALS)
+    yield proxy
+    proxy.close()
+
+
 @pytest.mark.usefixtures("no_leaks")
 class TestClients:
     """Clients that live for hours: latency, redirects, proxies, reconnection, the load command."""
@@ -6828,6 +6889,103 @@ class TestClients:
                 client.close()
                 assert client.closed_event.wait(10)
         __import__("gc").collect()  # websockets' server leaves its selector in a reference cycle
+
+    # Proxies (a real tinyproxy) --------------------------------------------------
+
+    @pytest.mark.parametrize("scheme", ["ws", "wss"])
+    @pytest.mark.parametrize("with_credentials", [False, True], ids=["open-proxy", "basic-auth"])
+    def test_proxy_tunnels_both_ways_to_connect(self, request, manager, client_manager, mgr_tls_contexts,
+                                                scheme, with_credentials):
+        proxy = request.getfixturevalue("tinyproxy_with_auth" if with_credentials else "tinyproxy")
+        credentials = PROXY_CREDENTIALS if with_credentials else None
+        server_context, client_context = mgr_tls_contexts
+        factory = Collect(EchoRecorder)
+        secure = scheme == "wss"
+        port = manager.listen(("127.0.0.1", 0), factory, ssl_context=server_context if secure else None)[1]
+        url = f"{scheme}://{'localhost' if secure else '127.0.0.1'}:{port}/through"
+        options = {"ssl_context": client_context} if secure else {}
+        blocking = open_client(client_manager, url, Recorder, proxy=proxy.url(credentials), **options)
+        loop = client_manager.connect(url, Recorder, proxy=proxy.url(credentials), **options)
+        assert loop.opened_event.wait(10)
+        for client in (blocking, loop):
+            assert isinstance(client.sock, ssl.SSLSocket) is secure  # TLS end to end, inside the tunnel
+            assert client.peer_address[1] == proxy.port  # the first hop is the proxy
+            client.send(f"through {scheme}")
+            wait_until(lambda client=client: client.messages == [f"through {scheme}"])
+        assert proxy.tunnels() == [f"{'localhost' if secure else '127.0.0.1'}:{port}"] * 2
+        # The server saw two connections from the proxy, not from the clients' own sockets.
+        client_ports = {client.sock.getsockname()[1] for client in (blocking, loop)}
+        assert len(factory.made) == 2 and not {ws.peer_address[1] for ws in factory.made} & client_ports
+        for client in (blocking, loop):
+            client.close()
+            assert client.closed_event.wait(10)
+
+    def test_proxy_refusals_are_handshake_errors_with_the_proxy_status(self, manager, client_manager,
+                                                                       tinyproxy_with_auth):
+        proxy = tinyproxy_with_auth
+        port = manager.listen(("127.0.0.1", 0), EchoRecorder)[1]
+        url = f"ws://127.0.0.1:{port}/"
+        for proxy_url, status in ((proxy.url(), 407),  # no credentials
+                                  (proxy.url(("alice", "wrong")), 401),  # tinyproxy's answer to bad ones
+                                  (proxy.url(PROXY_CREDENTIALS), None)):
+            if status is None:  # right credentials, but nothing listens where the tunnel goes
+                url = f"ws://127.0.0.1:{_free_port()}/"
+            with pytest.raises(HandshakeError, match="proxy refused CONNECT") as caught:
+                connect(url, proxy=proxy_url)
+            assert caught.value.status == (status or 500)  # tinyproxy: 500 Unable to connect
+            failure = dial_failure(client_manager, url, proxy=proxy_url)
+            assert isinstance(failure, HandshakeError) and failure.status == caught.value.status
+
+    def test_proxy_url_credentials_are_percent_decoded(self):
+        target = wsmanager._client_target("wss://example.com/")
+        proxy = wsmanager._client_proxy(target, "http://al%40ice:p%3Ass%25word@proxy.example:3128")
+        assert (proxy.host, proxy.port) == ("proxy.example", 3128)
+        assert base64.b64decode(proxy.authorization.removeprefix("Basic ")) == b"al@ice:p:ss%word"
+        assert wsmanager._client_proxy(target, "proxy.example").port == 80  # host alone: http://, port 80
+        assert wsmanager._client_proxy(target, None) is None
+        with pytest.raises(InvalidURL, match="only http:// proxies"):
+            wsmanager._client_proxy(target, "https://proxy.example")
+
+    def test_proxy_from_the_environment(self, manager, client_manager, mgr_tls_contexts, tinyproxy, monkeypatch):
+        server_context, client_context = mgr_tls_contexts
+        plain = manager.listen(("127.0.0.1", 0), EchoRecorder)[1]
+        secure = manager.listen(("127.0.0.1", 0), EchoRecorder, ssl_context=server_context)[1]
+        for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                     "ALL_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+
+        def through_proxy(url, **options):
+            """Opens with both ways to connect; how many of the two went through tinyproxy."""
+            before = len(proxy.tunnels())
+            clients = [open_client(client_manager, url, Recorder, **options),
+                       client_manager.connect(url, Recorder, **options)]
+            for client in clients:
+                assert client.opened_event.wait(10)
+                client.close()
+                assert client.closed_event.wait(10)
+            return len(proxy.tunnels()) - before
+
+        proxy = tinyproxy
+        ws, wss = f"ws://127.0.0.1:{plain}/", f"wss://localhost:{secure}/"
+        tls = {"ssl_context": client_context}
+        monkeypatch.setenv("http_proxy", proxy.url())
+        assert through_proxy(ws) == 2  # http_proxy for ws://
+        assert through_proxy(wss, **tls) == 0  # ... but not for wss://
+        assert through_proxy(ws, proxy=None) == 0  # proxy=None: none, whatever the environment says
+        monkeypatch.setenv("https_proxy", proxy.url())
+        assert through_proxy(wss, **tls) == 2  # https_proxy for wss://
+        monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+        assert through_proxy(ws) == through_proxy(wss, **tls) == 0  # no_proxy exempts them
+        monkeypatch.delenv("no_proxy")
+        monkeypatch.delenv("http_proxy")
+        monkeypatch.delenv("https_proxy")
+        monkeypatch.setenv("all_proxy", proxy.url())
+        assert through_proxy(ws) == through_proxy(wss, **tls) == 2  # all_proxy for both
+        monkeypatch.setenv("all_proxy", "socks5://127.0.0.1:1080")
+        with pytest.raises(InvalidURL, match="only http:// proxies"):
+            connect(ws)
+        with pytest.raises(InvalidURL, match="only http:// proxies"):
+            client_manager.connect(ws)
 
 
 ###############################################################################

@@ -3995,10 +3995,10 @@ def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optio
     if proxy is None or proxy is False:
         return None
     if proxy is True:
-        import urllib.request  # deliberate: only here, where it is needed (it imports http.client, email)
-        proxies = urllib.request.getproxies()
+        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = request.getproxies()
         url = proxies.get("https" if target.secure else "http") or proxies.get("all")
-        if not url or urllib.request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
             return None
     else:
         url = proxy
