@@ -6667,7 +6667,7 @@ class TinyProxy:
             pytest.skip("no tinyproxy: install it with apt-get install -y tinyproxy (.ci/run does)")
         self.log = directory / "tinyproxy.log"
         self.proc = None
-        for attempt in range(3):
+        for _attempt in range(3):
             self.port = _free_port()
             config = directory / "tinyproxy.conf"
             config.write_text("\n".join([
