@@ -6987,6 +6987,203 @@ class TestClients:
         with pytest.raises(InvalidURL, match="only http:// proxies"):
             client_manager.connect(ws)
 
+    # Reconnection ----------------------------------------------------------------
+
+    FAST = wsmanager.Reconnect(initial_delay=0.01, factor=2.0, max_delay=0.1, jitter=0.5)
+
+    @staticmethod
+    def _reconnecting(client_manager, url, policy=FAST, cls=Recorder, **options):
+        """manager.connect(reconnect=policy) through a Collect: every instance the factory makes is kept."""
+        factory = Collect(cls)
+        first = client_manager.connect(url, factory, reconnect=policy, **options)
+        return factory, first
+
+    @pytest.mark.parametrize("code", [1001, 1006, 1011, 1012, 1013, 1014])
+    def test_reconnects_after_an_abnormal_end(self, manager, client_manager, code):
+        servers, address = listen_collected(manager, EchoRecorder)
+        factory, first = self._reconnecting(client_manager, ws_url(address, "/feed"))
+        assert first.opened_event.wait(10) and first.reconnect == self.FAST and first.reconnects == 0
+        server = servers.first_opened()
+        if code == 1006:
+            server.terminate()  # no close frame at all
+        else:
+            server.close(code, "server trouble")
+        assert first.closed_event.wait(10) and first.close_code == code
+        wait_until(lambda: len(factory.made) >= 2 and factory.made[1].opened_event.is_set())
+        second = factory.made[1]
+        assert second is not first and second.reconnects == 1 and second.path == "/feed"
+        second.send("again")  # the new connection works
+        wait_until(lambda: second.messages == ["again"])
+        second.close()  # ours, normal: the end
+        assert second.closed_event.wait(10)
+        time.sleep(0.3)  # three times the largest back-off: no third connection comes
+        assert len(factory.made) == 2
+
+    @pytest.mark.parametrize("how", ["server-1000", "server-1002", "server-1008", "server-4000", "client-close",
+                                     "client-close-1001", "client-terminate", "reconnect-None-in-closed"])
+    def test_no_reconnect_after_a_normal_or_final_end(self, manager, client_manager, how):
+        class Settled(Recorder):
+            def closed(self, code, reason):
+                if how == "reconnect-None-in-closed":
+                    self.reconnect = None  # the application's own decision, at the last moment
+                super().closed(code, reason)
+
+        servers, address = listen_collected(manager, EchoRecorder)
+        factory, first = self._reconnecting(client_manager, ws_url(address), cls=Settled)
+        assert first.opened_event.wait(10)
+        server = servers.first_opened()
+        if how.startswith("server-"):
+            server.close(int(how.split("-")[1]))
+        elif how == "client-close":
+            first.close()
+        elif how == "client-close-1001":
+            first.close(CloseCode.GOING_AWAY)
+        elif how == "client-terminate":
+            first.terminate()
+        else:
+            server.terminate()  # 1006, which would reconnect but for the closed() above
+        assert first.closed_event.wait(10)
+        time.sleep(0.3)  # three times the largest back-off
+        assert factory.made == [first]
+
+    def test_failed_attempts_retry_on_5xx_and_network_errors_not_on_4xx(self, manager, client_manager):
+        answers = ["503", "500", None]  # two refusals a retry may cure, then the handshake goes through
+
+        def hook(request):
+            answer = answers.pop(0) if answers else None
+            return None if answer is None else Response(int(answer))
+
+        address = manager.listen(("127.0.0.1", 0), EchoRecorder, handshake=hook)
+        factory, first = self._reconnecting(client_manager, ws_url(address), cls=Dialer)
+        wait_until(lambda: len(factory.made) == 3 and factory.made[2].opened_event.is_set())
+        assert [client.failure.status for client in factory.made[:2]] == [503, 500]
+        assert factory.made[2].reconnects == 0  # the first connection that opened: not a reconnection
+        factory.made[2].close()
+        assert factory.made[2].closed_event.wait(10)
+
+        forbidden = manager.listen(("127.0.0.1", 0), EchoRecorder, handshake=lambda request: Response(403))
+        factory, first = self._reconnecting(client_manager, ws_url(forbidden), cls=Dialer)
+        assert first.failed_event.wait(10) and first.failure.status == 403
+        time.sleep(0.3)
+        assert factory.made == [first]  # 4xx is final
+
+        # Nothing listens: refused, again and again, until something does.
+        port = _free_port()
+        factory, first = self._reconnecting(client_manager, f"ws://127.0.0.1:{port}/", cls=Dialer)
+        wait_until(lambda: len(factory.made) >= 3)
+        assert all(isinstance(client.failure, ConnectionRefusedError) for client in factory.made[:3])
+        late = manager.listen(("127.0.0.1", port), EchoRecorder)
+        assert late[1] == port
+        wait_until(lambda: factory.made[-1].opened_event.is_set())
+        factory.made[-1].close()
+        assert factory.made[-1].closed_event.wait(10)
+
+    def test_opened_runs_again_and_resubscribes_to_topics(self, manager, client_manager):
+        class Feed(Recorder):
+            def opened(self):
+                super().opened()
+                # Each connection is a fresh instance: its topics are subscribed here, every time.
+                self.manager.subscribe(self, "news")
+                self.first_open = self.reconnects == 0
+
+        servers, address = listen_collected(manager, EchoRecorder)
+        factory, first = self._reconnecting(client_manager, ws_url(address), cls=Feed)
+        assert first.opened_event.wait(10) and first.first_open
+        assert client_manager.publish("news", "one") == 1
+        servers.first_opened().terminate()
+        wait_until(lambda: len(factory.made) == 2 and factory.made[1].opened_event.is_set())
+        second = factory.made[1]
+        assert not second.first_open and second.reconnects == 1
+        assert client_manager.topics(first) == [] and client_manager.topics(second) == ["news"]
+        assert client_manager.publish("news", "two") == 1
+        second.close()
+        assert second.closed_event.wait(10)
+
+    def test_reconnect_settings_are_checked(self, client_manager):
+        assert wsmanager.Reconnect() == (3.0, 1.618, 60.0, 0.5)  # the documented defaults
+        for bad in [(0, 2, 60, 0.5), (1, 0.5, 60, 0.5), (10, 2, 5, 0.5), (1, 2, 60, 1.5), (1, 2, 60, -0.1)]:
+            with pytest.raises(ValueError):
+                client_manager.connect("ws://127.0.0.1:9/", reconnect=bad)
+        policy = wsmanager.Reconnect(initial_delay=0.5, factor=3.0, max_delay=4.0, jitter=0.25)
+        for n in range(8):
+            base = min(4.0, 0.5 * 3.0 ** n)
+            waits = [policy.delay(n) for _ in range(200)]
+            low = 0.0 if n == 0 else base * 0.75  # the first wait after a drop: anywhere up to its base
+            assert all(low <= wait <= base for wait in waits)
+            assert max(waits) - min(waits) > base * (0.5 if n == 0 else 0.1)  # it does spread
+        assert wsmanager.Reconnect(initial_delay=1, factor=2, jitter=0).delay(3) == 8.0
+
+    def test_down_for_good_backs_off_to_the_cap_and_stop_ends_it_at_once(self, make_manager):
+        policy = wsmanager.Reconnect(initial_delay=0.02, factor=2.0, max_delay=0.16, jitter=0.5)
+        client_manager = make_manager()
+        times = []
+
+        class Counted(Dialer):
+            def connect_failed(self, exc):
+                times.append(time.monotonic())
+                super().connect_failed(exc)
+
+        factory, first = self._reconnecting(client_manager, f"ws://127.0.0.1:{_free_port()}/", policy, Counted)
+        wait_until(lambda: len(times) >= 10)
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        assert max(gaps) < 0.16 + 0.1  # never past the cap (plus scheduling slack)
+        assert min(gaps[4:]) >= 0.16 * 0.5 - 0.01  # at the cap: between (1 - jitter) and 1 times it
+        assert sum(gaps[4:8]) / 4 > 2 * gaps[0]  # it backed off
+        started = time.monotonic()
+        client_manager.stop(5.0)  # even a graceful stop does not wait for a pending attempt
+        client_manager.join(5)
+        assert not client_manager.running and time.monotonic() - started < 1.0
+        attempts = len(times)
+        time.sleep(0.4)
+        assert len(times) == attempts and all(client.terminated for client in factory.made)
+
+    RECONNECT_CLIENTS = int(os.environ.get("WSMANAGER_RECONNECT_CLIENTS", "200"))  # the issue's proof: 1,000
+
+    def test_a_herd_of_clients_reconnects_after_a_server_restart(self, tmp_path, make_manager):
+        """The server killed, restarted 2 s later on the same port: with the default back-off, every
+        client is open again within 10 s of the restart, no more than a third of them in any 500 ms."""
+        count = self.RECONNECT_CLIENTS
+        reopened = []
+
+        class Client(Recorder):
+            def opened(self):
+                super().opened()
+                if self.reconnects:
+                    reopened.append(time.monotonic())
+
+        client_manager = make_manager()
+        with _chat_server(tmp_path, name="first") as (proc, port, read_log):
+            factory = Collect(Client)
+            for _ in range(count):
+                client_manager.connect(f"ws://127.0.0.1:{port}/echo", factory, reconnect=True)
+            wait_until(lambda: sum(client.opened_event.is_set() for client in factory.made) == count, timeout=60)
+            proc.kill()
+            proc.wait(10)
+            killed = time.monotonic()
+            wait_until(lambda: all(client.closed_event.is_set() for client in factory.made[:count]), timeout=30)
+        time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
+        log_path = tmp_path / "restarted.log"
+        with open(log_path, "wb") as log:
+            restarted_proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port)],
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                              env=_cli_env())
+        try:
+            wait_until(lambda: b"chat on http://" in log_path.read_bytes(), timeout=20)
+            restarted = time.monotonic()
+            wait_until(lambda: len(reopened) >= count, timeout=30)
+            figures = sorted(moment - restarted for moment in reopened)
+            busiest = max(sum(1 for other in figures if start <= other < start + 0.5) for start in figures)
+            print(f"\n{count} clients: first open {figures[0]:.2f} s after the restart, last {figures[-1]:.2f} s, "
+                  f"at most {busiest} ({busiest / count:.0%}) in one 500 ms window")
+            assert figures[-1] <= 10.0
+            assert busiest <= count / 3
+            assert len(reopened) == count  # one reconnection each: none made two
+            for client in list(factory.made):
+                client.close()
+            wait_until(lambda: len(client_manager) == 0, timeout=30)
+        finally:
+            _reap(restarted_proc)
+
 
 ###############################################################################
 # Hardening ###################################################################
