@@ -7184,6 +7184,105 @@ class TestClients:
         finally:
             _reap(restarted_proc)
 
+    # The load command ------------------------------------------------------------
+
+    LOAD_CLIENTS = int(os.environ.get("WSMANAGER_LOAD_CLIENTS", "300"))  # the issue's figure: 2,000 x 100
+
+    @staticmethod
+    def _load(*args, timeout=120):
+        result = _cli("load", *args, "--json", timeout=timeout)
+        return result, json.loads(result.stdout) if result.stdout.strip() else None
+
+    def test_cli_load_against_the_demo_echo(self, tmp_path):
+        clients = self.LOAD_CLIENTS
+        messages = 100 if clients >= 2000 else 20
+        with _chat_server(tmp_path) as (proc, port, read_log):
+            result, report = self._load(f"ws://127.0.0.1:{port}/echo", "--clients", str(clients),
+                                        "--messages", str(messages), "--size", "64", "--rate", "0")
+            assert result.returncode == 0, result.stderr
+            print(f"\n{json.dumps(report)}")
+            # The benchmark's S2 shape: 50 connections keeping 16 text messages of 64 B in flight.
+            s2_result, s2 = self._load(f"ws://127.0.0.1:{port}/echo", "--clients", "50", "--in-flight", "16",
+                                       "--messages", "200", "--size", "64", "--text")
+            assert s2_result.returncode == 0, s2_result.stderr
+            assert s2["in_flight"] == 16 and s2["answered"] == 50 * 200 and s2["errors"] == {}
+        assert report["connected"] == clients and report["errors"] == {}
+        assert report["answered"] == clients * messages
+        for figures in (report["connect_ms"], report["round_trip_ms"]):
+            assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"] <= figures["max"]
+        assert report["messages_per_second"] > 0 and report["size"] == 64
+
+    def test_cli_load_against_websockets_and_for_a_duration(self, tmp_path):
+        with websockets_server() as (address, connections):
+            # The websockets test server only hands its connections over: echo them from threads.
+            def echo():
+                while True:
+                    try:
+                        peer = connections.get(timeout=5)
+                    except queue.Empty:
+                        return
+                    threading.Thread(target=self._echo_until_closed, args=(peer,), daemon=True).start()
+
+            echoing = threading.Thread(target=echo, daemon=True)
+            echoing.start()
+            started = time.monotonic()
+            result, report = self._load(ws_url(address, "/"), "--clients", "5", "--messages", "0",
+                                        "--duration", "1")
+            assert result.returncode == 0, result.stderr
+            assert 1.0 <= time.monotonic() - started < 30
+            assert report["connected"] == 5 and report["errors"] == {} and report["answered"] > 5
+            echoing.join(10)
+        __import__("gc").collect()  # websockets' server leaves its selector in a reference cycle
+
+    @staticmethod
+    def _echo_until_closed(peer):
+        with contextlib.suppress(Exception):
+            for message in peer:
+                peer.send(message)
+
+    def test_cli_load_counts_errors_by_kind(self, manager):
+        address = manager.listen(("127.0.0.1", 0), EchoServer,
+                                 handshake=lambda request: Response(404) if request.path == "/nowhere" else None)
+        result, report = self._load(ws_url(address, "/nowhere"), "--clients", "3", "--messages", "2")
+        assert result.returncode == 1 and report["errors"] == {"handshake 404": 3} and report["connected"] == 0
+        result, report = self._load(f"ws://127.0.0.1:{_free_port()}/", "--clients", "4", "--messages", "2")
+        assert result.returncode == 1 and report["errors"] == {"connect: ConnectionRefusedError": 4}
+
+        class Rude(EchoServer):
+            def received_message(self, message):
+                self.close(CloseCode.TRY_AGAIN_LATER)
+
+        rude = manager.listen(("127.0.0.1", 0), Rude)
+        result, report = self._load(ws_url(rude), "--clients", "2", "--messages", "3")
+        assert result.returncode == 1 and report["errors"] == {"closed 1013 before its last answer": 2}
+        assert report["connected"] == 2 and report["answered"] == 0
+
+    def test_cli_load_arguments_and_progress_on_a_terminal(self, manager):
+        for arguments, message in ((["--clients", "0"], "--clients"), (["--messages", "0"], "give a --duration"),
+                                   (["--size", "-1"], "must not be negative")):
+            result = _cli("load", "ws://127.0.0.1:9/", *arguments)
+            _assert_fails_in_one_line(result, message)
+        _assert_fails_in_one_line(_cli("load", "http://127.0.0.1:9/"), "not a ws:// or wss:// URL")
+        pty = pytest.importorskip("pty")
+        address = manager.listen(("127.0.0.1", 0), SlowEcho)  # 0.2 s per message: time for progress lines
+        master, slave = pty.openpty()
+        proc = None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "load", ws_url(address), "--clients", "2",
+                                     "--messages", "4"], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                    env=dict(_cli_env(), TERM="xterm"))
+            output = bytearray()
+            _read_pty_until(master, output, b"2/2 connected, ", timeout=20)  # the progress line ...
+            _read_pty_until(master, output, b"errors           none", timeout=30)  # ... then the report
+            assert proc.wait(20) == 0
+            assert b"\r\x1b[K" in output  # the progress line was erased before the report
+            assert re.search(rb"round trip \(ms\)  p50 [\d,.]+  p90 [\d,.]+  p99 [\d,.]+  max [\d,.]+", output)
+        finally:
+            if proc is not None:
+                _reap(proc)
+            os.close(slave)
+            os.close(master)
+
 
 ###############################################################################
 # Hardening ###################################################################

@@ -3891,7 +3891,8 @@ MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websocke
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Close codes after which a reconnecting client connects again: gone away (the server restarts),
 # no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
-_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR, 1012, 1013, 1014})
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
 
 
 class _ClientTarget(NamedTuple):
@@ -5546,6 +5547,220 @@ def _connect(args: Any) -> int:
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
 
 
+class _LoadClient(WebSocket):
+    """A client of ``python -m wsmanager load``: keeps ``--in-flight`` messages (1 by default) waiting
+    for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class)."""
+
+    run: "_LoadRun"
+    dialed = 0.0  # when manager.connect() was called
+    sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
+    left = 0  # messages still to send (-1: until the run's duration is over)
+    done = False
+
+    def opened(self) -> None:
+        self.run.opened(self)
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.run.answered(self, message)
+
+    def connect_failed(self, exc: BaseException) -> None:
+        self.run.failed(exc)
+
+    def closed(self, code: int, reason: str) -> None:
+        self.run.closed(self, code)
+
+
+def _percentiles(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """p50, p90, p99 and max of ``values`` (nearest rank), in milliseconds; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    # Nearest rank: the smallest value with at least p % of them at or below it (ceil(n * p / 100)).
+    figures = {f"p{percent}": ordered[max(0, -(-len(ordered) * percent // 100) - 1)] for percent in (50, 90, 99)}
+    figures["max"] = ordered[-1]
+    return {name: round(value * 1000, 3) for name, value in figures.items()}
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, HandshakeError):
+        return f"handshake {exc.status}" if exc.status is not None else "handshake: no valid answer"
+    return f"connect: {type(exc).__name__}"
+
+
+class _LoadRun:
+    """What ``python -m wsmanager load`` measures; its callbacks run in the manager's loop thread."""
+
+    def __init__(self, clients: int, messages: int, size: int, in_flight: int = 1, text: bool = False):
+        self.clients = clients
+        self.messages = messages
+        self.in_flight = in_flight
+        self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
+        self.connect_times: List[float] = []
+        self.round_trips: List[float] = []
+        self.errors: Dict[str, int] = collections.Counter()
+        self.finished = 0  # clients done: all answers in, failed, or closed
+        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.first_send = 0.0
+        self.last_answer = 0.0
+        self.answered_bytes = 0
+
+    def opened(self, client: _LoadClient) -> None:
+        now = time.monotonic()
+        self.connect_times.append(now - client.dialed)
+        client.left = self.messages if self.messages > 0 else -1
+        client.sent_at = collections.deque()
+        if not self.first_send:
+            self.first_send = now
+        for _ in range(self.in_flight):
+            self._next(client, now)
+
+    def answered(self, client: _LoadClient, message: Union[str, bytes]) -> None:
+        now = time.monotonic()
+        if message != self.payload or not client.sent_at:
+            self.errors["answer differs from the message"] += 1
+            client.done = True  # counted here, not again as closed early
+            client.close(CloseCode.POLICY_VIOLATION)
+            return
+        self.round_trips.append(now - client.sent_at.popleft())
+        self.answered_bytes += len(message)
+        self.last_answer = now
+        self._next(client, now)
+
+    def _next(self, client: _LoadClient, now: float) -> None:
+        if client.left == 0 or not self.sending:
+            if not client.sent_at and not client.done:  # every answer is in
+                client.done = True
+                client.close()
+            return
+        client.left -= 1
+        client.sent_at.append(now)
+        client.send(self.payload)
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors[_error_kind(exc)] += 1
+        self.finished += 1
+
+    def closed(self, client: _LoadClient, code: int) -> None:
+        if not client.done:
+            self.errors[f"closed {code} before its last answer"] += 1
+        self.finished += 1
+
+    def report(self, url: str, elapsed: float, cpu: float, rate: float, not_finished: int) -> Dict[str, Any]:
+        if not_finished:
+            self.errors["no answer before the end of the run"] += not_finished
+        span = self.last_answer - self.first_send
+        return {
+            "url": url, "clients": self.clients, "messages": self.messages, "size": len(self.payload),
+            "in_flight": self.in_flight,
+            "rate": rate or None, "connected": len(self.connect_times),
+            "connect_ms": _percentiles(self.connect_times), "round_trip_ms": _percentiles(self.round_trips),
+            "answered": len(self.round_trips),
+            "messages_per_second": round(len(self.round_trips) / span, 1) if span > 0 else None,
+            "megabytes_per_second": round(self.answered_bytes / span / 1e6, 3) if span > 0 else None,
+            "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+def _print_load_report(report: Dict[str, Any]) -> None:
+    def row(name: str, figures: Optional[Dict[str, float]]) -> str:
+        if figures is None:
+            return f"{name:<17}-"
+        return f"{name:<17}" + "  ".join(f"{key} {value:,.2f}" for key, value in figures.items())
+
+    errors = report["errors"]
+    print(f"{report['clients']:,} clients x {report['messages']:,} messages of {report['size']:,} B "
+          + (f"({report['in_flight']} in flight) " if report["in_flight"] > 1 else "") +
+          f"to {report['url']} in {report['seconds']:.2f} s (this process: {report['cpu_seconds']:.2f} s of CPU)")
+    print(f"{'connected':<17}{report['connected']:,} of {report['clients']:,}")
+    print(row("connect (ms)", report["connect_ms"]))
+    print(row("round trip (ms)", report["round_trip_ms"]))
+    throughput = report["messages_per_second"]
+    print(f"{'throughput':<17}" + (f"{throughput:,.0f} messages/s ({report['megabytes_per_second']:.2f} MB/s "
+                                   f"each way), {report['answered']:,} answered" if throughput else "-"))
+    print(f"{'errors':<17}" + (", ".join(f"{count:,} {kind}" for kind, count in errors.items()) or "none"))
+
+
+def _load(args: Any) -> int:
+    try:
+        _client_target(args.url)
+    except InvalidURL as exc:
+        print(f"wsmanager: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = args.clients + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
+                                                        else min(wanted, hard), hard))
+    context = None
+    if args.url.lower().startswith("wss:"):
+        context = ssl.create_default_context()
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
+    run.sending = True
+    _LoadClient.run = run
+
+    def factory(*arguments: Any, **options: Any) -> _LoadClient:
+        client = _LoadClient(*arguments, **options)
+        client.dialed = time.monotonic()
+        return client
+
+    stop_requests: List[int] = []
+    _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
+    progress = sys.stderr.isatty() and not args.json
+    manager = WebSocketManager(handshake_timeout=args.timeout, max_message_size=max(args.size, DEFAULT_MAX_MESSAGE_SIZE))
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    deadline = started + args.duration if args.duration else None
+    dialed = 0
+    last_progress = 0.0
+    stalled_since = started
+    seen = (-1, -1)
+    with manager:
+        while not stop_requests:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                run.sending = False  # each client ends after its current message
+                deadline = None
+                stalled_since = now
+            due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
+            while dialed < due and not stop_requests:
+                try:
+                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
+                    run.failed(exc)
+                dialed += 1
+            if run.finished >= args.clients:
+                break
+            progress_now = (len(run.round_trips), run.finished)
+            if progress_now != seen:
+                seen, stalled_since = progress_now, now
+            elif dialed >= args.clients and now - stalled_since > args.timeout:
+                break  # nothing moved for a whole timeout: the rest never answered
+            if progress and now - last_progress >= 0.5:
+                last_progress = now
+                sys.stderr.write(f"\r{len(run.connect_times):,}/{args.clients:,} connected, "
+                                 f"{len(run.round_trips):,} answers, {sum(run.errors.values()):,} errors ")
+                sys.stderr.flush()
+            time.sleep(0.01 if args.rate and dialed < args.clients else 0.05)
+        not_finished = args.clients - run.finished
+        elapsed = time.monotonic() - started
+        manager.close_all(CloseCode.NORMAL)
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    report = run.report(args.url, elapsed, time.process_time() - cpu_before, args.rate, not_finished)
+    if args.json:
+        import json
+        print(json.dumps(report))
+    else:
+        _print_load_report(report)
+    return 1 if report["errors"] or stop_requests else 0
+
+
 def _terminal_mode() -> Optional[Callable[[], None]]:
     """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
     try:
@@ -5562,7 +5777,7 @@ def _terminal_mode() -> Optional[Callable[[], None]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m wsmanager [serve|connect] ...``; returns the exit status."""
+    """``python -m wsmanager [serve|connect|load] ...``; returns the exit status."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -5579,6 +5794,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         number = int(text)
         if not 0 <= number <= 65535:
             raise ValueError(f"port {number} out of range")
+        return number
+
+    def positive(text: str) -> int:
+        number = int(text)
+        if number < 1:
+            raise ValueError(f"{number} < 1")
         return number
 
     def workers(text: str) -> int:
@@ -5617,11 +5838,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="send this header with the handshake (repeatable)")
     client.add_argument("--origin", help="send this Origin header")
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
+    load = commands.add_parser("load", formatter_class=formatter, help="a load test of a WebSocket echo server",
+                               description="Open N clients (through one manager) at R per second; each sends M "
+                                           "messages of B bytes, one at a time, each once the previous one came back. "
+                                           "Reports connect times and round trips (p50, p90, p99, max), "
+                                           "throughput and errors by kind. Against `serve`, use its /echo.")
+    load.add_argument("url", help="ws:// or wss:// URL of an echo endpoint")
+    load.add_argument("--clients", type=positive, default=100, metavar="N", help="clients to open")
+    load.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                      help="clients opened per second (0: all at once)")
+    load.add_argument("--messages", type=int, default=100, metavar="M",
+                      help="messages per client (0: until --duration is over)")
+    load.add_argument("--size", type=int, default=32, metavar="B", help="bytes per (binary) message")
+    load.add_argument("--text", action="store_true", help="send text messages (of B ASCII characters)")
+    load.add_argument("--in-flight", type=positive, default=1, metavar="K",
+                      help="messages each client keeps waiting for their answer")
+    load.add_argument("--duration", type=float, default=0.0, metavar="S",
+                      help="stop sending after S seconds (0: when every client has sent its messages)")
+    load.add_argument("--timeout", type=float, default=10.0, metavar="T",
+                      help="handshake timeout; the run also ends when nothing moved for this long")
+    load.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    load.add_argument("--json", action="store_true", help="print the report as one JSON object (for CI)")
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
+    if not arguments or arguments[0] not in ("serve", "connect", "load", "-h", "--help", "--version"):
         arguments.insert(0, "serve")
     args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "load":
+        if args.messages < 0 or args.size < 0 or args.rate < 0 or args.duration < 0 or args.timeout <= 0:
+            parser.error("--messages, --size, --rate and --duration must not be negative, --timeout above 0")
+        if args.messages == 0 and not args.duration:
+            parser.error("--messages 0 sends until --duration is over: give a --duration")
+        return _load(args)
     return _serve(args) if args.command == "serve" else _connect(args)
 
 
