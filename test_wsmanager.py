@@ -6890,6 +6890,24 @@ class TestClients:
                 assert client.closed_event.wait(10)
         __import__("gc").collect()  # websockets' server leaves its selector in a reference cycle
 
+    def test_readme_reconnect_snippet(self, make_manager):
+        dropped = []
+
+        class DropFirst(EchoServer):
+            def received_message(self, message):
+                if not dropped:  # the first connection vanishes without a close frame: 1006
+                    dropped.append(self)
+                    self.terminate()
+                    return
+                super().received_message(message)
+
+        port = make_manager().listen(("127.0.0.1", 0), DropFirst)[1]
+        code = readme_snippet("reconnect").replace("9000", str(port))
+        assert exec_printed(code, "readme_reconnect").splitlines() == ["opened, reconnects: 0",
+                                                                       "opened, reconnects: 1"]
+        assert len(dropped) == 1
+
+
     # Proxies (a real tinyproxy) --------------------------------------------------
 
     @pytest.mark.parametrize("scheme", ["ws", "wss"])
