@@ -7007,7 +7007,7 @@ class TestClients:
 
     # Reconnection ----------------------------------------------------------------
 
-    FAST = wsmanager.Reconnect(initial_delay=0.01, factor=2.0, max_delay=0.1, jitter=0.5)
+    FAST = (0.01, 2.0, 0.1, 0.5)  # initial_delay, factor, max_delay, jitter: a Reconnect as a plain tuple
 
     @staticmethod
     def _reconnecting(client_manager, url, policy=FAST, cls=Recorder, **options):
