@@ -7037,6 +7037,22 @@ class TestClients:
         time.sleep(0.3)  # three times the largest back-off: no third connection comes
         assert len(factory.made) == 2
 
+    def test_reconnects_over_tls_through_a_proxy(self, manager, client_manager, mgr_tls_contexts, tinyproxy):
+        server_context, client_context = mgr_tls_contexts
+        servers, address = listen_collected(manager, EchoRecorder, ssl_context=server_context)
+        factory, first = self._reconnecting(client_manager, f"wss://localhost:{address[1]}/",
+                                            ssl_context=client_context, proxy=tinyproxy.url())
+        assert first.opened_event.wait(10)
+        servers.first_opened().terminate()
+        wait_until(lambda: len(factory.made) >= 2 and factory.made[1].opened_event.is_set())
+        second = factory.made[1]
+        assert isinstance(second.sock, ssl.SSLSocket) and second.reconnects == 1
+        assert tinyproxy.tunnels() == [f"localhost:{address[1]}"] * 2  # each connection through the proxy
+        second.send("secure again")
+        wait_until(lambda: second.messages == ["secure again"])
+        second.close()
+        assert second.closed_event.wait(10)
+
     @pytest.mark.parametrize("how", ["server-1000", "server-1002", "server-1008", "server-4000", "client-close",
                                      "client-close-1001", "client-terminate", "reconnect-None-in-closed"])
     def test_no_reconnect_after_a_normal_or_final_end(self, manager, client_manager, how):

@@ -48,8 +48,10 @@ Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
 one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
 deadline and a TLS handshake), with the request and the check of the answer
-that ``_ClientOpening`` shares with :func:`connect`; ``_Waker`` lets other
-threads interrupt ``select()``; ``_Handler`` is the interface of everything in
+that ``_ClientOpening`` shares with :func:`connect` (and ``_ProxyTunnel``, the
+CONNECT through an HTTP proxy); ``_Redial`` is one reconnecting client of
+:meth:`WebSocketManager.connect`; ``_Waker`` lets other threads interrupt
+``select()``; ``_Handler`` is the interface of everything in
 the selector and ``_Flushable`` that of the loop's flush queue;
 ``_WSGIHandOff`` is the WSGI application of :meth:`WebSocketManager.wsgi_app`;
 ``_RedisConnection`` and ``_RespParser`` are the bridge's socket and its RESP
