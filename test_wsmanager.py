@@ -6781,7 +6781,7 @@ class TestClients:
     # Redirects -------------------------------------------------------------------
 
     @staticmethod
-    def _redirecting(manager, routes, status=302, **listen_options):
+    def _redirecting(manager, routes, status=302, factory=EchoRecorder, **listen_options):
         """A wsmanager server that answers each path of ``routes`` with ``status`` and Location: the
         value (a function of the port), and runs an EchoRecorder for any other; returns its address."""
         port = []
@@ -6792,7 +6792,7 @@ class TestClients:
                 return None
             return Response(status, [("Location", location(port[0]) if callable(location) else location)])
 
-        address = manager.listen(("127.0.0.1", 0), EchoRecorder, handshake=hook, **listen_options)
+        address = manager.listen(("127.0.0.1", 0), factory, handshake=hook, **listen_options)
         port.append(address[1])
         return address
 
@@ -6817,6 +6817,25 @@ class TestClients:
                 wait_until(lambda client=client: client.messages == [f"via {status}"])
                 client.close()
                 assert client.closed_event.wait(10)
+
+    def test_redirects_keep_credentials_for_the_first_server_only(self, manager, client_manager):
+        other_servers, other = listen_collected(manager, EchoRecorder)
+        servers = Collect(EchoRecorder)
+        address = self._redirecting(manager, {"/same": "/here", "/away": f"ws://127.0.0.1:{other[1]}/there"},
+                                    factory=servers)
+        headers = [("Authorization", "Bearer secret"), ("Cookie", "session=1"), ("X-Trace", "42")]
+        for path, collected in (("/same", servers), ("/away", other_servers)):
+            for client in (open_client(client_manager, ws_url(address, path), Recorder, headers=headers),
+                           client_manager.connect(ws_url(address, path), Recorder, headers=headers)):
+                assert client.opened_event.wait(10)
+                client.close()
+                assert client.closed_event.wait(10)
+            assert len(collected.made) == 2
+            for server in collected.made:
+                assert server.request_headers["X-Trace"] == "42"
+                kept = path == "/same"
+                assert ("Authorization" in server.request_headers) is kept
+                assert ("Cookie" in server.request_headers) is kept
 
     def test_redirect_from_ws_to_wss_is_followed(self, manager, client_manager, mgr_tls_contexts):
         server_context, client_context = mgr_tls_contexts

@@ -2988,7 +2988,9 @@ class _ClientHandshake(_Handshake):
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
+            first = _client_target(self.visited[0])
+            opening = _ClientOpening(target, options.settings, options.subprotocols,
+                                     _headers_for(first, target, options.headers), options.origin)
         except BaseException:
             sock.close()
             raise
@@ -3980,6 +3982,18 @@ def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]
     return new_target
 
 
+# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+
+
+def _headers_for(first: _ClientTarget, target: _ClientTarget,
+                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The application's headers for a request to ``target``, after redirects from ``first``."""
+    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
+        return headers
+    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+
+
 # Proxies (HTTP CONNECT) --------------------------------------------------------
 
 # What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
@@ -4259,8 +4273,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     are kept for the first read. ``compression="deflate"`` (or a
     :class:`Deflate`) offers permessage-deflate; an answer the offer does not
     allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
-    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``;
-    ``timeout`` bounds the whole opening, redirects included.
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
+    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
+    scheme, host and port only); ``timeout`` bounds the whole opening,
+    redirects included.
 
     ``proxy``: by default (``True``) the HTTP proxy the environment names
     (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
@@ -4282,10 +4298,11 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
         headers = list(headers)  # sent again after a redirect
     deadline = time.monotonic() + timeout
     visited = [target.url]
+    first = target
     while True:
         try:
-            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols, headers, origin,
-                                 _client_proxy(target, proxy))
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
+                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
         except HandshakeError as exc:
             target = _redirected(target, exc, visited)
 
