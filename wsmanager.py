@@ -4092,12 +4092,11 @@ class Reconnect(NamedTuple):
     """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
 
     The n-th wait in a row (n = 0, 1, ...) is based on
-    ``min(max_delay, initial_delay * factor ** n)``: the first, right after
-    the connection dropped or the first attempt failed, is drawn uniformly
-    between 0 and ``initial_delay`` (so that clients dropped by one event
-    spread out over it), each later one between ``1 - jitter`` and 1 times
-    its base. A connection that stayed open ``max_delay`` or longer starts
-    the count at 0 again; with ``jitter=0`` every wait is exactly its base.
+    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
+    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
+    by one event spread out over it), each later one between ``1 - jitter``
+    and 1 times its base. A connection that stayed open ``max_delay`` or
+    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
     """
 
     # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
