@@ -5847,7 +5847,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
-                    description="wsmanager demo: a broadcast chat server and an interactive client.")
+                    description="wsmanager demo: a broadcast chat server, an interactive client and a load test.")
     parser.add_argument("--version", action="version", version=f"wsmanager {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
     serve = commands.add_parser("serve", formatter_class=formatter,
