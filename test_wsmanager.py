@@ -5322,10 +5322,34 @@ class TestIntegrations:
         assert {key: entry["type"] for key, entry in report.items() if entry["io"]} == {}
         _assert_clean_host_log(read_log())
 
+    def test_readme_environ_snippet_greets_the_user_of_the_session(self):
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+        namespace = {"__name__": "readme_environ"}
+        exec(compile(readme_snippet("wsgi-environ"), "README.rst:wsgi-environ", "exec"), namespace)
+        manager = namespace["manager"]
+
+        def as_alice(environ, start_response):  # an authentication middleware
+            environ["REMOTE_USER"] = "alice"
+            return DispatcherMiddleware(_site, {"/chat": namespace["greeter"]})(environ, start_response)
+
+        try:
+            with _wsgiref(as_alice, wsmanager.WSGIRequestHandler) as port:
+                with ws_connect(f"ws://127.0.0.1:{port}/chat", proxy=None, open_timeout=30, close_timeout=10,
+                                ping_interval=None, additional_headers={"Cookie": "theme=dark; session=s3cr3t"}) as client:
+                    assert client.recv(timeout=20) == "hello alice (session s3cr3t) at /chat"
+        finally:
+            manager.stop()
+            manager.join(10)
+
     def test_environ_is_none_off_wsgi_and_costs_listen_connections_nothing(self, manager, client_manager):
         client, server = open_pair(manager, client_manager)
         assert server.environ is None and client.environ is None
         assert "environ" not in WebSocket.__slots__ and "environ" not in vars(server)
+        with _http_server(manager) as port:  # accept(): a socket and a head from another server
+            manager.add(connect(f"ws://127.0.0.1:{port}/", Recorder))
+            wait_until(lambda: len([ws for ws in manager if not ws.client]) == 2)
+            assert [ws.environ for ws in manager if not ws.client] == [None, None]
 
     def test_environ_without_io_keeps_data_and_objects_and_drops_sockets_files_and_streams(self):
         class LazySession:  # a middleware's session object: its __getattr__ would load it
