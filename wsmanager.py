@@ -3918,25 +3918,20 @@ class _WSGIHandOff:
         if not self.listener._claim():
             return _wsgi_reply(start_response, Response(503))
         try:
-            sock = socket.socket(fileno=os.dup(fd))
+            placeholder = _Placeholder(fd)
         except OSError as exc:  # out of descriptors
             self.listener._unclaim()
             logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
             return _wsgi_reply(start_response, Response(503))
         try:
-            placeholder = _Placeholder()
             # Only stored (PEP 3333): what the server then writes goes to the placeholder.
             start_response("101 Switching Protocols", [])
-        except Exception as exc:  # out of descriptors, or answered already by a middleware around us
+        except Exception as exc:  # answered already, by a middleware around us
             self.listener._unclaim()
-            sock.close()
-            if isinstance(exc, OSError):
-                logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
-                return _wsgi_reply(start_response, Response(503))
             placeholder.close()
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
-        placeholder.install(fd)
+        sock = placeholder.install()
         # RFC 7230 6.7: past the request, the connection speaks WebSocket. What the server read
         # ahead is the client's first frames, never a request for the server to parse.
         first_frames = _take_buffered(reader)
@@ -3968,53 +3963,56 @@ class _WSGIHandOff:
         try:
             fd = _host_fd(environ)
             reader = _host_reader(environ, fd)
-        except HandshakeError:
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:  # out of descriptors: the server answers, without the hop-by-hop headers
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        try:
-            placeholder = _Placeholder()
-        except OSError:
-            sock.close()
+            placeholder = _Placeholder(fd)
+        except (HandshakeError, OSError):  # the server answers, without the hop-by-hop headers
             return _wsgi_reply(start_response, response, exc_info=refused)
         start_response(_status_text(response.status, response.reason), [], refused)
-        placeholder.install(fd)
+        sock = placeholder.install()
         _take_buffered(reader)  # what the client sent after this request gets no answer: never run it
         _answer_on(sock, response, self.manager.close_timeout)
         return placeholder
 
 
 class _Placeholder:
-    """The empty body of a handed-off request, and what takes the connection's place in the server.
+    """What takes the connection's place in the server, and the empty body of a handed-off request.
 
-    :meth:`install` puts one end of a socketpair on descriptor number ``fd`` (atomically: dup2) and
-    shuts down the other's writing: from then on the server reads EOF on that descriptor, right after
-    what it has buffered, and what it writes lands in the pair. :meth:`close` closes the pair's other
-    end; the server closes its own when it is done with the request.
+    Made with the server's descriptor ``fd``: a socket of its own on the connection (a duplicate of
+    ``fd``) and a socketpair, both made first, as they may fail (out of descriptors); :meth:`close`
+    before :meth:`install` leaves the server's descriptor as it was. :meth:`install` puts one end of
+    the pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from
+    then on the server reads EOF on that descriptor, right after what it has buffered, and what it
+    writes lands in the pair. It returns the connection's socket, the caller's from then on. The
+    server closes its end when it is done with the request, and the body's close() the other.
     """
 
-    def __init__(self) -> None:
-        self.end: Optional[socket.socket]
-        self.end, self.peer = socket.socketpair()  # made first: it may fail (out of descriptors)
-
-    def install(self, fd: int) -> None:
-        assert self.end is not None
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.connection: Optional[socket.socket] = socket.socket(fileno=os.dup(fd))
         try:
-            os.dup2(self.end.fileno(), fd, inheritable=False)
+            self.end: Optional[socket.socket]
+            self.end, self.peer = socket.socketpair()
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def install(self) -> socket.socket:
+        connection, end = self.connection, self.end
+        assert connection is not None and end is not None
+        self.connection = self.end = None
+        try:
+            os.dup2(end.fileno(), self.fd, inheritable=False)
         finally:
-            self.end.close()
-            self.end = None
+            end.close()
         self.peer.shutdown(socket.SHUT_WR)
+        return connection
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        if self.end is not None:
-            self.end.close()
-        self.peer.close()
+        for sock in (self.connection, self.end, self.peer):
+            if sock is not None:
+                sock.close()
 
 
 def _answer_on(sock: socket.socket, response: Response, timeout: Optional[float]) -> None:
