@@ -5338,8 +5338,8 @@ class TestIntegrations:
         assert values["REQUEST_METHOD"] == "GET" and values["wsgi.url_scheme"] == "http"
         assert values["REMOTE_ADDR"] == "127.0.0.1"
         # No socket, file or stream of the host: no key of one, and no value with a method of one.
-        assert not {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "gunicorn.socket", "werkzeug.socket",
-                    "wsmanager.socket"} & set(report)
+        assert not {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints", "gunicorn.socket",
+                    "werkzeug.socket", "wsmanager.socket"} & set(report)
         assert {key: entry["type"] for key, entry in report.items() if entry["io"]} == {}
         _assert_clean_host_log(read_log())
 
@@ -5387,14 +5387,14 @@ class TestIntegrations:
         session = LazySession()
         with socket.socket() as sock, open(os.devnull, "rb") as file:
             environ = _environ({"Cookie": "session=abc"}, REMOTE_USER="alice", **{
-                "wsgi.file_wrapper": object, "gunicorn.socket": sock, "custom.socket": sock, "custom.file": file,
+                "wsgi.file_wrapper": object, "wsgi.early_hints": print, "gunicorn.socket": sock, "custom.socket": sock, "custom.file": file,
                 "custom.body": BodyReader(), "beaker.session": session, "custom.number": 7})
             kept = wsmanager._environ_without_io(environ)
         assert kept["HTTP_COOKIE"] == "session=abc" and kept["REMOTE_USER"] == "alice"
         assert kept["beaker.session"] is session and not LazySession.loaded
         assert kept["custom.number"] == 7 and kept["wsgi.version"] == (1, 0)
-        assert set(environ) - set(kept) == {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "gunicorn.socket",
-                                            "custom.socket", "custom.file", "custom.body"}
+        assert set(environ) - set(kept) == {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints",
+                                            "gunicorn.socket", "custom.socket", "custom.file", "custom.body"}
 
 
 ###############################################################################

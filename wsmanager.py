@@ -1765,7 +1765,8 @@ class WebSocket:
 
     #: The WSGI environ of a connection accepted through :meth:`WebSocketManager.wsgi_app`, set before
     #: :meth:`opened`: a copy without the server's I/O (``wsgi.input``, ``wsgi.errors``,
-    #: ``wsgi.file_wrapper``, the server's socket, and any value that is a socket, file or stream).
+    #: ``wsgi.file_wrapper``, ``wsgi.early_hints``, the server's socket, and any value that is a
+    #: socket, file or stream).
     #: ``None`` for every other connection (:meth:`~WebSocketManager.listen`,
     #: :meth:`~WebSocketManager.accept`, clients): their request is in :attr:`path`,
     #: :attr:`request_headers` and :attr:`peer_address`. A class attribute, so that it costs
@@ -4093,9 +4094,11 @@ def _take_buffered(reader: Any) -> bytes:
 
 
 # What WebSocket.environ leaves out: the server's I/O, which is the server's and ends with the request
-# (and would keep its buffers alive as long as the connection): these keys, and any value whose type
-# has one of these methods (sockets, files, streams, file wrappers).
-_WSGI_IO_KEYS = frozenset({"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", *_WSGI_SOCKET_KEYS})
+# (and would keep its buffers alive as long as the connection): these keys (wsgi.early_hints writes a
+# 103 on the connection: gunicorn), and any value whose type has one of these methods (sockets, files,
+# streams).
+_WSGI_IO_KEYS = frozenset({"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints",
+                           *_WSGI_SOCKET_KEYS})
 _IO_METHODS = ("fileno", "read", "readline", "readinto", "write", "recv", "send", "makefile")
 
 
