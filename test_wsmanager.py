@@ -5088,6 +5088,27 @@ class TestIntegrations:
         manager.stop()
         manager.run()
 
+    @pytest.mark.parametrize("headroom", [0, 1], ids=["no-descriptor", "one-descriptor"])
+    def test_wsgi_app_out_of_descriptors_is_503_and_leaves_the_socket(self, headroom, caplog):
+        # The hand-off needs three descriptors (the connection's duplicate and a socketpair), all made
+        # before anything changes: short of them, the server answers 503 on its own socket, intact.
+        with running_manager() as manager:
+            app = manager.wsgi_app(EchoServer)
+            client, server_side = socket.socketpair()
+            with client, server_side, caplog.at_level(logging.ERROR, logger="wsmanager"):
+                environ = _socket_environ(server_side)
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fds(headroom + 1)[-1], hard))
+                try:
+                    status, _, _ = _call_wsgi(app, environ)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                assert status == "503 Service Unavailable"
+                assert any("cannot take the socket" in record.getMessage() for record in caplog.records)
+                assert len(manager) == 0 and app.listener.connections == 0
+                server_side.sendall(b"still the server's")
+                assert client.recv(100) == b"still the server's"
+
     def test_wsgi_app_refuses_a_tls_socket_and_a_taken_one(self):
         app = WebSocketManager().wsgi_app(WebSocket)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
