@@ -5997,7 +5997,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
     load = commands.add_parser("load", formatter_class=formatter, help="a load test of a WebSocket echo server",
                                description="Open N clients (through one manager) at R per second; each sends M "
-                                           "messages of B bytes, one at a time, each once the previous one came back. "
+                                           "messages of B bytes, sending the next as each answer comes back "
+                                           "(K in flight: 1 by default). "
                                            "Reports connect times and round trips (p50, p90, p99, max), "
                                            "throughput and errors by kind. Against `serve`, use its /echo.")
     load.add_argument("url", help="ws:// or wss:// URL of an echo endpoint")
@@ -6006,7 +6007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="clients opened per second (0: all at once)")
     load.add_argument("--messages", type=int, default=100, metavar="M",
                       help="messages per client (0: until --duration is over)")
-    load.add_argument("--size", type=int, default=32, metavar="B", help="bytes per (binary) message")
+    load.add_argument("--size", type=int, default=32, metavar="B", help="bytes per message (binary unless --text)")
     load.add_argument("--text", action="store_true", help="send text messages (of B ASCII characters)")
     load.add_argument("--in-flight", type=positive, default=1, metavar="K",
                       help="messages each client keeps waiting for their answer")
