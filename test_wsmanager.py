@@ -7410,6 +7410,17 @@ class TestClients:
         time.sleep(0.3)  # three times the largest back-off
         assert factory.made == [first]
 
+    def test_closing_the_last_connection_during_the_wait_ends_the_client(self, manager, client_manager):
+        servers, address = listen_collected(manager, EchoRecorder)
+        policy = wsmanager.Reconnect(initial_delay=0.5, jitter=0)  # the first wait: exactly 0.5 s
+        factory, first = self._reconnecting(client_manager, ws_url(address), policy)
+        assert first.opened_event.wait(10)
+        servers.first_opened().terminate()
+        assert first.closed_event.wait(10) and first.close_code == CloseCode.ABNORMAL
+        first.close()  # the application's handle is the connection that dropped: closing it ends the client
+        time.sleep(1.0)  # twice the wait
+        assert factory.made == [first]
+
     def test_failed_attempts_retry_on_5xx_and_network_errors_not_on_4xx(self, manager, client_manager):
         answers = ["503", "500", None]  # two refusals a retry may cure, then the handshake goes through
 

@@ -4168,7 +4168,7 @@ class _Redial:
     instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
     is followed by a new attempt after a back-off. Loop thread only."""
 
-    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer")
+    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer", "last")
 
     def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
@@ -4181,6 +4181,7 @@ class _Redial:
         self.opens = 0  # connections of this client that opened
         self.opened_at = 0.0
         self.timer: Any = None
+        self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
 
     def opened(self) -> None:
         self.opens += 1
@@ -4209,6 +4210,8 @@ class _Redial:
                 and not manager._stopping and not manager._finished)
 
     def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
+        if websocket is not None:
+            self.last = websocket
         delay = self.policy.delay(self.waits)
         self.waits += 1
         logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
@@ -4218,8 +4221,9 @@ class _Redial:
     def _attempt(self) -> None:
         manager = self.manager
         self.timer = None
-        if manager._stopping or manager._finished:
-            return
+        last = self.last
+        if manager._stopping or manager._finished or (last is not None and last.reconnect is None):
+            return  # stopping, or the application closed (or gave up) the connection it last had
         try:
             # The name is resolved again, here in the loop: a host that moved is found where it went.
             handshake = manager._dial(self.target, self.factory, self.options, self)
