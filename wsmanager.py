@@ -4415,7 +4415,8 @@ class RedisBridge:
     PUBLISHes, one SUBSCRIBEs to the channels of the topics that have a
     local subscriber (a subscribed connection may send nothing else). When
     Redis is unreachable, local publish/subscribe go on, the bridge
-    reconnects with a back-off (0.1 s doubling to 5 s) and re-subscribes;
+    reconnects with a back-off (0.1 s doubling to 5 s, started over once a
+    connection lived 5 s) and re-subscribes;
     messages that could not be relayed are counted in :attr:`dropped` and
     logged. Like Redis pub/sub itself, delivery is at most once.
 
@@ -4644,18 +4645,18 @@ class RedisBridge:
         acknowledged = failed = 0
         refusal = None
         for reply in replies:
-            if isinstance(reply, _RedisError) and self._refuses(reply):
-                refusal = reply  # what waits still counts as dropped, when the connection ends
-                break
             if acknowledged + failed == waiting:
                 self._skip(connection, reply, "no PUBLISH waits for a reply")
             elif type(reply) is int:
                 acknowledged += 1  # how many subscribers Redis gave it to
-            else:
-                # An error (logged), or no answer to a PUBLISH: maybe relayed, maybe not (at most once).
+            elif isinstance(reply, _RedisError):
+                if self._refuses(reply):
+                    refusal = reply  # this PUBLISH and those after it count as dropped when the connection ends
+                    break
                 failed += 1
-                if not isinstance(reply, _RedisError):
-                    self._complain(connection, reply, "not an answer to PUBLISH; counted in dropped")
+            else:  # no answer to a PUBLISH: maybe relayed, maybe not (at most once)
+                failed += 1
+                self._complain(connection, reply, "not an answer to PUBLISH; counted in dropped")
         with self._lock:
             self._unacknowledged -= acknowledged + failed
             self.relayed += acknowledged
