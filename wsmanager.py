@@ -4149,68 +4149,74 @@ class _RespParser:
         end_of_data = len(buffer)
         replies: List[Any] = []
         stack = self._stack
+        max_size = self.max_size
+        # Deliberate: the state lives in locals during the loop (attribute look-ups would cost as much
+        # as the parsing) and is stored back at the end.
+        bulk, scan_from, size, elements, scanned = self._bulk, self._scan_from, self._size, self._elements, self.scanned
         position = 0
+        value: Any
         try:
             while position < end_of_data and len(replies) < limit:
                 start = position
-                if self._bulk >= 0:
-                    end = position + self._bulk
-                    if end + 2 > end_of_data:
-                        break
-                    if buffer[end:end + 2] != b"\r\n":
-                        raise ValueError("a RESP bulk string longer than announced")
-                    value: Any = bytes(buffer[position:end])
-                    position = self._scan_from = end + 2
-                    self.scanned += position - start
-                    self._bulk = -1
-                else:
-                    end = buffer.find(b"\r\n", self._scan_from)
+                if bulk < 0:
+                    end = buffer.find(b"\r\n", scan_from)
                     if end < 0:
-                        self.scanned += end_of_data - self._scan_from
+                        scanned += end_of_data - scan_from
                         # A CR may be waiting for its LF: that one byte is looked at again.
-                        self._scan_from = max(position, end_of_data - 1)
+                        scan_from = max(position, end_of_data - 1)
                         if end_of_data - position > MAX_HEAD_SIZE:
                             raise ValueError("a RESP line without its end")
                         break
-                    self.scanned += end + 2 - self._scan_from
+                    scanned += end + 2 - scan_from
                     kind = buffer[position]
-                    line = bytes(buffer[position + 1:end])
-                    position = self._scan_from = end + 2
-                    if kind == 43:  # "+": simple string
-                        value = line.decode(errors="replace")
-                    elif kind == 45:  # "-": error
-                        value = _RedisError(line.decode(errors="replace"))
-                    elif kind == 58:  # ":": integer
-                        value = int(line)
-                    elif kind == 36 or kind == 42:  # "$": bulk string of this length, "*": array of this count
-                        count = int(line)
-                        if count < -1:
-                            raise ValueError(f"a RESP length of {count}")
-                        if count == -1:  # RESP2's null bulk string and null array
+                    position = scan_from = end + 2
+                    if kind == 36:  # "$": a bulk string of this length; -1 is RESP2's null
+                        bulk = int(buffer[start + 1:end])
+                        if bulk < 0:
+                            if bulk != -1:
+                                raise ValueError(f"a RESP length of {bulk}")
                             value = None
-                        elif kind == 36:
-                            self._size += position - start
-                            # Refused before its body comes: the buffer never holds more than max_size.
-                            if self._size + count + 2 > self.max_size:
-                                raise ValueError(f"a Redis reply of more than {self.max_size} bytes")
-                            self._bulk = count
-                            continue
-                        elif count == 0:
-                            value = []
                         else:
-                            self._size += position - start
-                            self._elements += count
-                            if self._elements > self.max_elements:
+                            size += position - start
+                            # Refused before its body comes: the buffer never holds more than max_size.
+                            if size + bulk + 2 > max_size:
+                                raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                            start = position
+                    elif kind == 58:  # ":": integer
+                        value = int(buffer[start + 1:end])
+                    elif kind == 42:  # "*": an array of this many elements; -1 is RESP2's null
+                        count = int(buffer[start + 1:end])
+                        if count > 0:
+                            size += position - start
+                            elements += count
+                            if elements > self.max_elements:
                                 raise ValueError(f"a Redis reply of more than {self.max_elements} elements")
                             if len(stack) >= _RESP_MAX_DEPTH:
                                 raise ValueError(f"RESP arrays nested more than {_RESP_MAX_DEPTH} deep")
                             stack.append([[], count])
                             continue
+                        if count < -1:
+                            raise ValueError(f"a RESP length of {count}")
+                        value = [] if count == 0 else None
+                    elif kind == 43:  # "+": simple string
+                        value = buffer[start + 1:end].decode(errors="replace")
+                    elif kind == 45:  # "-": error
+                        value = _RedisError(buffer[start + 1:end].decode(errors="replace"))
                     else:
                         raise ValueError(f"not a RESP2 reply: {bytes(buffer[start:end])[:64]!r}")
-                self._size += position - start
-                if self._size > self.max_size:
-                    raise ValueError(f"a Redis reply of more than {self.max_size} bytes")
+                if bulk >= 0:  # its body, at once when it is here already
+                    end = position + bulk
+                    if end + 2 > end_of_data:
+                        break
+                    if buffer[end] != 13 or buffer[end + 1] != 10:  # CR LF
+                        raise ValueError("a RESP bulk string longer than announced")
+                    value = bytes(buffer[position:end])
+                    position = scan_from = end + 2
+                    scanned += position - start
+                    bulk = -1
+                size += position - start
+                if size > max_size:
+                    raise ValueError(f"a Redis reply of more than {max_size} bytes")
                 while stack:  # the value may complete arrays, innermost first
                     array = stack[-1]
                     array[0].append(value)
@@ -4220,13 +4226,15 @@ class _RespParser:
                     value = stack.pop()[0]
                 else:
                     replies.append(value)
-                    self._size = self._elements = 0
+                    size = elements = 0
         except ValueError as exc:  # int() of a malformed number included
             raise _RespViolation(str(exc), replies) from None
+        finally:
+            self._bulk, self._size, self._elements, self.scanned = bulk, size, elements, scanned
         self.more = len(replies) >= limit and position < end_of_data
         # Deliberate: deleting from the front of a bytearray is cheap in CPython (it moves its start).
         del buffer[:position]
-        self._scan_from -= position
+        self._scan_from = scan_from - position
         return replies
 
 
@@ -4704,10 +4712,10 @@ class RedisBridge:
                 except UnicodeDecodeError:
                     self._skip(connection, reply, "a channel that no topic has")
                     continue
-                if kind == b"subscribe":
-                    self._subscribed.add(topic)
-                else:
+                if kind == b"unsubscribe":
                     self._subscribed.discard(topic)
+                elif topic in self._channels:  # else unsubscribed since: the confirmation of the UNSUBSCRIBE follows
+                    self._subscribed.add(topic)
             else:
                 self._skip(connection, reply, "not a pub/sub message")
         return None
