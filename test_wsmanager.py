@@ -5373,13 +5373,18 @@ class TestScaling:
             wsmanager._RespParser().feed(b":1\r\n+OK\r\n*2\r\n:2\r\n?what\r\n")
         assert violation.value.replies == [1, "OK"]
 
-    def test_resp_parser_hands_out_at_most_limit_replies_and_keeps_the_rest(self):
+    def test_resp_parser_parses_at_most_limit_values_per_feed_and_keeps_the_rest(self):
+        # The bridge's work per event is bounded in values, so one endless reply is bounded too.
         parser = wsmanager._RespParser()
         stream = b":1\r\n:2\r\n:3\r\n*2\r\n:4\r\n:5\r\n+six"
-        assert parser.feed(stream, 2) == [1, 2] and parser.more
-        assert parser.feed(b"", 2) == [3, [4, 5]] and parser.more
-        assert parser.feed(b"", 2) == [] and not parser.more
+        assert parser.feed(stream, 2) == [1, 2] and parser.more and parser.parsed == 2
+        assert parser.feed(b"", 2) == [3] and parser.more  # and the header of the array
+        assert parser.feed(b"", 2) == [[4, 5]] and parser.more and parser.parsed == 6
+        assert parser.feed(b"", 2) == [] and not parser.more  # "+six" has no end yet
         assert parser.feed(b"\r\n", 2) == ["six"] and not parser.more
+        endless = wsmanager._RespParser(max_elements=10 ** 9)
+        assert endless.feed(b"*100000000\r\n" + b":1\r\n" * 5000, 1000) == [] and endless.more
+        assert endless.parsed == 1000 and endless.scanned == 4000 + 8
 
     @pytest.mark.parametrize("url, parsed", [
         ("redis://127.0.0.1", (False, "127.0.0.1", 6379, 0, None, None)),
@@ -5706,7 +5711,7 @@ class TestScaling:
             wait_until(lambda: len(client.messages) == 3000, timeout=30)
             assert client.messages == [str(i) for i in range(3000)] and bridge.received == 3000
         assert sum(per_event) == 3000
-        assert max(per_event) == wsmanager.BRIDGE_REPLIES_PER_EVENT <= 1000, per_event
+        assert max(per_event) <= wsmanager.BRIDGE_VALUES_PER_EVENT // 4 <= 1000, per_event  # 4 values a message
 
     def test_malformed_messages_are_skipped_and_counted_and_the_stream_goes_on(self, manager, client_manager,
                                                                               caplog):

@@ -240,7 +240,7 @@ BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per fa
 BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
 BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
 BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
-BRIDGE_REPLIES_PER_EVENT = 256  # ... and at most this many replies handled per event (the rest wait in turn)
+BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
 MAX_TOPIC_LENGTH = 1024  # characters in a topic name
 
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
@@ -4131,6 +4131,7 @@ class _RespParser:
         self.max_size = max_size
         self.max_elements = max_elements
         self.more = False  # the last feed() stopped at its limit: replies may be waiting (feed(b"") takes them)
+        self.parsed = 0  # values parsed so far (each scalar, bulk string and array header is one)
         self.scanned = 0  # bytes looked at so far: linear means at most twice each (a CR before its LF)
         self._buffer = bytearray()  # from the start of the unfinished line or bulk string on
         self._scan_from = 0  # where to look for the CRLF of the unfinished line: none in its bytes before
@@ -4140,7 +4141,9 @@ class _RespParser:
         self._elements = 0  # array elements it announced so far
 
     def feed(self, data: bytes, limit: int = sys.maxsize) -> List[Any]:
-        """Take ``data``; return the replies completed, at most ``limit`` (then :attr:`more` may be set).
+        """Take ``data``; return the replies it completes, parsing at most ``limit`` values.
+
+        Past the limit, :attr:`more` is set and the rest waits: ``feed(b"")`` goes on.
 
         Raises :class:`_RespViolation` with the replies completed before the violation.
         """
@@ -4153,10 +4156,11 @@ class _RespParser:
         # Deliberate: the state lives in locals during the loop (attribute look-ups would cost as much
         # as the parsing) and is stored back at the end.
         bulk, scan_from, size, elements, scanned = self._bulk, self._scan_from, self._size, self._elements, self.scanned
-        position = 0
+        position = spent = 0
         value: Any
         try:
-            while position < end_of_data and len(replies) < limit:
+            while position < end_of_data and spent < limit:
+                spent += 1
                 start = position
                 if bulk < 0:
                     end = buffer.find(b"\r\n", scan_from)
@@ -4231,7 +4235,8 @@ class _RespParser:
             raise _RespViolation(str(exc), replies) from None
         finally:
             self._bulk, self._size, self._elements, self.scanned = bulk, size, elements, scanned
-        self.more = len(replies) >= limit and position < end_of_data
+            self.parsed += spent
+        self.more = spent >= limit and position < end_of_data
         # Deliberate: deleting from the front of a bytearray is cheap in CPython (it moves its start).
         del buffer[:position]
         self._scan_from = scan_from - position
@@ -4248,7 +4253,7 @@ class _RedisConnection:
 
     __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
                  "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
-                 "complained")
+                 "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -4263,6 +4268,7 @@ class _RedisConnection:
         self._connecting = True
         self._tls_pending = _is_tls(sock)
         self._timer: Any = None
+        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
         self._finalized = False
         self.was_ready = False
         self.ready_since = 0.0
@@ -4290,13 +4296,14 @@ class _RedisConnection:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
         parser = self.parser
-        budget = BRIDGE_REPLIES_PER_EVENT
+        budget = BRIDGE_VALUES_PER_EVENT
         for _ in range(BRIDGE_READS_PER_EVENT):
             backlog = parser.more  # replies left over by the budget come before anything new is read
             try:
                 data = b"" if backlog else self.sock.recv(READ_SIZE)
                 if not data and not backlog:
                     raise ConnectionError("Redis closed the connection")
+                parsed = parser.parsed
                 replies = parser.feed(data, budget)
             except _WOULD_BLOCK:
                 break
@@ -4313,15 +4320,22 @@ class _RedisConnection:
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.manager._flush_dirty()
-            budget -= len(replies)
+            budget -= parser.parsed - parsed
             if parser.more or budget <= 0:
-                # Bounded work per event, as for every handler: the rest in a later turn, after the others.
-                self.manager._read_again(self)
+                # Bounded work per event, as for every handler: the rest in the next turn, after the others.
+                # A timer, not _read_again(): this may run from the events and from the ready list of one
+                # turn, and must be queued once (each queued call would queue itself again).
+                if self._resume is None:
+                    self._resume = self.manager._call_later(0, self._resume_reading)
                 return
             if backlog:
                 continue
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
+
+    def _resume_reading(self) -> None:
+        self._resume = None
+        self._on_read()
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -4383,6 +4397,7 @@ class _RedisConnection:
             return
         self._finalized = True
         _cancel(self._timer)
+        _cancel(self._resume)
         self.manager._unwatch(self.sock)
         self.sock.close()
         self.bridge._connection_lost(self, reason)
