@@ -5696,10 +5696,12 @@ class TestScaling:
     def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, manager, client_manager, monkeypatch):
         # As every handler: Redis cannot hold the loop for as long as it has messages to send.
         per_event = []
+        turns = collections.Counter()  # calls per loop turn (each turn has its own _now)
         real_on_read = wsmanager._RedisConnection._on_read
 
         def counting_on_read(connection):
             before = connection.bridge.received
+            turns[connection.manager._now] += 1
             real_on_read(connection)
             per_event.append(connection.bridge.received - before)
 
@@ -5712,6 +5714,7 @@ class TestScaling:
             assert client.messages == [str(i) for i in range(3000)] and bridge.received == 3000
         assert sum(per_event) == 3000
         assert max(per_event) <= wsmanager.BRIDGE_VALUES_PER_EVENT // 4 <= 1000, per_event  # 4 values a message
+        assert max(turns.values()) <= 2  # its readiness event, and the read of what the last one left
 
     def test_malformed_messages_are_skipped_and_counted_and_the_stream_goes_on(self, manager, client_manager,
                                                                               caplog):
