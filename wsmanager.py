@@ -4323,8 +4323,8 @@ class _RedisConnection:
             budget -= parser.parsed - parsed
             if parser.more or budget <= 0:
                 # Bounded work per event, as for every handler: the rest in the next turn, after the others.
-                # A timer, not _read_again(): this may run from the events and from the ready list of one
-                # turn, and must be queued once (each queued call would queue itself again).
+                # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
+                # a re-read queued by each of them would pile up, one more every turn.
                 if self._resume is None:
                     self._resume = self.manager._call_later(0, self._resume_reading)
                 return
