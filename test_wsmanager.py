@@ -5748,6 +5748,22 @@ class TestScaling:
         skipped = [r for r in caplog.records if "skipped a reply" in r.getMessage()]
         assert len(skipped) == len(malformed) and [r.levelno for r in skipped].count(logging.WARNING) == 1
 
+    def test_what_other_clients_publish_on_a_bridge_channel_is_counted_and_skipped(self, redis_server):
+        # A real Redis relays anything any client PUBLISHes: what no bridge wrote is rejected, and what
+        # follows it still arrives.
+        with running_manager() as here, running_manager() as there, running_manager() as client_manager, \
+                subscribed_pairs(there, client_manager, 1, "t") as [(_, client)]:
+            near, far = here.bridge(redis_server.url), there.bridge(redis_server.url)
+            wait_bridged(near)
+            wait_bridged(far, topics=["t"])
+            with socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as stranger:
+                for junk in [b"short", b"stranger?x", b"strangert\xff"]:
+                    stranger.sendall(wsmanager._resp_command(b"PUBLISH", b"wsmanager:t", junk))
+                    assert stranger.recv(100) == b":1\r\n"
+            here.publish("t", "from a bridge")
+            wait_until(lambda: client.messages == ["from a bridge"])
+            assert far.rejected == 3 and far.received == 1 and far.reconnections == 0
+
     def test_replies_no_publish_waits_for_are_rejected_and_every_publish_counts_once(self, manager, caplog):
         with FakeRedis() as fake:
             bridge = manager.bridge(fake.url)
