@@ -241,7 +241,7 @@ BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
 BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
 BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
 BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
-MAX_TOPIC_LENGTH = 1024  # characters in a topic name
+MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refuse a longer one (ValueError)
 
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
