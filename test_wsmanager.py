@@ -3,8 +3,9 @@
 TestCodec, TestHandshake (sans I/O), TestConnection, TestManager (real sockets),
 TestIntegrations (http.server, WSGI servers), TestScaling (topics, Redis,
 workers), TestCompression (sans I/O), TestCompressionConnections, TestCommandLine,
-TestInterop (against websockets, skipped without it), TestHardening (hostile
-peers) and TestDocs.
+TestInterop (against websockets, skipped without it), TestClients (latency,
+redirects, proxies, reconnection), TestHardening (hostile peers), TestDocs, and
+TestTooling (the peers guard and the mutation script).
 
 Run with ``python -m pytest``. Hypothesis uses a deterministic profile unless
 WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
@@ -8058,6 +8059,7 @@ def tinyproxy_with_auth(tmp_path):
     proxy.close()
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestClients:
     """Clients that live for hours: latency, redirects, proxies, reconnection, the load command."""
