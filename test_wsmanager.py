@@ -5216,6 +5216,16 @@ class TestOutOfDescriptors:
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)
 
+    def test_readme_nofile_snippet_lifts_the_soft_limit_to_the_hard_one(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        lowered = ("import resource\n"
+                   f"resource.setrlimit(resource.RLIMIT_NOFILE, ({min(1024, hard)}, {hard}))\n")
+        check = "\nprint(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+        result = subprocess.run([sys.executable, "-c", lowered + readme_snippet("nofile") + check],
+                                capture_output=True, env=_cli_env(), timeout=60)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout.decode().strip() == str((hard, hard))
+
     def test_the_loop_survives_running_out_of_descriptors(self, client_manager):
         # The last descriptor goes to an accept(); the handshake then needs hashlib and base64,
         # a log line needs logging: imported at that moment, each would fail and the loop die.
