@@ -5003,6 +5003,29 @@ class TestStopping:
         finally:
             _reap(proc)
 
+    def test_a_second_ctrl_c_while_with_manager_waits_stops_at_once(self):
+        code = (
+            "import time, wsmanager\n"
+            "with wsmanager.WebSocketManager() as manager:\n"
+            "    print(manager.listen(('127.0.0.1', 0), wsmanager.WebSocket)[1], flush=True)\n"
+            "    time.sleep(60)\n"
+        )
+        proc = _python_script(code)
+        try:
+            port = int(_read_line(proc))
+            with raw_peer(("127.0.0.1", port), timeout=10.0) as peer:  # never answers the 1001
+                proc.send_signal(signal.SIGINT)  # KeyboardInterrupt in the block: __exit__ stops gracefully
+                assert peer.close_frame() == (1001, "Server is shutting down")
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)  # while __exit__ waits: the stop becomes immediate
+                assert proc.wait(10) != 0  # the block's own KeyboardInterrupt goes on up
+                assert time.monotonic() - started < 3.0  # not the 5 s of close_timeout
+                assert peer.eof()
+            stderr = proc.stderr.read().decode()
+            assert stderr.count("KeyboardInterrupt") == 1, stderr  # one, the block's: none from __exit__
+        finally:
+            _reap(proc)
+
     @pytest.mark.parametrize("how", ["main-thread-ends", "sys.exit"])
     def test_interpreter_exit_stops_a_started_manager_gracefully(self, how, client_manager):
         # A daemon loop thread is frozen when the interpreter exits: the exit hook stops it first.
@@ -5027,8 +5050,8 @@ class TestStopping:
     # How each host is stopped: gunicorn by its service manager (SIGTERM to the master, which
     # stops its workers), flask run and CherryPy by Ctrl-C in their terminal (their process group).
     @pytest.mark.parametrize("kind, signum", [("gunicorn-sync", signal.SIGTERM), ("gunicorn-gthread", signal.SIGTERM),
-                                              ("flask", signal.SIGINT), ("cherrypy", signal.SIGINT),
-                                              ("cherrypy", signal.SIGTERM)])
+                                              ("gunicorn-preload", signal.SIGTERM), ("flask", signal.SIGINT),
+                                              ("cherrypy", signal.SIGINT), ("cherrypy", signal.SIGTERM)])
     def test_a_stopping_wsgi_host_closes_its_peers_with_1001(self, kind, signum, tmp_path, client_manager):
         with _host_process(kind, tmp_path) as (proc, port, read_log):
             clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/ws") for _ in range(3)]

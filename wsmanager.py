@@ -2960,7 +2960,7 @@ def _import_loop_modules() -> None:
     ``ssl`` is not among them: a TLS socket exists only once ``ssl`` is imported.
     """
     base64.b64encode(hashlib.sha1(b"").digest())
-    zlib.compressobj()
+    zlib.crc32(b"")
     logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
 
 
