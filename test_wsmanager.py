@@ -5168,19 +5168,29 @@ for _ in range(count):
     except Exception as exc:
         raised.append(repr(exc))
 done.wait(120)
+named = []  # a host name, resolved with no descriptor to read /etc/hosts with
+try:
+    manager.connect(url.replace("127.0.0.1", "localhost"), type("Named", (Client,), {
+        "connect_failed": lambda self, exc: named.append(errno.errorcode.get(getattr(exc, "errno", None)))}))
+except Exception as exc:
+    raised.append(repr(exc))
 try:
     wsmanager.connect(url, timeout=10)
     blocking = "returned"
 except OSError as exc:
     blocking = errno.errorcode.get(exc.errno, repr(exc))
 running = manager.running
+for _ in range(1000):
+    if named:
+        break
+    threading.Event().wait(0.01)
 manager.close_all()
 manager.stop()
 manager.join(30)
 print(json.dumps({
     "opened": len(opened), "failed": len(failed), "raised": raised[:3], "raised_count": len(raised),
     "failures": sorted({f"{type(exc).__name__} {errno.errorcode.get(getattr(exc, 'errno', None))}" for exc in failed}),
-    "blocking": blocking, "running": running, "fds_before": fds_before, "fds_after": fds(),
+    "blocking": blocking, "running": running, "fds_before": fds_before, "fds_after": fds(), "named": named,
 }))
 """
 
@@ -5235,6 +5245,7 @@ class TestOutOfDescriptors:
             assert report["opened"] + report["failed"] == count
             assert report["failures"] == ["OSError EMFILE"], report
             assert report["blocking"] == "EMFILE"  # blocking connect() still raises
+            assert report["named"] == ["EMFILE"]  # not "Name or service not known"
             assert report["running"]
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)

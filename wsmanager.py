@@ -2964,6 +2964,18 @@ def _import_loop_modules() -> None:
     logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
 
 
+def _descriptors_exhausted(exc: OSError) -> Optional[OSError]:
+    """The EMFILE (ENFILE, ENOBUFS) error behind ``exc`` if the process is out of descriptors, else None."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+        return exc
+    try:
+        socket.socket().close()
+    except OSError as probe:
+        if probe.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+            return probe
+    return None
+
+
 def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
     """Ctrl-C calls ``callback()`` instead of raising KeyboardInterrupt: only in the main thread, and
     only while SIGINT has Python's default handler (a program's own handler is left alone).
@@ -3190,9 +3202,19 @@ class WebSocketManager:
         """
         settings = _deflate_settings(compression)
         target = _client_target(url)
-        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
-        failure = None
+        failure: Optional[OSError] = None
         try:
+            family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
+        except OSError as exc:
+            # glibc's resolver, unable to open its files, reports a name as unknown: when the process is
+            # out of descriptors, that is the failure to report (below), not the name.
+            failure = _descriptors_exhausted(exc)
+            if failure is None:
+                raise
+            family, kind, proto, address = socket.AF_INET, socket.SOCK_STREAM, 0, (target.host, target.port)
+        try:
+            if failure is not None:
+                raise failure
             sock = socket.socket(family, kind, proto)
         except OSError as exc:
             # Out of descriptors or buffers (EMFILE, ENFILE, ENOBUFS): a failure to connect like
