@@ -5137,8 +5137,10 @@ class TestStopping:
 
 # Run as a script under a soft RLIMIT_NOFILE of 1024: 2,000 manager.connect() to the server at argv[1].
 _EMFILE_CONNECT_SCRIPT = """
-import errno, json, os, resource, sys, threading
+import errno, json, logging, os, resource, sys, threading
 import wsmanager
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
 def fds():
     return len(os.listdir("/proc/self/fd"))
@@ -5246,6 +5248,10 @@ class TestOutOfDescriptors:
             assert report["failures"] == ["OSError EMFILE"], report
             assert report["blocking"] == "EMFILE"  # blocking connect() still raises
             assert report["named"] == ["EMFILE"]  # not "Name or service not known"
+            # The caller hears of each failure; the log, of the episode: one warning, not 982 lines.
+            log = result.stderr.decode()
+            assert log.count("WARNING connect() failed ([Errno 24]") == 1, log[-3000:]
+            assert "could not connect" not in log, log[-3000:]
             assert report["running"]
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)

@@ -2905,7 +2905,7 @@ class _ClientHandshake(_Handshake):
         websocket = self.websocket
         if isinstance(exc, ManagerStopped):
             self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
-        else:
+        elif not self.manager._out_of_descriptors(exc):  # which logs once per episode, not per connection
             logger.info("could not connect %s: %s", websocket._describe(), exc)
         websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
         try:
@@ -3139,6 +3139,7 @@ class WebSocketManager:
         # socket cannot be made (EMFILE), so that the connection exists to report its failure.
         self._no_socket = socket.socket()
         self._no_socket.close()
+        self._connect_starved = False  # in an episode of connect() failing with EMFILE: see _out_of_descriptors
 
     # Connections ---------------------------------------------------------------
 
@@ -3220,6 +3221,8 @@ class WebSocketManager:
             # Out of descriptors or buffers (EMFILE, ENFILE, ENOBUFS): a failure to connect like
             # any other, for connect_failed(); the connection gets a closed socket, never opened.
             failure, sock = exc, self._no_socket
+        else:
+            self._connect_starved = False  # a socket again: a later EMFILE is a new episode
         try:
             if failure is None:
                 sock.setblocking(False)
@@ -3247,6 +3250,17 @@ class WebSocketManager:
 
     def _fail_client(self, handshake: "_ClientHandshake", exc: OSError) -> None:
         handshake._fail(exc)  # in the loop, as any failure to connect: connect_failed(exc)
+
+    def _out_of_descriptors(self, exc: BaseException) -> bool:
+        """Loop thread: whether a connect() failed for want of descriptors (EMFILE, ENFILE, ENOBUFS);
+        the first such failure of an episode (until a socket can be made again) logs a warning."""
+        if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+            return False
+        if not self._connect_starved:
+            self._connect_starved = True
+            logger.warning("connect() failed (%s): until descriptors are free, each connection that cannot be "
+                           "made goes to connect_failed() without a log line", exc)
+        return True
 
     def remove(self, websocket: WebSocket) -> None:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
