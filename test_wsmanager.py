@@ -5256,6 +5256,12 @@ class TestOutOfDescriptors:
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)
 
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux answers a TCP connect to broadcast "
+                                                                       "with ENETUNREACH at once")
+    def test_manager_connect_to_an_unreachable_network_reports_through_connect_failed(self, manager):
+        failure = dial_failure(manager, "ws://255.255.255.255:9/")  # returns: nothing raised to the caller
+        assert isinstance(failure, OSError) and failure.errno == errno.ENETUNREACH
+
     def test_readme_nofile_snippet_lifts_the_soft_limit_to_the_hard_one(self):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         lowered = ("import resource\n"

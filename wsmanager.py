@@ -3001,16 +3001,17 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
 
 
 def _join_stopping(managers: Sequence["WebSocketManager"], timeout: Optional[float] = None) -> None:
-    """Wait for the loops of stopping ``managers`` to end (each within ``timeout``); a Ctrl-C
+    """Wait for the loops of stopping ``managers`` to end (all within ``timeout``); a Ctrl-C
     meanwhile (in the main thread) makes their stops immediate, as a second Ctrl-C does."""
     def stop_now() -> None:
         for manager in managers:
             manager._stop_now()
 
     restore = _on_sigint(stop_now)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for manager in managers:
-            manager.join(timeout)
+            manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         if restore is not None:
             restore()
