@@ -5208,7 +5208,10 @@ class Echo(wsmanager.WebSocket):
 manager = wsmanager.WebSocketManager()
 manager.start()
 port = manager.listen(("127.0.0.1", 0), Echo)[1]
-time.sleep(1.0)  # the loop has started (and, if it does, imported what it needs)
+for _ in range(500):  # the loop has started and, if it does, imported what it needs (the logger last)
+    if not isinstance(wsmanager.logger, wsmanager._Logger):
+        break
+    time.sleep(0.01)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 spare = []
 try:
