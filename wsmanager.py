@@ -3000,18 +3000,17 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
     return restore
 
 
-def _join_stopping(managers: Sequence["WebSocketManager"], timeout: Optional[float] = None) -> None:
-    """Wait for the loops of stopping ``managers`` to end (all within ``timeout``); a Ctrl-C
-    meanwhile (in the main thread) makes their stops immediate, as a second Ctrl-C does."""
+@contextlib.contextmanager
+def _ctrl_c_stops_at_once(managers: Sequence["WebSocketManager"]) -> Iterator[None]:
+    """While the block waits for graceful stops: Ctrl-C (in the main thread) makes them immediate,
+    as a second Ctrl-C does, instead of raising KeyboardInterrupt in the middle of the wait."""
     def stop_now() -> None:
         for manager in managers:
             manager._stop_now()
 
     restore = _on_sigint(stop_now)
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        for manager in managers:
-            manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        yield
     finally:
         if restore is not None:
             restore()
@@ -3051,12 +3050,16 @@ def _stop_started_managers() -> None:
     pid = os.getpid()
     with _started_lock:
         managers = [manager for manager in _started if manager._pid == pid and manager.running]
-    for manager in managers:
-        with contextlib.suppress(Exception):
-            manager.stop()
-    if managers:
+    if not managers:
+        return
+    with _ctrl_c_stops_at_once(managers):
+        for manager in managers:
+            with contextlib.suppress(Exception):
+                manager.stop()
         # Bounded: a loop stuck in a callback must not hold the exit forever.
-        _join_stopping(managers, max(manager.close_timeout for manager in managers) + 1.0)
+        deadline = time.monotonic() + max(manager.close_timeout for manager in managers) + 1.0
+        for manager in managers:
+            manager.join(max(0.0, deadline - time.monotonic()))
 
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
@@ -3668,9 +3671,10 @@ class WebSocketManager:
 
     def __exit__(self, *exc_info: Any) -> None:
         """``close_all()`` (1001), a graceful ``stop()`` and ``join()``; Ctrl-C meanwhile stops at once."""
-        self.close_all()
-        self.stop()
-        _join_stopping([self])
+        with _ctrl_c_stops_at_once([self]):
+            self.close_all()
+            self.stop()
+            self.join()
 
     # The loop ------------------------------------------------------------------
 
