@@ -4848,15 +4848,15 @@ def _read_line(proc, timeout=20):
 
 
 @contextlib.contextmanager
-def _host_process(kind, folder):
-    """One real WSGI host running its README snippet (as wsgi_host, but for one test: the test stops
-    it); yields (process, port, read_log)."""
+def _host_process(kind, folder, extra=""):
+    """One real WSGI host running its README snippet, plus ``extra`` code (as wsgi_host, but for one
+    test: the test stops it); yields (process, port, read_log)."""
     snippet, port_text, page, _ = _WSGI_HOSTS[kind]
     pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
     log_path = folder / f"{kind}.log"
     for attempt in range(3):
         port = _free_port()
-        code = readme_snippet(snippet)
+        code = readme_snippet(snippet) + extra
         (folder / "app.py").write_text(code.replace(port_text, str(port)) if port_text else code)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(_host_command(kind, port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
@@ -5071,6 +5071,16 @@ class TestStopping:
                 assert mgr_closed_events(client) == [("closed", 1001, "")], read_log()[-3000:]
             assert proc.wait(20) is not None
             assert "Traceback" not in read_log(), read_log()[-3000:]
+
+    def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
+        # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
+        line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", README.read_text(encoding="utf-8")).group(1)
+        with _host_process("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
+            client = open_client(client_manager, f"ws://127.0.0.1:{port}/ws")
+            proc.send_signal(signal.SIGTERM)
+            assert client.closed_event.wait(15), read_log()[-3000:]
+            assert mgr_closed_events(client) == [("closed", 1001, "")]
+            assert proc.wait(20) == 0
 
     @pytest.mark.parametrize("count", [40, 400])
     def test_a_stop_logs_one_summary_line_whatever_the_number_of_connections(self, count, caplog, client_manager):
