@@ -3393,8 +3393,8 @@ class WebSocketManager:
         """Start the close handshake on every connection.
 
         This alone does not stop the manager: listeners keep accepting (an
-        application may close everyone and go on). A graceful stop is
-        ``close_all()`` then ``stop(timeout)``, as ``with manager:`` does.
+        application may close everyone and go on). ``close_all(code, reason)``
+        then :meth:`stop` is a graceful stop with that code, as ``with manager:`` does.
         """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
         for websocket in tuple(self._websockets.values()):
