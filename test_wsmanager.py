@@ -5010,9 +5010,9 @@ def _read_line(proc, timeout=20):
 
 
 @contextlib.contextmanager
-def _host_process(kind, folder, extra=""):
-    """One real WSGI host running its README snippet, plus ``extra`` code (as wsgi_host, but for one
-    test: the test stops it); yields (process, port, read_log)."""
+def _stoppable_wsgi_host(kind, folder, extra=""):
+    """One real WSGI host running its README snippet, plus ``extra`` code (as _host_process, but it
+    yields the process too, for the test to stop it its own way); yields (process, port, read_log)."""
     snippet, port_text, page, _ = _WSGI_HOSTS[kind]
     pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
     log_path = folder / f"{kind}.log"
@@ -5215,7 +5215,7 @@ class TestStopping:
                                               ("gunicorn-preload", signal.SIGTERM), ("flask", signal.SIGINT),
                                               ("cherrypy", signal.SIGINT), ("cherrypy", signal.SIGTERM)])
     def test_a_stopping_wsgi_host_closes_its_peers_with_1001(self, kind, signum, tmp_path, client_manager):
-        with _host_process(kind, tmp_path) as (proc, port, read_log):
+        with _stoppable_wsgi_host(kind, tmp_path) as (proc, port, read_log):
             clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/ws") for _ in range(3)]
             for index, client in enumerate(clients):
                 client.send(f"echo {index}")
@@ -5237,7 +5237,7 @@ class TestStopping:
     def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
         # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
         line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", README.read_text(encoding="utf-8")).group(1)
-        with _host_process("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
+        with _stoppable_wsgi_host("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
             client = open_client(client_manager, f"ws://127.0.0.1:{port}/ws")
             proc.send_signal(signal.SIGTERM)
             assert client.closed_event.wait(15), read_log()[-3000:]
