@@ -5009,6 +5009,14 @@ def _read_line(proc, timeout=20):
     return lines[0].decode()
 
 
+def _can_connect(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _stoppable_wsgi_host(kind, folder, extra=""):
     """One real WSGI host running its README snippet, plus ``extra`` code (as _host_process, but it
@@ -5233,6 +5241,20 @@ class TestStopping:
                 assert mgr_closed_events(client) == [("closed", 1001, "")], read_log()[-3000:]
             assert proc.wait(20) is not None
             assert "Traceback" not in read_log(), read_log()[-3000:]
+
+    def test_the_wsgiref_snippet_on_ctrl_c_closes_its_peers_with_1001(self, client_manager):
+        port = _free_port()
+        proc = _python_script(readme_snippet("wsgi-wsgiref").replace("8000", str(port)) + "\n", stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: _can_connect(port) or proc.poll() is not None, timeout=20)
+            clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/ws") for _ in range(3)]
+            proc.send_signal(signal.SIGINT)  # KeyboardInterrupt in serve_forever(): the snippet's finally stops
+            for client in clients:
+                assert client.closed_event.wait(10)
+                assert mgr_closed_events(client) == [("closed", 1001, "Server is shutting down")]
+            proc.wait(10)
+        finally:
+            _reap(proc)
 
     def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
         # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
