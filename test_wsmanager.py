@@ -1,8 +1,9 @@
 """Tests of wsmanager, one class per layer or chapter, after one section of helpers.
 
-TestCodec, TestHandshake (sans I/O), TestConnection, TestManager (real sockets),
-TestIntegrations (http.server, WSGI servers), TestScaling (topics, Redis,
-workers), TestCompression (sans I/O), TestCompressionConnections, TestCommandLine,
+TestCodec, TestHandshake (sans I/O), TestConnection, TestManager, TestStopping,
+TestOutOfDescriptors (real sockets), TestIntegrations (http.server, WSGI
+servers), TestScaling (topics, Redis, workers), TestCompression (sans I/O),
+TestCompressionConnections, TestCommandLine,
 TestInterop (against websockets, skipped without it), TestClients (latency,
 redirects, proxies, reconnection), TestHardening (hostile peers), TestDocs, and
 TestTooling (the peers guard and the mutation script).
@@ -5639,6 +5640,7 @@ def _stoppable_wsgi_host(kind, folder, extra=""):
             _reap(proc)
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestStopping:
     """Every stop closes every peer with a close frame and waits for the answers; one INFO line per stop."""
@@ -6012,6 +6014,7 @@ manager.join(10)
 """
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestOutOfDescriptors:
     """EMFILE: manager.connect() reports it, the listener rests and warns once, the loop survives."""
