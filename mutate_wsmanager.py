@@ -72,6 +72,22 @@ EQUIVALENT: Dict[str, str] = {
     "encode_frame+11:7 condition-True":
         "every payload goes through _byte_view; a view of bytes or a bytearray has the same bytes (only the "
         "exact-type fast check is skipped)",
+    "encode_frame+14:7 condition-False":
+        "no frame takes the precomputed-header fast path: the general path writes the same header bytes",
+    "_byte_view+9:7 condition-True":
+        "every view is copied with tobytes() (C order) instead of cast: the same bytes",
+    "FrameParser.feed+53:23 condition-False":
+        "a large masked payload is unmasked from a slice instead of a view: the same bytes",
+    "FrameParser.feed+83:13 Lt->LtE":
+        "with nothing left over, the (already empty) buffer is replaced by a new empty bytearray",
+    "MessageAssembler.receive_partial+5:15 And->Or":
+        "a TEXT frame pending while a text message is open is refused by check_pending first, and a pending "
+        "continuation of a text message always has its decoder: the changed condition has the same value",
+    "_tokens+3:34 condition-True":
+        "a blank value gives {''} instead of set(): callers only ask whether 'websocket' or 'upgrade' is in it",
+    "HeadReader.__init__+4:24 0->1":
+        "the first scan skips byte 0 when counting lines: a newline there ends an (empty) head at once, "
+        "two lines at most, far below any limit",
     "FrameParser.feed+63:23 condition-False":
         "a payload of a bytes input is copied out through a view or a slice instead of sliced: the same bytes",
     "PerMessageDeflate.decompress+14:17 Lt->LtE":
@@ -90,6 +106,8 @@ EQUIVALENT: Dict[str, str] = {
         "opcode 7 is reserved: FrameParser refuses it and Opcode has no 7, so the assembler only ever sees "
         "0, 1, 2, 8, 9 and 10",
     "_status_text+0:44 str-changed": "the default reason is never used: both callers pass the response's reason",
+    "_first_byte_error+0:53 False->True":
+        "the default of allow_rsv1 is never used: its one caller, FrameParser.feed, passes the parser's setting",
     "negotiate_deflate+37:62 15->16":
         "the default is min()-ed with the server's own server_max_window_bits, which _deflate_settings keeps "
         "at 15 or less",
@@ -97,6 +115,9 @@ EQUIVALENT: Dict[str, str] = {
     "PerMessageDeflate.__init__+0:96 8->9":
         "mem_level is a zlib memory/speed trade-off: any value in 1..9 compresses to a valid stream that "
         "inflates to the same message",
+    "PerMessageDeflate.__init__+0:76 6->7":
+        "level is a zlib ratio/speed trade-off: any value compresses to a valid stream that inflates to the "
+        "same message",
     "PerMessageDeflate.__init__+0:96 8->7":
         "mem_level is a zlib memory/speed trade-off: any value in 1..9 compresses to a valid stream that "
         "inflates to the same message",

@@ -4031,12 +4031,22 @@ class TestHandshake:
         with raises_with(HandshakeError, status=431) as info:
             HeadReader(max_size=64).feed(b"GET / HTTP/1.1\r\nX-Pad: " + b"p" * 64)
         assert str(info.value) == "request head too large"
+        # Too many lines fail as soon as they are in, before the blank line.
+        reader = HeadReader(max_lines=3)
+        assert reader.feed(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n") is None
+        with raises_with(HandshakeError, status=431):
+            reader.feed(b"D: 4\r\n")
         # An empty head is complete at once (parse_request then answers 400), however it ends.
         for empty in (b"\n\n", b"\r\n\r\n", b"\n\r\n"):
             assert HeadReader().feed(empty + b"x") == (empty, b"x")
         # A TLS record is recognised at the start of a head only: later, 0x16 is just a byte.
         reader = HeadReader()
         assert reader.feed(b"GET / HTTP/1.1\r\n") is None and reader.feed(b"\x16") is None
+
+    def test_validate_response_takes_headers_as_a_list_of_pairs_too(self):
+        fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),
+                  ("Sec-WebSocket-Protocol", "chat")]
+        assert validate_response(Response(101, fields), SAMPLE_KEY, ["chat"]) == "chat"
 
     @pytest.mark.parametrize("response, compression, message", [
         (Response(403, (), b"", "Forbidden"), None, "server answered 403 Forbidden"),
@@ -7746,6 +7756,7 @@ class TestCompression:
         # Fragments: only the last loses its tail, and they join into one stream.
         payloads = deflate.compress_fragments([b"abc" * 100, b"", b"def" * 100])
         assert len(payloads) == 3
+        assert (deflate._compressor is None) == no_context  # fragments too: no compressor of its own
         if no_context:
             inflater = zlib.decompressobj(-wbits)
         assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
@@ -7758,7 +7769,7 @@ class TestCompression:
         assert first.compress(message) == second.compress(message) == first.compress(message)
 
     def test_eight_bit_compressor_windows_are_refused(self):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="^zlib cannot compress with a window of 8 bits$"):
             PerMessageDeflate(DeflateParams(server_max_window_bits=8), client=False)
         # Receiving with 8 bits is fine: zlib inflates them. zlib cannot make an 8-bit stream, so the
         # peer's is made of stored blocks, which refer to nothing.
