@@ -7727,6 +7727,12 @@ class TestCompression:
         with pytest.raises(ValueError, match="^server_max_window_bits 11 exceeds the 10 offered$"):
             parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=11",
                                    Deflate(server_max_window_bits=10))
+        # A server that limits its own window to 14 bits says so, unasked; a client that asked for 14 refuses 15.
+        assert negotiate_deflate("permessage-deflate", Deflate(server_max_window_bits=14))[0] == (
+            f"{NO_CONTEXT}; server_max_window_bits=14")
+        with pytest.raises(ValueError, match="^server_max_window_bits 15 exceeds the 14 offered$"):
+            parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=15",
+                                   Deflate(server_max_window_bits=14))
         # 9 bits is the smallest window a server can compress with: accepted as offered.
         assert negotiate_deflate("permessage-deflate; server_max_window_bits=9") == (
             f"{NO_CONTEXT}; server_max_window_bits=9", DeflateParams(True, True, 9, 15))
