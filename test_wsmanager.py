@@ -609,6 +609,23 @@ def check_roundtrip(frames, key, cuts):
 MASK_THRESHOLD = wsmanager._TRANSLATE_THRESHOLD  # apply_mask switches algorithm here
 
 
+MASK_ACCELERATORS = ["websockets", "wsaccel"]  # what apply_mask may use for large payloads, fastest first
+
+
+def mask_accelerator(name, monkeypatch):
+    """What wsmanager masks large payloads with when ``name`` is the best accelerator installed
+    (skips when it is not installed)."""
+    if name == "websockets":
+        speedups = pytest.importorskip("websockets.speedups")
+        assert wsmanager._find_mask_accelerator() is speedups.apply_mask
+    else:
+        pytest.importorskip("wsaccel.xormask")
+        monkeypatch.setitem(sys.modules, "websockets.speedups", None)  # as if websockets were not installed
+    function = wsmanager._find_mask_accelerator()
+    assert function is not None and function is not wsmanager._translate_mask
+    return function
+
+
 MASK_SIZES = sorted({0, 1, 2, 3, 4, 5, 7, 8, 2 * MASK_THRESHOLD + 1, 65537}
                     | {MASK_THRESHOLD + delta for delta in range(-5, 5)})
 
@@ -3040,29 +3057,56 @@ class TestCodec:
         assert parser.feed(wire[-1:]) == [Frame(Opcode.BINARY, payload)]
         assert elapsed < 10, f"{elapsed:.1f} s for 64 KiB: each feed costs time in the buffered size"
 
-    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch):
-        pytest.importorskip("wsaccel")
-        assert wsmanager._xor_masker is not None  # installed here: apply_mask runs in C
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS)
+    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch, accelerator):
+        accelerated_mask = mask_accelerator(accelerator, monkeypatch)
         rng = random.Random(14)
-        cases = [(bytes(rng.getrandbits(8) for _ in range(n)), bytes(rng.getrandbits(8) for _ in range(4)))
-                 for n in (0, 1, 3, 4, 5, 511, 512, 513, 4097)]
+        # Random data of odd and even lengths around the threshold and far above it, every kind of
+        # bytes-like input, and views that start at an offset into a larger buffer.
+        cases = []
+        for n in (MASK_THRESHOLD - 1, MASK_THRESHOLD, MASK_THRESHOLD + 1, MASK_THRESHOLD + 3, 4097, 65537, 2 ** 20 + 7):
+            data, key = rng.randbytes(n), rng.randbytes(4)
+            cases += [(data, key), (bytearray(data), bytearray(key)), (memoryview(data), key)]
+            for offset in (1, 2, 3, 5):
+                cases.append((memoryview(bytearray(rng.randbytes(offset)) + data)[offset:], key))
+        monkeypatch.setattr(wsmanager, "_large_mask", accelerated_mask)
         accelerated = [apply_mask(data, key) for data, key in cases]
-        accelerated += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                        apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
-        monkeypatch.setattr(wsmanager, "_xor_masker", None)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask)  # the standard-library path
         pure = [apply_mask(data, key) for data, key in cases]
-        pure += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                 apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
         assert accelerated == pure
-        assert pure[:len(cases)] == [naive_mask(data, key) for data, key in cases]
+        assert pure == [naive_mask(bytes(data), bytes(key)) for data, key in cases]
         assert all(type(result) is bytes for result in accelerated + pure)
 
-    @pytest.mark.parametrize("accelerated", [True, False], ids=["wsaccel", "pure"])
-    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerated):
-        if accelerated:
-            pytest.importorskip("wsaccel")
-        else:
-            monkeypatch.setattr(wsmanager, "_xor_masker", None)
+    def test_apply_mask_finds_its_accelerator_on_the_first_large_payload_only(self):
+        # In a fresh interpreter: nothing is imported for masking at import or for small payloads.
+        code = ("import sys, wsmanager\n"
+                "accelerators = ('websockets', 'wsaccel')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "wsmanager.apply_mask(b'x' * (wsmanager._TRANSLATE_THRESHOLD - 1), b'abcd')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "assert wsmanager.apply_mask(b'x' * 600, b'abcd') == bytes(x ^ k for x, k in zip(b'x' * 600, b'abcd' * 150))\n"
+                "speedups = sys.modules.get('websockets.speedups')\n"
+                "print(speedups is not None and wsmanager._large_mask is speedups.apply_mask)\n")
+        lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=Path(wsmanager.__file__).parent, timeout=60).stdout.splitlines()
+        assert lines[:2] == ["True False", "True False"]
+        pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
+        assert lines[2] == "True"
+
+    def test_apply_mask_on_the_standard_library_alone_is_the_pure_path(self):
+        # -I -S: no site-packages, so neither websockets nor wsaccel can be imported.
+        code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"
+                "out = wsmanager.apply_mask(bytes(range(256)) * 8, b'\\x01\\x02\\x03\\x04')\n"
+                "assert out == bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(bytes(range(256)) * 8))\n"
+                "print(wsmanager._large_mask is wsmanager._translate_mask)\n")
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                                check=True, cwd=Path(wsmanager.__file__).parent, timeout=60)
+        assert result.stdout == "True\n"
+
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS + ["pure"])
+    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerator):
+        monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask if accelerator == "pure"
+                            else mask_accelerator(accelerator, monkeypatch))
         payload = os.urandom(70_000)
         wire = encode_frame(Opcode.BINARY, payload, mask=True) + encode_frame(Opcode.TEXT, b"hi", mask=True)
         frames = parse_all(wire, expect_masked=True)
@@ -7516,7 +7560,9 @@ class TestDocs:
         assert code.count("300") == 3
         assert exec_printed(code, "readme_connect_many").splitlines() == ["300 replies, 0 failures"]
 
-    def test_speedups_extra_names_wsaccel(self):
+    def test_speedups_extra_names_the_fastest_accelerator(self):
         setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
-        assert re.search(r"^speedups =\n    wsaccel", setup, re.M)
-        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)  # the tests cover both masking paths
+        assert re.search(r"^speedups =\n    websockets", setup, re.M)  # its C speedups.apply_mask
+        # The tests cover every masking path: websockets' C, wsaccel's, and the pure one.
+        assert re.search(r"^test =\n(    .*\n)*    websockets", setup, re.M)
+        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)
