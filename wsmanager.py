@@ -342,11 +342,22 @@ class Close(NamedTuple):
     reason: str
 
 
-# One XOR table per key byte, for bytes.translate: 64 KiB built once, each table by one
-# big-int XOR of the identity table (a generator over 65,536 bytes would cost ms at import).
-_IDENTITY = int.from_bytes(bytes(range(256)), "big")
-_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes((k,)) * 256, "big")).to_bytes(256, "big") for k in range(256)]
+def _xor_tables() -> List[bytes]:
+    """One table per key byte ``k`` for bytes.translate, ``tables[k][i] == i ^ k``: 64 KiB."""
+    # Built by doubling, one C translate() per table (a generator over 65,536 bytes would cost
+    # ms at import): XOR with a power of two ``bit`` swaps the halves of each block of 2 * bit
+    # values, and the tables of k and k | bit differ by just that swap.
+    tables = [bytes(range(256))]
+    identity = tables[0]
+    for bit in (1, 2, 4, 8, 16, 32, 64, 128):
+        swap = b"".join(identity[i + bit:i + 2 * bit] + identity[i:i + bit] for i in range(0, 256, 2 * bit))
+        tables += [table.translate(swap) for table in tables]
+    return tables
+
+
+_XOR_TABLES = _xor_tables()
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
+
 
 def _translate_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """apply_mask of a large payload on the standard library alone."""
