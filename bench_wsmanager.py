@@ -168,6 +168,8 @@ import cProfile
 import dataclasses
 import functools
 import hashlib
+import json
+import math
 import multiprocessing
 import os
 import pstats
@@ -185,6 +187,7 @@ import sys
 import threading
 import time
 import timeit
+import tracemalloc
 import traceback
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -2325,6 +2328,108 @@ def run_import_time(repeat: int) -> Metric:
     return metric
 
 
+# -- zparams: zlib settings for permessage-deflate ------------------------------
+
+ZPARAMS_WINDOW_BITS = range(9, 16)
+ZPARAMS_MEM_LEVELS = range(1, 10)
+ZPARAMS_LARGE_SIZE = 128 * 1024
+
+
+def json_message(size: int) -> bytes:
+    """``size`` bytes of a JSON array of records, the kind of message a dashboard pushes (seeded)."""
+    rng = random.Random(22)
+    words = ["alpha", "beta", "gamma", "delta", "status", "ok", "error", "pending", "eu-west", "us-east"]
+    records = []
+    length = 2
+    while length < size:
+        record = json.dumps({"id": len(records), "user": f"user{rng.randrange(10_000)}", "region": rng.choice(words),
+                             "state": rng.choice(words), "value": round(rng.uniform(0, 1000), 3),
+                             "ts": 1_700_000_000 + rng.randrange(86_400), "tags": rng.sample(words, 3)})
+        records.append(record)
+        length += len(record) + 2
+    return ("[" + ", ".join(records) + "]").encode()[:size]
+
+
+def zlib_message_cost(wbits: int, mem_level: int, message: bytes, count: int) -> "tuple[float, int]":
+    """Seconds per message (best of BEST_OF runs of ``count``) and compressed size, compressed as
+    wsmanager's shared compressor does by default: level 6, a full flush after each message."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+    size = len(compressor.compress(message) + compressor.flush(zlib.Z_FULL_FLUSH))
+    best = math.inf
+    for _ in range(BEST_OF):
+        start = time.perf_counter()
+        for _ in range(count):
+            compressor.compress(message)
+            compressor.flush(zlib.Z_FULL_FLUSH)
+        best = min(best, (time.perf_counter() - start) / count)
+    return best, size
+
+
+def zlib_memory(wbits: int, mem_level: int, message: bytes) -> int:
+    """Bytes a compressor holds after one message: what a connection keeps with its context (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+        compressor.compress(message)
+        compressor.flush(zlib.Z_SYNC_FLUSH)
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def run_zparams(repeat: int) -> List[Metric]:
+    """Time, size and memory of zlib for every window (9-15 bits) and memLevel (1-9), interleaved."""
+    small, large = ZMEM_MESSAGE, json_message(ZPARAMS_LARGE_SIZE)
+    print(f"\n## zlib settings: level 6, a full flush per message (wsmanager's shared compressor), pinned to the "
+          f"generator's CPU; a {len(small)} B chat message and {len(large) // 1024} KiB of JSON records")
+    grid = [(wbits, level) for wbits in ZPARAMS_WINDOW_BITS for level in ZPARAMS_MEM_LEVELS]
+    times: Dict[str, Dict[Any, List[float]]] = {"small": collections.defaultdict(list),
+                                                  "large": collections.defaultdict(list)}
+    sizes: Dict[str, Dict[Any, int]] = {"small": {}, "large": {}}
+    saved_affinity = os.sched_getaffinity(0)
+    if CPUS["generator"] is not None:
+        os.sched_setaffinity(0, {CPUS["generator"]})
+    try:
+        for rep in range(repeat):
+            for cell in grid:
+                for name, message, count in (("small", small, 2000), ("large", large, 8)):
+                    seconds, sizes[name][cell] = zlib_message_cost(*cell, message, count)
+                    times[name][cell].append(seconds)
+            print(f"  zparams rep {rep + 1}/{repeat} done", flush=True)
+    finally:
+        os.sched_setaffinity(0, saved_affinity)
+    memory = {cell: zlib_memory(*cell, large) for cell in grid}
+
+    def table(title: str, cell_text: Callable[[Any], str]) -> None:
+        print(f"\n  {title}\n")
+        print("  | window bits | " + " | ".join(f"memLevel {level}" for level in ZPARAMS_MEM_LEVELS) + " |")
+        print("  | --- |" + " --- |" * len(ZPARAMS_MEM_LEVELS))
+        for wbits in ZPARAMS_WINDOW_BITS:
+            print(f"  | {wbits} | " + " | ".join(cell_text((wbits, level)) for level in ZPARAMS_MEM_LEVELS) + " |")
+
+    median = statistics.median
+    table(f"ms per {len(large) // 1024} KiB JSON message (medians)", lambda cell: f"{median(times['large'][cell]) * 1e3:.2f}")
+    table(f"us per {len(small)} B message (medians)", lambda cell: f"{median(times['small'][cell]) * 1e6:.1f}")
+    table(f"compressed size of the {len(large) // 1024} KiB message, % of the original",
+          lambda cell: f"{sizes['large'][cell] / len(large):.1%}")
+    table(f"compressed size of the {len(small)} B message, bytes", lambda cell: str(sizes["small"][cell]))
+    table("KiB a compressor holds (per connection that keeps its context; one per thread when shared)",
+          lambda cell: f"{memory[cell] / 1024:.0f}")
+    # The default against zlib's own (memLevel 8), per window size, as rows of the results table.
+    chosen = wsmanager.Deflate().mem_level
+    metrics = []
+    for wbits in (9, 12, 15):
+        for name, unit, scale in (("large", "ms", 1e3), ("small", "us", 1e6)):
+            metric = Metric(f"zlib {wbits}-bit window, {'128 KiB JSON' if name == 'large' else 'small message'} "
+                            f"[memLevel {chosen} (default) vs 8]", f"{unit} per message", higher_is_better=False,
+                            columns={"wsmanager": "chosen", "websockets": "memLevel 8"})
+            metric.samples["chosen"] = [t * scale for t in times[name][(wbits, chosen)]]
+            metric.samples["memLevel 8"] = [t * scale for t in times[name][(wbits, 8)]]
+            metrics.append(metric)
+    return metrics
+
+
 # -- soak ---------------------------------------------------------------------
 
 def fds_and_rss(pid: int) -> "tuple[int, int]":
@@ -2689,7 +2794,7 @@ def run_scale(p: Params, repeat: int) -> int:
 ###############################################################################
 
 SCENARIO_ORDER = ("s1", "s2", "s2node", "s3", "s4", "s5", "s6", "s6c", "codec", "import", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
-                  "zmem10k", "zmemctx10k")
+                  "zmem10k", "zmemctx10k", "zparams")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -2755,6 +2860,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if name == "import":
             metrics.append(run_import_time(args.repeat))
+            continue
+        if name == "zparams":
+            metrics.extend(run_zparams(args.repeat))
             continue
         if name == "s2node" and node_generator() is None:
             print("\n## s2node skipped: node is not on PATH")

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -5938,6 +5939,40 @@ class TestCompression:
         if no_context:
             inflater = zlib.decompressobj(-wbits)
         assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
+
+    @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
+    @pytest.mark.parametrize("wbits", [9, 12, 15])
+    def test_default_settings_compress_with_mem_level_5(self, no_context, wbits):
+        # Chosen by bench_wsmanager.py zparams (zlib's 8 is up to 1.6x slower on large messages with
+        # small windows and holds 112 KiB more per compressor, for under 0.4 % of size).
+        rng = random.Random(22)
+        message = json.dumps([{"id": i, "user": f"user{rng.randrange(10_000)}", "value": rng.random()}
+                              for i in range(1500)]).encode()
+        flush = zlib.Z_FULL_FLUSH if no_context else zlib.Z_SYNC_FLUSH
+        expected = {}
+        for mem_level in (5, 8):
+            reference = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+            expected[mem_level] = (reference.compress(message) + reference.flush(flush))[:-4]
+        assert expected[5] != expected[8]  # the message tells the two apart
+        params = DeflateParams(server_no_context_takeover=no_context, server_max_window_bits=wbits)
+        assert PerMessageDeflate(params, client=False).compress(message) == expected[5]
+        # The same through the settings a connection is made with (compression="deflate" means Deflate()).
+        assert Deflate().mem_level == 5
+        ws = WebSocket(socket.socket(), client=False)
+        try:
+            ws._enable_deflate(params, Deflate())
+            assert ws._deflate is not None and ws._deflate.compress(message) == expected[5]
+        finally:
+            ws.sock.close()
+        if not no_context:  # what a connection that keeps its context holds: 2 ** (wbits + 2) + 16 KiB + state
+            tracemalloc.start()
+            try:
+                kept = PerMessageDeflate(params, client=False)
+                kept.compress(b"x")
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            assert held < 2 ** (wbits + 2) + 40 * 1024
 
     def test_no_context_output_is_the_same_bytes_for_every_connection(self):
         params = DeflateParams(server_no_context_takeover=True)

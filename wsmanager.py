@@ -920,6 +920,11 @@ class Deflate(NamedTuple):
       inflater a server keeps per client if contexts are kept.
 
     ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
+    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
+    ``bench_wsmanager.py zparams``, it compresses JSON within 0.4 % of 8's
+    size, 20 % faster for small messages, up to 1.6x faster for large ones
+    with small windows (a 9-bit window at 8 slides a 64 KiB hash table every
+    512 bytes), and a compressor that keeps its context holds 112 KiB less.
     """
 
     server_no_context_takeover: bool = True
@@ -927,7 +932,7 @@ class Deflate(NamedTuple):
     server_max_window_bits: int = 15
     client_max_window_bits: int = 12
     level: int = 6
-    mem_level: int = 8
+    mem_level: int = 5
 
 
 class DeflateParams(NamedTuple):
@@ -989,7 +994,7 @@ class PerMessageDeflate:
     __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
                  "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
 
-    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 8):
+    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
         self.params = params
         self.client = client
         if client:
