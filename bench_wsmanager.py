@@ -52,7 +52,10 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        (ceiling: the raw server); connections/s and the client's RSS growth
        per connection, measured after one echo on every connection. ws4py
        (when installed, ``bench`` extra) in the same run: ``connect()`` then
-       its ``WebSocketManager``, its documented client use.
+       its ``WebSocketManager``, its documented client use. "floor": a raw
+       blocking socket per connection that sends the same opening request
+       (precomputed) and reads up to the end of the 101, nothing more, against
+       the same server: what any one-by-one blocking client can reach there.
 s6c    client side, concurrent: 2,000 ``manager.connect()`` calls in
        a loop, every TCP connect and handshake running in the loop at once,
        timed until all have opened (websockets: 2,000 ``connect()`` tasks
@@ -248,7 +251,7 @@ CONNECT_TIMEOUT = 15.0
 BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
 IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
 # Also run in some scenarios: ws4py (S6), wsmanager with its masking forced to pure Python (S3).
-EXTRA_IMPLEMENTATIONS = ("ws4py", "wsmanager-pure")
+EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "wsmanager-pure")
 SATURATED = 0.9  # a load generator using this share of a CPU or more limits the figure: a lower bound
 # What a browser offers; answered with 12-bit client windows by both servers' defaults.
 BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
@@ -1453,6 +1456,50 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
     return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)  # the warm one echoed too
 
 
+def client_s6_floor(port: int, server_pid: int, p: Params) -> dict:
+    """The floor of a blocking client: a raw socket per connection sends one precomputed opening request
+    (the same bytes wsmanager.connect() sends, one key for all) and reads until the end of the 101, with no
+    parsing, no checks and no manager; then a selector holds them for one echo each."""
+    selector = selectors.DefaultSelector()
+    request = wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key())
+    hello = wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"hi", mask=True)
+
+    def open_one() -> socket.socket:
+        sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+        answer = sock.recv(READ_CHUNK)
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(READ_CHUNK)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            answer += chunk
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        return sock
+
+    warm = open_one()
+    time.sleep(0.2)
+    rss_before = rss_bytes()
+    with Meter(server_pid) as meter:
+        opened, errors = open_one_by_one(open_one, p.s6_connections, OSError)
+    socks = [warm] + opened
+    for sock in socks:
+        sock.sendall(hello)
+    echoed = 0
+    deadline = time.monotonic() + p.trial_timeout
+    while echoed < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            key.fileobj.recv(READ_CHUNK)  # the 4-byte echo of "hi" arrives in one piece on loopback
+            echoed += 1
+            selector.unregister(key.fileobj)
+    rss_after = rss_bytes()
+    for sock in socks:
+        sock.close()
+    selector.close()
+    return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)
+
+
 def client_s6_ws4py(port: int, server_pid: int, p: Params) -> dict:
     """ws4py's documented client use: ``connect()`` (blocking handshake), then its manager runs the connection."""
     url = f"ws://{HOST}:{port}/"
@@ -1668,6 +1715,8 @@ def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: i
             result = asyncio.run(client_s6_websockets(port, server_pid, p))
         elif impl == "ws4py":
             result = client_s6_ws4py(port, server_pid, p)
+        elif impl == "floor":
+            result = client_s6_floor(port, server_pid, p)
         else:
             result = client_s6_ceiling(port, server_pid, p)
     elif workload == "s6c":
@@ -1854,8 +1903,9 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                        {"rss": Metric("S6 client RSS per connection", "KiB", higher_is_better=False,
                                       targets=[Target(absolute, 3.0)]),
                         "rate": Metric("S6 client connections", "conn/s", targets=[Target(ref, 3.0)])},
-                       servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows"},
-                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ())),
+                       servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows",
+                                "floor": "picows"},
+                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ()) + ("floor",)),
         "s6c": Scenario("s6c", f"S6c client side, concurrent: {p.s6_connections:,} client connections started in "
                                "a loop, all handshaking at once (wsmanager: manager.connect(); websockets: "
                                "connect() tasks gathered), against a picows echo server", "echo",
@@ -1898,10 +1948,16 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                targets=[Target(ref, 0.8)], columns={"wsmanager": "wsmanager-pure", "websockets": "apply_mask"}),
     ]
     if ws4py is not None:
-        scenarios["s6"].extra_metrics.append(
+        scenarios["s6"].extra_metrics += [
             Metric(f"S6 client connections [websockets column: ws4py {ws4py.__version__}]", "conn/s",
-                   samples=s6.samples, targets=[Target(ref, 1.0)],
-                   columns={"wsmanager": "wsmanager", "websockets": "ws4py"}))
+                   samples=s6.samples, targets=[Target(ref, 1.2)],
+                   columns={"wsmanager": "wsmanager", "websockets": "ws4py"}),
+            # What any blocking one-by-one client can reach against this server, in ws4py's terms.
+            Metric(f"S6 the floor client [wsmanager column: floor; websockets column: ws4py {ws4py.__version__}]",
+                   "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"})]
+    scenarios["s6"].extra_metrics.append(
+        Metric("S6 client connections [websockets column: the floor client]", "conn/s", samples=s6.samples,
+               columns={"wsmanager": "wsmanager", "websockets": "floor"}))
     return scenarios
 
 

@@ -4025,6 +4025,31 @@ class TestManager:
         with pytest.raises(ConnectionClosed):
             client_manager.add(client)
 
+    def test_add_from_another_thread_opens_without_describing_the_socket(self, manager, client_manager):
+        # Joining the loop registers the socket by its descriptor: a failed look-up by socket object
+        # would format its repr (getsockname + getpeername, two system calls per connection joining).
+        class CountingSocket(socket.socket):
+            reprs = 0
+
+            def __repr__(self):
+                CountingSocket.reprs += 1
+                return super().__repr__()
+
+        address = manager.listen(("127.0.0.1", 0), Recorder)
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(address)
+        request = encode_request(f"{address[0]}:{address[1]}", "/", new_key())
+        sock.sendall(request)
+        reader = HeadReader()
+        while (result := reader.feed(sock.recv(4096))) is None:
+            pass
+        client = Recorder(sock, client=True, request_headers=request, response_headers=result[0])
+        client_manager.add(client)
+        assert client.opened_event.wait(10)
+        assert CountingSocket.reprs == 0
+        client.close()
+        wait_until(lambda: client.terminated)
+
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
         try:

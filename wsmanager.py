@@ -2958,7 +2958,9 @@ class _Waker:
 
     def _on_read(self) -> None:
         try:
-            while self.sock.recv(4096):
+            # _wake() writes one byte per wake-up (see _wake_pending): one read nearly always drains it,
+            # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
+            while len(self.sock.recv(4096)) == 4096:
                 pass
         except _WOULD_BLOCK:
             pass
@@ -3619,7 +3621,9 @@ class WebSocketManager:
     def _set_events(self, sock: Any, events: int, handler: _Handler) -> None:
         """Loop thread: watch ``sock`` for ``events``, registering it if it is not yet."""
         try:
-            self._selector.modify(sock, events, handler)
+            # By descriptor: the KeyError of a socket not yet registered would format the socket's
+            # repr, two system calls (getsockname, getpeername) per connection that joins.
+            self._selector.modify(sock.fileno(), events, handler)
         except KeyError:
             self._selector.register(sock, events, handler)
 
