@@ -251,7 +251,7 @@ CONNECT_TIMEOUT = 15.0
 BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
 IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
 # Also run in some scenarios: ws4py (S6), wsmanager with its masking forced to pure Python (S3).
-EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "wsmanager-pure")
+EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "connect-only", "wsmanager-pure")
 SATURATED = 0.9  # a load generator using this share of a CPU or more limits the figure: a lower bound
 # What a browser offers; answered with 12-bit client windows by both servers' defaults.
 BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
@@ -1346,10 +1346,12 @@ class EchoTally:
 
 
 def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, server_pid: int, p: Params,
-                             failures: Any) -> dict:
-    """S6 for a client library whose connections run in its own manager thread: a warm-up connection,
-    then p.s6_connections opened one by one (measured), then one echo each."""
-    warm = open_client()
+                             failures: Any, open_warm: Optional[Callable[[], Any]] = None,
+                             run_all: Optional[Callable[[List[Any]], None]] = None) -> dict:
+    """S6 for a client library whose connections run in its own manager thread: a warm-up connection
+    (``open_warm``, default ``open_client``), then p.s6_connections opened one by one (measured), then
+    ``run_all`` on them if given, then one echo each."""
+    warm = (open_warm or open_client)()
     warm.send("warm-up")
     tally.enough.wait(CONNECT_TIMEOUT)
     tally.received, tally.target = 0, p.s6_connections
@@ -1358,6 +1360,8 @@ def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, s
     rss_before = rss_bytes()
     with Meter(server_pid) as meter:
         clients, errors = open_one_by_one(open_client, p.s6_connections, failures)
+    if run_all is not None:
+        run_all(clients)
     tally.target = len(clients)
     for client in clients:
         client.send("hi")
@@ -1366,7 +1370,9 @@ def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, s
     return s6_result(meter, len(clients), rss_before, rss_after, errors, tally.received)
 
 
-def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
+def client_s6_wsmanager(port: int, server_pid: int, p: Params, add: bool = True) -> dict:
+    """``connect()`` then ``manager.add()``, one by one; without ``add``, the connections are added only
+    after the timed interval (the cost of connect() alone)."""
     url = f"ws://{HOST}:{port}/"
     tally = EchoTally()
 
@@ -1379,9 +1385,19 @@ def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
         manager.add(client)
         return client
 
+    def connect_only() -> wsmanager.WebSocket:
+        return wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
+
+    def add_all(clients: List[wsmanager.WebSocket]) -> None:
+        for client in clients:
+            manager.add(client)
+
     manager = wsmanager.WebSocketManager()
     manager.start()
     try:
+        if not add:
+            return measure_threaded_clients(connect_only, tally, server_pid, p, (OSError, wsmanager.HandshakeError),
+                                            open_warm=open_client, run_all=add_all)
         return measure_threaded_clients(open_client, tally, server_pid, p, (OSError, wsmanager.HandshakeError))
     finally:
         manager.stop()
@@ -1717,6 +1733,8 @@ def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: i
             result = client_s6_ws4py(port, server_pid, p)
         elif impl == "floor":
             result = client_s6_floor(port, server_pid, p)
+        elif impl == "connect-only":
+            result = client_s6_wsmanager(port, server_pid, p, add=False)
         else:
             result = client_s6_ceiling(port, server_pid, p)
     elif workload == "s6c":
@@ -1904,8 +1922,9 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                                       targets=[Target(absolute, 3.0)]),
                         "rate": Metric("S6 client connections", "conn/s", targets=[Target(ref, 3.0)])},
                        servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows",
-                                "floor": "picows"},
-                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ()) + ("floor",)),
+                                "floor": "picows", "connect-only": "picows"},
+                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ())
+                       + ("floor", "connect-only")),
         "s6c": Scenario("s6c", f"S6c client side, concurrent: {p.s6_connections:,} client connections started in "
                                "a loop, all handshaking at once (wsmanager: manager.connect(); websockets: "
                                "connect() tasks gathered), against a picows echo server", "echo",
@@ -1955,9 +1974,12 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
             # What any blocking one-by-one client can reach against this server, in ws4py's terms.
             Metric(f"S6 the floor client [wsmanager column: floor; websockets column: ws4py {ws4py.__version__}]",
                    "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"})]
-    scenarios["s6"].extra_metrics.append(
+    scenarios["s6"].extra_metrics += [
         Metric("S6 client connections [websockets column: the floor client]", "conn/s", samples=s6.samples,
-               columns={"wsmanager": "wsmanager", "websockets": "floor"}))
+               columns={"wsmanager": "wsmanager", "websockets": "floor"}),
+        # The price of handing each connection over to the loop thread (add()), by difference.
+        Metric("S6 client connections [websockets column: wsmanager.connect() alone, no add()]", "conn/s",
+               samples=s6.samples, columns={"wsmanager": "wsmanager", "websockets": "connect-only"})]
     return scenarios
 
 
