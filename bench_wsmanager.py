@@ -1880,6 +1880,8 @@ class Scenario:
     efficiency_targets: Sequence[Target] = ()
     # More rows over the same samples (another column compared, e.g. ws4py), printed after the scenario's.
     extra_metrics: List[Metric] = dataclasses.field(default_factory=list)
+    # The same for the per-CPU-second table: (label, columns) of rows over the efficiency samples.
+    extra_efficiency: List[Metric] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         rate = self.metrics.get("rate")
@@ -1982,6 +1984,13 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
             # What any blocking one-by-one client can reach against this server, in ws4py's terms.
             Metric(f"S6 the floor client [wsmanager column: floor; websockets column: ws4py {ws4py.__version__}]",
                    "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"})]
+    s6_efficiency = scenarios["s6"].efficiency
+    assert s6_efficiency is not None
+    scenarios["s6"].extra_efficiency += [
+        Metric(f"S6 client connections [websockets column: {other}]", s6_efficiency.unit,
+               samples=s6_efficiency.samples, columns={"wsmanager": "wsmanager", "websockets": column})
+        for other, column in (("ws4py", "ws4py"), ("the floor client", "floor"),
+                              ("wsmanager.connect() alone", "connect-only"))]
     scenarios["s6"].extra_metrics += [
         Metric("S6 client connections [websockets column: the floor client]", "conn/s", samples=s6.samples,
                columns={"wsmanager": "wsmanager", "websockets": "floor"}),
@@ -2981,7 +2990,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("\nCPU shares over the timed intervals, medians: CPU used + time runnable but waiting for a CPU "
                   "(taken by other processes). s6: the client under test / the echo server.\n")
             print(share_table(scenarios_run))
-            efficiency = [scenario.efficiency for scenario in scenarios_run if scenario.efficiency is not None]
+            efficiency = [metric for scenario in scenarios_run if scenario.efficiency is not None
+                          for metric in (scenario.efficiency, *scenario.extra_efficiency)]
             if efficiency:
                 print("\nWork per CPU-second of the side under test (the server; s6: the client), medians. "
                       "Less sensitive than the rates above to other processes taking CPU time; a side that\n"
