@@ -3345,6 +3345,29 @@ class TestCodec:
         pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
         assert lines[2] == "True"
 
+    def test_apply_mask_out_of_descriptors_masks_in_pure_python_and_looks_again_later(self):
+        # The accelerator is imported on the first large payload; an import opens files, so a
+        # process out of descriptors (EMFILE) cannot import: that payload is masked in pure Python.
+        code = ("import os, resource, wsmanager\n"
+                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+                "held = []\n"
+                "try:\n"
+                "    while len(held) < 1000:\n"
+                "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+                "except OSError:\n"
+                "    pass\n"
+                "data = bytes(range(256)) * 4\n"
+                "expected = bytes(b ^ k for b, k in zip(data, b'abcd' * 256))\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n"
+                "for fd in held:\n"
+                "    os.close(fd)\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                cwd=Path(wsmanager.__file__).parent)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["True True", "True False"]
+
     def test_apply_mask_on_the_standard_library_alone_is_the_pure_path(self):
         # -I -S: no site-packages, so neither websockets nor wsaccel can be imported.
         code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"

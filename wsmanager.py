@@ -401,7 +401,13 @@ def _first_large_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """_large_mask until the first large payload: looks for an accelerator once, then puts the
     function that masks from now on in its own place."""
     global _large_mask
-    _large_mask = _find_mask_accelerator() or _translate_mask
+    try:
+        accelerator = _find_mask_accelerator()
+    except OSError:
+        # Out of descriptors (EMFILE): no module can be imported now, as each is a file to open.
+        # This payload is masked in pure Python (the same bytes), and the next one looks again.
+        return _translate_mask(data, key)
+    _large_mask = accelerator or _translate_mask
     return _large_mask(data, key)
 
 
