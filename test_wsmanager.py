@@ -1616,10 +1616,17 @@ CLIENT_NEGOTIATION = {
     "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
                         DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
     "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
-    "client-window-too-big": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
-                              "exceeds"),
+    # RFC 7692 7.1.2.2: a larger window than offered (Autobahn 13.4/13.6) leaves ours; a smaller one binds.
+    "client-window-larger": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
+                             DeflateParams(True, True, 15, 12)),
+    "client-window-13": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
+                         DeflateParams(True, True, 15, 12)),
+    "client-window-smaller": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+                              DeflateParams(True, True, 15, 10)),
     "client-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
-                        "8"),
+                        DeflateParams(True, True, 15, 8)),
+    "client-window-9-offered-15": (Deflate(False, False, 15, 15), "permessage-deflate; client_max_window_bits=9",
+                                   DeflateParams(False, False, 15, 9)),
     "client-window-without-value": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits",
                                     "needs a value"),
     "server-window-too-big": (Deflate(server_max_window_bits=10),
@@ -1710,6 +1717,174 @@ def _exchange(wsm, peer, messages, rounds=1):
             assert type(echoed) is type(message) and echoed == message
     # Each echo came after wsmanager received its message: all are there, in order.
     assert wsm.messages[start:] == list(messages) * rounds
+
+
+# ... Section 13 in the client role: what Autobahn's test server answers to wsmanager's default offer
+# (server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12). It accepts with
+# server_no_context_takeover as asked and adds its own (requestNoContextTakeover, requestMaxWindowBits):
+# (False, 0), (True, 0), (False, 8), (False, 15), (True, 8), (True, 15), and for 13.7 the first of
+# (True, 8), (True, 0), (False, 0) that applies. Each with the window the client must compress with.
+AUTOBAHN_13_ANSWERS = {
+    "13.1": ("permessage-deflate; server_no_context_takeover", 12),
+    "13.2": (NO_CONTEXT, 12),
+    "13.3": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=8", 8),
+    "13.4": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=15", 12),
+    "13.5": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+    "13.6": (f"{NO_CONTEXT}; client_max_window_bits=15", 12),
+    "13.7": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+}
+
+# RFC 1951 3.2.5: base and extra bits of the length (257..285) and distance (0..29) codes.
+_LENGTH_BASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
+                195, 227, 258]
+_LENGTH_EXTRA = [0] * 8 + [n for n in range(1, 6) for _ in range(4)] + [0]
+_DISTANCE_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073,
+                  4097, 6145, 8193, 12289, 16385, 24577]
+_DISTANCE_EXTRA = [0, 0, 0, 0] + [n for n in range(1, 14) for _ in range(2)]
+_CODE_LENGTH_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
+
+
+def inflate_measuring_distances(payload):
+    """Inflate one permessage-deflate message without zlib (RFC 1951, the slow and plain way);
+    returns (data, the longest distance any match refers back). zlib's inflater cannot tell: it
+    accepts any distance within what it has output, whatever window it was given."""
+    stream = payload + b"\x00\x00\xff\xff"
+    position = 0  # in bits
+    out = bytearray()
+    longest = 0
+
+    def bits(count):
+        nonlocal position
+        value = 0
+        for shift in range(count):
+            value |= (stream[position >> 3] >> (position & 7) & 1) << shift
+            position += 1
+        return value
+
+    def code_table(lengths):  # canonical Huffman codes, RFC 1951 3.2.2
+        table, code = {}, 0
+        for length in range(1, 16):
+            for symbol, symbol_length in enumerate(lengths):
+                if symbol_length == length:
+                    table[length, code] = symbol
+                    code += 1
+            code <<= 1
+        return table
+
+    def decode(table):
+        code = 0
+        for length in range(1, 16):
+            code = code << 1 | bits(1)
+            if (length, code) in table:
+                return table[length, code]
+        raise AssertionError("invalid Huffman code")
+
+    while position + 3 <= 8 * len(stream):
+        final, kind = bits(1), bits(2)
+        if kind == 0:  # stored
+            position = (position + 7) & ~7
+            size = int.from_bytes(stream[position >> 3:(position >> 3) + 2], "little")
+            start = (position >> 3) + 4
+            out += stream[start:start + size]
+            position = 8 * (start + size)
+        else:
+            if kind == 1:
+                literals = code_table([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
+                distances = code_table([5] * 30)
+            else:
+                assert kind == 2, "reserved block type"
+                literal_count, distance_count, code_count = bits(5) + 257, bits(5) + 1, bits(4) + 4
+                code_lengths = [0] * 19
+                for index in range(code_count):
+                    code_lengths[_CODE_LENGTH_ORDER[index]] = bits(3)
+                length_codes = code_table(code_lengths)
+                lengths = []
+                while len(lengths) < literal_count + distance_count:
+                    symbol = decode(length_codes)
+                    if symbol < 16:
+                        lengths.append(symbol)
+                    elif symbol == 16:
+                        lengths += [lengths[-1]] * (3 + bits(2))
+                    else:
+                        lengths += [0] * (3 + bits(3) if symbol == 17 else 11 + bits(7))
+                literals = code_table(lengths[:literal_count])
+                distances = code_table(lengths[literal_count:])
+            while True:
+                symbol = decode(literals)
+                if symbol < 256:
+                    out.append(symbol)
+                    continue
+                if symbol == 256:
+                    break
+                length = _LENGTH_BASE[symbol - 257] + bits(_LENGTH_EXTRA[symbol - 257])
+                code = decode(distances)
+                distance = _DISTANCE_BASE[code] + bits(_DISTANCE_EXTRA[code])
+                assert distance <= len(out), "a distance before the start of the message"
+                longest = max(longest, distance)
+                for _ in range(length):
+                    out.append(out[-distance])
+        if final:
+            break
+    return bytes(out), longest
+
+
+class Autobahn13Server:
+    """A server that answers wsmanager's opening handshake with a fixed Sec-WebSocket-Extensions (as
+    Autobahn's test server in section 13) and then speaks compressed frames, checked by hand:
+    its own messages compressed by zlib with a 15-bit window and no context (it was asked for
+    server_no_context_takeover), the client's inflated by inflate_measuring_distances()."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.address = self.listener.getsockname()[:2]
+        self.sock = None
+        self.offer = None
+        self.parser = FrameParser(expect_masked=True, max_frame_size=2 ** 22, allow_rsv1=True)
+        self.frames = collections.deque()
+        self.longest_distance = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+
+    def handshake(self):
+        self.sock, _ = self.listener.accept()
+        self.sock.settimeout(20)
+        head, rest = read_head(self.sock)
+        request = parse_request(head)
+        self.offer = request.headers.get("Sec-WebSocket-Extensions")
+        self.sock.sendall(encode_switching_protocols(request.headers["Sec-WebSocket-Key"], None,
+                                                     [("Sec-WebSocket-Extensions", self.answer)]))
+        assert not rest
+
+    def send(self, message):
+        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
+        data = message.encode() if isinstance(message, str) else message
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        self.sock.sendall(encode_frame(opcode, payload, rsv1=True))
+
+    def receive(self):
+        """The next message from the client: it must be compressed, within the window it may use."""
+        fragments = []
+        while not fragments or not fragments[-1].fin:
+            while not self.frames:
+                data = self.sock.recv(2 ** 16)
+                assert data, "the client closed"
+                self.frames.extend(self.parser.feed(data))
+            frame = self.frames.popleft()
+            assert frame.opcode != Opcode.CLOSE, parse_close(frame.payload)
+            fragments.append(frame)
+        assert fragments[0].rsv1, "the client sent a message uncompressed"
+        data, longest = inflate_measuring_distances(b"".join(frame.payload for frame in fragments))
+        self.longest_distance = max(self.longest_distance, longest)
+        return data.decode() if fragments[0].opcode == Opcode.TEXT else data
 
 
 # Helpers: command line -------------------------------------------------------
@@ -5902,9 +6077,21 @@ class TestCompression:
         assert first.send_key == second.send_key
         assert first.compress(message) == second.compress(message) == first.compress(message)
 
-    def test_eight_bit_compressor_windows_are_refused(self):
-        with pytest.raises(ValueError):
-            PerMessageDeflate(DeflateParams(server_max_window_bits=8), client=False)
+    @pytest.mark.parametrize("keep_context", [False, True], ids=["no-context", "context"])
+    def test_eight_bit_windows_compress_within_256_bytes(self, keep_context):
+        # zlib cannot make an 8-bit window, but a server may ask a client for one (Autobahn 13.3).
+        params = DeflateParams(client_no_context_takeover=not keep_context, client_max_window_bits=8)
+        deflate = PerMessageDeflate(params, client=True)
+        text = random.Random(8).randbytes(400) * 10  # matches 400 bytes back, and nowhere nearer
+        for data in (text, b"z" * 5000, os.urandom(1000)):
+            payload = deflate.compress(data)
+            assert inflate_measuring_distances(payload)[0] == data
+            assert inflate_measuring_distances(payload)[1] <= 256
+        assert len(deflate.compress(b"z" * 5000)) < 100  # runs still compress
+        # The same with 10 bits refers 400 bytes back: the check above can fail.
+        assert inflate_measuring_distances(deflate_payload(text, wbits=10))[1] == 400
+
+    def test_eight_bit_windows_inflate(self):
         # Receiving with 8 bits is fine: zlib inflates them. zlib cannot make an 8-bit stream, so the
         # peer's is made of stored blocks, which refer to nothing.
         deflate = PerMessageDeflate(DeflateParams(client_max_window_bits=8), client=False)
@@ -5972,13 +6159,13 @@ class TestCompression:
         assert validate_response(Response(101, headers), SAMPLE_KEY, compression="deflate") is None
 
     def test_connect_fails_the_handshake_on_an_answer_it_did_not_allow(self):
-        def answer_with_8_bits(connection, request, response):
+        def answer_without_a_window(connection, request, response):
             response.headers["Sec-WebSocket-Extensions"] = ("permessage-deflate; server_no_context_takeover; "
-                                                            "client_max_window_bits=8")
+                                                            "client_max_window_bits")
             return response
 
-        with websockets_server(compression=None, process_response=answer_with_8_bits) as (address, connections):
-            with pytest.raises(HandshakeError, match="8"):
+        with websockets_server(compression=None, process_response=answer_without_a_window) as (address, connections):
+            with pytest.raises(HandshakeError, match="needs a value"):
                 connect(ws_url(address), compression="deflate", timeout=10)
             # Without our offer, any extension in the answer fails the handshake too.
             with pytest.raises(HandshakeError, match="not offered"):
@@ -6108,6 +6295,33 @@ class TestCompression:
             wait_until(lambda: len(client.messages) == 5 * len(messages), timeout=60)
             assert client.messages == messages * 5
             assert server.messages == messages * 5
+
+    @pytest.mark.parametrize("case", sorted(AUTOBAHN_13_ANSWERS))
+    def test_autobahn_13_client_role_with_the_default_offer(self, case):
+        # Autobahn's server answers the default offer its own way (client_max_window_bits=15 to our 12 in
+        # 13.4 and 13.6): the connection opens, and the client compresses within the smaller window.
+        answer, client_bits = AUTOBAHN_13_ANSWERS[case]
+        messages = autobahn_messages()
+        with running_manager(max_message_size=2 ** 22) as manager, Autobahn13Server(answer) as server:
+            client = manager.connect(ws_url(server.address), EchoRecorder, compression="deflate")
+            server.handshake()
+            assert server.offer == encode_deflate_offer("deflate")
+            assert client.opened_event.wait(10), client.events
+            assert client.compression == DeflateParams(True, True, 15, client_bits)
+            # Server to client and back: the client inflates each size and echoes it compressed ...
+            for message in messages:
+                server.send(message)
+                assert server.receive() == message
+            # ... and its own sends, also fragmented.
+            client.send(["frag-", "mented ", "✓" * 3000])
+            assert server.receive() == "frag-mented " + "✓" * 3000
+            assert client.messages == messages
+            # Never beyond the window; the texts of 4 KiB and more have matches up to its end. With 8
+            # bits (which zlib cannot make), only runs are matched.
+            assert 0 < server.longest_distance <= 2 ** client_bits
+            assert server.longest_distance > (2 ** (client_bits - 1) if client_bits > 8 else 0)
+            client.close()
+            assert client.closed_event.wait(10)
 
     @pytest.mark.parametrize("role", ROLES)
     @pytest.mark.parametrize("wsm_on", [False, True], ids=["wsm-off", "wsm-on"])

@@ -922,6 +922,16 @@ def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflat
 _thread_compressors = threading.local()
 
 
+def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
+    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
+    if wbits == 8:
+        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
+        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
+        # back one byte: valid within any window, and runs still compress.
+        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
+    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+
+
 def _shared_compressor(key: Tuple[int, int, int]) -> Any:
     try:
         compressors = _thread_compressors.compressors
@@ -929,8 +939,7 @@ def _shared_compressor(key: Tuple[int, int, int]) -> Any:
         compressors = _thread_compressors.compressors = {}
     compressor = compressors.get(key)
     if compressor is None:
-        wbits, level, mem_level = key
-        compressor = compressors[key] = zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+        compressor = compressors[key] = _new_compressor(*key)
     return compressor
 
 
@@ -961,8 +970,6 @@ class PerMessageDeflate:
             self._send_wbits = params.server_max_window_bits
             self._recv_keep = not params.client_no_context_takeover
             self._recv_wbits = params.client_max_window_bits
-        if self._send_wbits < 9:
-            raise ValueError("zlib cannot compress with a window of 8 bits")
         self._level = level
         self._mem_level = mem_level
         # Messages that share this key compress to the same bytes: a broadcast compresses once.
@@ -984,8 +991,7 @@ class PerMessageDeflate:
         else:
             compressor = self._compressor
             if compressor is None:
-                compressor = self._compressor = zlib.compressobj(
-                    self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
             compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
 
@@ -994,8 +1000,7 @@ class PerMessageDeflate:
         key = self.send_key
         compressor = _shared_compressor(key) if key is not None else self._compressor
         if compressor is None:
-            compressor = self._compressor = zlib.compressobj(
-                self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
         try:
             # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
             payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
@@ -1561,7 +1566,8 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     Returns the agreed :class:`DeflateParams`, or ``None`` when the server
     declined (no Sec-WebSocket-Extensions). Raises :class:`ValueError` when
     the answer is malformed or not allowed by the offer; the client must
-    then fail the handshake (RFC 7692 5).
+    then fail the handshake (RFC 7692 5). A ``client_max_window_bits``
+    above the one offered is allowed: the client keeps its own window.
     """
     deflate = _deflate_settings(settings)
     if deflate is None:
@@ -1582,11 +1588,15 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     server_bits = answer.get("server_max_window_bits", 15)
     if deflate.server_max_window_bits < 15 and server_bits > deflate.server_max_window_bits:
         raise ValueError(f"server_max_window_bits {server_bits} exceeds the {deflate.server_max_window_bits} offered")
-    client_bits = answer.get("client_max_window_bits", deflate.client_max_window_bits)
-    if client_bits > deflate.client_max_window_bits:
-        raise ValueError(f"client_max_window_bits {client_bits} exceeds the {deflate.client_max_window_bits} offered")
-    if client_bits < 9:
-        raise ValueError("client_max_window_bits 8 is not supported (zlib cannot compress with 8)")
+    # RFC 7692 7.1.2.2: with a value in the offer, "even if the server doesn't include the
+    # client_max_window_bits extension parameter in the corresponding extension negotiation response
+    # with a value greater than the one in the extension negotiation offer or if the server doesn't
+    # include the extension parameter at all, the client is not going to use an LZ77 sliding window
+    # size greater than the size specified by the value in the extension negotiation offer". So a larger
+    # answer (Autobahn's cases 13.4 and 13.6, older servers) is no violation: that server inflates with
+    # a window at least as large as ours, and we keep compressing with the window we offered. A smaller
+    # answer binds the client (same clause), down to 8 bits (see _new_compressor).
+    client_bits = min(answer.get("client_max_window_bits", 15), deflate.client_max_window_bits)
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
 
 
