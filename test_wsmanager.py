@@ -4961,6 +4961,32 @@ class TestManager:
             never.run()
             assert isinstance(late.failure, ManagerStopped) and late.sock.fileno() == -1
 
+    @pytest.mark.parametrize("action", ["terminate", "close"])
+    def test_manager_connect_ended_during_its_handshake_says_so_at_once(self, action):
+        class Watcher(Dialer):
+            def connect_failed(self, exc):
+                self.fd_at_failure = self.sock.fileno()
+                super().connect_failed(exc)
+
+        with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
+            with running_manager() as clients:
+                client = clients.connect(ws_url(silent.getsockname()), Watcher, timeout=2)
+                wait_until(lambda: clients._handshakes)
+                started = time.monotonic()
+                getattr(client, action)()
+                assert client.failed_event.wait(10)
+                # The real cause, not a timeout at the deadline; the socket is closed by then.
+                assert time.monotonic() - started < 1.5
+                exc = client.failure
+                assert type(exc) is ConnectionClosed and (exc.code, exc.reason) == (1006, f"{action}d by the application")
+                assert f"{action}d by the application before the opening handshake with" in str(exc)
+                assert client.fd_at_failure == -1 and client.terminated and not clients._handshakes
+                # The handshake's timer went with it: nothing more comes at the deadline.
+                time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+                assert [event[0] for event in client.events] == ["connect_failed"]
+                assert clients._thread.is_alive()
+            silent.accept()[0].close()
+
     def test_connect_failed_that_raises_is_logged(self, caplog):
         class Raising(Dialer):
             def connect_failed(self, exc):

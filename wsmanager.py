@@ -2325,6 +2325,10 @@ class WebSocket:
         # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
+        elif manager is not None and self._receiver is None:  # close() before the 101 of manager.connect()?
+            handshake = manager._client_handshake(self)
+            if handshake is not None:
+                handshake._abandon("closed by the application")
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): error close frame after what is queued, then close."""
@@ -2791,6 +2795,12 @@ class _ServerHandshake(_Handshake):
         self.sock.close()
 
 
+def _ended_by(websocket: WebSocket) -> str:
+    """Why a connection finalized before its opening handshake completed, for connect_failed()."""
+    reason = websocket.close_reason
+    return "terminated by the application" if reason == "terminated" else reason or "closed"
+
+
 class _ClientHandshake(_Handshake):
     """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
 
@@ -2809,7 +2819,7 @@ class _ClientHandshake(_Handshake):
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
         manager = self.manager
         if self.websocket.terminated:
-            self._detach()  # terminated before the loop got to it
+            self._abandon(_ended_by(self.websocket))  # before the loop got to it
             return
         if manager._stopping:
             self._fail(ManagerStopped("the manager is stopping"))
@@ -2894,6 +2904,25 @@ class _ClientHandshake(_Handshake):
             return
         self._detach()
         self.manager._unwatch(self.sock)
+        self._report(exc)
+
+    def _abandon(self, reason: str) -> None:
+        """The connection was closed or terminated before the 101 (``reason`` says how): the handshake
+        ends now, its timer with it, and connect_failed() says why instead of a timeout later."""
+        if self._finalized:
+            return
+        self._detach()
+        websocket = self.websocket
+        if websocket.terminated:
+            # Inside the connection's _finalize(), which closes the socket only after this (or
+            # before _begin(), when it is closed already): connect_failed() is promised a closed one.
+            self.sock.close()
+        else:
+            self.manager._unwatch(self.sock)
+        self._report(ConnectionClosed(f"{reason} before the opening handshake with {self.address!r} completed",
+                                      CloseCode.ABNORMAL, reason))
+
+    def _report(self, exc: BaseException) -> None:
         websocket = self.websocket
         logger.info("could not connect %s: %s", websocket._describe(), exc)
         websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
@@ -3065,8 +3094,10 @@ class WebSocketManager:
         socket is closed and ``connect_failed(exc)`` is called in the loop
         instead of ``opened()`` and ``closed()``: ``exc`` is a
         :class:`HandshakeError`, an :class:`OSError` (``ssl.SSLError`` and
-        ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
-        meanwhile are queued and go out once it opens.
+        ``TimeoutError`` included), :class:`ManagerStopped`, or
+        :class:`ConnectionClosed` at once when the connection's ``close()`` or
+        ``terminate()`` ends the handshake. Messages sent meanwhile are
+        queued and go out once it opens.
 
         Same options as :func:`connect`. Only the host name is resolved here,
         in the caller (an IP address costs nothing); raises
@@ -3614,10 +3645,24 @@ class WebSocketManager:
 
     def _forget(self, websocket: WebSocket) -> None:
         fd = websocket.fileno()
+        handshake = None
         if self._websockets.get(fd) is websocket:
             del self._websockets[fd]
+        elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
+            handshake = self._client_handshake(websocket)
         self._leave(websocket)
         self._unwatch(websocket.sock)
+        if handshake is not None:
+            handshake._abandon(_ended_by(websocket))
+
+    def _client_handshake(self, websocket: WebSocket) -> "Optional[_ClientHandshake]":
+        """Loop thread: the opening handshake of a :meth:`connect` in flight for ``websocket``, if any."""
+        fd = websocket.fileno()
+        if fd < 0:  # closed (the selector would search every registration for a closed socket)
+            return None
+        key = self._selector.get_map().get(fd)
+        handshake = key.data if key is not None else None
+        return handshake if isinstance(handshake, _ClientHandshake) and handshake.websocket is websocket else None
 
     # Server handshakes ---------------------------------------------------------
 
