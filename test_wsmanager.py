@@ -16,6 +16,7 @@ import contextlib
 import errno
 import http.client
 import http.server
+import importlib
 import inspect
 import io
 import json
@@ -66,7 +67,12 @@ settings.load_profile(os.environ.get("WSMANAGER_HYPOTHESIS", "ci"))
 ###############################################################################
 
 def websockets_module(name):
-    """A module of the websockets library (the independent peer), or the test is skipped without it."""
+    """A module of the websockets library (the independent peer), or the test is skipped without it.
+
+    A skip ends only the thread that raises it: off the test's own thread, a missing module is an
+    error (the test must call this first, where a skip skips it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(name)
     return pytest.importorskip(name)
 
 
@@ -1181,6 +1187,7 @@ def _ws_echoes(port, path="/ws"):
 
 def _ws_crowd(port, page, path="/ws", count=50):
     """`count` WebSocket clients at once, ordinary requests in between; then the host still serves."""
+    websockets_module("websockets.sync.client")  # here, not in the threads: a skip must skip the test
     clients = []
     errors = []
 
@@ -1216,6 +1223,12 @@ def _ws_crowd(port, page, path="/ws", count=50):
     # After the clients closed, the host serves HTTP and takes new WebSockets.
     assert _http(port)[:3:2] == (200, page)
     _ws_echoes(port, path)
+
+
+def _without_ansi(text):
+    """A host's log without terminal styles: werkzeug writes its access log lines in ANSI styles (bold
+    for a 101) unless colorama is installed, which strips them when the output is no terminal."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _assert_clean_host_log(text):
@@ -1323,7 +1336,7 @@ def wsgi_host(request, tmp_path_factory):
                 if b"in use" in log_path.read_bytes() and attempt < 2:
                     continue  # lost the port race: try another one
                 raise AssertionError(log_path.read_bytes()[-3000:])
-            yield kind, port, page, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            yield kind, port, page, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
             return
         finally:
             if proc.poll() is None:
@@ -2657,6 +2670,47 @@ def _type_checker(name):
     if path is None:
         pytest.skip(f"{name} is not installed (it needs Node.js)")
     return [path]
+
+
+# Packaging: the CPython versions setup.cfg's classifiers name, each run by the tests where installed.
+TESTED_PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+_SMOKE_SCRIPT = """
+import sys, threading, wsmanager
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+class Client(wsmanager.WebSocket):
+    def opened(self):
+        self.send("échoed " * 2)
+
+    def received_message(self, message):
+        print("%d.%d" % sys.version_info[:2], message, self.compression is not None)
+        done.set()
+
+done = threading.Event()
+with wsmanager.WebSocketManager(compression="deflate") as manager:
+    host, port = manager.listen(("127.0.0.1", 0), Echo)
+    manager.connect(f"ws://{host}:{port}/", Client, compression="deflate")
+    assert done.wait(10)
+"""
+
+
+def _find_python(version):
+    """A CPython ``version`` ("3.9") on this machine (PATH or pyenv), or None."""
+    candidates = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python{version}"))
+    found = shutil.which(f"python{version}")
+    for candidate in [*map(str, candidates), *([found] if found else [])]:
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                    capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.strip() == version:
+            return candidate
+    return None
 
 
 # README snippets run as written (only the port and the client count change), so the documentation cannot rot.
@@ -5533,7 +5587,7 @@ class TestScaling:
     def test_bridge_over_tls_with_rediss(self, tmp_path):
         if not os.path.exists(REDIS_SERVER):
             pytest.skip("redis-server is not installed")
-        import trustme
+        trustme = pytest.importorskip("trustme")
         ca = trustme.CA()
         server = RedisServer(tmp_path, tls=ca)
         try:
@@ -7690,6 +7744,82 @@ class TestDocs:
                                 cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
         assert "2 passed" in result.stdout, result.stdout[-3000:]
+
+    def test_readme_renders_strictly_and_every_title_is_a_section(self):
+        # PyPI renders README.rst with docutils, and shows it as plain text after any warning (twine check
+        # lets some pass). A title with no blank line before it is no warning at all: it folds into the
+        # paragraph above, so every title of the source must be a section of the document.
+        docutils_core = pytest.importorskip("docutils.core")
+        from docutils import nodes
+
+        source = README.read_text(encoding="utf-8")
+        doctree = docutils_core.publish_doctree(source, source_path=str(README), settings_overrides={
+            "report_level": 2, "halt_level": 2,  # a warning raises (docutils.utils.SystemMessage)
+            "warning_stream": io.StringIO(), "doctitle_xform": False, "syntax_highlight": "none"})
+        sections = [section[0].astext() for section in doctree.findall(nodes.section)]
+        underline = re.compile(r"""([=\-~^"'`#*+<>:._])\1{2,}\Z""")
+        lines = source.splitlines()
+        titles = [above for above, line in zip(lines, lines[1:])
+                  if underline.match(line) and above.strip() and not above[0].isspace()
+                  and not underline.match(above) and len(line) >= len(above)]
+        assert len(titles) > 20 and "Topics" in titles and "Install" in titles
+        assert sections == titles
+
+    def test_wheel_metadata_is_complete_and_the_build_warns_of_nothing(self, tmp_path):
+        pytest.importorskip("setuptools.build_meta")  # the build backend pyproject.toml names
+        import setuptools
+        if int(setuptools.__version__.split(".")[0]) < 77:
+            pytest.skip(f"setuptools {setuptools.__version__}: PEP 639 license expressions need 77+ (the test extra)")
+        here = Path(wsmanager.__file__).parent
+        source = tmp_path / "source"
+        source.mkdir()
+        for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
+                     "MANIFEST.in"):
+            shutil.copy(here / name, source / name)
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+        built = subprocess.run([sys.executable, "-W", "always", "-c", "import sys, setuptools.build_meta as backend; "
+                                "print(backend.build_wheel(sys.argv[1]))", str(tmp_path)],
+                               cwd=source, env=env, capture_output=True, text=True, timeout=120)
+        assert built.returncode == 0, built.stderr
+        # setuptools warns of a License :: classifier beside (or instead of) an SPDX expression, among others.
+        assert not re.search(r"(?i)warn", built.stdout + built.stderr), built.stdout + built.stderr
+        import email.parser
+        import zipfile
+        wheel_path = tmp_path / built.stdout.split()[-1]
+        with zipfile.ZipFile(wheel_path) as wheel:
+            assert {name for name in wheel.namelist() if "/" not in name} == {"wsmanager.py"}
+            metadata = email.parser.Parser().parsestr(
+                wheel.read(f"wsmanager-{wsmanager.__version__}.dist-info/METADATA").decode())
+        assert metadata["Author"] == "wsmanager developers"
+        assert {"websocket", "rfc6455", "permessage-deflate"} <= set(metadata["Keywords"].split(","))
+        assert metadata["License-Expression"] == "MIT" and metadata["License"] is None
+        classifiers = metadata.get_all("Classifier")
+        assert not [c for c in classifiers if c.startswith("License ::")]
+        assert "Operating System :: POSIX" in classifiers  # Supervisor forks
+        versions = [c.rsplit(" ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+        assert versions == TESTED_PYTHONS and metadata["Requires-Python"] == f">={TESTED_PYTHONS[0]}"
+        # No public home yet: no URL (none may be invented).
+        assert metadata["Home-page"] is None and metadata.get_all("Project-URL") is None
+        # README.rst's wheel install: into a fresh environment, where the module alone comes in.
+        venv = tmp_path / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                                    "--no-deps", "--no-index", "--quiet", str(wheel_path)],
+                                   env=env, capture_output=True, text=True, timeout=300)
+        assert installed.returncode == 0, installed.stderr
+        imported = subprocess.run([str(venv / "bin" / "python"), "-c", "import wsmanager; print(wsmanager.__version__)"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert imported.stdout.strip() == wsmanager.__version__, imported.stderr
+
+    @pytest.mark.parametrize("version", TESTED_PYTHONS)
+    def test_runs_on_each_python_the_classifiers_name(self, version):
+        python = _find_python(version)
+        if python is None:
+            pytest.skip(f"CPython {version} is not installed here")
+        env = dict(_cli_env(), PYTHONWARNINGS="error")
+        result = subprocess.run([python, "-c", _SMOKE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == [version, "échoed", "échoed", "True"]
 
     def test_readme_shows_the_two_fresh_machine_commands_near_the_top(self):
         head = README.read_text(encoding="utf-8")[:1500]
