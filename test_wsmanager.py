@@ -7821,6 +7821,26 @@ class TestDocs:
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.split() == [version, "échoed", "échoed", "True"]
 
+    def test_ci_runs_the_readmes_test_command_in_a_fresh_environment(self):
+        here = Path(wsmanager.__file__).parent
+        if not (here / ".ci" / "run").exists():
+            pytest.skip("no .ci/run beside wsmanager.py (an sdist or a copy)")
+        ci = (here / ".ci" / "run").read_text()
+        readme = README.read_text(encoding="utf-8")
+        # The command of README's Tests section, and the one-liner at its top, are one command ...
+        block = re.search(r"^Tests\n-+\n\n\.\. code-block:: sh\n\n((?:    .*\n)+)", readme, re.M)
+        command = " && ".join(line.strip() for line in block.group(1).splitlines())
+        assert command == 'python -m pip install -e ".[test]" && python -m pytest'
+        assert f"    {command}   # the tests" in readme[:1500]
+        # ... which CI runs as written, in a virtual environment it has just made, before any other install.
+        lines = [line for line in ci.splitlines() if line and not line.startswith("#")]
+        venvs = [index for index, line in enumerate(lines) if re.match(r"python -m venv ", line)]
+        assert venvs, "CI makes no virtual environment"
+        assert f"({command})" in lines, "CI does not run README's test command as written"
+        venv, run = venvs[0], lines.index(f"({command})")
+        assert venv < run and not [line for line in lines[:run] if "pip install" in line]
+        assert re.search(r'^export VIRTUAL_ENV=.*PATH="\$work/venv/bin:\$PATH"$', ci, re.M)
+
     def test_readme_shows_the_two_fresh_machine_commands_near_the_top(self):
         head = README.read_text(encoding="utf-8")[:1500]
         assert "python -m wsmanager" in head
