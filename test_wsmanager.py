@@ -2113,6 +2113,76 @@ def _read_pty_until(master, output, token, timeout=10.0):
     assert token in output, bytes(output)
 
 
+def _read_pty_to_end(master, output, timeout=10.0):
+    """The rest of the terminal's output (the child has exited and our slave end is closed), to EIO."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(deadline - time.monotonic()):
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: no writer left
+                    return
+                if not data:
+                    return
+                output += data
+    raise AssertionError(f"the terminal never ended: {bytes(output)!r}")
+
+
+def _screen(output):
+    """What a VT100 terminal shows after ``output``: its lines, right-stripped, without trailing blank ones.
+    Enough of it for the interactive client: text, CR, LF, backspace, save/restore cursor, cursor up/down/
+    left/right, insert line, erase line; other control sequences (readline's modes) change nothing shown."""
+    lines, row, column, saved = [[]], 0, 0, (0, 0)
+    for match in re.finditer(rb"\x1b\[([?0-9;]*)([A-Za-z])|\x1b([78])|(\r)|(\n)|(\x08)|([^\x1b\r\n\x08]+)",
+                             bytes(output)):
+        csi_arguments, csi, save_restore, cr, lf, backspace, text = match.groups()
+        if text:
+            for char in text.decode("utf-8", errors="replace"):
+                if char.isprintable():
+                    line = lines[row]
+                    line.extend(" " * (column + 1 - len(line)))
+                    line[column] = char
+                    column += 1
+        elif cr:
+            column = 0
+        elif lf:
+            row += 1
+        elif backspace:
+            column = max(0, column - 1)
+        elif save_restore:
+            if save_restore == b"7":
+                saved = (row, column)
+            else:
+                row, column = saved
+        elif csi_arguments.startswith(b"?"):
+            pass  # a mode (bracketed paste, meta key): nothing on the screen
+        else:
+            count = int(csi_arguments or b"1") if csi in b"ABCDL" else int(csi_arguments or b"0")
+            if csi == b"A":
+                row = max(0, row - count)
+            elif csi == b"B":
+                row += count
+            elif csi == b"C":
+                column += count
+            elif csi == b"D":
+                column = max(0, column - count)
+            elif csi == b"L":
+                lines[row:row] = [[] for _ in range(count)]
+            elif csi == b"K":  # erase to the end of the line (0), from its start (1), all of it (2)
+                line = lines[row]
+                if count == 0:
+                    del line[column:]
+                else:
+                    line[:column + 1 if count == 1 else None] = " " * len(line[:column + 1 if count == 1 else None])
+        lines.extend([] for _ in range(row + 1 - len(lines)))
+    shown = ["".join(line).rstrip() for line in lines]
+    while shown and not shown[-1]:
+        shown.pop()
+    return shown
+
+
 # Helpers: interop ------------------------------------------------------------
 
 # 1 MiB messages must pass in both directions, so both libraries' limits sit a little above it.
@@ -3448,18 +3518,12 @@ class TestHandshake:
         assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
         assert b"Sec-WebSocket-Protocol" not in encode_switching_protocols(SAMPLE_KEY)
 
-    @pytest.mark.parametrize("old, new, args", [
-        ("build_request", "encode_request", ("h", "/", SAMPLE_KEY)),
-        ("build_response", "encode_switching_protocols", (SAMPLE_KEY, "chat")),
-        ("deflate_offer", "encode_deflate_offer", ("deflate",)),
-        ("accept_deflate_response", "parse_deflate_response", ("permessage-deflate; server_no_context_takeover", "deflate")),
-    ])
-    def test_former_handshake_names_still_work_warn_and_stay_out_of_all(self, old, new, args):
-        alias = getattr(wsmanager, old)
-        with pytest.warns(DeprecationWarning, match=rf"wsmanager\.{old}\(\) is deprecated: use {new}\(\)"):
-            assert alias(*args) == getattr(wsmanager, new)(*args)
-        assert alias.__name__ == old and "Deprecated" in alias.__doc__
-        assert old not in wsmanager.__all__ and new in wsmanager.__all__
+    def test_a_first_release_has_no_deprecated_names(self):
+        # 0.1.0 is the first release: the handshake's names before the encode_/parse_ convention had no users.
+        for old in ("build_request", "build_response", "deflate_offer", "accept_deflate_response"):
+            assert not hasattr(wsmanager, old), old
+        assert "deprecat" not in README.read_text(encoding="utf-8").lower()
+        assert "DeprecationWarning" not in Path(wsmanager.__file__).read_text(encoding="utf-8")
 
     def test_encode_response_for_a_refusal(self):
         encoded = encode_response(Response(403))
@@ -4938,9 +5002,23 @@ class TestManager:
 
     def test_manager_connect_refused_is_reported_to_connect_failed(self):
         with running_manager() as clients:
-            exc = dial_failure(clients, f"ws://127.0.0.1:{_free_port()}/")
+            port = _free_port()
+            exc = dial_failure(clients, f"ws://127.0.0.1:{port}/")
             assert isinstance(exc, ConnectionRefusedError)
             assert len(clients) == 0 and not clients._handshakes
+            assert exc.errno == errno.ECONNREFUSED and str(exc).endswith(f"(127.0.0.1:{port})")
+
+    def test_connect_refused_names_the_address(self):
+        port = _free_port()
+        with pytest.raises(ConnectionRefusedError) as refused:
+            connect(f"ws://127.0.0.1:{port}/")
+        assert refused.value.errno == errno.ECONNREFUSED and f"(127.0.0.1:{port})" in str(refused.value)
+        if mgr_ipv6_available():
+            with pytest.raises(ConnectionRefusedError, match=rf"\(\[::1\]:{port}\)"):
+                connect(f"ws://[::1]:{port}/")
+        # The command line's one line says it too.
+        result = _cli("connect", f"ws://127.0.0.1:{port}/")
+        assert result.returncode == 1 and f"Connection refused (127.0.0.1:{port})" in result.stderr.decode()
 
     def test_manager_connect_times_out_within_the_handshake_timeout(self):
         with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
@@ -5932,9 +6010,21 @@ class TestScaling:
         code = code.replace("redis://127.0.0.1:6379", redis_server.url).replace("9000", str(port))
         script = tmp_path / "workers.py"
         script.write_text(code)
-        proc = subprocess.Popen([sys.executable, str(script)], env=_cli_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {key: value for key, value in _cli_env().items() if key != "PYTHONUNBUFFERED"}
+        proc = subprocess.Popen([sys.executable, str(script)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
+            # It says where it listens, at once (stdout is a pipe here: block-buffered, and forked).
+            started = bytearray()
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                deadline = time.monotonic() + 30
+                while b"\n" not in started and selector.select(max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    started += chunk
+            assert started.decode() == f"listening on ('127.0.0.1', {port}) with 2 workers\n"
             with running_manager() as client_manager:
                 clients = []
                 deadline = time.monotonic() + 30
@@ -5959,6 +6049,8 @@ class TestScaling:
                 assert proc.wait(20) == 0
         finally:
             _reap(proc)
+            assert proc.stdout.read() == b""  # printed once, not again by a worker
+            proc.stdout.close()
             if proc.stderr:
                 stderr = proc.stderr.read().decode(errors="replace")
                 proc.stderr.close()
@@ -6572,6 +6664,26 @@ class TestCommandLine:
             assert "disconnected: 1001" in log, log
             assert "Traceback" not in log, log
 
+    def test_cli_serve_logs_one_line_per_abnormal_close(self, tmp_path):
+        with _chat_server(tmp_path) as (proc, port, read_log):
+            # A peer that vanishes (no close frame), and one that sends invalid UTF-8 (failed with 1007).
+            vanishing, _ = raw_upgrade(("127.0.0.1", port), path="/ws")
+            wait_until(lambda: "(1 connected)" in read_log())
+            vanishing.close()
+            wait_until(lambda: "(0 connected)" in read_log())
+            with raw_peer(("127.0.0.1", port), path="/ws") as invalid:
+                invalid.sock.sendall(raw_frame(Opcode.TEXT, b"\xff\xfe", key=RFC_KEY))
+                assert invalid.close_frame().code == CloseCode.INVALID_DATA
+            wait_until(lambda: read_log().count("(0 connected)") == 2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            lines = read_log().splitlines()
+        closes = [line for line in lines if " failed: " in line or " disconnected: " in line]
+        assert len(closes) == 2, lines
+        assert re.search(r"127\.0\.0\.1:\d+ disconnected: 1006 .* \(0 connected\)$", closes[0]), lines
+        assert re.search(r"127\.0\.0\.1:\d+ disconnected: 1007 invalid UTF-8 .*\(0 connected\)$", closes[1]), lines
+        assert not [line for line in lines if "_ChatPeer" in line], lines
+
     def test_cli_serve_sigterm_is_a_clean_stop(self, tmp_path, manager):
         # A service manager stops with SIGTERM: it must behave like Ctrl-C, not die mid-close.
         with _chat_server(tmp_path) as (proc, port, read_log):
@@ -6754,6 +6866,42 @@ class TestCommandLine:
                 _reap(proc)
             os.close(slave)
             os.close(master)
+
+    @pytest.mark.parametrize("ended_by", ["server", "ctrl-d"])
+    def test_cli_connect_on_a_terminal_leaves_no_prompt_behind(self, manager, ended_by):
+        pty = pytest.importorskip("pty")
+        servers, address = listen_collected(manager, Recorder)
+        master, slave = pty.openpty()
+        proc = None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                    stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+            output = bytearray()
+            _read_pty_until(master, output, b"> ")
+            os.write(master, b"hello\r")
+            server = servers.wait_for("/")
+            wait_until(lambda: server.messages == ["hello"])
+            _read_pty_until(master, output, b"\n> ")
+            if ended_by == "server":
+                os.write(master, b"half")  # typing when the server ends it
+                _read_pty_until(master, output, b"half")
+                server.close(1000, "bye")
+            else:
+                os.write(master, b"\x04")
+            assert proc.wait(20) == 0
+            os.close(slave)
+            slave = None
+            _read_pty_to_end(master, output)
+        finally:
+            if proc is not None:
+                _reap(proc)
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        # The screen as the shell's prompt finds it: what was sent and what happened, and no "> " of an
+        # input line that will never be read.
+        closed = "connection closed: 1000 bye" if ended_by == "server" else "connection closed: 1000"
+        assert _screen(output) == [f"connected to {ws_url(address)}", "> hello", closed], bytes(output)
 
 
 ###############################################################################

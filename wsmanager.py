@@ -98,7 +98,6 @@ import sys
 import threading
 import time
 import types
-import warnings
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
@@ -1600,27 +1599,6 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
 
 
-_Function = TypeVar("_Function", bound=Callable[..., Any])
-
-
-def _deprecated(old: str, new: _Function) -> _Function:
-    """``new`` under its old public name ``old``, warning (DeprecationWarning) at each call."""
-    def alias(*args: Any, **kwargs: Any) -> Any:
-        warnings.warn(f"wsmanager.{old}() is deprecated: use {new.__name__}()", DeprecationWarning, stacklevel=2)
-        return new(*args, **kwargs)
-    alias.__name__ = alias.__qualname__ = old
-    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`: kept for one release, then removed."
-    return cast(_Function, alias)
-
-
-# The handshake's former names (now one convention: ``encode_*`` serializes, ``parse_*``
-# parses), deprecated and kept for one release; not in ``__all__``.
-build_request = _deprecated("build_request", encode_request)
-build_response = _deprecated("build_response", encode_switching_protocols)
-deflate_offer = _deprecated("deflate_offer", encode_deflate_offer)
-accept_deflate_response = _deprecated("accept_deflate_response", parse_deflate_response)
-
-
 ###############################################################################
 # WebSocket: one connection ###################################################
 ###############################################################################
@@ -1655,6 +1633,18 @@ def _cancel(timer: Optional[List[Any]]) -> None:
 def _bracket(host: str) -> str:
     """A host as it stands before ``:port`` (in a URL, a Host header, a log line): IPv6 in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def _connect_error(exc: OSError, address: Any) -> OSError:
+    """``exc`` from a TCP connect, again (same type and errno), naming the address: the socket module's
+    "[Errno 111] Connection refused" says nothing of where to."""
+    where = f"{_bracket(str(address[0]))}:{address[1]}" if isinstance(address, tuple) else str(address)
+    try:
+        if exc.errno is not None and exc.strerror:
+            return type(exc)(exc.errno, f"{exc.strerror} ({where})")
+        return type(exc)(f"{exc} ({where})")
+    except Exception:  # an OSError subclass with a constructor of its own: as it was
+        return exc
 
 
 def _data_frame(message: Any) -> Tuple[Opcode, _BytesLike]:
@@ -2833,7 +2823,7 @@ class _ClientHandshake(_Handshake):
             self._fail(exc)
             return
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
-            self._fail(OSError(error, os.strerror(error)))
+            self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
             return
         manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
@@ -2843,7 +2833,7 @@ class _ClientHandshake(_Handshake):
         if not self.connected:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self._fail(OSError(error, os.strerror(error)))
+                self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
                 return
             self.connected = True
         if self.tls_pending and not self._tls_handshake():
@@ -3870,7 +3860,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     settings = _deflate_settings(compression)
     target = _client_target(url)
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((target.host, target.port), timeout)
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout)
+    except OSError as exc:
+        raise _connect_error(exc, (target.host, target.port)) from None
     try:
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
@@ -4761,6 +4754,11 @@ class Supervisor:
         return sock
 
     def _spawn(self, index: int, sock: socket.socket) -> None:
+        # What the caller printed before run() goes out now, once: a copy of an unflushed buffer would
+        # otherwise sit in every worker, and the caller's own line only show at its exit (stdout a pipe).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed, or replaced by an object without flush()
+                stream.flush()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             status = 1
@@ -4910,6 +4908,14 @@ class _ChatPeer(WebSocket):
                     f" {reason}" if reason else "", count)
 
 
+def _chat_log_filter(record: Any) -> bool:
+    """The chat logs each disconnection itself, with the peers left: the library's own line for a chat
+    peer that failed (1006, 1007...) would say it twice, naming a class the user never wrote."""
+    args = record.args
+    return not (record.funcName == "_finalize" and isinstance(args, tuple) and args and isinstance(args[0], str)
+                and args[0].startswith(f"{_ChatPeer.__name__} "))
+
+
 def _format_peer(address: Any) -> str:
     if isinstance(address, tuple):
         return f"{_bracket(address[0])}:{address[1]}"
@@ -4935,6 +4941,7 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
     """The chat's set-up of one manager: for a :class:`Supervisor` worker, or index -1 for the only process."""
 
     def setup(manager: WebSocketManager, sock: socket.socket, index: int) -> None:
+        logger.addFilter(_chat_log_filter)  # once: the same function is not added twice
         bridge = manager.bridge(redis) if redis else None
 
         def stats() -> Dict[str, Any]:
@@ -5096,7 +5103,10 @@ def _connect(args: Any) -> int:
     manager.join()
     if terminal_mode is not None:
         terminal_mode()
-        print(file=sys.stderr)  # the shell's prompt goes on a line of its own, not after "> "
+        # The input line ("> " and what was half typed) will never be read: erase it, so the shell's
+        # prompt takes its place instead of following a stray "> " under "connection closed".
+        sys.stdout.write("\r\x1b[K")
+        sys.stdout.flush()
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
 
 
