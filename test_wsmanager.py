@@ -14,6 +14,7 @@ import base64
 import collections
 import contextlib
 import errno
+import functools
 import http.client
 import http.server
 import importlib
@@ -1617,6 +1618,94 @@ def redis_server(tmp_path):
 
 def wait_bridged(*bridges, topics=(), timeout=10):
     wait_until(lambda: all(b.connected and b.subscribed >= set(topics) for b in bridges), timeout=timeout)
+
+
+class FakeRedis:
+    """A hostile Redis: a real socket server on 127.0.0.1 that the test scripts, for replies no real
+    redis-server sends. It answers nothing by itself: it records what each connection sends, and the test
+    finds the bridge's two connections by the command each sent (SUBSCRIBE or PUBLISH) and writes to them.
+    With ``hang_up``, it closes every connection as soon as it is accepted."""
+
+    def __init__(self, *, hang_up=False):
+        self.hang_up = hang_up
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self.received = {}  # socket -> bytearray of everything it sent
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake-redis")
+        self._thread.start()
+
+    def _serve(self):
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(0.05):
+                    if key.fileobj is self.listener:
+                        sock, _ = self.listener.accept()
+                        with self._lock:
+                            self.accepted += 1
+                            if self.hang_up:
+                                sock.close()
+                                continue
+                            self.received[sock] = bytearray()
+                        selector.register(sock, selectors.EVENT_READ)
+                        continue
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    with self._lock:
+                        self.received[key.fileobj] += data
+                    if not data:
+                        selector.unregister(key.fileobj)
+
+    def connection(self, command, count=1, besides=()):
+        """The newest connection that has sent ``command`` (bytes) ``count`` times, once there is one
+        (not one of ``besides``)."""
+        def found():
+            with self._lock:
+                return [sock for sock, data in self.received.items()
+                        if data.count(command) >= count and sock not in besides]
+        wait_until(found)
+        return found()[-1]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+        self.listener.close()
+        for sock in self.received:
+            sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def resp(*items):
+    """RESP2 bytes of ``items``: bytes are bulk strings, None the null bulk string, int an integer,
+    a list an array, an Exception an error reply."""
+    out = b""
+    for item in items:
+        if item is None:
+            out += b"$-1\r\n"
+        elif isinstance(item, bytes):
+            out += b"$%d\r\n%s\r\n" % (len(item), item)
+        elif isinstance(item, int):
+            out += b":%d\r\n" % item
+        elif isinstance(item, Exception):
+            out += b"-%s\r\n" % str(item).encode()
+        else:
+            out += b"*%d\r\n" % len(item) + resp(*item)
+    return out
+
+
+def pubsub_message(channel, payload, *, kind=b"t", origin=b"stranger"):
+    """What Redis sends a subscriber for a message another bridge published."""
+    return resp([b"message", channel, origin + kind + payload])
 
 
 def _stats(port):
@@ -5891,6 +5980,56 @@ class TestScaling:
             wsmanager._RespParser(max_size=10).feed(b"$11\r\n")
         assert wsmanager._resp_command(b"PUBLISH", b"c", b"") == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$0\r\n\r\n"
 
+    def test_resp_parser_keeps_its_state_between_reads_and_looks_at_each_byte_at_most_twice(self):
+        # A hostile Redis streams one endless reply: each read costs the same, however much came before.
+        parser = wsmanager._RespParser(max_size=2 ** 30, max_elements=10 ** 9)
+        fed = 0
+        for data in [b"*100000000\r\n"] + [b":1\r\n" * 1024] * 256:  # 1 MiB of items, 4 KiB per read
+            assert parser.feed(data) == []
+            fed += len(data)
+            assert len(parser._buffer) == 0  # parsed items are kept as values, not as bytes to parse again
+        assert parser.scanned == fed
+        # A line (and a bulk string) that comes a byte at a time is not looked through again either.
+        line = b"+" + b"x" * 10000 + b"\r\n" + b"$5000\r\n" + b"y" * 5000 + b"\r\n"
+        parser = wsmanager._RespParser()
+        replies = [reply for byte in line for reply in parser.feed(bytes([byte]))]
+        assert replies == ["x" * 10000, b"y" * 5000]
+        assert parser.scanned <= 2 * len(line)
+
+    def test_resp_parser_bounds_nesting_and_size_without_recursion(self):
+        # 5,000 nested arrays raised RecursionError into the loop's last-resort handler.
+        with pytest.raises(ValueError, match="nested more than 32"):
+            wsmanager._RespParser().feed(b"*1\r\n" * 5000 + b":1\r\n")
+        assert wsmanager._RespParser().feed(b"*1\r\n" * 32 + b":1\r\n") == [functools.reduce(
+            lambda value, _: [value], range(32), 1)]
+        # Refused at its header, before any of it is buffered.
+        with pytest.raises(ValueError, match="more than 1024 elements"):
+            wsmanager._RespParser().feed(b"*100000000\r\n")
+        with pytest.raises(ValueError, match="more than 1024 elements"):
+            wsmanager._RespParser().feed(b"*3\r\n" + b"*1000\r\n" + b":1\r\n" * 1000 + b"*30\r\n")
+        with pytest.raises(ValueError, match="more than 100 bytes"):
+            wsmanager._RespParser(max_size=100).feed(b"*2\r\n$50\r\n" + b"z" * 50 + b"\r\n$50\r\n")
+        for malformed in [b"$-2\r\n", b"*x\r\n", b"$3\r\nabcd\r\n", b":1\r\n?\r\n"]:
+            with pytest.raises(ValueError):
+                wsmanager._RespParser().feed(malformed)
+        # The replies complete before a violation come with it: the bridge delivers them first.
+        with pytest.raises(ValueError) as violation:
+            wsmanager._RespParser().feed(b":1\r\n+OK\r\n*2\r\n:2\r\n?what\r\n")
+        assert violation.value.replies == [1, "OK"]
+
+    def test_resp_parser_parses_at_most_limit_values_per_feed_and_keeps_the_rest(self):
+        # The bridge's work per event is bounded in values, so one endless reply is bounded too.
+        parser = wsmanager._RespParser()
+        stream = b":1\r\n:2\r\n:3\r\n*2\r\n:4\r\n:5\r\n+six"
+        assert parser.feed(stream, 2) == [1, 2] and parser.more and parser.parsed == 2
+        assert parser.feed(b"", 2) == [3] and parser.more  # and the header of the array
+        assert parser.feed(b"", 2) == [[4, 5]] and parser.more and parser.parsed == 6
+        assert parser.feed(b"", 2) == [] and not parser.more  # "+six" has no end yet
+        assert parser.feed(b"\r\n", 2) == ["six"] and not parser.more
+        endless = wsmanager._RespParser(max_elements=10 ** 9)
+        assert endless.feed(b"*100000000\r\n" + b":1\r\n" * 5000, 1000) == [] and endless.more
+        assert endless.parsed == 1000 and endless.scanned == 4000 + 8
+
     @pytest.mark.parametrize("url, parsed", [
         ("redis://127.0.0.1", (False, "127.0.0.1", 6379, 0, None, None)),
         ("redis://:s%40cret@host:7000/3", (False, "host", 7000, 3, None, "s@cret")),
@@ -5970,6 +6109,7 @@ class TestScaling:
                     assert not refused.connected and client.messages == []
                     good.publish("t", "heard")
                     wait_until(lambda: bridge.relayed == 1 and client.messages == ["heard"])
+                    assert bridge.rejected == 0 and bridge.dropped == 0  # each AUTH's +OK answered AUTH
         finally:
             server.kill()
 
@@ -6107,6 +6247,189 @@ class TestScaling:
                 stalled_server = next(s for s in servers.made if s.peer_address[1] == stalled.sock.getsockname()[1])
                 assert stalled_server.closed_event.is_set() and "slow consumer" in stalled_server.close_reason
                 assert far.received == 1000 and far.reconnections == 0 and near.dropped == 0
+
+    # Topics: any str, the same with and without a bridge ----------------------
+    ODD_TOPICS = ["room-\ud800", "\udfff", "\ud83d\ude00", "\U0001f600", "", "a\r\nb *?[x]"]
+
+    @pytest.mark.parametrize("bridged", [False, True], ids=["local", "bridged"])
+    def test_any_str_is_a_topic_with_or_without_a_bridge(self, bridged, request, caplog):
+        # json.loads('"room-\\ud800"') gives a peer a lone surrogate, which UTF-8 cannot encode: a bridged
+        # subscribe() failed the connection with 1011, and after Redis dropped the subscription once every
+        # reconnection crashed. "\ud83d\ude00" (two lone surrogates) and "\U0001f600" are two topics.
+        caplog.set_level(logging.INFO, logger="wsmanager")
+        topics = self.ODD_TOPICS
+        with running_manager() as here, running_manager() as there, running_manager() as client_manager, \
+                contextlib.ExitStack() as stack:
+            if bridged:
+                redis = request.getfixturevalue("redis_server")
+                near, far = here.bridge(redis.url), there.bridge(redis.url)
+            # One subscriber per topic on each manager, each subscribing from opened(), as a peer's topic is.
+            local = {t: stack.enter_context(subscribed_pairs(here, client_manager, 1, t))[0][1] for t in topics}
+            remote = {t: stack.enter_context(subscribed_pairs(there, client_manager, 1, t))[0][1] for t in topics}
+            if bridged:
+                wait_bridged(near, far, topics=topics)
+            for topic in topics:
+                assert here.publish(topic, repr(topic)) == 1
+            wait_until(lambda: all(c.messages == [repr(t)] for t, c in local.items()))
+            if not bridged:
+                time.sleep(0.2)
+                assert all(c.messages == [] for c in remote.values())  # another manager, unbridged
+                return
+            wait_until(lambda: all(c.messages == [repr(t)] for t, c in remote.items()))
+            # Redis drops every subscribed connection once: each bridge comes back and re-subscribes to all.
+            with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as admin:
+                admin.sendall(wsmanager._resp_command(b"CLIENT", b"KILL", b"TYPE", b"pubsub"))
+                assert admin.recv(100) == b":2\r\n"
+            wait_until(lambda: near.reconnections == 1 and far.reconnections == 1)
+            wait_bridged(near, far, topics=topics)
+            for topic in topics:
+                there.publish(topic, "again")
+            wait_until(lambda: all(c.messages == [repr(t), "again"] for t, c in {**local, **remote}.items()))
+            assert near.stats()["subscribed"] == sorted(topics) and near.rejected == far.rejected == 0
+            assert near.relayed == far.relayed == len(topics) and near.dropped == far.dropped == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, errors
+
+    @pytest.mark.parametrize("bridged", [False, True], ids=["local", "bridged"])
+    def test_a_topic_has_at_most_max_topic_length_characters_with_or_without_a_bridge(self, bridged, request):
+        longest = "\ud800" * wsmanager.MAX_TOPIC_LENGTH  # 3 bytes each in its Redis channel
+        with running_manager() as here, running_manager() as there, running_manager() as client_manager, \
+                subscribed_pairs(here, client_manager, 1, longest) as [(server, client)], \
+                subscribed_pairs(there, client_manager, 1, longest) as [(_, far_client)]:
+            if bridged:
+                redis = request.getfixturevalue("redis_server")
+                wait_bridged(here.bridge(redis.url), there.bridge(redis.url), topics=[longest])
+            with pytest.raises(ValueError, match="at most 1024"):
+                here.subscribe(server, longest + "x")
+            with pytest.raises(ValueError, match="at most 1024"):
+                here.publish(longest + "x", "never")
+            assert here.publish(longest, "fits") == 1
+            assert here.topics(server) == [longest]
+            wait_until(lambda: client.messages == ["fits"])
+            if bridged:
+                wait_until(lambda: far_client.messages == ["fits"])
+
+    def test_a_redis_that_hangs_up_at_once_gets_a_growing_back_off(self, manager):
+        # The back-off was reset whenever a connection came up: one that failed at once (on what the
+        # bridge sent it first, say) was retried every 0.1 s for ever.
+        with FakeRedis(hang_up=True) as fake:
+            bridge = manager.bridge(fake.url)
+            wait_until(lambda: fake.accepted >= 8, timeout=20)  # 4 attempts per connection, or more of one
+            assert max(bridge._delays.values()) >= 0.4
+            bridge.close()
+
+    # A hostile or broken Redis: a fake one, that the test scripts ---------------
+    def test_a_hostile_redis_cannot_crash_the_loop_and_the_messages_before_it_arrive(self, manager, client_manager,
+                                                                                     caplog):
+        with FakeRedis() as fake, subscribed_pairs(manager, client_manager, 1, "t") as [(server, client)]:
+            bridge = manager.bridge(fake.url)
+            first = fake.connection(b"SUBSCRIBE")
+            # A good message, then a reply nested 5,000 deep (RecursionError in the loop, and the message lost).
+            first.sendall(resp([b"subscribe", b"wsmanager:t", 1]) + pubsub_message(b"wsmanager:t", b"before")
+                          + b"*1\r\n" * 5000 + b":1\r\n")
+            wait_until(lambda: client.messages == ["before"])
+            # The bridge dropped that connection, came back and re-subscribed.
+            second = fake.connection(b"SUBSCRIBE", besides=[first])
+            assert bridge.received == 1
+            second.sendall(resp([b"subscribe", b"wsmanager:t", 1]) + pubsub_message(b"wsmanager:t", b"after"))
+            wait_until(lambda: client.messages == ["before", "after"] and bridge.reconnections == 1)
+            client.send("the loop goes on")
+            wait_until(lambda: server.messages == ["the loop goes on"])
+        assert "unexpected error" not in caplog.text and "nested more than 32 deep" in caplog.text
+
+    def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, manager, client_manager, monkeypatch):
+        # As every handler: Redis cannot hold the loop for as long as it has messages to send.
+        per_event = []
+        turns = collections.Counter()  # calls per loop turn (each turn has its own _now)
+        real_on_read = wsmanager._RedisConnection._on_read
+
+        def counting_on_read(connection):
+            before = connection.bridge.received
+            turns[connection.manager._now] += 1
+            real_on_read(connection)
+            per_event.append(connection.bridge.received - before)
+
+        monkeypatch.setattr(wsmanager._RedisConnection, "_on_read", counting_on_read)
+        with FakeRedis() as fake, subscribed_pairs(manager, client_manager, 1, "t") as [(_, client)]:
+            bridge = manager.bridge(fake.url)
+            fake.connection(b"SUBSCRIBE").sendall(
+                b"".join(pubsub_message(b"wsmanager:t", b"%d" % i) for i in range(3000)))  # 130 kB at once
+            wait_until(lambda: len(client.messages) == 3000, timeout=30)
+            assert client.messages == [str(i) for i in range(3000)] and bridge.received == 3000
+        assert sum(per_event) == 3000
+        assert max(per_event) <= wsmanager.BRIDGE_VALUES_PER_EVENT // 4 <= 1000, per_event  # 4 values a message
+        assert max(turns.values()) <= 2  # its readiness event, and the read of what the last one left
+
+    def test_malformed_messages_are_skipped_and_counted_and_the_stream_goes_on(self, manager, client_manager,
+                                                                              caplog):
+        channel = b"wsmanager:t"
+        malformed = [
+            resp([b"message", 42, b"strangert42"]),  # an integer channel (AttributeError in the bridge)
+            resp([b"message", channel, None]),  # a null payload (TypeError)
+            resp([b"message", channel, [b"strangert", b"x"]]),  # an array payload
+            resp([b"message", channel, b"short"]),  # shorter than the origin tag
+            pubsub_message(channel, b"x", kind=b"?"),  # neither text nor binary
+            pubsub_message(channel, b"\xff", kind=b"t"),  # text that is not UTF-8
+            pubsub_message(b"elsewhere:t", b"x"),  # a channel of no bridge of this prefix
+            resp([b"subscribe", [channel], 1]),  # a confirmation of an array
+            resp([b"message", channel]),  # too short for a pub/sub reply
+            resp([b"pmessage", channel, b"strangertx"]),  # a kind this bridge never asked for
+            resp(7), b"+OK\r\n", resp(None),  # no pub/sub reply at all
+        ]
+        caplog.set_level(logging.DEBUG, logger="wsmanager")
+        with FakeRedis() as fake, subscribed_pairs(manager, client_manager, 1, "t") as [(_, client)]:
+            bridge = manager.bridge(fake.url)
+            subscriber = fake.connection(b"SUBSCRIBE")
+            # All in one write, the good message last: each is skipped, and it arrives.
+            subscriber.sendall(resp([b"subscribe", channel, 1]) + b"".join(malformed)
+                               + pubsub_message(channel, b"after the junk"))
+            wait_until(lambda: client.messages == ["after the junk"])
+            assert bridge.rejected == len(malformed) and bridge.received == 1
+            subscriber.sendall(pubsub_message(channel, b"later"))
+            wait_until(lambda: client.messages == ["after the junk", "later"])
+            assert bridge.connected and bridge.reconnections == 0 and fake.accepted == 2
+            assert bridge.subscribed == {"t"}
+        skipped = [r for r in caplog.records if "skipped a reply" in r.getMessage()]
+        assert len(skipped) == len(malformed) and [r.levelno for r in skipped].count(logging.WARNING) == 1
+
+    def test_what_other_clients_publish_on_a_bridge_channel_is_counted_and_skipped(self, redis_server):
+        # A real Redis relays anything any client PUBLISHes: what no bridge wrote is rejected, and what
+        # follows it still arrives.
+        with running_manager() as here, running_manager() as there, running_manager() as client_manager, \
+                subscribed_pairs(there, client_manager, 1, "t") as [(_, client)]:
+            near, far = here.bridge(redis_server.url), there.bridge(redis_server.url)
+            wait_bridged(near)
+            wait_bridged(far, topics=["t"])
+            with socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as stranger:
+                for junk in [b"short", b"stranger?x", b"strangert\xff"]:
+                    stranger.sendall(wsmanager._resp_command(b"PUBLISH", b"wsmanager:t", junk))
+                    assert stranger.recv(100) == b":1\r\n"
+            here.publish("t", "from a bridge")
+            wait_until(lambda: client.messages == ["from a bridge"])
+            assert far.rejected == 3 and far.received == 1 and far.reconnections == 0
+
+    def test_replies_no_publish_waits_for_are_rejected_and_every_publish_counts_once(self, manager, caplog):
+        with FakeRedis() as fake:
+            bridge = manager.bridge(fake.url)
+            wait_until(lambda: bridge.connected)
+            for i in range(3):
+                manager.publish("t", str(i))
+            publisher = fake.connection(b"PUBLISH", 3)
+            # The answers to the 3 PUBLISHes (one refused), then 59 errors and 2 replies nothing asked for.
+            publisher.sendall(resp(1, RuntimeError("ERR refused"), 0) + resp(*[RuntimeError("ERR spam")] * 59)
+                              + resp(7) + b"+OK\r\n")
+            wait_until(lambda: bridge.rejected == 61)
+            assert (bridge.relayed, bridge.dropped, bridge._unacknowledged) == (2, 1, 0)
+            for i in range(2):
+                manager.publish("t", str(i))
+            fake.connection(b"PUBLISH", 5).sendall(resp(3, 4))
+            wait_until(lambda: bridge.relayed == 4)
+            assert (bridge.dropped, bridge.rejected, bridge._unacknowledged) == (1, 61, 0)
+            assert bridge.connected and bridge.reconnections == 0
+        # The refusal of a PUBLISH is an error; a flood of replies nothing asked for is one warning.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            "redis bridge: Redis answered ERR refused"]
+        assert sum("skipped a reply" in r.getMessage() for r in caplog.records) == 1
 
     @pytest.mark.timeout(180)
     def test_two_processes_bridged_100_clients_each_1000_messages_exactly_once_in_order(self, tmp_path, redis_server):

@@ -64,7 +64,7 @@ __license__ = "MIT"
 __all__ = [
     # constants and enums
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
-    "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES",
+    "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES", "MAX_TOPIC_LENGTH",
     # exceptions
     "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed", "ManagerStopped",
     # codec
@@ -239,6 +239,8 @@ BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per fa
 BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
 BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
 BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
+BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
+MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refuse a longer one (ValueError)
 
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
@@ -3174,11 +3176,18 @@ class WebSocketManager:
         """Add ``websocket`` (one of this manager's connections) to ``topic``.
 
         Any thread. A connection leaves its topics by itself when it closes
-        (or is :meth:`remove`\\ d). Raises :class:`ConnectionClosed` for a
-        connection that is over, :class:`ValueError` for one of another manager.
+        (or is :meth:`remove`\\ d). A topic is any ``str`` of at most
+        ``MAX_TOPIC_LENGTH`` (1,024) characters, lone surrogates included (a
+        peer's JSON can make them), with a :meth:`bridge` or without: through
+        one, each topic has a Redis channel of its own. Raises
+        :class:`TypeError` or :class:`ValueError` for any other topic,
+        :class:`ConnectionClosed` for a connection that is over,
+        :class:`ValueError` for one of another manager.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
         if websocket.manager is not self and websocket.manager is not None:
             raise ValueError("the connection belongs to another manager")
         with self._topics_lock:
@@ -3213,10 +3222,13 @@ class WebSocketManager:
         ``max_buffered`` is dropped as a slow consumer, never waited for.
         Cost: O(subscribers of the topic). With a :meth:`bridge`, the message
         also goes to Redis for the other processes and hosts; the count
-        returned is of local deliveries only.
+        returned is of local deliveries only. Raises :class:`TypeError` or
+        :class:`ValueError` for a topic that :meth:`subscribe` refuses.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
         opcode, payload = _data_frame(message)
         bridge = self._bridge
         if bridge is not None:
@@ -4228,6 +4240,11 @@ def __getattr__(name: str) -> Any:
 ###############################################################################
 
 _SUBSCRIBE_BATCH = 512  # channels per SUBSCRIBE command when (re)subscribing
+# The replies the bridge reads are flat arrays of 3 (a pub/sub message or confirmation) and scalars:
+# these bounds are far above them and keep a broken or hostile server from nesting replies without
+# end or costing far more in Python objects than it sent in bytes.
+_RESP_MAX_DEPTH = 32
+_RESP_MAX_ELEMENTS = 1024  # array elements in one reply, nested ones included
 _ORIGIN_SIZE = 8
 _KIND_TO_OPCODE: Dict[int, Opcode] = {b"t"[0]: _TEXT, b"b"[0]: _BINARY}
 _OPCODE_TO_KIND: Dict[int, bytes] = {_TEXT: b"t", _BINARY: b"b"}
@@ -4245,68 +4262,153 @@ def _resp_command(*arguments: bytes) -> bytes:
                                                   for argument in arguments)
 
 
+# A topic is any str, and each has a channel of its own. UTF-8 cannot carry a lone surrogate (which
+# json.loads('"\\ud800"') makes): "surrogatepass" writes it in the 3-byte form, which valid UTF-8 never
+# uses, so the mapping stays one to one and reads back the same on every bridge; a channel in valid
+# UTF-8 (any other client's) reads as usual.
+def _topic_channel(prefix: bytes, topic: str) -> bytes:
+    return prefix + topic.encode("utf-8", "surrogatepass")
+
+
+def _channel_topic(channel: bytes, prefix_size: int) -> str:
+    return channel[prefix_size:].decode("utf-8", "surrogatepass")
+
+
+class _RespViolation(ValueError):
+    """A reply that breaks RESP2 or a limit; ``replies`` are the complete ones that came before it."""
+
+    def __init__(self, message: str, replies: List[Any]):
+        super().__init__(message)
+        self.replies = replies
+
+
 class _RespParser:
     """Incremental RESP2 reply parser: bytes in, complete replies out.
 
     Simple strings come out as ``str``, errors as :class:`_RedisError`,
     integers as ``int``, bulk strings as ``bytes`` (``None`` when null),
-    arrays as ``list``. A reply that needs more bytes leaves no state behind.
+    arrays as ``list``. Linear in the bytes fed: a reply in progress is kept
+    as far as it is parsed (its open arrays on a stack, no recursion), and
+    only an unfinished line or bulk string waits in the buffer. Bounded: a
+    reply of more than ``max_size`` bytes or ``max_elements`` array elements,
+    or with arrays nested more than ``_RESP_MAX_DEPTH`` deep, is a violation
+    (:class:`_RespViolation`, a :class:`ValueError`) as soon as it shows.
     """
 
-    def __init__(self, max_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
+    def __init__(self, max_size: int = DEFAULT_BRIDGE_MAX_MESSAGE, max_elements: int = _RESP_MAX_ELEMENTS):
         self.max_size = max_size
-        self._buffer = bytearray()
+        self.max_elements = max_elements
+        self.more = False  # the last feed() stopped at its limit: replies may be waiting (feed(b"") takes them)
+        self.parsed = 0  # values parsed so far (each scalar, bulk string and array header is one)
+        self.scanned = 0  # bytes looked at so far: linear means at most twice each (a CR before its LF)
+        self._buffer = bytearray()  # from the start of the unfinished line or bulk string on
+        self._scan_from = 0  # where to look for the CRLF of the unfinished line: none in its bytes before
+        self._bulk = -1  # the length of the bulk string whose body is awaited, else -1
+        self._stack: List[List[Any]] = []  # the open arrays of the reply in progress: [items, count still due]
+        self._size = 0  # bytes of the reply in progress so far
+        self._elements = 0  # array elements it announced so far
 
-    def feed(self, data: bytes) -> List[Any]:
+    def feed(self, data: bytes, limit: int = sys.maxsize) -> List[Any]:
+        """Take ``data``; return the replies it completes, parsing at most ``limit`` values.
+
+        Past the limit, :attr:`more` is set and the rest waits: ``feed(b"")`` goes on.
+
+        Raises :class:`_RespViolation` with the replies completed before the violation.
+        """
         buffer = self._buffer
         buffer += data
-        replies = []
-        position = 0
-        while position < len(buffer):
-            parsed = self._parse(buffer, position)
-            if parsed is None:
-                break
-            reply, position = parsed
-            replies.append(reply)
+        end_of_data = len(buffer)
+        replies: List[Any] = []
+        stack = self._stack
+        max_size = self.max_size
+        # Deliberate: the state lives in locals during the loop (attribute look-ups would cost as much
+        # as the parsing) and is stored back at the end.
+        bulk, scan_from, size, elements, scanned = self._bulk, self._scan_from, self._size, self._elements, self.scanned
+        position = spent = 0
+        value: Any
+        try:
+            while position < end_of_data and spent < limit:
+                spent += 1
+                start = position
+                if bulk < 0:
+                    end = buffer.find(b"\r\n", scan_from)
+                    if end < 0:
+                        scanned += end_of_data - scan_from
+                        # A CR may be waiting for its LF: that one byte is looked at again.
+                        scan_from = max(position, end_of_data - 1)
+                        if end_of_data - position > MAX_HEAD_SIZE:
+                            raise ValueError("a RESP line without its end")
+                        break
+                    scanned += end + 2 - scan_from
+                    kind = buffer[position]
+                    position = scan_from = end + 2
+                    if kind == 36:  # "$": a bulk string of this length; -1 is RESP2's null
+                        bulk = int(buffer[start + 1:end])
+                        if bulk < 0:
+                            if bulk != -1:
+                                raise ValueError(f"a RESP length of {bulk}")
+                            value = None
+                        else:
+                            size += position - start
+                            # Refused before its body comes: the buffer never holds more than max_size.
+                            if size + bulk + 2 > max_size:
+                                raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                            start = position
+                    elif kind == 58:  # ":": integer
+                        value = int(buffer[start + 1:end])
+                    elif kind == 42:  # "*": an array of this many elements; -1 is RESP2's null
+                        count = int(buffer[start + 1:end])
+                        if count > 0:
+                            size += position - start
+                            elements += count
+                            if elements > self.max_elements:
+                                raise ValueError(f"a Redis reply of more than {self.max_elements} elements")
+                            if len(stack) >= _RESP_MAX_DEPTH:
+                                raise ValueError(f"RESP arrays nested more than {_RESP_MAX_DEPTH} deep")
+                            stack.append([[], count])
+                            continue
+                        if count < -1:
+                            raise ValueError(f"a RESP length of {count}")
+                        value = [] if count == 0 else None
+                    elif kind == 43:  # "+": simple string
+                        value = buffer[start + 1:end].decode(errors="replace")
+                    elif kind == 45:  # "-": error
+                        value = _RedisError(buffer[start + 1:end].decode(errors="replace"))
+                    else:
+                        raise ValueError(f"not a RESP2 reply: {bytes(buffer[start:end])[:64]!r}")
+                if bulk >= 0:  # its body, at once when it is here already
+                    end = position + bulk
+                    if end + 2 > end_of_data:
+                        break
+                    if buffer[end] != 13 or buffer[end + 1] != 10:  # CR LF
+                        raise ValueError("a RESP bulk string longer than announced")
+                    value = bytes(buffer[position:end])
+                    position = scan_from = end + 2
+                    scanned += position - start
+                    bulk = -1
+                size += position - start
+                if size > max_size:
+                    raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                while stack:  # the value may complete arrays, innermost first
+                    array = stack[-1]
+                    array[0].append(value)
+                    array[1] -= 1
+                    if array[1]:
+                        break
+                    value = stack.pop()[0]
+                else:
+                    replies.append(value)
+                    size = elements = 0
+        except ValueError as exc:  # int() of a malformed number included
+            raise _RespViolation(str(exc), replies) from None
+        finally:
+            self._bulk, self._size, self._elements, self.scanned = bulk, size, elements, scanned
+            self.parsed += spent
+        self.more = spent >= limit and position < end_of_data
+        # Deliberate: deleting from the front of a bytearray is cheap in CPython (it moves its start).
         del buffer[:position]
-        if len(buffer) > self.max_size:
-            raise ValueError(f"a Redis reply of more than {self.max_size} bytes")
+        self._scan_from = scan_from - position
         return replies
-
-    def _parse(self, buffer: bytearray, position: int) -> Optional[Tuple[Any, int]]:
-        end = buffer.find(b"\r\n", position)
-        if end < 0:
-            if len(buffer) - position > MAX_HEAD_SIZE:
-                raise ValueError("a RESP line without its end")
-            return None
-        kind = buffer[position]
-        line = bytes(buffer[position + 1:end])
-        position = end + 2
-        if kind == 43:  # "+": simple string
-            return line.decode(errors="replace"), position
-        if kind == 45:  # "-": error
-            return _RedisError(line.decode(errors="replace")), position
-        if kind == 58:  # ":": integer
-            return int(line), position
-        if kind in (36, 42):  # "$": bulk string of this length, "*": array of this count; -1 is null
-            size = int(line)
-            if size < 0:
-                return None, position
-            if kind == 36:
-                if size > self.max_size:
-                    raise ValueError(f"a Redis reply of {size} bytes (limit {self.max_size})")
-                if len(buffer) < position + size + 2:
-                    return None
-                return bytes(buffer[position:position + size]), position + size + 2
-            items = []
-            for _ in range(size):
-                parsed = self._parse(buffer, position)
-                if parsed is None:
-                    return None
-                item, position = parsed
-                items.append(item)
-            return items, position
-        raise ValueError(f"not a RESP2 reply: {bytes(buffer[position - len(line) - 3:end])!r}")
 
 
 class _RedisConnection:
@@ -4318,7 +4420,8 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
-                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready")
+                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
+                 "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -4333,8 +4436,12 @@ class _RedisConnection:
         self._connecting = True
         self._tls_pending = _is_tls(sock)
         self._timer: Any = None
+        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
         self._finalized = False
         self.was_ready = False
+        self.ready_since = 0.0
+        self.hello_pending = False  # AUTH was sent: the first reply is its answer
+        self.complained = False  # a skipped reply was logged at WARNING (the others go to DEBUG)
 
     @property
     def ready(self) -> bool:
@@ -4356,23 +4463,47 @@ class _RedisConnection:
         if not self.ready:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
+        parser = self.parser
+        budget = BRIDGE_VALUES_PER_EVENT
         for _ in range(BRIDGE_READS_PER_EVENT):
+            backlog = parser.more  # replies left over by the budget come before anything new is read
             try:
-                data = self.sock.recv(READ_SIZE)
-                if not data:
+                data = b"" if backlog else self.sock.recv(READ_SIZE)
+                if not data and not backlog:
                     raise ConnectionError("Redis closed the connection")
-                replies = self.parser.feed(data)  # ValueError: not RESP, or past max_message_size
+                parsed = parser.parsed
+                replies = parser.feed(data, budget)
             except _WOULD_BLOCK:
                 break
-            except (OSError, ValueError) as exc:
+            except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
+                self.bridge._deliver_replies(self, exc.replies)
+                self._finalize(str(exc))
+                return
+            except OSError as exc:
                 self._finalize(str(exc) or type(exc).__name__)
                 return
             self.bridge._deliver_replies(self, replies)
+            if self._finalized:
+                return
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.manager._flush_dirty()
+            budget -= parser.parsed - parsed
+            if parser.more or budget <= 0:
+                # Bounded work per event, as for every handler: the rest in the next turn, after the others.
+                # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
+                # a re-read queued by each of them would pile up, one more every turn.
+                if self._resume is None:
+                    self._resume = self.manager._call_later(0, self._resume_reading)
+                return
+            if backlog:
+                continue
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
+
+    def _resume_reading(self) -> None:
+        self._resume = None
+        self._on_read()
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -4396,6 +4527,7 @@ class _RedisConnection:
             self._tls_pending = False
         if not self.was_ready:
             self.was_ready = True
+            self.ready_since = time.monotonic()
             _cancel(self._timer)
             self.bridge._connection_ready(self)
         self._flush()
@@ -4433,6 +4565,7 @@ class _RedisConnection:
             return
         self._finalized = True
         _cancel(self._timer)
+        _cancel(self._resume)
         self.manager._unwatch(self.sock)
         self.sock.close()
         self.bridge._connection_lost(self, reason)
@@ -4465,22 +4598,29 @@ class RedisBridge:
     processes, other hosts) once: local subscribers at once, the others
     through the Redis channel ``prefix + topic``, in publish order per
     publisher. Each bridge tags what it publishes with its own ``origin``
-    and ignores that tag when Redis echoes it back.
+    and ignores that tag when Redis echoes it back. A channel name is the
+    topic in UTF-8, its lone surrogates (if any) in their 3-byte form
+    (``"surrogatepass"``): every topic has a channel of its own.
 
     Two connections to Redis run in the manager's loop (no thread): one
     PUBLISHes, one SUBSCRIBEs to the channels of the topics that have a
     local subscriber (a subscribed connection may send nothing else). When
     Redis is unreachable, local publish/subscribe go on, the bridge
-    reconnects with a back-off (0.1 s doubling to 5 s) and re-subscribes;
+    reconnects with a back-off (0.1 s doubling to 5 s, started over once a
+    connection lived 5 s) and re-subscribes;
     messages that could not be relayed are counted in :attr:`dropped` and
     logged. Like Redis pub/sub itself, delivery is at most once.
 
-    Counters (read from any thread): :attr:`relayed` (PUBLISHes Redis
-    acknowledged), :attr:`received` (messages from other publishers handed
-    to local subscribers), :attr:`dropped` (not relayed: Redis down, more than
-    ``max_pending`` bytes waiting for it, or in flight when the connection
-    broke), :attr:`rejected` (malformed messages on our channels),
-    :attr:`reconnections`.
+    Counters (read from any thread; they only go up): :attr:`relayed`
+    (PUBLISHes Redis acknowledged), :attr:`received` (messages from other
+    publishers handed to local subscribers), :attr:`dropped` (not relayed:
+    Redis down, more than ``max_pending`` bytes waiting for it, refused by
+    Redis, or in flight when the connection broke), :attr:`rejected`
+    (replies skipped: malformed messages, messages on other channels, replies
+    to no command sent; logged, the first at WARNING), :attr:`reconnections`.
+    Each publish ends in ``relayed`` or ``dropped``, once. A reply that breaks
+    RESP2 (or is past ``max_message_size`` bytes, 1,024 array elements or 32
+    levels of nesting) ends that connection, after the replies before it.
     """
 
     def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
@@ -4502,7 +4642,7 @@ class RedisBridge:
         self._publisher: Optional[_RedisConnection] = None  # set only while it is ready to take PUBLISHes
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
         self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
-        self._delays = {"publish": 0.0, "subscribe": 0.0}  # 0: connected (or never failed)
+        self._delays = {"publish": 0.0, "subscribe": 0.0}  # the last wait (0: none since a connection lived)
         self._down_since: Dict[str, Optional[float]] = {"publish": None, "subscribe": None}
         self._dropped_at_loss = 0
         self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
@@ -4537,7 +4677,7 @@ class RedisBridge:
     # Any thread ----------------------------------------------------------------
 
     def _relay(self, topic: str, opcode: int, payload: bytes) -> None:
-        channel = self._prefix_bytes + topic.encode()
+        channel = _topic_channel(self._prefix_bytes, topic)
         with self._lock:
             publisher = self._publisher
             if publisher is None or publisher.pending() > self.max_pending:
@@ -4592,8 +4732,10 @@ class RedisBridge:
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
         down_since = self._down_since[role]
-        self._delays[role] = 0.0
+        # The back-off is not reset here: a connection that Redis ends at once (or that fails on what
+        # it is sent first) would be retried every 0.1 s for ever. It is once one lived (_connection_lost).
         if self._hello:
+            connection.hello_pending = True
             connection.write(self._hello)
         if role == "publish":
             with self._lock:
@@ -4606,7 +4748,7 @@ class RedisBridge:
             self._subscribed.clear()
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-                batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
+                batch = [_topic_channel(self._prefix_bytes, topic) for topic in channels[start:start + _SUBSCRIBE_BATCH]]
                 connection.write(_resp_command(b"SUBSCRIBE", *batch))
             news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
@@ -4622,6 +4764,8 @@ class RedisBridge:
         if self._connections.get(role) is not connection:
             return
         self._connections[role] = None
+        if connection.was_ready and time.monotonic() - connection.ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
+            self._delays[role] = 0.0  # it lived: the next attempt comes quickly, and the back-off starts over
         if role == "publish":
             with self._lock:
                 if self._down_since[role] is None:
@@ -4657,72 +4801,128 @@ class RedisBridge:
         wanted = self.manager.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = self._prefix_bytes + topic.encode()
+        channel = _topic_channel(self._prefix_bytes, topic)
         if wanted:
             self._channels.add(topic)
         else:
             self._channels.discard(topic)
         connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
 
+    # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
+    # message behind it is not lost), and every counter only goes up and counts what it says.
     def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
-        if connection.role == "publish":
-            acknowledged = failed = 0
-            for reply in replies:
-                if isinstance(reply, _RedisError):
-                    if self._refused(connection, reply):
-                        return  # what is unacknowledged counts as dropped when the connection is lost
-                    failed += 1
-                elif isinstance(reply, int):
-                    acknowledged += 1
-            with self._lock:
-                self._unacknowledged -= acknowledged + failed
-                self.relayed += acknowledged
-                self.dropped += failed
-            return
+        refusal = None
+        if connection.hello_pending and replies:
+            connection.hello_pending = False
+            answer = replies[0]
+            replies = replies[1:]
+            if isinstance(answer, _RedisError):
+                if self._refuses(answer):
+                    refusal = answer
+            elif answer != "OK":
+                self._skip(connection, answer, "not an answer to AUTH")
+        if refusal is None:
+            if connection.role == "publish":
+                refusal = self._acknowledge(connection, replies)
+            else:
+                refusal = self._receive(connection, replies)
+        if refusal is not None:
+            connection._finalize(f"authentication failed: {refusal.message}")
+
+    def _acknowledge(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
+        # RESP2 answers each command in turn, and only this thread takes from _unacknowledged (publish()
+        # adds to it): that many PUBLISHes wait for these replies. A reply beyond them answers nothing.
+        waiting = self._unacknowledged
+        acknowledged = failed = 0
+        refusal = None
+        for reply in replies:
+            if acknowledged + failed == waiting:
+                self._skip(connection, reply, "no PUBLISH waits for a reply")
+            elif type(reply) is int:
+                acknowledged += 1  # how many subscribers Redis gave it to
+            elif isinstance(reply, _RedisError):
+                if self._refuses(reply):
+                    refusal = reply  # this PUBLISH and those after it count as dropped when the connection ends
+                    break
+                failed += 1
+            else:  # no answer to a PUBLISH: maybe relayed, maybe not (at most once)
+                failed += 1
+                self._complain(connection, reply, "not an answer to PUBLISH; counted in dropped")
+        with self._lock:
+            self._unacknowledged -= acknowledged + failed
+            self.relayed += acknowledged
+            self.dropped += failed
+        return refusal
+
+    def _receive(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
         prefix = self._prefix_bytes
         skip = len(prefix)
         manager = self.manager
         for reply in replies:
-            if isinstance(reply, _RedisError) and self._refused(connection, reply):
-                return
             if type(reply) is not list or len(reply) != 3:
+                if isinstance(reply, _RedisError):
+                    if self._refuses(reply):
+                        return reply
+                    continue  # logged: an answer to a SUBSCRIBE of ours, not a message
+                self._skip(connection, reply, "not a pub/sub message")
                 continue
+            # RESP2 pub/sub: ["message", channel, payload] and ["subscribe" or "unsubscribe", channel, count].
             kind, channel, data = reply
-            if kind == b"message":
-                if not channel.startswith(prefix) or len(data) <= _ORIGIN_SIZE:
-                    self.rejected += 1
+            if type(channel) is not bytes or not channel.startswith(prefix):
+                self._skip(connection, reply, "not a channel of this bridge")
+            elif kind == b"message":
+                if type(data) is not bytes or len(data) <= _ORIGIN_SIZE:
+                    self._skip(connection, reply, "not a message of a bridge")
                     continue
                 if data[:_ORIGIN_SIZE] == self.origin:
                     continue  # our own message, already delivered locally
+                opcode = _KIND_TO_OPCODE.get(data[_ORIGIN_SIZE])
                 payload = data[_ORIGIN_SIZE + 1:]
                 try:
-                    opcode = _KIND_TO_OPCODE[data[_ORIGIN_SIZE]]
-                    topic = channel[skip:].decode()
+                    topic = _channel_topic(channel, skip)
                     if opcode is _TEXT:
                         payload.decode()  # only valid UTF-8 is a text message
-                except (KeyError, UnicodeDecodeError):
-                    self.rejected += 1
+                except UnicodeDecodeError:
+                    opcode = None
+                if opcode is None:
+                    self._skip(connection, reply, "not a message of a bridge")
                     continue
                 self.received += 1
                 manager._deliver(topic, opcode, payload)
-            elif kind in (b"subscribe", b"unsubscribe"):
+            elif kind == b"subscribe" or kind == b"unsubscribe":
                 try:
-                    topic = channel[skip:].decode()
-                except (TypeError, UnicodeDecodeError):
+                    topic = _channel_topic(channel, skip)
+                except UnicodeDecodeError:
+                    self._skip(connection, reply, "a channel that no topic has")
                     continue
-                if kind == b"subscribe":
-                    self._subscribed.add(topic)
-                else:
+                if kind == b"unsubscribe":
                     self._subscribed.discard(topic)
+                elif topic in self._channels:  # else unsubscribed since: the confirmation of the UNSUBSCRIBE follows
+                    self._subscribed.add(topic)
+            else:
+                self._skip(connection, reply, "not a pub/sub message")
+        return None
+
+    def _skip(self, connection: _RedisConnection, reply: Any, why: str) -> None:
+        self.rejected += 1
+        self._complain(connection, reply, why + "; counted in rejected")
 
     @staticmethod
-    def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
-        """Log an error reply; when it refuses our credentials, end ``connection`` and return True."""
+    def _complain(connection: _RedisConnection, reply: Any, why: str) -> None:
+        # A hostile server can send such replies by the million: one warning per connection, the rest in DEBUG.
+        if isinstance(reply, (bytes, str, _RedisError)):
+            shown = repr(reply[:80] if not isinstance(reply, _RedisError) else reply.message[:80])
+        else:
+            shown = f"an array of {len(reply)}" if type(reply) is list else repr(reply)
+        level = logging.DEBUG if connection.complained else logging.WARNING
+        connection.complained = True
+        logger.log(level, "redis bridge: skipped a reply on the %s connection: %s (%s)", connection.role, shown, why)
+
+    @staticmethod
+    def _refuses(error: _RedisError) -> bool:
+        """Log an error reply; whether it refuses our credentials (then the connection must end)."""
         logger.error("redis bridge: Redis answered %s", error.message)
-        if not error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-            return False
-        connection._finalize(f"authentication failed: {error.message}")
-        return True
+        return error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password"))
 
     def _close(self) -> None:
         self._closed = True
