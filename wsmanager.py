@@ -48,8 +48,10 @@ Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
 one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
 deadline and a TLS handshake), with the request and the check of the answer
-that ``_ClientOpening`` shares with :func:`connect`; ``_Waker`` lets other
-threads interrupt ``select()``; ``_Handler`` is the interface of everything in
+that ``_ClientOpening`` shares with :func:`connect` (and ``_ProxyTunnel``, the
+CONNECT through an HTTP proxy); ``_Redial`` is one reconnecting client of
+:meth:`WebSocketManager.connect`; ``_Waker`` lets other threads interrupt
+``select()``; ``_Handler`` is the interface of everything in
 the selector and ``_Flushable`` that of the loop's flush queue;
 ``_WSGIHandOff`` is the WSGI application of :meth:`WebSocketManager.wsgi_app`;
 ``_RedisConnection`` and ``_RespParser`` are the bridge's socket and its RESP
@@ -76,7 +78,7 @@ __all__ = [
     "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "encode_deflate_offer",
     "parse_deflate_response",
     # connection and manager
-    "WebSocket", "WebSocketManager", "connect",
+    "WebSocket", "WebSocketManager", "connect", "Reconnect", "MAX_REDIRECTS",
     # integrations
     "WSGIRequestHandler",
     # scaling out: Redis bridge and worker processes
@@ -229,6 +231,7 @@ MAX_HEADER_LINES = 100
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
+_MAX_TIMED_PINGS = 16  # pings per connection whose send time is kept for `latency`
 COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
 WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
@@ -1775,6 +1778,18 @@ class WebSocket:
     #: those connections nothing.
     environ: Optional[Dict[str, Any]] = None
 
+    #: Seconds between the last answered ping (:meth:`ping` or the heartbeat's) and its pong; 0.0 before.
+    #: Client features are class defaults too: an instance gets a value of its own only once used.
+    latency: float = 0.0
+    #: How a :meth:`WebSocketManager.connect` client reconnects (``reconnect=``), ``None`` when it does
+    #: not. Set it to ``None`` (in any callback too) and this connection, once it ends, is not replaced;
+    #: :meth:`close` and :meth:`terminate` do that.
+    reconnect: "Optional[Reconnect]" = None
+    #: How many connections of this reconnecting client opened before this one: 0 on the first.
+    reconnects: int = 0
+    _pings: Optional[Dict[bytes, float]] = None  # payload -> when sent, of the pings not answered yet
+    _redial: "Optional[_Redial]" = None  # the reconnecting client this connection belongs to
+
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
@@ -1954,15 +1969,45 @@ class WebSocket:
                                               mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
-        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`."""
-        if not self._queue(encode_frame(_PING, payload, mask=self.client)):
+        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
+        and its round trip to :attr:`latency`."""
+        data = encode_frame(_PING, payload, mask=self.client)
+        self._ping_timed(bytes(payload))
+        if not self._queue(data):
             raise self._closed_error("cannot ping")
+
+    def _ping_timed(self, payload: bytes) -> None:
+        # Any thread. A ping sent again with the same payload is timed from the later one.
+        with self._lock:
+            pings = self._pings
+            if pings is None:
+                pings = self._pings = {}
+            pings.pop(payload, None)
+            pings[payload] = time.monotonic()
+            if len(pings) > _MAX_TIMED_PINGS:  # bounded: unanswered pings are forgotten oldest first
+                del pings[next(iter(pings))]
+
+    def _pong_timed(self, payload: bytes) -> None:
+        # As websockets does: a pong answers the ping with its payload and every ping sent before that one.
+        pings = self._pings
+        if not pings or payload not in pings:
+            return  # unsolicited
+        now = time.monotonic()
+        with self._lock:
+            for sent_payload in list(pings):
+                sent = pings.pop(sent_payload)
+                if sent_payload == payload:
+                    self.latency = now - sent
+                    break
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
         then the close frame; the socket closes when the peer answers or
-        after ``close_timeout``. Does nothing once closing."""
+        after ``close_timeout``. Does nothing once closing. A reconnecting
+        client closed by us is not reconnected."""
         payload = encode_close(code, reason)
+        if self.reconnect is not None:
+            self.reconnect = None
         with self._lock:
             state = self.state
             if state > _OPEN:
@@ -1974,7 +2019,9 @@ class WebSocket:
         self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
-        """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
+        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected."""
+        if self.reconnect is not None:
+            self.reconnect = None
         self._call_threadsafe(self._finalize, "terminated")
 
     def _closed_error(self, action: str) -> ConnectionClosed:
@@ -2098,8 +2145,8 @@ class WebSocket:
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
-    # refusal), _enable_deflate() (what a handshake agreed), _take_response() (a loop client
-    # handshake's outcome), _describe() (log lines) and, from the listener that made it,
+    # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
+    # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
     # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
     # _forget() and _connection_default().
@@ -2132,6 +2179,19 @@ class WebSocket:
         self.subprotocol = subprotocol
         self._extra = rest
         self._enable_deflate(deflate, settings)
+
+    def _take_socket(self, sock: socket.socket, peer_address: Any = None, path: Optional[str] = None,
+                     request_head: Optional[bytes] = None) -> None:
+        """A loop client handshake's new socket, before the connection opens: TLS started on it, or a redirect's."""
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._tls = _is_tls(sock)
+        if peer_address is not None:
+            self.peer_address = peer_address
+        if path is not None:
+            self.path = path
+        if request_head is not None:
+            self._request_headers = request_head
 
     def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
         """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
@@ -2203,6 +2263,7 @@ class WebSocket:
             delay = ping_sent + timeout - now
         elif now - self._last_seen >= interval:
             self._ping_sent = now
+            self._ping_timed(b"")
             self._queue(encode_frame(_PING, b"", mask=self.client))
             delay = timeout
         else:
@@ -2293,6 +2354,7 @@ class WebSocket:
                     self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
                 else:
                     self._ping_sent = 0.0
+                    self._pong_timed(frame.payload)
                     try:
                         self.ponged(frame.payload)
                     except Exception as exc:
@@ -2434,6 +2496,8 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
+            if self._redial is not None:  # a reconnecting client: maybe a new connection after a back-off
+                self._redial.ended(self)
 
 
 ###############################################################################
@@ -2804,18 +2868,37 @@ def _ended_by(websocket: WebSocket) -> str:
 
 
 class _ClientHandshake(_Handshake):
-    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
 
-    __slots__ = ("websocket", "opening", "timeout", "request", "connected")
+    In order: the TCP connect (to the proxy, if any), the proxy's CONNECT tunnel, TLS for ``wss://``,
+    the opening handshake; a redirect starts over with a new socket, within the same deadline.
+    """
 
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
-                 timeout: float):
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "proxy", "tunnel",
+                 "visited", "redial")
+
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
+                 proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
+                 redial: Optional[_Redial] = None):
         super().__init__(manager, websocket.sock, address)
         self.websocket = websocket
+        self.options = options
+        self.redial = redial
+        self.visited = [target.url]
+        self._route(target, proxy, opening)
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
+
+    def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
+        self.target = target
+        self.proxy = proxy
         self.opening = opening
-        self.timeout = timeout
-        self.request = memoryview(opening.request)
+        self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
+        self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
         self.connected = False
+        self.tls_pending = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
@@ -2828,8 +2911,10 @@ class _ClientHandshake(_Handshake):
             return
         manager._handshakes.add(self)
         self.timer = manager._call_later(self.timeout, self._time_out)
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            # For an SSLSocket, connect_ex() also sets up the TLS object for the handshake to come.
             error = self.sock.connect_ex(self.address)
         except OSError as exc:
             self._fail(exc)
@@ -2837,7 +2922,7 @@ class _ClientHandshake(_Handshake):
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
             return
-        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+        self.manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -2848,9 +2933,35 @@ class _ClientHandshake(_Handshake):
                 self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
                 return
             self.connected = True
+            if self.tunnel is None:
+                self._secure()
+                return
         if self.tls_pending and not self._tls_handshake():
             return
         self._write_request()
+
+    def _secure(self) -> None:
+        """Connected (through the tunnel, if any): start TLS for ``wss://``, then send the opening request."""
+        self.request = memoryview(self.opening.request)
+        if not self.target.secure:
+            self._write_request()
+            return
+        manager = self.manager
+        manager._unwatch(self.sock)
+        try:
+            # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
+            context = self.options.ssl_context if self.options.ssl_context is not None else (
+                ssl.create_default_context())
+            sock = context.wrap_socket(self.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.sock = sock
+        self.websocket._take_socket(sock)
+        self.tls_pending = True
+        manager._selector.register(sock, selectors.EVENT_WRITE, self)
+        if self._tls_handshake():
+            self._write_request()
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -2859,19 +2970,60 @@ class _ClientHandshake(_Handshake):
             if self._tls_handshake():
                 self._write_request()
             return
-        if self.request:
+        if self.request or not self.connected:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
-            result = self.opening.feed(self.sock.recv(READ_SIZE))
+            data = self.sock.recv(READ_SIZE)
+            if self.tunnel is not None:
+                if self.tunnel.feed(data):
+                    self.tunnel = None
+                    self._secure()
+                return
+            result = self.opening.feed(data)
         except _WOULD_BLOCK:
             return
-        except (OSError, HandshakeError) as exc:
+        except HandshakeError as exc:
+            if exc.status in _REDIRECT_STATUSES:
+                self._redirect(exc)
+            else:
+                self._fail(exc)
+            return
+        except OSError as exc:
             self._fail(exc)
             return
         if result is not None:
             self._open(*result)
         elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._read_again(self)
+
+    def _redirect(self, answer: HandshakeError) -> None:
+        """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
+        try:
+            target = _redirected(self.target, answer, self.visited)
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, (family, kind, proto, _, address) = _client_route(target, self.options.proxy)
+            sock = socket.socket(family, kind, proto)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        options = self.options
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            first = _client_target(self.visited[0])
+            opening = _ClientOpening(target, options.settings, options.subprotocols,
+                                     _headers_for(first, target, options.headers), options.origin)
+        except BaseException:
+            sock.close()
+            raise
+        logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
+        self.manager._unwatch(self.sock)
+        self.sock.close()
+        self.sock = sock
+        self.address = address
+        self.websocket._take_socket(sock, address, target.path, opening.request)
+        self._route(target, proxy, opening)
+        self._connect()
 
     def _write_request(self) -> None:
         request = self.request
@@ -2892,11 +3044,13 @@ class _ClientHandshake(_Handshake):
         if websocket.terminated:
             return  # terminate()d meanwhile
         websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
+        if self.redial is not None:
+            self.redial.opened()
         self.manager._take(websocket)
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.timeout:g} s"))
 
     def _refuse_for_stop(self) -> None:
         self._fail(ManagerStopped("the manager stopped before the connection opened"))
@@ -2932,6 +3086,8 @@ class _ClientHandshake(_Handshake):
             websocket.connect_failed(exc)
         except Exception as error:
             logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+        if self.redial is not None:
+            self.redial.failed(websocket, exc)
 
     def _finalize(self, reason: str = "") -> None:
         # The manager's shutdown, or an internal error (WebSocketManager._crashed).
@@ -3074,24 +3230,28 @@ class WebSocketManager:
     def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> WebSocket: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket: ...
 
     @overload
     def connect(self, url: str, factory: Callable[..., _WebSocketT], *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> _WebSocketT: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> _WebSocketT: ...
 
     def connect(self, url: str, factory: Callable[..., WebSocket] = WebSocket, *,
                 ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                 headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None) -> WebSocket:
+                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None,
+                proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket:
         """Open a client connection without blocking: the connection is returned at once.
 
-        The TCP connect, the TLS handshake and the opening handshake run in
-        the loop, within ``timeout`` (default: the manager's
-        ``handshake_timeout``); then the connection opens here as if
-        :meth:`add`-ed (``opened()``, with ``subprotocol``,
+        The TCP connect, the proxy's tunnel, the TLS handshake and the opening
+        handshake (redirects included) run in the loop, within ``timeout``
+        (default: the manager's ``handshake_timeout``); then the connection
+        opens here as if :meth:`add`-ed (``opened()``, with ``subprotocol``,
         ``response_headers`` and ``compression`` set). If any step fails, the
         socket is closed and ``connect_failed(exc)`` is called in the loop
         instead of ``opened()`` and ``closed()``: ``exc`` is a
@@ -3101,33 +3261,63 @@ class WebSocketManager:
         ``terminate()`` ends the handshake. Messages sent meanwhile are
         queued and go out once it opens.
 
-        Same options as :func:`connect`. Only the host name is resolved here,
-        in the caller (an IP address costs nothing); raises
-        :class:`InvalidURL` for a bad URL, :class:`OSError` when the name does
-        not resolve and :class:`ManagerStopped` once the manager is stopping.
-        Any thread may call it.
+        ``reconnect=True`` (or a :class:`Reconnect` with other delays) keeps
+        the client connected: when a connection ends with 1001 from the
+        server, 1006 (no close frame), 1011, 1012, 1013 or 1014, or an attempt
+        fails on the network, a timeout or a 5xx answer, a new connection (a
+        fresh instance from ``factory``, its ``reconnects`` counting those
+        that opened before it) is attempted after the back-off, until one
+        opens; ``opened()`` runs for each. It stops at a normal close (1000,
+        any :meth:`WebSocket.close` or :meth:`WebSocket.terminate` of ours), a
+        4xx answer, ``ws.reconnect = None``, or when the manager stops.
+
+        Same options as :func:`connect` (``proxy`` included). Only the host name
+        (the proxy's, with a proxy) is resolved here, in the caller (an IP
+        address costs nothing); a redirect to another host and each reconnection
+        resolve in the loop. Raises :class:`InvalidURL` for a bad URL or proxy
+        URL, :class:`OSError` when the name does not resolve and
+        :class:`ManagerStopped` once the manager is stopping. Any thread may call it.
         """
-        settings = _deflate_settings(compression)
         target = _client_target(url)
-        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+        policy = _reconnect_policy(reconnect)
+        if target.secure and ssl_context is None:
+            ssl_context = ssl.create_default_context()  # made here once, not in the loop for each attempt
+        options = _ClientOptions(ssl_context, _deflate_settings(compression), subprotocols,
+                                 list(headers) if headers is not None else None, origin, proxy,
+                                 self.handshake_timeout if timeout is None else timeout)
+        redial = _Redial(self, target, factory, options, policy) if policy is not None else None
+        handshake = self._dial(target, factory, options, redial)
+        websocket = handshake.websocket
         try:
-            sock.setblocking(False)
-            sock = target.wrap(sock, ssl_context, do_handshake_on_connect=False)
-            opening = _ClientOpening(target, settings, subprotocols, headers, origin)
-            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
-                                peer_address=address)
-            handshake = _ClientHandshake(self, websocket, address, opening,
-                                         self.handshake_timeout if timeout is None else timeout)
             with self._lock:
                 self._check_running(stopping=True)
                 # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
                 websocket._bind(self)
         except BaseException:
-            sock.close()
+            websocket.sock.close()
             raise
         self._call_threadsafe(self._begin_client, handshake)
         return websocket
+
+    def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
+              redial: Optional[_Redial]) -> "_ClientHandshake":
+        """A client connection and its handshake, ready to begin in the loop (its first hop resolved here)."""
+        proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
+                                peer_address=address)
+            if redial is not None:
+                websocket.reconnect = redial.policy
+                websocket.reconnects = redial.opens
+                websocket._redial = redial
+            return _ClientHandshake(self, websocket, address, target, proxy, opening, options, redial)
+        except BaseException:
+            sock.close()
+            raise
 
     def _begin_client(self, handshake: "_ClientHandshake") -> None:
         handshake._begin()
@@ -3774,6 +3964,15 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
+MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
+# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Close codes after which a reconnecting client connects again: gone away (the server restarts),
+# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
+
+
 class _ClientTarget(NamedTuple):
     """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
 
@@ -3782,6 +3981,10 @@ class _ClientTarget(NamedTuple):
     port: int
     host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
     path: str  # origin-form request target: path and query
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
 
     def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
              do_handshake_on_connect: bool = True) -> socket.socket:
@@ -3815,6 +4018,281 @@ def _client_target(url: str) -> _ClientTarget:
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
     return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
+    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
+
+    ``visited`` holds the URLs tried so far, the first included. Raises
+    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
+    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
+    """
+    response = error.response
+    location = response.headers.get("Location") if response is not None and isinstance(
+        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
+    if not location:
+        raise error
+
+    def refuse(message: str) -> HandshakeError:
+        return HandshakeError(message, error.status, error.headers, response=response)
+
+    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
+    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
+    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    url = f"{scheme}://{rest}" if separator else location
+    try:
+        new_target = _client_target(url)
+    except InvalidURL as exc:
+        raise refuse(f"redirected to an unusable URL: {exc}") from None
+    url = new_target.url
+    if target.secure and not new_target.secure:
+        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
+    if url in visited:
+        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
+    if len(visited) > MAX_REDIRECTS:
+        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
+    visited.append(url)
+    return new_target
+
+
+# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+
+
+def _headers_for(first: _ClientTarget, target: _ClientTarget,
+                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The application's headers for a request to ``target``, after redirects from ``first``."""
+    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
+        return headers
+    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+
+
+# Proxies (HTTP CONNECT) --------------------------------------------------------
+
+# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
+_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+class _Proxy:
+    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
+
+    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
+    __slots__ = ("host", "port", "authorization")
+
+    def __init__(self, host: str, port: int, authorization: Optional[str]):
+        self.host = host
+        self.port = port
+        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
+
+
+def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
+    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
+    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
+    :class:`InvalidURL` for a proxy that is not ``http://``."""
+    if proxy is None or proxy is False:
+        return None
+    if proxy is True:
+        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
+        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
+        if sys.platform not in ("darwin", "win32") and not any(
+                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
+            return None
+        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = request.getproxies()
+        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
+        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+            return None
+    else:
+        url = proxy
+    if "://" not in url:
+        url = "http://" + url  # "host:port", as curl and requests read it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return _Proxy(parts.hostname, port, authorization)
+
+
+class _ProxyTunnel:
+    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("request", "reader")
+
+    def __init__(self, target: _ClientTarget, proxy: _Proxy):
+        authority = f"{_bracket(target.host)}:{target.port}"
+        fields = [("Host", authority)]
+        if proxy.authorization is not None:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> bool:
+        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
+        (``status``: the proxy's) when it refuses or answers wrongly."""
+        if not data:
+            raise HandshakeError("the proxy closed the connection before answering CONNECT", None)
+        try:
+            result = self.reader.feed(data)
+        except HandshakeError as exc:
+            raise HandshakeError(f"malformed answer from the proxy: {exc}", None) from None
+        if result is None:
+            return False
+        head, rest = result
+        response = parse_response(head)
+        if not 200 <= response.status < 300:
+            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
+                                 response.status, list(response.headers), response=response)
+        if rest:  # the server speaks only after our request: this came from the proxy
+            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
+        return True
+
+
+def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any]:
+    """The proxy (or ``None``) and the resolved address (a ``getaddrinfo()`` entry) of the first hop."""
+    chosen = _client_proxy(target, proxy)
+    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
+    return chosen, socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+
+
+# Reconnecting clients ----------------------------------------------------------
+
+class Reconnect(NamedTuple):
+    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
+
+    The n-th wait in a row (n = 0, 1, ...) is based on
+    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
+    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
+    by one event spread out over it), each later one between ``1 - jitter``
+    and 1 times its base. A connection that stayed open ``max_delay`` or
+    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
+    """
+
+    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
+    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
+    initial_delay: float = 3.0
+    factor: float = 1.618
+    max_delay: float = 60.0
+    jitter: float = 0.5
+
+    def delay(self, n: int) -> float:
+        """The ``n``-th wait in a row, drawn as the class docstring says."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
+        if not self.jitter:
+            return base
+        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
+        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
+
+
+def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
+    if value is None or value is False:
+        return None
+    policy = Reconnect() if value is True else Reconnect(*value)
+    initial_delay, factor, max_delay, jitter = policy
+    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
+        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
+    return policy
+
+
+class _ClientOptions:
+    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
+
+    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
+                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
+        self.ssl_context = ssl_context
+        self.settings = settings
+        self.subprotocols = subprotocols
+        self.headers = headers
+        self.origin = origin
+        self.proxy = proxy
+        self.timeout = timeout
+
+
+class _Redial:
+    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
+    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
+    is followed by a new attempt after a back-off. Loop thread only."""
+
+    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer", "last")
+
+    def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
+                 options: _ClientOptions, policy: Reconnect):
+        self.manager = manager
+        self.target = target
+        self.factory = factory
+        self.options = options
+        self.policy = policy
+        self.waits = 0  # waits in a row: the back-off's n
+        self.opens = 0  # connections of this client that opened
+        self.opened_at = 0.0
+        self.timer: Any = None
+        self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
+
+    def opened(self) -> None:
+        self.opens += 1
+        self.opened_at = time.monotonic()
+
+    def ended(self, websocket: WebSocket) -> None:
+        """An open connection ended (after its closed())."""
+        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
+            return
+        if time.monotonic() - self.opened_at >= self.policy.max_delay:
+            self.waits = 0  # it was stable: start the back-off again
+        self._wait(websocket, f"closed with {websocket.close_code}")
+
+    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
+        """An attempt could not open (after its connect_failed())."""
+        if isinstance(exc, HandshakeError):
+            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
+        else:  # the network, a timeout; a certificate that does not verify will not verify later either
+            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
+        if transient and self._wanted(websocket):
+            self._wait(websocket, "could not connect")
+
+    def _wanted(self, websocket: WebSocket) -> bool:
+        manager = self.manager
+        return (websocket.reconnect is not None and websocket.manager is manager
+                and not manager._stopping and not manager._finished)
+
+    def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
+        if websocket is not None:
+            self.last = websocket
+        delay = self.policy.delay(self.waits)
+        self.waits += 1
+        logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
+                    self.target.url, why, delay)
+        self.timer = self.manager._call_later(delay, self._attempt)
+
+    def _attempt(self) -> None:
+        manager = self.manager
+        self.timer = None
+        last = self.last
+        if manager._stopping or manager._finished or (last is not None and last.reconnect is None):
+            return  # stopping, or the application closed (or gave up) the connection it last had
+        try:
+            # The name is resolved again, here in the loop: a host that moved is found where it went.
+            handshake = manager._dial(self.target, self.factory, self.options, self)
+        except OSError as exc:  # the name does not resolve (now), out of descriptors
+            logger.info("could not connect to %s: %s", self.target.url, exc)
+            self._wait(None, "could not connect")
+            return
+        except Exception as exc:
+            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
+            return
+        handshake.websocket._bind(manager)
+        handshake._begin()
 
 
 class _ClientOpening:
@@ -3860,50 +4338,94 @@ class _ClientOpening:
 def connect(url: str, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
 
 
 @overload
 def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> _WebSocketT: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
 
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket:
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
     """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
 
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
     are kept for the first read. ``compression="deflate"`` (or a
     :class:`Deflate`) offers permessage-deflate; an answer the offer does not
-    allow fails the handshake. Raises :class:`HandshakeError` (with the
-    server's HTTP ``status`` and ``headers``) when the server refuses or
+    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
+    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
+    scheme, host and port only); ``timeout`` bounds the whole opening,
+    redirects included.
+
+    ``proxy``: by default (``True``) the HTTP proxy the environment names
+    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
+    reads them; a URL (``http://user:password@host:port``) for that proxy;
+    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
+    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
+    ``wss://`` runs inside it, end to end with the server.
+
+    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
+    ``status`` and ``headers``) when the server or the proxy refuses or
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
-    bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
-    included) when the network or TLS fails.
+    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
+    ``TimeoutError`` included) when the network or TLS fails.
     """
     settings = _deflate_settings(compression)
     target = _client_target(url)
+    if headers is not None:
+        headers = list(headers)  # sent again after a redirect
     deadline = time.monotonic() + timeout
+    visited = [target.url]
+    first = target
+    while True:
+        try:
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
+                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
+        except HandshakeError as exc:
+            target = _redirected(target, exc, visited)
+
+
+def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
+                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
+    """One opening handshake of :func:`connect`, with no redirect followed."""
+
+    def receive(sock: socket.socket) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for the handshake response")
+        sock.settimeout(remaining)
+        return sock.recv(READ_SIZE)
+
+    hop = proxy if proxy is not None else target
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out before the handshake (redirects)")
     try:
-        sock = socket.create_connection((target.host, target.port), timeout)
+        sock = socket.create_connection((hop.host, hop.port), remaining)
     except OSError as exc:
-        raise _connect_error(exc, (target.host, target.port)) from None
+        raise _connect_error(exc, (hop.host, hop.port)) from None
     try:
+        if proxy is not None:
+            tunnel = _ProxyTunnel(target, proxy)
+            sock.sendall(tunnel.request)
+            while not tunnel.feed(receive(sock)):
+                pass
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
         result = None
         while result is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out waiting for the handshake response")
-            sock.settimeout(remaining)
-            result = opening.feed(sock.recv(READ_SIZE))
+            result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
@@ -5242,11 +5764,26 @@ def _format_peer(address: Any) -> str:
     return str(address or "unix socket")
 
 
+class _EchoPeer(WebSocket):
+    """The demo's ``/echo``: every message straight back to its sender (the target of ``python -m wsmanager load``)."""
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.send(message)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
-    # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
+    # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
-        return None if path == "/ws" else Response(404)
+        return None if path in ("/ws", "/echo") else Response(404)
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
@@ -5266,11 +5803,16 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
 
         def stats() -> Dict[str, Any]:
             # Which process answered: with workers, the kernel picks one per connection.
+            # The latency is the heartbeat's round trip: connections not pinged yet are left out.
+            latencies = [websocket.latency for websocket in manager if websocket.latency]
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
+                    "latency": {"median": _median(latencies), "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
-        def factory(*args: Any, **kwargs: Any) -> _ChatPeer:
+        def factory(*args: Any, **kwargs: Any) -> WebSocket:
+            if kwargs.get("path", "").split("?", 1)[0] == "/echo":
+                return _EchoPeer(*args, **kwargs)
             peer = _ChatPeer(*args, **kwargs)
             if index >= 0:
                 peer.worker = f"worker {index}: "
@@ -5299,7 +5841,7 @@ def _serve(args: Any) -> int:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    manager = WebSocketManager()
+    manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", _bracket(host), port,
                 f", relayed through {args.redis}" if args.redis else "")
@@ -5320,7 +5862,8 @@ def _serve(args: Any) -> int:
 
 
 def _serve_workers(args: Any) -> int:
-    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
+    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers,
+                            manager_options={"heartbeat": args.heartbeat or None})
     try:
         host, port = supervisor.bind()
     except OSError as exc:
@@ -5430,6 +5973,220 @@ def _connect(args: Any) -> int:
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
 
 
+class _LoadClient(WebSocket):
+    """A client of ``python -m wsmanager load``: keeps ``--in-flight`` messages (1 by default) waiting
+    for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class)."""
+
+    run: "_LoadRun"
+    dialed = 0.0  # when manager.connect() was called
+    sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
+    left = 0  # messages still to send (-1: until the run's duration is over)
+    done = False
+
+    def opened(self) -> None:
+        self.run.opened(self)
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.run.answered(self, message)
+
+    def connect_failed(self, exc: BaseException) -> None:
+        self.run.failed(exc)
+
+    def closed(self, code: int, reason: str) -> None:
+        self.run.closed(self, code)
+
+
+def _percentiles(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """p50, p90, p99 and max of ``values`` (nearest rank), in milliseconds; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    # Nearest rank: the smallest value with at least p % of them at or below it (ceil(n * p / 100)).
+    figures = {f"p{percent}": ordered[max(0, -(-len(ordered) * percent // 100) - 1)] for percent in (50, 90, 99)}
+    figures["max"] = ordered[-1]
+    return {name: round(value * 1000, 3) for name, value in figures.items()}
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, HandshakeError):
+        return f"handshake {exc.status}" if exc.status is not None else "handshake: no valid answer"
+    return f"connect: {type(exc).__name__}"
+
+
+class _LoadRun:
+    """What ``python -m wsmanager load`` measures; its callbacks run in the manager's loop thread."""
+
+    def __init__(self, clients: int, messages: int, size: int, in_flight: int = 1, text: bool = False):
+        self.clients = clients
+        self.messages = messages
+        self.in_flight = in_flight
+        self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
+        self.connect_times: List[float] = []
+        self.round_trips: List[float] = []
+        self.errors: Dict[str, int] = collections.Counter()
+        self.finished = 0  # clients done: all answers in, failed, or closed
+        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.first_send = 0.0
+        self.last_answer = 0.0
+        self.answered_bytes = 0
+
+    def opened(self, client: _LoadClient) -> None:
+        now = time.monotonic()
+        self.connect_times.append(now - client.dialed)
+        client.left = self.messages if self.messages > 0 else -1
+        client.sent_at = collections.deque()
+        if not self.first_send:
+            self.first_send = now
+        for _ in range(self.in_flight):
+            self._next(client, now)
+
+    def answered(self, client: _LoadClient, message: Union[str, bytes]) -> None:
+        now = time.monotonic()
+        if message != self.payload or not client.sent_at:
+            self.errors["answer differs from the message"] += 1
+            client.done = True  # counted here, not again as closed early
+            client.close(CloseCode.POLICY_VIOLATION)
+            return
+        self.round_trips.append(now - client.sent_at.popleft())
+        self.answered_bytes += len(message)
+        self.last_answer = now
+        self._next(client, now)
+
+    def _next(self, client: _LoadClient, now: float) -> None:
+        if client.left == 0 or not self.sending:
+            if not client.sent_at and not client.done:  # every answer is in
+                client.done = True
+                client.close()
+            return
+        client.left -= 1
+        client.sent_at.append(now)
+        client.send(self.payload)
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors[_error_kind(exc)] += 1
+        self.finished += 1
+
+    def closed(self, client: _LoadClient, code: int) -> None:
+        if not client.done:
+            self.errors[f"closed {code} before its last answer"] += 1
+        self.finished += 1
+
+    def report(self, url: str, elapsed: float, cpu: float, rate: float, not_finished: int) -> Dict[str, Any]:
+        if not_finished:
+            self.errors["no answer before the end of the run"] += not_finished
+        span = self.last_answer - self.first_send
+        return {
+            "url": url, "clients": self.clients, "messages": self.messages, "size": len(self.payload),
+            "in_flight": self.in_flight,
+            "rate": rate or None, "connected": len(self.connect_times),
+            "connect_ms": _percentiles(self.connect_times), "round_trip_ms": _percentiles(self.round_trips),
+            "answered": len(self.round_trips),
+            "messages_per_second": round(len(self.round_trips) / span, 1) if span > 0 else None,
+            "megabytes_per_second": round(self.answered_bytes / span / 1e6, 3) if span > 0 else None,
+            "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+def _print_load_report(report: Dict[str, Any]) -> None:
+    def row(name: str, figures: Optional[Dict[str, float]]) -> str:
+        if figures is None:
+            return f"{name:<17}-"
+        return f"{name:<17}" + "  ".join(f"{key} {value:,.2f}" for key, value in figures.items())
+
+    errors = report["errors"]
+    print(f"{report['clients']:,} clients x {report['messages']:,} messages of {report['size']:,} B "
+          + (f"({report['in_flight']} in flight) " if report["in_flight"] > 1 else "") +
+          f"to {report['url']} in {report['seconds']:.2f} s (this process: {report['cpu_seconds']:.2f} s of CPU)")
+    print(f"{'connected':<17}{report['connected']:,} of {report['clients']:,}")
+    print(row("connect (ms)", report["connect_ms"]))
+    print(row("round trip (ms)", report["round_trip_ms"]))
+    throughput = report["messages_per_second"]
+    print(f"{'throughput':<17}" + (f"{throughput:,.0f} messages/s ({report['megabytes_per_second']:.2f} MB/s "
+                                   f"each way), {report['answered']:,} answered" if throughput else "-"))
+    print(f"{'errors':<17}" + (", ".join(f"{count:,} {kind}" for kind, count in errors.items()) or "none"))
+
+
+def _load(args: Any) -> int:
+    try:
+        _client_target(args.url)
+    except InvalidURL as exc:
+        print(f"wsmanager: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = args.clients + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
+                                                        else min(wanted, hard), hard))
+    context = None
+    if args.url.lower().startswith("wss:"):
+        context = ssl.create_default_context()
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
+    run.sending = True
+    _LoadClient.run = run
+
+    def factory(*arguments: Any, **options: Any) -> _LoadClient:
+        client = _LoadClient(*arguments, **options)
+        client.dialed = time.monotonic()
+        return client
+
+    stop_requests: List[int] = []
+    _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
+    progress = sys.stderr.isatty() and not args.json
+    manager = WebSocketManager(handshake_timeout=args.timeout, max_message_size=max(args.size, DEFAULT_MAX_MESSAGE_SIZE))
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    deadline = started + args.duration if args.duration else None
+    dialed = 0
+    last_progress = 0.0
+    stalled_since = started
+    seen = (-1, -1)
+    with manager:
+        while not stop_requests:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                run.sending = False  # each client ends after its current message
+                deadline = None
+                stalled_since = now
+            due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
+            while dialed < due and not stop_requests:
+                try:
+                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
+                    run.failed(exc)
+                dialed += 1
+            if run.finished >= args.clients:
+                break
+            progress_now = (len(run.round_trips), run.finished)
+            if progress_now != seen:
+                seen, stalled_since = progress_now, now
+            elif dialed >= args.clients and now - stalled_since > args.timeout:
+                break  # nothing moved for a whole timeout: the rest never answered
+            if progress and now - last_progress >= 0.5:
+                last_progress = now
+                sys.stderr.write(f"\r{len(run.connect_times):,}/{args.clients:,} connected, "
+                                 f"{len(run.round_trips):,} answers, {sum(run.errors.values()):,} errors ")
+                sys.stderr.flush()
+            time.sleep(0.01 if args.rate and dialed < args.clients else 0.05)
+        not_finished = args.clients - run.finished
+        elapsed = time.monotonic() - started
+        manager.close_all(CloseCode.NORMAL)
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    report = run.report(args.url, elapsed, time.process_time() - cpu_before, args.rate, not_finished)
+    if args.json:
+        import json
+        print(json.dumps(report))
+    else:
+        _print_load_report(report)
+    return 1 if report["errors"] or stop_requests else 0
+
+
 def _terminal_mode() -> Optional[Callable[[], None]]:
     """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
     try:
@@ -5446,7 +6203,7 @@ def _terminal_mode() -> Optional[Callable[[], None]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m wsmanager [serve|connect] ...``; returns the exit status."""
+    """``python -m wsmanager [serve|connect|load] ...``; returns the exit status."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -5465,6 +6222,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"port {number} out of range")
         return number
 
+    def positive(text: str) -> int:
+        number = int(text)
+        if number < 1:
+            raise ValueError(f"{number} < 1")
+        return number
+
     def workers(text: str) -> int:
         number = int(text)
         if number < 1:
@@ -5473,13 +6236,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
-                    description="wsmanager demo: a broadcast chat server and an interactive client.")
+                    description="wsmanager demo: a broadcast chat server, an interactive client and a load test.")
     parser.add_argument("--version", action="version", version=f"wsmanager {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
     serve = commands.add_parser("serve", formatter_class=formatter,
                                 help="run the broadcast chat (the default command)",
                                 description="Serve a chat page at / (and /stats) and publish every message sent on /ws "
-                                            "to every peer.")
+                                            "to every peer; /echo sends every message back to its sender.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=port, default=9000, help="port to listen on")
     serve.add_argument("--workers", type=workers, default=1,
@@ -5488,6 +6251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--redis", metavar="URL", default=None,
                        help="relay the chat through Redis pub/sub (redis://[:password@]host:port/db or rediss://), "
                             "so that every worker and every host running it shares one chat")
+    serve.add_argument("--heartbeat", type=float, default=20.0, metavar="SECONDS",
+                       help="ping connections idle this long, and drop those that do not answer within as long "
+                            "(0: never); /stats shows the median round trip")
     client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
                                  description="Send typed lines as text messages and print what arrives.")
     client.add_argument("url", help="ws:// or wss:// URL")
@@ -5498,11 +6264,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="send this header with the handshake (repeatable)")
     client.add_argument("--origin", help="send this Origin header")
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
+    load = commands.add_parser("load", formatter_class=formatter, help="a load test of a WebSocket echo server",
+                               description="Open N clients (through one manager) at R per second; each sends M "
+                                           "messages of B bytes, sending the next as each answer comes back "
+                                           "(K in flight: 1 by default). "
+                                           "Reports connect times and round trips (p50, p90, p99, max), "
+                                           "throughput and errors by kind. Against `serve`, use its /echo.")
+    load.add_argument("url", help="ws:// or wss:// URL of an echo endpoint")
+    load.add_argument("--clients", type=positive, default=100, metavar="N", help="clients to open")
+    load.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                      help="clients opened per second (0: all at once)")
+    load.add_argument("--messages", type=int, default=100, metavar="M",
+                      help="messages per client (0: until --duration is over)")
+    load.add_argument("--size", type=int, default=32, metavar="B", help="bytes per message (binary unless --text)")
+    load.add_argument("--text", action="store_true", help="send text messages (of B ASCII characters)")
+    load.add_argument("--in-flight", type=positive, default=1, metavar="K",
+                      help="messages each client keeps waiting for their answer")
+    load.add_argument("--duration", type=float, default=0.0, metavar="S",
+                      help="stop sending after S seconds (0: when every client has sent its messages)")
+    load.add_argument("--timeout", type=float, default=10.0, metavar="T",
+                      help="handshake timeout; the run also ends when nothing moved for this long")
+    load.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    load.add_argument("--json", action="store_true", help="print the report as one JSON object (for CI)")
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
+    if not arguments or arguments[0] not in ("serve", "connect", "load", "-h", "--help", "--version"):
         arguments.insert(0, "serve")
     args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "load":
+        if args.messages < 0 or args.size < 0 or args.rate < 0 or args.duration < 0 or args.timeout <= 0:
+            parser.error("--messages, --size, --rate and --duration must not be negative, --timeout above 0")
+        if args.messages == 0 and not args.duration:
+            parser.error("--messages 0 sends until --duration is over: give a --duration")
+        return _load(args)
     return _serve(args) if args.command == "serve" else _connect(args)
 
 
