@@ -472,7 +472,8 @@ def server_main(conn: Any, impl: str, mode: str, profile_path: Optional[str] = N
     if impl == "wsmanager":
         serve_wsmanager(conn, mode, profile_path)
     elif impl == "wsmanager-pure":
-        wsmanager._large_mask = wsmanager._translate_mask  # the standard-library masking path, accelerator or not
+        # The standard-library masking path, accelerator or not.
+        wsmanager._large_mask, wsmanager._small_mask = wsmanager._translate_mask, None
         serve_wsmanager(conn, mode, profile_path)
     elif impl == "websockets":
         asyncio.run(serve_websockets(conn, mode))
@@ -2197,12 +2198,12 @@ def parse_with_wsproto(chunks: Sequence[bytes]) -> int:
 @contextlib.contextmanager
 def wsmanager_pure_masking():
     """wsmanager's standard-library masking, whether or not the accelerator is installed."""
-    saved = wsmanager._large_mask
-    wsmanager._large_mask = wsmanager._translate_mask
+    saved = wsmanager._large_mask, wsmanager._small_mask
+    wsmanager._large_mask, wsmanager._small_mask = wsmanager._translate_mask, None
     try:
         yield
     finally:
-        wsmanager._large_mask = saved
+        wsmanager._large_mask, wsmanager._small_mask = saved
 
 
 def masked_stream(count: int, size: int) -> List[bytes]:

@@ -3615,14 +3615,17 @@ class TestCodec:
         # Random data of odd and even lengths around the threshold and far above it, every kind of
         # bytes-like input, and views that start at an offset into a larger buffer.
         cases = []
-        for n in (MASK_THRESHOLD - 1, MASK_THRESHOLD, MASK_THRESHOLD + 1, MASK_THRESHOLD + 3, 4097, 65537, 2 ** 20 + 7):
+        for n in (0, 1, 3, 4, 5, 16, 125, MASK_THRESHOLD - 1, MASK_THRESHOLD, MASK_THRESHOLD + 1, MASK_THRESHOLD + 3,
+                  4097, 65537, 2 ** 20 + 7):
             data, key = rng.randbytes(n), rng.randbytes(4)
             cases += [(data, key), (bytearray(data), bytearray(key)), (memoryview(data), key)]
             for offset in (1, 2, 3, 5):
                 cases.append((memoryview(bytearray(rng.randbytes(offset)) + data)[offset:], key))
         monkeypatch.setattr(wsmanager, "_large_mask", accelerated_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", accelerated_mask)
         accelerated = [apply_mask(data, key) for data, key in cases]
         monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_small_mask", None)
         pure = [apply_mask(data, key) for data, key in cases]
         assert accelerated == pure
         assert pure == [naive_mask(bytes(data), bytes(key)) for data, key in cases]
@@ -3637,7 +3640,7 @@ class TestCodec:
                 "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
                 "assert wsmanager.apply_mask(b'x' * 600, b'abcd') == bytes(x ^ k for x, k in zip(b'x' * 600, b'abcd' * 150))\n"
                 "speedups = sys.modules.get('websockets.speedups')\n"
-                "print(speedups is not None and wsmanager._large_mask is speedups.apply_mask)\n")
+                "print(speedups is not None and wsmanager._large_mask is wsmanager._small_mask is speedups.apply_mask)\n")
         lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                cwd=Path(wsmanager.__file__).parent, timeout=60).stdout.splitlines()
         assert lines[:2] == ["True False", "True False"]
@@ -3672,15 +3675,17 @@ class TestCodec:
         code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"
                 "out = wsmanager.apply_mask(bytes(range(256)) * 8, b'\\x01\\x02\\x03\\x04')\n"
                 "assert out == bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(bytes(range(256)) * 8))\n"
-                "print(wsmanager._large_mask is wsmanager._translate_mask)\n")
+                "assert wsmanager.apply_mask(b'hello', b'\\x01\\x02\\x03\\x04') == bytes((0x69, 0x67, 0x6f, 0x68, 0x6e))\n"
+                "print(wsmanager._large_mask is wsmanager._translate_mask, wsmanager._small_mask)\n")
         result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
                                 check=True, cwd=Path(wsmanager.__file__).parent, timeout=60)
-        assert result.stdout == "True\n"
+        assert result.stdout == "True None\n"
 
     @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS + ["pure"])
     def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerator):
-        monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask if accelerator == "pure"
-                            else mask_accelerator(accelerator, monkeypatch))
+        function = None if accelerator == "pure" else mask_accelerator(accelerator, monkeypatch)
+        monkeypatch.setattr(wsmanager, "_large_mask", function or wsmanager._translate_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", function)
         payload = os.urandom(70_000)
         wire = encode_frame(Opcode.BINARY, payload, mask=True) + encode_frame(Opcode.TEXT, b"hi", mask=True)
         frames = parse_all(wire, expect_masked=True)

@@ -399,13 +399,14 @@ def _find_mask_accelerator() -> Optional[Callable[[_BytesLike, Union[bytes, byte
 def _first_large_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """_large_mask until the first large payload: looks for an accelerator once, then puts the
     function that masks from now on in its own place."""
-    global _large_mask
+    global _large_mask, _small_mask
     try:
         accelerator = _find_mask_accelerator()
     except OSError:
         # Out of descriptors (EMFILE): no module can be imported now, as each is a file to open.
         # This payload is masked in pure Python (the same bytes), and the next one looks again.
         return _translate_mask(data, key)
+    _small_mask = accelerator  # in C, a small payload costs a fifth of the big-int XOR too
     _large_mask = accelerator or _translate_mask
     return _large_mask(data, key)
 
@@ -415,18 +416,24 @@ def _first_large_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
 # masks a large payload pays nothing; the ``speedups`` extra installs the accelerator. On the
 # standard library alone it is _translate_mask, the same code as with no accelerator at all.
 _large_mask: Callable[[_BytesLike, Union[bytes, bytearray]], bytes] = _first_large_mask
+# Smaller payloads: the accelerator once the first large payload found one, else None (pure Python).
+_small_mask: Optional[Callable[[_BytesLike, Union[bytes, bytearray]], bytes]] = None
 
 
 def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
 
-    Payloads of 512 bytes and more run in C when websockets' ``speedups``
-    or ``wsaccel`` is installed (``pip install wsmanager[speedups]``), else
-    in pure Python.
+    Runs in C when websockets' ``speedups`` or ``wsaccel`` is installed
+    (``pip install wsmanager[speedups]``): looked for on the first payload of
+    512 bytes or more, and used for every payload from then on. Else, and
+    until then for smaller payloads, in pure Python.
     """
     n = len(data)
     if n >= _TRANSLATE_THRESHOLD:
         return _large_mask(data, key)
+    small_mask = _small_mask
+    if small_mask is not None:
+        return small_mask(data, key)
     if not n:
         return b""
     # Deliberate: one arbitrary-precision XOR runs in C over the whole payload.
