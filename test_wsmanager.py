@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -614,6 +615,23 @@ def check_roundtrip(frames, key, cuts):
 
 
 MASK_THRESHOLD = wsmanager._TRANSLATE_THRESHOLD  # apply_mask switches algorithm here
+
+
+MASK_ACCELERATORS = ["websockets", "wsaccel"]  # what apply_mask may use for large payloads, fastest first
+
+
+def mask_accelerator(name, monkeypatch):
+    """What wsmanager masks large payloads with when ``name`` is the best accelerator installed
+    (skips when it is not installed)."""
+    if name == "websockets":
+        speedups = pytest.importorskip("websockets.speedups")
+        assert wsmanager._find_mask_accelerator() is speedups.apply_mask
+    else:
+        pytest.importorskip("wsaccel.xormask")
+        monkeypatch.setitem(sys.modules, "websockets.speedups", None)  # as if websockets were not installed
+    function = wsmanager._find_mask_accelerator()
+    assert function is not None and function is not wsmanager._translate_mask
+    return function
 
 
 MASK_SIZES = sorted({0, 1, 2, 3, 4, 5, 7, 8, 2 * MASK_THRESHOLD + 1, 65537}
@@ -3590,29 +3608,84 @@ class TestCodec:
         assert parser.feed(wire[-1:]) == [Frame(Opcode.BINARY, payload)]
         assert elapsed < 10, f"{elapsed:.1f} s for 64 KiB: each feed costs time in the buffered size"
 
-    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch):
-        pytest.importorskip("wsaccel")
-        assert wsmanager._xor_masker is not None  # installed here: apply_mask runs in C
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS)
+    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch, accelerator):
+        accelerated_mask = mask_accelerator(accelerator, monkeypatch)
         rng = random.Random(14)
-        cases = [(bytes(rng.getrandbits(8) for _ in range(n)), bytes(rng.getrandbits(8) for _ in range(4)))
-                 for n in (0, 1, 3, 4, 5, 511, 512, 513, 4097)]
+        # Random data of odd and even lengths around the threshold and far above it, every kind of
+        # bytes-like input, and views that start at an offset into a larger buffer.
+        cases = []
+        for n in (0, 1, 3, 4, 5, 16, 125, MASK_THRESHOLD - 1, MASK_THRESHOLD, MASK_THRESHOLD + 1, MASK_THRESHOLD + 3,
+                  4097, 65537, 2 ** 20 + 7):
+            data, key = rng.randbytes(n), rng.randbytes(4)
+            cases += [(data, key), (bytearray(data), bytearray(key)), (memoryview(data), key)]
+            for offset in (1, 2, 3, 5):
+                cases.append((memoryview(bytearray(rng.randbytes(offset)) + data)[offset:], key))
+        monkeypatch.setattr(wsmanager, "_large_mask", accelerated_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", accelerated_mask)
         accelerated = [apply_mask(data, key) for data, key in cases]
-        accelerated += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                        apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
-        monkeypatch.setattr(wsmanager, "_xor_masker", None)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_small_mask", None)
         pure = [apply_mask(data, key) for data, key in cases]
-        pure += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                 apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
         assert accelerated == pure
-        assert pure[:len(cases)] == [naive_mask(data, key) for data, key in cases]
+        assert pure == [naive_mask(bytes(data), bytes(key)) for data, key in cases]
         assert all(type(result) is bytes for result in accelerated + pure)
 
-    @pytest.mark.parametrize("accelerated", [True, False], ids=["wsaccel", "pure"])
-    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerated):
-        if accelerated:
-            pytest.importorskip("wsaccel")
-        else:
-            monkeypatch.setattr(wsmanager, "_xor_masker", None)
+    def test_apply_mask_finds_its_accelerator_on_the_first_large_payload_only(self):
+        # In a fresh interpreter: nothing is imported for masking at import or for small payloads.
+        code = ("import sys, wsmanager\n"
+                "accelerators = ('websockets', 'wsaccel')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "wsmanager.apply_mask(b'x' * (wsmanager._TRANSLATE_THRESHOLD - 1), b'abcd')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "assert wsmanager.apply_mask(b'x' * 600, b'abcd') == bytes(x ^ k for x, k in zip(b'x' * 600, b'abcd' * 150))\n"
+                "speedups = sys.modules.get('websockets.speedups')\n"
+                "print(speedups is not None and wsmanager._large_mask is wsmanager._small_mask is speedups.apply_mask)\n")
+        lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=Path(wsmanager.__file__).parent, timeout=60).stdout.splitlines()
+        assert lines[:2] == ["True False", "True False"]
+        pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
+        assert lines[2] == "True"
+
+    def test_apply_mask_out_of_descriptors_masks_in_pure_python_and_looks_again_later(self):
+        # The accelerator is imported on the first large payload; an import opens files, so a
+        # process out of descriptors (EMFILE) cannot import: that payload is masked in pure Python.
+        code = ("import os, resource, wsmanager\n"
+                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+                "held = []\n"
+                "try:\n"
+                "    while len(held) < 1000:\n"
+                "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+                "except OSError:\n"
+                "    pass\n"
+                "data = bytes(range(256)) * 4\n"
+                "expected = bytes(b ^ k for b, k in zip(data, b'abcd' * 256))\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n"
+                "for fd in held:\n"
+                "    os.close(fd)\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                cwd=Path(wsmanager.__file__).parent)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["True True", "True False"]
+
+    def test_apply_mask_on_the_standard_library_alone_is_the_pure_path(self):
+        # -I -S: no site-packages, so neither websockets nor wsaccel can be imported.
+        code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"
+                "out = wsmanager.apply_mask(bytes(range(256)) * 8, b'\\x01\\x02\\x03\\x04')\n"
+                "assert out == bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(bytes(range(256)) * 8))\n"
+                "assert wsmanager.apply_mask(b'hello', b'\\x01\\x02\\x03\\x04') == bytes((0x69, 0x67, 0x6f, 0x68, 0x6e))\n"
+                "print(wsmanager._large_mask is wsmanager._translate_mask, wsmanager._small_mask)\n")
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                                check=True, cwd=Path(wsmanager.__file__).parent, timeout=60)
+        assert result.stdout == "True None\n"
+
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS + ["pure"])
+    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerator):
+        function = None if accelerator == "pure" else mask_accelerator(accelerator, monkeypatch)
+        monkeypatch.setattr(wsmanager, "_large_mask", function or wsmanager._translate_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", function)
         payload = os.urandom(70_000)
         wire = encode_frame(Opcode.BINARY, payload, mask=True) + encode_frame(Opcode.TEXT, b"hi", mask=True)
         frames = parse_all(wire, expect_masked=True)
@@ -4523,6 +4596,31 @@ class TestManager:
         wait_until(lambda: client.terminated)
         with pytest.raises(ConnectionClosed):
             client_manager.add(client)
+
+    def test_add_from_another_thread_opens_without_describing_the_socket(self, manager, client_manager):
+        # Joining the loop registers the socket by its descriptor: a failed look-up by socket object
+        # would format its repr (getsockname + getpeername, two system calls per connection joining).
+        class CountingSocket(socket.socket):
+            reprs = 0
+
+            def __repr__(self):
+                CountingSocket.reprs += 1
+                return super().__repr__()
+
+        address = manager.listen(("127.0.0.1", 0), Recorder)
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(address)
+        request = encode_request(f"{address[0]}:{address[1]}", "/", new_key())
+        sock.sendall(request)
+        reader = HeadReader()
+        while (result := reader.feed(sock.recv(4096))) is None:
+            pass
+        client = Recorder(sock, client=True, request_headers=request, response_headers=result[0])
+        client_manager.add(client)
+        assert client.opened_event.wait(10)
+        assert CountingSocket.reprs == 0
+        client.close()
+        wait_until(lambda: client.terminated)
 
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
@@ -7419,6 +7517,40 @@ class TestCompression:
             inflater = zlib.decompressobj(-wbits)
         assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
 
+    @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
+    @pytest.mark.parametrize("wbits", [9, 12, 15])
+    def test_default_settings_compress_with_mem_level_5(self, no_context, wbits):
+        # Chosen by bench_wsmanager.py zparams (zlib's 8 is up to 1.6x slower on large messages with
+        # small windows and holds 112 KiB more per compressor, for under 0.4 % of size).
+        rng = random.Random(22)
+        message = json.dumps([{"id": i, "user": f"user{rng.randrange(10_000)}", "value": rng.random()}
+                              for i in range(1500)]).encode()
+        flush = zlib.Z_FULL_FLUSH if no_context else zlib.Z_SYNC_FLUSH
+        expected = {}
+        for mem_level in (5, 8):
+            reference = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+            expected[mem_level] = (reference.compress(message) + reference.flush(flush))[:-4]
+        assert expected[5] != expected[8]  # the message tells the two apart
+        params = DeflateParams(server_no_context_takeover=no_context, server_max_window_bits=wbits)
+        assert PerMessageDeflate(params, client=False).compress(message) == expected[5]
+        # The same through the settings a connection is made with (compression="deflate" means Deflate()).
+        assert Deflate().mem_level == 5
+        ws = WebSocket(socket.socket(), client=False)
+        try:
+            ws._enable_deflate(params, Deflate())
+            assert ws._deflate is not None and ws._deflate.compress(message) == expected[5]
+        finally:
+            ws.sock.close()
+        if not no_context:  # what a connection that keeps its context holds: 2 ** (wbits + 2) + 16 KiB + state
+            tracemalloc.start()
+            try:
+                kept = PerMessageDeflate(params, client=False)
+                kept.compress(b"x")
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            assert held < 2 ** (wbits + 2) + 40 * 1024
+
     def test_no_context_output_is_the_same_bytes_for_every_connection(self):
         params = DeflateParams(server_no_context_takeover=True)
         first, second = (PerMessageDeflate(params, client=False) for _ in range(2))
@@ -9985,7 +10117,9 @@ class TestDocs:
         assert code.count("300") == 3
         assert exec_printed(code, "readme_connect_many").splitlines() == ["300 replies, 0 failures"]
 
-    def test_speedups_extra_names_wsaccel(self):
+    def test_speedups_extra_names_the_fastest_accelerator(self):
         setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
-        assert re.search(r"^speedups =\n    wsaccel", setup, re.M)
-        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)  # the tests cover both masking paths
+        assert re.search(r"^speedups =\n    websockets", setup, re.M)  # its C speedups.apply_mask
+        # The tests cover every masking path: websockets' C, wsaccel's, and the pure one.
+        assert re.search(r"^test =\n(    .*\n)*    websockets", setup, re.M)
+        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)
