@@ -1741,11 +1741,16 @@ class _Protocol:
                 # Small frames share a buffer: thousands of tiny frames (a pong flood) would
                 # otherwise cost an object each, far more memory than max_buffered says.
                 last = out[-1]
-                if type(last) is bytearray and len(last) + size <= COALESCE_SIZE:
+                kind = type(last)
+                if kind is bytearray and len(last) + size <= COALESCE_SIZE:
                     last += data
-                elif type(last) is bytes and len(last) + size <= COALESCE_SIZE:
+                elif kind is bytes and len(last) + size <= COALESCE_SIZE:
                     out[-1] = bytearray(last) + data
                 else:
+                    if kind is bytearray:
+                        # Full: kept as exact bytes, without the up to 1/8 a growing bytearray
+                        # holds in reserve, so that max_buffered is what the backlog costs.
+                        out[-1] = bytes(last)
                     out.append(data)
             else:
                 out.append(data)
