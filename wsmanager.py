@@ -1629,7 +1629,7 @@ accept_deflate_response = _deprecated("accept_deflate_response", parse_deflate_r
 # WebSocket: one connection ###################################################
 ###############################################################################
 
-# h11-style transition table: (state, event) -> next state, the only way ``state`` changes.
+# h11-style transition table: (state, event) -> next state, the only way _Protocol.state changes.
 # An event missing for a state is ignored (e.g. a second close() while closing). After
 # CLOSED comes one more stage, not a state: *finalized* (socket closed, closed() called;
 # the ``terminated`` property), reached by the "drop" event from any state.
@@ -1741,13 +1741,12 @@ class _Protocol:
                 # Small frames share a buffer: thousands of tiny frames (a pong flood) would
                 # otherwise cost an object each, far more memory than max_buffered says.
                 last = out[-1]
-                kind = type(last)
-                if kind is bytearray and len(last) + size <= COALESCE_SIZE:
+                if type(last) is bytearray and len(last) + size <= COALESCE_SIZE:
                     last += data
-                elif kind is bytes and len(last) + size <= COALESCE_SIZE:
+                elif type(last) is bytes and len(last) + size <= COALESCE_SIZE:
                     out[-1] = bytearray(last) + data
                 else:
-                    if kind is bytearray:
+                    if type(last) is bytearray:
                         # Full: kept as exact bytes, without the up to 1/8 a growing bytearray
                         # holds in reserve, so that max_buffered is what the backlog costs.
                         out[-1] = bytes(last)
@@ -1980,7 +1979,9 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
             count += 1
         elif status == _FLUSH:
             count += 1
-            websocket._schedule_flush()
+            manager = websocket._manager  # deliberate: WebSocket._schedule_flush() inlined
+            if manager is not None:
+                manager._schedule_flush(websocket)
         elif status == _FULL:
             websocket._drop(f"slow consumer: more than {limit} bytes left unread (max_buffered)")
     return count
@@ -2172,7 +2173,12 @@ class WebSocket:
             self._send_fragments(message)
             return
         if status:  # deliberate: _QUEUED (0), most sends of a burst, costs this one test
-            self._queued(status, "cannot send")
+            if status == _FLUSH:  # (inlined: the first send after each flush)
+                manager = self._manager
+                if manager is not None:
+                    manager._schedule_flush(self)
+            else:
+                self._queued(status, "cannot send")
 
     def _send_fragments(self, chunks: Iterable[Any]) -> None:
         # Encoded up front and queued as one piece, so that no other message
@@ -3262,7 +3268,8 @@ class WebSocketManager:
 
     Limits, each per connection: ``max_message_size`` (default 1 MiB) and
     ``max_frame_size`` (default: ``max_message_size``) on input,
-    ``max_buffered`` (default 4 MiB), a high-water mark on unsent output, ``close_timeout`` (5 s)
+    ``max_buffered`` (default 4 MiB), a high-water mark on unsent output (see
+    :meth:`WebSocket.send` for who waits, who raises, who is dropped), ``close_timeout`` (5 s)
     for the close handshake, ``handshake_timeout`` (10 s) for a server
     handshake. ``heartbeat=N`` pings connections idle for N seconds and fails
     them with 1011 when nothing comes back within ``heartbeat_timeout``
@@ -3373,7 +3380,8 @@ class WebSocketManager:
         instead of ``opened()`` and ``closed()``: ``exc`` is a
         :class:`HandshakeError`, an :class:`OSError` (``ssl.SSLError`` and
         ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
-        meanwhile are queued and go out once it opens.
+        meanwhile are queued, within ``max_buffered`` as :meth:`WebSocket.send`
+        says, and go out once it opens.
 
         Same options as :func:`connect`. Only the host name is resolved here,
         in the caller (an IP address costs nothing); raises
