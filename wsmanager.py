@@ -1737,13 +1737,14 @@ class _Protocol:
             if not out:
                 out.append(data)
                 status = _FLUSH
-            elif size < COALESCE_SIZE:
+            else:
                 # Small frames share a buffer: thousands of tiny frames (a pong flood) would
                 # otherwise cost an object each, far more memory than max_buffered says.
                 last = out[-1]
-                if type(last) is bytearray and len(last) + size <= COALESCE_SIZE:
+                fits = len(last) + size <= COALESCE_SIZE
+                if fits and type(last) is bytearray:
                     last += data
-                elif type(last) is bytes and len(last) + size <= COALESCE_SIZE:
+                elif fits and type(last) is bytes:
                     out[-1] = bytearray(last) + data
                 else:
                     if type(last) is bytearray:
@@ -1751,8 +1752,6 @@ class _Protocol:
                         # holds in reserve, so that max_buffered is what the backlog costs.
                         out[-1] = bytes(last)
                     out.append(data)
-            else:
-                out.append(data)
             self.buffered = backlog = backlog + size
             if backlog > self.max_buffered:
                 self.over = True
