@@ -1113,6 +1113,12 @@ def _environ(fields=(), *, method="GET", path="/ws", query="", protocol="HTTP/1.
     return environ
 
 
+def _socket_environ(sock, fields=(), **extra):
+    """_environ() as wsgiref with wsmanager.WSGIRequestHandler makes it: the connection's socket, and
+    wsgi.input its buffered reader (the hand-off empties it into the WebSocket)."""
+    return _environ(fields, **{"wsmanager.socket": sock, "wsgi.input": sock.makefile("rb")}, **extra)
+
+
 def _call_wsgi(app, environ, *, strict_pep3333=False):
     """Call a WSGI app; returns (status, headers, body). strict_pep3333 asserts like wsgiref on hop-by-hop."""
     answer = {}
@@ -1294,20 +1300,16 @@ def _host_command(kind, port):
     return [sys.executable, *arguments]
 
 
-@pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
-def wsgi_host(request, tmp_path_factory):
-    """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
-    kind = request.param
-    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
-    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
-    folder = tmp_path_factory.mktemp(kind)
+@contextlib.contextmanager
+def _host_process(folder, app_code, command, page):
+    """A real WSGI server in ``folder`` on a free port, serving ``app_code(port)`` as app.py, started with
+    ``command(port)``; yields (port, read_log) once it serves ``page`` at /. Killed (its group) after."""
     log_path = folder / "host.log"
     for attempt in range(3):
         port = _free_port()
-        code = readme_snippet(snippet)
-        (folder / "app.py").write_text(code.replace(port_text, str(port)) if port_text else code)
+        (folder / "app.py").write_text(app_code(port))
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(_host_command(kind, port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(command(port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True)
         try:
             deadline = time.monotonic() + 30
@@ -1323,7 +1325,7 @@ def wsgi_host(request, tmp_path_factory):
                 if b"in use" in log_path.read_bytes() and attempt < 2:
                     continue  # lost the port race: try another one
                 raise AssertionError(log_path.read_bytes()[-3000:])
-            yield kind, port, page, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            yield port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
             return
         finally:
             if proc.poll() is None:
@@ -1333,6 +1335,166 @@ def wsgi_host(request, tmp_path_factory):
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
             _reap(proc)
+
+
+@pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
+def wsgi_host(request, tmp_path_factory):
+    """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
+    kind = request.param
+    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+    code = readme_snippet(snippet)
+    with _host_process(tmp_path_factory.mktemp(kind),
+                       lambda port: code.replace(port_text, str(port)) if port_text else code,
+                       lambda port: _host_command(kind, port), page) as (port, read_log):
+        yield kind, port, page, read_log
+
+
+# A site on each supported host, mounted as a user would: /ws echoes (wsgi_app), /env sends what opened()
+# finds in self.environ (wsgi_app behind an authentication middleware), /record writes each call to
+# record.log: the route a reverse proxy would keep from the outside.
+_PROBE_SITE = """\
+import json, os, sys
+import wsmanager
+
+RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "record.log")
+IO_METHODS = ("fileno", "read", "readline", "readinto", "write", "recv", "send", "makefile")
+
+
+def note(environ):
+    with open(RECORD, "a") as log:
+        log.write(f"{environ['REQUEST_METHOD']} {environ['SCRIPT_NAME']}{environ['PATH_INFO']}"
+                  f"?{environ.get('QUERY_STRING', '')}\\n")
+
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+
+class EnvironReport(wsmanager.WebSocket):
+    def opened(self):
+        report = {}
+        for key, value in self.environ.items():
+            kind = type(value)
+            report[key] = {"type": f"{kind.__module__}.{kind.__qualname__}",
+                           "io": [name for name in IO_METHODS if hasattr(value, name)],
+                           "value": value if isinstance(value, (str, int, float, type(None))) else None}
+        self.send(json.dumps(report))
+
+
+def authenticated(app):  # what an authentication middleware in front does
+    def as_alice(environ, start_response):
+        environ["REMOTE_USER"] = "alice"
+        return app(environ, start_response)
+    return as_alice
+
+
+def site(environ, start_response):
+    body = b"ready\\n"
+    if environ["PATH_INFO"] == "/record":
+        note(environ)
+        body = b"recorded\\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def mount(apps, default):
+    def dispatch(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for prefix, app in apps.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
+                environ["PATH_INFO"] = path[len(prefix):]
+                return app(environ, start_response)
+        return default(environ, start_response)
+    return dispatch
+
+
+manager = wsmanager.WebSocketManager()
+websockets = {"/ws": manager.wsgi_app(Echo), "/env": authenticated(manager.wsgi_app(EnvironReport))}
+application = mount(websockets, site)
+"""
+
+_PROBE_HOSTS = {
+    "wsgiref": ("""
+if __name__ == "__main__":
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    make_server("127.0.0.1", int(sys.argv[1]), application, server_class=ThreadingWSGIServer,
+                handler_class=wsmanager.WSGIRequestHandler).serve_forever()
+""", ["app.py", "{port}"]),
+    "gunicorn-sync": ("", _WSGI_HOSTS["gunicorn-sync"][3]),
+    "gunicorn-gthread": ("", _WSGI_HOSTS["gunicorn-gthread"][3]),
+    "flask": ("""
+import flask
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+app = flask.Flask(__name__)
+
+
+@app.route("/")
+def index():
+    return "ready\\n"
+
+
+@app.route("/record")
+def record():
+    note(flask.request.environ)
+    return "recorded\\n"
+
+
+app.wsgi_app = DispatcherMiddleware(app.wsgi_app, websockets)
+""", _WSGI_HOSTS["flask"][3]),
+    "cherrypy": ("""
+import cherrypy
+
+
+class Root:
+    @cherrypy.expose
+    def index(self):
+        return "ready\\n"
+
+    @cherrypy.expose
+    def record(self, **query):
+        note(cherrypy.request.wsgi_environ)
+        return "recorded\\n"
+
+
+if __name__ == "__main__":
+    for prefix, app in websockets.items():
+        cherrypy.tree.graft(app, prefix)
+    cherrypy.engine.subscribe("stop", manager.stop)
+    cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": int(sys.argv[1])})
+    cherrypy.quickstart(Root())
+""", ["app.py", "{port}"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(_PROBE_HOSTS))
+def probe_host(request, tmp_path_factory):
+    """A real WSGI server running _PROBE_SITE; yields (kind, port, records, read_log). Module-wide.
+    records() is the list of calls of /record so far."""
+    kind = request.param
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+    tail, arguments = _PROBE_HOSTS[kind]
+    folder = tmp_path_factory.mktemp(f"probe-{kind}")
+    record_path = folder / "record.log"
+
+    def command(port):
+        if arguments[:2] == ["-m", "gunicorn"]:
+            return _host_command(kind, port)
+        return [sys.executable, *(argument.replace("{port}", str(port)) for argument in arguments)]
+
+    def records():
+        return record_path.read_text().splitlines() if record_path.exists() else []
+
+    with _host_process(folder, lambda port: _PROBE_SITE + tail, command, b"ready\n") as (port, read_log):
+        yield kind, port, records, read_log
 
 
 # Helpers: scaling ------------------------------------------------------------
@@ -5463,6 +5625,43 @@ class TestIntegrations:
         manager.stop()
         manager.run()
 
+    def test_wsgi_app_without_the_servers_read_buffer_is_501_and_leaves_the_socket(self, caplog):
+        # A middleware replaced wsgi.input: what the server read past the head cannot be emptied, and
+        # a server that keeps the connection alive would run it as a request. Refused, nothing taken.
+        manager = WebSocketManager()
+        client, server_side = socket.socketpair()
+        with client, server_side, caplog.at_level(logging.WARNING, logger="wsmanager"):
+            environ = _environ(**{"wsmanager.socket": server_side, "wsgi.input": io.BytesIO(b"body")})
+            status, _, body = _call_wsgi(manager.wsgi_app(EchoServer), environ)
+            assert status == "501 Not Implemented" and b"read buffer" in body
+            assert any("read buffer" in record.getMessage() for record in caplog.records)
+            server_side.sendall(b"still the server's")
+            assert client.recv(100) == b"still the server's"
+        assert manager._thread is None
+        manager.stop()
+        manager.run()
+
+    @pytest.mark.parametrize("headroom", [0, 1], ids=["no-descriptor", "one-descriptor"])
+    def test_wsgi_app_out_of_descriptors_is_503_and_leaves_the_socket(self, headroom, caplog):
+        # The hand-off needs three descriptors (the connection's duplicate and a socketpair), all made
+        # before anything changes: short of them, the server answers 503 on its own socket, intact.
+        with running_manager() as manager:
+            app = manager.wsgi_app(EchoServer)
+            client, server_side = socket.socketpair()
+            with client, server_side, caplog.at_level(logging.ERROR, logger="wsmanager"):
+                environ = _socket_environ(server_side)
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fds(headroom + 1)[-1], hard))
+                try:
+                    status, _, _ = _call_wsgi(app, environ)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                assert status == "503 Service Unavailable"
+                assert any("cannot take the socket" in record.getMessage() for record in caplog.records)
+                assert len(manager) == 0 and app.listener.connections == 0
+                server_side.sendall(b"still the server's")
+                assert client.recv(100) == b"still the server's"
+
     def test_wsgi_app_refuses_a_tls_socket_and_a_taken_one(self):
         app = WebSocketManager().wsgi_app(WebSocket)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -5479,7 +5678,7 @@ class TestIntegrations:
         manager.stop()
         manager.run()
         with socket.socket() as sock:
-            status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _environ(**{"wsmanager.socket": sock}))
+            status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _socket_environ(sock))
         assert status == "503 Service Unavailable"
 
     def test_wsgi_app_leaves_a_request_answered_before_it_alone(self, caplog):
@@ -5496,7 +5695,7 @@ class TestIntegrations:
 
             start_response("200 OK", [])
             with caplog.at_level(logging.WARNING, logger="wsmanager"):
-                body = manager.wsgi_app(EchoServer)(_environ(**{"wsmanager.socket": server_side}), start_response)
+                body = manager.wsgi_app(EchoServer)(_socket_environ(server_side), start_response)
             assert list(body) == [] and answered == ["200 OK"]
             assert any("answered before wsgi_app" in record.getMessage() for record in caplog.records)
             assert len(manager) == 0 and manager.wsgi_app(EchoServer).listener.connections == 0
@@ -5511,7 +5710,7 @@ class TestIntegrations:
         old_selector = manager._selector
         client, server_side = socket.socketpair()
         with client, server_side:
-            status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": server_side}))
+            status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _socket_environ(server_side))
             assert status == "101 Switching Protocols"
             assert manager._selector is not old_selector and manager._pid == os.getpid()
             wait_until(lambda: b"101 Switching Protocols" in client.recv(4096, socket.MSG_PEEK))
@@ -5528,7 +5727,7 @@ class TestIntegrations:
         manager._pid = -1
         try:
             with socket.socket() as sock, caplog.at_level(logging.ERROR, logger="wsmanager"):
-                status, _, body = _call_wsgi(manager.wsgi_app(EchoServer), _environ(**{"wsmanager.socket": sock}))
+                status, _, body = _call_wsgi(manager.wsgi_app(EchoServer), _socket_environ(sock))
                 assert sock.fileno() >= 0  # not taken
             assert status == "500 Internal Server Error" and b"before this process forked" in body
             assert any("before this process forked" in record.getMessage() for record in caplog.records)
@@ -5634,13 +5833,18 @@ class TestIntegrations:
 
     def test_wsgi_host_takes_50_websockets_between_ordinary_requests(self, wsgi_host):
         kind, port, page, read_log = wsgi_host
-        handed_off = read_log().count('"GET /ws HTTP/1.1" 101')
+
+        def logged_hand_offs():
+            return read_log().count('"GET /ws HTTP/1.1" 101')
+
+        # The host writes a hand-off's log line after the hand-off, when its thread gets to it: under load,
+        # after the client is done. Counted once the log has settled, before and after.
+        handed_off = wait_until_stable(logged_hand_offs)
         _ws_crowd(port, page)
-        log = read_log()
-        _assert_clean_host_log(log)
+        _assert_clean_host_log(read_log())
         if kind != "cherrypy":  # CherryPy logs the requests of its own applications only, not a grafted one's
             # The host's access log shows each hand-off as a 101, as it would a response of its own.
-            assert log.count('"GET /ws HTTP/1.1" 101') - handed_off == 51
+            assert wait_until_stable(logged_hand_offs) - handed_off == 51
 
     def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(self, wsgi_host):
         kind, port, page, read_log = wsgi_host
@@ -5658,6 +5862,113 @@ class TestIntegrations:
         _ws_echoes(port)
         assert _http(port)[:3:2] == (200, page)
         _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_never_runs_a_request_pipelined_behind_an_upgrade(self, probe_host):
+        # Request smuggling past a proxy that filters paths: the upgrade request and a request for a
+        # route the proxy keeps from the outside, in one write. RFC 7230 6.7: after the 101 the
+        # connection speaks WebSocket, so those bytes are the WebSocket's ("G", 0x47, is a frame with
+        # RSV1 set and the reserved opcode 7: 1002), and the host never runs them.
+        kind, port, records, read_log = probe_host
+        before = len(records())
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(upgrade_request_bytes("/ws") + b"GET /record?smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head, rest = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            # A request made as a request, after it: answered, and the only one recorded.
+            assert _http(port, path="/record?after")[:3:2] == (200, b"recorded\n")
+            assert records()[before:] == ["GET /record?after"]
+            close = RawPeer(sock, rest, timeout=20).close_frame()
+            assert close is not None and close.code == CloseCode.PROTOCOL_ERROR
+        _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_hands_frames_sent_with_the_upgrade_to_the_websocket(self, probe_host):
+        # Bytes the host read past the request head, with the head, are the client's first frames.
+        kind, port, records, read_log = probe_host
+        frames = encode_frame(Opcode.TEXT, "early".encode(), mask=True) + encode_frame(Opcode.BINARY, b"\x00" * 3,
+                                                                                       mask=True)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(upgrade_request_bytes("/ws") + frames)
+            head, rest = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            peer = RawPeer(sock, rest, timeout=20)
+            assert peer.next()[:2] == (Opcode.TEXT, b"early")
+            assert peer.next()[:2] == (Opcode.BINARY, b"\x00" * 3)
+            peer.send_frame(Opcode.TEXT, b"later")
+            assert peer.next()[:2] == (Opcode.TEXT, b"later")
+            peer.send_frame(Opcode.CLOSE, encode_close(CloseCode.NORMAL))
+            assert peer.close_frame() == (CloseCode.NORMAL, "")
+        assert _http(port)[:3:2] == (200, b"ready\n")
+        _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_gives_opened_the_environ_without_its_io(self, probe_host):
+        kind, port, _, read_log = probe_host
+        with ws_connect(f"ws://127.0.0.1:{port}/env/room?x=1", proxy=None, open_timeout=30, close_timeout=10,
+                        ping_interval=None, additional_headers={"Cookie": "session=abc123"}) as client:
+            report = json.loads(client.recv(timeout=20))
+        values = {key: entry["value"] for key, entry in report.items()}
+        assert values["HTTP_COOKIE"] == "session=abc123"
+        assert values["REMOTE_USER"] == "alice"  # put there by the middleware in front of wsgi_app
+        assert (values["SCRIPT_NAME"], values["PATH_INFO"], values["QUERY_STRING"]) == ("/env", "/room", "x=1")
+        assert values["REQUEST_METHOD"] == "GET" and values["wsgi.url_scheme"] == "http"
+        assert values["REMOTE_ADDR"] == "127.0.0.1"
+        # No socket, file or stream of the host: no key of one, and no value with a method of one.
+        assert not {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints", "gunicorn.socket",
+                    "werkzeug.socket", "wsmanager.socket"} & set(report)
+        assert {key: entry["type"] for key, entry in report.items() if entry["io"]} == {}
+        _assert_clean_host_log(read_log())
+
+    def test_readme_environ_snippet_greets_the_user_of_the_session(self):
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+        namespace = {"__name__": "readme_environ"}
+        exec(compile(readme_snippet("wsgi-environ"), "README.rst:wsgi-environ", "exec"), namespace)
+        manager = namespace["manager"]
+
+        def as_alice(environ, start_response):  # an authentication middleware
+            environ["REMOTE_USER"] = "alice"
+            return DispatcherMiddleware(_site, {"/chat": namespace["greeter"]})(environ, start_response)
+
+        try:
+            with _wsgiref(as_alice, wsmanager.WSGIRequestHandler) as port:
+                with ws_connect(f"ws://127.0.0.1:{port}/chat", proxy=None, open_timeout=30, close_timeout=10,
+                                ping_interval=None, additional_headers={"Cookie": "theme=dark; session=s3cr3t"}) as client:
+                    assert client.recv(timeout=20) == "hello alice (session s3cr3t) at /chat"
+        finally:
+            manager.stop()
+            manager.join(10)
+
+    def test_environ_is_none_off_wsgi_and_costs_listen_connections_nothing(self, manager, client_manager):
+        client, server = open_pair(manager, client_manager)
+        assert server.environ is None and client.environ is None
+        assert "environ" not in WebSocket.__slots__ and "environ" not in vars(server)
+        with _http_server(manager) as port:  # accept(): a socket and a head from another server
+            manager.add(connect(f"ws://127.0.0.1:{port}/", Recorder))
+            wait_until(lambda: len([ws for ws in manager if not ws.client]) == 2)
+            assert [ws.environ for ws in manager if not ws.client] == [None, None]
+
+    def test_environ_without_io_keeps_data_and_objects_and_drops_sockets_files_and_streams(self):
+        class LazySession:  # a middleware's session object: its __getattr__ would load it
+            loaded = False
+
+            def __getattr__(self, name):
+                LazySession.loaded = True
+                raise AttributeError(name)
+
+        class BodyReader:  # a server's own stream type (gunicorn's Body, cheroot's KnownLengthRFile)
+            def read(self, size=-1):
+                return b""
+
+        session = LazySession()
+        with socket.socket() as sock, open(os.devnull, "rb") as file:
+            environ = _environ({"Cookie": "session=abc"}, REMOTE_USER="alice", **{
+                "wsgi.file_wrapper": object, "wsgi.early_hints": print, "gunicorn.socket": sock, "custom.socket": sock, "custom.file": file,
+                "custom.body": BodyReader(), "beaker.session": session, "custom.number": 7})
+            kept = wsmanager._environ_without_io(environ)
+        assert kept["HTTP_COOKIE"] == "session=abc" and kept["REMOTE_USER"] == "alice"
+        assert kept["beaker.session"] is session and not LazySession.loaded
+        assert kept["custom.number"] == 7 and kept["wsgi.version"] == (1, 0)
+        assert set(environ) - set(kept) == {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints",
+                                            "gunicorn.socket", "custom.socket", "custom.file", "custom.body"}
 
 
 ###############################################################################

@@ -2034,6 +2034,16 @@ class WebSocket:
     # Settings given as class attributes of a subclass (see __init_subclass__), by name.
     _class_settings: ClassVar[Dict[str, Any]] = {}
 
+    #: The WSGI environ of a connection accepted through :meth:`WebSocketManager.wsgi_app`, set before
+    #: :meth:`opened`: a copy without the server's I/O (``wsgi.input``, ``wsgi.errors``,
+    #: ``wsgi.file_wrapper``, ``wsgi.early_hints``, the server's socket, and any value that is a
+    #: socket, file or stream).
+    #: ``None`` for every other connection (:meth:`~WebSocketManager.listen`,
+    #: :meth:`~WebSocketManager.accept`, clients): their request is in :attr:`path`,
+    #: :attr:`request_headers` and :attr:`peer_address`. A class attribute, so that it costs
+    #: those connections nothing.
+    environ: Optional[Dict[str, Any]] = None
+
     # The connection's state is its _protocol's (state, close handshake, output, flow control).
     # What else a connection holds is about its I/O, not protocol states: _finalized (the socket is
     # closed and closed() called: the ``terminated`` property), _active (registered in its manager's
@@ -3675,6 +3685,13 @@ class WebSocketManager:
         first WebSocket request when neither ``start()`` nor ``run()`` was
         called, so a forking server (gunicorn ``--workers N``, ``--preload``)
         gets one loop per worker process.
+
+        Once the 101 is decided, the connection belongs to the WebSocket (RFC 7230
+        6.7): what the server had read past the request head reaches the
+        connection as its first bytes, and the server is left with EOF, so it
+        never runs a request pipelined behind the upgrade. The connection's
+        :attr:`WebSocket.environ` is the request's environ, without the
+        server's socket and streams.
         """
         listener = _Listener(self, None, factory, None, subprotocols, handshake, max_connections, origins,
                              compression=self._compression_for(compression))
@@ -4179,15 +4196,17 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 class _WSGIHandOff:
     """The application :meth:`WebSocketManager.wsgi_app` returns.
 
-    A hand-off in four steps, all in the server's worker thread: decide with
+    A hand-off in five steps, all in the server's worker thread: decide with
     ``_Listener.accept`` (refusals are plain WSGI responses); duplicate the
-    connection's descriptor, so the manager owns a socket of its own; put a
-    dead placeholder (a socketpair end) on the server's descriptor number with
-    ``dup2``, so that whatever the server does next (write its idea of a 101,
-    drain, keep-alive, shutdown, close) lands there and never on the
-    connection; answer ``101`` to the server through ``start_response``, which
-    keeps its access log right. The real 101 is the first thing the manager's
-    loop writes on the connection.
+    connection's descriptor, so the manager owns a socket of its own; answer
+    ``101`` to the server through ``start_response``, which keeps its access
+    log right; put a placeholder (a socketpair end, at EOF) on the server's
+    descriptor number with ``dup2``, so that whatever the server does next
+    (write its idea of a 101, drain, keep-alive, shutdown, close) lands there
+    and never on the connection; empty the server's read-ahead buffer into the
+    connection's first bytes (:func:`_take_buffered`), so that the server finds
+    nothing but EOF to parse (RFC 7230 6.7). The real 101 is the first thing the
+    manager's loop writes on the connection.
     """
 
     def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
@@ -4211,6 +4230,7 @@ class _WSGIHandOff:
             return self._refuse(environ, start_response, answer.response)
         try:
             fd = _host_fd(environ)
+            reader = _host_reader(environ, fd)
         except HandshakeError as exc:
             logger.warning("wsgi_app cannot take the socket of %s: %s",
                            environ.get("SERVER_SOFTWARE", "this server"), exc)
@@ -4222,25 +4242,34 @@ class _WSGIHandOff:
             return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
         if not self.listener._claim():
             return _wsgi_reply(start_response, Response(503))
-        sock = None
         try:
-            sock = socket.socket(fileno=os.dup(fd))
-            websocket = self.listener._make_connection(sock, request, head, answer, peer)
-        except Exception as exc:
+            placeholder = _Placeholder(fd)
+        except OSError as exc:  # out of descriptors
             self.listener._unclaim()
-            if sock is not None:
-                sock.close()
-            logger.error("could not create the connection for %s", peer, exc_info=exc)
-            return _wsgi_reply(start_response, Response(500))
+            logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
+            return _wsgi_reply(start_response, Response(503))
         try:
             # Only stored (PEP 3333): what the server then writes goes to the placeholder.
             start_response("101 Switching Protocols", [])
         except Exception as exc:  # answered already, by a middleware around us
             self.listener._unclaim()
-            sock.close()
+            placeholder.close()
             logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
             return []
-        placeholder = _Placeholder(fd)
+        sock = placeholder.install()
+        # RFC 7230 6.7: past the request, the connection speaks WebSocket. What the server read
+        # ahead is the client's first frames, never a request for the server to parse.
+        first_frames = _take_buffered(reader)
+        try:
+            websocket = self.listener._make_connection(sock, request, head, answer, peer, first_frames)
+            websocket.environ = _environ_without_io(environ)
+        except Exception as exc:
+            self.listener._unclaim()
+            logger.error("could not create the connection for %s", peer, exc_info=exc)
+            # The server has sent nothing yet: its log gets the 500 (PEP 3333 exc_info), the client too.
+            start_response("500 Internal Server Error", [], sys.exc_info())
+            _answer_on(sock, Response(500), self.manager.close_timeout)
+            return placeholder
         try:
             self.manager.add(websocket)
         except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
@@ -4258,35 +4287,65 @@ class _WSGIHandOff:
             refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
         try:
             fd = _host_fd(environ)
-        except HandshakeError:
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            start_response(_status_text(response.status, response.reason), [], refused)
+            reader = _host_reader(environ, fd)
             placeholder = _Placeholder(fd)
-            with contextlib.suppress(OSError):  # the client left: nothing to tell it
-                sock.settimeout(self.manager.close_timeout)
-                sock.sendall(encode_response(response))
-                sock.shutdown(socket.SHUT_WR)
+        except (HandshakeError, OSError):  # the server answers, without the hop-by-hop headers
+            return _wsgi_reply(start_response, response, exc_info=refused)
+        start_response(_status_text(response.status, response.reason), [], refused)
+        sock = placeholder.install()
+        _take_buffered(reader)  # what the client sent after this request gets no answer: never run it
+        _answer_on(sock, response, self.manager.close_timeout)
         return placeholder
 
 
 class _Placeholder:
-    """The empty body of a handed-off request. It puts a socketpair end on descriptor number ``fd``
-    (atomically: dup2); closing it ends the other end, so the server's next read on that descriptor
-    sees EOF and it closes that."""
+    """What takes the connection's place in the server, and the empty body of a handed-off request.
+
+    Made with the server's descriptor ``fd``: a socket of its own on the connection (a duplicate of
+    ``fd``) and a socketpair, both made first, as they may fail (out of descriptors); :meth:`close`
+    before :meth:`install` leaves the server's descriptor as it was. :meth:`install` puts one end of
+    the pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from
+    then on the server reads EOF on that descriptor, right after what it has buffered, and what it
+    writes lands in the pair. It returns the connection's socket, the caller's from then on. The
+    server closes its end when it is done with the request, and the body's close() the other.
+    """
 
     def __init__(self, fd: int):
-        end, self.peer = socket.socketpair()
+        self.fd = fd
+        self.connection: Optional[socket.socket] = socket.socket(fileno=os.dup(fd))
         try:
-            os.dup2(end.fileno(), fd, inheritable=False)
+            self.end: Optional[socket.socket]
+            self.end, self.peer = socket.socketpair()
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def install(self) -> socket.socket:
+        connection, end = self.connection, self.end
+        assert connection is not None and end is not None
+        self.connection = self.end = None
+        try:
+            os.dup2(end.fileno(), self.fd, inheritable=False)
         finally:
             end.close()
+        self.peer.shutdown(socket.SHUT_WR)
+        return connection
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        self.peer.close()
+        for sock in (self.connection, self.end, self.peer):
+            if sock is not None:
+                sock.close()
+
+
+def _answer_on(sock: socket.socket, response: Response, timeout: Optional[float]) -> None:
+    """Write ``response`` on a socket taken from the server, then close it (a blocking write, bounded)."""
+    with sock, contextlib.suppress(OSError):  # the client left: nothing to tell it
+        sock.settimeout(timeout)
+        sock.sendall(encode_response(response))
+        sock.shutdown(socket.SHUT_WR)
 
 
 def _host_fd(environ: Dict[str, Any]) -> int:
@@ -4311,6 +4370,67 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     if fd < 0:
         raise HandshakeError("the connection's socket is already closed or taken", 500)
     return int(fd)
+
+
+def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
+    """The server's read-ahead buffer of the request's connection (anything with ``read()``).
+
+    Servers read the connection in chunks: bytes the client sent after the request head may be in
+    there, and gunicorn's gthread worker and cheroot, which keep a connection alive after a 101,
+    would parse them as the next request. Found for each supported server (HandshakeError 501
+    otherwise), and only if it reads from descriptor ``fd``: the hand-off must empty it.
+    """
+    stream = environ.get("wsgi.input")
+    if environ.get("gunicorn.socket") is not None:
+        # gunicorn: wsgi.input is a Body over a reader over the connection's Unreader.
+        reader = getattr(getattr(stream, "reader", None), "unreader", None)
+        source = getattr(reader, "sock", None)
+    else:
+        # cheroot: a KnownLengthRFile or ChunkedRFile over the connection's rfile; werkzeug: its rfile,
+        # or a DechunkedInput over it; wsgiref (WSGIRequestHandler): the handler's rfile.
+        reader = source = getattr(stream, "rfile", None) or getattr(stream, "_rfile", None) or stream
+    try:
+        ours = source is not None and source.fileno() == fd and callable(getattr(reader, "read", None))
+    except (OSError, ValueError):  # io.UnsupportedOperation: a stream that is no connection's
+        ours = False
+    if not ours:
+        raise HandshakeError("cannot find the server's read buffer of the connection (wsgi.input "
+                             "replaced by a middleware?): bytes past the request could be run as HTTP", 501)
+    return reader
+
+
+# Bounds _take_buffered: each read returns what the server holds, then b"" at the placeholder's EOF.
+_MAX_BUFFERED_READS = 64
+
+
+def _take_buffered(reader: Any) -> bytes:
+    """Empty the server's read-ahead buffer (:func:`_host_reader`), once the placeholder is on its
+    descriptor: every read returns buffered bytes, then EOF, never waits. The server then finds
+    nothing but EOF on the connection: it cannot parse another request from it."""
+    taken = bytearray()
+    with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
+        for _ in range(_MAX_BUFFERED_READS):
+            data = reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a BufferedReader: to EOF
+            if not data:
+                break
+            taken += data
+    return bytes(taken)
+
+
+# What WebSocket.environ leaves out: the server's I/O, which is the server's and ends with the request
+# (and would keep its buffers alive as long as the connection): these keys (wsgi.early_hints writes a
+# 103 on the connection: gunicorn), and any value whose type has one of these methods (sockets, files,
+# streams).
+_WSGI_IO_KEYS = frozenset({"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "wsgi.early_hints",
+                           *_WSGI_SOCKET_KEYS})
+_IO_METHODS = ("fileno", "read", "readline", "readinto", "write", "recv", "send", "makefile")
+
+
+def _environ_without_io(environ: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a WSGI environ for :attr:`WebSocket.environ`: every key but the server's I/O."""
+    # The methods are looked up on the type: an instance's __getattr__ (a lazy session proxy) may do I/O.
+    return {key: value for key, value in environ.items()
+            if key not in _WSGI_IO_KEYS and not any(hasattr(type(value), name) for name in _IO_METHODS)}
 
 
 def _environ_head(environ: Dict[str, Any]) -> bytes:
