@@ -4069,6 +4069,30 @@ class TestProtocol:
         assert protocol.out == [] and protocol.buffered == 0
         assert open_protocol().end("peer vanished") == (1006, "peer vanished")
 
+    def test_send_fragments_frames_one_message_in_order(self):
+        protocol = open_protocol()
+        assert protocol.send_fragments(iter(["ab", "c", ""])) == wsmanager._FLUSH
+        assert wire_out(protocol)[0] == b"\x01\x02ab" + b"\x00\x01c" + b"\x80\x00"
+        assert protocol.send_fragments([]) == wsmanager._QUEUED and protocol.out == []
+        with pytest.raises(TypeError):
+            protocol.send_fragments(["text", b"bytes"])
+        assert protocol.out == []  # nothing of a refused message is queued
+
+    def test_send_message_compresses_with_rsv1_and_shares_the_bytes_of_a_broadcast(self):
+        params = DeflateParams(server_no_context_takeover=True, client_no_context_takeover=False,
+                               server_max_window_bits=15, client_max_window_bits=15)
+        first, second = open_protocol(), open_protocol()
+        for protocol in (first, second):
+            protocol.deflate = PerMessageDeflate(params, client=False)
+        shared = {}
+        first.send_message(Opcode.TEXT, b"hello " * 100, shared)
+        second.send_message(Opcode.TEXT, b"hello " * 100, shared)
+        wire = wire_out(first)[0]
+        assert wire == wire_out(second)[0] and len(shared) == 1  # compressed once for both
+        frame = FrameParser(expect_masked=False, allow_rsv1=True).feed(wire)[0]
+        assert frame.rsv1 and len(frame.payload) < 100
+        assert inflate_payload(frame.payload) == b"hello " * 100
+
     # Flow control ----------------------------------------------------------------
 
     def test_backlog_over_max_buffered_then_drained_once_at_a_quarter(self):
@@ -4233,12 +4257,9 @@ class TestFlowControl:
         m, servers, address = serve_collected(make_manager, SmallSendBufferRecorder, max_buffered=limit)
         with raw_peer(address, rcvbuf=4096, timeout=5.0):  # never reads
             conn = servers.first_opened()
-            chunk = b"x" * limit
-            for _ in range(1000):
-                try:
-                    conn.send(chunk, timeout=0.1)
-                except TimeoutError:
-                    break
+            chunk = b"x" * (4 * limit)  # far more than the kernel's small buffers can take
+            conn.send(chunk)  # taken whole: the backlog was within max_buffered
+            assert conn.buffered_amount > 3 * limit
             outcome = queue.Queue()
 
             def blocked_send():

@@ -1667,11 +1667,14 @@ class _Protocol:
     (``received_close``: the peer's close frame; ``failure``: the code and
     reason we failed or dropped the connection with), the receive path
     (a ``_Receiver``: ``parser`` and ``assembler``, made by :meth:`start`
-    once the limits are known), permessage-deflate (``deflate``) and the output: ``out``, the
-    encoded frames waiting for the socket, and their flow-control accounting.
-    :class:`WebSocket` drives it: it writes ``out`` to its socket, feeds what
-    it reads to :meth:`receive`, and keeps the socket, the selector events,
-    the timers and the callbacks.
+    once the limits are known), permessage-deflate (``deflate``) and the
+    output: ``out``, the encoded frames waiting for the socket, and their
+    flow-control accounting. Actions make bytes: :meth:`send_message` and
+    :meth:`send_fragments` frame (mask, compress) a message, :meth:`send`
+    queues frames, :meth:`close` and :meth:`fail` queue a close frame; a
+    received ping queues its pong. :class:`WebSocket` drives it: it writes
+    ``out`` to its socket, feeds what it reads to :meth:`receive`, and keeps
+    the socket, the selector events, the timers and the callbacks.
 
     Flow control: ``buffered`` counts the bytes in ``out``. ``over`` is set
     when a send takes it past ``max_buffered`` (the high-water mark) and
@@ -1683,6 +1686,11 @@ class _Protocol:
     (:meth:`written`, :meth:`flush_ended`, under ``lock``) belong to one
     thread, the loop's; every other method takes ``lock`` and may be called
     from any thread.
+
+    Private, not in ``__all__``: its interface carries the loop driver's
+    contract (the lock held around writes, the status codes of :meth:`send`),
+    not an API to freeze; the sans-I/O layers offered to other I/O are the
+    codec and the handshake functions.
     """
 
     __slots__ = ("client", "state", "lock", "receiver", "parser", "assembler", "deflate", "out", "buffered",
@@ -1762,6 +1770,60 @@ class _Protocol:
         with self.lock:
             self.out.insert(0, data)
             self.buffered += len(data)
+
+    def send_message(self, opcode: int, payload: _BytesLike, cache: Optional[Dict[Any, bytes]] = None,
+                     limit: Optional[int] = None) -> int:
+        """Frame (mask, compress) one whole message and queue it, as :meth:`send` does.
+
+        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
+        """
+        deflate = self.deflate
+        client = self.client
+        if deflate is None:
+            key: Any = None
+        elif deflate.lock is not None:
+            with deflate.lock:  # compressed in queue order: the peer inflates with the same context
+                return self.send(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True), limit)
+        else:
+            key = deflate.send_key
+        if client:  # a fresh mask per frame: nothing to share
+            cache = None
+        data = cache.get(key) if cache is not None else None
+        if data is None:
+            if deflate is not None:
+                payload = deflate.compress(payload)
+            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
+            if cache is not None:
+                cache[key] = data
+        return self.send(data, limit)
+
+    def send_fragments(self, chunks: Iterable[Any]) -> int:
+        """Frame an iterable of chunks (all ``str`` or all bytes-like) as one fragmented message
+        and queue it (``_QUEUED`` for no chunk at all), as :meth:`send` does.
+
+        Encoded up front and queued as one piece, so that no other message can slip between
+        the fragments of this one.
+        """
+        opcode: Optional[Opcode] = None
+        payloads: List[_BytesLike] = []
+        for chunk in chunks:
+            chunk_opcode, payload = _data_frame(chunk)
+            if opcode is None:
+                opcode = chunk_opcode
+            elif chunk_opcode is not opcode:
+                raise TypeError("fragments of one message must be all str or all bytes-like")
+            payloads.append(payload)
+        if opcode is None:
+            return _QUEUED
+        deflate = self.deflate
+        lock = deflate.lock if deflate is not None else None
+        with lock or contextlib.nullcontext():  # compressed in queue order, as in send_message()
+            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
+            last = len(frames) - 1
+            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
+            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
+                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
+            return self.send(data)
 
     def _append_close(self, payload: bytes) -> None:
         # Under self.lock. A close frame is let past max_buffered so the handshake can finish.
@@ -1962,7 +2024,7 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
     ``max_buffered`` queued is dropped as a slow consumer (1006), never
     waited for: one slow reader must not stall the others. Deliberate: the
     frame is encoded once and shared through one cache per call (see
-    :meth:`WebSocket._queue_message`).
+    :meth:`_Protocol.send_message`).
     """
     frame = encode_frame(opcode, payload)
     shared: Dict[Any, bytes] = {None: frame}
@@ -1973,7 +2035,7 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
         if protocol.deflate is None and not protocol.client:  # deliberate: the common case inline
             status = protocol.send(frame, limit)
         else:
-            status = websocket._queue_message(opcode, payload, shared, limit)
+            status = protocol.send_message(opcode, payload, shared, limit)
         if status == _QUEUED:
             count += 1
         elif status == _FLUSH:
@@ -2168,19 +2230,18 @@ class WebSocket:
         protocol = self._protocol
         if protocol.buffered > protocol.max_buffered:  # deliberate: an unlocked peek, one test on the hot path
             self._make_room(timeout, "cannot send")
-        if protocol.deflate is not None:
-            if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
-                self._send_fragments(message)
-                return
-            status = self._queue_message(*_data_frame(message))
-        elif isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
+        # Deliberate: an uncompressed whole message, the common case, is framed here, as
+        # _Protocol.send_message() would, one call less per send.
+        if protocol.deflate is None and isinstance(message, str):
             status = protocol.send(encode_frame(_TEXT, message.encode(), mask=self.client))
-        elif isinstance(message, (bytes, bytearray, memoryview)) or _is_bytes_like(message):
+        elif protocol.deflate is None and (isinstance(message, (bytes, bytearray, memoryview))
+                                           or _is_bytes_like(message)):
             # encode_frame() sends any bytes-like object as its bytes (nbytes, not its item count).
             status = protocol.send(encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client))
+        elif isinstance(message, (str, bytes, bytearray, memoryview)) or _is_bytes_like(message):
+            status = protocol.send_message(*_data_frame(message))
         else:
-            self._send_fragments(message)
-            return
+            status = protocol.send_fragments(message)
         if status:  # deliberate: _QUEUED (0), most sends of a burst, costs this one test
             if status == _FLUSH:  # (inlined: the first send after each flush)
                 manager = self._manager
@@ -2188,60 +2249,6 @@ class WebSocket:
                     manager._schedule_flush(self)
             else:
                 self._queued(status, "cannot send")
-
-    def _send_fragments(self, chunks: Iterable[Any]) -> None:
-        # Encoded up front and queued as one piece, so that no other message
-        # can slip between the fragments of this one.
-        opcode: Optional[Opcode] = None
-        payloads: List[_BytesLike] = []
-        for chunk in chunks:
-            chunk_opcode, payload = _data_frame(chunk)
-            if opcode is None:
-                opcode = chunk_opcode
-            elif chunk_opcode is not opcode:
-                raise TypeError("fragments of one message must be all str or all bytes-like")
-            payloads.append(payload)
-        if opcode is None:
-            return
-        protocol = self._protocol
-        deflate = protocol.deflate
-        lock = deflate.lock if deflate is not None else None
-        with lock or contextlib.nullcontext():  # compressed in queue order, as in _queue_message()
-            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
-            last = len(frames) - 1
-            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
-            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
-                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
-            status = protocol.send(data)
-        if status:
-            self._queued(status, "cannot send")
-
-    def _queue_message(self, opcode: int, payload: _BytesLike, cache: Optional[Dict[Any, bytes]] = None,
-                       limit: Optional[int] = None) -> int:
-        """Encode one whole message for this connection and queue it (see :meth:`_Protocol.send`).
-
-        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
-        """
-        protocol = self._protocol
-        deflate = protocol.deflate
-        client = self.client
-        if deflate is None:
-            key: Any = None
-        elif deflate.lock is not None:
-            with deflate.lock:  # compressed in queue order: the peer inflates with the same context
-                return protocol.send(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True), limit)
-        else:
-            key = deflate.send_key
-        if client:  # a fresh mask per frame: nothing to share
-            cache = None
-        data = cache.get(key) if cache is not None else None
-        if data is None:
-            if deflate is not None:
-                payload = deflate.compress(payload)
-            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
-            if cache is not None:
-                cache[key] = data
-        return protocol.send(data, limit)
 
     def _enable_deflate(self, params: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
         # Before add(): the parser and assembler made by _run() take it from here. None: not agreed on.
