@@ -50,8 +50,10 @@ Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
 one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
 deadline and a TLS handshake), with the request and the check of the answer
-that ``_ClientOpening`` shares with :func:`connect`; ``_Waker`` lets other
-threads interrupt ``select()``; ``_Handler`` is the interface of everything in
+that ``_ClientOpening`` shares with :func:`connect` (and ``_ProxyTunnel``, the
+CONNECT through an HTTP proxy); ``_Redial`` is one reconnecting client of
+:meth:`WebSocketManager.connect`; ``_Waker`` lets other threads interrupt
+``select()``; ``_Handler`` is the interface of everything in
 the selector and ``_Flushable`` that of the loop's flush queue;
 ``_WSGIHandOff`` is the WSGI application of :meth:`WebSocketManager.wsgi_app`;
 ``_RedisConnection`` and ``_RespParser`` are the bridge's socket and its RESP
@@ -66,7 +68,7 @@ __license__ = "MIT"
 __all__ = [
     # constants and enums
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
-    "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES",
+    "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES", "MAX_TOPIC_LENGTH",
     # exceptions
     "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed", "BufferFull",
     "ManagerStopped",
@@ -79,7 +81,7 @@ __all__ = [
     "parse_response", "validate_response", "parse_extensions", "negotiate_deflate", "encode_deflate_offer",
     "parse_deflate_response",
     # connection and manager
-    "WebSocket", "WebSocketManager", "connect",
+    "WebSocket", "WebSocketManager", "connect", "Reconnect", "MAX_REDIRECTS",
     # integrations
     "WSGIRequestHandler",
     # scaling out: Redis bridge and worker processes
@@ -233,6 +235,7 @@ MAX_HEADER_LINES = 100
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
+_MAX_TIMED_PINGS = 16  # pings per connection whose send time is kept for `latency`
 COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
 WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
@@ -243,6 +246,8 @@ BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per fa
 BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
 BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
 BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
+BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
+MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refuse a longer one (ValueError)
 
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
@@ -2106,12 +2111,25 @@ class WebSocket:
     #: those connections nothing.
     environ: Optional[Dict[str, Any]] = None
 
+    #: Seconds between the last answered ping (:meth:`ping` or the heartbeat's) and its pong; 0.0 before.
+    #: Client features are class defaults too: an instance gets a value of its own only once used.
+    latency: float = 0.0
+    #: How a :meth:`WebSocketManager.connect` client reconnects (``reconnect=``), ``None`` when it does
+    #: not. Set it to ``None`` (in any callback too) and this connection, once it ends, is not replaced;
+    #: :meth:`close` and :meth:`terminate` do that.
+    reconnect: "Optional[Reconnect]" = None
+    #: How many connections of this reconnecting client opened before this one: 0 on the first.
+    reconnects: int = 0
+    _pings: Optional[Dict[bytes, float]] = None  # payload -> when sent, of the pings not answered yet
+    _redial: "Optional[_Redial]" = None  # the reconnecting client this connection belongs to
+
     # The connection's state is its _protocol's (state, close handshake, output, flow control).
     # What else a connection holds is about its I/O, not protocol states: _finalized (the socket is
     # closed and closed() called: the ``terminated`` property), _active (registered in its manager's
     # selector), _events (the selector events asked for: EVENT_READ is left out while the output is
     # backed up), _shut_down (our side of the socket shut after the last close frame), _room (where
-    # threads wait for the backlog to drain), the timers, and the settings.
+    # threads wait for the backlog to drain), the timers, the settings, and the client's
+    # _pings (ping payload -> when sent, for ``latency``) and _redial (its reconnecting client).
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
@@ -2257,28 +2275,60 @@ class WebSocket:
                                                        mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
-        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`.
-        Paused or refused like :meth:`send` when the output is backed up."""
+        """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
+        and its round trip to :attr:`latency`. Paused or refused like :meth:`send` when the output is
+        backed up."""
         data = encode_frame(_PING, payload, mask=self.client)
         protocol = self._protocol
         if protocol.buffered > protocol.max_buffered:
             self._make_room(None, "cannot ping")
+        self._ping_timed(bytes(payload))
         status = protocol.send(data)
         if status:
             self._queued(status, "cannot ping")
 
+    def _ping_timed(self, payload: bytes) -> None:
+        # Any thread. A ping sent again with the same payload is timed from the later one.
+        with self._protocol.lock:
+            pings = self._pings
+            if pings is None:
+                pings = self._pings = {}
+            pings.pop(payload, None)
+            pings[payload] = time.monotonic()
+            if len(pings) > _MAX_TIMED_PINGS:  # bounded: unanswered pings are forgotten oldest first
+                del pings[next(iter(pings))]
+
+    def _pong_timed(self, payload: bytes) -> None:
+        # As websockets does: a pong answers the ping with its payload and every ping sent before that one.
+        pings = self._pings
+        if not pings or payload not in pings:
+            return  # unsolicited
+        now = time.monotonic()
+        with self._protocol.lock:
+            for sent_payload in list(pings):
+                sent = pings.pop(sent_payload)
+                if sent_payload == payload:
+                    self.latency = now - sent
+                    break
+
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the close handshake: everything queued before goes out first,
         then the close frame; the socket closes when the peer answers or
-        after ``close_timeout``. Does nothing once closing."""
-        if not self._protocol.close(code, reason):
+        after ``close_timeout``. Does nothing once closing. A reconnecting
+        client closed by us is not reconnected."""
+        closing = self._protocol.close(code, reason)  # (invalid arguments raise here, in any state)
+        if self.reconnect is not None:
+            self.reconnect = None
+        if not closing:
             return
         self._wake_senders()
         self._schedule_flush()
         self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
-        """Close the socket now, without a close handshake (``closed()`` gets 1006)."""
+        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected."""
+        if self.reconnect is not None:
+            self.reconnect = None
         self._call_threadsafe(self._finalize, "terminated")
 
     def _closed_error(self, action: str) -> ConnectionClosed:
@@ -2438,8 +2488,8 @@ class WebSocket:
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
     # (joining and leaving it), _run() (its loop turn to start), the handler interface
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
-    # refusal), _enable_deflate() (what a handshake agreed), _take_response() (a loop client
-    # handshake's outcome), _describe() (log lines) and, from the listener that made it,
+    # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
+    # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _now, _thread_id, _thread, _finished and
     # _frame_size_follows (read only), _call_later(), _call_threadsafe(), _schedule_flush(),
     # _read_again(), _set_events(), _forget() and _connection_default().
@@ -2477,6 +2527,19 @@ class WebSocket:
         self.subprotocol = subprotocol
         self._extra = rest
         self._enable_deflate(deflate, settings)
+
+    def _take_socket(self, sock: socket.socket, peer_address: Any = None, path: Optional[str] = None,
+                     request_head: Optional[bytes] = None) -> None:
+        """A loop client handshake's new socket, before the connection opens: TLS started on it, or a redirect's."""
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._tls = _is_tls(sock)
+        if peer_address is not None:
+            self.peer_address = peer_address
+        if path is not None:
+            self.path = path
+        if request_head is not None:
+            self._request_headers = request_head
 
     def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
         """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
@@ -2542,6 +2605,7 @@ class WebSocket:
             delay = ping_sent + timeout - now
         elif now - self._last_seen >= interval:
             self._ping_sent = now
+            self._ping_timed(b"")
             if self._protocol.send(encode_frame(_PING, b"", mask=self.client)) == _FLUSH:
                 manager._schedule_flush(self)
             delay = timeout
@@ -2641,6 +2705,7 @@ class WebSocket:
                 self._schedule_flush()  # its pong is queued
             else:
                 self._ping_sent = 0.0
+                self._pong_timed(event.payload)  # type: ignore[union-attr]
                 try:
                     self.ponged(event.payload)  # type: ignore[union-attr]
                 except Exception as exc:
@@ -2752,6 +2817,8 @@ class WebSocket:
                 self.closed(code, reason)
             except Exception as exc:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
+            if self._redial is not None:  # a reconnecting client: maybe a new connection after a back-off
+                self._redial.ended(self)
 
 
 # The names of WebSocket's internals (methods and slots): a subclass may not define them (__init_subclass__).
@@ -3121,18 +3188,37 @@ class _ServerHandshake(_Handshake):
 
 
 class _ClientHandshake(_Handshake):
-    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop."""
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
 
-    __slots__ = ("websocket", "opening", "timeout", "request", "connected")
+    In order: the TCP connect (to the proxy, if any), the proxy's CONNECT tunnel, TLS for ``wss://``,
+    the opening handshake; a redirect starts over with a new socket, within the same deadline.
+    """
 
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, opening: "_ClientOpening",
-                 timeout: float):
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "proxy", "tunnel",
+                 "visited", "redial")
+
+    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
+                 proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
+                 redial: Optional[_Redial] = None):
         super().__init__(manager, websocket.sock, address)
         self.websocket = websocket
+        self.options = options
+        self.redial = redial
+        self.visited = [target.url]
+        self._route(target, proxy, opening)
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
+
+    def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
+        self.target = target
+        self.proxy = proxy
         self.opening = opening
-        self.timeout = timeout
-        self.request = memoryview(opening.request)
+        self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
+        self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
         self.connected = False
+        self.tls_pending = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
@@ -3145,8 +3231,10 @@ class _ClientHandshake(_Handshake):
             return
         manager._handshakes.add(self)
         self.timer = manager._call_later(self.timeout, self._time_out)
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            # For an SSLSocket, connect_ex() also sets up the TLS object for the handshake to come.
             error = self.sock.connect_ex(self.address)
         except OSError as exc:
             self._fail(exc)
@@ -3154,7 +3242,7 @@ class _ClientHandshake(_Handshake):
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(OSError(error, os.strerror(error)))
             return
-        manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+        self.manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3165,9 +3253,35 @@ class _ClientHandshake(_Handshake):
                 self._fail(OSError(error, os.strerror(error)))
                 return
             self.connected = True
+            if self.tunnel is None:
+                self._secure()
+                return
         if self.tls_pending and not self._tls_handshake():
             return
         self._write_request()
+
+    def _secure(self) -> None:
+        """Connected (through the tunnel, if any): start TLS for ``wss://``, then send the opening request."""
+        self.request = memoryview(self.opening.request)
+        if not self.target.secure:
+            self._write_request()
+            return
+        manager = self.manager
+        manager._unwatch(self.sock)
+        try:
+            # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
+            context = self.options.ssl_context if self.options.ssl_context is not None else (
+                ssl.create_default_context())
+            sock = context.wrap_socket(self.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.sock = sock
+        self.websocket._take_socket(sock)
+        self.tls_pending = True
+        manager._selector.register(sock, selectors.EVENT_WRITE, self)
+        if self._tls_handshake():
+            self._write_request()
 
     def _on_read(self) -> None:
         if self._finalized:
@@ -3176,19 +3290,60 @@ class _ClientHandshake(_Handshake):
             if self._tls_handshake():
                 self._write_request()
             return
-        if self.request:
+        if self.request or not self.connected:
             return  # a hang-up before the request is out: the write handler sees the error
         try:
-            result = self.opening.feed(self.sock.recv(READ_SIZE))
+            data = self.sock.recv(READ_SIZE)
+            if self.tunnel is not None:
+                if self.tunnel.feed(data):
+                    self.tunnel = None
+                    self._secure()
+                return
+            result = self.opening.feed(data)
         except _WOULD_BLOCK:
             return
-        except (OSError, HandshakeError) as exc:
+        except HandshakeError as exc:
+            if exc.status in _REDIRECT_STATUSES:
+                self._redirect(exc)
+            else:
+                self._fail(exc)
+            return
+        except OSError as exc:
             self._fail(exc)
             return
         if result is not None:
             self._open(*result)
         elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
             self.manager._read_again(self)
+
+    def _redirect(self, answer: HandshakeError) -> None:
+        """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
+        try:
+            target = _redirected(self.target, answer, self.visited)
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, (family, kind, proto, _, address) = _client_route(target, self.options.proxy)
+            sock = socket.socket(family, kind, proto)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        options = self.options
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            first = _client_target(self.visited[0])
+            opening = _ClientOpening(target, options.settings, options.subprotocols,
+                                     _headers_for(first, target, options.headers), options.origin)
+        except BaseException:
+            sock.close()
+            raise
+        logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
+        self.manager._unwatch(self.sock)
+        self.sock.close()
+        self.sock = sock
+        self.address = address
+        self.websocket._take_socket(sock, address, target.path, opening.request)
+        self._route(target, proxy, opening)
+        self._connect()
 
     def _write_request(self) -> None:
         request = self.request
@@ -3209,11 +3364,13 @@ class _ClientHandshake(_Handshake):
         if websocket.terminated:
             return  # terminate()d meanwhile
         websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
+        if self.redial is not None:
+            self.redial.opened()
         self.manager._take(websocket)
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.address!r} within {self.timeout:g} s"))
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.timeout:g} s"))
 
     def _refuse_for_stop(self) -> None:
         self._fail(ManagerStopped("the manager stopped before the connection opened"))
@@ -3230,6 +3387,8 @@ class _ClientHandshake(_Handshake):
             websocket.connect_failed(exc)
         except Exception as error:
             logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+        if self.redial is not None:
+            self.redial.failed(websocket, exc)
 
     def _finalize(self, reason: str = "") -> None:
         # The manager's shutdown, or an internal error (WebSocketManager._crashed).
@@ -3373,24 +3532,28 @@ class WebSocketManager:
     def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> WebSocket: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket: ...
 
     @overload
     def connect(self, url: str, factory: Callable[..., _WebSocketT], *, ssl_context: Optional[ssl.SSLContext] = None,
                 subprotocols: Optional[Sequence[str]] = None, headers: Optional[Iterable[Tuple[str, str]]] = None,
                 origin: Optional[str] = None, compression: Union[None, str, Deflate] = None,
-                timeout: Optional[float] = None) -> _WebSocketT: ...
+                timeout: Optional[float] = None, proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> _WebSocketT: ...
 
     def connect(self, url: str, factory: Callable[..., WebSocket] = WebSocket, *,
                 ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
                 headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None) -> WebSocket:
+                compression: Union[None, str, Deflate] = None, timeout: Optional[float] = None,
+                proxy: Union[str, bool, None] = True,
+                reconnect: Union[bool, Reconnect, Tuple[float, ...]] = False) -> WebSocket:
         """Open a client connection without blocking: the connection is returned at once.
 
-        The TCP connect, the TLS handshake and the opening handshake run in
-        the loop, within ``timeout`` (default: the manager's
-        ``handshake_timeout``); then the connection opens here as if
-        :meth:`add`-ed (``opened()``, with ``subprotocol``,
+        The TCP connect, the proxy's tunnel, the TLS handshake and the opening
+        handshake (redirects included) run in the loop, within ``timeout``
+        (default: the manager's ``handshake_timeout``); then the connection
+        opens here as if :meth:`add`-ed (``opened()``, with ``subprotocol``,
         ``response_headers`` and ``compression`` set). If any step fails, the
         socket is closed and ``connect_failed(exc)`` is called in the loop
         instead of ``opened()`` and ``closed()``: ``exc`` is a
@@ -3399,33 +3562,63 @@ class WebSocketManager:
         meanwhile are queued, within ``max_buffered`` as :meth:`WebSocket.send`
         says, and go out once it opens.
 
-        Same options as :func:`connect`. Only the host name is resolved here,
-        in the caller (an IP address costs nothing); raises
-        :class:`InvalidURL` for a bad URL, :class:`OSError` when the name does
-        not resolve and :class:`ManagerStopped` once the manager is stopping.
-        Any thread may call it.
+        ``reconnect=True`` (or a :class:`Reconnect` with other delays) keeps
+        the client connected: when a connection ends with 1001 from the
+        server, 1006 (no close frame), 1011, 1012, 1013 or 1014, or an attempt
+        fails on the network, a timeout or a 5xx answer, a new connection (a
+        fresh instance from ``factory``, its ``reconnects`` counting those
+        that opened before it) is attempted after the back-off, until one
+        opens; ``opened()`` runs for each. It stops at a normal close (1000,
+        any :meth:`WebSocket.close` or :meth:`WebSocket.terminate` of ours), a
+        4xx answer, ``ws.reconnect = None``, or when the manager stops.
+
+        Same options as :func:`connect` (``proxy`` included). Only the host name
+        (the proxy's, with a proxy) is resolved here, in the caller (an IP
+        address costs nothing); a redirect to another host and each reconnection
+        resolve in the loop. Raises :class:`InvalidURL` for a bad URL or proxy
+        URL, :class:`OSError` when the name does not resolve and
+        :class:`ManagerStopped` once the manager is stopping. Any thread may call it.
         """
-        settings = _deflate_settings(compression)
         target = _client_target(url)
-        family, kind, proto, _, address = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+        policy = _reconnect_policy(reconnect)
+        if target.secure and ssl_context is None:
+            ssl_context = ssl.create_default_context()  # made here once, not in the loop for each attempt
+        options = _ClientOptions(ssl_context, _deflate_settings(compression), subprotocols,
+                                 list(headers) if headers is not None else None, origin, proxy,
+                                 self.handshake_timeout if timeout is None else timeout)
+        redial = _Redial(self, target, factory, options, policy) if policy is not None else None
+        handshake = self._dial(target, factory, options, redial)
+        websocket = handshake.websocket
         try:
-            sock.setblocking(False)
-            sock = target.wrap(sock, ssl_context, do_handshake_on_connect=False)
-            opening = _ClientOpening(target, settings, subprotocols, headers, origin)
-            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
-                                peer_address=address)
-            handshake = _ClientHandshake(self, websocket, address, opening,
-                                         self.handshake_timeout if timeout is None else timeout)
             with self._lock:
                 self._check_running(stopping=True)
                 # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
                 websocket._bind(self)
         except BaseException:
-            sock.close()
+            websocket.sock.close()
             raise
         self._call_threadsafe(self._begin_client, handshake)
         return websocket
+
+    def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
+              redial: Optional[_Redial]) -> "_ClientHandshake":
+        """A client connection and its handshake, ready to begin in the loop (its first hop resolved here)."""
+        proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
+            websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
+                                peer_address=address)
+            if redial is not None:
+                websocket.reconnect = redial.policy
+                websocket.reconnects = redial.opens
+                websocket._redial = redial
+            return _ClientHandshake(self, websocket, address, target, proxy, opening, options, redial)
+        except BaseException:
+            sock.close()
+            raise
 
     def _begin_client(self, handshake: "_ClientHandshake") -> None:
         handshake._begin()
@@ -3474,11 +3667,18 @@ class WebSocketManager:
         """Add ``websocket`` (one of this manager's connections) to ``topic``.
 
         Any thread. A connection leaves its topics by itself when it closes
-        (or is :meth:`remove`\\ d). Raises :class:`ConnectionClosed` for a
-        connection that is over, :class:`ValueError` for one of another manager.
+        (or is :meth:`remove`\\ d). A topic is any ``str`` of at most
+        ``MAX_TOPIC_LENGTH`` (1,024) characters, lone surrogates included (a
+        peer's JSON can make them), with a :meth:`bridge` or without: through
+        one, each topic has a Redis channel of its own. Raises
+        :class:`TypeError` or :class:`ValueError` for any other topic,
+        :class:`ConnectionClosed` for a connection that is over,
+        :class:`ValueError` for one of another manager.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
         if websocket.manager is not self and websocket.manager is not None:
             raise ValueError("the connection belongs to another manager")
         with self._topics_lock:
@@ -3513,10 +3713,13 @@ class WebSocketManager:
         ``max_buffered`` is dropped as a slow consumer, never waited for.
         Cost: O(subscribers of the topic). With a :meth:`bridge`, the message
         also goes to Redis for the other processes and hosts; the count
-        returned is of local deliveries only.
+        returned is of local deliveries only. Raises :class:`TypeError` or
+        :class:`ValueError` for a topic that :meth:`subscribe` refuses.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
         opcode, payload = _data_frame(message)
         bridge = self._bridge
         if bridge is not None:
@@ -4048,6 +4251,15 @@ class WebSocketManager:
 # Client: connect() ###########################################################
 ###############################################################################
 
+MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
+# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Close codes after which a reconnecting client connects again: gone away (the server restarts),
+# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
+
+
 class _ClientTarget(NamedTuple):
     """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
 
@@ -4056,6 +4268,10 @@ class _ClientTarget(NamedTuple):
     port: int
     host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
     path: str  # origin-form request target: path and query
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
 
     def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
              do_handshake_on_connect: bool = True) -> socket.socket:
@@ -4089,6 +4305,281 @@ def _client_target(url: str) -> _ClientTarget:
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
     return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
+    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
+
+    ``visited`` holds the URLs tried so far, the first included. Raises
+    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
+    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
+    """
+    response = error.response
+    location = response.headers.get("Location") if response is not None and isinstance(
+        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
+    if not location:
+        raise error
+
+    def refuse(message: str) -> HandshakeError:
+        return HandshakeError(message, error.status, error.headers, response=response)
+
+    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
+    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
+    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    url = f"{scheme}://{rest}" if separator else location
+    try:
+        new_target = _client_target(url)
+    except InvalidURL as exc:
+        raise refuse(f"redirected to an unusable URL: {exc}") from None
+    url = new_target.url
+    if target.secure and not new_target.secure:
+        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
+    if url in visited:
+        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
+    if len(visited) > MAX_REDIRECTS:
+        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
+    visited.append(url)
+    return new_target
+
+
+# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+
+
+def _headers_for(first: _ClientTarget, target: _ClientTarget,
+                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The application's headers for a request to ``target``, after redirects from ``first``."""
+    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
+        return headers
+    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+
+
+# Proxies (HTTP CONNECT) --------------------------------------------------------
+
+# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
+_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+class _Proxy:
+    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
+
+    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
+    __slots__ = ("host", "port", "authorization")
+
+    def __init__(self, host: str, port: int, authorization: Optional[str]):
+        self.host = host
+        self.port = port
+        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
+
+
+def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
+    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
+    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
+    :class:`InvalidURL` for a proxy that is not ``http://``."""
+    if proxy is None or proxy is False:
+        return None
+    if proxy is True:
+        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
+        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
+        if sys.platform not in ("darwin", "win32") and not any(
+                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
+            return None
+        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = request.getproxies()
+        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
+        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+            return None
+    else:
+        url = proxy
+    if "://" not in url:
+        url = "http://" + url  # "host:port", as curl and requests read it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return _Proxy(parts.hostname, port, authorization)
+
+
+class _ProxyTunnel:
+    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("request", "reader")
+
+    def __init__(self, target: _ClientTarget, proxy: _Proxy):
+        authority = f"{_bracket(target.host)}:{target.port}"
+        fields = [("Host", authority)]
+        if proxy.authorization is not None:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> bool:
+        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
+        (``status``: the proxy's) when it refuses or answers wrongly."""
+        if not data:
+            raise HandshakeError("the proxy closed the connection before answering CONNECT", None)
+        try:
+            result = self.reader.feed(data)
+        except HandshakeError as exc:
+            raise HandshakeError(f"malformed answer from the proxy: {exc}", None) from None
+        if result is None:
+            return False
+        head, rest = result
+        response = parse_response(head)
+        if not 200 <= response.status < 300:
+            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
+                                 response.status, list(response.headers), response=response)
+        if rest:  # the server speaks only after our request: this came from the proxy
+            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
+        return True
+
+
+def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any]:
+    """The proxy (or ``None``) and the resolved address (a ``getaddrinfo()`` entry) of the first hop."""
+    chosen = _client_proxy(target, proxy)
+    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
+    return chosen, socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+
+
+# Reconnecting clients ----------------------------------------------------------
+
+class Reconnect(NamedTuple):
+    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
+
+    The n-th wait in a row (n = 0, 1, ...) is based on
+    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
+    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
+    by one event spread out over it), each later one between ``1 - jitter``
+    and 1 times its base. A connection that stayed open ``max_delay`` or
+    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
+    """
+
+    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
+    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
+    initial_delay: float = 3.0
+    factor: float = 1.618
+    max_delay: float = 60.0
+    jitter: float = 0.5
+
+    def delay(self, n: int) -> float:
+        """The ``n``-th wait in a row, drawn as the class docstring says."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
+        if not self.jitter:
+            return base
+        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
+        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
+
+
+def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
+    if value is None or value is False:
+        return None
+    policy = Reconnect() if value is True else Reconnect(*value)
+    initial_delay, factor, max_delay, jitter = policy
+    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
+        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
+    return policy
+
+
+class _ClientOptions:
+    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
+
+    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
+                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
+        self.ssl_context = ssl_context
+        self.settings = settings
+        self.subprotocols = subprotocols
+        self.headers = headers
+        self.origin = origin
+        self.proxy = proxy
+        self.timeout = timeout
+
+
+class _Redial:
+    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
+    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
+    is followed by a new attempt after a back-off. Loop thread only."""
+
+    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer", "last")
+
+    def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
+                 options: _ClientOptions, policy: Reconnect):
+        self.manager = manager
+        self.target = target
+        self.factory = factory
+        self.options = options
+        self.policy = policy
+        self.waits = 0  # waits in a row: the back-off's n
+        self.opens = 0  # connections of this client that opened
+        self.opened_at = 0.0
+        self.timer: Any = None
+        self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
+
+    def opened(self) -> None:
+        self.opens += 1
+        self.opened_at = time.monotonic()
+
+    def ended(self, websocket: WebSocket) -> None:
+        """An open connection ended (after its closed())."""
+        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
+            return
+        if time.monotonic() - self.opened_at >= self.policy.max_delay:
+            self.waits = 0  # it was stable: start the back-off again
+        self._wait(websocket, f"closed with {websocket.close_code}")
+
+    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
+        """An attempt could not open (after its connect_failed())."""
+        if isinstance(exc, HandshakeError):
+            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
+        else:  # the network, a timeout; a certificate that does not verify will not verify later either
+            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
+        if transient and self._wanted(websocket):
+            self._wait(websocket, "could not connect")
+
+    def _wanted(self, websocket: WebSocket) -> bool:
+        manager = self.manager
+        return (websocket.reconnect is not None and websocket.manager is manager
+                and not manager._stopping and not manager._finished)
+
+    def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
+        if websocket is not None:
+            self.last = websocket
+        delay = self.policy.delay(self.waits)
+        self.waits += 1
+        logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
+                    self.target.url, why, delay)
+        self.timer = self.manager._call_later(delay, self._attempt)
+
+    def _attempt(self) -> None:
+        manager = self.manager
+        self.timer = None
+        last = self.last
+        if manager._stopping or manager._finished or (last is not None and last.reconnect is None):
+            return  # stopping, or the application closed (or gave up) the connection it last had
+        try:
+            # The name is resolved again, here in the loop: a host that moved is found where it went.
+            handshake = manager._dial(self.target, self.factory, self.options, self)
+        except OSError as exc:  # the name does not resolve (now), out of descriptors
+            logger.info("could not connect to %s: %s", self.target.url, exc)
+            self._wait(None, "could not connect")
+            return
+        except Exception as exc:
+            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
+            return
+        handshake.websocket._bind(manager)
+        handshake._begin()
 
 
 class _ClientOpening:
@@ -4134,47 +4625,91 @@ class _ClientOpening:
 def connect(url: str, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
 
 
 @overload
 def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> _WebSocketT: ...
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
 
 
 def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
             ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
             headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None) -> WebSocket:
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
     """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
 
     Returns a client-role connection (its frames are masked), ready for
     :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
     are kept for the first read. ``compression="deflate"`` (or a
     :class:`Deflate`) offers permessage-deflate; an answer the offer does not
-    allow fails the handshake. Raises :class:`HandshakeError` (with the
-    server's HTTP ``status`` and ``headers``) when the server refuses or
+    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
+    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
+    scheme, host and port only); ``timeout`` bounds the whole opening,
+    redirects included.
+
+    ``proxy``: by default (``True``) the HTTP proxy the environment names
+    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
+    reads them; a URL (``http://user:password@host:port``) for that proxy;
+    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
+    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
+    ``wss://`` runs inside it, end to end with the server.
+
+    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
+    ``status`` and ``headers``) when the server or the proxy refuses or
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
-    bad URL, and :class:`OSError` (``ssl.SSLError``, ``TimeoutError``
-    included) when the network or TLS fails.
+    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
+    ``TimeoutError`` included) when the network or TLS fails.
     """
     settings = _deflate_settings(compression)
     target = _client_target(url)
+    if headers is not None:
+        headers = list(headers)  # sent again after a redirect
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((target.host, target.port), timeout)
+    visited = [target.url]
+    first = target
+    while True:
+        try:
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
+                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
+        except HandshakeError as exc:
+            target = _redirected(target, exc, visited)
+
+
+def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
+                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
+    """One opening handshake of :func:`connect`, with no redirect followed."""
+
+    def receive(sock: socket.socket) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for the handshake response")
+        sock.settimeout(remaining)
+        return sock.recv(READ_SIZE)
+
+    hop = proxy if proxy is not None else target
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out before the handshake (redirects)")
+    sock = socket.create_connection((hop.host, hop.port), remaining)
     try:
+        if proxy is not None:
+            tunnel = _ProxyTunnel(target, proxy)
+            sock.sendall(tunnel.request)
+            while not tunnel.feed(receive(sock)):
+                pass
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
         result = None
         while result is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out waiting for the handshake response")
-            sock.settimeout(remaining)
-            result = opening.feed(sock.recv(READ_SIZE))
+            result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
@@ -4511,6 +5046,11 @@ def __getattr__(name: str) -> Any:
 ###############################################################################
 
 _SUBSCRIBE_BATCH = 512  # channels per SUBSCRIBE command when (re)subscribing
+# The replies the bridge reads are flat arrays of 3 (a pub/sub message or confirmation) and scalars:
+# these bounds are far above them and keep a broken or hostile server from nesting replies without
+# end or costing far more in Python objects than it sent in bytes.
+_RESP_MAX_DEPTH = 32
+_RESP_MAX_ELEMENTS = 1024  # array elements in one reply, nested ones included
 _ORIGIN_SIZE = 8
 _KIND_TO_OPCODE: Dict[int, Opcode] = {b"t"[0]: _TEXT, b"b"[0]: _BINARY}
 _OPCODE_TO_KIND: Dict[int, bytes] = {_TEXT: b"t", _BINARY: b"b"}
@@ -4528,68 +5068,153 @@ def _resp_command(*arguments: bytes) -> bytes:
                                                   for argument in arguments)
 
 
+# A topic is any str, and each has a channel of its own. UTF-8 cannot carry a lone surrogate (which
+# json.loads('"\\ud800"') makes): "surrogatepass" writes it in the 3-byte form, which valid UTF-8 never
+# uses, so the mapping stays one to one and reads back the same on every bridge; a channel in valid
+# UTF-8 (any other client's) reads as usual.
+def _topic_channel(prefix: bytes, topic: str) -> bytes:
+    return prefix + topic.encode("utf-8", "surrogatepass")
+
+
+def _channel_topic(channel: bytes, prefix_size: int) -> str:
+    return channel[prefix_size:].decode("utf-8", "surrogatepass")
+
+
+class _RespViolation(ValueError):
+    """A reply that breaks RESP2 or a limit; ``replies`` are the complete ones that came before it."""
+
+    def __init__(self, message: str, replies: List[Any]):
+        super().__init__(message)
+        self.replies = replies
+
+
 class _RespParser:
     """Incremental RESP2 reply parser: bytes in, complete replies out.
 
     Simple strings come out as ``str``, errors as :class:`_RedisError`,
     integers as ``int``, bulk strings as ``bytes`` (``None`` when null),
-    arrays as ``list``. A reply that needs more bytes leaves no state behind.
+    arrays as ``list``. Linear in the bytes fed: a reply in progress is kept
+    as far as it is parsed (its open arrays on a stack, no recursion), and
+    only an unfinished line or bulk string waits in the buffer. Bounded: a
+    reply of more than ``max_size`` bytes or ``max_elements`` array elements,
+    or with arrays nested more than ``_RESP_MAX_DEPTH`` deep, is a violation
+    (:class:`_RespViolation`, a :class:`ValueError`) as soon as it shows.
     """
 
-    def __init__(self, max_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
+    def __init__(self, max_size: int = DEFAULT_BRIDGE_MAX_MESSAGE, max_elements: int = _RESP_MAX_ELEMENTS):
         self.max_size = max_size
-        self._buffer = bytearray()
+        self.max_elements = max_elements
+        self.more = False  # the last feed() stopped at its limit: replies may be waiting (feed(b"") takes them)
+        self.parsed = 0  # values parsed so far (each scalar, bulk string and array header is one)
+        self.scanned = 0  # bytes looked at so far: linear means at most twice each (a CR before its LF)
+        self._buffer = bytearray()  # from the start of the unfinished line or bulk string on
+        self._scan_from = 0  # where to look for the CRLF of the unfinished line: none in its bytes before
+        self._bulk = -1  # the length of the bulk string whose body is awaited, else -1
+        self._stack: List[List[Any]] = []  # the open arrays of the reply in progress: [items, count still due]
+        self._size = 0  # bytes of the reply in progress so far
+        self._elements = 0  # array elements it announced so far
 
-    def feed(self, data: bytes) -> List[Any]:
+    def feed(self, data: bytes, limit: int = sys.maxsize) -> List[Any]:
+        """Take ``data``; return the replies it completes, parsing at most ``limit`` values.
+
+        Past the limit, :attr:`more` is set and the rest waits: ``feed(b"")`` goes on.
+
+        Raises :class:`_RespViolation` with the replies completed before the violation.
+        """
         buffer = self._buffer
         buffer += data
-        replies = []
-        position = 0
-        while position < len(buffer):
-            parsed = self._parse(buffer, position)
-            if parsed is None:
-                break
-            reply, position = parsed
-            replies.append(reply)
+        end_of_data = len(buffer)
+        replies: List[Any] = []
+        stack = self._stack
+        max_size = self.max_size
+        # Deliberate: the state lives in locals during the loop (attribute look-ups would cost as much
+        # as the parsing) and is stored back at the end.
+        bulk, scan_from, size, elements, scanned = self._bulk, self._scan_from, self._size, self._elements, self.scanned
+        position = spent = 0
+        value: Any
+        try:
+            while position < end_of_data and spent < limit:
+                spent += 1
+                start = position
+                if bulk < 0:
+                    end = buffer.find(b"\r\n", scan_from)
+                    if end < 0:
+                        scanned += end_of_data - scan_from
+                        # A CR may be waiting for its LF: that one byte is looked at again.
+                        scan_from = max(position, end_of_data - 1)
+                        if end_of_data - position > MAX_HEAD_SIZE:
+                            raise ValueError("a RESP line without its end")
+                        break
+                    scanned += end + 2 - scan_from
+                    kind = buffer[position]
+                    position = scan_from = end + 2
+                    if kind == 36:  # "$": a bulk string of this length; -1 is RESP2's null
+                        bulk = int(buffer[start + 1:end])
+                        if bulk < 0:
+                            if bulk != -1:
+                                raise ValueError(f"a RESP length of {bulk}")
+                            value = None
+                        else:
+                            size += position - start
+                            # Refused before its body comes: the buffer never holds more than max_size.
+                            if size + bulk + 2 > max_size:
+                                raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                            start = position
+                    elif kind == 58:  # ":": integer
+                        value = int(buffer[start + 1:end])
+                    elif kind == 42:  # "*": an array of this many elements; -1 is RESP2's null
+                        count = int(buffer[start + 1:end])
+                        if count > 0:
+                            size += position - start
+                            elements += count
+                            if elements > self.max_elements:
+                                raise ValueError(f"a Redis reply of more than {self.max_elements} elements")
+                            if len(stack) >= _RESP_MAX_DEPTH:
+                                raise ValueError(f"RESP arrays nested more than {_RESP_MAX_DEPTH} deep")
+                            stack.append([[], count])
+                            continue
+                        if count < -1:
+                            raise ValueError(f"a RESP length of {count}")
+                        value = [] if count == 0 else None
+                    elif kind == 43:  # "+": simple string
+                        value = buffer[start + 1:end].decode(errors="replace")
+                    elif kind == 45:  # "-": error
+                        value = _RedisError(buffer[start + 1:end].decode(errors="replace"))
+                    else:
+                        raise ValueError(f"not a RESP2 reply: {bytes(buffer[start:end])[:64]!r}")
+                if bulk >= 0:  # its body, at once when it is here already
+                    end = position + bulk
+                    if end + 2 > end_of_data:
+                        break
+                    if buffer[end] != 13 or buffer[end + 1] != 10:  # CR LF
+                        raise ValueError("a RESP bulk string longer than announced")
+                    value = bytes(buffer[position:end])
+                    position = scan_from = end + 2
+                    scanned += position - start
+                    bulk = -1
+                size += position - start
+                if size > max_size:
+                    raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                while stack:  # the value may complete arrays, innermost first
+                    array = stack[-1]
+                    array[0].append(value)
+                    array[1] -= 1
+                    if array[1]:
+                        break
+                    value = stack.pop()[0]
+                else:
+                    replies.append(value)
+                    size = elements = 0
+        except ValueError as exc:  # int() of a malformed number included
+            raise _RespViolation(str(exc), replies) from None
+        finally:
+            self._bulk, self._size, self._elements, self.scanned = bulk, size, elements, scanned
+            self.parsed += spent
+        self.more = spent >= limit and position < end_of_data
+        # Deliberate: deleting from the front of a bytearray is cheap in CPython (it moves its start).
         del buffer[:position]
-        if len(buffer) > self.max_size:
-            raise ValueError(f"a Redis reply of more than {self.max_size} bytes")
+        self._scan_from = scan_from - position
         return replies
-
-    def _parse(self, buffer: bytearray, position: int) -> Optional[Tuple[Any, int]]:
-        end = buffer.find(b"\r\n", position)
-        if end < 0:
-            if len(buffer) - position > MAX_HEAD_SIZE:
-                raise ValueError("a RESP line without its end")
-            return None
-        kind = buffer[position]
-        line = bytes(buffer[position + 1:end])
-        position = end + 2
-        if kind == 43:  # "+": simple string
-            return line.decode(errors="replace"), position
-        if kind == 45:  # "-": error
-            return _RedisError(line.decode(errors="replace")), position
-        if kind == 58:  # ":": integer
-            return int(line), position
-        if kind in (36, 42):  # "$": bulk string of this length, "*": array of this count; -1 is null
-            size = int(line)
-            if size < 0:
-                return None, position
-            if kind == 36:
-                if size > self.max_size:
-                    raise ValueError(f"a Redis reply of {size} bytes (limit {self.max_size})")
-                if len(buffer) < position + size + 2:
-                    return None
-                return bytes(buffer[position:position + size]), position + size + 2
-            items = []
-            for _ in range(size):
-                parsed = self._parse(buffer, position)
-                if parsed is None:
-                    return None
-                item, position = parsed
-                items.append(item)
-            return items, position
-        raise ValueError(f"not a RESP2 reply: {bytes(buffer[position - len(line) - 3:end])!r}")
 
 
 class _RedisConnection:
@@ -4601,7 +5226,8 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
-                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready")
+                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
+                 "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -4616,8 +5242,12 @@ class _RedisConnection:
         self._connecting = True
         self._tls_pending = _is_tls(sock)
         self._timer: Any = None
+        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
         self._finalized = False
         self.was_ready = False
+        self.ready_since = 0.0
+        self.hello_pending = False  # AUTH was sent: the first reply is its answer
+        self.complained = False  # a skipped reply was logged at WARNING (the others go to DEBUG)
 
     @property
     def ready(self) -> bool:
@@ -4639,23 +5269,47 @@ class _RedisConnection:
         if not self.ready:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
+        parser = self.parser
+        budget = BRIDGE_VALUES_PER_EVENT
         for _ in range(BRIDGE_READS_PER_EVENT):
+            backlog = parser.more  # replies left over by the budget come before anything new is read
             try:
-                data = self.sock.recv(READ_SIZE)
-                if not data:
+                data = b"" if backlog else self.sock.recv(READ_SIZE)
+                if not data and not backlog:
                     raise ConnectionError("Redis closed the connection")
-                replies = self.parser.feed(data)  # ValueError: not RESP, or past max_message_size
+                parsed = parser.parsed
+                replies = parser.feed(data, budget)
             except _WOULD_BLOCK:
                 break
-            except (OSError, ValueError) as exc:
+            except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
+                self.bridge._deliver_replies(self, exc.replies)
+                self._finalize(str(exc))
+                return
+            except OSError as exc:
                 self._finalize(str(exc) or type(exc).__name__)
                 return
             self.bridge._deliver_replies(self, replies)
+            if self._finalized:
+                return
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.manager._flush_dirty()
+            budget -= parser.parsed - parsed
+            if parser.more or budget <= 0:
+                # Bounded work per event, as for every handler: the rest in the next turn, after the others.
+                # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
+                # a re-read queued by each of them would pile up, one more every turn.
+                if self._resume is None:
+                    self._resume = self.manager._call_later(0, self._resume_reading)
+                return
+            if backlog:
+                continue
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
+
+    def _resume_reading(self) -> None:
+        self._resume = None
+        self._on_read()
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -4679,6 +5333,7 @@ class _RedisConnection:
             self._tls_pending = False
         if not self.was_ready:
             self.was_ready = True
+            self.ready_since = time.monotonic()
             _cancel(self._timer)
             self.bridge._connection_ready(self)
         self._flush()
@@ -4716,6 +5371,7 @@ class _RedisConnection:
             return
         self._finalized = True
         _cancel(self._timer)
+        _cancel(self._resume)
         self.manager._unwatch(self.sock)
         self.sock.close()
         self.bridge._connection_lost(self, reason)
@@ -4748,22 +5404,29 @@ class RedisBridge:
     processes, other hosts) once: local subscribers at once, the others
     through the Redis channel ``prefix + topic``, in publish order per
     publisher. Each bridge tags what it publishes with its own ``origin``
-    and ignores that tag when Redis echoes it back.
+    and ignores that tag when Redis echoes it back. A channel name is the
+    topic in UTF-8, its lone surrogates (if any) in their 3-byte form
+    (``"surrogatepass"``): every topic has a channel of its own.
 
     Two connections to Redis run in the manager's loop (no thread): one
     PUBLISHes, one SUBSCRIBEs to the channels of the topics that have a
     local subscriber (a subscribed connection may send nothing else). When
     Redis is unreachable, local publish/subscribe go on, the bridge
-    reconnects with a back-off (0.1 s doubling to 5 s) and re-subscribes;
+    reconnects with a back-off (0.1 s doubling to 5 s, started over once a
+    connection lived 5 s) and re-subscribes;
     messages that could not be relayed are counted in :attr:`dropped` and
     logged. Like Redis pub/sub itself, delivery is at most once.
 
-    Counters (read from any thread): :attr:`relayed` (PUBLISHes Redis
-    acknowledged), :attr:`received` (messages from other publishers handed
-    to local subscribers), :attr:`dropped` (not relayed: Redis down, more than
-    ``max_pending`` bytes waiting for it, or in flight when the connection
-    broke), :attr:`rejected` (malformed messages on our channels),
-    :attr:`reconnections`.
+    Counters (read from any thread; they only go up): :attr:`relayed`
+    (PUBLISHes Redis acknowledged), :attr:`received` (messages from other
+    publishers handed to local subscribers), :attr:`dropped` (not relayed:
+    Redis down, more than ``max_pending`` bytes waiting for it, refused by
+    Redis, or in flight when the connection broke), :attr:`rejected`
+    (replies skipped: malformed messages, messages on other channels, replies
+    to no command sent; logged, the first at WARNING), :attr:`reconnections`.
+    Each publish ends in ``relayed`` or ``dropped``, once. A reply that breaks
+    RESP2 (or is past ``max_message_size`` bytes, 1,024 array elements or 32
+    levels of nesting) ends that connection, after the replies before it.
     """
 
     def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
@@ -4785,7 +5448,7 @@ class RedisBridge:
         self._publisher: Optional[_RedisConnection] = None  # set only while it is ready to take PUBLISHes
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
         self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
-        self._delays = {"publish": 0.0, "subscribe": 0.0}  # 0: connected (or never failed)
+        self._delays = {"publish": 0.0, "subscribe": 0.0}  # the last wait (0: none since a connection lived)
         self._down_since: Dict[str, Optional[float]] = {"publish": None, "subscribe": None}
         self._dropped_at_loss = 0
         self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
@@ -4820,7 +5483,7 @@ class RedisBridge:
     # Any thread ----------------------------------------------------------------
 
     def _relay(self, topic: str, opcode: int, payload: bytes) -> None:
-        channel = self._prefix_bytes + topic.encode()
+        channel = _topic_channel(self._prefix_bytes, topic)
         with self._lock:
             publisher = self._publisher
             if publisher is None or publisher.pending() > self.max_pending:
@@ -4875,8 +5538,10 @@ class RedisBridge:
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
         down_since = self._down_since[role]
-        self._delays[role] = 0.0
+        # The back-off is not reset here: a connection that Redis ends at once (or that fails on what
+        # it is sent first) would be retried every 0.1 s for ever. It is once one lived (_connection_lost).
         if self._hello:
+            connection.hello_pending = True
             connection.write(self._hello)
         if role == "publish":
             with self._lock:
@@ -4889,7 +5554,7 @@ class RedisBridge:
             self._subscribed.clear()
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-                batch = [self._prefix_bytes + topic.encode() for topic in channels[start:start + _SUBSCRIBE_BATCH]]
+                batch = [_topic_channel(self._prefix_bytes, topic) for topic in channels[start:start + _SUBSCRIBE_BATCH]]
                 connection.write(_resp_command(b"SUBSCRIBE", *batch))
             news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
@@ -4905,6 +5570,8 @@ class RedisBridge:
         if self._connections.get(role) is not connection:
             return
         self._connections[role] = None
+        if connection.was_ready and time.monotonic() - connection.ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
+            self._delays[role] = 0.0  # it lived: the next attempt comes quickly, and the back-off starts over
         if role == "publish":
             with self._lock:
                 if self._down_since[role] is None:
@@ -4940,72 +5607,128 @@ class RedisBridge:
         wanted = self.manager.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = self._prefix_bytes + topic.encode()
+        channel = _topic_channel(self._prefix_bytes, topic)
         if wanted:
             self._channels.add(topic)
         else:
             self._channels.discard(topic)
         connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
 
+    # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
+    # message behind it is not lost), and every counter only goes up and counts what it says.
     def _deliver_replies(self, connection: _RedisConnection, replies: List[Any]) -> None:
-        if connection.role == "publish":
-            acknowledged = failed = 0
-            for reply in replies:
-                if isinstance(reply, _RedisError):
-                    if self._refused(connection, reply):
-                        return  # what is unacknowledged counts as dropped when the connection is lost
-                    failed += 1
-                elif isinstance(reply, int):
-                    acknowledged += 1
-            with self._lock:
-                self._unacknowledged -= acknowledged + failed
-                self.relayed += acknowledged
-                self.dropped += failed
-            return
+        refusal = None
+        if connection.hello_pending and replies:
+            connection.hello_pending = False
+            answer = replies[0]
+            replies = replies[1:]
+            if isinstance(answer, _RedisError):
+                if self._refuses(answer):
+                    refusal = answer
+            elif answer != "OK":
+                self._skip(connection, answer, "not an answer to AUTH")
+        if refusal is None:
+            if connection.role == "publish":
+                refusal = self._acknowledge(connection, replies)
+            else:
+                refusal = self._receive(connection, replies)
+        if refusal is not None:
+            connection._finalize(f"authentication failed: {refusal.message}")
+
+    def _acknowledge(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
+        # RESP2 answers each command in turn, and only this thread takes from _unacknowledged (publish()
+        # adds to it): that many PUBLISHes wait for these replies. A reply beyond them answers nothing.
+        waiting = self._unacknowledged
+        acknowledged = failed = 0
+        refusal = None
+        for reply in replies:
+            if acknowledged + failed == waiting:
+                self._skip(connection, reply, "no PUBLISH waits for a reply")
+            elif type(reply) is int:
+                acknowledged += 1  # how many subscribers Redis gave it to
+            elif isinstance(reply, _RedisError):
+                if self._refuses(reply):
+                    refusal = reply  # this PUBLISH and those after it count as dropped when the connection ends
+                    break
+                failed += 1
+            else:  # no answer to a PUBLISH: maybe relayed, maybe not (at most once)
+                failed += 1
+                self._complain(connection, reply, "not an answer to PUBLISH; counted in dropped")
+        with self._lock:
+            self._unacknowledged -= acknowledged + failed
+            self.relayed += acknowledged
+            self.dropped += failed
+        return refusal
+
+    def _receive(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
         prefix = self._prefix_bytes
         skip = len(prefix)
         manager = self.manager
         for reply in replies:
-            if isinstance(reply, _RedisError) and self._refused(connection, reply):
-                return
             if type(reply) is not list or len(reply) != 3:
+                if isinstance(reply, _RedisError):
+                    if self._refuses(reply):
+                        return reply
+                    continue  # logged: an answer to a SUBSCRIBE of ours, not a message
+                self._skip(connection, reply, "not a pub/sub message")
                 continue
+            # RESP2 pub/sub: ["message", channel, payload] and ["subscribe" or "unsubscribe", channel, count].
             kind, channel, data = reply
-            if kind == b"message":
-                if not channel.startswith(prefix) or len(data) <= _ORIGIN_SIZE:
-                    self.rejected += 1
+            if type(channel) is not bytes or not channel.startswith(prefix):
+                self._skip(connection, reply, "not a channel of this bridge")
+            elif kind == b"message":
+                if type(data) is not bytes or len(data) <= _ORIGIN_SIZE:
+                    self._skip(connection, reply, "not a message of a bridge")
                     continue
                 if data[:_ORIGIN_SIZE] == self.origin:
                     continue  # our own message, already delivered locally
+                opcode = _KIND_TO_OPCODE.get(data[_ORIGIN_SIZE])
                 payload = data[_ORIGIN_SIZE + 1:]
                 try:
-                    opcode = _KIND_TO_OPCODE[data[_ORIGIN_SIZE]]
-                    topic = channel[skip:].decode()
+                    topic = _channel_topic(channel, skip)
                     if opcode is _TEXT:
                         payload.decode()  # only valid UTF-8 is a text message
-                except (KeyError, UnicodeDecodeError):
-                    self.rejected += 1
+                except UnicodeDecodeError:
+                    opcode = None
+                if opcode is None:
+                    self._skip(connection, reply, "not a message of a bridge")
                     continue
                 self.received += 1
                 manager._deliver(topic, opcode, payload)
-            elif kind in (b"subscribe", b"unsubscribe"):
+            elif kind == b"subscribe" or kind == b"unsubscribe":
                 try:
-                    topic = channel[skip:].decode()
-                except (TypeError, UnicodeDecodeError):
+                    topic = _channel_topic(channel, skip)
+                except UnicodeDecodeError:
+                    self._skip(connection, reply, "a channel that no topic has")
                     continue
-                if kind == b"subscribe":
-                    self._subscribed.add(topic)
-                else:
+                if kind == b"unsubscribe":
                     self._subscribed.discard(topic)
+                elif topic in self._channels:  # else unsubscribed since: the confirmation of the UNSUBSCRIBE follows
+                    self._subscribed.add(topic)
+            else:
+                self._skip(connection, reply, "not a pub/sub message")
+        return None
+
+    def _skip(self, connection: _RedisConnection, reply: Any, why: str) -> None:
+        self.rejected += 1
+        self._complain(connection, reply, why + "; counted in rejected")
 
     @staticmethod
-    def _refused(connection: _RedisConnection, error: "_RedisError") -> bool:
-        """Log an error reply; when it refuses our credentials, end ``connection`` and return True."""
+    def _complain(connection: _RedisConnection, reply: Any, why: str) -> None:
+        # A hostile server can send such replies by the million: one warning per connection, the rest in DEBUG.
+        if isinstance(reply, (bytes, str, _RedisError)):
+            shown = repr(reply[:80] if not isinstance(reply, _RedisError) else reply.message[:80])
+        else:
+            shown = f"an array of {len(reply)}" if type(reply) is list else repr(reply)
+        level = logging.DEBUG if connection.complained else logging.WARNING
+        connection.complained = True
+        logger.log(level, "redis bridge: skipped a reply on the %s connection: %s (%s)", connection.role, shown, why)
+
+    @staticmethod
+    def _refuses(error: _RedisError) -> bool:
+        """Log an error reply; whether it refuses our credentials (then the connection must end)."""
         logger.error("redis bridge: Redis answered %s", error.message)
-        if not error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password")):
-            return False
-        connection._finalize(f"authentication failed: {error.message}")
-        return True
+        return error.message.startswith(("WRONGPASS", "NOAUTH", "ERR AUTH", "ERR invalid password"))
 
     def _close(self) -> None:
         self._closed = True
@@ -5312,11 +6035,26 @@ def _format_peer(address: Any) -> str:
     return str(address or "unix socket")
 
 
+class _EchoPeer(WebSocket):
+    """The demo's ``/echo``: every message straight back to its sender (the target of ``python -m wsmanager load``)."""
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.send(message)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
-    # Only the page, /stats and the socket exist: this is a handshake hook, not a web server.
+    # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
     if request.is_upgrade:
-        return None if path == "/ws" else Response(404)
+        return None if path in ("/ws", "/echo") else Response(404)
     if path == "/" and request.method in ("GET", "HEAD"):
         body = _CHAT_PAGE.encode() if request.method == "GET" else b""
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], body)
@@ -5335,11 +6073,16 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
 
         def stats() -> Dict[str, Any]:
             # Which process answered: with workers, the kernel picks one per connection.
+            # The latency is the heartbeat's round trip: connections not pinged yet are left out.
+            latencies = [websocket.latency for websocket in manager if websocket.latency]
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
+                    "latency": {"median": _median(latencies), "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
-        def factory(*args: Any, **kwargs: Any) -> _ChatPeer:
+        def factory(*args: Any, **kwargs: Any) -> WebSocket:
+            if kwargs.get("path", "").split("?", 1)[0] == "/echo":
+                return _EchoPeer(*args, **kwargs)
             peer = _ChatPeer(*args, **kwargs)
             if index >= 0:
                 peer.worker = f"worker {index}: "
@@ -5368,7 +6111,7 @@ def _serve(args: Any) -> int:
         print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    manager = WebSocketManager()
+    manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws%s); Ctrl-C to stop", _bracket(host), port,
                 f", relayed through {args.redis}" if args.redis else "")
@@ -5389,7 +6132,8 @@ def _serve(args: Any) -> int:
 
 
 def _serve_workers(args: Any) -> int:
-    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers)
+    supervisor = Supervisor((args.host, args.port), _chat_setup(args.redis), workers=args.workers,
+                            manager_options={"heartbeat": args.heartbeat or None})
     try:
         host, port = supervisor.bind()
     except OSError as exc:
@@ -5496,6 +6240,220 @@ def _connect(args: Any) -> int:
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
 
 
+class _LoadClient(WebSocket):
+    """A client of ``python -m wsmanager load``: keeps ``--in-flight`` messages (1 by default) waiting
+    for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class)."""
+
+    run: "_LoadRun"
+    dialed = 0.0  # when manager.connect() was called
+    sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
+    left = 0  # messages still to send (-1: until the run's duration is over)
+    done = False
+
+    def opened(self) -> None:
+        self.run.opened(self)
+
+    def received_message(self, message: Union[str, bytes]) -> None:
+        self.run.answered(self, message)
+
+    def connect_failed(self, exc: BaseException) -> None:
+        self.run.failed(exc)
+
+    def closed(self, code: int, reason: str) -> None:
+        self.run.closed(self, code)
+
+
+def _percentiles(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """p50, p90, p99 and max of ``values`` (nearest rank), in milliseconds; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    # Nearest rank: the smallest value with at least p % of them at or below it (ceil(n * p / 100)).
+    figures = {f"p{percent}": ordered[max(0, -(-len(ordered) * percent // 100) - 1)] for percent in (50, 90, 99)}
+    figures["max"] = ordered[-1]
+    return {name: round(value * 1000, 3) for name, value in figures.items()}
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, HandshakeError):
+        return f"handshake {exc.status}" if exc.status is not None else "handshake: no valid answer"
+    return f"connect: {type(exc).__name__}"
+
+
+class _LoadRun:
+    """What ``python -m wsmanager load`` measures; its callbacks run in the manager's loop thread."""
+
+    def __init__(self, clients: int, messages: int, size: int, in_flight: int = 1, text: bool = False):
+        self.clients = clients
+        self.messages = messages
+        self.in_flight = in_flight
+        self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
+        self.connect_times: List[float] = []
+        self.round_trips: List[float] = []
+        self.errors: Dict[str, int] = collections.Counter()
+        self.finished = 0  # clients done: all answers in, failed, or closed
+        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.first_send = 0.0
+        self.last_answer = 0.0
+        self.answered_bytes = 0
+
+    def opened(self, client: _LoadClient) -> None:
+        now = time.monotonic()
+        self.connect_times.append(now - client.dialed)
+        client.left = self.messages if self.messages > 0 else -1
+        client.sent_at = collections.deque()
+        if not self.first_send:
+            self.first_send = now
+        for _ in range(self.in_flight):
+            self._next(client, now)
+
+    def answered(self, client: _LoadClient, message: Union[str, bytes]) -> None:
+        now = time.monotonic()
+        if message != self.payload or not client.sent_at:
+            self.errors["answer differs from the message"] += 1
+            client.done = True  # counted here, not again as closed early
+            client.close(CloseCode.POLICY_VIOLATION)
+            return
+        self.round_trips.append(now - client.sent_at.popleft())
+        self.answered_bytes += len(message)
+        self.last_answer = now
+        self._next(client, now)
+
+    def _next(self, client: _LoadClient, now: float) -> None:
+        if client.left == 0 or not self.sending:
+            if not client.sent_at and not client.done:  # every answer is in
+                client.done = True
+                client.close()
+            return
+        client.left -= 1
+        client.sent_at.append(now)
+        client.send(self.payload)
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors[_error_kind(exc)] += 1
+        self.finished += 1
+
+    def closed(self, client: _LoadClient, code: int) -> None:
+        if not client.done:
+            self.errors[f"closed {code} before its last answer"] += 1
+        self.finished += 1
+
+    def report(self, url: str, elapsed: float, cpu: float, rate: float, not_finished: int) -> Dict[str, Any]:
+        if not_finished:
+            self.errors["no answer before the end of the run"] += not_finished
+        span = self.last_answer - self.first_send
+        return {
+            "url": url, "clients": self.clients, "messages": self.messages, "size": len(self.payload),
+            "in_flight": self.in_flight,
+            "rate": rate or None, "connected": len(self.connect_times),
+            "connect_ms": _percentiles(self.connect_times), "round_trip_ms": _percentiles(self.round_trips),
+            "answered": len(self.round_trips),
+            "messages_per_second": round(len(self.round_trips) / span, 1) if span > 0 else None,
+            "megabytes_per_second": round(self.answered_bytes / span / 1e6, 3) if span > 0 else None,
+            "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+def _print_load_report(report: Dict[str, Any]) -> None:
+    def row(name: str, figures: Optional[Dict[str, float]]) -> str:
+        if figures is None:
+            return f"{name:<17}-"
+        return f"{name:<17}" + "  ".join(f"{key} {value:,.2f}" for key, value in figures.items())
+
+    errors = report["errors"]
+    print(f"{report['clients']:,} clients x {report['messages']:,} messages of {report['size']:,} B "
+          + (f"({report['in_flight']} in flight) " if report["in_flight"] > 1 else "") +
+          f"to {report['url']} in {report['seconds']:.2f} s (this process: {report['cpu_seconds']:.2f} s of CPU)")
+    print(f"{'connected':<17}{report['connected']:,} of {report['clients']:,}")
+    print(row("connect (ms)", report["connect_ms"]))
+    print(row("round trip (ms)", report["round_trip_ms"]))
+    throughput = report["messages_per_second"]
+    print(f"{'throughput':<17}" + (f"{throughput:,.0f} messages/s ({report['megabytes_per_second']:.2f} MB/s "
+                                   f"each way), {report['answered']:,} answered" if throughput else "-"))
+    print(f"{'errors':<17}" + (", ".join(f"{count:,} {kind}" for kind, count in errors.items()) or "none"))
+
+
+def _load(args: Any) -> int:
+    try:
+        _client_target(args.url)
+    except InvalidURL as exc:
+        print(f"wsmanager: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = args.clients + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
+                                                        else min(wanted, hard), hard))
+    context = None
+    if args.url.lower().startswith("wss:"):
+        context = ssl.create_default_context()
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
+    run.sending = True
+    _LoadClient.run = run
+
+    def factory(*arguments: Any, **options: Any) -> _LoadClient:
+        client = _LoadClient(*arguments, **options)
+        client.dialed = time.monotonic()
+        return client
+
+    stop_requests: List[int] = []
+    _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
+    progress = sys.stderr.isatty() and not args.json
+    manager = WebSocketManager(handshake_timeout=args.timeout, max_message_size=max(args.size, DEFAULT_MAX_MESSAGE_SIZE))
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    deadline = started + args.duration if args.duration else None
+    dialed = 0
+    last_progress = 0.0
+    stalled_since = started
+    seen = (-1, -1)
+    with manager:
+        while not stop_requests:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                run.sending = False  # each client ends after its current message
+                deadline = None
+                stalled_since = now
+            due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
+            while dialed < due and not stop_requests:
+                try:
+                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
+                    run.failed(exc)
+                dialed += 1
+            if run.finished >= args.clients:
+                break
+            progress_now = (len(run.round_trips), run.finished)
+            if progress_now != seen:
+                seen, stalled_since = progress_now, now
+            elif dialed >= args.clients and now - stalled_since > args.timeout:
+                break  # nothing moved for a whole timeout: the rest never answered
+            if progress and now - last_progress >= 0.5:
+                last_progress = now
+                sys.stderr.write(f"\r{len(run.connect_times):,}/{args.clients:,} connected, "
+                                 f"{len(run.round_trips):,} answers, {sum(run.errors.values()):,} errors ")
+                sys.stderr.flush()
+            time.sleep(0.01 if args.rate and dialed < args.clients else 0.05)
+        not_finished = args.clients - run.finished
+        elapsed = time.monotonic() - started
+        manager.close_all(CloseCode.NORMAL)
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    report = run.report(args.url, elapsed, time.process_time() - cpu_before, args.rate, not_finished)
+    if args.json:
+        import json
+        print(json.dumps(report))
+    else:
+        _print_load_report(report)
+    return 1 if report["errors"] or stop_requests else 0
+
+
 def _terminal_mode() -> Optional[Callable[[], None]]:
     """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
     try:
@@ -5512,7 +6470,7 @@ def _terminal_mode() -> Optional[Callable[[], None]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m wsmanager [serve|connect] ...``; returns the exit status."""
+    """``python -m wsmanager [serve|connect|load] ...``; returns the exit status."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -5531,6 +6489,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"port {number} out of range")
         return number
 
+    def positive(text: str) -> int:
+        number = int(text)
+        if number < 1:
+            raise ValueError(f"{number} < 1")
+        return number
+
     def workers(text: str) -> int:
         number = int(text)
         if number < 1:
@@ -5539,13 +6503,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
-                    description="wsmanager demo: a broadcast chat server and an interactive client.")
+                    description="wsmanager demo: a broadcast chat server, an interactive client and a load test.")
     parser.add_argument("--version", action="version", version=f"wsmanager {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
     serve = commands.add_parser("serve", formatter_class=formatter,
                                 help="run the broadcast chat (the default command)",
                                 description="Serve a chat page at / (and /stats) and publish every message sent on /ws "
-                                            "to every peer.")
+                                            "to every peer; /echo sends every message back to its sender.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=port, default=9000, help="port to listen on")
     serve.add_argument("--workers", type=workers, default=1,
@@ -5554,6 +6518,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--redis", metavar="URL", default=None,
                        help="relay the chat through Redis pub/sub (redis://[:password@]host:port/db or rediss://), "
                             "so that every worker and every host running it shares one chat")
+    serve.add_argument("--heartbeat", type=float, default=20.0, metavar="SECONDS",
+                       help="ping connections idle this long, and drop those that do not answer within as long "
+                            "(0: never); /stats shows the median round trip")
     client = commands.add_parser("connect", formatter_class=formatter, help="an interactive client",
                                  description="Send typed lines as text messages and print what arrives.")
     client.add_argument("url", help="ws:// or wss:// URL")
@@ -5564,11 +6531,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="send this header with the handshake (repeatable)")
     client.add_argument("--origin", help="send this Origin header")
     client.add_argument("--timeout", type=float, default=10.0, help="handshake timeout in seconds")
+    load = commands.add_parser("load", formatter_class=formatter, help="a load test of a WebSocket echo server",
+                               description="Open N clients (through one manager) at R per second; each sends M "
+                                           "messages of B bytes, sending the next as each answer comes back "
+                                           "(K in flight: 1 by default). "
+                                           "Reports connect times and round trips (p50, p90, p99, max), "
+                                           "throughput and errors by kind. Against `serve`, use its /echo.")
+    load.add_argument("url", help="ws:// or wss:// URL of an echo endpoint")
+    load.add_argument("--clients", type=positive, default=100, metavar="N", help="clients to open")
+    load.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                      help="clients opened per second (0: all at once)")
+    load.add_argument("--messages", type=int, default=100, metavar="M",
+                      help="messages per client (0: until --duration is over)")
+    load.add_argument("--size", type=int, default=32, metavar="B", help="bytes per message (binary unless --text)")
+    load.add_argument("--text", action="store_true", help="send text messages (of B ASCII characters)")
+    load.add_argument("--in-flight", type=positive, default=1, metavar="K",
+                      help="messages each client keeps waiting for their answer")
+    load.add_argument("--duration", type=float, default=0.0, metavar="S",
+                      help="stop sending after S seconds (0: when every client has sent its messages)")
+    load.add_argument("--timeout", type=float, default=10.0, metavar="T",
+                      help="handshake timeout; the run also ends when nothing moved for this long")
+    load.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    load.add_argument("--json", action="store_true", help="print the report as one JSON object (for CI)")
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments or arguments[0] not in ("serve", "connect", "-h", "--help", "--version"):
+    if not arguments or arguments[0] not in ("serve", "connect", "load", "-h", "--help", "--version"):
         arguments.insert(0, "serve")
     args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "load":
+        if args.messages < 0 or args.size < 0 or args.rate < 0 or args.duration < 0 or args.timeout <= 0:
+            parser.error("--messages, --size, --rate and --duration must not be negative, --timeout above 0")
+        if args.messages == 0 and not args.duration:
+            parser.error("--messages 0 sends until --duration is over: give a --duration")
+        return _load(args)
     return _serve(args) if args.command == "serve" else _connect(args)
 
 
