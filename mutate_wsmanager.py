@@ -95,6 +95,14 @@ EQUIVALENT: Dict[str, str] = {
     "HeadReader.__init__+4:24 0->1":
         "the first scan skips byte 0 when counting lines: a newline there ends an (empty) head at once, "
         "two lines at most, far below any limit",
+    "FrameParser.feed+65:25 GtE->Gt":
+        "an unmasked payload of exactly 512 bytes is copied from a slice instead of a view: the same bytes",
+    "FrameParser.pending_rsv1+3:27 2->1":
+        "pending_rsv1() is asked only once pending() has a header, so the buffer holds 2 bytes or more anyway",
+    "PerMessageDeflate.decompress+14:29 2048->2047":
+        "the size at which the tail goes in a second call instead of a copy moves by one byte: the same output",
+    "PerMessageDeflate.decompress+14:29 2048->2049":
+        "the size at which the tail goes in a second call instead of a copy moves by one byte: the same output",
     "FrameParser.feed+63:23 condition-False":
         "a payload of a bytes input is copied out through a view or a slice instead of sliced: the same bytes",
     "PerMessageDeflate.decompress+14:17 Lt->LtE":
