@@ -126,6 +126,10 @@ EQUIVALENT: Dict[str, str] = {
     "negotiate_deflate+37:62 15->16":
         "the default is min()-ed with the server's own server_max_window_bits, which _deflate_settings keeps "
         "at 15 or less",
+    "_deflate_request_params+11:26 True->False":
+        "the value stored for a *_no_context_takeover flag is never read: callers only ask whether it is there",
+    "parse_deflate_response+36:59 15->16":
+        "the default is min()-ed with our own client_max_window_bits, which _deflate_settings keeps at 15 or less",
     # Tuning defaults (issue 22 sets them by benchmark): any value makes a valid stream of the same message.
     "PerMessageDeflate.__init__+0:96 8->9":
         "mem_level is a zlib memory/speed trade-off: any value in 1..9 compresses to a valid stream that "

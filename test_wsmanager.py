@@ -4480,6 +4480,11 @@ class TestHandshake:
         reader = HeadReader()
         assert reader.feed(b"GET / HTTP/1.1\r\n") is None and reader.feed(b"\x16") is None
 
+    def test_parse_response_keeps_status_reason_and_headers_and_reads_no_body(self):
+        response = parse_response(b"HTTP/1.1 404 Not Here\r\nX-A: 1\r\n\r\n")
+        assert (response.status, response.reason, list(response.headers), response.body) == (
+            404, "Not Here", [("X-A", "1")], b"")
+
     def test_validate_response_takes_headers_as_a_list_of_pairs_too(self):
         fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),
                   ("Sec-WebSocket-Protocol", "chat")]
@@ -8818,6 +8823,11 @@ class TestCompression:
         with pytest.raises(ValueError, match="^server_max_window_bits 15 exceeds the 14 offered$"):
             parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=15",
                                    Deflate(server_max_window_bits=14))
+        # RFC 7692 7.1.2.1: an offered server_max_window_bits is answered, even at 15; a client limiting the
+        # server to 14 bits offers it.
+        assert negotiate_deflate("permessage-deflate; server_max_window_bits=15")[0] == (
+            f"{NO_CONTEXT}; server_max_window_bits=15")
+        assert "; server_max_window_bits=14;" in encode_deflate_offer(Deflate(server_max_window_bits=14))
         # 9 bits is the smallest window a server can compress with: accepted as offered.
         assert negotiate_deflate("permessage-deflate; server_max_window_bits=9") == (
             f"{NO_CONTEXT}; server_max_window_bits=9", DeflateParams(True, True, 9, 15))
