@@ -5910,15 +5910,27 @@ def _connect(args: Any) -> int:
 
 class _LoadClient(WebSocket):
     """A client of ``python -m wsmanager load``: keeps ``--in-flight`` messages (1 by default) waiting
-    for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class)."""
+    for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class).
+
+    A load generator must cost less CPU per message than the server it loads, or it measures itself.
+    So while the answers are exactly the frames an echo sends back, ``_on_read`` matches them as raw
+    bytes and the next message goes straight to the socket as a frame masked in advance (a fresh
+    random key each, RFC 6455 5.3), skipping the parser and the write queue. The first byte that is
+    anything else (a ping, a close, a frame cut over two reads, another answer) goes through the
+    connection's own parser, and so does every byte after it: the parser never sees a stream with a
+    hole in it.
+    """
 
     run: "_LoadRun"
     dialed = 0.0  # when manager.connect() was called
     sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
     left = 0  # messages still to send (-1: until the run's duration is over)
     done = False
+    fast = False  # answers matched as raw bytes (see the class docstring)
+    raw = False  # messages sent as frames masked in advance: a plain socket, no compression
 
     def opened(self) -> None:
+        self.raw = self.fast = self.compression is None and not _is_tls(self.sock)
         self.run.opened(self)
 
     def received_message(self, message: Union[str, bytes]) -> None:
@@ -5928,7 +5940,80 @@ class _LoadClient(WebSocket):
         self.run.failed(exc)
 
     def closed(self, code: int, reason: str) -> None:
+        self.fast = self.raw = False
         self.run.closed(self, code)
+
+    def _on_read(self) -> None:
+        if not self.fast:
+            super()._on_read()
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._finalize(f"connection lost: {exc}")
+            return
+        run = self.run
+        sent_at = self.sent_at
+        # Deliberate: one comparison recognises the usual read, one whole answer (the rest, in _answers,
+        # is the slow path: a few answers in one read, and anything else).
+        count = 1 if data == run.answer and sent_at else self._answers(data)
+        if not count:
+            return
+        now = time.monotonic()
+        if count == 1:
+            run.round_trips.append(now - sent_at.popleft())
+        else:
+            run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+        run.last_answer = now
+        left = self.left
+        if count == 1 and left and run.sending:
+            # The next message, inlined from _LoadRun.send_next() and send_raw(): the path of nearly every answer.
+            if left > 0:
+                self.left = left - 1
+            sent_at.append(now)
+            frame = run.masked.pop() if run.masked else run.frames(1)
+            if self.state is _OPEN and not self.buffered_amount:
+                try:
+                    if self.sock.send(frame) == len(frame):
+                        return
+                except OSError:  # full, or lost: the queue's flush tells which
+                    pass
+            self.send_raw(frame)
+        else:
+            run.send_next(self, count, now)
+
+    def _answers(self, data: bytes) -> int:
+        """How many answers ``data`` holds, when it is a few whole answers back to back (``--in-flight``);
+        else 0, after handing ``data`` to the parser (or ending the connection at EOF)."""
+        if not data:
+            self._finalize("connection closed without a close frame")
+            return 0
+        run = self.run
+        count, cut = divmod(len(data), len(run.answer))
+        if cut or not count or count > len(self.sent_at) or not run.answers.startswith(data):
+            self._receive(data)  # more answers than questions included: the parser's path tells what
+            return 0
+        return count
+
+    def _receive(self, data: bytes) -> None:
+        self.fast = False  # once the parser has seen a byte, it sees every byte after it
+        super()._receive(data)
+
+    def send_raw(self, frames: bytes) -> None:
+        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
+        before them, else (and what the socket does not take) queued; dropped once the connection closes
+        (``closed()`` counts it)."""
+        if self.state is _OPEN and not self.buffered_amount:
+            try:
+                sent = self.sock.send(frames)
+            except OSError:  # full, or lost: the queue's flush tells which
+                sent = 0
+            if sent == len(frames):
+                return
+            frames = frames[sent:]
+        self._queue(frames)
 
 
 def _percentiles(values: Sequence[float]) -> Optional[Dict[str, float]]:
@@ -5955,7 +6040,21 @@ class _LoadRun:
         self.clients = clients
         self.messages = messages
         self.in_flight = in_flight
+        self.size = size
         self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
+        payload = self._payload_bytes = self.payload.encode() if isinstance(self.payload, str) else self.payload
+        opcode = Opcode.TEXT if text else Opcode.BINARY
+        self.answer = encode_frame(opcode, payload)  # what an echo sends back, byte for byte
+        self.answers = self.answer * in_flight
+        masked = encode_frame(opcode, payload, mask=b"\0\0\0\0")
+        self._header = masked[:len(masked) - size - 4]
+        self.masked: List[bytes] = []  # frames of the payload masked in advance, each used once, last first
+        self._batch = max(1, min(1024, (1 << 20) // len(masked)))  # about 1 MiB of them at a time
+        # Masking as one integer XOR: the key repeated over the payload is the key times a constant with
+        # a 1 every 32 bits (lanes that cannot carry into each other), cut to the payload's length.
+        self._payload_int = int.from_bytes(payload, "little")
+        self._key_lanes = int.from_bytes(b"\1\0\0\0" * ((size + 3) // 4), "little")
+        self._payload_bits = (1 << (8 * size)) - 1
         self.connect_times: List[float] = []
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
@@ -5963,7 +6062,6 @@ class _LoadRun:
         self.sending = False  # False once the duration is over: clients stop after their current message
         self.first_send = 0.0
         self.last_answer = 0.0
-        self.answered_bytes = 0
 
     def opened(self, client: _LoadClient) -> None:
         now = time.monotonic()
@@ -5972,10 +6070,10 @@ class _LoadRun:
         client.sent_at = collections.deque()
         if not self.first_send:
             self.first_send = now
-        for _ in range(self.in_flight):
-            self._next(client, now)
+        self.send_next(client, self.in_flight, now)
 
     def answered(self, client: _LoadClient, message: Union[str, bytes]) -> None:
+        """An answer that came through the connection's parser (see :class:`_LoadClient`)."""
         now = time.monotonic()
         if message != self.payload or not client.sent_at:
             self.errors["answer differs from the message"] += 1
@@ -5983,19 +6081,42 @@ class _LoadRun:
             client.close(CloseCode.POLICY_VIOLATION)
             return
         self.round_trips.append(now - client.sent_at.popleft())
-        self.answered_bytes += len(message)
         self.last_answer = now
-        self._next(client, now)
+        self.send_next(client, 1, now)
 
-    def _next(self, client: _LoadClient, now: float) -> None:
-        if client.left == 0 or not self.sending:
+    def send_next(self, client: _LoadClient, count: int, now: float) -> None:
+        """After ``count`` answers (or at the start), send up to as many messages; close once all answers are in."""
+        left = client.left
+        if left == 0 or not self.sending:
             if not client.sent_at and not client.done:  # every answer is in
                 client.done = True
+                client.fast = False
                 client.close()
             return
-        client.left -= 1
-        client.sent_at.append(now)
-        client.send(self.payload)
+        if left > 0:
+            count = min(count, left)
+            client.left = left - count
+        client.sent_at.extend([now] * count)
+        if client.raw:
+            client.send_raw(self.frames(count))
+        else:
+            for _ in range(count):
+                client.send(self.payload)
+
+    def frames(self, count: int) -> bytes:
+        """``count`` frames of the payload, each masked with a key of its own: RFC 6455 5.3's unpredictable
+        keys, drawn from the OS's entropy source in batches (one system call for a batch)."""
+        masked = self.masked
+        while len(masked) < count:
+            batch, size, header = self._batch, self.size, self._header
+            payload, lanes, bits = self._payload_int, self._key_lanes, self._payload_bits
+            keys = os.urandom(4 * batch)
+            # Deliberate: a batch in one comprehension, not a call per message.
+            masked.extend([header + keys[i:i + 4] + (payload ^ key * lanes & bits).to_bytes(size, "little")
+                           for i, key in zip(range(0, 4 * batch, 4), struct.unpack(f"<{batch}I", keys))])
+        if count == 1:
+            return masked.pop()
+        return b"".join([masked.pop() for _ in range(count)])
 
     def failed(self, exc: BaseException) -> None:
         self.errors[_error_kind(exc)] += 1
@@ -6017,7 +6138,7 @@ class _LoadRun:
             "connect_ms": _percentiles(self.connect_times), "round_trip_ms": _percentiles(self.round_trips),
             "answered": len(self.round_trips),
             "messages_per_second": round(len(self.round_trips) / span, 1) if span > 0 else None,
-            "megabytes_per_second": round(self.answered_bytes / span / 1e6, 3) if span > 0 else None,
+            "megabytes_per_second": round(len(self.round_trips) * self.size / span / 1e6, 3) if span > 0 else None,
             "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
             "errors": dict(sorted(self.errors.items())),
         }
