@@ -5956,46 +5956,45 @@ class _LoadClient(WebSocket):
             self._finalize(f"connection lost: {exc}")
             return
         sent_at = self.sent_at
-        # Deliberate: one comparison recognises the usual read, one whole answer (the rest, in _answers,
-        # is the slow path: a few answers in one read, and anything else).
-        count = 1 if data == run.answer and sent_at else self._answers(data)
-        if not count:
+        if data != run.answer or not sent_at:  # not the usual read, one whole answer
+            self._answers(data, run)
             return
         now = time.monotonic()
-        if count == 1:
-            run.round_trips.append(now - sent_at.popleft())
-        else:
-            run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+        run.round_trips.append(now - sent_at.popleft())
         run.last_answer = now
         left = self.left
-        if count == 1 and left and run.sending:
-            # The next message, inlined from _LoadRun.send_next() and send_raw(): the path of nearly every answer.
-            if left > 0:
-                self.left = left - 1
-            sent_at.append(now)
-            frame = run.masked.pop() if run.masked else run.frames(1)
-            if self.state is _OPEN and not self.buffered_amount:
-                try:
-                    if self.sock.send(frame) == len(frame):
-                        return
-                except OSError:  # full, or lost: the queue's flush tells which
-                    pass
-            self.send_raw(frame)
-        else:
-            run.send_next(self, count, now)
+        if not left or not run.sending:
+            run.send_next(self, 1, now)  # every answer in, or the duration over: it closes
+            return
+        # The next message, inlined from _LoadRun.send_next() and send_raw(): the path of nearly every answer.
+        if left > 0:
+            self.left = left - 1
+        sent_at.append(now)
+        masked = run.masked
+        frame = masked.pop() if masked else run.frames(1)
+        if self.state is _OPEN and not self.buffered_amount:
+            try:
+                if self.sock.send(frame) == len(frame):
+                    return
+            except OSError:  # full, or lost: the queue's flush tells which
+                pass
+        self.send_raw(frame)
 
-    def _answers(self, data: bytes) -> int:
-        """How many answers ``data`` holds, when it is a few whole answers back to back (``--in-flight``);
-        else 0, after handing ``data`` to the parser (or ending the connection at EOF)."""
+    def _answers(self, data: bytes, run: "_LoadRun") -> None:
+        """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
+        counted here; anything else goes to the parser (EOF ends the connection)."""
         if not data:
             self._finalize("connection closed without a close frame")
-            return 0
-        run = self.run
+            return
+        sent_at = self.sent_at
         count, cut = divmod(len(data), len(run.answer))
-        if cut or not count or count > len(self.sent_at) or not run.answers.startswith(data):
+        if cut or not count or count > len(sent_at) or not run.answers.startswith(data):
             self._receive(data)  # more answers than questions included: the parser's path tells what
-            return 0
-        return count
+            return
+        now = time.monotonic()
+        run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+        run.last_answer = now
+        run.send_next(self, count, now)
 
     def _receive(self, data: bytes) -> None:
         self.fast = False  # once the parser has seen a byte, it sees every byte after it
