@@ -6246,19 +6246,12 @@ class _LoadClient(WebSocket):
         if not left or not run.sending:
             run.send_next(self, 1, now)  # every answer in, or the duration over: it closes
             return
-        # The next message, inlined from _LoadRun.send_next() and send_raw(): the path of nearly every answer.
+        # The next message, inlined from _LoadRun.send_next(): the path of nearly every answer.
         if left > 0:
             self.left = left - 1
         sent_at.append(now)
         masked = run.masked
-        frame = masked.pop() if masked else run.frames(1)
-        if self.state is _OPEN and not self.buffered_amount:
-            try:
-                if self.sock.send(frame) == len(frame):
-                    return
-            except OSError:  # full, or lost: the queue's flush tells which
-                pass
-        self.send_raw(frame)
+        self.send_raw(masked.pop() if masked else run.frames(1))
 
     def _answers(self, data: bytes, run: "_LoadRun") -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
