@@ -6314,12 +6314,21 @@ class _LoadClient(WebSocket):
         if not left or not run.sending:
             run.send_next(self, 1, now)  # every answer in, or the duration over: it closes
             return
-        # The next message, inlined from _LoadRun.send_next(): the path of nearly every answer.
+        # The next message, _LoadRun.send_next() and send_raw() inlined: the path of nearly every answer.
         if left > 0:
             self.left = left - 1
         sent_at.append(now)
         masked = run.masked
-        self.send_raw(masked.pop() if masked else run.frames(1))
+        frame = masked.pop() if masked else run.frames(1)
+        if self.state is _OPEN and not self.buffered_amount:
+            try:
+                sent = self.sock.send(frame)
+            except OSError:  # full, or lost: the queue's flush tells which
+                sent = 0
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self._queue(frame)
 
     def _answers(self, data: bytes, run: "_LoadRun") -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
