@@ -9724,10 +9724,15 @@ class TestClients:
         run = wsmanager._LoadRun(clients, messages, 16)
         run.sending = True
         monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
-        parsed, queued = [], []  # the connections whose parser got bytes, whose send queue got frames
-        receive, queue_frames = WebSocket._receive, WebSocket._queue
+        parsed, queued = [], []  # the connections whose parser got bytes, the protocols whose send queue got frames
+        receive, queue_frames = WebSocket._receive, wsmanager._Protocol.send
         monkeypatch.setattr(WebSocket, "_receive", lambda ws, data: parsed.append(ws) or receive(ws, data))
-        monkeypatch.setattr(WebSocket, "_queue", lambda ws, data: queued.append(ws) or queue_frames(ws, data))
+        monkeypatch.setattr(wsmanager._Protocol, "send",
+                            lambda protocol, data, *args: queued.append(protocol) or queue_frames(protocol, data, *args))
+        opened = []
+        monkeypatch.setattr(wsmanager._LoadRun, "opened",
+                            lambda self, client, opened_run=wsmanager._LoadRun.opened: opened.append(client)
+                            or opened_run(self, client))
         for _ in range(clients):
             client_manager.connect(ws_url(address), wsmanager._LoadClient)
         wait_until(lambda: run.finished == clients, timeout=30)
@@ -9735,7 +9740,7 @@ class TestClients:
         # On the clients' side the parser saw the server's close frames alone (one per client), and no
         # message went through the send queue (a close frame has a way of its own).
         assert sum(isinstance(ws, wsmanager._LoadClient) for ws in parsed) == clients
-        assert not any(isinstance(ws, wsmanager._LoadClient) for ws in queued)
+        assert len(opened) == clients and not any(client._protocol in queued for client in opened)
 
     @pytest.mark.parametrize("in_flight", [1, 3])
     def test_load_queues_what_a_partial_write_left(self, manager, client_manager, monkeypatch, in_flight):

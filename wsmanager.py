@@ -2908,7 +2908,10 @@ _RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
 class _Handler(Protocol):
     """What the loop calls on an object registered in its selector."""
 
-    _finalized: bool  # over: its events (stale ones in this turn) are ignored
+    @property
+    def _finalized(self) -> bool:
+        """Over: its events (stale ones in this turn) are ignored (a property here: a handler that stands
+        in for another, the load generator's ``_LoadReader``, reads its client's)."""
 
     def _on_read(self) -> None: ...
 
@@ -6657,12 +6660,15 @@ class _LoadClient(WebSocket):
     for their answer, sending the next as each comes back (the run, ``_LoadRun``, is set on the class).
 
     A load generator must cost less CPU per message than the server it loads, or it measures itself.
-    So while the answers are exactly the frames an echo sends back, ``_on_read`` matches them as raw
-    bytes and the next message goes straight to the socket as a frame masked in advance (a fresh
-    random key each, RFC 6455 5.3), skipping the parser and the write queue. The first byte that is
-    anything else (a ping, a close, a frame cut over two reads, another answer) goes through the
-    connection's own parser, and so does every byte after it: the parser never sees a stream with a
-    hole in it.
+    So while the answers are exactly the frames an echo sends back, a :class:`_LoadReader` reads the
+    socket in the connection's place and matches them as raw bytes, and the next message goes to
+    the socket as a frame masked in advance (a fresh random key each, RFC 6455 5.3), skipping the
+    parser and the write queue. The first byte that is anything else (a ping, a close, a frame cut
+    over two reads, another answer) goes to the connection's own parser, and so does every byte
+    after it: the reader hands the socket back for good, so the parser never sees a stream with a
+    hole in it. No internal of WebSocket is redefined (they are reserved): the reader is a handler
+    of its own in the manager's selector, and the writes go through the connection's ``_Protocol``
+    under its lock, as ``_flush`` does.
     """
 
     run: "_LoadRun"
@@ -6670,11 +6676,13 @@ class _LoadClient(WebSocket):
     sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
     left = 0  # messages still to send (-1: until the run's duration is over)
     done = False
-    fast = False  # answers matched as raw bytes (see the class docstring)
     raw = False  # messages sent as frames masked in advance: a plain socket, no compression
 
     def opened(self) -> None:
-        self.raw = self.fast = self.compression is None and not _is_tls(self.sock)
+        self.raw = self.compression is None and not _is_tls(self.sock)
+        # Not when the 101 came with bytes after it (fed to the parser once opened() returns).
+        if self.raw and not self._extra and self.manager is not None:
+            _LoadReader(self, self.manager)
         self.run.opened(self)
 
     def received_message(self, message: Union[str, bytes]) -> None:
@@ -6684,81 +6692,115 @@ class _LoadClient(WebSocket):
         self.run.failed(exc)
 
     def closed(self, code: int, reason: str) -> None:
-        self.fast = self.raw = False
+        self.raw = False
         self.run.closed(self, code)
 
+    def send_raw(self, frames: bytes) -> None:
+        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
+        before them, else (and what the socket does not take) queued; dropped once the connection closes
+        (``closed()`` counts it). Loop thread only: it writes as the connection's driver does."""
+        protocol = self._protocol
+        sent = 0
+        with protocol.lock:  # the driver's writes hold it (see _Protocol): no close frame slips in meanwhile
+            if protocol.state is _OPEN and not protocol.out:
+                try:
+                    sent = self.sock.send(frames)
+                except OSError:  # full, or lost: the queue's flush tells which
+                    sent = 0
+                if sent == len(frames):
+                    return
+        if sent:
+            # The rest of a frame partly written: before anything another thread queued since the lock was let go.
+            protocol.send_first(frames[sent:])
+            status = _FLUSH
+        else:
+            status = protocol.send(frames)
+        if status == _FLUSH and self.manager is not None:
+            self.manager._schedule_flush(self)
+
+
+class _LoadReader:
+    """The selector's handler of a :class:`_LoadClient`'s socket while its answers are plain echoes.
+
+    Registered in the client's place when it opens (plain socket, no compression); the client's
+    own handler, the :class:`WebSocket`, is put back the first time a read is anything but whole
+    answers (see :meth:`_to_parser`), or whenever the connection changes its events itself (a
+    write waiting): from then on every byte goes through the parser. The loop calls
+    ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
+
+    __slots__ = ("client", "manager", "run", "sock")
+
+    def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
+        self.client = client
+        self.manager = manager
+        self.run = client.run
+        self.sock = client.sock
+        manager._set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
+
+    @property
+    def _finalized(self) -> bool:
+        return self.client.terminated
+
+    def _finalize(self, reason: str = "") -> None:
+        self.client._finalize(reason)
+
+    def _on_write(self) -> None:  # (never registered for writes: the client re-registers itself for those)
+        self.client._on_write()
+
     def _on_read(self) -> None:
-        if not self.fast:
-            super()._on_read()
-            return
         run = self.run
         try:
             data = self.sock.recv(run.read_size)
         except _WOULD_BLOCK:
             return
         except OSError as exc:
-            self._finalize(f"connection lost: {exc}")
+            self.client._finalize(f"connection lost: {exc}")
             return
-        sent_at = self.sent_at
+        client = self.client
+        sent_at = client.sent_at
         if data != run.answer or not sent_at:  # not the usual read, one whole answer
-            self._answers(data, run)
+            self._answers(data)
             return
         now = time.monotonic()
         run.round_trips.append(now - sent_at.popleft())
         run.last_answer = now
-        left = self.left
+        left = client.left
         if not left or not run.sending:
-            run.send_next(self, 1, now)  # every answer in, or the duration over: it closes
+            run.send_next(client, 1, now)  # every answer in, or the duration over: it closes
             return
-        # The next message, _LoadRun.send_next() and send_raw() inlined: the path of nearly every answer.
+        # The next message, _LoadRun.send_next() inlined: the path of nearly every answer.
         if left > 0:
-            self.left = left - 1
+            client.left = left - 1
         sent_at.append(now)
         masked = run.masked
-        frame = masked.pop() if masked else run.frames(1)
-        if self.state is _OPEN and not self.buffered_amount:
-            try:
-                sent = self.sock.send(frame)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        self._queue(frame)
+        client.send_raw(masked.pop() if masked else run.frames(1))
 
-    def _answers(self, data: bytes, run: "_LoadRun") -> None:
+    def _answers(self, data: bytes) -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
         counted here; anything else goes to the parser (EOF ends the connection)."""
+        client, run = self.client, self.run
         if not data:
-            self._finalize("connection closed without a close frame")
+            client._finalize("connection closed without a close frame")
             return
-        sent_at = self.sent_at
+        sent_at = client.sent_at
         count, cut = divmod(len(data), len(run.answer))
         if cut or not count or count > len(sent_at) or not run.answers.startswith(data):
-            self._receive(data)  # more answers than questions included: the parser's path tells what
+            self._to_parser(data)  # more answers than questions included: the parser's path tells what
             return
         now = time.monotonic()
         run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
         run.last_answer = now
-        run.send_next(self, count, now)
+        run.send_next(client, count, now)
 
-    def _receive(self, data: bytes) -> None:
-        self.fast = False  # once the parser has seen a byte, it sees every byte after it
-        super()._receive(data)
-
-    def send_raw(self, frames: bytes) -> None:
-        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
-        before them, else (and what the socket does not take) queued; dropped once the connection closes
-        (``closed()`` counts it)."""
-        if self.state is _OPEN and not self.buffered_amount:
-            try:
-                sent = self.sock.send(frames)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frames):
-                return
-            frames = frames[sent:]
-        self._queue(frames)
+    def _to_parser(self, data: bytes) -> None:
+        """Give the socket back to the client, for good, and ``data`` to its parser."""
+        client = self.client
+        if not client.terminated:
+            # Read only: a change of events re-registers the client itself, so while this reader
+            # is registered the client's events are EVENT_READ alone.
+            self.manager._set_events(self.sock, selectors.EVENT_READ, client)
+        if client.state is not _CLOSED:  # (nothing is fed after a failure: RFC 6455 5.5.1)
+            client._receive(data)
 
 
 def _percentiles(values: Sequence[float]) -> Optional[Dict[str, float]]:
@@ -6838,7 +6880,6 @@ class _LoadRun:
         if left == 0 or not self.sending:
             if not client.sent_at and not client.done:  # every answer is in
                 client.done = True
-                client.fast = False
                 client.close()
             return
         if left > 0:
