@@ -36,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -6628,6 +6629,37 @@ class TestOutOfDescriptors:
                                 capture_output=True, env=_cli_env(), timeout=60)
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout.decode().strip() == str((hard, hard))
+
+    def test_a_plain_connection_reset_needs_no_ssl(self):
+        # Out of descriptors, a module imported at that moment fails to load: a plain connection that
+        # the peer resets (ECONNRESET) must end without the loop importing ssl for its except clause.
+        code = textwrap.dedent("""
+            import socket, struct, sys, time, wsmanager
+            closed = []
+            class Server(wsmanager.WebSocket):
+                def closed(self, code, reason):
+                    closed.append(reason)
+            with wsmanager.WebSocketManager() as manager:
+                host, port = manager.listen(("127.0.0.1", 0), Server)
+                peer = socket.create_connection((host, port), timeout=10)
+                peer.sendall(wsmanager.encode_request(f"{host}:{port}", "/", wsmanager.new_key()))
+                while not peer.recv(4096).endswith(b"\\r\\n\\r\\n"):
+                    pass
+                while not len(manager):
+                    time.sleep(0.01)
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()  # a reset
+                for _ in range(500):
+                    if closed:
+                        break
+                    time.sleep(0.01)
+                print(closed, "ssl" in sys.modules)
+        """)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=_cli_env(), timeout=60)
+        assert result.returncode == 0, result.stderr.decode()
+        reasons, ssl_imported = result.stdout.decode().rsplit(" ", 1)
+        assert "connection lost" in reasons and "reset" in reasons.lower(), reasons
+        assert ssl_imported.strip() == "False"
 
     def test_the_loop_survives_running_out_of_descriptors(self, client_manager):
         # The last descriptor goes to an accept(); the handshake then needs hashlib and base64,

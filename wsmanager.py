@@ -155,7 +155,9 @@ def _is_tls(sock: Any) -> bool:
     Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
     """
     module = sys.modules.get("ssl")
-    if module is None or not isinstance(sock, module.SSLSocket):
+    # getattr: while another thread imports ssl, sys.modules holds it half made, without SSLSocket.
+    ssl_socket = getattr(module, "SSLSocket", None)
+    if ssl_socket is None or not isinstance(sock, ssl_socket):
         return False
     if len(_WOULD_BLOCK) == 2:
         _tls_in_use()
@@ -2729,11 +2731,13 @@ class WebSocket:
             data = self.sock.recv(READ_SIZE)
         except _WOULD_BLOCK:
             return
-        except ssl.SSLZeroReturnError:
-            data = b""
         except OSError as exc:
-            self._finalize(f"connection lost: {exc}")
-            return
+            # TLS's close_notify (SSLZeroReturnError) is an EOF. ssl is looked at on a TLS socket only:
+            # a plain connection's reset must not import it (it may be out of descriptors to do so).
+            if not (self._tls and isinstance(exc, ssl.SSLZeroReturnError)):
+                self._finalize(f"connection lost: {exc}")
+                return
+            data = b""
         if not data:
             # EOF: the end of a close handshake, or a peer that vanished without one (1006).
             self._finalize("connection closed without a close frame")
