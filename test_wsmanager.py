@@ -9860,6 +9860,42 @@ class TestClients:
         # A byte sent twice or lost would make the server fail the connection (1002): an error here.
         assert len(run.round_trips) == clients * messages and not run.errors
 
+    def test_load_writes_the_rest_of_a_partial_write_before_a_close_queued_meanwhile(self, manager, client_manager,
+                                                                                       monkeypatch):
+        class Dribble:
+            """A socket whose send() writes at most 5 bytes; at the third message, once its first 5 bytes are
+            out, a close is queued (as close_all() from another thread may, between a write and its rest)."""
+
+            def __init__(self, sock, client):
+                self._sock, self.client, self.messages = sock, client, 0
+
+            def send(self, data):
+                sent = self._sock.send(bytes(data[:5]))
+                if data[0] == 0x82:  # a binary frame's first write
+                    self.messages += 1
+                    if self.messages == 3:
+                        self.client.close()
+                return sent
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        class DribblingClient(wsmanager._LoadClient):
+            def opened(self):
+                self.sock = Dribble(self.sock, self)
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        run = wsmanager._LoadRun(1, 10, 16)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        client_manager.connect(ws_url(address), DribblingClient)
+        wait_until(lambda: run.finished == 1, timeout=30)
+        # The third message whole, then the close frame: the server answers both and closes with 1000 (the
+        # rest queued after the close frame, or dropped, would be a broken frame: 1002, or no answer: 1006).
+        assert len(run.round_trips) == 3
+        assert run.errors == {"closed 1000 before its last answer": 1}
+
     class RawEcho:
         """An echo server on bare sockets that records each message's mask key; ``answer(index, frame)``
         returns what to write for the index-th message (byte strings, a float: a pause in seconds)."""
