@@ -6740,7 +6740,7 @@ class _LoadClient(WebSocket):
         """Queue what :meth:`send_raw` did not write (``sent`` bytes of ``frames`` went to the socket)."""
         protocol = self._protocol
         if sent:
-            # The rest of a frame partly written: before anything another thread queued since the lock was let go.
+            # The rest of a frame partly written: before anything another thread queued since (a close frame).
             protocol.send_first(frames[sent:])
             status = _FLUSH
         else:
