@@ -6552,6 +6552,38 @@ print(json.dumps({
 }))
 """
 
+# Run as a script: the first manager.connect() of a process made with no descriptor left.
+_EMFILE_FIRST_CONNECT_SCRIPT = """
+import errno, json, socket, threading
+import wsmanager
+
+failures, raised, held = [], [], []
+failed = threading.Event()
+
+class Client(wsmanager.WebSocket):
+    def connect_failed(self, exc):
+        failures.append(f"{type(exc).__name__} {errno.errorcode.get(getattr(exc, 'errno', None))}")
+        failed.set()
+
+manager = wsmanager.WebSocketManager()
+manager.start()
+try:
+    while True:
+        held.append(socket.socket())
+except OSError:
+    pass
+try:
+    manager.connect("ws://localhost:9/", Client)  # the URL's module and the host name's codec: loaded already?
+except Exception as exc:
+    raised.append(repr(exc))
+failed.wait(10)
+for sock in held:
+    sock.close()
+manager.stop(0)
+manager.join(10)
+print(json.dumps({"raised": raised, "failures": failures}))
+"""
+
 # Run as a script: a server whose process has no descriptor left; the test talks to it through stdin.
 _EMFILE_LOOP_SCRIPT = """
 import json, os, resource, sys, time
@@ -6614,6 +6646,13 @@ class TestOutOfDescriptors:
             assert report["running"]
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)
+
+    def test_a_first_manager_connect_with_no_descriptor_left_reports_through_connect_failed(self):
+        # -S: no site, so urllib.parse is not there already (as in a program that never imported it).
+        result = subprocess.run([sys.executable, "-S", "-c", _EMFILE_FIRST_CONNECT_SCRIPT], capture_output=True,
+                                env=_cli_env(), timeout=60)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        assert json.loads(result.stdout) == {"raised": [], "failures": ["OSError EMFILE"]}
 
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux answers a TCP connect to broadcast "
                                                                        "with ENETUNREACH at once")

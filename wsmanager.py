@@ -3548,15 +3548,19 @@ class _Waker:
 # The manager's life beyond its loop: modules, Ctrl-C, interpreter exit -----------------
 
 def _import_loop_modules() -> None:
-    """Import, as a loop starts, the lazily imported modules its work may need.
+    """Import, as a manager is made, the lazily imported modules its work may need.
 
     Once the process is out of descriptors (EMFILE), no module can be imported: each is a
     file to open. A loop that first needed ``logging`` (any log line), ``hashlib`` and
-    ``base64`` (a server handshake) or ``zlib`` (compression) then would fail and die.
+    ``base64`` (a server handshake) or ``zlib`` (compression) then would fail and die, and
+    a first :meth:`WebSocketManager.connect` that needed ``urllib.parse`` (the URL) or the
+    ``idna`` codec (``getaddrinfo`` encodes a host name with it) would raise in the caller.
     ``ssl`` is not among them: a TLS socket exists only once ``ssl`` is imported.
     """
     base64.b64encode(hashlib.sha1(b"").digest())
     zlib.crc32(b"")
+    urllib.parse.urlsplit("ws://localhost/")
+    "localhost".encode("idna")
     logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
 
 
@@ -3742,6 +3746,7 @@ class WebSocketManager:
         self._no_socket = socket.socket()
         self._no_socket.close()
         self._connect_starved = False  # in an episode of connect() failing with EMFILE: see _out_of_descriptors
+        _import_loop_modules()  # while descriptors are at hand, not when the loop first needs them
 
     # Connections ---------------------------------------------------------------
 
@@ -4253,7 +4258,6 @@ class WebSocketManager:
         self._running = not self._stopped
         restore_sigint = None
         try:
-            _import_loop_modules()
             restore_sigint = _on_sigint(self._interrupted)
             while self._running:
                 self._run_once()
