@@ -6779,6 +6779,30 @@ class TestStopping:
         finally:
             _reap(proc)
 
+    def test_stop_from_a_sigterm_handler_while_run_waits_stops_gracefully(self, client_manager):
+        # The handler runs in the loop's own thread, between two bytecodes or inside an idle select():
+        # the stop must wake the loop, and must not take a lock the interrupted code may hold.
+        code = (
+            "import signal, wsmanager\n"
+            "manager = wsmanager.WebSocketManager()\n"
+            "print(manager.listen(('127.0.0.1', 0), wsmanager.WebSocket)[1], flush=True)\n"
+            "signal.signal(signal.SIGTERM, lambda signum, frame: manager.stop())\n"
+            "manager.run()\n"
+            "print('stopped', flush=True)\n"
+        )
+        proc = _python_script(code)
+        try:
+            port = int(_read_line(proc))
+            client = open_client(client_manager, f"ws://127.0.0.1:{port}/")
+            time.sleep(0.5)  # the loop idles in select() with no timeout
+            proc.send_signal(signal.SIGTERM)
+            assert client.closed_event.wait(10)
+            assert mgr_closed_events(client) == [("closed", 1001, "")]
+            assert _read_line(proc) == "stopped\n"
+            assert proc.wait(10) == 0
+        finally:
+            _reap(proc)
+
     def test_a_second_ctrl_c_stops_run_at_once(self):
         port = _free_port()
         proc = _python_script(readme_snippet("server").replace("9000", str(port)))

@@ -4288,12 +4288,20 @@ class WebSocketManager:
         """
         if timeout is None:
             timeout = self.close_timeout
-        with self._lock:
-            self._stopping = True
-        if timeout > 0:
-            self._call_threadsafe(self._stop_when_idle, timeout)
-        else:
+        in_loop = self._in_loop()
+        if not in_loop:
+            with self._lock:
+                self._stopping = True
+        if timeout <= 0:
             self._stop_now()
+        elif in_loop:
+            # A callback, or a signal handler (SIGTERM) that interrupted this thread anywhere, select()
+            # included: no lock (the interrupted code may hold it) and nothing done here. Queued, with a
+            # wake-up, so that a select() that resumes after the handler returns at once.
+            self._stopping = True
+            self._queue_from_signal(self._stop_when_idle, timeout)
+        else:
+            self._call_soon(self._stop_when_idle, timeout)
 
     def _stop_now(self) -> None:
         # stop(0), also from a signal handler in the loop's own thread: flags and a wake-up, no lock.
@@ -4309,7 +4317,11 @@ class WebSocketManager:
             self._stop_now()
             return
         self._stopping = True
-        self._calls.append((self._stop_on_interrupt, ()))
+        self._queue_from_signal(self._stop_on_interrupt)
+
+    def _queue_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
+        # The loop's thread, maybe in a signal handler: queued for the loop, and select() woken.
+        self._calls.append((function, args))
         with contextlib.suppress(OSError):
             self._waker.send(b"\0")  # not _wake(): its pending flag may be mid-update in this very thread
 
