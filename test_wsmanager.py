@@ -11523,6 +11523,20 @@ class TestHardening:
 # Docs ########################################################################
 ###############################################################################
 
+def _copy_source_tree(here, source):
+    """The files a clone gives the build backend: the project's own and every one MANIFEST.in names."""
+    source.mkdir()
+    for name in ("wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE", "MANIFEST.in"):
+        shutil.copy(here / name, source / name)
+    for line in (here / "MANIFEST.in").read_text().splitlines():
+        command, _, name = line.partition(" ")
+        if command == "include":
+            shutil.copy(here / name, source / name)
+        elif command == "graft":
+            shutil.copytree(here / name, source / name, ignore=shutil.ignore_patterns("_build"))
+    return source
+
+
 @pytest.mark.peers
 class TestDocs:
     """The documentation runs: API surface, README snippets, the module docstring, types and packaging."""
@@ -11634,11 +11648,7 @@ class TestDocs:
     def test_sdist_carries_the_tests_and_they_run_from_it(self, tmp_path):
         pytest.importorskip("setuptools.build_meta")  # the build backend pyproject.toml names
         here = Path(wsmanager.__file__).parent
-        source = tmp_path / "source"
-        source.mkdir()
-        for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
-                     "MANIFEST.in"):
-            shutil.copy(here / name, source / name)
+        source = _copy_source_tree(here, tmp_path / "source")
         # The backend, called as pip or `python -m build` would call it, offline (no isolated environment).
         built = subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as backend; "
                                 "print(backend.build_sdist(sys.argv[1]))", str(tmp_path)],
@@ -11684,11 +11694,7 @@ class TestDocs:
         if int(setuptools.__version__.split(".")[0]) < 77:
             pytest.skip(f"setuptools {setuptools.__version__}: PEP 639 license expressions need 77+ (the test extra)")
         here = Path(wsmanager.__file__).parent
-        source = tmp_path / "source"
-        source.mkdir()
-        for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
-                     "MANIFEST.in"):
-            shutil.copy(here / name, source / name)
+        source = _copy_source_tree(here, tmp_path / "source")
         env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
         built = subprocess.run([sys.executable, "-W", "always", "-c", "import sys, setuptools.build_meta as backend; "
                                 "print(backend.build_wheel(sys.argv[1]))", str(tmp_path)],
