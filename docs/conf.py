@@ -1,0 +1,48 @@
+"""Sphinx configuration of wsmanager's documentation: offline, strict (-W -n), built in seconds."""
+
+import os
+import sys
+
+# The wsmanager.py beside this folder, not an installed copy: the docs describe the code they ship with.
+sys.path.insert(0, os.path.abspath(".."))
+
+import wsmanager  # noqa: E402
+
+project = "wsmanager"
+author = "the wsmanager authors"
+copyright = "the wsmanager authors, MIT license"
+version = release = wsmanager.__version__
+
+extensions = ["sphinx.ext.autodoc"]
+exclude_patterns = ["_build"]
+templates_path = []
+html_static_path = ["_static"]
+html_theme = "furo"
+html_title = f"wsmanager {release}"
+html_show_sourcelink = False
+html_copy_source = False
+
+nitpicky = True
+# No network at build time and no stored inventory of the standard library's documentation: names of
+# the standard library and of typing in signatures stay plain text. Every wsmanager name must resolve.
+nitpick_ignore_regex = [
+    (r"py:(class|obj|data|exc|func|meth|attr|mod)",
+     r"(typing|typing_extensions|collections(\.abc)?|ssl|socket|selectors|logging|wsgiref|socketserver|http|"
+     r"threading|queue|zlib|urllib|enum|asyncio)"
+     r"(\..*)?"),
+    (r"py:(class|obj|data|exc)",
+     r"(int|str|bytes|bytearray|memoryview|float|bool|object|dict|list|tuple|set|frozenset|type|None|"
+     r"Exception|ValueError|TypeError|RuntimeError|OSError|TimeoutError|BaseException|enum\.IntEnum|"
+     r"enum\.Enum|Ellipsis|NoneType)"),
+    # Private type variables and aliases in signatures (_WebSocketT: the factory's class; _Address: a
+    # (host, port) tuple or a Unix path) are not documented names; everything public must resolve.
+    (r"py:class", r"wsmanager\._\w+"),
+]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autodoc_default_options = {"members": True, "show-inheritance": True}
+# One line per parameter once a signature is long: WebSocketManager's are.
+maximum_signature_line_length = 88
+python_use_unqualified_type_names = True
