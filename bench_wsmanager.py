@@ -178,6 +178,7 @@ import statistics
 import string
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import timeit
@@ -2654,7 +2655,9 @@ def results_document(metrics: Sequence[Metric], machine: str) -> Dict[str, Any]:
     """The medians of a run as a JSON-ready dict: what ``--json`` writes and ``--plot`` reads."""
     rows = [{"label": metric.label, "unit": metric.unit, "higher_is_better": metric.higher_is_better,
              "values": {column: metric.median(column) for column in IMPLEMENTATIONS
-                        if column in metric.columns and metric.median(column) is not None}}
+                        if column in metric.columns and metric.median(column) is not None},
+             "lower_bounds": [column for column in IMPLEMENTATIONS
+                              if column in metric.columns and metric.columns[column] in metric.lower_bounds]}
             for metric in metrics]
     return {"machine": machine, "rows": rows}
 
@@ -2670,7 +2673,8 @@ def svg_bar_chart(title: str, rows: Sequence[Dict[str, Any]], machine: str) -> s
     """Horizontal bars, one group per row, one bar per implementation. Each group is scaled to its
     own largest value (rows have different units); the figure and the ratio to websockets are printed."""
     width, left, right, bar, heading, gap = 860, 110, 230, 18, 22, 16
-    height = 48 + sum(heading + bar * len(row["values"]) + gap for row in rows) + 30
+    footer = textwrap.wrap(machine, 135)
+    height = 48 + sum(heading + bar * len(row["values"]) + gap for row in rows) + 16 * len(footer) + 14
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" font-family="system-ui, -apple-system, \'Segoe UI\', sans-serif">',
              f"<title>{title}</title>", f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
@@ -2691,13 +2695,17 @@ def svg_bar_chart(title: str, rows: Sequence[Dict[str, Any]], machine: str) -> s
             parts.append(_svg_text(left - 8, y + bar - 6, impl, anchor="end", size=12, colour="#4a5568"))
             parts.append(f'<rect x="{left}" y="{y:.1f}" width="{length:.1f}" height="{bar - 4}" '
                          f'fill="{CHART_COLOURS[impl]}"><title>{impl}: {fmt(value)} {row["unit"]}</title></rect>')
-            label = fmt(value)
+            label = ("\u2265 " if impl in row.get("lower_bounds", ()) else "") + fmt(value)
             if impl == "wsmanager" and reference:
                 label += f"  ({value / reference:.2f}x websockets)"
             parts.append(_svg_text(left + length + 6, y + bar - 6, label, size=12))
             y += bar
         y += gap
-    parts.append(_svg_text(20, height - 14, machine, size=11.5, colour="#4a5568"))
+    for number, line in enumerate(footer):
+        parts.append(_svg_text(20, y + 4 + 16 * number, line, size=11.5, colour="#4a5568"))
+    if any(row.get("lower_bounds") for row in rows):
+        parts.append(_svg_text(width - 20, 30, "\u2265: a lower bound (the load generator was saturated)",
+                               anchor="end", size=11.5, colour="#4a5568"))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
