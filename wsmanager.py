@@ -2483,11 +2483,16 @@ class WebSocket:
         with contextlib.suppress(OSError):
             self.sock.close()
         if self._receiver is not None:  # it was opened
-            # A close handshake that ran its course is routine; anything else is worth a line at INFO.
-            if self._failure is not None or code == CloseCode.ABNORMAL:
+            # A close handshake that ran its course is routine; anything else is worth a line at INFO,
+            # but during a stop the manager counts it for one summary line instead.
+            failed = self._failure is not None or code == CloseCode.ABNORMAL
+            stopping = manager is not None and manager._stopping
+            if stopping:
+                manager._count_end(failed, code, reason)
+            if failed and not stopping:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
             elif logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s closed: %d %r", self._describe(), code, reason)
+                logger.debug("%s %s: %d %r", self._describe(), "failed" if failed else "closed", code, reason)
             try:
                 self.closed(code, reason)
             except Exception as exc:
@@ -2543,7 +2548,7 @@ class _Listener:
     """A listening socket (or, for accept(), just the settings) of a manager."""
 
     __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
-                 "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized")
+                 "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized", "_starved_since")
 
     def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
                  ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
@@ -2564,6 +2569,7 @@ class _Listener:
         # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
         self._count_lock = threading.Lock()
         self._finalized = False
+        self._starved_since: Optional[float] = None  # when accept() ran out of descriptors, in an episode of it
 
     def accept(self, request: Request, peer: Any = None) -> Response:
         """The answer to an opening request, with no I/O: a 101, or the refusal to send.
@@ -2658,13 +2664,23 @@ class _Listener:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: the backlog stays readable, so rest instead of spinning.
-                    logger.warning("accept() failed (%s); pausing the listener for %.1f s", exc, ACCEPT_BACKOFF)
+                    # Out of descriptors: the backlog stays readable, so the listener leaves the
+                    # selector for ACCEPT_BACKOFF instead of spinning, then tries again. One warning
+                    # per episode (until an accept() succeeds), not one per try.
+                    if self._starved_since is None:
+                        self._starved_since = manager._now
+                        logger.warning("accept() failed (%s); the listener rests %.1f s at a time until "
+                                       "descriptors are free", exc, ACCEPT_BACKOFF)
+                    else:
+                        logger.debug("accept() failed again (%s); resting %.1f s", exc, ACCEPT_BACKOFF)
                     manager._selector.unregister(listening)
                     manager._call_later(ACCEPT_BACKOFF, self._resume)
                     return
                 logger.debug("accept() failed: %s", exc)
                 continue
+            if self._starved_since is not None:
+                logger.info("accept() works again after %.1f s out of descriptors", manager._now - self._starved_since)
+                self._starved_since = None
             manager._start_handshake(self, sock, address)
 
     def _on_write(self) -> None:
@@ -2802,7 +2818,9 @@ class _ServerHandshake(_Handshake):
         if self.reply is not None:
             return
         status = response.status
-        if status >= 400 and upgrade:
+        if status == 503 and self.manager._stopping:
+            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
+        elif status >= 400 and upgrade:
             logger.info("refused handshake from %s: %d %s", self.address, status,
                         reason or response.reason or _REASON_PHRASES.get(status, ""))
         else:
@@ -3051,7 +3069,10 @@ class _ClientHandshake(_Handshake):
         self._detach()
         self.manager._unwatch(self.sock)
         websocket = self.websocket
-        logger.info("could not connect %s: %s", websocket._describe(), exc)
+        if isinstance(exc, ManagerStopped):
+            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
+        elif not self.manager._out_of_descriptors(exc):  # which logs once per episode, not per connection
+            logger.info("could not connect %s: %s", websocket._describe(), exc)
         websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
         try:
             websocket.connect_failed(exc)
@@ -3094,6 +3115,119 @@ class _Waker:
 
     def _finalize(self, reason: str = "") -> None:
         """Nothing: the waker lives as long as its loop, whose shutdown closes it."""
+
+
+# The manager's life beyond its loop: modules, Ctrl-C, interpreter exit -----------------
+
+def _import_loop_modules() -> None:
+    """Import, as a loop starts, the lazily imported modules its work may need.
+
+    Once the process is out of descriptors (EMFILE), no module can be imported: each is a
+    file to open. A loop that first needed ``logging`` (any log line), ``hashlib`` and
+    ``base64`` (a server handshake) or ``zlib`` (compression) then would fail and die.
+    ``ssl`` is not among them: a TLS socket exists only once ``ssl`` is imported.
+    """
+    base64.b64encode(hashlib.sha1(b"").digest())
+    zlib.crc32(b"")
+    logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
+
+
+def _descriptors_exhausted(exc: OSError) -> Optional[OSError]:
+    """The EMFILE (ENFILE, ENOBUFS) error behind ``exc`` if the process is out of descriptors, else None."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+        return exc
+    try:
+        socket.socket().close()
+    except OSError as probe:
+        if probe.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+            return probe
+    return None
+
+
+def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
+    """Ctrl-C calls ``callback()`` instead of raising KeyboardInterrupt: only in the main thread, and
+    only while SIGINT has Python's default handler (a program's own handler is left alone).
+    Returns what puts the default handler back (``None`` when nothing was changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            callback()
+
+        signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        return None
+
+    def restore() -> None:
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signal.SIGINT) is handler:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    return restore
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_at_once(managers: Sequence["WebSocketManager"]) -> Iterator[None]:
+    """While the block waits for graceful stops: Ctrl-C (in the main thread) makes them immediate,
+    as a second Ctrl-C does, instead of raising KeyboardInterrupt in the middle of the wait."""
+    def stop_now() -> None:
+        for manager in managers:
+            manager._stop_now()
+
+    restore = _on_sigint(stop_now)
+    try:
+        yield
+    finally:
+        if restore is not None:
+            restore()
+
+
+# Managers running in a thread of their own (start()), for the exit hook: a strong reference
+# is no leak, their thread holds one until the loop ends, when run() takes it out.
+_started: Set["WebSocketManager"] = set()
+_started_lock = threading.Lock()
+_exit_hook: List[bool] = []  # [True] once registered: one hook for all managers
+
+
+def _stop_at_exit(manager: "WebSocketManager") -> None:
+    """Have ``manager`` stopped gracefully if the interpreter exits while its loop still runs."""
+    with _started_lock:
+        _started.add(manager)
+        if _exit_hook:
+            return
+        _exit_hook.append(True)
+    # Deliberate: threading's exit hooks (what concurrent.futures uses, CPython 3.9+) run as the
+    # main thread ends, before non-daemon threads are waited for and before atexit: a thread
+    # blocked on a connection is set free by its close, and logging still works. atexit (also
+    # before daemon threads are frozen) where it is missing.
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading._register_atexit")
+        register(_stop_started_managers)
+    except RuntimeError:  # missing, or the interpreter is exiting already
+        import atexit
+        atexit.register(_stop_started_managers)
+
+
+def _stop_started_managers() -> None:
+    """The exit hook: every manager still running in this process is stopped as by ``stop()``:
+    1001 to every peer, whose answers are waited for up to its ``close_timeout``."""
+    pid = os.getpid()
+    with _started_lock:
+        managers = [manager for manager in _started if manager._pid == pid and manager.running]
+    if not managers:
+        return
+    with _ctrl_c_stops_at_once(managers):
+        for manager in managers:
+            with contextlib.suppress(Exception):
+                manager.stop()
+        # Bounded: a loop stuck in a callback must not hold the exit forever.
+        deadline = time.monotonic() + max(manager.close_timeout for manager in managers) + 1.0
+        for manager in managers:
+            manager.join(max(0.0, deadline - time.monotonic()))
 
 
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
@@ -3168,9 +3302,16 @@ class WebSocketManager:
         self._thread_id: Optional[int] = None
         self._lock = threading.Lock()
         self._finished = False  # set by _shutdown(): nothing may be added from then on
+        self._interrupts = 0  # Ctrl-C seen by run() in the main thread: the first stops gracefully
+        self._stop_outcomes: "collections.Counter[str]" = collections.Counter()  # how connections ended in a stop
         self._wake_pending = False
         self._install_waker()
         self._pid = os.getpid()  # a manager made before a fork (gunicorn --preload) is renewed: _ensure_running
+        # A closed socket, made while descriptors are at hand: the socket of a connect() whose own
+        # socket cannot be made (EMFILE), so that the connection exists to report its failure.
+        self._no_socket = socket.socket()
+        self._no_socket.close()
+        self._connect_starved = False  # in an episode of connect() failing with EMFILE: see _out_of_descriptors
 
     # Connections ---------------------------------------------------------------
 
@@ -3255,7 +3396,18 @@ class WebSocketManager:
                                  list(headers) if headers is not None else None, origin, proxy,
                                  self.handshake_timeout if timeout is None else timeout)
         redial = _Redial(self, target, factory, options, policy) if policy is not None else None
-        handshake = self._dial(target, factory, options, redial)
+        failure: Optional[OSError] = None
+        try:
+            handshake = self._dial(target, factory, options, redial)
+        except OSError as exc:
+            # Out of descriptors or buffers (EMFILE, ENFILE, ENOBUFS; glibc's resolver, unable to open
+            # its files, says a name is unknown): a failure to connect like any other, for connect_failed().
+            failure = _descriptors_exhausted(exc)
+            if failure is None:
+                raise
+            handshake = self._dial(target, factory, options, redial, unavailable=failure)
+        else:
+            self._connect_starved = False  # a socket again: a later EMFILE is a new episode
         websocket = handshake.websocket
         try:
             with self._lock:
@@ -3265,17 +3417,28 @@ class WebSocketManager:
         except BaseException:
             websocket.sock.close()
             raise
-        self._call_threadsafe(self._begin_client, handshake)
+        if failure is None:
+            self._call_threadsafe(self._begin_client, handshake)
+        else:
+            self._call_threadsafe(self._fail_client, handshake, failure)
         return websocket
 
     def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
-              redial: Optional[_Redial]) -> "_ClientHandshake":
-        """A client connection and its handshake, ready to begin in the loop (its first hop resolved here)."""
-        proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
-        sock = socket.socket(family, kind, proto)
+              redial: Optional[_Redial], unavailable: Optional[OSError] = None) -> "_ClientHandshake":
+        """A client connection and its handshake, ready to begin in the loop (its first hop resolved here).
+
+        With ``unavailable`` (the process is out of descriptors), nothing is resolved and the
+        connection gets a closed socket: it exists only to report ``unavailable`` to connect_failed().
+        """
+        if unavailable is None:
+            proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
+            sock = socket.socket(family, kind, proto)
+        else:
+            proxy, address, sock = None, (target.host, target.port), self._no_socket
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if unavailable is None:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
             websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                                 peer_address=address)
@@ -3290,6 +3453,20 @@ class WebSocketManager:
 
     def _begin_client(self, handshake: "_ClientHandshake") -> None:
         handshake._begin()
+
+    def _fail_client(self, handshake: "_ClientHandshake", exc: OSError) -> None:
+        handshake._fail(exc)  # in the loop, as any failure to connect: connect_failed(exc)
+
+    def _out_of_descriptors(self, exc: BaseException) -> bool:
+        """Loop thread: whether a connect() failed for want of descriptors (EMFILE, ENFILE, ENOBUFS);
+        the first such failure of an episode (until a socket can be made again) logs a warning."""
+        if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+            return False
+        if not self._connect_starved:
+            self._connect_starved = True
+            logger.warning("connect() failed (%s): until descriptors are free, each connection that cannot be "
+                           "made goes to connect_failed() without a log line", exc)
+        return True
 
     def remove(self, websocket: WebSocket) -> None:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
@@ -3428,8 +3605,8 @@ class WebSocketManager:
         """Start the close handshake on every connection.
 
         This alone does not stop the manager: listeners keep accepting (an
-        application may close everyone and go on). A graceful stop is
-        ``close_all()`` then ``stop(timeout)``, as ``with manager:`` does.
+        application may close everyone and go on). ``close_all(code, reason)``
+        then :meth:`stop` is a graceful stop with that code, as ``with manager:`` does.
         """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
         for websocket in tuple(self._websockets.values()):
@@ -3612,44 +3789,89 @@ class WebSocketManager:
     # Running -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the loop in a background thread."""
+        """Run the loop in a background (daemon) thread.
+
+        If the interpreter exits while it runs (the main thread ends, ``sys.exit()``, a WSGI
+        host's worker process stops), the manager is first stopped as by :meth:`stop`: every
+        connection gets a close frame (1001) and the peers' answers are waited for, up to
+        ``close_timeout``. (A daemon thread would otherwise be frozen mid-close.)
+        """
         if self._thread is not None:
             raise RuntimeError("the manager was already started")
         self._thread = threading.Thread(target=self.run, name="wsmanager", daemon=True)
+        _stop_at_exit(self)
         self._thread.start()
 
     def run(self) -> None:
-        """Run the loop in this thread until :meth:`stop`."""
+        """Run the loop in this thread until :meth:`stop`; then return.
+
+        In the main thread, while SIGINT has Python's default handler, Ctrl-C stops
+        the manager gracefully (as :meth:`stop`) and ``run()`` returns with no
+        ``KeyboardInterrupt``; a second Ctrl-C stops it at once (as ``stop(0)``).
+        """
         if self._running or self._thread_id is not None:
             raise RuntimeError("the manager runs only once")
         self._thread_id = threading.get_ident()
         self._running = not self._stopped
+        restore_sigint = None
         try:
+            _import_loop_modules()
+            restore_sigint = _on_sigint(self._interrupted)
             while self._running:
                 self._run_once()
         finally:
             self._running = False
             self._shutdown()
+            if restore_sigint is not None:
+                restore_sigint()
+            with _started_lock:
+                _started.discard(self)
 
-    def stop(self, timeout: float = 0.0) -> None:
-        """End the loop, from any thread or a callback; connections still open are terminated.
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """End the loop, from any thread or a callback; gracefully unless ``timeout`` is 0.
 
         A stop begins with this call: from then on no connection is taken in.
         Listeners stop accepting, handshakes in progress are refused with
-        HTTP 503, and :meth:`add` and :meth:`listen` raise
-        :class:`ManagerStopped`. With a ``timeout`` the stop is graceful: every
-        connection still open is closed with 1001 (see :meth:`close_all`) and
-        the loop ends as soon as all have closed, or after ``timeout``
-        seconds, terminating what is left.
+        HTTP 503, and :meth:`add` and :meth:`listen` raise :class:`ManagerStopped`.
+        Every connection still open is closed with 1001 (one already closing, by
+        :meth:`close_all` for instance, keeps its own code), and the loop ends as
+        soon as all have closed, or after ``timeout`` seconds (default:
+        ``close_timeout``), terminating what is left (``closed()`` gets 1006).
+        ``stop(0)`` ends the loop at once: every connection is terminated (1006).
+        A second ``stop()`` may shorten the wait, never lengthen it. It does not
+        wait: :meth:`join` does.
         """
+        if timeout is None:
+            timeout = self.close_timeout
         with self._lock:
             self._stopping = True
         if timeout > 0:
             self._call_threadsafe(self._stop_when_idle, timeout)
-            return
-        self._stopped = True
+        else:
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        # stop(0), also from a signal handler in the loop's own thread: flags and a wake-up, no lock.
+        self._stopping = self._stopped = True
         self._running = False
         self._wake()
+
+    def _interrupted(self) -> None:
+        # SIGINT while run() runs in the main thread (a signal handler: it runs between two
+        # bytecodes of the loop, so it only queues work and sets flags).
+        self._interrupts += 1
+        if self._interrupts > 1:
+            self._stop_now()
+            return
+        self._stopping = True
+        self._calls.append((self._stop_on_interrupt, ()))
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")  # not _wake(): its pending flag may be mid-update in this very thread
+
+    def _stop_on_interrupt(self) -> None:
+        logger.info("interrupted: closing %d connection(s) with 1001 (Ctrl-C again to stop at once)",
+                    len(self._websockets))
+        self.stop()
 
     @property
     def running(self) -> bool:
@@ -3658,7 +3880,7 @@ class WebSocketManager:
         return thread.is_alive() if thread is not None else self._running
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait for the background thread to end."""
+        """Wait for the background thread to end (after a :meth:`stop`)."""
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -3667,9 +3889,11 @@ class WebSocketManager:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close_all()
-        self.stop(self.close_timeout)
-        self.join()
+        """``close_all()`` (1001), a graceful ``stop()`` and ``join()``; Ctrl-C meanwhile stops at once."""
+        with _ctrl_c_stops_at_once([self]):
+            self.close_all()
+            self.stop()
+            self.join()
 
     # The loop ------------------------------------------------------------------
 
@@ -3864,7 +4088,12 @@ class WebSocketManager:
     # Shutdown --------------------------------------------------------------------
 
     def _stop_when_idle(self, timeout: float) -> None:
-        self._stop_deadline = time.monotonic() + timeout
+        if self._finished:
+            return  # stop() from a closed() that the shutdown itself calls: nothing left to wait for
+        deadline = time.monotonic() + timeout
+        if self._stop_deadline is not None and self._stop_deadline <= deadline:
+            return  # a stop under way already ends sooner: a second stop() never lengthens it
+        self._stop_deadline = deadline
         self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
         for listener in self._listeners:
             listener._finalize()
@@ -3885,9 +4114,39 @@ class WebSocketManager:
                 release()
             raise ManagerStopped("the manager has stopped" if self._finished else "the manager is stopping")
 
+    def _count_end(self, failed: bool, code: int, reason: str) -> None:
+        """Loop thread, during a stop: how one connection ended, for the stop's summary line."""
+        if not failed:
+            self._stop_outcomes["closed cleanly"] += 1
+        else:
+            # Grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
+            # texts cut at their colon, so that a thousand resets make one group).
+            if code == CloseCode.ABNORMAL:
+                cause = reason.partition(":")[0] or "no reason"
+            else:
+                cause = f"{code} {reason}".rstrip()
+            self._stop_outcomes["cut: " + cause] += 1
+
+    def _log_stop_summary(self) -> None:
+        outcomes = self._stop_outcomes
+        if not outcomes:
+            return
+        clean = outcomes.pop("closed cleanly", 0)
+        refused = outcomes.pop("refused handshakes", 0)
+        causes = sorted(((count, cause[5:]) for cause, count in outcomes.items()), reverse=True)
+        cut = sum(count for count, _ in causes)
+        shown = ", ".join(f"{cause}: {count}" for count, cause in causes[:4])
+        if len(causes) > 4:
+            shown += f", {len(causes) - 4} other cause(s): {sum(count for count, _ in causes[4:])}"
+        logger.info("stopped: %d connection(s) closed cleanly, %d cut%s%s", clean, cut,
+                    f" ({shown})" if cut else "",
+                    f"; {refused} handshake(s) refused or abandoned" if refused else "")
+        outcomes.clear()
+
     def _shutdown(self) -> None:
         with self._lock:
             self._finished = True
+            self._stopping = True  # what ends now is counted in the stop's summary, not logged one by one
         for websocket in tuple(self._websockets.values()):
             try:
                 websocket._finalize("manager stopped")
@@ -3901,7 +4160,7 @@ class WebSocketManager:
             self._bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
-            if function in (self._open, self._begin_client):
+            if function in (self._open, self._begin_client, self._fail_client):
                 args[0]._finalize("manager stopped")
             elif function == self._adopt:
                 args[1].close()
@@ -3913,6 +4172,7 @@ class WebSocketManager:
         self._waker.close()
         if self._owns_selector:
             self._selector.close()
+        self._log_stop_summary()
 
 
 ###############################################################################
@@ -5763,6 +6023,26 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
     return setup
 
 
+def _raise_descriptor_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit: every connection is a descriptor, and the common
+    soft default (1024) would cap the demo near a thousand peers. The command line's own process
+    only: the library never changes a process limit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an unlimited hard limit that setrlimit() refuses: try the largest that it takes.
+    for wanted in (hard, 2 ** 20, 2 ** 16, 10240) if hard == resource.RLIM_INFINITY else (hard,):
+        if soft != resource.RLIM_INFINITY and soft >= wanted:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def _serve(args: Any) -> int:
     if args.redis:
         try:
@@ -6226,6 +6506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arguments.insert(0, "serve")
     args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _raise_descriptor_limit()
     if args.command == "load":
         if args.messages < 0 or args.size < 0 or args.rate < 0 or args.duration < 0 or args.timeout <= 0:
             parser.error("--messages, --size, --rate and --duration must not be negative, --timeout above 0")
