@@ -1060,6 +1060,7 @@ class Headers:
             self.add(name, value)
 
     def add(self, name: str, value: str) -> None:
+        """Append a field, after any of the same name (order and repeats are kept)."""
         self._items.append((name, value))
         self._index.setdefault(name.lower(), []).append(value)
 
@@ -1069,6 +1070,7 @@ class Headers:
         return ", ".join(values) if values else default
 
     def get_all(self, name: str) -> List[str]:
+        """Every value of the field, in order (``[]`` when absent): ``headers.get_all("Cookie")``."""
         return list(self._index.get(name.lower(), ()))
 
     def __getitem__(self, name: str) -> str:
@@ -1110,6 +1112,7 @@ class Request(NamedTuple):
 
     @property
     def origin(self) -> Optional[str]:
+        """The Origin header (a browser sends it), or ``None``."""
         return self.headers.get("Origin")
 
 
@@ -1192,6 +1195,11 @@ class HeadReader:
         self._lines = 0
 
     def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
+        """Take the next bytes; return ``(head, rest)`` once the blank line has arrived, else ``None``.
+
+        Raises :class:`HandshakeError` with status 431 past ``max_size`` bytes or ``max_lines``
+        lines, 400 for a TLS record. ``rest`` is what came after the head (the first frames).
+        """
         buf = self._buffer
         if not buf and data[:1] == b"\x16":
             # A TLS record (content type 22, handshake) can never start an HTTP head: fail now, so
@@ -3472,7 +3480,7 @@ class WebSocketManager:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
 
         Nothing of the connection is lost: :meth:`add` it to this or another
-        manager to run it again. Called from another thread while the loop
+        manager to run it again. Any thread: called from another thread while the loop
         runs, this returns once the loop has let go of the connection.
         """
         if self._in_loop() or not self._running:
@@ -3542,11 +3550,11 @@ class WebSocketManager:
         self._leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
-        """How many of this manager's connections are subscribed to ``topic``."""
+        """How many of this manager's connections are subscribed to ``topic`` (any thread)."""
         return len(self._topics.get(topic, ()))
 
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
-        """The topics with a local subscriber, or those of ``websocket``."""
+        """The topics with a local subscriber, or those of ``websocket`` (any thread)."""
         with self._topics_lock:
             return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
 
@@ -3607,6 +3615,8 @@ class WebSocketManager:
         This alone does not stop the manager: listeners keep accepting (an
         application may close everyone and go on). ``close_all(code, reason)``
         then :meth:`stop` is a graceful stop with that code, as ``with manager:`` does.
+        Any thread. Raises :class:`ValueError` for a code that may not be sent (1005,
+        1006, 1015, out of range) or a reason longer than 123 bytes in UTF-8.
         """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
         for websocket in tuple(self._websockets.values()):
@@ -3650,7 +3660,13 @@ class WebSocketManager:
         not listed gets 403 (list ``None`` to admit requests without one).
         ``compression``: ``"deflate"`` or a :class:`Deflate` accepts
         permessage-deflate offers, ``None`` declines them; by default the
-        manager's ``compression`` applies.
+        manager's ``compression`` applies. ``handshake`` and ``factory`` run
+        in the loop thread.
+
+        Any thread, before or while the loop runs. Raises :class:`OSError`
+        when the address cannot be bound (in use, no permission) and
+        :class:`ManagerStopped` once the manager is stopping.
+        Example: ``host, port = manager.listen(("127.0.0.1", 0), Echo)``.
         """
         settings = self._compression_for(compression)
         unix_path = None
@@ -3684,6 +3700,10 @@ class WebSocketManager:
         ``max_pending`` bytes of messages wait for Redis; past that, and
         while Redis is unreachable, messages are delivered locally only and
         counted in :attr:`RedisBridge.dropped`. One bridge per manager.
+        Any thread. Raises :class:`ValueError` for a URL it cannot use,
+        :class:`RuntimeError` when the manager is bridged already and
+        :class:`ManagerStopped` once it is stopping; Redis being down is not
+        an error (the bridge connects, and reconnects, in the loop).
         """
         bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
@@ -3702,7 +3722,9 @@ class WebSocketManager:
         ``request_head`` is the raw request head (and anything read after
         it). wsmanager validates it, answers 101 (or the HTTP error) and runs
         the connection in its loop. The socket belongs to the manager from
-        now on. ``compression`` as for :meth:`listen`.
+        now on. ``compression`` as for :meth:`listen`. Any thread (the work is
+        done in the loop); raises :class:`ManagerStopped` (and closes the
+        socket) once the manager is stopping.
         """
         settings = self._compression_for(compression)
         listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None, None, settings)
@@ -3795,6 +3817,7 @@ class WebSocketManager:
         host's worker process stops), the manager is first stopped as by :meth:`stop`: every
         connection gets a close frame (1001) and the peers' answers are waited for, up to
         ``close_timeout``. (A daemon thread would otherwise be frozen mid-close.)
+        Raises :class:`RuntimeError` when the manager was started before.
         """
         if self._thread is not None:
             raise RuntimeError("the manager was already started")
@@ -3880,7 +3903,10 @@ class WebSocketManager:
         return thread.is_alive() if thread is not None else self._running
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait for the background thread to end (after a :meth:`stop`)."""
+        """Wait for the background thread to end (after a :meth:`stop`), at most ``timeout`` seconds.
+
+        Any thread but the loop's own (a thread cannot wait for itself to end).
+        """
         if self._thread is not None:
             self._thread.join(timeout)
 
