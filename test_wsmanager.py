@@ -9658,3 +9658,27 @@ class TestDocs:
             server.server_close()
             thread.join(10)
         assert not thread.is_alive()
+
+    def test_stopping_recipe_closes_every_peer_with_1001_on_sigterm(self, make_manager):
+        code = readme_snippet("stopping").replace("9000", "0")
+        env = dict(os.environ, PYTHONPATH=str(Path(wsmanager.__file__).parent))
+        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            line = process.stdout.readline()
+            port = int(re.fullmatch(r"listening on \('127\.0\.0\.1', (\d+)\)\n", line).group(1))
+            clients = make_manager()
+            peers = [connect(f"ws://127.0.0.1:{port}/", Recorder) for _ in range(3)]
+            for peer in peers:
+                clients.add(peer)
+            peers[0].send("still there?")
+            wait_until(lambda: peers[0].messages == ["still there?"])
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+            assert process.stdout.read() == "stopped\n"
+            wait_until(lambda: all(peer.terminated for peer in peers))
+            assert [peer.close_code for peer in peers] == [1001, 1001, 1001]
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            process.stdout.close()
