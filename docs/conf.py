@@ -42,7 +42,7 @@ nitpick_ignore_regex = [
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_default_options = {"members": True}
 # One line per parameter once a signature is long: WebSocketManager's are.
 maximum_signature_line_length = 88
 python_use_unqualified_type_names = True
