@@ -2757,6 +2757,11 @@ def documentation_snippets():
     return found
 
 
+def documentation_text():
+    """README.rst and the docs' pages, as one text: for a sentence the documentation must say somewhere."""
+    return "\n".join(page.read_text(encoding="utf-8") for page in documentation_pages())
+
+
 def readme_snippet(name):
     """The snippet ``name`` of README.rst or docs/, dedented (the same code wherever it is shown)."""
     places = documentation_snippets().get(name)
@@ -5364,7 +5369,7 @@ class TestStopping:
 
     def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
         # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
-        line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", README.read_text(encoding="utf-8")).group(1)
+        line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", documentation_text()).group(1)
         with _stoppable_wsgi_host("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
             client = open_client(client_manager, f"ws://127.0.0.1:{port}/ws")
             proc.send_signal(signal.SIGTERM)
@@ -7385,7 +7390,7 @@ class TestCompression:
     # README ---------------------------------------------------------------------------
     def test_readme_compression_snippet_runs(self):
         assert exec_printed(readme_snippet("compression"), "readme_compression").splitlines() == ["True 12", "1200"]
-        assert "This prints ``True 12`` and ``1200``." in README.read_text(encoding="utf-8")
+        assert "This prints ``True 12`` and ``1200``." in documentation_text()
 
     def test_readme_snippet_message_is_about_20_bytes_on_the_wire(self):
         payload = PerMessageDeflate(DeflateParams(True, True, 15, 12), client=True).compress(("compress me " * 100).encode())
