@@ -9687,3 +9687,25 @@ class TestDocs:
                 process.kill()
                 process.wait(10)
             process.stdout.close()
+
+    def test_every_public_name_has_a_docstring_and_the_manager_says_which_thread_may_call(self):
+        undocumented, silent_on_threads = [], []
+        for name in wsmanager.__all__:
+            obj = getattr(wsmanager, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue  # constants: documented in docs/reference/constants.rst (checked above)
+            if not inspect.getdoc(obj):
+                undocumented.append(name)
+            if not inspect.isclass(obj) or issubclass(obj, (tuple, BaseException, int)):
+                continue
+            for attribute, value in vars(obj).items():
+                if attribute.startswith("_") or not (inspect.isfunction(value) or isinstance(value, property)):
+                    continue
+                if attribute == "fileno":  # the selectors protocol, not API
+                    continue
+                doc = inspect.getdoc(value) or ""
+                if not doc:
+                    undocumented.append(f"{name}.{attribute}")
+                if obj is WebSocketManager and "thread" not in doc:
+                    silent_on_threads.append(attribute)
+        assert undocumented == [] and silent_on_threads == []

@@ -3332,7 +3332,7 @@ class WebSocketManager:
         settings, and ``opened()`` is not called again (it runs once per
         connection). Raises :class:`ValueError` while another manager runs
         it, :class:`ConnectionClosed` once it is closed, :class:`ManagerStopped`
-        once this manager is stopping.
+        once this manager is stopping. Any thread; ``opened()`` runs in the loop's.
         """
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
             if websocket.terminated:
@@ -3509,7 +3509,7 @@ class WebSocketManager:
         connection (client connections need their own masks). With
         compression, it is compressed once for all the connections that keep
         no compression context (``server_no_context_takeover``, the default
-        of :class:`Deflate`), and once per connection for the others.
+        of :class:`Deflate`), and once per connection for the others. Any thread.
         """
         opcode, payload = _data_frame(message)
         return _queue_to_all(tuple(self._websockets.values()), opcode, payload)
@@ -3898,7 +3898,7 @@ class WebSocketManager:
 
     @property
     def running(self) -> bool:
-        """Whether the loop runs: started (or run) and not yet ended, its clean-up included."""
+        """Whether the loop runs: started (or run) and not yet ended, its clean-up included. Any thread."""
         thread = self._thread
         return thread.is_alive() if thread is not None else self._running
 
@@ -4985,6 +4985,7 @@ def __getattr__(name: str) -> Any:
         """
 
         def get_environ(self) -> Dict[str, Any]:
+            """wsgiref's environ, plus ``"wsmanager.socket"``: the connection's socket."""
             environ = super().get_environ()
             environ["wsmanager.socket"] = self.connection
             return environ
