@@ -9380,8 +9380,9 @@ class TestDocs:
         source = tmp_path / "source"
         source.mkdir()
         for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
-                     "MANIFEST.in"):
+                     "MANIFEST.in", "bench_wsmanager.py"):
             shutil.copy(here / name, source / name)
+        shutil.copytree(here / "docs", source / "docs", ignore=shutil.ignore_patterns("_build"))
         # The backend, called as pip or `python -m build` would call it, offline (no isolated environment).
         built = subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as backend; "
                                 "print(backend.build_sdist(sys.argv[1]))", str(tmp_path)],
@@ -9391,15 +9392,18 @@ class TestDocs:
         import tarfile
         with tarfile.open(archive) as tar:
             names = {name.split("/", 1)[-1] for name in tar.getnames()}
-            assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg"} <= names, names
+            assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg", "bench_wsmanager.py",
+                    "docs/conf.py", "docs/index.rst", "docs/_static/bench/results.json"} <= names, names
+            assert not [name for name in names if name.startswith("docs/_build")]
             tar.extractall(tmp_path / "unpacked")
         (unpacked,) = (tmp_path / "unpacked").iterdir()
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "-k", "module_docstring_example or readme_client"],
+                                 "-k", "module_docstring_example or readme_client or every_public_name_is_documented "
+                                 "or every_code_example or benchmark_charts"],
                                 cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
-        assert "2 passed" in result.stdout, result.stdout[-3000:]
+        assert "5 passed" in result.stdout, result.stdout[-3000:]
 
     def test_readme_shows_the_two_fresh_machine_commands_near_the_top(self):
         head = README.read_text(encoding="utf-8")[:1500]
