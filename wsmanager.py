@@ -3568,6 +3568,7 @@ class WebSocketManager:
         also goes to Redis for the other processes and hosts; the count
         returned is of local deliveries only. Raises :class:`TypeError` or
         :class:`ValueError` for a topic that :meth:`subscribe` refuses.
+        Example, in a callback: ``self.manager.publish("room:42", message)``.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
@@ -4618,6 +4619,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
     bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
     ``TimeoutError`` included) when the network or TLS fails.
+
+    Any thread; it blocks that thread for the handshake (for many clients, or
+    from a callback, use :meth:`WebSocketManager.connect`). Example:
+    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
     """
     settings = _deflate_settings(compression)
     target = _client_target(url)
