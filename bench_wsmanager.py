@@ -2726,7 +2726,7 @@ def write_charts(document: Dict[str, Any], directory: str) -> List[str]:
     return written
 
 
-def machine_description() -> str:
+def machine_description(repeat: int, quick: bool) -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -2736,7 +2736,8 @@ def machine_description() -> str:
                     break
     return (f"{os.cpu_count()} CPUs ({model}), CPython {sys.version.split()[0]}, websockets "
             f"{websockets.version.version if websockets is not None else '-'}, load average "
-            f"{os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
+            f"{os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}; medians of {repeat} interleaved "
+            f"repetition(s){' (quick: every scenario about 10x smaller)' if quick else ''}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -2843,7 +2844,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(metric.verdict() == "n/a" for metric in metrics):
             status = 1  # a trial failed: its row has no median
         if args.json or args.svg:
-            document = results_document(metrics, machine_description())
+            document = results_document(metrics, machine_description(args.repeat, args.quick))
             if args.json:
                 import json
                 with open(args.json, "w", encoding="utf-8") as out:

@@ -9713,3 +9713,17 @@ class TestDocs:
                 if obj is WebSocketManager and "thread" not in doc:
                     silent_on_threads.append(attribute)
         assert undocumented == [] and silent_on_threads == []
+
+    def test_benchmark_results_document_keeps_medians_and_lower_bounds(self, tmp_path):
+        import bench_wsmanager
+        metric = bench_wsmanager.Metric("S2 small messages", "msg/s")
+        metric.samples["wsmanager"] += [3.0, 1.0, 2.0]
+        metric.samples["websockets"] += [1.0]
+        metric.lower_bounds["wsmanager"] = 0.97
+        document = bench_wsmanager.results_document([metric], "a machine")
+        assert document == {"machine": "a machine", "rows": [
+            {"label": "S2 small messages", "unit": "msg/s", "higher_is_better": True,
+             "values": {"wsmanager": 2.0, "websockets": 1.0}, "lower_bounds": ["wsmanager"]}]}
+        (path,) = [path for path in bench_wsmanager.write_charts(document, str(tmp_path))]
+        chart = Path(path).read_text(encoding="utf-8")
+        assert path.endswith("throughput.svg") and "\u2265 2.00  (2.00x websockets)" in chart
