@@ -17,6 +17,7 @@ import errno
 import functools
 import http.client
 import http.server
+import importlib
 import inspect
 import io
 import json
@@ -67,7 +68,12 @@ settings.load_profile(os.environ.get("WSMANAGER_HYPOTHESIS", "ci"))
 ###############################################################################
 
 def websockets_module(name):
-    """A module of the websockets library (the independent peer), or the test is skipped without it."""
+    """A module of the websockets library (the independent peer), or the test is skipped without it.
+
+    A skip ends only the thread that raises it: off the test's own thread, a missing module is an
+    error (the test must call this first, where a skip skips it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(name)
     return pytest.importorskip(name)
 
 
@@ -1188,6 +1194,7 @@ def _ws_echoes(port, path="/ws"):
 
 def _ws_crowd(port, page, path="/ws", count=50):
     """`count` WebSocket clients at once, ordinary requests in between; then the host still serves."""
+    websockets_module("websockets.sync.client")  # here, not in the threads: a skip must skip the test
     clients = []
     errors = []
 
@@ -1223,6 +1230,12 @@ def _ws_crowd(port, page, path="/ws", count=50):
     # After the clients closed, the host serves HTTP and takes new WebSockets.
     assert _http(port)[:3:2] == (200, page)
     _ws_echoes(port, path)
+
+
+def _without_ansi(text):
+    """A host's log without terminal styles: werkzeug writes its access log lines in ANSI styles (bold
+    for a 101) unless colorama is installed, which strips them when the output is no terminal."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _assert_clean_host_log(text):
@@ -1326,7 +1339,7 @@ def _host_process(folder, app_code, command, page):
                 if b"in use" in log_path.read_bytes() and attempt < 2:
                     continue  # lost the port race: try another one
                 raise AssertionError(log_path.read_bytes()[-3000:])
-            yield port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            yield port, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
             return
         finally:
             if proc.poll() is None:
@@ -1867,10 +1880,17 @@ CLIENT_NEGOTIATION = {
     "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
                         DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
     "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
-    "client-window-too-big": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
-                              "exceeds"),
+    # RFC 7692 7.1.2.2: a larger window than offered (Autobahn 13.4/13.6) leaves ours; a smaller one binds.
+    "client-window-larger": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
+                             DeflateParams(True, True, 15, 12)),
+    "client-window-13": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
+                         DeflateParams(True, True, 15, 12)),
+    "client-window-smaller": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+                              DeflateParams(True, True, 15, 10)),
     "client-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
-                        "8"),
+                        DeflateParams(True, True, 15, 8)),
+    "client-window-9-offered-15": (Deflate(False, False, 15, 15), "permessage-deflate; client_max_window_bits=9",
+                                   DeflateParams(False, False, 15, 9)),
     "client-window-without-value": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits",
                                     "needs a value"),
     "server-window-too-big": (Deflate(server_max_window_bits=10),
@@ -1961,6 +1981,174 @@ def _exchange(wsm, peer, messages, rounds=1):
             assert type(echoed) is type(message) and echoed == message
     # Each echo came after wsmanager received its message: all are there, in order.
     assert wsm.messages[start:] == list(messages) * rounds
+
+
+# ... Section 13 in the client role: what Autobahn's test server answers to wsmanager's default offer
+# (server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12). It accepts with
+# server_no_context_takeover as asked and adds its own (requestNoContextTakeover, requestMaxWindowBits):
+# (False, 0), (True, 0), (False, 8), (False, 15), (True, 8), (True, 15), and for 13.7 the first of
+# (True, 8), (True, 0), (False, 0) that applies. Each with the window the client must compress with.
+AUTOBAHN_13_ANSWERS = {
+    "13.1": ("permessage-deflate; server_no_context_takeover", 12),
+    "13.2": (NO_CONTEXT, 12),
+    "13.3": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=8", 8),
+    "13.4": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=15", 12),
+    "13.5": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+    "13.6": (f"{NO_CONTEXT}; client_max_window_bits=15", 12),
+    "13.7": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+}
+
+# RFC 1951 3.2.5: base and extra bits of the length (257..285) and distance (0..29) codes.
+_LENGTH_BASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
+                195, 227, 258]
+_LENGTH_EXTRA = [0] * 8 + [n for n in range(1, 6) for _ in range(4)] + [0]
+_DISTANCE_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073,
+                  4097, 6145, 8193, 12289, 16385, 24577]
+_DISTANCE_EXTRA = [0, 0, 0, 0] + [n for n in range(1, 14) for _ in range(2)]
+_CODE_LENGTH_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
+
+
+def inflate_measuring_distances(payload):
+    """Inflate one permessage-deflate message without zlib (RFC 1951, the slow and plain way);
+    returns (data, the longest distance any match refers back). zlib's inflater cannot tell: it
+    accepts any distance within what it has output, whatever window it was given."""
+    stream = payload + b"\x00\x00\xff\xff"
+    position = 0  # in bits
+    out = bytearray()
+    longest = 0
+
+    def bits(count):
+        nonlocal position
+        value = 0
+        for shift in range(count):
+            value |= (stream[position >> 3] >> (position & 7) & 1) << shift
+            position += 1
+        return value
+
+    def code_table(lengths):  # canonical Huffman codes, RFC 1951 3.2.2
+        table, code = {}, 0
+        for length in range(1, 16):
+            for symbol, symbol_length in enumerate(lengths):
+                if symbol_length == length:
+                    table[length, code] = symbol
+                    code += 1
+            code <<= 1
+        return table
+
+    def decode(table):
+        code = 0
+        for length in range(1, 16):
+            code = code << 1 | bits(1)
+            if (length, code) in table:
+                return table[length, code]
+        raise AssertionError("invalid Huffman code")
+
+    while position + 3 <= 8 * len(stream):
+        final, kind = bits(1), bits(2)
+        if kind == 0:  # stored
+            position = (position + 7) & ~7
+            size = int.from_bytes(stream[position >> 3:(position >> 3) + 2], "little")
+            start = (position >> 3) + 4
+            out += stream[start:start + size]
+            position = 8 * (start + size)
+        else:
+            if kind == 1:
+                literals = code_table([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
+                distances = code_table([5] * 30)
+            else:
+                assert kind == 2, "reserved block type"
+                literal_count, distance_count, code_count = bits(5) + 257, bits(5) + 1, bits(4) + 4
+                code_lengths = [0] * 19
+                for index in range(code_count):
+                    code_lengths[_CODE_LENGTH_ORDER[index]] = bits(3)
+                length_codes = code_table(code_lengths)
+                lengths = []
+                while len(lengths) < literal_count + distance_count:
+                    symbol = decode(length_codes)
+                    if symbol < 16:
+                        lengths.append(symbol)
+                    elif symbol == 16:
+                        lengths += [lengths[-1]] * (3 + bits(2))
+                    else:
+                        lengths += [0] * (3 + bits(3) if symbol == 17 else 11 + bits(7))
+                literals = code_table(lengths[:literal_count])
+                distances = code_table(lengths[literal_count:])
+            while True:
+                symbol = decode(literals)
+                if symbol < 256:
+                    out.append(symbol)
+                    continue
+                if symbol == 256:
+                    break
+                length = _LENGTH_BASE[symbol - 257] + bits(_LENGTH_EXTRA[symbol - 257])
+                code = decode(distances)
+                distance = _DISTANCE_BASE[code] + bits(_DISTANCE_EXTRA[code])
+                assert distance <= len(out), "a distance before the start of the message"
+                longest = max(longest, distance)
+                for _ in range(length):
+                    out.append(out[-distance])
+        if final:
+            break
+    return bytes(out), longest
+
+
+class Autobahn13Server:
+    """A server that answers wsmanager's opening handshake with a fixed Sec-WebSocket-Extensions (as
+    Autobahn's test server in section 13) and then speaks compressed frames, checked by hand:
+    its own messages compressed by zlib with a 15-bit window and no context (it was asked for
+    server_no_context_takeover), the client's inflated by inflate_measuring_distances()."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.address = self.listener.getsockname()[:2]
+        self.sock = None
+        self.offer = None
+        self.parser = FrameParser(expect_masked=True, max_frame_size=2 ** 22, allow_rsv1=True)
+        self.frames = collections.deque()
+        self.longest_distance = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+
+    def handshake(self):
+        self.sock, _ = self.listener.accept()
+        self.sock.settimeout(20)
+        head, rest = read_head(self.sock)
+        request = parse_request(head)
+        self.offer = request.headers.get("Sec-WebSocket-Extensions")
+        self.sock.sendall(encode_switching_protocols(request.headers["Sec-WebSocket-Key"], None,
+                                                     [("Sec-WebSocket-Extensions", self.answer)]))
+        assert not rest
+
+    def send(self, message):
+        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
+        data = message.encode() if isinstance(message, str) else message
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        self.sock.sendall(encode_frame(opcode, payload, rsv1=True))
+
+    def receive(self):
+        """The next message from the client: it must be compressed, within the window it may use."""
+        fragments = []
+        while not fragments or not fragments[-1].fin:
+            while not self.frames:
+                data = self.sock.recv(2 ** 16)
+                assert data, "the client closed"
+                self.frames.extend(self.parser.feed(data))
+            frame = self.frames.popleft()
+            assert frame.opcode != Opcode.CLOSE, parse_close(frame.payload)
+            fragments.append(frame)
+        assert fragments[0].rsv1, "the client sent a message uncompressed"
+        data, longest = inflate_measuring_distances(b"".join(frame.payload for frame in fragments))
+        self.longest_distance = max(self.longest_distance, longest)
+        return data.decode() if fragments[0].opcode == Opcode.TEXT else data
 
 
 # Helpers: command line -------------------------------------------------------
@@ -2174,6 +2362,76 @@ def _read_pty_until(master, output, token, timeout=10.0):
                 except OSError:  # EIO: the child closed the terminal
                     break
     assert token in output, bytes(output)
+
+
+def _read_pty_to_end(master, output, timeout=10.0):
+    """The rest of the terminal's output (the child has exited and our slave end is closed), to EIO."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(deadline - time.monotonic()):
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: no writer left
+                    return
+                if not data:
+                    return
+                output += data
+    raise AssertionError(f"the terminal never ended: {bytes(output)!r}")
+
+
+def _screen(output):
+    """What a VT100 terminal shows after ``output``: its lines, right-stripped, without trailing blank ones.
+    Enough of it for the interactive client: text, CR, LF, backspace, save/restore cursor, cursor up/down/
+    left/right, insert line, erase line; other control sequences (readline's modes) change nothing shown."""
+    lines, row, column, saved = [[]], 0, 0, (0, 0)
+    for match in re.finditer(rb"\x1b\[([?0-9;]*)([A-Za-z])|\x1b([78])|(\r)|(\n)|(\x08)|([^\x1b\r\n\x08]+)",
+                             bytes(output)):
+        csi_arguments, csi, save_restore, cr, lf, backspace, text = match.groups()
+        if text:
+            for char in text.decode("utf-8", errors="replace"):
+                if char.isprintable():
+                    line = lines[row]
+                    line.extend(" " * (column + 1 - len(line)))
+                    line[column] = char
+                    column += 1
+        elif cr:
+            column = 0
+        elif lf:
+            row += 1
+        elif backspace:
+            column = max(0, column - 1)
+        elif save_restore:
+            if save_restore == b"7":
+                saved = (row, column)
+            else:
+                row, column = saved
+        elif csi_arguments.startswith(b"?"):
+            pass  # a mode (bracketed paste, meta key): nothing on the screen
+        else:
+            count = int(csi_arguments or b"1") if csi in b"ABCDL" else int(csi_arguments or b"0")
+            if csi == b"A":
+                row = max(0, row - count)
+            elif csi == b"B":
+                row += count
+            elif csi == b"C":
+                column += count
+            elif csi == b"D":
+                column = max(0, column - count)
+            elif csi == b"L":
+                lines[row:row] = [[] for _ in range(count)]
+            elif csi == b"K":  # erase to the end of the line (0), from its start (1), all of it (2)
+                line = lines[row]
+                if count == 0:
+                    del line[column:]
+                else:
+                    line[:column + 1 if count == 1 else None] = " " * len(line[:column + 1 if count == 1 else None])
+        lines.extend([] for _ in range(row + 1 - len(lines)))
+    shown = ["".join(line).rstrip() for line in lines]
+    while shown and not shown[-1]:
+        shown.pop()
+    return shown
 
 
 # Helpers: interop ------------------------------------------------------------
@@ -2733,6 +2991,47 @@ def _type_checker(name):
     if path is None:
         pytest.skip(f"{name} is not installed (it needs Node.js)")
     return [path]
+
+
+# Packaging: the CPython versions setup.cfg's classifiers name, each run by the tests where installed.
+TESTED_PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+_SMOKE_SCRIPT = """
+import sys, threading, wsmanager
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+class Client(wsmanager.WebSocket):
+    def opened(self):
+        self.send("échoed " * 2)
+
+    def received_message(self, message):
+        print("%d.%d" % sys.version_info[:2], message, self.compression is not None)
+        done.set()
+
+done = threading.Event()
+with wsmanager.WebSocketManager(compression="deflate") as manager:
+    host, port = manager.listen(("127.0.0.1", 0), Echo)
+    manager.connect(f"ws://{host}:{port}/", Client, compression="deflate")
+    assert done.wait(10)
+"""
+
+
+def _find_python(version):
+    """A CPython ``version`` ("3.9") on this machine (PATH or pyenv), or None."""
+    candidates = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python{version}"))
+    found = shutil.which(f"python{version}")
+    for candidate in [*map(str, candidates), *([found] if found else [])]:
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                    capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.strip() == version:
+            return candidate
+    return None
 
 
 # README and docs/ snippets run as written (only the port and the client count change), so the documentation
@@ -3492,18 +3791,12 @@ class TestHandshake:
         assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
         assert b"Sec-WebSocket-Protocol" not in encode_switching_protocols(SAMPLE_KEY)
 
-    @pytest.mark.parametrize("old, new, args", [
-        ("build_request", "encode_request", ("h", "/", SAMPLE_KEY)),
-        ("build_response", "encode_switching_protocols", (SAMPLE_KEY, "chat")),
-        ("deflate_offer", "encode_deflate_offer", ("deflate",)),
-        ("accept_deflate_response", "parse_deflate_response", ("permessage-deflate; server_no_context_takeover", "deflate")),
-    ])
-    def test_former_handshake_names_still_work_warn_and_stay_out_of_all(self, old, new, args):
-        alias = getattr(wsmanager, old)
-        with pytest.warns(DeprecationWarning, match=rf"wsmanager\.{old}\(\) is deprecated: use {new}\(\)"):
-            assert alias(*args) == getattr(wsmanager, new)(*args)
-        assert alias.__name__ == old and "Deprecated" in alias.__doc__
-        assert old not in wsmanager.__all__ and new in wsmanager.__all__
+    def test_a_first_release_has_no_deprecated_names(self):
+        # 0.1.0 is the first release: the handshake's names before the encode_/parse_ convention had no users.
+        for old in ("build_request", "build_response", "deflate_offer", "accept_deflate_response"):
+            assert not hasattr(wsmanager, old), old
+        assert "deprecat" not in README.read_text(encoding="utf-8").lower()
+        assert "DeprecationWarning" not in Path(wsmanager.__file__).read_text(encoding="utf-8")
 
     def test_encode_response_for_a_refusal(self):
         encoded = encode_response(Response(403))
@@ -4983,9 +5276,23 @@ class TestManager:
 
     def test_manager_connect_refused_is_reported_to_connect_failed(self):
         with running_manager() as clients:
-            exc = dial_failure(clients, f"ws://127.0.0.1:{_free_port()}/")
+            port = _free_port()
+            exc = dial_failure(clients, f"ws://127.0.0.1:{port}/")
             assert isinstance(exc, ConnectionRefusedError)
             assert len(clients) == 0 and not clients._handshakes
+            assert exc.errno == errno.ECONNREFUSED and str(exc).endswith(f"(127.0.0.1:{port})")
+
+    def test_connect_refused_names_the_address(self):
+        port = _free_port()
+        with pytest.raises(ConnectionRefusedError) as refused:
+            connect(f"ws://127.0.0.1:{port}/")
+        assert refused.value.errno == errno.ECONNREFUSED and f"(127.0.0.1:{port})" in str(refused.value)
+        if mgr_ipv6_available():
+            with pytest.raises(ConnectionRefusedError, match=rf"\(\[::1\]:{port}\)"):
+                connect(f"ws://[::1]:{port}/")
+        # The command line's one line says it too.
+        result = _cli("connect", f"ws://127.0.0.1:{port}/")
+        assert result.returncode == 1 and f"Connection refused (127.0.0.1:{port})" in result.stderr.decode()
 
     def test_manager_connect_times_out_within_the_handshake_timeout(self):
         with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
@@ -5059,6 +5366,32 @@ class TestManager:
             never.stop()
             never.run()
             assert isinstance(late.failure, ManagerStopped) and late.sock.fileno() == -1
+
+    @pytest.mark.parametrize("action", ["terminate", "close"])
+    def test_manager_connect_ended_during_its_handshake_says_so_at_once(self, action):
+        class Watcher(Dialer):
+            def connect_failed(self, exc):
+                self.fd_at_failure = self.sock.fileno()
+                super().connect_failed(exc)
+
+        with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
+            with running_manager() as clients:
+                client = clients.connect(ws_url(silent.getsockname()), Watcher, timeout=2)
+                wait_until(lambda: clients._handshakes)
+                started = time.monotonic()
+                getattr(client, action)()
+                assert client.failed_event.wait(10)
+                # The real cause, not a timeout at the deadline; the socket is closed by then.
+                assert time.monotonic() - started < 1.5
+                exc = client.failure
+                assert type(exc) is ConnectionClosed and (exc.code, exc.reason) == (1006, f"{action}d by the application")
+                assert f"{action}d by the application before the opening handshake with" in str(exc)
+                assert client.fd_at_failure == -1 and client.terminated and not clients._handshakes
+                # The handshake's timer went with it: nothing more comes at the deadline.
+                time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+                assert [event[0] for event in client.events] == ["connect_failed"]
+                assert clients._thread.is_alive()
+            silent.accept()[0].close()
 
     def test_connect_failed_that_raises_is_logged(self, caplog):
         class Raising(Dialer):
@@ -6019,7 +6352,7 @@ class TestIntegrations:
         _assert_clean_host_log(read_log())
 
     def test_readme_environ_snippet_greets_the_user_of_the_session(self):
-        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+        DispatcherMiddleware = pytest.importorskip("werkzeug.middleware.dispatcher").DispatcherMiddleware
 
         namespace = {"__name__": "readme_environ"}
         exec(compile(readme_snippet("wsgi-environ"), "README.rst:wsgi-environ", "exec"), namespace)
@@ -6348,7 +6681,7 @@ class TestScaling:
     def test_bridge_over_tls_with_rediss(self, tmp_path):
         if not os.path.exists(REDIS_SERVER):
             pytest.skip("redis-server is not installed")
-        import trustme
+        trustme = pytest.importorskip("trustme")
         ca = trustme.CA()
         server = RedisServer(tmp_path, tls=ca)
         try:
@@ -6876,9 +7209,21 @@ class TestScaling:
         code = code.replace("redis://127.0.0.1:6379", redis_server.url).replace("9000", str(port))
         script = tmp_path / "workers.py"
         script.write_text(code)
-        proc = subprocess.Popen([sys.executable, str(script)], env=_cli_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {key: value for key, value in _cli_env().items() if key != "PYTHONUNBUFFERED"}
+        proc = subprocess.Popen([sys.executable, str(script)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
+            # It says where it listens, at once (stdout is a pipe here: block-buffered, and forked).
+            started = bytearray()
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                deadline = time.monotonic() + 30
+                while b"\n" not in started and selector.select(max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    started += chunk
+            assert started.decode() == f"listening on ('127.0.0.1', {port}) with 2 workers\n"
             with running_manager() as client_manager:
                 clients = []
                 deadline = time.monotonic() + 30
@@ -6903,6 +7248,8 @@ class TestScaling:
                 assert proc.wait(20) == 0
         finally:
             _reap(proc)
+            assert proc.stdout.read() == b""  # printed once, not again by a worker
+            proc.stdout.close()
             if proc.stderr:
                 stderr = proc.stderr.read().decode(errors="replace")
                 proc.stderr.close()
@@ -7101,9 +7448,21 @@ class TestCompression:
         assert first.send_key == second.send_key
         assert first.compress(message) == second.compress(message) == first.compress(message)
 
-    def test_eight_bit_compressor_windows_are_refused(self):
-        with pytest.raises(ValueError):
-            PerMessageDeflate(DeflateParams(server_max_window_bits=8), client=False)
+    @pytest.mark.parametrize("keep_context", [False, True], ids=["no-context", "context"])
+    def test_eight_bit_windows_compress_within_256_bytes(self, keep_context):
+        # zlib cannot make an 8-bit window, but a server may ask a client for one (Autobahn 13.3).
+        params = DeflateParams(client_no_context_takeover=not keep_context, client_max_window_bits=8)
+        deflate = PerMessageDeflate(params, client=True)
+        text = random.Random(8).randbytes(400) * 10  # matches 400 bytes back, and nowhere nearer
+        for data in (text, b"z" * 5000, os.urandom(1000)):
+            payload = deflate.compress(data)
+            assert inflate_measuring_distances(payload)[0] == data
+            assert inflate_measuring_distances(payload)[1] <= 256
+        assert len(deflate.compress(b"z" * 5000)) < 100  # runs still compress
+        # The same with 10 bits refers 400 bytes back: the check above can fail.
+        assert inflate_measuring_distances(deflate_payload(text, wbits=10))[1] == 400
+
+    def test_eight_bit_windows_inflate(self):
         # Receiving with 8 bits is fine: zlib inflates them. zlib cannot make an 8-bit stream, so the
         # peer's is made of stored blocks, which refer to nothing.
         deflate = PerMessageDeflate(DeflateParams(client_max_window_bits=8), client=False)
@@ -7171,13 +7530,13 @@ class TestCompression:
         assert validate_response(Response(101, headers), SAMPLE_KEY, compression="deflate") is None
 
     def test_connect_fails_the_handshake_on_an_answer_it_did_not_allow(self):
-        def answer_with_8_bits(connection, request, response):
+        def answer_without_a_window(connection, request, response):
             response.headers["Sec-WebSocket-Extensions"] = ("permessage-deflate; server_no_context_takeover; "
-                                                            "client_max_window_bits=8")
+                                                            "client_max_window_bits")
             return response
 
-        with websockets_server(compression=None, process_response=answer_with_8_bits) as (address, connections):
-            with pytest.raises(HandshakeError, match="8"):
+        with websockets_server(compression=None, process_response=answer_without_a_window) as (address, connections):
+            with pytest.raises(HandshakeError, match="needs a value"):
                 connect(ws_url(address), compression="deflate", timeout=10)
             # Without our offer, any extension in the answer fails the handshake too.
             with pytest.raises(HandshakeError, match="not offered"):
@@ -7307,6 +7666,33 @@ class TestCompression:
             wait_until(lambda: len(client.messages) == 5 * len(messages), timeout=60)
             assert client.messages == messages * 5
             assert server.messages == messages * 5
+
+    @pytest.mark.parametrize("case", sorted(AUTOBAHN_13_ANSWERS))
+    def test_autobahn_13_client_role_with_the_default_offer(self, case):
+        # Autobahn's server answers the default offer its own way (client_max_window_bits=15 to our 12 in
+        # 13.4 and 13.6): the connection opens, and the client compresses within the smaller window.
+        answer, client_bits = AUTOBAHN_13_ANSWERS[case]
+        messages = autobahn_messages()
+        with running_manager(max_message_size=2 ** 22) as manager, Autobahn13Server(answer) as server:
+            client = manager.connect(ws_url(server.address), EchoRecorder, compression="deflate")
+            server.handshake()
+            assert server.offer == encode_deflate_offer("deflate")
+            assert client.opened_event.wait(10), client.events
+            assert client.compression == DeflateParams(True, True, 15, client_bits)
+            # Server to client and back: the client inflates each size and echoes it compressed ...
+            for message in messages:
+                server.send(message)
+                assert server.receive() == message
+            # ... and its own sends, also fragmented.
+            client.send(["frag-", "mented ", "✓" * 3000])
+            assert server.receive() == "frag-mented " + "✓" * 3000
+            assert client.messages == messages
+            # Never beyond the window; the texts of 4 KiB and more have matches up to its end. With 8
+            # bits (which zlib cannot make), only runs are matched.
+            assert 0 < server.longest_distance <= 2 ** client_bits
+            assert server.longest_distance > (2 ** (client_bits - 1) if client_bits > 8 else 0)
+            client.close()
+            assert client.closed_event.wait(10)
 
     @pytest.mark.parametrize("role", ROLES)
     @pytest.mark.parametrize("wsm_on", [False, True], ids=["wsm-off", "wsm-on"])
@@ -7476,6 +7862,26 @@ class TestCommandLine:
             assert "closing 2 connection(s) with 1001" in log, log
             assert "disconnected: 1001" in log, log
             assert "Traceback" not in log, log
+
+    def test_cli_serve_logs_one_line_per_abnormal_close(self, tmp_path):
+        with _chat_server(tmp_path) as (proc, port, read_log):
+            # A peer that vanishes (no close frame), and one that sends invalid UTF-8 (failed with 1007).
+            vanishing, _ = raw_upgrade(("127.0.0.1", port), path="/ws")
+            wait_until(lambda: "(1 connected)" in read_log())
+            vanishing.close()
+            wait_until(lambda: "(0 connected)" in read_log())
+            with raw_peer(("127.0.0.1", port), path="/ws") as invalid:
+                invalid.sock.sendall(raw_frame(Opcode.TEXT, b"\xff\xfe", key=RFC_KEY))
+                assert invalid.close_frame().code == CloseCode.INVALID_DATA
+            wait_until(lambda: read_log().count("(0 connected)") == 2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            lines = read_log().splitlines()
+        closes = [line for line in lines if " failed: " in line or " disconnected: " in line]
+        assert len(closes) == 2, lines
+        assert re.search(r"127\.0\.0\.1:\d+ disconnected: 1006 .* \(0 connected\)$", closes[0]), lines
+        assert re.search(r"127\.0\.0\.1:\d+ disconnected: 1007 invalid UTF-8 .*\(0 connected\)$", closes[1]), lines
+        assert not [line for line in lines if "_ChatPeer" in line], lines
 
     def test_cli_serve_sigterm_is_a_clean_stop(self, tmp_path, manager):
         # A service manager stops with SIGTERM: it must behave like Ctrl-C, not die mid-close.
@@ -7688,6 +8094,45 @@ class TestCommandLine:
                 _reap(proc)
             os.close(slave)
             os.close(master)
+
+    @pytest.mark.parametrize("ended_by", ["server", "ctrl-d"])
+    def test_cli_connect_on_a_terminal_leaves_no_prompt_behind(self, manager, ended_by):
+        pty = pytest.importorskip("pty")
+        servers, address = listen_collected(manager, Recorder)
+        master, slave = pty.openpty()
+        proc = None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "connect", ws_url(address)],
+                                    stdin=slave, stdout=slave, stderr=slave, env=dict(_cli_env(), TERM="xterm"))
+            output = bytearray()
+            _read_pty_until(master, output, b"> ")
+            os.write(master, b"hello\r")
+            server = servers.wait_for("/")
+            wait_until(lambda: server.messages == ["hello"])
+            # The next prompt (Ctrl-D sent before it shows can be lost while readline sets the terminal up).
+            prompt = bytearray()
+            _read_pty_until(master, prompt, b"> ")
+            output += prompt
+            if ended_by == "server":
+                os.write(master, b"half")  # typing when the server ends it
+                _read_pty_until(master, output, b"half")
+                server.close(1000, "bye")
+            else:
+                os.write(master, b"\x04")
+            assert proc.wait(20) == 0
+            os.close(slave)
+            slave = None
+            _read_pty_to_end(master, output)
+        finally:
+            if proc is not None:
+                _reap(proc)
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        # The screen as the shell's prompt finds it: what was sent and what happened, and no "> " of an
+        # input line that will never be read.
+        closed = "connection closed: 1000 bye" if ended_by == "server" else "connection closed: 1000"
+        assert _screen(output) == [f"connected to {ws_url(address)}", "> hello", closed], bytes(output)
 
 
 ###############################################################################
@@ -9404,6 +9849,102 @@ class TestDocs:
                                 cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
         assert "5 passed" in result.stdout, result.stdout[-3000:]
+
+    def test_readme_renders_strictly_and_every_title_is_a_section(self):
+        # PyPI renders README.rst with docutils, and shows it as plain text after any warning (twine check
+        # lets some pass). A title with no blank line before it is no warning at all: it folds into the
+        # paragraph above, so every title of the source must be a section of the document.
+        docutils_core = pytest.importorskip("docutils.core")
+        from docutils import nodes
+
+        source = README.read_text(encoding="utf-8")
+        doctree = docutils_core.publish_doctree(source, source_path=str(README), settings_overrides={
+            "report_level": 2, "halt_level": 2,  # a warning raises (docutils.utils.SystemMessage)
+            "warning_stream": io.StringIO(), "doctitle_xform": False, "syntax_highlight": "none"})
+        sections = [section[0].astext() for section in doctree.findall(nodes.section)]
+        underline = re.compile(r"""([=\-~^"'`#*+<>:._])\1{2,}\Z""")
+        lines = source.splitlines()
+        titles = [above for above, line in zip(lines, lines[1:])
+                  if underline.match(line) and above.strip() and not above[0].isspace()
+                  and not underline.match(above) and len(line) >= len(above)]
+        assert len(titles) > 20 and "Topics" in titles and "Install" in titles
+        assert sections == titles
+
+    def test_wheel_metadata_is_complete_and_the_build_warns_of_nothing(self, tmp_path):
+        pytest.importorskip("setuptools.build_meta")  # the build backend pyproject.toml names
+        import setuptools
+        if int(setuptools.__version__.split(".")[0]) < 77:
+            pytest.skip(f"setuptools {setuptools.__version__}: PEP 639 license expressions need 77+ (the test extra)")
+        here = Path(wsmanager.__file__).parent
+        source = tmp_path / "source"
+        source.mkdir()
+        for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
+                     "MANIFEST.in"):
+            shutil.copy(here / name, source / name)
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+        built = subprocess.run([sys.executable, "-W", "always", "-c", "import sys, setuptools.build_meta as backend; "
+                                "print(backend.build_wheel(sys.argv[1]))", str(tmp_path)],
+                               cwd=source, env=env, capture_output=True, text=True, timeout=120)
+        assert built.returncode == 0, built.stderr
+        # setuptools warns of a License :: classifier beside (or instead of) an SPDX expression, among others.
+        assert not re.search(r"(?i)warn", built.stdout + built.stderr), built.stdout + built.stderr
+        import email.parser
+        import zipfile
+        wheel_path = tmp_path / built.stdout.split()[-1]
+        with zipfile.ZipFile(wheel_path) as wheel:
+            assert {name for name in wheel.namelist() if "/" not in name} == {"wsmanager.py"}
+            metadata = email.parser.Parser().parsestr(
+                wheel.read(f"wsmanager-{wsmanager.__version__}.dist-info/METADATA").decode())
+        assert metadata["Author"] == "wsmanager developers"
+        assert {"websocket", "rfc6455", "permessage-deflate"} <= set(metadata["Keywords"].split(","))
+        assert metadata["License-Expression"] == "MIT" and metadata["License"] is None
+        classifiers = metadata.get_all("Classifier")
+        assert not [c for c in classifiers if c.startswith("License ::")]
+        assert "Operating System :: POSIX" in classifiers  # Supervisor forks
+        versions = [c.rsplit(" ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+        assert versions == TESTED_PYTHONS and metadata["Requires-Python"] == f">={TESTED_PYTHONS[0]}"
+        # No public home yet: no URL (none may be invented).
+        assert metadata["Home-page"] is None and metadata.get_all("Project-URL") is None
+        # README.rst's wheel install: into a fresh environment, where the module alone comes in.
+        venv = tmp_path / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                                    "--no-deps", "--no-index", "--quiet", str(wheel_path)],
+                                   env=env, capture_output=True, text=True, timeout=300)
+        assert installed.returncode == 0, installed.stderr
+        imported = subprocess.run([str(venv / "bin" / "python"), "-c", "import wsmanager; print(wsmanager.__version__)"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert imported.stdout.strip() == wsmanager.__version__, imported.stderr
+
+    @pytest.mark.parametrize("version", TESTED_PYTHONS)
+    def test_runs_on_each_python_the_classifiers_name(self, version):
+        python = _find_python(version)
+        if python is None:
+            pytest.skip(f"CPython {version} is not installed here")
+        env = dict(_cli_env(), PYTHONWARNINGS="error")
+        result = subprocess.run([python, "-c", _SMOKE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == [version, "échoed", "échoed", "True"]
+
+    def test_ci_runs_the_readmes_test_command_in_a_fresh_environment(self):
+        here = Path(wsmanager.__file__).parent
+        if not (here / ".ci" / "run").exists():
+            pytest.skip("no .ci/run beside wsmanager.py (an sdist or a copy)")
+        ci = (here / ".ci" / "run").read_text()
+        readme = README.read_text(encoding="utf-8")
+        # The command of README's Tests section, and the one-liner at its top, are one command ...
+        block = re.search(r"^Tests\n-+\n\n\.\. code-block:: sh\n\n((?:    .*\n)+)", readme, re.M)
+        command = " && ".join(line.strip() for line in block.group(1).splitlines())
+        assert command == 'python -m pip install -e ".[test]" && python -m pytest'
+        assert f"    {command}   # the tests" in readme[:1500]
+        # ... which CI runs as written, in a virtual environment it has just made, before any other install.
+        lines = [line for line in ci.splitlines() if line and not line.startswith("#")]
+        venvs = [index for index, line in enumerate(lines) if re.match(r"python -m venv ", line)]
+        assert venvs, "CI makes no virtual environment"
+        assert f"({command})" in lines, "CI does not run README's test command as written"
+        venv, run = venvs[0], lines.index(f"({command})")
+        assert venv < run and not [line for line in lines[:run] if "pip install" in line]
+        assert re.search(r'^export VIRTUAL_ENV=.*PATH="\$work/venv/bin:\$PATH"$', ci, re.M)
 
     def test_readme_shows_the_two_fresh_machine_commands_near_the_top(self):
         head = README.read_text(encoding="utf-8")[:1500]

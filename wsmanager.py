@@ -100,7 +100,6 @@ import sys
 import threading
 import time
 import types
-import warnings
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
@@ -927,6 +926,16 @@ def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflat
 _thread_compressors = threading.local()
 
 
+def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
+    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
+    if wbits == 8:
+        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
+        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
+        # back one byte: valid within any window, and runs still compress.
+        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
+    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+
+
 def _shared_compressor(key: Tuple[int, int, int]) -> Any:
     try:
         compressors = _thread_compressors.compressors
@@ -934,8 +943,7 @@ def _shared_compressor(key: Tuple[int, int, int]) -> Any:
         compressors = _thread_compressors.compressors = {}
     compressor = compressors.get(key)
     if compressor is None:
-        wbits, level, mem_level = key
-        compressor = compressors[key] = zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+        compressor = compressors[key] = _new_compressor(*key)
     return compressor
 
 
@@ -966,8 +974,6 @@ class PerMessageDeflate:
             self._send_wbits = params.server_max_window_bits
             self._recv_keep = not params.client_no_context_takeover
             self._recv_wbits = params.client_max_window_bits
-        if self._send_wbits < 9:
-            raise ValueError("zlib cannot compress with a window of 8 bits")
         self._level = level
         self._mem_level = mem_level
         # Messages that share this key compress to the same bytes: a broadcast compresses once.
@@ -989,8 +995,7 @@ class PerMessageDeflate:
         else:
             compressor = self._compressor
             if compressor is None:
-                compressor = self._compressor = zlib.compressobj(
-                    self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
             compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
 
@@ -999,8 +1004,7 @@ class PerMessageDeflate:
         key = self.send_key
         compressor = _shared_compressor(key) if key is not None else self._compressor
         if compressor is None:
-            compressor = self._compressor = zlib.compressobj(
-                self._level, zlib.DEFLATED, -self._send_wbits, self._mem_level)
+            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
         try:
             # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
             payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
@@ -1574,7 +1578,8 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     Returns the agreed :class:`DeflateParams`, or ``None`` when the server
     declined (no Sec-WebSocket-Extensions). Raises :class:`ValueError` when
     the answer is malformed or not allowed by the offer; the client must
-    then fail the handshake (RFC 7692 5).
+    then fail the handshake (RFC 7692 5). A ``client_max_window_bits``
+    above the one offered is allowed: the client keeps its own window.
     """
     deflate = _deflate_settings(settings)
     if deflate is None:
@@ -1595,33 +1600,16 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     server_bits = answer.get("server_max_window_bits", 15)
     if deflate.server_max_window_bits < 15 and server_bits > deflate.server_max_window_bits:
         raise ValueError(f"server_max_window_bits {server_bits} exceeds the {deflate.server_max_window_bits} offered")
-    client_bits = answer.get("client_max_window_bits", deflate.client_max_window_bits)
-    if client_bits > deflate.client_max_window_bits:
-        raise ValueError(f"client_max_window_bits {client_bits} exceeds the {deflate.client_max_window_bits} offered")
-    if client_bits < 9:
-        raise ValueError("client_max_window_bits 8 is not supported (zlib cannot compress with 8)")
+    # RFC 7692 7.1.2.2: with a value in the offer, "even if the server doesn't include the
+    # client_max_window_bits extension parameter in the corresponding extension negotiation response
+    # with a value greater than the one in the extension negotiation offer or if the server doesn't
+    # include the extension parameter at all, the client is not going to use an LZ77 sliding window
+    # size greater than the size specified by the value in the extension negotiation offer". So a larger
+    # answer (Autobahn's cases 13.4 and 13.6, older servers) is no violation: that server inflates with
+    # a window at least as large as ours, and we keep compressing with the window we offered. A smaller
+    # answer binds the client (same clause), down to 8 bits (see _new_compressor).
+    client_bits = min(answer.get("client_max_window_bits", 15), deflate.client_max_window_bits)
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
-
-
-_Function = TypeVar("_Function", bound=Callable[..., Any])
-
-
-def _deprecated(old: str, new: _Function) -> _Function:
-    """``new`` under its old public name ``old``, warning (DeprecationWarning) at each call."""
-    def alias(*args: Any, **kwargs: Any) -> Any:
-        warnings.warn(f"wsmanager.{old}() is deprecated: use {new.__name__}()", DeprecationWarning, stacklevel=2)
-        return new(*args, **kwargs)
-    alias.__name__ = alias.__qualname__ = old
-    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`: kept for one release, then removed."
-    return cast(_Function, alias)
-
-
-# The handshake's former names (now one convention: ``encode_*`` serializes, ``parse_*``
-# parses), deprecated and kept for one release; not in ``__all__``.
-build_request = _deprecated("build_request", encode_request)
-build_response = _deprecated("build_response", encode_switching_protocols)
-deflate_offer = _deprecated("deflate_offer", encode_deflate_offer)
-accept_deflate_response = _deprecated("accept_deflate_response", parse_deflate_response)
 
 
 ###############################################################################
@@ -1658,6 +1646,18 @@ def _cancel(timer: Optional[List[Any]]) -> None:
 def _bracket(host: str) -> str:
     """A host as it stands before ``:port`` (in a URL, a Host header, a log line): IPv6 in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def _connect_error(exc: OSError, address: Any) -> OSError:
+    """``exc`` from a TCP connect, again (same type and errno), naming the address: the socket module's
+    "[Errno 111] Connection refused" says nothing of where to."""
+    where = f"{_bracket(str(address[0]))}:{address[1]}" if isinstance(address, tuple) else str(address)
+    try:
+        if exc.errno is not None and exc.strerror:
+            return type(exc)(exc.errno, f"{exc.strerror} ({where})")
+        return type(exc)(f"{exc} ({where})")
+    except Exception:  # an OSError subclass with a constructor of its own: as it was
+        return exc
 
 
 def _data_frame(message: Any) -> Tuple[Opcode, _BytesLike]:
@@ -2397,6 +2397,10 @@ class WebSocket:
         # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
+        elif manager is not None and self._receiver is None:  # close() before the 101 of manager.connect()?
+            handshake = manager._client_handshake(self)
+            if handshake is not None:
+                handshake._abandon("closed by the application")
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): error close frame after what is queued, then close."""
@@ -2883,6 +2887,12 @@ class _ServerHandshake(_Handshake):
         self.sock.close()
 
 
+def _ended_by(websocket: WebSocket) -> str:
+    """Why a connection finalized before its opening handshake completed, for connect_failed()."""
+    reason = websocket.close_reason
+    return "terminated by the application" if reason == "terminated" else reason or "closed"
+
+
 class _ClientHandshake(_Handshake):
     """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
 
@@ -2920,7 +2930,7 @@ class _ClientHandshake(_Handshake):
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
         manager = self.manager
         if self.websocket.terminated:
-            self._detach()  # terminated before the loop got to it
+            self._abandon(_ended_by(self.websocket))  # before the loop got to it
             return
         if manager._stopping:
             self._fail(ManagerStopped("the manager is stopping"))
@@ -2936,7 +2946,7 @@ class _ClientHandshake(_Handshake):
             self._fail(exc)
             return
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
-            self._fail(OSError(error, os.strerror(error)))
+            self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
             return
         self.manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
 
@@ -2946,7 +2956,7 @@ class _ClientHandshake(_Handshake):
         if not self.connected:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self._fail(OSError(error, os.strerror(error)))
+                self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
                 return
             self.connected = True
             if self.tunnel is None:
@@ -3076,6 +3086,25 @@ class _ClientHandshake(_Handshake):
             return
         self._detach()
         self.manager._unwatch(self.sock)
+        self._report(exc)
+
+    def _abandon(self, reason: str) -> None:
+        """The connection was closed or terminated before the 101 (``reason`` says how): the handshake
+        ends now, its timer with it, and connect_failed() says why instead of a timeout later."""
+        if self._finalized:
+            return
+        self._detach()
+        websocket = self.websocket
+        if websocket.terminated:
+            # Inside the connection's _finalize(), which closes the socket only after this (or
+            # before _begin(), when it is closed already): connect_failed() is promised a closed one.
+            self.sock.close()
+        else:
+            self.manager._unwatch(self.sock)
+        self._report(ConnectionClosed(f"{reason} before the opening handshake with {self.address!r} completed",
+                                      CloseCode.ABNORMAL, reason))
+
+    def _report(self, exc: BaseException) -> None:
         websocket = self.websocket
         if isinstance(exc, ManagerStopped):
             self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
@@ -3376,8 +3405,10 @@ class WebSocketManager:
         socket is closed and ``connect_failed(exc)`` is called in the loop
         instead of ``opened()`` and ``closed()``: ``exc`` is a
         :class:`HandshakeError`, an :class:`OSError` (``ssl.SSLError`` and
-        ``TimeoutError`` included) or :class:`ManagerStopped`. Messages sent
-        meanwhile are queued and go out once it opens.
+        ``TimeoutError`` included), :class:`ManagerStopped`, or
+        :class:`ConnectionClosed` at once when the connection's ``close()`` or
+        ``terminate()`` ends the handshake. Messages sent meanwhile are
+        queued and go out once it opens.
 
         ``reconnect=True`` (or a :class:`Reconnect` with other delays) keeps
         the client connected: when a connection ends with 1001 from the
@@ -4074,10 +4105,24 @@ class WebSocketManager:
 
     def _forget(self, websocket: WebSocket) -> None:
         fd = websocket.fileno()
+        handshake = None
         if self._websockets.get(fd) is websocket:
             del self._websockets[fd]
+        elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
+            handshake = self._client_handshake(websocket)
         self._leave(websocket)
         self._unwatch(websocket.sock)
+        if handshake is not None:
+            handshake._abandon(_ended_by(websocket))
+
+    def _client_handshake(self, websocket: WebSocket) -> "Optional[_ClientHandshake]":
+        """Loop thread: the opening handshake of a :meth:`connect` in flight for ``websocket``, if any."""
+        fd = websocket.fileno()
+        if fd < 0:  # closed (the selector would search every registration for a closed socket)
+            return None
+        key = self._selector.get_map().get(fd)
+        handshake = key.data if key is not None else None
+        return handshake if isinstance(handshake, _ClientHandshake) and handshake.websocket is websocket else None
 
     # Server handshakes ---------------------------------------------------------
 
@@ -4656,7 +4701,10 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise socket.timeout("timed out before the handshake (redirects)")
-    sock = socket.create_connection((hop.host, hop.port), remaining)
+    try:
+        sock = socket.create_connection((hop.host, hop.port), remaining)
+    except OSError as exc:
+        raise _connect_error(exc, (hop.host, hop.port)) from None
     try:
         if proxy is not None:
             tunnel = _ProxyTunnel(target, proxy)
@@ -5840,6 +5888,11 @@ class Supervisor:
         return sock
 
     def _spawn(self, index: int, sock: socket.socket) -> None:
+        # What the caller printed before run() goes out now, once: a copy of an unflushed buffer would
+        # otherwise sit in every worker, and the caller's own line only show at its exit (stdout a pipe).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed, or replaced by an object without flush()
+                stream.flush()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             status = 1
@@ -5989,6 +6042,14 @@ class _ChatPeer(WebSocket):
                     f" {reason}" if reason else "", count)
 
 
+def _chat_log_filter(record: Any) -> bool:
+    """The chat logs each disconnection itself, with the peers left: the library's own line for a chat
+    peer that failed (1006, 1007...) would say it twice, naming a class the user never wrote."""
+    args = record.args
+    return not (record.funcName == "_finalize" and isinstance(args, tuple) and args and isinstance(args[0], str)
+                and args[0].startswith(f"{_ChatPeer.__name__} "))
+
+
 def _format_peer(address: Any) -> str:
     if isinstance(address, tuple):
         return f"{_bracket(address[0])}:{address[1]}"
@@ -6029,6 +6090,7 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
     """The chat's set-up of one manager: for a :class:`Supervisor` worker, or index -1 for the only process."""
 
     def setup(manager: WebSocketManager, sock: socket.socket, index: int) -> None:
+        logger.addFilter(_chat_log_filter)  # once: the same function is not added twice
         bridge = manager.bridge(redis) if redis else None
 
         def stats() -> Dict[str, Any]:
@@ -6164,6 +6226,9 @@ class _ConsolePeer(WebSocket):
 
 
 def _connect(args: Any) -> int:
+    # The client prints its own lines, above the one being typed; the library's INFO lines (a stop's
+    # summary) would land on that line. Warnings still show.
+    logger.setLevel(logging.WARNING)
     context = None
     if args.url.lower().startswith("wss:"):
         context = ssl.create_default_context()
@@ -6216,7 +6281,10 @@ def _connect(args: Any) -> int:
     manager.join()
     if terminal_mode is not None:
         terminal_mode()
-        print(file=sys.stderr)  # the shell's prompt goes on a line of its own, not after "> "
+        # The input line ("> " and what was half typed) will never be read: erase it, so the shell's
+        # prompt takes its place instead of following a stray "> " under "connection closed".
+        sys.stdout.write("\r\x1b[K")
+        sys.stdout.flush()
     return 0 if peer.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
 
 
