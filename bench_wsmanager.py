@@ -52,7 +52,10 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        (ceiling: the raw server); connections/s and the client's RSS growth
        per connection, measured after one echo on every connection. ws4py
        (when installed, ``bench`` extra) in the same run: ``connect()`` then
-       its ``WebSocketManager``, its documented client use.
+       its ``WebSocketManager``, its documented client use. "floor": a raw
+       blocking socket per connection that sends the same opening request
+       (precomputed) and reads up to the end of the 101, nothing more, against
+       the same server: what any one-by-one blocking client can reach there.
 s6c    client side, concurrent: 2,000 ``manager.connect()`` calls in
        a loop, every TCP connect and handshake running in the loop at once,
        timed until all have opened (websockets: 2,000 ``connect()`` tasks
@@ -63,10 +66,19 @@ codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
        over a ``StreamReader``) with its C ``apply_mask`` and with its
        pure-Python fallback (``websockets.utils.apply_mask``), and against
        wsproto's ``FrameProtocol`` (pure Python); wsmanager as installed (with
-       wsaccel when importable) and with its masking forced to pure Python;
-       ``apply_mask`` in MB/s on 1 MiB and in ns per call on 64 B.
+       its accelerator when importable: websockets' C ``speedups.apply_mask``,
+       else wsaccel) and with its masking forced to pure Python;
+       ``apply_mask`` in MB/s on 1 MiB and in ns per call on 64 B; then the
+       candidate accelerators alone on 1 MiB and 64 KiB (websockets C,
+       wsaccel, numpy XOR by 64-bit words, pure Python).
 import ``python -I -S -X importtime -c "import wsmanager"``, cumulative ms,
-       against the standard-library modules wsmanager needs (its floor).
+       against the standard-library modules wsmanager needs (its floor), and
+       the self time of the module (its own body, without what it imports).
+zparams  in-process: zlib at level 6 with a full flush per message (the
+       shared compressor of permessage-deflate without context takeover) for
+       every window (9-15 bits) and memLevel (1-9): CPU ms per 128 KiB JSON
+       message, CPU us per 131 B message, compressed sizes, and the KiB a
+       compressor holds (tracemalloc); how the ``mem_level`` default was chosen.
 S3 also runs a wsmanager server whose masking is forced to pure Python
 ("wsmanager-pure") and prints what the pure ``apply_mask`` alone does on the
 server's CPU (64 KiB pieces): the bound of a pure-Python S3.
@@ -144,11 +156,13 @@ Methodology
 Targets (the "met?" column)
 ---------------------------
 S1 >= 1.3x websockets.  S2 >= 3x websockets and >= 0.5x ceiling.
-S3 >= 0.9x websockets.  S4 <= 3 KiB server RSS per connection and
-handshakes/s >= 1.5x websockets.  S5 >= 2x websockets.  S6 <= 3 KiB client
-RSS per connection and connections/s >= 3x websockets.  FrameParser 16 B >=
-1.5x websockets with C speedups.  FrameParser 1 MiB masked >= 2x websockets
-pure Python.  Idle: 10k connections use <= 1% of a core.
+S3 >= 0.9x websockets (with an accelerator installed).  S4 <= 3 KiB server
+RSS per connection and handshakes/s >= 1.5x websockets.  S5 >= 2x websockets.
+S6 <= 3 KiB client RSS per connection and connections/s >= 3x websockets and
+>= 1.2x ws4py.  FrameParser 16 B >= 1.5x websockets with C speedups.
+FrameParser 1 MiB masked >= 1x websockets with C speedups (with an accelerator
+installed) and >= 2x websockets pure Python.  Import: <= 15 ms cumulative,
+<= 3 ms self time.  Idle: 10k connections use <= 1% of a core.
 
 The exit status is 0 when every trial ran (whether targets are met or not:
 read the table), 1 when a trial failed or the soak found a leak or errors.
@@ -163,7 +177,10 @@ import collections
 import contextlib
 import cProfile
 import dataclasses
+import functools
 import hashlib
+import json
+import math
 import multiprocessing
 import os
 import pstats
@@ -182,6 +199,7 @@ import textwrap
 import threading
 import time
 import timeit
+import tracemalloc
 import traceback
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -208,6 +226,11 @@ try:
     from websockets.speedups import apply_mask as websockets_c_apply_mask
 except ImportError:
     websockets_c_apply_mask = None
+
+# What wsmanager masks large payloads with here (looked up the way it does on its first large frame).
+_accelerator = wsmanager._find_mask_accelerator()
+MASK_ACCELERATOR = (None if _accelerator is None else
+                    "websockets C" if _accelerator is websockets_c_apply_mask else "wsaccel")
 
 try:
     import wsproto.frame_protocol as wsproto_frames
@@ -237,7 +260,7 @@ CONNECT_TIMEOUT = 15.0
 BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
 IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
 # Also run in some scenarios: ws4py (S6), wsmanager with its masking forced to pure Python (S3).
-EXTRA_IMPLEMENTATIONS = ("ws4py", "wsmanager-pure")
+EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "connect-only", "wsmanager-pure")
 SATURATED = 0.9  # a load generator using this share of a CPU or more limits the figure: a lower bound
 # What a browser offers; answered with 12-bit client windows by both servers' defaults.
 BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
@@ -450,7 +473,8 @@ def server_main(conn: Any, impl: str, mode: str, profile_path: Optional[str] = N
     if impl == "wsmanager":
         serve_wsmanager(conn, mode, profile_path)
     elif impl == "wsmanager-pure":
-        wsmanager._xor_masker = None  # the standard-library masking path, accelerator or not
+        # The standard-library masking path, accelerator or not.
+        wsmanager._large_mask, wsmanager._small_mask = wsmanager._translate_mask, None
         serve_wsmanager(conn, mode, profile_path)
     elif impl == "websockets":
         asyncio.run(serve_websockets(conn, mode))
@@ -1332,10 +1356,12 @@ class EchoTally:
 
 
 def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, server_pid: int, p: Params,
-                             failures: Any) -> dict:
-    """S6 for a client library whose connections run in its own manager thread: a warm-up connection,
-    then p.s6_connections opened one by one (measured), then one echo each."""
-    warm = open_client()
+                             failures: Any, open_warm: Optional[Callable[[], Any]] = None,
+                             run_all: Optional[Callable[[List[Any]], None]] = None) -> dict:
+    """S6 for a client library whose connections run in its own manager thread: a warm-up connection
+    (``open_warm``, default ``open_client``), then p.s6_connections opened one by one (measured), then
+    ``run_all`` on them if given, then one echo each."""
+    warm = (open_warm or open_client)()
     warm.send("warm-up")
     tally.enough.wait(CONNECT_TIMEOUT)
     tally.received, tally.target = 0, p.s6_connections
@@ -1344,6 +1370,8 @@ def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, s
     rss_before = rss_bytes()
     with Meter(server_pid) as meter:
         clients, errors = open_one_by_one(open_client, p.s6_connections, failures)
+    if run_all is not None:
+        run_all(clients)
     tally.target = len(clients)
     for client in clients:
         client.send("hi")
@@ -1352,7 +1380,9 @@ def measure_threaded_clients(open_client: Callable[[], Any], tally: EchoTally, s
     return s6_result(meter, len(clients), rss_before, rss_after, errors, tally.received)
 
 
-def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
+def client_s6_wsmanager(port: int, server_pid: int, p: Params, add: bool = True) -> dict:
+    """``connect()`` then ``manager.add()``, one by one; without ``add``, the connections are added only
+    after the timed interval (the cost of connect() alone)."""
     url = f"ws://{HOST}:{port}/"
     tally = EchoTally()
 
@@ -1365,9 +1395,19 @@ def client_s6_wsmanager(port: int, server_pid: int, p: Params) -> dict:
         manager.add(client)
         return client
 
+    def connect_only() -> wsmanager.WebSocket:
+        return wsmanager.connect(url, Client, timeout=CONNECT_TIMEOUT)
+
+    def add_all(clients: List[wsmanager.WebSocket]) -> None:
+        for client in clients:
+            manager.add(client)
+
     manager = wsmanager.WebSocketManager()
     manager.start()
     try:
+        if not add:
+            return measure_threaded_clients(connect_only, tally, server_pid, p, (OSError, wsmanager.HandshakeError),
+                                            open_warm=open_client, run_all=add_all)
         return measure_threaded_clients(open_client, tally, server_pid, p, (OSError, wsmanager.HandshakeError))
     finally:
         manager.stop()
@@ -1440,6 +1480,50 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
         sock.close()
     selector.close()
     return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)  # the warm one echoed too
+
+
+def client_s6_floor(port: int, server_pid: int, p: Params) -> dict:
+    """The floor of a blocking client: a raw socket per connection sends one precomputed opening request
+    (the same bytes wsmanager.connect() sends, one key for all) and reads until the end of the 101, with no
+    parsing, no checks and no manager; then a selector holds them for one echo each."""
+    selector = selectors.DefaultSelector()
+    request = wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key())
+    hello = wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"hi", mask=True)
+
+    def open_one() -> socket.socket:
+        sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+        answer = sock.recv(READ_CHUNK)
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(READ_CHUNK)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            answer += chunk
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        return sock
+
+    warm = open_one()
+    time.sleep(0.2)
+    rss_before = rss_bytes()
+    with Meter(server_pid) as meter:
+        opened, errors = open_one_by_one(open_one, p.s6_connections, OSError)
+    socks = [warm] + opened
+    for sock in socks:
+        sock.sendall(hello)
+    echoed = 0
+    deadline = time.monotonic() + p.trial_timeout
+    while echoed < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            key.fileobj.recv(READ_CHUNK)  # the 4-byte echo of "hi" arrives in one piece on loopback
+            echoed += 1
+            selector.unregister(key.fileobj)
+    rss_after = rss_bytes()
+    for sock in socks:
+        sock.close()
+    selector.close()
+    return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)
 
 
 def client_s6_ws4py(port: int, server_pid: int, p: Params) -> dict:
@@ -1657,6 +1741,10 @@ def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: i
             result = asyncio.run(client_s6_websockets(port, server_pid, p))
         elif impl == "ws4py":
             result = client_s6_ws4py(port, server_pid, p)
+        elif impl == "floor":
+            result = client_s6_floor(port, server_pid, p)
+        elif impl == "connect-only":
+            result = client_s6_wsmanager(port, server_pid, p, add=False)
         else:
             result = client_s6_ceiling(port, server_pid, p)
     elif workload == "s6c":
@@ -1794,6 +1882,8 @@ class Scenario:
     efficiency_targets: Sequence[Target] = ()
     # More rows over the same samples (another column compared, e.g. ws4py), printed after the scenario's.
     extra_metrics: List[Metric] = dataclasses.field(default_factory=list)
+    # The same for the per-CPU-second table: (label, columns) of rows over the efficiency samples.
+    extra_efficiency: List[Metric] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         rate = self.metrics.get("rate")
@@ -1827,8 +1917,8 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                            efficiency_targets=[Target(ref, 3.0)], implementations=("wsmanager", "websockets")),
         "s3": Scenario("s3", f"S3 large messages: {p.s3_connections} connections x {p.s3_in_flight} in flight, "
                              f"{p.s3_size // 1024} KiB binary, {p.s3_per_connection} round trips each", "echo",
-                       {"rate": Metric(f"S3 large messages{' (wsaccel)' if wsmanager._xor_masker else ''}",
-                                       "MB/s", targets=[Target(ref, 1.0)] if wsmanager._xor_masker else [])},
+                       {"rate": Metric(f"S3 large messages{f' ({MASK_ACCELERATOR})' if MASK_ACCELERATOR else ''}",
+                                       "MB/s", targets=[Target(ref, 0.9)] if MASK_ACCELERATOR else [])},
                        implementations=IMPLEMENTATIONS + ("wsmanager-pure",)),
         "s4": Scenario("s4", f"S4 connections: {p.s4_connections:,} idle connections opened "
                              f"{p.connect_concurrency} at a time", "echo",
@@ -1843,8 +1933,10 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                        {"rss": Metric("S6 client RSS per connection", "KiB", higher_is_better=False,
                                       targets=[Target(absolute, 3.0)]),
                         "rate": Metric("S6 client connections", "conn/s", targets=[Target(ref, 3.0)])},
-                       servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows"},
-                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ())),
+                       servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows",
+                                "floor": "picows", "connect-only": "picows"},
+                       implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ())
+                       + ("floor", "connect-only")),
         "s6c": Scenario("s6c", f"S6c client side, concurrent: {p.s6_connections:,} client connections started in "
                                "a loop, all handshaking at once (wsmanager: manager.connect(); websockets: "
                                "connect() tasks gathered), against a picows echo server", "echo",
@@ -1887,10 +1979,26 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                targets=[Target(ref, 0.8)], columns={"wsmanager": "wsmanager-pure", "websockets": "apply_mask"}),
     ]
     if ws4py is not None:
-        scenarios["s6"].extra_metrics.append(
+        scenarios["s6"].extra_metrics += [
             Metric(f"S6 client connections [websockets column: ws4py {ws4py.__version__}]", "conn/s",
-                   samples=s6.samples, targets=[Target(ref, 1.0)],
-                   columns={"wsmanager": "wsmanager", "websockets": "ws4py"}))
+                   samples=s6.samples, targets=[Target(ref, 1.2)],
+                   columns={"wsmanager": "wsmanager", "websockets": "ws4py"}),
+            # What any blocking one-by-one client can reach against this server, in ws4py's terms.
+            Metric(f"S6 the floor client [wsmanager column: floor; websockets column: ws4py {ws4py.__version__}]",
+                   "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"})]
+    s6_efficiency = scenarios["s6"].efficiency
+    assert s6_efficiency is not None
+    scenarios["s6"].extra_efficiency += [
+        Metric(f"S6 client connections [websockets column: {other}]", s6_efficiency.unit,
+               samples=s6_efficiency.samples, columns={"wsmanager": "wsmanager", "websockets": column})
+        for other, column in (("ws4py", "ws4py"), ("the floor client", "floor"),
+                              ("wsmanager.connect() alone", "connect-only"))]
+    scenarios["s6"].extra_metrics += [
+        Metric("S6 client connections [websockets column: the floor client]", "conn/s", samples=s6.samples,
+               columns={"wsmanager": "wsmanager", "websockets": "floor"}),
+        # The price of handing each connection over to the loop thread (add()), by difference.
+        Metric("S6 client connections [websockets column: wsmanager.connect() alone, no add()]", "conn/s",
+               samples=s6.samples, columns={"wsmanager": "wsmanager", "websockets": "connect-only"})]
     return scenarios
 
 
@@ -2002,16 +2110,15 @@ def run_scenario(scenario: Scenario, p: Params, repeat: int, profile_dir: Option
 
 def pure_mask_rate() -> float:
     """MB/s of wsmanager's pure-Python apply_mask on READ_CHUNK pieces, best of BEST_OF, on the server's CPU."""
-    saved_masker, saved_affinity = wsmanager._xor_masker, os.sched_getaffinity(0)
-    wsmanager._xor_masker = None
+    saved_affinity = os.sched_getaffinity(0)
     if CPUS["server"] is not None:
         os.sched_setaffinity(0, {CPUS["server"]})
     try:
         data, key, calls = os.urandom(READ_CHUNK), b"\x12\x34\x56\x78", 200
-        best = min(timeit.repeat(lambda: wsmanager.apply_mask(data, key), number=calls, repeat=BEST_OF))
+        with wsmanager_pure_masking():
+            best = min(timeit.repeat(lambda: wsmanager.apply_mask(data, key), number=calls, repeat=BEST_OF))
         return calls * len(data) / best / 1e6
     finally:
-        wsmanager._xor_masker = saved_masker
         os.sched_setaffinity(0, saved_affinity)
 
 
@@ -2092,12 +2199,12 @@ def parse_with_wsproto(chunks: Sequence[bytes]) -> int:
 @contextlib.contextmanager
 def wsmanager_pure_masking():
     """wsmanager's standard-library masking, whether or not the accelerator is installed."""
-    saved = wsmanager._xor_masker
-    wsmanager._xor_masker = None
+    saved = wsmanager._large_mask, wsmanager._small_mask
+    wsmanager._large_mask, wsmanager._small_mask = wsmanager._translate_mask, None
     try:
         yield
     finally:
-        wsmanager._xor_masker = saved
+        wsmanager._large_mask, wsmanager._small_mask = saved
 
 
 def masked_stream(count: int, size: int) -> List[bytes]:
@@ -2111,8 +2218,9 @@ def run_codec(p: Params, repeat: int) -> List[Metric]:
     print("\n## Codec, in-process (pinned to the generator's CPU)")
     c_mask = websockets_c_apply_mask
     pure_mask = websockets.utils.apply_mask
-    accelerated = wsmanager._xor_masker is not None
-    # wsmanager: as installed (with wsaccel when it is importable); "wsmanager pure-Python": masking forced to
+    accelerated = MASK_ACCELERATOR is not None
+    wsmanager.apply_mask(bytes(2 ** 20), b"\x00" * 4)  # wsmanager looks for its accelerator now, not when timed
+    # wsmanager: as installed (with its accelerator when one is importable); "wsmanager pure-Python": masking forced to
     # the standard-library path, the fair match for websockets' pure-Python fallback and for wsproto.
     variants = {"wsmanager": None, "wsmanager pure-Python": None, "websockets+C": c_mask,
                 "websockets pure-Python": pure_mask, "wsproto": None}
@@ -2122,7 +2230,7 @@ def run_codec(p: Params, repeat: int) -> List[Metric]:
     if wsproto_frames is None:
         print("  wsproto is not installed: its rows are missing")
         del variants["wsproto"]
-    print(f"  wsmanager masks with {'wsaccel (C)' if accelerated else 'pure Python (wsaccel not installed)'}")
+    print(f"  wsmanager masks large payloads with {MASK_ACCELERATOR or 'pure Python (no accelerator installed)'}")
     small = masked_stream(p.codec_small_frames, 16)
     big = masked_stream(p.codec_big_frames, 2 ** 20)
     data_1m = bytes(range(256)) * 4096
@@ -2183,7 +2291,7 @@ def run_codec(p: Params, repeat: int) -> List[Metric]:
     finally:
         os.sched_setaffinity(0, saved_affinity)
 
-    ours_c = "wsmanager" + (" (wsaccel)" if accelerated else "")
+    ours_c = "wsmanager" + (f" ({MASK_ACCELERATOR})" if accelerated else "")
     pairs = [  # (ours, theirs, label of the comparison)
         ("wsmanager", "websockets+C", f"{ours_c} vs websockets with C speedups"),
         ("wsmanager pure-Python", "websockets pure-Python", "pure Python vs websockets pure Python"),
@@ -2202,19 +2310,72 @@ def run_codec(p: Params, repeat: int) -> List[Metric]:
     metrics = (rows("small", f"FrameParser {p.codec_small_frames:,} x 16 B masked", "frames/s", True,
                     {"websockets+C": ref})
                + rows("big", f"FrameParser {p.codec_big_frames} x 1 MiB masked", "MB/s", True,
-                      {"websockets pure-Python": [Target("websockets", 2.0)], "wsproto": [Target("websockets", 1.0)]})
+                      {"websockets+C": [Target("websockets", 1.0)] if accelerated else [],
+                       "websockets pure-Python": [Target("websockets", 2.0)], "wsproto": [Target("websockets", 1.0)]})
                + rows("mask1m", "apply_mask 1 MiB", "MB/s", True, {})
                + rows("mask64", "apply_mask 64 B", "ns/call", False, {}))
     for metric in metrics:
         print(f"  median {metric.label} ({metric.unit}): wsmanager {fmt(metric.median('wsmanager'))}, "
               f"websockets {fmt(metric.median('websockets'))}")
+    mask_candidates(repeat)
     return metrics
+
+
+def numpy_mask() -> Optional[Callable[[bytes, bytes], bytes]]:
+    """A numpy masking function (XOR by 64-bit words, the tail byte by byte), or None without numpy."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+
+    def mask(data: bytes, key: bytes) -> bytes:
+        out = bytearray(data)
+        words = len(out) >> 3
+        view = numpy.frombuffer(out, dtype=numpy.uint64, count=words)
+        numpy.bitwise_xor(view, numpy.frombuffer(bytes(key) * 2, dtype=numpy.uint64)[0], out=view)
+        del view
+        for i in range(words * 8, len(out)):
+            out[i] ^= key[i & 3]
+        return bytes(out)
+
+    return mask
+
+
+def mask_candidates(repeat: int) -> None:
+    """MB/s of each candidate masking function alone on 1 MiB and 64 KiB (best of BEST_OF per repetition)."""
+    candidates: Dict[str, Optional[Callable[[bytes, bytes], bytes]]] = {
+        "websockets C (speedups.apply_mask)": websockets_c_apply_mask, "numpy (64-bit words)": numpy_mask(),
+        "pure Python (wsmanager)": wsmanager._translate_mask}
+    try:
+        from wsaccel.xormask import XorMaskerSimple
+        candidates["wsaccel (XorMaskerSimple)"] = lambda data, key: XorMaskerSimple(key).process(data)
+    except ImportError:
+        candidates["wsaccel (XorMaskerSimple)"] = None
+    key = b"\x12\x34\x56\x78"
+    rates: Dict[str, Dict[int, List[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for _ in range(repeat):
+        for name, function in candidates.items():
+            for size in (2 ** 20, 2 ** 16):
+                if function is None:
+                    continue
+                data = os.urandom(size)
+                assert function(data, key) == wsmanager._translate_mask(data, key), name
+                calls = max(4, 2 ** 26 // size // 8)
+                best = min(timeit.repeat(functools.partial(function, data, key), number=calls, repeat=BEST_OF))
+                rates[name][size].append(calls * size / best / 1e6)
+    print("\n  Masking candidates alone (MB/s, medians):\n")
+    print("  | function | 1 MiB | 64 KiB |\n  | --- | --- | --- |")
+    for name in candidates:
+        cells = [fmt(statistics.median(rates[name][size])) if rates[name][size] else "not installed"
+                 for size in (2 ** 20, 2 ** 16)]
+        print(f"  | {name} | {' | '.join(cells)} |")
 
 
 # -- import time --------------------------------------------------------------
 
-def import_time_ms(code: str) -> float:
-    """Cumulative import time of what ``code`` imports, in ms (``-X importtime``, isolated, no site)."""
+def import_time_ms(code: str, self_of: Optional[str] = None) -> float:
+    """Cumulative import time of what ``code`` imports, in ms (``-X importtime``, isolated, no site);
+    with ``self_of``, the self time of that module alone (without the modules it imports)."""
     output = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", "-c", code],
                             capture_output=True, text=True, check=True).stderr
     baseline = set(subprocess_baseline_modules())
@@ -2222,10 +2383,17 @@ def import_time_ms(code: str) -> float:
     for line in output.splitlines():
         # Only top-level lines (no indent in the name column): nested ones are within their parent's time.
         fields = line.split("|")
-        if len(fields) == 3 and fields[0].startswith("import time:") and not fields[2].startswith("  "):
+        if len(fields) != 3 or not fields[0].startswith("import time:"):
+            continue
+        if self_of is not None:
+            if fields[2].strip() == self_of and not fields[2].startswith("  "):
+                return int(fields[0].split(":")[1]) / 1000
+        elif not fields[2].startswith("  "):
             name = fields[2].strip()
             if name not in baseline and fields[1].strip().isdigit():
                 total += int(fields[1])
+    if self_of is not None:
+        raise RuntimeError(f"{self_of} was not imported by {code!r}")
     return total / 1000
 
 
@@ -2248,21 +2416,130 @@ IMPORT_FLOOR = ("__future__, codecs, collections, contextlib, enum, errno, heapq
                 "struct, sys, threading, time, types, typing")
 
 
-def run_import_time(repeat: int) -> Metric:
-    """``import wsmanager`` against the stdlib modules it needs, interleaved, 7 runs per repetition."""
-    print("\n## Import time: python -I -S -X importtime, cumulative (no site-packages: wsaccel not importable)")
+def run_import_time(repeat: int) -> List[Metric]:
+    """``import wsmanager`` against the stdlib modules it needs, interleaved, 7 runs per repetition; and
+    wsmanager's self time (its own module body, without the modules it imports)."""
+    print("\n## Import time: python -I -S -X importtime (no site-packages: no accelerator importable)")
     here = os.path.dirname(os.path.abspath(wsmanager.__file__))
-    metric = Metric("import wsmanager", "ms", higher_is_better=False,
+    metric = Metric("import wsmanager, cumulative", "ms", higher_is_better=False,
                     targets=[Target("absolute", 15.0)], columns={"wsmanager": "wsmanager", "ceiling": "floor"})
+    own = Metric("import wsmanager, self time of the module", "ms", higher_is_better=False,
+                 targets=[Target("absolute", 3.0)], columns={"wsmanager": "self"})
     code = f"import sys; sys.path.insert(0, {here!r}); import wsmanager"
     import_time_ms(code)  # compiles the .pyc if needed
     for rep in range(repeat):
         for _ in range(7):
             metric.samples["wsmanager"].append(import_time_ms(code))
             metric.samples["floor"].append(import_time_ms(f"import {IMPORT_FLOOR}"))
+            own.samples["self"].append(import_time_ms(code, self_of="wsmanager"))
         print(f"  import rep {rep + 1}/{repeat}  wsmanager {fmt(statistics.median(metric.samples['wsmanager']))} ms,"
-              f" its stdlib floor ({IMPORT_FLOOR}) {fmt(statistics.median(metric.samples['floor']))} ms", flush=True)
-    return metric
+              f" its stdlib floor ({IMPORT_FLOOR}) {fmt(statistics.median(metric.samples['floor']))} ms, "
+              f"self {fmt(statistics.median(own.samples['self']))} ms (min {fmt(min(own.samples['self']))})",
+              flush=True)
+    return [metric, own]
+
+
+# -- zparams: zlib settings for permessage-deflate ------------------------------
+
+ZPARAMS_WINDOW_BITS = range(9, 16)
+ZPARAMS_MEM_LEVELS = range(1, 10)
+ZPARAMS_LARGE_SIZE = 128 * 1024
+
+
+def json_message(size: int) -> bytes:
+    """``size`` bytes of a JSON array of records, the kind of message a dashboard pushes (seeded)."""
+    rng = random.Random(22)
+    words = ["alpha", "beta", "gamma", "delta", "status", "ok", "error", "pending", "eu-west", "us-east"]
+    records = []
+    length = 2
+    while length < size:
+        record = json.dumps({"id": len(records), "user": f"user{rng.randrange(10_000)}", "region": rng.choice(words),
+                             "state": rng.choice(words), "value": round(rng.uniform(0, 1000), 3),
+                             "ts": 1_700_000_000 + rng.randrange(86_400), "tags": rng.sample(words, 3)})
+        records.append(record)
+        length += len(record) + 2
+    return ("[" + ", ".join(records) + "]").encode()[:size]
+
+
+def zlib_message_cost(wbits: int, mem_level: int, message: bytes, count: int) -> "tuple[float, int]":
+    """CPU seconds per message (best of BEST_OF runs of ``count``) and compressed size, compressed as
+    wsmanager's shared compressor does by default: level 6, a full flush after each message. CPU time
+    of this thread, not wall time: other processes taking the CPU do not count."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+    size = len(compressor.compress(message) + compressor.flush(zlib.Z_FULL_FLUSH))
+    best = math.inf
+    for _ in range(BEST_OF):
+        start = time.thread_time()
+        for _ in range(count):
+            compressor.compress(message)
+            compressor.flush(zlib.Z_FULL_FLUSH)
+        best = min(best, (time.thread_time() - start) / count)
+    return best, size
+
+
+def zlib_memory(wbits: int, mem_level: int, message: bytes) -> int:
+    """Bytes a compressor holds after one message: what a connection keeps with its context (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+        compressor.compress(message)
+        compressor.flush(zlib.Z_SYNC_FLUSH)
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def run_zparams(repeat: int) -> List[Metric]:
+    """Time, size and memory of zlib for every window (9-15 bits) and memLevel (1-9), interleaved."""
+    small, large = ZMEM_MESSAGE, json_message(ZPARAMS_LARGE_SIZE)
+    print(f"\n## zlib settings: level 6, a full flush per message (wsmanager's shared compressor), pinned to the "
+          f"generator's CPU; a {len(small)} B chat message and {len(large) // 1024} KiB of JSON records")
+    grid = [(wbits, level) for wbits in ZPARAMS_WINDOW_BITS for level in ZPARAMS_MEM_LEVELS]
+    times: Dict[str, Dict[Any, List[float]]] = {"small": collections.defaultdict(list),
+                                                  "large": collections.defaultdict(list)}
+    sizes: Dict[str, Dict[Any, int]] = {"small": {}, "large": {}}
+    saved_affinity = os.sched_getaffinity(0)
+    if CPUS["generator"] is not None:
+        os.sched_setaffinity(0, {CPUS["generator"]})
+    try:
+        for rep in range(repeat):
+            for cell in grid:
+                for name, message, count in (("small", small, 2000), ("large", large, 8)):
+                    seconds, sizes[name][cell] = zlib_message_cost(*cell, message, count)
+                    times[name][cell].append(seconds)
+            print(f"  zparams rep {rep + 1}/{repeat} done", flush=True)
+    finally:
+        os.sched_setaffinity(0, saved_affinity)
+    memory = {cell: zlib_memory(*cell, large) for cell in grid}
+
+    def table(title: str, cell_text: Callable[[Any], str]) -> None:
+        print(f"\n  {title}\n")
+        print("  | window bits | " + " | ".join(f"memLevel {level}" for level in ZPARAMS_MEM_LEVELS) + " |")
+        print("  | --- |" + " --- |" * len(ZPARAMS_MEM_LEVELS))
+        for wbits in ZPARAMS_WINDOW_BITS:
+            print(f"  | {wbits} | " + " | ".join(cell_text((wbits, level)) for level in ZPARAMS_MEM_LEVELS) + " |")
+
+    median = statistics.median
+    table(f"CPU ms per {len(large) // 1024} KiB JSON message (medians)", lambda cell: f"{median(times['large'][cell]) * 1e3:.2f}")
+    table(f"CPU us per {len(small)} B message (medians)", lambda cell: f"{median(times['small'][cell]) * 1e6:.1f}")
+    table(f"compressed size of the {len(large) // 1024} KiB message, % of the original",
+          lambda cell: f"{sizes['large'][cell] / len(large):.1%}")
+    table(f"compressed size of the {len(small)} B message, bytes", lambda cell: str(sizes["small"][cell]))
+    table("KiB a compressor holds (per connection that keeps its context; one per thread when shared)",
+          lambda cell: f"{memory[cell] / 1024:.0f}")
+    # The default against zlib's own (memLevel 8), per window size, as rows of the results table.
+    chosen = wsmanager.Deflate().mem_level
+    metrics = []
+    for wbits in (9, 12, 15):
+        for name, unit, scale in (("large", "ms", 1e3), ("small", "us", 1e6)):
+            metric = Metric(f"zlib {wbits}-bit window, {'128 KiB JSON' if name == 'large' else 'small message'} "
+                            f"[memLevel {chosen} (default) vs 8]", f"CPU {unit} per message", higher_is_better=False,
+                            columns={"wsmanager": "chosen", "websockets": "memLevel 8"})
+            metric.samples["chosen"] = [t * scale for t in times[name][(wbits, chosen)]]
+            metric.samples["memLevel 8"] = [t * scale for t in times[name][(wbits, 8)]]
+            metrics.append(metric)
+    return metrics
 
 
 # -- soak ---------------------------------------------------------------------
@@ -2629,7 +2906,7 @@ def run_scale(p: Params, repeat: int) -> int:
 ###############################################################################
 
 SCENARIO_ORDER = ("s1", "s2", "s2node", "s3", "s4", "s5", "s6", "s6c", "codec", "import", "idle", "z2", "z3", "z5", "z5ctx", "zmem1k",
-                  "zmem10k", "zmemctx10k")
+                  "zmem10k", "zmemctx10k", "zparams")
 
 
 ###############################################################################
@@ -2749,7 +3026,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
                "s6 client side, codec, idle; z2 z3 z5 (s2 s3 s5 with permessage-deflate), zmem1k zmem10k "
-               "z5ctx, zmemctx10k (memory with deflate); soak and scale (only when named).",
+               "z5ctx, zmemctx10k (memory with deflate); zparams (zlib window x memLevel table); soak and scale (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")
@@ -2816,7 +3093,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metrics.extend(run_codec(p, args.repeat))
             continue
         if name == "import":
-            metrics.append(run_import_time(args.repeat))
+            metrics.extend(run_import_time(args.repeat))
+            continue
+        if name == "zparams":
+            metrics.extend(run_zparams(args.repeat))
             continue
         if name == "s2node" and node_generator() is None:
             print("\n## s2node skipped: node is not on PATH")
@@ -2835,7 +3115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("\nCPU shares over the timed intervals, medians: CPU used + time runnable but waiting for a CPU "
                   "(taken by other processes). s6: the client under test / the echo server.\n")
             print(share_table(scenarios_run))
-            efficiency = [scenario.efficiency for scenario in scenarios_run if scenario.efficiency is not None]
+            efficiency = [metric for scenario in scenarios_run if scenario.efficiency is not None
+                          for metric in (scenario.efficiency, *scenario.extra_efficiency)]
             if efficiency:
                 print("\nWork per CPU-second of the side under test (the server; s6: the client), medians. "
                       "Less sensitive than the rates above to other processes taking CPU time; a side that\n"

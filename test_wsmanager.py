@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -614,6 +615,23 @@ def check_roundtrip(frames, key, cuts):
 
 
 MASK_THRESHOLD = wsmanager._TRANSLATE_THRESHOLD  # apply_mask switches algorithm here
+
+
+MASK_ACCELERATORS = ["websockets", "wsaccel"]  # what apply_mask may use for large payloads, fastest first
+
+
+def mask_accelerator(name, monkeypatch):
+    """What wsmanager masks large payloads with when ``name`` is the best accelerator installed
+    (skips when it is not installed)."""
+    if name == "websockets":
+        speedups = pytest.importorskip("websockets.speedups")
+        assert wsmanager._find_mask_accelerator() is speedups.apply_mask
+    else:
+        pytest.importorskip("wsaccel.xormask")
+        monkeypatch.setitem(sys.modules, "websockets.speedups", None)  # as if websockets were not installed
+    function = wsmanager._find_mask_accelerator()
+    assert function is not None and function is not wsmanager._translate_mask
+    return function
 
 
 MASK_SIZES = sorted({0, 1, 2, 3, 4, 5, 7, 8, 2 * MASK_THRESHOLD + 1, 65537}
@@ -3084,6 +3102,74 @@ def echo_server(make_manager):
     return server, server.listen(("127.0.0.1", 0), EchoServer)[1]
 
 
+# Helpers: the sans-I/O protocol (bytes in, bytes out) -------------------------
+
+PEER_KEY = b"\x01\x02\x03\x04"  # what a client peer masks with, here: fixed, so the wire is exact
+
+
+def peer_frame(opcode, payload=b"", **options):
+    """A frame as a client sends it to a server protocol: masked with PEER_KEY."""
+    return raw_frame(opcode, payload, key=PEER_KEY, **options)
+
+
+def open_protocol(*, client=False, max_buffered=DEFAULT_MAX_BUFFERED, max_message_size=2 ** 20):
+    """A running (OPEN) protocol, no socket anywhere."""
+    protocol = wsmanager._Protocol(client=client, max_buffered=max_buffered)
+    protocol.start(max_message_size, max_message_size)
+    assert protocol.open() is State.OPEN
+    return protocol
+
+
+def wire_out(protocol, limit=None):
+    """What a socket would take of the protocol's output (at most ``limit`` bytes, else all of it):
+    (the bytes, whether that drained the backlog to the low-water mark)."""
+    written = bytearray()
+    with protocol.lock:
+        for _ in range(100000):
+            if not protocol.out or (limit is not None and len(written) >= limit):
+                break
+            front = bytes(protocol.out[0])
+            take = len(front) if limit is None else min(len(front), limit - len(written))
+            written += front[:take]
+            protocol.written(take)
+        waiting, drained = protocol.flush_ended()
+    assert waiting == bool(protocol.out)
+    return bytes(written), drained
+
+
+def events_of(protocol, data):
+    return list(protocol.receive(data))
+
+
+def close_frame_bytes(code, reason=""):
+    """A server's close frame, exactly (unmasked)."""
+    return encode_frame(Opcode.CLOSE, encode_close(code, reason))
+
+
+# Every violation a server protocol must fail with its own close code (RFC 6455 7.4.1), fed as bytes.
+PROTOCOL_VIOLATIONS = [
+    ("unmasked frame from a client", raw_frame(Opcode.TEXT, b"hi"), 1002),
+    ("reserved opcode 3", peer_frame(3, b"x"), 1002),
+    ("reserved opcode 11", peer_frame(11, b"x"), 1002),
+    ("RSV1 without an extension", peer_frame(Opcode.TEXT, b"x", rsv=0x40), 1002),
+    ("RSV2", peer_frame(Opcode.TEXT, b"x", rsv=0x20), 1002),
+    ("fragmented ping", peer_frame(Opcode.PING, b"x", fin=False), 1002),
+    ("ping of 126 bytes", peer_frame(Opcode.PING, b"x" * 126), 1002),
+    ("continuation with nothing to continue", peer_frame(Opcode.CONTINUATION, b"x"), 1002),
+    ("new message inside a fragmented one",
+     peer_frame(Opcode.TEXT, b"a", fin=False) + peer_frame(Opcode.TEXT, b"b"), 1002),
+    ("invalid UTF-8 in a text message", peer_frame(Opcode.TEXT, b"\xff"), 1007),
+    ("invalid UTF-8 across fragments",
+     peer_frame(Opcode.TEXT, b"\xe2\x82", fin=False) + peer_frame(Opcode.CONTINUATION, b"\x28"), 1007),
+    ("message over max_message_size", peer_frame(Opcode.BINARY, b"x" * 1025), 1009),
+    ("close payload of 1 byte", peer_frame(Opcode.CLOSE, b"\x03"), 1002),
+    ("close code 999", peer_frame(Opcode.CLOSE, (999).to_bytes(2, "big")), 1002),
+    ("close code 1005 on the wire", peer_frame(Opcode.CLOSE, (1005).to_bytes(2, "big")), 1002),
+    ("close code 1006 on the wire", peer_frame(Opcode.CLOSE, (1006).to_bytes(2, "big")), 1002),
+    ("close reason not UTF-8", peer_frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"\xff"), 1007),
+]
+
+
 ###############################################################################
 # Codec #######################################################################
 ###############################################################################
@@ -3612,29 +3698,84 @@ class TestCodec:
         assert parser.feed(wire[-1:]) == [Frame(Opcode.BINARY, payload)]
         assert elapsed < 10, f"{elapsed:.1f} s for 64 KiB: each feed costs time in the buffered size"
 
-    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch):
-        pytest.importorskip("wsaccel")
-        assert wsmanager._xor_masker is not None  # installed here: apply_mask runs in C
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS)
+    def test_apply_mask_accelerated_and_pure_paths_agree(self, monkeypatch, accelerator):
+        accelerated_mask = mask_accelerator(accelerator, monkeypatch)
         rng = random.Random(14)
-        cases = [(bytes(rng.getrandbits(8) for _ in range(n)), bytes(rng.getrandbits(8) for _ in range(4)))
-                 for n in (0, 1, 3, 4, 5, 511, 512, 513, 4097)]
+        # Random data of odd and even lengths around the threshold and far above it, every kind of
+        # bytes-like input, and views that start at an offset into a larger buffer.
+        cases = []
+        for n in (0, 1, 3, 4, 5, 16, 125, MASK_THRESHOLD - 1, MASK_THRESHOLD, MASK_THRESHOLD + 1, MASK_THRESHOLD + 3,
+                  4097, 65537, 2 ** 20 + 7):
+            data, key = rng.randbytes(n), rng.randbytes(4)
+            cases += [(data, key), (bytearray(data), bytearray(key)), (memoryview(data), key)]
+            for offset in (1, 2, 3, 5):
+                cases.append((memoryview(bytearray(rng.randbytes(offset)) + data)[offset:], key))
+        monkeypatch.setattr(wsmanager, "_large_mask", accelerated_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", accelerated_mask)
         accelerated = [apply_mask(data, key) for data, key in cases]
-        accelerated += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                        apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
-        monkeypatch.setattr(wsmanager, "_xor_masker", None)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_large_mask", wsmanager._translate_mask)  # the standard-library path
+        monkeypatch.setattr(wsmanager, "_small_mask", None)
         pure = [apply_mask(data, key) for data, key in cases]
-        pure += [apply_mask(bytearray(b"abc"), bytearray(b"\x01\x02\x03\x04")),
-                 apply_mask(memoryview(b"abcdef")[1:], b"\xff\x00\xff\x00")]
         assert accelerated == pure
-        assert pure[:len(cases)] == [naive_mask(data, key) for data, key in cases]
+        assert pure == [naive_mask(bytes(data), bytes(key)) for data, key in cases]
         assert all(type(result) is bytes for result in accelerated + pure)
 
-    @pytest.mark.parametrize("accelerated", [True, False], ids=["wsaccel", "pure"])
-    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerated):
-        if accelerated:
-            pytest.importorskip("wsaccel")
-        else:
-            monkeypatch.setattr(wsmanager, "_xor_masker", None)
+    def test_apply_mask_finds_its_accelerator_on_the_first_large_payload_only(self):
+        # In a fresh interpreter: nothing is imported for masking at import or for small payloads.
+        code = ("import sys, wsmanager\n"
+                "accelerators = ('websockets', 'wsaccel')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "wsmanager.apply_mask(b'x' * (wsmanager._TRANSLATE_THRESHOLD - 1), b'abcd')\n"
+                "print(wsmanager._large_mask is wsmanager._first_large_mask, any(m in sys.modules for m in accelerators))\n"
+                "assert wsmanager.apply_mask(b'x' * 600, b'abcd') == bytes(x ^ k for x, k in zip(b'x' * 600, b'abcd' * 150))\n"
+                "speedups = sys.modules.get('websockets.speedups')\n"
+                "print(speedups is not None and wsmanager._large_mask is wsmanager._small_mask is speedups.apply_mask)\n")
+        lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=Path(wsmanager.__file__).parent, timeout=60).stdout.splitlines()
+        assert lines[:2] == ["True False", "True False"]
+        pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
+        assert lines[2] == "True"
+
+    def test_apply_mask_out_of_descriptors_masks_in_pure_python_and_looks_again_later(self):
+        # The accelerator is imported on the first large payload; an import opens files, so a
+        # process out of descriptors (EMFILE) cannot import: that payload is masked in pure Python.
+        code = ("import os, resource, wsmanager\n"
+                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+                "held = []\n"
+                "try:\n"
+                "    while len(held) < 1000:\n"
+                "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+                "except OSError:\n"
+                "    pass\n"
+                "data = bytes(range(256)) * 4\n"
+                "expected = bytes(b ^ k for b, k in zip(data, b'abcd' * 256))\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n"
+                "for fd in held:\n"
+                "    os.close(fd)\n"
+                "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                cwd=Path(wsmanager.__file__).parent)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["True True", "True False"]
+
+    def test_apply_mask_on_the_standard_library_alone_is_the_pure_path(self):
+        # -I -S: no site-packages, so neither websockets nor wsaccel can be imported.
+        code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"
+                "out = wsmanager.apply_mask(bytes(range(256)) * 8, b'\\x01\\x02\\x03\\x04')\n"
+                "assert out == bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(bytes(range(256)) * 8))\n"
+                "assert wsmanager.apply_mask(b'hello', b'\\x01\\x02\\x03\\x04') == bytes((0x69, 0x67, 0x6f, 0x68, 0x6e))\n"
+                "print(wsmanager._large_mask is wsmanager._translate_mask, wsmanager._small_mask)\n")
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                                check=True, cwd=Path(wsmanager.__file__).parent, timeout=60)
+        assert result.stdout == "True None\n"
+
+    @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS + ["pure"])
+    def test_frames_round_trip_on_both_masking_paths(self, monkeypatch, accelerator):
+        function = None if accelerator == "pure" else mask_accelerator(accelerator, monkeypatch)
+        monkeypatch.setattr(wsmanager, "_large_mask", function or wsmanager._translate_mask)
+        monkeypatch.setattr(wsmanager, "_small_mask", function)
         payload = os.urandom(70_000)
         wire = encode_frame(Opcode.BINARY, payload, mask=True) + encode_frame(Opcode.TEXT, b"hi", mask=True)
         frames = parse_all(wire, expect_masked=True)
@@ -4170,36 +4311,42 @@ class TestConnection:
         assert server.close_code == CloseCode.MESSAGE_TOO_BIG
         assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
 
-    def test_slow_consumer_is_dropped_at_max_buffered(self):
+    def test_thread_send_to_a_peer_that_never_reads_pauses_then_times_out(self):
+        """Issue 18.1: a thread is paused, never dropped: past max_buffered its send waits for the
+        drain; after ``timeout`` it raises TimeoutError, the message not queued, the connection open."""
         limit = 256 * 1024
-        servers = Collect(Recorder)
+
+        class SmallSendBuffer(Recorder):  # the kernel's buffers fixed and small: they cannot drain the backlog
+            def opened(self):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+                super().opened()
+
+        servers = Collect(SmallSendBuffer)
         with running_manager(max_buffered=limit) as server:
             address = server.listen(("127.0.0.1", 0), servers)
-            with raw_peer(address, timeout=5.0):  # a peer that never reads
+            with raw_peer(address, rcvbuf=4096, timeout=5.0):  # a peer that never reads
                 conn = servers.first_opened()
-                chunk = b"x" * (64 * 1024)
+                size = 64 * 1024
                 # max_buffered is a high-water mark: a send is taken while the backlog is
                 # within the limit, so the backlog stays under the limit plus one frame.
-                bound = limit + len(encode_frame(Opcode.BINARY, chunk))
-                highest = 0
-                dropped = False
-                for _ in range(4000):  # 250 MiB at most: far beyond any socket buffer
+                bound = limit + len(encode_frame(Opcode.BINARY, b"x" * size))
+                paused = False
+                for i in range(4000):  # 250 MiB at most: far beyond any socket buffer
                     try:
-                        conn.send(chunk)
-                    except ConnectionClosed:
-                        dropped = True
+                        conn.send(bytes([i % 251]) * size, timeout=0.2)
+                    except TimeoutError:
+                        paused = True
                         break
-                    highest = max(highest, conn.buffered_amount)
                     assert conn.buffered_amount <= bound
-                assert dropped, "never dropped as a slow consumer"
-                assert highest <= bound
-                assert conn.closed_event.wait(10)
-                code, reason = mgr_closed_events(conn)[0][1:]
-                assert code == 1006 and "slow consumer" in reason
-                with pytest.raises(ConnectionClosed):
-                    conn.send(b"later")
-                assert conn.buffered_amount == 0
-                assert conn not in server
+                assert paused, "never paused"
+                # Timed out with the backlog above the low-water mark (the kernel's small buffers may
+                # still have taken a little of it meanwhile).
+                assert limit // 4 < conn.buffered_amount <= bound
+                # The message that timed out was not queued: the last one queued is the one before.
+                tail = call_in_loop_thread(server, lambda: bytes(conn._protocol.out[-1][-4:]))
+                assert tail == bytes([(i - 1) % 251]) * 4
+                assert conn.state is State.OPEN and not conn.terminated and conn in server
+                assert not conn.closed_event.is_set()
 
     def test_send_iterable_arrives_as_one_message(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
@@ -4252,6 +4399,517 @@ class TestConnection:
             wait_until(lambda: servers.made and servers.made[0].messages)
             assert servers.made[0].messages == ["early bird"]
             assert peer.sock.fileno() != -1
+
+
+class TestProtocol:
+    """The connection's protocol (wsmanager._Protocol) with bytes in and bytes out: no socket, no sleep.
+
+    The close handshake, every failure code and the flow-control rules, as ``WebSocket`` drives them.
+    """
+
+    def test_sends_before_open_are_queued_and_go_out_in_order(self):
+        protocol = wsmanager._Protocol(client=False)
+        assert protocol.state is State.CONNECTING
+        assert protocol.send(encode_frame(Opcode.TEXT, b"early")) == wsmanager._FLUSH
+        assert protocol.send(encode_frame(Opcode.TEXT, b"more")) == wsmanager._QUEUED
+        protocol.send_first(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        protocol.start(2 ** 20, 2 ** 20)
+        assert protocol.open() is State.OPEN
+        assert wire_out(protocol)[0] == (b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+                                         + b"\x81\x05early" + b"\x81\x04more")
+        assert protocol.buffered == 0
+        assert protocol.send(b"\x81\x01x") == wsmanager._FLUSH  # the buffer was empty again
+
+    def test_messages_in_events_out_split_anywhere(self):
+        protocol = open_protocol()
+        wire = peer_frame(Opcode.TEXT, "héllo".encode()) + peer_frame(Opcode.BINARY, b"\x00\x01") + \
+            peer_frame(Opcode.TEXT, b"frag", fin=False) + peer_frame(Opcode.CONTINUATION, b"ment")
+        events = []
+        for i in range(0, len(wire), 3):
+            events += events_of(protocol, wire[i:i + 3])
+        assert events == ["héllo", b"\x00\x01", "fragment"]
+        assert wire_out(protocol)[0] == b""
+        assert protocol.state is State.OPEN
+
+    def test_client_masks_what_it_sends_and_refuses_masked_input(self):
+        protocol = open_protocol(client=True)
+        protocol.send(encode_frame(Opcode.TEXT, b"hi", mask=True))
+        sent = wire_out(protocol)[0]
+        assert sent[1] & 0x80 and FrameParser(expect_masked=True).feed(sent) == [Frame(Opcode.TEXT, b"hi")]
+        events = events_of(protocol, peer_frame(Opcode.TEXT, b"masked"))  # a server must not mask
+        assert events == [Close(1002, events[0].reason)]
+        close = FrameParser(expect_masked=True).feed(wire_out(protocol)[0])[0]
+        assert close.opcode == Opcode.CLOSE and parse_close(close.payload).code == 1002
+
+    def test_ping_is_answered_with_a_pong_of_the_same_payload(self):
+        protocol = open_protocol()
+        events = events_of(protocol, peer_frame(Opcode.PING, b"are you there"))
+        assert events == [Frame(Opcode.PING, b"are you there")]
+        assert wire_out(protocol)[0] == b"\x8a\x0dare you there"
+
+    def test_pong_is_an_event_and_queues_nothing(self):
+        protocol = open_protocol()
+        assert events_of(protocol, peer_frame(Opcode.PONG, b"p")) == [Frame(Opcode.PONG, b"p")]
+        assert protocol.out == [] and protocol.buffered == 0
+
+    def test_peer_closes_first_its_code_is_echoed(self):
+        protocol = open_protocol()
+        events = events_of(protocol, peer_frame(Opcode.TEXT, b"last") + peer_frame(Opcode.CLOSE, encode_close(1001, "bye")))
+        assert events == ["last", Close(1001, "bye")]
+        assert protocol.state is State.CLOSED
+        # RFC 6455 5.5.1: the echo carries the code received (the reason is ours to choose: none).
+        assert wire_out(protocol)[0] == close_frame_bytes(1001)
+        assert protocol.outcome() == Close(1001, "bye")
+        assert protocol.send(b"\x81\x01x") == wsmanager._REFUSED
+
+    def test_close_without_a_code_is_echoed_without_one(self):
+        protocol = open_protocol()
+        assert events_of(protocol, peer_frame(Opcode.CLOSE)) == [Close(CloseCode.NO_STATUS, "")]
+        assert wire_out(protocol)[0] == b"\x88\x00"
+
+    def test_nothing_after_a_close_frame_is_processed(self):
+        protocol = open_protocol()
+        wire = peer_frame(Opcode.CLOSE, encode_close(1000)) + peer_frame(Opcode.TEXT, b"after") + \
+            peer_frame(Opcode.PING, b"after")
+        assert events_of(protocol, wire) == [Close(1000, "")]
+        assert wire_out(protocol)[0] == close_frame_bytes(1000)  # no pong, no second frame
+
+    def test_we_close_first_then_the_peer_answers(self):
+        protocol = open_protocol()
+        protocol.send(encode_frame(Opcode.TEXT, b"queued before"))
+        assert protocol.close(1001, "going away") is True
+        assert protocol.state is State.CLOSING
+        assert protocol.close(1000) is False  # once closing, close() does nothing
+        assert protocol.send(b"\x81\x01x") == wsmanager._REFUSED  # nothing after our close frame
+        assert wire_out(protocol)[0] == b"\x81\x0dqueued before" + close_frame_bytes(1001, "going away")
+        # Messages still arriving before the peer's close are delivered; its close is not echoed.
+        events = events_of(protocol, peer_frame(Opcode.TEXT, b"late") + peer_frame(Opcode.CLOSE, encode_close(1001)))
+        assert events == ["late", Close(1001, "")]
+        assert protocol.state is State.CLOSED
+        assert wire_out(protocol)[0] == b""
+
+    def test_close_before_open_is_kept_and_open_leaves_it_closing(self):
+        protocol = wsmanager._Protocol(client=False)
+        assert protocol.close(1000, "never mind")
+        protocol.start(2 ** 20, 2 ** 20)
+        assert protocol.open() is State.CLOSING
+        assert wire_out(protocol)[0] == close_frame_bytes(1000, "never mind")
+
+    def test_close_refuses_invalid_arguments_in_any_state(self):
+        protocol = open_protocol()
+        protocol.close(1000)
+        with pytest.raises(ValueError):
+            protocol.close(1005)  # reserved: never on the wire
+
+    @pytest.mark.parametrize("wire, code", [(wire, code) for _, wire, code in PROTOCOL_VIOLATIONS],
+                             ids=[name for name, _, _ in PROTOCOL_VIOLATIONS])
+    def test_each_violation_fails_with_its_code_after_the_valid_messages_before_it(self, wire, code):
+        protocol = open_protocol(max_message_size=1024)
+        events = events_of(protocol, peer_frame(Opcode.TEXT, b"valid") + wire + peer_frame(Opcode.TEXT, b"never"))
+        assert events[0] == "valid"
+        assert len(events) == 2 and type(events[1]) is Close and events[1].code == code
+        assert protocol.state is State.CLOSED
+        assert protocol.failure == (code, events[1].reason)
+        assert wire_out(protocol)[0] == close_frame_bytes(code, events[1].reason)
+
+    def test_violation_while_closing_sends_no_second_close_frame(self):
+        protocol = open_protocol()
+        protocol.close(1000)
+        wire_out(protocol)
+        events = events_of(protocol, raw_frame(Opcode.TEXT, b"unmasked"))
+        assert [(type(e), e.code) for e in events] == [(Close, 1002)]
+        assert protocol.state is State.CLOSED and protocol.failure == (1002, events[0].reason)
+        assert wire_out(protocol)[0] == b""
+
+    def test_fail_cuts_a_long_reason_at_123_bytes_without_splitting_a_character(self):
+        protocol = open_protocol()
+        assert protocol.fail(1011, "é" * 100)  # 200 bytes of UTF-8
+        frame = FrameParser(expect_masked=False).feed(wire_out(protocol)[0])[0]
+        assert len(frame.payload) == 2 + 122  # 61 whole characters: 123 would split one
+        assert parse_close(frame.payload) == Close(1011, "é" * 61)
+        assert protocol.fail(1002, "again") is False and protocol.failure == (1011, "é" * 100)
+
+    def test_invalid_utf8_fails_before_the_frame_has_all_arrived(self):
+        # A text frame still arriving is checked as it comes: invalid UTF-8 fails at once (1007).
+        protocol = open_protocol()
+        frame = peer_frame(Opcode.TEXT, b"ok so far \xff and more")
+        events = events_of(protocol, frame[:18])
+        assert [type(e) for e in events] == [Close] and events[0].code == 1007
+
+    def test_abort_and_end_give_closed_its_code(self):
+        protocol = open_protocol()
+        protocol.send(b"\x82\x01x")
+        protocol.abort("slow consumer")
+        assert protocol.state is State.CLOSED
+        assert protocol.send(b"\x82\x01y") == wsmanager._REFUSED
+        assert protocol.end("socket gone") == (1006, "slow consumer")
+        assert protocol.out == [] and protocol.buffered == 0
+        assert open_protocol().end("peer vanished") == (1006, "peer vanished")
+
+    def test_send_fragments_frames_one_message_in_order(self):
+        protocol = open_protocol()
+        assert protocol.send_fragments(iter(["ab", "c", ""])) == wsmanager._FLUSH
+        assert wire_out(protocol)[0] == b"\x01\x02ab" + b"\x00\x01c" + b"\x80\x00"
+        assert protocol.send_fragments([]) == wsmanager._QUEUED and protocol.out == []
+        with pytest.raises(TypeError):
+            protocol.send_fragments(["text", b"bytes"])
+        assert protocol.out == []  # nothing of a refused message is queued
+
+    def test_send_message_compresses_with_rsv1_and_shares_the_bytes_of_a_broadcast(self):
+        params = DeflateParams(server_no_context_takeover=True, client_no_context_takeover=False,
+                               server_max_window_bits=15, client_max_window_bits=15)
+        first, second = open_protocol(), open_protocol()
+        for protocol in (first, second):
+            protocol.deflate = PerMessageDeflate(params, client=False)
+        shared = {}
+        first.send_message(Opcode.TEXT, b"hello " * 100, shared)
+        second.send_message(Opcode.TEXT, b"hello " * 100, shared)
+        wire = wire_out(first)[0]
+        assert wire == wire_out(second)[0] and len(shared) == 1  # compressed once for both
+        frame = FrameParser(expect_masked=False, allow_rsv1=True).feed(wire)[0]
+        assert frame.rsv1 and len(frame.payload) < 100
+        assert inflate_payload(frame.payload) == b"hello " * 100
+
+    # Flow control ----------------------------------------------------------------
+
+    def test_backlog_over_max_buffered_then_drained_once_at_a_quarter(self):
+        protocol = open_protocol(max_buffered=1000)
+        frame = encode_frame(Opcode.BINARY, b"x" * 600)
+        size = len(frame)  # 604: 4 bytes of header
+        protocol.send(frame)
+        assert not protocol.over
+        protocol.send(frame)  # 1208 > 1000: backed up
+        assert protocol.over and protocol.buffered == 2 * size
+        assert wire_out(protocol, limit=900) == (frame + frame[:900 - size], False)  # 308 left: above 250
+        assert protocol.over
+        left = 2 * size - 900
+        assert wire_out(protocol, limit=left - 250) == (frame[900 - size:2 * size - 250 - size], True)  # 250 left
+        assert not protocol.over and protocol.buffered == 250
+        assert wire_out(protocol)[1] is False  # drained once per episode
+
+    def test_fan_out_limit_refuses_a_backed_up_connection_and_queues_nothing(self):
+        protocol = open_protocol(max_buffered=1000)
+        big = encode_frame(Opcode.BINARY, b"x" * 1200)
+        assert protocol.send(big, 1000) == wsmanager._FLUSH  # within the limit before: taken whole
+        assert protocol.send(b"\x81\x01x", 1000) == wsmanager._FULL
+        assert protocol.buffered == len(big) and protocol.state is State.OPEN
+        assert protocol.send(b"\x81\x01x") == wsmanager._QUEUED  # no limit (a send that waited)
+
+    def test_no_pong_while_backed_up(self):
+        # RFC 6455 5.5.3: a pong may answer only the latest ping: none while the output is over the limit.
+        protocol = open_protocol(max_buffered=100)
+        protocol.send(encode_frame(Opcode.BINARY, b"x" * 200))
+        before = protocol.buffered
+        assert events_of(protocol, peer_frame(Opcode.PING, b"1")) == [Frame(Opcode.PING, b"1")]
+        assert protocol.buffered == before
+        wire_out(protocol)
+        events_of(protocol, peer_frame(Opcode.PING, b"2"))
+        assert wire_out(protocol)[0] == b"\x8a\x012"
+
+    def test_close_frames_go_past_max_buffered(self):
+        protocol = open_protocol(max_buffered=10)
+        protocol.send(encode_frame(Opcode.BINARY, b"x" * 100))
+        assert protocol.close(1000)
+        assert wire_out(protocol)[0].endswith(close_frame_bytes(1000))
+
+    def test_small_frames_share_buffers_and_keep_their_bytes_and_order(self):
+        protocol = open_protocol()
+        frames = [encode_frame(Opcode.TEXT, str(i).encode()) for i in range(5000)]
+        for frame in frames:
+            protocol.send(frame)
+        assert len(protocol.out) < 10  # coalesced: not one object per frame
+        assert protocol.buffered == sum(map(len, frames))
+        assert wire_out(protocol)[0] == b"".join(frames)
+
+    def test_partial_writes_keep_the_rest_without_copying_from_the_start(self):
+        protocol = open_protocol()
+        frame = encode_frame(Opcode.BINARY, bytes(range(256)) * 400)
+        protocol.send(frame)
+        out = b"".join(wire_out(protocol, limit=n)[0] for n in (1, 1000, 65536, 10 ** 6))
+        assert out == frame and protocol.buffered == 0
+
+
+class OrderedReader(WebSocket):
+    """A client that keeps the sequence numbers of what it receives (4-byte prefix), and counts bytes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.numbers = []
+        self.received_bytes = 0
+        self.opened_event = threading.Event()
+        self.closed_event = threading.Event()
+
+    def opened(self):
+        self.opened_event.set()
+
+    def received_message(self, message):
+        self.numbers.append(int.from_bytes(message[:4], "big"))
+        self.received_bytes += len(message)
+
+    def closed(self, code, reason):
+        self.closed_event.set()
+
+
+def numbered(i, size):
+    return i.to_bytes(4, "big") + b"\0" * (size - 4)
+
+
+class SmallSendBufferRecorder(Recorder):
+    """A Recorder whose kernel send buffer is small and fixed: the backlog stays in wsmanager's queue."""
+
+    def opened(self):
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        super().opened()
+
+
+class Streamer(Recorder):
+    """Streams ``total`` bytes in numbered messages of ``chunk`` from opened() and drained():
+    sends while the backlog is within max_buffered, then returns to the loop (issue 18.2)."""
+
+    total = 4 * 2 ** 20
+    chunk = 64 * 1024
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.next = 0
+        self.drained_calls = 0
+        self.highest = 0
+
+    def opened(self):
+        super().opened()
+        self.pump()
+
+    def drained(self):
+        self.drained_calls += 1
+        assert self.buffered_amount <= self.max_buffered // 4
+        self.pump()
+
+    def pump(self):
+        while self.next * self.chunk < self.total and self.buffered_amount <= self.max_buffered:
+            self.send(numbered(self.next, self.chunk))
+            self.next += 1
+            self.highest = max(self.highest, self.buffered_amount)
+
+
+class TestFlowControl:
+    """Issue 18, items 1-4 and 10, with real sockets: who pauses, who raises, who is dropped."""
+
+    def test_thread_sends_to_a_slow_wsmanager_reader_all_arrive_in_order_within_the_bound(self, make_manager):
+        limit = 128 * 1024
+        m, servers, address = serve_collected(make_manager, Recorder, max_buffered=limit)
+        readers = make_manager()
+        client = connect(ws_url(address), OrderedReader)
+        readers.add(client)
+        assert client.opened_event.wait(10)
+        conn = servers.first_opened()
+        count, size = 400, 16 * 1024
+        bound = limit + len(encode_frame(Opcode.BINARY, numbered(0, size)))
+        paused = 0
+        for i in range(count):
+            if conn.buffered_amount > limit:
+                paused += 1
+            conn.send(numbered(i, size))  # 6.4 MiB through a 128 KiB backlog: the thread is paused
+            assert conn.buffered_amount <= bound
+        assert paused, "the reader kept up: nothing was tested"
+
+        wait_until(lambda: len(client.numbers) == count, timeout=30)
+        assert client.numbers == list(range(count))
+        assert not conn.terminated
+
+    def test_thread_sends_to_a_websockets_reader_all_arrive_in_order(self, make_manager):
+        limit = 64 * 1024
+        m, servers, address = serve_collected(make_manager, Recorder, max_buffered=limit)
+        count = 20000
+        with ws_connect(ws_url(address), max_size=None) as peer:
+            conn = servers.first_opened()
+            sender = threading.Thread(target=lambda: [conn.send(numbered(i, 64)) for i in range(count)])
+            sender.start()
+            numbers = [int.from_bytes(peer.recv(timeout=20)[:4], "big") for _ in range(count)]
+            sender.join(20)
+            assert not sender.is_alive()
+        assert numbers == list(range(count))
+
+    def test_a_waiting_send_raises_connection_closed_when_the_connection_closes(self, make_manager):
+        limit = 64 * 1024
+        m, servers, address = serve_collected(make_manager, SmallSendBufferRecorder, max_buffered=limit)
+        with raw_peer(address, rcvbuf=4096, timeout=5.0):  # never reads
+            conn = servers.first_opened()
+            chunk = b"x" * (4 * limit)  # far more than the kernel's small buffers can take
+            conn.send(chunk)  # taken whole: the backlog was within max_buffered
+            assert conn.buffered_amount > 3 * limit
+            outcome = queue.Queue()
+
+            def blocked_send():
+                try:
+                    conn.send(chunk)  # no timeout: waits for the drain
+                except Exception as exc:
+                    outcome.put(exc)
+                else:
+                    outcome.put(None)
+
+            sender = threading.Thread(target=blocked_send)
+            sender.start()
+            with pytest.raises(queue.Empty):
+                outcome.get(timeout=0.3)  # still waiting
+            conn.close(1001, "bye")
+            sender.join(10)
+            assert isinstance(outcome.get(timeout=1), ConnectionClosed)
+
+    def test_callbacks_stream_with_drained_to_many_clients(self, make_manager):
+        limit = 256 * 1024
+        m, servers, address = serve_collected(make_manager, Streamer, max_buffered=limit)
+        readers = make_manager()
+        clients = [connect(ws_url(address), OrderedReader) for _ in range(5)]
+        for client in clients:
+            readers.add(client)
+        count = Streamer.total // Streamer.chunk
+        for client in clients:
+            wait_until(lambda client=client: len(client.numbers) == count, timeout=30)
+            assert client.numbers == list(range(count))
+        for server in servers.made:
+            assert server.drained_calls > 0
+            assert server.highest <= limit + Streamer.chunk + 14
+            assert not server.terminated
+
+    def test_loop_send_past_twice_max_buffered_raises_buffer_full_and_keeps_the_connection(self, make_manager):
+        limit = 64 * 1024
+        outcome = {}
+
+        class Greedy(Recorder):
+            def opened(self):
+                super().opened()
+                sent = 0
+                try:
+                    for _ in range(1000):
+                        self.send(b"g" * 16384)
+                        sent += 1
+                except wsmanager.BufferFull as exc:
+                    outcome.update(error=exc, sent=sent, buffered=self.buffered_amount, state=self.state)
+
+        m, servers, address = serve_collected(make_manager, Greedy, max_buffered=limit)
+        with raw_peer(address, rcvbuf=4096, timeout=5.0) as peer:
+            conn = servers.first_opened()
+            assert isinstance(outcome["error"], WebSocketError)
+            assert not isinstance(outcome["error"], ConnectionClosed)
+            assert "max_buffered" in str(outcome["error"])
+            assert 2 * limit < outcome["buffered"] <= 2 * limit + 16384 + 101 + 200  # the hard bound (+ one, + the 101)
+            assert outcome["state"] is State.OPEN and not conn.terminated
+            # Every message it queued arrives: none was lost.
+            got = 0
+            while got < outcome["sent"]:
+                frame = peer.next()
+                assert frame is not None and frame.payload == b"g" * 16384
+                got += 1
+
+    def test_five_1mib_sends_from_opened_reach_the_client(self, make_manager):
+        class FiveMiB(Recorder):
+            def opened(self):
+                super().opened()
+                for i in range(5):
+                    self.send(numbered(i, 2 ** 20))
+
+        m, servers, address = serve_collected(make_manager, FiveMiB)
+        assert m.max_buffered == DEFAULT_MAX_BUFFERED
+        readers = make_manager()
+        client = connect(ws_url(address), OrderedReader)  # reads the 101 first: no "invalid HTTP response"
+        readers.add(client)
+        wait_until(lambda: len(client.numbers) == 5, timeout=20)
+        assert client.numbers == [0, 1, 2, 3, 4]
+        assert not servers.made[0].terminated
+
+    def test_echo_to_a_peer_that_sends_without_reading_pauses_reading_not_the_peer(self, make_manager):
+        limit = 128 * 1024
+        m, servers, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=limit)
+        count, size = 400, 16 * 1024
+        with raw_peer(address, rcvbuf=8192, timeout=10.0) as peer:
+            conn = servers.wait_for("/")
+            sender = threading.Thread(target=lambda: [peer.send_frame(Opcode.BINARY, numbered(i, size))
+                                                      for i in range(count)])
+            sender.start()
+            wait_until_stable(lambda: conn.received, timeout=20)
+            assert conn.received < count  # it stopped reading: the echoes wait for the peer
+            # Paused at the first read that took it past max_buffered: at most one read's echoes more.
+            assert limit < conn.buffered_amount <= limit + wsmanager.READ_SIZE + size + 8
+            assert not conn.terminated and not conn.closed_calls
+            numbers = []
+            for _ in range(count):  # now the peer reads: everything flows again
+                frame = peer.next()
+                numbers.append(int.from_bytes(frame.payload[:4], "big"))
+            sender.join(10)
+            assert numbers == list(range(count))
+
+    def test_sends_before_add_are_bounded_and_never_wait(self, make_manager):
+        m, servers, address = serve_collected(make_manager, Recorder)
+        client = connect(ws_url(address), OrderedReader)
+        client.max_buffered = 64 * 1024
+        sent = 0
+        started = time.monotonic()
+        with pytest.raises(wsmanager.BufferFull, match="no running manager"):
+            for _ in range(1000):  # 16 MiB if nothing stopped it
+                client.send(numbered(sent, 16384))
+                sent += 1
+        assert time.monotonic() - started < 5  # refused, not waited for
+        assert 2 * 64 * 1024 < client.buffered_amount <= 2 * 64 * 1024 + 16384 + 14
+        make_manager().add(client)  # all that was taken goes out once it runs
+        server = servers.first_opened()
+        wait_until(lambda: len(server.messages) == sent)
+        assert [int.from_bytes(message[:4], "big") for message in server.messages] == list(range(sent))
+
+    def test_sends_while_connecting_in_a_manager_that_is_not_running_are_bounded(self):
+        listener = socket.create_server(("127.0.0.1", 0))  # never answers
+        m = WebSocketManager(max_buffered=32 * 1024)
+        try:
+            client = m.connect(ws_url(listener.getsockname()))
+            with pytest.raises(wsmanager.BufferFull):
+                for _ in range(100):
+                    client.send(b"c" * 16384)
+            assert client.buffered_amount <= 2 * 32 * 1024 + 16384 + 14
+        finally:
+            m.stop()
+            m.run()  # the stopped loop ends at once and closes what it holds
+            listener.close()
+
+    def test_thread_sends_while_connecting_wait_then_fail_with_the_handshake(self, make_manager):
+        with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+            m = make_manager(max_buffered=32 * 1024)
+            client = m.connect(ws_url(listener.getsockname()), Dialer, timeout=1.0)
+            with pytest.raises(TimeoutError):
+                for _ in range(100):
+                    client.send(b"c" * 16384, timeout=0.2)
+            assert client.buffered_amount <= 32 * 1024 + 16384 + 14
+            with pytest.raises(ConnectionClosed):
+                for _ in range(100):
+                    client.send(b"c" * 16384)  # waits until the handshake times out
+            assert client.terminated
+
+    def test_readme_streaming_snippet_delivers_everything_through_drained(self):
+        """README "Sending a lot": a callback streams 8 MiB through a 256 KiB backlog with drained()."""
+        assert exec_printed(readme_snippet("streaming"), "readme_streaming") == f"{8 * 2 ** 20}\n"
+
+    def test_subclass_defining_an_internal_name_is_refused_when_made(self):
+        for name in ("_run", "_fail", "_flush", "_protocol", "_finalize"):
+            with pytest.raises(TypeError, match=name):
+                type("Clash", (WebSocket,), {name: lambda self, *args: None})
+        with pytest.raises(TypeError, match="_on_read"):
+            class Deeper(Recorder):
+                def _on_read(self):
+                    pass
+
+    def test_subclass_with_its_own_private_helpers_works(self, manager, client_manager):
+        class OwnHelpers(EchoRecorder):
+            def _queue(self, data):  # a name the library no longer uses: the user's to take
+                raise AssertionError("the library called the user's _queue")
+
+            def _send_twice(self, message):
+                self.send(message)
+                self.send(message)
+
+        servers = Collect(OwnHelpers)
+        client = open_client(client_manager, ws_url(manager.listen(("127.0.0.1", 0), servers)))
+        client.send("hi")
+        wait_until(lambda: client.messages == ["hi"])
+        servers.made[0]._send_twice("twice")
+        wait_until(lambda: client.messages == ["hi", "twice", "twice"])
 
 
 ###############################################################################
@@ -4546,6 +5204,31 @@ class TestManager:
         with pytest.raises(ConnectionClosed):
             client_manager.add(client)
 
+    def test_add_from_another_thread_opens_without_describing_the_socket(self, manager, client_manager):
+        # Joining the loop registers the socket by its descriptor: a failed look-up by socket object
+        # would format its repr (getsockname + getpeername, two system calls per connection joining).
+        class CountingSocket(socket.socket):
+            reprs = 0
+
+            def __repr__(self):
+                CountingSocket.reprs += 1
+                return super().__repr__()
+
+        address = manager.listen(("127.0.0.1", 0), Recorder)
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(address)
+        request = encode_request(f"{address[0]}:{address[1]}", "/", new_key())
+        sock.sendall(request)
+        reader = HeadReader()
+        while (result := reader.feed(sock.recv(4096))) is None:
+            pass
+        client = Recorder(sock, client=True, request_headers=request, response_headers=result[0])
+        client_manager.add(client)
+        assert client.opened_event.wait(10)
+        assert CountingSocket.reprs == 0
+        client.close()
+        wait_until(lambda: client.terminated)
+
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
         try:
@@ -4718,23 +5401,21 @@ class TestManager:
             address = server.listen(("127.0.0.1", 0), EchoServer)
             assert _echo_through_websockets(address, [4 * 2 ** 20, 5 * 2 ** 20]) == [True, True]
 
-    def test_one_send_past_max_buffered_is_taken_the_next_drops_the_slow_consumer(self, make_manager):
-        """A send is accepted while the backlog is within max_buffered; a peer that leaves more
-    than that unread is dropped (1006) at the next send."""
+    def test_one_send_past_max_buffered_is_taken_the_next_waits_for_the_peer(self, make_manager):
+        """A send is accepted while the backlog is within max_buffered; past it a thread's send
+        waits for the peer to read (here it never does: TimeoutError), the peer is not dropped."""
         limit = 64 * 1024
         m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=limit)
         with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
             ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
             assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
             assert not ws.terminated
-            # README "Limits": output holds at most max_buffered + the message queued in one call.
-            held = call_in_loop_thread(m, lambda: memory_held_by(ws._out))
+            # README "Sending a lot": output holds at most max_buffered + the message queued in one call.
+            held = call_in_loop_thread(m, lambda: memory_held_by(ws._protocol.out))
             assert held <= limit + 2 ** 20 + 14 + OBJECT_OVERHEAD_ALLOWANCE
-            with pytest.raises(ConnectionClosed):
-                ws.send(b"one more")
-            assert ws.closed_event.wait(10)
-            code, reason = ws.closed_calls[0]
-            assert code == CloseCode.ABNORMAL and "slow consumer" in reason
+            with pytest.raises(TimeoutError):
+                ws.send(b"one more", timeout=0.2)
+            assert not ws.terminated and ws.state is State.OPEN and not ws.closed_calls
             bystander.served_now()
 
     def test_setting_as_class_attribute_is_honoured(self, manager):
@@ -4771,8 +5452,8 @@ class TestManager:
                          for ws in (first, second)]
             assert effective == [(7000, 3000, 1000, 1.5), (5000, 3000, 2000, 1.5)]
             # ... and they are the limits the running connection enforces.
-            assert call_in_loop_thread(server, lambda: (second._receiver.parser.max_frame_size,
-                                                        second._receiver.assembler.max_message_size)) == (3000, 5000)
+            assert call_in_loop_thread(server, lambda: (second._protocol.parser.max_frame_size,
+                                                        second._protocol.assembler.max_message_size)) == (3000, 5000)
 
     def test_setting_made_before_websocket_init_is_kept(self):
         """A subclass that sets a limit before calling super().__init__() does not lose it."""
@@ -4867,18 +5548,20 @@ class TestManager:
         assert conn.messages == expected
         assert not conn.closed_event.is_set()
 
-    def test_each_connection_is_flushed_at_most_once_per_turn_while_threads_send(self):
+    def test_each_connection_is_flushed_at_most_once_per_turn_while_threads_send(self, monkeypatch):
         """8 threads sending to 20 connections cannot keep the loop in one turn."""
         selector = _CountingSelector()
+        flush = WebSocket._flush
 
-        class Counted(WebSocket):
-            def _flush(self):
+        def counted_flush(self):  # (a subclass may not override _flush: wrapped on the class instead)
+            if self.manager is server:
                 selector.flushes[selector.turns, id(self)] += 1
-                super()._flush()
-                time.sleep(0)  # a write that lets the GIL go, as a large or TLS one does: the senders run now
+            flush(self)
+            time.sleep(0)  # a write that lets the GIL go, as a large or TLS one does: the senders run now
 
+        monkeypatch.setattr(WebSocket, "_flush", counted_flush)
         connections = 20
-        servers = Collect(Counted)
+        servers = Collect(WebSocket)
         server = WebSocketManager(selector=selector, close_timeout=2.0, max_buffered=256 * 2 ** 20)
         server.start()
         try:
@@ -5030,15 +5713,15 @@ class TestManager:
                 peer.sock.sendall(encode_frame(Opcode.TEXT, b"hello, ", fin=False, mask=True))
                 rest = encode_frame(Opcode.CONTINUATION, b"moved world", mask=True)
                 peer.sock.sendall(rest[:9])
-                wait_until(lambda: call_in_loop_thread(first, lambda: len(conn._receiver.parser._buffer)) == 9)
-                parser = conn._receiver.parser
+                wait_until(lambda: call_in_loop_thread(first, lambda: len(conn._protocol.parser._buffer)) == 9)
+                parser = conn._protocol.parser
                 first.remove(conn)
                 second.add(conn)  # at once: remove() returned once the first loop let go of it
                 assert conn not in first and conn in second
                 peer.sock.sendall(rest[9:])
                 wait_until(lambda: conn.messages == ["hello, moved world"] or conn.closed_event.is_set())
                 assert conn.messages == ["hello, moved world"] and not conn.closed_event.is_set()
-                assert conn._receiver.parser is parser
+                assert conn._protocol.parser is parser
                 assert _heartbeat_chains(second, conn) == 1
                 # Back to the first manager, with a whole frame this time, and output queued while out.
                 second.remove(conn)
@@ -5066,7 +5749,7 @@ class TestManager:
         for path in ("/upload", "/guest"):
             client = open_client(client_manager, ws_url(address, path))
             client.send("ok")
-            wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._receiver is not None)
+            wait_until(lambda path=path: servers.for_path(path) and servers.for_path(path)[0]._protocol.parser is not None)
         assert servers.for_path("/upload")[0].max_message_size == 16 * 2 ** 20
         assert servers.for_path("/guest")[0].max_message_size == 64 * 1024
         assert manager.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
@@ -7441,6 +8124,40 @@ class TestCompression:
             inflater = zlib.decompressobj(-wbits)
         assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
 
+    @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
+    @pytest.mark.parametrize("wbits", [9, 12, 15])
+    def test_default_settings_compress_with_mem_level_5(self, no_context, wbits):
+        # Chosen by bench_wsmanager.py zparams (zlib's 8 is up to 1.6x slower on large messages with
+        # small windows and holds 112 KiB more per compressor, for under 0.4 % of size).
+        rng = random.Random(22)
+        message = json.dumps([{"id": i, "user": f"user{rng.randrange(10_000)}", "value": rng.random()}
+                              for i in range(1500)]).encode()
+        flush = zlib.Z_FULL_FLUSH if no_context else zlib.Z_SYNC_FLUSH
+        expected = {}
+        for mem_level in (5, 8):
+            reference = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level)
+            expected[mem_level] = (reference.compress(message) + reference.flush(flush))[:-4]
+        assert expected[5] != expected[8]  # the message tells the two apart
+        params = DeflateParams(server_no_context_takeover=no_context, server_max_window_bits=wbits)
+        assert PerMessageDeflate(params, client=False).compress(message) == expected[5]
+        # The same through the settings a connection is made with (compression="deflate" means Deflate()).
+        assert Deflate().mem_level == 5
+        ws = WebSocket(socket.socket(), client=False)
+        try:
+            ws._enable_deflate(params, Deflate())
+            assert ws._deflate is not None and ws._deflate.compress(message) == expected[5]
+        finally:
+            ws.sock.close()
+        if not no_context:  # what a connection that keeps its context holds: 2 ** (wbits + 2) + 16 KiB + state
+            tracemalloc.start()
+            try:
+                kept = PerMessageDeflate(params, client=False)
+                kept.compress(b"x")
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            assert held < 2 ** (wbits + 2) + 40 * 1024
+
     def test_no_context_output_is_the_same_bytes_for_every_connection(self):
         params = DeflateParams(server_no_context_takeover=True)
         first, second = (PerMessageDeflate(params, client=False) for _ in range(2))
@@ -7608,7 +8325,7 @@ class TestCompression:
         peer, _ = _upgrade_with_extensions(address, "permessage-deflate")
         with contextlib.closing(peer.sock):
             server = factory.first_opened()
-            deflate = server._deflate
+            deflate = server._protocol.deflate
             assert deflate is not None and deflate._compressor is None and deflate._decompressor is None
             peer.sock.sendall(raw_frame(Opcode.TEXT, deflate_payload(b"hi"), rsv=0x40, key=RFC_KEY))
             assert inflate_payload(peer.next().payload) == b"hi"
@@ -7734,7 +8451,7 @@ class TestCompression:
             address, opened = wsmanager_server(manager, factory=Recorder)
             client = open_client(manager, ws_url(address), Recorder, compression=settings)
             server = opened.get(timeout=10)
-            assert client._deflate.lock is not None
+            assert client._protocol.deflate.lock is not None
 
             def sender(n):
                 for i in range(200):
@@ -9085,9 +9802,9 @@ class TestHardening:
             assembled, partial = send_near_limit_message(attacker.sock)
 
             def snapshot():
-                return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._out),
-                            parser=len(ws._receiver.parser._buffer), assembler=len(ws._receiver.assembler._buffer),
-                            assembler_held=memory_held_by(ws._receiver.assembler._buffer), finalized=ws._finalized)
+                return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._protocol.out),
+                            parser=len(ws._protocol.parser._buffer), assembler=len(ws._protocol.assembler._buffer),
+                            assembler_held=memory_held_by(ws._protocol.assembler._buffer), finalized=ws._finalized)
 
             wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
             s = call_in_loop_thread(m, snapshot)
@@ -9132,7 +9849,7 @@ class TestHardening:
             # The kernel's buffers fill up again; from then on nothing more goes out.
             wait_until_stable(lambda: ws.buffered_amount)
             fill_server_output(ws, CAP_BUFFERED)
-            buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+            buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._protocol.out)))
             assert not ws.terminated
             assert CAP_BUFFERED // 2 <= buffered <= CAP_BUFFERED
             assert held <= CAP_BUFFERED + OBJECT_OVERHEAD_ALLOWANCE, f"{buffered} bytes queued hold {held} bytes of memory"
@@ -9161,12 +9878,12 @@ class TestHardening:
                 # this send is taken and goes past it; the next one finds the peer over the limit.
                 ws.send(b"x" * (CAP_BUFFERED // 2))
                 assert ws.buffered_amount > CAP_BUFFERED
-                with pytest.raises(ConnectionClosed):
-                    ws.send(b"x")
-                expected = CloseCode.ABNORMAL
-            if cap == "output":
-                assert attacker.eof(10)  # dropped: no close handshake for a peer that does not read
-            else:
+                # Issue 18.1: past the cap a thread is paused, not the peer dropped.
+                with pytest.raises(TimeoutError):
+                    ws.send(b"x", timeout=0.2)
+                assert not ws.terminated and ws.state is State.OPEN
+                expected = CloseCode.ABNORMAL  # once the peer goes (below): it vanished, 1006
+            if cap != "output":
                 close = attacker.close_frame()
                 assert close is not None and close.code == CloseCode.MESSAGE_TOO_BIG
             attacker.sock.close()
@@ -9174,8 +9891,6 @@ class TestHardening:
             assert len(ws.closed_calls) == 1
             code, reason = ws.closed_calls[0]
             assert code == expected
-            if cap == "output":
-                assert "slow consumer" in reason
             assert ws.terminated and ws not in m
 
     @pytest.mark.parametrize("fragment", [b"", b"x"], ids=["empty-fragments", "one-byte-fragments"])
@@ -9198,8 +9913,8 @@ class TestHardening:
             pong = attacker.next(timeout=20)
             assert pong == (Opcode.PONG, b"sync", True, False, False, False)
             assert not ws.terminated, ws.closed_calls
-            assert call_in_loop_thread(m, lambda: len(ws._receiver.assembler._buffer)) == count * len(fragment)
-            held = call_in_loop_thread(m, lambda: memory_held_by(ws._receiver.assembler._buffer))
+            assert call_in_loop_thread(m, lambda: len(ws._protocol.assembler._buffer)) == count * len(fragment)
+            held = call_in_loop_thread(m, lambda: memory_held_by(ws._protocol.assembler._buffer))
             assert held <= limit + OBJECT_OVERHEAD_ALLOWANCE, (
                 f"{count} fragments of {len(fragment)} bytes: the assembler holds {held} bytes "
                 f"for a max_message_size of {limit}")
@@ -9363,19 +10078,22 @@ class TestHardening:
                     break
                 if ws.terminated:
                     break
-                buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._out)))
+                buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._protocol.out)))
                 peak_buffered = max(peak_buffered, buffered)
                 peak_held = max(peak_held, held)
                 if not served_mid_flood and buffered:  # pongs are piling up: the flood has bitten
                     bystander.served_now()
                     served_mid_flood = True
-            assert ws.closed_event.wait(10), f"not dropped after {offset} bytes of pings"
-            assert len(ws.closed_calls) == 1
-            code, reason = ws.closed_calls[0]
-            assert code == CloseCode.ABNORMAL and "slow consumer" in reason, (code, reason)
-            assert peak_buffered <= max_buffered
-            assert peak_buffered > 0  # the pongs did queue up before the drop
-            assert dropped or offset < len(data)  # the flood was cut short, not sent to the end
+            # Issue 18: the peer is not dropped. Pongs stop at max_buffered (RFC 6455 5.5.3: only
+            # the latest ping needs one) and the server stops reading a peer whose output is backed
+            # up: the flood stalls in the peer's own socket.
+            assert not dropped
+            if len(data) > 8 * 2 ** 20:  # more than the kernel's buffers take: stalled by the server
+                assert offset < len(data), "the flood was not cut short"
+            assert not ws.closed_calls and not ws.terminated
+            pong = len(encode_frame(Opcode.PONG, payload))
+            assert peak_buffered <= max_buffered + pong
+            assert peak_buffered > 0  # the pongs did queue up
             # What the queued pongs really cost stays near max_buffered, whatever their size.
             assert peak_held <= max_buffered + OBJECT_OVERHEAD_ALLOWANCE, (
                 f"{peak_buffered} bytes of pongs queued held {peak_held} bytes of memory")
@@ -9391,7 +10109,7 @@ class TestHardening:
             if how == "reset-mid-frame":
                 frame = encode_frame(Opcode.BINARY, b"z" * 1000, mask=True)
                 attacker.sock.sendall(frame[:len(frame) // 2])
-                wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._receiver.parser._buffer)) > 0)
+                wait_until(lambda: call_in_loop_thread(m, lambda: len(ws._protocol.parser._buffer)) > 0)
                 attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 attacker.sock.close()  # RST
                 expected = (CloseCode.ABNORMAL, None)
@@ -10011,10 +10729,12 @@ class TestDocs:
         assert code.count("300") == 3
         assert exec_printed(code, "readme_connect_many").splitlines() == ["300 replies, 0 failures"]
 
-    def test_speedups_extra_names_wsaccel(self):
+    def test_speedups_extra_names_the_fastest_accelerator(self):
         setup = (Path(wsmanager.__file__).parent / "setup.cfg").read_text()
-        assert re.search(r"^speedups =\n    wsaccel", setup, re.M)
-        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)  # the tests cover both masking paths
+        assert re.search(r"^speedups =\n    websockets", setup, re.M)  # its C speedups.apply_mask
+        # The tests cover every masking path: websockets' C, wsaccel's, and the pure one.
+        assert re.search(r"^test =\n(    .*\n)*    websockets", setup, re.M)
+        assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)
 
     # The docs site (docs/, issue 23) -----------------------------------------------
     def test_every_code_example_of_the_readme_and_the_docs_is_a_snippet_a_test_runs(self):

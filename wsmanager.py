@@ -41,8 +41,10 @@ pub/sub bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`)
 Last, the command line (``main()``): run ``python -m wsmanager --help`` for
 the demo chat server and client.
 
-Internal classes, one job each: ``_Receiver`` is a connection's receive path
-(parser, assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
+Internal classes, one job each: ``_Protocol`` is a connection's protocol with
+no I/O (its state, the close handshake, its output and the flow control over
+it; :class:`WebSocket` does its I/O), ``_Receiver`` its receive path (parser,
+assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
 listening socket and the server's handshake policy (``accept(request) ->
 Response``); ``_ServerHandshake`` reads one server connection's request head
 before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
@@ -68,7 +70,8 @@ __all__ = [
     "Opcode", "CloseCode", "State", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_BUFFERED", "MAX_HEAD_SIZE", "MAX_HEADER_LINES", "MAX_TOPIC_LENGTH",
     # exceptions
-    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed", "ManagerStopped",
+    "WebSocketError", "ProtocolError", "HandshakeError", "InvalidURL", "ConnectionClosed", "BufferFull",
+    "ManagerStopped",
     # codec
     "Frame", "Close", "apply_mask", "encode_frame", "FrameParser", "MessageAssembler",
     "encode_close", "parse_close", "Deflate", "DeflateParams", "PerMessageDeflate",
@@ -317,6 +320,17 @@ class ConnectionClosed(WebSocketError):
         self.reason = reason
 
 
+class BufferFull(WebSocketError):
+    """:meth:`WebSocket.send` could not queue a message without waiting, and must not wait.
+
+    Raised in the loop thread (a callback) or for a connection no loop
+    runs, when more than twice ``max_buffered`` is already queued: the
+    message is not queued and the connection stays open. Send again from
+    :meth:`WebSocket.drained`, which runs once the backlog is down to a
+    quarter of ``max_buffered``.
+    """
+
+
 class ManagerStopped(WebSocketError, RuntimeError):
     """The manager is stopping or has stopped: it takes no new connection, listener or bridge.
 
@@ -346,36 +360,25 @@ class Close(NamedTuple):
     reason: str
 
 
-# One XOR table per key byte, for bytes.translate: 64 KiB built once, each table by one
-# big-int XOR of the identity table (a generator over 65,536 bytes would cost ms at import).
-_IDENTITY = int.from_bytes(bytes(range(256)), "big")
-_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes((k,)) * 256, "big")).to_bytes(256, "big") for k in range(256)]
+def _xor_tables() -> List[bytes]:
+    """One table per key byte ``k`` for bytes.translate, ``tables[k][i] == i ^ k``: 64 KiB."""
+    # Built by doubling, one C translate() per table (a generator over 65,536 bytes would cost
+    # ms at import): XOR with a power of two ``bit`` swaps the halves of each block of 2 * bit
+    # values, and the tables of k and k | bit differ by just that swap.
+    tables = [bytes(range(256))]
+    identity = tables[0]
+    for bit in (1, 2, 4, 8, 16, 32, 64, 128):
+        swap = b"".join(identity[i + bit:i + 2 * bit] + identity[i:i + bit] for i in range(0, 256, 2 * bit))
+        tables += [table.translate(swap) for table in tables]
+    return tables
+
+
+_XOR_TABLES = _xor_tables()
 _TRANSLATE_THRESHOLD = 512  # below it one big-int XOR is faster; above, four strided translates
 
-# The optional accelerator (the ``speedups`` extra): wsaccel's C masking, as ws4py used it.
-# The pure-Python path below stays the one that runs on the standard library alone.
-_xor_masker: Optional[Callable[[Union[bytes, bytearray]], Any]]
-try:
-    from wsaccel.xormask import XorMaskerSimple as _xor_masker  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
-except ImportError:  # pragma: no cover - depends on what is installed
-    _xor_masker = None
 
-
-def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
-
-    Runs in C when ``wsaccel`` is installed (``pip install wsmanager[speedups]``),
-    else in pure Python.
-    """
-    if _xor_masker is not None:
-        return cast(bytes, _xor_masker(key).process(data))
-    n = len(data)
-    if n < _TRANSLATE_THRESHOLD:
-        if not n:
-            return b""
-        # Deliberate: one arbitrary-precision XOR runs in C over the whole payload.
-        repeated = (key * ((n + 3) >> 2))[:n]
-        return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+def _translate_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
+    """apply_mask of a large payload on the standard library alone."""
     # Deliberate: each of the four byte lanes is translated through its XOR table in C, in
     # place in one bytearray copy (strided slices of a bytearray are much faster than of bytes).
     out = bytearray(data)
@@ -385,6 +388,71 @@ def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     out[2::4] = out[2::4].translate(tables[key[2]])
     out[3::4] = out[3::4].translate(tables[key[3]])
     return bytes(out)
+
+
+def _find_mask_accelerator() -> Optional[Callable[[_BytesLike, Union[bytes, bytearray]], bytes]]:
+    """The fastest C masking function installed, or ``None``: websockets' ``speedups.apply_mask``
+    (about 30 GB/s on 1 MiB), else wsaccel's ``XorMaskerSimple`` (about 2 GB/s, a byte loop)."""
+    try:
+        from websockets.speedups import apply_mask as c_apply_mask  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        return cast("Callable[[_BytesLike, Union[bytes, bytearray]], bytes]", c_apply_mask)
+    try:
+        from wsaccel.xormask import XorMaskerSimple  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return None
+
+    def wsaccel_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
+        return cast(bytes, XorMaskerSimple(bytes(key)).process(data))
+
+    return wsaccel_mask
+
+
+def _first_large_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
+    """_large_mask until the first large payload: looks for an accelerator once, then puts the
+    function that masks from now on in its own place."""
+    global _large_mask, _small_mask
+    try:
+        accelerator = _find_mask_accelerator()
+    except OSError:
+        # Out of descriptors (EMFILE): no module can be imported now, as each is a file to open.
+        # This payload is masked in pure Python (the same bytes), and the next one looks again.
+        return _translate_mask(data, key)
+    _small_mask = accelerator  # in C, a small payload costs a fifth of the big-int XOR too
+    _large_mask = accelerator or _translate_mask
+    return _large_mask(data, key)
+
+
+# How payloads of _TRANSLATE_THRESHOLD bytes and more are masked. Looked up on the first one, not
+# at import (the look-up imports a package: about 12 ms for websockets), so a program that never
+# masks a large payload pays nothing; the ``speedups`` extra installs the accelerator. On the
+# standard library alone it is _translate_mask, the same code as with no accelerator at all.
+_large_mask: Callable[[_BytesLike, Union[bytes, bytearray]], bytes] = _first_large_mask
+# Smaller payloads: the accelerator once the first large payload found one, else None (pure Python).
+_small_mask: Optional[Callable[[_BytesLike, Union[bytes, bytearray]], bytes]] = None
+
+
+def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
+
+    Runs in C when websockets' ``speedups`` or ``wsaccel`` is installed
+    (``pip install wsmanager[speedups]``): looked for on the first payload of
+    512 bytes or more, and used for every payload from then on. Else, and
+    until then for smaller payloads, in pure Python.
+    """
+    n = len(data)
+    if n >= _TRANSLATE_THRESHOLD:
+        return _large_mask(data, key)
+    small_mask = _small_mask
+    if small_mask is not None:
+        return small_mask(data, key)
+    if not n:
+        return b""
+    # Deliberate: one arbitrary-precision XOR runs in C over the whole payload.
+    repeated = (key * ((n + 3) >> 2))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
 
 
 _get_ident = threading.get_ident
@@ -883,6 +951,12 @@ class Deflate(NamedTuple):
       inflater a server keeps per client if contexts are kept.
 
     ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
+    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
+    ``bench_wsmanager.py zparams`` for windows of 9 to 15 bits, it compresses
+    JSON to within 0.4 points of 8's size, small messages 20 % faster,
+    128 KiB messages 2.7x faster with 9-bit windows and 15 % faster with
+    12-bit ones (12 % slower with 15-bit ones), and a compressor that keeps
+    its context holds 112 KiB less.
     """
 
     server_no_context_takeover: bool = True
@@ -890,7 +964,7 @@ class Deflate(NamedTuple):
     server_max_window_bits: int = 15
     client_max_window_bits: int = 12
     level: int = 6
-    mem_level: int = 8
+    mem_level: int = 5
 
 
 class DeflateParams(NamedTuple):
@@ -961,7 +1035,7 @@ class PerMessageDeflate:
     __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
                  "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
 
-    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 8):
+    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
         self.params = params
         self.client = client
         if client:
@@ -1616,7 +1690,7 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
 # WebSocket: one connection ###################################################
 ###############################################################################
 
-# h11-style transition table: (state, event) -> next state, the only way ``state`` changes.
+# h11-style transition table: (state, event) -> next state, the only way _Protocol.state changes.
 # An event missing for a state is ignored (e.g. a second close() while closing). After
 # CLOSED comes one more stage, not a state: *finalized* (socket closed, closed() called;
 # the ``terminated`` property), reached by the "drop" event from any state.
@@ -1636,6 +1710,308 @@ _TRANSITIONS = {
     (State.CLOSED, "drop"): State.CLOSED,
 }
 
+
+
+# What _Protocol.send() tells its driver (ints: tested on every send).
+_QUEUED = 0  # queued behind output the driver already knows of
+_FLUSH = 1  # queued into an empty buffer: the driver must flush
+_FULL = 2  # not queued: the backlog was over the limit given
+_REFUSED = 3  # not queued: the connection no longer sends (closing or closed)
+
+
+class _Protocol:
+    """One connection's protocol with no I/O: bytes in -> events, actions -> bytes out.
+
+    Everything that makes up a connection's state lives here, in the shape
+    of websockets' ``Protocol`` and wsproto's ``WSConnection``: ``state``
+    (changed only through ``_TRANSITIONS``), the close handshake
+    (``received_close``: the peer's close frame; ``failure``: the code and
+    reason we failed or dropped the connection with), the receive path
+    (a ``_Receiver``: ``parser`` and ``assembler``, made by :meth:`start`
+    once the limits are known), permessage-deflate (``deflate``) and the
+    output: ``out``, the encoded frames waiting for the socket, and their
+    flow-control accounting. Actions make bytes: :meth:`send_message` and
+    :meth:`send_fragments` frame (mask, compress) a message, :meth:`send`
+    queues frames, :meth:`close` and :meth:`fail` queue a close frame; a
+    received ping queues its pong. :class:`WebSocket` drives it: it writes
+    ``out`` to its socket, feeds what it reads to :meth:`receive`, and keeps
+    the socket, the selector events, the timers and the callbacks.
+
+    Flow control: ``buffered`` counts the bytes in ``out``. ``over`` is set
+    when a send takes it past ``max_buffered`` (the high-water mark) and
+    cleared, by :meth:`flush_ended`, once writes bring it down to a quarter
+    of ``max_buffered`` (the low-water mark): that moment is ``drained()``.
+    ``over`` is not a connection state: output may be backed up in any state.
+
+    Threads: :meth:`start`, :meth:`receive` and the driver's writes
+    (:meth:`written`, :meth:`flush_ended`, under ``lock``) belong to one
+    thread, the loop's; every other method takes ``lock`` and may be called
+    from any thread.
+
+    Private, not in ``__all__``: its interface carries the loop driver's
+    contract (the lock held around writes, the status codes of :meth:`send`),
+    not an API to freeze; the sans-I/O layers offered to other I/O are the
+    codec and the handshake functions.
+    """
+
+    __slots__ = ("client", "state", "lock", "receiver", "parser", "assembler", "deflate", "out", "buffered",
+                 "max_buffered", "over", "received_close", "failure")
+
+    def __init__(self, *, client: bool, max_buffered: int = DEFAULT_MAX_BUFFERED):
+        self.client = client  # masks what it sends, expects unmasked frames
+        self.state = _CONNECTING
+        self.lock = threading.Lock()
+        self.receiver: Optional[_Receiver] = None  # the receive path: its parser and assembler, as
+        self.parser: Optional[FrameParser] = None  # ... the driver changes their limits (from the next frame)
+        self.assembler: Optional[MessageAssembler] = None
+        self.deflate: Optional[PerMessageDeflate] = None  # set before start() when permessage-deflate was agreed
+        self.out: List[_BytesLike] = []  # encoded frames waiting for the socket, in send() order
+        self.buffered = 0
+        self.max_buffered = max_buffered
+        self.over = False
+        self.received_close: Optional[Close] = None
+        self.failure: Optional[Tuple[int, str]] = None
+
+    def start(self, max_frame_size: int, max_message_size: int) -> None:
+        """Make the receive path with these limits (the driver may change them later on
+        ``parser`` and ``assembler``: they apply from the next frame)."""
+        receiver = self.receiver = _Receiver(expect_masked=not self.client, max_frame_size=max_frame_size,
+                                             max_message_size=max_message_size, deflate=self.deflate)
+        self.parser, self.assembler = receiver.parser, receiver.assembler
+
+    def open(self) -> State:
+        """The connection runs: CONNECTING -> OPEN (a close() before it leaves it CLOSING); the new state."""
+        with self.lock:
+            if self.state is _CONNECTING:
+                self.state = _TRANSITIONS[(_CONNECTING, "open")]
+            return self.state
+
+    # Output ------------------------------------------------------------------
+
+    def send(self, data: _BytesLike, limit: Optional[int] = None) -> int:
+        """Queue encoded frames, unless the backlog is over ``limit`` (``None``: no limit).
+
+        Returns ``_FLUSH`` (queued into an empty buffer: flush), ``_QUEUED``,
+        ``_FULL`` or ``_REFUSED`` (closing or closed).
+        """
+        with self.lock:
+            if self.state > _OPEN:
+                return _REFUSED
+            backlog = self.buffered
+            if limit is not None and backlog > limit:
+                return _FULL
+            out = self.out
+            size = len(data)
+            status = _QUEUED
+            if not out:
+                out.append(data)
+                status = _FLUSH
+            else:
+                # Small frames share a buffer: thousands of tiny frames (a pong flood) would
+                # otherwise cost an object each, far more memory than max_buffered says.
+                last = out[-1]
+                fits = len(last) + size <= COALESCE_SIZE
+                if fits and type(last) is bytearray:
+                    last += data
+                elif fits and type(last) is bytes:
+                    out[-1] = bytearray(last) + data
+                else:
+                    if type(last) is bytearray:
+                        # Full: kept as exact bytes, without the up to 1/8 a growing bytearray
+                        # holds in reserve, so that max_buffered is what the backlog costs.
+                        out[-1] = bytes(last)
+                    out.append(data)
+            self.buffered = backlog = backlog + size
+            if backlog > self.max_buffered:
+                self.over = True
+            return status
+
+    def send_first(self, data: bytes) -> None:
+        """Queue ``data`` before everything else (the server's 101, before the connection runs)."""
+        with self.lock:
+            self.out.insert(0, data)
+            self.buffered += len(data)
+
+    def send_message(self, opcode: int, payload: _BytesLike, cache: Optional[Dict[Any, bytes]] = None,
+                     limit: Optional[int] = None) -> int:
+        """Frame (mask, compress) one whole message and queue it, as :meth:`send` does.
+
+        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
+        """
+        deflate = self.deflate
+        client = self.client
+        if deflate is None:
+            key: Any = None
+        elif deflate.lock is not None:
+            with deflate.lock:  # compressed in queue order: the peer inflates with the same context
+                return self.send(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True), limit)
+        else:
+            key = deflate.send_key
+        if client:  # a fresh mask per frame: nothing to share
+            cache = None
+        data = cache.get(key) if cache is not None else None
+        if data is None:
+            if deflate is not None:
+                payload = deflate.compress(payload)
+            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
+            if cache is not None:
+                cache[key] = data
+        return self.send(data, limit)
+
+    def send_fragments(self, chunks: Iterable[Any]) -> int:
+        """Frame an iterable of chunks (all ``str`` or all bytes-like) as one fragmented message
+        and queue it (``_QUEUED`` for no chunk at all), as :meth:`send` does.
+
+        Encoded up front and queued as one piece, so that no other message can slip between
+        the fragments of this one.
+        """
+        opcode: Optional[Opcode] = None
+        payloads: List[_BytesLike] = []
+        for chunk in chunks:
+            chunk_opcode, payload = _data_frame(chunk)
+            if opcode is None:
+                opcode = chunk_opcode
+            elif chunk_opcode is not opcode:
+                raise TypeError("fragments of one message must be all str or all bytes-like")
+            payloads.append(payload)
+        if opcode is None:
+            return _QUEUED
+        deflate = self.deflate
+        lock = deflate.lock if deflate is not None else None
+        with lock or contextlib.nullcontext():  # compressed in queue order, as in send_message()
+            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
+            last = len(frames) - 1
+            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
+            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
+                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
+            return self.send(data)
+
+    def _append_close(self, payload: bytes) -> None:
+        # Under self.lock. A close frame is let past max_buffered so the handshake can finish.
+        data = encode_frame(_CLOSE, payload, mask=self.client)
+        self.out.append(data)
+        self.buffered += len(data)
+
+    def written(self, count: int) -> bool:
+        """``count`` bytes of ``out[0]`` went to the socket (the driver holds ``lock``); whether all of it did."""
+        self.buffered -= count
+        out = self.out
+        data = out[0]
+        if count < len(data):
+            # A view, not a copy: the rest of a large frame is not copied per partial write.
+            out[0] = memoryview(data)[count:]
+            return False
+        del out[0]
+        return True
+
+    def flush_ended(self) -> Tuple[bool, bool]:
+        """After the driver's writes (under ``lock``): whether output still waits, and whether
+        the backlog, having passed ``max_buffered``, is now down to the low-water mark (drained)."""
+        if self.over and self.buffered <= self.max_buffered >> 2:
+            self.over = False
+            return bool(self.out), True
+        return bool(self.out), False
+
+    # The close handshake ---------------------------------------------------------
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Queue our close frame after what is queued (OPEN or CONNECTING -> CLOSING); False once closing."""
+        payload = encode_close(code, reason)  # invalid arguments raise, whatever the state
+        with self.lock:
+            state = self.state
+            if state > _OPEN:
+                return False
+            # Queued and marked at once, so a send() after close() fails in any thread.
+            self._append_close(payload)
+            self.state = _TRANSITIONS[(state, "send_close")]
+            return True
+
+    def receive_close(self, close: Close) -> bool:
+        """The peer's close frame arrived: echo it unless ours went first; -> CLOSED. False if already CLOSED."""
+        with self.lock:
+            state = self.state
+            if state is _CLOSED:
+                return False
+            self.received_close = close
+            if state <= _OPEN:
+                # RFC 6455 5.5.1: "the endpoint MUST send a Close frame in response ...
+                # typically echoing the status code it received." No code, no code back.
+                self._append_close(b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big"))
+            self.state = _TRANSITIONS[(state, "receive_close")]
+            return True
+
+    def fail(self, code: int, reason: str) -> bool:
+        """Fail the connection (RFC 6455 7.1.7): an error close frame after what is queued, -> CLOSED.
+        False if already CLOSED."""
+        with self.lock:
+            state = self.state
+            if state is _CLOSED:
+                return False
+            self.failure = (code, reason)
+            if state <= _OPEN:
+                # Cut at 123 bytes without splitting a character: the reason must stay UTF-8.
+                cut = reason.encode()[:123].decode(errors="ignore")
+                self._append_close(encode_close(code, cut))
+            self.state = _TRANSITIONS[(state, "fail")]
+            return True
+
+    def abort(self, reason: str) -> None:
+        """Stop at once, with no close frame (a slow consumer): -> CLOSED, ``closed()`` gets 1006 and ``reason``."""
+        with self.lock:
+            self.state = _TRANSITIONS[(self.state, "drop")]
+            self.failure = (CloseCode.ABNORMAL, reason)
+
+    def end(self, reason: str) -> Tuple[int, str]:
+        """The socket is gone: -> CLOSED, output discarded; the code and reason ``closed()`` gets."""
+        with self.lock:
+            self.state = _TRANSITIONS[(self.state, "drop")]
+            self.out.clear()
+            self.buffered = 0
+            self.over = False
+        return self.failure or self.received_close or (CloseCode.ABNORMAL, reason)
+
+    def outcome(self) -> Optional[Tuple[int, str]]:
+        """The close code and reason known so far (ours alone decides nothing), or ``None``."""
+        return self.failure or self.received_close
+
+    # Input -----------------------------------------------------------------------
+
+    def receive(self, data: Union[bytes, bytearray]) -> Iterator[Union[str, bytes, Frame, Close]]:
+        """Feed bytes read from the socket; lazily yield what they complete, in order.
+
+        A message (``str`` for text, ``bytes`` for binary); a ping or pong
+        :class:`Frame` (a ping is answered: its pong is queued first); last, a
+        :class:`Close`: the peer's close frame (its echo queued), or the close
+        we failed the connection with on a violation (every valid message
+        before it is yielded first). Lazily: what the consumer does with one
+        event (a send, a close, a setting) comes before the next, and nothing
+        after a close frame or a failure is processed (RFC 6455 5.5.1).
+        """
+        receiver = self.receiver
+        assert receiver is not None  # made by start()
+        try:
+            for frame, message in receiver.feed(data):
+                kind = type(message)
+                if kind is str or kind is bytes:
+                    yield message  # type: ignore[misc]
+                elif message is None:
+                    continue
+                elif kind is Close:
+                    if self.receive_close(message):  # type: ignore[arg-type]
+                        yield message
+                    return
+                else:
+                    if frame.opcode == _PING:
+                        # RFC 6455 5.5.2: answer a ping with a pong carrying the same payload. 5.5.3:
+                        # "an endpoint MAY elect to send a Pong frame for only the most recently
+                        # processed Ping frame": none while the backlog is over max_buffered.
+                        self.send(encode_frame(_PONG, frame.payload, mask=self.client), self.max_buffered)
+                    yield frame
+                if self.state is _CLOSED:
+                    return  # failed by the consumer meanwhile (an error in a callback)
+        except ProtocolError as exc:
+            if self.fail(exc.code, exc.reason):
+                yield Close(exc.code, exc.reason)
 
 def _cancel(timer: Optional[List[Any]]) -> None:
     """Cancel a timer of :meth:`WebSocketManager._call_later` (``None``: none pending); returns ``None``."""
@@ -1717,19 +2093,31 @@ class _ConnectionSetting:
 def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _BytesLike) -> int:
     """Queue one message to many connections (publish, broadcast); return how many took it.
 
-    Deliberate: the frame is encoded once and shared through one cache per call
-    (see :meth:`WebSocket._queue_message`).
+    The fan-out rule: a connection that already has more than its
+    ``max_buffered`` queued is dropped as a slow consumer (1006), never
+    waited for: one slow reader must not stall the others. Deliberate: the
+    frame is encoded once and shared through one cache per call (see
+    :meth:`_Protocol.send_message`).
     """
     frame = encode_frame(opcode, payload)
     shared: Dict[Any, bytes] = {None: frame}
     count = 0
     for websocket in websockets:
-        if websocket._deflate is None and not websocket.client:  # deliberate: the common case inline
-            queued = websocket._queue(frame)
+        protocol = websocket._protocol
+        limit = protocol.max_buffered
+        if protocol.deflate is None and not protocol.client:  # deliberate: the common case inline
+            status = protocol.send(frame, limit)
         else:
-            queued = websocket._queue_message(opcode, payload, shared)
-        if queued:
+            status = protocol.send_message(opcode, payload, shared, limit)
+        if status == _QUEUED:
             count += 1
+        elif status == _FLUSH:
+            count += 1
+            manager = websocket._manager  # deliberate: WebSocket._schedule_flush() inlined
+            if manager is not None:
+                manager._schedule_flush(websocket)
+        elif status == _FULL:
+            websocket._drop(f"slow consumer: more than {limit} bytes left unread (max_buffered)")
     return count
 
 
@@ -1737,12 +2125,13 @@ _Self = TypeVar("_Self", bound="WebSocket")  # WebSocket.__new__'s class
 
 
 class WebSocket:
-    """One WebSocket connection, server or client side.
+    """One WebSocket connection, server or client side: the I/O around its protocol.
 
     Subclass it and override the callbacks :meth:`opened`,
-    :meth:`received_message`, :meth:`ponged` and :meth:`closed`; they run
-    in the manager's loop thread. The actions :meth:`send`, :meth:`ping`,
-    :meth:`close` and :meth:`terminate` may be called from any thread.
+    :meth:`received_message`, :meth:`ponged`, :meth:`drained` and
+    :meth:`closed`; they run in the manager's loop thread. The actions
+    :meth:`send`, :meth:`ping`, :meth:`close` and :meth:`terminate` may be
+    called from any thread.
 
     Instances are made by :meth:`WebSocketManager.listen`, :func:`connect`
     and :meth:`WebSocketManager.accept`, and run once given to
@@ -1756,6 +2145,10 @@ class WebSocket:
     :class:`ValueError` when set (for a class attribute, when the class is
     made); a value set while the connection runs applies from its next
     frame, message or send.
+
+    The names the library uses internally (those starting with ``_`` that
+    this class defines) are reserved: a subclass that defines one raises
+    :class:`TypeError` when it is made, instead of breaking its connections.
     """
 
     if TYPE_CHECKING:  # plain attributes to type checkers; _ConnectionSetting descriptors at run time
@@ -1798,13 +2191,19 @@ class WebSocket:
     _pings: Optional[Dict[bytes, float]] = None  # payload -> when sent, of the pings not answered yet
     _redial: "Optional[_Redial]" = None  # the reconnecting client this connection belongs to
 
+    # The connection's state is its _protocol's (state, close handshake, output, flow control).
+    # What else a connection holds is about its I/O, not protocol states: _finalized (the socket is
+    # closed and closed() called: the ``terminated`` property), _active (registered in its manager's
+    # selector), _events (the selector events asked for: EVENT_READ is left out while the output is
+    # backed up), _shut_down (our side of the socket shut after the last close frame), _room (where
+    # threads wait for the backlog to drain), the timers, the settings, and the client's
+    # _pings (ping payload -> when sent, for ``latency``) and _redial (its reconnecting client).
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
-        "state", "_receiver", "_lock", "_out", "_buffered", "_scheduled", "_writing",
-        "_manager", "_fd", "_extra", "_received_close", "_failure", "_finalized", "_timer", "_listener",
+        "_protocol", "_room", "_events", "_manager", "_fd", "_extra", "_finalized", "_timer", "_listener",
         "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
-        "_deflate", "__dict__", "__weakref__",
+        "__dict__", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, *, client: bool = False, path: str = "/",
@@ -1822,18 +2221,12 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        self.state = _CONNECTING
-        self._receiver: Optional[_Receiver] = None  # made when the connection first runs
-        self._lock = threading.Lock()
-        self._out: List[_BytesLike] = []  # encoded frames waiting for the socket, in send() order
-        self._buffered = 0
-        self._scheduled = False  # a flush is due (queued to the manager, or waiting for EVENT_WRITE)
-        self._writing = False  # registered for EVENT_WRITE
         self._manager: Any = None
+        self._protocol = _Protocol(client=client, max_buffered=self._provisional_max_buffered())
+        self._room: Optional[threading.Condition] = None  # made by the first thread that waits
+        self._events = 0
         self._fd = sock.fileno()
         self._extra = extra_data  # bytes read along with the handshake: the first frames
-        self._received_close: Optional[Close] = None
-        self._failure: Optional[Tuple[int, str]] = None
         self._finalized = False
         self._timer: Any = None  # the close/linger deadline
         self._listener: Any = None
@@ -1844,7 +2237,6 @@ class WebSocket:
         self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
-        self._deflate: Optional[PerMessageDeflate] = None  # set when permessage-deflate was negotiated
 
     def __new__(cls: "type[_Self]", *args: Any, **kwargs: Any) -> "_Self":
         # Deliberate: the setting slots exist (None) before any __init__ runs, so that __init__
@@ -1856,6 +2248,13 @@ class WebSocket:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # A method or attribute named like one of the library's internals would silently replace
+        # it (a user's _run or _fail breaks every connection): refused when the class is made.
+        clashes = sorted(name for name in cls.__dict__ if name in _RESERVED_NAMES)
+        if clashes:
+            raise TypeError(f"{cls.__qualname__} defines {', '.join(clashes)}: wsmanager.WebSocket uses "
+                            f"{'this name' if len(clashes) == 1 else 'these names'} internally; rename "
+                            f"{'it' if len(clashes) == 1 else 'them'}")
         # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, kept as the class's
         # default, and the attribute handed back to the descriptor that instance values go through.
         defaults = dict(cls._class_settings)
@@ -1877,6 +2276,10 @@ class WebSocket:
     def ponged(self, payload: bytes) -> None:
         """Called for each pong received."""
 
+    def drained(self) -> None:
+        """Called each time the output, having backed up past ``max_buffered``, is down to a
+        quarter of it (see :attr:`buffered_amount`): the moment to send more when streaming."""
+
     def connect_failed(self, exc: BaseException) -> None:
         """Called instead of :meth:`opened` and :meth:`closed` when :meth:`WebSocketManager.connect`
         could not open the connection: ``exc`` says why (see there). The socket is closed."""
@@ -1891,102 +2294,70 @@ class WebSocket:
 
     # Actions -----------------------------------------------------------------
 
-    def send(self, message: Union[str, bytes, bytearray, memoryview, Iterable[Union[str, bytes]]]) -> None:
+    def send(self, message: Union[str, bytes, bytearray, memoryview, Iterable[Union[str, bytes]]],
+             timeout: Optional[float] = None) -> None:
         """Queue a message: ``str`` as text, bytes-like as binary, an iterable of
         chunks (all ``str`` or all bytes-like) as one fragmented message.
-
-        Raises :class:`ConnectionClosed` once closing. A message of any size
-        is accepted while the bytes already queued are within ``max_buffered``;
-        past it (the peer leaves more than that unread) the connection is
-        dropped as a slow consumer (``closed(1006, ...)``) and this raises.
         With permessage-deflate negotiated, every message is compressed.
+
+        A message of any size is queued at once while at most ``max_buffered``
+        bytes wait for the socket. Past that (the peer reads slower than we
+        send), a thread other than the loop's waits until the backlog is down
+        to a quarter of ``max_buffered``, then queues; after ``timeout``
+        seconds (``None``: no limit) it raises :class:`TimeoutError`, the
+        message not queued and the connection still open. Where nothing
+        could wake a wait (in the loop thread, that is a callback, or for a
+        connection no running manager runs) the message is still queued up
+        to twice ``max_buffered``, beyond which this raises
+        :class:`BufferFull`: send again from :meth:`drained`.
+
+        Raises :class:`ConnectionClosed` once closing (also while waiting).
         """
-        if self._deflate is not None:
-            if not isinstance(message, (str, bytes, bytearray, memoryview)) and not _is_bytes_like(message):
-                self._send_fragments(message)
-            elif not self._queue_message(*_data_frame(message)):
-                raise self._closed_error("cannot send")
-            return
-        if isinstance(message, str):  # deliberate: no _data_frame() call for the common cases
-            data = encode_frame(_TEXT, message.encode(), mask=self.client)
-        elif isinstance(message, (bytes, bytearray, memoryview)) or _is_bytes_like(message):
+        protocol = self._protocol
+        if protocol.buffered > protocol.max_buffered:  # deliberate: an unlocked peek, one test on the hot path
+            self._make_room(timeout, "cannot send")
+        # Deliberate: an uncompressed whole message, the common case, is framed here, as
+        # _Protocol.send_message() would, one call less per send.
+        if protocol.deflate is None and isinstance(message, str):
+            status = protocol.send(encode_frame(_TEXT, message.encode(), mask=self.client))
+        elif protocol.deflate is None and (isinstance(message, (bytes, bytearray, memoryview))
+                                           or _is_bytes_like(message)):
             # encode_frame() sends any bytes-like object as its bytes (nbytes, not its item count).
-            data = encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client)
+            status = protocol.send(encode_frame(_BINARY, cast(_BytesLike, message), mask=self.client))
+        elif isinstance(message, (str, bytes, bytearray, memoryview)) or _is_bytes_like(message):
+            status = protocol.send_message(*_data_frame(message))
         else:
-            self._send_fragments(message)
-            return
-        if not self._queue(data):
-            raise self._closed_error("cannot send")
-
-    def _send_fragments(self, chunks: Iterable[Any]) -> None:
-        # Encoded up front and queued as one piece, so that no other message
-        # can slip between the fragments of this one.
-        opcode: Optional[Opcode] = None
-        payloads: List[_BytesLike] = []
-        for chunk in chunks:
-            chunk_opcode, payload = _data_frame(chunk)
-            if opcode is None:
-                opcode = chunk_opcode
-            elif chunk_opcode is not opcode:
-                raise TypeError("fragments of one message must be all str or all bytes-like")
-            payloads.append(payload)
-        if opcode is None:
-            return
-        deflate = self._deflate
-        lock = deflate.lock if deflate is not None else None
-        with lock or contextlib.nullcontext():  # compressed in queue order, as in _queue_message()
-            frames = payloads if deflate is None else deflate.compress_fragments(payloads)
-            last = len(frames) - 1
-            # RFC 7692 6.1: RSV1 on the first frame of a compressed message only.
-            data = b"".join(encode_frame(_CONTINUATION if i else opcode, payload, fin=i == last, mask=self.client,
-                                         rsv1=deflate is not None and not i) for i, payload in enumerate(frames))
-            queued = self._queue(data)
-        if not queued:
-            raise self._closed_error("cannot send")
-
-    def _queue_message(self, opcode: int, payload: _BytesLike,
-                       cache: Optional[Dict[Any, bytes]] = None) -> bool:
-        """Encode one whole message for this connection and queue it; False once it no longer sends.
-
-        ``cache`` (one dict per broadcast, by compression key) shares the bytes between connections.
-        """
-        deflate = self._deflate
-        client = self.client
-        if deflate is None:
-            key: Any = None
-        elif deflate.lock is not None:
-            with deflate.lock:  # compressed in queue order: the peer inflates with the same context
-                return self._queue(encode_frame(opcode, deflate.compress(payload), mask=client, rsv1=True))
-        else:
-            key = deflate.send_key
-        if client:  # a fresh mask per frame: nothing to share
-            cache = None
-        data = cache.get(key) if cache is not None else None
-        if data is None:
-            if deflate is not None:
-                payload = deflate.compress(payload)
-            data = encode_frame(opcode, payload, mask=client, rsv1=deflate is not None)
-            if cache is not None:
-                cache[key] = data
-        return self._queue(data)
+            status = protocol.send_fragments(message)
+        if status:  # deliberate: _QUEUED (0), most sends of a burst, costs this one test
+            if status == _FLUSH:  # (inlined: the first send after each flush)
+                manager = self._manager
+                if manager is not None:
+                    manager._schedule_flush(self)
+            else:
+                self._queued(status, "cannot send")
 
     def _enable_deflate(self, params: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
         # Before add(): the parser and assembler made by _run() take it from here. None: not agreed on.
         if params is not None and settings is not None:
-            self._deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
-                                              mem_level=settings.mem_level)
+            self._protocol.deflate = PerMessageDeflate(params, client=self.client, level=settings.level,
+                                                       mem_level=settings.mem_level)
 
     def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
-        and its round trip to :attr:`latency`."""
+        and its round trip to :attr:`latency`. Paused or refused like :meth:`send` when the output is
+        backed up."""
         data = encode_frame(_PING, payload, mask=self.client)
+        protocol = self._protocol
+        if protocol.buffered > protocol.max_buffered:
+            self._make_room(None, "cannot ping")
         self._ping_timed(bytes(payload))
-        if not self._queue(data):
-            raise self._closed_error("cannot ping")
+        status = protocol.send(data)
+        if status:
+            self._queued(status, "cannot ping")
 
     def _ping_timed(self, payload: bytes) -> None:
         # Any thread. A ping sent again with the same payload is timed from the later one.
-        with self._lock:
+        with self._protocol.lock:
             pings = self._pings
             if pings is None:
                 pings = self._pings = {}
@@ -2001,7 +2372,7 @@ class WebSocket:
         if not pings or payload not in pings:
             return  # unsolicited
         now = time.monotonic()
-        with self._lock:
+        with self._protocol.lock:
             for sent_payload in list(pings):
                 sent = pings.pop(sent_payload)
                 if sent_payload == payload:
@@ -2013,16 +2384,12 @@ class WebSocket:
         then the close frame; the socket closes when the peer answers or
         after ``close_timeout``. Does nothing once closing. A reconnecting
         client closed by us is not reconnected."""
-        payload = encode_close(code, reason)
+        closing = self._protocol.close(code, reason)  # (invalid arguments raise here, in any state)
         if self.reconnect is not None:
             self.reconnect = None
-        with self._lock:
-            state = self.state
-            if state > _OPEN:
-                return
-            # Queued and marked at once, so a send() after close() fails in any thread.
-            self._append_close(payload)
-            self.state = _TRANSITIONS[(state, "send_close")]
+        if not closing:
+            return
+        self._wake_senders()
         self._schedule_flush()
         self._call_threadsafe(self._arm_close_timer)
 
@@ -2034,11 +2401,16 @@ class WebSocket:
 
     def _closed_error(self, action: str) -> ConnectionClosed:
         # What closed() gets, as far as it is known yet: our own close frame alone decides nothing.
-        code, reason = self._failure or self._received_close or (self.close_code, self.close_reason)
+        code, reason = self._protocol.outcome() or (self.close_code, self.close_reason)
         detail = f": {code} {reason}".rstrip() if code is not None else ""
         return ConnectionClosed(f"{action}: connection is {self.state.name}{detail}", code, reason)
 
     # State -------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Where the connection is in its life: see :class:`State`."""
+        return self._protocol.state
 
     @property
     def request_headers(self) -> Headers:
@@ -2059,7 +2431,8 @@ class WebSocket:
     @property
     def compression(self) -> Optional[DeflateParams]:
         """What permessage-deflate negotiation agreed on, or ``None`` when messages go uncompressed."""
-        return self._deflate.params if self._deflate is not None else None
+        deflate = self._protocol.deflate
+        return deflate.params if deflate is not None else None
 
     @property
     def terminated(self) -> bool:
@@ -2074,8 +2447,14 @@ class WebSocket:
 
     @property
     def buffered_amount(self) -> int:
-        """Bytes queued but not yet written to the socket."""
-        return self._buffered
+        """Bytes queued but not yet written to the socket (frames as sent: headers, masks, compression).
+
+        As the browser's ``bufferedAmount``: past ``max_buffered`` sends from
+        other threads wait (see :meth:`send`), and :meth:`drained` runs when
+        it is down to a quarter of ``max_buffered``. The server's 101 counts
+        while it waits; 0 once the connection is over.
+        """
+        return self._protocol.buffered
 
     def fileno(self) -> int:
         return self._fd
@@ -2090,55 +2469,68 @@ class WebSocket:
 
     # Internals: any thread -----------------------------------------------------
 
-    def _queue(self, data: bytes) -> bool:
-        """Append encoded frames to the write buffer; False when the connection no longer sends."""
-        with self._lock:
-            if self.state > _OPEN:
-                return False
-            backlog = self._buffered
-            limit = self._max_buffered
-            # A high-water mark on the backlog, as websockets' write limit and uWebSockets' maxBackpressure:
-            # see send() for what it accepts and when it drops the peer.
-            overflow = limit is not None and backlog > limit
-            if overflow:
-                self.state = _TRANSITIONS[(self.state, "drop")]
-                self._failure = (CloseCode.ABNORMAL,
-                                 f"slow consumer: more than {limit} bytes left unread (max_buffered)")
-            else:
-                out = self._out
-                if out and len(data) < COALESCE_SIZE:
-                    # Small frames share a buffer: thousands of tiny frames (a pong flood) would
-                    # otherwise cost an object each, far more memory than max_buffered says.
-                    last = out[-1]
-                    if type(last) is bytearray and len(last) + len(data) <= COALESCE_SIZE:
-                        last += data
-                    elif type(last) is bytes and len(last) + len(data) <= COALESCE_SIZE:
-                        out[-1] = bytearray(last) + data
-                    else:
-                        out.append(data)
-                else:
-                    out.append(data)
-                self._buffered = backlog + len(data)
-                # _schedule_flush(), inlined: under the lock already taken, one lock per send.
-                if self._scheduled:
-                    return True
-                self._scheduled = True
-        if overflow:
-            self._call_threadsafe(self._finalize)
-            return False
+    def _queued(self, status: int, action: str) -> None:
+        # What a send's _Protocol.send() status asks of the caller, when it is not _QUEUED.
+        if status == _FLUSH:
+            manager = self._manager
+            if manager is not None:
+                manager._schedule_flush(self)
+        elif status == _REFUSED:
+            raise self._closed_error(action)
+
+    def _make_room(self, timeout: Optional[float], action: str) -> None:
+        """A send found more than ``max_buffered`` queued: wait for the drain, or refuse beyond the hard bound.
+
+        A thread waits only when a running loop will drain the output and
+        wake it (websockets' ``drain()``, uWebSockets' backpressure); the
+        loop thread, or any thread while no loop runs the connection, never
+        waits: nothing would end the wait (never a deadlock).
+        """
+        protocol = self._protocol
         manager = self._manager
-        if manager is not None:
-            manager._schedule_flush(self)
-        return True
+        if (manager is not None and manager._thread_id != _get_ident() and not manager._finished
+                and (manager._thread is not None or manager._thread_id is not None)):  # a loop runs it, or will
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with protocol.lock:
+                room = self._room
+                if room is None:
+                    room = self._room = threading.Condition(protocol.lock)
+                while protocol.over and protocol.state <= _OPEN and self._manager is manager:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"{action}: {protocol.buffered} bytes still queued after {timeout:g} s "
+                                           f"(max_buffered {protocol.max_buffered}); the message was not queued")
+                    room.wait(remaining)
+            if self._manager is manager or protocol.state > _OPEN:
+                if protocol.state > _OPEN:
+                    raise self._closed_error(action)
+                return
+            # remove()d while waiting: no loop drains it now.
+        if protocol.state > _OPEN:
+            raise self._closed_error(action)
+        bound = 2 * protocol.max_buffered
+        if protocol.buffered > bound:
+            where = "in the loop thread" if manager is not None and manager._thread_id == _get_ident() else \
+                "with no running manager"
+            raise BufferFull(f"{action}: {protocol.buffered} bytes queued {where}, more than twice max_buffered "
+                             f"({bound}); the message was not queued: send again from drained()")
+
+    def _wake_senders(self) -> None:
+        # Threads waiting in _make_room() look again: drained, closed, or out of the manager.
+        room = self._room
+        if room is not None:
+            with self._protocol.lock:
+                room.notify_all()
 
     def _schedule_flush(self) -> None:
-        with self._lock:
-            if self._scheduled:
-                return
-            self._scheduled = True
         manager = self._manager
         if manager is not None:
             manager._schedule_flush(self)
+
+    def _drop(self, reason: str) -> None:
+        # A slow consumer of a fan-out: no more output from now, the socket closed in the loop.
+        self._protocol.abort(reason)
+        self._call_threadsafe(self._finalize)
 
     def _call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
         # In the loop thread when running, else right here (no loop to race with).
@@ -2148,6 +2540,17 @@ class WebSocket:
         else:
             manager._call_threadsafe(function, *args)
 
+    def _provisional_max_buffered(self) -> int:
+        # max_buffered before the settings are resolved (the sends before the connection runs):
+        # the instance's, the class's, the manager's, else the default.
+        value = getattr(self, "_max_buffered", None)
+        if value is None:
+            value = type(self)._class_settings.get("max_buffered")
+        if value is None:
+            manager = getattr(self, "_manager", None)
+            value = manager.max_buffered if manager is not None else DEFAULT_MAX_BUFFERED
+        return cast(int, value)
+
     # The manager's side: loop thread only ---------------------------------------
     #
     # The manager calls, of a connection's private half, only: _bind() and _unbind()
@@ -2155,20 +2558,25 @@ class WebSocket:
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
     # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
     # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
-    # _queue_reply(). A connection uses of its manager: _now, _thread_id and _frame_size_follows (read only),
-    # _call_later(), _call_threadsafe(), _schedule_flush(), _read_again(), _set_events(),
-    # _forget() and _connection_default().
+    # _queue_reply(). A connection uses of its manager: _now, _thread_id, _thread, _finished and
+    # _frame_size_follows (read only), _call_later(), _call_threadsafe(), _schedule_flush(),
+    # _read_again(), _set_events(), _forget() and _connection_default().
 
     def _bind(self, manager: "WebSocketManager") -> None:
         """Belong to ``manager`` (under its lock, or in its loop)."""
         self._manager = manager
+        protocol = self._protocol
+        if protocol.parser is None:  # not running yet: sends are bounded by the manager's default now
+            protocol.max_buffered = self._provisional_max_buffered()
 
     def _unbind(self) -> None:
         """Leave the manager (remove()): nothing of the connection is lost but its timers."""
-        with self._lock:
+        with self._protocol.lock:
             self._manager = None
-            self._active = self._scheduled = self._writing = False
+            self._active = False
+            self._events = 0
         self._release()
+        self._wake_senders()  # a thread waiting for the drain: no loop drains it now
 
     def _release(self) -> None:
         # What running took: the timers, and a place in the listener's count.
@@ -2204,32 +2612,28 @@ class WebSocket:
     def _queue_reply(self, reply: bytes, listener: "_Listener") -> None:
         """Queue the server's 101 before anything else, before the connection runs; ``listener`` counts it."""
         self._listener = listener
-        with self._lock:
-            self._out.insert(0, reply)
-            self._buffered += len(reply)
+        self._protocol.send_first(reply)
 
     def _run(self, manager: "WebSocketManager") -> None:
         """Start (or, moved from another manager, resume) running in ``manager``'s loop."""
         if self._finalized or self._manager is not manager or self._active:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
-        first_time = self._receiver is None
+        protocol = self._protocol
+        first_time = protocol.parser is None
         if first_time:
             self._resolve_settings()
             frame_size, message_size = self._max_frame_size, self._max_message_size
             assert frame_size is not None and message_size is not None  # resolved just above
-            self._receiver = _Receiver(expect_masked=not self.client, max_frame_size=frame_size,
-                                       max_message_size=message_size, deflate=self._deflate)
+            protocol.start(frame_size, message_size)
             self._last_seen = manager._now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
             sock.setblocking(False)
         manager._set_events(sock, selectors.EVENT_READ, self)
+        self._events = selectors.EVENT_READ
         self._active = True
         if first_time:
-            with self._lock:
-                if self.state is _CONNECTING:
-                    self.state = _TRANSITIONS[(_CONNECTING, "open")]
-                closing = self.state is _CLOSING
+            closing = protocol.open() is _CLOSING
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s opened", self._describe())
             if closing:  # close() before add(): its timer starts now
@@ -2238,17 +2642,15 @@ class WebSocket:
                 self.opened()
             except Exception as exc:
                 self._callback_failed("opened", exc)
-        elif self.state > _OPEN:
+        elif protocol.state > _OPEN:
             # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
             self._arm_close_timer()
-        with self._lock:
-            self._scheduled = pending_output = bool(self._out)
-        if pending_output:
+        if protocol.out:  # queued before it ran (or while out of a manager): a racing send may schedule it too
             manager._schedule_flush(self)
-        if manager.heartbeat and self.state is _OPEN:
+        if manager.heartbeat and protocol.state is _OPEN:
             self._heartbeat_timer = manager._call_later(manager.heartbeat, self._heartbeat)
         extra = self._extra
-        if extra and self.state < _CLOSED:
+        if extra and protocol.state < _CLOSED:
             self._extra = b""
             self._receive(extra)
         if self._tls and not self._finalized and cast("ssl.SSLSocket", sock).pending():
@@ -2272,7 +2674,8 @@ class WebSocket:
         elif now - self._last_seen >= interval:
             self._ping_sent = now
             self._ping_timed(b"")
-            self._queue(encode_frame(_PING, b"", mask=self.client))
+            if self._protocol.send(encode_frame(_PING, b"", mask=self.client)) == _FLUSH:
+                manager._schedule_flush(self)
             delay = timeout
         else:
             self._ping_sent = 0.0  # any input proves the peer alive
@@ -2296,14 +2699,19 @@ class WebSocket:
                 if value is None:
                     raise TypeError(f"the manager's {name} is None: no limit to apply")
             setattr(self, slot, _check_setting(name, value))
+        self._protocol.max_buffered = cast(int, self._max_buffered)
 
     def _set_setting(self, name: str, value: Any) -> None:
         # Any thread. Before the connection runs: recorded (None: back to the default). After:
         # in force at once; the parser and assembler read their limit at each frame.
-        receiver = getattr(self, "_receiver", None)
-        if receiver is None:  # (also before WebSocket.__init__ has run)
+        protocol: Optional[_Protocol] = getattr(self, "_protocol", None)  # (None before WebSocket.__init__ has run)
+        parser = protocol.parser if protocol is not None else None
+        if parser is None:
             setattr(self, "_" + name, value)
+            if name == "max_buffered" and protocol is not None:
+                protocol.max_buffered = self._provisional_max_buffered()
             return
+        assert protocol is not None and protocol.assembler is not None
         if value is None:
             value = type(self)._class_settings.get(name)
         if value is None:
@@ -2313,11 +2721,13 @@ class WebSocket:
         setattr(self, "_" + name, _check_setting(name, value))
         if name == "max_frame_size":
             self._frame_size_follows = False
-            receiver.parser.max_frame_size = value
+            parser.max_frame_size = value
         elif name == "max_message_size":
-            receiver.assembler.max_message_size = value
+            protocol.assembler.max_message_size = value
             if self._frame_size_follows:
-                self._max_frame_size = receiver.parser.max_frame_size = value
+                self._max_frame_size = parser.max_frame_size = value
+        elif name == "max_buffered":
+            protocol.max_buffered = value
 
     def _on_read(self) -> None:
         manager = self._manager
@@ -2337,40 +2747,37 @@ class WebSocket:
             self._finalize("connection closed without a close frame")
             return
         self._last_seen = manager._now
-        if self.state < _CLOSED:
+        protocol = self._protocol
+        if protocol.state < _CLOSED:
             self._receive(data)
+        if protocol.over and self._events & selectors.EVENT_READ and not self._finalized:
+            # The output backed up past max_buffered: read no more until it drains (_flush), so that
+            # a peer that sends without reading (an echo's) cannot make us queue without bound.
+            self._events = selectors.EVENT_WRITE
+            manager._set_events(self.sock, selectors.EVENT_WRITE, self)
         if self._tls and not self._finalized and cast("ssl.SSLSocket", self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
             manager._read_again(self)
 
     def _receive(self, data: bytes) -> None:
-        assert self._receiver is not None  # made by _run()
-        try:
-            for frame, message in self._receiver.feed(data):
-                kind = type(message)
-                if kind is str or kind is bytes:
-                    try:
-                        self.received_message(message)  # type: ignore[arg-type]
-                    except Exception as exc:
-                        self._callback_failed("received_message", exc)
-                elif kind is Close:
-                    self._on_close_frame(message)  # type: ignore[arg-type]
-                elif message is None:
-                    continue
-                elif frame.opcode == _PING:
-                    # RFC 6455 5.5.2: answer a ping with a pong carrying the same payload.
-                    self._queue(encode_frame(_PONG, frame.payload, mask=self.client))
-                else:
-                    self._ping_sent = 0.0
-                    self._pong_timed(frame.payload)
-                    try:
-                        self.ponged(frame.payload)
-                    except Exception as exc:
-                        self._callback_failed("ponged", exc)
-                if self.state is _CLOSED:
-                    return  # RFC 6455 5.5.1: nothing after a close frame (or a failure) is processed
-        except ProtocolError as exc:
-            self._fail(exc.code, exc.reason)
+        for event in self._protocol.receive(data):
+            kind = type(event)
+            if kind is str or kind is bytes:
+                try:
+                    self.received_message(event)  # type: ignore[arg-type]
+                except Exception as exc:
+                    self._callback_failed("received_message", exc)
+            elif kind is Close:
+                self._wind_down()  # the peer's close frame, or a violation: ours is queued
+            elif event.opcode == _PING:  # type: ignore[union-attr]
+                self._schedule_flush()  # its pong is queued
+            else:
+                self._ping_sent = 0.0
+                self._pong_timed(event.payload)  # type: ignore[union-attr]
+                try:
+                    self.ponged(event.payload)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._callback_failed("ponged", exc)
 
     def _callback_failed(self, name: str, exc: Exception) -> None:
         if isinstance(exc, ConnectionClosed) and self.state > _OPEN:
@@ -2379,93 +2786,73 @@ class WebSocket:
         # Details stay in the log: the peer only learns that something went wrong.
         self._fail(CloseCode.INTERNAL_ERROR, "internal error")
 
-    def _on_close_frame(self, close: Close) -> None:
-        with self._lock:
-            state = self.state
-            if state is _CLOSED:
-                return
-            self._received_close = close
-            if state <= _OPEN:
-                # RFC 6455 5.5.1: "the endpoint MUST send a Close frame in response ...
-                # typically echoing the status code it received." No code, no code back.
-                self._append_close(b"" if close.code == CloseCode.NO_STATUS else close.code.to_bytes(2, "big"))
-            self.state = _TRANSITIONS[(state, "receive_close")]
-        self._wind_down()
-
     def _arm_close_timer(self) -> None:
         manager = self._manager
         # Before add() there is no loop yet: _run() arms it then.
-        if manager is not None and self._receiver is not None and self._timer is None and not self._finalized:
+        if manager is not None and self._protocol.parser is not None and self._timer is None and not self._finalized:
             self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
-        elif manager is not None and self._receiver is None:  # close() before the 101 of manager.connect()?
+        elif manager is not None and self._protocol.parser is None:  # close() before the 101 of manager.connect()?
             handshake = manager._client_handshake(self)
             if handshake is not None:
                 handshake._abandon("closed by the application")
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): error close frame after what is queued, then close."""
-        with self._lock:
-            state = self.state
-            if state is _CLOSED:
-                return
-            self._failure = (code, reason)
-            if state <= _OPEN:
-                # Cut at 123 bytes without splitting a character: the reason must stay UTF-8.
-                cut = reason.encode()[:123].decode(errors="ignore")
-                self._append_close(encode_close(code, cut))
-            self.state = _TRANSITIONS[(state, "fail")]
-        self._wind_down()
-
-    def _append_close(self, payload: bytes) -> None:
-        # Under self._lock. A close frame is let past max_buffered so the handshake can finish.
-        data = encode_frame(_CLOSE, payload, mask=self.client)
-        self._out.append(data)
-        self._buffered += len(data)
+        if self._protocol.fail(code, reason):
+            self._wind_down()
 
     def _wind_down(self) -> None:
         """After the close frames: flush, half-close, wait for the peer's EOF (bounded by close_timeout)."""
+        self._wake_senders()
         manager = self._manager
         if manager is None:
             return
         _cancel(self._timer)
         self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
-        self._schedule_flush()
+        manager._schedule_flush(self)
 
     def _flush(self) -> None:
         manager = self._manager
-        if self._finalized or manager is None or self._receiver is None or manager._thread_id != _get_ident():
+        protocol = self._protocol
+        if self._finalized or manager is None or protocol.parser is None or manager._thread_id != _get_ident():
             return  # not running (yet), or no longer in this loop: _run() schedules the flush of what is queued
         error = None
         sock = self.sock
-        with self._lock:
-            out = self._out
+        with protocol.lock:
+            out = protocol.out
             for _ in range(WRITES_PER_FLUSH):
                 if not out:
                     break
-                data = out[0]
                 try:
-                    sent = sock.send(data)
+                    sent = sock.send(out[0])
                 except _WOULD_BLOCK:
                     break
                 except OSError as exc:
                     error = exc
                     break
-                self._buffered -= sent
-                if sent < len(data):
-                    # A view, not a copy: the rest of a large frame is not copied per partial write.
-                    out[0] = memoryview(data)[sent:]
+                if not protocol.written(sent):
                     break
-                del out[0]
-            waiting = bool(out)
-            self._scheduled = waiting  # while waiting for EVENT_WRITE no further flush is queued
+            waiting, drained = protocol.flush_ended()
         if error is not None:
             self._finalize(f"connection lost: {error}")
             return
-        if waiting != self._writing:
-            self._writing = waiting
-            manager._set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ,
-                                self)
-        if not waiting and self.state is _CLOSED and not self._shut_down:
+        if protocol.over:
+            # Backed up: write only, read again once drained (see _on_read). The peer reads what we
+            # write: that proves it alive to the heartbeat, which cannot read its pongs meanwhile.
+            events = selectors.EVENT_WRITE
+            self._last_seen = manager._now
+        else:
+            events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
+        if events != self._events:
+            self._events = events
+            manager._set_events(sock, events, self)
+        if drained:
+            self._wake_senders()
+            try:
+                self.drained()
+            except Exception as exc:
+                self._callback_failed("drained", exc)
+        if not waiting and protocol.state is _CLOSED and not self._shut_down:
             self._shut_down = True
             try:
                 # Half-close, then read until the peer's EOF: closing with unread input would
@@ -2481,11 +2868,9 @@ class WebSocket:
         if self._finalized:
             return
         self._finalized = True
-        code, reason = self._failure or self._received_close or (CloseCode.ABNORMAL, reason)
-        with self._lock:
-            self.state = _TRANSITIONS[(self.state, "drop")]
-            self._out.clear()
-            self._buffered = 0
+        protocol = self._protocol
+        code, reason = protocol.end(reason)
+        self._wake_senders()
         self.close_code = code
         self.close_reason = reason
         manager = self._manager
@@ -2494,10 +2879,10 @@ class WebSocket:
         self._release()
         with contextlib.suppress(OSError):
             self.sock.close()
-        if self._receiver is not None:  # it was opened
+        if protocol.parser is not None:  # it was opened
             # A close handshake that ran its course is routine; anything else is worth a line at INFO,
             # but during a stop the manager counts it for one summary line instead.
-            failed = self._failure is not None or code == CloseCode.ABNORMAL
+            failed = protocol.failure is not None or code == CloseCode.ABNORMAL
             stopping = manager is not None and manager._stopping
             if stopping:
                 manager._count_end(failed, code, reason)
@@ -2511,6 +2896,11 @@ class WebSocket:
                 logger.error("%s.closed raised for %r", type(self).__name__, self, exc_info=exc)
             if self._redial is not None:  # a reconnecting client: maybe a new connection after a back-off
                 self._redial.ended(self)
+
+
+# The names of WebSocket's internals (methods and slots): a subclass may not define them (__init_subclass__).
+_RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
+                            if name.startswith("_") and not (name.startswith("__") and name.endswith("__")))
 
 
 ###############################################################################
@@ -3138,7 +3528,9 @@ class _Waker:
 
     def _on_read(self) -> None:
         try:
-            while self.sock.recv(4096):
+            # _wake() writes one byte per wake-up (see _wake_pending): one read nearly always drains it,
+            # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
+            while len(self.sock.recv(4096)) == 4096:
                 pass
         except _WOULD_BLOCK:
             pass
@@ -3284,7 +3676,8 @@ class WebSocketManager:
 
     Limits, each per connection: ``max_message_size`` (default 1 MiB) and
     ``max_frame_size`` (default: ``max_message_size``) on input,
-    ``max_buffered`` (default 4 MiB), a high-water mark on unsent output, ``close_timeout`` (5 s)
+    ``max_buffered`` (default 4 MiB), a high-water mark on unsent output (see
+    :meth:`WebSocket.send` for who waits, who raises, who is dropped), ``close_timeout`` (5 s)
     for the close handshake, ``handshake_timeout`` (10 s) for a server
     handshake. ``heartbeat=N`` pings connections idle for N seconds and fails
     them with 1011 when nothing comes back within ``heartbeat_timeout``
@@ -3408,7 +3801,8 @@ class WebSocketManager:
         ``TimeoutError`` included), :class:`ManagerStopped`, or
         :class:`ConnectionClosed` at once when the connection's ``close()`` or
         ``terminate()`` ends the handshake. Messages sent meanwhile are
-        queued and go out once it opens.
+        queued, within ``max_buffered`` as :meth:`WebSocket.send` says, and
+        go out once it opens.
 
         ``reconnect=True`` (or a :class:`Reconnect` with other delays) keeps
         the client connected: when a connection ends with 1001 from the
@@ -4007,7 +4401,7 @@ class WebSocketManager:
     def _flush_dirty(self) -> None:
         dirty = self._dirty
         # Bounded work: only the connections queued when the flushing starts, each once
-        # (_scheduled keeps a connection in the queue at most once). What other threads queue
+        # (a handler queues itself when its output starts). What other threads queue
         # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
         for _ in range(len(dirty)):
             handler = dirty.popleft()
@@ -4074,7 +4468,9 @@ class WebSocketManager:
     def _set_events(self, sock: Any, events: int, handler: _Handler) -> None:
         """Loop thread: watch ``sock`` for ``events``, registering it if it is not yet."""
         try:
-            self._selector.modify(sock, events, handler)
+            # By descriptor: the KeyError of a socket not yet registered would format the socket's
+            # repr, two system calls (getsockname, getpeername) per connection that joins.
+            self._selector.modify(sock.fileno(), events, handler)
         except KeyError:
             self._selector.register(sock, events, handler)
 
