@@ -2268,21 +2268,26 @@ class WebSocket:
     # Callbacks ---------------------------------------------------------------
 
     def opened(self) -> None:
-        """Called once, in the loop, before any message is delivered."""
+        """Called once, in the loop thread, before any message is delivered."""
 
     def received_message(self, message: Union[str, bytes]) -> None:
-        """Called for each complete message: ``str`` for text, ``bytes`` for binary."""
+        """Called in the loop thread for each complete message: ``str`` for text, ``bytes`` for binary.
+
+        It must not block: no other connection is served while it runs.
+        """
 
     def ponged(self, payload: bytes) -> None:
-        """Called for each pong received."""
+        """Called in the loop thread for each pong received, with its payload."""
 
     def drained(self) -> None:
         """Called each time the output, having backed up past ``max_buffered``, is down to a
-        quarter of it (see :attr:`buffered_amount`): the moment to send more when streaming."""
+        quarter of it (see :attr:`buffered_amount`): the moment to send more when streaming.
+        In the loop thread."""
 
     def connect_failed(self, exc: BaseException) -> None:
         """Called instead of :meth:`opened` and :meth:`closed` when :meth:`WebSocketManager.connect`
-        could not open the connection: ``exc`` says why (see there). The socket is closed."""
+        could not open the connection: ``exc`` says why (see there). The socket is closed.
+        In the loop thread."""
 
     def closed(self, code: int, reason: str) -> None:
         """Called exactly once when the connection is over and its socket closed.
@@ -2290,6 +2295,7 @@ class WebSocket:
         ``code`` is the peer's close code (1005 if its close frame had
         none), the code we failed the connection with, or 1006 when no close
         frame was exchanged (peer vanished, timeout, slow consumer, stop).
+        In the loop thread; the last callback the connection gets.
         """
 
     # Actions -----------------------------------------------------------------
@@ -2345,7 +2351,8 @@ class WebSocket:
     def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
         and its round trip to :attr:`latency`. Paused or refused like :meth:`send` when the output is
-        backed up."""
+        backed up. Any thread. Raises :class:`ValueError` for a longer payload and
+        :class:`ConnectionClosed` once closing."""
         data = encode_frame(_PING, payload, mask=self.client)
         protocol = self._protocol
         if protocol.buffered > protocol.max_buffered:
@@ -2383,7 +2390,9 @@ class WebSocket:
         """Start the close handshake: everything queued before goes out first,
         then the close frame; the socket closes when the peer answers or
         after ``close_timeout``. Does nothing once closing. A reconnecting
-        client closed by us is not reconnected."""
+        client closed by us is not reconnected. Any thread. Raises
+        :class:`ValueError` for a code that may not be sent (1005, 1006, 1015,
+        out of range) or a reason longer than 123 bytes in UTF-8."""
         closing = self._protocol.close(code, reason)  # (invalid arguments raise here, in any state)
         if self.reconnect is not None:
             self.reconnect = None
@@ -2394,7 +2403,8 @@ class WebSocket:
         self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
-        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected."""
+        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected.
+        Any thread."""
         if self.reconnect is not None:
             self.reconnect = None
         self._call_threadsafe(self._finalize, "terminated")
