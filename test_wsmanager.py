@@ -36,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -6424,6 +6425,61 @@ class TestStopping:
         assert len(lines) <= 3, lines[:5]
         assert f"stopped: {half} connection(s) closed cleanly, {half} cut (close timeout: {half})" in lines, lines
 
+    def test_peers_that_answer_close_all_before_stop_are_in_the_stop_summary(self, caplog, client_manager):
+        """ws4py's close_all(); stop(): a peer that answers before stop() is called counts as closed cleanly."""
+        caplog.set_level(logging.INFO, logger="wsmanager")
+        server = WebSocketManager(close_timeout=1.0)
+        server.start()
+        silent = []
+        try:
+            address = server.listen(("127.0.0.1", 0), HardeningServer)
+            for _ in range(5):
+                client_manager.add(connect(ws_url(address), Recorder))
+                silent.append(raw_upgrade(address, timeout=10)[0])
+            wait_until(lambda: len(server) == 10)
+            started = time.time()
+            server.close_all()
+            wait_until(lambda: len(server) == 5)  # the five wsmanager clients answered: closed before stop()
+            server.stop()
+            server.join(15)
+            assert not server.running
+        finally:
+            server.stop(0)
+            server.join(10)
+            for sock in silent:
+                sock.close()
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "wsmanager" and r.levelno >= logging.INFO and r.created >= started]
+        assert lines == ["stopped: 5 connection(s) closed cleanly, 5 cut (close timeout: 5)"], lines
+
+    def test_close_all_without_a_stop_logs_one_summary_when_the_last_one_ends(self, caplog, client_manager):
+        caplog.set_level(logging.INFO, logger="wsmanager")
+        server = WebSocketManager(close_timeout=1.0)
+        server.start()
+        try:
+            address = server.listen(("127.0.0.1", 0), HardeningServer)
+            for _ in range(6):
+                client_manager.add(connect(ws_url(address), Recorder))
+            wait_until(lambda: len(server) == 6)
+            started = time.time()
+            server.close_all(4000, "bye")
+            wait_until(lambda: len(server) == 0)
+            wait_until(lambda: any(r.getMessage().startswith("closed all") for r in caplog.records))
+            late = connect(ws_url(address), Recorder)  # the manager goes on: a later end is logged as usual
+            client_manager.add(late)
+            wait_until(lambda: len(server) == 1)
+            next(iter(server)).terminate()
+            wait_until(lambda: len(server) == 0)
+            wait_until(lambda: any("failed: 1006" in r.getMessage() for r in caplog.records))
+        finally:
+            server.stop(0)
+            server.join(10)
+        lines = [r.getMessage() for r in caplog.records  # the server's (the clients share the logger)
+                 if r.name == "wsmanager" and r.levelno >= logging.INFO and r.created >= started
+                 and not r.getMessage().startswith("Recorder client")]
+        assert lines[0] == "closed all: 6 connection(s) closed cleanly, 0 cut", lines
+        assert len(lines) == 2 and "failed: 1006 'terminated'" in lines[1], lines
+
     def test_a_stop_counts_refused_handshakes_in_its_summary(self, caplog):
         caplog.set_level(logging.INFO, logger="wsmanager")
         m = WebSocketManager(close_timeout=1.0)
@@ -6595,6 +6651,37 @@ class TestOutOfDescriptors:
                                 capture_output=True, env=_cli_env(), timeout=60)
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout.decode().strip() == str((hard, hard))
+
+    def test_a_plain_connection_reset_needs_no_ssl(self):
+        # Out of descriptors, a module imported at that moment fails to load: a plain connection that
+        # the peer resets (ECONNRESET) must end without the loop importing ssl for its except clause.
+        code = textwrap.dedent("""
+            import socket, struct, sys, time, wsmanager
+            closed = []
+            class Server(wsmanager.WebSocket):
+                def closed(self, code, reason):
+                    closed.append(reason)
+            with wsmanager.WebSocketManager() as manager:
+                host, port = manager.listen(("127.0.0.1", 0), Server)
+                peer = socket.create_connection((host, port), timeout=10)
+                peer.sendall(wsmanager.encode_request(f"{host}:{port}", "/", wsmanager.new_key()))
+                while not peer.recv(4096).endswith(b"\\r\\n\\r\\n"):
+                    pass
+                while not len(manager):
+                    time.sleep(0.01)
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()  # a reset
+                for _ in range(500):
+                    if closed:
+                        break
+                    time.sleep(0.01)
+                print(closed, "ssl" in sys.modules)
+        """)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=_cli_env(), timeout=60)
+        assert result.returncode == 0, result.stderr.decode()
+        reasons, ssl_imported = result.stdout.decode().rsplit(" ", 1)
+        assert "connection lost" in reasons and "reset" in reasons.lower(), reasons
+        assert ssl_imported.strip() == "False"
 
     def test_the_loop_survives_running_out_of_descriptors(self, client_manager):
         # The last descriptor goes to an accept(); the handshake then needs hashlib and base64,
@@ -8145,7 +8232,8 @@ class TestCompression:
         ws = WebSocket(socket.socket(), client=False)
         try:
             ws._enable_deflate(params, Deflate())
-            assert ws._deflate is not None and ws._deflate.compress(message) == expected[5]
+            deflate = ws._protocol.deflate
+            assert deflate is not None and deflate.compress(message) == expected[5]
         finally:
             ws.sock.close()
         if not no_context:  # what a connection that keeps its context holds: 2 ** (wbits + 2) + 16 KiB + state

@@ -155,7 +155,9 @@ def _is_tls(sock: Any) -> bool:
     Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
     """
     module = sys.modules.get("ssl")
-    if module is None or not isinstance(sock, module.SSLSocket):
+    # getattr: while another thread imports ssl, sys.modules holds it half made, without SSLSocket.
+    ssl_socket = getattr(module, "SSLSocket", None)
+    if ssl_socket is None or not isinstance(sock, ssl_socket):
         return False
     if len(_WOULD_BLOCK) == 2:
         _tls_in_use()
@@ -2747,11 +2749,13 @@ class WebSocket:
             data = self.sock.recv(READ_SIZE)
         except _WOULD_BLOCK:
             return
-        except ssl.SSLZeroReturnError:
-            data = b""
         except OSError as exc:
-            self._finalize(f"connection lost: {exc}")
-            return
+            # TLS's close_notify (SSLZeroReturnError) is an EOF. ssl is looked at on a TLS socket only:
+            # a plain connection's reset must not import it (it may be out of descriptors to do so).
+            if not (self._tls and isinstance(exc, ssl.SSLZeroReturnError)):
+                self._finalize(f"connection lost: {exc}")
+                return
+            data = b""
         if not data:
             # EOF: the end of a close handshake, or a peer that vanished without one (1006).
             self._finalize("connection closed without a close frame")
@@ -2893,10 +2897,10 @@ class WebSocket:
             # A close handshake that ran its course is routine; anything else is worth a line at INFO,
             # but during a stop the manager counts it for one summary line instead.
             failed = protocol.failure is not None or code == CloseCode.ABNORMAL
-            stopping = manager is not None and manager._stopping
-            if stopping:
-                manager._count_end(failed, code, reason)
-            if failed and not stopping:
+            summarized = manager is not None and manager._summarizes(self)
+            if summarized:
+                manager._count_end(self, failed, code, reason)
+            if failed and not summarized:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
             elif logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s %s: %d %r", self._describe(), "failed" if failed else "closed", code, reason)
@@ -3744,6 +3748,7 @@ class WebSocketManager:
         self._finished = False  # set by _shutdown(): nothing may be added from then on
         self._interrupts = 0  # Ctrl-C seen by run() in the main thread: the first stops gracefully
         self._stop_outcomes: "collections.Counter[str]" = collections.Counter()  # how connections ended in a stop
+        self._closing_all: Set[WebSocket] = set()  # closed by close_all() and not ended yet: their ends are summarized
         self._wake_pending = False
         self._install_waker()
         self._pid = os.getpid()  # a manager made before a fork (gunicorn --preload) is renewed: _ensure_running
@@ -4055,7 +4060,12 @@ class WebSocketManager:
         1006, 1015, out of range) or a reason longer than 123 bytes in UTF-8.
         """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
-        for websocket in tuple(self._websockets.values()):
+        websockets = tuple(self._websockets.values())
+        with self._lock:
+            # How these end goes into one summary line (a stop's, or when the last of them ends), not a
+            # line each: a peer that answers before stop() is called is counted as one that answers after.
+            self._closing_all.update(websockets)
+        for websocket in websockets:
             websocket.close(code, reason)
 
     # Listening -----------------------------------------------------------------
@@ -4506,6 +4516,8 @@ class WebSocketManager:
         if websocket.manager is self:
             self._forget(websocket)
             websocket._unbind()
+            with self._lock:
+                self._closing_all.discard(websocket)  # moved elsewhere: it ends in another manager's count
         if released is not None:
             released.set()
 
@@ -4592,8 +4604,16 @@ class WebSocketManager:
                 release()
             raise ManagerStopped("the manager has stopped" if self._finished else "the manager is stopping")
 
-    def _count_end(self, failed: bool, code: int, reason: str) -> None:
-        """Loop thread, during a stop: how one connection ended, for the stop's summary line."""
+    def _summarizes(self, websocket: WebSocket) -> bool:
+        """Whether how ``websocket`` ended goes into a summary line (a stop, or :meth:`close_all`)."""
+        return self._stopping or websocket in self._closing_all
+
+    def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> None:
+        """Loop thread, during a stop or after close_all(): how one connection ended, for the summary line."""
+        with self._lock:
+            closing = self._closing_all
+            last_of_close_all = websocket in closing and len(closing) == 1 and not self._stopping
+            closing.discard(websocket)
         if not failed:
             self._stop_outcomes["closed cleanly"] += 1
         else:
@@ -4604,8 +4624,10 @@ class WebSocketManager:
             else:
                 cause = f"{code} {reason}".rstrip()
             self._stop_outcomes["cut: " + cause] += 1
+        if last_of_close_all:  # close_all() with no stop after it: its summary comes now
+            self._log_stop_summary("closed all")
 
-    def _log_stop_summary(self) -> None:
+    def _log_stop_summary(self, ended: str = "stopped") -> None:
         outcomes = self._stop_outcomes
         if not outcomes:
             return
@@ -4616,7 +4638,7 @@ class WebSocketManager:
         shown = ", ".join(f"{cause}: {count}" for count, cause in causes[:4])
         if len(causes) > 4:
             shown += f", {len(causes) - 4} other cause(s): {sum(count for count, _ in causes[4:])}"
-        logger.info("stopped: %d connection(s) closed cleanly, %d cut%s%s", clean, cut,
+        logger.info("%s: %d connection(s) closed cleanly, %d cut%s%s", ended, clean, cut,
                     f" ({shown})" if cut else "",
                     f"; {refused} handshake(s) refused or abandoned" if refused else "")
         outcomes.clear()
