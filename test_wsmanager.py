@@ -6400,7 +6400,8 @@ class TestStopping:
         caplog.set_level(logging.INFO, logger="wsmanager")
         half = count // 2
         with nofile_at_least(open_fds() + 4 * count + 200):
-            server = WebSocketManager(close_timeout=1.0)
+            # 3 s: time for 200 loop clients of a loaded machine to answer (the silent half waits it out).
+            server = WebSocketManager(close_timeout=3.0)
             server.start()
             silent = []
             try:
@@ -6573,6 +6574,38 @@ print(json.dumps({
 }))
 """
 
+# Run as a script: the first manager.connect() of a process made with no descriptor left.
+_EMFILE_FIRST_CONNECT_SCRIPT = """
+import errno, json, socket, threading
+import wsmanager
+
+failures, raised, held = [], [], []
+failed = threading.Event()
+
+class Client(wsmanager.WebSocket):
+    def connect_failed(self, exc):
+        failures.append(f"{type(exc).__name__} {errno.errorcode.get(getattr(exc, 'errno', None))}")
+        failed.set()
+
+manager = wsmanager.WebSocketManager()
+manager.start()
+try:
+    while True:
+        held.append(socket.socket())
+except OSError:
+    pass
+try:
+    manager.connect("ws://localhost:9/", Client)  # the URL's module and the host name's codec: loaded already?
+except Exception as exc:
+    raised.append(repr(exc))
+failed.wait(10)
+for sock in held:
+    sock.close()
+manager.stop(0)
+manager.join(10)
+print(json.dumps({"raised": raised, "failures": failures}))
+"""
+
 # Run as a script: a server whose process has no descriptor left; the test talks to it through stdin.
 _EMFILE_LOOP_SCRIPT = """
 import json, os, resource, sys, time
@@ -6635,6 +6668,13 @@ class TestOutOfDescriptors:
             assert report["running"]
             assert report["fds_after"] == report["fds_before"], report  # every descriptor back
             wait_until(lambda: len(manager) == 0, timeout=30)
+
+    def test_a_first_manager_connect_with_no_descriptor_left_reports_through_connect_failed(self):
+        # -S: no site, so urllib.parse is not there already (as in a program that never imported it).
+        result = subprocess.run([sys.executable, "-S", "-c", _EMFILE_FIRST_CONNECT_SCRIPT], capture_output=True,
+                                env=_cli_env(), timeout=60)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        assert json.loads(result.stdout) == {"raised": [], "failures": ["OSError EMFILE"]}
 
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux answers a TCP connect to broadcast "
                                                                        "with ENETUNREACH at once")
@@ -9824,6 +9864,228 @@ class TestClients:
                 _reap(proc)
             os.close(slave)
             os.close(master)
+
+    # The load generator costs less per message than the server it loads: echoes are matched as raw
+    # bytes and messages go out as frames masked in advance, until anything else arrives.
+
+    def test_load_answers_skip_the_parser_and_the_send_queue(self, manager, client_manager, monkeypatch):
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        clients, messages = 4, 25
+        run = wsmanager._LoadRun(clients, messages, 16)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        parsed, queued = [], []  # the connections whose parser got bytes, the protocols whose send queue got frames
+        receive, queue_frames = WebSocket._receive, wsmanager._Protocol.send
+        monkeypatch.setattr(WebSocket, "_receive", lambda ws, data: parsed.append(ws) or receive(ws, data))
+        monkeypatch.setattr(wsmanager._Protocol, "send",
+                            lambda protocol, data, *args: queued.append(protocol) or queue_frames(protocol, data, *args))
+        opened = []
+        monkeypatch.setattr(wsmanager._LoadRun, "opened",
+                            lambda self, client, opened_run=wsmanager._LoadRun.opened: opened.append(client)
+                            or opened_run(self, client))
+        for _ in range(clients):
+            client_manager.connect(ws_url(address), wsmanager._LoadClient)
+        wait_until(lambda: run.finished == clients, timeout=30)
+        assert len(run.round_trips) == clients * messages and not run.errors
+        # On the clients' side the parser saw the server's close frames alone (one per client), and no
+        # message went through the send queue (a close frame has a way of its own).
+        assert sum(isinstance(ws, wsmanager._LoadClient) for ws in parsed) == clients
+        assert len(opened) == clients and not any(client._protocol in queued for client in opened)
+
+    @pytest.mark.parametrize("in_flight", [1, 3])
+    def test_load_queues_what_a_partial_write_left(self, manager, client_manager, monkeypatch, in_flight):
+        class Dribble:
+            """A socket whose send() writes at most 5 bytes: every message is a partial write."""
+
+            def __init__(self, sock):
+                self._sock = sock
+
+            def send(self, data):
+                return self._sock.send(bytes(data[:5]))
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        class DribblingClient(wsmanager._LoadClient):
+            def opened(self):
+                self.sock = Dribble(self.sock)
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        clients, messages = 3, 20
+        run = wsmanager._LoadRun(clients, messages, 16, in_flight)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        for _ in range(clients):
+            client_manager.connect(ws_url(address), DribblingClient)
+        wait_until(lambda: run.finished == clients, timeout=30)
+        # A byte sent twice or lost would make the server fail the connection (1002): an error here.
+        assert len(run.round_trips) == clients * messages and not run.errors
+
+    def test_load_writes_the_rest_of_a_partial_write_before_a_close_queued_meanwhile(self, manager, client_manager,
+                                                                                       monkeypatch):
+        class Dribble:
+            """A socket whose send() writes at most 5 bytes; at the third message, once its first 5 bytes are
+            out, a close is queued (as close_all() from another thread may, between a write and its rest)."""
+
+            def __init__(self, sock, client):
+                self._sock, self.client, self.messages = sock, client, 0
+
+            def send(self, data):
+                sent = self._sock.send(bytes(data[:5]))
+                if data[0] == 0x82:  # a binary frame's first write
+                    self.messages += 1
+                    if self.messages == 3:
+                        self.client.close()
+                return sent
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        class DribblingClient(wsmanager._LoadClient):
+            def opened(self):
+                self.sock = Dribble(self.sock, self)
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        run = wsmanager._LoadRun(1, 10, 16)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        client_manager.connect(ws_url(address), DribblingClient)
+        wait_until(lambda: run.finished == 1, timeout=30)
+        # The third message whole, then the close frame: the server answers both and closes with 1000 (the
+        # rest queued after the close frame, or dropped, would be a broken frame: 1002, or no answer: 1006).
+        assert len(run.round_trips) == 3
+        assert run.errors == {"closed 1000 before its last answer": 1}
+
+    class RawEcho:
+        """An echo server on bare sockets that records each message's mask key; ``answer(index, frame)``
+        returns what to write for the index-th message (byte strings, a float: a pause in seconds)."""
+
+        def __init__(self, size, answer=None, in_flight=1):
+            self.size, self.in_flight = size, in_flight
+            self.answer = answer or (lambda index, frame: [frame])
+            self.keys, self.pongs, self.failures = [], [], []
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.listener.settimeout(0.2)
+            self.stopping = threading.Event()
+            self.threads = [threading.Thread(target=self._accept, daemon=True)]
+            self.threads[0].start()
+
+        @property
+        def url(self):
+            return ws_url(self.listener.getsockname())
+
+        def _accept(self):
+            while not self.stopping.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    continue
+                thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+        @staticmethod
+        def _read(conn, n):
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise EOFError
+                data += chunk
+            return data
+
+        def _serve(self, conn):
+            try:
+                with conn:
+                    conn.settimeout(20)
+                    reader, head = HeadReader(), None
+                    while head is None:
+                        head = reader.feed(conn.recv(4096))
+                    conn.sendall(encode_switching_protocols(validate_request(parse_request(head[0]))))
+                    index, waiting = 0, []
+                    while True:
+                        first, second = self._read(conn, 2)
+                        key = self._read(conn, 4)
+                        payload = apply_mask(self._read(conn, second & 0x7F), key)
+                        opcode = first & 0x0F
+                        if opcode == Opcode.CLOSE:
+                            conn.sendall(encode_frame(Opcode.CLOSE, payload))
+                            return
+                        if opcode == Opcode.PONG:
+                            self.pongs.append(payload)
+                            continue
+                        self.keys.append(key)
+                        waiting.append(encode_frame(opcode, payload))
+                        if len(waiting) < self.in_flight:
+                            continue
+                        for frame in waiting:
+                            for piece in self.answer(index, frame):
+                                if isinstance(piece, float):
+                                    time.sleep(piece)
+                                else:
+                                    conn.sendall(piece)
+                            index += 1
+                        waiting = []
+            except EOFError:
+                pass
+            except Exception as exc:  # seen by the test, not lost in a thread
+                self.failures.append(exc)
+
+        def close(self):
+            self.stopping.set()
+            for thread in self.threads:
+                thread.join(10)
+            self.listener.close()
+
+    def test_load_masks_every_message_with_a_fresh_key(self):
+        server = self.RawEcho(16)
+        try:
+            result, report = self._load(server.url, "--clients", "3", "--messages", "40", "--size", "16")
+        finally:
+            server.close()
+        assert result.returncode == 0, result.stderr
+        assert report["answered"] == 120 and report["errors"] == {} and not server.failures
+        # RFC 6455 5.3: a fresh, unpredictable key per frame: 120 keys of 32 random bits all differ
+        # (a repeat would have a chance of about 1 in 600,000).
+        assert len(server.keys) == 120 and len(set(server.keys)) == 120
+
+    def test_load_answers_in_one_read_with_several_in_flight(self):
+        server = self.RawEcho(8, in_flight=4)  # the four answers written at once: one read on the client
+        try:
+            result, report = self._load(server.url, "--clients", "2", "--messages", "40", "--size", "8",
+                                        "--in-flight", "4", "--text")
+        finally:
+            server.close()
+        assert result.returncode == 0, result.stderr
+        assert report["answered"] == 80 and report["errors"] == {} and not server.failures
+
+    @pytest.mark.parametrize("surprise", ["ping", "split", "extra"])
+    def test_load_hands_anything_but_an_echo_to_the_parser(self, surprise):
+        ping = encode_frame(Opcode.PING, b"are you there")
+
+        def answer(index, frame):
+            if index != 3:
+                return [frame]
+            if surprise == "ping":  # answered with a pong, and the answers after it still count
+                return [ping, frame]
+            if surprise == "split":  # an answer cut over two reads: the parser puts it together
+                return [frame[:5], 0.2, frame[5:]]
+            return [frame, frame]  # an answer to no message: an error, not a round trip
+
+        server = self.RawEcho(16, answer)
+        try:
+            result, report = self._load(server.url, "--clients", "2", "--messages", "10", "--size", "16")
+        finally:
+            server.close()
+        assert not server.failures
+        if surprise == "extra":
+            assert result.returncode == 1 and report["errors"] == {"answer differs from the message": 2}
+            return
+        assert result.returncode == 0, result.stderr
+        assert report["answered"] == 20 and report["errors"] == {}
+        assert server.pongs == ([b"are you there"] * 2 if surprise == "ping" else [])
 
 
 ###############################################################################
