@@ -1,13 +1,20 @@
 """Tests of wsmanager, one class per layer or chapter, after one section of helpers.
 
-TestCodec, TestHandshake (sans I/O), TestConnection, TestManager (real sockets),
-TestIntegrations (http.server, WSGI servers), TestScaling (topics, Redis,
-workers), TestCompression, TestCommandLine, TestInterop (against websockets,
-skipped without it), TestHardening (hostile peers) and TestDocs.
+TestCodec, TestHandshake (sans I/O), TestConnection, TestManager, TestStopping,
+TestOutOfDescriptors (real sockets), TestIntegrations (http.server, WSGI
+servers), TestScaling (topics, Redis, workers), TestCompression (sans I/O),
+TestCompressionConnections, TestCommandLine,
+TestInterop (against websockets, skipped without it), TestClients (latency,
+redirects, proxies, reconnection), TestHardening (hostile peers), TestDocs, and
+TestTooling (the peers guard and the mutation script).
 
 Run with ``python -m pytest``. Hypothesis uses a deterministic profile unless
 WSMANAGER_HYPOTHESIS=fuzz selects the long one. Every test binds 127.0.0.1 (or
 ::1) only, bounds its loops, and closes what it starts.
+
+The ``peers`` marker (on whole classes) marks every test that opens a socket or
+starts a process: ``python -m pytest -m "not peers"`` runs the sans-I/O unit
+tests alone, in seconds, and a fixture makes sure none of them opens a socket.
 """
 
 import base64
@@ -44,7 +51,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 
 import wsmanager
 from wsmanager import (  # the public API, as users see it
@@ -62,11 +69,26 @@ settings.register_profile("ci", max_examples=200, derandomize=True, deadline=Non
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", max_examples=200_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# mutate_wsmanager.py's runs: the ci profile without shrinking (a mutant needs only to fail, not a minimal example).
+settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("WSMANAGER_HYPOTHESIS", "ci"))
 
 
 ###############################################################################
 # Helpers #####################################################################
+
+@pytest.fixture(autouse=True)
+def _unit_tests_open_no_sockets(request, monkeypatch):
+    """A test not marked ``peers`` is a unit test (``-m "not peers"``): it may open no socket and start no process."""
+    if request.node.get_closest_marker("peers") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} opens a socket or a process: mark it (or its class) peers")
+
+    monkeypatch.setattr(socket.socket, "__init__", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
 ###############################################################################
 
 def websockets_module(name):
@@ -806,6 +828,143 @@ utf8ish = st.lists(st.one_of(
 ), max_size=8).map(b"".join)
 
 
+def receive_outcome(data, cuts=(), *, deflate=None, **options):
+    """What the receive path (parser, assembler, inflation, UTF-8) makes of ``data`` fed cut at ``cuts``:
+    (the messages and control frames it delivered, (close code, reason) of its ProtocolError or None).
+
+    ``deflate``: the DeflateParams negotiated (None: no extension); ``options`` go to the receiver.
+    """
+    if deflate is not None:
+        options["deflate"] = PerMessageDeflate(deflate, client=not options.get("expect_masked", False))
+    receiver = Receiver(**options)
+    try:
+        for piece in pieces(data, cuts):
+            receiver.feed(piece)
+    except ProtocolError as exc:
+        return receiver.out, (exc.code, exc.reason)
+    return receiver.out, None
+
+
+def byte_by_byte(data):
+    return range(1, len(data))
+
+
+RESERVED_BITS = "reserved bits set without a negotiated extension"
+
+
+RSV1_MISPLACED = "RSV1 set on a continuation or control frame"
+
+
+NOT_MINIMAL = "length not minimally encoded"
+
+
+BAD_UTF8 = "invalid UTF-8 in a text message"
+
+
+# Every ProtocolError of the codec: (wire, receiver options, close code, reason). The reason is what a
+# user reads in the log and what the peer gets in the close frame.
+CODEC_ERRORS = {
+    "rsv1-without-extension": (raw_frame(Opcode.TEXT, b"x", rsv=0x40), {}, 1002, RESERVED_BITS),
+    "rsv2": (raw_frame(Opcode.BINARY, b"x", rsv=0x20), {}, 1002, RESERVED_BITS),
+    "rsv3-with-deflate": (raw_frame(Opcode.BINARY, b"x", rsv=0x10), {"deflate": DeflateParams()}, 1002, RESERVED_BITS),
+    "rsv3-on-continuation": (raw_frame(Opcode.TEXT, b"a", fin=False) + raw_frame(Opcode.CONTINUATION, b"b", rsv=0x10),
+                             {}, 1002, RESERVED_BITS),
+    "rsv1-rsv2-with-deflate": (raw_frame(Opcode.TEXT, b"x", rsv=0x60), {"deflate": DeflateParams()}, 1002,
+                               RESERVED_BITS),
+    "rsv1-on-continuation-with-deflate": (raw_frame(Opcode.TEXT, b"a", fin=False)
+                                          + raw_frame(Opcode.CONTINUATION, b"b", rsv=0x40),
+                                          {"deflate": DeflateParams()}, 1002, RSV1_MISPLACED),
+    "rsv1-on-ping-with-deflate": (raw_frame(Opcode.PING, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002,
+                                  RSV1_MISPLACED),
+    "rsv1-on-close-with-deflate": (raw_frame(Opcode.CLOSE, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002,
+                                   RSV1_MISPLACED),
+    "rsv1-on-opcode-3-with-deflate": (raw_frame(3, b"", rsv=0x40), {"deflate": DeflateParams()}, 1002,
+                                      "reserved opcode 3"),
+    "opcode-3": (raw_frame(3, b""), {}, 1002, "reserved opcode 3"),
+    "opcode-11": (raw_frame(11, b""), {}, 1002, "reserved opcode 11"),
+    "opcode-15-with-deflate": (raw_frame(15, b""), {"deflate": DeflateParams()}, 1002, "reserved opcode 15"),
+    "fragmented-ping": (raw_frame(Opcode.PING, b"", fin=False), {}, 1002, "control frame fragmented or over 125 bytes"),
+    "close-of-126-bytes": (raw_frame(Opcode.CLOSE, b"\x03\xe8" + b"r" * 124), {}, 1002,
+                           "control frame fragmented or over 125 bytes"),
+    "unmasked-from-a-client": (RFC_HELLO, {"expect_masked": True}, 1002, "unmasked frame from a client"),
+    "masked-from-a-server": (RFC_MASKED_HELLO, {}, 1002, "masked frame from a server"),
+    "16-bit-length-of-125": (raw_frame(Opcode.BINARY, bytes(125), form=16), {}, 1002, NOT_MINIMAL),
+    "64-bit-length-of-65535": (raw_frame(Opcode.BINARY, bytes(65535), form=64), {}, 1002, NOT_MINIMAL),
+    "64-bit-length-top-bit": (b"\x82\x7f" + (2 ** 63).to_bytes(8, "big"), {}, 1002, "64-bit length with the top bit set"),
+    "frame-over-the-limit": (raw_frame(Opcode.BINARY, b"", length=101), {"max_frame_size": 100}, 1009,
+                             "frame of 101 bytes exceeds the limit of 100"),
+    "masked-frame-over-the-limit": (raw_frame(Opcode.TEXT, b"", length=70_000, key=RFC_KEY)[:10],
+                                    {"expect_masked": True, "max_frame_size": 65_536}, 1009,
+                                    "frame of 70000 bytes exceeds the limit of 65536"),
+    # Frames within max_frame_size but over max_message_size: 1009 from the header (check_pending), each length form.
+    "16-bit-header-over-the-message-limit": (raw_frame(Opcode.BINARY, b"", length=300),
+                                             {"max_frame_size": 1000, "max_message_size": 200}, 1009,
+                                             "message of 300 bytes exceeds the limit of 200"),
+    "64-bit-header-over-the-message-limit": (raw_frame(Opcode.BINARY, b"", length=70_000),
+                                             {"max_frame_size": 100_000, "max_message_size": 65_536}, 1009,
+                                             "message of 70000 bytes exceeds the limit of 65536"),
+    "text-inside-a-message": (raw_frame(Opcode.TEXT, b"a", fin=False) + raw_frame(Opcode.TEXT, b"b"), {}, 1002,
+                              "new message started inside a fragmented message"),
+    "binary-inside-a-message": (raw_frame(Opcode.BINARY, b"a", fin=False) + raw_frame(Opcode.BINARY, b"b", fin=False),
+                                {}, 1002, "new message started inside a fragmented message"),
+    "continuation-first": (raw_frame(Opcode.CONTINUATION, b"a"), {}, 1002,
+                           "continuation frame without a message to continue"),
+    "continuation-after-a-message": (raw_frame(Opcode.TEXT, b"a") + raw_frame(Opcode.CONTINUATION, b"b", fin=False),
+                                     {}, 1002, "continuation frame without a message to continue"),
+    "invalid-utf8": (raw_frame(Opcode.TEXT, b"a\xff"), {}, 1007, BAD_UTF8),
+    "truncated-utf8-at-the-end": (raw_frame(Opcode.TEXT, b"ok\xe2\x82"), {}, 1007, BAD_UTF8),
+    "surrogate-across-fragments": (raw_frame(Opcode.TEXT, b"a\xed", fin=False)
+                                   + raw_frame(Opcode.CONTINUATION, b"\xa0", fin=False)
+                                   + raw_frame(Opcode.CONTINUATION, b"\x80"), {}, 1007, BAD_UTF8),
+    "message-over-the-limit": (raw_frame(Opcode.BINARY, b"x" * 11), {"max_message_size": 10}, 1009,
+                               "message of 11 bytes exceeds the limit of 10"),
+    "fragments-over-the-limit": (raw_frame(Opcode.TEXT, b"x" * 6, fin=False) + raw_frame(Opcode.CONTINUATION, b"y" * 6),
+                                 {"max_message_size": 10}, 1009, "message of 12 bytes exceeds the limit of 10"),
+    "close-of-1-byte": (raw_frame(Opcode.CLOSE, b"\x03"), {}, 1002, "close frame payload of 1 byte"),
+    "close-code-1005": (raw_frame(Opcode.CLOSE, b"\x03\xed"), {}, 1002, "invalid close code 1005"),
+    "close-code-5000": (raw_frame(Opcode.CLOSE, (5000).to_bytes(2, "big")), {}, 1002, "invalid close code 5000"),
+    "close-reason-not-utf8": (raw_frame(Opcode.CLOSE, b"\x03\xe8\xff"), {}, 1007, "invalid UTF-8 in the close reason"),
+}
+
+
+@st.composite
+def receive_path_streams(draw, masked, compressed):
+    """(wire, frame boundaries, DeflateParams or None) for the whole receive path: messages of 1-3 fragments,
+    some compressed (RSV1 on the first frame) when ``compressed``, pings between, maybe a close."""
+    params = None
+    sender = None
+    if compressed:
+        bits = draw(st.sampled_from([9, 12, 15]))
+        params = DeflateParams(draw(st.booleans()), draw(st.booleans()), bits, bits)
+        sender = PerMessageDeflate(params, client=masked)
+    wire = []
+
+    def emit(opcode, payload, fin=True, rsv=0):
+        wire.append(raw_frame(opcode, payload, fin=fin, rsv=rsv, key=draw(st.binary(min_size=4, max_size=4))
+                              if masked else None))
+
+    for _ in range(draw(st.integers(0, 4))):
+        if draw(st.integers(0, 3)) == 0:
+            emit(Opcode.PING, draw(st.binary(max_size=20)))
+        text = draw(st.booleans())
+        data = draw(st.text(max_size=40)).encode() if text else draw(st.binary(max_size=100))
+        rsv = 0
+        if sender is not None and draw(st.integers(0, 3)) > 0:
+            data, rsv = sender.compress(data), 0x40
+        parts = pieces(data, draw(st.lists(st.integers(0, len(data)), max_size=2)))
+        for i, part in enumerate(parts):
+            emit(Opcode.CONTINUATION if i else Opcode.TEXT if text else Opcode.BINARY, part,
+                 fin=i == len(parts) - 1, rsv=0 if i else rsv)
+            if i < len(parts) - 1 and draw(st.integers(0, 3)) == 0:
+                emit(Opcode.PONG, b"")
+    if draw(st.booleans()):
+        emit(Opcode.CLOSE, encode_close(draw(st.sampled_from(SENDABLE_CODES)), draw(st.text(max_size=10))))
+    boundaries = [0]
+    for frame in wire:
+        boundaries.append(boundaries[-1] + len(frame))
+    return b"".join(wire), boundaries, params
+
+
 # Helpers: handshake ----------------------------------------------------------
 
 BASE_FIELDS = {"Host": "example.com", "Upgrade": "websocket", "Connection": "Upgrade",
@@ -841,6 +1000,76 @@ def _policy(**options):
 
 def _request(fields=(), **options):
     return parse_request(request_head(fields, **options))
+
+
+def request_to(target, fields=()):
+    """A request head whose request target is ``target`` (absolute-form, authority-form...)."""
+    return request_head(fields).replace(b"GET /chat ", f"GET {target} ".encode("latin-1"))
+
+
+# Every HandshakeError of parse_request() then validate_request(): (head, status, message). The message is
+# what the server logs; the status is what the client gets.
+REQUEST_ERRORS = {
+    "empty": (b"", 400, "empty head"),
+    "blank-line-only": (b"\r\n", 400, "empty head"),
+    "bare-lf-only": (b"\n", 400, "empty head"),
+    "two-blank-lines": (b"\r\n\r\n", 400, "malformed request line ''"),
+    "no-version": (b"GET /chat\r\nHost: x\r\n\r\n", 400, "malformed request line 'GET /chat'"),
+    "four-parts": (b"GET /chat HTTP/1.1 x\r\n\r\n", 400, "malformed request line 'GET /chat HTTP/1.1 x'"),
+    "method-not-a-token": (b"G(T /chat HTTP/1.1\r\n\r\n", 400, "malformed request line 'G(T /chat HTTP/1.1'"),
+    "bad-version": (b"GET /chat HTTP/x\r\n\r\n", 400, "malformed HTTP version 'HTTP/x'"),
+    "version-with-two-digits": (b"GET /chat HTTP/1.10\r\n\r\n", 400, "malformed HTTP version 'HTTP/1.10'"),
+    "lower-case-http": (b"GET /chat http/1.1\r\n\r\n", 400, "malformed HTTP version 'http/1.1'"),
+    "http-2.0": (request_head(version="HTTP/2.0"), 505, "HTTP/2.0 cannot upgrade to WebSocket"),
+    "http-3.0": (request_head(version="HTTP/3.0"), 505, "HTTP/3.0 cannot upgrade to WebSocket"),
+    "http-1.0": (request_head(version="HTTP/1.0"), 505, "HTTP/1.0 cannot upgrade to WebSocket"),
+    "http-0.9": (request_head(version="HTTP/0.9"), 505, "HTTP/0.9 cannot upgrade to WebSocket"),
+    "folded": (b"GET /chat HTTP/1.1\r\n Host: x\r\n\r\n", 400, "malformed header line b' Host: x'"),
+    "space-before-colon": (b"GET /chat HTTP/1.1\r\nHost : x\r\n\r\n", 400, "malformed header line b'Host : x'"),
+    "no-colon": (b"GET /chat HTTP/1.1\r\nNoColon\r\n\r\n", 400, "malformed header line b'NoColon'"),
+    "empty-name": (b"GET /chat HTTP/1.1\r\n: x\r\n\r\n", 400, "malformed header line b': x'"),
+    "nul-in-value": (request_head({"X-Note": "a\x00b"}), 400, "invalid character in header X-Note"),
+    "nul-alone": (request_head({"X-Note": "\x00"}), 400, "invalid character in header X-Note"),
+    "cr-in-value": (request_head({"X-Note": "a\rb"}), 400, "invalid character in header X-Note"),
+    "escape-in-value": (request_head({"X-Note": "a\x1b[0m"}), 400, "invalid character in header X-Note"),
+    "unit-separator-in-value": (request_head({"X-Note": "a\x1f"}), 400, "invalid character in header X-Note"),
+    "vertical-tab-in-value": (request_head({"X-Note": "a\x0bb"}), 400, "invalid character in header X-Note"),
+    "del-in-value": (request_head({"X-Note": "a\x7f"}), 400, "invalid character in header X-Note"),
+    "nul-in-host": (request_head({"Host": "exa\x00mple.com"}), 400, "invalid character in header Host"),
+    "not-a-path": (request_to("chat"), 400, "request target must be a path or an absolute URI"),
+    "authority-form": (request_to("example.com:8080"), 400, "request target must be a path or an absolute URI"),
+    "asterisk-form": (request_to("*"), 400, "request target must be a path or an absolute URI"),
+    "ftp-uri": (request_to("ftp://example.com/"), 400, "request target must be a path or an absolute URI"),
+    "absolute-without-host": (request_to("http://"), 400, "malformed absolute request target"),
+    "absolute-only-query": (request_to("http://?x=1"), 400, "malformed absolute request target"),
+    "absolute-with-userinfo": (request_to("http://user@example.com/"), 400, "malformed absolute request target"),
+    "absolute-with-fragment": (request_to("http://example.com/#frag"), 400, "malformed absolute request target"),
+    "post": (request_head(method="POST"), 405, "method POST not allowed"),
+    "no-upgrade": (request_head({"Upgrade": None}), 426, "not a WebSocket upgrade request"),
+    "no-connection-upgrade": (request_head({"Connection": "keep-alive"}), 426, "not a WebSocket upgrade request"),
+    "version-8": (request_head({"Sec-WebSocket-Version": "8"}), 426, "unsupported Sec-WebSocket-Version"),
+    "no-host": (request_head({"Host": None}), 400, "missing Host header"),
+    "empty-host": (request_head({"Host": ""}), 400, "missing Host header"),
+    "absolute-form-without-host": (request_to("http://example.com/chat", {"Host": None}), 400, "missing Host header"),
+    "no-key": (request_head({"Sec-WebSocket-Key": None}), 400, "invalid Sec-WebSocket-Key"),
+    "key-one-character-too-long": (request_head({"Sec-WebSocket-Key": SAMPLE_KEY + "x"}), 400,
+                                   "invalid Sec-WebSocket-Key"),
+}
+
+
+# Every HandshakeError of parse_response(): (head, message); the status is None (no valid answer).
+RESPONSE_ERRORS = {
+    "empty": (b"", "malformed response: empty head"),
+    "bad-header": (b"HTTP/1.1 101\r\nbad line\r\n\r\n", "malformed response: malformed header line b'bad line'"),
+    "nul-in-value": (b"HTTP/1.1 101 OK\r\nX-A: a\x00\r\n\r\n", "malformed response: invalid character in header X-A"),
+    "not-http": (b"ICY 200 OK\r\n\r\n", "malformed status line 'ICY 200 OK'"),
+    "letter-in-status": (b"HTTP/1.1 1O1 Switching\r\n\r\n", "malformed status line 'HTTP/1.1 1O1 Switching'"),
+    "four-digit-status": (b"HTTP/1.1 1010 x\r\n\r\n", "malformed status line 'HTTP/1.1 1010 x'"),
+    "two-digit-status": (b"HTTP/1.1 99 x\r\n\r\n", "malformed status line 'HTTP/1.1 99 x'"),
+    # str.isdigit() is true of superscripts, which int() refuses: a ValueError, not a HandshakeError, before.
+    "superscript-digits": (b"HTTP/1.1 \xb9\xb2\xb3 x\r\n\r\n", "malformed status line 'HTTP/1.1 \u00b9\u00b2\u00b3 x'"),
+    "superscript-digit": (b"HTTP/1.1 1\xb20\r\n\r\n", "malformed status line 'HTTP/1.1 1\u00b20'"),
+}
 
 
 # Helpers: connection ---------------------------------------------------------
@@ -1821,6 +2050,35 @@ def deflate_codec(max_message_size=DEFAULT_MAX_MESSAGE_SIZE, **params):
 
 def compressed_frame(opcode, payload, fin=True):
     return Frame(opcode, payload, fin, True)
+
+
+def stored_payload(data, *, fin=True):
+    """``data`` as permessage-deflate stored blocks (level 0): a payload longer than ``data`` and not UTF-8."""
+    compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if fin else out
+
+
+def _zlib_error(payload):
+    """The message zlib gives for ``payload`` as a permessage-deflate message (the part of a 1007's reason after ": ")."""
+    try:
+        zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+    except zlib.error as exc:
+        return str(exc)
+    raise AssertionError(f"zlib inflates {payload!r}")
+
+
+# Compressed payloads that are not what they claim: (wire, the 1007's reason; None: zlib's message, whatever it is).
+COMPRESSED_DATA_ERRORS = {
+    "invalid-data": (raw_frame(Opcode.BINARY, b"\xff\xff\xff\xff", rsv=0x40),
+                     "invalid compressed data: " + _zlib_error(b"\xff\xff\xff\xff")),
+    "invalid-data-in-a-later-fragment": (raw_frame(Opcode.TEXT, deflate_payload(b"ok") + b"\x00\x00\xff\xff", fin=False,
+                                                   rsv=0x40) + raw_frame(Opcode.CONTINUATION, b"\xff\xff"), None),
+    "data-after-the-stream": (raw_frame(Opcode.BINARY, zlib.compress(b"x", wbits=-15) + b"junk", rsv=0x40),
+                              "data after the end of the compressed stream"),
+    "invalid-utf8-once-inflated": (raw_frame(Opcode.TEXT, deflate_payload(b"ok \xff"), rsv=0x40),
+                                   "invalid UTF-8 in a text message"),
+}
 
 
 def _zero_bomb(inflated_mib):
@@ -3722,6 +3980,7 @@ class TestCodec:
         assert pure == [naive_mask(bytes(data), bytes(key)) for data, key in cases]
         assert all(type(result) is bytes for result in accelerated + pure)
 
+    @pytest.mark.peers  # a fresh interpreter, in a process of its own
     def test_apply_mask_finds_its_accelerator_on_the_first_large_payload_only(self):
         # In a fresh interpreter: nothing is imported for masking at import or for small payloads.
         code = ("import sys, wsmanager\n"
@@ -3738,6 +3997,7 @@ class TestCodec:
         pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
         assert lines[2] == "True"
 
+    @pytest.mark.peers  # a fresh interpreter, in a process of its own
     def test_apply_mask_out_of_descriptors_masks_in_pure_python_and_looks_again_later(self):
         # The accelerator is imported on the first large payload; an import opens files, so a
         # process out of descriptors (EMFILE) cannot import: that payload is masked in pure Python.
@@ -3761,6 +4021,7 @@ class TestCodec:
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == ["True True", "True False"]
 
+    @pytest.mark.peers  # a fresh interpreter, in a process of its own
     def test_apply_mask_on_the_standard_library_alone_is_the_pure_path(self):
         # -I -S: no site-packages, so neither websockets nor wsaccel can be imported.
         code = ("import sys; sys.path.insert(0, '.'); import wsmanager\n"
@@ -3792,6 +4053,89 @@ class TestCodec:
         frames = parser.feed(wire[30_001:] + tail[:3])
         assert [(f.opcode, f.payload) for f in frames] == [(Opcode.BINARY, payload), (Opcode.TEXT, b"hi")]
         assert [f.payload for f in parser.feed(tail[3:])] == [b"next"]
+
+    # Bytes-like payloads -----------------------------------------------------------
+    @pytest.mark.parametrize("kind", list(WIDE_BUFFERS))
+    @pytest.mark.parametrize("mask", [False, b"abcd"], ids=["unmasked", "masked"])
+    def test_encode_frame_sends_the_bytes_of_any_bytes_like(self, kind, mask):
+        """The header declares nbytes (not the item count) and the payload is those bytes, in C order."""
+        payload = WIDE_BUFFERS[kind]()
+        expected = bytes(memoryview(payload).tobytes())
+        data = encode_frame(Opcode.BINARY, payload, mask=mask)
+        parser = FrameParser(expect_masked=bool(mask))
+        assert parser.feed(data) == [Frame(Opcode.BINARY, expected)]
+        assert parser.pending() is None and not parser._buffer  # nothing left over to be read as a new frame
+        assert encode_frame(Opcode.PING, payload, mask=mask) == encode_frame(Opcode.PING, expected, mask=mask)
+
+    def test_encode_frame_refuses_what_is_not_bytes_like(self):
+        for payload in ("text", 5, [1, 2]):
+            with pytest.raises(TypeError):
+                encode_frame(Opcode.BINARY, payload)
+
+    # Errors: the exact code and reason, however the bytes arrive ---------------------
+    @pytest.mark.parametrize("name", list(CODEC_ERRORS))
+    def test_every_codec_error_has_its_code_and_reason_however_the_bytes_arrive(self, name):
+        wire, options, code, reason = CODEC_ERRORS[name]
+        delivered, error = receive_outcome(wire, **options)
+        assert error == (code, reason)
+        assert receive_outcome(wire, byte_by_byte(wire), **options) == (delivered, error)
+        # Valid messages before the violation are delivered first, in either case.
+        before = RFC_MASKED_HELLO if options.get("expect_masked") else RFC_HELLO
+        for cuts in ((), byte_by_byte(before + wire)):
+            assert receive_outcome(before + wire, cuts, **options) == (["Hello", *delivered], error)
+
+    @pytest.mark.parametrize("message, error", [
+        ("unknown opcode 3", lambda: encode_frame(3, b"")),
+        ("unknown opcode 16", lambda: encode_frame(16, b"x" * 200)),
+        ("control frames must be final and carry at most 125 bytes", lambda: encode_frame(Opcode.PING, b"x" * 126)),
+        ("control frames must be final and carry at most 125 bytes", lambda: encode_frame(Opcode.CLOSE, b"", fin=False)),
+        ("a mask key is 4 bytes", lambda: encode_frame(Opcode.TEXT, b"hi", mask=b"abc")),
+        ("close code 1005 may not be sent", lambda: encode_close(1005)),
+        ("close code 999 may not be sent", lambda: encode_close(999, "x")),
+        ("a close reason is at most 123 bytes of UTF-8", lambda: encode_close(1000, "\u00e9" * 62)),
+    ], ids=["opcode-3", "opcode-16", "ping-126", "close-not-final", "mask-3-bytes", "close-1005", "close-999",
+            "reason-124-bytes"])
+    def test_encoding_errors_say_what_is_wrong(self, message, error):
+        with pytest.raises(ValueError) as info:
+            error()
+        assert str(info.value) == message
+
+    # Checks made on a frame before its payload is complete (check_pending) -------------
+    def test_control_frames_in_pieces_between_fragments_are_not_new_messages(self):
+        # A control frame's header arriving inside a fragmented message is neither a new message, nor
+        # counted against max_message_size, nor checked as UTF-8 (the ping's payload is not UTF-8).
+        wire = (raw_frame(Opcode.TEXT, b"ab", fin=False) + raw_frame(Opcode.CLOSE, encode_close(1000, "bye"))
+                + raw_frame(Opcode.PING, b"\xe8\xff\xfe") + raw_frame(Opcode.CONTINUATION, b"cd"))
+        expected = ([Close(1000, "bye"), Frame(Opcode.PING, b"\xe8\xff\xfe"), "abcd"], None)
+        for cuts in ((), byte_by_byte(wire)):
+            assert receive_outcome(wire, cuts, max_message_size=4) == expected
+        # The same control frames on their own, between messages.
+        alone = raw_frame(Opcode.PONG, b"\xff" * 125) + raw_frame(Opcode.CLOSE, b"\x03\xe8" + "é".encode() * 5)
+        assert receive_outcome(alone, byte_by_byte(alone), max_message_size=4) == (
+            [Frame(Opcode.PONG, b"\xff" * 125), Close(1000, "é" * 5)], None)
+
+    def test_a_message_of_exactly_max_message_size_passes_in_pieces(self):
+        wire = (raw_frame(Opcode.TEXT, "é".encode() * 3, fin=False) + raw_frame(Opcode.CONTINUATION, b"abcd")
+                + raw_frame(Opcode.BINARY, b"x" * 10))
+        for cuts in ((), byte_by_byte(wire)):
+            assert receive_outcome(wire, cuts, max_message_size=10) == (["éééabcd", b"x" * 10], None)
+
+    # The whole receive path: any cut of any stream gives what one feed gives ----------
+    @given(masked=st.booleans(), compressed=st.booleans(), limit=st.sampled_from([16, 100, 1000]), data=st.data())
+    def test_receive_path_outcome_does_not_depend_on_how_the_stream_is_cut(self, masked, compressed, limit, data):
+        """Valid and invalid streams (mutated: bit flips, truncation, spliced headers...), with or without
+        permessage-deflate: the messages delivered and the error (code and reason) are those of one feed,
+        when fed byte by byte and at hypothesis-chosen cuts."""
+        wire, boundaries, params = data.draw(receive_path_streams(masked, compressed))
+        changes = data.draw(mutations(masked))
+        stream = mutate(wire, changes, boundaries)
+        options = dict(expect_masked=masked, deflate=params, max_frame_size=limit, max_message_size=limit)
+        whole = receive_outcome(stream, **options)
+        event(f"outcome: {whole[1][0] if whole[1] else 'delivered'}")
+        assert receive_outcome(stream, byte_by_byte(stream), **options) == whole
+        assert receive_outcome(stream, data.draw(cut_points(len(stream))), **options) == whole
+        if not changes and limit == 1000:
+            assert whole[1] is None  # an untouched stream within the limits comes through whole
 
 
 ###############################################################################
@@ -3937,7 +4281,7 @@ class TestHandshake:
         # 0.1.0 is the first release: the handshake's names before the encode_/parse_ convention had no users.
         for old in ("build_request", "build_response", "deflate_offer", "accept_deflate_response"):
             assert not hasattr(wsmanager, old), old
-        assert "deprecat" not in README.read_text(encoding="utf-8").lower()
+        assert "deprecat" not in documentation_text().lower()
         assert "DeprecationWarning" not in Path(wsmanager.__file__).read_text(encoding="utf-8")
 
     def test_encode_response_for_a_refusal(self):
@@ -4099,11 +4443,224 @@ class TestHandshake:
         listener._unclaim()
         assert not listener.full() and listener.accept(_request()).status == 101
 
+    # Request targets: origin-form and absolute-form ------------------------------------
+    @pytest.mark.parametrize("target, path", [
+        ("http://example.com:8080/chat?x=1", "/chat?x=1"),
+        ("https://example.com/a/b", "/a/b"),
+        ("HTTP://example.com", "/"),
+        ("http://example.com?x=1", "/?x=1"),
+        ("ws://[::1]:9000/chat", "/chat"),
+        ("wss://example.com/", "/"),
+    ])
+    def test_absolute_form_request_target_is_accepted(self, target, path):
+        """RFC 7230 5.3.2, a server MUST accept the absolute form; path and query come from it."""
+        request = parse_request(request_to(target))
+        assert request.path == path
+        assert validate_request(request) == SAMPLE_KEY
+
+    @pytest.mark.parametrize("target", ["example.com:8080", "*", "http:/chat", "ftp://example.com/", "http://",
+                                        "http://user@example.com/", "http://example.com/#frag", "chat"])
+    def test_other_request_target_forms_are_400(self, target):
+        with raises_with(HandshakeError, status=400):
+            parse_request(request_to(target))
+
+    def test_absolute_form_still_needs_a_host_header(self):
+        assert handshake_status(request_to("http://example.com/chat", {"Host": None})).status == 400
+
+    # Errors: the exact status and message ------------------------------------------------
+    @pytest.mark.parametrize("name", list(REQUEST_ERRORS))
+    def test_every_request_error_has_its_status_and_message(self, name):
+        head, status, message = REQUEST_ERRORS[name]
+        with raises_with(HandshakeError, status=status) as info:
+            validate_request(parse_request(head))
+        assert str(info.value) == message
+        assert info.value.headers == ([("Allow", "GET")] if status == 405 else
+                                      list(wsmanager._UPGRADE_REQUIRED) if status == 426 else [])
+
+    @pytest.mark.parametrize("name", list(RESPONSE_ERRORS))
+    def test_every_malformed_response_is_named_and_has_no_status(self, name):
+        head, message = RESPONSE_ERRORS[name]
+        with raises_with(HandshakeError, status=None, headers=[]) as info:
+            parse_response(head)
+        assert str(info.value) == message
+
+    def test_head_reader_errors_say_what_is_wrong(self):
+        with raises_with(HandshakeError, status=400) as info:
+            HeadReader().feed(b"\x16\x03\x01\x02\x00")
+        assert str(info.value) == "TLS handshake on a plain connection"
+        with raises_with(HandshakeError, status=431) as info:
+            HeadReader(max_size=64).feed(b"GET / HTTP/1.1\r\nX-Pad: " + b"p" * 64)
+        assert str(info.value) == "request head too large"
+        # Too many lines fail as soon as they are in, before the blank line.
+        reader = HeadReader(max_lines=3)
+        assert reader.feed(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n") is None
+        with raises_with(HandshakeError, status=431):
+            reader.feed(b"D: 4\r\n")
+        # An empty head is complete at once (parse_request then answers 400), however it ends.
+        for empty in (b"\n\n", b"\r\n\r\n", b"\n\r\n"):
+            assert HeadReader().feed(empty + b"x") == (empty, b"x")
+        # A TLS record is recognised at the start of a head only: later, 0x16 is just a byte.
+        reader = HeadReader()
+        assert reader.feed(b"GET / HTTP/1.1\r\n") is None and reader.feed(b"\x16") is None
+
+    def test_parse_response_keeps_status_reason_and_headers_and_reads_no_body(self):
+        response = parse_response(b"HTTP/1.1 404 Not Here\r\nX-A: 1\r\n\r\n")
+        assert (response.status, response.reason, list(response.headers), response.body) == (
+            404, "Not Here", [("X-A", "1")], b"")
+
+    def test_validate_response_takes_headers_as_a_list_of_pairs_too(self):
+        fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", SAMPLE_ACCEPT),
+                  ("Sec-WebSocket-Protocol", "chat")]
+        assert validate_response(Response(101, fields), SAMPLE_KEY, ["chat"]) == "chat"
+
+    @pytest.mark.parametrize("response, compression, message", [
+        (Response(403, (), b"", "Forbidden"), None, "server answered 403 Forbidden"),
+        (Response(500), None, "server answered 500"),
+        (parse_response(encode_switching_protocols(SAMPLE_KEY).replace(b"Upgrade: websocket\r\n", b"")), None,
+         "response lacks Upgrade: websocket / Connection: upgrade"),
+        (parse_response(encode_switching_protocols(SAMPLE_KEY).replace(b"Connection: Upgrade\r\n", b"")), None,
+         "response lacks Upgrade: websocket / Connection: upgrade"),
+        (good_response(key=new_key()), None, "wrong Sec-WebSocket-Accept"),
+        (good_response(Sec_WebSocket_Extensions="permessage-deflate"), None,
+         "server chose an extension that was not offered"),
+        (good_response(Sec_WebSocket_Extensions="permessage-deflate"), "deflate",
+         "the server did not agree to server_no_context_takeover"),
+        (good_response(Sec_WebSocket_Protocol="chat"), None, "server chose subprotocol 'chat' that was not offered"),
+    ], ids=["403", "500-no-reason", "no-upgrade", "no-connection", "wrong-accept", "extension-not-offered",
+            "deflate-answer-refused", "subprotocol-not-offered"])
+    def test_validate_response_errors_say_what_is_wrong(self, response, compression, message):
+        with raises_with(HandshakeError, status=response.status, response=response) as info:
+            validate_response(response, SAMPLE_KEY, compression=compression)
+        assert str(info.value) == message
+        assert info.value.headers == list(response.headers)
+
+    # What the encoders write, byte for byte ------------------------------------------------
+    def test_encoded_heads_byte_for_byte(self):
+        assert encode_request("example.com:8080", "/chat?x=1", SAMPLE_KEY, subprotocols=["a", "b"], origin="http://o",
+                              headers=[("X-A", "1")]) == (
+            b"GET /chat?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Protocol: a, b\r\nOrigin: http://o\r\nX-A: 1\r\n\r\n")
+        assert encode_switching_protocols(SAMPLE_KEY, "chat", [("X-A", "1")]) == (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\nX-A: 1\r\n\r\n")
+        plain = b"Content-Type: text/plain; charset=utf-8\r\n"
+        # An error without a body gets its status as the body; a redirect gets none.
+        assert encode_response(Response(400)) == (b"HTTP/1.1 400 Bad Request\r\n" + plain
+                                                  + b"Content-Length: 16\r\nConnection: close\r\n\r\n400 Bad Request\n")
+        assert encode_response(Response(302, [("Location", "/x")])) == (
+            b"HTTP/1.1 302 Found\r\nLocation: /x\r\n" + plain + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert encode_response(Response(599)) == (b"HTTP/1.1 599 Unknown\r\n" + plain
+                                                  + b"Content-Length: 12\r\nConnection: close\r\n\r\n599 Unknown\n")
+        # The caller's Content-Type and Content-Length, whatever their case, are not doubled.
+        assert encode_response(Response(200, [("content-type", "text/html"), ("CONTENT-LENGTH", "2")], b"hi")) == (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nCONTENT-LENGTH: 2\r\nConnection: close\r\n\r\nhi")
+
+    def test_subprotocol_and_token_lists_skip_empty_items_and_spaces(self):
+        request = parse_request(request_head({"Sec-WebSocket-Protocol": " a, b,,c , ", "Upgrade": "foo, WebSocket "}))
+        assert request.subprotocols == ["a", "b", "c"] and request.is_upgrade
+        assert parse_request(request_head({"Origin": "http://o"})).origin == "http://o"
+        for upgrade in ("", " ", ",", "websocket2", "web socket"):
+            assert not parse_request(request_head({"Upgrade": upgrade})).is_upgrade, upgrade
+
+    # What parse_request keeps -----------------------------------------------------------
+    def test_header_values_keep_tabs_and_latin1_and_lose_surrounding_whitespace(self):
+        head = request_head({"X-Note": " \ta\tb caf\u00e9 \t", "X-Empty": ""})
+        headers = parse_request(head).headers
+        assert headers["X-Note"] == "a\tb caf\u00e9" and headers["X-Empty"] == ""
+        assert validate_request(parse_request(head)) == SAMPLE_KEY
+
+    @pytest.mark.parametrize("version, expected", [("HTTP/1.1", (1, 1)), ("HTTP/1.9", (1, 9))])
+    def test_http_1_1_and_later_1_x_versions_are_accepted(self, version, expected):
+        assert parse_request(request_head(version=version)).version == expected
+
+    def test_repeated_header_fields_are_joined_in_order_and_names_keep_their_case(self):
+        head = (b"GET /chat HTTP/1.1\r\nHost: x\r\nX-Tag: a\r\nx-tag: b\r\nX-TAG:c\r\n"
+                b"Upgrade: websocket\r\n\r\n")
+        request = parse_request(head)
+        headers = request.headers
+        assert headers["x-TAG"] == "a, b, c" and headers.get_all("X-Tag") == ["a", "b", "c"]
+        assert list(headers) == [("Host", "x"), ("X-Tag", "a"), ("x-tag", "b"), ("X-TAG", "c"), ("Upgrade", "websocket")]
+        assert len(headers) == 5 and "X-TAG" in headers and "missing" not in headers and 5 not in headers
+        assert headers.get("missing") is None and headers.get("missing", "d") == "d" and headers.get_all("missing") == []
+        with pytest.raises(KeyError):
+            headers["missing"]
+        assert request.is_upgrade and request.origin is None and request.subprotocols == []
+        assert repr(Headers([("A", "b")])) == "Headers([('A', 'b')])"
+
+
+###############################################################################
+# Tooling #####################################################################
+###############################################################################
+
+# A function for the mutation script's own test: one mutant of each kind.
+MUTATION_SAMPLE = '''
+def limit(size, maximum=10):
+    """Never mutated."""
+    if size > maximum or not size % 7:
+        raise ValueError("too big")
+    return size + 1
+'''
+
+
+class TestTooling:
+    """The suite's own tools: the guard behind the ``peers`` marker, and mutate_wsmanager.py (mutation testing)."""
+
+    def test_a_unit_test_can_open_no_socket_and_start_no_process(self):
+        with pytest.raises(AssertionError, match="mark it .* peers"):
+            socket.socketpair()
+        with pytest.raises(AssertionError, match="mark it .* peers"):
+            subprocess.run([sys.executable, "-c", "pass"], timeout=10)
+
+    def test_mutation_script_makes_each_kind_of_mutant_and_each_changes_behaviour(self):
+        import mutate_wsmanager
+        mutants = mutate_wsmanager.generate(MUTATION_SAMPLE, ["limit"])
+        assert [mutant.id for mutant in mutants] == [
+            "limit+0:24 10->11", "limit+0:24 10->9", "limit+2:7 Gt->GtE", "limit+2:7 Or->And",
+            "limit+2:7 condition-False", "limit+2:7 condition-True", "limit+2:25 not-removed",
+            "limit+2:29 Mod->FloorDiv", "limit+2:36 7->6", "limit+2:36 7->8", "limit+3:8 raise-removed",
+            "limit+3:25 str-changed", "limit+4:11 Add->Sub", "limit+4:18 1->0", "limit+4:18 1->2",
+        ]
+
+        def behaviour(source):
+            namespace = {}
+            exec(compile(source, "limit", "exec"), namespace)
+            results = []
+            for size in range(-3, 30):
+                try:
+                    results.append(namespace["limit"](size))
+                except ValueError as exc:
+                    results.append(str(exc))
+            return results
+
+        original = behaviour(MUTATION_SAMPLE)
+        for mutant in mutants:
+            assert behaviour(mutant.apply(MUTATION_SAMPLE)) != original, mutant.id
+        # The real targets all exist and give mutants of every kind, each of which compiles.
+        source = Path(mutate_wsmanager.MODULE).read_text(encoding="utf-8")
+        every = mutate_wsmanager.generate(source)
+        assert {mutant.function for mutant in every} >= {"FrameParser.feed", "parse_request", "negotiate_deflate"}
+        assert {"raise-removed", "condition-True", "not-removed", "str-changed", "Lt->LtE", "Add->Sub"} <= {
+            mutant.id.split(" ", 1)[1] for mutant in every}
+        for mutant in random.Random(24).sample(every, 3):
+            compile(mutant.apply(source), "wsmanager.py", "exec")
+
+    @pytest.mark.peers
+    def test_mutation_script_runs_the_unit_tests_against_a_mutant(self):
+        import mutate_wsmanager
+        source = Path(wsmanager.__file__).read_text(encoding="utf-8")
+        # parse_close's "len(payload) == 1" made "!= 1": a 1-byte close payload is no longer 1002.
+        (mutant,) = [m for m in mutate_wsmanager.generate(source, ["parse_close"]) if m.id.endswith("Eq->NotEq")]
+        only = ("-q", "-p", "no:cacheprovider", "-k", "one_byte_close_payload", "test_wsmanager.py")
+        assert mutate_wsmanager.run_tests(mutant.apply(source), 120, only)[0] == "killed"
+        assert mutate_wsmanager.run_tests(source, 120, only)[0] == "survived"
+
 
 ###############################################################################
 # Connection ##################################################################
 ###############################################################################
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestConnection:
     """One WebSocket over real sockets: sending, closing, heartbeat, slow consumers, callbacks, fragments."""
@@ -4692,6 +5249,7 @@ class Streamer(Recorder):
             self.highest = max(self.highest, self.buffered_amount)
 
 
+@pytest.mark.peers
 class TestFlowControl:
     """Issue 18, items 1-4 and 10, with real sockets: who pauses, who raises, who is dropped."""
 
@@ -4917,6 +5475,7 @@ class TestFlowControl:
 # Manager #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestManager:
     """The manager loop: many connections, listen() refusals and transports, connect(), the API, stop, errors, logging."""
@@ -5501,23 +6060,6 @@ class TestManager:
         assert client.close_code == CloseCode.MESSAGE_TOO_BIG
         assert conn.messages == [big, "0123456789"]
 
-    @pytest.mark.parametrize("kind", list(WIDE_BUFFERS))
-    @pytest.mark.parametrize("mask", [False, b"abcd"], ids=["unmasked", "masked"])
-    def test_encode_frame_sends_the_bytes_of_any_bytes_like(self, kind, mask):
-        """The header declares nbytes (not the item count) and the payload is those bytes, in C order."""
-        payload = WIDE_BUFFERS[kind]()
-        expected = bytes(memoryview(payload).tobytes())
-        data = encode_frame(Opcode.BINARY, payload, mask=mask)
-        parser = FrameParser(expect_masked=bool(mask))
-        assert parser.feed(data) == [Frame(Opcode.BINARY, expected)]
-        assert parser.pending() is None and not parser._buffer  # nothing left over to be read as a new frame
-        assert encode_frame(Opcode.PING, payload, mask=mask) == encode_frame(Opcode.PING, expected, mask=mask)
-
-    def test_encode_frame_refuses_what_is_not_bytes_like(self):
-        for payload in ("text", 5, [1, 2]):
-            with pytest.raises(TypeError):
-                encode_frame(Opcode.BINARY, payload)
-
     def test_server_sends_wide_buffers_as_their_bytes(self, manager):
         """Server side: send, fragments, broadcast and ping, as a raw peer reads them."""
         servers, address = listen_collected(manager, Recorder)
@@ -5653,31 +6195,6 @@ class TestManager:
         finally:
             m.stop()
             m.join(10)
-
-    @pytest.mark.parametrize("target, path", [
-        ("http://example.com:8080/chat?x=1", "/chat?x=1"),
-        ("https://example.com/a/b", "/a/b"),
-        ("HTTP://example.com", "/"),
-        ("http://example.com?x=1", "/?x=1"),
-        ("ws://[::1]:9000/chat", "/chat"),
-    ])
-    def test_absolute_form_request_target_is_accepted(self, target, path):
-        """RFC 7230 5.3.2, a server MUST accept the absolute form; path and query come from it."""
-        head = request_head().replace(b"GET /chat ", f"GET {target} ".encode())
-        request = parse_request(head)
-        assert request.path == path
-        assert validate_request(request) == SAMPLE_KEY
-
-    @pytest.mark.parametrize("target", ["example.com:8080", "*", "http:/chat", "ftp://example.com/", "http://",
-                                        "http://user@example.com/", "http://example.com/#frag", "chat"])
-    def test_other_request_target_forms_are_400(self, target):
-        head = request_head().replace(b"GET /chat ", f"GET {target} ".encode())
-        with raises_with(HandshakeError, status=400):
-            parse_request(head)
-
-    def test_absolute_form_still_needs_a_host_header(self):
-        head = request_head({"Host": None}).replace(b"GET /chat ", b"GET http://example.com/chat ")
-        assert handshake_status(head).status == 400
 
     def test_absolute_form_upgrades_through_the_manager(self, manager):
         servers, address = listen_collected(manager, Recorder)
@@ -6181,6 +6698,7 @@ def _stoppable_wsgi_host(kind, folder, extra=""):
             _reap(proc)
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestStopping:
     """Every stop closes every peer with a close frame and waits for the answers; one INFO line per stop."""
@@ -6642,6 +7160,7 @@ manager.join(10)
 """
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestOutOfDescriptors:
     """EMFILE: manager.connect() reports it, the listener rests and warns once, the loop survives."""
@@ -6762,6 +7281,7 @@ class TestOutOfDescriptors:
 # Integrations ################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestIntegrations:
     """Hosting servers: accept() from http.server and wsgi_app in wsgiref, gunicorn, Flask and CherryPy."""
 
@@ -7219,6 +7739,7 @@ class TestIntegrations:
 # Scaling #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestScaling:
     """Beyond one loop: topics, the Redis bridge against a real redis-server, worker processes."""
 
@@ -8071,7 +8592,7 @@ class TestScaling:
 ###############################################################################
 
 class TestCompression:
-    """permessage-deflate (RFC 7692): codec, negotiation, connections, interop, broadcast."""
+    """permessage-deflate (RFC 7692) sans I/O: RSV1, inflating, compressing, settings and negotiation."""
 
     # Codec: RSV1 ------------------------------------------------------------------
     def test_parser_accepts_rsv1_on_data_frames_only_when_told(self):
@@ -8230,6 +8751,189 @@ class TestCompression:
                     received.append(result)
         assert received == messages
 
+    # Codec: what is checked before a compressed frame is complete ---------------------
+    def test_a_compressed_frame_in_pieces_is_judged_by_what_it_inflates_to(self):
+        # pending_rsv1: the payload of a compressed frame that is still arriving is neither checked as
+        # UTF-8 nor counted against max_message_size (stored blocks are longer than the message, and not text).
+        text = "\u00e9".encode() * 50
+        payload = stored_payload(text)
+        assert len(payload) > len(text) == 100 and not utf8_ok(payload, prefix=True)
+        fragments = [raw_frame(Opcode.TEXT, payload[:40], fin=False, rsv=0x40),
+                     raw_frame(Opcode.CONTINUATION, payload[40:])]
+        for wire in (raw_frame(Opcode.TEXT, payload, rsv=0x40), b"".join(fragments)):
+            wire += raw_frame(Opcode.TEXT, b"plain")
+            for cuts in ((), byte_by_byte(wire)):
+                assert receive_outcome(wire, cuts, deflate=DeflateParams(), max_message_size=100) == (
+                    [text.decode(), "plain"], None)
+        # One byte more is over the limit once inflated, and only then.
+        over = raw_frame(Opcode.TEXT, stored_payload(text + b"x"), rsv=0x40)
+        for cuts in ((), byte_by_byte(over)):
+            assert receive_outcome(over, cuts, deflate=DeflateParams(), max_message_size=100) == (
+                [], (1009, "message of 101 bytes exceeds the limit of 100"))
+
+    def test_an_uncompressed_frame_with_deflate_negotiated_is_still_checked_before_it_completes(self):
+        # RSV1 is per message: without it, the frame's header is judged as without the extension.
+        params = DeflateParams()
+        text = raw_frame(Opcode.TEXT, b"abc\xff" + b"z" * 50)
+        delivered, error = receive_outcome(text[:6], deflate=params)  # the frame is not complete: fail fast
+        assert (delivered, error) == ([], (1007, BAD_UTF8))
+        big = raw_frame(Opcode.BINARY, b"", length=101)
+        assert receive_outcome(big, deflate=params, max_message_size=100) == (
+            [], (1009, "message of 101 bytes exceeds the limit of 100"))
+
+    # Codec: the inflater's limits and context --------------------------------------------
+    @pytest.mark.parametrize("large", [False, True], ids=["small-frame", "large-frame"])  # one step or two
+    def test_inflation_stops_one_byte_past_what_the_message_may_still_take(self, large):
+        # The 1009's reason says how far inflation went: the bytes of earlier fragments, then at most
+        # one byte more than the limit leaves for this frame, never the whole frame.
+        rest = random.Random(9).randbytes(5000) if large else bytes(100_000)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        first = compressor.compress(b"h" * 60) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        second = (compressor.compress(rest) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        assert (len(second) >= 2048) == large
+        fragmented = raw_frame(Opcode.BINARY, first, fin=False, rsv=0x40) + raw_frame(Opcode.CONTINUATION, second)
+        single = raw_frame(Opcode.BINARY, deflate_payload(rest), rsv=0x40)
+        for wire in (fragmented, single):
+            for cuts in ((), byte_by_byte(wire)):
+                assert receive_outcome(wire, cuts, deflate=DeflateParams(), max_message_size=100) == (
+                    [], (1009, "message of 101 bytes exceeds the limit of 100"))
+
+    def test_context_takeover_across_large_frames_and_a_message_of_exactly_the_limit(self):
+        # Frames of 2 KiB or more inflate in two steps (the payload, then the 00 00 ff ff tail). The tail must
+        # go in even when the message is exactly max_message_size, or the kept context breaks the next message.
+        limit = 8192
+        rng = random.Random(24)
+        exact, other, start, end = rng.randbytes(limit), rng.randbytes(3000), rng.randbytes(2500), rng.randbytes(2500)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+        def flushed(data):
+            return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+        frames = [raw_frame(Opcode.BINARY, flushed(exact)[:-4], rsv=0x40),
+                  raw_frame(Opcode.BINARY, flushed(exact)[:-4], rsv=0x40),  # refers back to the first message
+                  raw_frame(Opcode.BINARY, flushed(other)[:-4], rsv=0x40),
+                  raw_frame(Opcode.BINARY, flushed(start), fin=False, rsv=0x40),  # a fragment keeps its tail
+                  raw_frame(Opcode.CONTINUATION, flushed(end)[:-4]),
+                  raw_frame(Opcode.BINARY, flushed(start + end)[:-4], rsv=0x40)]
+        assert len(frames[0]) > 2048 + 10 and len(frames[1]) < 100 and len(frames[5]) < 100
+        wire = b"".join(frames)
+        expected = ([exact, exact, other, start + end, start + end], None)
+        for cuts in ((), range(0, len(wire), 1000), byte_by_byte(wire)):
+            assert receive_outcome(wire, cuts, deflate=DeflateParams(), max_message_size=limit) == expected
+        # Without context takeover, the same first message is delivered and its inflater dropped.
+        assert receive_outcome(frames[0], deflate=DeflateParams(server_no_context_takeover=True),
+                               max_message_size=limit) == ([exact], None)
+
+    @pytest.mark.parametrize("size", [5, 5000], ids=["small", "large"])
+    def test_a_message_that_ends_its_deflate_stream_is_followed_by_a_new_stream(self, size):
+        # RFC 7692 7.2.3.3: a BFINAL block ends the stream even with context takeover; the next message starts afresh.
+        message = random.Random(size).randbytes(size)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        ended = compressor.compress(message) + compressor.flush(zlib.Z_FINISH)
+        wire = (raw_frame(Opcode.BINARY, ended, rsv=0x40) + raw_frame(Opcode.TEXT, deflate_payload(b"next"), rsv=0x40)
+                + raw_frame(Opcode.BINARY, ended[:3], fin=False, rsv=0x40) + raw_frame(Opcode.CONTINUATION, ended[3:]))
+        assert receive_outcome(wire, deflate=DeflateParams()) == ([message, "next", message], None)
+
+    @pytest.mark.parametrize("name", list(COMPRESSED_DATA_ERRORS))
+    def test_compressed_data_errors_are_1007_with_their_reason(self, name):
+        wire, reason = COMPRESSED_DATA_ERRORS[name]
+        delivered, error = receive_outcome(wire, deflate=DeflateParams())
+        assert delivered == [] and error[0] == 1007
+        assert error[1] == reason if reason else error[1].startswith("invalid compressed data: ")
+        assert receive_outcome(wire, byte_by_byte(wire), deflate=DeflateParams()) == (delivered, error)
+
+    def test_a_fragment_that_inflates_past_the_limit_fails_before_the_message_ends(self):
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = compressor.compress(bytes(1000)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        wire = raw_frame(Opcode.BINARY, payload, fin=False, rsv=0x40)  # the message is not over yet
+        for cuts in ((), byte_by_byte(wire)):
+            assert receive_outcome(wire, cuts, deflate=DeflateParams(), max_message_size=100) == (
+                [], (1009, "message of 101 bytes exceeds the limit of 100"))
+
+    @pytest.mark.parametrize("limit", [100, 3000], ids=["small-frame", "large-frame"])  # one inflate call or two
+    def test_the_appended_tail_counts_against_the_limit_too(self, limit):
+        # A final frame that ends inside a stored block: the 00 00 ff ff appended to it (RFC 7692 7.2.2) is
+        # inflated as the block's data, and may take the message over the limit by one byte, no more.
+        announced = limit + 10
+        payload = b"\x00" + struct.pack("<HH", announced, announced ^ 0xFFFF) + bytes(limit)
+        assert (len(payload) >= 2048) == (limit == 3000)
+        wire = raw_frame(Opcode.BINARY, payload, rsv=0x40)
+        assert receive_outcome(wire, deflate=DeflateParams(), max_message_size=limit) == (
+            [], (1009, f"message of {limit + 1} bytes exceeds the limit of {limit}"))
+
+    def test_each_role_compresses_and_inflates_with_its_own_parameters(self):
+        # RFC 7692 7.1: the server_* parameters bind what the server sends, the client_* what the client sends.
+        params = DeflateParams(server_no_context_takeover=True, client_no_context_takeover=False,
+                               server_max_window_bits=10, client_max_window_bits=12)
+        client, server = PerMessageDeflate(params, client=True), PerMessageDeflate(params, client=False)
+        assert client.send_key is None and client.lock is not None  # the client keeps its context
+        assert server.send_key[0] == 10 and server.lock is None  # the server shares a compressor of its window
+        # The client's messages may refer to earlier ones (the server keeps its inflater); the server's may not
+        # (the client drops its inflater after each message, so a reference to an earlier message is invalid).
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -10)
+        block = random.Random(7).randbytes(300)
+        frames = [compressed_frame(Opcode.BINARY, (compressor.compress(block) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4])
+                  for _ in range(2)]
+        assert len(frames[1].payload) < 50  # the second message refers back to the first
+        server_side = MessageAssembler(deflate=server)
+        assert [server_side.receive(frame) for frame in frames] == [block, block]
+        client_side = MessageAssembler(deflate=client)
+        assert client_side.receive(frames[0]) == block
+        with raises_with(ProtocolError, code=1007):
+            client_side.receive(frames[1])
+
+    def test_compress_fragments_as_the_first_message_with_context_takeover(self):
+        deflate = PerMessageDeflate(DeflateParams(), client=False)  # keeps its context: no compressor yet
+        payloads = deflate.compress_fragments([b"frag", b"ments"])
+        assert inflate_payload(b"".join(payloads)) == b"fragments"
+
+    @pytest.mark.parametrize("answer, message", [
+        ("permessage-deflate; server_no_context_takeover; server_max_window_bits",
+         "server_max_window_bits needs a value"),
+        ("permessage-deflate; server_no_context_takeover; x", "unknown permessage-deflate parameter 'x'"),
+        ("permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+         "permessage-deflate parameter server_no_context_takeover repeated"),
+        ("permessage-deflate; server_no_context_takeover=1", "server_no_context_takeover takes no value"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits=16",
+         "invalid client_max_window_bits '16': 8..15"),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits",
+         "client_max_window_bits needs a value in a response"),
+        ("x-foo", "server chose extensions that were not offered: 'x-foo'"),
+        ("permessage-deflate; =1", "malformed extension parameter '=1'"),
+        ("permessage-deflate", "the server did not agree to server_no_context_takeover"),
+    ])
+    def test_refused_deflate_answers_say_why(self, answer, message):
+        with pytest.raises(ValueError) as info:
+            parse_deflate_response(answer, Deflate())
+        assert str(info.value) == message
+
+    def test_negotiation_edges(self):
+        with pytest.raises(ValueError, match="^server_max_window_bits 11 exceeds the 10 offered$"):
+            parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=11",
+                                   Deflate(server_max_window_bits=10))
+        # A server that limits its own window to 14 bits says so, unasked; a client that asked for 14 refuses 15.
+        assert negotiate_deflate("permessage-deflate", Deflate(server_max_window_bits=14))[0] == (
+            f"{NO_CONTEXT}; server_max_window_bits=14")
+        with pytest.raises(ValueError, match="^server_max_window_bits 15 exceeds the 14 offered$"):
+            parse_deflate_response("permessage-deflate; server_no_context_takeover; server_max_window_bits=15",
+                                   Deflate(server_max_window_bits=14))
+        # RFC 7692 7.1.2.1: an offered server_max_window_bits is answered, even at 15; a client limiting the
+        # server to 14 bits offers it.
+        assert negotiate_deflate("permessage-deflate; server_max_window_bits=15")[0] == (
+            f"{NO_CONTEXT}; server_max_window_bits=15")
+        assert "; server_max_window_bits=14;" in encode_deflate_offer(Deflate(server_max_window_bits=14))
+        # 9 bits is the smallest window a server can compress with: accepted as offered.
+        assert negotiate_deflate("permessage-deflate; server_max_window_bits=9") == (
+            f"{NO_CONTEXT}; server_max_window_bits=9", DeflateParams(True, True, 9, 15))
+        with pytest.raises(ValueError, match="^compression is off: no answer can be accepted$"):
+            parse_deflate_response("permessage-deflate", None)
+        with pytest.raises(ValueError, match="^compression is off: nothing to offer$"):
+            encode_deflate_offer(None)
+
+    def test_assembler_without_deflate_names_the_reserved_bit(self):
+        with raises_with(ProtocolError, code=1002, reason=RESERVED_BITS):
+            MessageAssembler().receive(compressed_frame(Opcode.BINARY, deflate_payload(b"x")))
+
     # Codec: compressing -----------------------------------------------------------
     @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
     @pytest.mark.parametrize("wbits", [9, 12, 15])
@@ -8247,12 +8951,14 @@ class TestCompression:
         # Fragments: only the last loses its tail, and they join into one stream.
         payloads = deflate.compress_fragments([b"abc" * 100, b"", b"def" * 100])
         assert len(payloads) == 3
+        assert (deflate._compressor is None) == no_context  # fragments too: no compressor of its own
         if no_context:
             inflater = zlib.decompressobj(-wbits)
         assert inflater.decompress(b"".join(payloads) + b"\x00\x00\xff\xff") == b"abc" * 100 + b"def" * 100
 
     @pytest.mark.parametrize("no_context", [False, True], ids=["context-takeover", "no-context-takeover"])
     @pytest.mark.parametrize("wbits", [9, 12, 15])
+    @pytest.mark.peers  # a WebSocket needs a socket object
     def test_default_settings_compress_with_mem_level_5(self, no_context, wbits):
         # Chosen by bench_wsmanager.py zparams (zlib's 8 is up to 1.6x slower on large messages with
         # small windows and holds 112 KiB more per compressor, for under 0.4 % of size).
@@ -8316,6 +9022,32 @@ class TestCompression:
         assert MessageAssembler(deflate=deflate).receive(compressed_frame(Opcode.BINARY, payload)) == b"y" * 300
 
     # Settings ---------------------------------------------------------------------
+    @pytest.mark.parametrize("settings, error, message", [
+        ("gzip", ValueError, "unknown compression 'gzip': None or 'deflate'"),
+        (True, TypeError, "compression must be None, 'deflate' or a Deflate, not bool"),
+        (Deflate(server_max_window_bits=8), ValueError,
+         "server_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(server_max_window_bits=16), ValueError,
+         "server_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(client_max_window_bits=8), ValueError,
+         "client_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(client_max_window_bits=16), ValueError,
+         "client_max_window_bits must be between 9 and 15 (zlib cannot compress with 8)"),
+        (Deflate(level=-1), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(level=10), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(mem_level=0), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+        (Deflate(mem_level=10), ValueError, "level must be between 0 and 9 and mem_level between 1 and 9"),
+    ], ids=["gzip", "true", "server-8", "server-16", "client-8", "client-16", "level--1", "level-10", "mem-0", "mem-10"])
+    def test_invalid_compression_settings_say_what_is_wrong(self, settings, error, message):
+        with pytest.raises(error) as info:
+            negotiate_deflate("permessage-deflate", settings)
+        assert str(info.value) == message
+        with pytest.raises(error):
+            encode_deflate_offer(settings)
+        # The ends of each range are fine.
+        for fine in (Deflate(True, True, 9, 9, 0, 1), Deflate(False, False, 15, 15, 9, 9)):
+            assert negotiate_deflate("permessage-deflate", fine)[1] is not None
+
     def test_compression_settings_are_checked_up_front(self):
         for bad in ("gzip", "Deflate"):
             with pytest.raises(ValueError):
@@ -8373,6 +9105,11 @@ class TestCompression:
         with pytest.raises(HandshakeError, match="not offered"):
             validate_response(Response(101, headers), SAMPLE_KEY)
         assert validate_response(Response(101, headers), SAMPLE_KEY, compression="deflate") is None
+
+
+@pytest.mark.peers
+class TestCompressionConnections:
+    """permessage-deflate on live connections: real handshakes, RSV1 on the wire, interop, broadcast, a browser."""
 
     def test_connect_fails_the_handshake_on_an_answer_it_did_not_allow(self):
         def answer_without_a_window(connection, request, response):
@@ -8669,6 +9406,7 @@ class TestCompression:
 # Command line ################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestCommandLine:
     """python -m wsmanager: the chat server, the connect client, their arguments, the chat page in a browser."""
 
@@ -8984,6 +9722,7 @@ class TestCommandLine:
 # Interop #####################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestInterop:
     """Against an independent implementation (websockets), in both roles."""
 
@@ -9235,6 +9974,7 @@ def tinyproxy_with_auth(tmp_path):
     proxy.close()
 
 
+@pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestClients:
     """Clients that live for hours: latency, redirects, proxies, reconnection, the load command."""
@@ -10092,6 +10832,7 @@ class TestClients:
 # Hardening ###################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestHardening:
     """Hostile peers, resource exhaustion and faults: one bad peer never hurts the others."""
 
@@ -10780,6 +11521,7 @@ class TestHardening:
 # Docs ########################################################################
 ###############################################################################
 
+@pytest.mark.peers
 class TestDocs:
     """The documentation runs: API surface, README snippets, the module docstring, types and packaging."""
 
@@ -10893,7 +11635,7 @@ class TestDocs:
         source = tmp_path / "source"
         source.mkdir()
         for name in ("wsmanager.py", "test_wsmanager.py", "setup.cfg", "pyproject.toml", "README.rst", "LICENSE",
-                     "MANIFEST.in", "bench_wsmanager.py"):
+                     "MANIFEST.in", "bench_wsmanager.py", "mutate_wsmanager.py"):
             shutil.copy(here / name, source / name)
         shutil.copytree(here / "docs", source / "docs", ignore=shutil.ignore_patterns("_build"))
         # The backend, called as pip or `python -m build` would call it, offline (no isolated environment).

@@ -542,11 +542,12 @@ _new_frame = tuple.__new__  # deliberate: skips NamedTuple.__new__'s argument ha
 
 
 def _first_byte_error(first: int, allow_rsv1: bool = False) -> ProtocolError:
-    if allow_rsv1 and first & 0x70 == 0x40 and _OPCODE_LIST[first & 0x0F] is not None:
-        return ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation or control frame")
-    if first & 0x70:
+    rsv = first & 0x70
+    if rsv and not (allow_rsv1 and rsv == 0x40):
         return ProtocolError(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
-    return ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {first & 0x0F}")
+    if _OPCODE_LIST[first & 0x0F] is None:  # with RSV1 negotiated too: the opcode is the fault
+        return ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {first & 0x0F}")
+    return ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation or control frame")
 
 
 class FrameParser:
@@ -1467,7 +1468,9 @@ def parse_response(head: bytes) -> Response:
         raise HandshakeError(f"malformed response: {exc}", None) from None
     version, _, rest = start.partition(" ")
     status_text, _, reason = rest.partition(" ")
-    if not _HTTP_VERSION.match(version) or len(status_text) != 3 or not status_text.isdigit():
+    # isascii(): str.isdigit() is also true of superscript digits, which int() refuses.
+    status_ok = len(status_text) == 3 and status_text.isascii() and status_text.isdigit()
+    if not _HTTP_VERSION.match(version) or not status_ok:
         raise HandshakeError(f"malformed status line {start[:80]!r}", None)
     return Response(int(status_text), headers, b"", reason)
 
