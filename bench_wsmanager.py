@@ -195,6 +195,7 @@ import statistics
 import string
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import timeit
@@ -2908,6 +2909,114 @@ SCENARIO_ORDER = ("s1", "s2", "s2node", "s3", "s4", "s5", "s6", "s6c", "codec", 
                   "zmem10k", "zmemctx10k", "zparams")
 
 
+###############################################################################
+# Charts: results as SVG, for the documentation ###############################
+###############################################################################
+
+# Written by hand, with no plotting dependency: a chart is a few rectangles and labels, and the same
+# results always give the same bytes (the docs' charts are checked against their results file).
+CHART_COLOURS = {"wsmanager": "#2b6cb0", "websockets": "#dd6b20", "ceiling": "#a0aec0"}
+CHARTS = {
+    # file name -> (title, the rows it shows: metric labels)
+    "throughput.svg": ("Messages and connections per second (higher is better)",
+                       ("S1 latency", "S2 small messages", "S5 broadcast", "S4 handshakes",
+                        "S6c concurrent client connections")),
+    "memory.svg": ("Memory per connection, KiB of RSS (lower is better)",
+                   ("S4 server RSS per connection", "S6 client RSS per connection",
+                    "deflate, 10,000 idle connections: server RSS per connection",
+                    "deflate, 10,000 connections after 1 message: server RSS per connection")),
+}
+
+
+def results_document(metrics: Sequence[Metric], machine: str) -> Dict[str, Any]:
+    """The medians of a run as a JSON-ready dict: what ``--json`` writes and ``--plot`` reads."""
+    rows = [{"label": metric.label, "unit": metric.unit, "higher_is_better": metric.higher_is_better,
+             "values": {column: metric.median(column) for column in IMPLEMENTATIONS
+                        if column in metric.columns and metric.median(column) is not None},
+             "lower_bounds": [column for column in IMPLEMENTATIONS
+                              if column in metric.columns and metric.columns[column] in metric.lower_bounds]}
+            for metric in metrics]
+    return {"machine": machine, "rows": rows}
+
+
+def _svg_text(x: float, y: float, text: str, anchor: str = "start", size: float = 13, weight: str = "normal",
+              colour: str = "#1a202c") -> str:
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}" font-weight="{weight}" '
+            f'fill="{colour}">{escaped}</text>')
+
+
+def svg_bar_chart(title: str, rows: Sequence[Dict[str, Any]], machine: str) -> str:
+    """Horizontal bars, one group per row, one bar per implementation. Each group is scaled to its
+    own largest value (rows have different units); the figure and the ratio to websockets are printed."""
+    width, left, right, bar, heading, gap = 860, 110, 230, 18, 22, 16
+    footer = textwrap.wrap(machine, 135)
+    height = 48 + sum(heading + bar * len(row["values"]) + gap for row in rows) + 16 * len(footer) + 14
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" font-family="system-ui, -apple-system, \'Segoe UI\', sans-serif">',
+             f"<title>{title}</title>", f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+             _svg_text(20, 30, title, size=16, weight="600")]
+    y = 48.0
+    span = width - left - right
+    for row in rows:
+        values = row["values"]
+        largest = max(values.values())
+        parts.append(_svg_text(20, y + 15, f'{row["label"]} ({row["unit"]})', size=13, weight="600"))
+        y += heading
+        reference = values.get("websockets")
+        for impl in IMPLEMENTATIONS:
+            if impl not in values:
+                continue
+            value = values[impl]
+            length = max(1.0, span * value / largest) if largest else 1.0
+            parts.append(_svg_text(left - 8, y + bar - 6, impl, anchor="end", size=12, colour="#4a5568"))
+            parts.append(f'<rect x="{left}" y="{y:.1f}" width="{length:.1f}" height="{bar - 4}" '
+                         f'fill="{CHART_COLOURS[impl]}"><title>{impl}: {fmt(value)} {row["unit"]}</title></rect>')
+            label = ("\u2265 " if impl in row.get("lower_bounds", ()) else "") + fmt(value)
+            if impl == "wsmanager" and reference:
+                label += f"  ({value / reference:.2f}x websockets)"
+            parts.append(_svg_text(left + length + 6, y + bar - 6, label, size=12))
+            y += bar
+        y += gap
+    for number, line in enumerate(footer):
+        parts.append(_svg_text(20, y + 4 + 16 * number, line, size=11.5, colour="#4a5568"))
+    if any(row.get("lower_bounds") for row in rows):
+        parts.append(_svg_text(width - 20, 30, "\u2265: a lower bound (the load generator was saturated)",
+                               anchor="end", size=11.5, colour="#4a5568"))
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def write_charts(document: Dict[str, Any], directory: str) -> List[str]:
+    """Write the charts of a results document into ``directory``; return the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    by_label = {row["label"]: row for row in document["rows"] if row["values"]}
+    written = []
+    for name, (title, labels) in CHARTS.items():
+        rows = [by_label[label] for label in labels if label in by_label]
+        if not rows:
+            continue
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(svg_bar_chart(title, rows, document["machine"]))
+        written.append(path)
+    return written
+
+
+def machine_description(repeat: int, quick: bool) -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    return (f"{os.cpu_count()} CPUs ({model}), CPython {sys.version.split()[0]}, websockets "
+            f"{websockets.version.version if websockets is not None else '-'}, load average "
+            f"{os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}; medians of {repeat} interleaved "
+            f"repetition(s){' (quick: every scenario about 10x smaller)' if quick else ''}")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
@@ -2926,7 +3035,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=Params.soak_seconds, help="duration of soak")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="cProfile every wsmanager server process into DIR and print its top functions")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the medians and the machine to FILE (what --plot reads)")
+    parser.add_argument("--svg", metavar="DIR", default=None,
+                        help="also write the results as SVG charts into DIR (throughput.svg, memory.svg)")
+    parser.add_argument("--plot", metavar="FILE", default=None,
+                        help="run nothing: draw the charts of a --json FILE into the --svg DIR")
     args = parser.parse_args(argv)
+    if args.plot and not args.svg:
+        parser.error("--plot needs --svg DIR")
     unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak", "scale")]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {', '.join(SCENARIO_ORDER)}, soak, "
@@ -2940,6 +3057,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        import json
+        with open(args.plot, encoding="utf-8") as source:
+            for path in write_charts(json.load(source), args.svg):
+                print("wrote", path)
+        return 0
     missing = [name for name, module in (("websockets", websockets), ("picows", picows)) if module is None]
     if missing:
         print(f"missing {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
@@ -3001,6 +3124,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(markdown_table(efficiency))
         if any(metric.verdict() == "n/a" for metric in metrics):
             status = 1  # a trial failed: its row has no median
+        if args.json or args.svg:
+            document = results_document(metrics, machine_description(args.repeat, args.quick))
+            if args.json:
+                import json
+                with open(args.json, "w", encoding="utf-8") as out:
+                    json.dump(document, out, indent=1)
+                print("wrote", args.json)
+            if args.svg:
+                for path in write_charts(document, args.svg):
+                    print("wrote", path)
     if "soak" in chosen:
         print()
         status = run_soak(p) or status

@@ -3311,17 +3311,39 @@ def _find_python(version):
     return None
 
 
-# README snippets run as written (only the port and the client count change), so the documentation cannot rot.
+# README and docs/ snippets run as written (only the port and the client count change), so the documentation
+# cannot rot. A snippet is the code block after `.. snippet: name`, in README.rst or any docs/*.rst page.
 README = Path(wsmanager.__file__).with_name("README.rst")
+DOCS = Path(wsmanager.__file__).with_name("docs")
+_SNIPPET = re.compile(r"^\.\. snippet: ([\w-]+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.M)
+
+
+def documentation_pages():
+    """README.rst and every page of docs/ (when the docs are there: an sdist has no docs/)."""
+    return [README, *sorted(DOCS.rglob("*.rst"))] if DOCS.is_dir() else [README]
+
+
+def documentation_snippets():
+    """name -> [(page, code)] for every snippet of the README and the docs."""
+    found = collections.defaultdict(list)
+    for page in documentation_pages():
+        for match in _SNIPPET.finditer(page.read_text(encoding="utf-8")):
+            code = "\n".join(line[4:] for line in match.group(2).splitlines()) + "\n"
+            found[match.group(1)].append((page, code))
+    return found
+
+
+def documentation_text():
+    """README.rst and the docs' pages, as one text: for a sentence the documentation must say somewhere."""
+    return "\n".join(page.read_text(encoding="utf-8") for page in documentation_pages())
 
 
 def readme_snippet(name):
-    """The code block that follows `.. snippet: name` in README.rst, dedented."""
-    text = README.read_text(encoding="utf-8")
-    match = re.search(r"^\.\. snippet: %s\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)" % re.escape(name),
-                      text, re.M)
-    assert match, f"README.rst has no snippet {name!r}"
-    return "\n".join(line[4:] for line in match.group(1).splitlines()) + "\n"
+    """The snippet ``name`` of README.rst or docs/, dedented (the same code wherever it is shown)."""
+    places = documentation_snippets().get(name)
+    assert places, f"neither README.rst nor docs/ has a snippet {name!r}"
+    assert len({code for _, code in places}) == 1, f"snippet {name!r} differs between {[p for p, _ in places]}"
+    return places[0][1]
 
 
 def exec_printed(code, name):
@@ -4259,7 +4281,7 @@ class TestHandshake:
         # 0.1.0 is the first release: the handshake's names before the encode_/parse_ convention had no users.
         for old in ("build_request", "build_response", "deflate_offer", "accept_deflate_response"):
             assert not hasattr(wsmanager, old), old
-        assert "deprecat" not in README.read_text(encoding="utf-8").lower()
+        assert "deprecat" not in documentation_text().lower()
         assert "DeprecationWarning" not in Path(wsmanager.__file__).read_text(encoding="utf-8")
 
     def test_encode_response_for_a_refusal(self):
@@ -6906,7 +6928,7 @@ class TestStopping:
 
     def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
         # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
-        line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", README.read_text(encoding="utf-8")).group(1)
+        line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", documentation_text()).group(1)
         with _stoppable_wsgi_host("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
             client = open_client(client_manager, f"ws://127.0.0.1:{port}/ws")
             proc.send_signal(signal.SIGTERM)
@@ -9360,7 +9382,7 @@ class TestCompressionConnections:
     # README ---------------------------------------------------------------------------
     def test_readme_compression_snippet_runs(self):
         assert exec_printed(readme_snippet("compression"), "readme_compression").splitlines() == ["True 12", "1200"]
-        assert "This prints ``True 12`` and ``1200``." in README.read_text(encoding="utf-8")
+        assert "This prints ``True 12`` and ``1200``." in documentation_text()
 
     def test_readme_snippet_message_is_about_20_bytes_on_the_wire(self):
         payload = PerMessageDeflate(DeflateParams(True, True, 15, 12), client=True).compress(("compress me " * 100).encode())
@@ -11658,15 +11680,18 @@ class TestDocs:
         import tarfile
         with tarfile.open(archive) as tar:
             names = {name.split("/", 1)[-1] for name in tar.getnames()}
-            assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg"} <= names, names
+            assert {"wsmanager.py", "test_wsmanager.py", "README.rst", "setup.cfg", "bench_wsmanager.py",
+                    "docs/conf.py", "docs/index.rst", "docs/_static/bench/results.json"} <= names, names
+            assert not [name for name in names if name.startswith("docs/_build")]
             tar.extractall(tmp_path / "unpacked")
         (unpacked,) = (tmp_path / "unpacked").iterdir()
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "-k", "module_docstring_example or readme_client"],
+                                 "-k", "module_docstring_example or readme_client or every_public_name_is_documented "
+                                 "or every_code_example or benchmark_charts"],
                                 cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
-        assert "2 passed" in result.stdout, result.stdout[-3000:]
+        assert "5 passed" in result.stdout, result.stdout[-3000:]
 
     def test_readme_renders_strictly_and_every_title_is_a_section(self):
         # PyPI renders README.rst with docutils, and shows it as plain text after any warning (twine check
@@ -11685,7 +11710,7 @@ class TestDocs:
         titles = [above for above, line in zip(lines, lines[1:])
                   if underline.match(line) and above.strip() and not above[0].isspace()
                   and not underline.match(above) and len(line) >= len(above)]
-        assert len(titles) > 20 and "Topics" in titles and "Install" in titles
+        assert len(titles) >= 8 and {"Install", "A server", "A client", "Tests", "License"} <= set(titles)
         assert sections == titles
 
     def test_wheel_metadata_is_complete_and_the_build_warns_of_nothing(self, tmp_path):
@@ -11831,3 +11856,269 @@ class TestDocs:
         # The tests cover every masking path: websockets' C, wsaccel's, and the pure one.
         assert re.search(r"^test =\n(    .*\n)*    websockets", setup, re.M)
         assert re.search(r"^test =\n(    .*\n)*    wsaccel", setup, re.M)
+
+    # The docs site (docs/, issue 23) -----------------------------------------------
+    def test_every_code_example_of_the_readme_and_the_docs_is_a_snippet_a_test_runs(self):
+        """A ``python`` block without a ``.. snippet:`` name, or a name no test asks for, is code nobody runs."""
+        source = Path(__file__).read_text(encoding="utf-8")
+        unnamed, unused = [], []
+        for page in documentation_pages():
+            text = page.read_text(encoding="utf-8")
+            for match in re.finditer(r"^(.*)\n\n\.\. code-block:: python\n", text, re.M):
+                if not match.group(1).startswith(".. snippet: "):
+                    unnamed.append(f"{page.name}: {text[:match.start()].count(chr(10)) + 3}")
+            # `::` literal blocks are output or shell lines; a Python one would escape this check.
+            assert not re.search(r"^\.\. code::|^\.\. sourcecode::", text, re.M), page
+        for name in documentation_snippets():
+            if f'"{name}"' not in source:  # readme_snippet("name"), or a table of snippets a test runs
+                unused.append(name)
+        assert unnamed == [] and unused == []
+
+    def test_every_public_name_is_documented_in_the_reference(self):
+        text = "".join(page.read_text(encoding="utf-8") for page in sorted((DOCS / "reference").glob("*.rst")))
+        documented = set(re.findall(r"^\.\. (?:auto)?(?:class|function|exception|data)::\s+(\w+)", text, re.M))
+        assert sorted(set(wsmanager.__all__) - documented) == []
+        assert sorted(documented - set(wsmanager.__all__)) == []  # nothing private made to look public
+        # The constants are written out with their values: those must be the module's.
+        for name, value in re.findall(r"^\.\. data:: (\w+)\n   :type: int\n   :value: (\d+)$", text, re.M):
+            assert getattr(wsmanager, name) == int(value), name
+
+    def test_docs_build_strictly_and_index_every_public_name(self, tmp_path):
+        """What .ci/run does: sphinx-build -W -n (every warning and unresolved reference fails)."""
+        pytest.importorskip("sphinx")
+        pytest.importorskip("furo")
+        result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-E", "-d",
+                                 str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-5000:]
+        from sphinx.util.inventory import InventoryFile
+        with open(tmp_path / "html" / "objects.inv", "rb") as stream:
+            inventory = InventoryFile.load(stream, "", os.path.join)
+        indexed = {name for domain, entries in inventory.items() if domain.startswith("py:") for name in entries}
+        assert sorted(f"wsmanager.{name}" for name in wsmanager.__all__ if f"wsmanager.{name}" not in indexed) == []
+        for page in ("index", "explanation/benchmarks", "explanation/architecture"):
+            assert (tmp_path / "html" / f"{page}.html").is_file()
+        benchmarks = (tmp_path / "html" / "explanation" / "benchmarks.html").read_text(encoding="utf-8")
+        assert "throughput.svg" in benchmarks and "memory.svg" in benchmarks
+
+    def test_benchmark_charts_are_drawn_from_their_results_file(self, tmp_path):
+        """The SVGs in docs/ are what bench_wsmanager.py draws from results.json, byte for byte."""
+        import xml.etree.ElementTree as ElementTree
+
+        import bench_wsmanager
+        results = DOCS / "_static" / "bench" / "results.json"
+        assert bench_wsmanager.main(["--plot", str(results), "--svg", str(tmp_path)]) == 0
+        for name in ("throughput.svg", "memory.svg"):
+            drawn = (tmp_path / name).read_text(encoding="utf-8")
+            assert drawn == (results.parent / name).read_text(encoding="utf-8"), name
+            root = ElementTree.fromstring(drawn)
+            bars = [element for element in root.iter("{http://www.w3.org/2000/svg}rect") if element.find(
+                "{http://www.w3.org/2000/svg}title") is not None]
+            assert bars, name
+        # Bar lengths are proportional within a row: S2's websockets bar is 61,937 / 198,414 of wsmanager's.
+        document = json.loads(results.read_text(encoding="utf-8"))
+        row = next(row for row in document["rows"] if row["label"] == "S2 small messages")
+        chart = bench_wsmanager.svg_bar_chart("t", [row], "m")
+        widths = {impl: float(width) for width, impl in
+                  re.findall(r'width="([\d.]+)" height="14" fill="[^"]+"><title>(\w+):', chart)}
+        assert widths["websockets"] / widths["wsmanager"] == pytest.approx(61937 / 198414, rel=0.01)
+
+    def test_index_example_runs(self):
+        assert exec_printed(readme_snippet("index"), "docs_index") == "hello\n"
+
+    # Snippets that run whole, as written, and what each prints (checked by the test below).
+    _DOCS_SNIPPETS_RUN = {"flow-control": ["4194304"]}
+
+    @pytest.mark.parametrize("name", sorted(_DOCS_SNIPPETS_RUN))
+    def test_docs_snippet_prints_what_the_page_says(self, name):
+        expected = self._DOCS_SNIPPETS_RUN[name]
+        assert exec_printed(readme_snippet(name), f"docs_{name}").splitlines() == expected
+
+    def test_tutorial_server_echoes_and_logs_its_peers(self):
+        code = readme_snippet("tutorial-server").replace("9000", "0")
+        assert code.count('("127.0.0.1", 0)') == 1
+        namespace = {"__name__": "tutorial_server"}
+        printed = io.StringIO()
+        thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+        with contextlib.redirect_stdout(printed):
+            thread.start()
+            try:
+                wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
+                port = namespace["manager"]._listeners[0].sock.getsockname()[1]
+                with WebSocketManager() as client_manager:
+                    client = connect(f"ws://127.0.0.1:{port}/tutorial", Recorder)
+                    client_manager.add(client)
+                    client.send("ping?")
+                    client.send(b"\x01")
+                    wait_until(lambda: client.messages == ["ping?", b"\x01"])
+                    client.close()
+                    wait_until(lambda: "goodbye" in printed.getvalue())
+            finally:
+                if "manager" in namespace:
+                    namespace["manager"].stop()
+                thread.join(10)
+        assert not thread.is_alive()
+        lines = printed.getvalue().splitlines()
+        assert lines[0] == f"listening on ('127.0.0.1', {port})"
+        assert re.fullmatch(r"hello \('127\.0\.0\.1', \d+\) on /tutorial", lines[1]), lines
+        assert re.fullmatch(r"goodbye \('127\.0\.0\.1', \d+\) 1000 ", lines[2]), lines
+
+    def test_tutorial_client_prints_what_the_page_says(self, echo_server):
+        _, port = echo_server
+        code = readme_snippet("tutorial-client").replace("9000", str(port))
+        assert exec_printed(code, "tutorial_client").splitlines() == [
+            "received 'Hello, world'", "received b'\\x00\\x01'", "closed 1000"]
+        page = (DOCS / "tutorial" / "client.rst").read_text(encoding="utf-8")
+        assert "    received 'Hello, world'\n    received b'\\x00\\x01'\n    closed 1000\n" in page
+
+    def test_tutorial_chat_serves_its_page_and_publishes_to_every_peer(self):
+        code = readme_snippet("tutorial-chat").replace("9000", "0")
+        namespace = {"__name__": "tutorial_chat"}
+        thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            thread.start()
+            try:
+                wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
+                server = namespace["manager"]
+                port = server._listeners[0].sock.getsockname()[1]
+                page = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                page.request("GET", "/")
+                response = page.getresponse()
+                assert response.status == 200 and b"new WebSocket(" in response.read()
+                page.close()
+                with pytest.raises(HandshakeError) as refused:
+                    connect(f"ws://127.0.0.1:{port}/elsewhere")
+                assert refused.value.status == 404
+                with WebSocketManager() as client_manager:
+                    alice, bob = (connect(f"ws://127.0.0.1:{port}/ws", Recorder) for _ in range(2))
+                    client_manager.add(alice)
+                    client_manager.add(bob)
+                    wait_until(lambda: server.subscribers("chat") == 2)
+                    alice.send("hi all")
+                    wait_until(lambda: alice.messages == ["hi all"] and bob.messages == ["hi all"])
+            finally:
+                if "manager" in namespace:
+                    namespace["manager"].stop()
+                thread.join(10)
+        assert not thread.is_alive()
+
+    def test_tls_snippet_talks_tls_with_the_certificates_it_names(self, tmp_path):
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+        certificate = ca.issue_cert("localhost")
+        certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        code = readme_snippet("tls")
+        for name in ("cert.pem", "key.pem", "ca.pem"):
+            assert f'"{name}"' in code
+            code = code.replace(f'"{name}"', repr(str(tmp_path / name)))
+        printed = exec_printed(code, "docs_tls").split()
+        assert printed[:2] == ["over", "TLS"] and printed[2].startswith("TLSv1.")
+        page = (DOCS / "howto" / "tls.rst").read_text(encoding="utf-8")
+        assert f"It prints ``over TLS {printed[2]}``" in page
+
+    def test_testing_guide_runs_as_a_pytest_module(self, tmp_path):
+        (tmp_path / "test_shout.py").write_text(readme_snippet("testing"), encoding="utf-8")
+        here = str(Path(wsmanager.__file__).parent)
+        env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                                 "test_shout.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "3 passed" in result.stdout
+
+    def test_http_server_hand_over_snippet_accepts_upgrades(self, make_manager):
+        namespace = {"__name__": "docs_http_server", "Echo": EchoServer}
+        exec(readme_snippet("http-server"), namespace)
+        handler = namespace["UpgradeHandler"]
+        handler.log_message = lambda self, format, *args: None
+        manager = make_manager()  # started
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.ws_manager = manager
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            with WebSocketManager() as client_manager:
+                client = connect(f"ws://127.0.0.1:{server.server_address[1]}/", Recorder)
+                client_manager.add(client)
+                client.send("through http.server")
+                wait_until(lambda: client.messages == ["through http.server"])
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(10)
+        assert not thread.is_alive()
+
+    def test_stopping_recipe_closes_every_peer_with_1001_on_sigterm(self, make_manager):
+        code = readme_snippet("stopping").replace("9000", "0")
+        env = dict(os.environ, PYTHONPATH=str(Path(wsmanager.__file__).parent))
+        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            line = process.stdout.readline()
+            port = int(re.fullmatch(r"listening on \('127\.0\.0\.1', (\d+)\)\n", line).group(1))
+            clients = make_manager()
+            peers = [connect(f"ws://127.0.0.1:{port}/", Recorder) for _ in range(3)]
+            for peer in peers:
+                clients.add(peer)
+            peers[0].send("still there?")
+            wait_until(lambda: peers[0].messages == ["still there?"])
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+            assert process.stdout.read() == "stopped\n"
+            wait_until(lambda: all(peer.terminated for peer in peers))
+            assert [peer.close_code for peer in peers] == [1001, 1001, 1001]
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            process.stdout.close()
+
+    def test_every_public_name_has_a_docstring_and_says_which_thread_may_call_it(self):
+        undocumented, silent_on_threads = [], []
+        for name in wsmanager.__all__:
+            obj = getattr(wsmanager, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue  # constants: documented in docs/reference/constants.rst (checked above)
+            if not inspect.getdoc(obj):
+                undocumented.append(name)
+            if not inspect.isclass(obj) or issubclass(obj, (tuple, BaseException, int)):
+                continue
+            for attribute, value in vars(obj).items():
+                if attribute.startswith("_") or not (inspect.isfunction(value) or isinstance(value, property)):
+                    continue
+                if attribute == "fileno":  # the selectors protocol, not API
+                    continue
+                doc = inspect.getdoc(value) or ""
+                if not doc:
+                    undocumented.append(f"{name}.{attribute}")
+                # The manager's methods and properties, a connection's callbacks and actions.
+                if "thread" not in doc and (obj is WebSocketManager or (obj is WebSocket and inspect.isfunction(value))):
+                    silent_on_threads.append(f"{name}.{attribute}")
+        assert undocumented == [] and silent_on_threads == []
+
+    def test_benchmark_results_document_keeps_medians_and_lower_bounds(self, tmp_path):
+        import bench_wsmanager
+        metric = bench_wsmanager.Metric("S2 small messages", "msg/s")
+        metric.samples["wsmanager"] += [3.0, 1.0, 2.0]
+        metric.samples["websockets"] += [1.0]
+        metric.lower_bounds["wsmanager"] = 0.97
+        document = bench_wsmanager.results_document([metric], "a machine")
+        assert document == {"machine": "a machine", "rows": [
+            {"label": "S2 small messages", "unit": "msg/s", "higher_is_better": True,
+             "values": {"wsmanager": 2.0, "websockets": 1.0}, "lower_bounds": ["wsmanager"]}]}
+        (path,) = [path for path in bench_wsmanager.write_charts(document, str(tmp_path))]
+        chart = Path(path).read_text(encoding="utf-8")
+        assert path.endswith("throughput.svg") and "\u2265 2.00  (2.00x websockets)" in chart
+
+    def test_readme_is_short_and_leads_to_the_docs(self):
+        """The README is the PyPI page: what, install, two commands, an example of each side, the docs."""
+        text = README.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 150
+        assert "successor" not in text  # says plainly what wsmanager is (issue 23)
+        assert set(documentation_snippets()) >= {"server", "client"}
+        assert "``docs/``" in text and "sphinx-build docs docs/_build" in text
+        # Every section that left the README is a page of the docs, where its snippets are run.
+        for page in ("howto/flow-control", "howto/stopping", "howto/wsgi", "howto/scaling", "reference/limits",
+                     "install", "development"):
+            assert (DOCS / f"{page}.rst").is_file(), page

@@ -1141,6 +1141,7 @@ class Headers:
             self.add(name, value)
 
     def add(self, name: str, value: str) -> None:
+        """Append a field, after any of the same name (order and repeats are kept)."""
         self._items.append((name, value))
         self._index.setdefault(name.lower(), []).append(value)
 
@@ -1150,6 +1151,7 @@ class Headers:
         return ", ".join(values) if values else default
 
     def get_all(self, name: str) -> List[str]:
+        """Every value of the field, in order (``[]`` when absent): ``headers.get_all("Cookie")``."""
         return list(self._index.get(name.lower(), ()))
 
     def __getitem__(self, name: str) -> str:
@@ -1191,6 +1193,7 @@ class Request(NamedTuple):
 
     @property
     def origin(self) -> Optional[str]:
+        """The Origin header (a browser sends it), or ``None``."""
         return self.headers.get("Origin")
 
 
@@ -1273,6 +1276,11 @@ class HeadReader:
         self._lines = 0
 
     def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
+        """Take the next bytes; return ``(head, rest)`` once the blank line has arrived, else ``None``.
+
+        Raises :class:`HandshakeError` with status 431 past ``max_size`` bytes or ``max_lines``
+        lines, 400 for a TLS record. ``rest`` is what came after the head (the first frames).
+        """
         buf = self._buffer
         if not buf and data[:1] == b"\x16":
             # A TLS record (content type 22, handshake) can never start an HTTP head: fail now, so
@@ -2265,21 +2273,26 @@ class WebSocket:
     # Callbacks ---------------------------------------------------------------
 
     def opened(self) -> None:
-        """Called once, in the loop, before any message is delivered."""
+        """Called once, in the loop thread, before any message is delivered."""
 
     def received_message(self, message: Union[str, bytes]) -> None:
-        """Called for each complete message: ``str`` for text, ``bytes`` for binary."""
+        """Called in the loop thread for each complete message: ``str`` for text, ``bytes`` for binary.
+
+        It must not block: no other connection is served while it runs.
+        """
 
     def ponged(self, payload: bytes) -> None:
-        """Called for each pong received."""
+        """Called in the loop thread for each pong received, with its payload."""
 
     def drained(self) -> None:
         """Called each time the output, having backed up past ``max_buffered``, is down to a
-        quarter of it (see :attr:`buffered_amount`): the moment to send more when streaming."""
+        quarter of it (see :attr:`buffered_amount`): the moment to send more when streaming.
+        In the loop thread."""
 
     def connect_failed(self, exc: BaseException) -> None:
         """Called instead of :meth:`opened` and :meth:`closed` when :meth:`WebSocketManager.connect`
-        could not open the connection: ``exc`` says why (see there). The socket is closed."""
+        could not open the connection: ``exc`` says why (see there). The socket is closed.
+        In the loop thread."""
 
     def closed(self, code: int, reason: str) -> None:
         """Called exactly once when the connection is over and its socket closed.
@@ -2287,6 +2300,7 @@ class WebSocket:
         ``code`` is the peer's close code (1005 if its close frame had
         none), the code we failed the connection with, or 1006 when no close
         frame was exchanged (peer vanished, timeout, slow consumer, stop).
+        In the loop thread; the last callback the connection gets.
         """
 
     # Actions -----------------------------------------------------------------
@@ -2342,7 +2356,8 @@ class WebSocket:
     def ping(self, payload: _BytesLike = b"") -> None:
         """Queue a ping (a bytes-like payload of at most 125 bytes); the pong comes to :meth:`ponged`
         and its round trip to :attr:`latency`. Paused or refused like :meth:`send` when the output is
-        backed up."""
+        backed up. Any thread. Raises :class:`ValueError` for a longer payload and
+        :class:`ConnectionClosed` once closing."""
         data = encode_frame(_PING, payload, mask=self.client)
         protocol = self._protocol
         if protocol.buffered > protocol.max_buffered:
@@ -2380,7 +2395,9 @@ class WebSocket:
         """Start the close handshake: everything queued before goes out first,
         then the close frame; the socket closes when the peer answers or
         after ``close_timeout``. Does nothing once closing. A reconnecting
-        client closed by us is not reconnected."""
+        client closed by us is not reconnected. Any thread. Raises
+        :class:`ValueError` for a code that may not be sent (1005, 1006, 1015,
+        out of range) or a reason longer than 123 bytes in UTF-8."""
         closing = self._protocol.close(code, reason)  # (invalid arguments raise here, in any state)
         if self.reconnect is not None:
             self.reconnect = None
@@ -2391,7 +2408,8 @@ class WebSocket:
         self._call_threadsafe(self._arm_close_timer)
 
     def terminate(self) -> None:
-        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected."""
+        """Close the socket now, without a close handshake (``closed()`` gets 1006); not reconnected.
+        Any thread."""
         if self.reconnect is not None:
             self.reconnect = None
         self._call_threadsafe(self._finalize, "terminated")
@@ -3762,7 +3780,7 @@ class WebSocketManager:
         settings, and ``opened()`` is not called again (it runs once per
         connection). Raises :class:`ValueError` while another manager runs
         it, :class:`ConnectionClosed` once it is closed, :class:`ManagerStopped`
-        once this manager is stopping.
+        once this manager is stopping. Any thread; ``opened()`` runs in the loop's.
         """
         with self._lock:  # either _shutdown() sees this connection, or we see it finished
             if websocket.terminated:
@@ -3913,7 +3931,7 @@ class WebSocketManager:
         """Stop managing ``websocket`` without closing it (its socket is yours again).
 
         Nothing of the connection is lost: :meth:`add` it to this or another
-        manager to run it again. Called from another thread while the loop
+        manager to run it again. Any thread: called from another thread while the loop
         runs, this returns once the loop has let go of the connection.
         """
         if self._in_loop() or not self._running:
@@ -3942,7 +3960,7 @@ class WebSocketManager:
         connection (client connections need their own masks). With
         compression, it is compressed once for all the connections that keep
         no compression context (``server_no_context_takeover``, the default
-        of :class:`Deflate`), and once per connection for the others.
+        of :class:`Deflate`), and once per connection for the others. Any thread.
         """
         opcode, payload = _data_frame(message)
         return _queue_to_all(tuple(self._websockets.values()), opcode, payload)
@@ -3983,11 +4001,11 @@ class WebSocketManager:
         self._leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
-        """How many of this manager's connections are subscribed to ``topic``."""
+        """How many of this manager's connections are subscribed to ``topic`` (any thread)."""
         return len(self._topics.get(topic, ()))
 
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
-        """The topics with a local subscriber, or those of ``websocket``."""
+        """The topics with a local subscriber, or those of ``websocket`` (any thread)."""
         with self._topics_lock:
             return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
 
@@ -4001,6 +4019,7 @@ class WebSocketManager:
         also goes to Redis for the other processes and hosts; the count
         returned is of local deliveries only. Raises :class:`TypeError` or
         :class:`ValueError` for a topic that :meth:`subscribe` refuses.
+        Example, in a callback: ``self.manager.publish("room:42", message)``.
         """
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
@@ -4048,6 +4067,8 @@ class WebSocketManager:
         This alone does not stop the manager: listeners keep accepting (an
         application may close everyone and go on). ``close_all(code, reason)``
         then :meth:`stop` is a graceful stop with that code, as ``with manager:`` does.
+        Any thread. Raises :class:`ValueError` for a code that may not be sent (1005,
+        1006, 1015, out of range) or a reason longer than 123 bytes in UTF-8.
         """
         encode_close(code, reason)  # invalid arguments fail here, not once per connection
         websockets = tuple(self._websockets.values())
@@ -4096,7 +4117,13 @@ class WebSocketManager:
         not listed gets 403 (list ``None`` to admit requests without one).
         ``compression``: ``"deflate"`` or a :class:`Deflate` accepts
         permessage-deflate offers, ``None`` declines them; by default the
-        manager's ``compression`` applies.
+        manager's ``compression`` applies. ``handshake`` and ``factory`` run
+        in the loop thread.
+
+        Any thread, before or while the loop runs. Raises :class:`OSError`
+        when the address cannot be bound (in use, no permission) and
+        :class:`ManagerStopped` once the manager is stopping.
+        Example: ``host, port = manager.listen(("127.0.0.1", 0), Echo)``.
         """
         settings = self._compression_for(compression)
         unix_path = None
@@ -4130,6 +4157,10 @@ class WebSocketManager:
         ``max_pending`` bytes of messages wait for Redis; past that, and
         while Redis is unreachable, messages are delivered locally only and
         counted in :attr:`RedisBridge.dropped`. One bridge per manager.
+        Any thread. Raises :class:`ValueError` for a URL it cannot use,
+        :class:`RuntimeError` when the manager is bridged already and
+        :class:`ManagerStopped` once it is stopping; Redis being down is not
+        an error (the bridge connects, and reconnects, in the loop).
         """
         bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
@@ -4148,7 +4179,9 @@ class WebSocketManager:
         ``request_head`` is the raw request head (and anything read after
         it). wsmanager validates it, answers 101 (or the HTTP error) and runs
         the connection in its loop. The socket belongs to the manager from
-        now on. ``compression`` as for :meth:`listen`.
+        now on. ``compression`` as for :meth:`listen`. Any thread (the work is
+        done in the loop); raises :class:`ManagerStopped` (and closes the
+        socket) once the manager is stopping.
         """
         settings = self._compression_for(compression)
         listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None, None, settings)
@@ -4241,6 +4274,7 @@ class WebSocketManager:
         host's worker process stops), the manager is first stopped as by :meth:`stop`: every
         connection gets a close frame (1001) and the peers' answers are waited for, up to
         ``close_timeout``. (A daemon thread would otherwise be frozen mid-close.)
+        Raises :class:`RuntimeError` when the manager was started before.
         """
         if self._thread is not None:
             raise RuntimeError("the manager was already started")
@@ -4332,12 +4366,15 @@ class WebSocketManager:
 
     @property
     def running(self) -> bool:
-        """Whether the loop runs: started (or run) and not yet ended, its clean-up included."""
+        """Whether the loop runs: started (or run) and not yet ended, its clean-up included. Any thread."""
         thread = self._thread
         return thread.is_alive() if thread is not None else self._running
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait for the background thread to end (after a :meth:`stop`)."""
+        """Wait for the background thread to end (after a :meth:`stop`), at most ``timeout`` seconds.
+
+        Any thread but the loop's own (a thread cannot wait for itself to end).
+        """
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -5077,6 +5114,10 @@ def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout:
     answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
     bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
     ``TimeoutError`` included) when the network or TLS fails.
+
+    Any thread; it blocks that thread for the handshake (for many clients, or
+    from a callback, use :meth:`WebSocketManager.connect`). Example:
+    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
     """
     settings = _deflate_settings(compression)
     target = _client_target(url)
@@ -5447,6 +5488,7 @@ def __getattr__(name: str) -> Any:
         """
 
         def get_environ(self) -> Dict[str, Any]:
+            """wsgiref's environ, plus ``"wsmanager.socket"``: the connection's socket."""
             environ = super().get_environ()
             environ["wsmanager.socket"] = self.connection
             return environ
