@@ -3,8 +3,8 @@
 A single file with no dependencies but the Python standard library (3.9+):
 a strict RFC 6455 frame codec, the opening handshakes of both sides, and a
 manager loop over :mod:`selectors` that runs server and client connections,
-plain or TLS, in one thread. Copy ``wsmanager.py`` into your tree or
-``pip install wsmanager``.
+plain or TLS, in one thread. Copy ``wsmanager.py`` into your tree, or
+install it from a clone (``pip install .``; not on PyPI yet).
 
 An echo server and a client, in one manager::
 
@@ -440,7 +440,7 @@ def apply_mask(data: _BytesLike, key: Union[bytes, bytearray]) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 5.3); masking and unmasking alike.
 
     Runs in C when websockets' ``speedups`` or ``wsaccel`` is installed
-    (``pip install wsmanager[speedups]``): looked for on the first payload of
+    (the ``speedups`` extra installs websockets): looked for on the first payload of
     512 bytes or more, and used for every payload from then on. Else, and
     until then for smaller payloads, in pure Python.
     """
