@@ -1565,7 +1565,8 @@ def _host_command(kind, port):
 @contextlib.contextmanager
 def _host_process(folder, app_code, command, page):
     """A real WSGI server in ``folder`` on a free port, serving ``app_code(port)`` as app.py, started with
-    ``command(port)``; yields (port, read_log) once it serves ``page`` at /. Killed (its group) after."""
+    ``command(port)``; yields (process, port, read_log) once it serves ``page`` at /. Stopped (its group:
+    SIGTERM, then SIGKILL) after, unless the test stopped it its own way."""
     log_path = folder / "host.log"
     for attempt in range(3):
         port = _free_port()
@@ -1587,7 +1588,7 @@ def _host_process(folder, app_code, command, page):
                 if b"in use" in log_path.read_bytes() and attempt < 2:
                     continue  # lost the port race: try another one
                 raise AssertionError(log_path.read_bytes()[-3000:])
-            yield port, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
+            yield proc, port, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
             return
         finally:
             if proc.poll() is None:
@@ -1599,17 +1600,27 @@ def _host_process(folder, app_code, command, page):
             _reap(proc)
 
 
+@contextlib.contextmanager
+def _wsgi_host_process(kind, folder, extra=""):
+    """A real WSGI host of ``kind`` running its README snippet, plus ``extra`` code; yields (process, port,
+    read_log)."""
+    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+
+    def app_code(port):
+        code = readme_snippet(snippet) + extra
+        return code.replace(port_text, str(port)) if port_text else code
+
+    with _host_process(folder, app_code, lambda port: _host_command(kind, port), page) as host:
+        yield host
+
+
 @pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
 def wsgi_host(request, tmp_path_factory):
     """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
     kind = request.param
-    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
-    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
-    code = readme_snippet(snippet)
-    with _host_process(tmp_path_factory.mktemp(kind),
-                       lambda port: code.replace(port_text, str(port)) if port_text else code,
-                       lambda port: _host_command(kind, port), page) as (port, read_log):
-        yield kind, port, page, read_log
+    with _wsgi_host_process(kind, tmp_path_factory.mktemp(kind)) as (_, port, read_log):
+        yield kind, port, _WSGI_HOSTS[kind][2], read_log
 
 
 # A site on each supported host, mounted as a user would: /ws echoes (wsgi_app), /env sends what opened()
@@ -1755,7 +1766,7 @@ def probe_host(request, tmp_path_factory):
     def records():
         return record_path.read_text().splitlines() if record_path.exists() else []
 
-    with _host_process(folder, lambda port: _PROBE_SITE + tail, command, b"ready\n") as (port, read_log):
+    with _host_process(folder, lambda port: _PROBE_SITE + tail, command, b"ready\n") as (_, port, read_log):
         yield kind, port, records, read_log
 
 
@@ -6662,40 +6673,6 @@ def _can_connect(port):
     return True
 
 
-@contextlib.contextmanager
-def _stoppable_wsgi_host(kind, folder, extra=""):
-    """One real WSGI host running its README snippet, plus ``extra`` code (as _host_process, but it
-    yields the process too, for the test to stop it its own way); yields (process, port, read_log)."""
-    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
-    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
-    log_path = folder / f"{kind}.log"
-    for attempt in range(3):
-        port = _free_port()
-        code = readme_snippet(snippet) + extra
-        (folder / "app.py").write_text(code.replace(port_text, str(port)) if port_text else code)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(_host_command(kind, port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True)
-        try:
-            deadline = time.monotonic() + 30
-            while proc.poll() is None:
-                try:
-                    if _http(port)[2] == page:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_bytes()[-3000:]
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                if b"in use" in log_path.read_bytes() and attempt < 2:
-                    continue  # lost the port race: try another one
-                raise AssertionError(log_path.read_bytes()[-3000:])
-            yield proc, port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
-            return
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            _reap(proc)
 
 
 @pytest.mark.peers
@@ -6893,7 +6870,7 @@ class TestStopping:
                                               ("gunicorn-preload", signal.SIGTERM), ("flask", signal.SIGINT),
                                               ("cherrypy", signal.SIGINT), ("cherrypy", signal.SIGTERM)])
     def test_a_stopping_wsgi_host_closes_its_peers_with_1001(self, kind, signum, tmp_path, client_manager):
-        with _stoppable_wsgi_host(kind, tmp_path) as (proc, port, read_log):
+        with _wsgi_host_process(kind, tmp_path) as (proc, port, read_log):
             clients = [open_client(client_manager, f"ws://127.0.0.1:{port}/ws") for _ in range(3)]
             for index, client in enumerate(clients):
                 client.send(f"echo {index}")
@@ -6929,7 +6906,7 @@ class TestStopping:
     def test_flask_run_with_sigterm_turned_into_an_exit_closes_its_peers_with_1001(self, tmp_path, client_manager):
         # SIGTERM's default action ends the process with no Python code run; the README's one line fixes that.
         line = re.search(r"``(signal\.signal\(signal\.SIGTERM, .*?\))``", documentation_text()).group(1)
-        with _stoppable_wsgi_host("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
+        with _wsgi_host_process("flask", tmp_path, f"\nimport signal, sys\n{line}\n") as (proc, port, read_log):
             client = open_client(client_manager, f"ws://127.0.0.1:{port}/ws")
             proc.send_signal(signal.SIGTERM)
             assert client.closed_event.wait(15), read_log()[-3000:]
