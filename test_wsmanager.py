@@ -11522,6 +11522,26 @@ class TestHardening:
 # Docs ########################################################################
 ###############################################################################
 
+@contextlib.contextmanager
+def serving_snippet(name, module_name):
+    """Run the server snippet ``name`` (its port 9000 made 0) in a thread; yield (its manager, its port).
+    The manager is stopped and the thread joined after; the thread must have ended."""
+    code = readme_snippet(name).replace("9000", "0")
+    namespace = {"__name__": module_name}
+    thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        thread.start()
+        try:
+            wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
+            manager = namespace["manager"]
+            yield manager, manager._listeners[0].sock.getsockname()[1]
+        finally:
+            if "manager" in namespace:
+                namespace["manager"].stop()
+            thread.join(10)
+    assert not thread.is_alive()
+
+
 def _copy_source_tree(here, source):
     """The files a clone gives the build backend: the project's own and every one MANIFEST.in names."""
     source.mkdir()
@@ -11768,24 +11788,12 @@ class TestDocs:
         assert "python -m pytest" in head
 
     def test_readme_server_quick_start_serves_an_echo(self):
-        code = readme_snippet("server").replace("9000", "0")
-        namespace = {"__name__": "readme_server"}
-        thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
-        with contextlib.redirect_stdout(io.StringIO()):
-            thread.start()
-            try:
-                wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
-                port = namespace["manager"]._listeners[0].sock.getsockname()[1]
-                with WebSocketManager() as client_manager:
-                    client = connect(f"ws://127.0.0.1:{port}/", Recorder)
-                    client_manager.add(client)
-                    client.send("ping?")
-                    wait_until(lambda: client.messages == ["ping?"])
-            finally:
-                if "manager" in namespace:
-                    namespace["manager"].stop()
-                thread.join(10)
-        assert not thread.is_alive()
+        with serving_snippet("server", "readme_server") as (_, port):
+            with WebSocketManager() as client_manager:
+                client = connect(f"ws://127.0.0.1:{port}/", Recorder)
+                client_manager.add(client)
+                client.send("ping?")
+                wait_until(lambda: client.messages == ["ping?"])
 
     def test_readme_client_quick_start_talks_to_a_server(self, echo_server):
         _, port = echo_server
@@ -11949,35 +11957,22 @@ class TestDocs:
         assert "    received 'Hello, world'\n    received b'\\x00\\x01'\n    closed 1000\n" in page
 
     def test_tutorial_chat_serves_its_page_and_publishes_to_every_peer(self):
-        code = readme_snippet("tutorial-chat").replace("9000", "0")
-        namespace = {"__name__": "tutorial_chat"}
-        thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
-        with contextlib.redirect_stdout(io.StringIO()):
-            thread.start()
-            try:
-                wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
-                server = namespace["manager"]
-                port = server._listeners[0].sock.getsockname()[1]
-                page = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                page.request("GET", "/")
-                response = page.getresponse()
-                assert response.status == 200 and b"new WebSocket(" in response.read()
-                page.close()
-                with pytest.raises(HandshakeError) as refused:
-                    connect(f"ws://127.0.0.1:{port}/elsewhere")
-                assert refused.value.status == 404
-                with WebSocketManager() as client_manager:
-                    alice, bob = (connect(f"ws://127.0.0.1:{port}/ws", Recorder) for _ in range(2))
-                    client_manager.add(alice)
-                    client_manager.add(bob)
-                    wait_until(lambda: server.subscribers("chat") == 2)
-                    alice.send("hi all")
-                    wait_until(lambda: alice.messages == ["hi all"] and bob.messages == ["hi all"])
-            finally:
-                if "manager" in namespace:
-                    namespace["manager"].stop()
-                thread.join(10)
-        assert not thread.is_alive()
+        with serving_snippet("tutorial-chat", "tutorial_chat") as (server, port):
+            page = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            page.request("GET", "/")
+            response = page.getresponse()
+            assert response.status == 200 and b"new WebSocket(" in response.read()
+            page.close()
+            with pytest.raises(HandshakeError) as refused:
+                connect(f"ws://127.0.0.1:{port}/elsewhere")
+            assert refused.value.status == 404
+            with WebSocketManager() as client_manager:
+                alice, bob = (connect(f"ws://127.0.0.1:{port}/ws", Recorder) for _ in range(2))
+                client_manager.add(alice)
+                client_manager.add(bob)
+                wait_until(lambda: server.subscribers("chat") == 2)
+                alice.send("hi all")
+                wait_until(lambda: alice.messages == ["hi all"] and bob.messages == ["hi all"])
 
     def test_tls_snippet_talks_tls_with_the_certificates_it_names(self, tmp_path):
         trustme = pytest.importorskip("trustme")
