@@ -4002,8 +4002,9 @@ class TestCodec:
                 "assert wsmanager.apply_mask(b'x' * 600, b'abcd') == bytes(x ^ k for x, k in zip(b'x' * 600, b'abcd' * 150))\n"
                 "speedups = sys.modules.get('websockets.speedups')\n"
                 "print(speedups is not None and wsmanager._large_mask is wsmanager._small_mask is speedups.apply_mask)\n")
-        lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                               cwd=Path(wsmanager.__file__).parent, timeout=60).stdout.splitlines()
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
         assert lines[:2] == ["True False", "True False"]
         pytest.importorskip("websockets.speedups")  # installed here: the first large payload loads it
         assert lines[2] == "True"
@@ -4027,8 +4028,7 @@ class TestCodec:
                 "for fd in held:\n"
                 "    os.close(fd)\n"
                 "print(wsmanager.apply_mask(data, b'abcd') == expected, wsmanager._large_mask is wsmanager._first_large_mask)\n")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                                cwd=Path(wsmanager.__file__).parent)
+        result = fresh_python(code)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == ["True True", "True False"]
 
@@ -4040,8 +4040,8 @@ class TestCodec:
                 "assert out == bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(bytes(range(256)) * 8))\n"
                 "assert wsmanager.apply_mask(b'hello', b'\\x01\\x02\\x03\\x04') == bytes((0x69, 0x67, 0x6f, 0x68, 0x6e))\n"
                 "print(wsmanager._large_mask is wsmanager._translate_mask, wsmanager._small_mask)\n")
-        result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
-                                check=True, cwd=Path(wsmanager.__file__).parent, timeout=60)
+        result = fresh_python(code, "-I", "-S")
+        assert result.returncode == 0, result.stderr
         assert result.stdout == "True None\n"
 
     @pytest.mark.parametrize("accelerator", MASK_ACCELERATORS + ["pure"])
@@ -6647,6 +6647,13 @@ if sys.argv[1] == "sys.exit":
 """
 
 
+def fresh_python(code, *flags):
+    """Run ``code`` to its end in a new interpreter (with ``flags``) beside the wsmanager under test: its
+    directory is the working one, so ``import wsmanager`` finds it even under ``-I -S``. Text output."""
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(wsmanager.__file__).parent)
+
+
 def _python_script(code, *args, **popen_options):
     """``python -c code args`` with the wsmanager under test, its stdout a pipe (line by line)."""
     popen_options.setdefault("stdin", subprocess.PIPE)
@@ -7191,9 +7198,8 @@ class TestOutOfDescriptors:
 
     def test_a_first_manager_connect_with_no_descriptor_left_reports_through_connect_failed(self):
         # -S: no site, so urllib.parse is not there already (as in a program that never imported it).
-        result = subprocess.run([sys.executable, "-S", "-c", _EMFILE_FIRST_CONNECT_SCRIPT], capture_output=True,
-                                env=_cli_env(), timeout=60)
-        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        result = fresh_python(_EMFILE_FIRST_CONNECT_SCRIPT, "-S")
+        assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout) == {"raised": [], "failures": ["OSError EMFILE"]}
 
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux answers a TCP connect to broadcast "
@@ -7237,9 +7243,9 @@ class TestOutOfDescriptors:
                     time.sleep(0.01)
                 print(closed, "ssl" in sys.modules)
         """)
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=_cli_env(), timeout=60)
-        assert result.returncode == 0, result.stderr.decode()
-        reasons, ssl_imported = result.stdout.decode().rsplit(" ", 1)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        reasons, ssl_imported = result.stdout.rsplit(" ", 1)
         assert "connection lost" in reasons and "reset" in reasons.lower(), reasons
         assert ssl_imported.strip() == "False"
 
