@@ -109,13 +109,37 @@ def ws_serve(*args, **kwargs):
     return websockets_module("websockets.sync.server").serve(*args, **kwargs)
 
 
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    """Poll predicate() until true; fail the test after timeout seconds."""
+def wait_until(probe, timeout=10.0, *, steady=None, required=True, interval=None):
+    """Poll probe() until it returns a true value, and return that value; the one wait of the suite.
+
+    steady=N: wait instead until probe() has returned the same value (true or not) for N seconds.
+    At the timeout the test fails, naming the probe and its last value; with required=False the
+    wait returns False instead (for a test that then acts, e.g. sends again, and waits once more).
+    interval: the pause between two calls of probe() (an expensive probe polls less often).
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+    last = probe()
+    since = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if steady is None and last:
+            return last
+        if steady is not None and now - since >= steady:
+            return last
+        if now > deadline:
+            if not required:
+                return False
+            try:
+                what = inspect.getsource(probe).strip()
+            except (OSError, TypeError):
+                what = repr(probe)
+            wanted = f"steady for {steady} s" if steady is not None else "true"
+            raise AssertionError(f"not {wanted} within {timeout} s: {what} (last value: {last!r})")
+        time.sleep(interval or (0.005 if steady is None else 0.02))
+        value = probe()
+        if steady is not None and value != last:
+            since = time.monotonic()
+        last = value
 
 
 def run_threads(target, arguments, timeout):
@@ -439,6 +463,8 @@ MAX_HEADER = 14  # 2 bytes + 8 of extended length + 4 of mask key
 KNOWN_OPCODES = frozenset({0, 1, 2, 8, 9, 10})
 
 
+# Every close code an endpoint may put in a close frame (RFC 6455 7.4): the registered ones, and the ends and
+# one inside of the private range (3000-4999).
 SENDABLE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
 
 
@@ -2005,14 +2031,6 @@ def _landed_on(read_log, client):
     return int(found[0]) if found else None
 
 
-def wait_until_or_false(predicate, timeout):
-    try:
-        wait_until(predicate, timeout=timeout)
-    except AssertionError:
-        return False
-    return True
-
-
 SUPERVISOR_SCRIPT = """
 import logging, sys, wsmanager
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -2736,10 +2754,6 @@ INTEROP_LIMIT = MIB + 4096
 ROLES = ["wsm-server", "wsm-client"]
 
 
-# Every close code an endpoint may put in a close frame (RFC 6455 7.4), plus the ends of the private range.
-SENDABLE_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
-
-
 @pytest.fixture
 def interop_manager(make_manager):
     """A started manager whose message limit admits 1 MiB messages."""
@@ -3130,23 +3144,6 @@ def fill_server_output(ws, max_buffered, chunk=b"o" * 16384, max_seconds=20.0):
             return frame_len
         time.sleep(0.05)
     raise AssertionError("fill_server_output did not converge")
-
-
-def wait_until_stable(measure, quiet=0.3, timeout=10.0):
-    """Wait until measure() has not changed for ``quiet`` seconds."""
-    deadline = time.monotonic() + timeout
-    last = measure()
-    since = time.monotonic()
-    for _ in range(100000):
-        time.sleep(0.02)
-        now = time.monotonic()
-        value = measure()
-        if value != last:
-            last, since = value, now
-        elif now - since >= quiet:
-            return value
-        assert now < deadline, "never settled"
-    raise AssertionError("never settled")
 
 
 def send_near_limit_message(sock):
@@ -5396,7 +5393,7 @@ class TestFlowControl:
             sender = threading.Thread(target=lambda: [peer.send_frame(Opcode.BINARY, numbered(i, size))
                                                       for i in range(count)])
             sender.start()
-            wait_until_stable(lambda: conn.received, timeout=20)
+            wait_until(lambda: conn.received, timeout=20, steady=0.3)
             assert conn.received < count  # it stopped reading: the echoes wait for the peer
             # Paused at the first read that took it past max_buffered: at most one read's echoes more.
             assert limit < conn.buffered_amount <= limit + wsmanager.READ_SIZE + size + 8
@@ -5979,7 +5976,7 @@ class TestManager:
         m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=limit)
         with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
             ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
-            assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
+            assert wait_until(lambda: ws.buffered_amount, steady=0.3) > limit  # the peer never reads
             assert not ws.terminated
             # README "Sending a lot": output holds at most max_buffered + the message queued in one call.
             held = call_in_loop_thread(m, lambda: memory_held_by(ws._protocol.out))
@@ -6017,14 +6014,20 @@ class TestManager:
             address = server.listen(("127.0.0.1", 0), by_class)
             other = server.listen(("127.0.0.1", 0), by_instance)
             open_client(clients, ws_url(address))
-            open_client(clients, ws_url(other))
+            to_second = open_client(clients, ws_url(other))
             first, second = by_class.first_opened(), by_instance.first_opened()
             effective = [(ws.max_message_size, ws.max_frame_size, ws.max_buffered, ws.close_timeout)
                          for ws in (first, second)]
             assert effective == [(7000, 3000, 1000, 1.5), (5000, 3000, 2000, 1.5)]
-            # ... and they are the limits the running connection enforces.
-            assert call_in_loop_thread(server, lambda: (second._protocol.parser.max_frame_size,
-                                                        second._protocol.assembler.max_message_size)) == (3000, 5000)
+            # ... and they are the limits the running connection enforces: 5000 bytes in frames of 3000 pass,
+            # one byte more fails the message, a frame of 3001 bytes fails alone (1009 each).
+            to_second.send(["m" * 3000, "m" * 2000])
+            wait_until(lambda: second.messages == ["m" * 5000])
+            for fragments in (["m" * 3000, "m" * 2001], ["f" * 3001]):
+                client = open_client(clients, ws_url(other))
+                client.send(fragments)
+                assert client.closed_event.wait(10)
+                assert client.events[-1][:2] == ("closed", CloseCode.MESSAGE_TOO_BIG)
 
     def test_setting_made_before_websocket_init_is_kept(self):
         """A subclass that sets a limit before calling super().__init__() does not lose it."""
@@ -6568,9 +6571,13 @@ class TestManager:
         with socket.create_server(("127.0.0.1", 0)) as silent:
             with running_manager() as clients:
                 client = clients.connect(ws_url(silent.getsockname()), Dialer)
-                wait_until(lambda: clients._handshakes)
-                clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
-                assert client.failed_event.wait(10)
+                silent.settimeout(10)
+                peer = silent.accept()[0]
+                peer.settimeout(10)
+                with peer:
+                    assert read_head(peer)[0].startswith(b"GET / HTTP/1.1")  # in its handshake: asked, no answer
+                    clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
+                    assert client.failed_event.wait(10)
             assert isinstance(client.failure, ManagerStopped)
             # Queued but never run: a connect() made before a loop that never ran is failed at shutdown.
             never = WebSocketManager()
@@ -6589,7 +6596,10 @@ class TestManager:
         with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
             with running_manager() as clients:
                 client = clients.connect(ws_url(silent.getsockname()), Watcher, timeout=2)
-                wait_until(lambda: clients._handshakes)
+                silent.settimeout(10)
+                peer = silent.accept()[0]
+                peer.settimeout(10)
+                assert read_head(peer)[0].startswith(b"GET / HTTP/1.1")  # in its handshake: asked, no answer
                 started = time.monotonic()
                 getattr(client, action)()
                 assert client.failed_event.wait(10)
@@ -6602,8 +6612,8 @@ class TestManager:
                 # The handshake's timer went with it: nothing more comes at the deadline.
                 time.sleep(max(0.0, started + 2.5 - time.monotonic()))
                 assert [event[0] for event in client.events] == ["connect_failed"]
-                assert clients._thread.is_alive()
-            silent.accept()[0].close()
+                assert clients.running
+                peer.close()
 
     def test_connect_failed_that_raises_is_logged(self, caplog):
         class Raising(Dialer):
@@ -6615,7 +6625,7 @@ class TestManager:
             client = clients.connect(f"ws://127.0.0.1:{_free_port()}/", Raising)
             assert client.failed_event.wait(10)
             wait_until(lambda: "connect_failed raised" in caplog.text)
-            assert clients._thread.is_alive()
+            assert clients.running
 
 
 ###############################################################################
@@ -7392,7 +7402,7 @@ class TestIntegrations:
         assert status == "501 Not Implemented"
         assert b"no socket in environ" in body and b"WSGIRequestHandler" in body
         assert any("Mystery/1.0" in record.getMessage() for record in caplog.records)
-        assert manager._thread is None  # nothing was handed off, nothing started
+        assert not manager.running  # nothing was handed off, nothing started
         manager.stop()
         manager.run()
 
@@ -7408,7 +7418,7 @@ class TestIntegrations:
             assert any("read buffer" in record.getMessage() for record in caplog.records)
             server_side.sendall(b"still the server's")
             assert client.recv(100) == b"still the server's"
-        assert manager._thread is None
+        assert not manager.running
         manager.stop()
         manager.run()
 
@@ -7610,12 +7620,12 @@ class TestIntegrations:
 
         # The host writes a hand-off's log line after the hand-off, when its thread gets to it: under load,
         # after the client is done. Counted once the log has settled, before and after.
-        handed_off = wait_until_stable(logged_hand_offs)
+        handed_off = wait_until(logged_hand_offs, steady=0.3)
         _ws_crowd(port, page)
         _assert_clean_host_log(read_log())
         if kind != "cherrypy":  # CherryPy logs the requests of its own applications only, not a grafted one's
             # The host's access log shows each hand-off as a 101, as it would a response of its own.
-            assert wait_until_stable(logged_hand_offs) - handed_off == 51
+            assert wait_until(logged_hand_offs, steady=0.3) - handed_off == 51
 
     def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(self, wsgi_host):
         kind, port, page, read_log = wsgi_host
@@ -8390,7 +8400,7 @@ class TestScaling:
             sender, receiver = on[0][0], on[1][0]
             for attempt in range(100):
                 sender.send(f"from worker 0, try {attempt}")
-                if wait_until_or_false(lambda: any(m.startswith("from worker 0") for m in receiver.messages), 0.2):
+                if wait_until(lambda: any(m.startswith("from worker 0") for m in receiver.messages), timeout=0.2, required=False):
                     break
             assert any(m.startswith("from worker 0") for m in receiver.messages)
             on[1][-1].send("from worker 1")
@@ -8476,7 +8486,7 @@ class TestScaling:
             for sender, receiver, text in ((first, second, "from browser a"), (second, first, "from browser b")):
                 for attempt in range(100):
                     say(sender, f"{text} ({attempt})")
-                    if wait_until_or_false(lambda text=text, receiver=receiver: text in show(receiver), 0.3):
+                    if wait_until(lambda text=text, receiver=receiver: text in show(receiver), timeout=0.3, required=False):
                         break
                 assert text in show(receiver), diagnosis()
             # And each page its own, from its own worker: that delivery and the other page's via Redis race
@@ -8577,7 +8587,7 @@ class TestScaling:
                 # Sent until every client has one (each worker's subscription in Redis comes up on its own).
                 for attempt in range(100):
                     clients[0].send(f"hello {attempt}")
-                    if wait_until_or_false(lambda: all(c.messages for c in clients), 0.2):
+                    if wait_until(lambda: all(c.messages for c in clients), timeout=0.2, required=False):
                         break
                 assert all(c.messages for c in clients)
                 proc.send_signal(signal.SIGTERM)
@@ -9807,7 +9817,7 @@ class TestInterop:
     # Close codes and reasons ------------------------------------------------------
     @pytest.mark.parametrize("role", ROLES)
     @pytest.mark.parametrize("initiator", ["wsmanager", "websockets"])
-    @pytest.mark.parametrize("code", SENDABLE_CLOSE_CODES)
+    @pytest.mark.parametrize("code", SENDABLE_CODES)
     def test_interop_close_code_and_reason(self, interop_manager, role, initiator, code):
         reason = f"bye {code} ✓"  # non-ASCII: reasons are UTF-8 on the wire
         with interop_pair(role, interop_manager) as (wsm, peer):
@@ -10945,7 +10955,7 @@ class TestHardening:
                 assert attacker.sock.recv(2048)
             assert ws.buffered_amount <= CAP_BUFFERED // 4
             # The kernel's buffers fill up again; from then on nothing more goes out.
-            wait_until_stable(lambda: ws.buffered_amount)
+            wait_until(lambda: ws.buffered_amount, steady=0.3)
             fill_server_output(ws, CAP_BUFFERED)
             buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._protocol.out)))
             assert not ws.terminated
