@@ -1863,6 +1863,17 @@ class RedisServer:
             sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
         return sock
 
+    def clients(self):
+        """How many connections redis-server has besides the one asking (CLIENT LIST)."""
+        with self._probe() as probe:
+            probe.sendall(b"CLIENT LIST\r\n")
+            reply = b""
+            while b"\r\n" not in reply or len(reply) < reply.index(b"\r\n") + 2 + int(reply[1:reply.index(b"\r\n")]):
+                chunk = probe.recv(65536)
+                assert chunk, "redis-server hung up on CLIENT LIST"
+                reply += chunk
+        return reply.count(b"\n") - 3  # the head and the end of the reply, the asking connection
+
     def start(self):
         for attempt in range(3):
             if self.port is None or attempt:
@@ -1916,6 +1927,7 @@ class FakeRedis:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
         self.accepted = 0
+        self.accepted_at = []  # time.monotonic() of each accept
         self.received = {}  # socket -> bytearray of everything it sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -1931,6 +1943,7 @@ class FakeRedis:
                         sock, _ = self.listener.accept()
                         with self._lock:
                             self.accepted += 1
+                            self.accepted_at.append(time.monotonic())
                             if self.hang_up:
                                 sock.close()
                                 continue
@@ -6180,9 +6193,10 @@ class TestManager:
             address = m.listen(("127.0.0.1", 0), servers)
             with raw_peer(address) as peer:
                 servers.first_opened()
+                fds = open_fds()
                 pending, rest = _partial_handshake(address)
                 with pending:
-                    wait_until(lambda: len(m._handshakes) == 1)
+                    wait_until(lambda: open_fds() >= fds + 2)  # ours, and the one the server accepted
                     if close_all_first:
                         m.close_all()
                     m.stop(60.0)
@@ -7024,11 +7038,12 @@ class TestStopping:
         partial = []
         try:
             address = m.listen(("127.0.0.1", 0), Recorder)
+            fds = open_fds()
             for _ in range(10):
                 sock = socket.create_connection(address, timeout=10)
                 sock.sendall(b"GET / HTTP/1.1\r\n")  # a head never finished: still in its handshake
                 partial.append(sock)
-            wait_until(lambda: len(m._handshakes) == 10)
+            wait_until(lambda: open_fds() >= fds + 20)  # ours, and the ten the server accepted
             started = time.time()
             m.stop()
             for sock in partial:
@@ -7970,7 +7985,7 @@ class TestScaling:
                 with subscribed_pairs(there, client_manager, 1, "chat") as [(_, arrives)]:
                     wait_until(lambda: leaving.closed_event.is_set() and here.subscribers("chat") == 1)
                     wait_bridged(near, far, topics=["chat"])
-                    assert near._channels == {"chat"} and far._channels == {"chat"}
+                    assert near.subscribed == far.subscribed == {"chat"}
                     there.publish("chat", "from b")
                     here.publish("chat", "from a")
                     wait_until(lambda: "from b" in stays.messages and "from a" in arrives.messages, timeout=10)
@@ -8003,7 +8018,8 @@ class TestScaling:
         # Stopping the manager closes the bridge's sockets with it.
         manager.stop()
         manager.join(10)
-        assert here._connections == {"publish": None, "subscribe": None}
+        assert not here.connected
+        wait_until(lambda: redis_server.clients() == 0)  # both managers' bridges hung up
 
     def test_bridge_authenticates_with_the_password_in_the_url(self, tmp_path, caplog):
         if not os.path.exists(REDIS_SERVER):
@@ -8228,7 +8244,9 @@ class TestScaling:
         with FakeRedis(hang_up=True) as fake:
             bridge = manager.bridge(fake.url)
             wait_until(lambda: fake.accepted >= 8, timeout=20)  # 4 attempts per connection, or more of one
-            assert max(bridge._delays.values()) >= 0.4
+            # Waits of 0.1, 0.2, 0.4 s per connection: the 7th attempt comes 0.7 s after the first at the
+            # earliest (0.3 s with the back-off reset each time).
+            assert fake.accepted_at[6] - fake.accepted_at[0] >= 0.5
             bridge.close()
 
     # A hostile or broken Redis: a fake one, that the test scripts ---------------
