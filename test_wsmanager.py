@@ -3294,7 +3294,7 @@ class TestConnection:
         servers = Collect(SmallSendBuffer)
         with running_manager(max_buffered=limit) as server:
             address = server.listen(("127.0.0.1", 0), servers)
-            with raw_peer(address, rcvbuf=4096, timeout=5.0):  # a peer that never reads
+            with raw_peer(address, rcvbuf=4096, timeout=5.0) as peer:  # a peer that never reads (until the end)
                 conn = servers.first_opened()
                 size = 64 * 1024
                 # max_buffered is a high-water mark: a send is taken while the backlog is
@@ -3312,11 +3312,14 @@ class TestConnection:
                 # Timed out with the backlog above the low-water mark (the kernel's small buffers may
                 # still have taken a little of it meanwhile).
                 assert limit // 4 < conn.buffered_amount <= bound
-                # The message that timed out was not queued: the last one queued is the one before.
-                tail = call_in_loop_thread(server, lambda: bytes(conn._protocol.out[-1][-4:]))
-                assert tail == bytes([(i - 1) % 251]) * 4
                 assert conn.state is State.OPEN and not conn.terminated and conn in server
                 assert not conn.closed_event.is_set()
+                # The message that timed out was not queued: the peer, reading at last, gets every one
+                # before it, whole and in order, then the next message sent.
+                frames = [peer.next() for _ in range(i)]
+                assert [frame.payload for frame in frames] == [bytes([n % 251]) * size for n in range(i)]
+                conn.send(b"end")
+                assert peer.next().payload == b"end"
 
     def test_send_iterable_arrives_as_one_message(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
