@@ -3703,21 +3703,21 @@ class _Topics:
         self.bridge: Optional[RedisBridge] = None  # set by attach() and detach() only
 
     @staticmethod
-    def _check(topic: str) -> None:
+    def _refuse(topic: object) -> NoReturn:
+        """What a topic that fails the one test of :meth:`subscribe` and :meth:`publish` gets."""
         if type(topic) is not str:
             raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
+        raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
 
     def subscribe(self, websocket: WebSocket, topic: str) -> None:
-        self._check(topic)
-        manager = self._manager
-        if websocket.manager is not manager and websocket.manager is not None:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:
+            self._refuse(topic)
+        if websocket.manager not in (self._manager, None):
             raise ValueError("the connection belongs to another manager")
         with self._lock:
             # The manager's _forget() drops the connection from its websockets before it calls leave():
             # either we see it gone, or leave() sees the subscription and takes it out again.
-            if manager.websockets.get(websocket.fileno()) is not websocket:
+            if self._manager.websockets.get(websocket.fileno()) is not websocket:
                 raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
             first = topic not in self._subscribers
             self._subscribers.setdefault(topic, {})[websocket] = None
@@ -3731,14 +3731,13 @@ class _Topics:
         emptied = []
         with self._lock:
             own = self._memberships.get(websocket, set())
-            for topic in tuple(own) if topics is None else topics:
-                own.discard(topic)
-                members = self._subscribers.get(topic)
-                if members is not None and websocket in members:
-                    del members[websocket]
-                    if not members:
-                        del self._subscribers[topic]
-                        emptied.append(topic)
+            for topic in tuple(own) if topics is None else own.intersection(topics):
+                own.remove(topic)  # and the way there holds it too: both change under the lock
+                members = self._subscribers[topic]
+                del members[websocket]
+                if not members:
+                    del self._subscribers[topic]
+                    emptied.append(topic)
             if not own:
                 self._memberships.pop(websocket, None)
         bridge = self.bridge
@@ -3754,7 +3753,8 @@ class _Topics:
             return list(self._subscribers if websocket is None else self._memberships.get(websocket, ()))
 
     def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
-        self._check(topic)
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:  # deliberate: one test inline, on the hot path
+            self._refuse(topic)
         opcode, payload = _data_frame(message)
         bridge = self.bridge
         if bridge is not None:
@@ -3766,11 +3766,8 @@ class _Topics:
     def deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
         """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
         with self._lock:
-            members = self._subscribers.get(topic)
-            if not members:
-                return 0
-            subscribers = tuple(members)
-        return _queue_to_all(subscribers, opcode, payload)
+            subscribers = tuple(self._subscribers.get(topic, ()))
+        return _queue_to_all(subscribers, opcode, payload) if subscribers else 0
 
     def attach(self, bridge: RedisBridge) -> None:
         with self._lock:
@@ -4206,8 +4203,7 @@ class WebSocketManager:
         :class:`ManagerStopped` once it is stopping; Redis being down is not
         an error (the bridge connects, and reconnects, in the loop).
         """
-        bridge = RedisBridge(self, self._topics, url, prefix=prefix, ssl_context=ssl_context,
-                             max_pending=max_pending)
+        bridge = RedisBridge(self, self._topics, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
             self._check_running()
             self._topics.attach(bridge)
@@ -6109,12 +6105,9 @@ class RedisBridge:
         wanted = self._topics.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = _topic_channel(self._prefix_bytes, topic)
-        if wanted:
-            self._channels.add(topic)
-        else:
-            self._channels.discard(topic)
-        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
+        self._channels ^= {topic}  # in if wanted, out if not: it was the other way round
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE",
+                                       _topic_channel(self._prefix_bytes, topic)))
 
     # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
     # message behind it is not lost), and every counter only goes up and counts what it says.
