@@ -3692,8 +3692,6 @@ class _Topics:
     hears of each topic that gets its first subscriber or loses its last.
     """
 
-    __slots__ = ("_manager", "_subscribers", "_memberships", "_lock", "bridge")
-
     def __init__(self, manager: "WebSocketManager"):
         self._manager = manager
         # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
