@@ -11624,17 +11624,18 @@ def echo_server(make_manager):
 
 @contextlib.contextmanager
 def serving_snippet(name, module_name):
-    """Run the server snippet ``name`` (its port 9000 made 0) in a thread; yield (its manager, its port).
-    The manager is stopped and the thread joined after; the thread must have ended."""
-    code = readme_snippet(name).replace("9000", "0")
+    """Run the server snippet ``name`` (its port 9000 made a free one) in a thread; yield (its manager, its
+    port) once it printed that it listens. The manager is stopped and the thread joined after; the thread
+    must have ended."""
+    port = _free_port()
+    code = readme_snippet(name).replace("9000", str(port))
     namespace = {"__name__": module_name}
     thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as output:
         thread.start()
         try:
-            wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
-            manager = namespace["manager"]
-            yield manager, manager._listeners[0].sock.getsockname()[1]
+            wait_until(lambda: str(port) in output.getvalue())  # printed once listen() returned
+            yield namespace["manager"], port
         finally:
             if "manager" in namespace:
                 namespace["manager"].stop()
