@@ -662,6 +662,19 @@ WIDE_BUFFERS = {
 }
 
 
+class _CountingSelector(selectors.DefaultSelector):
+    """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.turns = 0
+        self.flushes = collections.Counter()  # (turn, connection id) -> flushes in that turn
+
+    def select(self, timeout=None):
+        self.turns += 1
+        return super().select(timeout)
+
+
 # Helpers: integrations -------------------------------------------------------
 
 class UpgradeHandler(http.server.BaseHTTPRequestHandler):
@@ -4015,19 +4028,6 @@ def _echo_through_websockets(address, sizes):
 
 def _wide_payloads():
     return [WIDE_BUFFERS[kind]() for kind in WIDE_BUFFERS]
-
-
-class _CountingSelector(selectors.DefaultSelector):
-    """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
-
-    def __init__(self):
-        super().__init__()
-        self.turns = 0
-        self.flushes = collections.Counter()  # (turn, connection id) -> flushes in that turn
-
-    def select(self, timeout=None):
-        self.turns += 1
-        return super().select(timeout)
 
 
 def _partial_handshake(address):
@@ -7533,15 +7533,17 @@ class TestScaling:
             wait_until(lambda: server.messages == ["the loop goes on"])
         assert "unexpected error" not in caplog.text and "nested more than 32 deep" in caplog.text
 
-    def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, manager, client_manager, monkeypatch):
+    def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, make_manager, client_manager, monkeypatch):
         # As every handler: Redis cannot hold the loop for as long as it has messages to send.
         per_event = []
-        turns = collections.Counter()  # calls per loop turn (each turn has its own _now)
+        selector = _CountingSelector()  # a loop turn is a select()
+        manager = make_manager(selector=selector)
+        turns = collections.Counter()  # calls per loop turn
         real_on_read = wsmanager._RedisConnection._on_read
 
         def counting_on_read(connection):
             before = connection.bridge.received
-            turns[connection.manager._now] += 1
+            turns[selector.turns] += 1
             real_on_read(connection)
             per_event.append(connection.bridge.received - before)
 
@@ -7552,6 +7554,9 @@ class TestScaling:
                 b"".join(pubsub_message(b"wsmanager:t", b"%d" % i) for i in range(3000)))  # 130 kB at once
             wait_until(lambda: len(client.messages) == 3000, timeout=30)
             assert client.messages == [str(i) for i in range(3000)] and bridge.received == 3000
+        manager.stop()
+        manager.join(10)
+        selector.close()  # given to the manager, so still ours to close
         assert sum(per_event) == 3000
         assert max(per_event) <= wsmanager.BRIDGE_VALUES_PER_EVENT // 4 <= 1000, per_event  # 4 values a message
         assert max(turns.values()) <= 2  # its readiness event, and the read of what the last one left
