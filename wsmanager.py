@@ -6791,14 +6791,14 @@ class _LoadClient(WebSocket):
         # meanwhile (close_all()'s close frame) is whole and goes after them, and the rest of a partial
         # write is queued before it (queue_raw). Nothing here touches ``out`` but through _Protocol.
         if protocol.state is _OPEN and not protocol.out:
-            for count in range(count - 1, -1, -1):  # (counting down what is left after this one)
+            for after in range(count - 1, -1, -1):  # the messages still to write after this one
                 frame = masked.pop() if masked else run.frame()
                 try:
                     sent = send(frame)
                 except OSError:  # full, or lost: the queue's flush tells which
                     sent = 0
                 if sent != len(frame):
-                    self.queue_raw(frame + b"".join([run.frame() for _ in range(count)]), sent)
+                    self.queue_raw(frame + b"".join([run.frame() for _ in range(after)]), sent)
                     return
             return
         self.queue_raw(b"".join([run.frame() for _ in range(count)]), 0)
@@ -6942,7 +6942,7 @@ class _LoadRun:
         key_at = len(unmasked) - size - 4
         self._frame_int = int.from_bytes(unmasked, "little")
         self._key_lanes = int.from_bytes(bytes(key_at) + b"\1\0\0\0" * (1 + (size + 3) // 4), "little")
-        self._frame_bits = (1 << (8 * len(unmasked))) - 1
+        self._frame_length = len(unmasked)
         self.connect_times: List[float] = []
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
@@ -6995,8 +6995,8 @@ class _LoadRun:
         from the OS's entropy source in batches (one system call for a batch)."""
         masked = self.masked
         if not masked:
-            batch, frame, lanes, bits = self._batch, self._frame_int, self._key_lanes, self._frame_bits
-            length = (bits.bit_length() + 7) // 8
+            batch, frame, lanes, length = self._batch, self._frame_int, self._key_lanes, self._frame_length
+            bits = (1 << (8 * length)) - 1
             # Deliberate: a batch in one comprehension, not a call per message.
             masked.extend([(frame ^ key * lanes & bits).to_bytes(length, "little")
                            for key in struct.unpack(f"<{batch}I", os.urandom(4 * batch))])
