@@ -2961,16 +2961,16 @@ def run_loadcheck(p: Params, repeat: int) -> int:
              "--text", "--messages", str(p.loadcheck_per_connection), "--rate", "0"]
     print(f"## Load check: python -m wsmanager load {' '.join(shape)} against python -m wsmanager serve's "
           f"/echo, next to S2 ({p.s2_per_connection:,} round trips per connection), {repeat} repetition(s)\n")
-    print("| run | load CPU s | server CPU s | load / server CPU | load msg per server CPU-s | "
-          "S2 msg per server CPU-s | load / S2 | met? |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| run | load CPU s | server CPU s | load / server CPU | S2: picows / server CPU | "
+          "load msg per server CPU-s | S2 msg per server CPU-s | load / S2 | met? |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     status = 0
     for rep in range(repeat):
         try:
             bench = run_trial(s2, "wsmanager", p, None)
             load = load_command_trial(shape)
         except Exception as exc:
-            print(f"| {rep + 1} | FAILED: {exc} |||||||")
+            print(f"| {rep + 1} | FAILED: {exc} ||||||||")
             status = 1
             continue
         bench_rate = bench["values"]["rate"] / bench["server_cpu"]
@@ -2979,7 +2979,7 @@ def run_loadcheck(p: Params, repeat: int) -> int:
         met = cpu_ratio < 1 and abs(agreement - 1) <= 0.2 and not load["errors"] and not bench["errors"]
         errors = f" (errors: {load['errors'] or bench['errors']})" if load["errors"] or bench["errors"] else ""
         print(f"| {rep + 1} | {load['load_cpu']:.2f} | {load['server_cpu']:.2f} | {cpu_ratio:.2f}x | "
-              f"{load_rate:,.0f} | {bench_rate:,.0f} | {agreement:.2f}x | {'yes' if met else 'NO'}{errors} |",
+              f"{bench['generator_cpu'] / bench['server_cpu']:.2f}x | {load_rate:,.0f} | {bench_rate:,.0f} | {agreement:.2f}x | {'yes' if met else 'NO'}{errors} |",
               flush=True)
     full = ["--clients", str(p.s5_clients), "--messages", "100", "--size", "64", "--text"]
     print(f"\n## Full size: python -m wsmanager load ws://.../echo {' '.join(full)} against python -m "
