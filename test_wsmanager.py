@@ -7823,7 +7823,7 @@ class TestScaling:
             assert all(manager.subscribers(topic) == 1 for topic in "abc")
             staying.manager.unsubscribe(staying, "a")
             assert sorted(manager.topics()) == ["b", "c"]
-            assert manager._memberships.keys() == {staying}
+            assert manager._topics._memberships.keys() == {staying}  # nothing left of it (no public view)
             with pytest.raises(ConnectionClosed):
                 manager.subscribe(leaving, "a")  # over: it cannot come back
         with pytest.raises(TypeError):
@@ -7947,7 +7947,29 @@ class TestScaling:
     def test_bad_redis_urls_fail_at_once(self, url, manager):
         with pytest.raises(ValueError):
             manager.bridge(url)
-        assert manager._bridge is None
+        with FakeRedis() as fake:
+            manager.bridge(fake.url).close()  # no bridge was attached: this one is not refused
+
+    def test_a_closed_bridge_relays_no_more_and_the_manager_can_be_bridged_again(self, manager, redis_server):
+        with running_manager() as other, running_manager() as client_manager:
+            there = other.bridge(redis_server.url)
+            with subscribed_pairs(other, client_manager, 1, "t") as [(_, far)]:
+                first = manager.bridge(redis_server.url)
+                wait_bridged(first)
+                wait_bridged(there, topics=["t"])
+                with pytest.raises(RuntimeError, match="bridged already"):
+                    manager.bridge(redis_server.url)
+                manager.publish("t", "relayed")
+                wait_until(lambda: far.messages == ["relayed"] and first.relayed == 1)
+                first.close()
+                wait_until(lambda: not first.connected)  # closed in the loop: detached first
+                manager.publish("t", "local only")
+                second = manager.bridge(redis_server.url)
+                wait_bridged(second)
+                manager.publish("t", "relayed again")
+                wait_until(lambda: second.relayed == 1)
+                wait_until(lambda: far.messages == ["relayed", "relayed again"])
+                assert (first.relayed, first.dropped) == (1, 0)  # the closed bridge never saw "local only"
 
     def test_bridge_keeps_a_topic_when_a_peer_moves_to_another_manager(self, redis_server):
         # The two-browsers test's reload, without browsers: page b leaves worker A (where page a

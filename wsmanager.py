@@ -3683,6 +3683,103 @@ def _stop_started_managers() -> None:
             manager.join(max(0.0, deadline - time.monotonic()))
 
 
+class _Topics:
+    """A manager's topics: which of its connections subscribe to what, and the bridge relaying them.
+
+    The manager's topic methods delegate here, from any thread: one lock guards
+    topic -> subscribers and the way back. A :class:`RedisBridge` attaches and
+    detaches itself, hands what other processes publish to :meth:`deliver`, and
+    hears of each topic that gets its first subscriber or loses its last.
+    """
+
+    def __init__(self, manager: "WebSocketManager"):
+        self._manager = manager
+        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
+        self._subscribers: Dict[str, Dict[WebSocket, None]] = {}
+        self._memberships: Dict[WebSocket, Set[str]] = {}
+        self._lock = threading.Lock()
+        self.bridge: Optional[RedisBridge] = None  # set by attach() and detach() only
+
+    @staticmethod
+    def _refuse(topic: object) -> NoReturn:
+        """What a topic that fails the one test of :meth:`subscribe` and :meth:`publish` gets."""
+        if type(topic) is not str:
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
+
+    def subscribe(self, websocket: WebSocket, topic: str) -> None:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:
+            self._refuse(topic)
+        if websocket.manager not in (self._manager, None):
+            raise ValueError("the connection belongs to another manager")
+        with self._lock:
+            # The manager's _forget() drops the connection from its websockets before it calls leave():
+            # either we see it gone, or leave() sees the subscription and takes it out again.
+            if self._manager.websockets.get(websocket.fileno()) is not websocket:
+                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
+            first = topic not in self._subscribers
+            self._subscribers.setdefault(topic, {})[websocket] = None
+            self._memberships.setdefault(websocket, set()).add(topic)
+        bridge = self.bridge
+        if first and bridge is not None:
+            bridge._topic_changed(topic)
+
+    def leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
+        """Take ``websocket`` out of ``topics`` (None: all of its own, as it goes)."""
+        emptied = []
+        with self._lock:
+            own = self._memberships.get(websocket, set())
+            for topic in tuple(own) if topics is None else own.intersection(topics):
+                own.remove(topic)  # and the way there holds it too: both change under the lock
+                members = self._subscribers[topic]
+                del members[websocket]
+                if not members:
+                    del self._subscribers[topic]
+                    emptied.append(topic)
+            if not own:
+                self._memberships.pop(websocket, None)
+        bridge = self.bridge
+        if bridge is not None:
+            for topic in emptied:
+                bridge._topic_changed(topic)
+
+    def subscribers(self, topic: str) -> int:
+        return len(self._subscribers.get(topic, ()))
+
+    def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
+        with self._lock:
+            return list(self._subscribers if websocket is None else self._memberships.get(websocket, ()))
+
+    def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:  # deliberate: one test inline, on the hot path
+            self._refuse(topic)
+        opcode, payload = _data_frame(message)
+        bridge = self.bridge
+        if bridge is not None:
+            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
+            # calls of one thread, which is all "in publish order per publisher" promises.
+            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
+        return self.deliver(topic, opcode, payload)
+
+    def deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
+        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
+        with self._lock:
+            subscribers = tuple(self._subscribers.get(topic, ()))
+        return _queue_to_all(subscribers, opcode, payload) if subscribers else 0
+
+    def attach(self, bridge: RedisBridge) -> None:
+        with self._lock:
+            if self.bridge is not None:
+                raise RuntimeError("this manager is bridged already")
+            self.bridge = bridge
+
+    def detach(self, bridge: RedisBridge) -> None:
+        """publish() is local only from now on (unless another bridge is attached since)."""
+        with self._lock:
+            if self.bridge is bridge:
+                self.bridge = None
+
+
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
 _WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
@@ -3735,11 +3832,7 @@ class WebSocketManager:
         self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
-        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
-        self._topics: Dict[str, Dict[WebSocket, None]] = {}
-        self._memberships: Dict[WebSocket, Set[str]] = {}
-        self._topics_lock = threading.Lock()
-        self._bridge: Optional["RedisBridge"] = None
+        self._topics = _Topics(self)
         self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
@@ -3979,35 +4072,19 @@ class WebSocketManager:
         :class:`ConnectionClosed` for a connection that is over,
         :class:`ValueError` for one of another manager.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        if websocket.manager is not self and websocket.manager is not None:
-            raise ValueError("the connection belongs to another manager")
-        with self._topics_lock:
-            # _forget() drops the connection from _websockets before it takes this lock: either
-            # we see it gone, or _forget() sees the subscription and takes it out again.
-            if self._websockets.get(websocket.fileno()) is not websocket:
-                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
-            first = topic not in self._topics
-            self._topics.setdefault(topic, {})[websocket] = None
-            self._memberships.setdefault(websocket, set()).add(topic)
-        if first and self._bridge is not None:
-            self._bridge._topic_changed(topic)
+        self._topics.subscribe(websocket, topic)
 
     def unsubscribe(self, websocket: WebSocket, topic: str) -> None:
         """Take ``websocket`` out of ``topic`` (nothing happens if it was not in). Any thread."""
-        self._leave(websocket, (topic,))
+        self._topics.leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
         """How many of this manager's connections are subscribed to ``topic`` (any thread)."""
-        return len(self._topics.get(topic, ()))
+        return self._topics.subscribers(topic)
 
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
         """The topics with a local subscriber, or those of ``websocket`` (any thread)."""
-        with self._topics_lock:
-            return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
+        return self._topics.topics(websocket)
 
     def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every subscriber of ``topic``; return how many took it.
@@ -4021,45 +4098,7 @@ class WebSocketManager:
         :class:`ValueError` for a topic that :meth:`subscribe` refuses.
         Example, in a callback: ``self.manager.publish("room:42", message)``.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        opcode, payload = _data_frame(message)
-        bridge = self._bridge
-        if bridge is not None:
-            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
-            # calls of one thread, which is all "in publish order per publisher" promises.
-            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
-        return self._deliver(topic, opcode, payload)
-
-    def _deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
-        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
-        with self._topics_lock:
-            members = self._topics.get(topic)
-            if not members:
-                return 0
-            subscribers = tuple(members)
-        return _queue_to_all(subscribers, opcode, payload)
-
-    def _leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
-        # Out of ``topics`` (None: all of its own, as it goes); the bridge hears of each topic left empty.
-        emptied = []
-        with self._topics_lock:
-            own = self._memberships.get(websocket, set())
-            for topic in tuple(own) if topics is None else topics:
-                own.discard(topic)
-                members = self._topics.get(topic)
-                if members is not None and websocket in members:
-                    del members[websocket]
-                    if not members:
-                        del self._topics[topic]
-                        emptied.append(topic)
-            if not own:
-                self._memberships.pop(websocket, None)
-        if self._bridge is not None:
-            for topic in emptied:
-                self._bridge._topic_changed(topic)
+        return self._topics.publish(topic, message)
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "Server is shutting down") -> None:
         """Start the close handshake on every connection.
@@ -4162,12 +4201,10 @@ class WebSocketManager:
         :class:`ManagerStopped` once it is stopping; Redis being down is not
         an error (the bridge connects, and reconnects, in the loop).
         """
-        bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
+        bridge = RedisBridge(self, self._topics, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
             self._check_running()
-            if self._bridge is not None:
-                raise RuntimeError("this manager is bridged already")
-            self._bridge = bridge
+            self._topics.attach(bridge)
         self._call_threadsafe(bridge._start)
         return bridge
 
@@ -4550,7 +4587,7 @@ class WebSocketManager:
             del self._websockets[fd]
         elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
             handshake = self._client_handshake(websocket)
-        self._leave(websocket)
+        self._topics.leave(websocket)
         self._unwatch(websocket.sock)
         if handshake is not None:
             handshake._abandon(_ended_by(websocket))
@@ -4678,8 +4715,8 @@ class WebSocketManager:
             handshake._finalize("manager stopped")
         for listener in self._listeners:
             listener._finalize()
-        if self._bridge is not None:
-            self._bridge._close()
+        if self._topics.bridge is not None:
+            self._topics.bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
             if function in (self._open, self._begin_client, self._fail_client):
@@ -5887,7 +5924,7 @@ class RedisBridge:
     levels of nesting) ends that connection, after the replies before it.
     """
 
-    def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
+    def __init__(self, manager: "WebSocketManager", topics: _Topics, url: str, *, prefix: str = "wsmanager:",
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
                  max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
         # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
@@ -5896,6 +5933,7 @@ class RedisBridge:
         self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
         self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
+        self._topics = topics  # the manager's: attached to by manager.bridge(), detached from by _close()
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
         self.max_pending = max_pending
@@ -6008,7 +6046,7 @@ class RedisBridge:
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
-            self._channels = set(self.manager.topics())
+            self._channels = set(self._topics.topics())
             self._subscribed.clear()
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
@@ -6060,17 +6098,14 @@ class RedisBridge:
         self.manager._call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
-        # Reads the manager's state now, so that subscribe/unsubscribe races end where the topic stands.
+        # Reads the topics now, so that subscribe/unsubscribe races end where the topic stands.
         connection = self._connections["subscribe"]
-        wanted = self.manager.subscribers(topic) > 0
+        wanted = self._topics.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = _topic_channel(self._prefix_bytes, topic)
-        if wanted:
-            self._channels.add(topic)
-        else:
-            self._channels.discard(topic)
-        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
+        self._channels ^= {topic}  # in if wanted, out if not: it was the other way round
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE",
+                                       _topic_channel(self._prefix_bytes, topic)))
 
     # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
     # message behind it is not lost), and every counter only goes up and counts what it says.
@@ -6121,7 +6156,7 @@ class RedisBridge:
     def _receive(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
         prefix = self._prefix_bytes
         skip = len(prefix)
-        manager = self.manager
+        deliver = self._topics.deliver
         for reply in replies:
             if type(reply) is not list or len(reply) != 3:
                 if isinstance(reply, _RedisError):
@@ -6152,7 +6187,7 @@ class RedisBridge:
                     self._skip(connection, reply, "not a message of a bridge")
                     continue
                 self.received += 1
-                manager._deliver(topic, opcode, payload)
+                deliver(topic, opcode, payload)
             elif kind == b"subscribe" or kind == b"unsubscribe":
                 try:
                     topic = _channel_topic(channel, skip)
@@ -6190,10 +6225,7 @@ class RedisBridge:
 
     def _close(self) -> None:
         self._closed = True
-        manager = self.manager
-        with manager._lock:
-            if manager._bridge is self:
-                manager._bridge = None  # publish() is local only from now on
+        self._topics.detach(self)
         for connection in list(self._connections.values()):
             if connection is not None:
                 connection._finalize("bridge closed")
