@@ -10561,6 +10561,47 @@ class TestClients:
         assert len(run.round_trips) == 3
         assert run.errors == {"closed 1000 before its last answer": 1}
 
+    def test_load_writes_each_message_on_its_own(self, manager, client_manager, monkeypatch):
+        # As a real client's sends would: one write for all the messages that one read let go (or the
+        # start's in-flight window) would hand the server fewer, fuller reads than real clients cause.
+        class Recorder:
+            def __init__(self, sock):
+                self._sock, self.writes = sock, []
+
+            def send(self, data):
+                self.writes.append(bytes(data))
+                return self._sock.send(data)
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        recorders = []
+
+        class RecordingClient(wsmanager._LoadClient):
+            def opened(self):
+                self.sock = Recorder(self.sock)
+                recorders.append(self.sock)
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        run = wsmanager._LoadRun(2, 30, 16, in_flight=4)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        for _ in range(2):
+            client_manager.connect(ws_url(address), RecordingClient)
+        wait_until(lambda: run.finished == 2, timeout=30)
+        assert len(run.round_trips) == 60 and not run.errors
+        messages = [write for recorder in recorders for write in recorder.writes if write[0] == 0x82]
+        assert len(messages) == 60 and {len(write) for write in messages} == {2 + 4 + 16}
+
+    @pytest.mark.parametrize("size", [0, 3, 125, 126, 70_000])
+    def test_load_frames_are_masked_frames_of_the_payload(self, size):
+        run = wsmanager._LoadRun(1, 1, size, text=True)
+        frames = [run.frame() for _ in range(3)]
+        parsed = FrameParser(expect_masked=True, max_frame_size=size).feed(b"".join(frames))
+        assert [(frame.opcode, frame.payload) for frame in parsed] == [(Opcode.TEXT, b"x" * size)] * 3
+        assert len({frame[-size - 4:len(frame) - size] for frame in frames}) == 3  # a key of its own each
+
     class RawEcho:
         """An echo server on bare sockets that records each message's mask key; ``answer(index, frame)``
         returns what to write for the index-th message (byte strings, a float: a pause in seconds)."""

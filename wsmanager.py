@@ -6810,24 +6810,30 @@ class _LoadClient(WebSocket):
         self.raw = False
         self.run.closed(self, code)
 
-    def send_raw(self, frames: bytes) -> None:
-        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
-        before them, else (and what the socket does not take) queued; dropped once the connection closes
-        (``closed()`` counts it). Loop thread only: it writes as the connection's driver does."""
-        protocol = self._protocol
-        sent = 0
+    def send_raw(self, count: int) -> None:
+        """Write ``count`` messages as frames masked in advance, each with a write of its own as a real
+        client's sends would be (one write for them all would hand the server fewer, fuller reads than
+        real clients cause): straight to the socket while nothing is queued before them, else (and what
+        the socket does not take) queued; dropped once the connection closes (``closed()`` counts it).
+        Loop thread only: it writes as the connection's driver does."""
+        protocol, run = self._protocol, self.run
+        masked, send = run.masked, self.sock.send
         # Deliberate: no lock (it costs the generator 5 % of its CPU). Only the loop thread, this one,
-        # writes to the socket, so nothing interleaves with this write; a frame another thread queues
-        # meanwhile (close_all()'s close frame) is whole and goes after it, and the rest of a partial
+        # writes to the socket, so nothing interleaves with these writes; a frame another thread queues
+        # meanwhile (close_all()'s close frame) is whole and goes after them, and the rest of a partial
         # write is queued before it (queue_raw). Nothing here touches ``out`` but through _Protocol.
         if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frames)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frames):
-                return
-        self.queue_raw(frames, sent)
+            for after in range(count - 1, -1, -1):  # the messages still to write after this one
+                frame = masked.pop() if masked else run.frame()
+                try:
+                    sent = send(frame)
+                except OSError:  # full, or lost: the queue's flush tells which
+                    sent = 0
+                if sent != len(frame):
+                    self.queue_raw(frame + b"".join([run.frame() for _ in range(after)]), sent)
+                    return
+            return
+        self.queue_raw(b"".join([run.frame() for _ in range(count)]), 0)
 
     def queue_raw(self, frames: bytes, sent: int) -> None:
         """Queue what :meth:`send_raw` did not write (``sent`` bytes of ``frames`` went to the socket)."""
@@ -6852,12 +6858,11 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock", "protocol")
+    __slots__ = ("client", "manager", "run", "sock")
 
     def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
         self.client = client
         self.manager = manager
-        self.protocol = client._protocol
         self.run = client.run
         self.sock = client.sock
         manager._set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
@@ -6897,18 +6902,7 @@ class _LoadReader:
         if left > 0:
             client.left = left - 1
         sent_at.append(now)
-        masked = run.masked
-        frame = masked.pop() if masked else run.frames(1)
-        protocol = self.protocol  # _LoadClient.send_raw() inlined: the path of nearly every answer
-        sent = 0
-        if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frame)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frame):
-                return
-        client.queue_raw(frame, sent)
+        client.send_raw(1)
 
     def _answers(self, data: bytes) -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
@@ -6971,15 +6965,16 @@ class _LoadRun:
         # Deliberate: no bigger read than the answers awaited (a small buffer costs less than 64 KiB); more
         # input (a ping, a close) waits for the next loop turn, its socket still readable.
         self.read_size = min(len(self.answers), READ_SIZE)
-        masked = encode_frame(opcode, payload, mask=b"\0\0\0\0")
-        self._header = masked[:len(masked) - size - 4]
+        unmasked = encode_frame(opcode, payload, mask=b"\0\0\0\0")  # the frame with a key of zeros
         self.masked: List[bytes] = []  # frames of the payload masked in advance, each used once, last first
-        self._batch = max(1, min(1024, (1 << 20) // len(masked)))  # about 1 MiB of them at a time
-        # Masking as one integer XOR: the key repeated over the payload is the key times a constant with
-        # a 1 every 32 bits (lanes that cannot carry into each other), cut to the payload's length.
-        self._payload_int = int.from_bytes(payload, "little")
-        self._key_lanes = int.from_bytes(b"\1\0\0\0" * ((size + 3) // 4), "little")
-        self._payload_bits = (1 << (8 * size)) - 1
+        self._batch = max(1, min(1024, (1 << 20) // len(unmasked)))  # about 1 MiB of them at a time
+        # A whole frame masked as one integer XOR: the key times a constant with a 1 at the key's place
+        # and every 32 bits over the payload (lanes that cannot carry into each other) puts the key in
+        # its field and repeats it over the payload; cut to the frame's length.
+        key_at = len(unmasked) - size - 4
+        self._frame_int = int.from_bytes(unmasked, "little")
+        self._key_lanes = int.from_bytes(bytes(key_at) + b"\1\0\0\0" * (1 + (size + 3) // 4), "little")
+        self._frame_length = len(unmasked)
         self.connect_times: List[float] = []
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
@@ -7022,25 +7017,22 @@ class _LoadRun:
             client.left = left - count
         client.sent_at.extend([now] * count)
         if client.raw:
-            client.send_raw(self.frames(count))
+            client.send_raw(count)
         else:
             for _ in range(count):
                 client.send(self.payload)
 
-    def frames(self, count: int) -> bytes:
-        """``count`` frames of the payload, each masked with a key of its own: RFC 6455 5.3's unpredictable
-        keys, drawn from the OS's entropy source in batches (one system call for a batch)."""
+    def frame(self) -> bytes:
+        """A frame of the payload masked with a key of its own: RFC 6455 5.3's unpredictable keys, drawn
+        from the OS's entropy source in batches (one system call for a batch)."""
         masked = self.masked
-        while len(masked) < count:
-            batch, size, header = self._batch, self.size, self._header
-            payload, lanes, bits = self._payload_int, self._key_lanes, self._payload_bits
-            keys = os.urandom(4 * batch)
+        if not masked:
+            batch, frame, lanes, length = self._batch, self._frame_int, self._key_lanes, self._frame_length
+            bits = (1 << (8 * length)) - 1
             # Deliberate: a batch in one comprehension, not a call per message.
-            masked.extend([header + keys[i:i + 4] + (payload ^ key * lanes & bits).to_bytes(size, "little")
-                           for i, key in zip(range(0, 4 * batch, 4), struct.unpack(f"<{batch}I", keys))])
-        if count == 1:
-            return masked.pop()
-        return b"".join([masked.pop() for _ in range(count)])
+            masked.extend([(frame ^ key * lanes & bits).to_bytes(length, "little")
+                           for key in struct.unpack(f"<{batch}I", os.urandom(4 * batch))])
+        return masked.pop()
 
     def failed(self, exc: BaseException) -> None:
         self.errors[_error_kind(exc)] += 1
