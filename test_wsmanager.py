@@ -153,6 +153,13 @@ def run_threads(target, arguments, timeout):
     return threads
 
 
+def fresh_python(code, *flags):
+    """Run ``code`` to its end in a new interpreter (with ``flags``) beside the wsmanager under test: its
+    directory is the working one, so ``import wsmanager`` finds it even under ``-I -S``. Text output."""
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(wsmanager.__file__).parent)
+
+
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
@@ -5315,13 +5322,6 @@ sys.stdin.readline()  # the test says when; then the main thread ends, the loop 
 if sys.argv[1] == "sys.exit":
     sys.exit(3)
 """
-
-
-def fresh_python(code, *flags):
-    """Run ``code`` to its end in a new interpreter (with ``flags``) beside the wsmanager under test: its
-    directory is the working one, so ``import wsmanager`` finds it even under ``-I -S``. Text output."""
-    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(wsmanager.__file__).parent)
 
 
 def _python_script(code, *args, **popen_options):
