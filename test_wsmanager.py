@@ -10952,11 +10952,11 @@ class TestHardening:
             def snapshot():
                 return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._protocol.out),
                             parser=len(ws._protocol.parser._buffer), assembler=len(ws._protocol.assembler._buffer),
-                            assembler_held=memory_held_by(ws._protocol.assembler._buffer), finalized=ws._finalized)
+                            assembler_held=memory_held_by(ws._protocol.assembler._buffer), terminated=ws.terminated)
 
             wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
             s = call_in_loop_thread(m, snapshot)
-            assert not s["finalized"]
+            assert not s["terminated"]
             bystander.served_now()  # while this peer holds the server at every cap
             # Every cap is reached (the peer really makes the server hold that much) ...
             assert CAP_BUFFERED - 3 * frame_len <= s["buffered"] <= CAP_BUFFERED
