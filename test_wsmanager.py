@@ -5695,6 +5695,72 @@ class TestManager:
             assert mgr_closed_events(conn) == [("closed", 1000, "tls done")]
             assert mgr_closed_events(client)[0][1] == 1000
 
+    def test_tls_after_import_changes_no_global_and_import_needs_no_ssl(self):
+        """ssl is imported lazily (not by ``import wsmanager``) and nothing wsmanager binds changes after
+        import: a wss:// echo whose 300 KiB message makes TLS reads and writes would-block, with ssl
+        imported only after wsmanager, leaves every module global the same object. The codec's state is
+        the deliberate exception: the masking accelerator, looked for on the first large payload (see
+        TestCodec), and the pool of random mask keys."""
+        code = textwrap.dedent("""
+            import sys, threading
+            import wsmanager
+            print("ssl imported:", "ssl" in sys.modules)
+            before = dict(vars(wsmanager))
+            import ssl, trustme
+            ca = trustme.CA()
+            server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(server_context)
+            client_context = ssl.create_default_context()
+            ca.configure_trust(client_context)
+            big = bytes(range(256)) * 1200
+            got, done = [], threading.Event()
+            class Echo(wsmanager.WebSocket):
+                def received_message(self, message):
+                    self.send(message)
+            class Client(wsmanager.WebSocket):
+                def opened(self):
+                    self.send("small")
+                    self.send(big)
+                def received_message(self, message):
+                    got.append(message)
+                    if len(got) == 2:
+                        done.set()
+            with wsmanager.WebSocketManager() as manager:
+                port = manager.listen(("127.0.0.1", 0), Echo, ssl_context=server_context)[1]
+                manager.connect(f"wss://127.0.0.1:{port}/", Client, ssl_context=client_context)
+                done.wait(30)
+            print("echoed:", got == ["small", big])
+            after = vars(wsmanager)
+            changed = sorted(name for name in set(before) | set(after) if before.get(name, before) is not after.get(name))
+            print("changed:", [name for name in changed if name not in ("_large_mask", "_small_mask", "_mask_keys")])
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["ssl imported: False", "echoed: True", "changed: []"], result.stdout
+
+    def test_would_block_covers_tls_errors_once_ssl_is_imported_and_never_imports_it(self):
+        code = textwrap.dedent("""
+            import sys, wsmanager
+            plain = wsmanager._would_block()
+            print("ssl imported:", "ssl" in sys.modules)
+            import ssl
+            caught = []
+            for error in (BlockingIOError(), InterruptedError(), ssl.SSLWantReadError(), ssl.SSLWantWriteError(),
+                          ssl.SSLError(), ssl.SSLZeroReturnError(), ConnectionResetError(), OSError()):
+                try:
+                    raise error
+                except wsmanager._would_block():
+                    caught.append(type(error).__name__)
+                except OSError:
+                    pass
+            print("before ssl:", set(plain) == {BlockingIOError, InterruptedError}, "caught:", caught)
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "ssl imported: False",
+            "before ssl: True caught: ['BlockingIOError', 'InterruptedError', 'SSLWantReadError', 'SSLWantWriteError']"]
+
     def test_wss_rejects_untrusted_certificate(self, manager, mgr_tls_contexts):
         server_context, _ = mgr_tls_contexts
         port = manager.listen(("127.0.0.1", 0), Recorder, ssl_context=server_context)[1]
@@ -7144,8 +7210,8 @@ class Echo(wsmanager.WebSocket):
 manager = wsmanager.WebSocketManager()
 manager.start()
 port = manager.listen(("127.0.0.1", 0), Echo)[1]
-for _ in range(500):  # the loop has started and, if it does, imported what it needs (the logger last)
-    if not isinstance(wsmanager.logger, wsmanager._Logger):
+for _ in range(500):  # the loop has started and, if it does, imported what it needs (logging last)
+    if "logging" in sys.modules:
         break
     time.sleep(0.01)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

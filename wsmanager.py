@@ -115,26 +115,31 @@ if TYPE_CHECKING:
     import urllib.parse
     import zlib
 else:
-    class _LazyModule(types.ModuleType):
-        """A module imported on its first use, then bound in its place: no cost at import, none after.
+    def _lazy_module(name: str) -> types.ModuleType:
+        """A stand-in for module ``name`` that imports it on first use: no cost at import.
 
         Deliberate: these modules are most of what ``import wsmanager`` would
-        cost (``ssl`` and ``logging`` above all), and many programs
-        never touch TLS, compression, signals or a log line.
+        cost (``ssl`` and ``logging`` above all), and many programs never
+        touch TLS, compression, signals or a log line. Each attribute is
+        fetched from the real module once and kept in the stand-in, whose
+        ``__getattr__`` (PEP 562) runs only for a missing one: later uses cost
+        a plain module attribute look-up, and the global naming the stand-in
+        never changes.
         """
+        stand_in = types.ModuleType(name)
 
-        def __getattr__(self, attribute: str) -> Any:
-            name = self.__name__
+        def __getattr__(attribute: str) -> Any:
             __import__(name)
-            top = name.partition(".")[0]
-            globals()[top] = module = sys.modules[top]  # every later use finds the real module
-            if name == "ssl":
-                _tls_in_use()
-            return getattr(module, attribute)
+            value = getattr(sys.modules[name.partition(".")[0]], attribute)
+            setattr(stand_in, attribute, value)
+            return value
+
+        stand_in.__getattr__ = __getattr__
+        return stand_in
 
     base64, hashlib, logging, signal, ssl, zlib = map(
-        _LazyModule, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
-    urllib = _LazyModule("urllib.parse")
+        _lazy_module, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
+    urllib = _lazy_module("urllib.parse")
 
 
 def _tls_step(sock: Any) -> int:
@@ -150,27 +155,36 @@ def _tls_step(sock: Any) -> int:
 
 
 def _is_tls(sock: Any) -> bool:
-    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
-
-    Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
-    """
-    module = sys.modules.get("ssl")
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is)."""
     # getattr: while another thread imports ssl, sys.modules holds it half made, without SSLSocket.
-    ssl_socket = getattr(module, "SSLSocket", None)
-    if ssl_socket is None or not isinstance(sock, ssl_socket):
-        return False
-    if len(_WOULD_BLOCK) == 2:
-        _tls_in_use()
-    return True
+    ssl_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    return ssl_socket is not None and isinstance(sock, ssl_socket)
+
+
+def _would_block() -> Tuple[type[BaseException], ...]:
+    """What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
+
+    For ``except _would_block():``, which calls it only once something was raised. ssl's two are
+    there once ssl is imported (wsmanager imports it lazily, and no TLS socket exists before);
+    until then BlockingIOError stands in for them.
+    """
+    module = sys.modules.get("ssl")  # getattr: ssl may be half made (another thread importing it)
+    return (BlockingIOError, InterruptedError, getattr(module, "SSLWantReadError", BlockingIOError),
+            getattr(module, "SSLWantWriteError", BlockingIOError))
 
 
 class _Logger:
-    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily)."""
+    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily).
+
+    Its methods are the real logger's, kept here once fetched (a plain attribute look-up from
+    then on); its data (``level``, ``handlers``) is read from the real logger on each use.
+    """
 
     def __getattr__(self, attribute: str) -> Any:
-        global logger
-        logger = logging.getLogger("wsmanager")
-        return getattr(logger, attribute)
+        value = getattr(logging.getLogger("wsmanager"), attribute)
+        if callable(value):
+            setattr(self, attribute, value)
+        return value
 
 
 logger = cast("logging.Logger", _Logger())
@@ -252,17 +266,6 @@ MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refu
 
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
-
-# What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
-# ssl's two join once ssl is in use (_tls_in_use): ssl is imported lazily, and no TLS socket exists before.
-_WOULD_BLOCK: Tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-
-
-def _tls_in_use() -> None:
-    """Add ssl's would-block errors to _WOULD_BLOCK (when ssl is imported, or a TLS socket is first seen)."""
-    global _WOULD_BLOCK
-    module = sys.modules["ssl"]
-    _WOULD_BLOCK = (BlockingIOError, InterruptedError, module.SSLWantReadError, module.SSLWantWriteError)
 
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -2750,7 +2753,7 @@ class WebSocket:
             return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             # TLS's close_notify (SSLZeroReturnError) is an EOF. ssl is looked at on a TLS socket only:
@@ -2842,7 +2845,7 @@ class WebSocket:
                     break
                 try:
                     sent = sock.send(out[0])
-                except _WOULD_BLOCK:
+                except _would_block():
                     break
                 except OSError as exc:
                     error = exc
@@ -3082,7 +3085,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
-            except _WOULD_BLOCK:
+            except _would_block():
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -3176,7 +3179,7 @@ class _ServerHandshake(_Handshake):
             return
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError:
             data = b""
@@ -3257,7 +3260,7 @@ class _ServerHandshake(_Handshake):
     def _write_reply(self, reply: memoryview) -> None:
         try:
             sent = self.sock.send(reply) if reply else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError:
             self._finalize()
@@ -3416,7 +3419,7 @@ class _ClientHandshake(_Handshake):
                     self._secure()
                 return
             result = self.opening.feed(data)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except HandshakeError as exc:
             if exc.status in _REDIRECT_STATUSES:
@@ -3465,7 +3468,7 @@ class _ClientHandshake(_Handshake):
         request = self.request
         try:
             sent = self.sock.send(request) if request else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError as exc:
             self._fail(exc)
@@ -3552,7 +3555,7 @@ class _Waker:
             # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
             while len(self.sock.recv(4096)) == 4096:
                 pass
-        except _WOULD_BLOCK:
+        except _would_block():
             pass
         # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
         # flag stays set) and before the queues are read (work queued before a skipped
@@ -3582,7 +3585,7 @@ def _import_loop_modules() -> None:
     zlib.crc32(b"")
     urllib.parse.urlsplit("ws://localhost/")
     "localhost".encode("idna")
-    logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
+    logger.isEnabledFor(logging.DEBUG)  # makes the "wsmanager" logger
 
 
 def _descriptors_exhausted(exc: OSError) -> Optional[OSError]:
@@ -5737,7 +5740,7 @@ class _RedisConnection:
                     raise ConnectionError("Redis closed the connection")
                 parsed = parser.parsed
                 replies = parser.feed(data, budget)
-            except _WOULD_BLOCK:
+            except _would_block():
                 break
             except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
                 self.bridge._deliver_replies(self, exc.replies)
@@ -5812,7 +5815,7 @@ class _RedisConnection:
                         break
                     sent = self.sock.send(out)
                     del out[:sent]
-            except _WOULD_BLOCK:
+            except _would_block():
                 pass
             except OSError as exc:
                 error = exc
@@ -6844,7 +6847,7 @@ class _LoadReader:
         run = self.run
         try:
             data = self.sock.recv(run.read_size)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             self.client._finalize(f"connection lost: {exc}")
