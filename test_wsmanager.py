@@ -20,6 +20,7 @@ tests alone, in seconds, and a fixture makes sure none of them opens a socket.
 import base64
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import http.client
@@ -30,6 +31,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -47,6 +49,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import typing
 import zlib
 from pathlib import Path
 
@@ -3446,6 +3449,43 @@ PROTOCOL_VIOLATIONS = [
 
 class TestCodec:
     """The sans-I/O codec: masking, frames, fragmentation, close payloads, UTF-8, limits, fuzz."""
+
+    @pytest.mark.parametrize("name", ["Frame", "Close", "Deflate", "DeflateParams", "Request", "Response", "Reconnect",
+                                      "_Answer", "_ClientTarget", "_RedisError"])
+    def test_tuple_types_are_what_typing_namedtuple_makes_of_their_class_statement(self, name):
+        """wsmanager's tuple types skip typing.NamedTuple's run-time check of annotations (import time):
+        the same class statement run through typing.NamedTuple makes a class that behaves the same."""
+        ours = getattr(wsmanager, name)
+        source = "from __future__ import annotations\n" + inspect.getsource(ours).replace(
+            f"class {name}(_NamedTuple):", f"class {name}(typing.NamedTuple):", 1)
+        namespace = dict(vars(wsmanager), typing=typing)
+        exec(compile(source, wsmanager.__file__, "exec", dont_inherit=True), namespace)
+        typing_made = namespace[name]
+        assert ours.__mro__[1:] == typing_made.__mro__[1:] == (tuple, object)
+        for attribute in ("__name__", "__qualname__", "__module__", "__doc__", "__slots__", "_fields", "_field_defaults"):
+            assert getattr(ours, attribute) == getattr(typing_made, attribute), attribute
+        # typing's also records the typing.NamedTuple function it came through (__orig_bases__).
+        assert set(vars(ours)) == set(vars(typing_made)) - {"__orig_bases__"}
+        assert typing.get_type_hints(ours) == typing.get_type_hints(typing_made)
+        assert [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()] == [
+            (p.name, p.kind, p.default) for p in inspect.signature(typing_made).parameters.values()]
+        required = [f"value {n}" for n in range(len(ours._fields) - len(ours._field_defaults))]
+        for wrong in ([None] * (len(ours._fields) + 1), required[1:] if required else [None] * 99):
+            with pytest.raises(TypeError) as error:
+                ours(*wrong)
+            with pytest.raises(TypeError) as typing_error:
+                typing_made(*wrong)
+            assert str(error.value) == str(typing_error.value)
+        made, expected = ours(*required), typing_made(*required)
+        assert isinstance(made, tuple) and not hasattr(made, "__dict__")
+        assert made == expected and tuple(made) == tuple(expected) and hash(made) == hash(expected)
+        assert repr(made) == repr(expected) and made._asdict() == expected._asdict()
+        replaced = made._replace(**{ours._fields[-1]: "replaced"})
+        assert type(replaced) is ours and replaced == expected._replace(**{ours._fields[-1]: "replaced"})
+        assert type(ours._make(made)) is ours and ours._make(made) == made
+        assert made == ours(**dict(zip(ours._fields, required)))
+        copied = pickle.loads(pickle.dumps(made))
+        assert type(copied) is ours and copied == made and copy.copy(made) == made
 
     @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview], ids=lambda k: k.__name__)
     @pytest.mark.parametrize("size", MASK_SIZES)
