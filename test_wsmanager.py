@@ -21,6 +21,7 @@ import base64
 import collections
 import contextlib
 import copy
+import enum
 import errno
 import functools
 import http.client
@@ -3449,6 +3450,32 @@ PROTOCOL_VIOLATIONS = [
 
 class TestCodec:
     """The sans-I/O codec: masking, frames, fragmentation, close payloads, UTF-8, limits, fuzz."""
+
+    @pytest.mark.parametrize("name", ["Opcode", "CloseCode", "State"])
+    def test_enums_are_what_enum_makes_of_their_class_statement(self, name):
+        """wsmanager's IntEnums are made by enum's fast path (Python 3.11+, import time): the same class
+        statement run through enum.IntEnum makes an enum that behaves the same."""
+        ours = getattr(wsmanager, name)
+        source = "from __future__ import annotations\n" + inspect.getsource(ours).replace(
+            f"class {name}(_IntEnum):", f"class {name}(enum.IntEnum):", 1)
+        namespace = dict(vars(wsmanager), enum=enum)
+        exec(compile(source, wsmanager.__file__, "exec", dont_inherit=True), namespace)
+        reference = namespace[name]
+        if hasattr(enum, "_test_simple_enum"):
+            enum._test_simple_enum(reference, ours)  # raises on any difference of class or members
+        assert type(ours) is type(reference) and ours.__mro__[1:] == reference.__mro__[1:]
+        assert issubclass(ours, enum.IntEnum) and ours.__doc__ == reference.__doc__
+        assert [(m.name, m.value) for m in ours] == [(m.name, m.value) for m in reference]
+        for member, expected in zip(ours, reference):
+            assert ours(int(member)) is member and ours[member.name] is member and isinstance(member, int)
+            assert (repr(member), str(member), f"{member}", hash(member)) == (
+                repr(expected), str(expected), f"{expected}", hash(expected))
+            assert pickle.loads(pickle.dumps(member)) is member and copy.copy(member) is member
+        with pytest.raises(ValueError) as error:
+            ours(999)
+        with pytest.raises(ValueError) as reference_error:
+            reference(999)
+        assert str(error.value) == str(reference_error.value)
 
     @pytest.mark.parametrize("name", ["Frame", "Close", "Deflate", "DeflateParams", "Request", "Response", "Reconnect",
                                       "_Answer", "_ClientTarget", "_RedisError"])
