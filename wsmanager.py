@@ -415,12 +415,13 @@ class Close(_NamedTuple):
 def _xor_tables() -> List[bytes]:
     """One table per key byte ``k`` for bytes.translate, ``tables[k][i] == i ^ k``: 64 KiB."""
     # Built by doubling, one C translate() per table (a generator over 65,536 bytes would cost
-    # ms at import): XOR with a power of two ``bit`` swaps the halves of each block of 2 * bit
-    # values, and the tables of k and k | bit differ by just that swap.
-    tables = [bytes(range(256))]
-    identity = tables[0]
+    # ms at import): the tables of k and k | bit differ by the XOR with ``bit``, itself a table
+    # made by one big-int XOR of the identity with ``bit`` in every byte.
+    identity = bytes(range(256))
+    number, ones = int.from_bytes(identity, "big"), int.from_bytes(b"\x01" * 256, "big")
+    tables = [identity]
     for bit in (1, 2, 4, 8, 16, 32, 64, 128):
-        swap = b"".join(identity[i + bit:i + 2 * bit] + identity[i:i + bit] for i in range(0, 256, 2 * bit))
+        swap = (number ^ ones * bit).to_bytes(256, "big")
         tables += [table.translate(swap) for table in tables]
     return tables
 
