@@ -158,9 +158,8 @@ else:
             defaults = [namespace[field] for field in fields if field in namespace]
             record = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
             record.__annotations__ = record.__new__.__annotations__ = fields
-            for key, value in namespace.items():
-                if key not in fields and key not in ("__annotations__", "__module__"):
-                    setattr(record, key, value)
+            for key in namespace.keys() - fields.keys() - {"__annotations__", "__module__"}:
+                setattr(record, key, namespace[key])
             return record
 
     _NamedTuple = type.__new__(_NamedTupleType, "NamedTuple", (), {})
