@@ -3448,6 +3448,17 @@ PROTOCOL_VIOLATIONS = [
 # Codec #######################################################################
 ###############################################################################
 
+def _class_statement_run_with_base(cls, base):
+    """A new class from the source of ``cls``'s class statement, with ``base`` as its only base, run in
+    wsmanager's namespace (as wsmanager runs it: annotations are not evaluated)."""
+    source = re.sub(rf"^class {cls.__name__}\(\w+\):", f"class {cls.__name__}(_base_under_test):",
+                    inspect.getsource(cls), count=1)
+    namespace = dict(vars(wsmanager), _base_under_test=base)
+    exec(compile("from __future__ import annotations\n" + source, wsmanager.__file__, "exec", dont_inherit=True),
+         namespace)
+    return namespace[cls.__name__]
+
+
 class TestCodec:
     """The sans-I/O codec: masking, frames, fragmentation, close payloads, UTF-8, limits, fuzz."""
 
@@ -3456,11 +3467,7 @@ class TestCodec:
         """wsmanager's IntEnums are made by enum's fast path (Python 3.11+, import time): the same class
         statement run through enum.IntEnum makes an enum that behaves the same."""
         ours = getattr(wsmanager, name)
-        source = "from __future__ import annotations\n" + inspect.getsource(ours).replace(
-            f"class {name}(_IntEnum):", f"class {name}(enum.IntEnum):", 1)
-        namespace = dict(vars(wsmanager), enum=enum)
-        exec(compile(source, wsmanager.__file__, "exec", dont_inherit=True), namespace)
-        reference = namespace[name]
+        reference = _class_statement_run_with_base(ours, enum.IntEnum)
         if hasattr(enum, "_test_simple_enum"):
             enum._test_simple_enum(reference, ours)  # raises on any difference of class or members
         assert type(ours) is type(reference) and ours.__mro__[1:] == reference.__mro__[1:]
@@ -3483,11 +3490,7 @@ class TestCodec:
         """wsmanager's tuple types skip typing.NamedTuple's run-time check of annotations (import time):
         the same class statement run through typing.NamedTuple makes a class that behaves the same."""
         ours = getattr(wsmanager, name)
-        source = "from __future__ import annotations\n" + inspect.getsource(ours).replace(
-            f"class {name}(_NamedTuple):", f"class {name}(typing.NamedTuple):", 1)
-        namespace = dict(vars(wsmanager), typing=typing)
-        exec(compile(source, wsmanager.__file__, "exec", dont_inherit=True), namespace)
-        typing_made = namespace[name]
+        typing_made = _class_statement_run_with_base(ours, typing.NamedTuple)
         assert ours.__mro__[1:] == typing_made.__mro__[1:] == (tuple, object)
         for attribute in ("__name__", "__qualname__", "__module__", "__doc__", "__slots__", "_fields", "_field_defaults"):
             assert getattr(ours, attribute) == getattr(typing_made, attribute), attribute
