@@ -73,7 +73,8 @@ codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
        wsaccel, numpy XOR by 64-bit words, pure Python).
 import ``python -I -S -X importtime -c "import wsmanager"``, cumulative ms,
        against the standard-library modules wsmanager needs (its floor), and
-       the self time of the module (its own body, without what it imports).
+       the self time of the module (its own body, without what it imports);
+       with ``--baseline DIR``, that of DIR/wsmanager.py too (e.g. main's), interleaved.
 zparams  in-process: zlib at level 6 with a full flush per message (the
        shared compressor of permessage-deflate without context takeover) for
        every window (9-15 bits) and memLevel (1-9): CPU ms per 128 KiB JSON
