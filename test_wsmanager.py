@@ -5771,6 +5771,7 @@ class TestManager:
         imported only after wsmanager, leaves every module global the same object. The codec's state is
         the deliberate exception: the masking accelerator, looked for on the first large payload (see
         TestCodec), and the pool of random mask keys."""
+        pytest.importorskip("trustme")
         code = textwrap.dedent("""
             import sys, threading
             import wsmanager
