@@ -20,6 +20,7 @@ tests alone, in seconds, and a fixture makes sure none of them opens a socket.
 import base64
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import http.client
@@ -30,6 +31,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -47,6 +49,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import typing
 import zlib
 from pathlib import Path
 
@@ -1696,8 +1699,52 @@ def receive_path_streams(draw, masked, compressed):
     return b"".join(wire), boundaries, params
 
 
+def _class_statement_run_with_base(cls, base):
+    """A new class from the source of ``cls``'s class statement, with ``base`` as its only base, run in
+    wsmanager's namespace (as wsmanager runs it: annotations are not evaluated)."""
+    source = re.sub(rf"^class {cls.__name__}\(\w+\):", f"class {cls.__name__}(_base_under_test):",
+                    inspect.getsource(cls), count=1)
+    namespace = dict(vars(wsmanager), _base_under_test=base)
+    exec(compile("from __future__ import annotations\n" + source, wsmanager.__file__, "exec", dont_inherit=True),
+         namespace)
+    return namespace[cls.__name__]
+
+
 class TestCodec:
     """The sans-I/O codec: masking, frames, fragmentation, close payloads, UTF-8, limits, fuzz."""
+
+    @pytest.mark.parametrize("name", ["Frame", "Close", "Deflate", "DeflateParams", "Request", "Response", "Reconnect",
+                                      "_Answer", "_ClientTarget", "_RedisError"])
+    def test_tuple_types_are_what_typing_namedtuple_makes_of_their_class_statement(self, name):
+        """wsmanager's tuple types skip typing.NamedTuple's run-time check of annotations (import time):
+        the same class statement run through typing.NamedTuple makes a class that behaves the same."""
+        ours = getattr(wsmanager, name)
+        typing_made = _class_statement_run_with_base(ours, typing.NamedTuple)
+        assert ours.__mro__[1:] == typing_made.__mro__[1:] == (tuple, object)
+        for attribute in ("__name__", "__qualname__", "__module__", "__doc__", "__slots__", "_fields", "_field_defaults"):
+            assert getattr(ours, attribute) == getattr(typing_made, attribute), attribute
+        # typing's also records the typing.NamedTuple function it came through (__orig_bases__).
+        assert set(vars(ours)) == set(vars(typing_made)) - {"__orig_bases__"}
+        assert typing.get_type_hints(ours) == typing.get_type_hints(typing_made)
+        assert [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()] == [
+            (p.name, p.kind, p.default) for p in inspect.signature(typing_made).parameters.values()]
+        required = [f"value {n}" for n in range(len(ours._fields) - len(ours._field_defaults))]
+        for wrong in ([None] * (len(ours._fields) + 1), required[1:] if required else [None] * 99):
+            with pytest.raises(TypeError) as error:
+                ours(*wrong)
+            with pytest.raises(TypeError) as typing_error:
+                typing_made(*wrong)
+            assert str(error.value) == str(typing_error.value)
+        made, expected = ours(*required), typing_made(*required)
+        assert isinstance(made, tuple) and not hasattr(made, "__dict__")
+        assert made == expected and tuple(made) == tuple(expected) and hash(made) == hash(expected)
+        assert repr(made) == repr(expected) and made._asdict() == expected._asdict()
+        replaced = made._replace(**{ours._fields[-1]: "replaced"})
+        assert type(replaced) is ours and replaced == expected._replace(**{ours._fields[-1]: "replaced"})
+        assert type(ours._make(made)) is ours and ours._make(made) == made
+        assert made == ours(**dict(zip(ours._fields, required)))
+        copied = pickle.loads(pickle.dumps(made))
+        assert type(copied) is ours and copied == made and copy.copy(made) == made
 
     @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview], ids=lambda k: k.__name__)
     @pytest.mark.parametrize("size", MASK_SIZES)
@@ -4358,6 +4405,73 @@ class TestManager:
             assert mgr_closed_events(conn) == [("closed", 1000, "tls done")]
             assert mgr_closed_events(client)[0][1] == 1000
 
+    def test_tls_after_import_changes_no_global_and_import_needs_no_ssl(self):
+        """ssl is imported lazily (not by ``import wsmanager``) and nothing wsmanager binds changes after
+        import: a wss:// echo whose 300 KiB message makes TLS reads and writes would-block, with ssl
+        imported only after wsmanager, leaves every module global the same object. The codec's state is
+        the deliberate exception: the masking accelerator, looked for on the first large payload (see
+        TestCodec), and the pool of random mask keys."""
+        pytest.importorskip("trustme")
+        code = textwrap.dedent("""
+            import sys, threading
+            import wsmanager
+            print("ssl imported:", "ssl" in sys.modules)
+            before = dict(vars(wsmanager))
+            import ssl, trustme
+            ca = trustme.CA()
+            server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(server_context)
+            client_context = ssl.create_default_context()
+            ca.configure_trust(client_context)
+            big = bytes(range(256)) * 1200
+            got, done = [], threading.Event()
+            class Echo(wsmanager.WebSocket):
+                def received_message(self, message):
+                    self.send(message)
+            class Client(wsmanager.WebSocket):
+                def opened(self):
+                    self.send("small")
+                    self.send(big)
+                def received_message(self, message):
+                    got.append(message)
+                    if len(got) == 2:
+                        done.set()
+            with wsmanager.WebSocketManager() as manager:
+                port = manager.listen(("127.0.0.1", 0), Echo, ssl_context=server_context)[1]
+                manager.connect(f"wss://127.0.0.1:{port}/", Client, ssl_context=client_context)
+                done.wait(30)
+            print("echoed:", got == ["small", big])
+            after = vars(wsmanager)
+            changed = sorted(name for name in set(before) | set(after) if before.get(name, before) is not after.get(name))
+            print("changed:", [name for name in changed if name not in ("_large_mask", "_small_mask", "_mask_keys")])
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["ssl imported: False", "echoed: True", "changed: []"], result.stdout
+
+    def test_would_block_covers_tls_errors_once_ssl_is_imported_and_never_imports_it(self):
+        code = textwrap.dedent("""
+            import sys, wsmanager
+            plain = wsmanager._would_block()
+            print("ssl imported:", "ssl" in sys.modules)
+            import ssl
+            caught = []
+            for error in (BlockingIOError(), InterruptedError(), ssl.SSLWantReadError(), ssl.SSLWantWriteError(),
+                          ssl.SSLError(), ssl.SSLZeroReturnError(), ConnectionResetError(), OSError()):
+                try:
+                    raise error
+                except wsmanager._would_block():
+                    caught.append(type(error).__name__)
+                except OSError:
+                    pass
+            print("before ssl:", set(plain) == {BlockingIOError, InterruptedError}, "caught:", caught)
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "ssl imported: False",
+            "before ssl: True caught: ['BlockingIOError', 'InterruptedError', 'SSLWantReadError', 'SSLWantWriteError']"]
+
     def test_wss_rejects_untrusted_certificate(self, manager, mgr_tls_contexts):
         server_context, _ = mgr_tls_contexts
         port = manager.listen(("127.0.0.1", 0), Recorder, ssl_context=server_context)[1]
@@ -5813,8 +5927,8 @@ class Echo(wsmanager.WebSocket):
 manager = wsmanager.WebSocketManager()
 manager.start()
 port = manager.listen(("127.0.0.1", 0), Echo)[1]
-for _ in range(500):  # the loop has started and, if it does, imported what it needs (the logger last)
-    if not isinstance(wsmanager.logger, wsmanager._Logger):
+for _ in range(500):  # the loop has started and, if it does, imported what it needs (logging last)
+    if "logging" in sys.modules:
         break
     time.sleep(0.01)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
