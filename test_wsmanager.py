@@ -1304,7 +1304,7 @@ def _read_to_eof(sock, limit=1000):
 
 def _heartbeat_chains(m, websocket):
     return call_in_loop_thread(m, lambda: sum(
-        1 for when, _, function, args in m._timers if function == websocket._heartbeat))
+        1 for when, _, function, args in m._loop.timers if function == websocket._heartbeat))
 
 
 # Logging ---------------------------------------------------------------------
@@ -2892,7 +2892,7 @@ def call_in_loop_thread(manager, function, timeout=10.0):
         finally:
             done.set()
 
-    manager._call_soon(call)
+    manager._loop.call_soon(call)
     assert done.wait(timeout), "the manager loop did not run our call"
     ok, value = box[0]
     if not ok:
@@ -6568,7 +6568,7 @@ class TestManager:
         with socket.create_server(("127.0.0.1", 0)) as silent:
             with running_manager() as clients:
                 client = clients.connect(ws_url(silent.getsockname()), Dialer)
-                wait_until(lambda: clients._handshakes)
+                wait_until(lambda: any(h.timer for h in tuple(clients._handshakes)))  # begun in the loop
                 clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
                 assert client.failed_event.wait(10)
             assert isinstance(client.failure, ManagerStopped)
@@ -7478,12 +7478,12 @@ class TestIntegrations:
     def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran(self):
         manager = WebSocketManager()
         manager._pid = -1  # as if made in gunicorn's master before --preload forked this worker
-        old_selector = manager._selector
+        old_selector = manager._loop.selector
         client, server_side = socket.socketpair()
         with client, server_side:
             status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _socket_environ(server_side))
             assert status == "101 Switching Protocols"
-            assert manager._selector is not old_selector and manager._pid == os.getpid()
+            assert manager._loop.selector is not old_selector and manager._pid == os.getpid()
             wait_until(lambda: b"101 Switching Protocols" in client.recv(4096, socket.MSG_PEEK))
         manager.stop()
         manager.join(10)
@@ -8248,7 +8248,7 @@ class TestScaling:
 
         def counting_on_read(connection):
             before = connection.bridge.received
-            turns[connection.manager._now] += 1
+            turns[connection.manager._loop.now] += 1
             real_on_read(connection)
             per_event.append(connection.bridge.received - before)
 
