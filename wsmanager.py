@@ -2019,7 +2019,7 @@ class _Protocol:
                 yield Close(exc.code, exc.reason)
 
 def _cancel(timer: Optional[List[Any]]) -> None:
-    """Cancel a timer of :meth:`WebSocketManager._call_later` (``None``: none pending); returns ``None``."""
+    """Cancel a timer of :meth:`_Loop.call_later` (``None``: none pending); returns ``None``."""
     if timer is not None:
         timer[2] = None
 
@@ -2930,9 +2930,10 @@ _RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
 
 # The selector's handlers ----------------------------------------------------------
 #
-# Every object registered in the manager's selector (``SelectorKey.data``) is a _Handler: WebSocket,
-# _Listener, _ServerHandshake, _ClientHandshake, _Waker and _RedisConnection. The loop calls _on_read()
-# and _on_write() for readiness events, and _finalize() when one of them raised (see _crashed()).
+# Every object registered in the manager's loop (``SelectorKey.data``) is a _Handler: WebSocket,
+# _Listener, _ServerHandshake, _ClientHandshake, _RedisConnection, _LoadReader and the _Loop itself (its
+# waker). The loop calls _on_read() and _on_write() for readiness events, and _finalize() when one of
+# them raised (see _Loop.crashed()). What a handler may call of the loop: the API of _Loop.
 
 class _Handler(Protocol):
     """What the loop calls on an object registered in its selector."""
@@ -2951,7 +2952,7 @@ class _Handler(Protocol):
 
 
 class _Flushable(Protocol):
-    """What the loop's flush queue takes (:meth:`WebSocketManager._schedule_flush`)."""
+    """What the loop's flush queue takes (:meth:`_Loop.schedule_flush`)."""
 
     @property
     def manager(self) -> "Optional[WebSocketManager]":
@@ -4123,9 +4124,9 @@ class WebSocketManager:
             websocket.sock.close()
             raise
         if failure is None:
-            self._loop.call_threadsafe(self._begin_client, handshake)
-        else:
-            self._loop.call_threadsafe(self._fail_client, handshake, failure)
+            self._loop.call_threadsafe(handshake._begin)
+        else:  # in the loop, as any failure to connect: connect_failed(exc)
+            self._loop.call_threadsafe(handshake._fail, failure)
         return websocket
 
     def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
@@ -4155,12 +4156,6 @@ class WebSocketManager:
         except BaseException:
             sock.close()
             raise
-
-    def _begin_client(self, handshake: "_ClientHandshake") -> None:
-        handshake._begin()
-
-    def _fail_client(self, handshake: "_ClientHandshake", exc: OSError) -> None:
-        handshake._fail(exc)  # in the loop, as any failure to connect: connect_failed(exc)
 
     def _out_of_descriptors(self, exc: BaseException) -> bool:
         """Loop thread: whether a connect() failed for want of descriptors (EMFILE, ENFILE, ENOBUFS);
