@@ -3118,14 +3118,11 @@ class _Listener:
     def _on_write(self) -> None:
         pass
 
-    def _watch(self) -> None:
-        """Loop thread: accept from now on, until the manager's stop (listen())."""
-        self._resume()
-        self.loop.on_stop(self._finalize)
-
     def _resume(self) -> None:
+        """Loop thread: accept (listen(), or again after ACCEPT_BACKOFF) until the manager's stop."""
         if not self._finalized and self.sock is not None:
             self.loop.watch(self.sock, selectors.EVENT_READ, self)
+            self.loop.on_stop(self._finalize)
 
     def _finalize(self, reason: str = "") -> None:
         if self._finalized or self.sock is None:
@@ -3593,11 +3590,11 @@ class _Loop:
     # What a handler may call ---------------------------------------------------
 
     def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler``."""
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events)."""
         self.selector.register(sock, events, handler)
 
     def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Watch ``sock`` for ``events``, registering it if it is not yet."""
+        """Watch ``sock`` for ``events``, calling ``handler``, registering it if it is not yet."""
         try:
             # By descriptor: the KeyError of a socket not yet registered would format the socket's
             # repr, two system calls (getsockname, getpeername) per connection that joins.
@@ -3934,9 +3931,9 @@ _LIFE = {
     (_Life.IDLE, "run"): _Life.RUNNING,
     (_Life.IDLE, "stop"): _Life.STOPPING,
     (_Life.RUNNING, "stop"): _Life.STOPPING,
-    (_Life.RUNNING, "interrupt"): _Life.INTERRUPTED,
+    (_Life.RUNNING, "interrupt"): _Life.INTERRUPTED,  # Ctrl-C in run()
     (_Life.STOPPING, "interrupt"): _Life.INTERRUPTED,
-    (_Life.INTERRUPTED, "interrupt"): _Life.ENDING,
+    (_Life.INTERRUPTED, "interrupt"): _Life.ENDING,  # the second Ctrl-C
     (_Life.STOPPING, "over"): _Life.ENDING,  # every connection closed, or the stop's deadline passed
     (_Life.INTERRUPTED, "over"): _Life.ENDING,
     **{(life, "stop_now"): _Life.ENDING for life in (_Life.IDLE, _Life.RUNNING, _Life.STOPPING, _Life.INTERRUPTED)},
@@ -4383,7 +4380,7 @@ class WebSocketManager:
         with self._lock:
             self._check_running(release=listener._finalize, stopping=True)
             self._listeners.append(listener)
-        self._loop.call_threadsafe(listener._watch)
+        self._loop.call_threadsafe(listener._resume)
         if unix_path is None and sock.family == socket.AF_UNIX:
             return str(sock.getsockname())
         return unix_path if unix_path is not None else sock.getsockname()[:2]
@@ -4539,7 +4536,8 @@ class WebSocketManager:
         restore_sigint = None
         try:
             restore_sigint = _on_sigint(self._interrupted)
-            while self._life < _Life.ENDING:
+            ending = _Life.ENDING
+            while self._life < ending:
                 loop.run_once()
                 deadline = self._stop_deadline
                 if deadline is not None and (loop.now >= deadline or self._stopped_idle()):
