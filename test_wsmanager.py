@@ -6881,6 +6881,8 @@ class TestLoop:
             _reap(proc)
 
 
+@pytest.mark.peers
+@pytest.mark.usefixtures("no_leaks")
 class TestStopping:
     """Every stop closes every peer with a close frame and waits for the answers; one INFO line per stop."""
 
