@@ -6688,56 +6688,45 @@ class TestLoop:
     """The loop API (wsmanager._Loop) that everything registered in a manager's loop uses, and the
     manager's life (one state, its transitions in wsmanager._LIFE)."""
 
-    @staticmethod
-    def _loop():
+    @pytest.fixture
+    def loop(self):
         loop = wsmanager._Loop(owner=None)
         loop.thread_id = threading.get_ident()  # this test's thread runs it
-        return loop
+        yield loop
+        loop.close()
 
-    def test_timers_run_in_time_order_and_a_cancelled_one_never_runs(self):
-        loop = self._loop()
-        try:
-            ran = []
-            loop.call_later(0.02, ran.append, "second")
-            cancelled = loop.call_later(0.0, ran.append, "cancelled")
-            loop.call_later(0.0, ran.append, "first")
-            wsmanager._cancel(cancelled)
-            deadline = time.monotonic() + 5
-            while len(ran) < 2 and time.monotonic() < deadline:
-                loop.run_once()
-            assert ran == ["first", "second"] and not loop.timers
-        finally:
-            loop.close()
+    def test_timers_run_in_time_order_and_a_cancelled_one_never_runs(self, loop):
+        ran = []
+        loop.call_later(0.02, ran.append, "second")
+        cancelled = loop.call_later(0.0, ran.append, "cancelled")
+        loop.call_later(0.0, ran.append, "first")
+        wsmanager._cancel(cancelled)
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 and time.monotonic() < deadline:
+            loop.run_once()
+        assert ran == ["first", "second"] and not loop.timers
 
-    def test_a_call_from_another_thread_wakes_a_select_that_waits_for_ever(self):
-        loop = self._loop()
-        try:
-            ran = []
-            caller = threading.Timer(0.05, loop.call_threadsafe, (ran.append, "called"))
-            caller.start()
-            loop.run_once()  # no timer, nothing queued: select() waits until the waker's byte
-            if not ran:  # the waker's turn came first: the call is in the next one
-                loop.run_once()
-            caller.join()
-            assert ran == ["called"]
-            loop.call_threadsafe(ran.append, "at once")  # in the loop's thread: now, not queued
-            assert ran == ["called", "at once"] and not loop.calls
-        finally:
-            loop.close()
+    def test_a_call_from_another_thread_wakes_a_select_that_waits_for_ever(self, loop):
+        ran = []
+        caller = threading.Timer(0.05, loop.call_threadsafe, (ran.append, "called"))
+        caller.start()
+        loop.run_once()  # no timer, nothing queued: select() waits until the waker's byte
+        if not ran:  # the waker's turn came first: the call is in the next one
+            loop.run_once()
+        caller.join()
+        assert ran == ["called"]
+        loop.call_threadsafe(ran.append, "at once")  # in the loop's thread: now, not queued
+        assert ran == ["called", "at once"] and not loop.calls
 
-    def test_stop_callbacks_are_told_once_unless_ignored(self):
-        loop = self._loop()
-        try:
-            told = []
-            first, second = (lambda: told.append("first")), (lambda: told.append("second"))
-            loop.on_stop(first)
-            loop.on_stop(second)
-            loop.ignore_stop(second)
-            loop.tell_stop()
-            loop.tell_stop()
-            assert told == ["first"]
-        finally:
-            loop.close()
+    def test_stop_callbacks_are_told_once_unless_ignored(self, loop):
+        told = []
+        first, second = (lambda: told.append("first")), (lambda: told.append("second"))
+        loop.on_stop(first)
+        loop.on_stop(second)
+        loop.ignore_stop(second)
+        loop.tell_stop()
+        loop.tell_stop()
+        assert told == ["first"]
 
     def test_the_flush_queue_skips_what_left_its_owner_and_a_crash_ends_only_that_handler(self, caplog):
         owner = object()
@@ -6768,8 +6757,7 @@ class TestLoop:
         finally:
             loop.close()
 
-    def test_set_events_registers_then_modifies_and_unwatch_forgets(self):
-        loop = self._loop()
+    def test_set_events_registers_then_modifies_and_unwatch_forgets(self, loop):
         left, right = socket.socketpair()
         try:
             class Reader:
@@ -6796,7 +6784,6 @@ class TestLoop:
             loop.run_once()
             assert reader.reads == 2 and left.fileno() not in loop.selector.get_map()
         finally:
-            loop.close()
             left.close()
             right.close()
 
@@ -6855,28 +6842,24 @@ class TestLoop:
 
     def test_after_stop_one_ctrl_c_keeps_the_stop_graceful_and_a_second_ends_it(self):
         code = (
-            "import threading, wsmanager\n"
+            "import wsmanager\n"
+            "class StopAtOnce(wsmanager.WebSocket):\n"
+            "    def opened(self):\n"
+            "        self.manager.stop()\n"
             "manager = wsmanager.WebSocketManager(close_timeout=30)\n"
-            "print(manager.listen(('127.0.0.1', 0), wsmanager.WebSocket)[1], flush=True)\n"
-            "threading.Thread(target=lambda: (input(), manager.stop())).start()\n"
+            "print(manager.listen(('127.0.0.1', 0), StopAtOnce)[1], flush=True)\n"
             "manager.run()\n"
             "print('stopped', flush=True)\n"
         )
         proc = _python_script(code)
         try:
-            port = int(_read_line(proc))
-            with raw_peer(("127.0.0.1", port), timeout=10.0) as peer:  # never answers the 1001
-                proc.stdin.write(b"stop\n")
-                proc.stdin.flush()
-                assert peer.close_frame() == (1001, "")
-                proc.send_signal(signal.SIGINT)  # the first Ctrl-C: still the graceful stop (30 s)
+            with raw_peer(("127.0.0.1", int(_read_line(proc))), timeout=10.0) as peer:  # never answers the 1001
+                assert peer.close_frame() == (1001, "")  # stop() from opened(): up to 30 s for the answer
+                proc.send_signal(signal.SIGINT)  # the first Ctrl-C: the same graceful stop goes on
                 with pytest.raises(subprocess.TimeoutExpired):
                     proc.wait(1.0)
-                started = time.monotonic()
                 proc.send_signal(signal.SIGINT)  # the second: at once
-                assert _read_line(proc) == "stopped\n" and proc.wait(10) == 0
-                assert time.monotonic() - started < 3.0
-                assert peer.eof()
+                assert _read_line(proc, timeout=3.0) == "stopped\n" and proc.wait(10) == 0 and peer.eof()
         finally:
             _reap(proc)
 
