@@ -3128,8 +3128,7 @@ class _Listener:
         if self._finalized or self.sock is None:
             return
         self._finalized = True
-        self.loop.unwatch(self.sock)
-        self.loop.ignore_stop(self._finalize)
+        self.loop.unwatch(self.sock)  # (its stop callback, if any, finds it finalized)
         self.sock.close()
         if self.unix_path:
             with contextlib.suppress(OSError):
@@ -3555,11 +3554,16 @@ class _ClientHandshake(_Handshake):
 class _Loop:
     """The selector loop a manager owns: it runs what is registered in it, and nothing else.
 
-    Its API is all that a plug-in (a connection, a listener, a handshake, the Redis bridge, the
-    load generator) uses of the loop; the owner (the manager) decides what runs and when it
-    stops. What a registered object must offer: :class:`_Handler` (readiness events) and
-    :class:`_Flushable` (the flush queue). Loop thread only, unless a method says otherwise.
-    The loop is its own waker's handler: other threads write a byte to end select().
+    What a plug-in (a connection, a listener, a handshake, the Redis bridge, the load generator)
+    may use of it, and all it uses: :meth:`watch`, :meth:`set_events` and :meth:`unwatch` (a
+    :class:`_Handler` and its socket's events), :meth:`read_again` (TLS), :meth:`call_soon`,
+    :meth:`call_threadsafe` and :meth:`call_later` (a handle for :func:`_cancel`),
+    :meth:`schedule_flush` and :meth:`flush` (a :class:`_Flushable`), :meth:`on_stop` and
+    :meth:`ignore_stop`, :meth:`in_loop`, and ``now``, ``stopping`` (read only). The owner
+    (the manager) decides what runs and when it stops: :meth:`run_once`, :meth:`tell_stop`,
+    :meth:`wake`, :meth:`call_from_signal`, :meth:`renew`, :meth:`close`. Loop thread only,
+    unless a method says otherwise. The loop is its own waker's handler: other threads write a
+    byte to end select().
     """
 
     _finalized = False  # as the waker's handler (see _Handler)
@@ -3577,7 +3581,6 @@ class _Loop:
         self.now = time.monotonic()  # when this turn's select() returned
         self.thread_id: Optional[int] = None  # the thread that runs it, once it runs
         self.stopping = False  # set by the owner (any thread) as a stop begins: take nothing new in
-        self.closed = False
         self.wake_pending = False
         self._open_waker()
 
@@ -3608,7 +3611,7 @@ class _Loop:
             self.selector.unregister(sock)
 
     def read_again(self, handler: _Handler) -> None:
-        """Call ``handler._on_read()`` again in this turn (TLS holds decrypted input no event announces)."""
+        """Call ``handler._on_read()`` again, in this turn or the next (TLS holds input no event announces)."""
         self.ready.append(handler)
 
     def in_loop(self) -> bool:
@@ -3759,7 +3762,6 @@ class _Loop:
 
     def close(self) -> None:
         """The end: drop what is queued, close the waker (and the selector, unless it was given)."""
-        self.closed = True
         self.calls.clear()
         self.timers.clear()
         self.dirty.clear()
@@ -6102,7 +6104,7 @@ class RedisBridge:
             self._connect(role)
 
     def _connect(self, role: str) -> None:
-        if self._closed or self.loop.closed:
+        if self._closed:  # (the manager's shutdown closes the bridge, and the loop runs nothing after it)
             return
         try:
             # Resolving a name blocks the loop for as long as the resolver takes: give an
