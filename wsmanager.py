@@ -3676,8 +3676,7 @@ class _Loop:
             self.waker.send(b"\0")  # not wake(): its pending flag may be mid-update in this very thread
 
     def run_once(self) -> None:
-        """One turn: wait for events (or the next timer), then run the handlers, the due timers,
-        the queued calls and the flushes."""
+        """One turn: select(), then the handlers, the due timers, the queued calls and the flushes."""
         timers = self.timers
         while timers and timers[0][2] is None:
             # Cancelled (a handshake that completed, a close that finished): dropped now, so it
@@ -3752,8 +3751,7 @@ class _Loop:
                 logger.exception("could not close %r", handler)
 
     def renew(self) -> None:
-        """In a forked child, before the loop ever ran: a selector and a waker of its own (the
-        inherited ones are kernel objects shared with the parent)."""
+        """In a forked child, before the loop ever ran: a selector and a waker of its own, not the parent's."""
         self.selector.close()  # this process's copies only: the parent's stay open
         self.waker_read.close()
         self.waker.close()
