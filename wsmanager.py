@@ -2088,7 +2088,7 @@ class _Setting:
         self.default = _check_setting(name, default)
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
-        value = getattr(websocket, "_" + self.name, None)  # (None on the class)
+        value = None if websocket is None else getattr(websocket, "_" + self.name)  # (a slot set in __new__)
         return self.default if value is None else value
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
@@ -2242,7 +2242,7 @@ class WebSocket:
         self._tls = _is_tls(sock)
         self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
-        self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
+        self._frame_size_follows = False  # its max_frame_size is its max_message_size, as it changes (_in_force)
 
     def __new__(cls: "type[_Self]", *args: Any, **kwargs: Any) -> "_Self":
         # Deliberate: the setting slots exist (None) before any __init__ runs, so that a subclass may
@@ -2262,9 +2262,8 @@ class WebSocket:
                             f"{'it' if len(clashes) == 1 else 'them'}")
         # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, the class's default.
         for name in _CONNECTION_SETTINGS:
-            value = cls.__dict__.get(name)
-            if name in cls.__dict__ and not hasattr(value, "__get__"):
-                setattr(cls, name, _Setting(name, value))
+            if name in cls.__dict__:
+                setattr(cls, name, _Setting(name, cls.__dict__[name]))
 
     # Callbacks ---------------------------------------------------------------
 
@@ -2552,9 +2551,11 @@ class WebSocket:
             manager._call_threadsafe(function, *args)
 
     def _provisional_max_buffered(self) -> int:
-        # What bounds the sends before the connection runs: its max_buffered if resolved now, else the default.
-        value = self._setting("max_buffered", self._max_buffered)
-        return DEFAULT_MAX_BUFFERED if value is None else cast(int, value)
+        # What bounds the sends before the connection runs: its max_buffered as resolved now, else the default.
+        value, manager = self.max_buffered, self._manager
+        if value is None:
+            value = manager.max_buffered if manager is not None else DEFAULT_MAX_BUFFERED
+        return value
 
     # The manager's side: loop thread only ---------------------------------------
     #
@@ -2626,9 +2627,10 @@ class WebSocket:
         protocol = self._protocol
         first_time = protocol.parser is None
         if first_time:
-            protocol.start(0, 0)  # deliberate: its limits are the settings', set from their slots just below
-            for name in _CONNECTION_SETTINGS:
-                self._set_setting(name, getattr(self, "_" + name))
+            for name in _CONNECTION_SETTINGS:  # from now on each slot holds the value in force
+                setattr(self, "_" + name, self._in_force(name, getattr(self, "_" + name)))
+            protocol.max_buffered = cast(int, self._max_buffered)
+            protocol.start(cast(int, self._max_frame_size), cast(int, self._max_message_size))
             self._last_seen = manager._now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
@@ -2686,10 +2688,9 @@ class WebSocket:
             delay = interval - (now - self._last_seen)
         self._heartbeat_timer = manager._call_later(delay, self._heartbeat)
 
-    def _setting(self, name: str, value: Any) -> Any:
+    def _in_force(self, name: str, value: Any) -> Any:
         # The one place of the precedence (see WebSocket): ``value`` (the instance's own), else the
-        # class's, else the manager's (None out of one). Resolving max_frame_size also records whether
-        # it follows max_message_size.
+        # class's, else the manager's; checked. For max_frame_size, also whether it follows max_message_size.
         if value is None:
             value = getattr(type(self), name)
         manager = self._manager
@@ -2697,7 +2698,13 @@ class WebSocket:
             self._frame_size_follows = value is None and manager is not None and manager._frame_size_follows
             if self._frame_size_follows:
                 return self._max_message_size
-        return getattr(manager, name) if value is None and manager is not None else value
+        if value is None and manager is None:
+            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
+        if value is None:
+            value = getattr(manager, name)
+            if value is None:
+                raise TypeError(f"the manager's {name} is None: no limit to apply")
+        return _check_setting(name, value)
 
     def _set_setting(self, name: str, value: Any) -> None:
         # Any thread. Before the connection runs: the instance's own value (None: none). From _run() on:
@@ -2708,22 +2715,17 @@ class WebSocket:
             if protocol is not None:
                 protocol.max_buffered = self._provisional_max_buffered()
             return
-        resolved = self._setting(name, value)
-        if resolved is None and self._manager is None:
-            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
-        if resolved is None:
-            raise TypeError(f"the manager's {name} is None: no limit to apply")
-        setattr(self, "_" + name, _check_setting(name, resolved))
-        parser, assembler = protocol.parser, protocol.assembler
-        assert assembler is not None
+        assert protocol.assembler is not None
+        value = self._in_force(name, value)
+        setattr(self, "_" + name, value)
         if name == "max_buffered":
-            protocol.max_buffered = resolved
+            protocol.max_buffered = value
         elif name == "max_message_size":
-            assembler.max_message_size = resolved
+            protocol.assembler.max_message_size = value
             if self._frame_size_follows:
-                self._max_frame_size = parser.max_frame_size = resolved
+                self._max_frame_size = protocol.parser.max_frame_size = value
         elif name == "max_frame_size":
-            parser.max_frame_size = resolved
+            protocol.parser.max_frame_size = value
 
     def _on_read(self) -> None:
         manager = self._manager
