@@ -2698,9 +2698,9 @@ class WebSocket:
             self._frame_size_follows = value is None and manager is not None and manager._frame_size_follows
             if self._frame_size_follows:
                 return self._max_message_size
-        if value is None and manager is None:
-            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
         if value is None:
+            if manager is None:
+                raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
             value = getattr(manager, name)
             if value is None:
                 raise TypeError(f"the manager's {name} is None: no limit to apply")
