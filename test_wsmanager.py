@@ -4854,6 +4854,122 @@ class TestManager:
         assert client.close_code == CloseCode.MESSAGE_TOO_BIG
         assert conn.messages == [big, "0123456789"]
 
+    def test_frame_limit_follows_max_message_size_until_one_is_set_and_again_once_unset(self, client_manager):
+        """With no max_frame_size from the instance, the class or the manager, a connection's frame
+        limit is its own max_message_size, also as that changes; one set on it stops that, None resumes it."""
+        with running_manager(max_message_size=100) as server:
+            client, conn = open_pair(server, client_manager)
+            assert (conn.max_message_size, conn.max_frame_size) == (100, 100)
+            conn.max_message_size = 300
+            assert conn.max_frame_size == 300
+            conn.max_frame_size = 200
+            conn.max_message_size = 400
+            assert conn.max_frame_size == 200
+            conn.max_frame_size = None  # back to the default: following max_message_size
+            assert conn.max_frame_size == 400
+            conn.max_message_size = 500
+            assert conn.max_frame_size == 500
+            client.send(b"f" * 450)  # one frame
+            wait_until(lambda: conn.messages or conn.closed_event.is_set())
+            assert conn.messages == [b"f" * 450]
+            conn.max_frame_size = 200  # ... and the limits in force are the ones read
+            client.send([b"a" * 200, b"b" * 200])  # two frames, each within it
+            client.send(b"c" * 201)
+            assert client.closed_event.wait(10)
+            assert (client.close_code, client.close_reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                                "frame of 201 bytes exceeds the limit of 200")
+            assert conn.messages == [b"f" * 450, b"a" * 200 + b"b" * 200]
+
+    def test_frame_limit_of_the_manager_does_not_follow_max_message_size(self, client_manager):
+        with running_manager(max_message_size=100, max_frame_size=100) as server:
+            client, conn = open_pair(server, client_manager)
+            conn.max_message_size = 300
+            assert conn.max_frame_size == 100
+            client.send([b"a" * 100, b"b" * 100])
+            client.send(b"c" * 101)
+            assert client.closed_event.wait(10)
+            assert (client.close_code, client.close_reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                                "frame of 101 bytes exceeds the limit of 100")
+            assert conn.messages == [b"a" * 100 + b"b" * 100]
+
+    def test_setting_set_to_none_while_open_goes_back_to_the_class_then_the_manager(self, client_manager):
+        class Small(Recorder):
+            max_message_size = 50
+
+        servers = Collect(Small)
+        with running_manager(max_message_size=200) as server:
+            plain_client, plain = open_pair(server, client_manager)
+            client = open_client(client_manager, ws_url(server.listen(("127.0.0.1", 0), servers)))
+            small = servers.first_opened()
+            for conn, default in ((plain, 200), (small, 50)):
+                conn.max_message_size = 10
+                assert conn.max_message_size == 10
+                conn.max_message_size = None
+                assert conn.max_message_size == default
+            client.send(b"s" * 50)  # in force: the class's 50
+            client.send(b"s" * 51)
+            assert client.closed_event.wait(10) and client.close_code == CloseCode.MESSAGE_TOO_BIG
+            assert small.messages == [b"s" * 50]
+            plain_client.send(b"p" * 200)  # in force: the manager's 200
+            wait_until(lambda: plain.messages or plain.closed_event.is_set())
+            assert plain.messages == [b"p" * 200]
+
+    def test_setting_reset_out_of_a_manager_raises_and_keeps_the_value(self, manager, client_manager):
+        """Out of a manager after running, None has no default to go back to: RuntimeError, nothing changed."""
+        client, conn = open_pair(manager, client_manager)
+        conn.max_buffered = 1000
+        manager.remove(conn)
+        with pytest.raises(RuntimeError, match="out of a manager"):
+            conn.max_buffered = None
+        assert conn.max_buffered == 1000
+        conn.max_buffered = 2000  # a value of its own is taken
+        manager.add(conn)  # and kept, as every setting is, in the manager it joins
+        assert conn.max_buffered == 2000 and conn.max_message_size == manager.max_message_size
+        client.send("still open")
+        wait_until(lambda: conn.messages == ["still open"])
+
+    def test_setting_class_attributes_are_inherited_checked_and_none_resets(self, make_manager):
+        """A subclass's class attribute is its subclasses' too; None there goes back to the manager's;
+        anything but a valid value (a property too) is refused when the class is made."""
+
+        class Base(WebSocket):
+            max_buffered = 1000
+
+        class Child(Base):
+            pass
+
+        class Reset(Base):
+            max_buffered = None
+
+        assert (Base.max_buffered, Child.max_buffered, Reset.max_buffered, WebSocket.max_buffered) == (1000, 1000, None, None)
+        with pytest.raises(TypeError, match="max_buffered must be an int"):
+            class Computed(WebSocket):
+                @property
+                def max_buffered(self):
+                    return 1000
+        m = make_manager(max_buffered=5000)
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        with b, d:
+            child, reset = Child(a), Reset(c)
+            # Before it runs: its sends are bounded by its class's max_buffered (twice it, then BufferFull).
+            with pytest.raises(wsmanager.BufferFull):
+                for _ in range(10):
+                    child.send(b"x" * 500)
+            assert 2000 < child.buffered_amount <= 2000 + 500 + 14
+            m.add(child)
+            m.add(reset)
+            wait_until(lambda: (child.max_buffered, reset.max_buffered) == (1000, 5000))
+
+    def test_manager_setting_made_none_fails_the_connection_start_with_its_name(self, make_manager, caplog):
+        m = make_manager()
+        m.max_message_size = None
+        a, b = socket.socketpair()
+        with b:
+            websocket = WebSocket(a)
+            m.add(websocket)
+            wait_until(lambda: "the manager's max_message_size is None: no limit to apply" in caplog.text)
+
     def test_server_sends_wide_buffers_as_their_bytes(self, manager):
         """Server side: send, fragments, broadcast and ping, as a raw peer reads them."""
         servers, address = listen_collected(manager, Recorder)

@@ -103,7 +103,7 @@ import sys
 import threading
 import time
 import types
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 if TYPE_CHECKING:
@@ -2100,9 +2100,9 @@ def _is_bytes_like(message: Any) -> bool:
     return True
 
 
-# Per-connection settings (see WebSocket), resolved in WebSocket._resolve_settings.
+# Per-connection settings (see WebSocket for their precedence). A connection's slot "_" + name holds
+# its own value (None: none) until it runs, then the value in force.
 _CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
-_SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where each value lives
 
 
 def _check_setting(name: str, value: Any) -> Any:
@@ -2118,18 +2118,18 @@ def _check_setting(name: str, value: Any) -> Any:
     return value
 
 
-class _ConnectionSetting:
-    """A per-connection setting: slot ``_<name>`` (the value in force once running), else the class's value."""
+class _Setting:
+    """A per-connection setting: the connection's slot if set, else ``default``, the class attribute."""
 
-    __slots__ = ("name", "slot")
+    __slots__ = ("name", "default")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, default: Any = None):
         self.name = name
-        self.slot = "_" + name
+        self.default = _check_setting(name, default)
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
-        value = getattr(websocket, self.slot, None)  # (None on the class: its class attribute, or None)
-        return value if value is not None else owner._class_settings.get(self.name)
+        value = None if websocket is None else getattr(websocket, "_" + self.name)  # (a slot set in __new__)
+        return self.default if value is None else value
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
         websocket._set_setting(self.name, _check_setting(self.name, value))
@@ -2183,36 +2183,37 @@ class WebSocket:
     :meth:`WebSocketManager.add`.
 
     The settings ``max_message_size``, ``max_frame_size``, ``max_buffered``
-    and ``close_timeout`` may be set per connection: on the instance (e.g.
-    in ``__init__`` after ``super().__init__()``), or as class attributes of
-    a subclass; the instance's value wins over the class's, which wins over
-    the manager's default. An invalid value raises :class:`TypeError` or
-    :class:`ValueError` when set (for a class attribute, when the class is
-    made); a value set while the connection runs applies from its next
-    frame, message or send.
+    and ``close_timeout`` may be set per connection: on the instance (in
+    ``__init__``, before or after ``super().__init__()``, or later), or as
+    class attributes of a subclass (inherited by its subclasses). The value
+    in force is the instance's, else the class's, else the manager's; with
+    no ``max_frame_size`` from any of the three, frames may be as large as
+    the connection's ``max_message_size``. It is resolved when the connection
+    starts running and kept if it moves to another manager. Until then,
+    reading a setting gives the instance's or the class's value (``None``
+    for neither), and sends are bounded by that ``max_buffered``, else the
+    manager's. Set while the connection runs, a value is in force from its
+    next frame, message or send, and ``None`` goes back to the class's or
+    the manager's value (:class:`RuntimeError` out of a manager). An invalid
+    value raises :class:`TypeError` or :class:`ValueError` when set (for a
+    class attribute, when the class is made).
 
     The names the library uses internally (those starting with ``_`` that
     this class defines) are reserved: a subclass that defines one raises
     :class:`TypeError` when it is made, instead of breaking its connections.
     """
 
-    if TYPE_CHECKING:  # plain attributes to type checkers; _ConnectionSetting descriptors at run time
+    if TYPE_CHECKING:  # plain attributes to type checkers; _Setting descriptors at run time
         max_message_size: Optional[int]
         max_frame_size: Optional[int]
         max_buffered: Optional[int]
         close_timeout: Optional[float]
-        _max_message_size: Optional[int]
-        _max_frame_size: Optional[int]
-        _max_buffered: Optional[int]
-        _close_timeout: Optional[float]
     else:
-        max_message_size = _ConnectionSetting("max_message_size")
-        max_frame_size = _ConnectionSetting("max_frame_size")
-        max_buffered = _ConnectionSetting("max_buffered")
-        close_timeout = _ConnectionSetting("close_timeout")
-
-    # Settings given as class attributes of a subclass (see __init_subclass__), by name.
-    _class_settings: ClassVar[Dict[str, Any]] = {}
+        max_message_size, max_frame_size, max_buffered, close_timeout = map(_Setting, _CONNECTION_SETTINGS)
+    _max_message_size: Optional[int]  # their slots (see _CONNECTION_SETTINGS)
+    _max_frame_size: Optional[int]
+    _max_buffered: Optional[int]
+    _close_timeout: Optional[float]
 
     #: The WSGI environ of a connection accepted through :meth:`WebSocketManager.wsgi_app`, set before
     #: :meth:`opened`: a copy without the server's I/O (``wsgi.input``, ``wsgi.errors``,
@@ -2282,14 +2283,13 @@ class WebSocket:
         self._tls = _is_tls(sock)
         self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
-        self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
+        self._frame_size_follows = False  # its max_frame_size is its max_message_size, as it changes (_in_force)
 
     def __new__(cls: "type[_Self]", *args: Any, **kwargs: Any) -> "_Self":
-        # Deliberate: the setting slots exist (None) before any __init__ runs, so that __init__
-        # needs no hasattr() per setting (each a raised and caught AttributeError: 2 us a handshake).
+        # Deliberate: the setting slots exist (None) before any __init__ runs, so that a subclass may
+        # set one first and reading them needs no getattr() default (a raised AttributeError each).
         self = object.__new__(cls)
-        for slot in _SETTING_SLOTS:
-            setattr(self, slot, None)
+        self._max_message_size = self._max_frame_size = self._max_buffered = self._close_timeout = None
         return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -2301,15 +2301,10 @@ class WebSocket:
             raise TypeError(f"{cls.__qualname__} defines {', '.join(clashes)}: wsmanager.WebSocket uses "
                             f"{'this name' if len(clashes) == 1 else 'these names'} internally; rename "
                             f"{'it' if len(clashes) == 1 else 'them'}")
-        # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, kept as the class's
-        # default, and the attribute handed back to the descriptor that instance values go through.
-        defaults = dict(cls._class_settings)
+        # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, the class's default.
         for name in _CONNECTION_SETTINGS:
-            value = cls.__dict__.get(name)
-            if name in cls.__dict__ and not hasattr(value, "__get__"):
-                defaults[name] = _check_setting(name, value)
-                delattr(cls, name)
-        cls._class_settings = defaults
+            if name in cls.__dict__:
+                setattr(cls, name, _Setting(name, cls.__dict__[name]))
 
     # Callbacks ---------------------------------------------------------------
 
@@ -2597,15 +2592,11 @@ class WebSocket:
             loop.call_threadsafe(function, *args)
 
     def _provisional_max_buffered(self) -> int:
-        # max_buffered before the settings are resolved (the sends before the connection runs):
-        # the instance's, the class's, the manager's, else the default.
-        value = getattr(self, "_max_buffered", None)
+        # What bounds the sends before the connection runs: its max_buffered as resolved now, else the default.
+        value, manager = self.max_buffered, self._manager
         if value is None:
-            value = type(self)._class_settings.get("max_buffered")
-        if value is None:
-            manager = getattr(self, "_manager", None)
             value = manager.max_buffered if manager is not None else DEFAULT_MAX_BUFFERED
-        return cast(int, value)
+        return value
 
     # The manager's side: loop thread only ---------------------------------------
     #
@@ -2615,8 +2606,8 @@ class WebSocket:
     # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
     # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _life, _thread and _frame_size_follows (read
-    # only), _forget() and _connection_default(); of the manager's loop (_loop, from _bind() to
-    # _unbind()), the loop API (see _Loop).
+    # only), _forget() and its default settings (public attributes); of the manager's loop (_loop,
+    # from _bind() to _unbind()), the loop API (see _Loop).
 
     def _bind(self, manager: "WebSocketManager") -> None:
         """Belong to ``manager`` (under its lock, or in its loop)."""
@@ -2679,10 +2670,10 @@ class WebSocket:
         protocol = self._protocol
         first_time = protocol.parser is None
         if first_time:
-            self._resolve_settings()
-            frame_size, message_size = self._max_frame_size, self._max_message_size
-            assert frame_size is not None and message_size is not None  # resolved just above
-            protocol.start(frame_size, message_size)
+            for name in _CONNECTION_SETTINGS:  # from now on each slot holds the value in force
+                setattr(self, "_" + name, self._in_force(name, getattr(self, "_" + name)))
+            protocol.max_buffered = cast(int, self._max_buffered)
+            protocol.start(cast(int, self._max_frame_size), cast(int, self._max_message_size))
             self._last_seen = loop.now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
@@ -2741,52 +2732,44 @@ class WebSocket:
             delay = interval - (now - self._last_seen)
         self._heartbeat_timer = loop.call_later(delay, self._heartbeat)
 
-    def _resolve_settings(self) -> None:
-        # The one place where a setting is resolved: instance > class attribute > manager.
-        # Deliberate: the slots and the class's dict are read directly, not through the
-        # _ConnectionSetting descriptors (same order of precedence; 1 us less a connection).
+    def _in_force(self, name: str, value: Any) -> Any:
+        # The one place of the precedence (see WebSocket): ``value`` (the instance's own), else the
+        # class's, else the manager's; checked. For max_frame_size, also whether it follows max_message_size.
+        if value is None:
+            value = getattr(type(self), name)
         manager = self._manager
-        class_settings = type(self)._class_settings
-        for name, slot in zip(_CONNECTION_SETTINGS, _SETTING_SLOTS):
-            value = getattr(self, slot)
-            if value is None and class_settings:
-                value = class_settings.get(name)
+        if name == "max_frame_size":
+            self._frame_size_follows = value is None and manager is not None and manager._frame_size_follows
+            if self._frame_size_follows:
+                return self._max_message_size
+        if value is None:
+            if manager is None:
+                raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
+            value = getattr(manager, name)
             if value is None:
-                if name == "max_frame_size":  # none of its own: it may follow max_message_size
-                    self._frame_size_follows = manager._frame_size_follows
-                value = manager._connection_default(name, self)
-                if value is None:
-                    raise TypeError(f"the manager's {name} is None: no limit to apply")
-            setattr(self, slot, _check_setting(name, value))
-        self._protocol.max_buffered = cast(int, self._max_buffered)
+                raise TypeError(f"the manager's {name} is None: no limit to apply")
+        return _check_setting(name, value)
 
     def _set_setting(self, name: str, value: Any) -> None:
-        # Any thread. Before the connection runs: recorded (None: back to the default). After:
-        # in force at once; the parser and assembler read their limit at each frame.
+        # Any thread. Before the connection runs: the instance's own value (None: none). From _run() on:
+        # the value in force, in the slot and in the protocol's limits (read at each frame and send).
         protocol: Optional[_Protocol] = getattr(self, "_protocol", None)  # (None before WebSocket.__init__ has run)
-        parser = protocol.parser if protocol is not None else None
-        if parser is None:
+        if protocol is None or protocol.parser is None:
             setattr(self, "_" + name, value)
-            if name == "max_buffered" and protocol is not None:
+            if protocol is not None:
                 protocol.max_buffered = self._provisional_max_buffered()
             return
-        assert protocol is not None and protocol.assembler is not None
-        if value is None:
-            value = type(self)._class_settings.get(name)
-        if value is None:
-            value = self._manager._connection_default(name, self) if self._manager is not None else None
-        if value is None:
-            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
-        setattr(self, "_" + name, _check_setting(name, value))
-        if name == "max_frame_size":
-            self._frame_size_follows = False
-            parser.max_frame_size = value
+        assert protocol.assembler is not None
+        value = self._in_force(name, value)
+        setattr(self, "_" + name, value)
+        if name == "max_buffered":
+            protocol.max_buffered = value
         elif name == "max_message_size":
             protocol.assembler.max_message_size = value
             if self._frame_size_follows:
-                self._max_frame_size = parser.max_frame_size = value
-        elif name == "max_buffered":
-            protocol.max_buffered = value
+                self._max_frame_size = protocol.parser.max_frame_size = value
+        elif name == "max_frame_size":
+            protocol.parser.max_frame_size = value
 
     def _on_read(self) -> None:
         loop = self._loop
@@ -4704,11 +4687,6 @@ class WebSocketManager:
             self.stop()
             self.join()
 
-    def _connection_default(self, name: str, websocket: WebSocket) -> Any:
-        """The manager's default for a per-connection setting that ``websocket`` leaves unset."""
-        if name == "max_frame_size" and self._frame_size_follows:
-            return websocket.max_message_size
-        return getattr(self, name)
 
     # Connections' life cycle: taken in, opened, released, forgotten --------------
 
