@@ -5760,24 +5760,20 @@ class _RespParser:
                     scanned += end + 2 - scan_from
                     kind = buffer[position]
                     position = scan_from = end + 2
+                    size += position - start
                     if kind == 36:  # "$": a bulk string of this length; -1 is RESP2's null
                         bulk = int(buffer[start + 1:end])
-                        if bulk < 0:
-                            if bulk != -1:
-                                raise ValueError(f"a RESP length of {bulk}")
-                            value = None
-                        else:
-                            size += position - start
-                            # Refused before its body comes: the buffer never holds more than max_size.
-                            if size + bulk + 2 > max_size:
-                                raise ValueError(f"a Redis reply of more than {max_size} bytes")
-                            start = position
+                        if bulk < -1:
+                            raise ValueError(f"a RESP length of {bulk}")
+                        # Refused before its body comes: the buffer never holds more than max_size.
+                        if bulk >= 0 and size + bulk + 2 > max_size:
+                            raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                        value = None  # unless its body follows
                     elif kind == 58:  # ":": integer
                         value = int(buffer[start + 1:end])
                     elif kind == 42:  # "*": an array of this many elements; -1 is RESP2's null
                         count = int(buffer[start + 1:end])
                         if count > 0:
-                            size += position - start
                             elements += count
                             if elements > self.max_elements:
                                 raise ValueError(f"a Redis reply of more than {self.max_elements} elements")
@@ -5802,9 +5798,9 @@ class _RespParser:
                         raise ValueError("a RESP bulk string longer than announced")
                     value = bytes(buffer[position:end])
                     position = scan_from = end + 2
-                    scanned += position - start
+                    scanned += bulk + 2
+                    size += bulk + 2
                     bulk = -1
-                size += position - start
                 if size > max_size:
                     raise ValueError(f"a Redis reply of more than {max_size} bytes")
                 while stack:  # the value may complete arrays, innermost first
