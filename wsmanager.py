@@ -5834,8 +5834,7 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "manager", "loop", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
-                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
-                 "complained", "_resume")
+                 "_timer", "_finalized", "was_ready", "ready_since", "hello_pending", "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -5848,8 +5847,6 @@ class _RedisConnection:
         self._lock = threading.Lock()
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
-        self._connecting = True
-        self._tls_pending = _is_tls(sock)
         self._timer: Any = None
         self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
         self._finalized = False
@@ -5879,15 +5876,14 @@ class _RedisConnection:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
         parser = self.parser
-        budget = BRIDGE_VALUES_PER_EVENT
+        parsed_by = parser.parsed + BRIDGE_VALUES_PER_EVENT  # bounded work per event, as for every handler
         for _ in range(BRIDGE_READS_PER_EVENT):
-            backlog = parser.more  # replies left over by the budget come before anything new is read
+            backlog = parser.more  # replies left over by that bound come before anything new is read
             try:
                 data = b"" if backlog else self.sock.recv(READ_SIZE)
                 if not data and not backlog:
                     raise ConnectionError("Redis closed the connection")
-                parsed = parser.parsed
-                replies = parser.feed(data, budget)
+                replies = parser.feed(data, parsed_by - parser.parsed)
             except _would_block():
                 break
             except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
@@ -5903,9 +5899,8 @@ class _RedisConnection:
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.loop.flush()
-            budget -= parser.parsed - parsed
-            if parser.more or budget <= 0:
-                # Bounded work per event, as for every handler: the rest in the next turn, after the others.
+            if parser.more or parser.parsed >= parsed_by:
+                # The rest in the next turn, after the other handlers.
                 # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
                 # a re-read queued by each of them would pile up, one more every turn.
                 if self._resume is None:
@@ -5923,24 +5918,22 @@ class _RedisConnection:
     def _on_write(self) -> None:
         if self._finalized:
             return
-        if self._connecting:
+        if not self.was_ready:
+            # Connected, or not? Then, for rediss://, the TLS handshake: one step per readiness event.
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self._finalize(os.strerror(error))
                 return
-            self._connecting = False
-        if self._tls_pending:
-            try:
-                waiting = _tls_step(self.sock)
-            except (ssl.SSLError, OSError) as exc:
-                self._finalize(f"TLS handshake: {exc}")
-                return
-            if waiting:
-                # Replies may arrive while a write is wanted: reading stays on.
-                self._set_events(waiting | selectors.EVENT_READ)
-                return
-            self._tls_pending = False
-        if not self.was_ready:
+            if _is_tls(self.sock):
+                try:
+                    waiting = _tls_step(self.sock)
+                except (ssl.SSLError, OSError) as exc:
+                    self._finalize(f"TLS handshake: {exc}")
+                    return
+                if waiting:
+                    # Replies may arrive while a write is wanted: reading stays on.
+                    self._set_events(waiting | selectors.EVENT_READ)
+                    return
             self.was_ready = True
             self.ready_since = time.monotonic()
             _cancel(self._timer)
@@ -6137,11 +6130,10 @@ class RedisBridge:
         self._connections[role] = connection
         try:
             error = sock.connect_ex(address)
+            if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConnectionError(os.strerror(error))
         except (OSError, ValueError) as exc:  # an SSLError included: for rediss://, it sets up the TLS object
             connection._finalize(str(exc) or type(exc).__name__)
-            return
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            connection._finalize(os.strerror(error))
             return
         self.loop.set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
         connection._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
