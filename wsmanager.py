@@ -5848,7 +5848,7 @@ class _RedisConnection:
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
         self._timer: Any = None
-        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
+        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
         self.was_ready = False
         self.ready_since = 0.0
@@ -5875,6 +5875,10 @@ class _RedisConnection:
         if not self.ready:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
+        # One timer at most, not read_again(): this runs on readiness events and on its own re-reads, and
+        # a re-read queued by each of them would pile up, one more every turn. This read does the queued one's work.
+        _cancel(self._resume)
+        self._resume = None
         parser = self.parser
         parsed_by = parser.parsed + BRIDGE_VALUES_PER_EVENT  # bounded work per event, as for every handler
         for _ in range(BRIDGE_READS_PER_EVENT):
@@ -5900,20 +5904,12 @@ class _RedisConnection:
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.loop.flush()
             if parser.more or parser.parsed >= parsed_by:
-                # The rest in the next turn, after the other handlers.
-                # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
-                # a re-read queued by each of them would pile up, one more every turn.
-                if self._resume is None:
-                    self._resume = self.loop.call_later(0, self._resume_reading)
+                self._resume = self.loop.call_later(0, self._on_read)  # the rest in the next turn, after the others
                 return
             if backlog:
                 continue
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
-
-    def _resume_reading(self) -> None:
-        self._resume = None
-        self._on_read()
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -6053,7 +6049,7 @@ class RedisBridge:
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
         self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
         self._delays = {"publish": 0.0, "subscribe": 0.0}  # the last wait (0: none since a connection lived)
-        self._down_since: Dict[str, Optional[float]] = {"publish": None, "subscribe": None}
+        self._down_since: Dict[str, float] = {}  # role -> since when it is down (absent: up, or its first try under way)
         self._dropped_at_loss = 0
         self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
         self._subscribed: Set[str] = set()  # topics Redis confirmed
@@ -6140,7 +6136,7 @@ class RedisBridge:
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
-        down_since = self._down_since[role]
+        down_since = self._down_since.pop(role, None)
         # The back-off is not reset here: a connection that Redis ends at once (or that fails on what
         # it is sent first) would be retried every 0.1 s for ever. It is once one lived (_connection_lost).
         if self._hello:
@@ -6153,15 +6149,13 @@ class RedisBridge:
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
-            self._channels = set(self._topics.topics())
-            self._subscribed.clear()
+            self._channels = set(self._topics.topics())  # (and _subscribed is empty: see _connection_lost)
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
                 batch = [_topic_channel(self._prefix_bytes, topic) for topic in channels[start:start + _SUBSCRIBE_BATCH]]
                 connection.write(_resp_command(b"SUBSCRIBE", *batch))
             news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
-            self._down_since[role] = None
             self.reconnections += 1
             logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %s", role, self.host,
                         self.port, time.monotonic() - down_since, news)
@@ -6177,7 +6171,7 @@ class RedisBridge:
             self._delays[role] = 0.0  # it lived: the next attempt comes quickly, and the back-off starts over
         if role == "publish":
             with self._lock:
-                if self._down_since[role] is None:
+                if role not in self._down_since:
                     self._dropped_at_loss = self.dropped
                 self._publisher = None
                 # Written but never acknowledged: maybe relayed, maybe not (at most once).
@@ -6188,7 +6182,7 @@ class RedisBridge:
             self._channels.clear()
         if self._closed:
             return
-        if self._down_since[role] is None:
+        if role not in self._down_since:
             logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
                            role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
         else:
@@ -6200,8 +6194,7 @@ class RedisBridge:
         delay = self._delays[role]
         delay = BRIDGE_RECONNECT_DELAY if delay <= 0 else min(delay * 2, BRIDGE_MAX_RECONNECT_DELAY)
         self._delays[role] = delay
-        if self._down_since[role] is None:
-            self._down_since[role] = time.monotonic()
+        self._down_since.setdefault(role, time.monotonic())
         self.loop.call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
@@ -6220,18 +6213,15 @@ class RedisBridge:
         refusal = None
         if connection.hello_pending and replies:
             connection.hello_pending = False
-            answer = replies[0]
-            replies = replies[1:]
+            answer = replies.pop(0)
             if isinstance(answer, _RedisError):
                 if self._refuses(answer):
                     refusal = answer
             elif answer != "OK":
                 self._skip(connection, answer, "not an answer to AUTH")
         if refusal is None:
-            if connection.role == "publish":
-                refusal = self._acknowledge(connection, replies)
-            else:
-                refusal = self._receive(connection, replies)
+            take = self._acknowledge if connection.role == "publish" else self._receive
+            refusal = take(connection, replies)
         if refusal is not None:
             connection._finalize(f"authentication failed: {refusal.message}")
 
