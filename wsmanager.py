@@ -5834,7 +5834,7 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "manager", "loop", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
-                 "_timer", "_finalized", "was_ready", "ready_since", "hello_pending", "complained", "_resume")
+                 "_timer", "_finalized", "ready_since", "hello_pending", "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -5850,14 +5850,13 @@ class _RedisConnection:
         self._timer: Any = None
         self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
-        self.was_ready = False
-        self.ready_since = 0.0
+        self.ready_since: Optional[float] = None  # when it was connected (TLS included) and ready; None: not yet
         self.hello_pending = False  # AUTH was sent: the first reply is its answer
         self.complained = False  # a skipped reply was logged at WARNING (the others go to DEBUG)
 
     @property
     def ready(self) -> bool:
-        return self.was_ready and not self._finalized
+        return self.ready_since is not None and not self._finalized
 
     def write(self, data: bytes) -> None:
         """Queue bytes (any thread); the loop writes them once connected."""
@@ -5875,8 +5874,8 @@ class _RedisConnection:
         if not self.ready:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
-        # One timer at most, not read_again(): this runs on readiness events and on its own re-reads, and
-        # a re-read queued by each of them would pile up, one more every turn. This read does the queued one's work.
+        # One timer at most, not read_again(): this runs on readiness events and on its own re-reads, and a
+        # re-read queued by each of them would pile up, one more every turn. This read does the queued one's work.
         _cancel(self._resume)
         self._resume = None
         parser = self.parser
@@ -5914,7 +5913,7 @@ class _RedisConnection:
     def _on_write(self) -> None:
         if self._finalized:
             return
-        if not self.was_ready:
+        if self.ready_since is None:
             # Connected, or not? Then, for rediss://, the TLS handshake: one step per readiness event.
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
@@ -5930,7 +5929,6 @@ class _RedisConnection:
                     # Replies may arrive while a write is wanted: reading stays on.
                     self._set_events(waiting | selectors.EVENT_READ)
                     return
-            self.was_ready = True
             self.ready_since = time.monotonic()
             _cancel(self._timer)
             self.bridge._connection_ready(self)
@@ -6049,7 +6047,7 @@ class RedisBridge:
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
         self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
         self._delays = {"publish": 0.0, "subscribe": 0.0}  # the last wait (0: none since a connection lived)
-        self._down_since: Dict[str, float] = {}  # role -> since when it is down (absent: up, or its first try under way)
+        self._down_since: Dict[str, float] = {}  # role -> when it went down (absent: up, or on its first try)
         self._dropped_at_loss = 0
         self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
         self._subscribed: Set[str] = set()  # topics Redis confirmed
@@ -6143,8 +6141,7 @@ class RedisBridge:
             connection.hello_pending = True
             connection.write(self._hello)
         if role == "publish":
-            with self._lock:
-                self._unacknowledged = 0
+            with self._lock:  # (nothing is unacknowledged: see _connection_lost)
                 self._publisher = connection
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
@@ -6167,7 +6164,8 @@ class RedisBridge:
         if self._connections.get(role) is not connection:
             return
         self._connections[role] = None
-        if connection.was_ready and time.monotonic() - connection.ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
+        ready_since = connection.ready_since
+        if ready_since is not None and time.monotonic() - ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
             self._delays[role] = 0.0  # it lived: the next attempt comes quickly, and the back-off starts over
         if role == "publish":
             with self._lock:
@@ -6184,7 +6182,7 @@ class RedisBridge:
             return
         if role not in self._down_since:
             logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
-                           role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
+                           role, self.host, self.port, "lost" if ready_since is not None else "failed", reason)
         else:
             logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
                          reason)
@@ -6416,7 +6414,6 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
 
         previous = _request_stop_on_signals(self._stop_requests, force)
-        sock = None
         try:
             sock = self._bind()
             for index in range(self.workers):
@@ -6432,9 +6429,9 @@ class Supervisor:
                 time.sleep(0.05)
             return self._stop_workers()
         finally:
-            self._sock = None
-            if sock is not None:
-                sock.close()
+            if self._sock is not None:  # bound here, or by bind()
+                self._sock.close()
+                self._sock = None
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
