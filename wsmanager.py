@@ -5847,7 +5847,7 @@ class _RedisConnection:
         self._lock = threading.Lock()
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
-        self._timer: Any = None
+        self._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, self._finalize, "connect timeout")  # to be ready
         self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
         self.ready_since: Optional[float] = None  # when it was connected (TLS included) and ready; None: not yet
@@ -6130,7 +6130,6 @@ class RedisBridge:
             connection._finalize(str(exc) or type(exc).__name__)
             return
         self.loop.set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
-        connection._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
@@ -6416,15 +6415,13 @@ class Supervisor:
         previous = _request_stop_on_signals(self._stop_requests, force)
         try:
             sock = self._bind()
-            for index in range(self.workers):
-                self._spawn(index, sock)
-            restarts: List[Tuple[float, int]] = []
+            forks = [(0.0, index) for index in range(self.workers)]  # (when, worker index): every one now, at first
             while not self._stop_requests:
-                restarts.extend(self._reap())
+                forks.extend(self._reap())
                 now = time.monotonic()
-                for due, index in sorted(restarts):
+                for due, index in sorted(forks):
                     if due <= now:
-                        restarts.remove((due, index))
+                        forks.remove((due, index))
                         self._spawn(index, sock)
                 time.sleep(0.05)
             return self._stop_workers()
