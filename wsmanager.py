@@ -2878,7 +2878,12 @@ class WebSocket:
             except OSError:
                 pass
 
-    _on_write = _flush
+    def _on_write(self) -> None:
+        manager = self._manager
+        if self._protocol.parser is None and manager is not None:
+            self._run(manager)  # add()ed from another thread: registered for this first EVENT_WRITE
+        else:
+            self._flush()
 
     def _finalize(self, reason: str = "") -> None:
         """Close the socket, forget the connection, call closed() once."""
@@ -3792,6 +3797,14 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
+            if (websocket.state is State.CONNECTING and not self._in_loop()
+                    and isinstance(self._selector, getattr(selectors, "EpollSelector", ()))):
+                # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
+                # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
+                # with no byte through the waker (a write, a read and a loop turn of its own).
+                with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
+                    self._selector.register(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    return
         self._call_threadsafe(self._open, websocket)
 
     @overload
