@@ -4746,8 +4746,21 @@ class _ClientTarget(NamedTuple):
         return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
 
 
+# URLs parsed (at most 64): a client that connects again and again to one URL parses it once.
+_CLIENT_TARGETS: Dict[str, _ClientTarget] = {}
+
+
 def _client_target(url: str) -> _ClientTarget:
     """Parse and check a client URL; raises :class:`InvalidURL`."""
+    target = _CLIENT_TARGETS.get(url)
+    if target is None:
+        target = _CLIENT_TARGETS[url] = _parse_client_url(url)
+        if len(_CLIENT_TARGETS) > 64:
+            _CLIENT_TARGETS.clear()
+    return target
+
+
+def _parse_client_url(url: str) -> _ClientTarget:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unbalanced [ in the host
@@ -5177,13 +5190,14 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
+        peer_address = sock.getpeername()  # while the server answers
         result = None
         while result is None:
             result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
-                            peer_address=sock.getpeername(), extra_data=rest)
+                            peer_address=peer_address, extra_data=rest)
         websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
