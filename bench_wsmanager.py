@@ -53,9 +53,10 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        per connection, measured after one echo on every connection. ws4py
        (when installed, ``bench`` extra) in the same run: ``connect()`` then
        its ``WebSocketManager``, its documented client use. "floor": a raw
-       blocking socket per connection that sends the same opening request
-       (precomputed) and reads up to the end of the 101, nothing more, against
-       the same server: what any one-by-one blocking client can reach there.
+       blocking socket per connection (no timeout, no name resolution, no
+       socket option) that sends the same opening request (precomputed) and
+       reads up to the end of the 101, nothing more, against the same server:
+       what any one-by-one blocking client can reach there.
 s6c    client side, concurrent: 2,000 ``manager.connect()`` calls in
        a loop, every TCP connect and handshake running in the loop at once,
        timed until all have opened (websockets: 2,000 ``connect()`` tasks
@@ -1485,14 +1486,17 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
 def client_s6_floor(port: int, server_pid: int, p: Params) -> dict:
     """The floor of a blocking client: a raw socket per connection sends one precomputed opening request
     (the same bytes wsmanager.connect() sends, one key for all) and reads until the end of the 101, with no
-    parsing, no checks and no manager; then a selector holds them for one echo each."""
+    parsing, no checks and no manager; then a selector holds them for one echo each. Only what the protocol
+    needs: no name resolution (an address), no timeout (a timeout makes every connect, send and receive
+    a poll() and the call), no socket option (TCP_NODELAY matters for later messages, not for the
+    handshake's one write each way)."""
     selector = selectors.DefaultSelector()
     request = wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key())
     hello = wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"hi", mask=True)
 
     def open_one() -> socket.socket:
-        sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.socket()
+        sock.connect((HOST, port))
         sock.sendall(request)
         answer = sock.recv(READ_CHUNK)
         while b"\r\n\r\n" not in answer:
