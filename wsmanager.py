@@ -4753,14 +4753,8 @@ _CLIENT_TARGETS: Dict[str, _ClientTarget] = {}
 def _client_target(url: str) -> _ClientTarget:
     """Parse and check a client URL; raises :class:`InvalidURL`."""
     target = _CLIENT_TARGETS.get(url)
-    if target is None:
-        target = _CLIENT_TARGETS[url] = _parse_client_url(url)
-        if len(_CLIENT_TARGETS) > 64:
-            _CLIENT_TARGETS.clear()
-    return target
-
-
-def _parse_client_url(url: str) -> _ClientTarget:
+    if target is not None:
+        return target
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unbalanced [ in the host
@@ -4780,7 +4774,10 @@ def _parse_client_url(url: str) -> _ClientTarget:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
-    return _ClientTarget(secure, host, port, host_header, path)
+    if len(_CLIENT_TARGETS) >= 64:
+        _CLIENT_TARGETS.clear()
+    target = _CLIENT_TARGETS[url] = _ClientTarget(secure, host, port, host_header, path)
+    return target
 
 
 def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
