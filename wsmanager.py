@@ -104,9 +104,11 @@ import threading
 import time
 import types
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
+                    NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 if TYPE_CHECKING:
+    from typing import NamedTuple as _NamedTuple
+    _LazyPattern = re.compile
     import base64
     import hashlib
     import logging
@@ -115,26 +117,65 @@ if TYPE_CHECKING:
     import urllib.parse
     import zlib
 else:
-    class _LazyModule(types.ModuleType):
-        """A module imported on its first use, then bound in its place: no cost at import, none after.
+    def _lazy_module(name: str) -> types.ModuleType:
+        """A stand-in for module ``name`` that imports it on first use: no cost at import.
 
         Deliberate: these modules are most of what ``import wsmanager`` would
-        cost (``ssl`` and ``logging`` above all), and many programs
-        never touch TLS, compression, signals or a log line.
+        cost (``ssl`` and ``logging`` above all), and many programs never
+        touch TLS, compression, signals or a log line. Each attribute is
+        fetched from the real module once and kept in the stand-in, whose
+        ``__getattr__`` (PEP 562) runs only for a missing one: later uses cost
+        a plain module attribute look-up, and the global naming the stand-in
+        never changes.
         """
+        stand_in = types.ModuleType(name)
 
-        def __getattr__(self, attribute: str) -> Any:
-            name = self.__name__
+        def __getattr__(attribute: str) -> Any:
             __import__(name)
-            top = name.partition(".")[0]
-            globals()[top] = module = sys.modules[top]  # every later use finds the real module
-            if name == "ssl":
-                _tls_in_use()
-            return getattr(module, attribute)
+            value = getattr(sys.modules[name.partition(".")[0]], attribute)
+            setattr(stand_in, attribute, value)
+            return value
+
+        stand_in.__getattr__ = __getattr__
+        return stand_in
 
     base64, hashlib, logging, signal, ssl, zlib = map(
-        _LazyModule, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
-    urllib = _LazyModule("urllib.parse")
+        _lazy_module, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
+    urllib = _lazy_module("urllib.parse")
+
+    class _NamedTupleType(type):
+        """The class statement of a ``typing.NamedTuple``, at a third of its cost at import.
+
+        Deliberate: typing.NamedTuple checks each field's annotation at run time, a compile()
+        each (annotations are strings here), and mypy checks them anyway. The class made is the
+        one typing makes: collections.namedtuple's, with the statement's docstring, methods
+        and annotations.
+        """
+
+        def __new__(cls, name: str, bases: Tuple[type, ...], namespace: Dict[str, Any]) -> Any:
+            fields = namespace.get("__annotations__", {})
+            defaults = [namespace[field] for field in fields if field in namespace]
+            record = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            record.__annotations__ = record.__new__.__annotations__ = fields
+            for key in namespace.keys() - fields.keys() - {"__annotations__", "__module__"}:
+                setattr(record, key, namespace[key])
+            return record
+
+    _NamedTuple = type.__new__(_NamedTupleType, "NamedTuple", (), {})
+
+    class _LazyPattern:
+        """``re.compile(pattern)``, compiled on first use: a handshake's patterns cost 0.3 ms at import.
+
+        The compiled pattern's methods are kept here once fetched: a plain attribute look-up from then on.
+        """
+
+        def __init__(self, pattern: Union[str, bytes]):
+            self.pattern = pattern
+
+        def __getattr__(self, attribute: str) -> Any:
+            value = getattr(re.compile(self.pattern), attribute)
+            setattr(self, attribute, value)
+            return value
 
 
 def _tls_step(sock: Any) -> int:
@@ -150,27 +191,36 @@ def _tls_step(sock: Any) -> int:
 
 
 def _is_tls(sock: Any) -> bool:
-    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
-
-    Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
-    """
-    module = sys.modules.get("ssl")
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is)."""
     # getattr: while another thread imports ssl, sys.modules holds it half made, without SSLSocket.
-    ssl_socket = getattr(module, "SSLSocket", None)
-    if ssl_socket is None or not isinstance(sock, ssl_socket):
-        return False
-    if len(_WOULD_BLOCK) == 2:
-        _tls_in_use()
-    return True
+    ssl_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    return ssl_socket is not None and isinstance(sock, ssl_socket)
+
+
+def _would_block() -> Tuple[type[BaseException], ...]:
+    """What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
+
+    For ``except _would_block():``, which calls it only once something was raised. ssl's two are
+    there once ssl is imported (wsmanager imports it lazily, and no TLS socket exists before);
+    until then BlockingIOError stands in for them.
+    """
+    module = sys.modules.get("ssl")  # getattr: ssl may be half made (another thread importing it)
+    return (BlockingIOError, InterruptedError, getattr(module, "SSLWantReadError", BlockingIOError),
+            getattr(module, "SSLWantWriteError", BlockingIOError))
 
 
 class _Logger:
-    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily)."""
+    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily).
+
+    Its methods are the real logger's, kept here once fetched (a plain attribute look-up from
+    then on); its data (``level``, ``handlers``) is read from the real logger on each use.
+    """
 
     def __getattr__(self, attribute: str) -> Any:
-        global logger
-        logger = logging.getLogger("wsmanager")
-        return getattr(logger, attribute)
+        value = getattr(logging.getLogger("wsmanager"), attribute)
+        if callable(value):
+            setattr(self, attribute, value)
+        return value
 
 
 logger = cast("logging.Logger", _Logger())
@@ -253,17 +303,6 @@ MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refu
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
-# What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
-# ssl's two join once ssl is in use (_tls_in_use): ssl is imported lazily, and no TLS socket exists before.
-_WOULD_BLOCK: Tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-
-
-def _tls_in_use() -> None:
-    """Add ssl's would-block errors to _WOULD_BLOCK (when ssl is imported, or a TLS socket is first seen)."""
-    global _WOULD_BLOCK
-    module = sys.modules["ssl"]
-    _WOULD_BLOCK = (BlockingIOError, InterruptedError, module.SSLWantReadError, module.SSLWantWriteError)
-
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -344,7 +383,7 @@ class ManagerStopped(WebSocketError, RuntimeError):
 # Codec: masking, frames, close payloads, UTF-8 ###############################
 ###############################################################################
 
-class Frame(NamedTuple):
+class Frame(_NamedTuple):
     """One WebSocket frame, payload unmasked."""
 
     opcode: Opcode
@@ -355,7 +394,7 @@ class Frame(NamedTuple):
     rsv3: bool = False
 
 
-class Close(NamedTuple):
+class Close(_NamedTuple):
     """A parsed close frame: ``code`` is 1005 when the frame carried none."""
 
     code: int
@@ -365,12 +404,13 @@ class Close(NamedTuple):
 def _xor_tables() -> List[bytes]:
     """One table per key byte ``k`` for bytes.translate, ``tables[k][i] == i ^ k``: 64 KiB."""
     # Built by doubling, one C translate() per table (a generator over 65,536 bytes would cost
-    # ms at import): XOR with a power of two ``bit`` swaps the halves of each block of 2 * bit
-    # values, and the tables of k and k | bit differ by just that swap.
-    tables = [bytes(range(256))]
-    identity = tables[0]
+    # ms at import): the tables of k and k | bit differ by the XOR with ``bit``, itself a table
+    # made by one big-int XOR of the identity with ``bit`` in every byte.
+    identity = bytes(range(256))
+    number, ones = int.from_bytes(identity, "big"), int.from_bytes(b"\x01" * 256, "big")
+    tables = [identity]
     for bit in (1, 2, 4, 8, 16, 32, 64, 128):
-        swap = b"".join(identity[i + bit:i + 2 * bit] + identity[i:i + bit] for i in range(0, 256, 2 * bit))
+        swap = (number ^ ones * bit).to_bytes(256, "big")
         tables += [table.translate(swap) for table in tables]
     return tables
 
@@ -929,7 +969,7 @@ def parse_close(payload: bytes) -> Close:
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
-class Deflate(NamedTuple):
+class Deflate(_NamedTuple):
     """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
 
     ``compression="deflate"`` means ``Deflate()``. The four negotiation
@@ -970,7 +1010,7 @@ class Deflate(NamedTuple):
     mem_level: int = 5
 
 
-class DeflateParams(NamedTuple):
+class DeflateParams(_NamedTuple):
     """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
 
     server_no_context_takeover: bool = False
@@ -1173,7 +1213,7 @@ class Headers:
         return f"Headers({self._items!r})"
 
 
-class Request(NamedTuple):
+class Request(_NamedTuple):
     """A parsed HTTP request head."""
 
     method: str
@@ -1197,7 +1237,7 @@ class Request(NamedTuple):
         return self.headers.get("Origin")
 
 
-class Response(NamedTuple):
+class Response(_NamedTuple):
     """An HTTP response: parsed by a client, or sent by a server.
 
     A ``handshake`` hook of :meth:`WebSocketManager.listen` may return one
@@ -1233,10 +1273,10 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode("ascii")
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = _LazyPattern(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FORBIDDEN_IN_VALUE = _LazyPattern(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 6455 4.2.1: Sec-WebSocket-Key is the base64 of 16 bytes: 22 characters and "==".
-_KEY = re.compile(r"[A-Za-z0-9+/]{22}==\Z")
+_KEY = _LazyPattern(r"[A-Za-z0-9+/]{22}==\Z")
 # RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
 _UPGRADE_REQUIRED = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13"))
 
@@ -1251,7 +1291,7 @@ def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
 
 
 # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
-_BLANK_LINE = re.compile(rb"\n\r?\n")
+_BLANK_LINE = _LazyPattern(rb"\n\r?\n")
 
 
 class HeadReader:
@@ -1325,7 +1365,7 @@ def _parse_head(head: bytes) -> Tuple[str, Headers]:
     return start, headers
 
 
-_HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
+_HTTP_VERSION = _LazyPattern(r"HTTP/(\d)\.(\d)\Z")
 
 
 def parse_request(head: bytes) -> Request:
@@ -1515,7 +1555,7 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
 
 # Sec-WebSocket-Extensions and permessage-deflate negotiation (RFC 7692 7.1) ---
 
-_EXTENSION_PARAM = re.compile(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
+_EXTENSION_PARAM = _LazyPattern(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
 # RFC 7692 7.1.2: 8..15, decimal, no leading zero.
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
 _DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",
@@ -2750,7 +2790,7 @@ class WebSocket:
             return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             # TLS's close_notify (SSLZeroReturnError) is an EOF. ssl is looked at on a TLS socket only:
@@ -2842,7 +2882,7 @@ class WebSocket:
                     break
                 try:
                     sent = sock.send(out[0])
-                except _WOULD_BLOCK:
+                except _would_block():
                     break
                 except OSError as exc:
                     error = exc
@@ -2962,7 +3002,7 @@ class _Flushable(Protocol):
         """Write what is queued, as far as the socket takes it now."""
 
 
-class _Answer(NamedTuple):
+class _Answer(_NamedTuple):
     """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
 
     response: Response  # a 101 to send, or the refusal (or page) that ends the connection
@@ -3087,7 +3127,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
-            except _WOULD_BLOCK:
+            except _would_block():
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -3181,7 +3221,7 @@ class _ServerHandshake(_Handshake):
             return
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError:
             data = b""
@@ -3262,7 +3302,7 @@ class _ServerHandshake(_Handshake):
     def _write_reply(self, reply: memoryview) -> None:
         try:
             sent = self.sock.send(reply) if reply else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError:
             self._finalize()
@@ -3421,7 +3461,7 @@ class _ClientHandshake(_Handshake):
                     self._secure()
                 return
             result = self.opening.feed(data)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except HandshakeError as exc:
             if exc.status in _REDIRECT_STATUSES:
@@ -3470,7 +3510,7 @@ class _ClientHandshake(_Handshake):
         request = self.request
         try:
             sent = self.sock.send(request) if request else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError as exc:
             self._fail(exc)
@@ -3557,7 +3597,7 @@ class _Waker:
             # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
             while len(self.sock.recv(4096)) == 4096:
                 pass
-        except _WOULD_BLOCK:
+        except _would_block():
             pass
         # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
         # flag stays set) and before the queues are read (work queued before a skipped
@@ -3587,7 +3627,7 @@ def _import_loop_modules() -> None:
     zlib.crc32(b"")
     urllib.parse.urlsplit("ws://localhost/")
     "localhost".encode("idna")
-    logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
+    logger.isEnabledFor(logging.DEBUG)  # makes the "wsmanager" logger
 
 
 def _descriptors_exhausted(exc: OSError) -> Optional[OSError]:
@@ -3688,6 +3728,103 @@ def _stop_started_managers() -> None:
             manager.join(max(0.0, deadline - time.monotonic()))
 
 
+class _Topics:
+    """A manager's topics: which of its connections subscribe to what, and the bridge relaying them.
+
+    The manager's topic methods delegate here, from any thread: one lock guards
+    topic -> subscribers and the way back. A :class:`RedisBridge` attaches and
+    detaches itself, hands what other processes publish to :meth:`deliver`, and
+    hears of each topic that gets its first subscriber or loses its last.
+    """
+
+    def __init__(self, manager: "WebSocketManager"):
+        self._manager = manager
+        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
+        self._subscribers: Dict[str, Dict[WebSocket, None]] = {}
+        self._memberships: Dict[WebSocket, Set[str]] = {}
+        self._lock = threading.Lock()
+        self.bridge: Optional[RedisBridge] = None  # set by attach() and detach() only
+
+    @staticmethod
+    def _refuse(topic: object) -> NoReturn:
+        """What a topic that fails the one test of :meth:`subscribe` and :meth:`publish` gets."""
+        if type(topic) is not str:
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
+
+    def subscribe(self, websocket: WebSocket, topic: str) -> None:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:
+            self._refuse(topic)
+        if websocket.manager not in (self._manager, None):
+            raise ValueError("the connection belongs to another manager")
+        with self._lock:
+            # The manager's _forget() drops the connection from its websockets before it calls leave():
+            # either we see it gone, or leave() sees the subscription and takes it out again.
+            if self._manager.websockets.get(websocket.fileno()) is not websocket:
+                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
+            first = topic not in self._subscribers
+            self._subscribers.setdefault(topic, {})[websocket] = None
+            self._memberships.setdefault(websocket, set()).add(topic)
+        bridge = self.bridge
+        if first and bridge is not None:
+            bridge._topic_changed(topic)
+
+    def leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
+        """Take ``websocket`` out of ``topics`` (None: all of its own, as it goes)."""
+        emptied = []
+        with self._lock:
+            own = self._memberships.get(websocket, set())
+            for topic in tuple(own) if topics is None else own.intersection(topics):
+                own.remove(topic)  # and the way there holds it too: both change under the lock
+                members = self._subscribers[topic]
+                del members[websocket]
+                if not members:
+                    del self._subscribers[topic]
+                    emptied.append(topic)
+            if not own:
+                self._memberships.pop(websocket, None)
+        bridge = self.bridge
+        if bridge is not None:
+            for topic in emptied:
+                bridge._topic_changed(topic)
+
+    def subscribers(self, topic: str) -> int:
+        return len(self._subscribers.get(topic, ()))
+
+    def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
+        with self._lock:
+            return list(self._subscribers if websocket is None else self._memberships.get(websocket, ()))
+
+    def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:  # deliberate: one test inline, on the hot path
+            self._refuse(topic)
+        opcode, payload = _data_frame(message)
+        bridge = self.bridge
+        if bridge is not None:
+            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
+            # calls of one thread, which is all "in publish order per publisher" promises.
+            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
+        return self.deliver(topic, opcode, payload)
+
+    def deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
+        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
+        with self._lock:
+            subscribers = tuple(self._subscribers.get(topic, ()))
+        return _queue_to_all(subscribers, opcode, payload) if subscribers else 0
+
+    def attach(self, bridge: RedisBridge) -> None:
+        with self._lock:
+            if self.bridge is not None:
+                raise RuntimeError("this manager is bridged already")
+            self.bridge = bridge
+
+    def detach(self, bridge: RedisBridge) -> None:
+        """publish() is local only from now on (unless another bridge is attached since)."""
+        with self._lock:
+            if self.bridge is bridge:
+                self.bridge = None
+
+
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
 _WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
@@ -3740,11 +3877,7 @@ class WebSocketManager:
         self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
-        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
-        self._topics: Dict[str, Dict[WebSocket, None]] = {}
-        self._memberships: Dict[WebSocket, Set[str]] = {}
-        self._topics_lock = threading.Lock()
-        self._bridge: Optional["RedisBridge"] = None
+        self._topics = _Topics(self)
         self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
@@ -3992,35 +4125,19 @@ class WebSocketManager:
         :class:`ConnectionClosed` for a connection that is over,
         :class:`ValueError` for one of another manager.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        if websocket.manager is not self and websocket.manager is not None:
-            raise ValueError("the connection belongs to another manager")
-        with self._topics_lock:
-            # _forget() drops the connection from _websockets before it takes this lock: either
-            # we see it gone, or _forget() sees the subscription and takes it out again.
-            if self._websockets.get(websocket.fileno()) is not websocket:
-                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
-            first = topic not in self._topics
-            self._topics.setdefault(topic, {})[websocket] = None
-            self._memberships.setdefault(websocket, set()).add(topic)
-        if first and self._bridge is not None:
-            self._bridge._topic_changed(topic)
+        self._topics.subscribe(websocket, topic)
 
     def unsubscribe(self, websocket: WebSocket, topic: str) -> None:
         """Take ``websocket`` out of ``topic`` (nothing happens if it was not in). Any thread."""
-        self._leave(websocket, (topic,))
+        self._topics.leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
         """How many of this manager's connections are subscribed to ``topic`` (any thread)."""
-        return len(self._topics.get(topic, ()))
+        return self._topics.subscribers(topic)
 
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
         """The topics with a local subscriber, or those of ``websocket`` (any thread)."""
-        with self._topics_lock:
-            return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
+        return self._topics.topics(websocket)
 
     def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every subscriber of ``topic``; return how many took it.
@@ -4034,45 +4151,7 @@ class WebSocketManager:
         :class:`ValueError` for a topic that :meth:`subscribe` refuses.
         Example, in a callback: ``self.manager.publish("room:42", message)``.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        opcode, payload = _data_frame(message)
-        bridge = self._bridge
-        if bridge is not None:
-            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
-            # calls of one thread, which is all "in publish order per publisher" promises.
-            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
-        return self._deliver(topic, opcode, payload)
-
-    def _deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
-        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
-        with self._topics_lock:
-            members = self._topics.get(topic)
-            if not members:
-                return 0
-            subscribers = tuple(members)
-        return _queue_to_all(subscribers, opcode, payload)
-
-    def _leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
-        # Out of ``topics`` (None: all of its own, as it goes); the bridge hears of each topic left empty.
-        emptied = []
-        with self._topics_lock:
-            own = self._memberships.get(websocket, set())
-            for topic in tuple(own) if topics is None else topics:
-                own.discard(topic)
-                members = self._topics.get(topic)
-                if members is not None and websocket in members:
-                    del members[websocket]
-                    if not members:
-                        del self._topics[topic]
-                        emptied.append(topic)
-            if not own:
-                self._memberships.pop(websocket, None)
-        if self._bridge is not None:
-            for topic in emptied:
-                self._bridge._topic_changed(topic)
+        return self._topics.publish(topic, message)
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "Server is shutting down") -> None:
         """Start the close handshake on every connection.
@@ -4175,12 +4254,10 @@ class WebSocketManager:
         :class:`ManagerStopped` once it is stopping; Redis being down is not
         an error (the bridge connects, and reconnects, in the loop).
         """
-        bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
+        bridge = RedisBridge(self, self._topics, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
             self._check_running()
-            if self._bridge is not None:
-                raise RuntimeError("this manager is bridged already")
-            self._bridge = bridge
+            self._topics.attach(bridge)
         self._call_threadsafe(bridge._start)
         return bridge
 
@@ -4563,7 +4640,7 @@ class WebSocketManager:
             del self._websockets[fd]
         elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
             handshake = self._client_handshake(websocket)
-        self._leave(websocket)
+        self._topics.leave(websocket)
         self._unwatch(websocket.sock)
         if handshake is not None:
             handshake._abandon(_ended_by(websocket))
@@ -4691,8 +4768,8 @@ class WebSocketManager:
             handshake._finalize("manager stopped")
         for listener in self._listeners:
             listener._finalize()
-        if self._bridge is not None:
-            self._bridge._close()
+        if self._topics.bridge is not None:
+            self._topics.bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
             if function in (self._open, self._begin_client, self._fail_client):
@@ -4723,7 +4800,7 @@ _RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCod
                               CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
 
 
-class _ClientTarget(NamedTuple):
+class _ClientTarget(_NamedTuple):
     """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
 
     secure: bool
@@ -4926,7 +5003,7 @@ def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple
 
 # Reconnecting clients ----------------------------------------------------------
 
-class Reconnect(NamedTuple):
+class Reconnect(_NamedTuple):
     """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
 
     The n-th wait in a row (n = 0, 1, ...) is based on
@@ -5538,7 +5615,7 @@ _KIND_TO_OPCODE: Dict[int, Opcode] = {b"t"[0]: _TEXT, b"b"[0]: _BINARY}
 _OPCODE_TO_KIND: Dict[int, bytes] = {_TEXT: b"t", _BINARY: b"b"}
 
 
-class _RedisError(NamedTuple):
+class _RedisError(_NamedTuple):
     """An error reply of Redis (``-ERR ...``)."""
 
     message: str
@@ -5761,7 +5838,7 @@ class _RedisConnection:
                     raise ConnectionError("Redis closed the connection")
                 parsed = parser.parsed
                 replies = parser.feed(data, budget)
-            except _WOULD_BLOCK:
+            except _would_block():
                 break
             except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
                 self.bridge._deliver_replies(self, exc.replies)
@@ -5836,7 +5913,7 @@ class _RedisConnection:
                         break
                     sent = self.sock.send(out)
                     del out[:sent]
-            except _WOULD_BLOCK:
+            except _would_block():
                 pass
             except OSError as exc:
                 error = exc
@@ -5911,7 +5988,7 @@ class RedisBridge:
     levels of nesting) ends that connection, after the replies before it.
     """
 
-    def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
+    def __init__(self, manager: "WebSocketManager", topics: _Topics, url: str, *, prefix: str = "wsmanager:",
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
                  max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
         # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
@@ -5920,6 +5997,7 @@ class RedisBridge:
         self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
         self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
+        self._topics = topics  # the manager's: attached to by manager.bridge(), detached from by _close()
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
         self.max_pending = max_pending
@@ -6032,7 +6110,7 @@ class RedisBridge:
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
-            self._channels = set(self.manager.topics())
+            self._channels = set(self._topics.topics())
             self._subscribed.clear()
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
@@ -6084,17 +6162,14 @@ class RedisBridge:
         self.manager._call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
-        # Reads the manager's state now, so that subscribe/unsubscribe races end where the topic stands.
+        # Reads the topics now, so that subscribe/unsubscribe races end where the topic stands.
         connection = self._connections["subscribe"]
-        wanted = self.manager.subscribers(topic) > 0
+        wanted = self._topics.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = _topic_channel(self._prefix_bytes, topic)
-        if wanted:
-            self._channels.add(topic)
-        else:
-            self._channels.discard(topic)
-        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
+        self._channels ^= {topic}  # in if wanted, out if not: it was the other way round
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE",
+                                       _topic_channel(self._prefix_bytes, topic)))
 
     # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
     # message behind it is not lost), and every counter only goes up and counts what it says.
@@ -6145,7 +6220,7 @@ class RedisBridge:
     def _receive(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
         prefix = self._prefix_bytes
         skip = len(prefix)
-        manager = self.manager
+        deliver = self._topics.deliver
         for reply in replies:
             if type(reply) is not list or len(reply) != 3:
                 if isinstance(reply, _RedisError):
@@ -6176,7 +6251,7 @@ class RedisBridge:
                     self._skip(connection, reply, "not a message of a bridge")
                     continue
                 self.received += 1
-                manager._deliver(topic, opcode, payload)
+                deliver(topic, opcode, payload)
             elif kind == b"subscribe" or kind == b"unsubscribe":
                 try:
                     topic = _channel_topic(channel, skip)
@@ -6214,10 +6289,7 @@ class RedisBridge:
 
     def _close(self) -> None:
         self._closed = True
-        manager = self.manager
-        with manager._lock:
-            if manager._bridge is self:
-                manager._bridge = None  # publish() is local only from now on
+        self._topics.detach(self)
         for connection in list(self._connections.values()):
             if connection is not None:
                 connection._finalize("bridge closed")
@@ -6802,24 +6874,30 @@ class _LoadClient(WebSocket):
         self.raw = False
         self.run.closed(self, code)
 
-    def send_raw(self, frames: bytes) -> None:
-        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
-        before them, else (and what the socket does not take) queued; dropped once the connection closes
-        (``closed()`` counts it). Loop thread only: it writes as the connection's driver does."""
-        protocol = self._protocol
-        sent = 0
+    def send_raw(self, count: int) -> None:
+        """Write ``count`` messages as frames masked in advance, each with a write of its own as a real
+        client's sends would be (one write for them all would hand the server fewer, fuller reads than
+        real clients cause): straight to the socket while nothing is queued before them, else (and what
+        the socket does not take) queued; dropped once the connection closes (``closed()`` counts it).
+        Loop thread only: it writes as the connection's driver does."""
+        protocol, run = self._protocol, self.run
+        masked, send = run.masked, self.sock.send
         # Deliberate: no lock (it costs the generator 5 % of its CPU). Only the loop thread, this one,
-        # writes to the socket, so nothing interleaves with this write; a frame another thread queues
-        # meanwhile (close_all()'s close frame) is whole and goes after it, and the rest of a partial
+        # writes to the socket, so nothing interleaves with these writes; a frame another thread queues
+        # meanwhile (close_all()'s close frame) is whole and goes after them, and the rest of a partial
         # write is queued before it (queue_raw). Nothing here touches ``out`` but through _Protocol.
         if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frames)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frames):
-                return
-        self.queue_raw(frames, sent)
+            for after in range(count - 1, -1, -1):  # the messages still to write after this one
+                frame = masked.pop() if masked else run.frame()
+                try:
+                    sent = send(frame)
+                except OSError:  # full, or lost: the queue's flush tells which
+                    sent = 0
+                if sent != len(frame):
+                    self.queue_raw(frame + b"".join([run.frame() for _ in range(after)]), sent)
+                    return
+            return
+        self.queue_raw(b"".join([run.frame() for _ in range(count)]), 0)
 
     def queue_raw(self, frames: bytes, sent: int) -> None:
         """Queue what :meth:`send_raw` did not write (``sent`` bytes of ``frames`` went to the socket)."""
@@ -6844,12 +6922,11 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock", "protocol")
+    __slots__ = ("client", "manager", "run", "sock")
 
     def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
         self.client = client
         self.manager = manager
-        self.protocol = client._protocol
         self.run = client.run
         self.sock = client.sock
         manager._set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
@@ -6868,7 +6945,7 @@ class _LoadReader:
         run = self.run
         try:
             data = self.sock.recv(run.read_size)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             self.client._finalize(f"connection lost: {exc}")
@@ -6889,18 +6966,7 @@ class _LoadReader:
         if left > 0:
             client.left = left - 1
         sent_at.append(now)
-        masked = run.masked
-        frame = masked.pop() if masked else run.frames(1)
-        protocol = self.protocol  # _LoadClient.send_raw() inlined: the path of nearly every answer
-        sent = 0
-        if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frame)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frame):
-                return
-        client.queue_raw(frame, sent)
+        client.send_raw(1)
 
     def _answers(self, data: bytes) -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
@@ -6963,15 +7029,16 @@ class _LoadRun:
         # Deliberate: no bigger read than the answers awaited (a small buffer costs less than 64 KiB); more
         # input (a ping, a close) waits for the next loop turn, its socket still readable.
         self.read_size = min(len(self.answers), READ_SIZE)
-        masked = encode_frame(opcode, payload, mask=b"\0\0\0\0")
-        self._header = masked[:len(masked) - size - 4]
+        unmasked = encode_frame(opcode, payload, mask=b"\0\0\0\0")  # the frame with a key of zeros
         self.masked: List[bytes] = []  # frames of the payload masked in advance, each used once, last first
-        self._batch = max(1, min(1024, (1 << 20) // len(masked)))  # about 1 MiB of them at a time
-        # Masking as one integer XOR: the key repeated over the payload is the key times a constant with
-        # a 1 every 32 bits (lanes that cannot carry into each other), cut to the payload's length.
-        self._payload_int = int.from_bytes(payload, "little")
-        self._key_lanes = int.from_bytes(b"\1\0\0\0" * ((size + 3) // 4), "little")
-        self._payload_bits = (1 << (8 * size)) - 1
+        self._batch = max(1, min(1024, (1 << 20) // len(unmasked)))  # about 1 MiB of them at a time
+        # A whole frame masked as one integer XOR: the key times a constant with a 1 at the key's place
+        # and every 32 bits over the payload (lanes that cannot carry into each other) puts the key in
+        # its field and repeats it over the payload; cut to the frame's length.
+        key_at = len(unmasked) - size - 4
+        self._frame_int = int.from_bytes(unmasked, "little")
+        self._key_lanes = int.from_bytes(bytes(key_at) + b"\1\0\0\0" * (1 + (size + 3) // 4), "little")
+        self._frame_length = len(unmasked)
         self.connect_times: List[float] = []
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
@@ -7014,25 +7081,22 @@ class _LoadRun:
             client.left = left - count
         client.sent_at.extend([now] * count)
         if client.raw:
-            client.send_raw(self.frames(count))
+            client.send_raw(count)
         else:
             for _ in range(count):
                 client.send(self.payload)
 
-    def frames(self, count: int) -> bytes:
-        """``count`` frames of the payload, each masked with a key of its own: RFC 6455 5.3's unpredictable
-        keys, drawn from the OS's entropy source in batches (one system call for a batch)."""
+    def frame(self) -> bytes:
+        """A frame of the payload masked with a key of its own: RFC 6455 5.3's unpredictable keys, drawn
+        from the OS's entropy source in batches (one system call for a batch)."""
         masked = self.masked
-        while len(masked) < count:
-            batch, size, header = self._batch, self.size, self._header
-            payload, lanes, bits = self._payload_int, self._key_lanes, self._payload_bits
-            keys = os.urandom(4 * batch)
+        if not masked:
+            batch, frame, lanes, length = self._batch, self._frame_int, self._key_lanes, self._frame_length
+            bits = (1 << (8 * length)) - 1
             # Deliberate: a batch in one comprehension, not a call per message.
-            masked.extend([header + keys[i:i + 4] + (payload ^ key * lanes & bits).to_bytes(size, "little")
-                           for i, key in zip(range(0, 4 * batch, 4), struct.unpack(f"<{batch}I", keys))])
-        if count == 1:
-            return masked.pop()
-        return b"".join([masked.pop() for _ in range(count)])
+            masked.extend([(frame ^ key * lanes & bits).to_bytes(length, "little")
+                           for key in struct.unpack(f"<{batch}I", os.urandom(4 * batch))])
+        return masked.pop()
 
     def failed(self, exc: BaseException) -> None:
         self.errors[_error_kind(exc)] += 1
