@@ -4503,6 +4503,17 @@ class TestManager:
         with pytest.raises(ValueError):  # a bad URL is refused every time, not remembered
             connect(url.replace("ws://", "http://"), timeout=2)
 
+    def test_connect_shares_the_peer_host_among_connections(self, manager):
+        # Thousands of clients of one server: one string for its address, not one per connection.
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        first, second = (connect(ws_url(address), timeout=5) for _ in range(2))
+        try:
+            assert first.peer_address == second.peer_address == address
+            assert first.peer_address[0] is second.peer_address[0]
+        finally:
+            first.sock.close()
+            second.sock.close()
+
     def test_connect_refused(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
