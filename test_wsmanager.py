@@ -7485,6 +7485,44 @@ class TestIntegrations:
         manager.stop()
         manager.join(10)
 
+    @pytest.mark.parametrize("failure", ["factory-raises", "manager-stops"])
+    def test_wsgi_app_failing_after_taking_the_socket_answers_on_it_and_frees_the_slot(self, failure, caplog):
+        # Taken, nothing written on it yet (the loop writes the 101): a bug in the factory is a 500, a manager
+        # stopped meanwhile (add() refuses) a 503, on the connection and to the server (start_response again,
+        # with exc_info, for its log), and the max_connections slot is free again.
+        manager = WebSocketManager()
+
+        def factory(*args, **kwargs):
+            if failure == "factory-raises":
+                raise RuntimeError("a bug in the factory")
+            manager.stop()
+            return EchoServer(*args, **kwargs)
+
+        app = manager.wsgi_app(factory, max_connections=1)
+        statuses = []
+        client, server_side = socket.socketpair()
+        try:
+            with client, server_side, caplog.at_level(logging.ERROR, logger="wsmanager"):
+                body = app(_socket_environ(server_side), lambda status, headers, exc_info=None:
+                           statuses.append((status, exc_info is not None)))
+                assert list(body) == []
+                body.close()
+                client.settimeout(10)
+                head, rest = read_head(client)
+                expected = "500 Internal Server Error" if failure == "factory-raises" else "503 Service Unavailable"
+                assert head.startswith(f"HTTP/1.1 {expected}\r\n".encode()), head
+                while len(rest) < len(expected) + 1:
+                    rest += client.recv(100) or pytest.fail(f"closed after {rest!r}")
+                assert rest == f"{expected}\n".encode() and client.recv(100) == b""  # then closed
+                assert statuses == [("101 Switching Protocols", False), (expected, True)]
+                assert app.listener.connections == 0
+                logged = [record.getMessage() for record in caplog.records]
+                assert logged == (["could not create the connection for ('127.0.0.1', 50000)"]
+                                  if failure == "factory-raises" else [])
+        finally:
+            manager.stop()
+            manager.join(10)
+
     def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran(self):
         manager = WebSocketManager()
         manager._pid = -1  # as if made in gunicorn's master before --preload forked this worker
@@ -7660,6 +7698,17 @@ class TestIntegrations:
             assert records()[before:] == ["GET /record?after"]
             close = RawPeer(sock, rest, timeout=20).close_frame()
             assert close is not None and close.code == CloseCode.PROTOCOL_ERROR
+        _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_answers_a_plain_request_to_wsgi_app_426_naming_websocket(self, probe_host):
+        # PEP 3333 forbids the 426's hop-by-hop headers (Upgrade, Connection) to applications: gunicorn, werkzeug
+        # and cheroot, found by what they put in environ, send them anyway: the 426 is theirs (their Server
+        # header); wsgiref asserts on them, and gets the 426 written on the connection by wsgi_app.
+        kind, port, records, read_log = probe_host
+        status, headers, body = _http(port, path="/ws")
+        assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
+        assert ("Server" in headers) == (kind != "wsgiref"), headers
+        assert _http(port)[:3:2] == (200, b"ready\n")
         _assert_clean_host_log(read_log())
 
     def test_wsgi_host_hands_frames_sent_with_the_upgrade_to_the_websocket(self, probe_host):
