@@ -116,6 +116,13 @@ scale  ``scale`` (only when named; needs redis-server for its second part):
        on loopback; 1,000 messages one at a time sent to server A: the
        arrival back at the sender (local publish) vs. at a client of server B
        (through Redis), p50 and p99 of each and of their difference.
+loadcheck  (only when named) ``python -m wsmanager load`` in S2's shape (``--clients 50
+       --in-flight 16 --size 64 --text``, 10,000 messages each) against ``python
+       -m wsmanager serve``'s /echo, after an S2 trial of wsmanager, per repetition:
+       the load process's CPU (all of it, start-up included) against the
+       server's over the same run (must be < 1x), and its messages per server
+       CPU-second against S2's (must be within 20 %); then the full-size run,
+       2,000 clients x 100 messages, its report and both CPUs.
 soak   ``soak --seconds N``: one wsmanager server process; 16 client workers
        connect, exchange 1-20 echoed messages of 1 B-70 KB, then close, vanish,
        or have the server close (plus a few half-sent handshakes and protocol
@@ -305,13 +312,15 @@ class Params:
     scale_subscribers: int = 2000
     scale_messages: int = 500  # per worker and round: 2,000 x 500 = 1,000,000 deliveries
     scale_latency_samples: int = 1000
+    loadcheck_per_connection: int = 10_000  # S2's shape, 5x as long: the load process's start-up counts too
 
     def quick(self) -> "Params":
         return dataclasses.replace(
             self, s1_round_trips=300, s2_per_connection=200, s3_per_connection=10, s4_connections=500,
             s5_clients=200, s5_broadcasts=10, s6_connections=200, codec_small_frames=10_000,
             codec_big_frames=8, idle_connections=1000, idle_seconds=2.0, zmem_small=100, zmem_large=1000,
-            trial_timeout=60.0, scale_subscribers=200, scale_messages=50, scale_latency_samples=200)
+            trial_timeout=60.0, scale_subscribers=200, scale_messages=50, scale_latency_samples=200,
+            loadcheck_per_connection=1000)
 
 
 ###############################################################################
@@ -2902,6 +2911,93 @@ def run_scale(p: Params, repeat: int) -> int:
 
 
 ###############################################################################
+# Load check: the load command against the demo, next to S2 (issue 20.5) ######
+###############################################################################
+
+def load_command_trial(load_arguments: Sequence[str]) -> dict:
+    """``python -m wsmanager load`` against a fresh ``python -m wsmanager serve``'s /echo, each process
+    pinned as the benchmark pins its server and generator: the load command's JSON report, with the CPU
+    seconds of the whole load process (start-up and report included: its rusage) and of the server over
+    the load process's life (its schedstat)."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(wsmanager.__file__)))
+
+    def pinned(cpu: Optional[int]) -> Callable[[], None]:
+        return lambda: None if cpu is None else os.sched_setaffinity(0, {cpu})
+
+    server = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port)], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=pinned(CPUS["server"]))
+    try:
+        _wait_for_port(port, server)
+        server_before = cpu_and_wait(server.pid)[0]
+        load = subprocess.Popen([sys.executable, "-m", "wsmanager", "load", f"ws://{HOST}:{port}/echo", "--json",
+                                 *load_arguments], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                preexec_fn=pinned(CPUS["generator"]))
+        output = load.stdout.read() if load.stdout else b""
+        _, status, usage = os.wait4(load.pid, 0)
+        load.returncode = os.waitstatus_to_exitcode(status)
+        server_cpu = cpu_and_wait(server.pid)[0] - server_before
+    finally:
+        server.send_signal(signal.SIGINT)  # a normal stop: 1001 to whatever is left
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    if not output:
+        raise RuntimeError(f"the load command printed nothing (exit status {load.returncode})")
+    report = json.loads(output)
+    report.update(load_cpu=usage.ru_utime + usage.ru_stime, server_cpu=server_cpu, status=load.returncode)
+    return report
+
+
+def run_loadcheck(p: Params, repeat: int) -> int:
+    """The load command's two checks, ``repeat`` times: it costs less CPU than the server it loads, and in
+    S2's shape its messages per server CPU-second are within 20 % of S2's (picows against the benchmark's
+    wsmanager server), S2 run just before; then the full-size run, 2,000 clients x 100 messages."""
+    s2 = make_scenarios(p)["s2"]
+    shape = ["--clients", str(p.s2_connections), "--in-flight", str(p.s2_in_flight), "--size", str(p.s2_size),
+             "--text", "--messages", str(p.loadcheck_per_connection), "--rate", "0"]
+    print(f"## Load check: python -m wsmanager load {' '.join(shape)} against python -m wsmanager serve's "
+          f"/echo, next to S2 ({p.s2_per_connection:,} round trips per connection), {repeat} repetition(s)\n")
+    print("| run | load CPU s | server CPU s | load / server CPU | S2: picows / server CPU | "
+          "load msg per server CPU-s | S2 msg per server CPU-s | load / S2 | met? |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    status = 0
+    for rep in range(repeat):
+        try:
+            bench = run_trial(s2, "wsmanager", p, None)
+            load = load_command_trial(shape)
+        except Exception as exc:
+            print(f"| {rep + 1} | FAILED: {exc} ||||||||")
+            status = 1
+            continue
+        bench_rate = bench["values"]["rate"] / bench["server_cpu"]
+        load_rate = load["answered"] / load["server_cpu"]
+        cpu_ratio, agreement = load["load_cpu"] / load["server_cpu"], load_rate / bench_rate
+        met = cpu_ratio < 1 and abs(agreement - 1) <= 0.2 and not load["errors"] and not bench["errors"]
+        errors = f" (errors: {load['errors'] or bench['errors']})" if load["errors"] or bench["errors"] else ""
+        print(f"| {rep + 1} | {load['load_cpu']:.2f} | {load['server_cpu']:.2f} | {cpu_ratio:.2f}x | "
+              f"{bench['generator_cpu'] / bench['server_cpu']:.2f}x | {load_rate:,.0f} | {bench_rate:,.0f} | {agreement:.2f}x | {'yes' if met else 'NO'}{errors} |",
+              flush=True)
+    full = ["--clients", str(p.s5_clients), "--messages", "100", "--size", "64", "--text"]
+    print(f"\n## Full size: python -m wsmanager load ws://.../echo {' '.join(full)} against python -m "
+          "wsmanager serve\n")
+    try:
+        report = load_command_trial(full)
+    except Exception as exc:
+        print(f"  FAILED: {exc}")
+        return 1
+    for name in ("connected", "connect_ms", "answered", "round_trip_ms", "messages_per_second", "seconds",
+                 "errors"):
+        print(f"  {name:<20}{report[name]}")
+    print(f"  CPU: load process {report['load_cpu']:.2f} s, server {report['server_cpu']:.2f} s "
+          f"({report['load_cpu'] / report['server_cpu']:.2f}x)")
+    return status or report["status"]
+
+
+###############################################################################
 # Main #########################################################################
 ###############################################################################
 
@@ -3026,7 +3122,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "Scenarios and methodology are described in this file's docstring.",
         epilog="scenarios: s1 latency, s2 small messages, s3 large messages, s4 connections, s5 broadcast, "
                "s6 client side, codec, idle; z2 z3 z5 (s2 s3 s5 with permessage-deflate), zmem1k zmem10k "
-               "z5ctx, zmemctx10k (memory with deflate); zparams (zlib window x memLevel table); soak and scale (only when named).",
+               "z5ctx, zmemctx10k (memory with deflate); zparams (zlib window x memLevel table); soak, scale and loadcheck (only when named).",
         formatter_class=Formatter)
     parser.add_argument("scenarios", nargs="*", metavar="scenario", default=list(SCENARIO_ORDER),
                         help="scenarios to run, in this order; soak runs only when named")
@@ -3044,10 +3140,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.plot and not args.svg:
         parser.error("--plot needs --svg DIR")
-    unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak", "scale")]
+    unknown = [name for name in args.scenarios if name not in SCENARIO_ORDER + ("soak", "scale", "loadcheck")]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {', '.join(SCENARIO_ORDER)}, soak, "
-                     "scale")
+                     "scale, loadcheck")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.seconds <= 0:
@@ -3140,6 +3236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "scale" in chosen:
         print()
         status = run_scale(p, args.repeat) or status
+    if "loadcheck" in chosen:
+        print()
+        status = run_loadcheck(p, args.repeat) or status
     return status
 
 

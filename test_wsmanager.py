@@ -7882,7 +7882,7 @@ class TestScaling:
             assert all(manager.subscribers(topic) == 1 for topic in "abc")
             staying.manager.unsubscribe(staying, "a")
             assert sorted(manager.topics()) == ["b", "c"]
-            assert manager._memberships.keys() == {staying}
+            assert manager._topics._memberships.keys() == {staying}  # nothing left of it (no public view)
             with pytest.raises(ConnectionClosed):
                 manager.subscribe(leaving, "a")  # over: it cannot come back
         with pytest.raises(TypeError):
@@ -8006,7 +8006,29 @@ class TestScaling:
     def test_bad_redis_urls_fail_at_once(self, url, manager):
         with pytest.raises(ValueError):
             manager.bridge(url)
-        assert manager._bridge is None
+        with FakeRedis() as fake:
+            manager.bridge(fake.url).close()  # no bridge was attached: this one is not refused
+
+    def test_a_closed_bridge_relays_no_more_and_the_manager_can_be_bridged_again(self, manager, redis_server):
+        with running_manager() as other, running_manager() as client_manager:
+            there = other.bridge(redis_server.url)
+            with subscribed_pairs(other, client_manager, 1, "t") as [(_, far)]:
+                first = manager.bridge(redis_server.url)
+                wait_bridged(first)
+                wait_bridged(there, topics=["t"])
+                with pytest.raises(RuntimeError, match="bridged already"):
+                    manager.bridge(redis_server.url)
+                manager.publish("t", "relayed")
+                wait_until(lambda: far.messages == ["relayed"] and first.relayed == 1)
+                first.close()
+                wait_until(lambda: not first.connected)  # closed in the loop: detached first
+                manager.publish("t", "local only")
+                second = manager.bridge(redis_server.url)
+                wait_bridged(second)
+                manager.publish("t", "relayed again")
+                wait_until(lambda: second.relayed == 1)
+                wait_until(lambda: far.messages == ["relayed", "relayed again"])
+                assert (first.relayed, first.dropped) == (1, 0)  # the closed bridge never saw "local only"
 
     def test_bridge_keeps_a_topic_when_a_peer_moves_to_another_manager(self, redis_server):
         # The two-browsers test's reload, without browsers: page b leaves worker A (where page a
@@ -10763,6 +10785,47 @@ class TestClients:
         # rest queued after the close frame, or dropped, would be a broken frame: 1002, or no answer: 1006).
         assert len(run.round_trips) == 3
         assert run.errors == {"closed 1000 before its last answer": 1}
+
+    def test_load_writes_each_message_on_its_own(self, manager, client_manager, monkeypatch):
+        # As a real client's sends would: one write for all the messages that one read let go (or the
+        # start's in-flight window) would hand the server fewer, fuller reads than real clients cause.
+        class Recorder:
+            def __init__(self, sock):
+                self._sock, self.writes = sock, []
+
+            def send(self, data):
+                self.writes.append(bytes(data))
+                return self._sock.send(data)
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        recorders = []
+
+        class RecordingClient(wsmanager._LoadClient):
+            def opened(self):
+                self.sock = Recorder(self.sock)
+                recorders.append(self.sock)
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        run = wsmanager._LoadRun(2, 30, 16, in_flight=4)
+        run.sending = True
+        monkeypatch.setattr(wsmanager._LoadClient, "run", run, raising=False)
+        for _ in range(2):
+            client_manager.connect(ws_url(address), RecordingClient)
+        wait_until(lambda: run.finished == 2, timeout=30)
+        assert len(run.round_trips) == 60 and not run.errors
+        messages = [write for recorder in recorders for write in recorder.writes if write[0] == 0x82]
+        assert len(messages) == 60 and {len(write) for write in messages} == {2 + 4 + 16}
+
+    @pytest.mark.parametrize("size", [0, 3, 125, 126, 70_000])
+    def test_load_frames_are_masked_frames_of_the_payload(self, size):
+        run = wsmanager._LoadRun(1, 1, size, text=True)
+        frames = [run.frame() for _ in range(3)]
+        parsed = FrameParser(expect_masked=True, max_frame_size=size).feed(b"".join(frames))
+        assert [(frame.opcode, frame.payload) for frame in parsed] == [(Opcode.TEXT, b"x" * size)] * 3
+        assert len({frame[-size - 4:len(frame) - size] for frame in frames}) == 3  # a key of its own each
 
     class RawEcho:
         """An echo server on bare sockets that records each message's mask key; ``answer(index, frame)``

@@ -3683,6 +3683,103 @@ def _stop_started_managers() -> None:
             manager.join(max(0.0, deadline - time.monotonic()))
 
 
+class _Topics:
+    """A manager's topics: which of its connections subscribe to what, and the bridge relaying them.
+
+    The manager's topic methods delegate here, from any thread: one lock guards
+    topic -> subscribers and the way back. A :class:`RedisBridge` attaches and
+    detaches itself, hands what other processes publish to :meth:`deliver`, and
+    hears of each topic that gets its first subscriber or loses its last.
+    """
+
+    def __init__(self, manager: "WebSocketManager"):
+        self._manager = manager
+        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
+        self._subscribers: Dict[str, Dict[WebSocket, None]] = {}
+        self._memberships: Dict[WebSocket, Set[str]] = {}
+        self._lock = threading.Lock()
+        self.bridge: Optional[RedisBridge] = None  # set by attach() and detach() only
+
+    @staticmethod
+    def _refuse(topic: object) -> NoReturn:
+        """What a topic that fails the one test of :meth:`subscribe` and :meth:`publish` gets."""
+        if type(topic) is not str:
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+        raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
+
+    def subscribe(self, websocket: WebSocket, topic: str) -> None:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:
+            self._refuse(topic)
+        if websocket.manager not in (self._manager, None):
+            raise ValueError("the connection belongs to another manager")
+        with self._lock:
+            # The manager's _forget() drops the connection from its websockets before it calls leave():
+            # either we see it gone, or leave() sees the subscription and takes it out again.
+            if self._manager.websockets.get(websocket.fileno()) is not websocket:
+                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
+            first = topic not in self._subscribers
+            self._subscribers.setdefault(topic, {})[websocket] = None
+            self._memberships.setdefault(websocket, set()).add(topic)
+        bridge = self.bridge
+        if first and bridge is not None:
+            bridge._topic_changed(topic)
+
+    def leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
+        """Take ``websocket`` out of ``topics`` (None: all of its own, as it goes)."""
+        emptied = []
+        with self._lock:
+            own = self._memberships.get(websocket, set())
+            for topic in tuple(own) if topics is None else own.intersection(topics):
+                own.remove(topic)  # and the way there holds it too: both change under the lock
+                members = self._subscribers[topic]
+                del members[websocket]
+                if not members:
+                    del self._subscribers[topic]
+                    emptied.append(topic)
+            if not own:
+                self._memberships.pop(websocket, None)
+        bridge = self.bridge
+        if bridge is not None:
+            for topic in emptied:
+                bridge._topic_changed(topic)
+
+    def subscribers(self, topic: str) -> int:
+        return len(self._subscribers.get(topic, ()))
+
+    def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
+        with self._lock:
+            return list(self._subscribers if websocket is None else self._memberships.get(websocket, ()))
+
+    def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
+        if type(topic) is not str or len(topic) > MAX_TOPIC_LENGTH:  # deliberate: one test inline, on the hot path
+            self._refuse(topic)
+        opcode, payload = _data_frame(message)
+        bridge = self.bridge
+        if bridge is not None:
+            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
+            # calls of one thread, which is all "in publish order per publisher" promises.
+            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
+        return self.deliver(topic, opcode, payload)
+
+    def deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
+        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
+        with self._lock:
+            subscribers = tuple(self._subscribers.get(topic, ()))
+        return _queue_to_all(subscribers, opcode, payload) if subscribers else 0
+
+    def attach(self, bridge: RedisBridge) -> None:
+        with self._lock:
+            if self.bridge is not None:
+                raise RuntimeError("this manager is bridged already")
+            self.bridge = bridge
+
+    def detach(self, bridge: RedisBridge) -> None:
+        """publish() is local only from now on (unless another bridge is attached since)."""
+        with self._lock:
+            if self.bridge is bridge:
+                self.bridge = None
+
+
 # listen() returns the kind of address it was given: (host, port) for (host, port), a path for a path.
 _Address = TypeVar("_Address", Tuple[str, int], str)
 _WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
@@ -3735,11 +3832,7 @@ class WebSocketManager:
         self._frame_size_follows = max_frame_size is None
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
-        # topic -> its local subscribers (a dict: ordered and O(1) to leave), and the way back.
-        self._topics: Dict[str, Dict[WebSocket, None]] = {}
-        self._memberships: Dict[WebSocket, Set[str]] = {}
-        self._topics_lock = threading.Lock()
-        self._bridge: Optional["RedisBridge"] = None
+        self._topics = _Topics(self)
         self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
         self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
@@ -3979,35 +4072,19 @@ class WebSocketManager:
         :class:`ConnectionClosed` for a connection that is over,
         :class:`ValueError` for one of another manager.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        if websocket.manager is not self and websocket.manager is not None:
-            raise ValueError("the connection belongs to another manager")
-        with self._topics_lock:
-            # _forget() drops the connection from _websockets before it takes this lock: either
-            # we see it gone, or _forget() sees the subscription and takes it out again.
-            if self._websockets.get(websocket.fileno()) is not websocket:
-                raise ConnectionClosed("cannot subscribe: the connection is not running in this manager")
-            first = topic not in self._topics
-            self._topics.setdefault(topic, {})[websocket] = None
-            self._memberships.setdefault(websocket, set()).add(topic)
-        if first and self._bridge is not None:
-            self._bridge._topic_changed(topic)
+        self._topics.subscribe(websocket, topic)
 
     def unsubscribe(self, websocket: WebSocket, topic: str) -> None:
         """Take ``websocket`` out of ``topic`` (nothing happens if it was not in). Any thread."""
-        self._leave(websocket, (topic,))
+        self._topics.leave(websocket, (topic,))
 
     def subscribers(self, topic: str) -> int:
         """How many of this manager's connections are subscribed to ``topic`` (any thread)."""
-        return len(self._topics.get(topic, ()))
+        return self._topics.subscribers(topic)
 
     def topics(self, websocket: Optional[WebSocket] = None) -> List[str]:
         """The topics with a local subscriber, or those of ``websocket`` (any thread)."""
-        with self._topics_lock:
-            return list(self._topics if websocket is None else self._memberships.get(websocket, ()))
+        return self._topics.topics(websocket)
 
     def publish(self, topic: str, message: Union[str, bytes, bytearray, memoryview]) -> int:
         """Queue ``message`` to every subscriber of ``topic``; return how many took it.
@@ -4021,45 +4098,7 @@ class WebSocketManager:
         :class:`ValueError` for a topic that :meth:`subscribe` refuses.
         Example, in a callback: ``self.manager.publish("room:42", message)``.
         """
-        if type(topic) is not str:
-            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"a topic of {len(topic)} characters (at most {MAX_TOPIC_LENGTH})")
-        opcode, payload = _data_frame(message)
-        bridge = self._bridge
-        if bridge is not None:
-            # Relayed first, under no lock of ours: the order in Redis is the order of publish()
-            # calls of one thread, which is all "in publish order per publisher" promises.
-            bridge._relay(topic, opcode, payload if type(payload) is bytes else bytes(payload))
-        return self._deliver(topic, opcode, payload)
-
-    def _deliver(self, topic: str, opcode: int, payload: _BytesLike) -> int:
-        """Local half of :meth:`publish` (and the arrival of a message from the bridge)."""
-        with self._topics_lock:
-            members = self._topics.get(topic)
-            if not members:
-                return 0
-            subscribers = tuple(members)
-        return _queue_to_all(subscribers, opcode, payload)
-
-    def _leave(self, websocket: WebSocket, topics: Optional[Iterable[str]] = None) -> None:
-        # Out of ``topics`` (None: all of its own, as it goes); the bridge hears of each topic left empty.
-        emptied = []
-        with self._topics_lock:
-            own = self._memberships.get(websocket, set())
-            for topic in tuple(own) if topics is None else topics:
-                own.discard(topic)
-                members = self._topics.get(topic)
-                if members is not None and websocket in members:
-                    del members[websocket]
-                    if not members:
-                        del self._topics[topic]
-                        emptied.append(topic)
-            if not own:
-                self._memberships.pop(websocket, None)
-        if self._bridge is not None:
-            for topic in emptied:
-                self._bridge._topic_changed(topic)
+        return self._topics.publish(topic, message)
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "Server is shutting down") -> None:
         """Start the close handshake on every connection.
@@ -4162,12 +4201,10 @@ class WebSocketManager:
         :class:`ManagerStopped` once it is stopping; Redis being down is not
         an error (the bridge connects, and reconnects, in the loop).
         """
-        bridge = RedisBridge(self, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
+        bridge = RedisBridge(self, self._topics, url, prefix=prefix, ssl_context=ssl_context, max_pending=max_pending)
         with self._lock:
             self._check_running()
-            if self._bridge is not None:
-                raise RuntimeError("this manager is bridged already")
-            self._bridge = bridge
+            self._topics.attach(bridge)
         self._call_threadsafe(bridge._start)
         return bridge
 
@@ -4550,7 +4587,7 @@ class WebSocketManager:
             del self._websockets[fd]
         elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
             handshake = self._client_handshake(websocket)
-        self._leave(websocket)
+        self._topics.leave(websocket)
         self._unwatch(websocket.sock)
         if handshake is not None:
             handshake._abandon(_ended_by(websocket))
@@ -4678,8 +4715,8 @@ class WebSocketManager:
             handshake._finalize("manager stopped")
         for listener in self._listeners:
             listener._finalize()
-        if self._bridge is not None:
-            self._bridge._close()
+        if self._topics.bridge is not None:
+            self._topics.bridge._close()
         # Connections added after the loop ended must not leak either.
         for function, args in self._calls:
             if function in (self._open, self._begin_client, self._fail_client):
@@ -5878,7 +5915,7 @@ class RedisBridge:
     levels of nesting) ends that connection, after the replies before it.
     """
 
-    def __init__(self, manager: "WebSocketManager", url: str, *, prefix: str = "wsmanager:",
+    def __init__(self, manager: "WebSocketManager", topics: _Topics, url: str, *, prefix: str = "wsmanager:",
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = DEFAULT_BRIDGE_MAX_PENDING,
                  max_message_size: int = DEFAULT_BRIDGE_MAX_MESSAGE):
         # Pub/sub channels are global to a Redis server: the database number is accepted and has no effect.
@@ -5887,6 +5924,7 @@ class RedisBridge:
         self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
         self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
+        self._topics = topics  # the manager's: attached to by manager.bridge(), detached from by _close()
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
         self.max_pending = max_pending
@@ -5999,7 +6037,7 @@ class RedisBridge:
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
-            self._channels = set(self.manager.topics())
+            self._channels = set(self._topics.topics())
             self._subscribed.clear()
             channels = sorted(self._channels)
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
@@ -6051,17 +6089,14 @@ class RedisBridge:
         self.manager._call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
-        # Reads the manager's state now, so that subscribe/unsubscribe races end where the topic stands.
+        # Reads the topics now, so that subscribe/unsubscribe races end where the topic stands.
         connection = self._connections["subscribe"]
-        wanted = self.manager.subscribers(topic) > 0
+        wanted = self._topics.subscribers(topic) > 0
         if connection is None or not connection.ready or wanted == (topic in self._channels):
             return
-        channel = _topic_channel(self._prefix_bytes, topic)
-        if wanted:
-            self._channels.add(topic)
-        else:
-            self._channels.discard(topic)
-        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE", channel))
+        self._channels ^= {topic}  # in if wanted, out if not: it was the other way round
+        connection.write(_resp_command(b"SUBSCRIBE" if wanted else b"UNSUBSCRIBE",
+                                       _topic_channel(self._prefix_bytes, topic)))
 
     # Every reply is used, or skipped and counted: a malformed one never ends the stream (a good
     # message behind it is not lost), and every counter only goes up and counts what it says.
@@ -6112,7 +6147,7 @@ class RedisBridge:
     def _receive(self, connection: _RedisConnection, replies: List[Any]) -> Optional[_RedisError]:
         prefix = self._prefix_bytes
         skip = len(prefix)
-        manager = self.manager
+        deliver = self._topics.deliver
         for reply in replies:
             if type(reply) is not list or len(reply) != 3:
                 if isinstance(reply, _RedisError):
@@ -6143,7 +6178,7 @@ class RedisBridge:
                     self._skip(connection, reply, "not a message of a bridge")
                     continue
                 self.received += 1
-                manager._deliver(topic, opcode, payload)
+                deliver(topic, opcode, payload)
             elif kind == b"subscribe" or kind == b"unsubscribe":
                 try:
                     topic = _channel_topic(channel, skip)
@@ -6181,10 +6216,7 @@ class RedisBridge:
 
     def _close(self) -> None:
         self._closed = True
-        manager = self.manager
-        with manager._lock:
-            if manager._bridge is self:
-                manager._bridge = None  # publish() is local only from now on
+        self._topics.detach(self)
         for connection in list(self._connections.values()):
             if connection is not None:
                 connection._finalize("bridge closed")
@@ -6769,24 +6801,30 @@ class _LoadClient(WebSocket):
         self.raw = False
         self.run.closed(self, code)
 
-    def send_raw(self, frames: bytes) -> None:
-        """Write frames encoded (and masked) in advance: straight to the socket when nothing is queued
-        before them, else (and what the socket does not take) queued; dropped once the connection closes
-        (``closed()`` counts it). Loop thread only: it writes as the connection's driver does."""
-        protocol = self._protocol
-        sent = 0
+    def send_raw(self, count: int) -> None:
+        """Write ``count`` messages as frames masked in advance, each with a write of its own as a real
+        client's sends would be (one write for them all would hand the server fewer, fuller reads than
+        real clients cause): straight to the socket while nothing is queued before them, else (and what
+        the socket does not take) queued; dropped once the connection closes (``closed()`` counts it).
+        Loop thread only: it writes as the connection's driver does."""
+        protocol, run = self._protocol, self.run
+        masked, send = run.masked, self.sock.send
         # Deliberate: no lock (it costs the generator 5 % of its CPU). Only the loop thread, this one,
-        # writes to the socket, so nothing interleaves with this write; a frame another thread queues
-        # meanwhile (close_all()'s close frame) is whole and goes after it, and the rest of a partial
+        # writes to the socket, so nothing interleaves with these writes; a frame another thread queues
+        # meanwhile (close_all()'s close frame) is whole and goes after them, and the rest of a partial
         # write is queued before it (queue_raw). Nothing here touches ``out`` but through _Protocol.
         if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frames)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frames):
-                return
-        self.queue_raw(frames, sent)
+            for after in range(count - 1, -1, -1):  # the messages still to write after this one
+                frame = masked.pop() if masked else run.frame()
+                try:
+                    sent = send(frame)
+                except OSError:  # full, or lost: the queue's flush tells which
+                    sent = 0
+                if sent != len(frame):
+                    self.queue_raw(frame + b"".join([run.frame() for _ in range(after)]), sent)
+                    return
+            return
+        self.queue_raw(b"".join([run.frame() for _ in range(count)]), 0)
 
     def queue_raw(self, frames: bytes, sent: int) -> None:
         """Queue what :meth:`send_raw` did not write (``sent`` bytes of ``frames`` went to the socket)."""
@@ -6811,12 +6849,11 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock", "protocol")
+    __slots__ = ("client", "manager", "run", "sock")
 
     def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
         self.client = client
         self.manager = manager
-        self.protocol = client._protocol
         self.run = client.run
         self.sock = client.sock
         manager._set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
@@ -6856,18 +6893,7 @@ class _LoadReader:
         if left > 0:
             client.left = left - 1
         sent_at.append(now)
-        masked = run.masked
-        frame = masked.pop() if masked else run.frames(1)
-        protocol = self.protocol  # _LoadClient.send_raw() inlined: the path of nearly every answer
-        sent = 0
-        if protocol.state is _OPEN and not protocol.out:
-            try:
-                sent = self.sock.send(frame)
-            except OSError:  # full, or lost: the queue's flush tells which
-                sent = 0
-            if sent == len(frame):
-                return
-        client.queue_raw(frame, sent)
+        client.send_raw(1)
 
     def _answers(self, data: bytes) -> None:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
@@ -6930,15 +6956,16 @@ class _LoadRun:
         # Deliberate: no bigger read than the answers awaited (a small buffer costs less than 64 KiB); more
         # input (a ping, a close) waits for the next loop turn, its socket still readable.
         self.read_size = min(len(self.answers), READ_SIZE)
-        masked = encode_frame(opcode, payload, mask=b"\0\0\0\0")
-        self._header = masked[:len(masked) - size - 4]
+        unmasked = encode_frame(opcode, payload, mask=b"\0\0\0\0")  # the frame with a key of zeros
         self.masked: List[bytes] = []  # frames of the payload masked in advance, each used once, last first
-        self._batch = max(1, min(1024, (1 << 20) // len(masked)))  # about 1 MiB of them at a time
-        # Masking as one integer XOR: the key repeated over the payload is the key times a constant with
-        # a 1 every 32 bits (lanes that cannot carry into each other), cut to the payload's length.
-        self._payload_int = int.from_bytes(payload, "little")
-        self._key_lanes = int.from_bytes(b"\1\0\0\0" * ((size + 3) // 4), "little")
-        self._payload_bits = (1 << (8 * size)) - 1
+        self._batch = max(1, min(1024, (1 << 20) // len(unmasked)))  # about 1 MiB of them at a time
+        # A whole frame masked as one integer XOR: the key times a constant with a 1 at the key's place
+        # and every 32 bits over the payload (lanes that cannot carry into each other) puts the key in
+        # its field and repeats it over the payload; cut to the frame's length.
+        key_at = len(unmasked) - size - 4
+        self._frame_int = int.from_bytes(unmasked, "little")
+        self._key_lanes = int.from_bytes(bytes(key_at) + b"\1\0\0\0" * (1 + (size + 3) // 4), "little")
+        self._frame_length = len(unmasked)
         self.connect_times: List[float] = []
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
@@ -6981,25 +7008,22 @@ class _LoadRun:
             client.left = left - count
         client.sent_at.extend([now] * count)
         if client.raw:
-            client.send_raw(self.frames(count))
+            client.send_raw(count)
         else:
             for _ in range(count):
                 client.send(self.payload)
 
-    def frames(self, count: int) -> bytes:
-        """``count`` frames of the payload, each masked with a key of its own: RFC 6455 5.3's unpredictable
-        keys, drawn from the OS's entropy source in batches (one system call for a batch)."""
+    def frame(self) -> bytes:
+        """A frame of the payload masked with a key of its own: RFC 6455 5.3's unpredictable keys, drawn
+        from the OS's entropy source in batches (one system call for a batch)."""
         masked = self.masked
-        while len(masked) < count:
-            batch, size, header = self._batch, self.size, self._header
-            payload, lanes, bits = self._payload_int, self._key_lanes, self._payload_bits
-            keys = os.urandom(4 * batch)
+        if not masked:
+            batch, frame, lanes, length = self._batch, self._frame_int, self._key_lanes, self._frame_length
+            bits = (1 << (8 * length)) - 1
             # Deliberate: a batch in one comprehension, not a call per message.
-            masked.extend([header + keys[i:i + 4] + (payload ^ key * lanes & bits).to_bytes(size, "little")
-                           for i, key in zip(range(0, 4 * batch, 4), struct.unpack(f"<{batch}I", keys))])
-        if count == 1:
-            return masked.pop()
-        return b"".join([masked.pop() for _ in range(count)])
+            masked.extend([(frame ^ key * lanes & bits).to_bytes(length, "little")
+                           for key in struct.unpack(f"<{batch}I", os.urandom(4 * batch))])
+        return masked.pop()
 
     def failed(self, exc: BaseException) -> None:
         self.errors[_error_kind(exc)] += 1
