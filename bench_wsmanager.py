@@ -73,7 +73,8 @@ codec  in-process, best of 3 runs per repetition: ``FrameParser`` over
        wsaccel, numpy XOR by 64-bit words, pure Python).
 import ``python -I -S -X importtime -c "import wsmanager"``, cumulative ms,
        against the standard-library modules wsmanager needs (its floor), and
-       the self time of the module (its own body, without what it imports).
+       the self time of the module (its own body, without what it imports);
+       with ``--baseline DIR``, that of DIR/wsmanager.py too (e.g. main's), interleaved.
 zparams  in-process: zlib at level 6 with a full flush per message (the
        shared compressor of permessage-deflate without context takeover) for
        every window (9-15 bits) and memLevel (1-9): CPU ms per 128 KiB JSON
@@ -2425,9 +2426,10 @@ IMPORT_FLOOR = ("__future__, codecs, collections, contextlib, enum, errno, heapq
                 "struct, sys, threading, time, types, typing")
 
 
-def run_import_time(repeat: int) -> List[Metric]:
+def run_import_time(repeat: int, baseline: Optional[str] = None) -> List[Metric]:
     """``import wsmanager`` against the stdlib modules it needs, interleaved, 7 runs per repetition; and
-    wsmanager's self time (its own module body, without the modules it imports)."""
+    wsmanager's self time (its own module body, without the modules it imports), with ``baseline`` (a
+    directory holding another wsmanager.py, e.g. main's) the self time of that one too, interleaved."""
     print("\n## Import time: python -I -S -X importtime (no site-packages: no accelerator importable)")
     here = os.path.dirname(os.path.abspath(wsmanager.__file__))
     metric = Metric("import wsmanager, cumulative", "ms", higher_is_better=False,
@@ -2436,16 +2438,25 @@ def run_import_time(repeat: int) -> List[Metric]:
                  targets=[Target("absolute", 3.0)], columns={"wsmanager": "self"})
     code = f"import sys; sys.path.insert(0, {here!r}); import wsmanager"
     import_time_ms(code)  # compiles the .pyc if needed
+    if baseline is not None:
+        against = Metric(f"import wsmanager, self time; ceiling column: {baseline}", "ms", higher_is_better=False,
+                         columns={"wsmanager": "self", "ceiling": "baseline"})
+        against.samples["self"] = own.samples["self"]
+        baseline_code = f"import sys; sys.path.insert(0, {os.path.abspath(baseline)!r}); import wsmanager"
+        import_time_ms(baseline_code)
     for rep in range(repeat):
         for _ in range(7):
             metric.samples["wsmanager"].append(import_time_ms(code))
             metric.samples["floor"].append(import_time_ms(f"import {IMPORT_FLOOR}"))
             own.samples["self"].append(import_time_ms(code, self_of="wsmanager"))
+            if baseline is not None:
+                against.samples["baseline"].append(import_time_ms(baseline_code, self_of="wsmanager"))
         print(f"  import rep {rep + 1}/{repeat}  wsmanager {fmt(statistics.median(metric.samples['wsmanager']))} ms,"
               f" its stdlib floor ({IMPORT_FLOOR}) {fmt(statistics.median(metric.samples['floor']))} ms, "
-              f"self {fmt(statistics.median(own.samples['self']))} ms (min {fmt(min(own.samples['self']))})",
-              flush=True)
-    return [metric, own]
+              f"self {fmt(statistics.median(own.samples['self']))} ms (min {fmt(min(own.samples['self']))})"
+              + (f", {baseline}'s self {fmt(statistics.median(against.samples['baseline']))} ms"
+                 if baseline is not None else ""), flush=True)
+    return [metric, own] + ([against] if baseline is not None else [])
 
 
 # -- zparams: zlib settings for permessage-deflate ------------------------------
@@ -3129,6 +3140,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of every implementation, interleaved")
     parser.add_argument("--quick", action="store_true", help="every scenario about 10x smaller (smoke run)")
     parser.add_argument("--seconds", type=float, default=Params.soak_seconds, help="duration of soak")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="import: also the self time of DIR/wsmanager.py (e.g. main's), interleaved")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="cProfile every wsmanager server process into DIR and print its top functions")
     parser.add_argument("--json", metavar="FILE", default=None,
@@ -3189,7 +3202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metrics.extend(run_codec(p, args.repeat))
             continue
         if name == "import":
-            metrics.extend(run_import_time(args.repeat))
+            metrics.extend(run_import_time(args.repeat, args.baseline))
             continue
         if name == "zparams":
             metrics.extend(run_zparams(args.repeat))

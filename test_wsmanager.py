@@ -20,6 +20,7 @@ tests alone, in seconds, and a fixture makes sure none of them opens a socket.
 import base64
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import http.client
@@ -30,6 +31,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -47,6 +49,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import typing
 import zlib
 from pathlib import Path
 
@@ -91,6 +94,7 @@ def _unit_tests_open_no_sockets(request, monkeypatch):
 
 ###############################################################################
 
+
 def websockets_module(name):
     """A module of the websockets library (the independent peer), or the test is skipped without it.
 
@@ -109,13 +113,37 @@ def ws_serve(*args, **kwargs):
     return websockets_module("websockets.sync.server").serve(*args, **kwargs)
 
 
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    """Poll predicate() until true; fail the test after timeout seconds."""
+def wait_until(probe, timeout=10.0, *, steady=None, required=True, interval=None):
+    """Poll probe() until it returns a true value, and return that value; the one wait of the suite.
+
+    steady=N: wait instead until probe() has returned the same value (true or not) for N seconds.
+    At the timeout the test fails, naming the probe and its last value; with required=False the
+    wait returns False instead (for a test that then acts, e.g. sends again, and waits once more).
+    interval: the pause between two calls of probe() (an expensive probe polls less often).
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+    last = probe()
+    since = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if steady is None and last:
+            return last
+        if steady is not None and now - since >= steady:
+            return last
+        if now > deadline:
+            if not required:
+                return False
+            try:
+                what = inspect.getsource(probe).strip()
+            except (OSError, TypeError):
+                what = repr(probe)
+            wanted = f"steady for {steady} s" if steady is not None else "true"
+            raise AssertionError(f"not {wanted} within {timeout} s: {what} (last value: {last!r})")
+        time.sleep(interval or (0.005 if steady is None else 0.02))
+        value = probe()
+        if steady is not None and value != last:
+            since = time.monotonic()
+        last = value
 
 
 def run_threads(target, arguments, timeout):
@@ -126,6 +154,13 @@ def run_threads(target, arguments, timeout):
     for thread in threads:
         thread.join(timeout)
     return threads
+
+
+def fresh_python(code, *flags):
+    """Run ``code`` to its end in a new interpreter (with ``flags``) beside the wsmanager under test: its
+    directory is the working one, so ``import wsmanager`` finds it even under ``-I -S``. Text output."""
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(wsmanager.__file__).parent)
 
 
 def open_fds():
@@ -433,12 +468,8 @@ SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3
 SAMPLE_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
-MAX_HEADER = 14  # 2 bytes + 8 of extended length + 4 of mask key
-
-
-KNOWN_OPCODES = frozenset({0, 1, 2, 8, 9, 10})
-
-
+# Every close code an endpoint may put in a close frame (RFC 6455 7.4): the registered ones, and the ends and
+# one inside of the private range (3000-4999).
 SENDABLE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
 
 
@@ -473,6 +504,795 @@ def pieces(data, cuts):
     """data cut at the given offsets (any order; repeats give empty pieces, which are fed too)."""
     bounds = [0] + sorted(min(max(c, 0), len(data)) for c in cuts) + [len(data)]
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+_UTF8_LEADS = {}  # lead byte -> (continuation bytes, allowed range of the first one); RFC 3629 section 4
+
+
+for _b in range(0xC2, 0xE0):
+    _UTF8_LEADS[_b] = (1, 0x80, 0xBF)
+
+
+for _b in range(0xE0, 0xF0):
+    _UTF8_LEADS[_b] = (2, 0xA0 if _b == 0xE0 else 0x80, 0x9F if _b == 0xED else 0xBF)
+
+
+for _b in range(0xF0, 0xF5):
+    _UTF8_LEADS[_b] = (3, 0x90 if _b == 0xF0 else 0x80, 0x8F if _b == 0xF4 else 0xBF)
+
+
+def utf8_ok(data, *, prefix=False):
+    """Whether data is UTF-8 (or, with prefix=True, could still become UTF-8). Independent of codecs."""
+    i, n = 0, len(data)
+    while i < n:
+        lead = data[i]
+        if lead < 0x80:
+            i += 1
+            continue
+        if lead not in _UTF8_LEADS:
+            return False
+        need, low, high = _UTF8_LEADS[lead]
+        for j in range(1, need + 1):
+            if i + j >= n:
+                return prefix
+            byte = data[i + j]
+            if not (low <= byte <= high if j == 1 else 0x80 <= byte <= 0xBF):
+                return False
+        i += need + 1
+    return True
+
+
+class Receiver:
+    """The connection's own receive path (wsmanager._Receiver), collecting what it delivers in ``out``."""
+
+    def __init__(self, *, expect_masked=False, **limits):
+        self.path = wsmanager._Receiver(expect_masked=expect_masked, **limits)
+        self.parser, self.assembler = self.path.parser, self.path.assembler
+        self.out = []
+
+    def feed(self, data):
+        for _, result in self.path.feed(data):
+            if result is not None:
+                self.out.append(result)
+
+
+@contextlib.contextmanager
+def raises_with(exception, **attributes):
+    """Expects the block to raise ``exception`` with these attribute values; yields pytest's ExceptionInfo."""
+    with pytest.raises(exception) as info:
+        yield info
+    for name, expected in attributes.items():
+        assert getattr(info.value, name) == expected, f"{exception.__name__}.{name}"
+
+
+def receive_outcome(data, cuts=(), *, deflate=None, **options):
+    """What the receive path (parser, assembler, inflation, UTF-8) makes of ``data`` fed cut at ``cuts``:
+    (the messages and control frames it delivered, (close code, reason) of its ProtocolError or None).
+
+    ``deflate``: the DeflateParams negotiated (None: no extension); ``options`` go to the receiver.
+    """
+    if deflate is not None:
+        options["deflate"] = PerMessageDeflate(deflate, client=not options.get("expect_masked", False))
+    receiver = Receiver(**options)
+    try:
+        for piece in pieces(data, cuts):
+            receiver.feed(piece)
+    except ProtocolError as exc:
+        return receiver.out, (exc.code, exc.reason)
+    return receiver.out, None
+
+
+def byte_by_byte(data):
+    return range(1, len(data))
+
+
+RESERVED_BITS = "reserved bits set without a negotiated extension"
+
+
+BAD_UTF8 = "invalid UTF-8 in a text message"
+
+
+# Helpers: handshake ----------------------------------------------------------
+
+BASE_FIELDS = {"Host": "example.com", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": SAMPLE_KEY, "Sec-WebSocket-Version": "13"}
+
+
+def request_head(fields=(), *, method="GET", version="HTTP/1.1", eol=b"\r\n"):
+    """A request head from BASE_FIELDS with some fields replaced (None removes one)."""
+    merged = dict(BASE_FIELDS)
+    merged.update(fields)
+    lines = [f"{method} /chat {version}"] + [f"{name}: {value}" for name, value in merged.items() if value is not None]
+    return eol.join(line.encode("latin-1") for line in lines) + eol + eol
+
+
+# Helpers: manager ------------------------------------------------------------
+
+# The WebSocket, WebSocketManager and connect() chapters, end to end over real
+# sockets. Every test stops what it starts; TestConnection and TestManager check
+# it with no_leaks (/proc/self/fd and threading.active_count() before and after).
+@pytest.fixture
+def no_leaks():
+    """Fails the test if it leaves a descriptor or a thread behind.
+
+    Used by whole classes (``usefixtures``), so it is set up before, and torn down
+    after, every fixture the test asks for.
+    """
+    fds = open_fds()
+    threads = threading.active_count()
+    yield
+    wait_until(lambda: threading.active_count() <= threads, timeout=10)
+    wait_until(lambda: open_fds() <= fds, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mgr_tls_contexts():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+# manager.connect(): a client that records connect_failed(), and a server that proves concurrency
+
+class Dialer(Recorder):
+    """A Recorder for manager.connect(): also records connect_failed(exc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failure = None
+        self.failed_event = threading.Event()
+
+    def connect_failed(self, exc):
+        self.events.append(("connect_failed", exc))
+        self.failure = exc
+        self.failed_event.set()
+
+
+def dial_failure(manager, url, **options):
+    """manager.connect() that must fail: the exception given to connect_failed()."""
+    client = manager.connect(url, Dialer, **options)
+    assert client.failed_event.wait(10), "connect_failed() was never called"
+    assert [event[0] for event in client.events] == ["connect_failed"]  # never opened, never closed
+    assert client.terminated and client.state is State.CLOSED and client.sock.fileno() == -1
+    with pytest.raises(ConnectionClosed):
+        client.send("too late")
+    return client.failure
+
+
+WIDE_BUFFERS = {
+    "memoryview-cast-I": lambda: memoryview(bytes(range(64))).cast("I"),
+    "array-d": lambda: __import__("array").array("d", [1.5, -2.25, 1e300, 0.0, 7.0, 8.5, 9.0, 10.0]),
+    "non-contiguous": lambda: memoryview(bytes(range(128)))[::2],
+    "2-d": lambda: memoryview(bytes(range(48))).cast("B", (6, 8)),
+}
+
+
+class _CountingSelector(selectors.DefaultSelector):
+    """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.turns = 0
+        self.flushes = collections.Counter()  # (turn, connection id) -> flushes in that turn
+
+    def select(self, timeout=None):
+        self.turns += 1
+        return super().select(timeout)
+
+
+# Helpers: integrations -------------------------------------------------------
+
+class UpgradeHandler(http.server.BaseHTTPRequestHandler):
+    """http.server answers plain HTTP and hands WebSocket upgrades to a WebSocketManager."""
+
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            # Not self.headers.as_bytes(): it folds long lines and RFC 2047-encodes non-ASCII.
+            fields = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+            head = self.raw_requestline + fields.encode("latin-1") + b"\r\n"
+            sock = socket.socket(fileno=self.connection.detach())
+            self.server.ws_manager.accept(sock, head, EchoServer)
+            self.close_connection = True  # the socket is the manager's now
+            return
+        body = b"plain http"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # keep test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(manager):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), UpgradeHandler)
+    server.ws_manager = manager
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def _http(port, method="GET", path="/", headers=None, timeout=20):
+    """One HTTP/1.1 request; returns (status, headers dict, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+# Helpers: compression --------------------------------------------------------
+
+def inflate_payload(payload, *, wbits=15):
+    return zlib.decompressobj(-wbits).decompress(payload + b"\x00\x00\xff\xff")
+
+
+# Helpers: command line -------------------------------------------------------
+
+def _cli_env():
+    """The environment for `python -m wsmanager`: it must import the wsmanager under test.
+
+    The directory of wsmanager.__file__ is right both here (parts/ plus
+    PYTHONPATH) and in the final layout (the test file beside wsmanager.py).
+    UTF-8 stdio is forced so that the non-ASCII round trips do not depend on
+    the locale of the machine running the tests.
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(wsmanager.__file__))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def _cli(*args, stdin=b"", timeout=60):
+    """Run `python -m wsmanager ARGS` to completion (killed and reaped on timeout by subprocess.run)."""
+    return subprocess.run([sys.executable, "-m", "wsmanager", *args], input=stdin, capture_output=True,
+                          env=_cli_env(), timeout=timeout)
+
+
+def _assert_fails_in_one_line(result, expected=None):
+    """A failed command whose stderr is one line (containing ``expected``, if given) and no traceback."""
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    if expected is not None:
+        assert expected in stderr
+    assert "Traceback" not in stderr
+
+
+def _free_port():
+    # Racy by nature (another process may take it before we use it): callers retry.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _reap(proc):
+    """Kill a subprocess we started, if it still runs, and wait for it (bounded)."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+        pass
+
+
+@contextlib.contextmanager
+def _chat_server(tmp_path, *options, name="serve"):
+    """`python -m wsmanager serve [options]` on a free port; yields (process, port, read_log)."""
+    log_path = tmp_path / f"{name}.log"
+    for attempt in range(3):
+        port = _free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port), *options],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    env=_cli_env())
+        try:
+            # The log line comes after the bind: then the port is ours, not a squatter's.
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and b"chat on http://" not in log_path.read_bytes():
+                assert time.monotonic() < deadline, f"serve did not start: {log_path.read_bytes()!r}"
+                time.sleep(0.05)
+            if proc.poll() is not None:
+                if b"cannot listen" in log_path.read_bytes() and attempt < 2:
+                    continue  # lost the port race: try another one
+                raise AssertionError(f"serve exited: {log_path.read_bytes()!r}")
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # it accepts
+            yield proc, port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
+            return
+        finally:
+            _reap(proc)
+
+
+def _find_chromium():
+    """The Chromium executable; the test is skipped without one."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium: install it with apt-get install -y chromium")
+    return browser
+
+
+class _DevTools(WebSocket):
+    """A minimal Chrome DevTools Protocol client, on wsmanager itself: call() waits for the reply."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = {}
+        self.last_id = 0
+        self.replied = threading.Condition()
+
+    def received_message(self, message):
+        reply = json.loads(message)
+        if "id" in reply:  # events (no id) are not needed here
+            with self.replied:
+                self.replies[reply["id"]] = reply
+                self.replied.notify_all()
+
+    def call(self, method, timeout=10.0, **params):
+        self.last_id += 1
+        ident = self.last_id
+        self.send(json.dumps({"id": ident, "method": method, "params": params}))
+        with self.replied:
+            assert self.replied.wait_for(lambda: ident in self.replies, timeout), f"no reply to {method}"
+            reply = self.replies.pop(ident)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+
+def _browser_chats_with(client, browser, port, tmp_path):
+    """The chat page on ``port``, in headless Chromium, and ``client`` (a _Replier) talk through the chat."""
+    # Not --dump-dom: its snapshot is taken on virtual time, which does not wait for
+    # WebSocket traffic, and on a busy machine it misses the reply. The DOM is read
+    # over the DevTools protocol instead, polled in real time with a bound.
+    with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser",
+                            tmp_path / "chromium-profile") as page:
+        # Browser -> wsmanager: the page's message reached the client through the broadcast.
+        wait_until(lambda: "from-browser" in client.messages, timeout=30)
+        # wsmanager -> browser: the client's answer was broadcast to the page and rendered.
+        expected = '<li class="message">from-client</li>'
+        dom = []
+
+        def rendered():
+            result = page.call("Runtime.evaluate", expression="document.documentElement.outerHTML",
+                               returnByValue=True)
+            dom[:] = [result["result"]["value"]]
+            return expected in dom[0]
+
+        wait_until(rendered, timeout=30, interval=0.1)
+    assert expected in dom[0]
+    assert '<li class="message">from-browser</li>' in dom[0], dom[0]
+    assert client.messages[:2] == ["from-browser", "from-client"]
+
+
+@contextlib.contextmanager
+def _headless_chromium(browser, url, profile):
+    """Headless Chromium showing `url`, `profile` (a Path) its new user-data folder; yields a DevTools connection."""
+    profile.mkdir()
+    log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
+    # Chromium leaves a singleton-socket folder in TMPDIR when it is killed: keep it in ours,
+    # short enough for a Unix socket path, and removed below.
+    scratch = tempfile.mkdtemp(prefix="wsm-chromium-")
+    proc = subprocess.Popen(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, "TMPDIR": scratch},
+        start_new_session=True)  # its own process group: renderers and helpers go with it
+    try:
+        # Chromium writes the port it picked, and the browser endpoint, to this file.
+        active_port = profile / "DevToolsActivePort"
+        wait_until(lambda: proc.poll() is not None or (
+            active_port.exists() and len(active_port.read_text().split()) >= 2), timeout=60, interval=0.05)
+        assert proc.poll() is None, (profile / "chromium.log").read_bytes()[-2000:]
+        debug_port = int(active_port.read_text().split()[0])
+        pages = []
+
+        def find_page():
+            conn = http.client.HTTPConnection("127.0.0.1", debug_port, timeout=10)
+            try:
+                conn.request("GET", "/json/list")
+                pages[:] = [t for t in json.loads(conn.getresponse().read()) if t["type"] == "page"]
+            except OSError:
+                return False  # not serving yet: poll again
+            finally:
+                conn.close()
+            return bool(pages)
+
+        wait_until(find_page, timeout=30, interval=0.1)
+        devtools = connect(pages[0]["webSocketDebuggerUrl"], _DevTools)
+        with WebSocketManager() as devtools_manager:
+            devtools_manager.add(devtools)
+            yield devtools
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _Replier(Recorder):
+    """Answers the browser's message as soon as it arrives: the reply is broadcast back to the page."""
+
+    def received_message(self, message):
+        if message == "from-browser":
+            self.send("from-client")
+        super().received_message(message)
+
+
+def _read_pty_until(master, output, token, timeout=10.0):
+    """Read the terminal's output into ``output`` (a bytearray) until ``token`` shows (bounded)."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while token not in output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{token!r} never showed: {bytes(output)!r}"
+            if selector.select(remaining):
+                try:
+                    output += os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+    assert token in output, bytes(output)
+
+
+# Helpers: interop ------------------------------------------------------------
+
+# 1 MiB messages must pass in both directions, so both libraries' limits sit a little above it.
+MIB = 2 ** 20
+
+
+INTEROP_LIMIT = MIB + 4096
+
+
+# "wsm-server": a websockets client talks to a wsmanager server.
+# "wsm-client": a wsmanager client (connect() + manager.add) talks to a websockets server.
+ROLES = ["wsm-server", "wsm-client"]
+
+
+@pytest.fixture
+def interop_manager(make_manager):
+    """A started manager whose message limit admits 1 MiB messages."""
+    return make_manager(max_message_size=INTEROP_LIMIT)
+
+
+def _ws_options(**options):
+    # No keepalive pings of websockets' own: they would only add noise to what the tests observe.
+    base = dict(max_size=INTEROP_LIMIT, ping_interval=None, open_timeout=10, close_timeout=5)
+    base.update(options)
+    return base
+
+
+@contextlib.contextmanager
+def websockets_server(**options):
+    """A websockets threaded server on 127.0.0.1; yields ((host, port), queue of server connections).
+
+    Its handler hands each connection to the test and then only waits: returning would make
+    websockets close the connection, and the test thread must be the only one calling recv().
+    """
+    connections = queue.Queue()
+    release = threading.Event()
+
+    def handler(connection):
+        connections.put(connection)
+        deadline = time.monotonic() + 60  # bounded even if the test forgets to release it
+        while not release.is_set() and connection.protocol.state is not websockets_module("websockets.protocol").State.CLOSED:
+            if time.monotonic() > deadline:
+                break
+            release.wait(0.02)
+
+    server = ws_serve(handler, "127.0.0.1", 0, **_ws_options(**options))
+    thread = threading.Thread(target=server.serve_forever, name="websockets-server", daemon=True)
+    thread.start()
+    try:
+        yield server.socket.getsockname()[:2], connections
+    finally:
+        release.set()
+        server.shutdown()  # closes open connections (1001) and waits for the handler threads
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def wsmanager_server(manager, factory=EchoRecorder, **listen_options):
+    """Listen with wsmanager; returns ((host, port), queue of opened server connections).
+
+    The wsmanager end records everything and echoes each message back, so one exchange checks
+    wsmanager's receiving and its sending.
+    """
+    opened = queue.Queue()
+
+    class Server(factory):
+        def opened(self):
+            super().opened()
+            opened.put(self)
+
+    address = manager.listen(("127.0.0.1", 0), Server, **listen_options)
+    return address, opened
+
+
+# Helpers: hardening ----------------------------------------------------------
+
+def call_in_loop_thread(manager, function, timeout=10.0):
+    """Run function() in the manager's loop thread and return its result.
+
+    Internals (_out, _parser, _assembler) are only consistent between two
+    loop steps, so measurements of them are taken there, not racing the loop.
+    """
+    done = threading.Event()
+    box = []
+
+    def call():
+        try:
+            box.append((True, function()))
+        except BaseException as exc:  # handed back to the test thread
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    manager._call_soon(call)
+    assert done.wait(timeout), "the manager loop did not run our call"
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def memory_held_by(buffers):
+    """Memory really held by a list of buffers: the list, each distinct object, and what views keep alive.
+
+    ``buffered_amount`` and the assembled size count payload bytes only; this
+    counts Python objects too, which is what the process pays for.
+    """
+    if isinstance(buffers, (bytes, bytearray, str)):
+        return sys.getsizeof(buffers)  # one buffer, whatever it holds
+    total = sys.getsizeof(buffers)
+    seen = set()
+    for item in list(buffers):
+        obj = item.obj if isinstance(item, memoryview) else item
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+    return total
+
+
+@contextlib.contextmanager
+def nofile_at_least(needed):
+    """Raise the soft RLIMIT_NOFILE to ``needed`` for the block (restored after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    changed = soft != resource.RLIM_INFINITY and soft < needed
+    if changed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        if changed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def lowest_free_fds(count):
+    """The ``count`` lowest descriptor numbers not in use (a new fd takes the lowest free one, and
+    RLIMIT_NOFILE bounds the number, not the count). Probed with fstat: listing
+    /proc/self/fd would itself take one."""
+    free = []
+    for fd in range(1 << 20):
+        try:
+            os.fstat(fd)
+        except OSError:
+            free.append(fd)
+            if len(free) == count:
+                return free
+    raise AssertionError("no free descriptors")
+
+
+class SmallSendBufferServer(HardeningServer):
+    """Loopback sockets start with MBs of kernel send buffer, which would swallow a whole flood of
+    tiny frames before wsmanager's own queue sees any: keep the kernel's share small."""
+
+    def opened(self):
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+
+def http_status_of(response):
+    assert response.startswith(b"HTTP/1.1 "), response[:80]
+    return int(response[9:12])
+
+
+def assert_echo(peer, text):
+    """A text message from the RawPeer comes back as its echo."""
+    peer.send_frame(Opcode.TEXT, text.encode())
+    frame = peer.next()
+    assert frame is not None and frame.opcode == Opcode.TEXT and frame.payload == text.encode(), frame
+
+
+def close_handshake_from_peer(peer, code=CloseCode.NORMAL):
+    """Our side of a close handshake: send close, read the echo and the server's EOF."""
+    peer.send_frame(Opcode.CLOSE, encode_close(code))
+    close = peer.close_frame()
+    assert close is not None and close.code == code, close
+    assert peer.eof(), "server did not close after the close handshake"
+    peer.sock.close()
+
+
+class WellBehavedPeer:
+    """A well-behaved peer that keeps connecting, exchanging echoes and closing while an attack runs.
+
+    It runs in its own thread so that it is served *during* the attack, not
+    before or after it; ``exchanges`` counts round-trips that came back intact.
+    """
+
+    def __init__(self, address, path="/bystander", rounds=5, max_seconds=100.0):
+        self.address = address
+        self.path = path
+        self.rounds = rounds
+        self.max_seconds = max_seconds
+        self.exchanges = 0
+        self.connections = 0
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bystander", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        # Served once before the attack starts: a baseline that it works at all.
+        wait_until(lambda: self.exchanges > 0 or self.errors, timeout=20)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "bystander thread did not end"
+
+    def _run(self):
+        deadline = time.monotonic() + self.max_seconds
+        for i in range(100000):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                with raw_peer(self.address, path=self.path) as peer:
+                    for j in range(self.rounds):
+                        assert_echo(peer, f"bystander {i}.{j}")
+                        self.exchanges += 1
+                    close_handshake_from_peer(peer)
+                self.connections += 1
+            except Exception as exc:
+                self.errors.append(repr(exc))
+                return
+            self._stop.wait(0.01)
+
+    def served_now(self, timeout=20.0):
+        """Assert that a whole connection's worth of round-trips completes from now on (called
+        while an attack is in full swing)."""
+        start = self.exchanges
+        wait_until(lambda: self.exchanges >= start + self.rounds or self.errors, timeout=timeout)
+        self.check()
+
+    def served_during(self):
+        """Context: assert that round-trips completed while the block (the attack) ran."""
+        bystander = self
+
+        class _Window:
+            def __enter__(self):
+                self.start = bystander.exchanges
+                return self
+
+            def __exit__(self, exc_type, *rest):
+                if exc_type is None:
+                    # Give it a moment if the attack block was very short.
+                    wait_until(lambda: bystander.exchanges > self.start + bystander.rounds or bystander.errors,
+                               timeout=20)
+                    bystander.check()
+
+        return _Window()
+
+    def check(self):
+        assert not self.errors, self.errors
+        assert self.exchanges > 0
+
+
+@contextlib.contextmanager
+def attacker_beside_bystander(address, factory, path, **upgrade_options):
+    """A raw peer on ``path`` (the attacker) and the server connection ``factory`` made for it, while
+    a WellBehavedPeer must be served throughout; yields (bystander, attacker RawPeer, connection)."""
+    with WellBehavedPeer(address) as bystander, bystander.served_during():
+        with raw_peer(address, path=path, **upgrade_options) as attacker:
+            yield bystander, attacker, factory.wait_for(path)
+
+
+# On top of the payload caps, per connection: object and list headers, and bytearray
+# over-allocation (up to 1/8 of what a buffer holds).
+OBJECT_OVERHEAD_ALLOWANCE = 64 * 1024
+
+
+def tls_client_hello():
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+# Helpers: docs ---------------------------------------------------------------
+
+# README and docs/ snippets run as written (only the port and the client count change), so the documentation
+# cannot rot. A snippet is the code block after `.. snippet: name`, in README.rst or any docs/*.rst page.
+README = Path(wsmanager.__file__).with_name("README.rst")
+
+
+DOCS = Path(wsmanager.__file__).with_name("docs")
+
+
+_SNIPPET = re.compile(r"^\.\. snippet: ([\w-]+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.M)
+
+
+def documentation_pages():
+    """README.rst and every page of docs/ (when the docs are there: an sdist has no docs/)."""
+    return [README, *sorted(DOCS.rglob("*.rst"))] if DOCS.is_dir() else [README]
+
+
+def documentation_snippets():
+    """name -> [(page, code)] for every snippet of the README and the docs."""
+    found = collections.defaultdict(list)
+    for page in documentation_pages():
+        for match in _SNIPPET.finditer(page.read_text(encoding="utf-8")):
+            code = "\n".join(line[4:] for line in match.group(2).splitlines()) + "\n"
+            found[match.group(1)].append((page, code))
+    return found
+
+
+def documentation_text():
+    """README.rst and the docs' pages, as one text: for a sentence the documentation must say somewhere."""
+    return "\n".join(page.read_text(encoding="utf-8") for page in documentation_pages())
+
+
+def readme_snippet(name):
+    """The snippet ``name`` of README.rst or docs/, dedented (the same code wherever it is shown)."""
+    places = documentation_snippets().get(name)
+    assert places, f"neither README.rst nor docs/ has a snippet {name!r}"
+    assert len({code for _, code in places}) == 1, f"snippet {name!r} differs between {[p for p, _ in places]}"
+    return places[0][1]
+
+
+def exec_printed(code, name):
+    """What ``code`` prints when it runs as a module named ``name``."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(code, {"__name__": name})
+    return output.getvalue()
+
+
+###############################################################################
+# Codec #######################################################################
+###############################################################################
+
+
+# Helpers: codec --------------------------------------------------------------
+
+MAX_HEADER = 14  # 2 bytes + 8 of extended length + 4 of mask key
+
+
+KNOWN_OPCODES = frozenset({0, 1, 2, 8, 9, 10})
 
 
 def cut_points(length):
@@ -526,67 +1346,8 @@ def reference_parse(data, expect_masked, max_frame_size):
     return frames, None
 
 
-_UTF8_LEADS = {}  # lead byte -> (continuation bytes, allowed range of the first one); RFC 3629 section 4
-
-
-for _b in range(0xC2, 0xE0):
-    _UTF8_LEADS[_b] = (1, 0x80, 0xBF)
-
-
-for _b in range(0xE0, 0xF0):
-    _UTF8_LEADS[_b] = (2, 0xA0 if _b == 0xE0 else 0x80, 0x9F if _b == 0xED else 0xBF)
-
-
-for _b in range(0xF0, 0xF5):
-    _UTF8_LEADS[_b] = (3, 0x90 if _b == 0xF0 else 0x80, 0x8F if _b == 0xF4 else 0xBF)
-
-
-def utf8_ok(data, *, prefix=False):
-    """Whether data is UTF-8 (or, with prefix=True, could still become UTF-8). Independent of codecs."""
-    i, n = 0, len(data)
-    while i < n:
-        lead = data[i]
-        if lead < 0x80:
-            i += 1
-            continue
-        if lead not in _UTF8_LEADS:
-            return False
-        need, low, high = _UTF8_LEADS[lead]
-        for j in range(1, need + 1):
-            if i + j >= n:
-                return prefix
-            byte = data[i + j]
-            if not (low <= byte <= high if j == 1 else 0x80 <= byte <= 0xBF):
-                return False
-        i += need + 1
-    return True
-
-
-class Receiver:
-    """The connection's own receive path (wsmanager._Receiver), collecting what it delivers in ``out``."""
-
-    def __init__(self, *, expect_masked=False, **limits):
-        self.path = wsmanager._Receiver(expect_masked=expect_masked, **limits)
-        self.parser, self.assembler = self.path.parser, self.path.assembler
-        self.out = []
-
-    def feed(self, data):
-        for _, result in self.path.feed(data):
-            if result is not None:
-                self.out.append(result)
-
-
 def parse_all(data, *, expect_masked=False, **limits):
     return FrameParser(expect_masked=expect_masked, **limits).feed(data)
-
-
-@contextlib.contextmanager
-def raises_with(exception, **attributes):
-    """Expects the block to raise ``exception`` with these attribute values; yields pytest's ExceptionInfo."""
-    with pytest.raises(exception) as info:
-        yield info
-    for name, expected in attributes.items():
-        assert getattr(info.value, name) == expected, f"{exception.__name__}.{name}"
 
 
 def protocol_error(data, *, expect_masked=False, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
@@ -828,37 +1589,10 @@ utf8ish = st.lists(st.one_of(
 ), max_size=8).map(b"".join)
 
 
-def receive_outcome(data, cuts=(), *, deflate=None, **options):
-    """What the receive path (parser, assembler, inflation, UTF-8) makes of ``data`` fed cut at ``cuts``:
-    (the messages and control frames it delivered, (close code, reason) of its ProtocolError or None).
-
-    ``deflate``: the DeflateParams negotiated (None: no extension); ``options`` go to the receiver.
-    """
-    if deflate is not None:
-        options["deflate"] = PerMessageDeflate(deflate, client=not options.get("expect_masked", False))
-    receiver = Receiver(**options)
-    try:
-        for piece in pieces(data, cuts):
-            receiver.feed(piece)
-    except ProtocolError as exc:
-        return receiver.out, (exc.code, exc.reason)
-    return receiver.out, None
-
-
-def byte_by_byte(data):
-    return range(1, len(data))
-
-
-RESERVED_BITS = "reserved bits set without a negotiated extension"
-
-
 RSV1_MISPLACED = "RSV1 set on a continuation or control frame"
 
 
 NOT_MINIMAL = "length not minimally encoded"
-
-
-BAD_UTF8 = "invalid UTF-8 in a text message"
 
 
 # Every ProtocolError of the codec: (wire, receiver options, close code, reason). The reason is what a
@@ -965,2487 +1699,52 @@ def receive_path_streams(draw, masked, compressed):
     return b"".join(wire), boundaries, params
 
 
-# Helpers: handshake ----------------------------------------------------------
+def _class_statement_run_with_base(cls, base):
+    """A new class from the source of ``cls``'s class statement, with ``base`` as its only base, run in
+    wsmanager's namespace (as wsmanager runs it: annotations are not evaluated)."""
+    source = re.sub(rf"^class {cls.__name__}\(\w+\):", f"class {cls.__name__}(_base_under_test):",
+                    inspect.getsource(cls), count=1)
+    namespace = dict(vars(wsmanager), _base_under_test=base)
+    exec(compile("from __future__ import annotations\n" + source, wsmanager.__file__, "exec", dont_inherit=True),
+         namespace)
+    return namespace[cls.__name__]
 
-BASE_FIELDS = {"Host": "example.com", "Upgrade": "websocket", "Connection": "Upgrade",
-               "Sec-WebSocket-Key": SAMPLE_KEY, "Sec-WebSocket-Version": "13"}
-
-
-def request_head(fields=(), *, method="GET", version="HTTP/1.1", eol=b"\r\n"):
-    """A request head from BASE_FIELDS with some fields replaced (None removes one)."""
-    merged = dict(BASE_FIELDS)
-    merged.update(fields)
-    lines = [f"{method} /chat {version}"] + [f"{name}: {value}" for name, value in merged.items() if value is not None]
-    return eol.join(line.encode("latin-1") for line in lines) + eol + eol
-
-
-def handshake_status(head):
-    with pytest.raises(HandshakeError) as info:
-        validate_request(parse_request(head))
-    return info.value
-
-
-def good_response(key=SAMPLE_KEY, **fields):
-    extra = [(name.replace("_", "-"), value) for name, value in fields.items()]
-    return parse_response(encode_switching_protocols(key, headers=extra))
-
-
-def _policy(**options):
-    """A listener's settings alone: its accept() is the policy of listen(), accept() and wsgi_app()."""
-    settings = dict(subprotocols=None, handshake=None, max_connections=None, origins=None)
-    settings.update(options)
-    return wsmanager._Listener(None, None, WebSocket, None, settings["subprotocols"], settings["handshake"],
-                               settings["max_connections"], settings["origins"])
-
-
-def _request(fields=(), **options):
-    return parse_request(request_head(fields, **options))
-
-
-def request_to(target, fields=()):
-    """A request head whose request target is ``target`` (absolute-form, authority-form...)."""
-    return request_head(fields).replace(b"GET /chat ", f"GET {target} ".encode("latin-1"))
-
-
-# Every HandshakeError of parse_request() then validate_request(): (head, status, message). The message is
-# what the server logs; the status is what the client gets.
-REQUEST_ERRORS = {
-    "empty": (b"", 400, "empty head"),
-    "blank-line-only": (b"\r\n", 400, "empty head"),
-    "bare-lf-only": (b"\n", 400, "empty head"),
-    "two-blank-lines": (b"\r\n\r\n", 400, "malformed request line ''"),
-    "no-version": (b"GET /chat\r\nHost: x\r\n\r\n", 400, "malformed request line 'GET /chat'"),
-    "four-parts": (b"GET /chat HTTP/1.1 x\r\n\r\n", 400, "malformed request line 'GET /chat HTTP/1.1 x'"),
-    "method-not-a-token": (b"G(T /chat HTTP/1.1\r\n\r\n", 400, "malformed request line 'G(T /chat HTTP/1.1'"),
-    "bad-version": (b"GET /chat HTTP/x\r\n\r\n", 400, "malformed HTTP version 'HTTP/x'"),
-    "version-with-two-digits": (b"GET /chat HTTP/1.10\r\n\r\n", 400, "malformed HTTP version 'HTTP/1.10'"),
-    "lower-case-http": (b"GET /chat http/1.1\r\n\r\n", 400, "malformed HTTP version 'http/1.1'"),
-    "http-2.0": (request_head(version="HTTP/2.0"), 505, "HTTP/2.0 cannot upgrade to WebSocket"),
-    "http-3.0": (request_head(version="HTTP/3.0"), 505, "HTTP/3.0 cannot upgrade to WebSocket"),
-    "http-1.0": (request_head(version="HTTP/1.0"), 505, "HTTP/1.0 cannot upgrade to WebSocket"),
-    "http-0.9": (request_head(version="HTTP/0.9"), 505, "HTTP/0.9 cannot upgrade to WebSocket"),
-    "folded": (b"GET /chat HTTP/1.1\r\n Host: x\r\n\r\n", 400, "malformed header line b' Host: x'"),
-    "space-before-colon": (b"GET /chat HTTP/1.1\r\nHost : x\r\n\r\n", 400, "malformed header line b'Host : x'"),
-    "no-colon": (b"GET /chat HTTP/1.1\r\nNoColon\r\n\r\n", 400, "malformed header line b'NoColon'"),
-    "empty-name": (b"GET /chat HTTP/1.1\r\n: x\r\n\r\n", 400, "malformed header line b': x'"),
-    "nul-in-value": (request_head({"X-Note": "a\x00b"}), 400, "invalid character in header X-Note"),
-    "nul-alone": (request_head({"X-Note": "\x00"}), 400, "invalid character in header X-Note"),
-    "cr-in-value": (request_head({"X-Note": "a\rb"}), 400, "invalid character in header X-Note"),
-    "escape-in-value": (request_head({"X-Note": "a\x1b[0m"}), 400, "invalid character in header X-Note"),
-    "unit-separator-in-value": (request_head({"X-Note": "a\x1f"}), 400, "invalid character in header X-Note"),
-    "vertical-tab-in-value": (request_head({"X-Note": "a\x0bb"}), 400, "invalid character in header X-Note"),
-    "del-in-value": (request_head({"X-Note": "a\x7f"}), 400, "invalid character in header X-Note"),
-    "nul-in-host": (request_head({"Host": "exa\x00mple.com"}), 400, "invalid character in header Host"),
-    "not-a-path": (request_to("chat"), 400, "request target must be a path or an absolute URI"),
-    "authority-form": (request_to("example.com:8080"), 400, "request target must be a path or an absolute URI"),
-    "asterisk-form": (request_to("*"), 400, "request target must be a path or an absolute URI"),
-    "ftp-uri": (request_to("ftp://example.com/"), 400, "request target must be a path or an absolute URI"),
-    "absolute-without-host": (request_to("http://"), 400, "malformed absolute request target"),
-    "absolute-only-query": (request_to("http://?x=1"), 400, "malformed absolute request target"),
-    "absolute-with-userinfo": (request_to("http://user@example.com/"), 400, "malformed absolute request target"),
-    "absolute-with-fragment": (request_to("http://example.com/#frag"), 400, "malformed absolute request target"),
-    "post": (request_head(method="POST"), 405, "method POST not allowed"),
-    "no-upgrade": (request_head({"Upgrade": None}), 426, "not a WebSocket upgrade request"),
-    "no-connection-upgrade": (request_head({"Connection": "keep-alive"}), 426, "not a WebSocket upgrade request"),
-    "version-8": (request_head({"Sec-WebSocket-Version": "8"}), 426, "unsupported Sec-WebSocket-Version"),
-    "no-host": (request_head({"Host": None}), 400, "missing Host header"),
-    "empty-host": (request_head({"Host": ""}), 400, "missing Host header"),
-    "absolute-form-without-host": (request_to("http://example.com/chat", {"Host": None}), 400, "missing Host header"),
-    "no-key": (request_head({"Sec-WebSocket-Key": None}), 400, "invalid Sec-WebSocket-Key"),
-    "key-one-character-too-long": (request_head({"Sec-WebSocket-Key": SAMPLE_KEY + "x"}), 400,
-                                   "invalid Sec-WebSocket-Key"),
-}
-
-
-# Every HandshakeError of parse_response(): (head, message); the status is None (no valid answer).
-RESPONSE_ERRORS = {
-    "empty": (b"", "malformed response: empty head"),
-    "bad-header": (b"HTTP/1.1 101\r\nbad line\r\n\r\n", "malformed response: malformed header line b'bad line'"),
-    "nul-in-value": (b"HTTP/1.1 101 OK\r\nX-A: a\x00\r\n\r\n", "malformed response: invalid character in header X-A"),
-    "not-http": (b"ICY 200 OK\r\n\r\n", "malformed status line 'ICY 200 OK'"),
-    "letter-in-status": (b"HTTP/1.1 1O1 Switching\r\n\r\n", "malformed status line 'HTTP/1.1 1O1 Switching'"),
-    "four-digit-status": (b"HTTP/1.1 1010 x\r\n\r\n", "malformed status line 'HTTP/1.1 1010 x'"),
-    "two-digit-status": (b"HTTP/1.1 99 x\r\n\r\n", "malformed status line 'HTTP/1.1 99 x'"),
-    # str.isdigit() is true of superscripts, which int() refuses: a ValueError, not a HandshakeError, before.
-    "superscript-digits": (b"HTTP/1.1 \xb9\xb2\xb3 x\r\n\r\n", "malformed status line 'HTTP/1.1 \u00b9\u00b2\u00b3 x'"),
-    "superscript-digit": (b"HTTP/1.1 1\xb20\r\n\r\n", "malformed status line 'HTTP/1.1 1\u00b20'"),
-}
-
-
-# Helpers: connection ---------------------------------------------------------
-
-# Helpers: manager ------------------------------------------------------------
-
-# The WebSocket, WebSocketManager and connect() chapters, end to end over real
-# sockets. Every test stops what it starts; TestConnection and TestManager check
-# it with no_leaks (/proc/self/fd and threading.active_count() before and after).
-@pytest.fixture
-def no_leaks():
-    """Fails the test if it leaves a descriptor or a thread behind.
-
-    Used by whole classes (``usefixtures``), so it is set up before, and torn down
-    after, every fixture the test asks for.
-    """
-    fds = open_fds()
-    threads = threading.active_count()
-    yield
-    wait_until(lambda: threading.active_count() <= threads, timeout=10)
-    wait_until(lambda: open_fds() <= fds, timeout=10)
-
-
-def mgr_closed_events(websocket):
-    return [event for event in websocket.events if event[0] == "closed"]
-
-
-def mgr_ipv6_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-MGR_N_CLIENTS = 2000
-
-
-def _mgr_refuse_with(status):
-    def hook(request):
-        return Response(status)
-    return hook
-
-
-def _mgr_raise_with(status):
-    def hook(request):
-        raise HandshakeError("not for you", status)
-    return hook
-
-
-def _mgr_crash(request):
-    raise ValueError("hook bug")
-
-
-def _mgr_unoffered_subprotocol(request):
-    return "never-offered"
-
-
-@pytest.fixture(scope="module")
-def mgr_tls_contexts():
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return server_context, client_context
-
-
-# manager.connect(): a client that records connect_failed(), and a server that proves concurrency
-
-class Dialer(Recorder):
-    """A Recorder for manager.connect(): also records connect_failed(exc)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.failure = None
-        self.failed_event = threading.Event()
-
-    def connect_failed(self, exc):
-        self.events.append(("connect_failed", exc))
-        self.failure = exc
-        self.failed_event.set()
-
-
-def dial_failure(manager, url, **options):
-    """manager.connect() that must fail: the exception given to connect_failed()."""
-    client = manager.connect(url, Dialer, **options)
-    assert client.failed_event.wait(10), "connect_failed() was never called"
-    assert [event[0] for event in client.events] == ["connect_failed"]  # never opened, never closed
-    assert client.terminated and client.state is State.CLOSED and client.sock.fileno() == -1
-    with pytest.raises(ConnectionClosed):
-        client.send("too late")
-    return client.failure
-
-
-class GatedServer:
-    """A raw server that answers no handshake before `count` complete requests have come in.
-
-    Blocking connects one after the other would wait forever on the first; only
-    clients that handshake concurrently can all open.
-    """
-
-    def __init__(self, count):
-        self.count = count
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=count)
-        self.address = self.listener.getsockname()
-        self.socks = []
-        self.requests = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        selector = selectors.DefaultSelector()
-        selector.register(self.listener, selectors.EVENT_READ)
-        readers, keys = {}, {}
-        deadline = time.monotonic() + 60
-        with selector:
-            while self.requests < self.count and not self.stop.is_set() and time.monotonic() < deadline:
-                for key, _ in selector.select(0.1):
-                    if key.fileobj is self.listener:
-                        sock, _ = self.listener.accept()
-                        self.socks.append(sock)
-                        readers[sock] = HeadReader()
-                        selector.register(sock, selectors.EVENT_READ)
-                        continue
-                    data = key.fileobj.recv(65536)
-                    result = readers[key.fileobj].feed(data) if data else None
-                    if result is not None:
-                        selector.unregister(key.fileobj)
-                        keys[key.fileobj] = validate_request(parse_request(result[0]))
-                        self.requests += 1
-            for sock, key in keys.items():
-                sock.sendall(encode_switching_protocols(key))
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(10)
-        for sock in [self.listener, *self.socks]:
-            sock.close()
-
-
-class MgrStopper(Recorder):
-    manager = None  # set by the test
-
-    def received_message(self, message):
-        super().received_message(message)
-        if message == "stop":
-            type(self).manager.stop()
-
-
-def _mgr_stopped_manager():
-    late = WebSocketManager()
-    late.start()
-    late.stop()
-    late.join(10)
-    assert not late.running
-    return late
-
-
-BIG = 16 * 2 ** 20
-
-
-class BigEcho(EchoServer):
-    """An echo server whose messages may reach 16 MiB, set the natural way: a class attribute."""
-
-    max_message_size = BIG
-
-
-def _echo_through_websockets(address, sizes):
-    """websockets (an independent client) sends one binary message of each size; returns the echoes."""
-    echoes = []
-    with ws_connect(ws_url(address), proxy=None, **_ws_options(max_size=None, close_timeout=10)) as client:
-        for size in sizes:
-            payload = os.urandom(64) * (size // 64)
-            client.send(payload)
-            echo = client.recv(timeout=30)
-            echoes.append(echo == payload)
-    return echoes
-
-
-WIDE_BUFFERS = {
-    "memoryview-cast-I": lambda: memoryview(bytes(range(64))).cast("I"),
-    "array-d": lambda: __import__("array").array("d", [1.5, -2.25, 1e300, 0.0, 7.0, 8.5, 9.0, 10.0]),
-    "non-contiguous": lambda: memoryview(bytes(range(128)))[::2],
-    "2-d": lambda: memoryview(bytes(range(48))).cast("B", (6, 8)),
-}
-
-
-def _wide_payloads():
-    return [WIDE_BUFFERS[kind]() for kind in WIDE_BUFFERS]
-
-
-class _CountingSelector(selectors.DefaultSelector):
-    """Counts loop turns (select() calls) and, per turn, the flushes of each connection."""
-
-    def __init__(self):
-        super().__init__()
-        self.turns = 0
-        self.flushes = collections.Counter()  # (turn, connection id) -> flushes in that turn
-
-    def select(self, timeout=None):
-        self.turns += 1
-        return super().select(timeout)
-
-
-def _partial_handshake(address):
-    """A socket that has sent the first half of an upgrade request head."""
-    head = upgrade_request_bytes("/late")
-    sock = socket.create_connection(address, timeout=10)
-    sock.sendall(head[:len(head) // 2])
-    return sock, head[len(head) // 2:]
-
-
-def _read_to_eof(sock, limit=1000):
-    data = b""
-    for _ in range(limit):
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _heartbeat_chains(m, websocket):
-    return call_in_loop_thread(m, lambda: sum(
-        1 for when, _, function, args in m._timers if function == websocket._heartbeat))
-
-
-# Logging ---------------------------------------------------------------------
-def _wsmanager_records(caplog, level=None):
-    return [r for r in caplog.records if r.name == "wsmanager" and (level is None or r.levelno == level)]
-
-
-# Helpers: integrations -------------------------------------------------------
-
-class UpgradeHandler(http.server.BaseHTTPRequestHandler):
-    """http.server answers plain HTTP and hands WebSocket upgrades to a WebSocketManager."""
-
-    def do_GET(self):
-        if self.headers.get("Upgrade", "").lower() == "websocket":
-            # Not self.headers.as_bytes(): it folds long lines and RFC 2047-encodes non-ASCII.
-            fields = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
-            head = self.raw_requestline + fields.encode("latin-1") + b"\r\n"
-            sock = socket.socket(fileno=self.connection.detach())
-            self.server.ws_manager.accept(sock, head, EchoServer)
-            self.close_connection = True  # the socket is the manager's now
-            return
-        body = b"plain http"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):  # keep test output quiet
-        pass
-
-
-@contextlib.contextmanager
-def _http_server(manager):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), UpgradeHandler)
-    server.ws_manager = manager
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-        assert not thread.is_alive()
-
-
-def _environ(fields=(), *, method="GET", path="/ws", query="", protocol="HTTP/1.1", **extra):
-    """A PEP 3333 environ for an upgrade request (BASE_FIELDS, some replaced; None removes one)."""
-    merged = dict(BASE_FIELDS)
-    merged.update(fields)
-    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
-               "SERVER_PROTOCOL": protocol, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80",
-               "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "wsgi.input": io.BytesIO(),
-               "wsgi.errors": io.StringIO(), "wsgi.url_scheme": "http", "wsgi.version": (1, 0),
-               "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False}
-    for name, value in merged.items():
-        if value is not None:
-            environ["HTTP_" + name.upper().replace("-", "_")] = value
-    environ.update(extra)
-    return environ
-
-
-def _socket_environ(sock, fields=(), **extra):
-    """_environ() as wsgiref with wsmanager.WSGIRequestHandler makes it: the connection's socket, and
-    wsgi.input its buffered reader (the hand-off empties it into the WebSocket)."""
-    return _environ(fields, **{"wsmanager.socket": sock, "wsgi.input": sock.makefile("rb")}, **extra)
-
-
-def _call_wsgi(app, environ, *, strict_pep3333=False):
-    """Call a WSGI app; returns (status, headers, body). strict_pep3333 asserts like wsgiref on hop-by-hop."""
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        if "status" in answer and not exc_info:
-            raise AssertionError("Headers already set!")
-        answer["status"], answer["headers"] = status, list(headers)
-        if strict_pep3333:
-            for name, _ in headers:
-                assert name.lower() not in ("upgrade", "connection"), f"Hop-by-hop header {name}"
-        return lambda data: None
-
-    result = app(environ, start_response)
-    try:
-        body = b"".join(result)
-    finally:
-        if hasattr(result, "close"):
-            result.close()
-    return answer["status"], answer["headers"], body
-
-
-def _site(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"site " + environ["PATH_INFO"].encode("latin-1")]
-
-
-def _http(port, method="GET", path="/", headers=None, timeout=20):
-    """One HTTP/1.1 request; returns (status, headers dict, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def _raw_http_status(port, head):
-    """Send a raw request head; the status code of the answer (the server closes after it)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(head)
-        data = b""
-        while b"\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
-def _ws_client(port, path="/ws"):
-    """A websockets client (not yet entered: use it in a with block or an ExitStack)."""
-    return ws_connect(f"ws://127.0.0.1:{port}{path}", proxy=None, open_timeout=30, close_timeout=10,
-                      ping_interval=None)
-
-
-def _ws_echoes(port, path="/ws"):
-    """A websockets client: text and binary come back unchanged."""
-    with _ws_client(port, path) as client:
-        client.send("héllo")
-        assert client.recv(timeout=20) == "héllo"
-        client.send(b"\x00\xff" * 1000)
-        assert client.recv(timeout=20) == b"\x00\xff" * 1000
-
-
-def _ws_crowd(port, page, path="/ws", count=50):
-    """`count` WebSocket clients at once, ordinary requests in between; then the host still serves."""
-    websockets_module("websockets.sync.client")  # here, not in the threads: a skip must skip the test
-    clients = []
-    errors = []
-
-    def open_one():
-        try:
-            clients.append(_ws_client(port, path))
-        except Exception as exc:  # reported below, with the others
-            errors.append(exc)
-
-    with contextlib.ExitStack() as stack:
-        threads = [threading.Thread(target=open_one) for _ in range(count)]
-        try:
-            for index, thread in enumerate(threads):
-                thread.start()
-                if index % 10 == 0:
-                    assert _http(port)[2] == page  # ordinary requests while the handshakes go on
-        finally:
-            for thread in threads:
-                thread.join(60)
-            for client in clients:
-                stack.enter_context(client)
-        assert not errors, errors[:3]
-        assert len(clients) == count
-        for index, client in enumerate(clients):
-            client.send(f"client {index}")
-            if index % 10 == 0:
-                assert _http(port)[2] == page
-        for index, client in enumerate(clients):
-            assert client.recv(timeout=30) == f"client {index}"
-            client.send(bytes([index]) * 3)
-        for index, client in enumerate(clients):
-            assert client.recv(timeout=30) == bytes([index]) * 3
-    # After the clients closed, the host serves HTTP and takes new WebSockets.
-    assert _http(port)[:3:2] == (200, page)
-    _ws_echoes(port, path)
-
-
-def _without_ansi(text):
-    """A host's log without terminal styles: werkzeug writes its access log lines in ANSI styles (bold
-    for a 101) unless colorama is installed, which strips them when the output is no terminal."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def _assert_clean_host_log(text):
-    for needle in ("Traceback", "Bad file descriptor", "Error on request", "[ERROR]", "socket.error",
-                   "Exception", "fatal"):
-        assert needle not in text, f"{needle!r} in the host's log:\n{text[-3000:]}"
-
-
-@contextlib.contextmanager
-def _wsgiref_snippet():
-    """The README's wsgiref snippet, run as written on a free port; yields (server, manager, port)."""
-    code = readme_snippet("wsgi-wsgiref").replace("8000", "0")
-    namespace = {"__name__": "readme_wsgiref"}
-    thread = threading.Thread(target=exec, args=(code, namespace), name="readme-wsgiref", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: "server" in namespace or not thread.is_alive())
-        assert thread.is_alive()
-        yield namespace["server"], namespace["manager"], namespace["server"].server_port
-    finally:
-        if "server" in namespace:
-            namespace["server"].shutdown()
-        thread.join(20)
-        assert not thread.is_alive()
-
-
-@contextlib.contextmanager
-def _wsgiref(app, handler_class):
-    """wsgiref serving ``app`` as the README sets it up: a thread per connection. Single-threaded,
-    it reads one connection's request at a time, and Chromium's idle preconnected sockets would
-    hold a WebSocket upgrade request in the backlog behind them."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIServer, make_server
-
-    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=handler_class)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-class _ChatSite:
-    """The chat page of `python -m wsmanager`, as an ordinary WSGI application."""
-
-    def __call__(self, environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-        return [wsmanager._CHAT_PAGE.encode()]
-
-
-# Each runs the README's snippet as written, as app.py; only the port changes.
-_WSGI_HOSTS = {
-    "gunicorn-sync": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
-                      ["-m", "gunicorn", "--worker-class", "sync", "--workers", "1", "app:application"]),
-    "gunicorn-gthread": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
-                         ["-m", "gunicorn", "--worker-class", "gthread", "--threads", "8", "app:application"]),
-    # The manager is made in the master, before the fork: each worker renews it and runs its own loop.
-    "gunicorn-preload": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
-                         ["-m", "gunicorn", "--preload", "--workers", "2", "app:application"]),
-    "flask": ("wsgi-flask", None, b"Hello from Flask\n", ["-m", "flask", "--app", "app", "run", "--port", "{port}"]),
-    "cherrypy": ("wsgi-cherrypy", "8080", b"Hello from CherryPy\n", ["app.py"]),
-}
-
-
-def _host_command(kind, port):
-    arguments = [argument.replace("{port}", str(port)) for argument in _WSGI_HOSTS[kind][3]]
-    if arguments[:2] == ["-m", "gunicorn"]:
-        # No control socket: gunicorn's default one is shared by every gunicorn of the user.
-        arguments[2:2] = ["--bind", f"127.0.0.1:{port}", "--no-control-socket", "--access-logfile", "-"]
-    return [sys.executable, *arguments]
-
-
-@contextlib.contextmanager
-def _host_process(folder, app_code, command, page):
-    """A real WSGI server in ``folder`` on a free port, serving ``app_code(port)`` as app.py, started with
-    ``command(port)``; yields (process, port, read_log) once it serves ``page`` at /. Stopped (its group:
-    SIGTERM, then SIGKILL) after, unless the test stopped it its own way."""
-    log_path = folder / "host.log"
-    for attempt in range(3):
-        port = _free_port()
-        (folder / "app.py").write_text(app_code(port))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(command(port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True)
-        try:
-            deadline = time.monotonic() + 30
-            while proc.poll() is None:
-                try:
-                    if _http(port)[2] == page:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_bytes()[-3000:]
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                if b"in use" in log_path.read_bytes() and attempt < 2:
-                    continue  # lost the port race: try another one
-                raise AssertionError(log_path.read_bytes()[-3000:])
-            yield proc, port, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
-            return
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: gunicorn's workers too
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            _reap(proc)
-
-
-@contextlib.contextmanager
-def _wsgi_host_process(kind, folder, extra=""):
-    """A real WSGI host of ``kind`` running its README snippet, plus ``extra`` code; yields (process, port,
-    read_log)."""
-    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
-    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
-
-    def app_code(port):
-        code = readme_snippet(snippet) + extra
-        return code.replace(port_text, str(port)) if port_text else code
-
-    with _host_process(folder, app_code, lambda port: _host_command(kind, port), page) as host:
-        yield host
-
-
-@pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
-def wsgi_host(request, tmp_path_factory):
-    """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
-    kind = request.param
-    with _wsgi_host_process(kind, tmp_path_factory.mktemp(kind)) as (_, port, read_log):
-        yield kind, port, _WSGI_HOSTS[kind][2], read_log
-
-
-# A site on each supported host, mounted as a user would: /ws echoes (wsgi_app), /env sends what opened()
-# finds in self.environ (wsgi_app behind an authentication middleware), /record writes each call to
-# record.log: the route a reverse proxy would keep from the outside.
-_PROBE_SITE = """\
-import json, os, sys
-import wsmanager
-
-RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "record.log")
-IO_METHODS = ("fileno", "read", "readline", "readinto", "write", "recv", "send", "makefile")
-
-
-def note(environ):
-    with open(RECORD, "a") as log:
-        log.write(f"{environ['REQUEST_METHOD']} {environ['SCRIPT_NAME']}{environ['PATH_INFO']}"
-                  f"?{environ.get('QUERY_STRING', '')}\\n")
-
-
-class Echo(wsmanager.WebSocket):
-    def received_message(self, message):
-        self.send(message)
-
-
-class EnvironReport(wsmanager.WebSocket):
-    def opened(self):
-        report = {}
-        for key, value in self.environ.items():
-            kind = type(value)
-            report[key] = {"type": f"{kind.__module__}.{kind.__qualname__}",
-                           "io": [name for name in IO_METHODS if hasattr(value, name)],
-                           "value": value if isinstance(value, (str, int, float, type(None))) else None}
-        self.send(json.dumps(report))
-
-
-def authenticated(app):  # what an authentication middleware in front does
-    def as_alice(environ, start_response):
-        environ["REMOTE_USER"] = "alice"
-        return app(environ, start_response)
-    return as_alice
-
-
-def site(environ, start_response):
-    body = b"ready\\n"
-    if environ["PATH_INFO"] == "/record":
-        note(environ)
-        body = b"recorded\\n"
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]
-
-
-def mount(apps, default):
-    def dispatch(environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        for prefix, app in apps.items():
-            if path == prefix or path.startswith(prefix + "/"):
-                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
-                environ["PATH_INFO"] = path[len(prefix):]
-                return app(environ, start_response)
-        return default(environ, start_response)
-    return dispatch
-
-
-manager = wsmanager.WebSocketManager()
-websockets = {"/ws": manager.wsgi_app(Echo), "/env": authenticated(manager.wsgi_app(EnvironReport))}
-application = mount(websockets, site)
-"""
-
-_PROBE_HOSTS = {
-    "wsgiref": ("""
-if __name__ == "__main__":
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIServer, make_server
-
-    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    make_server("127.0.0.1", int(sys.argv[1]), application, server_class=ThreadingWSGIServer,
-                handler_class=wsmanager.WSGIRequestHandler).serve_forever()
-""", ["app.py", "{port}"]),
-    "gunicorn-sync": ("", _WSGI_HOSTS["gunicorn-sync"][3]),
-    "gunicorn-gthread": ("", _WSGI_HOSTS["gunicorn-gthread"][3]),
-    "flask": ("""
-import flask
-from werkzeug.middleware.dispatcher import DispatcherMiddleware
-
-app = flask.Flask(__name__)
-
-
-@app.route("/")
-def index():
-    return "ready\\n"
-
-
-@app.route("/record")
-def record():
-    note(flask.request.environ)
-    return "recorded\\n"
-
-
-app.wsgi_app = DispatcherMiddleware(app.wsgi_app, websockets)
-""", _WSGI_HOSTS["flask"][3]),
-    "cherrypy": ("""
-import cherrypy
-
-
-class Root:
-    @cherrypy.expose
-    def index(self):
-        return "ready\\n"
-
-    @cherrypy.expose
-    def record(self, **query):
-        note(cherrypy.request.wsgi_environ)
-        return "recorded\\n"
-
-
-if __name__ == "__main__":
-    for prefix, app in websockets.items():
-        cherrypy.tree.graft(app, prefix)
-    cherrypy.engine.subscribe("stop", manager.stop)
-    cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": int(sys.argv[1])})
-    cherrypy.quickstart(Root())
-""", ["app.py", "{port}"]),
-}
-
-
-@pytest.fixture(scope="module", params=list(_PROBE_HOSTS))
-def probe_host(request, tmp_path_factory):
-    """A real WSGI server running _PROBE_SITE; yields (kind, port, records, read_log). Module-wide.
-    records() is the list of calls of /record so far."""
-    kind = request.param
-    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
-    tail, arguments = _PROBE_HOSTS[kind]
-    folder = tmp_path_factory.mktemp(f"probe-{kind}")
-    record_path = folder / "record.log"
-
-    def command(port):
-        if arguments[:2] == ["-m", "gunicorn"]:
-            return _host_command(kind, port)
-        return [sys.executable, *(argument.replace("{port}", str(port)) for argument in arguments)]
-
-    def records():
-        return record_path.read_text().splitlines() if record_path.exists() else []
-
-    with _host_process(folder, lambda port: _PROBE_SITE + tail, command, b"ready\n") as (_, port, read_log):
-        yield kind, port, records, read_log
-
-
-# Helpers: scaling ------------------------------------------------------------
-
-class Subscriber(Recorder):
-    """A Recorder that subscribes itself to every topic in its ``topics`` attribute when it opens."""
-
-    topics = ()
-
-    def opened(self):
-        for topic in self.topics:
-            self.manager.subscribe(self, topic)
-        super().opened()
-
-
-@contextlib.contextmanager
-def subscribed_pairs(manager, client_manager, count, *topics, factory=Subscriber):
-    """``count`` server connections of ``manager`` subscribed to ``topics``, each with its client in
-    ``client_manager``; yields [(server, client), ...] once every server is subscribed."""
-    servers = Collect(factory, topics=topics)
-    address = manager.listen(("127.0.0.1", 0), servers)
-    clients = [open_client(client_manager, ws_url(address)) for _ in range(count)]
-    wait_until(lambda: len(servers.made) == count and all(s.opened_event.is_set() for s in servers.made))
-    by_port = {s.peer_address[1]: s for s in servers.made}
-    yield [(by_port[c.sock.getsockname()[1]], c) for c in clients]
-
-
-# A real redis-server, started on a free port by the test and killed afterwards ---
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-class RedisServer:
-    """A redis-server process on 127.0.0.1, persistence off; start() again after kill() reuses the port.
-
-    With ``tls`` (a trustme CA), it serves TLS only, with a certificate for 127.0.0.1 from that CA.
-    """
-
-    def __init__(self, directory, *options, tls=None):
-        self.directory = directory
-        self.options = options
-        self.tls = tls
-        self.port = None
-        self.proc = None
-        if tls is not None:
-            cert = tls.issue_cert("127.0.0.1")
-            cert.private_key_pem.write_to_path(str(directory / "redis-key.pem"))
-            cert.cert_chain_pems[0].write_to_path(str(directory / "redis-cert.pem"))
-            tls.cert_pem.write_to_path(str(directory / "redis-ca.pem"))
-
-    @property
-    def url(self):
-        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
-
-    def _arguments(self):
-        if self.tls is None:
-            return ["--port", str(self.port)]
-        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
-                "--tls-cert-file", str(self.directory / "redis-cert.pem"),
-                "--tls-key-file", str(self.directory / "redis-key.pem"),
-                "--tls-ca-cert-file", str(self.directory / "redis-ca.pem")]
-
-    def _probe(self):
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
-        if self.tls is not None:
-            context = ssl.create_default_context()
-            self.tls.configure_trust(context)
-            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-        return sock
-
-    def start(self):
-        for attempt in range(3):
-            if self.port is None or attempt:
-                self.port = _free_port()
-            self.proc = subprocess.Popen(
-                [REDIS_SERVER, *self._arguments(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.directory), *self.options],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    with self._probe() as probe:
-                        probe.sendall(b"PING\r\n")
-                        if probe.recv(100).startswith((b"+PONG", b"-NOAUTH")):
-                            return
-                except OSError:
-                    time.sleep(0.02)
-            _reap(self.proc)
-            if attempt == 2:
-                raise AssertionError("redis-server did not start")
-
-    def kill(self):
-        if self.proc is not None:
-            _reap(self.proc)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does it)")
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-def wait_bridged(*bridges, topics=(), timeout=10):
-    wait_until(lambda: all(b.connected and b.subscribed >= set(topics) for b in bridges), timeout=timeout)
-
-
-class FakeRedis:
-    """A hostile Redis: a real socket server on 127.0.0.1 that the test scripts, for replies no real
-    redis-server sends. It answers nothing by itself: it records what each connection sends, and the test
-    finds the bridge's two connections by the command each sent (SUBSCRIBE or PUBLISH) and writes to them.
-    With ``hang_up``, it closes every connection as soon as it is accepted."""
-
-    def __init__(self, *, hang_up=False):
-        self.hang_up = hang_up
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.accepted = 0
-        self.received = {}  # socket -> bytearray of everything it sent
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="fake-redis")
-        self._thread.start()
-
-    def _serve(self):
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.listener, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                for key, _ in selector.select(0.05):
-                    if key.fileobj is self.listener:
-                        sock, _ = self.listener.accept()
-                        with self._lock:
-                            self.accepted += 1
-                            if self.hang_up:
-                                sock.close()
-                                continue
-                            self.received[sock] = bytearray()
-                        selector.register(sock, selectors.EVENT_READ)
-                        continue
-                    try:
-                        data = key.fileobj.recv(65536)
-                    except OSError:
-                        data = b""
-                    with self._lock:
-                        self.received[key.fileobj] += data
-                    if not data:
-                        selector.unregister(key.fileobj)
-
-    def connection(self, command, count=1, besides=()):
-        """The newest connection that has sent ``command`` (bytes) ``count`` times, once there is one
-        (not one of ``besides``)."""
-        def found():
-            with self._lock:
-                return [sock for sock, data in self.received.items()
-                        if data.count(command) >= count and sock not in besides]
-        wait_until(found)
-        return found()[-1]
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(10)
-        self.listener.close()
-        for sock in self.received:
-            sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-def resp(*items):
-    """RESP2 bytes of ``items``: bytes are bulk strings, None the null bulk string, int an integer,
-    a list an array, an Exception an error reply."""
-    out = b""
-    for item in items:
-        if item is None:
-            out += b"$-1\r\n"
-        elif isinstance(item, bytes):
-            out += b"$%d\r\n%s\r\n" % (len(item), item)
-        elif isinstance(item, int):
-            out += b":%d\r\n" % item
-        elif isinstance(item, Exception):
-            out += b"-%s\r\n" % str(item).encode()
-        else:
-            out += b"*%d\r\n" % len(item) + resp(*item)
-    return out
-
-
-def pubsub_message(channel, payload, *, kind=b"t", origin=b"stranger"):
-    """What Redis sends a subscriber for a message another bridge published."""
-    return resp([b"message", channel, origin + kind + payload])
-
-
-def _stats(port):
-    status, _, body = _http(port, path="/stats", timeout=10)
-    assert status == 200
-    return json.loads(body)
-
-
-@contextlib.contextmanager
-def _serve_workers(tmp_path, *options, workers=2):
-    """`python -m wsmanager serve --workers N [options]`; yields (process, port, read_log, pids by worker)."""
-    log_path = tmp_path / "workers.log"
-    port = _free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port),
-                                 "--workers", str(workers), *options],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=_cli_env())
-    read_log = lambda: log_path.read_text(encoding="utf-8", errors="replace")  # noqa: E731
-
-    def serving():
-        return dict((int(i), int(p)) for i, p in re.findall(r"worker (\d+) \(pid (\d+)\) serving", read_log()))
-
-    try:
-        wait_until(lambda: len(serving()) == workers or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, read_log()
-        yield proc, port, read_log, serving
-    finally:
-        _reap(proc)
-        for pid in serving().values():  # workers of a supervisor killed by _reap
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _landed_on(read_log, client):
-    """The worker whose log says that ``client`` connected to it."""
-    port = client.sock.getsockname()[1]
-    found = re.findall(r"worker (\d+): 127\.0\.0\.1:%d connected" % port, read_log())
-    return int(found[0]) if found else None
-
-
-def wait_until_or_false(predicate, timeout):
-    try:
-        wait_until(predicate, timeout=timeout)
-    except AssertionError:
-        return False
-    return True
-
-
-SUPERVISOR_SCRIPT = """
-import logging, sys, wsmanager
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-class Echo(wsmanager.WebSocket):
-    def received_message(self, message):
-        self.send(f"{index}:{message}")
-
-def setup(manager, sock, worker):
-    global index
-    index = worker
-    manager.listen(sock, Echo)
-
-supervisor = wsmanager.Supervisor(("127.0.0.1", 0), setup, workers=2, reuse_port=sys.argv[1] == "1",
-                                  restart_delay=0.1)
-print("port", supervisor.bind()[1], flush=True)
-sys.exit(supervisor.run())
-"""
-
-
-# Helpers: compression --------------------------------------------------------
-
-# The public conformance suite (Autobahn testsuite, sections 12 and 13) needs Docker or Python 2, neither
-# of which runs here: the tests below follow its cases instead (every combination of context takeover
-# and window bits of section 13, the message sizes of section 12), against websockets and wsmanager
-# itself, in both roles.
-
-
-def deflate_payload(data, *, wbits=15):
-    """``data`` compressed as one permessage-deflate message by an independent zlib object."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits)
-    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-    assert out.endswith(b"\x00\x00\xff\xff")
-    return out[:-4]
-
-
-def inflate_payload(payload, *, wbits=15):
-    return zlib.decompressobj(-wbits).decompress(payload + b"\x00\x00\xff\xff")
-
-
-def deflate_codec(max_message_size=DEFAULT_MAX_MESSAGE_SIZE, **params):
-    """A server-side assembler that inflates, as a negotiated connection has it."""
-    deflate = PerMessageDeflate(DeflateParams(**params), client=False)
-    return MessageAssembler(max_message_size=max_message_size, deflate=deflate), deflate
-
-
-def compressed_frame(opcode, payload, fin=True):
-    return Frame(opcode, payload, fin, True)
-
-
-def stored_payload(data, *, fin=True):
-    """``data`` as permessage-deflate stored blocks (level 0): a payload longer than ``data`` and not UTF-8."""
-    compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
-    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-    return out[:-4] if fin else out
-
-
-def _zlib_error(payload):
-    """The message zlib gives for ``payload`` as a permessage-deflate message (the part of a 1007's reason after ": ")."""
-    try:
-        zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
-    except zlib.error as exc:
-        return str(exc)
-    raise AssertionError(f"zlib inflates {payload!r}")
-
-
-# Compressed payloads that are not what they claim: (wire, the 1007's reason; None: zlib's message, whatever it is).
-COMPRESSED_DATA_ERRORS = {
-    "invalid-data": (raw_frame(Opcode.BINARY, b"\xff\xff\xff\xff", rsv=0x40),
-                     "invalid compressed data: " + _zlib_error(b"\xff\xff\xff\xff")),
-    "invalid-data-in-a-later-fragment": (raw_frame(Opcode.TEXT, deflate_payload(b"ok") + b"\x00\x00\xff\xff", fin=False,
-                                                   rsv=0x40) + raw_frame(Opcode.CONTINUATION, b"\xff\xff"), None),
-    "data-after-the-stream": (raw_frame(Opcode.BINARY, zlib.compress(b"x", wbits=-15) + b"junk", rsv=0x40),
-                              "data after the end of the compressed stream"),
-    "invalid-utf8-once-inflated": (raw_frame(Opcode.TEXT, deflate_payload(b"ok \xff"), rsv=0x40),
-                                   "invalid UTF-8 in a text message"),
-}
-
-
-def _zero_bomb(inflated_mib):
-    """A permessage-deflate payload of about 1 KiB per MiB it inflates to: full-flush segments,
-    each inflating to 1 MiB of zeros, repeated (each is independent, so the repetition is valid)."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
-    segment = compressor.compress(bytes(2 ** 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
-    assert len(segment) < 1100
-    return (segment * inflated_mib)[:-4]
-
-
-# Negotiation: the server side -------------------------------------------------
-
-# What the default settings answer: neither side keeps a compression context.
-NO_CONTEXT = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-
-
-# (offer, settings, expected answer); the settings default to Deflate().
-SERVER_NEGOTIATION = {
-    "no-offer": (None, None, None),
-    "other-extension-only": ("x-webkit-deflate-frame", None, None),
-    "plain": ("permessage-deflate", None, f"{NO_CONTEXT}"),
-    "browser": ("permessage-deflate; client_max_window_bits", None, f"{NO_CONTEXT}; client_max_window_bits=12"),
-    "client-window-10": ("permessage-deflate; client_max_window_bits=10", None,
-                         f"{NO_CONTEXT}; client_max_window_bits=10"),
-    "client-window-15-capped": ("permessage-deflate; client_max_window_bits=15", None,
-                                f"{NO_CONTEXT}; client_max_window_bits=12"),
-    "server-window-10": ("permessage-deflate; server_max_window_bits=10", None,
-                         f"{NO_CONTEXT}; server_max_window_bits=10"),
-    "quoted-value": ('permessage-deflate; client_max_window_bits="11"', None, f"{NO_CONTEXT}; client_max_window_bits=11"),
-    "server-context-allowed": ("permessage-deflate", Deflate(server_no_context_takeover=False),
-                               "permessage-deflate; client_no_context_takeover"),
-    "client-context-allowed": ("permessage-deflate", Deflate(client_no_context_takeover=False),
-                               "permessage-deflate; server_no_context_takeover"),
-    "all-context-allowed": ("permessage-deflate", Deflate(False, False), "permessage-deflate"),
-    "client-no-context-echoed": ("permessage-deflate; client_no_context_takeover", Deflate(False, False),
-                                 "permessage-deflate; client_no_context_takeover"),
-    "server-no-context-asked": ("permessage-deflate; server_no_context_takeover", Deflate(False, False),
-                                "permessage-deflate; server_no_context_takeover"),
-    "server-limits-own-window": ("permessage-deflate", Deflate(server_max_window_bits=11),
-                                 f"{NO_CONTEXT}; server_max_window_bits=11"),
-    # Several offers: the first acceptable one wins; unacceptable ones are declined, not fatal.
-    "first-acceptable-wins": ("permessage-deflate; server_max_window_bits=8, "
-                              "permessage-deflate; client_max_window_bits=9, permessage-deflate", None,
-                              f"{NO_CONTEXT}; client_max_window_bits=9"),
-    "unknown-then-good": ("x-foo; bar=1, permessage-deflate; unknown_param, permessage-deflate", None, NO_CONTEXT),
-    # Malformed or conflicting offers, each declined (RFC 7692 5, 7.1).
-    "server-window-8": ("permessage-deflate; server_max_window_bits=8", None, None),
-    "server-window-without-value": ("permessage-deflate; server_max_window_bits", None, None),
-    "window-16": ("permessage-deflate; client_max_window_bits=16", None, None),
-    "window-7": ("permessage-deflate; server_max_window_bits=7", None, None),
-    "window-leading-zero": ("permessage-deflate; client_max_window_bits=09", None, None),
-    "window-not-a-number": ("permessage-deflate; client_max_window_bits=abc", None, None),
-    "repeated-parameter": ("permessage-deflate; server_no_context_takeover; server_no_context_takeover", None, None),
-    "repeated-window": ("permessage-deflate; client_max_window_bits=10; client_max_window_bits=11", None, None),
-    "flag-with-value": ("permessage-deflate; client_no_context_takeover=1", None, None),
-    "unknown-parameter": ("permessage-deflate; x=1", None, None),
-    "broken-quotes": ('permessage-deflate; client_max_window_bits="10', None, None),
-    "empty-parameter": ("permessage-deflate;", None, None),
-}
-
-
-# (settings, server's answer, expected DeflateParams or an error message part)
-CLIENT_NEGOTIATION = {
-    "declined": (Deflate(), None, None),
-    "accepted": (Deflate(), f"{NO_CONTEXT}; client_max_window_bits=12", DeflateParams(True, True, 15, 12)),
-    # We said we keep no context: the answer need not repeat it.
-    "client-no-context-not-echoed": (Deflate(), "permessage-deflate; server_no_context_takeover",
-                                     DeflateParams(True, True, 15, 12)),
-    "client-window-omitted": (Deflate(False, False), "permessage-deflate", DeflateParams(False, False, 15, 12)),
-    "server-no-context-unasked": (Deflate(False, False), "permessage-deflate; server_no_context_takeover",
-                                  DeflateParams(True, False, 15, 12)),
-    "client-no-context-imposed": (Deflate(False, False), "permessage-deflate; client_no_context_takeover",
-                                  DeflateParams(False, True, 15, 12)),
-    "server-window-unasked": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=10", DeflateParams(True, True, 10, 12)),
-    "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
-                        DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
-    "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
-    # RFC 7692 7.1.2.2: a larger window than offered (Autobahn 13.4/13.6) leaves ours; a smaller one binds.
-    "client-window-larger": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
-                             DeflateParams(True, True, 15, 12)),
-    "client-window-13": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
-                         DeflateParams(True, True, 15, 12)),
-    "client-window-smaller": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
-                              DeflateParams(True, True, 15, 10)),
-    "client-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
-                        DeflateParams(True, True, 15, 8)),
-    "client-window-9-offered-15": (Deflate(False, False, 15, 15), "permessage-deflate; client_max_window_bits=9",
-                                   DeflateParams(False, False, 15, 9)),
-    "client-window-without-value": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits",
-                                    "needs a value"),
-    "server-window-too-big": (Deflate(server_max_window_bits=10),
-                              "permessage-deflate; server_no_context_takeover; server_max_window_bits=11", "exceeds"),
-    "server-window-missing": (Deflate(server_max_window_bits=10), "permessage-deflate; server_no_context_takeover",
-                              "exceeds"),
-    "not-offered-extension": (Deflate(), "x-foo", "not offered"),
-    "two-extensions": (Deflate(), "permessage-deflate; server_no_context_takeover, permessage-deflate", "not offered"),
-    "unknown-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; foo", "unknown"),
-    "repeated-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
-                           "repeated"),
-    "malformed": (Deflate(), "permessage-deflate; =12", "malformed"),
-}
-
-
-# Connections: RSV1 and control frames on the wire -----------------------------
-def _upgrade_with_extensions(address, extensions):
-    """A raw socket upgraded with the given Sec-WebSocket-Extensions; returns (RawPeer, the 101's headers)."""
-    sock = socket.create_connection(address, timeout=10)
-    request = upgrade_request_bytes().replace(b"\r\n\r\n", f"\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"
-                                              .encode(), 1) if extensions else upgrade_request_bytes()
-    sock.sendall(request)
-    head, rest = read_head(sock)
-    response = parse_response(head)
-    assert response.status == 101
-    peer = RawPeer(sock)
-    peer.parser.allow_rsv1 = "Sec-WebSocket-Extensions" in response.headers
-    peer.frames.extend(peer.parser.feed(rest))
-    return peer, response.headers
-
-
-# Interop and sections 12/13 of the conformance suite ---------------------------
-
-# Section 12: message sizes (text and binary) ...
-AUTOBAHN_SIZES = [16, 64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072]
-
-
-def autobahn_messages(seed=12):
-    """Messages of every section-12 size: compressible text, incompressible binary, repetitive binary."""
-    rng = random.Random(seed)
-    words = ["lorem", "ipsum", "dolor", "sit", "amet", "ünïcode", "😀", "json", '{"k": 1}', "\n"]
-    messages = []
-    for size in AUTOBAHN_SIZES:
-        text = " ".join(rng.choice(words) for _ in range(size // 4))
-        text = text.encode()[:size].decode(errors="ignore")
-        messages.append(text)
-        messages.append(rng.randbytes(size))
-        messages.append(bytes([size % 251]) * size)
-    return messages
-
-
-# ... Section 13: (server_no_context_takeover, client_no_context_takeover, max window bits of both sides).
-AUTOBAHN_COMBINATIONS = [(snct, cnct, bits) for snct in (False, True) for cnct in (False, True) for bits in (9, 15)]
-
-
-def _combo_id(combo):
-    snct, cnct, bits = combo
-    return f"snct{int(snct)}-cnct{int(cnct)}-w{bits}"
-
-
-@contextlib.contextmanager
-def deflate_pair(role, manager, wsm_compression, ws_extension):
-    """An open connection between wsmanager (with ``wsm_compression``) and websockets (with the extension
-    factory ``ws_extension``, or none); yields (wsmanager end, websockets end)."""
-    ws_options = {"compression": None, "extensions": [ws_extension] if ws_extension else None,
-                  "max_size": 2 ** 22}
-    if role == "wsm-server":
-        address, opened = wsmanager_server(manager, compression=wsm_compression)
-        with ws_connect(ws_url(address), proxy=None, **_ws_options(**ws_options)) as peer:
-            yield opened.get(timeout=10), peer
-    else:
-        with websockets_server(**ws_options) as (address, connections):
-            wsm = open_client(manager, ws_url(address), EchoRecorder, compression=wsm_compression)
-            try:
-                yield wsm, connections.get(timeout=10)
-            finally:
-                wsm.close()
-                wsm.closed_event.wait(5)
-
-
-def _exchange(wsm, peer, messages, rounds=1):
-    """Both directions: the peer sends, wsmanager echoes (compressing), the peer checks every echo."""
-    start = len(wsm.messages)
-    for _ in range(rounds):
-        for message in messages:
-            peer.send(message)
-            echoed = peer.recv(timeout=20)
-            assert type(echoed) is type(message) and echoed == message
-    # Each echo came after wsmanager received its message: all are there, in order.
-    assert wsm.messages[start:] == list(messages) * rounds
-
-
-# ... Section 13 in the client role: what Autobahn's test server answers to wsmanager's default offer
-# (server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12). It accepts with
-# server_no_context_takeover as asked and adds its own (requestNoContextTakeover, requestMaxWindowBits):
-# (False, 0), (True, 0), (False, 8), (False, 15), (True, 8), (True, 15), and for 13.7 the first of
-# (True, 8), (True, 0), (False, 0) that applies. Each with the window the client must compress with.
-AUTOBAHN_13_ANSWERS = {
-    "13.1": ("permessage-deflate; server_no_context_takeover", 12),
-    "13.2": (NO_CONTEXT, 12),
-    "13.3": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=8", 8),
-    "13.4": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=15", 12),
-    "13.5": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
-    "13.6": (f"{NO_CONTEXT}; client_max_window_bits=15", 12),
-    "13.7": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
-}
-
-# RFC 1951 3.2.5: base and extra bits of the length (257..285) and distance (0..29) codes.
-_LENGTH_BASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
-                195, 227, 258]
-_LENGTH_EXTRA = [0] * 8 + [n for n in range(1, 6) for _ in range(4)] + [0]
-_DISTANCE_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073,
-                  4097, 6145, 8193, 12289, 16385, 24577]
-_DISTANCE_EXTRA = [0, 0, 0, 0] + [n for n in range(1, 14) for _ in range(2)]
-_CODE_LENGTH_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
-
-
-def inflate_measuring_distances(payload):
-    """Inflate one permessage-deflate message without zlib (RFC 1951, the slow and plain way);
-    returns (data, the longest distance any match refers back). zlib's inflater cannot tell: it
-    accepts any distance within what it has output, whatever window it was given."""
-    stream = payload + b"\x00\x00\xff\xff"
-    position = 0  # in bits
-    out = bytearray()
-    longest = 0
-
-    def bits(count):
-        nonlocal position
-        value = 0
-        for shift in range(count):
-            value |= (stream[position >> 3] >> (position & 7) & 1) << shift
-            position += 1
-        return value
-
-    def code_table(lengths):  # canonical Huffman codes, RFC 1951 3.2.2
-        table, code = {}, 0
-        for length in range(1, 16):
-            for symbol, symbol_length in enumerate(lengths):
-                if symbol_length == length:
-                    table[length, code] = symbol
-                    code += 1
-            code <<= 1
-        return table
-
-    def decode(table):
-        code = 0
-        for length in range(1, 16):
-            code = code << 1 | bits(1)
-            if (length, code) in table:
-                return table[length, code]
-        raise AssertionError("invalid Huffman code")
-
-    while position + 3 <= 8 * len(stream):
-        final, kind = bits(1), bits(2)
-        if kind == 0:  # stored
-            position = (position + 7) & ~7
-            size = int.from_bytes(stream[position >> 3:(position >> 3) + 2], "little")
-            start = (position >> 3) + 4
-            out += stream[start:start + size]
-            position = 8 * (start + size)
-        else:
-            if kind == 1:
-                literals = code_table([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
-                distances = code_table([5] * 30)
-            else:
-                assert kind == 2, "reserved block type"
-                literal_count, distance_count, code_count = bits(5) + 257, bits(5) + 1, bits(4) + 4
-                code_lengths = [0] * 19
-                for index in range(code_count):
-                    code_lengths[_CODE_LENGTH_ORDER[index]] = bits(3)
-                length_codes = code_table(code_lengths)
-                lengths = []
-                while len(lengths) < literal_count + distance_count:
-                    symbol = decode(length_codes)
-                    if symbol < 16:
-                        lengths.append(symbol)
-                    elif symbol == 16:
-                        lengths += [lengths[-1]] * (3 + bits(2))
-                    else:
-                        lengths += [0] * (3 + bits(3) if symbol == 17 else 11 + bits(7))
-                literals = code_table(lengths[:literal_count])
-                distances = code_table(lengths[literal_count:])
-            while True:
-                symbol = decode(literals)
-                if symbol < 256:
-                    out.append(symbol)
-                    continue
-                if symbol == 256:
-                    break
-                length = _LENGTH_BASE[symbol - 257] + bits(_LENGTH_EXTRA[symbol - 257])
-                code = decode(distances)
-                distance = _DISTANCE_BASE[code] + bits(_DISTANCE_EXTRA[code])
-                assert distance <= len(out), "a distance before the start of the message"
-                longest = max(longest, distance)
-                for _ in range(length):
-                    out.append(out[-distance])
-        if final:
-            break
-    return bytes(out), longest
-
-
-class Autobahn13Server:
-    """A server that answers wsmanager's opening handshake with a fixed Sec-WebSocket-Extensions (as
-    Autobahn's test server in section 13) and then speaks compressed frames, checked by hand:
-    its own messages compressed by zlib with a 15-bit window and no context (it was asked for
-    server_no_context_takeover), the client's inflated by inflate_measuring_distances()."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(10)
-        self.address = self.listener.getsockname()[:2]
-        self.sock = None
-        self.offer = None
-        self.parser = FrameParser(expect_masked=True, max_frame_size=2 ** 22, allow_rsv1=True)
-        self.frames = collections.deque()
-        self.longest_distance = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.sock is not None:
-            self.sock.close()
-        self.listener.close()
-
-    def handshake(self):
-        self.sock, _ = self.listener.accept()
-        self.sock.settimeout(20)
-        head, rest = read_head(self.sock)
-        request = parse_request(head)
-        self.offer = request.headers.get("Sec-WebSocket-Extensions")
-        self.sock.sendall(encode_switching_protocols(request.headers["Sec-WebSocket-Key"], None,
-                                                     [("Sec-WebSocket-Extensions", self.answer)]))
-        assert not rest
-
-    def send(self, message):
-        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
-        data = message.encode() if isinstance(message, str) else message
-        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-        payload = (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
-        self.sock.sendall(encode_frame(opcode, payload, rsv1=True))
-
-    def receive(self):
-        """The next message from the client: it must be compressed, within the window it may use."""
-        fragments = []
-        while not fragments or not fragments[-1].fin:
-            while not self.frames:
-                data = self.sock.recv(2 ** 16)
-                assert data, "the client closed"
-                self.frames.extend(self.parser.feed(data))
-            frame = self.frames.popleft()
-            assert frame.opcode != Opcode.CLOSE, parse_close(frame.payload)
-            fragments.append(frame)
-        assert fragments[0].rsv1, "the client sent a message uncompressed"
-        data, longest = inflate_measuring_distances(b"".join(frame.payload for frame in fragments))
-        self.longest_distance = max(self.longest_distance, longest)
-        return data.decode() if fragments[0].opcode == Opcode.TEXT else data
-
-
-# Helpers: command line -------------------------------------------------------
-
-def _cli_env():
-    """The environment for `python -m wsmanager`: it must import the wsmanager under test.
-
-    The directory of wsmanager.__file__ is right both here (parts/ plus
-    PYTHONPATH) and in the final layout (the test file beside wsmanager.py).
-    UTF-8 stdio is forced so that the non-ASCII round trips do not depend on
-    the locale of the machine running the tests.
-    """
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(wsmanager.__file__))
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONIOENCODING"] = "utf-8"
-    return env
-
-
-def _cli(*args, stdin=b"", timeout=60):
-    """Run `python -m wsmanager ARGS` to completion (killed and reaped on timeout by subprocess.run)."""
-    return subprocess.run([sys.executable, "-m", "wsmanager", *args], input=stdin, capture_output=True,
-                          env=_cli_env(), timeout=timeout)
-
-
-def _assert_fails_in_one_line(result, expected=None):
-    """A failed command whose stderr is one line (containing ``expected``, if given) and no traceback."""
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert len(stderr.splitlines()) == 1, stderr
-    if expected is not None:
-        assert expected in stderr
-    assert "Traceback" not in stderr
-
-
-def _free_port():
-    # Racy by nature (another process may take it before we use it): callers retry.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _reap(proc):
-    """Kill a subprocess we started, if it still runs, and wait for it (bounded)."""
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-        pass
-
-
-@contextlib.contextmanager
-def _chat_server(tmp_path, *options, name="serve"):
-    """`python -m wsmanager serve [options]` on a free port; yields (process, port, read_log)."""
-    log_path = tmp_path / f"{name}.log"
-    for attempt in range(3):
-        port = _free_port()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port), *options],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                    env=_cli_env())
-        try:
-            # The log line comes after the bind: then the port is ours, not a squatter's.
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and b"chat on http://" not in log_path.read_bytes():
-                assert time.monotonic() < deadline, f"serve did not start: {log_path.read_bytes()!r}"
-                time.sleep(0.05)
-            if proc.poll() is not None:
-                if b"cannot listen" in log_path.read_bytes() and attempt < 2:
-                    continue  # lost the port race: try another one
-                raise AssertionError(f"serve exited: {log_path.read_bytes()!r}")
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # it accepts
-            yield proc, port, lambda: log_path.read_text(encoding="utf-8", errors="replace")
-            return
-        finally:
-            _reap(proc)
-
-
-def _find_chromium():
-    """The Chromium executable; the test is skipped without one."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no Chromium: install it with apt-get install -y chromium")
-    return browser
-
-
-class _DevTools(WebSocket):
-    """A minimal Chrome DevTools Protocol client, on wsmanager itself: call() waits for the reply."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replies = {}
-        self.last_id = 0
-        self.replied = threading.Condition()
-
-    def received_message(self, message):
-        reply = json.loads(message)
-        if "id" in reply:  # events (no id) are not needed here
-            with self.replied:
-                self.replies[reply["id"]] = reply
-                self.replied.notify_all()
-
-    def call(self, method, timeout=10.0, **params):
-        self.last_id += 1
-        ident = self.last_id
-        self.send(json.dumps({"id": ident, "method": method, "params": params}))
-        with self.replied:
-            assert self.replied.wait_for(lambda: ident in self.replies, timeout), f"no reply to {method}"
-            reply = self.replies.pop(ident)
-        assert "error" not in reply, reply
-        return reply["result"]
-
-
-def _browser_chats_with(client, browser, port, tmp_path):
-    """The chat page on ``port``, in headless Chromium, and ``client`` (a _Replier) talk through the chat."""
-    # Not --dump-dom: its snapshot is taken on virtual time, which does not wait for
-    # WebSocket traffic, and on a busy machine it misses the reply. The DOM is read
-    # over the DevTools protocol instead, polled in real time with a bound.
-    with _headless_chromium(browser, f"http://127.0.0.1:{port}/?say=from-browser",
-                            tmp_path / "chromium-profile") as page:
-        # Browser -> wsmanager: the page's message reached the client through the broadcast.
-        wait_until(lambda: "from-browser" in client.messages, timeout=30)
-        # wsmanager -> browser: the client's answer was broadcast to the page and rendered.
-        expected = '<li class="message">from-client</li>'
-        dom = []
-
-        def rendered():
-            result = page.call("Runtime.evaluate", expression="document.documentElement.outerHTML",
-                               returnByValue=True)
-            dom[:] = [result["result"]["value"]]
-            return expected in dom[0]
-
-        wait_until(rendered, timeout=30, interval=0.1)
-    assert expected in dom[0]
-    assert '<li class="message">from-browser</li>' in dom[0], dom[0]
-    assert client.messages[:2] == ["from-browser", "from-client"]
-
-
-@contextlib.contextmanager
-def _headless_chromium(browser, url, profile):
-    """Headless Chromium showing `url`, `profile` (a Path) its new user-data folder; yields a DevTools connection."""
-    profile.mkdir()
-    log = open(profile / "chromium.log", "wb")  # a file: its chatter never fills a pipe
-    # Chromium leaves a singleton-socket folder in TMPDIR when it is killed: keep it in ours,
-    # short enough for a Unix socket path, and removed below.
-    scratch = tempfile.mkdtemp(prefix="wsm-chromium-")
-    proc = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, "TMPDIR": scratch},
-        start_new_session=True)  # its own process group: renderers and helpers go with it
-    try:
-        # Chromium writes the port it picked, and the browser endpoint, to this file.
-        active_port = profile / "DevToolsActivePort"
-        wait_until(lambda: proc.poll() is not None or (
-            active_port.exists() and len(active_port.read_text().split()) >= 2), timeout=60, interval=0.05)
-        assert proc.poll() is None, (profile / "chromium.log").read_bytes()[-2000:]
-        debug_port = int(active_port.read_text().split()[0])
-        pages = []
-
-        def find_page():
-            conn = http.client.HTTPConnection("127.0.0.1", debug_port, timeout=10)
-            try:
-                conn.request("GET", "/json/list")
-                pages[:] = [t for t in json.loads(conn.getresponse().read()) if t["type"] == "page"]
-            except OSError:
-                return False  # not serving yet: poll again
-            finally:
-                conn.close()
-            return bool(pages)
-
-        wait_until(find_page, timeout=30, interval=0.1)
-        devtools = connect(pages[0]["webSocketDebuggerUrl"], _DevTools)
-        with WebSocketManager() as devtools_manager:
-            devtools_manager.add(devtools)
-            yield devtools
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-class _Replier(Recorder):
-    """Answers the browser's message as soon as it arrives: the reply is broadcast back to the page."""
-
-    def received_message(self, message):
-        if message == "from-browser":
-            self.send("from-client")
-        super().received_message(message)
-
-
-def _read_pty_until(master, output, token, timeout=10.0):
-    """Read the terminal's output into ``output`` (a bytearray) until ``token`` shows (bounded)."""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(master, selectors.EVENT_READ)
-        while token not in output:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{token!r} never showed: {bytes(output)!r}"
-            if selector.select(remaining):
-                try:
-                    output += os.read(master, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-    assert token in output, bytes(output)
-
-
-def _read_pty_to_end(master, output, timeout=10.0):
-    """The rest of the terminal's output (the child has exited and our slave end is closed), to EIO."""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(master, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if selector.select(deadline - time.monotonic()):
-                try:
-                    data = os.read(master, 4096)
-                except OSError:  # EIO: no writer left
-                    return
-                if not data:
-                    return
-                output += data
-    raise AssertionError(f"the terminal never ended: {bytes(output)!r}")
-
-
-def _screen(output):
-    """What a VT100 terminal shows after ``output``: its lines, right-stripped, without trailing blank ones.
-    Enough of it for the interactive client: text, CR, LF, backspace, save/restore cursor, cursor up/down/
-    left/right, insert line, erase line; other control sequences (readline's modes) change nothing shown."""
-    lines, row, column, saved = [[]], 0, 0, (0, 0)
-    for match in re.finditer(rb"\x1b\[([?0-9;]*)([A-Za-z])|\x1b([78])|(\r)|(\n)|(\x08)|([^\x1b\r\n\x08]+)",
-                             bytes(output)):
-        csi_arguments, csi, save_restore, cr, lf, backspace, text = match.groups()
-        if text:
-            for char in text.decode("utf-8", errors="replace"):
-                if char.isprintable():
-                    line = lines[row]
-                    line.extend(" " * (column + 1 - len(line)))
-                    line[column] = char
-                    column += 1
-        elif cr:
-            column = 0
-        elif lf:
-            row += 1
-        elif backspace:
-            column = max(0, column - 1)
-        elif save_restore:
-            if save_restore == b"7":
-                saved = (row, column)
-            else:
-                row, column = saved
-        elif csi_arguments.startswith(b"?"):
-            pass  # a mode (bracketed paste, meta key): nothing on the screen
-        else:
-            count = int(csi_arguments or b"1") if csi in b"ABCDL" else int(csi_arguments or b"0")
-            if csi == b"A":
-                row = max(0, row - count)
-            elif csi == b"B":
-                row += count
-            elif csi == b"C":
-                column += count
-            elif csi == b"D":
-                column = max(0, column - count)
-            elif csi == b"L":
-                lines[row:row] = [[] for _ in range(count)]
-            elif csi == b"K":  # erase to the end of the line (0), from its start (1), all of it (2)
-                line = lines[row]
-                if count == 0:
-                    del line[column:]
-                else:
-                    line[:column + 1 if count == 1 else None] = " " * len(line[:column + 1 if count == 1 else None])
-        lines.extend([] for _ in range(row + 1 - len(lines)))
-    shown = ["".join(line).rstrip() for line in lines]
-    while shown and not shown[-1]:
-        shown.pop()
-    return shown
-
-
-# Helpers: interop ------------------------------------------------------------
-
-# 1 MiB messages must pass in both directions, so both libraries' limits sit a little above it.
-MIB = 2 ** 20
-
-
-INTEROP_LIMIT = MIB + 4096
-
-
-# "wsm-server": a websockets client talks to a wsmanager server.
-# "wsm-client": a wsmanager client (connect() + manager.add) talks to a websockets server.
-ROLES = ["wsm-server", "wsm-client"]
-
-
-# Every close code an endpoint may put in a close frame (RFC 6455 7.4), plus the ends of the private range.
-SENDABLE_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
-
-
-@pytest.fixture
-def interop_manager(make_manager):
-    """A started manager whose message limit admits 1 MiB messages."""
-    return make_manager(max_message_size=INTEROP_LIMIT)
-
-
-def _ws_options(**options):
-    # No keepalive pings of websockets' own: they would only add noise to what the tests observe.
-    base = dict(max_size=INTEROP_LIMIT, ping_interval=None, open_timeout=10, close_timeout=5)
-    base.update(options)
-    return base
-
-
-@contextlib.contextmanager
-def websockets_server(**options):
-    """A websockets threaded server on 127.0.0.1; yields ((host, port), queue of server connections).
-
-    Its handler hands each connection to the test and then only waits: returning would make
-    websockets close the connection, and the test thread must be the only one calling recv().
-    """
-    connections = queue.Queue()
-    release = threading.Event()
-
-    def handler(connection):
-        connections.put(connection)
-        deadline = time.monotonic() + 60  # bounded even if the test forgets to release it
-        while not release.is_set() and connection.protocol.state is not websockets_module("websockets.protocol").State.CLOSED:
-            if time.monotonic() > deadline:
-                break
-            release.wait(0.02)
-
-    server = ws_serve(handler, "127.0.0.1", 0, **_ws_options(**options))
-    thread = threading.Thread(target=server.serve_forever, name="websockets-server", daemon=True)
-    thread.start()
-    try:
-        yield server.socket.getsockname()[:2], connections
-    finally:
-        release.set()
-        server.shutdown()  # closes open connections (1001) and waits for the handler threads
-        thread.join(10)
-        assert not thread.is_alive()
-
-
-def wsmanager_server(manager, factory=EchoRecorder, **listen_options):
-    """Listen with wsmanager; returns ((host, port), queue of opened server connections).
-
-    The wsmanager end records everything and echoes each message back, so one exchange checks
-    wsmanager's receiving and its sending.
-    """
-    opened = queue.Queue()
-
-    class Server(factory):
-        def opened(self):
-            super().opened()
-            opened.put(self)
-
-    address = manager.listen(("127.0.0.1", 0), Server, **listen_options)
-    return address, opened
-
-
-@contextlib.contextmanager
-def interop_pair(role, manager, *, server_subprotocols=None, client_subprotocols=None, ws_options=None):
-    """An open connection between the two libraries; yields (wsmanager end, websockets end)."""
-    ws_options = ws_options or {}
-    if role == "wsm-server":
-        address, opened = wsmanager_server(manager, subprotocols=server_subprotocols)
-        # proxy=None: a proxy set in the environment must not intercept 127.0.0.1.
-        # Leaving the with block closes the websockets end (a no-op when the test already did).
-        with ws_connect(ws_url(address), proxy=None, subprotocols=client_subprotocols,
-                        **_ws_options(**ws_options)) as peer:
-            wsm = opened.get(timeout=10)
-            yield wsm, peer
-    else:
-        with websockets_server(subprotocols=server_subprotocols, **ws_options) as (address, connections):
-            wsm = open_client(manager, ws_url(address), EchoRecorder, subprotocols=client_subprotocols)
-            try:
-                peer = connections.get(timeout=10)
-                yield wsm, peer
-            finally:
-                wsm.close()  # no-op once closing; the manager fixture terminates whatever remains
-                wsm.closed_event.wait(5)
-
-
-# Messages ---------------------------------------------------------------------
-MESSAGES = {
-    "ascii-text": "hello",
-    "latin1-text": "héllo",
-    "cjk-text": "日本語",
-    "4-byte-utf8-text": "😀𝄞",
-    "binary": b"\x00\x01\xfe\xff binary",
-    "empty-text": "",
-    "empty-binary": b"",
-    # 1 MiB: read in many chunks, so wsmanager's partial-frame UTF-8 checks see characters cut in two.
-    "1MiB-text-2byte": "é" * (MIB // 2),
-    "1MiB-text-4byte": "😀" * (MIB // 4),
-    "1MiB-binary": bytes(range(256)) * (MIB // 256),
-}
-
-
-# Fragments sent by websockets: each is one frame; websockets ends with an empty final continuation.
-WEBSOCKETS_FRAGMENTS = {
-    "text": (["héllo ", "wörld ", "😀"], None, "héllo wörld 😀"),
-    "binary-with-empty-fragment": ([b"ab", b"", b"cd"], None, b"abcd"),
-    # Raw UTF-8 as text fragments, a 4-byte character split across frames: valid as a whole.
-    "text-char-split-across-frames": ([b"x\xf0\x9f", b"\x98", b"\x80y"], True, "x😀y"),
-    "1MiB-binary-in-16-fragments": ([bytes([i]) * (MIB // 16) for i in range(16)], None,
-                                    b"".join(bytes([i]) * (MIB // 16) for i in range(16))),
-}
-
-
-# Fragments sent by wsmanager's send(iterable); none empty, so the fragments websockets streams
-# must be exactly these chunks.
-WSMANAGER_FRAGMENTS = {
-    "text": ["héllo ", "wörld ", "😀𝄞"],
-    "binary": [b"\x00ab", b"cd", b"ef\xff"],
-    "1MiB-binary-in-16-fragments": [bytes([i]) * (MIB // 16) for i in range(16)],
-}
-
-
-# Subprotocols -----------------------------------------------------------------
-
-# (server's supported list in preference order, client's offer, expected choice).
-# Both libraries choose by the server's preference.
-SUBPROTOCOL_CASES = {
-    "server-preference-wins": (["chat.v2", "chat.v1"], ["chat.v1", "chat.v2"], "chat.v2"),
-    "only-common-one": (["chat.v2", "chat.v1"], ["chat.v1", "other"], "chat.v1"),
-    "server-supports-none": (None, ["chat.v1"], None),
-}
-
-
-# Helpers: hardening ----------------------------------------------------------
-
-LOOP_CRASH_LOG = "unexpected error in the wsmanager loop"
-
-
-def call_in_loop_thread(manager, function, timeout=10.0):
-    """Run function() in the manager's loop thread and return its result.
-
-    Internals (_out, _parser, _assembler) are only consistent between two
-    loop steps, so measurements of them are taken there, not racing the loop.
-    """
-    done = threading.Event()
-    box = []
-
-    def call():
-        try:
-            box.append((True, function()))
-        except BaseException as exc:  # handed back to the test thread
-            box.append((False, exc))
-        finally:
-            done.set()
-
-    manager._call_soon(call)
-    assert done.wait(timeout), "the manager loop did not run our call"
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def memory_held_by(buffers):
-    """Memory really held by a list of buffers: the list, each distinct object, and what views keep alive.
-
-    ``buffered_amount`` and the assembled size count payload bytes only; this
-    counts Python objects too, which is what the process pays for.
-    """
-    if isinstance(buffers, (bytes, bytearray, str)):
-        return sys.getsizeof(buffers)  # one buffer, whatever it holds
-    total = sys.getsizeof(buffers)
-    seen = set()
-    for item in list(buffers):
-        obj = item.obj if isinstance(item, memoryview) else item
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            total += sys.getsizeof(obj)
-    return total
-
-
-def process_rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextlib.contextmanager
-def nofile_at_least(needed):
-    """Raise the soft RLIMIT_NOFILE to ``needed`` for the block (restored after)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    changed = soft != resource.RLIM_INFINITY and soft < needed
-    if changed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    try:
-        yield
-    finally:
-        if changed:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def lowest_free_fds(count):
-    """The ``count`` lowest descriptor numbers not in use (a new fd takes the lowest free one, and
-    RLIMIT_NOFILE bounds the number, not the count). Probed with fstat: listing
-    /proc/self/fd would itself take one."""
-    free = []
-    for fd in range(1 << 20):
-        try:
-            os.fstat(fd)
-        except OSError:
-            free.append(fd)
-            if len(free) == count:
-                return free
-    raise AssertionError("no free descriptors")
-
-
-class SmallSendBufferServer(HardeningServer):
-    """Loopback sockets start with MBs of kernel send buffer, which would swallow a whole flood of
-    tiny frames before wsmanager's own queue sees any: keep the kernel's share small."""
-
-    def opened(self):
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-
-
-def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
-    """Send raw bytes, read until the server closes; returns everything it sent."""
-    received = bytearray()
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(data)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + timeout
-        for _ in range(10000):
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-            assert time.monotonic() < deadline, "server did not close"
-    return bytes(received)
-
-
-def http_status_of(response):
-    assert response.startswith(b"HTTP/1.1 "), response[:80]
-    return int(response[9:12])
-
-
-def assert_echo(peer, text):
-    """A text message from the RawPeer comes back as its echo."""
-    peer.send_frame(Opcode.TEXT, text.encode())
-    frame = peer.next()
-    assert frame is not None and frame.opcode == Opcode.TEXT and frame.payload == text.encode(), frame
-
-
-def assert_manager_serves(m, address, path, text, **connect_options):
-    """A fresh wsmanager client, added to ``m``, gets its echo and closes cleanly."""
-    client = connect(ws_url(address, path), Recorder, timeout=10, **connect_options)
-    m.add(client)
-    client.send(text)
-    wait_until(lambda: client.messages == [text])
-    client.close()
-    assert client.closed_event.wait(10)
-
-
-def close_handshake_from_peer(peer, code=CloseCode.NORMAL):
-    """Our side of a close handshake: send close, read the echo and the server's EOF."""
-    peer.send_frame(Opcode.CLOSE, encode_close(code))
-    close = peer.close_frame()
-    assert close is not None and close.code == code, close
-    assert peer.eof(), "server did not close after the close handshake"
-    peer.sock.close()
-
-
-class WellBehavedPeer:
-    """A well-behaved peer that keeps connecting, exchanging echoes and closing while an attack runs.
-
-    It runs in its own thread so that it is served *during* the attack, not
-    before or after it; ``exchanges`` counts round-trips that came back intact.
-    """
-
-    def __init__(self, address, path="/bystander", rounds=5, max_seconds=100.0):
-        self.address = address
-        self.path = path
-        self.rounds = rounds
-        self.max_seconds = max_seconds
-        self.exchanges = 0
-        self.connections = 0
-        self.errors = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bystander", daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        # Served once before the attack starts: a baseline that it works at all.
-        wait_until(lambda: self.exchanges > 0 or self.errors, timeout=20)
-        return self
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "bystander thread did not end"
-
-    def _run(self):
-        deadline = time.monotonic() + self.max_seconds
-        for i in range(100000):
-            if self._stop.is_set() or time.monotonic() > deadline:
-                return
-            try:
-                with raw_peer(self.address, path=self.path) as peer:
-                    for j in range(self.rounds):
-                        assert_echo(peer, f"bystander {i}.{j}")
-                        self.exchanges += 1
-                    close_handshake_from_peer(peer)
-                self.connections += 1
-            except Exception as exc:
-                self.errors.append(repr(exc))
-                return
-            self._stop.wait(0.01)
-
-    def served_now(self, timeout=20.0):
-        """Assert that a whole connection's worth of round-trips completes from now on (called
-        while an attack is in full swing)."""
-        start = self.exchanges
-        wait_until(lambda: self.exchanges >= start + self.rounds or self.errors, timeout=timeout)
-        self.check()
-
-    def served_during(self):
-        """Context: assert that round-trips completed while the block (the attack) ran."""
-        bystander = self
-
-        class _Window:
-            def __enter__(self):
-                self.start = bystander.exchanges
-                return self
-
-            def __exit__(self, exc_type, *rest):
-                if exc_type is None:
-                    # Give it a moment if the attack block was very short.
-                    wait_until(lambda: bystander.exchanges > self.start + bystander.rounds or bystander.errors,
-                               timeout=20)
-                    bystander.check()
-
-        return _Window()
-
-    def check(self):
-        assert not self.errors, self.errors
-        assert self.exchanges > 0
-
-
-@contextlib.contextmanager
-def attacker_beside_bystander(address, factory, path, **upgrade_options):
-    """A raw peer on ``path`` (the attacker) and the server connection ``factory`` made for it, while
-    a WellBehavedPeer must be served throughout; yields (bystander, attacker RawPeer, connection)."""
-    with WellBehavedPeer(address) as bystander, bystander.served_during():
-        with raw_peer(address, path=path, **upgrade_options) as attacker:
-            yield bystander, attacker, factory.wait_for(path)
-
-
-CAP_BUFFERED = 256 * 1024
-
-
-CAP_FRAME = 64 * 1024
-
-
-CAP_MESSAGE = 256 * 1024
-
-
-# On top of the payload caps, per connection: object and list headers, and bytearray
-# over-allocation (up to 1/8 of what a buffer holds).
-OBJECT_OVERHEAD_ALLOWANCE = 64 * 1024
-
-
-def fill_server_output(ws, max_buffered, chunk=b"o" * 16384, max_seconds=20.0):
-    """Server pushes to a peer that never reads until its queue is as full as it can be without
-    crossing max_buffered (the kernel's socket buffers fill first)."""
-    frame_len = len(encode_frame(Opcode.BINARY, chunk))
-    deadline = time.monotonic() + max_seconds
-    full_checks = 0
-    for _ in range(100000):
-        assert time.monotonic() < deadline, f"output never filled: {ws.buffered_amount}"
-        if ws.buffered_amount + frame_len <= max_buffered:
-            ws.send(chunk)  # only this thread adds, the loop only drains: never over the cap
-            full_checks = 0
-            continue
-        full_checks += 1
-        if full_checks >= 3:  # full and staying full: the peer's side holds no more
-            return frame_len
-        time.sleep(0.05)
-    raise AssertionError("fill_server_output did not converge")
-
-
-def wait_until_stable(measure, quiet=0.3, timeout=10.0):
-    """Wait until measure() has not changed for ``quiet`` seconds."""
-    deadline = time.monotonic() + timeout
-    last = measure()
-    since = time.monotonic()
-    for _ in range(100000):
-        time.sleep(0.02)
-        now = time.monotonic()
-        value = measure()
-        if value != last:
-            last, since = value, now
-        elif now - since >= quiet:
-            return value
-        assert now < deadline, "never settled"
-    raise AssertionError("never settled")
-
-
-def send_near_limit_message(sock):
-    """A binary message of many fragments up to max_message_size - max_frame_size, then a
-    continuation frame of max_frame_size (which brings the message exactly to the limit) of
-    which all but one byte is sent: the parser holds a whole frame, the assembler the rest."""
-    fragment = b"f" * 4096
-    count = (CAP_MESSAGE - CAP_FRAME) // len(fragment)
-    data = [encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)]
-    data += [encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True)] * (count - 1)
-    big = encode_frame(Opcode.CONTINUATION, b"b" * CAP_FRAME, fin=False, mask=True)
-    sock.sendall(b"".join(data) + big[:-1])
-    return count * len(fragment), len(big) - 1
-
-
-class LengthEchoServer(HardeningServer):
-    """Answers the flood with the length of what it assembled (echoes anyone else)."""
-
-    def received_message(self, message):
-        self.received += 1
-        self.send(str(len(message)) if self.path == "/flood" else message)
-
-
-def tls_client_hello():
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-GARBAGE_BEFORE_HANDSHAKE = {
-    # name: (bytes, half-close after sending, HTTP status expected or None for "a response or a close")
-    "tls-client-hello": (tls_client_hello, False, None),
-    "http-1.0": (lambda: upgrade_request_bytes(version="1.0"), False, 505),  # an upgrade needs 1.1
-    "post": (lambda: upgrade_request_bytes(method="POST"), False, 405),
-    "random-binary": (lambda: random.Random(5).randbytes(4096), True, None),
-    "binary-over-head-limit": (lambda: bytes(b if b != 10 else 0 for b in random.Random(6).randbytes(20000)),
-                               False, 431),
-    "nul-bytes": (lambda: b"\0" * 100 + b"\r\n\r\n", False, 400),
-}
-
-
-class RaisingOnMessageServer(HardeningServer):
-    def received_message(self, message):
-        self.received += 1
-        if self.path == "/raise":
-            raise RuntimeError("user bug")
-        self.send(message)
-
-
-class ReentrantCallbacks(WebSocket):
-    """Calls an action on itself (or the manager) from inside opened() or closed()."""
-
-    where = "opened"
-    action = "send"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.closed_calls = []
-        self.closed_event = threading.Event()
-        self.outcome = None
-
-    def _act(self):
-        try:
-            if self.action == "send":
-                self.send("from " + self.where)
-            elif self.action == "close":
-                self.close(4001, "from " + self.where)
-            elif self.action == "terminate":
-                self.terminate()
-            elif self.action == "stop":
-                self.manager.stop()
-            self.outcome = "returned"
-        except ConnectionClosed:
-            self.outcome = "ConnectionClosed"
-        except RecursionError:  # pragma: no cover - the failure being tested for
-            self.outcome = "RecursionError"
-
-    def opened(self):
-        if self.where == "opened" and self.path == "/reentrant":
-            self._act()
-
-    def received_message(self, message):
-        self.send(message)
-
-    def closed(self, code, reason):
-        self.closed_calls.append((code, reason))
-        if self.where == "closed" and self.path == "/reentrant":
-            self._act()
-        self.closed_event.set()
-
-
-# Helpers: docs ---------------------------------------------------------------
-
-# Types -----------------------------------------------------------------------
-_TYPED_USER_SCRIPT = '''
-import wsmanager
-
-
-class Hello(wsmanager.WebSocket):
-    greeting = "hello"
-
-    def opened(self) -> None:
-        self.send(self.greeting)
-
-
-with wsmanager.WebSocketManager() as manager:
-    host, port = manager.listen(("127.0.0.1", 0), wsmanager.WebSocket)  # the module docstring's line
-    url: str = f"ws://{host}:{port + 0}/"
-    hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
-    plain: wsmanager.WebSocket = wsmanager.connect(url)
-    deflated: Hello = wsmanager.connect(url, Hello, compression="deflate")  # both overloads take it
-    wsmanager.connect(url, compression=wsmanager.Deflate())
-    path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
-    print(hello.greeting, plain.subprotocol, path)
-'''
-
-
-def _type_checker(name):
-    """The command running ``name`` (mypy or pyright), or skip the test saying why."""
-    if name == "mypy":
-        try:
-            import mypy  # noqa: F401
-        except ImportError:
-            pytest.skip("mypy is not installed (pip install '.[lint]')")
-        return [sys.executable, "-m", "mypy", "--no-incremental"]
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (it needs Node.js)")
-    return [path]
-
-
-# Packaging: the CPython versions setup.cfg's classifiers name, each run by the tests where installed.
-TESTED_PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
-
-_SMOKE_SCRIPT = """
-import sys, threading, wsmanager
-
-class Echo(wsmanager.WebSocket):
-    def received_message(self, message):
-        self.send(message)
-
-class Client(wsmanager.WebSocket):
-    def opened(self):
-        self.send("échoed " * 2)
-
-    def received_message(self, message):
-        print("%d.%d" % sys.version_info[:2], message, self.compression is not None)
-        done.set()
-
-done = threading.Event()
-with wsmanager.WebSocketManager(compression="deflate") as manager:
-    host, port = manager.listen(("127.0.0.1", 0), Echo)
-    manager.connect(f"ws://{host}:{port}/", Client, compression="deflate")
-    assert done.wait(10)
-"""
-
-
-def _find_python(version):
-    """A CPython ``version`` ("3.9") on this machine (PATH or pyenv), or None."""
-    candidates = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python{version}"))
-    found = shutil.which(f"python{version}")
-    for candidate in [*map(str, candidates), *([found] if found else [])]:
-        try:
-            result = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                    capture_output=True, text=True, timeout=30)
-        except OSError:
-            continue
-        if result.returncode == 0 and result.stdout.strip() == version:
-            return candidate
-    return None
-
-
-# README and docs/ snippets run as written (only the port and the client count change), so the documentation
-# cannot rot. A snippet is the code block after `.. snippet: name`, in README.rst or any docs/*.rst page.
-README = Path(wsmanager.__file__).with_name("README.rst")
-DOCS = Path(wsmanager.__file__).with_name("docs")
-_SNIPPET = re.compile(r"^\.\. snippet: ([\w-]+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.M)
-
-
-def documentation_pages():
-    """README.rst and every page of docs/ (when the docs are there: an sdist has no docs/)."""
-    return [README, *sorted(DOCS.rglob("*.rst"))] if DOCS.is_dir() else [README]
-
-
-def documentation_snippets():
-    """name -> [(page, code)] for every snippet of the README and the docs."""
-    found = collections.defaultdict(list)
-    for page in documentation_pages():
-        for match in _SNIPPET.finditer(page.read_text(encoding="utf-8")):
-            code = "\n".join(line[4:] for line in match.group(2).splitlines()) + "\n"
-            found[match.group(1)].append((page, code))
-    return found
-
-
-def documentation_text():
-    """README.rst and the docs' pages, as one text: for a sentence the documentation must say somewhere."""
-    return "\n".join(page.read_text(encoding="utf-8") for page in documentation_pages())
-
-
-def readme_snippet(name):
-    """The snippet ``name`` of README.rst or docs/, dedented (the same code wherever it is shown)."""
-    places = documentation_snippets().get(name)
-    assert places, f"neither README.rst nor docs/ has a snippet {name!r}"
-    assert len({code for _, code in places}) == 1, f"snippet {name!r} differs between {[p for p, _ in places]}"
-    return places[0][1]
-
-
-def exec_printed(code, name):
-    """What ``code`` prints when it runs as a module named ``name``."""
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        exec(code, {"__name__": name})
-    return output.getvalue()
-
-
-@pytest.fixture
-def echo_server(make_manager):
-    """An echo server for the README's client snippets: (its manager, its port)."""
-    server = make_manager(close_timeout=1.0)
-    return server, server.listen(("127.0.0.1", 0), EchoServer)[1]
-
-
-# Helpers: the sans-I/O protocol (bytes in, bytes out) -------------------------
-
-PEER_KEY = b"\x01\x02\x03\x04"  # what a client peer masks with, here: fixed, so the wire is exact
-
-
-def peer_frame(opcode, payload=b"", **options):
-    """A frame as a client sends it to a server protocol: masked with PEER_KEY."""
-    return raw_frame(opcode, payload, key=PEER_KEY, **options)
-
-
-def open_protocol(*, client=False, max_buffered=DEFAULT_MAX_BUFFERED, max_message_size=2 ** 20):
-    """A running (OPEN) protocol, no socket anywhere."""
-    protocol = wsmanager._Protocol(client=client, max_buffered=max_buffered)
-    protocol.start(max_message_size, max_message_size)
-    assert protocol.open() is State.OPEN
-    return protocol
-
-
-def wire_out(protocol, limit=None):
-    """What a socket would take of the protocol's output (at most ``limit`` bytes, else all of it):
-    (the bytes, whether that drained the backlog to the low-water mark)."""
-    written = bytearray()
-    with protocol.lock:
-        for _ in range(100000):
-            if not protocol.out or (limit is not None and len(written) >= limit):
-                break
-            front = bytes(protocol.out[0])
-            take = len(front) if limit is None else min(len(front), limit - len(written))
-            written += front[:take]
-            protocol.written(take)
-        waiting, drained = protocol.flush_ended()
-    assert waiting == bool(protocol.out)
-    return bytes(written), drained
-
-
-def events_of(protocol, data):
-    return list(protocol.receive(data))
-
-
-def close_frame_bytes(code, reason=""):
-    """A server's close frame, exactly (unmasked)."""
-    return encode_frame(Opcode.CLOSE, encode_close(code, reason))
-
-
-# Every violation a server protocol must fail with its own close code (RFC 6455 7.4.1), fed as bytes.
-PROTOCOL_VIOLATIONS = [
-    ("unmasked frame from a client", raw_frame(Opcode.TEXT, b"hi"), 1002),
-    ("reserved opcode 3", peer_frame(3, b"x"), 1002),
-    ("reserved opcode 11", peer_frame(11, b"x"), 1002),
-    ("RSV1 without an extension", peer_frame(Opcode.TEXT, b"x", rsv=0x40), 1002),
-    ("RSV2", peer_frame(Opcode.TEXT, b"x", rsv=0x20), 1002),
-    ("fragmented ping", peer_frame(Opcode.PING, b"x", fin=False), 1002),
-    ("ping of 126 bytes", peer_frame(Opcode.PING, b"x" * 126), 1002),
-    ("continuation with nothing to continue", peer_frame(Opcode.CONTINUATION, b"x"), 1002),
-    ("new message inside a fragmented one",
-     peer_frame(Opcode.TEXT, b"a", fin=False) + peer_frame(Opcode.TEXT, b"b"), 1002),
-    ("invalid UTF-8 in a text message", peer_frame(Opcode.TEXT, b"\xff"), 1007),
-    ("invalid UTF-8 across fragments",
-     peer_frame(Opcode.TEXT, b"\xe2\x82", fin=False) + peer_frame(Opcode.CONTINUATION, b"\x28"), 1007),
-    ("message over max_message_size", peer_frame(Opcode.BINARY, b"x" * 1025), 1009),
-    ("close payload of 1 byte", peer_frame(Opcode.CLOSE, b"\x03"), 1002),
-    ("close code 999", peer_frame(Opcode.CLOSE, (999).to_bytes(2, "big")), 1002),
-    ("close code 1005 on the wire", peer_frame(Opcode.CLOSE, (1005).to_bytes(2, "big")), 1002),
-    ("close code 1006 on the wire", peer_frame(Opcode.CLOSE, (1006).to_bytes(2, "big")), 1002),
-    ("close reason not UTF-8", peer_frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"\xff"), 1007),
-]
-
-
-###############################################################################
-# Codec #######################################################################
-###############################################################################
 
 class TestCodec:
     """The sans-I/O codec: masking, frames, fragmentation, close payloads, UTF-8, limits, fuzz."""
+
+    @pytest.mark.parametrize("name", ["Frame", "Close", "Deflate", "DeflateParams", "Request", "Response", "Reconnect",
+                                      "_Answer", "_ClientTarget", "_RedisError"])
+    def test_tuple_types_are_what_typing_namedtuple_makes_of_their_class_statement(self, name):
+        """wsmanager's tuple types skip typing.NamedTuple's run-time check of annotations (import time):
+        the same class statement run through typing.NamedTuple makes a class that behaves the same."""
+        ours = getattr(wsmanager, name)
+        typing_made = _class_statement_run_with_base(ours, typing.NamedTuple)
+        assert ours.__mro__[1:] == typing_made.__mro__[1:] == (tuple, object)
+        for attribute in ("__name__", "__qualname__", "__module__", "__doc__", "__slots__", "_fields", "_field_defaults"):
+            assert getattr(ours, attribute) == getattr(typing_made, attribute), attribute
+        # typing's also records the typing.NamedTuple function it came through (__orig_bases__).
+        assert set(vars(ours)) == set(vars(typing_made)) - {"__orig_bases__"}
+        assert typing.get_type_hints(ours) == typing.get_type_hints(typing_made)
+        assert [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()] == [
+            (p.name, p.kind, p.default) for p in inspect.signature(typing_made).parameters.values()]
+        required = [f"value {n}" for n in range(len(ours._fields) - len(ours._field_defaults))]
+        for wrong in ([None] * (len(ours._fields) + 1), required[1:] if required else [None] * 99):
+            with pytest.raises(TypeError) as error:
+                ours(*wrong)
+            with pytest.raises(TypeError) as typing_error:
+                typing_made(*wrong)
+            assert str(error.value) == str(typing_error.value)
+        made, expected = ours(*required), typing_made(*required)
+        assert isinstance(made, tuple) and not hasattr(made, "__dict__")
+        assert made == expected and tuple(made) == tuple(expected) and hash(made) == hash(expected)
+        assert repr(made) == repr(expected) and made._asdict() == expected._asdict()
+        replaced = made._replace(**{ours._fields[-1]: "replaced"})
+        assert type(replaced) is ours and replaced == expected._replace(**{ours._fields[-1]: "replaced"})
+        assert type(ours._make(made)) is ours and ours._make(made) == made
+        assert made == ours(**dict(zip(ours._fields, required)))
+        copied = pickle.loads(pickle.dumps(made))
+        assert type(copied) is ours and copied == made and copy.copy(made) == made
 
     @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview], ids=lambda k: k.__name__)
     @pytest.mark.parametrize("size", MASK_SIZES)
@@ -4153,6 +2452,102 @@ class TestCodec:
 # Handshake ###################################################################
 ###############################################################################
 
+
+# Helpers: handshake ----------------------------------------------------------
+
+def handshake_status(head):
+    with pytest.raises(HandshakeError) as info:
+        validate_request(parse_request(head))
+    return info.value
+
+
+def good_response(key=SAMPLE_KEY, **fields):
+    extra = [(name.replace("_", "-"), value) for name, value in fields.items()]
+    return parse_response(encode_switching_protocols(key, headers=extra))
+
+
+def _policy(**options):
+    """A listener's settings alone: its accept() is the policy of listen(), accept() and wsgi_app()."""
+    settings = dict(subprotocols=None, handshake=None, max_connections=None, origins=None)
+    settings.update(options)
+    return wsmanager._Listener(None, None, WebSocket, None, settings["subprotocols"], settings["handshake"],
+                               settings["max_connections"], settings["origins"])
+
+
+def _request(fields=(), **options):
+    return parse_request(request_head(fields, **options))
+
+
+def request_to(target, fields=()):
+    """A request head whose request target is ``target`` (absolute-form, authority-form...)."""
+    return request_head(fields).replace(b"GET /chat ", f"GET {target} ".encode("latin-1"))
+
+
+# Every HandshakeError of parse_request() then validate_request(): (head, status, message). The message is
+# what the server logs; the status is what the client gets.
+REQUEST_ERRORS = {
+    "empty": (b"", 400, "empty head"),
+    "blank-line-only": (b"\r\n", 400, "empty head"),
+    "bare-lf-only": (b"\n", 400, "empty head"),
+    "two-blank-lines": (b"\r\n\r\n", 400, "malformed request line ''"),
+    "no-version": (b"GET /chat\r\nHost: x\r\n\r\n", 400, "malformed request line 'GET /chat'"),
+    "four-parts": (b"GET /chat HTTP/1.1 x\r\n\r\n", 400, "malformed request line 'GET /chat HTTP/1.1 x'"),
+    "method-not-a-token": (b"G(T /chat HTTP/1.1\r\n\r\n", 400, "malformed request line 'G(T /chat HTTP/1.1'"),
+    "bad-version": (b"GET /chat HTTP/x\r\n\r\n", 400, "malformed HTTP version 'HTTP/x'"),
+    "version-with-two-digits": (b"GET /chat HTTP/1.10\r\n\r\n", 400, "malformed HTTP version 'HTTP/1.10'"),
+    "lower-case-http": (b"GET /chat http/1.1\r\n\r\n", 400, "malformed HTTP version 'http/1.1'"),
+    "http-2.0": (request_head(version="HTTP/2.0"), 505, "HTTP/2.0 cannot upgrade to WebSocket"),
+    "http-3.0": (request_head(version="HTTP/3.0"), 505, "HTTP/3.0 cannot upgrade to WebSocket"),
+    "http-1.0": (request_head(version="HTTP/1.0"), 505, "HTTP/1.0 cannot upgrade to WebSocket"),
+    "http-0.9": (request_head(version="HTTP/0.9"), 505, "HTTP/0.9 cannot upgrade to WebSocket"),
+    "folded": (b"GET /chat HTTP/1.1\r\n Host: x\r\n\r\n", 400, "malformed header line b' Host: x'"),
+    "space-before-colon": (b"GET /chat HTTP/1.1\r\nHost : x\r\n\r\n", 400, "malformed header line b'Host : x'"),
+    "no-colon": (b"GET /chat HTTP/1.1\r\nNoColon\r\n\r\n", 400, "malformed header line b'NoColon'"),
+    "empty-name": (b"GET /chat HTTP/1.1\r\n: x\r\n\r\n", 400, "malformed header line b': x'"),
+    "nul-in-value": (request_head({"X-Note": "a\x00b"}), 400, "invalid character in header X-Note"),
+    "nul-alone": (request_head({"X-Note": "\x00"}), 400, "invalid character in header X-Note"),
+    "cr-in-value": (request_head({"X-Note": "a\rb"}), 400, "invalid character in header X-Note"),
+    "escape-in-value": (request_head({"X-Note": "a\x1b[0m"}), 400, "invalid character in header X-Note"),
+    "unit-separator-in-value": (request_head({"X-Note": "a\x1f"}), 400, "invalid character in header X-Note"),
+    "vertical-tab-in-value": (request_head({"X-Note": "a\x0bb"}), 400, "invalid character in header X-Note"),
+    "del-in-value": (request_head({"X-Note": "a\x7f"}), 400, "invalid character in header X-Note"),
+    "nul-in-host": (request_head({"Host": "exa\x00mple.com"}), 400, "invalid character in header Host"),
+    "not-a-path": (request_to("chat"), 400, "request target must be a path or an absolute URI"),
+    "authority-form": (request_to("example.com:8080"), 400, "request target must be a path or an absolute URI"),
+    "asterisk-form": (request_to("*"), 400, "request target must be a path or an absolute URI"),
+    "ftp-uri": (request_to("ftp://example.com/"), 400, "request target must be a path or an absolute URI"),
+    "absolute-without-host": (request_to("http://"), 400, "malformed absolute request target"),
+    "absolute-only-query": (request_to("http://?x=1"), 400, "malformed absolute request target"),
+    "absolute-with-userinfo": (request_to("http://user@example.com/"), 400, "malformed absolute request target"),
+    "absolute-with-fragment": (request_to("http://example.com/#frag"), 400, "malformed absolute request target"),
+    "post": (request_head(method="POST"), 405, "method POST not allowed"),
+    "no-upgrade": (request_head({"Upgrade": None}), 426, "not a WebSocket upgrade request"),
+    "no-connection-upgrade": (request_head({"Connection": "keep-alive"}), 426, "not a WebSocket upgrade request"),
+    "version-8": (request_head({"Sec-WebSocket-Version": "8"}), 426, "unsupported Sec-WebSocket-Version"),
+    "no-host": (request_head({"Host": None}), 400, "missing Host header"),
+    "empty-host": (request_head({"Host": ""}), 400, "missing Host header"),
+    "absolute-form-without-host": (request_to("http://example.com/chat", {"Host": None}), 400, "missing Host header"),
+    "no-key": (request_head({"Sec-WebSocket-Key": None}), 400, "invalid Sec-WebSocket-Key"),
+    "key-one-character-too-long": (request_head({"Sec-WebSocket-Key": SAMPLE_KEY + "x"}), 400,
+                                   "invalid Sec-WebSocket-Key"),
+}
+
+
+# Every HandshakeError of parse_response(): (head, message); the status is None (no valid answer).
+RESPONSE_ERRORS = {
+    "empty": (b"", "malformed response: empty head"),
+    "bad-header": (b"HTTP/1.1 101\r\nbad line\r\n\r\n", "malformed response: malformed header line b'bad line'"),
+    "nul-in-value": (b"HTTP/1.1 101 OK\r\nX-A: a\x00\r\n\r\n", "malformed response: invalid character in header X-A"),
+    "not-http": (b"ICY 200 OK\r\n\r\n", "malformed status line 'ICY 200 OK'"),
+    "letter-in-status": (b"HTTP/1.1 1O1 Switching\r\n\r\n", "malformed status line 'HTTP/1.1 1O1 Switching'"),
+    "four-digit-status": (b"HTTP/1.1 1010 x\r\n\r\n", "malformed status line 'HTTP/1.1 1010 x'"),
+    "two-digit-status": (b"HTTP/1.1 99 x\r\n\r\n", "malformed status line 'HTTP/1.1 99 x'"),
+    # str.isdigit() is true of superscripts, which int() refuses: a ValueError, not a HandshakeError, before.
+    "superscript-digits": (b"HTTP/1.1 \xb9\xb2\xb3 x\r\n\r\n", "malformed status line 'HTTP/1.1 \u00b9\u00b2\u00b3 x'"),
+    "superscript-digit": (b"HTTP/1.1 1\xb20\r\n\r\n", "malformed status line 'HTTP/1.1 1\u00b20'"),
+}
+
+
 class TestHandshake:
     """The opening handshake as pure functions, and the server's policy (accept(request) -> Response) without sockets."""
 
@@ -4671,6 +3066,79 @@ class TestTooling:
 # Connection ##################################################################
 ###############################################################################
 
+
+# Helpers: connection ---------------------------------------------------------
+
+def mgr_closed_events(websocket):
+    return [event for event in websocket.events if event[0] == "closed"]
+
+
+PEER_KEY = b"\x01\x02\x03\x04"  # what a client peer masks with, here: fixed, so the wire is exact
+
+
+def peer_frame(opcode, payload=b"", **options):
+    """A frame as a client sends it to a server protocol: masked with PEER_KEY."""
+    return raw_frame(opcode, payload, key=PEER_KEY, **options)
+
+
+def open_protocol(*, client=False, max_buffered=DEFAULT_MAX_BUFFERED, max_message_size=2 ** 20):
+    """A running (OPEN) protocol, no socket anywhere."""
+    protocol = wsmanager._Protocol(client=client, max_buffered=max_buffered)
+    protocol.start(max_message_size, max_message_size)
+    assert protocol.open() is State.OPEN
+    return protocol
+
+
+def wire_out(protocol, limit=None):
+    """What a socket would take of the protocol's output (at most ``limit`` bytes, else all of it):
+    (the bytes, whether that drained the backlog to the low-water mark)."""
+    written = bytearray()
+    with protocol.lock:
+        for _ in range(100000):
+            if not protocol.out or (limit is not None and len(written) >= limit):
+                break
+            front = bytes(protocol.out[0])
+            take = len(front) if limit is None else min(len(front), limit - len(written))
+            written += front[:take]
+            protocol.written(take)
+        waiting, drained = protocol.flush_ended()
+    assert waiting == bool(protocol.out)
+    return bytes(written), drained
+
+
+def events_of(protocol, data):
+    return list(protocol.receive(data))
+
+
+def close_frame_bytes(code, reason=""):
+    """A server's close frame, exactly (unmasked)."""
+    return encode_frame(Opcode.CLOSE, encode_close(code, reason))
+
+
+# Every violation a server protocol must fail with its own close code (RFC 6455 7.4.1), fed as bytes.
+PROTOCOL_VIOLATIONS = [
+    ("unmasked frame from a client", raw_frame(Opcode.TEXT, b"hi"), 1002),
+    ("reserved opcode 3", peer_frame(3, b"x"), 1002),
+    ("reserved opcode 11", peer_frame(11, b"x"), 1002),
+    ("RSV1 without an extension", peer_frame(Opcode.TEXT, b"x", rsv=0x40), 1002),
+    ("RSV2", peer_frame(Opcode.TEXT, b"x", rsv=0x20), 1002),
+    ("fragmented ping", peer_frame(Opcode.PING, b"x", fin=False), 1002),
+    ("ping of 126 bytes", peer_frame(Opcode.PING, b"x" * 126), 1002),
+    ("continuation with nothing to continue", peer_frame(Opcode.CONTINUATION, b"x"), 1002),
+    ("new message inside a fragmented one",
+     peer_frame(Opcode.TEXT, b"a", fin=False) + peer_frame(Opcode.TEXT, b"b"), 1002),
+    ("invalid UTF-8 in a text message", peer_frame(Opcode.TEXT, b"\xff"), 1007),
+    ("invalid UTF-8 across fragments",
+     peer_frame(Opcode.TEXT, b"\xe2\x82", fin=False) + peer_frame(Opcode.CONTINUATION, b"\x28"), 1007),
+    ("message over max_message_size", peer_frame(Opcode.BINARY, b"x" * 1025), 1009),
+    ("close payload of 1 byte", peer_frame(Opcode.CLOSE, b"\x03"), 1002),
+    ("close code 999", peer_frame(Opcode.CLOSE, (999).to_bytes(2, "big")), 1002),
+    ("close code 1005 on the wire", peer_frame(Opcode.CLOSE, (1005).to_bytes(2, "big")), 1002),
+    ("close code 1006 on the wire", peer_frame(Opcode.CLOSE, (1006).to_bytes(2, "big")), 1002),
+    ("close reason not UTF-8", peer_frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"\xff"), 1007),
+]
+
+
 @pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
 class TestConnection:
@@ -4893,7 +3361,7 @@ class TestConnection:
         servers = Collect(SmallSendBuffer)
         with running_manager(max_buffered=limit) as server:
             address = server.listen(("127.0.0.1", 0), servers)
-            with raw_peer(address, rcvbuf=4096, timeout=5.0):  # a peer that never reads
+            with raw_peer(address, rcvbuf=4096, timeout=5.0) as peer:  # a peer that never reads (until the end)
                 conn = servers.first_opened()
                 size = 64 * 1024
                 # max_buffered is a high-water mark: a send is taken while the backlog is
@@ -4911,11 +3379,14 @@ class TestConnection:
                 # Timed out with the backlog above the low-water mark (the kernel's small buffers may
                 # still have taken a little of it meanwhile).
                 assert limit // 4 < conn.buffered_amount <= bound
-                # The message that timed out was not queued: the last one queued is the one before.
-                tail = call_in_loop_thread(server, lambda: bytes(conn._protocol.out[-1][-4:]))
-                assert tail == bytes([(i - 1) % 251]) * 4
                 assert conn.state is State.OPEN and not conn.terminated and conn in server
                 assert not conn.closed_event.is_set()
+                # The message that timed out was not queued: the peer, reading at last, gets every one
+                # before it, whole and in order, then the next message sent.
+                frames = [peer.next() for _ in range(i)]
+                assert [frame.payload for frame in frames] == [bytes([n % 251]) * size for n in range(i)]
+                conn.send(b"end")
+                assert peer.next().payload == b"end"
 
     def test_send_iterable_arrives_as_one_message(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
@@ -5396,7 +3867,7 @@ class TestFlowControl:
             sender = threading.Thread(target=lambda: [peer.send_frame(Opcode.BINARY, numbered(i, size))
                                                       for i in range(count)])
             sender.start()
-            wait_until_stable(lambda: conn.received, timeout=20)
+            wait_until(lambda: conn.received, timeout=20, steady=0.3)
             assert conn.received < count  # it stopped reading: the echoes wait for the peer
             # Paused at the first read that took it past max_buffered: at most one read's echoes more.
             assert limit < conn.buffered_amount <= limit + wsmanager.READ_SIZE + size + 8
@@ -5485,6 +3956,245 @@ class TestFlowControl:
 ###############################################################################
 # Manager #####################################################################
 ###############################################################################
+
+
+# Helpers: manager ------------------------------------------------------------
+
+def mgr_ipv6_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+MGR_N_CLIENTS = 2000
+
+
+def _mgr_refuse_with(status):
+    def hook(request):
+        return Response(status)
+    return hook
+
+
+def _mgr_raise_with(status):
+    def hook(request):
+        raise HandshakeError("not for you", status)
+    return hook
+
+
+def _mgr_crash(request):
+    raise ValueError("hook bug")
+
+
+def _mgr_unoffered_subprotocol(request):
+    return "never-offered"
+
+
+class GatedServer:
+    """A raw server that answers no handshake before `count` complete requests have come in.
+
+    Blocking connects one after the other would wait forever on the first; only
+    clients that handshake concurrently can all open.
+    """
+
+    def __init__(self, count):
+        self.count = count
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=count)
+        self.address = self.listener.getsockname()
+        self.socks = []
+        self.requests = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        readers, keys = {}, {}
+        deadline = time.monotonic() + 60
+        with selector:
+            while self.requests < self.count and not self.stop.is_set() and time.monotonic() < deadline:
+                for key, _ in selector.select(0.1):
+                    if key.fileobj is self.listener:
+                        sock, _ = self.listener.accept()
+                        self.socks.append(sock)
+                        readers[sock] = HeadReader()
+                        selector.register(sock, selectors.EVENT_READ)
+                        continue
+                    data = key.fileobj.recv(65536)
+                    result = readers[key.fileobj].feed(data) if data else None
+                    if result is not None:
+                        selector.unregister(key.fileobj)
+                        keys[key.fileobj] = validate_request(parse_request(result[0]))
+                        self.requests += 1
+            for sock, key in keys.items():
+                sock.sendall(encode_switching_protocols(key))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        for sock in [self.listener, *self.socks]:
+            sock.close()
+
+
+class MgrStopper(Recorder):
+    manager = None  # set by the test
+
+    def received_message(self, message):
+        super().received_message(message)
+        if message == "stop":
+            type(self).manager.stop()
+
+
+def _mgr_stopped_manager():
+    late = WebSocketManager()
+    late.start()
+    late.stop()
+    late.join(10)
+    assert not late.running
+    return late
+
+
+BIG = 16 * 2 ** 20
+
+
+class BigEcho(EchoServer):
+    """An echo server whose messages may reach 16 MiB, set the natural way: a class attribute."""
+
+    max_message_size = BIG
+
+
+def _echo_through_websockets(address, sizes):
+    """websockets (an independent client) sends one binary message of each size; returns the echoes."""
+    echoes = []
+    with ws_connect(ws_url(address), proxy=None, **_ws_options(max_size=None, close_timeout=10)) as client:
+        for size in sizes:
+            payload = os.urandom(64) * (size // 64)
+            client.send(payload)
+            echo = client.recv(timeout=30)
+            echoes.append(echo == payload)
+    return echoes
+
+
+def _wide_payloads():
+    return [WIDE_BUFFERS[kind]() for kind in WIDE_BUFFERS]
+
+
+def _partial_handshake(address):
+    """A socket that has sent the first half of an upgrade request head."""
+    head = upgrade_request_bytes("/late")
+    sock = socket.create_connection(address, timeout=10)
+    sock.sendall(head[:len(head) // 2])
+    return sock, head[len(head) // 2:]
+
+
+def _read_to_eof(sock, limit=1000):
+    data = b""
+    for _ in range(limit):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _heartbeat_chains(m, websocket):
+    return call_in_loop_thread(m, lambda: sum(
+        1 for when, _, function, args in m._timers if function == websocket._heartbeat))
+
+
+# Logging ---------------------------------------------------------------------
+def _wsmanager_records(caplog, level=None):
+    return [r for r in caplog.records if r.name == "wsmanager" and (level is None or r.levelno == level)]
+
+
+def _without_ansi(text):
+    """A host's log without terminal styles: werkzeug writes its access log lines in ANSI styles (bold
+    for a 101) unless colorama is installed, which strips them when the output is no terminal."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# Each runs the README's snippet as written, as app.py; only the port changes.
+_WSGI_HOSTS = {
+    "gunicorn-sync": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                      ["-m", "gunicorn", "--worker-class", "sync", "--workers", "1", "app:application"]),
+    "gunicorn-gthread": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                         ["-m", "gunicorn", "--worker-class", "gthread", "--threads", "8", "app:application"]),
+    # The manager is made in the master, before the fork: each worker renews it and runs its own loop.
+    "gunicorn-preload": ("wsgi-gunicorn", None, b"Hello from WSGI\n",
+                         ["-m", "gunicorn", "--preload", "--workers", "2", "app:application"]),
+    "flask": ("wsgi-flask", None, b"Hello from Flask\n", ["-m", "flask", "--app", "app", "run", "--port", "{port}"]),
+    "cherrypy": ("wsgi-cherrypy", "8080", b"Hello from CherryPy\n", ["app.py"]),
+}
+
+
+def _host_command(kind, port):
+    arguments = [argument.replace("{port}", str(port)) for argument in _WSGI_HOSTS[kind][3]]
+    if arguments[:2] == ["-m", "gunicorn"]:
+        # No control socket: gunicorn's default one is shared by every gunicorn of the user.
+        arguments[2:2] = ["--bind", f"127.0.0.1:{port}", "--no-control-socket", "--access-logfile", "-"]
+    return [sys.executable, *arguments]
+
+
+@contextlib.contextmanager
+def _host_process(folder, app_code, command, page):
+    """A real WSGI server in ``folder`` on a free port, serving ``app_code(port)`` as app.py, started with
+    ``command(port)``; yields (process, port, read_log) once it serves ``page`` at /. Stopped (its group:
+    SIGTERM, then SIGKILL) after, unless the test stopped it its own way."""
+    log_path = folder / "host.log"
+    for attempt in range(3):
+        port = _free_port()
+        (folder / "app.py").write_text(app_code(port))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(command(port), cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None:
+                try:
+                    if _http(port)[2] == page:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, log_path.read_bytes()[-3000:]
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                if b"in use" in log_path.read_bytes() and attempt < 2:
+                    continue  # lost the port race: try another one
+                raise AssertionError(log_path.read_bytes()[-3000:])
+            yield proc, port, lambda: _without_ansi(log_path.read_text(encoding="utf-8", errors="replace"))
+            return
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: gunicorn's workers too
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            _reap(proc)
+
+
+@contextlib.contextmanager
+def _wsgi_host_process(kind, folder, extra=""):
+    """A real WSGI host of ``kind`` running its README snippet, plus ``extra`` code; yields (process, port,
+    read_log)."""
+    snippet, port_text, page, _ = _WSGI_HOSTS[kind]
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+
+    def app_code(port):
+        code = readme_snippet(snippet) + extra
+        return code.replace(port_text, str(port)) if port_text else code
+
+    with _host_process(folder, app_code, lambda port: _host_command(kind, port), page) as host:
+        yield host
+
 
 @pytest.mark.peers
 @pytest.mark.usefixtures("no_leaks")
@@ -5694,6 +4404,73 @@ class TestManager:
             wait_until(lambda: client.terminated and conn.terminated, timeout=10)
             assert mgr_closed_events(conn) == [("closed", 1000, "tls done")]
             assert mgr_closed_events(client)[0][1] == 1000
+
+    def test_tls_after_import_changes_no_global_and_import_needs_no_ssl(self):
+        """ssl is imported lazily (not by ``import wsmanager``) and nothing wsmanager binds changes after
+        import: a wss:// echo whose 300 KiB message makes TLS reads and writes would-block, with ssl
+        imported only after wsmanager, leaves every module global the same object. The codec's state is
+        the deliberate exception: the masking accelerator, looked for on the first large payload (see
+        TestCodec), and the pool of random mask keys."""
+        pytest.importorskip("trustme")
+        code = textwrap.dedent("""
+            import sys, threading
+            import wsmanager
+            print("ssl imported:", "ssl" in sys.modules)
+            before = dict(vars(wsmanager))
+            import ssl, trustme
+            ca = trustme.CA()
+            server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(server_context)
+            client_context = ssl.create_default_context()
+            ca.configure_trust(client_context)
+            big = bytes(range(256)) * 1200
+            got, done = [], threading.Event()
+            class Echo(wsmanager.WebSocket):
+                def received_message(self, message):
+                    self.send(message)
+            class Client(wsmanager.WebSocket):
+                def opened(self):
+                    self.send("small")
+                    self.send(big)
+                def received_message(self, message):
+                    got.append(message)
+                    if len(got) == 2:
+                        done.set()
+            with wsmanager.WebSocketManager() as manager:
+                port = manager.listen(("127.0.0.1", 0), Echo, ssl_context=server_context)[1]
+                manager.connect(f"wss://127.0.0.1:{port}/", Client, ssl_context=client_context)
+                done.wait(30)
+            print("echoed:", got == ["small", big])
+            after = vars(wsmanager)
+            changed = sorted(name for name in set(before) | set(after) if before.get(name, before) is not after.get(name))
+            print("changed:", [name for name in changed if name not in ("_large_mask", "_small_mask", "_mask_keys")])
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["ssl imported: False", "echoed: True", "changed: []"], result.stdout
+
+    def test_would_block_covers_tls_errors_once_ssl_is_imported_and_never_imports_it(self):
+        code = textwrap.dedent("""
+            import sys, wsmanager
+            plain = wsmanager._would_block()
+            print("ssl imported:", "ssl" in sys.modules)
+            import ssl
+            caught = []
+            for error in (BlockingIOError(), InterruptedError(), ssl.SSLWantReadError(), ssl.SSLWantWriteError(),
+                          ssl.SSLError(), ssl.SSLZeroReturnError(), ConnectionResetError(), OSError()):
+                try:
+                    raise error
+                except wsmanager._would_block():
+                    caught.append(type(error).__name__)
+                except OSError:
+                    pass
+            print("before ssl:", set(plain) == {BlockingIOError, InterruptedError}, "caught:", caught)
+        """)
+        result = fresh_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "ssl imported: False",
+            "before ssl: True caught: ['BlockingIOError', 'InterruptedError', 'SSLWantReadError', 'SSLWantWriteError']"]
 
     def test_wss_rejects_untrusted_certificate(self, manager, mgr_tls_contexts):
         server_context, _ = mgr_tls_contexts
@@ -5979,7 +4756,7 @@ class TestManager:
         m, factory, address = serve_collected(make_manager, SmallSendBufferServer, max_buffered=limit)
         with attacker_beside_bystander(address, factory, "/big", rcvbuf=4096) as (bystander, _, ws):
             ws.send(b"m" * (2 ** 20))  # 16 times the limit, on an idle connection: taken whole
-            assert wait_until_stable(lambda: ws.buffered_amount) > limit  # the peer never reads
+            assert wait_until(lambda: ws.buffered_amount, steady=0.3) > limit  # the peer never reads
             assert not ws.terminated
             # README "Sending a lot": output holds at most max_buffered + the message queued in one call.
             held = call_in_loop_thread(m, lambda: memory_held_by(ws._protocol.out))
@@ -6017,14 +4794,20 @@ class TestManager:
             address = server.listen(("127.0.0.1", 0), by_class)
             other = server.listen(("127.0.0.1", 0), by_instance)
             open_client(clients, ws_url(address))
-            open_client(clients, ws_url(other))
+            to_second = open_client(clients, ws_url(other))
             first, second = by_class.first_opened(), by_instance.first_opened()
             effective = [(ws.max_message_size, ws.max_frame_size, ws.max_buffered, ws.close_timeout)
                          for ws in (first, second)]
             assert effective == [(7000, 3000, 1000, 1.5), (5000, 3000, 2000, 1.5)]
-            # ... and they are the limits the running connection enforces.
-            assert call_in_loop_thread(server, lambda: (second._protocol.parser.max_frame_size,
-                                                        second._protocol.assembler.max_message_size)) == (3000, 5000)
+            # ... and they are the limits the running connection enforces: 5000 bytes in frames of 3000 pass,
+            # one byte more fails the message, a frame of 3001 bytes fails alone (1009 each).
+            to_second.send(["m" * 3000, "m" * 2000])
+            wait_until(lambda: second.messages == ["m" * 5000])
+            for fragments in (["m" * 3000, "m" * 2001], ["f" * 3001]):
+                client = open_client(clients, ws_url(other))
+                client.send(fragments)
+                assert client.closed_event.wait(10)
+                assert client.events[-1][:2] == ("closed", CloseCode.MESSAGE_TOO_BIG)
 
     def test_setting_made_before_websocket_init_is_kept(self):
         """A subclass that sets a limit before calling super().__init__() does not lose it."""
@@ -6177,9 +4960,10 @@ class TestManager:
             address = m.listen(("127.0.0.1", 0), servers)
             with raw_peer(address) as peer:
                 servers.first_opened()
+                fds = open_fds()
                 pending, rest = _partial_handshake(address)
                 with pending:
-                    wait_until(lambda: len(m._handshakes) == 1)
+                    wait_until(lambda: open_fds() >= fds + 2)  # ours, and the one the server accepted
                     if close_all_first:
                         m.close_all()
                     m.stop(60.0)
@@ -6568,9 +5352,13 @@ class TestManager:
         with socket.create_server(("127.0.0.1", 0)) as silent:
             with running_manager() as clients:
                 client = clients.connect(ws_url(silent.getsockname()), Dialer)
-                wait_until(lambda: clients._handshakes)
-                clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
-                assert client.failed_event.wait(10)
+                silent.settimeout(10)
+                peer = silent.accept()[0]
+                peer.settimeout(10)
+                with peer:
+                    assert read_head(peer)[0].startswith(b"GET / HTTP/1.1")  # in its handshake: asked, no answer
+                    clients.stop(timeout=5)  # graceful: nothing may wait for a handshake that cannot finish
+                    assert client.failed_event.wait(10)
             assert isinstance(client.failure, ManagerStopped)
             # Queued but never run: a connect() made before a loop that never ran is failed at shutdown.
             never = WebSocketManager()
@@ -6589,7 +5377,10 @@ class TestManager:
         with socket.create_server(("127.0.0.1", 0)) as silent:  # TCP connects, never answers
             with running_manager() as clients:
                 client = clients.connect(ws_url(silent.getsockname()), Watcher, timeout=2)
-                wait_until(lambda: clients._handshakes)
+                silent.settimeout(10)
+                peer = silent.accept()[0]
+                peer.settimeout(10)
+                assert read_head(peer)[0].startswith(b"GET / HTTP/1.1")  # in its handshake: asked, no answer
                 started = time.monotonic()
                 getattr(client, action)()
                 assert client.failed_event.wait(10)
@@ -6602,8 +5393,8 @@ class TestManager:
                 # The handshake's timer went with it: nothing more comes at the deadline.
                 time.sleep(max(0.0, started + 2.5 - time.monotonic()))
                 assert [event[0] for event in client.events] == ["connect_failed"]
-                assert clients._thread.is_alive()
-            silent.accept()[0].close()
+                assert clients.running
+                peer.close()
 
     def test_connect_failed_that_raises_is_logged(self, caplog):
         class Raising(Dialer):
@@ -6615,7 +5406,7 @@ class TestManager:
             client = clients.connect(f"ws://127.0.0.1:{_free_port()}/", Raising)
             assert client.failed_event.wait(10)
             wait_until(lambda: "connect_failed raised" in caplog.text)
-            assert clients._thread.is_alive()
+            assert clients.running
 
 
 ###############################################################################
@@ -6647,13 +5438,6 @@ if sys.argv[1] == "sys.exit":
 """
 
 
-def fresh_python(code, *flags):
-    """Run ``code`` to its end in a new interpreter (with ``flags``) beside the wsmanager under test: its
-    directory is the working one, so ``import wsmanager`` finds it even under ``-I -S``. Text output."""
-    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(wsmanager.__file__).parent)
-
-
 def _python_script(code, *args, **popen_options):
     """``python -c code args`` with the wsmanager under test, its stdout a pipe (line by line)."""
     popen_options.setdefault("stdin", subprocess.PIPE)
@@ -6678,8 +5462,6 @@ def _can_connect(port):
     except OSError:
         return False
     return True
-
-
 
 
 @pytest.mark.peers
@@ -7014,11 +5796,12 @@ class TestStopping:
         partial = []
         try:
             address = m.listen(("127.0.0.1", 0), Recorder)
+            fds = open_fds()
             for _ in range(10):
                 sock = socket.create_connection(address, timeout=10)
                 sock.sendall(b"GET / HTTP/1.1\r\n")  # a head never finished: still in its handshake
                 partial.append(sock)
-            wait_until(lambda: len(m._handshakes) == 10)
+            wait_until(lambda: open_fds() >= fds + 20)  # ours, and the ten the server accepted
             started = time.time()
             m.stop()
             for sock in partial:
@@ -7144,8 +5927,8 @@ class Echo(wsmanager.WebSocket):
 manager = wsmanager.WebSocketManager()
 manager.start()
 port = manager.listen(("127.0.0.1", 0), Echo)[1]
-for _ in range(500):  # the loop has started and, if it does, imported what it needs (the logger last)
-    if not isinstance(wsmanager.logger, wsmanager._Logger):
+for _ in range(500):  # the loop has started and, if it does, imported what it needs (logging last)
+    if "logging" in sys.modules:
         break
     time.sleep(0.01)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -7288,6 +6071,336 @@ class TestOutOfDescriptors:
 # Integrations ################################################################
 ###############################################################################
 
+
+# Helpers: integrations -------------------------------------------------------
+
+def _environ(fields=(), *, method="GET", path="/ws", query="", protocol="HTTP/1.1", **extra):
+    """A PEP 3333 environ for an upgrade request (BASE_FIELDS, some replaced; None removes one)."""
+    merged = dict(BASE_FIELDS)
+    merged.update(fields)
+    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_PROTOCOL": protocol, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80",
+               "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "wsgi.input": io.BytesIO(),
+               "wsgi.errors": io.StringIO(), "wsgi.url_scheme": "http", "wsgi.version": (1, 0),
+               "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False}
+    for name, value in merged.items():
+        if value is not None:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra)
+    return environ
+
+
+def _socket_environ(sock, fields=(), **extra):
+    """_environ() as wsgiref with wsmanager.WSGIRequestHandler makes it: the connection's socket, and
+    wsgi.input its buffered reader (the hand-off empties it into the WebSocket)."""
+    return _environ(fields, **{"wsmanager.socket": sock, "wsgi.input": sock.makefile("rb")}, **extra)
+
+
+def _call_wsgi(app, environ, *, strict_pep3333=False):
+    """Call a WSGI app; returns (status, headers, body). strict_pep3333 asserts like wsgiref on hop-by-hop."""
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        if "status" in answer and not exc_info:
+            raise AssertionError("Headers already set!")
+        answer["status"], answer["headers"] = status, list(headers)
+        if strict_pep3333:
+            for name, _ in headers:
+                assert name.lower() not in ("upgrade", "connection"), f"Hop-by-hop header {name}"
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return answer["status"], answer["headers"], body
+
+
+def _site(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"site " + environ["PATH_INFO"].encode("latin-1")]
+
+
+def _raw_http_status(port, head):
+    """Send a raw request head; the status code of the answer (the server closes after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def _ws_client(port, path="/ws"):
+    """A websockets client (not yet entered: use it in a with block or an ExitStack)."""
+    return ws_connect(f"ws://127.0.0.1:{port}{path}", proxy=None, open_timeout=30, close_timeout=10,
+                      ping_interval=None)
+
+
+def _ws_echoes(port, path="/ws"):
+    """A websockets client: text and binary come back unchanged."""
+    with _ws_client(port, path) as client:
+        client.send("héllo")
+        assert client.recv(timeout=20) == "héllo"
+        client.send(b"\x00\xff" * 1000)
+        assert client.recv(timeout=20) == b"\x00\xff" * 1000
+
+
+def _ws_crowd(port, page, path="/ws", count=50):
+    """`count` WebSocket clients at once, ordinary requests in between; then the host still serves."""
+    websockets_module("websockets.sync.client")  # here, not in the threads: a skip must skip the test
+    clients = []
+    errors = []
+
+    def open_one():
+        try:
+            clients.append(_ws_client(port, path))
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    with contextlib.ExitStack() as stack:
+        threads = [threading.Thread(target=open_one) for _ in range(count)]
+        try:
+            for index, thread in enumerate(threads):
+                thread.start()
+                if index % 10 == 0:
+                    assert _http(port)[2] == page  # ordinary requests while the handshakes go on
+        finally:
+            for thread in threads:
+                thread.join(60)
+            for client in clients:
+                stack.enter_context(client)
+        assert not errors, errors[:3]
+        assert len(clients) == count
+        for index, client in enumerate(clients):
+            client.send(f"client {index}")
+            if index % 10 == 0:
+                assert _http(port)[2] == page
+        for index, client in enumerate(clients):
+            assert client.recv(timeout=30) == f"client {index}"
+            client.send(bytes([index]) * 3)
+        for index, client in enumerate(clients):
+            assert client.recv(timeout=30) == bytes([index]) * 3
+    # After the clients closed, the host serves HTTP and takes new WebSockets.
+    assert _http(port)[:3:2] == (200, page)
+    _ws_echoes(port, path)
+
+
+def _assert_clean_host_log(text):
+    for needle in ("Traceback", "Bad file descriptor", "Error on request", "[ERROR]", "socket.error",
+                   "Exception", "fatal"):
+        assert needle not in text, f"{needle!r} in the host's log:\n{text[-3000:]}"
+
+
+@contextlib.contextmanager
+def _wsgiref_snippet():
+    """The README's wsgiref snippet, run as written on a free port; yields (server, manager, port)."""
+    code = readme_snippet("wsgi-wsgiref").replace("8000", "0")
+    namespace = {"__name__": "readme_wsgiref"}
+    thread = threading.Thread(target=exec, args=(code, namespace), name="readme-wsgiref", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: "server" in namespace or not thread.is_alive())
+        assert thread.is_alive()
+        yield namespace["server"], namespace["manager"], namespace["server"].server_port
+    finally:
+        if "server" in namespace:
+            namespace["server"].shutdown()
+        thread.join(20)
+        assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def _wsgiref(app, handler_class):
+    """wsgiref serving ``app`` as the README sets it up: a thread per connection. Single-threaded,
+    it reads one connection's request at a time, and Chromium's idle preconnected sockets would
+    hold a WebSocket upgrade request in the backlog behind them."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=handler_class)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class _ChatSite:
+    """The chat page of `python -m wsmanager`, as an ordinary WSGI application."""
+
+    def __call__(self, environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [wsmanager._CHAT_PAGE.encode()]
+
+
+@pytest.fixture(scope="module", params=sorted(_WSGI_HOSTS))
+def wsgi_host(request, tmp_path_factory):
+    """A real WSGI server running a README snippet; yields (kind, port, page, read_log). Module-wide."""
+    kind = request.param
+    with _wsgi_host_process(kind, tmp_path_factory.mktemp(kind)) as (_, port, read_log):
+        yield kind, port, _WSGI_HOSTS[kind][2], read_log
+
+
+# A site on each supported host, mounted as a user would: /ws echoes (wsgi_app), /env sends what opened()
+# finds in self.environ (wsgi_app behind an authentication middleware), /record writes each call to
+# record.log: the route a reverse proxy would keep from the outside.
+_PROBE_SITE = """\
+import json, os, sys
+import wsmanager
+
+RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "record.log")
+IO_METHODS = ("fileno", "read", "readline", "readinto", "write", "recv", "send", "makefile")
+
+
+def note(environ):
+    with open(RECORD, "a") as log:
+        log.write(f"{environ['REQUEST_METHOD']} {environ['SCRIPT_NAME']}{environ['PATH_INFO']}"
+                  f"?{environ.get('QUERY_STRING', '')}\\n")
+
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+
+class EnvironReport(wsmanager.WebSocket):
+    def opened(self):
+        report = {}
+        for key, value in self.environ.items():
+            kind = type(value)
+            report[key] = {"type": f"{kind.__module__}.{kind.__qualname__}",
+                           "io": [name for name in IO_METHODS if hasattr(value, name)],
+                           "value": value if isinstance(value, (str, int, float, type(None))) else None}
+        self.send(json.dumps(report))
+
+
+def authenticated(app):  # what an authentication middleware in front does
+    def as_alice(environ, start_response):
+        environ["REMOTE_USER"] = "alice"
+        return app(environ, start_response)
+    return as_alice
+
+
+def site(environ, start_response):
+    body = b"ready\\n"
+    if environ["PATH_INFO"] == "/record":
+        note(environ)
+        body = b"recorded\\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def mount(apps, default):
+    def dispatch(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for prefix, app in apps.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
+                environ["PATH_INFO"] = path[len(prefix):]
+                return app(environ, start_response)
+        return default(environ, start_response)
+    return dispatch
+
+
+manager = wsmanager.WebSocketManager()
+websockets = {"/ws": manager.wsgi_app(Echo), "/env": authenticated(manager.wsgi_app(EnvironReport))}
+application = mount(websockets, site)
+"""
+
+
+_PROBE_HOSTS = {
+    "wsgiref": ("""
+if __name__ == "__main__":
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    make_server("127.0.0.1", int(sys.argv[1]), application, server_class=ThreadingWSGIServer,
+                handler_class=wsmanager.WSGIRequestHandler).serve_forever()
+""", ["app.py", "{port}"]),
+    "gunicorn-sync": ("", _WSGI_HOSTS["gunicorn-sync"][3]),
+    "gunicorn-gthread": ("", _WSGI_HOSTS["gunicorn-gthread"][3]),
+    "flask": ("""
+import flask
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+app = flask.Flask(__name__)
+
+
+@app.route("/")
+def index():
+    return "ready\\n"
+
+
+@app.route("/record")
+def record():
+    note(flask.request.environ)
+    return "recorded\\n"
+
+
+app.wsgi_app = DispatcherMiddleware(app.wsgi_app, websockets)
+""", _WSGI_HOSTS["flask"][3]),
+    "cherrypy": ("""
+import cherrypy
+
+
+class Root:
+    @cherrypy.expose
+    def index(self):
+        return "ready\\n"
+
+    @cherrypy.expose
+    def record(self, **query):
+        note(cherrypy.request.wsgi_environ)
+        return "recorded\\n"
+
+
+if __name__ == "__main__":
+    for prefix, app in websockets.items():
+        cherrypy.tree.graft(app, prefix)
+    cherrypy.engine.subscribe("stop", manager.stop)
+    cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": int(sys.argv[1])})
+    cherrypy.quickstart(Root())
+""", ["app.py", "{port}"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(_PROBE_HOSTS))
+def probe_host(request, tmp_path_factory):
+    """A real WSGI server running _PROBE_SITE; yields (kind, port, records, read_log). Module-wide.
+    records() is the list of calls of /record so far."""
+    kind = request.param
+    pytest.importorskip("gunicorn" if kind.startswith("gunicorn") else kind)
+    tail, arguments = _PROBE_HOSTS[kind]
+    folder = tmp_path_factory.mktemp(f"probe-{kind}")
+    record_path = folder / "record.log"
+
+    def command(port):
+        if arguments[:2] == ["-m", "gunicorn"]:
+            return _host_command(kind, port)
+        return [sys.executable, *(argument.replace("{port}", str(port)) for argument in arguments)]
+
+    def records():
+        return record_path.read_text().splitlines() if record_path.exists() else []
+
+    with _host_process(folder, lambda port: _PROBE_SITE + tail, command, b"ready\n") as (_, port, read_log):
+        yield kind, port, records, read_log
+
+
 @pytest.mark.peers
 class TestIntegrations:
     """Hosting servers: accept() from http.server and wsgi_app in wsgiref, gunicorn, Flask and CherryPy."""
@@ -7402,7 +6515,7 @@ class TestIntegrations:
         assert status == "501 Not Implemented"
         assert b"no socket in environ" in body and b"WSGIRequestHandler" in body
         assert any("Mystery/1.0" in record.getMessage() for record in caplog.records)
-        assert manager._thread is None  # nothing was handed off, nothing started
+        assert not manager.running  # nothing was handed off, nothing started
         manager.stop()
         manager.run()
 
@@ -7418,7 +6531,7 @@ class TestIntegrations:
             assert any("read buffer" in record.getMessage() for record in caplog.records)
             server_side.sendall(b"still the server's")
             assert client.recv(100) == b"still the server's"
-        assert manager._thread is None
+        assert not manager.running
         manager.stop()
         manager.run()
 
@@ -7658,12 +6771,12 @@ class TestIntegrations:
 
         # The host writes a hand-off's log line after the hand-off, when its thread gets to it: under load,
         # after the client is done. Counted once the log has settled, before and after.
-        handed_off = wait_until_stable(logged_hand_offs)
+        handed_off = wait_until(logged_hand_offs, steady=0.3)
         _ws_crowd(port, page)
         _assert_clean_host_log(read_log())
         if kind != "cherrypy":  # CherryPy logs the requests of its own applications only, not a grafted one's
             # The host's access log shows each hand-off as a 101, as it would a response of its own.
-            assert wait_until_stable(logged_hand_offs) - handed_off == 51
+            assert wait_until(logged_hand_offs, steady=0.3) - handed_off == 51
 
     def test_wsgi_host_refusals_are_plain_http_and_it_goes_on(self, wsgi_host):
         kind, port, page, read_log = wsgi_host
@@ -7804,6 +6917,275 @@ class TestIntegrations:
 ###############################################################################
 # Scaling #####################################################################
 ###############################################################################
+
+
+# Helpers: scaling ------------------------------------------------------------
+
+class Subscriber(Recorder):
+    """A Recorder that subscribes itself to every topic in its ``topics`` attribute when it opens."""
+
+    topics = ()
+
+    def opened(self):
+        for topic in self.topics:
+            self.manager.subscribe(self, topic)
+        super().opened()
+
+
+@contextlib.contextmanager
+def subscribed_pairs(manager, client_manager, count, *topics, factory=Subscriber):
+    """``count`` server connections of ``manager`` subscribed to ``topics``, each with its client in
+    ``client_manager``; yields [(server, client), ...] once every server is subscribed."""
+    servers = Collect(factory, topics=topics)
+    address = manager.listen(("127.0.0.1", 0), servers)
+    clients = [open_client(client_manager, ws_url(address)) for _ in range(count)]
+    wait_until(lambda: len(servers.made) == count and all(s.opened_event.is_set() for s in servers.made))
+    by_port = {s.peer_address[1]: s for s in servers.made}
+    yield [(by_port[c.sock.getsockname()[1]], c) for c in clients]
+
+
+# A real redis-server, started on a free port by the test and killed afterwards ---
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1, persistence off; start() again after kill() reuses the port.
+
+    With ``tls`` (a trustme CA), it serves TLS only, with a certificate for 127.0.0.1 from that CA.
+    """
+
+    def __init__(self, directory, *options, tls=None):
+        self.directory = directory
+        self.options = options
+        self.tls = tls
+        self.port = None
+        self.proc = None
+        if tls is not None:
+            cert = tls.issue_cert("127.0.0.1")
+            cert.private_key_pem.write_to_path(str(directory / "redis-key.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(directory / "redis-cert.pem"))
+            tls.cert_pem.write_to_path(str(directory / "redis-ca.pem"))
+
+    @property
+    def url(self):
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
+
+    def _arguments(self):
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                "--tls-cert-file", str(self.directory / "redis-cert.pem"),
+                "--tls-key-file", str(self.directory / "redis-key.pem"),
+                "--tls-ca-cert-file", str(self.directory / "redis-ca.pem")]
+
+    def _probe(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+        if self.tls is not None:
+            context = ssl.create_default_context()
+            self.tls.configure_trust(context)
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        return sock
+
+    def clients(self):
+        """How many connections redis-server has besides the one asking (CLIENT LIST)."""
+        with self._probe() as probe:
+            probe.sendall(b"CLIENT LIST\r\n")
+            reply = b""
+            while b"\r\n" not in reply or len(reply) < reply.index(b"\r\n") + 2 + int(reply[1:reply.index(b"\r\n")]):
+                chunk = probe.recv(65536)
+                assert chunk, "redis-server hung up on CLIENT LIST"
+                reply += chunk
+        return reply.count(b"\n") - 3  # the head and the end of the reply, the asking connection
+
+    def start(self):
+        for attempt in range(3):
+            if self.port is None or attempt:
+                self.port = _free_port()
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, *self._arguments(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory), *self.options],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with self._probe() as probe:
+                        probe.sendall(b"PING\r\n")
+                        if probe.recv(100).startswith((b"+PONG", b"-NOAUTH")):
+                            return
+                except OSError:
+                    time.sleep(0.02)
+            _reap(self.proc)
+            if attempt == 2:
+                raise AssertionError("redis-server did not start")
+
+    def kill(self):
+        if self.proc is not None:
+            _reap(self.proc)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def wait_bridged(*bridges, topics=(), timeout=10):
+    wait_until(lambda: all(b.connected and b.subscribed >= set(topics) for b in bridges), timeout=timeout)
+
+
+class FakeRedis:
+    """A hostile Redis: a real socket server on 127.0.0.1 that the test scripts, for replies no real
+    redis-server sends. It answers nothing by itself: it records what each connection sends, and the test
+    finds the bridge's two connections by the command each sent (SUBSCRIBE or PUBLISH) and writes to them.
+    With ``hang_up``, it closes every connection as soon as it is accepted."""
+
+    def __init__(self, *, hang_up=False):
+        self.hang_up = hang_up
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self.accepted_at = []  # time.monotonic() of each accept
+        self.received = {}  # socket -> bytearray of everything it sent
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake-redis")
+        self._thread.start()
+
+    def _serve(self):
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(0.05):
+                    if key.fileobj is self.listener:
+                        sock, _ = self.listener.accept()
+                        with self._lock:
+                            self.accepted += 1
+                            self.accepted_at.append(time.monotonic())
+                            if self.hang_up:
+                                sock.close()
+                                continue
+                            self.received[sock] = bytearray()
+                        selector.register(sock, selectors.EVENT_READ)
+                        continue
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    with self._lock:
+                        self.received[key.fileobj] += data
+                    if not data:
+                        selector.unregister(key.fileobj)
+
+    def connection(self, command, count=1, besides=()):
+        """The newest connection that has sent ``command`` (bytes) ``count`` times, once there is one
+        (not one of ``besides``)."""
+        def found():
+            with self._lock:
+                return [sock for sock, data in self.received.items()
+                        if data.count(command) >= count and sock not in besides]
+        wait_until(found)
+        return found()[-1]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+        self.listener.close()
+        for sock in self.received:
+            sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def resp(*items):
+    """RESP2 bytes of ``items``: bytes are bulk strings, None the null bulk string, int an integer,
+    a list an array, an Exception an error reply."""
+    out = b""
+    for item in items:
+        if item is None:
+            out += b"$-1\r\n"
+        elif isinstance(item, bytes):
+            out += b"$%d\r\n%s\r\n" % (len(item), item)
+        elif isinstance(item, int):
+            out += b":%d\r\n" % item
+        elif isinstance(item, Exception):
+            out += b"-%s\r\n" % str(item).encode()
+        else:
+            out += b"*%d\r\n" % len(item) + resp(*item)
+    return out
+
+
+def pubsub_message(channel, payload, *, kind=b"t", origin=b"stranger"):
+    """What Redis sends a subscriber for a message another bridge published."""
+    return resp([b"message", channel, origin + kind + payload])
+
+
+def _stats(port):
+    status, _, body = _http(port, path="/stats", timeout=10)
+    assert status == 200
+    return json.loads(body)
+
+
+@contextlib.contextmanager
+def _serve_workers(tmp_path, *options, workers=2):
+    """`python -m wsmanager serve --workers N [options]`; yields (process, port, read_log, pids by worker)."""
+    log_path = tmp_path / "workers.log"
+    port = _free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "wsmanager", "serve", "--port", str(port),
+                                 "--workers", str(workers), *options],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=_cli_env())
+    read_log = lambda: log_path.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+
+    def serving():
+        return dict((int(i), int(p)) for i, p in re.findall(r"worker (\d+) \(pid (\d+)\) serving", read_log()))
+
+    try:
+        wait_until(lambda: len(serving()) == workers or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, read_log()
+        yield proc, port, read_log, serving
+    finally:
+        _reap(proc)
+        for pid in serving().values():  # workers of a supervisor killed by _reap
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _landed_on(read_log, client):
+    """The worker whose log says that ``client`` connected to it."""
+    port = client.sock.getsockname()[1]
+    found = re.findall(r"worker (\d+): 127\.0\.0\.1:%d connected" % port, read_log())
+    return int(found[0]) if found else None
+
+
+SUPERVISOR_SCRIPT = """
+import logging, sys, wsmanager
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(f"{index}:{message}")
+
+def setup(manager, sock, worker):
+    global index
+    index = worker
+    manager.listen(sock, Echo)
+
+supervisor = wsmanager.Supervisor(("127.0.0.1", 0), setup, workers=2, reuse_port=sys.argv[1] == "1",
+                                  restart_delay=0.1)
+print("port", supervisor.bind()[1], flush=True)
+sys.exit(supervisor.run())
+"""
+
 
 @pytest.mark.peers
 class TestScaling:
@@ -8041,7 +7423,7 @@ class TestScaling:
                 with subscribed_pairs(there, client_manager, 1, "chat") as [(_, arrives)]:
                     wait_until(lambda: leaving.closed_event.is_set() and here.subscribers("chat") == 1)
                     wait_bridged(near, far, topics=["chat"])
-                    assert near._channels == {"chat"} and far._channels == {"chat"}
+                    assert near.subscribed == far.subscribed == {"chat"}
                     there.publish("chat", "from b")
                     here.publish("chat", "from a")
                     wait_until(lambda: "from b" in stays.messages and "from a" in arrives.messages, timeout=10)
@@ -8074,7 +7456,8 @@ class TestScaling:
         # Stopping the manager closes the bridge's sockets with it.
         manager.stop()
         manager.join(10)
-        assert here._connections == {"publish": None, "subscribe": None}
+        assert not here.connected
+        wait_until(lambda: redis_server.clients() == 0)  # both managers' bridges hung up
 
     def test_bridge_authenticates_with_the_password_in_the_url(self, tmp_path, caplog):
         if not os.path.exists(REDIS_SERVER):
@@ -8299,7 +7682,9 @@ class TestScaling:
         with FakeRedis(hang_up=True) as fake:
             bridge = manager.bridge(fake.url)
             wait_until(lambda: fake.accepted >= 8, timeout=20)  # 4 attempts per connection, or more of one
-            assert max(bridge._delays.values()) >= 0.4
+            # Waits of 0.1, 0.2, 0.4 s per connection: the 7th attempt comes 0.7 s after the first at the
+            # earliest (0.3 s with the back-off reset each time).
+            assert fake.accepted_at[6] - fake.accepted_at[0] >= 0.5
             bridge.close()
 
     # A hostile or broken Redis: a fake one, that the test scripts ---------------
@@ -8321,15 +7706,17 @@ class TestScaling:
             wait_until(lambda: server.messages == ["the loop goes on"])
         assert "unexpected error" not in caplog.text and "nested more than 32 deep" in caplog.text
 
-    def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, manager, client_manager, monkeypatch):
+    def test_the_bridge_handles_a_bounded_number_of_replies_per_event(self, make_manager, client_manager, monkeypatch):
         # As every handler: Redis cannot hold the loop for as long as it has messages to send.
         per_event = []
-        turns = collections.Counter()  # calls per loop turn (each turn has its own _now)
+        selector = _CountingSelector()  # a loop turn is a select()
+        manager = make_manager(selector=selector)
+        turns = collections.Counter()  # calls per loop turn
         real_on_read = wsmanager._RedisConnection._on_read
 
         def counting_on_read(connection):
             before = connection.bridge.received
-            turns[connection.manager._now] += 1
+            turns[selector.turns] += 1
             real_on_read(connection)
             per_event.append(connection.bridge.received - before)
 
@@ -8340,6 +7727,9 @@ class TestScaling:
                 b"".join(pubsub_message(b"wsmanager:t", b"%d" % i) for i in range(3000)))  # 130 kB at once
             wait_until(lambda: len(client.messages) == 3000, timeout=30)
             assert client.messages == [str(i) for i in range(3000)] and bridge.received == 3000
+        manager.stop()
+        manager.join(10)
+        selector.close()  # given to the manager, so still ours to close
         assert sum(per_event) == 3000
         assert max(per_event) <= wsmanager.BRIDGE_VALUES_PER_EVENT // 4 <= 1000, per_event  # 4 values a message
         assert max(turns.values()) <= 2  # its readiness event, and the read of what the last one left
@@ -8471,7 +7861,7 @@ class TestScaling:
             sender, receiver = on[0][0], on[1][0]
             for attempt in range(100):
                 sender.send(f"from worker 0, try {attempt}")
-                if wait_until_or_false(lambda: any(m.startswith("from worker 0") for m in receiver.messages), 0.2):
+                if wait_until(lambda: any(m.startswith("from worker 0") for m in receiver.messages), timeout=0.2, required=False):
                     break
             assert any(m.startswith("from worker 0") for m in receiver.messages)
             on[1][-1].send("from worker 1")
@@ -8557,7 +7947,7 @@ class TestScaling:
             for sender, receiver, text in ((first, second, "from browser a"), (second, first, "from browser b")):
                 for attempt in range(100):
                     say(sender, f"{text} ({attempt})")
-                    if wait_until_or_false(lambda text=text, receiver=receiver: text in show(receiver), 0.3):
+                    if wait_until(lambda text=text, receiver=receiver: text in show(receiver), timeout=0.3, required=False):
                         break
                 assert text in show(receiver), diagnosis()
             # And each page its own, from its own worker: that delivery and the other page's via Redis race
@@ -8658,7 +8048,7 @@ class TestScaling:
                 # Sent until every client has one (each worker's subscription in Redis comes up on its own).
                 for attempt in range(100):
                     clients[0].send(f"hello {attempt}")
-                    if wait_until_or_false(lambda: all(c.messages for c in clients), 0.2):
+                    if wait_until(lambda: all(c.messages for c in clients), timeout=0.2, required=False):
                         break
                 assert all(c.messages for c in clients)
                 proc.send_signal(signal.SIGTERM)
@@ -8678,6 +8068,418 @@ class TestScaling:
 ###############################################################################
 # Compression #################################################################
 ###############################################################################
+
+
+# Helpers: compression --------------------------------------------------------
+
+# The public conformance suite (Autobahn testsuite, sections 12 and 13) needs Docker or Python 2, neither
+# of which runs here: the tests below follow its cases instead (every combination of context takeover
+# and window bits of section 13, the message sizes of section 12), against websockets and wsmanager
+# itself, in both roles.
+
+
+def deflate_payload(data, *, wbits=15):
+    """``data`` compressed as one permessage-deflate message by an independent zlib object."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def deflate_codec(max_message_size=DEFAULT_MAX_MESSAGE_SIZE, **params):
+    """A server-side assembler that inflates, as a negotiated connection has it."""
+    deflate = PerMessageDeflate(DeflateParams(**params), client=False)
+    return MessageAssembler(max_message_size=max_message_size, deflate=deflate), deflate
+
+
+def compressed_frame(opcode, payload, fin=True):
+    return Frame(opcode, payload, fin, True)
+
+
+def stored_payload(data, *, fin=True):
+    """``data`` as permessage-deflate stored blocks (level 0): a payload longer than ``data`` and not UTF-8."""
+    compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if fin else out
+
+
+def _zlib_error(payload):
+    """The message zlib gives for ``payload`` as a permessage-deflate message (the part of a 1007's reason after ": ")."""
+    try:
+        zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+    except zlib.error as exc:
+        return str(exc)
+    raise AssertionError(f"zlib inflates {payload!r}")
+
+
+# Compressed payloads that are not what they claim: (wire, the 1007's reason; None: zlib's message, whatever it is).
+COMPRESSED_DATA_ERRORS = {
+    "invalid-data": (raw_frame(Opcode.BINARY, b"\xff\xff\xff\xff", rsv=0x40),
+                     "invalid compressed data: " + _zlib_error(b"\xff\xff\xff\xff")),
+    "invalid-data-in-a-later-fragment": (raw_frame(Opcode.TEXT, deflate_payload(b"ok") + b"\x00\x00\xff\xff", fin=False,
+                                                   rsv=0x40) + raw_frame(Opcode.CONTINUATION, b"\xff\xff"), None),
+    "data-after-the-stream": (raw_frame(Opcode.BINARY, zlib.compress(b"x", wbits=-15) + b"junk", rsv=0x40),
+                              "data after the end of the compressed stream"),
+    "invalid-utf8-once-inflated": (raw_frame(Opcode.TEXT, deflate_payload(b"ok \xff"), rsv=0x40),
+                                   "invalid UTF-8 in a text message"),
+}
+
+
+def _zero_bomb(inflated_mib):
+    """A permessage-deflate payload of about 1 KiB per MiB it inflates to: full-flush segments,
+    each inflating to 1 MiB of zeros, repeated (each is independent, so the repetition is valid)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    segment = compressor.compress(bytes(2 ** 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert len(segment) < 1100
+    return (segment * inflated_mib)[:-4]
+
+
+# Negotiation: the server side -------------------------------------------------
+
+# What the default settings answer: neither side keeps a compression context.
+NO_CONTEXT = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+# (offer, settings, expected answer); the settings default to Deflate().
+SERVER_NEGOTIATION = {
+    "no-offer": (None, None, None),
+    "other-extension-only": ("x-webkit-deflate-frame", None, None),
+    "plain": ("permessage-deflate", None, f"{NO_CONTEXT}"),
+    "browser": ("permessage-deflate; client_max_window_bits", None, f"{NO_CONTEXT}; client_max_window_bits=12"),
+    "client-window-10": ("permessage-deflate; client_max_window_bits=10", None,
+                         f"{NO_CONTEXT}; client_max_window_bits=10"),
+    "client-window-15-capped": ("permessage-deflate; client_max_window_bits=15", None,
+                                f"{NO_CONTEXT}; client_max_window_bits=12"),
+    "server-window-10": ("permessage-deflate; server_max_window_bits=10", None,
+                         f"{NO_CONTEXT}; server_max_window_bits=10"),
+    "quoted-value": ('permessage-deflate; client_max_window_bits="11"', None, f"{NO_CONTEXT}; client_max_window_bits=11"),
+    "server-context-allowed": ("permessage-deflate", Deflate(server_no_context_takeover=False),
+                               "permessage-deflate; client_no_context_takeover"),
+    "client-context-allowed": ("permessage-deflate", Deflate(client_no_context_takeover=False),
+                               "permessage-deflate; server_no_context_takeover"),
+    "all-context-allowed": ("permessage-deflate", Deflate(False, False), "permessage-deflate"),
+    "client-no-context-echoed": ("permessage-deflate; client_no_context_takeover", Deflate(False, False),
+                                 "permessage-deflate; client_no_context_takeover"),
+    "server-no-context-asked": ("permessage-deflate; server_no_context_takeover", Deflate(False, False),
+                                "permessage-deflate; server_no_context_takeover"),
+    "server-limits-own-window": ("permessage-deflate", Deflate(server_max_window_bits=11),
+                                 f"{NO_CONTEXT}; server_max_window_bits=11"),
+    # Several offers: the first acceptable one wins; unacceptable ones are declined, not fatal.
+    "first-acceptable-wins": ("permessage-deflate; server_max_window_bits=8, "
+                              "permessage-deflate; client_max_window_bits=9, permessage-deflate", None,
+                              f"{NO_CONTEXT}; client_max_window_bits=9"),
+    "unknown-then-good": ("x-foo; bar=1, permessage-deflate; unknown_param, permessage-deflate", None, NO_CONTEXT),
+    # Malformed or conflicting offers, each declined (RFC 7692 5, 7.1).
+    "server-window-8": ("permessage-deflate; server_max_window_bits=8", None, None),
+    "server-window-without-value": ("permessage-deflate; server_max_window_bits", None, None),
+    "window-16": ("permessage-deflate; client_max_window_bits=16", None, None),
+    "window-7": ("permessage-deflate; server_max_window_bits=7", None, None),
+    "window-leading-zero": ("permessage-deflate; client_max_window_bits=09", None, None),
+    "window-not-a-number": ("permessage-deflate; client_max_window_bits=abc", None, None),
+    "repeated-parameter": ("permessage-deflate; server_no_context_takeover; server_no_context_takeover", None, None),
+    "repeated-window": ("permessage-deflate; client_max_window_bits=10; client_max_window_bits=11", None, None),
+    "flag-with-value": ("permessage-deflate; client_no_context_takeover=1", None, None),
+    "unknown-parameter": ("permessage-deflate; x=1", None, None),
+    "broken-quotes": ('permessage-deflate; client_max_window_bits="10', None, None),
+    "empty-parameter": ("permessage-deflate;", None, None),
+}
+
+
+# (settings, server's answer, expected DeflateParams or an error message part)
+CLIENT_NEGOTIATION = {
+    "declined": (Deflate(), None, None),
+    "accepted": (Deflate(), f"{NO_CONTEXT}; client_max_window_bits=12", DeflateParams(True, True, 15, 12)),
+    # We said we keep no context: the answer need not repeat it.
+    "client-no-context-not-echoed": (Deflate(), "permessage-deflate; server_no_context_takeover",
+                                     DeflateParams(True, True, 15, 12)),
+    "client-window-omitted": (Deflate(False, False), "permessage-deflate", DeflateParams(False, False, 15, 12)),
+    "server-no-context-unasked": (Deflate(False, False), "permessage-deflate; server_no_context_takeover",
+                                  DeflateParams(True, False, 15, 12)),
+    "client-no-context-imposed": (Deflate(False, False), "permessage-deflate; client_no_context_takeover",
+                                  DeflateParams(False, True, 15, 12)),
+    "server-window-unasked": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=10", DeflateParams(True, True, 10, 12)),
+    "server-window-8": (Deflate(), f"{NO_CONTEXT}; server_max_window_bits=8",
+                        DeflateParams(True, True, 8, 12)),  # we only inflate with it: fine
+    "missing-server-no-context": (Deflate(), "permessage-deflate", "server_no_context_takeover"),
+    # RFC 7692 7.1.2.2: a larger window than offered (Autobahn 13.4/13.6) leaves ours; a smaller one binds.
+    "client-window-larger": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
+                             DeflateParams(True, True, 15, 12)),
+    "client-window-13": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=13",
+                         DeflateParams(True, True, 15, 12)),
+    "client-window-smaller": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+                              DeflateParams(True, True, 15, 10)),
+    "client-window-8": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
+                        DeflateParams(True, True, 15, 8)),
+    "client-window-9-offered-15": (Deflate(False, False, 15, 15), "permessage-deflate; client_max_window_bits=9",
+                                   DeflateParams(False, False, 15, 9)),
+    "client-window-without-value": (Deflate(), "permessage-deflate; server_no_context_takeover; client_max_window_bits",
+                                    "needs a value"),
+    "server-window-too-big": (Deflate(server_max_window_bits=10),
+                              "permessage-deflate; server_no_context_takeover; server_max_window_bits=11", "exceeds"),
+    "server-window-missing": (Deflate(server_max_window_bits=10), "permessage-deflate; server_no_context_takeover",
+                              "exceeds"),
+    "not-offered-extension": (Deflate(), "x-foo", "not offered"),
+    "two-extensions": (Deflate(), "permessage-deflate; server_no_context_takeover, permessage-deflate", "not offered"),
+    "unknown-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; foo", "unknown"),
+    "repeated-parameter": (Deflate(), "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                           "repeated"),
+    "malformed": (Deflate(), "permessage-deflate; =12", "malformed"),
+}
+
+
+# Connections: RSV1 and control frames on the wire -----------------------------
+def _upgrade_with_extensions(address, extensions):
+    """A raw socket upgraded with the given Sec-WebSocket-Extensions; returns (RawPeer, the 101's headers)."""
+    sock = socket.create_connection(address, timeout=10)
+    request = upgrade_request_bytes().replace(b"\r\n\r\n", f"\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"
+                                              .encode(), 1) if extensions else upgrade_request_bytes()
+    sock.sendall(request)
+    head, rest = read_head(sock)
+    response = parse_response(head)
+    assert response.status == 101
+    peer = RawPeer(sock)
+    peer.parser.allow_rsv1 = "Sec-WebSocket-Extensions" in response.headers
+    peer.frames.extend(peer.parser.feed(rest))
+    return peer, response.headers
+
+
+# Interop and sections 12/13 of the conformance suite ---------------------------
+
+# Section 12: message sizes (text and binary) ...
+AUTOBAHN_SIZES = [16, 64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+def autobahn_messages(seed=12):
+    """Messages of every section-12 size: compressible text, incompressible binary, repetitive binary."""
+    rng = random.Random(seed)
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "ünïcode", "😀", "json", '{"k": 1}', "\n"]
+    messages = []
+    for size in AUTOBAHN_SIZES:
+        text = " ".join(rng.choice(words) for _ in range(size // 4))
+        text = text.encode()[:size].decode(errors="ignore")
+        messages.append(text)
+        messages.append(rng.randbytes(size))
+        messages.append(bytes([size % 251]) * size)
+    return messages
+
+
+# ... Section 13: (server_no_context_takeover, client_no_context_takeover, max window bits of both sides).
+AUTOBAHN_COMBINATIONS = [(snct, cnct, bits) for snct in (False, True) for cnct in (False, True) for bits in (9, 15)]
+
+
+def _combo_id(combo):
+    snct, cnct, bits = combo
+    return f"snct{int(snct)}-cnct{int(cnct)}-w{bits}"
+
+
+@contextlib.contextmanager
+def deflate_pair(role, manager, wsm_compression, ws_extension):
+    """An open connection between wsmanager (with ``wsm_compression``) and websockets (with the extension
+    factory ``ws_extension``, or none); yields (wsmanager end, websockets end)."""
+    ws_options = {"compression": None, "extensions": [ws_extension] if ws_extension else None,
+                  "max_size": 2 ** 22}
+    if role == "wsm-server":
+        address, opened = wsmanager_server(manager, compression=wsm_compression)
+        with ws_connect(ws_url(address), proxy=None, **_ws_options(**ws_options)) as peer:
+            yield opened.get(timeout=10), peer
+    else:
+        with websockets_server(**ws_options) as (address, connections):
+            wsm = open_client(manager, ws_url(address), EchoRecorder, compression=wsm_compression)
+            try:
+                yield wsm, connections.get(timeout=10)
+            finally:
+                wsm.close()
+                wsm.closed_event.wait(5)
+
+
+def _exchange(wsm, peer, messages, rounds=1):
+    """Both directions: the peer sends, wsmanager echoes (compressing), the peer checks every echo."""
+    start = len(wsm.messages)
+    for _ in range(rounds):
+        for message in messages:
+            peer.send(message)
+            echoed = peer.recv(timeout=20)
+            assert type(echoed) is type(message) and echoed == message
+    # Each echo came after wsmanager received its message: all are there, in order.
+    assert wsm.messages[start:] == list(messages) * rounds
+
+
+# ... Section 13 in the client role: what Autobahn's test server answers to wsmanager's default offer
+# (server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12). It accepts with
+# server_no_context_takeover as asked and adds its own (requestNoContextTakeover, requestMaxWindowBits):
+# (False, 0), (True, 0), (False, 8), (False, 15), (True, 8), (True, 15), and for 13.7 the first of
+# (True, 8), (True, 0), (False, 0) that applies. Each with the window the client must compress with.
+AUTOBAHN_13_ANSWERS = {
+    "13.1": ("permessage-deflate; server_no_context_takeover", 12),
+    "13.2": (NO_CONTEXT, 12),
+    "13.3": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=8", 8),
+    "13.4": ("permessage-deflate; server_no_context_takeover; client_max_window_bits=15", 12),
+    "13.5": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+    "13.6": (f"{NO_CONTEXT}; client_max_window_bits=15", 12),
+    "13.7": (f"{NO_CONTEXT}; client_max_window_bits=8", 8),
+}
+
+
+# RFC 1951 3.2.5: base and extra bits of the length (257..285) and distance (0..29) codes.
+_LENGTH_BASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
+                195, 227, 258]
+
+
+_LENGTH_EXTRA = [0] * 8 + [n for n in range(1, 6) for _ in range(4)] + [0]
+
+
+_DISTANCE_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073,
+                  4097, 6145, 8193, 12289, 16385, 24577]
+
+
+_DISTANCE_EXTRA = [0, 0, 0, 0] + [n for n in range(1, 14) for _ in range(2)]
+
+
+_CODE_LENGTH_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
+
+
+def inflate_measuring_distances(payload):
+    """Inflate one permessage-deflate message without zlib (RFC 1951, the slow and plain way);
+    returns (data, the longest distance any match refers back). zlib's inflater cannot tell: it
+    accepts any distance within what it has output, whatever window it was given."""
+    stream = payload + b"\x00\x00\xff\xff"
+    position = 0  # in bits
+    out = bytearray()
+    longest = 0
+
+    def bits(count):
+        nonlocal position
+        value = 0
+        for shift in range(count):
+            value |= (stream[position >> 3] >> (position & 7) & 1) << shift
+            position += 1
+        return value
+
+    def code_table(lengths):  # canonical Huffman codes, RFC 1951 3.2.2
+        table, code = {}, 0
+        for length in range(1, 16):
+            for symbol, symbol_length in enumerate(lengths):
+                if symbol_length == length:
+                    table[length, code] = symbol
+                    code += 1
+            code <<= 1
+        return table
+
+    def decode(table):
+        code = 0
+        for length in range(1, 16):
+            code = code << 1 | bits(1)
+            if (length, code) in table:
+                return table[length, code]
+        raise AssertionError("invalid Huffman code")
+
+    while position + 3 <= 8 * len(stream):
+        final, kind = bits(1), bits(2)
+        if kind == 0:  # stored
+            position = (position + 7) & ~7
+            size = int.from_bytes(stream[position >> 3:(position >> 3) + 2], "little")
+            start = (position >> 3) + 4
+            out += stream[start:start + size]
+            position = 8 * (start + size)
+        else:
+            if kind == 1:
+                literals = code_table([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
+                distances = code_table([5] * 30)
+            else:
+                assert kind == 2, "reserved block type"
+                literal_count, distance_count, code_count = bits(5) + 257, bits(5) + 1, bits(4) + 4
+                code_lengths = [0] * 19
+                for index in range(code_count):
+                    code_lengths[_CODE_LENGTH_ORDER[index]] = bits(3)
+                length_codes = code_table(code_lengths)
+                lengths = []
+                while len(lengths) < literal_count + distance_count:
+                    symbol = decode(length_codes)
+                    if symbol < 16:
+                        lengths.append(symbol)
+                    elif symbol == 16:
+                        lengths += [lengths[-1]] * (3 + bits(2))
+                    else:
+                        lengths += [0] * (3 + bits(3) if symbol == 17 else 11 + bits(7))
+                literals = code_table(lengths[:literal_count])
+                distances = code_table(lengths[literal_count:])
+            while True:
+                symbol = decode(literals)
+                if symbol < 256:
+                    out.append(symbol)
+                    continue
+                if symbol == 256:
+                    break
+                length = _LENGTH_BASE[symbol - 257] + bits(_LENGTH_EXTRA[symbol - 257])
+                code = decode(distances)
+                distance = _DISTANCE_BASE[code] + bits(_DISTANCE_EXTRA[code])
+                assert distance <= len(out), "a distance before the start of the message"
+                longest = max(longest, distance)
+                for _ in range(length):
+                    out.append(out[-distance])
+        if final:
+            break
+    return bytes(out), longest
+
+
+class Autobahn13Server:
+    """A server that answers wsmanager's opening handshake with a fixed Sec-WebSocket-Extensions (as
+    Autobahn's test server in section 13) and then speaks compressed frames, checked by hand:
+    its own messages compressed by zlib with a 15-bit window and no context (it was asked for
+    server_no_context_takeover), the client's inflated by inflate_measuring_distances()."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.address = self.listener.getsockname()[:2]
+        self.sock = None
+        self.offer = None
+        self.parser = FrameParser(expect_masked=True, max_frame_size=2 ** 22, allow_rsv1=True)
+        self.frames = collections.deque()
+        self.longest_distance = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+
+    def handshake(self):
+        self.sock, _ = self.listener.accept()
+        self.sock.settimeout(20)
+        head, rest = read_head(self.sock)
+        request = parse_request(head)
+        self.offer = request.headers.get("Sec-WebSocket-Extensions")
+        self.sock.sendall(encode_switching_protocols(request.headers["Sec-WebSocket-Key"], None,
+                                                     [("Sec-WebSocket-Extensions", self.answer)]))
+        assert not rest
+
+    def send(self, message):
+        opcode = Opcode.TEXT if isinstance(message, str) else Opcode.BINARY
+        data = message.encode() if isinstance(message, str) else message
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        self.sock.sendall(encode_frame(opcode, payload, rsv1=True))
+
+    def receive(self):
+        """The next message from the client: it must be compressed, within the window it may use."""
+        fragments = []
+        while not fragments or not fragments[-1].fin:
+            while not self.frames:
+                data = self.sock.recv(2 ** 16)
+                assert data, "the client closed"
+                self.frames.extend(self.parser.feed(data))
+            frame = self.frames.popleft()
+            assert frame.opcode != Opcode.CLOSE, parse_close(frame.payload)
+            fragments.append(frame)
+        assert fragments[0].rsv1, "the client sent a message uncompressed"
+        data, longest = inflate_measuring_distances(b"".join(frame.payload for frame in fragments))
+        self.longest_distance = max(self.longest_distance, longest)
+        return data.decode() if fragments[0].opcode == Opcode.TEXT else data
+
 
 class TestCompression:
     """permessage-deflate (RFC 7692) sans I/O: RSV1, inflating, compressing, settings and negotiation."""
@@ -8740,8 +8542,8 @@ class TestCompression:
         for i in range(5):
             message = f"the same sentence, again and again ({i})".encode()
             payload = (compressor.compress(message) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+            # Each message refers back to the ones before: inflated right only with the context kept.
             assert assembler.receive(compressed_frame(Opcode.TEXT, payload)) == message.decode()
-        assert deflate._decompressor is not None  # kept for the next message
 
     def test_no_context_takeover_releases_the_inflater_after_each_message(self):
         assembler, deflate = deflate_codec(client_no_context_takeover=True)
@@ -9494,6 +9296,79 @@ class TestCompressionConnections:
 # Command line ################################################################
 ###############################################################################
 
+
+# Helpers: command line -------------------------------------------------------
+
+def _read_pty_to_end(master, output, timeout=10.0):
+    """The rest of the terminal's output (the child has exited and our slave end is closed), to EIO."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(master, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(deadline - time.monotonic()):
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: no writer left
+                    return
+                if not data:
+                    return
+                output += data
+    raise AssertionError(f"the terminal never ended: {bytes(output)!r}")
+
+
+def _screen(output):
+    """What a VT100 terminal shows after ``output``: its lines, right-stripped, without trailing blank ones.
+    Enough of it for the interactive client: text, CR, LF, backspace, save/restore cursor, cursor up/down/
+    left/right, insert line, erase line; other control sequences (readline's modes) change nothing shown."""
+    lines, row, column, saved = [[]], 0, 0, (0, 0)
+    for match in re.finditer(rb"\x1b\[([?0-9;]*)([A-Za-z])|\x1b([78])|(\r)|(\n)|(\x08)|([^\x1b\r\n\x08]+)",
+                             bytes(output)):
+        csi_arguments, csi, save_restore, cr, lf, backspace, text = match.groups()
+        if text:
+            for char in text.decode("utf-8", errors="replace"):
+                if char.isprintable():
+                    line = lines[row]
+                    line.extend(" " * (column + 1 - len(line)))
+                    line[column] = char
+                    column += 1
+        elif cr:
+            column = 0
+        elif lf:
+            row += 1
+        elif backspace:
+            column = max(0, column - 1)
+        elif save_restore:
+            if save_restore == b"7":
+                saved = (row, column)
+            else:
+                row, column = saved
+        elif csi_arguments.startswith(b"?"):
+            pass  # a mode (bracketed paste, meta key): nothing on the screen
+        else:
+            count = int(csi_arguments or b"1") if csi in b"ABCDL" else int(csi_arguments or b"0")
+            if csi == b"A":
+                row = max(0, row - count)
+            elif csi == b"B":
+                row += count
+            elif csi == b"C":
+                column += count
+            elif csi == b"D":
+                column = max(0, column - count)
+            elif csi == b"L":
+                lines[row:row] = [[] for _ in range(count)]
+            elif csi == b"K":  # erase to the end of the line (0), from its start (1), all of it (2)
+                line = lines[row]
+                if count == 0:
+                    del line[column:]
+                else:
+                    line[:column + 1 if count == 1 else None] = " " * len(line[:column + 1 if count == 1 else None])
+        lines.extend([] for _ in range(row + 1 - len(lines)))
+    shown = ["".join(line).rstrip() for line in lines]
+    while shown and not shown[-1]:
+        shown.pop()
+    return shown
+
+
 @pytest.mark.peers
 class TestCommandLine:
     """python -m wsmanager: the chat server, the connect client, their arguments, the chat page in a browser."""
@@ -9810,6 +9685,79 @@ class TestCommandLine:
 # Interop #####################################################################
 ###############################################################################
 
+
+# Helpers: interop ------------------------------------------------------------
+
+@contextlib.contextmanager
+def interop_pair(role, manager, *, server_subprotocols=None, client_subprotocols=None, ws_options=None):
+    """An open connection between the two libraries; yields (wsmanager end, websockets end)."""
+    ws_options = ws_options or {}
+    if role == "wsm-server":
+        address, opened = wsmanager_server(manager, subprotocols=server_subprotocols)
+        # proxy=None: a proxy set in the environment must not intercept 127.0.0.1.
+        # Leaving the with block closes the websockets end (a no-op when the test already did).
+        with ws_connect(ws_url(address), proxy=None, subprotocols=client_subprotocols,
+                        **_ws_options(**ws_options)) as peer:
+            wsm = opened.get(timeout=10)
+            yield wsm, peer
+    else:
+        with websockets_server(subprotocols=server_subprotocols, **ws_options) as (address, connections):
+            wsm = open_client(manager, ws_url(address), EchoRecorder, subprotocols=client_subprotocols)
+            try:
+                peer = connections.get(timeout=10)
+                yield wsm, peer
+            finally:
+                wsm.close()  # no-op once closing; the manager fixture terminates whatever remains
+                wsm.closed_event.wait(5)
+
+
+# Messages ---------------------------------------------------------------------
+MESSAGES = {
+    "ascii-text": "hello",
+    "latin1-text": "héllo",
+    "cjk-text": "日本語",
+    "4-byte-utf8-text": "😀𝄞",
+    "binary": b"\x00\x01\xfe\xff binary",
+    "empty-text": "",
+    "empty-binary": b"",
+    # 1 MiB: read in many chunks, so wsmanager's partial-frame UTF-8 checks see characters cut in two.
+    "1MiB-text-2byte": "é" * (MIB // 2),
+    "1MiB-text-4byte": "😀" * (MIB // 4),
+    "1MiB-binary": bytes(range(256)) * (MIB // 256),
+}
+
+
+# Fragments sent by websockets: each is one frame; websockets ends with an empty final continuation.
+WEBSOCKETS_FRAGMENTS = {
+    "text": (["héllo ", "wörld ", "😀"], None, "héllo wörld 😀"),
+    "binary-with-empty-fragment": ([b"ab", b"", b"cd"], None, b"abcd"),
+    # Raw UTF-8 as text fragments, a 4-byte character split across frames: valid as a whole.
+    "text-char-split-across-frames": ([b"x\xf0\x9f", b"\x98", b"\x80y"], True, "x😀y"),
+    "1MiB-binary-in-16-fragments": ([bytes([i]) * (MIB // 16) for i in range(16)], None,
+                                    b"".join(bytes([i]) * (MIB // 16) for i in range(16))),
+}
+
+
+# Fragments sent by wsmanager's send(iterable); none empty, so the fragments websockets streams
+# must be exactly these chunks.
+WSMANAGER_FRAGMENTS = {
+    "text": ["héllo ", "wörld ", "😀𝄞"],
+    "binary": [b"\x00ab", b"cd", b"ef\xff"],
+    "1MiB-binary-in-16-fragments": [bytes([i]) * (MIB // 16) for i in range(16)],
+}
+
+
+# Subprotocols -----------------------------------------------------------------
+
+# (server's supported list in preference order, client's offer, expected choice).
+# Both libraries choose by the server's preference.
+SUBPROTOCOL_CASES = {
+    "server-preference-wins": (["chat.v2", "chat.v1"], ["chat.v1", "chat.v2"], "chat.v2"),
+    "only-common-one": (["chat.v2", "chat.v1"], ["chat.v1", "other"], "chat.v1"),
+    "server-supports-none": (None, ["chat.v1"], None),
+}
+
+
 @pytest.mark.peers
 class TestInterop:
     """Against an independent implementation (websockets), in both roles."""
@@ -9888,7 +9836,7 @@ class TestInterop:
     # Close codes and reasons ------------------------------------------------------
     @pytest.mark.parametrize("role", ROLES)
     @pytest.mark.parametrize("initiator", ["wsmanager", "websockets"])
-    @pytest.mark.parametrize("code", SENDABLE_CLOSE_CODES)
+    @pytest.mark.parametrize("code", SENDABLE_CODES)
     def test_interop_close_code_and_reason(self, interop_manager, role, initiator, code):
         reason = f"bye {code} ✓"  # non-ASCII: reasons are UTF-8 on the wire
         with interop_pair(role, interop_manager) as (wsm, peer):
@@ -10961,6 +10909,159 @@ class TestClients:
 # Hardening ###################################################################
 ###############################################################################
 
+
+# Helpers: hardening ----------------------------------------------------------
+
+LOOP_CRASH_LOG = "unexpected error in the wsmanager loop"
+
+
+def process_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def send_and_read_to_eof(address, data, *, half_close=False, timeout=10.0):
+    """Send raw bytes, read until the server closes; returns everything it sent."""
+    received = bytearray()
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        for _ in range(10000):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            assert time.monotonic() < deadline, "server did not close"
+    return bytes(received)
+
+
+def assert_manager_serves(m, address, path, text, **connect_options):
+    """A fresh wsmanager client, added to ``m``, gets its echo and closes cleanly."""
+    client = connect(ws_url(address, path), Recorder, timeout=10, **connect_options)
+    m.add(client)
+    client.send(text)
+    wait_until(lambda: client.messages == [text])
+    client.close()
+    assert client.closed_event.wait(10)
+
+
+CAP_BUFFERED = 256 * 1024
+
+
+CAP_FRAME = 64 * 1024
+
+
+CAP_MESSAGE = 256 * 1024
+
+
+def fill_server_output(ws, max_buffered, chunk=b"o" * 16384, max_seconds=20.0):
+    """Server pushes to a peer that never reads until its queue is as full as it can be without
+    crossing max_buffered (the kernel's socket buffers fill first)."""
+    frame_len = len(encode_frame(Opcode.BINARY, chunk))
+    deadline = time.monotonic() + max_seconds
+    full_checks = 0
+    for _ in range(100000):
+        assert time.monotonic() < deadline, f"output never filled: {ws.buffered_amount}"
+        if ws.buffered_amount + frame_len <= max_buffered:
+            ws.send(chunk)  # only this thread adds, the loop only drains: never over the cap
+            full_checks = 0
+            continue
+        full_checks += 1
+        if full_checks >= 3:  # full and staying full: the peer's side holds no more
+            return frame_len
+        time.sleep(0.05)
+    raise AssertionError("fill_server_output did not converge")
+
+
+def send_near_limit_message(sock):
+    """A binary message of many fragments up to max_message_size - max_frame_size, then a
+    continuation frame of max_frame_size (which brings the message exactly to the limit) of
+    which all but one byte is sent: the parser holds a whole frame, the assembler the rest."""
+    fragment = b"f" * 4096
+    count = (CAP_MESSAGE - CAP_FRAME) // len(fragment)
+    data = [encode_frame(Opcode.BINARY, fragment, fin=False, mask=True)]
+    data += [encode_frame(Opcode.CONTINUATION, fragment, fin=False, mask=True)] * (count - 1)
+    big = encode_frame(Opcode.CONTINUATION, b"b" * CAP_FRAME, fin=False, mask=True)
+    sock.sendall(b"".join(data) + big[:-1])
+    return count * len(fragment), len(big) - 1
+
+
+class LengthEchoServer(HardeningServer):
+    """Answers the flood with the length of what it assembled (echoes anyone else)."""
+
+    def received_message(self, message):
+        self.received += 1
+        self.send(str(len(message)) if self.path == "/flood" else message)
+
+
+GARBAGE_BEFORE_HANDSHAKE = {
+    # name: (bytes, half-close after sending, HTTP status expected or None for "a response or a close")
+    "tls-client-hello": (tls_client_hello, False, None),
+    "http-1.0": (lambda: upgrade_request_bytes(version="1.0"), False, 505),  # an upgrade needs 1.1
+    "post": (lambda: upgrade_request_bytes(method="POST"), False, 405),
+    "random-binary": (lambda: random.Random(5).randbytes(4096), True, None),
+    "binary-over-head-limit": (lambda: bytes(b if b != 10 else 0 for b in random.Random(6).randbytes(20000)),
+                               False, 431),
+    "nul-bytes": (lambda: b"\0" * 100 + b"\r\n\r\n", False, 400),
+}
+
+
+class RaisingOnMessageServer(HardeningServer):
+    def received_message(self, message):
+        self.received += 1
+        if self.path == "/raise":
+            raise RuntimeError("user bug")
+        self.send(message)
+
+
+class ReentrantCallbacks(WebSocket):
+    """Calls an action on itself (or the manager) from inside opened() or closed()."""
+
+    where = "opened"
+    action = "send"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closed_calls = []
+        self.closed_event = threading.Event()
+        self.outcome = None
+
+    def _act(self):
+        try:
+            if self.action == "send":
+                self.send("from " + self.where)
+            elif self.action == "close":
+                self.close(4001, "from " + self.where)
+            elif self.action == "terminate":
+                self.terminate()
+            elif self.action == "stop":
+                self.manager.stop()
+            self.outcome = "returned"
+        except ConnectionClosed:
+            self.outcome = "ConnectionClosed"
+        except RecursionError:  # pragma: no cover - the failure being tested for
+            self.outcome = "RecursionError"
+
+    def opened(self):
+        if self.where == "opened" and self.path == "/reentrant":
+            self._act()
+
+    def received_message(self, message):
+        self.send(message)
+
+    def closed(self, code, reason):
+        self.closed_calls.append((code, reason))
+        if self.where == "closed" and self.path == "/reentrant":
+            self._act()
+        self.closed_event.set()
+
+
 @pytest.mark.peers
 class TestHardening:
     """Hostile peers, resource exhaustion and faults: one bad peer never hurts the others."""
@@ -11024,11 +11125,11 @@ class TestHardening:
             def snapshot():
                 return dict(buffered=ws.buffered_amount, out_held=memory_held_by(ws._protocol.out),
                             parser=len(ws._protocol.parser._buffer), assembler=len(ws._protocol.assembler._buffer),
-                            assembler_held=memory_held_by(ws._protocol.assembler._buffer), finalized=ws._finalized)
+                            assembler_held=memory_held_by(ws._protocol.assembler._buffer), terminated=ws.terminated)
 
             wait_until(lambda: call_in_loop_thread(m, snapshot)["parser"] == partial, timeout=20)
             s = call_in_loop_thread(m, snapshot)
-            assert not s["finalized"]
+            assert not s["terminated"]
             bystander.served_now()  # while this peer holds the server at every cap
             # Every cap is reached (the peer really makes the server hold that much) ...
             assert CAP_BUFFERED - 3 * frame_len <= s["buffered"] <= CAP_BUFFERED
@@ -11067,7 +11168,7 @@ class TestHardening:
                 assert attacker.sock.recv(2048)
             assert ws.buffered_amount <= CAP_BUFFERED // 4
             # The kernel's buffers fill up again; from then on nothing more goes out.
-            wait_until_stable(lambda: ws.buffered_amount)
+            wait_until(lambda: ws.buffered_amount, steady=0.3)
             fill_server_output(ws, CAP_BUFFERED)
             buffered, held = call_in_loop_thread(m, lambda: (ws.buffered_amount, memory_held_by(ws._protocol.out)))
             assert not ws.terminated
@@ -11650,19 +11751,110 @@ class TestHardening:
 # Docs ########################################################################
 ###############################################################################
 
+
+# Helpers: docs ---------------------------------------------------------------
+
+# Types -----------------------------------------------------------------------
+_TYPED_USER_SCRIPT = '''
+import wsmanager
+
+
+class Hello(wsmanager.WebSocket):
+    greeting = "hello"
+
+    def opened(self) -> None:
+        self.send(self.greeting)
+
+
+with wsmanager.WebSocketManager() as manager:
+    host, port = manager.listen(("127.0.0.1", 0), wsmanager.WebSocket)  # the module docstring's line
+    url: str = f"ws://{host}:{port + 0}/"
+    hello: Hello = wsmanager.connect(url, Hello)  # the factory's type comes back
+    plain: wsmanager.WebSocket = wsmanager.connect(url)
+    deflated: Hello = wsmanager.connect(url, Hello, compression="deflate")  # both overloads take it
+    wsmanager.connect(url, compression=wsmanager.Deflate())
+    path: str = manager.listen("/tmp/wsmanager-typing.sock")  # a path gives a path back
+    print(hello.greeting, plain.subprotocol, path)
+'''
+
+
+def _type_checker(name):
+    """The command running ``name`` (mypy or pyright), or skip the test saying why."""
+    if name == "mypy":
+        try:
+            import mypy  # noqa: F401
+        except ImportError:
+            pytest.skip("mypy is not installed (pip install '.[lint]')")
+        return [sys.executable, "-m", "mypy", "--no-incremental"]
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (it needs Node.js)")
+    return [path]
+
+
+# Packaging: the CPython versions setup.cfg's classifiers name, each run by the tests where installed.
+TESTED_PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+
+_SMOKE_SCRIPT = """
+import sys, threading, wsmanager
+
+class Echo(wsmanager.WebSocket):
+    def received_message(self, message):
+        self.send(message)
+
+class Client(wsmanager.WebSocket):
+    def opened(self):
+        self.send("échoed " * 2)
+
+    def received_message(self, message):
+        print("%d.%d" % sys.version_info[:2], message, self.compression is not None)
+        done.set()
+
+done = threading.Event()
+with wsmanager.WebSocketManager(compression="deflate") as manager:
+    host, port = manager.listen(("127.0.0.1", 0), Echo)
+    manager.connect(f"ws://{host}:{port}/", Client, compression="deflate")
+    assert done.wait(10)
+"""
+
+
+def _find_python(version):
+    """A CPython ``version`` ("3.9") on this machine (PATH or pyenv), or None."""
+    candidates = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python{version}"))
+    found = shutil.which(f"python{version}")
+    for candidate in [*map(str, candidates), *([found] if found else [])]:
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                    capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.strip() == version:
+            return candidate
+    return None
+
+
+@pytest.fixture
+def echo_server(make_manager):
+    """An echo server for the README's client snippets: (its manager, its port)."""
+    server = make_manager(close_timeout=1.0)
+    return server, server.listen(("127.0.0.1", 0), EchoServer)[1]
+
+
 @contextlib.contextmanager
 def serving_snippet(name, module_name):
-    """Run the server snippet ``name`` (its port 9000 made 0) in a thread; yield (its manager, its port).
-    The manager is stopped and the thread joined after; the thread must have ended."""
-    code = readme_snippet(name).replace("9000", "0")
+    """Run the server snippet ``name`` (its port 9000 made a free one) in a thread; yield (its manager, its
+    port) once it printed that it listens. The manager is stopped and the thread joined after; the thread
+    must have ended."""
+    port = _free_port()
+    code = readme_snippet(name).replace("9000", str(port))
     namespace = {"__name__": module_name}
     thread = threading.Thread(target=exec, args=(code, namespace), daemon=True)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as output:
         thread.start()
         try:
-            wait_until(lambda: "manager" in namespace and namespace["manager"]._listeners)
-            manager = namespace["manager"]
-            yield manager, manager._listeners[0].sock.getsockname()[1]
+            wait_until(lambda: str(port) in output.getvalue())  # printed once listen() returned
+            yield namespace["manager"], port
         finally:
             if "manager" in namespace:
                 namespace["manager"].stop()

@@ -104,9 +104,11 @@ import threading
 import time
 import types
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
+                    NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 if TYPE_CHECKING:
+    from typing import NamedTuple as _NamedTuple
+    _LazyPattern = re.compile
     import base64
     import hashlib
     import logging
@@ -115,26 +117,65 @@ if TYPE_CHECKING:
     import urllib.parse
     import zlib
 else:
-    class _LazyModule(types.ModuleType):
-        """A module imported on its first use, then bound in its place: no cost at import, none after.
+    def _lazy_module(name: str) -> types.ModuleType:
+        """A stand-in for module ``name`` that imports it on first use: no cost at import.
 
         Deliberate: these modules are most of what ``import wsmanager`` would
-        cost (``ssl`` and ``logging`` above all), and many programs
-        never touch TLS, compression, signals or a log line.
+        cost (``ssl`` and ``logging`` above all), and many programs never
+        touch TLS, compression, signals or a log line. Each attribute is
+        fetched from the real module once and kept in the stand-in, whose
+        ``__getattr__`` (PEP 562) runs only for a missing one: later uses cost
+        a plain module attribute look-up, and the global naming the stand-in
+        never changes.
         """
+        stand_in = types.ModuleType(name)
 
-        def __getattr__(self, attribute: str) -> Any:
-            name = self.__name__
+        def __getattr__(attribute: str) -> Any:
             __import__(name)
-            top = name.partition(".")[0]
-            globals()[top] = module = sys.modules[top]  # every later use finds the real module
-            if name == "ssl":
-                _tls_in_use()
-            return getattr(module, attribute)
+            value = getattr(sys.modules[name.partition(".")[0]], attribute)
+            setattr(stand_in, attribute, value)
+            return value
+
+        stand_in.__getattr__ = __getattr__
+        return stand_in
 
     base64, hashlib, logging, signal, ssl, zlib = map(
-        _LazyModule, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
-    urllib = _LazyModule("urllib.parse")
+        _lazy_module, ("base64", "hashlib", "logging", "signal", "ssl", "zlib"))
+    urllib = _lazy_module("urllib.parse")
+
+    class _NamedTupleType(type):
+        """The class statement of a ``typing.NamedTuple``, at a third of its cost at import.
+
+        Deliberate: typing.NamedTuple checks each field's annotation at run time, a compile()
+        each (annotations are strings here), and mypy checks them anyway. The class made is the
+        one typing makes: collections.namedtuple's, with the statement's docstring, methods
+        and annotations.
+        """
+
+        def __new__(cls, name: str, bases: Tuple[type, ...], namespace: Dict[str, Any]) -> Any:
+            fields = namespace.get("__annotations__", {})
+            defaults = [namespace[field] for field in fields if field in namespace]
+            record = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            record.__annotations__ = record.__new__.__annotations__ = fields
+            for key in namespace.keys() - fields.keys() - {"__annotations__", "__module__"}:
+                setattr(record, key, namespace[key])
+            return record
+
+    _NamedTuple = type.__new__(_NamedTupleType, "NamedTuple", (), {})
+
+    class _LazyPattern:
+        """``re.compile(pattern)``, compiled on first use: a handshake's patterns cost 0.3 ms at import.
+
+        The compiled pattern's methods are kept here once fetched: a plain attribute look-up from then on.
+        """
+
+        def __init__(self, pattern: Union[str, bytes]):
+            self.pattern = pattern
+
+        def __getattr__(self, attribute: str) -> Any:
+            value = getattr(re.compile(self.pattern), attribute)
+            setattr(self, attribute, value)
+            return value
 
 
 def _tls_step(sock: Any) -> int:
@@ -150,27 +191,36 @@ def _tls_step(sock: Any) -> int:
 
 
 def _is_tls(sock: Any) -> bool:
-    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is).
-
-    Every socket wsmanager takes passes here first: the first TLS one completes _WOULD_BLOCK.
-    """
-    module = sys.modules.get("ssl")
+    """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ``ssl`` (none exists before it is)."""
     # getattr: while another thread imports ssl, sys.modules holds it half made, without SSLSocket.
-    ssl_socket = getattr(module, "SSLSocket", None)
-    if ssl_socket is None or not isinstance(sock, ssl_socket):
-        return False
-    if len(_WOULD_BLOCK) == 2:
-        _tls_in_use()
-    return True
+    ssl_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    return ssl_socket is not None and isinstance(sock, ssl_socket)
+
+
+def _would_block() -> Tuple[type[BaseException], ...]:
+    """What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
+
+    For ``except _would_block():``, which calls it only once something was raised. ssl's two are
+    there once ssl is imported (wsmanager imports it lazily, and no TLS socket exists before);
+    until then BlockingIOError stands in for them.
+    """
+    module = sys.modules.get("ssl")  # getattr: ssl may be half made (another thread importing it)
+    return (BlockingIOError, InterruptedError, getattr(module, "SSLWantReadError", BlockingIOError),
+            getattr(module, "SSLWantWriteError", BlockingIOError))
 
 
 class _Logger:
-    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily)."""
+    """``logging.getLogger("wsmanager")``, made on the first log call (``logging`` is imported lazily).
+
+    Its methods are the real logger's, kept here once fetched (a plain attribute look-up from
+    then on); its data (``level``, ``handlers``) is read from the real logger on each use.
+    """
 
     def __getattr__(self, attribute: str) -> Any:
-        global logger
-        logger = logging.getLogger("wsmanager")
-        return getattr(logger, attribute)
+        value = getattr(logging.getLogger("wsmanager"), attribute)
+        if callable(value):
+            setattr(self, attribute, value)
+        return value
 
 
 logger = cast("logging.Logger", _Logger())
@@ -253,17 +303,6 @@ MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refu
 # A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
 VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
-# What a non-blocking socket (plain or TLS) raises when it cannot go on now: try again at the next event.
-# ssl's two join once ssl is in use (_tls_in_use): ssl is imported lazily, and no TLS socket exists before.
-_WOULD_BLOCK: Tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-
-
-def _tls_in_use() -> None:
-    """Add ssl's would-block errors to _WOULD_BLOCK (when ssl is imported, or a TLS socket is first seen)."""
-    global _WOULD_BLOCK
-    module = sys.modules["ssl"]
-    _WOULD_BLOCK = (BlockingIOError, InterruptedError, module.SSLWantReadError, module.SSLWantWriteError)
-
 # RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -344,7 +383,7 @@ class ManagerStopped(WebSocketError, RuntimeError):
 # Codec: masking, frames, close payloads, UTF-8 ###############################
 ###############################################################################
 
-class Frame(NamedTuple):
+class Frame(_NamedTuple):
     """One WebSocket frame, payload unmasked."""
 
     opcode: Opcode
@@ -355,7 +394,7 @@ class Frame(NamedTuple):
     rsv3: bool = False
 
 
-class Close(NamedTuple):
+class Close(_NamedTuple):
     """A parsed close frame: ``code`` is 1005 when the frame carried none."""
 
     code: int
@@ -365,12 +404,13 @@ class Close(NamedTuple):
 def _xor_tables() -> List[bytes]:
     """One table per key byte ``k`` for bytes.translate, ``tables[k][i] == i ^ k``: 64 KiB."""
     # Built by doubling, one C translate() per table (a generator over 65,536 bytes would cost
-    # ms at import): XOR with a power of two ``bit`` swaps the halves of each block of 2 * bit
-    # values, and the tables of k and k | bit differ by just that swap.
-    tables = [bytes(range(256))]
-    identity = tables[0]
+    # ms at import): the tables of k and k | bit differ by the XOR with ``bit``, itself a table
+    # made by one big-int XOR of the identity with ``bit`` in every byte.
+    identity = bytes(range(256))
+    number, ones = int.from_bytes(identity, "big"), int.from_bytes(b"\x01" * 256, "big")
+    tables = [identity]
     for bit in (1, 2, 4, 8, 16, 32, 64, 128):
-        swap = b"".join(identity[i + bit:i + 2 * bit] + identity[i:i + bit] for i in range(0, 256, 2 * bit))
+        swap = (number ^ ones * bit).to_bytes(256, "big")
         tables += [table.translate(swap) for table in tables]
     return tables
 
@@ -929,7 +969,7 @@ def parse_close(payload: bytes) -> Close:
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
-class Deflate(NamedTuple):
+class Deflate(_NamedTuple):
     """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
 
     ``compression="deflate"`` means ``Deflate()``. The four negotiation
@@ -970,7 +1010,7 @@ class Deflate(NamedTuple):
     mem_level: int = 5
 
 
-class DeflateParams(NamedTuple):
+class DeflateParams(_NamedTuple):
     """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
 
     server_no_context_takeover: bool = False
@@ -1173,7 +1213,7 @@ class Headers:
         return f"Headers({self._items!r})"
 
 
-class Request(NamedTuple):
+class Request(_NamedTuple):
     """A parsed HTTP request head."""
 
     method: str
@@ -1197,7 +1237,7 @@ class Request(NamedTuple):
         return self.headers.get("Origin")
 
 
-class Response(NamedTuple):
+class Response(_NamedTuple):
     """An HTTP response: parsed by a client, or sent by a server.
 
     A ``handshake`` hook of :meth:`WebSocketManager.listen` may return one
@@ -1233,10 +1273,10 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode("ascii")
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = _LazyPattern(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FORBIDDEN_IN_VALUE = _LazyPattern(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 6455 4.2.1: Sec-WebSocket-Key is the base64 of 16 bytes: 22 characters and "==".
-_KEY = re.compile(r"[A-Za-z0-9+/]{22}==\Z")
+_KEY = _LazyPattern(r"[A-Za-z0-9+/]{22}==\Z")
 # RFC 7231 6.5.15: a 426 names the protocol to upgrade to.
 _UPGRADE_REQUIRED = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13"))
 
@@ -1251,7 +1291,7 @@ def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
 
 
 # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
-_BLANK_LINE = re.compile(rb"\n\r?\n")
+_BLANK_LINE = _LazyPattern(rb"\n\r?\n")
 
 
 class HeadReader:
@@ -1325,7 +1365,7 @@ def _parse_head(head: bytes) -> Tuple[str, Headers]:
     return start, headers
 
 
-_HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
+_HTTP_VERSION = _LazyPattern(r"HTTP/(\d)\.(\d)\Z")
 
 
 def parse_request(head: bytes) -> Request:
@@ -1515,7 +1555,7 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
 
 # Sec-WebSocket-Extensions and permessage-deflate negotiation (RFC 7692 7.1) ---
 
-_EXTENSION_PARAM = re.compile(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
+_EXTENSION_PARAM = _LazyPattern(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
 # RFC 7692 7.1.2: 8..15, decimal, no leading zero.
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
 _DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",
@@ -2750,7 +2790,7 @@ class WebSocket:
             return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             # TLS's close_notify (SSLZeroReturnError) is an EOF. ssl is looked at on a TLS socket only:
@@ -2842,7 +2882,7 @@ class WebSocket:
                     break
                 try:
                     sent = sock.send(out[0])
-                except _WOULD_BLOCK:
+                except _would_block():
                     break
                 except OSError as exc:
                     error = exc
@@ -2957,7 +2997,7 @@ class _Flushable(Protocol):
         """Write what is queued, as far as the socket takes it now."""
 
 
-class _Answer(NamedTuple):
+class _Answer(_NamedTuple):
     """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
 
     response: Response  # a 101 to send, or the refusal (or page) that ends the connection
@@ -3082,7 +3122,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
-            except _WOULD_BLOCK:
+            except _would_block():
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -3176,7 +3216,7 @@ class _ServerHandshake(_Handshake):
             return
         try:
             data = self.sock.recv(READ_SIZE)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError:
             data = b""
@@ -3257,7 +3297,7 @@ class _ServerHandshake(_Handshake):
     def _write_reply(self, reply: memoryview) -> None:
         try:
             sent = self.sock.send(reply) if reply else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError:
             self._finalize()
@@ -3416,7 +3456,7 @@ class _ClientHandshake(_Handshake):
                     self._secure()
                 return
             result = self.opening.feed(data)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except HandshakeError as exc:
             if exc.status in _REDIRECT_STATUSES:
@@ -3465,7 +3505,7 @@ class _ClientHandshake(_Handshake):
         request = self.request
         try:
             sent = self.sock.send(request) if request else 0
-        except _WOULD_BLOCK:
+        except _would_block():
             sent = 0
         except OSError as exc:
             self._fail(exc)
@@ -3552,7 +3592,7 @@ class _Waker:
             # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
             while len(self.sock.recv(4096)) == 4096:
                 pass
-        except _WOULD_BLOCK:
+        except _would_block():
             pass
         # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
         # flag stays set) and before the queues are read (work queued before a skipped
@@ -3582,7 +3622,7 @@ def _import_loop_modules() -> None:
     zlib.crc32(b"")
     urllib.parse.urlsplit("ws://localhost/")
     "localhost".encode("idna")
-    logger.isEnabledFor(logging.DEBUG)  # the real logger from now on
+    logger.isEnabledFor(logging.DEBUG)  # makes the "wsmanager" logger
 
 
 def _descriptors_exhausted(exc: OSError) -> Optional[OSError]:
@@ -4747,7 +4787,7 @@ _RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCod
                               CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
 
 
-class _ClientTarget(NamedTuple):
+class _ClientTarget(_NamedTuple):
     """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
 
     secure: bool
@@ -4940,7 +4980,7 @@ def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple
 
 # Reconnecting clients ----------------------------------------------------------
 
-class Reconnect(NamedTuple):
+class Reconnect(_NamedTuple):
     """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
 
     The n-th wait in a row (n = 0, 1, ...) is based on
@@ -5542,7 +5582,7 @@ _KIND_TO_OPCODE: Dict[int, Opcode] = {b"t"[0]: _TEXT, b"b"[0]: _BINARY}
 _OPCODE_TO_KIND: Dict[int, bytes] = {_TEXT: b"t", _BINARY: b"b"}
 
 
-class _RedisError(NamedTuple):
+class _RedisError(_NamedTuple):
     """An error reply of Redis (``-ERR ...``)."""
 
     message: str
@@ -5765,7 +5805,7 @@ class _RedisConnection:
                     raise ConnectionError("Redis closed the connection")
                 parsed = parser.parsed
                 replies = parser.feed(data, budget)
-            except _WOULD_BLOCK:
+            except _would_block():
                 break
             except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
                 self.bridge._deliver_replies(self, exc.replies)
@@ -5840,7 +5880,7 @@ class _RedisConnection:
                         break
                     sent = self.sock.send(out)
                     del out[:sent]
-            except _WOULD_BLOCK:
+            except _would_block():
                 pass
             except OSError as exc:
                 error = exc
@@ -6872,7 +6912,7 @@ class _LoadReader:
         run = self.run
         try:
             data = self.sock.recv(run.read_size)
-        except _WOULD_BLOCK:
+        except _would_block():
             return
         except OSError as exc:
             self.client._finalize(f"connection lost: {exc}")
