@@ -6575,6 +6575,23 @@ class TestIntegrations:
             status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _socket_environ(sock))
         assert status == "503 Service Unavailable"
 
+    def test_wsgi_app_426_written_on_the_socket_gives_it_back_when_start_response_fails(self):
+        # wsgiref (WSGIRequestHandler) gets its 426 on the socket: the duplicate and the socketpair are made
+        # first; a start_response that raises (answered already) gets them closed, its socket left as it was.
+        def start_response(status, headers, exc_info=None):
+            raise RuntimeError("answered already")
+
+        app = WebSocketManager().wsgi_app(EchoServer)
+        client, server_side = socket.socketpair()
+        with client, server_side:
+            fds_before = open_fds()
+            with pytest.raises(RuntimeError, match="answered already") as raised:
+                app(_socket_environ(server_side, {"Upgrade": None}), start_response)
+            assert open_fds() == fds_before  # closed, not left to the garbage collector (raised keeps the frames)
+            del raised
+            server_side.sendall(b"still the server's")
+            assert client.recv(100) == b"still the server's"
+
     def test_wsgi_app_leaves_a_request_answered_before_it_alone(self, caplog):
         # A middleware around wsgi_app already started a response: the socket stays the server's.
         manager = WebSocketManager()
