@@ -1048,7 +1048,7 @@ def call_in_loop_thread(manager, function, timeout=10.0):
         finally:
             done.set()
 
-    manager._call_soon(call)
+    manager._loop.call_soon(call)
     assert done.wait(timeout), "the manager loop did not run our call"
     ok, value = box[0]
     if not ok:
@@ -4107,7 +4107,7 @@ def _read_to_eof(sock, limit=1000):
 
 def _heartbeat_chains(m, websocket):
     return call_in_loop_thread(m, lambda: sum(
-        1 for when, _, function, args in m._timers if function == websocket._heartbeat))
+        1 for when, _, function, args in m._loop.timers if function == websocket._heartbeat))
 
 
 # Logging ---------------------------------------------------------------------
@@ -4937,6 +4937,122 @@ class TestManager:
         assert client.closed_event.wait(10)
         assert client.close_code == CloseCode.MESSAGE_TOO_BIG
         assert conn.messages == [big, "0123456789"]
+
+    def test_frame_limit_follows_max_message_size_until_one_is_set_and_again_once_unset(self, client_manager):
+        """With no max_frame_size from the instance, the class or the manager, a connection's frame
+        limit is its own max_message_size, also as that changes; one set on it stops that, None resumes it."""
+        with running_manager(max_message_size=100) as server:
+            client, conn = open_pair(server, client_manager)
+            assert (conn.max_message_size, conn.max_frame_size) == (100, 100)
+            conn.max_message_size = 300
+            assert conn.max_frame_size == 300
+            conn.max_frame_size = 200
+            conn.max_message_size = 400
+            assert conn.max_frame_size == 200
+            conn.max_frame_size = None  # back to the default: following max_message_size
+            assert conn.max_frame_size == 400
+            conn.max_message_size = 500
+            assert conn.max_frame_size == 500
+            client.send(b"f" * 450)  # one frame
+            wait_until(lambda: conn.messages or conn.closed_event.is_set())
+            assert conn.messages == [b"f" * 450]
+            conn.max_frame_size = 200  # ... and the limits in force are the ones read
+            client.send([b"a" * 200, b"b" * 200])  # two frames, each within it
+            client.send(b"c" * 201)
+            assert client.closed_event.wait(10)
+            assert (client.close_code, client.close_reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                                "frame of 201 bytes exceeds the limit of 200")
+            assert conn.messages == [b"f" * 450, b"a" * 200 + b"b" * 200]
+
+    def test_frame_limit_of_the_manager_does_not_follow_max_message_size(self, client_manager):
+        with running_manager(max_message_size=100, max_frame_size=100) as server:
+            client, conn = open_pair(server, client_manager)
+            conn.max_message_size = 300
+            assert conn.max_frame_size == 100
+            client.send([b"a" * 100, b"b" * 100])
+            client.send(b"c" * 101)
+            assert client.closed_event.wait(10)
+            assert (client.close_code, client.close_reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                                "frame of 101 bytes exceeds the limit of 100")
+            assert conn.messages == [b"a" * 100 + b"b" * 100]
+
+    def test_setting_set_to_none_while_open_goes_back_to_the_class_then_the_manager(self, client_manager):
+        class Small(Recorder):
+            max_message_size = 50
+
+        servers = Collect(Small)
+        with running_manager(max_message_size=200) as server:
+            plain_client, plain = open_pair(server, client_manager)
+            client = open_client(client_manager, ws_url(server.listen(("127.0.0.1", 0), servers)))
+            small = servers.first_opened()
+            for conn, default in ((plain, 200), (small, 50)):
+                conn.max_message_size = 10
+                assert conn.max_message_size == 10
+                conn.max_message_size = None
+                assert conn.max_message_size == default
+            client.send(b"s" * 50)  # in force: the class's 50
+            client.send(b"s" * 51)
+            assert client.closed_event.wait(10) and client.close_code == CloseCode.MESSAGE_TOO_BIG
+            assert small.messages == [b"s" * 50]
+            plain_client.send(b"p" * 200)  # in force: the manager's 200
+            wait_until(lambda: plain.messages or plain.closed_event.is_set())
+            assert plain.messages == [b"p" * 200]
+
+    def test_setting_reset_out_of_a_manager_raises_and_keeps_the_value(self, manager, client_manager):
+        """Out of a manager after running, None has no default to go back to: RuntimeError, nothing changed."""
+        client, conn = open_pair(manager, client_manager)
+        conn.max_buffered = 1000
+        manager.remove(conn)
+        with pytest.raises(RuntimeError, match="out of a manager"):
+            conn.max_buffered = None
+        assert conn.max_buffered == 1000
+        conn.max_buffered = 2000  # a value of its own is taken
+        manager.add(conn)  # and kept, as every setting is, in the manager it joins
+        assert conn.max_buffered == 2000 and conn.max_message_size == manager.max_message_size
+        client.send("still open")
+        wait_until(lambda: conn.messages == ["still open"])
+
+    def test_setting_class_attributes_are_inherited_checked_and_none_resets(self, make_manager):
+        """A subclass's class attribute is its subclasses' too; None there goes back to the manager's;
+        anything but a valid value (a property too) is refused when the class is made."""
+
+        class Base(WebSocket):
+            max_buffered = 1000
+
+        class Child(Base):
+            pass
+
+        class Reset(Base):
+            max_buffered = None
+
+        assert (Base.max_buffered, Child.max_buffered, Reset.max_buffered, WebSocket.max_buffered) == (1000, 1000, None, None)
+        with pytest.raises(TypeError, match="max_buffered must be an int"):
+            class Computed(WebSocket):
+                @property
+                def max_buffered(self):
+                    return 1000
+        m = make_manager(max_buffered=5000)
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        with b, d:
+            child, reset = Child(a), Reset(c)
+            # Before it runs: its sends are bounded by its class's max_buffered (twice it, then BufferFull).
+            with pytest.raises(wsmanager.BufferFull):
+                for _ in range(10):
+                    child.send(b"x" * 500)
+            assert 2000 < child.buffered_amount <= 2000 + 500 + 14
+            m.add(child)
+            m.add(reset)
+            wait_until(lambda: (child.max_buffered, reset.max_buffered) == (1000, 5000))
+
+    def test_manager_setting_made_none_fails_the_connection_start_with_its_name(self, make_manager, caplog):
+        m = make_manager()
+        m.max_message_size = None
+        a, b = socket.socketpair()
+        with b:
+            websocket = WebSocket(a)
+            m.add(websocket)
+            wait_until(lambda: "the manager's max_message_size is None: no limit to apply" in caplog.text)
 
     def test_server_sends_wide_buffers_as_their_bytes(self, manager):
         """Server side: send, fragments, broadcast and ping, as a raw peer reads them."""
@@ -6543,16 +6659,26 @@ class TestIntegrations:
         assert _call_wsgi(app, environ) == ("200 OK", [("Content-Type", "text/plain")], b"site /page")
 
     def test_wsgi_app_without_app_answers_426_naming_websocket(self):
+        # werkzeug sends the hop-by-hop headers it is given (as gunicorn and cheroot do): they go through WSGI.
         app = WebSocketManager().wsgi_app(WebSocket)
-        status, headers, body = _call_wsgi(app, _environ({"Upgrade": None}))
+        with socket.socket() as sock:
+            status, headers, body = _call_wsgi(app, _environ({"Upgrade": None}, **{"werkzeug.socket": sock}))
         assert status == "426 Upgrade Required" and body == b"426 Upgrade Required\n"
         assert ("Upgrade", "websocket") in headers and ("Sec-WebSocket-Version", "13") in headers
 
-    def test_wsgi_app_426_in_a_strict_server_without_a_socket_drops_only_the_hop_by_hop_headers(self):
-        app = WebSocketManager().wsgi_app(WebSocket)
-        status, headers, _ = _call_wsgi(app, _environ({"Upgrade": None}), strict_pep3333=True)
-        assert status == "426 Upgrade Required"
-        assert [name for name, _ in headers] == ["Sec-WebSocket-Version", "Content-Type", "Content-Length"]
+    def test_wsgi_app_426_in_an_unknown_server_without_a_socket_drops_only_the_hop_by_hop_headers(self):
+        # PEP 3333 forbids hop-by-hop headers to applications: a server not known to send them (waitress and
+        # wsgiref assert) never gets them, and wsgi_app never provokes an assert to find out.
+        calls = []
+
+        def start_response(status, headers, exc_info=None):
+            calls.append((status, [name for name, _ in headers]))
+            for name, _ in headers:
+                assert name.lower() not in ("upgrade", "connection"), f"Hop-by-hop header {name}"
+
+        body = WebSocketManager().wsgi_app(WebSocket)(_environ({"Upgrade": None}), start_response)
+        assert b"".join(body) == b"426 Upgrade Required\n"
+        assert calls == [("426 Upgrade Required", ["Sec-WebSocket-Version", "Content-Type", "Content-Length"])]
 
     @pytest.mark.parametrize("environ, status", [
         (_environ(method="POST"), "405 Method Not Allowed"),
@@ -6649,6 +6775,23 @@ class TestIntegrations:
             status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _socket_environ(sock))
         assert status == "503 Service Unavailable"
 
+    def test_wsgi_app_426_written_on_the_socket_gives_it_back_when_start_response_fails(self):
+        # wsgiref (WSGIRequestHandler) gets its 426 on the socket: the duplicate and the socketpair are made
+        # first; a start_response that raises (answered already) gets them closed, its socket left as it was.
+        def start_response(status, headers, exc_info=None):
+            raise RuntimeError("answered already")
+
+        app = WebSocketManager().wsgi_app(EchoServer)
+        client, server_side = socket.socketpair()
+        with client, server_side:
+            fds_before = open_fds()
+            with pytest.raises(RuntimeError, match="answered already") as raised:
+                app(_socket_environ(server_side, {"Upgrade": None}), start_response)
+            assert open_fds() == fds_before  # closed, not left to the garbage collector (raised keeps the frames)
+            del raised
+            server_side.sendall(b"still the server's")
+            assert client.recv(100) == b"still the server's"
+
     def test_wsgi_app_leaves_a_request_answered_before_it_alone(self, caplog):
         # A middleware around wsgi_app already started a response: the socket stays the server's.
         manager = WebSocketManager()
@@ -6672,15 +6815,53 @@ class TestIntegrations:
         manager.stop()
         manager.join(10)
 
+    @pytest.mark.parametrize("failure", ["factory-raises", "manager-stops"])
+    def test_wsgi_app_failing_after_taking_the_socket_answers_on_it_and_frees_the_slot(self, failure, caplog):
+        # Taken, nothing written on it yet (the loop writes the 101): a bug in the factory is a 500, a manager
+        # stopped meanwhile (add() refuses) a 503, on the connection and to the server (start_response again,
+        # with exc_info, for its log), and the max_connections slot is free again.
+        manager = WebSocketManager()
+
+        def factory(*args, **kwargs):
+            if failure == "factory-raises":
+                raise RuntimeError("a bug in the factory")
+            manager.stop()
+            return EchoServer(*args, **kwargs)
+
+        app = manager.wsgi_app(factory, max_connections=1)
+        statuses = []
+        client, server_side = socket.socketpair()
+        try:
+            with client, server_side, caplog.at_level(logging.ERROR, logger="wsmanager"):
+                body = app(_socket_environ(server_side), lambda status, headers, exc_info=None:
+                           statuses.append((status, exc_info is not None)))
+                assert list(body) == []
+                body.close()
+                client.settimeout(10)
+                head, rest = read_head(client)
+                expected = "500 Internal Server Error" if failure == "factory-raises" else "503 Service Unavailable"
+                assert head.startswith(f"HTTP/1.1 {expected}\r\n".encode()), head
+                while len(rest) < len(expected) + 1:
+                    rest += client.recv(100) or pytest.fail(f"closed after {rest!r}")
+                assert rest == f"{expected}\n".encode() and client.recv(100) == b""  # then closed
+                assert statuses == [("101 Switching Protocols", False), (expected, True)]
+                assert app.listener.connections == 0
+                logged = [record.getMessage() for record in caplog.records]
+                assert logged == (["could not create the connection for ('127.0.0.1', 50000)"]
+                                  if failure == "factory-raises" else [])
+        finally:
+            manager.stop()
+            manager.join(10)
+
     def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran(self):
         manager = WebSocketManager()
         manager._pid = -1  # as if made in gunicorn's master before --preload forked this worker
-        old_selector = manager._selector
+        old_selector = manager._loop.selector
         client, server_side = socket.socketpair()
         with client, server_side:
             status, _, _ = _call_wsgi(manager.wsgi_app(EchoServer), _socket_environ(server_side))
             assert status == "101 Switching Protocols"
-            assert manager._selector is not old_selector and manager._pid == os.getpid()
+            assert manager._loop.selector is not old_selector and manager._pid == os.getpid()
             wait_until(lambda: b"101 Switching Protocols" in client.recv(4096, socket.MSG_PEEK))
         manager.stop()
         manager.join(10)
@@ -6847,6 +7028,17 @@ class TestIntegrations:
             assert records()[before:] == ["GET /record?after"]
             close = RawPeer(sock, rest, timeout=20).close_frame()
             assert close is not None and close.code == CloseCode.PROTOCOL_ERROR
+        _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_answers_a_plain_request_to_wsgi_app_426_naming_websocket(self, probe_host):
+        # PEP 3333 forbids the 426's hop-by-hop headers (Upgrade, Connection) to applications: gunicorn, werkzeug
+        # and cheroot, found by what they put in environ, send them anyway: the 426 is theirs (their Server
+        # header); wsgiref asserts on them, and gets the 426 written on the connection by wsgi_app.
+        kind, port, records, read_log = probe_host
+        status, headers, body = _http(port, path="/ws")
+        assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
+        assert ("Server" in headers) == (kind != "wsgiref"), headers
+        assert _http(port)[:3:2] == (200, b"ready\n")
         _assert_clean_host_log(read_log())
 
     def test_wsgi_host_hands_frames_sent_with_the_upgrade_to_the_websocket(self, probe_host):
@@ -10033,6 +10225,188 @@ def tinyproxy_with_auth(tmp_path):
     proxy = TinyProxy(tmp_path, PROXY_CREDENTIALS)
     yield proxy
     proxy.close()
+
+
+@pytest.mark.peers
+@pytest.mark.usefixtures("no_leaks")
+class TestLoop:
+    """The loop API (wsmanager._Loop) that everything registered in a manager's loop uses, and the
+    manager's life (one state, its transitions in wsmanager._LIFE)."""
+
+    @pytest.fixture
+    def loop(self):
+        loop = wsmanager._Loop(owner=None)
+        loop.thread_id = threading.get_ident()  # this test's thread runs it
+        yield loop
+        loop.close()
+
+    def test_timers_run_in_time_order_and_a_cancelled_one_never_runs(self, loop):
+        ran = []
+        loop.call_later(0.02, ran.append, "second")
+        cancelled = loop.call_later(0.0, ran.append, "cancelled")
+        loop.call_later(0.0, ran.append, "first")
+        wsmanager._cancel(cancelled)
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 and time.monotonic() < deadline:
+            loop.run_once()
+        assert ran == ["first", "second"] and not loop.timers
+
+    def test_a_call_from_another_thread_wakes_a_select_that_waits_for_ever(self, loop):
+        ran = []
+        caller = threading.Timer(0.05, loop.call_threadsafe, (ran.append, "called"))
+        caller.start()
+        loop.run_once()  # no timer, nothing queued: select() waits until the waker's byte
+        if not ran:  # the waker's turn came first: the call is in the next one
+            loop.run_once()
+        caller.join()
+        assert ran == ["called"]
+        loop.call_threadsafe(ran.append, "at once")  # in the loop's thread: now, not queued
+        assert ran == ["called", "at once"] and not loop.calls
+
+    def test_stop_callbacks_are_told_once_unless_ignored(self, loop):
+        told = []
+        first, second = (lambda: told.append("first")), (lambda: told.append("second"))
+        loop.on_stop(first)
+        loop.on_stop(second)
+        loop.ignore_stop(second)
+        loop.tell_stop()
+        loop.tell_stop()
+        assert told == ["first"]
+
+    def test_the_flush_queue_skips_what_left_its_owner_and_a_crash_ends_only_that_handler(self, caplog):
+        owner = object()
+        loop = wsmanager._Loop(owner)
+        loop.thread_id = threading.get_ident()
+
+        class Flushable:
+            def __init__(self, manager, fail=False):
+                self.manager, self.fail, self.flushed, self.finalized = manager, fail, 0, None
+
+            def _flush(self):
+                self.flushed += 1
+                if self.fail:
+                    raise RuntimeError("bug")
+
+            def _finalize(self, reason=""):
+                self.finalized = reason
+
+        mine, gone, buggy = Flushable(owner), Flushable(None), Flushable(owner, fail=True)
+        try:
+            for handler in (buggy, gone, mine):
+                loop.schedule_flush(handler)
+            with caplog.at_level(logging.ERROR, logger="wsmanager"):
+                loop.run_once()
+            assert (mine.flushed, gone.flushed, buggy.flushed) == (1, 0, 1)
+            assert buggy.finalized == "internal error" and mine.finalized is None
+            assert "unexpected error in the wsmanager loop" in caplog.text
+        finally:
+            loop.close()
+
+    def test_set_events_registers_then_modifies_and_unwatch_forgets(self, loop):
+        left, right = socket.socketpair()
+        try:
+            class Reader:
+                _finalized = False
+                reads = 0
+
+                def _on_read(self):
+                    self.reads += 1
+                    left.recv(16)
+
+                def _on_write(self):
+                    pass
+
+            reader = Reader()
+            loop.set_events(left, selectors.EVENT_WRITE, reader)  # not watched yet: registered
+            loop.set_events(left, selectors.EVENT_READ, reader)  # watched: modified
+            right.send(b"x")
+            loop.run_once()
+            assert reader.reads == 1
+            loop.read_again(reader)  # TLS's decrypted input: read again in the next turn, with no event
+            right.send(b"y")  # (for the recv() of this fake reader)
+            loop.unwatch(left)
+            loop.unwatch(left)  # not watched: nothing happens
+            loop.run_once()
+            assert reader.reads == 2 and left.fileno() not in loop.selector.get_map()
+        finally:
+            left.close()
+            right.close()
+
+    def test_close_closes_the_waker_and_its_own_selector_but_not_a_given_one(self):
+        given = selectors.DefaultSelector()
+        try:
+            loop = wsmanager._Loop(None, given)
+            waker = loop.waker
+            loop.close()
+            assert waker.fileno() == -1 and given.get_map() is not None  # still open
+            own = wsmanager._Loop(None)
+            own.close()
+            assert own.selector.get_map() is None  # closed
+        finally:
+            given.close()
+
+    def test_every_life_transition_goes_forward_and_every_life_ends_closed(self):
+        # Forward only is what lets a signal handler change the state with no lock: a transition that
+        # races another can never undo a later state.
+        Life = wsmanager._Life
+        assert all(new >= life for (life, _), new in wsmanager._LIFE.items())
+        assert all(wsmanager._LIFE[(life, "shutdown")] is Life.CLOSED for life in Life)
+        assert {event for _, event in wsmanager._LIFE} == {"run", "stop", "interrupt", "over", "stop_now", "shutdown"}
+
+    def test_a_manager_tells_its_life_through_its_public_behaviour(self):
+        m = WebSocketManager()
+        assert not m.running
+        m.stop(timeout=5)  # before run(): kept, and run() only ends it
+        with pytest.raises(ManagerStopped):
+            m.listen(("127.0.0.1", 0))
+        runner = threading.Thread(target=m.run)
+        runner.start()
+        runner.join(10)
+        assert not runner.is_alive() and not m.running
+        with pytest.raises(RuntimeError):
+            m.run()  # once only
+        with pytest.raises(HandshakeError) as stopped:
+            m._ensure_running()  # what wsgi_app asks: 503 once stopped
+        assert stopped.value.status == 503
+
+    def test_shutdown_closes_what_was_queued_to_open(self):
+        # Owned from the call on, closed by the shutdown without searching the call queue.
+        m = WebSocketManager()
+        left, right = socket.socketpair()
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            try:
+                m.accept(left, b"GET / HTTP/1.1\r\n")  # an incomplete head, adopted in the loop's first turn
+                dialer = m.connect(ws_url(silent.getsockname()), Dialer)
+                m.stop(0)
+                m.run()  # stop(0) before run(): nothing turns, the shutdown closes both
+                assert left.fileno() == -1 and dialer.sock.fileno() == -1
+                assert isinstance(dialer.failure, ManagerStopped)
+            finally:
+                left.close()
+                right.close()
+
+    def test_after_stop_one_ctrl_c_keeps_the_stop_graceful_and_a_second_ends_it(self):
+        code = (
+            "import wsmanager\n"
+            "class StopAtOnce(wsmanager.WebSocket):\n"
+            "    def opened(self):\n"
+            "        self.manager.stop()\n"
+            "manager = wsmanager.WebSocketManager(close_timeout=30)\n"
+            "print(manager.listen(('127.0.0.1', 0), StopAtOnce)[1], flush=True)\n"
+            "manager.run()\n"
+            "print('stopped', flush=True)\n"
+        )
+        proc = _python_script(code)
+        try:
+            with raw_peer(("127.0.0.1", int(_read_line(proc))), timeout=10.0) as peer:  # never answers the 1001
+                assert peer.close_frame() == (1001, "")  # stop() from opened(): up to 30 s for the answer
+                proc.send_signal(signal.SIGINT)  # the first Ctrl-C: the same graceful stop goes on
+                with pytest.raises(subprocess.TimeoutExpired):
+                    proc.wait(1.0)
+                proc.send_signal(signal.SIGINT)  # the second: at once
+                assert _read_line(proc, timeout=3.0) == "stopped\n" and proc.wait(10) == 0 and peer.eof()
+        finally:
+            _reap(proc)
 
 
 @pytest.mark.peers

@@ -103,7 +103,7 @@ import sys
 import threading
 import time
 import types
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, Iterator, List,
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                     NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union, cast, overload)
 
 if TYPE_CHECKING:
@@ -2059,7 +2059,7 @@ class _Protocol:
                 yield Close(exc.code, exc.reason)
 
 def _cancel(timer: Optional[List[Any]]) -> None:
-    """Cancel a timer of :meth:`WebSocketManager._call_later` (``None``: none pending); returns ``None``."""
+    """Cancel a timer of :meth:`_Loop.call_later` (``None``: none pending); returns ``None``."""
     if timer is not None:
         timer[2] = None
 
@@ -2100,9 +2100,9 @@ def _is_bytes_like(message: Any) -> bool:
     return True
 
 
-# Per-connection settings (see WebSocket), resolved in WebSocket._resolve_settings.
+# Per-connection settings (see WebSocket for their precedence). A connection's slot "_" + name holds
+# its own value (None: none) until it runs, then the value in force.
 _CONNECTION_SETTINGS = ("max_message_size", "max_frame_size", "max_buffered", "close_timeout")
-_SETTING_SLOTS = tuple("_" + name for name in _CONNECTION_SETTINGS)  # where each value lives
 
 
 def _check_setting(name: str, value: Any) -> Any:
@@ -2118,18 +2118,18 @@ def _check_setting(name: str, value: Any) -> Any:
     return value
 
 
-class _ConnectionSetting:
-    """A per-connection setting: slot ``_<name>`` (the value in force once running), else the class's value."""
+class _Setting:
+    """A per-connection setting: the connection's slot if set, else ``default``, the class attribute."""
 
-    __slots__ = ("name", "slot")
+    __slots__ = ("name", "default")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, default: Any = None):
         self.name = name
-        self.slot = "_" + name
+        self.default = _check_setting(name, default)
 
     def __get__(self, websocket: Optional["WebSocket"], owner: Any = None) -> Any:
-        value = getattr(websocket, self.slot, None)  # (None on the class: its class attribute, or None)
-        return value if value is not None else owner._class_settings.get(self.name)
+        value = None if websocket is None else getattr(websocket, "_" + self.name)  # (a slot set in __new__)
+        return self.default if value is None else value
 
     def __set__(self, websocket: "WebSocket", value: Any) -> None:
         websocket._set_setting(self.name, _check_setting(self.name, value))
@@ -2158,9 +2158,9 @@ def _queue_to_all(websockets: Iterable["WebSocket"], opcode: int, payload: _Byte
             count += 1
         elif status == _FLUSH:
             count += 1
-            manager = websocket._manager  # deliberate: WebSocket._schedule_flush() inlined
-            if manager is not None:
-                manager._schedule_flush(websocket)
+            loop = websocket._loop  # deliberate: WebSocket._schedule_flush() inlined
+            if loop is not None:
+                loop.schedule_flush(websocket)
         elif status == _FULL:
             websocket._drop(f"slow consumer: more than {limit} bytes left unread (max_buffered)")
     return count
@@ -2183,36 +2183,37 @@ class WebSocket:
     :meth:`WebSocketManager.add`.
 
     The settings ``max_message_size``, ``max_frame_size``, ``max_buffered``
-    and ``close_timeout`` may be set per connection: on the instance (e.g.
-    in ``__init__`` after ``super().__init__()``), or as class attributes of
-    a subclass; the instance's value wins over the class's, which wins over
-    the manager's default. An invalid value raises :class:`TypeError` or
-    :class:`ValueError` when set (for a class attribute, when the class is
-    made); a value set while the connection runs applies from its next
-    frame, message or send.
+    and ``close_timeout`` may be set per connection: on the instance (in
+    ``__init__``, before or after ``super().__init__()``, or later), or as
+    class attributes of a subclass (inherited by its subclasses). The value
+    in force is the instance's, else the class's, else the manager's; with
+    no ``max_frame_size`` from any of the three, frames may be as large as
+    the connection's ``max_message_size``. It is resolved when the connection
+    starts running and kept if it moves to another manager. Until then,
+    reading a setting gives the instance's or the class's value (``None``
+    for neither), and sends are bounded by that ``max_buffered``, else the
+    manager's. Set while the connection runs, a value is in force from its
+    next frame, message or send, and ``None`` goes back to the class's or
+    the manager's value (:class:`RuntimeError` out of a manager). An invalid
+    value raises :class:`TypeError` or :class:`ValueError` when set (for a
+    class attribute, when the class is made).
 
     The names the library uses internally (those starting with ``_`` that
     this class defines) are reserved: a subclass that defines one raises
     :class:`TypeError` when it is made, instead of breaking its connections.
     """
 
-    if TYPE_CHECKING:  # plain attributes to type checkers; _ConnectionSetting descriptors at run time
+    if TYPE_CHECKING:  # plain attributes to type checkers; _Setting descriptors at run time
         max_message_size: Optional[int]
         max_frame_size: Optional[int]
         max_buffered: Optional[int]
         close_timeout: Optional[float]
-        _max_message_size: Optional[int]
-        _max_frame_size: Optional[int]
-        _max_buffered: Optional[int]
-        _close_timeout: Optional[float]
     else:
-        max_message_size = _ConnectionSetting("max_message_size")
-        max_frame_size = _ConnectionSetting("max_frame_size")
-        max_buffered = _ConnectionSetting("max_buffered")
-        close_timeout = _ConnectionSetting("close_timeout")
-
-    # Settings given as class attributes of a subclass (see __init_subclass__), by name.
-    _class_settings: ClassVar[Dict[str, Any]] = {}
+        max_message_size, max_frame_size, max_buffered, close_timeout = map(_Setting, _CONNECTION_SETTINGS)
+    _max_message_size: Optional[int]  # their slots (see _CONNECTION_SETTINGS)
+    _max_frame_size: Optional[int]
+    _max_buffered: Optional[int]
+    _close_timeout: Optional[float]
 
     #: The WSGI environ of a connection accepted through :meth:`WebSocketManager.wsgi_app`, set before
     #: :meth:`opened`: a copy without the server's I/O (``wsgi.input``, ``wsgi.errors``,
@@ -2246,7 +2247,7 @@ class WebSocket:
     __slots__ = (
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
-        "_protocol", "_room", "_events", "_manager", "_fd", "_extra", "_finalized", "_timer", "_listener",
+        "_protocol", "_room", "_events", "_manager", "_loop", "_fd", "_extra", "_finalized", "_timer", "_listener",
         "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
         "__dict__", "__weakref__",
     )
@@ -2267,6 +2268,7 @@ class WebSocket:
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
         self._manager: Any = None
+        self._loop: Optional[_Loop] = None  # its manager's, while it has one
         self._protocol = _Protocol(client=client, max_buffered=self._provisional_max_buffered())
         self._room: Optional[threading.Condition] = None  # made by the first thread that waits
         self._events = 0
@@ -2281,14 +2283,13 @@ class WebSocket:
         self._tls = _is_tls(sock)
         self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
-        self._frame_size_follows = False  # max_frame_size is, and stays, this connection's max_message_size
+        self._frame_size_follows = False  # its max_frame_size is its max_message_size, as it changes (_in_force)
 
     def __new__(cls: "type[_Self]", *args: Any, **kwargs: Any) -> "_Self":
-        # Deliberate: the setting slots exist (None) before any __init__ runs, so that __init__
-        # needs no hasattr() per setting (each a raised and caught AttributeError: 2 us a handshake).
+        # Deliberate: the setting slots exist (None) before any __init__ runs, so that a subclass may
+        # set one first and reading them needs no getattr() default (a raised AttributeError each).
         self = object.__new__(cls)
-        for slot in _SETTING_SLOTS:
-            setattr(self, slot, None)
+        self._max_message_size = self._max_frame_size = self._max_buffered = self._close_timeout = None
         return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -2300,15 +2301,10 @@ class WebSocket:
             raise TypeError(f"{cls.__qualname__} defines {', '.join(clashes)}: wsmanager.WebSocket uses "
                             f"{'this name' if len(clashes) == 1 else 'these names'} internally; rename "
                             f"{'it' if len(clashes) == 1 else 'them'}")
-        # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, kept as the class's
-        # default, and the attribute handed back to the descriptor that instance values go through.
-        defaults = dict(cls._class_settings)
+        # ``max_message_size = 16 * 2**20`` in a subclass body: checked now, the class's default.
         for name in _CONNECTION_SETTINGS:
-            value = cls.__dict__.get(name)
-            if name in cls.__dict__ and not hasattr(value, "__get__"):
-                defaults[name] = _check_setting(name, value)
-                delattr(cls, name)
-        cls._class_settings = defaults
+            if name in cls.__dict__:
+                setattr(cls, name, _Setting(name, cls.__dict__[name]))
 
     # Callbacks ---------------------------------------------------------------
 
@@ -2381,9 +2377,9 @@ class WebSocket:
             status = protocol.send_fragments(message)
         if status:  # deliberate: _QUEUED (0), most sends of a burst, costs this one test
             if status == _FLUSH:  # (inlined: the first send after each flush)
-                manager = self._manager
-                if manager is not None:
-                    manager._schedule_flush(self)
+                loop = self._loop
+                if loop is not None:
+                    loop.schedule_flush(self)
             else:
                 self._queued(status, "cannot send")
 
@@ -2527,9 +2523,9 @@ class WebSocket:
     def _queued(self, status: int, action: str) -> None:
         # What a send's _Protocol.send() status asks of the caller, when it is not _QUEUED.
         if status == _FLUSH:
-            manager = self._manager
-            if manager is not None:
-                manager._schedule_flush(self)
+            loop = self._loop
+            if loop is not None:
+                loop.schedule_flush(self)
         elif status == _REFUSED:
             raise self._closed_error(action)
 
@@ -2543,8 +2539,8 @@ class WebSocket:
         """
         protocol = self._protocol
         manager = self._manager
-        if (manager is not None and manager._thread_id != _get_ident() and not manager._finished
-                and (manager._thread is not None or manager._thread_id is not None)):  # a loop runs it, or will
+        if (manager is not None and manager._loop.thread_id != _get_ident() and manager._life is not _Life.CLOSED
+                and (manager._thread is not None or manager._loop.thread_id is not None)):  # a loop runs it, or will
             deadline = None if timeout is None else time.monotonic() + timeout
             with protocol.lock:
                 room = self._room
@@ -2565,7 +2561,7 @@ class WebSocket:
             raise self._closed_error(action)
         bound = 2 * protocol.max_buffered
         if protocol.buffered > bound:
-            where = "in the loop thread" if manager is not None and manager._thread_id == _get_ident() else \
+            where = "in the loop thread" if manager is not None and manager._loop.thread_id == _get_ident() else \
                 "with no running manager"
             raise BufferFull(f"{action}: {protocol.buffered} bytes queued {where}, more than twice max_buffered "
                              f"({bound}); the message was not queued: send again from drained()")
@@ -2578,9 +2574,9 @@ class WebSocket:
                 room.notify_all()
 
     def _schedule_flush(self) -> None:
-        manager = self._manager
-        if manager is not None:
-            manager._schedule_flush(self)
+        loop = self._loop
+        if loop is not None:
+            loop.schedule_flush(self)
 
     def _drop(self, reason: str) -> None:
         # A slow consumer of a fan-out: no more output from now, the socket closed in the loop.
@@ -2589,22 +2585,18 @@ class WebSocket:
 
     def _call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
         # In the loop thread when running, else right here (no loop to race with).
-        manager = self._manager
-        if manager is None:
+        loop = self._loop
+        if loop is None:
             function(*args)
         else:
-            manager._call_threadsafe(function, *args)
+            loop.call_threadsafe(function, *args)
 
     def _provisional_max_buffered(self) -> int:
-        # max_buffered before the settings are resolved (the sends before the connection runs):
-        # the instance's, the class's, the manager's, else the default.
-        value = getattr(self, "_max_buffered", None)
+        # What bounds the sends before the connection runs: its max_buffered as resolved now, else the default.
+        value, manager = self.max_buffered, self._manager
         if value is None:
-            value = type(self)._class_settings.get("max_buffered")
-        if value is None:
-            manager = getattr(self, "_manager", None)
             value = manager.max_buffered if manager is not None else DEFAULT_MAX_BUFFERED
-        return cast(int, value)
+        return value
 
     # The manager's side: loop thread only ---------------------------------------
     #
@@ -2613,13 +2605,14 @@ class WebSocket:
     # (_on_read, _on_write, _finalize), _flush() (the flush queue), _closed_error() (add()'s
     # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
     # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
-    # _queue_reply(). A connection uses of its manager: _now, _thread_id, _thread, _finished and
-    # _frame_size_follows (read only), _call_later(), _call_threadsafe(), _schedule_flush(),
-    # _read_again(), _set_events(), _forget() and _connection_default().
+    # _queue_reply(). A connection uses of its manager: _life, _thread and _frame_size_follows (read
+    # only), _forget() and its default settings (public attributes); of the manager's loop (_loop,
+    # from _bind() to _unbind()), the loop API (see _Loop).
 
     def _bind(self, manager: "WebSocketManager") -> None:
         """Belong to ``manager`` (under its lock, or in its loop)."""
         self._manager = manager
+        self._loop = manager._loop
         protocol = self._protocol
         if protocol.parser is None:  # not running yet: sends are bounded by the manager's default now
             protocol.max_buffered = self._provisional_max_buffered()
@@ -2627,7 +2620,7 @@ class WebSocket:
     def _unbind(self) -> None:
         """Leave the manager (remove()): nothing of the connection is lost but its timers."""
         with self._protocol.lock:
-            self._manager = None
+            self._manager = self._loop = None
             self._active = False
             self._events = 0
         self._release()
@@ -2673,18 +2666,19 @@ class WebSocket:
         """Start (or, moved from another manager, resume) running in ``manager``'s loop."""
         if self._finalized or self._manager is not manager or self._active:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
+        loop = manager._loop
         protocol = self._protocol
         first_time = protocol.parser is None
         if first_time:
-            self._resolve_settings()
-            frame_size, message_size = self._max_frame_size, self._max_message_size
-            assert frame_size is not None and message_size is not None  # resolved just above
-            protocol.start(frame_size, message_size)
-            self._last_seen = manager._now
+            for name in _CONNECTION_SETTINGS:  # from now on each slot holds the value in force
+                setattr(self, "_" + name, self._in_force(name, getattr(self, "_" + name)))
+            protocol.max_buffered = cast(int, self._max_buffered)
+            protocol.start(cast(int, self._max_frame_size), cast(int, self._max_message_size))
+            self._last_seen = loop.now
         sock = self.sock
         if sock.gettimeout() != 0.0:  # deliberate: a server handshake's socket is already non-blocking (2 syscalls)
             sock.setblocking(False)
-        manager._set_events(sock, selectors.EVENT_READ, self)
+        loop.set_events(sock, selectors.EVENT_READ, self)
         self._events = selectors.EVENT_READ
         self._active = True
         if first_time:
@@ -2701,15 +2695,15 @@ class WebSocket:
             # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
             self._arm_close_timer()
         if protocol.out:  # queued before it ran (or while out of a manager): a racing send may schedule it too
-            manager._schedule_flush(self)
+            loop.schedule_flush(self)
         if manager.heartbeat and protocol.state is _OPEN:
-            self._heartbeat_timer = manager._call_later(manager.heartbeat, self._heartbeat)
+            self._heartbeat_timer = loop.call_later(manager.heartbeat, self._heartbeat)
         extra = self._extra
         if extra and protocol.state < _CLOSED:
             self._extra = b""
             self._receive(extra)
         if self._tls and not self._finalized and cast("ssl.SSLSocket", sock).pending():
-            manager._read_again(self)
+            loop.read_again(self)
 
     def _heartbeat(self) -> None:
         """The heartbeat timer: ping when idle, fail with 1011 when the ping goes unanswered."""
@@ -2719,7 +2713,8 @@ class WebSocket:
         interval, timeout = manager.heartbeat, manager.heartbeat_timeout
         if not interval or timeout is None:
             return  # heartbeat turned off since this call was scheduled
-        now = manager._now
+        loop = manager._loop
+        now = loop.now
         ping_sent = self._ping_sent
         if ping_sent and self._last_seen <= ping_sent:  # the ping is unanswered: no input since
             if now - ping_sent >= timeout:
@@ -2730,63 +2725,55 @@ class WebSocket:
             self._ping_sent = now
             self._ping_timed(b"")
             if self._protocol.send(encode_frame(_PING, b"", mask=self.client)) == _FLUSH:
-                manager._schedule_flush(self)
+                loop.schedule_flush(self)
             delay = timeout
         else:
             self._ping_sent = 0.0  # any input proves the peer alive
             delay = interval - (now - self._last_seen)
-        self._heartbeat_timer = manager._call_later(delay, self._heartbeat)
+        self._heartbeat_timer = loop.call_later(delay, self._heartbeat)
 
-    def _resolve_settings(self) -> None:
-        # The one place where a setting is resolved: instance > class attribute > manager.
-        # Deliberate: the slots and the class's dict are read directly, not through the
-        # _ConnectionSetting descriptors (same order of precedence; 1 us less a connection).
+    def _in_force(self, name: str, value: Any) -> Any:
+        # The one place of the precedence (see WebSocket): ``value`` (the instance's own), else the
+        # class's, else the manager's; checked. For max_frame_size, also whether it follows max_message_size.
+        if value is None:
+            value = getattr(type(self), name)
         manager = self._manager
-        class_settings = type(self)._class_settings
-        for name, slot in zip(_CONNECTION_SETTINGS, _SETTING_SLOTS):
-            value = getattr(self, slot)
-            if value is None and class_settings:
-                value = class_settings.get(name)
+        if name == "max_frame_size":
+            self._frame_size_follows = value is None and manager is not None and manager._frame_size_follows
+            if self._frame_size_follows:
+                return self._max_message_size
+        if value is None:
+            if manager is None:
+                raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
+            value = getattr(manager, name)
             if value is None:
-                if name == "max_frame_size":  # none of its own: it may follow max_message_size
-                    self._frame_size_follows = manager._frame_size_follows
-                value = manager._connection_default(name, self)
-                if value is None:
-                    raise TypeError(f"the manager's {name} is None: no limit to apply")
-            setattr(self, slot, _check_setting(name, value))
-        self._protocol.max_buffered = cast(int, self._max_buffered)
+                raise TypeError(f"the manager's {name} is None: no limit to apply")
+        return _check_setting(name, value)
 
     def _set_setting(self, name: str, value: Any) -> None:
-        # Any thread. Before the connection runs: recorded (None: back to the default). After:
-        # in force at once; the parser and assembler read their limit at each frame.
+        # Any thread. Before the connection runs: the instance's own value (None: none). From _run() on:
+        # the value in force, in the slot and in the protocol's limits (read at each frame and send).
         protocol: Optional[_Protocol] = getattr(self, "_protocol", None)  # (None before WebSocket.__init__ has run)
-        parser = protocol.parser if protocol is not None else None
-        if parser is None:
+        if protocol is None or protocol.parser is None:
             setattr(self, "_" + name, value)
-            if name == "max_buffered" and protocol is not None:
+            if protocol is not None:
                 protocol.max_buffered = self._provisional_max_buffered()
             return
-        assert protocol is not None and protocol.assembler is not None
-        if value is None:
-            value = type(self)._class_settings.get(name)
-        if value is None:
-            value = self._manager._connection_default(name, self) if self._manager is not None else None
-        if value is None:
-            raise RuntimeError(f"{name}: no default to go back to while the connection is out of a manager")
-        setattr(self, "_" + name, _check_setting(name, value))
-        if name == "max_frame_size":
-            self._frame_size_follows = False
-            parser.max_frame_size = value
+        assert protocol.assembler is not None
+        value = self._in_force(name, value)
+        setattr(self, "_" + name, value)
+        if name == "max_buffered":
+            protocol.max_buffered = value
         elif name == "max_message_size":
             protocol.assembler.max_message_size = value
             if self._frame_size_follows:
-                self._max_frame_size = parser.max_frame_size = value
-        elif name == "max_buffered":
-            protocol.max_buffered = value
+                self._max_frame_size = protocol.parser.max_frame_size = value
+        elif name == "max_frame_size":
+            protocol.parser.max_frame_size = value
 
     def _on_read(self) -> None:
-        manager = self._manager
-        if self._finalized or manager is None or manager._thread_id != _get_ident():
+        loop = self._loop
+        if self._finalized or loop is None or loop.thread_id != _get_ident():
             return  # a stale event for a connection closed or remove()d (or moved) earlier in this turn
         try:
             data = self.sock.recv(READ_SIZE)
@@ -2803,7 +2790,7 @@ class WebSocket:
             # EOF: the end of a close handshake, or a peer that vanished without one (1006).
             self._finalize("connection closed without a close frame")
             return
-        self._last_seen = manager._now
+        self._last_seen = loop.now
         protocol = self._protocol
         if protocol.state < _CLOSED:
             self._receive(data)
@@ -2811,10 +2798,10 @@ class WebSocket:
             # The output backed up past max_buffered: read no more until it drains (_flush), so that
             # a peer that sends without reading (an echo's) cannot make us queue without bound.
             self._events = selectors.EVENT_WRITE
-            manager._set_events(self.sock, selectors.EVENT_WRITE, self)
+            loop.set_events(self.sock, selectors.EVENT_WRITE, self)
         if self._tls and not self._finalized and cast("ssl.SSLSocket", self.sock).pending():
             # TLS may hold decrypted bytes that no readiness event will announce.
-            manager._read_again(self)
+            loop.read_again(self)
 
     def _receive(self, data: bytes) -> None:
         for event in self._protocol.receive(data):
@@ -2847,7 +2834,7 @@ class WebSocket:
         manager = self._manager
         # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._protocol.parser is not None and self._timer is None and not self._finalized:
-            self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
+            self._timer = manager._loop.call_later(self._close_timeout, self._finalize, "close timeout")
         elif manager is not None and self._protocol.parser is None:  # close() before the 101 of manager.connect()?
             handshake = manager._client_handshake(self)
             if handshake is not None:
@@ -2861,17 +2848,17 @@ class WebSocket:
     def _wind_down(self) -> None:
         """After the close frames: flush, half-close, wait for the peer's EOF (bounded by close_timeout)."""
         self._wake_senders()
-        manager = self._manager
-        if manager is None:
+        loop = self._loop
+        if loop is None:
             return
         _cancel(self._timer)
-        self._timer = manager._call_later(self._close_timeout, self._finalize, "close timeout")
-        manager._schedule_flush(self)
+        self._timer = loop.call_later(cast(float, self._close_timeout), self._finalize, "close timeout")
+        loop.schedule_flush(self)
 
     def _flush(self) -> None:
-        manager = self._manager
+        loop = self._loop
         protocol = self._protocol
-        if self._finalized or manager is None or protocol.parser is None or manager._thread_id != _get_ident():
+        if self._finalized or loop is None or protocol.parser is None or loop.thread_id != _get_ident():
             return  # not running (yet), or no longer in this loop: _run() schedules the flush of what is queued
         error = None
         sock = self.sock
@@ -2897,12 +2884,12 @@ class WebSocket:
             # Backed up: write only, read again once drained (see _on_read). The peer reads what we
             # write: that proves it alive to the heartbeat, which cannot read its pongs meanwhile.
             events = selectors.EVENT_WRITE
-            self._last_seen = manager._now
+            self._last_seen = loop.now
         else:
             events = selectors.EVENT_READ | selectors.EVENT_WRITE if waiting else selectors.EVENT_READ
         if events != self._events:
             self._events = events
-            manager._set_events(sock, events, self)
+            loop.set_events(sock, events, self)
         if drained:
             self._wake_senders()
             try:
@@ -2971,9 +2958,10 @@ _RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
 
 # The selector's handlers ----------------------------------------------------------
 #
-# Every object registered in the manager's selector (``SelectorKey.data``) is a _Handler: WebSocket,
-# _Listener, _ServerHandshake, _ClientHandshake, _Waker and _RedisConnection. The loop calls _on_read()
-# and _on_write() for readiness events, and _finalize() when one of them raised (see _crashed()).
+# Every object registered in the manager's loop (``SelectorKey.data``) is a _Handler: WebSocket,
+# _Listener, _ServerHandshake, _ClientHandshake, _RedisConnection, _LoadReader and the _Loop itself (its
+# waker). The loop calls _on_read() and _on_write() for readiness events, and _finalize() when one of
+# them raised (see _Loop.crashed()). What a handler may call of the loop: the API of _Loop.
 
 class _Handler(Protocol):
     """What the loop calls on an object registered in its selector."""
@@ -2992,7 +2980,7 @@ class _Handler(Protocol):
 
 
 class _Flushable(Protocol):
-    """What the loop's flush queue takes (:meth:`WebSocketManager._schedule_flush`)."""
+    """What the loop's flush queue takes (:meth:`_Loop.schedule_flush`)."""
 
     @property
     def manager(self) -> "Optional[WebSocketManager]":
@@ -3101,6 +3089,11 @@ class _Listener:
         websocket._queue_reply(_encode_switch(answer.response.headers), self)
         return websocket
 
+    @property
+    def loop(self) -> "_Loop":
+        """Its manager's loop (a listening socket's: the settings alone need none)."""
+        return self.manager._loop
+
     def full(self) -> bool:
         """Whether max_connections connections are open."""
         return self.max_connections is not None and self.connections >= self.max_connections
@@ -3135,18 +3128,18 @@ class _Listener:
                     # selector for ACCEPT_BACKOFF instead of spinning, then tries again. One warning
                     # per episode (until an accept() succeeds), not one per try.
                     if self._starved_since is None:
-                        self._starved_since = manager._now
+                        self._starved_since = self.loop.now
                         logger.warning("accept() failed (%s); the listener rests %.1f s at a time until "
                                        "descriptors are free", exc, ACCEPT_BACKOFF)
                     else:
                         logger.debug("accept() failed again (%s); resting %.1f s", exc, ACCEPT_BACKOFF)
-                    manager._selector.unregister(listening)
-                    manager._call_later(ACCEPT_BACKOFF, self._resume)
+                    self.loop.unwatch(listening)
+                    self.loop.call_later(ACCEPT_BACKOFF, self._resume)
                     return
                 logger.debug("accept() failed: %s", exc)
                 continue
             if self._starved_since is not None:
-                logger.info("accept() works again after %.1f s out of descriptors", manager._now - self._starved_since)
+                logger.info("accept() works again after %.1f s out of descriptors", self.loop.now - self._starved_since)
                 self._starved_since = None
             manager._start_handshake(self, sock, address)
 
@@ -3154,14 +3147,16 @@ class _Listener:
         pass
 
     def _resume(self) -> None:
+        """Loop thread: accept (listen(), or again after ACCEPT_BACKOFF) until the manager's stop."""
         if not self._finalized and self.sock is not None:
-            self.manager._selector.register(self.sock, selectors.EVENT_READ, self)
+            self.loop.watch(self.sock, selectors.EVENT_READ, self)
+            self.loop.on_stop(self._finalize)
 
     def _finalize(self, reason: str = "") -> None:
         if self._finalized or self.sock is None:
             return
         self._finalized = True
-        self.manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)  # (its stop callback, if any, finds it finalized)
         self.sock.close()
         if self.unix_path:
             with contextlib.suppress(OSError):
@@ -3171,12 +3166,14 @@ class _Listener:
 class _Handshake:
     """What a connection before its 101 has in both roles: a deadline and a TLS handshake."""
 
-    __slots__ = ("manager", "sock", "address", "timer", "tls_pending", "_finalized")
+    __slots__ = ("manager", "loop", "sock", "address", "timer", "tls_pending", "_finalized")
     _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
+    _refuse_for_stop: Callable[[], None]  # each role's own: what a stop does to it (see _Loop.on_stop)
     reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
 
     def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
         self.manager = manager
+        self.loop = manager._loop
         self.sock = sock
         self.address = address
         self.timer: Any = None
@@ -3195,11 +3192,12 @@ class _Handshake:
         return not waiting
 
     def _set_events(self, events: int) -> None:
-        self.manager._selector.modify(self.sock, events, self)
+        self.loop.set_events(self.sock, events, cast(_Handler, self))
 
     def _detach(self) -> None:
         self._finalized = True
         _cancel(self.timer)
+        self.loop.ignore_stop(self._refuse_for_stop)
         self.manager._handshakes.discard(self)
 
 
@@ -3237,10 +3235,10 @@ class _ServerHandshake(_Handshake):
             result = self.reader.feed(data)
             if result is None:
                 if _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-                    manager._read_again(self)
+                    self.loop.read_again(self)
                 return
             head, rest = result
-            if manager._stopping:
+            if self.loop.stopping:
                 raise HandshakeError("the server is shutting down", 503)
             request = parse_request(head)
         except HandshakeError as exc:
@@ -3285,7 +3283,7 @@ class _ServerHandshake(_Handshake):
         if self.reply is not None:
             return
         status = response.status
-        if status == 503 and self.manager._stopping:
+        if status == 503 and self.loop.stopping:
             self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
         elif status >= 400 and upgrade:
             logger.info("refused handshake from %s: %d %s", self.address, status,
@@ -3319,7 +3317,7 @@ class _ServerHandshake(_Handshake):
             return
         # Bounded wait for the peer's EOF, so our reply is not destroyed by a RST.
         _cancel(self.timer)
-        self.timer = self.manager._call_later(self.manager.close_timeout, self._finalize)
+        self.timer = self.loop.call_later(self.manager.close_timeout, self._finalize)
 
     def _refuse_for_stop(self) -> None:
         """The manager is stopping: refuse with 503 now (a TLS handshake still going is just closed)."""
@@ -3338,7 +3336,7 @@ class _ServerHandshake(_Handshake):
         if self._finalized:
             return
         self._detach()
-        self.manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)
         self.sock.close()
 
 
@@ -3387,11 +3385,12 @@ class _ClientHandshake(_Handshake):
         if self.websocket.terminated:
             self._abandon(_ended_by(self.websocket))  # before the loop got to it
             return
-        if manager._stopping:
+        if self.loop.stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
-        manager._handshakes.add(self)
-        self.timer = manager._call_later(self.timeout, self._time_out)
+        manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
+        self.loop.on_stop(self._refuse_for_stop)
+        self.timer = self.loop.call_later(self.timeout, self._time_out)
         self._connect()
 
     def _connect(self) -> None:
@@ -3403,7 +3402,7 @@ class _ClientHandshake(_Handshake):
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
             return
-        self.manager._selector.register(self.sock, selectors.EVENT_WRITE, self)
+        self.loop.watch(self.sock, selectors.EVENT_WRITE, self)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3427,8 +3426,7 @@ class _ClientHandshake(_Handshake):
         if not self.target.secure:
             self._write_request()
             return
-        manager = self.manager
-        manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)
         try:
             # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
             context = self.options.ssl_context if self.options.ssl_context is not None else (
@@ -3440,7 +3438,7 @@ class _ClientHandshake(_Handshake):
         self.sock = sock
         self.websocket._take_socket(sock)
         self.tls_pending = True
-        manager._selector.register(sock, selectors.EVENT_WRITE, self)
+        self.loop.watch(sock, selectors.EVENT_WRITE, self)
         if self._tls_handshake():
             self._write_request()
 
@@ -3475,7 +3473,7 @@ class _ClientHandshake(_Handshake):
         if result is not None:
             self._open(*result)
         elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-            self.manager._read_again(self)
+            self.loop.read_again(self)
 
     def _redirect(self, answer: HandshakeError) -> None:
         """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
@@ -3498,7 +3496,7 @@ class _ClientHandshake(_Handshake):
             sock.close()
             raise
         logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
-        self.manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)
         self.sock.close()
         self.sock = sock
         self.address = address
@@ -3540,7 +3538,7 @@ class _ClientHandshake(_Handshake):
         if self._finalized:
             return
         self._detach()
-        self.manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)
         self._report(exc)
 
     def _abandon(self, reason: str) -> None:
@@ -3555,7 +3553,7 @@ class _ClientHandshake(_Handshake):
             # before _begin(), when it is closed already): connect_failed() is promised a closed one.
             self.sock.close()
         else:
-            self.manager._unwatch(self.sock)
+            self.loop.unwatch(self.sock)
         self._report(ConnectionClosed(f"{reason} before the opening handshake with {self.address!r} completed",
                                       CloseCode.ABNORMAL, reason))
 
@@ -3574,41 +3572,254 @@ class _ClientHandshake(_Handshake):
             self.redial.failed(websocket, exc)
 
     def _finalize(self, reason: str = "") -> None:
-        # The manager's shutdown, or an internal error (WebSocketManager._crashed).
-        if self.manager._finished:
+        # The manager's shutdown, or an internal error (_Loop.crashed).
+        if self.loop.stopping:
             self._refuse_for_stop()
         else:
             self._fail(WebSocketError(reason or "internal error"))
 
 
-class _Waker:
-    """The read end of a socketpair: other threads write a byte to end select()."""
+class _Loop:
+    """The selector loop a manager owns: it runs what is registered in it, and nothing else.
 
-    __slots__ = ("manager", "sock", "_finalized")
+    What a plug-in (a connection, a listener, a handshake, the Redis bridge, the load generator)
+    may use of it, and all it uses: :meth:`watch`, :meth:`set_events` and :meth:`unwatch` (a
+    :class:`_Handler` and its socket's events), :meth:`read_again` (TLS), :meth:`call_soon`,
+    :meth:`call_threadsafe` and :meth:`call_later` (a handle for :func:`_cancel`),
+    :meth:`schedule_flush` and :meth:`flush` (a :class:`_Flushable`), :meth:`on_stop` and
+    :meth:`ignore_stop`, :meth:`in_loop`, and ``now``, ``stopping`` (read only). The owner
+    (the manager) decides what runs and when it stops: :meth:`run_once`, :meth:`tell_stop`,
+    :meth:`wake`, :meth:`call_from_signal`, :meth:`renew`, :meth:`close`. Loop thread only,
+    unless a method says otherwise. The loop is its own waker's handler: other threads write a
+    byte to end select().
+    """
 
-    def __init__(self, manager: "WebSocketManager", sock: socket.socket):
-        self.manager = manager
-        self.sock = sock
-        self._finalized = False
+    _finalized = False  # as the waker's handler (see _Handler)
+
+    def __init__(self, owner: Any, selector: Optional[selectors.BaseSelector] = None):
+        self.owner = owner  # a _Flushable whose ``manager`` is no longer the owner is not flushed
+        self.owns_selector = selector is None
+        self.selector = selector if selector is not None else selectors.DefaultSelector()
+        self.timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
+        self.timer_sequence = 0
+        self.calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
+        self.dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
+        self.ready: List[_Handler] = []  # TLS connections holding decrypted input
+        self.stop_callbacks: Dict[Callable[[], Any], None] = {}  # see on_stop()
+        self.now = time.monotonic()  # when this turn's select() returned
+        self.thread_id: Optional[int] = None  # the thread that runs it, once it runs
+        self.stopping = False  # set by the owner (any thread) as a stop begins: take nothing new in
+        self.wake_pending = False
+        self._open_waker()
+
+    def _open_waker(self) -> None:
+        self.waker_read, self.waker = socket.socketpair()
+        self.waker_read.setblocking(False)
+        self.waker.setblocking(False)
+        self.selector.register(self.waker_read, selectors.EVENT_READ, self)
+
+    # What a handler may call ---------------------------------------------------
+
+    def watch(self, sock: Any, events: int, handler: _Handler) -> None:
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
+        self.selector.register(sock, events, handler)
+
+    def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
+        """Watch ``sock`` for ``events``, calling ``handler``, registering it if it is not yet."""
+        try:
+            # By descriptor: the KeyError of a socket not yet registered would format the socket's
+            # repr, two system calls (getsockname, getpeername) per connection that joins.
+            self.selector.modify(sock.fileno(), events, handler)
+        except KeyError:
+            self.selector.register(sock, events, handler)
+
+    def unwatch(self, sock: Any) -> None:
+        """Stop watching ``sock``, if watched at all (also after the loop ended)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
+
+    def read_again(self, handler: _Handler) -> None:
+        """Call ``handler._on_read()`` again, in this turn or the next (TLS holds input no event announces)."""
+        self.ready.append(handler)
+
+    def in_loop(self) -> bool:
+        """Any thread: whether this is the loop's thread."""
+        return self.thread_id == threading.get_ident()
+
+    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        """Any thread: call ``function(*args)`` in the loop's next turn."""
+        self.calls.append((function, args))
+        self.wake()
+
+    def call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
+        """Any thread: call ``function(*args)`` now in the loop's thread, else in its next turn."""
+        if self.thread_id == threading.get_ident():
+            function(*args)
+        else:
+            self.call_soon(function, *args)
+
+    def call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
+        """Call ``function(*args)`` in ``delay`` seconds; returns the handle that :func:`_cancel` takes."""
+        self.timer_sequence += 1
+        handle = [time.monotonic() + delay, self.timer_sequence, function, args]
+        heapq.heappush(self.timers, handle)
+        return handle
+
+    def schedule_flush(self, handler: _Flushable) -> None:
+        """Any thread: call ``handler._flush()`` in the next turn (the caller queues it once until then)."""
+        self.dirty.append(handler)
+        if self.thread_id != threading.get_ident():
+            self.wake()
+
+    def on_stop(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` when the owner's stop begins (once; see :meth:`ignore_stop`)."""
+        self.stop_callbacks[callback] = None
+
+    def ignore_stop(self, callback: Callable[[], Any]) -> None:
+        """Forget a callback of :meth:`on_stop` (its object ended first)."""
+        self.stop_callbacks.pop(callback, None)
+
+    # What the owner calls --------------------------------------------------------
+
+    def tell_stop(self) -> None:
+        """A stop begins: call (and forget) every callback of :meth:`on_stop`."""
+        callbacks, self.stop_callbacks = self.stop_callbacks, {}
+        for callback in callbacks:
+            callback()
+
+    def wake(self) -> None:
+        """Any thread: end the select() under way (or the next one), once per turn."""
+        if self.wake_pending:
+            return
+        self.wake_pending = True
+        try:
+            self.waker.send(b"\0")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
+
+    def call_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
+        """The loop's thread, maybe in a signal handler: queue ``function(*args)`` and wake select()."""
+        self.calls.append((function, args))
+        with contextlib.suppress(OSError):
+            self.waker.send(b"\0")  # not wake(): its pending flag may be mid-update in this very thread
+
+    def run_once(self) -> None:
+        """One turn: select(), then the handlers, the due timers, the queued calls and the flushes."""
+        timers = self.timers
+        while timers and timers[0][2] is None:
+            # Cancelled (a handshake that completed, a close that finished): dropped now, so it
+            # neither wakes the loop up later nor stays in memory until its time.
+            heapq.heappop(timers)
+        if self.calls or self.dirty or self.ready:
+            timeout: Optional[float] = 0
+        elif timers:
+            timeout = max(0.0, timers[0][0] - time.monotonic())
+        else:
+            timeout = None
+        events = self.selector.select(timeout)
+        self.now = now = time.monotonic()
+        for key, mask in events:
+            handler = key.data
+            try:
+                if mask & selectors.EVENT_READ:
+                    handler._on_read()
+                if mask & selectors.EVENT_WRITE and not handler._finalized:
+                    handler._on_write()
+            except Exception as exc:
+                self.crashed(handler, exc)
+        if self.ready:
+            ready = self.ready
+            self.ready = []
+            for handler in ready:
+                try:
+                    handler._on_read()
+                except Exception as exc:
+                    self.crashed(handler, exc)
+        while timers and timers[0][0] <= now:
+            _, _, function, args = heapq.heappop(timers)
+            if function is not None:
+                try:
+                    function(*args)
+                except Exception as exc:
+                    self.crashed(getattr(function, "__self__", None), exc)
+        calls = self.calls
+        for _ in range(len(calls)):
+            function, args = calls.popleft()
+            try:
+                function(*args)
+            except Exception as exc:
+                self.crashed(getattr(function, "__self__", None), exc)
+        self.flush()
+
+    def flush(self) -> None:
+        """Flush the handlers queued by :meth:`schedule_flush` (any handler may ask for it between reads)."""
+        dirty = self.dirty
+        owner = self.owner
+        # Bounded work: only the connections queued when the flushing starts, each once
+        # (a handler queues itself when its output starts). What other threads queue
+        # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
+        for _ in range(len(dirty)):
+            handler = dirty.popleft()
+            if handler.manager is not owner:
+                continue  # remove()d since it was queued
+            try:
+                handler._flush()
+            except Exception as exc:
+                self.crashed(handler, exc)
+
+    @staticmethod
+    def crashed(handler: Any, exc: Exception) -> None:
+        """A bug in wsmanager itself: it ends that one handler, never the loop."""
+        logger.error("unexpected error in the wsmanager loop (handler %r)", handler, exc_info=exc)
+        finalize = getattr(handler, "_finalize", None)
+        if finalize is not None:
+            try:
+                finalize("internal error")
+            except Exception:
+                logger.exception("could not close %r", handler)
+
+    def renew(self) -> None:
+        """In a forked child, before the loop ever ran: a selector and a waker of its own, not the parent's."""
+        self.selector.close()  # this process's copies only: the parent's stay open
+        self.waker_read.close()
+        self.waker.close()
+        self.selector = selectors.DefaultSelector()
+        self._open_waker()
+
+    def close(self) -> None:
+        """The end: drop what is queued, close the waker (and the selector, unless it was given)."""
+        self.calls.clear()
+        self.timers.clear()
+        self.dirty.clear()
+        self.unwatch(self.waker_read)
+        self.waker_read.close()
+        self.waker.close()
+        if self.owns_selector:
+            self.selector.close()
+
+    # The waker's handler -----------------------------------------------------------
 
     def _on_read(self) -> None:
         try:
-            # _wake() writes one byte per wake-up (see _wake_pending): one read nearly always drains it,
+            # wake() writes one byte per wake-up (see wake_pending): one read nearly always drains it,
             # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
-            while len(self.sock.recv(4096)) == 4096:
+            while len(self.waker_read.recv(4096)) == 4096:
                 pass
         except _would_block():
             pass
         # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
         # flag stays set) and before the queues are read (work queued before a skipped
         # wake-up is still seen in this turn).
-        self.manager._wake_pending = False
+        self.wake_pending = False
 
     def _on_write(self) -> None:
         pass
 
     def _finalize(self, reason: str = "") -> None:
-        """Nothing: the waker lives as long as its loop, whose shutdown closes it."""
+        """Nothing: the waker lives as long as its loop, which closes it."""
 
 
 # The manager's life beyond its loop: modules, Ctrl-C, interpreter exit -----------------
@@ -3830,6 +4041,34 @@ _Address = TypeVar("_Address", Tuple[str, int], str)
 _WebSocketT = TypeVar("_WebSocketT", bound=WebSocket)  # the factory's class, for connect()
 
 
+class _Life(enum.IntEnum):
+    """A manager's life, in order (the loop's thread and the start() thread are data, not states)."""
+
+    IDLE = 0  # made; nothing runs yet
+    RUNNING = 1  # run() turns the loop
+    STOPPING = 2  # stop(): nothing new is taken in; the loop ends once every connection closed, or at the deadline
+    INTERRUPTED = 3  # stopping after a Ctrl-C in run(): a second one ends the loop at once
+    ENDING = 4  # stop(0), a second Ctrl-C, or a stop that is over: the loop ends after this turn
+    CLOSED = 5  # the shutdown: everything closed; nothing is added, nothing runs again
+
+
+# The manager's transition table: (life, event) -> next life, the only way WebSocketManager._life changes
+# (WebSocketManager._become). An event missing for a state is ignored (a stop() while stopping: the
+# second stop() only shortens the deadline). A stop() before run() is kept: run() then only ends it.
+_LIFE = {
+    (_Life.IDLE, "run"): _Life.RUNNING,
+    (_Life.IDLE, "stop"): _Life.STOPPING,
+    (_Life.RUNNING, "stop"): _Life.STOPPING,
+    (_Life.RUNNING, "interrupt"): _Life.INTERRUPTED,  # Ctrl-C in run()
+    (_Life.STOPPING, "interrupt"): _Life.INTERRUPTED,
+    (_Life.INTERRUPTED, "interrupt"): _Life.ENDING,  # the second Ctrl-C
+    (_Life.STOPPING, "over"): _Life.ENDING,  # every connection closed, or the stop's deadline passed
+    (_Life.INTERRUPTED, "over"): _Life.ENDING,
+    **{(life, "stop_now"): _Life.ENDING for life in (_Life.IDLE, _Life.RUNNING, _Life.STOPPING, _Life.INTERRUPTED)},
+    **{(life, "shutdown"): _Life.CLOSED for life in _Life},  # run() ends (or raised): see _shutdown()
+}
+
+
 class WebSocketManager:
     """Runs many WebSocket connections, of either role, in one thread.
 
@@ -3864,8 +4103,7 @@ class WebSocketManager:
             if _check_setting(name, value) is None and name != "max_frame_size":
                 raise TypeError(f"{name} must not be None")
         self.compression = _deflate_settings(compression)  # checked, like the settings, before a selector is made
-        self._owns_selector = selector is None
-        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self._loop = _Loop(self, selector)  # what everything registered in the loop uses of it
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else heartbeat
         self.close_timeout = close_timeout
@@ -3878,27 +4116,17 @@ class WebSocketManager:
         self._websockets: Dict[int, WebSocket] = {}
         self.websockets = types.MappingProxyType(self._websockets)
         self._topics = _Topics(self)
+        # What the manager owns besides its connections: handshakes (a connect()'s from the call on,
+        # before its loop turn begins it), listeners, and the sockets of accept() not yet adopted.
         self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
         self._listeners: List[_Listener] = []
-        self._timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
-        self._timer_sequence = 0
-        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
-        self._dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
-        self._ready: List[_Handler] = []  # TLS connections holding decrypted input
-        self._now = time.monotonic()
-        self._running = False
-        self._stopped = False
-        self._stop_deadline: Optional[float] = None
-        self._stopping = False  # set by stop(): no new connection is taken in from then on
-        self._thread: Optional[threading.Thread] = None
-        self._thread_id: Optional[int] = None
+        self._adopting: Set[socket.socket] = set()
+        self._life = _Life.IDLE  # changed by _become() only
+        self._stop_deadline: Optional[float] = None  # of the graceful stop under way
+        self._thread: Optional[threading.Thread] = None  # start()'s
         self._lock = threading.Lock()
-        self._finished = False  # set by _shutdown(): nothing may be added from then on
-        self._interrupts = 0  # Ctrl-C seen by run() in the main thread: the first stops gracefully
         self._stop_outcomes: "collections.Counter[str]" = collections.Counter()  # how connections ended in a stop
         self._closing_all: Set[WebSocket] = set()  # closed by close_all() and not ended yet: their ends are summarized
-        self._wake_pending = False
-        self._install_waker()
         self._pid = os.getpid()  # a manager made before a fork (gunicorn --preload) is renewed: _ensure_running
         # A closed socket, made while descriptors are at hand: the socket of a connect() whose own
         # socket cannot be made (EMFILE), so that the connection exists to report its failure.
@@ -3930,15 +4158,16 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
-            if (websocket.state is State.CONNECTING and not self._in_loop()
-                    and isinstance(self._selector, getattr(selectors, "EpollSelector", ()))):
+            loop = self._loop
+            if (websocket.state is State.CONNECTING and not loop.in_loop()
+                    and isinstance(loop.selector, getattr(selectors, "EpollSelector", ()))):
                 # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
                 # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
                 # with no byte through the waker (a write, a read and a loop turn of its own).
                 with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
-                    self._selector.register(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    loop.watch(websocket.sock, selectors.EVENT_WRITE, websocket)
                     return
-        self._call_threadsafe(self._open, websocket)
+        self._loop.call_threadsafe(self._open, websocket)
 
     @overload
     def connect(self, url: str, *, ssl_context: Optional[ssl.SSLContext] = None,
@@ -4017,15 +4246,17 @@ class WebSocketManager:
         try:
             with self._lock:
                 self._check_running(stopping=True)
-                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing.
+                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
+                # and a shutdown before the loop begins the handshake ends it (connect_failed()).
                 websocket._bind(self)
+                self._handshakes.add(handshake)
         except BaseException:
             websocket.sock.close()
             raise
         if failure is None:
-            self._call_threadsafe(self._begin_client, handshake)
-        else:
-            self._call_threadsafe(self._fail_client, handshake, failure)
+            self._loop.call_threadsafe(handshake._begin)
+        else:  # in the loop, as any failure to connect: connect_failed(exc)
+            self._loop.call_threadsafe(handshake._fail, failure)
         return websocket
 
     def _dial(self, target: _ClientTarget, factory: Callable[..., WebSocket], options: _ClientOptions,
@@ -4056,12 +4287,6 @@ class WebSocketManager:
             sock.close()
             raise
 
-    def _begin_client(self, handshake: "_ClientHandshake") -> None:
-        handshake._begin()
-
-    def _fail_client(self, handshake: "_ClientHandshake", exc: OSError) -> None:
-        handshake._fail(exc)  # in the loop, as any failure to connect: connect_failed(exc)
-
     def _out_of_descriptors(self, exc: BaseException) -> bool:
         """Loop thread: whether a connect() failed for want of descriptors (EMFILE, ENFILE, ENOBUFS);
         the first such failure of an episode (until a socket can be made again) logs a warning."""
@@ -4080,13 +4305,13 @@ class WebSocketManager:
         manager to run it again. Any thread: called from another thread while the loop
         runs, this returns once the loop has let go of the connection.
         """
-        if self._in_loop() or not self._running:
+        if self._loop.in_loop() or not self._turning():
             self._release(websocket)
             return
         released = threading.Event()
-        self._call_soon(self._release, websocket, released)
+        self._loop.call_soon(self._release, websocket, released)
         while not released.wait(0.05):
-            if not self._running:  # the loop ended first: _shutdown() has dealt with the connection
+            if not self._turning():  # the loop ended first: _shutdown() has dealt with the connection
                 return
 
     def __len__(self) -> int:
@@ -4234,7 +4459,7 @@ class WebSocketManager:
         with self._lock:
             self._check_running(release=listener._finalize, stopping=True)
             self._listeners.append(listener)
-        self._call_threadsafe(self._selector.register, sock, selectors.EVENT_READ, listener)
+        self._loop.call_threadsafe(listener._resume)
         if unix_path is None and sock.family == socket.AF_UNIX:
             return str(sock.getsockname())
         return unix_path if unix_path is not None else sock.getsockname()[:2]
@@ -4258,7 +4483,7 @@ class WebSocketManager:
         with self._lock:
             self._check_running()
             self._topics.attach(bridge)
-        self._call_threadsafe(bridge._start)
+        self._loop.call_threadsafe(bridge._start)
         return bridge
 
     def accept(self, sock: socket.socket, request_head: bytes, factory: Callable[..., WebSocket] = WebSocket, *,
@@ -4277,7 +4502,8 @@ class WebSocketManager:
         listener = _Listener(self, None, factory, None, subprotocols, handshake, None, None, None, settings)
         with self._lock:
             self._check_running(release=sock.close)
-        self._call_threadsafe(self._adopt, listener, sock, request_head)
+            self._adopting.add(sock)  # owned from now: a shutdown before the loop adopts it closes it
+        self._loop.call_threadsafe(self._adopt, listener, sock, request_head)
 
     def _compression_for(self, compression: Union[None, str, Deflate]) -> Optional[Deflate]:
         return self.compression if compression == "manager" else _deflate_settings(compression)
@@ -4324,10 +4550,10 @@ class WebSocketManager:
     def _ensure_running(self) -> None:
         """Start the loop unless started or run already (any thread); HandshakeError when it cannot run."""
         with self._lock:
-            if self._finished or self._stopped:
+            if self._life >= _Life.ENDING:
                 raise HandshakeError("the WebSocket manager has stopped", 503)
             forked = self._pid != os.getpid()
-            if self._thread is None and self._thread_id is None:
+            if self._thread is None and self._loop.thread_id is None:
                 if forked:
                     self._renew_after_fork()
                 self.start()
@@ -4338,24 +4564,23 @@ class WebSocketManager:
     def _renew_after_fork(self) -> None:
         # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
         # objects shared with the parent and every sibling worker; this process needs its own.
-        if self._listeners or self._websockets or self._handshakes or not self._owns_selector:
+        if self._listeners or self._websockets or self._handshakes or not self._loop.owns_selector:
             raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
                                  "this process forked: create it in the worker", 500)
-        self._selector.close()  # this process's copies only: the parent's stay open
-        self._waker_read.close()
-        self._waker.close()
-        self._selector = selectors.DefaultSelector()
-        self._install_waker()
+        self._loop.renew()
         self._pid = os.getpid()
 
-    def _install_waker(self) -> None:
-        waker_read, self._waker = socket.socketpair()
-        waker_read.setblocking(False)
-        self._waker.setblocking(False)
-        self._selector.register(waker_read, selectors.EVENT_READ, _Waker(self, waker_read))
-        self._waker_read = waker_read
-
     # Running -------------------------------------------------------------------
+
+    def _become(self, event: str) -> None:
+        # The only way _life changes (see _LIFE). The stop()s of other threads hold self._lock (add() and
+        # listen() check the life under it); the loop's thread and stop(0) take no lock: a signal handler
+        # (Ctrl-C, stop() from SIGTERM) may run them in a thread that holds it. Every transition goes
+        # forward (the states are in order), so one that races another never undoes a later state.
+        life = _LIFE.get((self._life, event))
+        if life is not None and life > self._life:
+            self._life = life
+            self._loop.stopping = life >= _Life.STOPPING
 
     def start(self) -> None:
         """Run the loop in a background (daemon) thread.
@@ -4379,17 +4604,22 @@ class WebSocketManager:
         the manager gracefully (as :meth:`stop`) and ``run()`` returns with no
         ``KeyboardInterrupt``; a second Ctrl-C stops it at once (as ``stop(0)``).
         """
-        if self._running or self._thread_id is not None:
+        loop = self._loop
+        if loop.thread_id is not None:
             raise RuntimeError("the manager runs only once")
-        self._thread_id = threading.get_ident()
-        self._running = not self._stopped
+        loop.thread_id = threading.get_ident()
+        with self._lock:
+            self._become("run")
         restore_sigint = None
         try:
             restore_sigint = _on_sigint(self._interrupted)
-            while self._running:
-                self._run_once()
+            ending = _Life.ENDING
+            while self._life < ending:
+                loop.run_once()
+                deadline = self._stop_deadline
+                if deadline is not None and (loop.now >= deadline or self._stopped_idle()):
+                    self._become("over")
         finally:
-            self._running = False
             self._shutdown()
             if restore_sigint is not None:
                 restore_sigint()
@@ -4412,42 +4642,33 @@ class WebSocketManager:
         """
         if timeout is None:
             timeout = self.close_timeout
-        in_loop = self._in_loop()
-        if not in_loop:
-            with self._lock:
-                self._stopping = True
+        loop = self._loop
         if timeout <= 0:
             self._stop_now()
-        elif in_loop:
+        elif loop.in_loop():
             # A callback, or a signal handler (SIGTERM) that interrupted this thread anywhere, select()
             # included: no lock (the interrupted code may hold it) and nothing done here. Queued, with a
             # wake-up, so that a select() that resumes after the handler returns at once.
-            self._stopping = True
-            self._queue_from_signal(self._stop_when_idle, timeout)
+            self._become("stop")
+            loop.call_from_signal(self._stop_when_idle, timeout)
         else:
-            self._call_soon(self._stop_when_idle, timeout)
+            with self._lock:
+                self._become("stop")
+            loop.call_soon(self._stop_when_idle, timeout)
 
     def _stop_now(self) -> None:
-        # stop(0), also from a signal handler in the loop's own thread: flags and a wake-up, no lock.
-        self._stopping = self._stopped = True
-        self._running = False
-        self._wake()
+        # stop(0), also from a signal handler (a Ctrl-C in run() or in __exit__): a transition and a wake-up, no lock.
+        self._become("stop_now")
+        self._loop.wake()
 
     def _interrupted(self) -> None:
         # SIGINT while run() runs in the main thread (a signal handler: it runs between two
-        # bytecodes of the loop, so it only queues work and sets flags).
-        self._interrupts += 1
-        if self._interrupts > 1:
-            self._stop_now()
-            return
-        self._stopping = True
-        self._queue_from_signal(self._stop_on_interrupt)
-
-    def _queue_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
-        # The loop's thread, maybe in a signal handler: queued for the loop, and select() woken.
-        self._calls.append((function, args))
-        with contextlib.suppress(OSError):
-            self._waker.send(b"\0")  # not _wake(): its pending flag may be mid-update in this very thread
+        # bytecodes of the loop, so it only changes the state and queues work).
+        self._become("interrupt")
+        if self._life is _Life.ENDING:  # the second Ctrl-C
+            self._loop.wake()
+        else:
+            self._loop.call_from_signal(self._stop_on_interrupt)
 
     def _stop_on_interrupt(self) -> None:
         logger.info("interrupted: closing %d connection(s) with 1001 (Ctrl-C again to stop at once)",
@@ -4458,7 +4679,11 @@ class WebSocketManager:
     def running(self) -> bool:
         """Whether the loop runs: started (or run) and not yet ended, its clean-up included. Any thread."""
         thread = self._thread
-        return thread.is_alive() if thread is not None else self._running
+        return thread.is_alive() if thread is not None else self._turning()
+
+    def _turning(self) -> bool:
+        # Whether run() turns the loop (in some thread), and has not been told to end.
+        return self._loop.thread_id is not None and self._life < _Life.ENDING
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait for the background thread to end (after a :meth:`stop`), at most ``timeout`` seconds.
@@ -4479,141 +4704,6 @@ class WebSocketManager:
             self.stop()
             self.join()
 
-    # The loop ------------------------------------------------------------------
-
-    def _run_once(self) -> None:
-        timers = self._timers
-        while timers and timers[0][2] is None:
-            # Cancelled (a handshake that completed, a close that finished): dropped now, so it
-            # neither wakes the loop up later nor stays in memory until its time.
-            heapq.heappop(timers)
-        if self._calls or self._dirty or self._ready:
-            timeout: Optional[float] = 0
-        elif timers:
-            timeout = max(0.0, timers[0][0] - time.monotonic())
-        else:
-            timeout = None
-        events = self._selector.select(timeout)
-        self._now = now = time.monotonic()
-        for key, mask in events:
-            handler = key.data
-            try:
-                if mask & selectors.EVENT_READ:
-                    handler._on_read()
-                if mask & selectors.EVENT_WRITE and not handler._finalized:
-                    handler._on_write()
-            except Exception as exc:
-                self._crashed(handler, exc)
-        if self._ready:
-            ready = self._ready
-            self._ready = []
-            for handler in ready:
-                try:
-                    handler._on_read()
-                except Exception as exc:
-                    self._crashed(handler, exc)
-        while timers and timers[0][0] <= now:
-            _, _, function, args = heapq.heappop(timers)
-            if function is not None:
-                try:
-                    function(*args)
-                except Exception as exc:
-                    self._crashed(getattr(function, "__self__", None), exc)
-        calls = self._calls
-        for _ in range(len(calls)):
-            function, args = calls.popleft()
-            try:
-                function(*args)
-            except Exception as exc:
-                self._crashed(getattr(function, "__self__", None), exc)
-        self._flush_dirty()
-        if self._stop_deadline is not None and (now >= self._stop_deadline or self._stopped_idle()):
-            self._running = False
-
-    def _flush_dirty(self) -> None:
-        dirty = self._dirty
-        # Bounded work: only the connections queued when the flushing starts, each once
-        # (a handler queues itself when its output starts). What other threads queue
-        # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
-        for _ in range(len(dirty)):
-            handler = dirty.popleft()
-            if handler.manager is not self:
-                continue  # remove()d since it was queued
-            try:
-                handler._flush()
-            except Exception as exc:
-                self._crashed(handler, exc)
-
-    def _crashed(self, handler: Any, exc: Exception) -> None:
-        # A bug in wsmanager itself: it ends that one handler, never the loop.
-        logger.error("unexpected error in the wsmanager loop (handler %r)", handler, exc_info=exc)
-        finalize = getattr(handler, "_finalize", None)
-        if finalize is not None:
-            try:
-                finalize("internal error")
-            except Exception:
-                logger.exception("could not close %r", handler)
-
-    # Scheduling: the timer heap, the cross-thread queue, the flush queue ---------
-
-    def _in_loop(self) -> bool:
-        return self._thread_id == threading.get_ident()
-
-    def _call_soon(self, function: Callable[..., Any], *args: Any) -> None:
-        self._calls.append((function, args))
-        self._wake()
-
-    def _call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
-        if self._in_loop():
-            function(*args)
-        else:
-            self._call_soon(function, *args)
-
-    def _call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
-        """Loop thread only. Returns a handle for :func:`_cancel`."""
-        self._timer_sequence += 1
-        handle = [time.monotonic() + delay, self._timer_sequence, function, args]
-        heapq.heappush(self._timers, handle)
-        return handle
-
-    def _connection_default(self, name: str, websocket: WebSocket) -> Any:
-        """The manager's default for a per-connection setting that ``websocket`` leaves unset."""
-        if name == "max_frame_size" and self._frame_size_follows:
-            return websocket.max_message_size
-        return getattr(self, name)
-
-    def _schedule_flush(self, handler: _Flushable) -> None:
-        """Any thread: flush ``handler`` in the next turn (the caller queues it once until then)."""
-        self._dirty.append(handler)
-        if self._thread_id != threading.get_ident():
-            self._wake()
-
-    def _unwatch(self, sock: Any) -> None:
-        """Loop thread (or after it): stop watching ``sock``, if watched at all."""
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(sock)
-
-    def _read_again(self, handler: _Handler) -> None:
-        """Loop thread: call ``handler._on_read()`` in this turn (TLS holds decrypted input)."""
-        self._ready.append(handler)
-
-    def _set_events(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Loop thread: watch ``sock`` for ``events``, registering it if it is not yet."""
-        try:
-            # By descriptor: the KeyError of a socket not yet registered would format the socket's
-            # repr, two system calls (getsockname, getpeername) per connection that joins.
-            self._selector.modify(sock.fileno(), events, handler)
-        except KeyError:
-            self._selector.register(sock, events, handler)
-
-    def _wake(self) -> None:
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        try:
-            self._waker.send(b"\0")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
     # Connections' life cycle: taken in, opened, released, forgotten --------------
 
@@ -4641,7 +4731,7 @@ class WebSocketManager:
         elif self._handshakes:  # terminate() of a connect() in its handshake: it must not time out
             handshake = self._client_handshake(websocket)
         self._topics.leave(websocket)
-        self._unwatch(websocket.sock)
+        self._loop.unwatch(websocket.sock)
         if handshake is not None:
             handshake._abandon(_ended_by(websocket))
 
@@ -4650,7 +4740,7 @@ class WebSocketManager:
         fd = websocket.fileno()
         if fd < 0:  # closed (the selector would search every registration for a closed socket)
             return None
-        key = self._selector.get_map().get(fd)
+        key = self._loop.selector.get_map().get(fd)
         handshake = key.data if key is not None else None
         return handshake if isinstance(handshake, _ClientHandshake) and handshake.websocket is websocket else None
 
@@ -4670,13 +4760,16 @@ class WebSocketManager:
             return None
         handshake = _ServerHandshake(self, listener, sock, address)
         self._handshakes.add(handshake)
-        self._selector.register(sock, selectors.EVENT_READ, handshake)
-        handshake.timer = self._call_later(self.handshake_timeout, handshake._time_out)
+        loop = self._loop
+        loop.watch(sock, selectors.EVENT_READ, handshake)
+        loop.on_stop(handshake._refuse_for_stop)
+        handshake.timer = loop.call_later(self.handshake_timeout, handshake._time_out)
         if handshake.tls_pending:
             handshake._tls_handshake()
         return handshake
 
     def _adopt(self, listener: _Listener, sock: socket.socket, request_head: bytes) -> None:
+        self._adopting.discard(sock)
         try:
             peer = sock.getpeername()
         except OSError:
@@ -4684,47 +4777,45 @@ class WebSocketManager:
         handshake = self._start_handshake(listener, sock, peer)
         if handshake is not None:
             handshake._feed(request_head)
-            if self._stopping:  # a head still incomplete must not hold the stop until its deadline
+            if self._loop.stopping:  # a head still incomplete must not hold the stop until its deadline
                 handshake._refuse_for_stop()
 
     # Shutdown --------------------------------------------------------------------
 
     def _stop_when_idle(self, timeout: float) -> None:
-        if self._finished:
+        if self._life is _Life.CLOSED:
             return  # stop() from a closed() that the shutdown itself calls: nothing left to wait for
         deadline = time.monotonic() + timeout
         if self._stop_deadline is not None and self._stop_deadline <= deadline:
             return  # a stop under way already ends sooner: a second stop() never lengthens it
         self._stop_deadline = deadline
-        self._call_later(timeout, lambda: None)  # make sure select() returns by the deadline
-        for listener in self._listeners:
-            listener._finalize()
-        for handshake in tuple(self._handshakes):
-            handshake._refuse_for_stop()
+        self._loop.call_later(timeout, lambda: None)  # make sure select() returns by the deadline
+        self._loop.tell_stop()  # listeners stop accepting, handshakes under way are refused (503)
         for websocket in tuple(self._websockets.values()):
             websocket.close(CloseCode.GOING_AWAY)  # does nothing to a connection already closing
 
     def _stopped_idle(self) -> bool:
         # A refused handshake whose 503 is written only waits for the peer's EOF: it holds no stop.
-        return not self._websockets and all(h.reply is not None and not h.reply for h in self._handshakes)
+        return not self._websockets and all(h.reply is not None and not h.reply for h in tuple(self._handshakes))
 
     def _check_running(self, release: Optional[Callable[[], Any]] = None, *, stopping: bool = False) -> None:
         # Under self._lock. After _shutdown() nothing is taken in (with ``stopping``, nothing once a
         # stop has begun either); release() frees what the caller made.
-        if self._finished or (stopping and self._stopping):
+        life = self._life
+        if life is _Life.CLOSED or (stopping and life >= _Life.STOPPING):
             if release is not None:
                 release()
-            raise ManagerStopped("the manager has stopped" if self._finished else "the manager is stopping")
+            raise ManagerStopped("the manager has stopped" if life is _Life.CLOSED else "the manager is stopping")
 
     def _summarizes(self, websocket: WebSocket) -> bool:
         """Whether how ``websocket`` ended goes into a summary line (a stop, or :meth:`close_all`)."""
-        return self._stopping or websocket in self._closing_all
+        return self._loop.stopping or websocket in self._closing_all
 
     def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> None:
         """Loop thread, during a stop or after close_all(): how one connection ended, for the summary line."""
         with self._lock:
             closing = self._closing_all
-            last_of_close_all = websocket in closing and len(closing) == 1 and not self._stopping
+            last_of_close_all = websocket in closing and len(closing) == 1 and not self._loop.stopping
             closing.discard(websocket)
         if not failed:
             self._stop_outcomes["closed cleanly"] += 1
@@ -4756,34 +4847,24 @@ class WebSocketManager:
         outcomes.clear()
 
     def _shutdown(self) -> None:
+        # Closes what the manager owns, queued to open included (a connect() or accept() the loop has
+        # not begun): what ends now is counted in the stop's summary, not logged one by one.
         with self._lock:
-            self._finished = True
-            self._stopping = True  # what ends now is counted in the stop's summary, not logged one by one
+            self._become("shutdown")
         for websocket in tuple(self._websockets.values()):
             try:
                 websocket._finalize("manager stopped")
             except Exception as exc:
-                self._crashed(None, exc)
+                self._loop.crashed(None, exc)
         for handshake in tuple(self._handshakes):
             handshake._finalize("manager stopped")
         for listener in self._listeners:
             listener._finalize()
+        for sock in self._adopting:
+            sock.close()
         if self._topics.bridge is not None:
             self._topics.bridge._close()
-        # Connections added after the loop ended must not leak either.
-        for function, args in self._calls:
-            if function in (self._open, self._begin_client, self._fail_client):
-                args[0]._finalize("manager stopped")
-            elif function == self._adopt:
-                args[1].close()
-        self._calls.clear()
-        self._timers.clear()
-        self._dirty.clear()
-        self._unwatch(self._waker_read)
-        self._waker_read.close()
-        self._waker.close()
-        if self._owns_selector:
-            self._selector.close()
+        self._loop.close()
         self._log_stop_summary()
 
 
@@ -5062,11 +5143,13 @@ class _Redial:
     instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
     is followed by a new attempt after a back-off. Loop thread only."""
 
-    __slots__ = ("manager", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer", "last")
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer",
+                 "last")
 
     def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
         self.manager = manager
+        self.loop = manager._loop
         self.target = target
         self.factory = factory
         self.options = options
@@ -5099,9 +5182,7 @@ class _Redial:
             self._wait(websocket, "could not connect")
 
     def _wanted(self, websocket: WebSocket) -> bool:
-        manager = self.manager
-        return (websocket.reconnect is not None and websocket.manager is manager
-                and not manager._stopping and not manager._finished)
+        return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
 
     def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
         if websocket is not None:
@@ -5110,13 +5191,13 @@ class _Redial:
         self.waits += 1
         logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
                     self.target.url, why, delay)
-        self.timer = self.manager._call_later(delay, self._attempt)
+        self.timer = self.loop.call_later(delay, self._attempt)
 
     def _attempt(self) -> None:
         manager = self.manager
         self.timer = None
         last = self.last
-        if manager._stopping or manager._finished or (last is not None and last.reconnect is None):
+        if self.loop.stopping or (last is not None and last.reconnect is None):
             return  # stopping, or the application closed (or gave up) the connection it last had
         try:
             # The name is resolved again, here in the loop: a host that moved is found where it went.
@@ -5305,9 +5386,9 @@ class _WSGIHandOff:
     descriptor number with ``dup2``, so that whatever the server does next
     (write its idea of a 101, drain, keep-alive, shutdown, close) lands there
     and never on the connection; empty the server's read-ahead buffer into the
-    connection's first bytes (:func:`_take_buffered`), so that the server finds
-    nothing but EOF to parse (RFC 7230 6.7). The real 101 is the first thing the
-    manager's loop writes on the connection.
+    connection's first bytes, so that the server finds nothing but EOF to parse
+    (RFC 7230 6.7). The real 101 is the first thing the manager's loop writes on
+    the connection. Wherever it stops, one way back undoes what was taken.
     """
 
     def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
@@ -5329,116 +5410,119 @@ class _WSGIHandOff:
         answer = self.listener._answer(request, peer)
         if answer.response.status != 101:
             return self._refuse(environ, start_response, answer.response)
+        if not self.listener._claim():
+            return _wsgi_reply(start_response, Response(503))
+        placeholder = None
         try:
             fd = _host_fd(environ)
             reader = _host_reader(environ, fd)
-        except HandshakeError as exc:
-            logger.warning("wsgi_app cannot take the socket of %s: %s",
-                           environ.get("SERVER_SOFTWARE", "this server"), exc)
-            return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
-        try:
             self.manager._ensure_running()
-        except HandshakeError as exc:
-            logger.error("wsgi_app cannot hand off: %s", exc)
-            return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
-        if not self.listener._claim():
-            return _wsgi_reply(start_response, Response(503))
-        try:
-            placeholder = _Placeholder(fd)
-        except OSError as exc:  # out of descriptors
-            self.listener._unclaim()
-            logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
-            return _wsgi_reply(start_response, Response(503))
-        try:
+            placeholder = _Placeholder(fd, reader)
             # Only stored (PEP 3333): what the server then writes goes to the placeholder.
             start_response("101 Switching Protocols", [])
-        except Exception as exc:  # answered already, by a middleware around us
-            self.listener._unclaim()
-            placeholder.close()
-            logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
-            return []
-        sock = placeholder.install()
-        # RFC 7230 6.7: past the request, the connection speaks WebSocket. What the server read
-        # ahead is the client's first frames, never a request for the server to parse.
-        first_frames = _take_buffered(reader)
-        try:
-            websocket = self.listener._make_connection(sock, request, head, answer, peer, first_frames)
+            first_frames = placeholder.install()
+            websocket = self.listener._make_connection(placeholder.connection, request, head, answer, peer,
+                                                       first_frames)
             websocket.environ = _environ_without_io(environ)
-        except Exception as exc:
-            self.listener._unclaim()
-            logger.error("could not create the connection for %s", peer, exc_info=exc)
-            # The server has sent nothing yet: its log gets the 500 (PEP 3333 exc_info), the client too.
-            start_response("500 Internal Server Error", [], sys.exc_info())
-            _answer_on(sock, Response(500), self.manager.close_timeout)
-            return placeholder
-        try:
             self.manager.add(websocket)
-        except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
+            return placeholder
+        except Exception as exc:  # the one way back, from wherever the hand-off stopped
             self.listener._unclaim()
-            sock.close()
-        return placeholder
+            if placeholder is None:  # nothing taken: the server answers on its connection, as it was
+                if not isinstance(exc, (HandshakeError, OSError)):  # HandshakeError: no socket, no loop;
+                    raise  # OSError: out of descriptors
+                logger.error("wsgi_app cannot take the socket of %s from %s: %s", peer,
+                             environ.get("SERVER_SOFTWARE", "this server"), exc)
+                status = getattr(exc, "status", None) or 503
+                return _wsgi_reply(start_response, Response(status, body=f"{exc}\n".encode()))
+            if not placeholder.installed:  # start_response refused: a middleware around us answered already
+                placeholder.close()
+                logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
+                return []
+            # The connection is ours and nothing was sent on it: the 101 becomes an error, in the server's
+            # log (PEP 3333 exc_info) and to the client. add() refuses when the manager stopped meanwhile.
+            status = 503 if isinstance(exc, WebSocketError) else 500
+            if status == 500:
+                logger.error("could not create the connection for %s", peer, exc_info=exc)
+            start_response(_status_text(status), [], sys.exc_info())
+            _answer_on(placeholder.connection, Response(status), self.manager.close_timeout)
+            return placeholder
 
     def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
                 response: Response) -> Iterable[bytes]:
-        """Refuse through WSGI; a refusal with hop-by-hop headers (426 names Upgrade) that the
-        server will not pass is written on the socket itself, when it can be taken."""
-        try:
-            return _wsgi_reply(start_response, response, strict=True)
-        except AssertionError:
-            refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
+        """Refuse through WSGI. PEP 3333 forbids hop-by-hop headers (426 names Upgrade): they go through
+        the servers that send them, else on the connection itself when it can be taken (wsgiref with
+        :class:`WSGIRequestHandler`, which asserts on them), else they are dropped."""
+        if _sends_hop_by_hop(environ) or not any(name.lower() in _HOP_BY_HOP for name, _ in response.headers):
+            return _wsgi_reply(start_response, response, hop_by_hop=True)
         try:
             fd = _host_fd(environ)
-            reader = _host_reader(environ, fd)
-            placeholder = _Placeholder(fd)
-        except (HandshakeError, OSError):  # the server answers, without the hop-by-hop headers
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        start_response(_status_text(response.status, response.reason), [], refused)
-        sock = placeholder.install()
-        _take_buffered(reader)  # what the client sent after this request gets no answer: never run it
-        _answer_on(sock, response, self.manager.close_timeout)
+            placeholder = _Placeholder(fd, _host_reader(environ, fd))
+        except (HandshakeError, OSError):
+            return _wsgi_reply(start_response, response)
+        try:
+            start_response(_status_text(response.status, response.reason), [])
+        except BaseException:
+            placeholder.close()
+            raise
+        placeholder.install()  # what the client sent after this request gets no answer: never run it
+        _answer_on(placeholder.connection, response, self.manager.close_timeout)
         return placeholder
+
+
+# Bounds the emptying of the server's read-ahead buffer: each read returns what it holds, then b"" at EOF.
+_MAX_BUFFERED_READS = 64
 
 
 class _Placeholder:
     """What takes the connection's place in the server, and the empty body of a handed-off request.
 
-    Made with the server's descriptor ``fd``: a socket of its own on the connection (a duplicate of
-    ``fd``) and a socketpair, both made first, as they may fail (out of descriptors); :meth:`close`
-    before :meth:`install` leaves the server's descriptor as it was. :meth:`install` puts one end of
-    the pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from
-    then on the server reads EOF on that descriptor, right after what it has buffered, and what it
-    writes lands in the pair. It returns the connection's socket, the caller's from then on. The
-    server closes its end when it is done with the request, and the body's close() the other.
+    Made with the server's descriptor ``fd`` and read-ahead buffer ``reader`` (:func:`_host_fd`,
+    :func:`_host_reader`): a socket of its own on the connection (a duplicate of ``fd``) and a
+    socketpair, both made first, as they may fail (out of descriptors); :meth:`close` before
+    :meth:`install` leaves the server's connection as it was. :meth:`install` puts one end of the
+    pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from then
+    on the server reads EOF there, right after what it has buffered, and what it writes lands in the
+    pair; ``connection`` is then the caller's. The server closes its end when it is done with the
+    request, and the body's close() the other.
     """
 
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.connection: Optional[socket.socket] = socket.socket(fileno=os.dup(fd))
+    def __init__(self, fd: int, reader: Any):
+        self.fd, self.reader = fd, reader
+        self.connection = socket.socket(fileno=os.dup(self.fd))
+        self.installed = False
         try:
-            self.end: Optional[socket.socket]
             self.end, self.peer = socket.socketpair()
         except BaseException:
             self.connection.close()
             raise
 
-    def install(self) -> socket.socket:
-        connection, end = self.connection, self.end
-        assert connection is not None and end is not None
-        self.connection = self.end = None
+    def install(self) -> bytes:
+        """Take the connection from the server; returns what the server had read ahead of it."""
+        self.installed = True
         try:
-            os.dup2(end.fileno(), self.fd, inheritable=False)
+            os.dup2(self.end.fileno(), self.fd, inheritable=False)
         finally:
-            end.close()
+            self.end.close()
         self.peer.shutdown(socket.SHUT_WR)
-        return connection
+        # Every read returns buffered bytes, then EOF, never waits: the server is left nothing to parse.
+        taken = bytearray()
+        with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
+            for _ in range(_MAX_BUFFERED_READS):
+                data = self.reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a file: to EOF
+                if not data:
+                    break
+                taken += data
+        return bytes(taken)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        for sock in (self.connection, self.end, self.peer):
-            if sock is not None:
-                sock.close()
+        self.end.close()
+        self.peer.close()
+        if not self.installed:
+            self.connection.close()
 
 
 def _answer_on(sock: socket.socket, response: Response, timeout: Optional[float]) -> None:
@@ -5460,9 +5544,8 @@ def _host_fd(environ: Dict[str, Any]) -> int:
             break
     else:
         # cheroot (CherryPy) names no socket, but wsgi.input wraps the connection's reader.
-        stream = environ.get("wsgi.input")
-        reader = getattr(stream, "rfile", None)
-        if not type(stream).__module__.startswith("cheroot.") or reader is None or not hasattr(reader, "fileno"):
+        reader = getattr(environ.get("wsgi.input"), "rfile", None)
+        if not _is_cheroot(environ) or reader is None or not hasattr(reader, "fileno"):
             raise HandshakeError("no socket in environ (wsgiref needs handler_class="
                                  "wsmanager.WSGIRequestHandler)", 501)
         if environ.get("HTTPS") == "on":
@@ -5471,6 +5554,15 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     if fd < 0:
         raise HandshakeError("the connection's socket is already closed or taken", 500)
     return int(fd)
+
+
+def _is_cheroot(environ: Dict[str, Any]) -> bool:
+    return type(environ.get("wsgi.input")).__module__.startswith("cheroot.")
+
+
+def _sends_hop_by_hop(environ: Dict[str, Any]) -> bool:
+    """Whether the server sends the hop-by-hop headers of a response (gunicorn: ``Upgrade: websocket``)."""
+    return "gunicorn.socket" in environ or "werkzeug.socket" in environ or _is_cheroot(environ)
 
 
 def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
@@ -5498,24 +5590,6 @@ def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
         raise HandshakeError("cannot find the server's read buffer of the connection (wsgi.input "
                              "replaced by a middleware?): bytes past the request could be run as HTTP", 501)
     return reader
-
-
-# Bounds _take_buffered: each read returns what the server holds, then b"" at the placeholder's EOF.
-_MAX_BUFFERED_READS = 64
-
-
-def _take_buffered(reader: Any) -> bytes:
-    """Empty the server's read-ahead buffer (:func:`_host_reader`), once the placeholder is on its
-    descriptor: every read returns buffered bytes, then EOF, never waits. The server then finds
-    nothing but EOF on the connection: it cannot parse another request from it."""
-    taken = bytearray()
-    with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
-        for _ in range(_MAX_BUFFERED_READS):
-            data = reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a BufferedReader: to EOF
-            if not data:
-                break
-            taken += data
-    return bytes(taken)
 
 
 # What WebSocket.environ leaves out: the server's I/O, which is the server's and ends with the request
@@ -5557,14 +5631,12 @@ def _environ_peer(environ: Dict[str, Any]) -> Any:
         return environ.get("REMOTE_ADDR")
 
 
-def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
-                exc_info: Any = None) -> List[bytes]:
-    """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
-    then they are passed, and a server that refuses them raises AssertionError."""
+def _wsgi_reply(start_response: StartResponse, response: Response, *, hop_by_hop: bool = False) -> List[bytes]:
+    """Answer ``response`` through WSGI; its hop-by-hop headers only if ``hop_by_hop``."""
     fields = [(name, value) for name, value in response.headers
-              if strict or name.lower() not in _HOP_BY_HOP]
+              if hop_by_hop or name.lower() not in _HOP_BY_HOP]
     status, body = _complete_response(response, fields)
-    start_response(status, fields, exc_info)
+    start_response(status, fields)
     return [body]
 
 
@@ -5785,13 +5857,14 @@ class _RedisConnection:
     bridge makes a new one after a back-off.
     """
 
-    __slots__ = ("bridge", "manager", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
+    __slots__ = ("bridge", "manager", "loop", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
                  "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
                  "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
         self.manager = bridge.manager  # for good (see :class:`_Flushable`)
+        self.loop = bridge.loop
         self.role = role  # "publish" or "subscribe": a subscribed RESP connection can do nothing else
         self.sock = sock
         self.parser = _RespParser(bridge.max_message_size)
@@ -5820,7 +5893,7 @@ class _RedisConnection:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.manager._schedule_flush(self)
+        self.loop.schedule_flush(self)
 
     def pending(self) -> int:
         return len(self._out)
@@ -5853,14 +5926,14 @@ class _RedisConnection:
                 return
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
-            self.manager._flush_dirty()
+            self.loop.flush()
             budget -= parser.parsed - parsed
             if parser.more or budget <= 0:
                 # Bounded work per event, as for every handler: the rest in the next turn, after the others.
                 # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
                 # a re-read queued by each of them would pile up, one more every turn.
                 if self._resume is None:
-                    self._resume = self.manager._call_later(0, self._resume_reading)
+                    self._resume = self.loop.call_later(0, self._resume_reading)
                 return
             if backlog:
                 continue
@@ -5900,7 +5973,7 @@ class _RedisConnection:
 
     def _set_events(self, events: int) -> None:
         self._writing = bool(events & selectors.EVENT_WRITE)
-        self.manager._set_events(self.sock, events, self)
+        self.loop.set_events(self.sock, events, self)
 
     def _flush(self) -> None:
         if not self.ready:
@@ -5932,7 +6005,7 @@ class _RedisConnection:
         self._finalized = True
         _cancel(self._timer)
         _cancel(self._resume)
-        self.manager._unwatch(self.sock)
+        self.loop.unwatch(self.sock)
         self.sock.close()
         self.bridge._connection_lost(self, reason)
 
@@ -5998,6 +6071,7 @@ class RedisBridge:
         self._hello = _resp_command(b"AUTH", *credentials) if credentials else b""  # first on each connection
         self.ssl_context = (ssl_context or ssl.create_default_context()) if secure else None
         self.manager = manager
+        self.loop = manager._loop  # what the bridge and its connections use of the loop
         self._topics = topics  # the manager's: attached to by manager.bridge(), detached from by _close()
         self.prefix = prefix
         self._prefix_bytes = prefix.encode()
@@ -6039,7 +6113,7 @@ class RedisBridge:
     def close(self) -> None:
         """Stop relaying and close the Redis connections (any thread). Topics stay local."""
         self._closed = True
-        self.manager._call_threadsafe(self._close)
+        self.loop.call_threadsafe(self._close)
 
     # Any thread ----------------------------------------------------------------
 
@@ -6057,7 +6131,7 @@ class RedisBridge:
 
     def _topic_changed(self, topic: str) -> None:
         if not self._closed:
-            self.manager._call_threadsafe(self._sync_topic, topic)
+            self.loop.call_threadsafe(self._sync_topic, topic)
 
     # Loop thread ---------------------------------------------------------------
 
@@ -6066,7 +6140,7 @@ class RedisBridge:
             self._connect(role)
 
     def _connect(self, role: str) -> None:
-        if self._closed or self.manager._finished:
+        if self._closed:  # (the manager's shutdown closes the bridge, and the loop runs nothing after it)
             return
         try:
             # Resolving a name blocks the loop for as long as the resolver takes: give an
@@ -6093,8 +6167,8 @@ class RedisBridge:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             connection._finalize(os.strerror(error))
             return
-        self.manager._set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
-        connection._timer = self.manager._call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
+        self.loop.set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        connection._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
@@ -6160,7 +6234,7 @@ class RedisBridge:
         self._delays[role] = delay
         if self._down_since[role] is None:
             self._down_since[role] = time.monotonic()
-        self.manager._call_later(delay, self._connect, role)
+        self.loop.call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
         # Reads the topics now, so that subscribe/unsubscribe races end where the topic stands.
@@ -6909,9 +6983,9 @@ class _LoadClient(WebSocket):
             status = _FLUSH
         else:
             status = protocol.send(frames)
-        manager = self.manager
-        if status == _FLUSH and manager is not None:
-            manager._schedule_flush(self)
+        loop = self._loop
+        if status == _FLUSH and loop is not None:
+            loop.schedule_flush(self)
 
 
 class _LoadReader:
@@ -6930,7 +7004,7 @@ class _LoadReader:
         self.manager = manager
         self.run = client.run
         self.sock = client.sock
-        manager._set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
+        manager._loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
 
     @property
     def _finalized(self) -> bool:
@@ -6992,7 +7066,7 @@ class _LoadReader:
         if not client.terminated:
             # Read only: a change of events re-registers the client itself, so while this reader
             # is registered the client's events are EVENT_READ alone.
-            self.manager._set_events(self.sock, selectors.EVENT_READ, client)
+            self.manager._loop.set_events(self.sock, selectors.EVENT_READ, client)
         if client.state is not _CLOSED:  # (nothing is fed after a failure: RFC 6455 5.5.1)
             client._receive(data)
 
