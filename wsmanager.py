@@ -2905,7 +2905,12 @@ class WebSocket:
             except OSError:
                 pass
 
-    _on_write = _flush
+    def _on_write(self) -> None:
+        manager = self._manager
+        if self._protocol.parser is None and manager is not None:
+            self._run(manager)  # add()ed from another thread: registered for this first EVENT_WRITE
+        else:
+            self._flush()
 
     def _finalize(self, reason: str = "") -> None:
         """Close the socket, forget the connection, call closed() once."""
@@ -3616,7 +3621,10 @@ class _Loop:
     # What a handler may call ---------------------------------------------------
 
     def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events)."""
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
         self.selector.register(sock, events, handler)
 
     def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
@@ -4150,6 +4158,15 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
+            loop = self._loop
+            if (websocket.state is State.CONNECTING and not loop.in_loop()
+                    and isinstance(loop.selector, getattr(selectors, "EpollSelector", ()))):
+                # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
+                # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
+                # with no byte through the waker (a write, a read and a loop turn of its own).
+                with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
+                    loop.watch(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    return
         self._loop.call_threadsafe(self._open, websocket)
 
     @overload
@@ -4887,8 +4904,15 @@ class _ClientTarget(_NamedTuple):
         return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
 
 
+# URLs parsed (at most 64): a client that connects again and again to one URL parses it once.
+_CLIENT_TARGETS: Dict[str, _ClientTarget] = {}
+
+
 def _client_target(url: str) -> _ClientTarget:
     """Parse and check a client URL; raises :class:`InvalidURL`."""
+    target = _CLIENT_TARGETS.get(url)
+    if target is not None:
+        return target
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unbalanced [ in the host
@@ -4908,7 +4932,10 @@ def _client_target(url: str) -> _ClientTarget:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
-    return _ClientTarget(secure, host, port, host_header, path)
+    if len(_CLIENT_TARGETS) >= 64:
+        _CLIENT_TARGETS.clear()
+    target = _CLIENT_TARGETS[url] = _ClientTarget(secure, host, port, host_header, path)
+    return target
 
 
 def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
@@ -5318,13 +5345,15 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
         result = None
         while result is None:
             result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
-                            peer_address=sock.getpeername(), extra_data=rest)
+                            peer_address=peer_address, extra_data=rest)
         websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
