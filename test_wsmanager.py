@@ -4484,25 +4484,6 @@ class TestManager:
         with pytest.raises(ValueError):
             connect(url, timeout=2)
 
-    def test_connect_parses_a_url_it_has_seen_once(self, manager, monkeypatch):
-        # One-by-one clients (ws4py's documented use) connect to one URL again and again: parsed once.
-        address = manager.listen(("127.0.0.1", 0), EchoServer)
-        url = ws_url(address, "/parsed-once")
-        import urllib.parse
-        splits = []
-        split = urllib.parse.urlsplit
-
-        def counted_split(url, *args, **kwargs):
-            splits.append(url)
-            return split(url, *args, **kwargs)
-
-        monkeypatch.setattr(urllib.parse, "urlsplit", counted_split)
-        for _ in range(3):
-            connect(url, timeout=5).sock.close()
-        assert splits == [url]
-        with pytest.raises(ValueError):  # a bad URL is refused every time, not remembered
-            connect(url.replace("ws://", "http://"), timeout=2)
-
     def test_connect_shares_the_peer_host_among_connections(self, manager):
         # Thousands of clients of one server: one string for its address, not one per connection.
         address = manager.listen(("127.0.0.1", 0), EchoServer)

@@ -4904,15 +4904,8 @@ class _ClientTarget(_NamedTuple):
         return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
 
 
-# URLs parsed (at most 64): a client that connects again and again to one URL parses it once.
-_CLIENT_TARGETS: Dict[str, _ClientTarget] = {}
-
-
 def _client_target(url: str) -> _ClientTarget:
     """Parse and check a client URL; raises :class:`InvalidURL`."""
-    target = _CLIENT_TARGETS.get(url)
-    if target is not None:
-        return target
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unbalanced [ in the host
@@ -4932,10 +4925,7 @@ def _client_target(url: str) -> _ClientTarget:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
         raise InvalidURL(f"invalid characters in the path of {url!r}")
-    if len(_CLIENT_TARGETS) >= 64:
-        _CLIENT_TARGETS.clear()
-    target = _CLIENT_TARGETS[url] = _ClientTarget(secure, host, port, host_header, path)
-    return target
+    return _ClientTarget(secure, host, port, host_header, path)
 
 
 def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
