@@ -6664,14 +6664,6 @@ class _EchoPeer(WebSocket):
         self.send(message)
 
 
-def _median(values: Sequence[float]) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
     # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
@@ -6695,12 +6687,14 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
         bridge = manager.bridge(redis) if redis else None
 
         def stats() -> Dict[str, Any]:
+            import statistics  # here, not at import: /stats alone needs it
             # Which process answered: with workers, the kernel picks one per connection.
             # The latency is the heartbeat's round trip: connections not pinged yet are left out.
             latencies = [websocket.latency for websocket in manager if websocket.latency]
+            median = statistics.median(latencies) if latencies else None
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
-                    "latency": {"median": _median(latencies), "measured": len(latencies)},
+                    "latency": {"median": median, "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
         def factory(*args: Any, **kwargs: Any) -> WebSocket:
@@ -6731,11 +6725,15 @@ def _raise_descriptor_limit() -> None:
     for wanted in (hard, 2 ** 20, 2 ** 16, 10240) if hard == resource.RLIM_INFINITY else (hard,):
         if soft != resource.RLIM_INFINITY and soft >= wanted:
             return
-        try:
+        with contextlib.suppress(ValueError, OSError):  # refused: try the next
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             return
-        except (ValueError, OSError):
-            continue
+
+
+def _fail(message: str, status: int) -> int:
+    """Print the command line's one-line error to stderr; returns the exit status."""
+    print(f"wsmanager: {message}", file=sys.stderr)
+    return status
 
 
 def _serve(args: Any) -> int:
@@ -6743,16 +6741,14 @@ def _serve(args: Any) -> int:
         try:
             _parse_redis_url(args.redis)  # a bad URL fails here, in one line, not in every worker
         except ValueError as exc:
-            print(f"wsmanager: {exc}", file=sys.stderr)
-            return 2
+            return _fail(str(exc), 2)
     if args.workers > 1:
         return _serve_workers(args)
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     host, port = sock.getsockname()[:2]
     manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
@@ -6780,8 +6776,7 @@ def _serve_workers(args: Any) -> int:
     try:
         host, port = supervisor.bind()
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", _bracket(host), port,
                 args.workers, f", relayed through {args.redis}" if args.redis else "")
     if not args.redis:
@@ -6826,32 +6821,35 @@ class _ConsolePeer(WebSocket):
         stream.flush()
 
 
+def _client_ssl_context(args: Any) -> Optional[ssl.SSLContext]:
+    """The TLS context of the ``connect`` and ``load`` commands: None for ws://; --insecure verifies nothing."""
+    if not args.url.lower().startswith("wss:"):
+        return None
+    context = ssl.create_default_context()
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _connect(args: Any) -> int:
     # The client prints its own lines, above the one being typed; the library's INFO lines (a stop's
     # summary) would land on that line. Warnings still show.
     logger.setLevel(logging.WARNING)
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    context = _client_ssl_context(args)
     try:
         peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
                        subprotocols=args.subprotocol or None, headers=args.header, origin=args.origin)
     except ValueError as exc:  # InvalidURL, or a header value that cannot be sent
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except HandshakeError as exc:
-        print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"handshake with {args.url} failed: {exc}", 1)
     except OSError as exc:
         # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
         # cannot parse, an EOF or a reset, never what the user did wrong (a refused certificate says so).
         plain = context is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout))
         hint = " (is the server speaking TLS?)" if plain and not isinstance(exc, ssl.SSLCertVerificationError) else ""
-        print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot connect to {args.url}: {exc}{hint}", 1)
     peer.show_binary_as_hex = args.binary
     peer.interactive = sys.stdin.isatty() and sys.stdout.isatty()
     print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
@@ -6906,11 +6904,14 @@ class _LoadClient(WebSocket):
     """
 
     run: "_LoadRun"
-    dialed = 0.0  # when manager.connect() was called
     sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
     left = 0  # messages still to send (-1: until the run's duration is over)
     done = False
     raw = False  # messages sent as frames masked in advance: a plain socket, no compression
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dialed = time.monotonic()  # made by manager.connect() as it is called
 
     def opened(self) -> None:
         self.raw = self.compression is None and not _is_tls(self.sock)
@@ -7077,7 +7078,7 @@ class _LoadRun:
         self.in_flight = in_flight
         self.size = size
         self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
-        payload = self._payload_bytes = self.payload.encode() if isinstance(self.payload, str) else self.payload
+        payload = self.payload.encode() if isinstance(self.payload, str) else self.payload
         opcode = Opcode.TEXT if text else Opcode.BINARY
         self.answer = encode_frame(opcode, payload)  # what an echo sends back, byte for byte
         self.answers = self.answer * in_flight
@@ -7098,7 +7099,7 @@ class _LoadRun:
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
         self.finished = 0  # clients done: all answers in, failed, or closed
-        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.sending = True  # False once the duration is over: clients stop after their current message
         self.first_send = 0.0
         self.last_answer = 0.0
 
@@ -7202,30 +7203,9 @@ def _load(args: Any) -> int:
     try:
         _client_target(args.url)
     except InvalidURL as exc:
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
-    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = args.clients + 64
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
-                                                        else min(wanted, hard), hard))
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
-    run.sending = True
-    _LoadClient.run = run
-
-    def factory(*arguments: Any, **options: Any) -> _LoadClient:
-        client = _LoadClient(*arguments, **options)
-        client.dialed = time.monotonic()
-        return client
-
+        return _fail(str(exc), 2)
+    context = _client_ssl_context(args)
+    run = _LoadClient.run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
     stop_requests: List[int] = []
     _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
     progress = sys.stderr.isatty() and not args.json
@@ -7252,7 +7232,7 @@ def _load(args: Any) -> int:
             due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
             while dialed < due and not stop_requests:
                 try:
-                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                    manager.connect(args.url, _LoadClient, ssl_context=context, timeout=args.timeout)
                 except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
                     run.failed(exc)
                 dialed += 1
@@ -7326,11 +7306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"{number} < 1")
         return number
 
-    def workers(text: str) -> int:
-        number = int(text)
-        if number < 1:
-            raise ValueError(f"{number} workers")
-        return number
+    def workers(text: str) -> int:  # positive, named for argparse's message: "invalid workers value: '0'"
+        return positive(text)
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
