@@ -6871,7 +6871,11 @@ def _connect(args: Any) -> int:
 
     # readline puts the terminal in raw mode while it reads; when the peer ends the session in
     # the middle of a line, input() never returns to undo that: the mode is restored here.
-    terminal_mode = _terminal_mode() if peer.interactive else None
+    terminal_mode: Optional[List[Any]] = None
+    if peer.interactive:
+        with contextlib.suppress(ImportError, OSError, ValueError):  # not POSIX, or stdin is no terminal
+            import termios
+            terminal_mode = termios.tcgetattr(sys.stdin.fileno())
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
@@ -6879,7 +6883,8 @@ def _connect(args: Any) -> int:
     manager.stop(manager.close_timeout + 1)  # ends as soon as the close handshake has, else terminates
     manager.join()
     if terminal_mode is not None:
-        terminal_mode()
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, terminal_mode)
         # The input line ("> " and what was half typed) will never be read: erase it, so the shell's
         # prompt takes its place instead of following a stray "> " under "connection closed".
         sys.stdout.write("\r\x1b[K")
@@ -6916,8 +6921,8 @@ class _LoadClient(WebSocket):
     def opened(self) -> None:
         self.raw = self.compression is None and not _is_tls(self.sock)
         # Not when the 101 came with bytes after it (fed to the parser once opened() returns).
-        if self.raw and not self._extra and self.manager is not None:
-            _LoadReader(self, self.manager)
+        if self.raw and not self._extra and self._loop is not None:
+            _LoadReader(self, self._loop)
         self.run.opened(self)
 
     def received_message(self, message: Union[str, bytes]) -> None:
@@ -6978,14 +6983,14 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock")
+    __slots__ = ("client", "loop", "run", "sock")
 
-    def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
+    def __init__(self, client: _LoadClient, loop: _Loop):
         self.client = client
-        self.manager = manager
+        self.loop = loop
         self.run = client.run
         self.sock = client.sock
-        manager._loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
+        loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
 
     @property
     def _finalized(self) -> bool:
@@ -7028,18 +7033,17 @@ class _LoadReader:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
         counted here; anything else goes to the parser (EOF ends the connection)."""
         client, run = self.client, self.run
-        if not data:
-            client._finalize("connection closed without a close frame")
-            return
         sent_at = client.sent_at
         count, cut = divmod(len(data), len(run.answer))
-        if cut or not count or count > len(sent_at) or not run.answers.startswith(data):
+        if not data:
+            client._finalize("connection closed without a close frame")
+        elif cut or not count or count > len(sent_at) or not run.answers.startswith(data):
             self._to_parser(data)  # more answers than questions included: the parser's path tells what
-            return
-        now = time.monotonic()
-        run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
-        run.last_answer = now
-        run.send_next(client, count, now)
+        else:
+            now = time.monotonic()
+            run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+            run.last_answer = now
+            run.send_next(client, count, now)
 
     def _to_parser(self, data: bytes) -> None:
         """Give the socket back to the client, for good, and ``data`` to its parser."""
@@ -7047,7 +7051,7 @@ class _LoadReader:
         if not client.terminated:
             # Read only: a change of events re-registers the client itself, so while this reader
             # is registered the client's events are EVENT_READ alone.
-            self.manager._loop.set_events(self.sock, selectors.EVENT_READ, client)
+            self.loop.set_events(self.sock, selectors.EVENT_READ, client)
         if client.state is not _CLOSED:  # (nothing is fed after a failure: RFC 6455 5.5.1)
             client._receive(data)
 
@@ -7217,7 +7221,6 @@ def _load(args: Any) -> int:
     gc.disable()
     cpu_before = time.process_time()
     started = time.monotonic()
-    deadline = started + args.duration if args.duration else None
     dialed = 0
     last_progress = 0.0
     stalled_since = started
@@ -7225,9 +7228,8 @@ def _load(args: Any) -> int:
     with manager:
         while not stop_requests:
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if args.duration and run.sending and now - started >= args.duration:
                 run.sending = False  # each client ends after its current message
-                deadline = None
                 stalled_since = now
             due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
             while dialed < due and not stop_requests:
@@ -7263,21 +7265,6 @@ def _load(args: Any) -> int:
     else:
         _print_load_report(report)
     return 1 if report["errors"] or stop_requests else 0
-
-
-def _terminal_mode() -> Optional[Callable[[], None]]:
-    """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
-    try:
-        import termios
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):
-        return None
-
-    def restore() -> None:
-        with contextlib.suppress(OSError):
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-    return restore
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
