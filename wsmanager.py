@@ -2905,7 +2905,12 @@ class WebSocket:
             except OSError:
                 pass
 
-    _on_write = _flush
+    def _on_write(self) -> None:
+        manager = self._manager
+        if self._protocol.parser is None and manager is not None:
+            self._run(manager)  # add()ed from another thread: registered for this first EVENT_WRITE
+        else:
+            self._flush()
 
     def _finalize(self, reason: str = "") -> None:
         """Close the socket, forget the connection, call closed() once."""
@@ -3616,7 +3621,10 @@ class _Loop:
     # What a handler may call ---------------------------------------------------
 
     def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events)."""
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
         self.selector.register(sock, events, handler)
 
     def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
@@ -4150,6 +4158,15 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
+            loop = self._loop
+            if (websocket.state is State.CONNECTING and not loop.in_loop()
+                    and isinstance(loop.selector, getattr(selectors, "EpollSelector", ()))):
+                # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
+                # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
+                # with no byte through the waker (a write, a read and a loop turn of its own).
+                with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
+                    loop.watch(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    return
         self._loop.call_threadsafe(self._open, websocket)
 
     @overload
@@ -5318,13 +5335,15 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
         result = None
         while result is None:
             result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
-                            peer_address=sock.getpeername(), extra_data=rest)
+                            peer_address=peer_address, extra_data=rest)
         websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
@@ -5357,9 +5376,9 @@ class _WSGIHandOff:
     descriptor number with ``dup2``, so that whatever the server does next
     (write its idea of a 101, drain, keep-alive, shutdown, close) lands there
     and never on the connection; empty the server's read-ahead buffer into the
-    connection's first bytes (:func:`_take_buffered`), so that the server finds
-    nothing but EOF to parse (RFC 7230 6.7). The real 101 is the first thing the
-    manager's loop writes on the connection.
+    connection's first bytes, so that the server finds nothing but EOF to parse
+    (RFC 7230 6.7). The real 101 is the first thing the manager's loop writes on
+    the connection. Wherever it stops, one way back undoes what was taken.
     """
 
     def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
@@ -5381,116 +5400,119 @@ class _WSGIHandOff:
         answer = self.listener._answer(request, peer)
         if answer.response.status != 101:
             return self._refuse(environ, start_response, answer.response)
+        if not self.listener._claim():
+            return _wsgi_reply(start_response, Response(503))
+        placeholder = None
         try:
             fd = _host_fd(environ)
             reader = _host_reader(environ, fd)
-        except HandshakeError as exc:
-            logger.warning("wsgi_app cannot take the socket of %s: %s",
-                           environ.get("SERVER_SOFTWARE", "this server"), exc)
-            return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
-        try:
             self.manager._ensure_running()
-        except HandshakeError as exc:
-            logger.error("wsgi_app cannot hand off: %s", exc)
-            return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
-        if not self.listener._claim():
-            return _wsgi_reply(start_response, Response(503))
-        try:
-            placeholder = _Placeholder(fd)
-        except OSError as exc:  # out of descriptors
-            self.listener._unclaim()
-            logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
-            return _wsgi_reply(start_response, Response(503))
-        try:
+            placeholder = _Placeholder(fd, reader)
             # Only stored (PEP 3333): what the server then writes goes to the placeholder.
             start_response("101 Switching Protocols", [])
-        except Exception as exc:  # answered already, by a middleware around us
-            self.listener._unclaim()
-            placeholder.close()
-            logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
-            return []
-        sock = placeholder.install()
-        # RFC 7230 6.7: past the request, the connection speaks WebSocket. What the server read
-        # ahead is the client's first frames, never a request for the server to parse.
-        first_frames = _take_buffered(reader)
-        try:
-            websocket = self.listener._make_connection(sock, request, head, answer, peer, first_frames)
+            first_frames = placeholder.install()
+            websocket = self.listener._make_connection(placeholder.connection, request, head, answer, peer,
+                                                       first_frames)
             websocket.environ = _environ_without_io(environ)
-        except Exception as exc:
-            self.listener._unclaim()
-            logger.error("could not create the connection for %s", peer, exc_info=exc)
-            # The server has sent nothing yet: its log gets the 500 (PEP 3333 exc_info), the client too.
-            start_response("500 Internal Server Error", [], sys.exc_info())
-            _answer_on(sock, Response(500), self.manager.close_timeout)
-            return placeholder
-        try:
             self.manager.add(websocket)
-        except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
+            return placeholder
+        except Exception as exc:  # the one way back, from wherever the hand-off stopped
             self.listener._unclaim()
-            sock.close()
-        return placeholder
+            if placeholder is None:  # nothing taken: the server answers on its connection, as it was
+                if not isinstance(exc, (HandshakeError, OSError)):  # HandshakeError: no socket, no loop;
+                    raise  # OSError: out of descriptors
+                logger.error("wsgi_app cannot take the socket of %s from %s: %s", peer,
+                             environ.get("SERVER_SOFTWARE", "this server"), exc)
+                status = getattr(exc, "status", None) or 503
+                return _wsgi_reply(start_response, Response(status, body=f"{exc}\n".encode()))
+            if not placeholder.installed:  # start_response refused: a middleware around us answered already
+                placeholder.close()
+                logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
+                return []
+            # The connection is ours and nothing was sent on it: the 101 becomes an error, in the server's
+            # log (PEP 3333 exc_info) and to the client. add() refuses when the manager stopped meanwhile.
+            status = 503 if isinstance(exc, WebSocketError) else 500
+            if status == 500:
+                logger.error("could not create the connection for %s", peer, exc_info=exc)
+            start_response(_status_text(status), [], sys.exc_info())
+            _answer_on(placeholder.connection, Response(status), self.manager.close_timeout)
+            return placeholder
 
     def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
                 response: Response) -> Iterable[bytes]:
-        """Refuse through WSGI; a refusal with hop-by-hop headers (426 names Upgrade) that the
-        server will not pass is written on the socket itself, when it can be taken."""
-        try:
-            return _wsgi_reply(start_response, response, strict=True)
-        except AssertionError:
-            refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
+        """Refuse through WSGI. PEP 3333 forbids hop-by-hop headers (426 names Upgrade): they go through
+        the servers that send them, else on the connection itself when it can be taken (wsgiref with
+        :class:`WSGIRequestHandler`, which asserts on them), else they are dropped."""
+        if _sends_hop_by_hop(environ) or not any(name.lower() in _HOP_BY_HOP for name, _ in response.headers):
+            return _wsgi_reply(start_response, response, hop_by_hop=True)
         try:
             fd = _host_fd(environ)
-            reader = _host_reader(environ, fd)
-            placeholder = _Placeholder(fd)
-        except (HandshakeError, OSError):  # the server answers, without the hop-by-hop headers
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        start_response(_status_text(response.status, response.reason), [], refused)
-        sock = placeholder.install()
-        _take_buffered(reader)  # what the client sent after this request gets no answer: never run it
-        _answer_on(sock, response, self.manager.close_timeout)
+            placeholder = _Placeholder(fd, _host_reader(environ, fd))
+        except (HandshakeError, OSError):
+            return _wsgi_reply(start_response, response)
+        try:
+            start_response(_status_text(response.status, response.reason), [])
+        except BaseException:
+            placeholder.close()
+            raise
+        placeholder.install()  # what the client sent after this request gets no answer: never run it
+        _answer_on(placeholder.connection, response, self.manager.close_timeout)
         return placeholder
+
+
+# Bounds the emptying of the server's read-ahead buffer: each read returns what it holds, then b"" at EOF.
+_MAX_BUFFERED_READS = 64
 
 
 class _Placeholder:
     """What takes the connection's place in the server, and the empty body of a handed-off request.
 
-    Made with the server's descriptor ``fd``: a socket of its own on the connection (a duplicate of
-    ``fd``) and a socketpair, both made first, as they may fail (out of descriptors); :meth:`close`
-    before :meth:`install` leaves the server's descriptor as it was. :meth:`install` puts one end of
-    the pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from
-    then on the server reads EOF on that descriptor, right after what it has buffered, and what it
-    writes lands in the pair. It returns the connection's socket, the caller's from then on. The
-    server closes its end when it is done with the request, and the body's close() the other.
+    Made with the server's descriptor ``fd`` and read-ahead buffer ``reader`` (:func:`_host_fd`,
+    :func:`_host_reader`): a socket of its own on the connection (a duplicate of ``fd``) and a
+    socketpair, both made first, as they may fail (out of descriptors); :meth:`close` before
+    :meth:`install` leaves the server's connection as it was. :meth:`install` puts one end of the
+    pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from then
+    on the server reads EOF there, right after what it has buffered, and what it writes lands in the
+    pair; ``connection`` is then the caller's. The server closes its end when it is done with the
+    request, and the body's close() the other.
     """
 
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.connection: Optional[socket.socket] = socket.socket(fileno=os.dup(fd))
+    def __init__(self, fd: int, reader: Any):
+        self.fd, self.reader = fd, reader
+        self.connection = socket.socket(fileno=os.dup(self.fd))
+        self.installed = False
         try:
-            self.end: Optional[socket.socket]
             self.end, self.peer = socket.socketpair()
         except BaseException:
             self.connection.close()
             raise
 
-    def install(self) -> socket.socket:
-        connection, end = self.connection, self.end
-        assert connection is not None and end is not None
-        self.connection = self.end = None
+    def install(self) -> bytes:
+        """Take the connection from the server; returns what the server had read ahead of it."""
+        self.installed = True
         try:
-            os.dup2(end.fileno(), self.fd, inheritable=False)
+            os.dup2(self.end.fileno(), self.fd, inheritable=False)
         finally:
-            end.close()
+            self.end.close()
         self.peer.shutdown(socket.SHUT_WR)
-        return connection
+        # Every read returns buffered bytes, then EOF, never waits: the server is left nothing to parse.
+        taken = bytearray()
+        with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
+            for _ in range(_MAX_BUFFERED_READS):
+                data = self.reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a file: to EOF
+                if not data:
+                    break
+                taken += data
+        return bytes(taken)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        for sock in (self.connection, self.end, self.peer):
-            if sock is not None:
-                sock.close()
+        self.end.close()
+        self.peer.close()
+        if not self.installed:
+            self.connection.close()
 
 
 def _answer_on(sock: socket.socket, response: Response, timeout: Optional[float]) -> None:
@@ -5512,9 +5534,8 @@ def _host_fd(environ: Dict[str, Any]) -> int:
             break
     else:
         # cheroot (CherryPy) names no socket, but wsgi.input wraps the connection's reader.
-        stream = environ.get("wsgi.input")
-        reader = getattr(stream, "rfile", None)
-        if not type(stream).__module__.startswith("cheroot.") or reader is None or not hasattr(reader, "fileno"):
+        reader = getattr(environ.get("wsgi.input"), "rfile", None)
+        if not _is_cheroot(environ) or reader is None or not hasattr(reader, "fileno"):
             raise HandshakeError("no socket in environ (wsgiref needs handler_class="
                                  "wsmanager.WSGIRequestHandler)", 501)
         if environ.get("HTTPS") == "on":
@@ -5523,6 +5544,15 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     if fd < 0:
         raise HandshakeError("the connection's socket is already closed or taken", 500)
     return int(fd)
+
+
+def _is_cheroot(environ: Dict[str, Any]) -> bool:
+    return type(environ.get("wsgi.input")).__module__.startswith("cheroot.")
+
+
+def _sends_hop_by_hop(environ: Dict[str, Any]) -> bool:
+    """Whether the server sends the hop-by-hop headers of a response (gunicorn: ``Upgrade: websocket``)."""
+    return "gunicorn.socket" in environ or "werkzeug.socket" in environ or _is_cheroot(environ)
 
 
 def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
@@ -5550,24 +5580,6 @@ def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
         raise HandshakeError("cannot find the server's read buffer of the connection (wsgi.input "
                              "replaced by a middleware?): bytes past the request could be run as HTTP", 501)
     return reader
-
-
-# Bounds _take_buffered: each read returns what the server holds, then b"" at the placeholder's EOF.
-_MAX_BUFFERED_READS = 64
-
-
-def _take_buffered(reader: Any) -> bytes:
-    """Empty the server's read-ahead buffer (:func:`_host_reader`), once the placeholder is on its
-    descriptor: every read returns buffered bytes, then EOF, never waits. The server then finds
-    nothing but EOF on the connection: it cannot parse another request from it."""
-    taken = bytearray()
-    with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
-        for _ in range(_MAX_BUFFERED_READS):
-            data = reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a BufferedReader: to EOF
-            if not data:
-                break
-            taken += data
-    return bytes(taken)
 
 
 # What WebSocket.environ leaves out: the server's I/O, which is the server's and ends with the request
@@ -5609,14 +5621,12 @@ def _environ_peer(environ: Dict[str, Any]) -> Any:
         return environ.get("REMOTE_ADDR")
 
 
-def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
-                exc_info: Any = None) -> List[bytes]:
-    """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
-    then they are passed, and a server that refuses them raises AssertionError."""
+def _wsgi_reply(start_response: StartResponse, response: Response, *, hop_by_hop: bool = False) -> List[bytes]:
+    """Answer ``response`` through WSGI; its hop-by-hop headers only if ``hop_by_hop``."""
     fields = [(name, value) for name, value in response.headers
-              if strict or name.lower() not in _HOP_BY_HOP]
+              if hop_by_hop or name.lower() not in _HOP_BY_HOP]
     status, body = _complete_response(response, fields)
-    start_response(status, fields, exc_info)
+    start_response(status, fields)
     return [body]
 
 
@@ -6636,14 +6646,6 @@ class _EchoPeer(WebSocket):
         self.send(message)
 
 
-def _median(values: Sequence[float]) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
     # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
@@ -6667,12 +6669,14 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
         bridge = manager.bridge(redis) if redis else None
 
         def stats() -> Dict[str, Any]:
+            import statistics  # here, not at import: /stats alone needs it
             # Which process answered: with workers, the kernel picks one per connection.
             # The latency is the heartbeat's round trip: connections not pinged yet are left out.
             latencies = [websocket.latency for websocket in manager if websocket.latency]
+            median = statistics.median(latencies) if latencies else None
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
-                    "latency": {"median": _median(latencies), "measured": len(latencies)},
+                    "latency": {"median": median, "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
         def factory(*args: Any, **kwargs: Any) -> WebSocket:
@@ -6703,11 +6707,15 @@ def _raise_descriptor_limit() -> None:
     for wanted in (hard, 2 ** 20, 2 ** 16, 10240) if hard == resource.RLIM_INFINITY else (hard,):
         if soft != resource.RLIM_INFINITY and soft >= wanted:
             return
-        try:
+        with contextlib.suppress(ValueError, OSError):  # refused: try the next
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             return
-        except (ValueError, OSError):
-            continue
+
+
+def _fail(message: str, status: int) -> int:
+    """Print the command line's one-line error to stderr; returns the exit status."""
+    print(f"wsmanager: {message}", file=sys.stderr)
+    return status
 
 
 def _serve(args: Any) -> int:
@@ -6715,16 +6723,14 @@ def _serve(args: Any) -> int:
         try:
             _parse_redis_url(args.redis)  # a bad URL fails here, in one line, not in every worker
         except ValueError as exc:
-            print(f"wsmanager: {exc}", file=sys.stderr)
-            return 2
+            return _fail(str(exc), 2)
     if args.workers > 1:
         return _serve_workers(args)
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     host, port = sock.getsockname()[:2]
     manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
@@ -6752,8 +6758,7 @@ def _serve_workers(args: Any) -> int:
     try:
         host, port = supervisor.bind()
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", _bracket(host), port,
                 args.workers, f", relayed through {args.redis}" if args.redis else "")
     if not args.redis:
@@ -6798,32 +6803,35 @@ class _ConsolePeer(WebSocket):
         stream.flush()
 
 
+def _client_ssl_context(args: Any) -> Optional[ssl.SSLContext]:
+    """The TLS context of the ``connect`` and ``load`` commands: None for ws://; --insecure verifies nothing."""
+    if not args.url.lower().startswith("wss:"):
+        return None
+    context = ssl.create_default_context()
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _connect(args: Any) -> int:
     # The client prints its own lines, above the one being typed; the library's INFO lines (a stop's
     # summary) would land on that line. Warnings still show.
     logger.setLevel(logging.WARNING)
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    context = _client_ssl_context(args)
     try:
         peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
                        subprotocols=args.subprotocol or None, headers=args.header, origin=args.origin)
     except ValueError as exc:  # InvalidURL, or a header value that cannot be sent
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except HandshakeError as exc:
-        print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"handshake with {args.url} failed: {exc}", 1)
     except OSError as exc:
         # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
         # cannot parse, an EOF or a reset, never what the user did wrong (a refused certificate says so).
         plain = context is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout))
         hint = " (is the server speaking TLS?)" if plain and not isinstance(exc, ssl.SSLCertVerificationError) else ""
-        print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot connect to {args.url}: {exc}{hint}", 1)
     peer.show_binary_as_hex = args.binary
     peer.interactive = sys.stdin.isatty() and sys.stdout.isatty()
     print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
@@ -6845,7 +6853,11 @@ def _connect(args: Any) -> int:
 
     # readline puts the terminal in raw mode while it reads; when the peer ends the session in
     # the middle of a line, input() never returns to undo that: the mode is restored here.
-    terminal_mode = _terminal_mode() if peer.interactive else None
+    terminal_mode: Optional[List[Any]] = None
+    if peer.interactive:
+        with contextlib.suppress(ImportError, OSError, ValueError):  # not POSIX, or stdin is no terminal
+            import termios
+            terminal_mode = termios.tcgetattr(sys.stdin.fileno())
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
@@ -6853,7 +6865,8 @@ def _connect(args: Any) -> int:
     manager.stop(manager.close_timeout + 1)  # ends as soon as the close handshake has, else terminates
     manager.join()
     if terminal_mode is not None:
-        terminal_mode()
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, terminal_mode)
         # The input line ("> " and what was half typed) will never be read: erase it, so the shell's
         # prompt takes its place instead of following a stray "> " under "connection closed".
         sys.stdout.write("\r\x1b[K")
@@ -6878,17 +6891,20 @@ class _LoadClient(WebSocket):
     """
 
     run: "_LoadRun"
-    dialed = 0.0  # when manager.connect() was called
     sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
     left = 0  # messages still to send (-1: until the run's duration is over)
     done = False
     raw = False  # messages sent as frames masked in advance: a plain socket, no compression
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dialed = time.monotonic()  # made by manager.connect() as it is called
+
     def opened(self) -> None:
         self.raw = self.compression is None and not _is_tls(self.sock)
         # Not when the 101 came with bytes after it (fed to the parser once opened() returns).
-        if self.raw and not self._extra and self.manager is not None:
-            _LoadReader(self, self.manager)
+        if self.raw and not self._extra and self._loop is not None:
+            _LoadReader(self, self._loop)
         self.run.opened(self)
 
     def received_message(self, message: Union[str, bytes]) -> None:
@@ -6949,14 +6965,14 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock")
+    __slots__ = ("client", "loop", "run", "sock")
 
-    def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
+    def __init__(self, client: _LoadClient, loop: _Loop):
         self.client = client
-        self.manager = manager
+        self.loop = loop
         self.run = client.run
         self.sock = client.sock
-        manager._loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
+        loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
 
     @property
     def _finalized(self) -> bool:
@@ -6999,18 +7015,17 @@ class _LoadReader:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
         counted here; anything else goes to the parser (EOF ends the connection)."""
         client, run = self.client, self.run
-        if not data:
-            client._finalize("connection closed without a close frame")
-            return
         sent_at = client.sent_at
         count, cut = divmod(len(data), len(run.answer))
-        if cut or not count or count > len(sent_at) or not run.answers.startswith(data):
+        if not data:
+            client._finalize("connection closed without a close frame")
+        elif cut or not count or count > len(sent_at) or not run.answers.startswith(data):
             self._to_parser(data)  # more answers than questions included: the parser's path tells what
-            return
-        now = time.monotonic()
-        run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
-        run.last_answer = now
-        run.send_next(client, count, now)
+        else:
+            now = time.monotonic()
+            run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+            run.last_answer = now
+            run.send_next(client, count, now)
 
     def _to_parser(self, data: bytes) -> None:
         """Give the socket back to the client, for good, and ``data`` to its parser."""
@@ -7018,7 +7033,7 @@ class _LoadReader:
         if not client.terminated:
             # Read only: a change of events re-registers the client itself, so while this reader
             # is registered the client's events are EVENT_READ alone.
-            self.manager._loop.set_events(self.sock, selectors.EVENT_READ, client)
+            self.loop.set_events(self.sock, selectors.EVENT_READ, client)
         if client.state is not _CLOSED:  # (nothing is fed after a failure: RFC 6455 5.5.1)
             client._receive(data)
 
@@ -7049,7 +7064,7 @@ class _LoadRun:
         self.in_flight = in_flight
         self.size = size
         self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
-        payload = self._payload_bytes = self.payload.encode() if isinstance(self.payload, str) else self.payload
+        payload = self.payload.encode() if isinstance(self.payload, str) else self.payload
         opcode = Opcode.TEXT if text else Opcode.BINARY
         self.answer = encode_frame(opcode, payload)  # what an echo sends back, byte for byte
         self.answers = self.answer * in_flight
@@ -7070,7 +7085,7 @@ class _LoadRun:
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
         self.finished = 0  # clients done: all answers in, failed, or closed
-        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.sending = True  # False once the duration is over: clients stop after their current message
         self.first_send = 0.0
         self.last_answer = 0.0
 
@@ -7174,30 +7189,9 @@ def _load(args: Any) -> int:
     try:
         _client_target(args.url)
     except InvalidURL as exc:
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
-    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = args.clients + 64
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
-                                                        else min(wanted, hard), hard))
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
-    run.sending = True
-    _LoadClient.run = run
-
-    def factory(*arguments: Any, **options: Any) -> _LoadClient:
-        client = _LoadClient(*arguments, **options)
-        client.dialed = time.monotonic()
-        return client
-
+        return _fail(str(exc), 2)
+    context = _client_ssl_context(args)
+    run = _LoadClient.run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
     stop_requests: List[int] = []
     _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
     progress = sys.stderr.isatty() and not args.json
@@ -7209,7 +7203,6 @@ def _load(args: Any) -> int:
     gc.disable()
     cpu_before = time.process_time()
     started = time.monotonic()
-    deadline = started + args.duration if args.duration else None
     dialed = 0
     last_progress = 0.0
     stalled_since = started
@@ -7217,14 +7210,13 @@ def _load(args: Any) -> int:
     with manager:
         while not stop_requests:
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if args.duration and run.sending and now - started >= args.duration:
                 run.sending = False  # each client ends after its current message
-                deadline = None
                 stalled_since = now
             due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
             while dialed < due and not stop_requests:
                 try:
-                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                    manager.connect(args.url, _LoadClient, ssl_context=context, timeout=args.timeout)
                 except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
                     run.failed(exc)
                 dialed += 1
@@ -7257,21 +7249,6 @@ def _load(args: Any) -> int:
     return 1 if report["errors"] or stop_requests else 0
 
 
-def _terminal_mode() -> Optional[Callable[[], None]]:
-    """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
-    try:
-        import termios
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):
-        return None
-
-    def restore() -> None:
-        with contextlib.suppress(OSError):
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-    return restore
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m wsmanager [serve|connect|load] ...``; returns the exit status."""
     import argparse
@@ -7298,11 +7275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"{number} < 1")
         return number
 
-    def workers(text: str) -> int:
-        number = int(text)
-        if number < 1:
-            raise ValueError(f"{number} workers")
-        return number
+    def workers(text: str) -> int:  # positive, named for argparse's message: "invalid workers value: '0'"
+        return positive(text)
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
