@@ -5857,7 +5857,7 @@ class _RedisConnection:
         self._lock = threading.Lock()
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
-        self._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, self._finalize, "connect timeout")  # to be ready
+        self._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, self._finalize, "connect timeout")  # ready by then
         self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
         self.ready_since: Optional[float] = None  # when it was connected (TLS included) and ready; None: not yet
