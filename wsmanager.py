@@ -5770,20 +5770,24 @@ class _RespParser:
                     scanned += end + 2 - scan_from
                     kind = buffer[position]
                     position = scan_from = end + 2
-                    size += position - start
                     if kind == 36:  # "$": a bulk string of this length; -1 is RESP2's null
                         bulk = int(buffer[start + 1:end])
-                        if bulk < -1:
-                            raise ValueError(f"a RESP length of {bulk}")
-                        # Refused before its body comes: the buffer never holds more than max_size.
-                        if bulk >= 0 and size + bulk + 2 > max_size:
-                            raise ValueError(f"a Redis reply of more than {max_size} bytes")
-                        value = None  # unless its body follows
+                        if bulk < 0:
+                            if bulk != -1:
+                                raise ValueError(f"a RESP length of {bulk}")
+                            value = None
+                        else:
+                            size += position - start
+                            # Refused before its body comes: the buffer never holds more than max_size.
+                            if size + bulk + 2 > max_size:
+                                raise ValueError(f"a Redis reply of more than {max_size} bytes")
+                            start = position
                     elif kind == 58:  # ":": integer
                         value = int(buffer[start + 1:end])
                     elif kind == 42:  # "*": an array of this many elements; -1 is RESP2's null
                         count = int(buffer[start + 1:end])
                         if count > 0:
+                            size += position - start
                             elements += count
                             if elements > self.max_elements:
                                 raise ValueError(f"a Redis reply of more than {self.max_elements} elements")
@@ -5808,9 +5812,9 @@ class _RespParser:
                         raise ValueError("a RESP bulk string longer than announced")
                     value = bytes(buffer[position:end])
                     position = scan_from = end + 2
-                    scanned += bulk + 2
-                    size += bulk + 2
+                    scanned += position - start
                     bulk = -1
+                size += position - start
                 if size > max_size:
                     raise ValueError(f"a Redis reply of more than {max_size} bytes")
                 while stack:  # the value may complete arrays, innermost first
@@ -5861,7 +5865,7 @@ class _RedisConnection:
         self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
         self.ready_since: Optional[float] = None  # when it was connected (TLS included) and ready; None: not yet
-        self.hello_pending = False  # AUTH was sent: the first reply is its answer
+        self.hello_pending = bool(bridge._hello)  # AUTH goes first: the first reply is its answer
         self.complained = False  # a skipped reply was logged at WARNING (the others go to DEBUG)
 
     @property
@@ -6146,8 +6150,7 @@ class RedisBridge:
         down_since = self._down_since.pop(role, None)
         # The back-off is not reset here: a connection that Redis ends at once (or that fails on what
         # it is sent first) would be retried every 0.1 s for ever. It is once one lived (_connection_lost).
-        if self._hello:
-            connection.hello_pending = True
+        if connection.hello_pending:
             connection.write(self._hello)
         if role == "publish":
             with self._lock:  # (nothing is unacknowledged: see _connection_lost)
@@ -6156,10 +6159,9 @@ class RedisBridge:
         else:
             # Re-subscribe to every topic that has a local subscriber now.
             self._channels = set(self._topics.topics())  # (and _subscribed is empty: see _connection_lost)
-            channels = sorted(self._channels)
+            channels = [_topic_channel(self._prefix_bytes, topic) for topic in sorted(self._channels)]
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-                batch = [_topic_channel(self._prefix_bytes, topic) for topic in channels[start:start + _SUBSCRIBE_BATCH]]
-                connection.write(_resp_command(b"SUBSCRIBE", *batch))
+                connection.write(_resp_command(b"SUBSCRIBE", *channels[start:start + _SUBSCRIBE_BATCH]))
             news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
             self.reconnections += 1
