@@ -3108,10 +3108,7 @@ class _Listener:
     def _on_read(self) -> None:
         if self._finalized:
             return  # closed by a stop earlier in this turn
-        manager = self.manager
-        listening = self.sock
-        if listening is None:
-            return  # the settings of accept(): never in the selector
+        listening = cast(socket.socket, self.sock)  # (the settings of accept() have none: never in the selector)
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
@@ -3136,7 +3133,7 @@ class _Listener:
             if self._starved_since is not None:
                 logger.info("accept() works again after %.1f s out of descriptors", self.loop.now - self._starved_since)
                 self._starved_since = None
-            manager._start_handshake(self, sock, address)
+            self.manager._start_handshake(self, sock, address)
 
     def _on_write(self) -> None:
         pass
@@ -3348,8 +3345,7 @@ class _ClientHandshake(_Handshake):
     the opening handshake; a redirect starts over with a new socket, within the same deadline.
     """
 
-    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "proxy", "tunnel",
-                 "visited", "redial")
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "tunnel", "visited", "redial")
 
     def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
                  proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
@@ -3361,31 +3357,24 @@ class _ClientHandshake(_Handshake):
         self.visited = [target.url]
         self._route(target, proxy, opening)
 
-    @property
-    def timeout(self) -> float:
-        return self.options.timeout
-
     def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
         self.target = target
-        self.proxy = proxy
         self.opening = opening
         self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
         self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
         self.connected = False
-        self.tls_pending = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
-        manager = self.manager
         if self.websocket.terminated:
             self._abandon(_ended_by(self.websocket))  # before the loop got to it
             return
         if self.loop.stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
-        manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
+        self.manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
         self.loop.on_stop(self._refuse_for_stop)
-        self.timer = self.loop.call_later(self.timeout, self._time_out)
+        self.timer = self.loop.call_later(self.options.timeout, self._time_out)
         self._connect()
 
     def _connect(self) -> None:
@@ -3424,17 +3413,12 @@ class _ClientHandshake(_Handshake):
         self.loop.unwatch(self.sock)
         try:
             # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
-            context = self.options.ssl_context if self.options.ssl_context is not None else (
-                ssl.create_default_context())
-            sock = context.wrap_socket(self.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+            self.sock = self.target.wrap(self.sock, self.options.ssl_context, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
             self._fail(exc)
             return
-        self.sock = sock
-        self.websocket._take_socket(sock)
-        self.tls_pending = True
-        self.loop.watch(sock, selectors.EVENT_WRITE, self)
-        if self._tls_handshake():
+        self.websocket._take_socket(self.sock)
+        if self._tls_handshake():  # which watches the new socket
             self._write_request()
 
     def _on_read(self) -> None:
@@ -3457,10 +3441,7 @@ class _ClientHandshake(_Handshake):
         except _would_block():
             return
         except HandshakeError as exc:
-            if exc.status in _REDIRECT_STATUSES:
-                self._redirect(exc)
-            else:
-                self._fail(exc)
+            self._redirect(exc)  # or fails with it, when it is no redirect
             return
         except OSError as exc:
             self._fail(exc)
@@ -3471,25 +3452,19 @@ class _ClientHandshake(_Handshake):
             self.loop.read_again(self)
 
     def _redirect(self, answer: HandshakeError) -> None:
-        """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
-        try:
-            target = _redirected(self.target, answer, self.visited)
-            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
-            proxy, (family, kind, proto, _, address) = _client_route(target, self.options.proxy)
-            sock = socket.socket(family, kind, proto)
-        except (HandshakeError, OSError, ValueError) as exc:
-            self._fail(exc)
-            return
+        """Follow a redirect (fail with ``answer`` when it is none): a new socket (and route) to the new URL,
+        the same connection and deadline."""
         options = self.options
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = _redirected(self.target, answer, self.visited)
             first = _client_target(self.visited[0])
             opening = _ClientOpening(target, options.settings, options.subprotocols,
                                      _headers_for(first, target, options.headers), options.origin)
-        except BaseException:
-            sock.close()
-            raise
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, address, sock = _client_socket(target, options.proxy)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
         logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
         self.loop.unwatch(self.sock)
         self.sock.close()
@@ -3524,7 +3499,7 @@ class _ClientHandshake(_Handshake):
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.timeout:g} s"))
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.options.timeout:g} s"))
 
     def _refuse_for_stop(self) -> None:
         self._fail(ManagerStopped("the manager stopped before the connection opened"))
@@ -4250,14 +4225,10 @@ class WebSocketManager:
         connection gets a closed socket: it exists only to report ``unavailable`` to connect_failed().
         """
         if unavailable is None:
-            proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
-            sock = socket.socket(family, kind, proto)
+            proxy, address, sock = _client_socket(target, options.proxy)
         else:
             proxy, address, sock = None, (target.host, target.port), self._no_socket
         try:
-            if unavailable is None:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
             websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                                 peer_address=address)
@@ -5048,11 +5019,21 @@ class _ProxyTunnel:
         return True
 
 
-def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any]:
-    """The proxy (or ``None``) and the resolved address (a ``getaddrinfo()`` entry) of the first hop."""
+def _client_socket(target: _ClientTarget,
+                   proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
+    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
+    name is resolved)."""
     chosen = _client_proxy(target, proxy)
     host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
-    return chosen, socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return chosen, address, sock
 
 
 # Reconnecting clients ----------------------------------------------------------
@@ -5116,8 +5097,7 @@ class _Redial:
     instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
     is followed by a new attempt after a back-off. Loop thread only."""
 
-    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer",
-                 "last")
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "last")
 
     def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
@@ -5130,7 +5110,6 @@ class _Redial:
         self.waits = 0  # waits in a row: the back-off's n
         self.opens = 0  # connections of this client that opened
         self.opened_at = 0.0
-        self.timer: Any = None
         self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
 
     def opened(self) -> None:
@@ -5164,11 +5143,10 @@ class _Redial:
         self.waits += 1
         logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
                     self.target.url, why, delay)
-        self.timer = self.loop.call_later(delay, self._attempt)
+        self.loop.call_later(delay, self._attempt)
 
     def _attempt(self) -> None:
         manager = self.manager
-        self.timer = None
         last = self.last
         if self.loop.stopping or (last is not None and last.reconnect is None):
             return  # stopping, or the application closed (or gave up) the connection it last had
