@@ -3186,6 +3186,17 @@ class _Handshake:
     def _set_events(self, events: int) -> None:
         self.loop.set_events(self.sock, events, cast(_Handler, self))
 
+    def _send(self, data: memoryview) -> Optional[memoryview]:
+        """Send what the socket takes of ``data`` now: the rest, or ``None`` when the socket failed (see _fail)."""
+        try:
+            sent = self.sock.send(data) if data else 0
+        except _would_block():
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return None
+        return data[sent:]
+
     def _detach(self) -> None:
         self._finalized = True
         _cancel(self.timer)
@@ -3262,8 +3273,9 @@ class _ServerHandshake(_Handshake):
             self._write_reply(self.reply)
 
     def _fail(self, exc: BaseException) -> None:
-        # Only the TLS handshake fails this way: the rest is answered with HTTP, or ends at the peer's EOF.
-        logger.debug("TLS handshake with %s failed: %s", self.address, exc)
+        # Only the socket and the TLS handshake fail this way: the rest is answered with HTTP, or ends
+        # at the peer's EOF.
+        logger.debug("connection from %s failed: %s", self.address, exc)
         self._finalize()
 
     def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
@@ -3290,15 +3302,11 @@ class _ServerHandshake(_Handshake):
         self._write_reply(memoryview(reply))
 
     def _write_reply(self, reply: memoryview) -> None:
-        try:
-            sent = self.sock.send(reply) if reply else 0
-        except _would_block():
-            sent = 0
-        except OSError:
-            self._finalize()
+        rest = self._send(reply)
+        if rest is None:
             return
-        self.reply = reply = reply[sent:]
-        if reply:
+        self.reply = rest
+        if rest:
             self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
             return
         self._set_events(selectors.EVENT_READ)
@@ -3475,16 +3483,10 @@ class _ClientHandshake(_Handshake):
         self._connect()
 
     def _write_request(self) -> None:
-        request = self.request
-        try:
-            sent = self.sock.send(request) if request else 0
-        except _would_block():
-            sent = 0
-        except OSError as exc:
-            self._fail(exc)
-            return
-        self.request = request = request[sent:]
-        self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
+        rest = self._send(self.request)
+        if rest is not None:
+            self.request = rest
+            self._set_events(selectors.EVENT_WRITE if rest else selectors.EVENT_READ)
 
     def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
               deflate: Optional[DeflateParams]) -> None:
@@ -4985,6 +4987,23 @@ def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optio
     return _Proxy(parts.hostname, port, authorization)
 
 
+def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
+    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
+    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
+    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
+    at an EOF, or with ``malformed`` and why for a head that does not parse."""
+    if not data:
+        raise HandshakeError(eof, None)
+    try:
+        result = reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"{malformed}: {exc}", None) from None
+    if result is None:
+        return None
+    head, rest = result
+    return parse_response(head), head, rest
+
+
 class _ProxyTunnel:
     """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
 
@@ -5001,16 +5020,11 @@ class _ProxyTunnel:
     def feed(self, data: bytes) -> bool:
         """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
         (``status``: the proxy's) when it refuses or answers wrongly."""
-        if not data:
-            raise HandshakeError("the proxy closed the connection before answering CONNECT", None)
-        try:
-            result = self.reader.feed(data)
-        except HandshakeError as exc:
-            raise HandshakeError(f"malformed answer from the proxy: {exc}", None) from None
-        if result is None:
+        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
+                              "malformed answer from the proxy")
+        if answer is None:
             return False
-        head, rest = result
-        response = parse_response(head)
+        response, _, rest = answer
         if not 200 <= response.status < 300:
             raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
                                  response.status, list(response.headers), response=response)
@@ -5186,16 +5200,10 @@ class _ClientOpening:
         Once the response head is complete and checked, returns it, the bytes
         after it, the subprotocol and the permessage-deflate parameters.
         """
-        if not data:
-            raise HandshakeError("connection closed during the handshake", None)
-        try:
-            result = self.reader.feed(data)
-        except HandshakeError as exc:
-            raise HandshakeError(f"malformed response: {exc}", None) from None
-        if result is None:
+        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
+        if answer is None:
             return None
-        head, rest = result
-        response = parse_response(head)
+        response, head, rest = answer
         subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
         deflate = None
         if self.settings is not None and isinstance(response.headers, Headers):
