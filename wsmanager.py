@@ -3233,7 +3233,6 @@ class _ServerHandshake(_Handshake):
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        manager = self.manager
         try:
             result = self.reader.feed(data)
             if result is None:
@@ -3260,8 +3259,8 @@ class _ServerHandshake(_Handshake):
             return
         self._detach()
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        manager._take(websocket)
-        manager._open(websocket)
+        self.manager._take(websocket)
+        self.manager._open(websocket)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3519,8 +3518,7 @@ class _ClientHandshake(_Handshake):
         if self._finalized:
             return
         self._detach()
-        websocket = self.websocket
-        if websocket.terminated:
+        if self.websocket.terminated:
             # Inside the connection's _finalize(), which closes the socket only after this (or
             # before _begin(), when it is closed already): connect_failed() is promised a closed one.
             self.sock.close()
@@ -5111,7 +5109,7 @@ class _Redial:
     instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
     is followed by a new attempt after a back-off. Loop thread only."""
 
-    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "last")
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
 
     def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
@@ -5124,7 +5122,6 @@ class _Redial:
         self.waits = 0  # waits in a row: the back-off's n
         self.opens = 0  # connections of this client that opened
         self.opened_at = 0.0
-        self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
 
     def opened(self) -> None:
         self.opens += 1
@@ -5150,26 +5147,22 @@ class _Redial:
     def _wanted(self, websocket: WebSocket) -> bool:
         return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
 
-    def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
-        if websocket is not None:
-            self.last = websocket
+    def _wait(self, last: WebSocket, why: str) -> None:
+        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
         delay = self.policy.delay(self.waits)
         self.waits += 1
-        logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
-                    self.target.url, why, delay)
-        self.loop.call_later(delay, self._attempt)
+        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
+        self.loop.call_later(delay, self._attempt, last)
 
-    def _attempt(self) -> None:
+    def _attempt(self, last: WebSocket) -> None:
         manager = self.manager
-        last = self.last
-        if self.loop.stopping or (last is not None and last.reconnect is None):
+        if self.loop.stopping or last.reconnect is None:
             return  # stopping, or the application closed (or gave up) the connection it last had
         try:
             # The name is resolved again, here in the loop: a host that moved is found where it went.
             handshake = manager._dial(self.target, self.factory, self.options, self)
         except OSError as exc:  # the name does not resolve (now), out of descriptors
-            logger.info("could not connect to %s: %s", self.target.url, exc)
-            self._wait(None, "could not connect")
+            self._wait(last, f"could not connect to {self.target.url} ({exc})")
             return
         except Exception as exc:
             logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
