@@ -4484,6 +4484,17 @@ class TestManager:
         with pytest.raises(ValueError):
             connect(url, timeout=2)
 
+    def test_connect_shares_the_peer_host_among_connections(self, manager):
+        # Thousands of clients of one server: one string for its address, not one per connection.
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        first, second = (connect(ws_url(address), timeout=5) for _ in range(2))
+        try:
+            assert first.peer_address == second.peer_address == address
+            assert first.peer_address[0] is second.peer_address[0]
+        finally:
+            first.sock.close()
+            second.sock.close()
+
     def test_connect_refused(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -4576,6 +4587,60 @@ class TestManager:
         assert CountingSocket.reprs == 0
         client.close()
         wait_until(lambda: client.terminated)
+
+    @pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="joins by epoll's wake-up only")
+    def test_add_from_another_thread_registers_in_the_callers_thread(self, manager, make_manager):
+        # A new connection joins the loop as ws4py's do: its socket registered by the thread that
+        # calls add() (for its first EVENT_WRITE, which epoll reports at once), with no byte through
+        # the waker; opened() still runs in the loop thread, before anything is read.
+        registered_by = {}
+
+        class Recording(selectors.EpollSelector):
+            def register(self, fileobj, events, data=None):
+                registered_by[fileobj] = threading.get_ident()
+                return super().register(fileobj, events, data)
+
+        class Opened(Recorder):
+            def opened(self):
+                self.opened_in = threading.get_ident()
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        with contextlib.closing(Recording()) as selector:  # a selector it is given is not the manager's to close
+            client_manager = make_manager(selector=selector)
+            client = connect(ws_url(address), Opened)
+            client_manager.add(client)
+            assert client.opened_event.wait(10)
+            assert registered_by[client.sock] == threading.get_ident()
+            assert client.opened_in != threading.get_ident()  # in the loop thread
+            client.send("after opened")
+            wait_until(lambda: client.messages == ["after opened"])
+            client_manager.stop()
+            client_manager.join(10)
+            assert client.terminated and not client_manager.running
+
+    def test_add_runs_opened_before_a_hang_up_is_read(self, manager, client_manager):
+        # The loop is busy in a callback while a connection joins and its socket hangs up (epoll reports
+        # a hang-up as readable too): the connection still opens before it ends.
+        holding, release = threading.Event(), threading.Event()
+
+        class Busy(Recorder):
+            def received_message(self, message):
+                holding.set()
+                release.wait(10)
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        busy = open_client(client_manager, ws_url(address), Busy)
+        busy.send("hold the loop")
+        assert holding.wait(10)
+        client = connect(ws_url(address), Recorder)
+        client_manager.add(client)
+        client.sock.shutdown(socket.SHUT_RDWR)
+        release.set()
+        assert client.closed_event.wait(10)
+        assert [event[0] for event in client.events] == ["opened", "closed"]
+        assert client.close_code == CloseCode.ABNORMAL
+        busy.close()
 
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)
@@ -6575,16 +6640,26 @@ class TestIntegrations:
         assert _call_wsgi(app, environ) == ("200 OK", [("Content-Type", "text/plain")], b"site /page")
 
     def test_wsgi_app_without_app_answers_426_naming_websocket(self):
+        # werkzeug sends the hop-by-hop headers it is given (as gunicorn and cheroot do): they go through WSGI.
         app = WebSocketManager().wsgi_app(WebSocket)
-        status, headers, body = _call_wsgi(app, _environ({"Upgrade": None}))
+        with socket.socket() as sock:
+            status, headers, body = _call_wsgi(app, _environ({"Upgrade": None}, **{"werkzeug.socket": sock}))
         assert status == "426 Upgrade Required" and body == b"426 Upgrade Required\n"
         assert ("Upgrade", "websocket") in headers and ("Sec-WebSocket-Version", "13") in headers
 
-    def test_wsgi_app_426_in_a_strict_server_without_a_socket_drops_only_the_hop_by_hop_headers(self):
-        app = WebSocketManager().wsgi_app(WebSocket)
-        status, headers, _ = _call_wsgi(app, _environ({"Upgrade": None}), strict_pep3333=True)
-        assert status == "426 Upgrade Required"
-        assert [name for name, _ in headers] == ["Sec-WebSocket-Version", "Content-Type", "Content-Length"]
+    def test_wsgi_app_426_in_an_unknown_server_without_a_socket_drops_only_the_hop_by_hop_headers(self):
+        # PEP 3333 forbids hop-by-hop headers to applications: a server not known to send them (waitress and
+        # wsgiref assert) never gets them, and wsgi_app never provokes an assert to find out.
+        calls = []
+
+        def start_response(status, headers, exc_info=None):
+            calls.append((status, [name for name, _ in headers]))
+            for name, _ in headers:
+                assert name.lower() not in ("upgrade", "connection"), f"Hop-by-hop header {name}"
+
+        body = WebSocketManager().wsgi_app(WebSocket)(_environ({"Upgrade": None}), start_response)
+        assert b"".join(body) == b"426 Upgrade Required\n"
+        assert calls == [("426 Upgrade Required", ["Sec-WebSocket-Version", "Content-Type", "Content-Length"])]
 
     @pytest.mark.parametrize("environ, status", [
         (_environ(method="POST"), "405 Method Not Allowed"),
@@ -6681,6 +6756,23 @@ class TestIntegrations:
             status, _, _ = _call_wsgi(manager.wsgi_app(WebSocket), _socket_environ(sock))
         assert status == "503 Service Unavailable"
 
+    def test_wsgi_app_426_written_on_the_socket_gives_it_back_when_start_response_fails(self):
+        # wsgiref (WSGIRequestHandler) gets its 426 on the socket: the duplicate and the socketpair are made
+        # first; a start_response that raises (answered already) gets them closed, its socket left as it was.
+        def start_response(status, headers, exc_info=None):
+            raise RuntimeError("answered already")
+
+        app = WebSocketManager().wsgi_app(EchoServer)
+        client, server_side = socket.socketpair()
+        with client, server_side:
+            fds_before = open_fds()
+            with pytest.raises(RuntimeError, match="answered already") as raised:
+                app(_socket_environ(server_side, {"Upgrade": None}), start_response)
+            assert open_fds() == fds_before  # closed, not left to the garbage collector (raised keeps the frames)
+            del raised
+            server_side.sendall(b"still the server's")
+            assert client.recv(100) == b"still the server's"
+
     def test_wsgi_app_leaves_a_request_answered_before_it_alone(self, caplog):
         # A middleware around wsgi_app already started a response: the socket stays the server's.
         manager = WebSocketManager()
@@ -6703,6 +6795,44 @@ class TestIntegrations:
             assert client.recv(100) == b"still the server's"
         manager.stop()
         manager.join(10)
+
+    @pytest.mark.parametrize("failure", ["factory-raises", "manager-stops"])
+    def test_wsgi_app_failing_after_taking_the_socket_answers_on_it_and_frees_the_slot(self, failure, caplog):
+        # Taken, nothing written on it yet (the loop writes the 101): a bug in the factory is a 500, a manager
+        # stopped meanwhile (add() refuses) a 503, on the connection and to the server (start_response again,
+        # with exc_info, for its log), and the max_connections slot is free again.
+        manager = WebSocketManager()
+
+        def factory(*args, **kwargs):
+            if failure == "factory-raises":
+                raise RuntimeError("a bug in the factory")
+            manager.stop()
+            return EchoServer(*args, **kwargs)
+
+        app = manager.wsgi_app(factory, max_connections=1)
+        statuses = []
+        client, server_side = socket.socketpair()
+        try:
+            with client, server_side, caplog.at_level(logging.ERROR, logger="wsmanager"):
+                body = app(_socket_environ(server_side), lambda status, headers, exc_info=None:
+                           statuses.append((status, exc_info is not None)))
+                assert list(body) == []
+                body.close()
+                client.settimeout(10)
+                head, rest = read_head(client)
+                expected = "500 Internal Server Error" if failure == "factory-raises" else "503 Service Unavailable"
+                assert head.startswith(f"HTTP/1.1 {expected}\r\n".encode()), head
+                while len(rest) < len(expected) + 1:
+                    rest += client.recv(100) or pytest.fail(f"closed after {rest!r}")
+                assert rest == f"{expected}\n".encode() and client.recv(100) == b""  # then closed
+                assert statuses == [("101 Switching Protocols", False), (expected, True)]
+                assert app.listener.connections == 0
+                logged = [record.getMessage() for record in caplog.records]
+                assert logged == (["could not create the connection for ('127.0.0.1', 50000)"]
+                                  if failure == "factory-raises" else [])
+        finally:
+            manager.stop()
+            manager.join(10)
 
     def test_wsgi_app_in_a_forked_worker_renews_a_manager_that_never_ran(self):
         manager = WebSocketManager()
@@ -6879,6 +7009,17 @@ class TestIntegrations:
             assert records()[before:] == ["GET /record?after"]
             close = RawPeer(sock, rest, timeout=20).close_frame()
             assert close is not None and close.code == CloseCode.PROTOCOL_ERROR
+        _assert_clean_host_log(read_log())
+
+    def test_wsgi_host_answers_a_plain_request_to_wsgi_app_426_naming_websocket(self, probe_host):
+        # PEP 3333 forbids the 426's hop-by-hop headers (Upgrade, Connection) to applications: gunicorn, werkzeug
+        # and cheroot, found by what they put in environ, send them anyway: the 426 is theirs (their Server
+        # header); wsgiref asserts on them, and gets the 426 written on the connection by wsgi_app.
+        kind, port, records, read_log = probe_host
+        status, headers, body = _http(port, path="/ws")
+        assert (status, headers.get("Upgrade"), body) == (426, "websocket", b"426 Upgrade Required\n")
+        assert ("Server" in headers) == (kind != "wsgiref"), headers
+        assert _http(port)[:3:2] == (200, b"ready\n")
         _assert_clean_host_log(read_log())
 
     def test_wsgi_host_hands_frames_sent_with_the_upgrade_to_the_websocket(self, probe_host):

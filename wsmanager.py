@@ -2905,7 +2905,12 @@ class WebSocket:
             except OSError:
                 pass
 
-    _on_write = _flush
+    def _on_write(self) -> None:
+        manager = self._manager
+        if self._protocol.parser is None and manager is not None:
+            self._run(manager)  # add()ed from another thread: registered for this first EVENT_WRITE
+        else:
+            self._flush()
 
     def _finalize(self, reason: str = "") -> None:
         """Close the socket, forget the connection, call closed() once."""
@@ -3591,7 +3596,10 @@ class _Loop:
     # What a handler may call ---------------------------------------------------
 
     def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events)."""
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
         self.selector.register(sock, events, handler)
 
     def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
@@ -4125,6 +4133,15 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
+            loop = self._loop
+            if (websocket.state is State.CONNECTING and not loop.in_loop()
+                    and isinstance(loop.selector, getattr(selectors, "EpollSelector", ()))):
+                # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
+                # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
+                # with no byte through the waker (a write, a read and a loop turn of its own).
+                with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
+                    loop.watch(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    return
         self._loop.call_threadsafe(self._open, websocket)
 
     @overload
@@ -5297,13 +5314,15 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
         result = None
         while result is None:
             result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
-                            peer_address=sock.getpeername(), extra_data=rest)
+                            peer_address=peer_address, extra_data=rest)
         websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
@@ -5336,9 +5355,9 @@ class _WSGIHandOff:
     descriptor number with ``dup2``, so that whatever the server does next
     (write its idea of a 101, drain, keep-alive, shutdown, close) lands there
     and never on the connection; empty the server's read-ahead buffer into the
-    connection's first bytes (:func:`_take_buffered`), so that the server finds
-    nothing but EOF to parse (RFC 7230 6.7). The real 101 is the first thing the
-    manager's loop writes on the connection.
+    connection's first bytes, so that the server finds nothing but EOF to parse
+    (RFC 7230 6.7). The real 101 is the first thing the manager's loop writes on
+    the connection. Wherever it stops, one way back undoes what was taken.
     """
 
     def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
@@ -5360,116 +5379,119 @@ class _WSGIHandOff:
         answer = self.listener._answer(request, peer)
         if answer.response.status != 101:
             return self._refuse(environ, start_response, answer.response)
+        if not self.listener._claim():
+            return _wsgi_reply(start_response, Response(503))
+        placeholder = None
         try:
             fd = _host_fd(environ)
             reader = _host_reader(environ, fd)
-        except HandshakeError as exc:
-            logger.warning("wsgi_app cannot take the socket of %s: %s",
-                           environ.get("SERVER_SOFTWARE", "this server"), exc)
-            return _wsgi_reply(start_response, Response(exc.status or 501, body=f"{exc}\n".encode()))
-        try:
             self.manager._ensure_running()
-        except HandshakeError as exc:
-            logger.error("wsgi_app cannot hand off: %s", exc)
-            return _wsgi_reply(start_response, Response(exc.status or 500, body=f"{exc}\n".encode()))
-        if not self.listener._claim():
-            return _wsgi_reply(start_response, Response(503))
-        try:
-            placeholder = _Placeholder(fd)
-        except OSError as exc:  # out of descriptors
-            self.listener._unclaim()
-            logger.error("wsgi_app cannot take the socket of %s: %s", peer, exc)
-            return _wsgi_reply(start_response, Response(503))
-        try:
+            placeholder = _Placeholder(fd, reader)
             # Only stored (PEP 3333): what the server then writes goes to the placeholder.
             start_response("101 Switching Protocols", [])
-        except Exception as exc:  # answered already, by a middleware around us
-            self.listener._unclaim()
-            placeholder.close()
-            logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
-            return []
-        sock = placeholder.install()
-        # RFC 7230 6.7: past the request, the connection speaks WebSocket. What the server read
-        # ahead is the client's first frames, never a request for the server to parse.
-        first_frames = _take_buffered(reader)
-        try:
-            websocket = self.listener._make_connection(sock, request, head, answer, peer, first_frames)
+            first_frames = placeholder.install()
+            websocket = self.listener._make_connection(placeholder.connection, request, head, answer, peer,
+                                                       first_frames)
             websocket.environ = _environ_without_io(environ)
-        except Exception as exc:
-            self.listener._unclaim()
-            logger.error("could not create the connection for %s", peer, exc_info=exc)
-            # The server has sent nothing yet: its log gets the 500 (PEP 3333 exc_info), the client too.
-            start_response("500 Internal Server Error", [], sys.exc_info())
-            _answer_on(sock, Response(500), self.manager.close_timeout)
-            return placeholder
-        try:
             self.manager.add(websocket)
-        except WebSocketError:  # the manager stopped meanwhile (ManagerStopped), or the connection closed
+            return placeholder
+        except Exception as exc:  # the one way back, from wherever the hand-off stopped
             self.listener._unclaim()
-            sock.close()
-        return placeholder
+            if placeholder is None:  # nothing taken: the server answers on its connection, as it was
+                if not isinstance(exc, (HandshakeError, OSError)):  # HandshakeError: no socket, no loop;
+                    raise  # OSError: out of descriptors
+                logger.error("wsgi_app cannot take the socket of %s from %s: %s", peer,
+                             environ.get("SERVER_SOFTWARE", "this server"), exc)
+                status = getattr(exc, "status", None) or 503
+                return _wsgi_reply(start_response, Response(status, body=f"{exc}\n".encode()))
+            if not placeholder.installed:  # start_response refused: a middleware around us answered already
+                placeholder.close()
+                logger.warning("WebSocket request %s was answered before wsgi_app: %s", request.path, exc)
+                return []
+            # The connection is ours and nothing was sent on it: the 101 becomes an error, in the server's
+            # log (PEP 3333 exc_info) and to the client. add() refuses when the manager stopped meanwhile.
+            status = 503 if isinstance(exc, WebSocketError) else 500
+            if status == 500:
+                logger.error("could not create the connection for %s", peer, exc_info=exc)
+            start_response(_status_text(status), [], sys.exc_info())
+            _answer_on(placeholder.connection, Response(status), self.manager.close_timeout)
+            return placeholder
 
     def _refuse(self, environ: Dict[str, Any], start_response: StartResponse,
                 response: Response) -> Iterable[bytes]:
-        """Refuse through WSGI; a refusal with hop-by-hop headers (426 names Upgrade) that the
-        server will not pass is written on the socket itself, when it can be taken."""
-        try:
-            return _wsgi_reply(start_response, response, strict=True)
-        except AssertionError:
-            refused = sys.exc_info()  # start_response may be called again with it (PEP 3333)
+        """Refuse through WSGI. PEP 3333 forbids hop-by-hop headers (426 names Upgrade): they go through
+        the servers that send them, else on the connection itself when it can be taken (wsgiref with
+        :class:`WSGIRequestHandler`, which asserts on them), else they are dropped."""
+        if _sends_hop_by_hop(environ) or not any(name.lower() in _HOP_BY_HOP for name, _ in response.headers):
+            return _wsgi_reply(start_response, response, hop_by_hop=True)
         try:
             fd = _host_fd(environ)
-            reader = _host_reader(environ, fd)
-            placeholder = _Placeholder(fd)
-        except (HandshakeError, OSError):  # the server answers, without the hop-by-hop headers
-            return _wsgi_reply(start_response, response, exc_info=refused)
-        start_response(_status_text(response.status, response.reason), [], refused)
-        sock = placeholder.install()
-        _take_buffered(reader)  # what the client sent after this request gets no answer: never run it
-        _answer_on(sock, response, self.manager.close_timeout)
+            placeholder = _Placeholder(fd, _host_reader(environ, fd))
+        except (HandshakeError, OSError):
+            return _wsgi_reply(start_response, response)
+        try:
+            start_response(_status_text(response.status, response.reason), [])
+        except BaseException:
+            placeholder.close()
+            raise
+        placeholder.install()  # what the client sent after this request gets no answer: never run it
+        _answer_on(placeholder.connection, response, self.manager.close_timeout)
         return placeholder
+
+
+# Bounds the emptying of the server's read-ahead buffer: each read returns what it holds, then b"" at EOF.
+_MAX_BUFFERED_READS = 64
 
 
 class _Placeholder:
     """What takes the connection's place in the server, and the empty body of a handed-off request.
 
-    Made with the server's descriptor ``fd``: a socket of its own on the connection (a duplicate of
-    ``fd``) and a socketpair, both made first, as they may fail (out of descriptors); :meth:`close`
-    before :meth:`install` leaves the server's descriptor as it was. :meth:`install` puts one end of
-    the pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from
-    then on the server reads EOF on that descriptor, right after what it has buffered, and what it
-    writes lands in the pair. It returns the connection's socket, the caller's from then on. The
-    server closes its end when it is done with the request, and the body's close() the other.
+    Made with the server's descriptor ``fd`` and read-ahead buffer ``reader`` (:func:`_host_fd`,
+    :func:`_host_reader`): a socket of its own on the connection (a duplicate of ``fd``) and a
+    socketpair, both made first, as they may fail (out of descriptors); :meth:`close` before
+    :meth:`install` leaves the server's connection as it was. :meth:`install` puts one end of the
+    pair on descriptor number ``fd`` (atomically: dup2) and shuts down the other's writing: from then
+    on the server reads EOF there, right after what it has buffered, and what it writes lands in the
+    pair; ``connection`` is then the caller's. The server closes its end when it is done with the
+    request, and the body's close() the other.
     """
 
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.connection: Optional[socket.socket] = socket.socket(fileno=os.dup(fd))
+    def __init__(self, fd: int, reader: Any):
+        self.fd, self.reader = fd, reader
+        self.connection = socket.socket(fileno=os.dup(self.fd))
+        self.installed = False
         try:
-            self.end: Optional[socket.socket]
             self.end, self.peer = socket.socketpair()
         except BaseException:
             self.connection.close()
             raise
 
-    def install(self) -> socket.socket:
-        connection, end = self.connection, self.end
-        assert connection is not None and end is not None
-        self.connection = self.end = None
+    def install(self) -> bytes:
+        """Take the connection from the server; returns what the server had read ahead of it."""
+        self.installed = True
         try:
-            os.dup2(end.fileno(), self.fd, inheritable=False)
+            os.dup2(self.end.fileno(), self.fd, inheritable=False)
         finally:
-            end.close()
+            self.end.close()
         self.peer.shutdown(socket.SHUT_WR)
-        return connection
+        # Every read returns buffered bytes, then EOF, never waits: the server is left nothing to parse.
+        taken = bytearray()
+        with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
+            for _ in range(_MAX_BUFFERED_READS):
+                data = self.reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a file: to EOF
+                if not data:
+                    break
+                taken += data
+        return bytes(taken)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        for sock in (self.connection, self.end, self.peer):
-            if sock is not None:
-                sock.close()
+        self.end.close()
+        self.peer.close()
+        if not self.installed:
+            self.connection.close()
 
 
 def _answer_on(sock: socket.socket, response: Response, timeout: Optional[float]) -> None:
@@ -5491,9 +5513,8 @@ def _host_fd(environ: Dict[str, Any]) -> int:
             break
     else:
         # cheroot (CherryPy) names no socket, but wsgi.input wraps the connection's reader.
-        stream = environ.get("wsgi.input")
-        reader = getattr(stream, "rfile", None)
-        if not type(stream).__module__.startswith("cheroot.") or reader is None or not hasattr(reader, "fileno"):
+        reader = getattr(environ.get("wsgi.input"), "rfile", None)
+        if not _is_cheroot(environ) or reader is None or not hasattr(reader, "fileno"):
             raise HandshakeError("no socket in environ (wsgiref needs handler_class="
                                  "wsmanager.WSGIRequestHandler)", 501)
         if environ.get("HTTPS") == "on":
@@ -5502,6 +5523,15 @@ def _host_fd(environ: Dict[str, Any]) -> int:
     if fd < 0:
         raise HandshakeError("the connection's socket is already closed or taken", 500)
     return int(fd)
+
+
+def _is_cheroot(environ: Dict[str, Any]) -> bool:
+    return type(environ.get("wsgi.input")).__module__.startswith("cheroot.")
+
+
+def _sends_hop_by_hop(environ: Dict[str, Any]) -> bool:
+    """Whether the server sends the hop-by-hop headers of a response (gunicorn: ``Upgrade: websocket``)."""
+    return "gunicorn.socket" in environ or "werkzeug.socket" in environ or _is_cheroot(environ)
 
 
 def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
@@ -5529,24 +5559,6 @@ def _host_reader(environ: Dict[str, Any], fd: int) -> Any:
         raise HandshakeError("cannot find the server's read buffer of the connection (wsgi.input "
                              "replaced by a middleware?): bytes past the request could be run as HTTP", 501)
     return reader
-
-
-# Bounds _take_buffered: each read returns what the server holds, then b"" at the placeholder's EOF.
-_MAX_BUFFERED_READS = 64
-
-
-def _take_buffered(reader: Any) -> bytes:
-    """Empty the server's read-ahead buffer (:func:`_host_reader`), once the placeholder is on its
-    descriptor: every read returns buffered bytes, then EOF, never waits. The server then finds
-    nothing but EOF on the connection: it cannot parse another request from it."""
-    taken = bytearray()
-    with contextlib.suppress(OSError, ValueError):  # a reader closed already holds nothing
-        for _ in range(_MAX_BUFFERED_READS):
-            data = reader.read()  # gunicorn's Unreader: its buffer, then one recv(); a BufferedReader: to EOF
-            if not data:
-                break
-            taken += data
-    return bytes(taken)
 
 
 # What WebSocket.environ leaves out: the server's I/O, which is the server's and ends with the request
@@ -5588,14 +5600,12 @@ def _environ_peer(environ: Dict[str, Any]) -> Any:
         return environ.get("REMOTE_ADDR")
 
 
-def _wsgi_reply(start_response: StartResponse, response: Response, *, strict: bool = False,
-                exc_info: Any = None) -> List[bytes]:
-    """Answer ``response`` through WSGI. Hop-by-hop headers are dropped, unless ``strict``:
-    then they are passed, and a server that refuses them raises AssertionError."""
+def _wsgi_reply(start_response: StartResponse, response: Response, *, hop_by_hop: bool = False) -> List[bytes]:
+    """Answer ``response`` through WSGI; its hop-by-hop headers only if ``hop_by_hop``."""
     fields = [(name, value) for name, value in response.headers
-              if strict or name.lower() not in _HOP_BY_HOP]
+              if hop_by_hop or name.lower() not in _HOP_BY_HOP]
     status, body = _complete_response(response, fields)
-    start_response(status, fields, exc_info)
+    start_response(status, fields)
     return [body]
 
 
