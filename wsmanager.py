@@ -5048,8 +5048,7 @@ class _ProxyTunnel:
         return True
 
 
-def _client_socket(target: _ClientTarget,
-                   proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
+def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
     """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
     name is resolved)."""
     chosen = _client_proxy(target, proxy)
