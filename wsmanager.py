@@ -1749,10 +1749,7 @@ _TRANSITIONS = {
     (State.CLOSING, "receive_close"): State.CLOSED,  # close handshake complete
     (State.CLOSING, "fail"): State.CLOSED,
     # No close handshake (or no more of it): a slow consumer, a lost socket, a timeout, terminate().
-    (State.CONNECTING, "drop"): State.CLOSED,
-    (State.OPEN, "drop"): State.CLOSED,
-    (State.CLOSING, "drop"): State.CLOSED,
-    (State.CLOSED, "drop"): State.CLOSED,
+    **{(state, "drop"): State.CLOSED for state in State},
 }
 
 
@@ -2380,8 +2377,8 @@ class WebSocket:
                 loop = self._loop
                 if loop is not None:
                     loop.schedule_flush(self)
-            else:
-                self._queued(status, "cannot send")
+            else:  # _REFUSED: with no limit given, never _FULL
+                raise self._closed_error("cannot send")
 
     def _enable_deflate(self, params: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
         # Before add(): the parser and assembler made by _run() take it from here. None: not agreed on.
@@ -2400,8 +2397,10 @@ class WebSocket:
             self._make_room(None, "cannot ping")
         self._ping_timed(bytes(payload))
         status = protocol.send(data)
-        if status:
-            self._queued(status, "cannot ping")
+        if status == _FLUSH:
+            self._schedule_flush()
+        elif status == _REFUSED:
+            raise self._closed_error("cannot ping")
 
     def _ping_timed(self, payload: bytes) -> None:
         # Any thread. A ping sent again with the same payload is timed from the later one.
@@ -2520,15 +2519,6 @@ class WebSocket:
 
     # Internals: any thread -----------------------------------------------------
 
-    def _queued(self, status: int, action: str) -> None:
-        # What a send's _Protocol.send() status asks of the caller, when it is not _QUEUED.
-        if status == _FLUSH:
-            loop = self._loop
-            if loop is not None:
-                loop.schedule_flush(self)
-        elif status == _REFUSED:
-            raise self._closed_error(action)
-
     def _make_room(self, timeout: Optional[float], action: str) -> None:
         """A send found more than ``max_buffered`` queued: wait for the drain, or refuse beyond the hard bound.
 
@@ -2539,7 +2529,8 @@ class WebSocket:
         """
         protocol = self._protocol
         manager = self._manager
-        if (manager is not None and manager._loop.thread_id != _get_ident() and manager._life is not _Life.CLOSED
+        in_loop = manager is not None and manager._loop.in_loop()
+        if (manager is not None and not in_loop and manager._life is not _Life.CLOSED
                 and (manager._thread is not None or manager._loop.thread_id is not None)):  # a loop runs it, or will
             deadline = None if timeout is None else time.monotonic() + timeout
             with protocol.lock:
@@ -2552,17 +2543,14 @@ class WebSocket:
                         raise TimeoutError(f"{action}: {protocol.buffered} bytes still queued after {timeout:g} s "
                                            f"(max_buffered {protocol.max_buffered}); the message was not queued")
                     room.wait(remaining)
-            if self._manager is manager or protocol.state > _OPEN:
-                if protocol.state > _OPEN:
-                    raise self._closed_error(action)
+            if self._manager is manager and protocol.state <= _OPEN:
                 return
-            # remove()d while waiting: no loop drains it now.
+            # Closed, or remove()d while waiting (no loop drains it now): as without a loop.
         if protocol.state > _OPEN:
             raise self._closed_error(action)
         bound = 2 * protocol.max_buffered
         if protocol.buffered > bound:
-            where = "in the loop thread" if manager is not None and manager._loop.thread_id == _get_ident() else \
-                "with no running manager"
+            where = "in the loop thread" if in_loop else "with no running manager"
             raise BufferFull(f"{action}: {protocol.buffered} bytes queued {where}, more than twice max_buffered "
                              f"({bound}); the message was not queued: send again from drained()")
 
@@ -2682,17 +2670,16 @@ class WebSocket:
         self._events = selectors.EVENT_READ
         self._active = True
         if first_time:
-            closing = protocol.open() is _CLOSING
+            protocol.open()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s opened", self._describe())
-            if closing:  # close() before add(): its timer starts now
-                self._arm_close_timer()
             try:
                 self.opened()
             except Exception as exc:
                 self._callback_failed("opened", exc)
-        elif protocol.state > _OPEN:
-            # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
+        if protocol.state > _OPEN:
+            # A close() before add(), or moved while closing (_unbind() dropped the deadline): the close
+            # deadline starts now (a close in opened() has started it already).
             self._arm_close_timer()
         if protocol.out:  # queued before it ran (or while out of a manager): a racing send may schedule it too
             loop.schedule_flush(self)
@@ -2927,9 +2914,7 @@ class WebSocket:
             # A close handshake that ran its course is routine; anything else is worth a line at INFO,
             # but during a stop the manager counts it for one summary line instead.
             failed = protocol.failure is not None or code == CloseCode.ABNORMAL
-            summarized = manager is not None and manager._summarizes(self)
-            if summarized:
-                manager._count_end(self, failed, code, reason)
+            summarized = manager is not None and manager._count_end(self, failed, code, reason)
             if failed and not summarized:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
             elif logger.isEnabledFor(logging.DEBUG):
@@ -3903,12 +3888,9 @@ def _stop_at_exit(manager: "WebSocketManager") -> None:
     # main thread ends, before non-daemon threads are waited for and before atexit: a thread
     # blocked on a connection is set free by its close, and logging still works. atexit (also
     # before daemon threads are frozen) where it is missing.
-    register = getattr(threading, "_register_atexit", None)
     try:
-        if register is None:
-            raise RuntimeError("no threading._register_atexit")
-        register(_stop_started_managers)
-    except RuntimeError:  # missing, or the interpreter is exiting already
+        threading._register_atexit(_stop_started_managers)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # missing, or the interpreter is exiting already
         import atexit
         atexit.register(_stop_started_managers)
 
@@ -4538,20 +4520,17 @@ class WebSocketManager:
             forked = self._pid != os.getpid()
             if self._thread is None and self._loop.thread_id is None:
                 if forked:
-                    self._renew_after_fork()
+                    # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
+                    # objects shared with the parent and every sibling worker; this process needs its own.
+                    if self._listeners or self._websockets or self._handshakes or not self._loop.owns_selector:
+                        raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
+                                             "this process forked: create it in the worker", 500)
+                    self._loop.renew()
+                    self._pid = os.getpid()
                 self.start()
             elif forked:
                 raise HandshakeError("the WebSocket manager was started before this process forked: "
                                      "start it in the worker, or let wsgi_app start it", 500)
-
-    def _renew_after_fork(self) -> None:
-        # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
-        # objects shared with the parent and every sibling worker; this process needs its own.
-        if self._listeners or self._websockets or self._handshakes or not self._loop.owns_selector:
-            raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
-                                 "this process forked: create it in the worker", 500)
-        self._loop.renew()
-        self._pid = os.getpid()
 
     # Running -------------------------------------------------------------------
 
@@ -4790,15 +4769,14 @@ class WebSocketManager:
                 release()
             raise ManagerStopped("the manager has stopped" if life is _Life.CLOSED else "the manager is stopping")
 
-    def _summarizes(self, websocket: WebSocket) -> bool:
-        """Whether how ``websocket`` ended goes into a summary line (a stop, or :meth:`close_all`)."""
-        return self._loop.stopping or websocket in self._closing_all
-
-    def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> None:
-        """Loop thread, during a stop or after close_all(): how one connection ended, for the summary line."""
+    def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> bool:
+        """Loop thread: count how ``websocket`` ended for a summary line, during a stop or after
+        :meth:`close_all`; whether it was counted (if not, its end is logged on its own)."""
         with self._lock:
             closing = self._closing_all
-            last_of_close_all = websocket in closing and len(closing) == 1 and not self._loop.stopping
+            if not self._loop.stopping and websocket not in closing:
+                return False
+            last_of_close_all = not self._loop.stopping and len(closing) == 1
             closing.discard(websocket)
         if not failed:
             self._stop_outcomes["closed cleanly"] += 1
@@ -4812,6 +4790,7 @@ class WebSocketManager:
             self._stop_outcomes["cut: " + cause] += 1
         if last_of_close_all:  # close_all() with no stop after it: its summary comes now
             self._log_stop_summary("closed all")
+        return True
 
     def _log_stop_summary(self, ended: str = "stopped") -> None:
         outcomes = self._stop_outcomes
