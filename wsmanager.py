@@ -2236,8 +2236,8 @@ class WebSocket:
 
     # The connection's state is its _protocol's (state, close handshake, output, flow control).
     # What else a connection holds is about its I/O, not protocol states: _finalized (the socket is
-    # closed and closed() called: the ``terminated`` property), _active (registered in its manager's
-    # selector), _events (the selector events asked for: EVENT_READ is left out while the output is
+    # closed and closed() called: the ``terminated`` property), _events (the selector events asked
+    # for, 0 until _run() registers it and from _unbind(): EVENT_READ is left out while the output is
     # backed up), _shut_down (our side of the socket shut after the last close frame), _room (where
     # threads wait for the backlog to drain), the timers, the settings, and the client's
     # _pings (ping payload -> when sent, for ``latency``) and _redial (its reconnecting client).
@@ -2245,7 +2245,7 @@ class WebSocket:
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
         "_protocol", "_room", "_events", "_manager", "_loop", "_fd", "_extra", "_finalized", "_timer", "_listener",
-        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
+        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_heartbeat_timer", "_frame_size_follows",
         "__dict__", "__weakref__",
     )
 
@@ -2264,11 +2264,11 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        self._manager: Any = None
+        self._manager: "Optional[WebSocketManager]" = None
         self._loop: Optional[_Loop] = None  # its manager's, while it has one
         self._protocol = _Protocol(client=client, max_buffered=self._provisional_max_buffered())
         self._room: Optional[threading.Condition] = None  # made by the first thread that waits
-        self._events = 0
+        self._events = 0  # 0: not registered in a manager's selector (before _run(), after _unbind())
         self._fd = sock.fileno()
         self._extra = extra_data  # bytes read along with the handshake: the first frames
         self._finalized = False
@@ -2278,7 +2278,6 @@ class WebSocket:
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
         self._tls = _is_tls(sock)
-        self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # its max_frame_size is its max_message_size, as it changes (_in_force)
 
@@ -2492,8 +2491,7 @@ class WebSocket:
     @property
     def manager(self) -> "Optional[WebSocketManager]":
         """The manager running this connection, or ``None`` (not added yet, removed, or over)."""
-        manager: Optional[WebSocketManager] = self._manager
-        return manager
+        return self._manager
 
     @property
     def buffered_amount(self) -> int:
@@ -2594,8 +2592,9 @@ class WebSocket:
     # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
     # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _life, _thread and _frame_size_follows (read
-    # only), _forget() and its default settings (public attributes); of the manager's loop (_loop,
-    # from _bind() to _unbind()), the loop API (see _Loop).
+    # only), _forget(), _count_end() (a stop's summary line), _client_handshake() (a close() before
+    # manager.connect() opened) and its default settings (public attributes); of the manager's loop
+    # (_loop, from _bind() to _unbind()), the loop API (see _Loop).
 
     def _bind(self, manager: "WebSocketManager") -> None:
         """Belong to ``manager`` (under its lock, or in its loop)."""
@@ -2609,7 +2608,6 @@ class WebSocket:
         """Leave the manager (remove()): nothing of the connection is lost but its timers."""
         with self._protocol.lock:
             self._manager = self._loop = None
-            self._active = False
             self._events = 0
         self._release()
         self._wake_senders()  # a thread waiting for the drain: no loop drains it now
@@ -2652,7 +2650,7 @@ class WebSocket:
 
     def _run(self, manager: "WebSocketManager") -> None:
         """Start (or, moved from another manager, resume) running in ``manager``'s loop."""
-        if self._finalized or self._manager is not manager or self._active:
+        if self._finalized or self._manager is not manager or self._events:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
         loop = manager._loop
         protocol = self._protocol
@@ -2668,7 +2666,6 @@ class WebSocket:
             sock.setblocking(False)
         loop.set_events(sock, selectors.EVENT_READ, self)
         self._events = selectors.EVENT_READ
-        self._active = True
         if first_time:
             protocol.open()
             if logger.isEnabledFor(logging.DEBUG):
@@ -2821,7 +2818,7 @@ class WebSocket:
         manager = self._manager
         # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._protocol.parser is not None and self._timer is None and not self._finalized:
-            self._timer = manager._loop.call_later(self._close_timeout, self._finalize, "close timeout")
+            self._timer = manager._loop.call_later(cast(float, self._close_timeout), self._finalize, "close timeout")
         elif manager is not None and self._protocol.parser is None:  # close() before the 101 of manager.connect()?
             handshake = manager._client_handshake(self)
             if handshake is not None:
