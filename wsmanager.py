@@ -3831,8 +3831,6 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
     """Ctrl-C calls ``callback()`` instead of raising KeyboardInterrupt: only in the main thread, and
     only while SIGINT has Python's default handler (a program's own handler is left alone).
     Returns what puts the default handler back (``None`` when nothing was changed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
     try:
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return None
@@ -3841,7 +3839,7 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
             callback()
 
         signal.signal(signal.SIGINT, handler)
-    except (ValueError, OSError):  # not the main interpreter, or no signals here
+    except (ValueError, OSError):  # not the main thread of the main interpreter, or no signals here
         return None
 
     def restore() -> None:
@@ -4205,16 +4203,12 @@ class WebSocketManager:
         else:
             self._connect_starved = False  # a socket again: a later EMFILE is a new episode
         websocket = handshake.websocket
-        try:
-            with self._lock:
-                self._check_running(stopping=True)
-                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
-                # and a shutdown before the loop begins the handshake ends it (connect_failed()).
-                websocket._bind(self)
-                self._handshakes.add(handshake)
-        except BaseException:
-            websocket.sock.close()
-            raise
+        with self._lock:
+            self._check_running(release=websocket.sock.close, stopping=True)
+            # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
+            # and a shutdown before the loop begins the handshake ends it (connect_failed()).
+            websocket._bind(self)
+            self._handshakes.add(handshake)
         if failure is None:
             self._loop.call_threadsafe(handshake._begin)
         else:  # in the loop, as any failure to connect: connect_failed(exc)
