@@ -53,9 +53,10 @@ s6     client side (ws4py's documented use): one process opens 2,000 client
        per connection, measured after one echo on every connection. ws4py
        (when installed, ``bench`` extra) in the same run: ``connect()`` then
        its ``WebSocketManager``, its documented client use. "floor": a raw
-       blocking socket per connection that sends the same opening request
-       (precomputed) and reads up to the end of the 101, nothing more, against
-       the same server: what any one-by-one blocking client can reach there.
+       blocking socket per connection (no timeout, no name resolution, no
+       socket option) that sends the same opening request (precomputed) and
+       reads up to the end of the 101, nothing more, against the same server:
+       what any one-by-one blocking client can reach there.
 s6c    client side, concurrent: 2,000 ``manager.connect()`` calls in
        a loop, every TCP connect and handshake running in the loop at once,
        timed until all have opened (websockets: 2,000 ``connect()`` tasks
@@ -268,7 +269,7 @@ CONNECT_TIMEOUT = 15.0
 BEST_OF = 3  # codec: every repetition keeps the best of this many runs (timeit's advice), then medians
 IMPLEMENTATIONS = ("wsmanager", "websockets", "ceiling")
 # Also run in some scenarios: ws4py (S6), wsmanager with its masking forced to pure Python (S3).
-EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "connect-only", "wsmanager-pure")
+EXTRA_IMPLEMENTATIONS = ("ws4py", "floor", "floor-loop", "connect-only", "wsmanager-pure")
 SATURATED = 0.9  # a load generator using this share of a CPU or more limits the figure: a lower bound
 # What a browser offers; answered with 12-bit client windows by both servers' defaults.
 BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
@@ -1492,17 +1493,29 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
     return s6_result(meter, len(opened), rss_before, rss_after, errors, echoed - 1)  # the warm one echoed too
 
 
-def client_s6_floor(port: int, server_pid: int, p: Params) -> dict:
+def client_s6_floor(port: int, server_pid: int, p: Params, handoff: bool = False) -> dict:
     """The floor of a blocking client: a raw socket per connection sends one precomputed opening request
     (the same bytes wsmanager.connect() sends, one key for all) and reads until the end of the 101, with no
-    parsing, no checks and no manager; then a selector holds them for one echo each."""
+    parsing, no checks and no manager; then a selector holds them for one echo each. Only what the protocol
+    needs: no name resolution (an address), no timeout (a timeout makes every connect, send and receive
+    a poll() and the call), no socket option (TCP_NODELAY matters for later messages, not for the
+    handshake's one write each way). With ``handoff`` ("floor-loop"), each socket is handed to a loop
+    thread as wsmanager's add() hands it: registered for its first EVENT_WRITE, which wakes the loop
+    thread, which then watches it for reading (and nothing else): the price of a loop thread alone."""
     selector = selectors.DefaultSelector()
+    running = True
+
+    def loop() -> None:
+        while running:
+            for key, _ in selector.select(0.05):
+                selector.modify(key.fileobj, selectors.EVENT_READ)
+
     request = wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key())
     hello = wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"hi", mask=True)
 
     def open_one() -> socket.socket:
-        sock = socket.create_connection((HOST, port), CONNECT_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.socket()
+        sock.connect((HOST, port))
         sock.sendall(request)
         answer = sock.recv(READ_CHUNK)
         while b"\r\n\r\n" not in answer:
@@ -1511,15 +1524,23 @@ def client_s6_floor(port: int, server_pid: int, p: Params) -> dict:
                 raise ConnectionError("closed during the handshake")
             answer += chunk
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ)
+        selector.register(sock, selectors.EVENT_WRITE if handoff else selectors.EVENT_READ)
         return sock
 
+    thread = threading.Thread(target=loop)
+    if handoff:
+        thread.start()
     warm = open_one()
     time.sleep(0.2)
     rss_before = rss_bytes()
     with Meter(server_pid) as meter:
         opened, errors = open_one_by_one(open_one, p.s6_connections, OSError)
+    if handoff:
+        running = False
+        thread.join()
     socks = [warm] + opened
+    for key in list(selector.get_map().values()):  # (a last one the loop thread had no turn for)
+        selector.modify(key.fileobj, selectors.EVENT_READ)
     for sock in socks:
         sock.sendall(hello)
     echoed = 0
@@ -1753,6 +1774,8 @@ def generator_main(conn: Any, workload: str, impl: str, port: int, server_pid: i
             result = client_s6_ws4py(port, server_pid, p)
         elif impl == "floor":
             result = client_s6_floor(port, server_pid, p)
+        elif impl == "floor-loop":
+            result = client_s6_floor(port, server_pid, p, handoff=True)
         elif impl == "connect-only":
             result = client_s6_wsmanager(port, server_pid, p, add=False)
         else:
@@ -1944,9 +1967,9 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                                       targets=[Target(absolute, 3.0)]),
                         "rate": Metric("S6 client connections", "conn/s", targets=[Target(ref, 3.0)])},
                        servers={"wsmanager": "picows", "websockets": "picows", "ceiling": "ceiling", "ws4py": "picows",
-                                "floor": "picows", "connect-only": "picows"},
+                                "floor": "picows", "floor-loop": "picows", "connect-only": "picows"},
                        implementations=IMPLEMENTATIONS + (("ws4py",) if ws4py is not None else ())
-                       + ("floor", "connect-only")),
+                       + ("floor", "floor-loop", "connect-only")),
         "s6c": Scenario("s6c", f"S6c client side, concurrent: {p.s6_connections:,} client connections started in "
                                "a loop, all handshaking at once (wsmanager: manager.connect(); websockets: "
                                "connect() tasks gathered), against a picows echo server", "echo",
@@ -1995,7 +2018,10 @@ def make_scenarios(p: Params) -> Dict[str, Scenario]:
                    columns={"wsmanager": "wsmanager", "websockets": "ws4py"}),
             # What any blocking one-by-one client can reach against this server, in ws4py's terms.
             Metric(f"S6 the floor client [wsmanager column: floor; websockets column: ws4py {ws4py.__version__}]",
-                   "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"})]
+                   "conn/s", samples=s6.samples, columns={"wsmanager": "floor", "websockets": "ws4py"}),
+            Metric(f"S6 the floor client handing each socket to a loop thread [wsmanager column: floor-loop; "
+                   f"websockets column: ws4py {ws4py.__version__}]", "conn/s", samples=s6.samples,
+                   columns={"wsmanager": "floor-loop", "websockets": "ws4py"})]
     s6_efficiency = scenarios["s6"].efficiency
     assert s6_efficiency is not None
     scenarios["s6"].extra_efficiency += [

@@ -4484,6 +4484,17 @@ class TestManager:
         with pytest.raises(ValueError):
             connect(url, timeout=2)
 
+    def test_connect_shares_the_peer_host_among_connections(self, manager):
+        # Thousands of clients of one server: one string for its address, not one per connection.
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        first, second = (connect(ws_url(address), timeout=5) for _ in range(2))
+        try:
+            assert first.peer_address == second.peer_address == address
+            assert first.peer_address[0] is second.peer_address[0]
+        finally:
+            first.sock.close()
+            second.sock.close()
+
     def test_connect_refused(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -4576,6 +4587,60 @@ class TestManager:
         assert CountingSocket.reprs == 0
         client.close()
         wait_until(lambda: client.terminated)
+
+    @pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="joins by epoll's wake-up only")
+    def test_add_from_another_thread_registers_in_the_callers_thread(self, manager, make_manager):
+        # A new connection joins the loop as ws4py's do: its socket registered by the thread that
+        # calls add() (for its first EVENT_WRITE, which epoll reports at once), with no byte through
+        # the waker; opened() still runs in the loop thread, before anything is read.
+        registered_by = {}
+
+        class Recording(selectors.EpollSelector):
+            def register(self, fileobj, events, data=None):
+                registered_by[fileobj] = threading.get_ident()
+                return super().register(fileobj, events, data)
+
+        class Opened(Recorder):
+            def opened(self):
+                self.opened_in = threading.get_ident()
+                super().opened()
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        with contextlib.closing(Recording()) as selector:  # a selector it is given is not the manager's to close
+            client_manager = make_manager(selector=selector)
+            client = connect(ws_url(address), Opened)
+            client_manager.add(client)
+            assert client.opened_event.wait(10)
+            assert registered_by[client.sock] == threading.get_ident()
+            assert client.opened_in != threading.get_ident()  # in the loop thread
+            client.send("after opened")
+            wait_until(lambda: client.messages == ["after opened"])
+            client_manager.stop()
+            client_manager.join(10)
+            assert client.terminated and not client_manager.running
+
+    def test_add_runs_opened_before_a_hang_up_is_read(self, manager, client_manager):
+        # The loop is busy in a callback while a connection joins and its socket hangs up (epoll reports
+        # a hang-up as readable too): the connection still opens before it ends.
+        holding, release = threading.Event(), threading.Event()
+
+        class Busy(Recorder):
+            def received_message(self, message):
+                holding.set()
+                release.wait(10)
+
+        address = manager.listen(("127.0.0.1", 0), EchoServer)
+        busy = open_client(client_manager, ws_url(address), Busy)
+        busy.send("hold the loop")
+        assert holding.wait(10)
+        client = connect(ws_url(address), Recorder)
+        client_manager.add(client)
+        client.sock.shutdown(socket.SHUT_RDWR)
+        release.set()
+        assert client.closed_event.wait(10)
+        assert [event[0] for event in client.events] == ["opened", "closed"]
+        assert client.close_code == CloseCode.ABNORMAL
+        busy.close()
 
     def test_remove_stops_managing_without_closing(self, manager, client_manager):
         client, conn = open_pair(manager, client_manager)

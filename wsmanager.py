@@ -2889,7 +2889,12 @@ class WebSocket:
             except OSError:
                 pass
 
-    _on_write = _flush
+    def _on_write(self) -> None:
+        manager = self._manager
+        if self._protocol.parser is None and manager is not None:
+            self._run(manager)  # add()ed from another thread: registered for this first EVENT_WRITE
+        else:
+            self._flush()
 
     def _finalize(self, reason: str = "") -> None:
         """Close the socket, forget the connection, call closed() once."""
@@ -3598,7 +3603,10 @@ class _Loop:
     # What a handler may call ---------------------------------------------------
 
     def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events)."""
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
         self.selector.register(sock, events, handler)
 
     def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
@@ -4127,6 +4135,15 @@ class WebSocketManager:
                 raise ValueError("the connection belongs to another manager")
             self._check_running(stopping=True)
             self._take(websocket)
+            loop = self._loop
+            if (websocket.state is State.CONNECTING and not loop.in_loop()
+                    and isinstance(loop.selector, getattr(selectors, "EpollSelector", ()))):
+                # Deliberate: a new connection's socket is writable at once, and epoll wakes a select()
+                # under way for a socket registered ready: its first EVENT_WRITE runs it (_on_write),
+                # with no byte through the waker (a write, a read and a loop turn of its own).
+                with contextlib.suppress(KeyError, ValueError, OSError):  # else (closed, reused fd): as below
+                    loop.watch(websocket.sock, selectors.EVENT_WRITE, websocket)
+                    return
         self._loop.call_threadsafe(self._open, websocket)
 
     @overload
@@ -5288,13 +5305,15 @@ def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], dead
         sock = target.wrap(sock, ssl_context)
         opening = _ClientOpening(target, settings, subprotocols, headers, origin)
         sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
         result = None
         while result is None:
             result = opening.feed(receive(sock))
         head, rest, subprotocol, deflate = result
         websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                             response_headers=head, subprotocol=subprotocol,
-                            peer_address=sock.getpeername(), extra_data=rest)
+                            peer_address=peer_address, extra_data=rest)
         websocket._enable_deflate(deflate, settings)
     except BaseException:
         sock.close()
@@ -6625,14 +6644,6 @@ class _EchoPeer(WebSocket):
         self.send(message)
 
 
-def _median(values: Sequence[float]) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _chat_handshake(request: Request, stats: Callable[[], Dict[str, Any]]) -> Optional[Response]:
     # Only the page, /stats and the sockets exist: this is a handshake hook, not a web server.
     path = request.path.split("?", 1)[0]
@@ -6656,12 +6667,14 @@ def _chat_setup(redis: Optional[str]) -> Callable[[WebSocketManager, socket.sock
         bridge = manager.bridge(redis) if redis else None
 
         def stats() -> Dict[str, Any]:
+            import statistics  # here, not at import: /stats alone needs it
             # Which process answered: with workers, the kernel picks one per connection.
             # The latency is the heartbeat's round trip: connections not pinged yet are left out.
             latencies = [websocket.latency for websocket in manager if websocket.latency]
+            median = statistics.median(latencies) if latencies else None
             return {"worker": index if index >= 0 else None, "pid": os.getpid(), "connections": len(manager),
                     "subscribers": manager.subscribers(_CHAT_TOPIC),
-                    "latency": {"median": _median(latencies), "measured": len(latencies)},
+                    "latency": {"median": median, "measured": len(latencies)},
                     "redis": bridge.stats() if bridge is not None else None}
 
         def factory(*args: Any, **kwargs: Any) -> WebSocket:
@@ -6692,11 +6705,15 @@ def _raise_descriptor_limit() -> None:
     for wanted in (hard, 2 ** 20, 2 ** 16, 10240) if hard == resource.RLIM_INFINITY else (hard,):
         if soft != resource.RLIM_INFINITY and soft >= wanted:
             return
-        try:
+        with contextlib.suppress(ValueError, OSError):  # refused: try the next
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             return
-        except (ValueError, OSError):
-            continue
+
+
+def _fail(message: str, status: int) -> int:
+    """Print the command line's one-line error to stderr; returns the exit status."""
+    print(f"wsmanager: {message}", file=sys.stderr)
+    return status
 
 
 def _serve(args: Any) -> int:
@@ -6704,16 +6721,14 @@ def _serve(args: Any) -> int:
         try:
             _parse_redis_url(args.redis)  # a bad URL fails here, in one line, not in every worker
         except ValueError as exc:
-            print(f"wsmanager: {exc}", file=sys.stderr)
-            return 2
+            return _fail(str(exc), 2)
     if args.workers > 1:
         return _serve_workers(args)
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET, backlog=1024)
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     host, port = sock.getsockname()[:2]
     manager = WebSocketManager(heartbeat=args.heartbeat or None)
     _chat_setup(args.redis)(manager, sock, -1)
@@ -6741,8 +6756,7 @@ def _serve_workers(args: Any) -> int:
     try:
         host, port = supervisor.bind()
     except OSError as exc:
-        print(f"wsmanager: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     logger.info("chat on http://%s:%d/ (WebSocket at /ws, %d workers%s); Ctrl-C to stop", _bracket(host), port,
                 args.workers, f", relayed through {args.redis}" if args.redis else "")
     if not args.redis:
@@ -6787,32 +6801,35 @@ class _ConsolePeer(WebSocket):
         stream.flush()
 
 
+def _client_ssl_context(args: Any) -> Optional[ssl.SSLContext]:
+    """The TLS context of the ``connect`` and ``load`` commands: None for ws://; --insecure verifies nothing."""
+    if not args.url.lower().startswith("wss:"):
+        return None
+    context = ssl.create_default_context()
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _connect(args: Any) -> int:
     # The client prints its own lines, above the one being typed; the library's INFO lines (a stop's
     # summary) would land on that line. Warnings still show.
     logger.setLevel(logging.WARNING)
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    context = _client_ssl_context(args)
     try:
         peer = connect(args.url, _ConsolePeer, timeout=args.timeout, ssl_context=context,
                        subprotocols=args.subprotocol or None, headers=args.header, origin=args.origin)
     except ValueError as exc:  # InvalidURL, or a header value that cannot be sent
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except HandshakeError as exc:
-        print(f"wsmanager: handshake with {args.url} failed: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"handshake with {args.url} failed: {exc}", 1)
     except OSError as exc:
         # A plain server answers a ClientHello with HTTP (or closes): OpenSSL then reports a record it
         # cannot parse, an EOF or a reset, never what the user did wrong (a refused certificate says so).
         plain = context is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError, socket.timeout))
         hint = " (is the server speaking TLS?)" if plain and not isinstance(exc, ssl.SSLCertVerificationError) else ""
-        print(f"wsmanager: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot connect to {args.url}: {exc}{hint}", 1)
     peer.show_binary_as_hex = args.binary
     peer.interactive = sys.stdin.isatty() and sys.stdout.isatty()
     print(f"connected to {args.url}" + (f" ({peer.subprotocol})" if peer.subprotocol else ""), file=sys.stderr)
@@ -6834,7 +6851,11 @@ def _connect(args: Any) -> int:
 
     # readline puts the terminal in raw mode while it reads; when the peer ends the session in
     # the middle of a line, input() never returns to undo that: the mode is restored here.
-    terminal_mode = _terminal_mode() if peer.interactive else None
+    terminal_mode: Optional[List[Any]] = None
+    if peer.interactive:
+        with contextlib.suppress(ImportError, OSError, ValueError):  # not POSIX, or stdin is no terminal
+            import termios
+            terminal_mode = termios.tcgetattr(sys.stdin.fileno())
     threading.Thread(target=type_lines, name="stdin", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         peer.done.wait()
@@ -6842,7 +6863,8 @@ def _connect(args: Any) -> int:
     manager.stop(manager.close_timeout + 1)  # ends as soon as the close handshake has, else terminates
     manager.join()
     if terminal_mode is not None:
-        terminal_mode()
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, terminal_mode)
         # The input line ("> " and what was half typed) will never be read: erase it, so the shell's
         # prompt takes its place instead of following a stray "> " under "connection closed".
         sys.stdout.write("\r\x1b[K")
@@ -6867,17 +6889,20 @@ class _LoadClient(WebSocket):
     """
 
     run: "_LoadRun"
-    dialed = 0.0  # when manager.connect() was called
     sent_at: Deque[float]  # when each message waiting for its answer went out, oldest first (echoes keep order)
     left = 0  # messages still to send (-1: until the run's duration is over)
     done = False
     raw = False  # messages sent as frames masked in advance: a plain socket, no compression
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dialed = time.monotonic()  # made by manager.connect() as it is called
+
     def opened(self) -> None:
         self.raw = self.compression is None and not _is_tls(self.sock)
         # Not when the 101 came with bytes after it (fed to the parser once opened() returns).
-        if self.raw and not self._extra and self.manager is not None:
-            _LoadReader(self, self.manager)
+        if self.raw and not self._extra and self._loop is not None:
+            _LoadReader(self, self._loop)
         self.run.opened(self)
 
     def received_message(self, message: Union[str, bytes]) -> None:
@@ -6938,14 +6963,14 @@ class _LoadReader:
     write waiting): from then on every byte goes through the parser. The loop calls
     ``_on_read`` (and, per the handler protocol, ``_on_write``, ``_finalize``, ``_finalized``)."""
 
-    __slots__ = ("client", "manager", "run", "sock")
+    __slots__ = ("client", "loop", "run", "sock")
 
-    def __init__(self, client: _LoadClient, manager: "WebSocketManager"):
+    def __init__(self, client: _LoadClient, loop: _Loop):
         self.client = client
-        self.manager = manager
+        self.loop = loop
         self.run = client.run
         self.sock = client.sock
-        manager._loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
+        loop.set_events(self.sock, selectors.EVENT_READ, self)  # the events the client has: read only
 
     @property
     def _finalized(self) -> bool:
@@ -6988,18 +7013,17 @@ class _LoadReader:
         """A read that is not one whole answer: a few whole answers back to back (``--in-flight``) are
         counted here; anything else goes to the parser (EOF ends the connection)."""
         client, run = self.client, self.run
-        if not data:
-            client._finalize("connection closed without a close frame")
-            return
         sent_at = client.sent_at
         count, cut = divmod(len(data), len(run.answer))
-        if cut or not count or count > len(sent_at) or not run.answers.startswith(data):
+        if not data:
+            client._finalize("connection closed without a close frame")
+        elif cut or not count or count > len(sent_at) or not run.answers.startswith(data):
             self._to_parser(data)  # more answers than questions included: the parser's path tells what
-            return
-        now = time.monotonic()
-        run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
-        run.last_answer = now
-        run.send_next(client, count, now)
+        else:
+            now = time.monotonic()
+            run.round_trips.extend([now - sent_at.popleft() for _ in range(count)])
+            run.last_answer = now
+            run.send_next(client, count, now)
 
     def _to_parser(self, data: bytes) -> None:
         """Give the socket back to the client, for good, and ``data`` to its parser."""
@@ -7007,7 +7031,7 @@ class _LoadReader:
         if not client.terminated:
             # Read only: a change of events re-registers the client itself, so while this reader
             # is registered the client's events are EVENT_READ alone.
-            self.manager._loop.set_events(self.sock, selectors.EVENT_READ, client)
+            self.loop.set_events(self.sock, selectors.EVENT_READ, client)
         if client.state is not _CLOSED:  # (nothing is fed after a failure: RFC 6455 5.5.1)
             client._receive(data)
 
@@ -7038,7 +7062,7 @@ class _LoadRun:
         self.in_flight = in_flight
         self.size = size
         self.payload: Union[str, bytes] = "x" * size if text else os.urandom(size)
-        payload = self._payload_bytes = self.payload.encode() if isinstance(self.payload, str) else self.payload
+        payload = self.payload.encode() if isinstance(self.payload, str) else self.payload
         opcode = Opcode.TEXT if text else Opcode.BINARY
         self.answer = encode_frame(opcode, payload)  # what an echo sends back, byte for byte
         self.answers = self.answer * in_flight
@@ -7059,7 +7083,7 @@ class _LoadRun:
         self.round_trips: List[float] = []
         self.errors: Dict[str, int] = collections.Counter()
         self.finished = 0  # clients done: all answers in, failed, or closed
-        self.sending = False  # False once the duration is over: clients stop after their current message
+        self.sending = True  # False once the duration is over: clients stop after their current message
         self.first_send = 0.0
         self.last_answer = 0.0
 
@@ -7163,30 +7187,9 @@ def _load(args: Any) -> int:
     try:
         _client_target(args.url)
     except InvalidURL as exc:
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
-    with contextlib.suppress(ImportError, ValueError, OSError):  # each client is a descriptor
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = args.clients + 64
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
-                                                        else min(wanted, hard), hard))
-    context = None
-    if args.url.lower().startswith("wss:"):
-        context = ssl.create_default_context()
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
-    run.sending = True
-    _LoadClient.run = run
-
-    def factory(*arguments: Any, **options: Any) -> _LoadClient:
-        client = _LoadClient(*arguments, **options)
-        client.dialed = time.monotonic()
-        return client
-
+        return _fail(str(exc), 2)
+    context = _client_ssl_context(args)
+    run = _LoadClient.run = _LoadRun(args.clients, args.messages, args.size, args.in_flight, args.text)
     stop_requests: List[int] = []
     _request_stop_on_signals(stop_requests, lambda signum: os._exit(1))
     progress = sys.stderr.isatty() and not args.json
@@ -7198,7 +7201,6 @@ def _load(args: Any) -> int:
     gc.disable()
     cpu_before = time.process_time()
     started = time.monotonic()
-    deadline = started + args.duration if args.duration else None
     dialed = 0
     last_progress = 0.0
     stalled_since = started
@@ -7206,14 +7208,13 @@ def _load(args: Any) -> int:
     with manager:
         while not stop_requests:
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if args.duration and run.sending and now - started >= args.duration:
                 run.sending = False  # each client ends after its current message
-                deadline = None
                 stalled_since = now
             due = args.clients if not args.rate else min(args.clients, int((now - started) * args.rate) + 1)
             while dialed < due and not stop_requests:
                 try:
-                    manager.connect(args.url, factory, ssl_context=context, timeout=args.timeout)
+                    manager.connect(args.url, _LoadClient, ssl_context=context, timeout=args.timeout)
                 except (OSError, ValueError) as exc:  # out of descriptors, the name does not resolve
                     run.failed(exc)
                 dialed += 1
@@ -7246,21 +7247,6 @@ def _load(args: Any) -> int:
     return 1 if report["errors"] or stop_requests else 0
 
 
-def _terminal_mode() -> Optional[Callable[[], None]]:
-    """Save stdin's terminal mode; returns the function that restores it (None without termios)."""
-    try:
-        import termios
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):
-        return None
-
-    def restore() -> None:
-        with contextlib.suppress(OSError):
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-    return restore
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m wsmanager [serve|connect|load] ...``; returns the exit status."""
     import argparse
@@ -7287,11 +7273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"{number} < 1")
         return number
 
-    def workers(text: str) -> int:
-        number = int(text)
-        if number < 1:
-            raise ValueError(f"{number} workers")
-        return number
+    def workers(text: str) -> int:  # positive, named for argparse's message: "invalid workers value: '0'"
+        return positive(text)
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="python -m wsmanager", formatter_class=formatter,
