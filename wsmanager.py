@@ -3677,10 +3677,8 @@ class _Loop:
         if self.wake_pending:
             return
         self.wake_pending = True
-        try:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (the loop is gone)
             self.waker.send(b"\0")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
     def call_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
         """The loop's thread, maybe in a signal handler: queue ``function(*args)`` and wake select()."""
