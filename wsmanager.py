@@ -4784,16 +4784,15 @@ class WebSocketManager:
                 return False
             last_of_close_all = not self._loop.stopping and len(closing) == 1
             closing.discard(websocket)
+        # The cut ones grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
+        # texts cut at their colon, so that a thousand resets make one group).
         if not failed:
-            self._stop_outcomes["closed cleanly"] += 1
+            outcome = "closed cleanly"
+        elif code == CloseCode.ABNORMAL:
+            outcome = "cut: " + (reason.partition(":")[0] or "no reason")
         else:
-            # Grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
-            # texts cut at their colon, so that a thousand resets make one group).
-            if code == CloseCode.ABNORMAL:
-                cause = reason.partition(":")[0] or "no reason"
-            else:
-                cause = f"{code} {reason}".rstrip()
-            self._stop_outcomes["cut: " + cause] += 1
+            outcome = f"cut: {code} {reason}".rstrip()
+        self._stop_outcomes[outcome] += 1
         if last_of_close_all:  # close_all() with no stop after it: its summary comes now
             self._log_stop_summary("closed all")
         return True
