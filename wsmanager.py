@@ -2010,7 +2010,7 @@ class _Protocol:
             self.out.clear()
             self.buffered = 0
             self.over = False
-        return self.failure or self.received_close or (CloseCode.ABNORMAL, reason)
+        return self.outcome() or (CloseCode.ABNORMAL, reason)
 
     def outcome(self) -> Optional[Tuple[int, str]]:
         """The close code and reason known so far (ours alone decides nothing), or ``None``."""
