@@ -4778,10 +4778,10 @@ class WebSocketManager:
     def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> bool:
         """Loop thread: count how ``websocket`` ended for a summary line, during a stop or after
         :meth:`close_all`; whether it was counted (if not, its end is logged on its own)."""
+        if not self._loop.stopping and websocket not in self._closing_all:
+            return False  # unlocked: only the loop's thread takes connections out, and a stop is never undone
         with self._lock:
             closing = self._closing_all
-            if not self._loop.stopping and websocket not in closing:
-                return False
             last_of_close_all = not self._loop.stopping and len(closing) == 1
             closing.discard(websocket)
         # The cut ones grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
