@@ -3095,10 +3095,7 @@ class _Listener:
     def _on_read(self) -> None:
         if self._finalized:
             return  # closed by a stop earlier in this turn
-        manager = self.manager
-        listening = self.sock
-        if listening is None:
-            return  # the settings of accept(): never in the selector
+        listening = cast(socket.socket, self.sock)  # (the settings of accept() have none: never in the selector)
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
@@ -3123,7 +3120,7 @@ class _Listener:
             if self._starved_since is not None:
                 logger.info("accept() works again after %.1f s out of descriptors", self.loop.now - self._starved_since)
                 self._starved_since = None
-            manager._start_handshake(self, sock, address)
+            self.manager._start_handshake(self, sock, address)
 
     def _on_write(self) -> None:
         pass
@@ -3176,6 +3173,17 @@ class _Handshake:
     def _set_events(self, events: int) -> None:
         self.loop.set_events(self.sock, events, cast(_Handler, self))
 
+    def _send(self, data: memoryview) -> Optional[memoryview]:
+        """Send what the socket takes of ``data`` now: the rest, or ``None`` when the socket failed (see _fail)."""
+        try:
+            sent = self.sock.send(data) if data else 0
+        except _would_block():
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return None
+        return data[sent:]
+
     def _detach(self) -> None:
         self._finalized = True
         _cancel(self.timer)
@@ -3212,7 +3220,6 @@ class _ServerHandshake(_Handshake):
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        manager = self.manager
         try:
             result = self.reader.feed(data)
             if result is None:
@@ -3239,8 +3246,8 @@ class _ServerHandshake(_Handshake):
             return
         self._detach()
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        manager._take(websocket)
-        manager._open(websocket)
+        self.manager._take(websocket)
+        self.manager._open(websocket)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3252,8 +3259,9 @@ class _ServerHandshake(_Handshake):
             self._write_reply(self.reply)
 
     def _fail(self, exc: BaseException) -> None:
-        # Only the TLS handshake fails this way: the rest is answered with HTTP, or ends at the peer's EOF.
-        logger.debug("TLS handshake with %s failed: %s", self.address, exc)
+        # Only the socket and the TLS handshake fail this way: the rest is answered with HTTP, or ends
+        # at the peer's EOF.
+        logger.debug("connection from %s failed: %s", self.address, exc)
         self._finalize()
 
     def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
@@ -3280,15 +3288,11 @@ class _ServerHandshake(_Handshake):
         self._write_reply(memoryview(reply))
 
     def _write_reply(self, reply: memoryview) -> None:
-        try:
-            sent = self.sock.send(reply) if reply else 0
-        except _would_block():
-            sent = 0
-        except OSError:
-            self._finalize()
+        rest = self._send(reply)
+        if rest is None:
             return
-        self.reply = reply = reply[sent:]
-        if reply:
+        self.reply = rest
+        if rest:
             self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
             return
         self._set_events(selectors.EVENT_READ)
@@ -3335,8 +3339,7 @@ class _ClientHandshake(_Handshake):
     the opening handshake; a redirect starts over with a new socket, within the same deadline.
     """
 
-    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "proxy", "tunnel",
-                 "visited", "redial")
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "tunnel", "visited", "redial")
 
     def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
                  proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
@@ -3348,31 +3351,24 @@ class _ClientHandshake(_Handshake):
         self.visited = [target.url]
         self._route(target, proxy, opening)
 
-    @property
-    def timeout(self) -> float:
-        return self.options.timeout
-
     def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
         self.target = target
-        self.proxy = proxy
         self.opening = opening
         self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
         self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
         self.connected = False
-        self.tls_pending = False
 
     def _begin(self) -> None:
         """Loop thread: start the TCP connect (the socket is non-blocking)."""
-        manager = self.manager
         if self.websocket.terminated:
             self._abandon(_ended_by(self.websocket))  # before the loop got to it
             return
         if self.loop.stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
-        manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
+        self.manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
         self.loop.on_stop(self._refuse_for_stop)
-        self.timer = self.loop.call_later(self.timeout, self._time_out)
+        self.timer = self.loop.call_later(self.options.timeout, self._time_out)
         self._connect()
 
     def _connect(self) -> None:
@@ -3411,17 +3407,12 @@ class _ClientHandshake(_Handshake):
         self.loop.unwatch(self.sock)
         try:
             # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
-            context = self.options.ssl_context if self.options.ssl_context is not None else (
-                ssl.create_default_context())
-            sock = context.wrap_socket(self.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+            self.sock = self.target.wrap(self.sock, self.options.ssl_context, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
             self._fail(exc)
             return
-        self.sock = sock
-        self.websocket._take_socket(sock)
-        self.tls_pending = True
-        self.loop.watch(sock, selectors.EVENT_WRITE, self)
-        if self._tls_handshake():
+        self.websocket._take_socket(self.sock)
+        if self._tls_handshake():  # which watches the new socket
             self._write_request()
 
     def _on_read(self) -> None:
@@ -3444,10 +3435,7 @@ class _ClientHandshake(_Handshake):
         except _would_block():
             return
         except HandshakeError as exc:
-            if exc.status in _REDIRECT_STATUSES:
-                self._redirect(exc)
-            else:
-                self._fail(exc)
+            self._redirect(exc)  # or fails with it, when it is no redirect
             return
         except OSError as exc:
             self._fail(exc)
@@ -3458,25 +3446,19 @@ class _ClientHandshake(_Handshake):
             self.loop.read_again(self)
 
     def _redirect(self, answer: HandshakeError) -> None:
-        """Follow a redirect: a new socket (and route) to the new URL, the same connection and deadline."""
-        try:
-            target = _redirected(self.target, answer, self.visited)
-            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
-            proxy, (family, kind, proto, _, address) = _client_route(target, self.options.proxy)
-            sock = socket.socket(family, kind, proto)
-        except (HandshakeError, OSError, ValueError) as exc:
-            self._fail(exc)
-            return
+        """Follow a redirect (fail with ``answer`` when it is none): a new socket (and route) to the new URL,
+        the same connection and deadline."""
         options = self.options
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = _redirected(self.target, answer, self.visited)
             first = _client_target(self.visited[0])
             opening = _ClientOpening(target, options.settings, options.subprotocols,
                                      _headers_for(first, target, options.headers), options.origin)
-        except BaseException:
-            sock.close()
-            raise
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, address, sock = _client_socket(target, options.proxy)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
         logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
         self.loop.unwatch(self.sock)
         self.sock.close()
@@ -3487,16 +3469,10 @@ class _ClientHandshake(_Handshake):
         self._connect()
 
     def _write_request(self) -> None:
-        request = self.request
-        try:
-            sent = self.sock.send(request) if request else 0
-        except _would_block():
-            sent = 0
-        except OSError as exc:
-            self._fail(exc)
-            return
-        self.request = request = request[sent:]
-        self._set_events(selectors.EVENT_WRITE if request else selectors.EVENT_READ)
+        rest = self._send(self.request)
+        if rest is not None:
+            self.request = rest
+            self._set_events(selectors.EVENT_WRITE if rest else selectors.EVENT_READ)
 
     def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
               deflate: Optional[DeflateParams]) -> None:
@@ -3511,7 +3487,7 @@ class _ClientHandshake(_Handshake):
         self.manager._open(websocket)  # takes the selector registration over from this handshake
 
     def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.timeout:g} s"))
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.options.timeout:g} s"))
 
     def _refuse_for_stop(self) -> None:
         self._fail(ManagerStopped("the manager stopped before the connection opened"))
@@ -3529,8 +3505,7 @@ class _ClientHandshake(_Handshake):
         if self._finalized:
             return
         self._detach()
-        websocket = self.websocket
-        if websocket.terminated:
+        if self.websocket.terminated:
             # Inside the connection's _finalize(), which closes the socket only after this (or
             # before _begin(), when it is closed already): connect_failed() is promised a closed one.
             self.sock.close()
@@ -4238,14 +4213,10 @@ class WebSocketManager:
         connection gets a closed socket: it exists only to report ``unavailable`` to connect_failed().
         """
         if unavailable is None:
-            proxy, (family, kind, proto, _, address) = _client_route(target, options.proxy)
-            sock = socket.socket(family, kind, proto)
+            proxy, address, sock = _client_socket(target, options.proxy)
         else:
             proxy, address, sock = None, (target.host, target.port), self._no_socket
         try:
-            if unavailable is None:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             opening = _ClientOpening(target, options.settings, options.subprotocols, options.headers, options.origin)
             websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
                                 peer_address=address)
@@ -4998,6 +4969,23 @@ def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optio
     return _Proxy(parts.hostname, port, authorization)
 
 
+def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
+    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
+    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
+    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
+    at an EOF, or with ``malformed`` and why for a head that does not parse."""
+    if not data:
+        raise HandshakeError(eof, None)
+    try:
+        result = reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"{malformed}: {exc}", None) from None
+    if result is None:
+        return None
+    head, rest = result
+    return parse_response(head), head, rest
+
+
 class _ProxyTunnel:
     """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
 
@@ -5014,16 +5002,11 @@ class _ProxyTunnel:
     def feed(self, data: bytes) -> bool:
         """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
         (``status``: the proxy's) when it refuses or answers wrongly."""
-        if not data:
-            raise HandshakeError("the proxy closed the connection before answering CONNECT", None)
-        try:
-            result = self.reader.feed(data)
-        except HandshakeError as exc:
-            raise HandshakeError(f"malformed answer from the proxy: {exc}", None) from None
-        if result is None:
+        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
+                              "malformed answer from the proxy")
+        if answer is None:
             return False
-        head, rest = result
-        response = parse_response(head)
+        response, _, rest = answer
         if not 200 <= response.status < 300:
             raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
                                  response.status, list(response.headers), response=response)
@@ -5032,11 +5015,20 @@ class _ProxyTunnel:
         return True
 
 
-def _client_route(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any]:
-    """The proxy (or ``None``) and the resolved address (a ``getaddrinfo()`` entry) of the first hop."""
+def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
+    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
+    name is resolved)."""
     chosen = _client_proxy(target, proxy)
     host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
-    return chosen, socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return chosen, address, sock
 
 
 # Reconnecting clients ----------------------------------------------------------
@@ -5100,8 +5092,7 @@ class _Redial:
     instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
     is followed by a new attempt after a back-off. Loop thread only."""
 
-    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at", "timer",
-                 "last")
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
 
     def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
@@ -5114,8 +5105,6 @@ class _Redial:
         self.waits = 0  # waits in a row: the back-off's n
         self.opens = 0  # connections of this client that opened
         self.opened_at = 0.0
-        self.timer: Any = None
-        self.last: Optional[WebSocket] = None  # the connection that ended last: its close() also ends the wait
 
     def opened(self) -> None:
         self.opens += 1
@@ -5141,27 +5130,22 @@ class _Redial:
     def _wanted(self, websocket: WebSocket) -> bool:
         return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
 
-    def _wait(self, websocket: Optional[WebSocket], why: str) -> None:
-        if websocket is not None:
-            self.last = websocket
+    def _wait(self, last: WebSocket, why: str) -> None:
+        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
         delay = self.policy.delay(self.waits)
         self.waits += 1
-        logger.info("%s %s: reconnecting in %.2f s", websocket._describe() if websocket is not None else
-                    self.target.url, why, delay)
-        self.timer = self.loop.call_later(delay, self._attempt)
+        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
+        self.loop.call_later(delay, self._attempt, last)
 
-    def _attempt(self) -> None:
+    def _attempt(self, last: WebSocket) -> None:
         manager = self.manager
-        self.timer = None
-        last = self.last
-        if self.loop.stopping or (last is not None and last.reconnect is None):
+        if self.loop.stopping or last.reconnect is None:
             return  # stopping, or the application closed (or gave up) the connection it last had
         try:
             # The name is resolved again, here in the loop: a host that moved is found where it went.
             handshake = manager._dial(self.target, self.factory, self.options, self)
         except OSError as exc:  # the name does not resolve (now), out of descriptors
-            logger.info("could not connect to %s: %s", self.target.url, exc)
-            self._wait(None, "could not connect")
+            self._wait(last, f"could not connect to {self.target.url} ({exc})")
             return
         except Exception as exc:
             logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
@@ -5192,16 +5176,10 @@ class _ClientOpening:
         Once the response head is complete and checked, returns it, the bytes
         after it, the subprotocol and the permessage-deflate parameters.
         """
-        if not data:
-            raise HandshakeError("connection closed during the handshake", None)
-        try:
-            result = self.reader.feed(data)
-        except HandshakeError as exc:
-            raise HandshakeError(f"malformed response: {exc}", None) from None
-        if result is None:
+        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
+        if answer is None:
             return None
-        head, rest = result
-        response = parse_response(head)
+        response, head, rest = answer
         subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
         deflate = None
         if self.settings is not None and isinstance(response.headers, Headers):
