@@ -1749,10 +1749,7 @@ _TRANSITIONS = {
     (State.CLOSING, "receive_close"): State.CLOSED,  # close handshake complete
     (State.CLOSING, "fail"): State.CLOSED,
     # No close handshake (or no more of it): a slow consumer, a lost socket, a timeout, terminate().
-    (State.CONNECTING, "drop"): State.CLOSED,
-    (State.OPEN, "drop"): State.CLOSED,
-    (State.CLOSING, "drop"): State.CLOSED,
-    (State.CLOSED, "drop"): State.CLOSED,
+    **{(state, "drop"): State.CLOSED for state in State},
 }
 
 
@@ -2013,7 +2010,7 @@ class _Protocol:
             self.out.clear()
             self.buffered = 0
             self.over = False
-        return self.failure or self.received_close or (CloseCode.ABNORMAL, reason)
+        return self.outcome() or (CloseCode.ABNORMAL, reason)
 
     def outcome(self) -> Optional[Tuple[int, str]]:
         """The close code and reason known so far (ours alone decides nothing), or ``None``."""
@@ -2239,8 +2236,8 @@ class WebSocket:
 
     # The connection's state is its _protocol's (state, close handshake, output, flow control).
     # What else a connection holds is about its I/O, not protocol states: _finalized (the socket is
-    # closed and closed() called: the ``terminated`` property), _active (registered in its manager's
-    # selector), _events (the selector events asked for: EVENT_READ is left out while the output is
+    # closed and closed() called: the ``terminated`` property), _events (the selector events asked
+    # for, 0 until _run() registers it and from _unbind(): EVENT_READ is left out while the output is
     # backed up), _shut_down (our side of the socket shut after the last close frame), _room (where
     # threads wait for the backlog to drain), the timers, the settings, and the client's
     # _pings (ping payload -> when sent, for ``latency``) and _redial (its reconnecting client).
@@ -2248,7 +2245,7 @@ class WebSocket:
         "sock", "client", "peer_address", "path", "_request_headers", "_response_headers", "subprotocol",
         "close_code", "close_reason", "_max_buffered", "_max_message_size", "_max_frame_size", "_close_timeout",
         "_protocol", "_room", "_events", "_manager", "_loop", "_fd", "_extra", "_finalized", "_timer", "_listener",
-        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_active", "_heartbeat_timer", "_frame_size_follows",
+        "_last_seen", "_ping_sent", "_shut_down", "_tls", "_heartbeat_timer", "_frame_size_follows",
         "__dict__", "__weakref__",
     )
 
@@ -2267,11 +2264,11 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
-        self._manager: Any = None
+        self._manager: "Optional[WebSocketManager]" = None
         self._loop: Optional[_Loop] = None  # its manager's, while it has one
         self._protocol = _Protocol(client=client, max_buffered=self._provisional_max_buffered())
         self._room: Optional[threading.Condition] = None  # made by the first thread that waits
-        self._events = 0
+        self._events = 0  # 0: not registered in a manager's selector (before _run(), after _unbind())
         self._fd = sock.fileno()
         self._extra = extra_data  # bytes read along with the handshake: the first frames
         self._finalized = False
@@ -2281,7 +2278,6 @@ class WebSocket:
         self._ping_sent = 0.0  # when the heartbeat ping went out; 0 when none is outstanding
         self._shut_down = False
         self._tls = _is_tls(sock)
-        self._active = False  # registered in its manager's selector: between _run() and _unbind() or _finalize()
         self._heartbeat_timer: Any = None  # the one pending heartbeat check of this connection
         self._frame_size_follows = False  # its max_frame_size is its max_message_size, as it changes (_in_force)
 
@@ -2380,8 +2376,8 @@ class WebSocket:
                 loop = self._loop
                 if loop is not None:
                     loop.schedule_flush(self)
-            else:
-                self._queued(status, "cannot send")
+            else:  # _REFUSED: with no limit given, never _FULL
+                raise self._closed_error("cannot send")
 
     def _enable_deflate(self, params: Optional[DeflateParams], settings: Optional[Deflate]) -> None:
         # Before add(): the parser and assembler made by _run() take it from here. None: not agreed on.
@@ -2400,8 +2396,10 @@ class WebSocket:
             self._make_room(None, "cannot ping")
         self._ping_timed(bytes(payload))
         status = protocol.send(data)
-        if status:
-            self._queued(status, "cannot ping")
+        if status == _FLUSH:
+            self._schedule_flush()
+        elif status == _REFUSED:
+            raise self._closed_error("cannot ping")
 
     def _ping_timed(self, payload: bytes) -> None:
         # Any thread. A ping sent again with the same payload is timed from the later one.
@@ -2493,8 +2491,7 @@ class WebSocket:
     @property
     def manager(self) -> "Optional[WebSocketManager]":
         """The manager running this connection, or ``None`` (not added yet, removed, or over)."""
-        manager: Optional[WebSocketManager] = self._manager
-        return manager
+        return self._manager
 
     @property
     def buffered_amount(self) -> int:
@@ -2520,15 +2517,6 @@ class WebSocket:
 
     # Internals: any thread -----------------------------------------------------
 
-    def _queued(self, status: int, action: str) -> None:
-        # What a send's _Protocol.send() status asks of the caller, when it is not _QUEUED.
-        if status == _FLUSH:
-            loop = self._loop
-            if loop is not None:
-                loop.schedule_flush(self)
-        elif status == _REFUSED:
-            raise self._closed_error(action)
-
     def _make_room(self, timeout: Optional[float], action: str) -> None:
         """A send found more than ``max_buffered`` queued: wait for the drain, or refuse beyond the hard bound.
 
@@ -2539,7 +2527,8 @@ class WebSocket:
         """
         protocol = self._protocol
         manager = self._manager
-        if (manager is not None and manager._loop.thread_id != _get_ident() and manager._life is not _Life.CLOSED
+        in_loop = manager is not None and manager._loop.in_loop()
+        if (manager is not None and not in_loop and manager._life is not _Life.CLOSED
                 and (manager._thread is not None or manager._loop.thread_id is not None)):  # a loop runs it, or will
             deadline = None if timeout is None else time.monotonic() + timeout
             with protocol.lock:
@@ -2552,17 +2541,14 @@ class WebSocket:
                         raise TimeoutError(f"{action}: {protocol.buffered} bytes still queued after {timeout:g} s "
                                            f"(max_buffered {protocol.max_buffered}); the message was not queued")
                     room.wait(remaining)
-            if self._manager is manager or protocol.state > _OPEN:
-                if protocol.state > _OPEN:
-                    raise self._closed_error(action)
+            if self._manager is manager and protocol.state <= _OPEN:
                 return
-            # remove()d while waiting: no loop drains it now.
+            # Closed, or remove()d while waiting (no loop drains it now): as without a loop.
         if protocol.state > _OPEN:
             raise self._closed_error(action)
         bound = 2 * protocol.max_buffered
         if protocol.buffered > bound:
-            where = "in the loop thread" if manager is not None and manager._loop.thread_id == _get_ident() else \
-                "with no running manager"
+            where = "in the loop thread" if in_loop else "with no running manager"
             raise BufferFull(f"{action}: {protocol.buffered} bytes queued {where}, more than twice max_buffered "
                              f"({bound}); the message was not queued: send again from drained()")
 
@@ -2606,8 +2592,9 @@ class WebSocket:
     # refusal), _enable_deflate() (what a handshake agreed), _take_response() and _take_socket() (a loop
     # client handshake's outcome and new sockets), _describe() (log lines) and, from the listener that made it,
     # _queue_reply(). A connection uses of its manager: _life, _thread and _frame_size_follows (read
-    # only), _forget() and its default settings (public attributes); of the manager's loop (_loop,
-    # from _bind() to _unbind()), the loop API (see _Loop).
+    # only), _forget(), _count_end() (a stop's summary line), _client_handshake() (a close() before
+    # manager.connect() opened) and its default settings (public attributes); of the manager's loop
+    # (_loop, from _bind() to _unbind()), the loop API (see _Loop).
 
     def _bind(self, manager: "WebSocketManager") -> None:
         """Belong to ``manager`` (under its lock, or in its loop)."""
@@ -2621,7 +2608,6 @@ class WebSocket:
         """Leave the manager (remove()): nothing of the connection is lost but its timers."""
         with self._protocol.lock:
             self._manager = self._loop = None
-            self._active = False
             self._events = 0
         self._release()
         self._wake_senders()  # a thread waiting for the drain: no loop drains it now
@@ -2664,7 +2650,7 @@ class WebSocket:
 
     def _run(self, manager: "WebSocketManager") -> None:
         """Start (or, moved from another manager, resume) running in ``manager``'s loop."""
-        if self._finalized or self._manager is not manager or self._active:
+        if self._finalized or self._manager is not manager or self._events:
             return  # closed, remove()d, or already running here (a repeat add() queued twice)
         loop = manager._loop
         protocol = self._protocol
@@ -2680,19 +2666,17 @@ class WebSocket:
             sock.setblocking(False)
         loop.set_events(sock, selectors.EVENT_READ, self)
         self._events = selectors.EVENT_READ
-        self._active = True
         if first_time:
-            closing = protocol.open() is _CLOSING
+            protocol.open()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s opened", self._describe())
-            if closing:  # close() before add(): its timer starts now
-                self._arm_close_timer()
             try:
                 self.opened()
             except Exception as exc:
                 self._callback_failed("opened", exc)
-        elif protocol.state > _OPEN:
-            # Moved while closing: the close deadline, dropped by _unbind(), starts again here.
+        if protocol.state > _OPEN:
+            # A close() before add(), or moved while closing (_unbind() dropped the deadline): the close
+            # deadline starts now (a close in opened() has started it already).
             self._arm_close_timer()
         if protocol.out:  # queued before it ran (or while out of a manager): a racing send may schedule it too
             loop.schedule_flush(self)
@@ -2834,7 +2818,7 @@ class WebSocket:
         manager = self._manager
         # Before add() there is no loop yet: _run() arms it then.
         if manager is not None and self._protocol.parser is not None and self._timer is None and not self._finalized:
-            self._timer = manager._loop.call_later(self._close_timeout, self._finalize, "close timeout")
+            self._timer = manager._loop.call_later(cast(float, self._close_timeout), self._finalize, "close timeout")
         elif manager is not None and self._protocol.parser is None:  # close() before the 101 of manager.connect()?
             handshake = manager._client_handshake(self)
             if handshake is not None:
@@ -2932,9 +2916,7 @@ class WebSocket:
             # A close handshake that ran its course is routine; anything else is worth a line at INFO,
             # but during a stop the manager counts it for one summary line instead.
             failed = protocol.failure is not None or code == CloseCode.ABNORMAL
-            summarized = manager is not None and manager._summarizes(self)
-            if summarized:
-                manager._count_end(self, failed, code, reason)
+            summarized = manager is not None and manager._count_end(self, failed, code, reason)
             if failed and not summarized:
                 logger.info("%s failed: %d %r", self._describe(), code, reason)
             elif logger.isEnabledFor(logging.DEBUG):
@@ -3670,10 +3652,8 @@ class _Loop:
         if self.wake_pending:
             return
         self.wake_pending = True
-        try:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (the loop is gone)
             self.waker.send(b"\0")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
     def call_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
         """The loop's thread, maybe in a signal handler: queue ``function(*args)`` and wake select()."""
@@ -3832,8 +3812,6 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
     """Ctrl-C calls ``callback()`` instead of raising KeyboardInterrupt: only in the main thread, and
     only while SIGINT has Python's default handler (a program's own handler is left alone).
     Returns what puts the default handler back (``None`` when nothing was changed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
     try:
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return None
@@ -3842,7 +3820,7 @@ def _on_sigint(callback: Callable[[], Any]) -> Optional[Callable[[], None]]:
             callback()
 
         signal.signal(signal.SIGINT, handler)
-    except (ValueError, OSError):  # not the main interpreter, or no signals here
+    except (ValueError, OSError):  # not the main thread of the main interpreter, or no signals here
         return None
 
     def restore() -> None:
@@ -3886,12 +3864,9 @@ def _stop_at_exit(manager: "WebSocketManager") -> None:
     # main thread ends, before non-daemon threads are waited for and before atexit: a thread
     # blocked on a connection is set free by its close, and logging still works. atexit (also
     # before daemon threads are frozen) where it is missing.
-    register = getattr(threading, "_register_atexit", None)
     try:
-        if register is None:
-            raise RuntimeError("no threading._register_atexit")
-        register(_stop_started_managers)
-    except RuntimeError:  # missing, or the interpreter is exiting already
+        threading._register_atexit(_stop_started_managers)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # missing, or the interpreter is exiting already
         import atexit
         atexit.register(_stop_started_managers)
 
@@ -4218,16 +4193,12 @@ class WebSocketManager:
         else:
             self._connect_starved = False  # a socket again: a later EMFILE is a new episode
         websocket = handshake.websocket
-        try:
-            with self._lock:
-                self._check_running(stopping=True)
-                # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
-                # and a shutdown before the loop begins the handshake ends it (connect_failed()).
-                websocket._bind(self)
-                self._handshakes.add(handshake)
-        except BaseException:
-            websocket.sock.close()
-            raise
+        with self._lock:
+            self._check_running(release=websocket.sock.close, stopping=True)
+            # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
+            # and a shutdown before the loop begins the handshake ends it (connect_failed()).
+            websocket._bind(self)
+            self._handshakes.add(handshake)
         if failure is None:
             self._loop.call_threadsafe(handshake._begin)
         else:  # in the loop, as any failure to connect: connect_failed(exc)
@@ -4526,20 +4497,17 @@ class WebSocketManager:
             forked = self._pid != os.getpid()
             if self._thread is None and self._loop.thread_id is None:
                 if forked:
-                    self._renew_after_fork()
+                    # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
+                    # objects shared with the parent and every sibling worker; this process needs its own.
+                    if self._listeners or self._websockets or self._handshakes or not self._loop.owns_selector:
+                        raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
+                                             "this process forked: create it in the worker", 500)
+                    self._loop.renew()
+                    self._pid = os.getpid()
                 self.start()
             elif forked:
                 raise HandshakeError("the WebSocket manager was started before this process forked: "
                                      "start it in the worker, or let wsgi_app start it", 500)
-
-    def _renew_after_fork(self) -> None:
-        # Made before a fork and never run (gunicorn --preload): its selector and waker are kernel
-        # objects shared with the parent and every sibling worker; this process needs its own.
-        if self._listeners or self._websockets or self._handshakes or not self._loop.owns_selector:
-            raise HandshakeError("the WebSocket manager was set up (listen, add or a selector) before "
-                                 "this process forked: create it in the worker", 500)
-        self._loop.renew()
-        self._pid = os.getpid()
 
     # Running -------------------------------------------------------------------
 
@@ -4778,28 +4746,27 @@ class WebSocketManager:
                 release()
             raise ManagerStopped("the manager has stopped" if life is _Life.CLOSED else "the manager is stopping")
 
-    def _summarizes(self, websocket: WebSocket) -> bool:
-        """Whether how ``websocket`` ended goes into a summary line (a stop, or :meth:`close_all`)."""
-        return self._loop.stopping or websocket in self._closing_all
-
-    def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> None:
-        """Loop thread, during a stop or after close_all(): how one connection ended, for the summary line."""
+    def _count_end(self, websocket: WebSocket, failed: bool, code: int, reason: str) -> bool:
+        """Loop thread: count how ``websocket`` ended for a summary line, during a stop or after
+        :meth:`close_all`; whether it was counted (if not, its end is logged on its own)."""
+        if not self._loop.stopping and websocket not in self._closing_all:
+            return False  # unlocked: only the loop's thread takes connections out, and a stop is never undone
         with self._lock:
             closing = self._closing_all
-            last_of_close_all = websocket in closing and len(closing) == 1 and not self._loop.stopping
+            last_of_close_all = not self._loop.stopping and len(closing) == 1
             closing.discard(websocket)
+        # The cut ones grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
+        # texts cut at their colon, so that a thousand resets make one group).
         if not failed:
-            self._stop_outcomes["closed cleanly"] += 1
+            outcome = "closed cleanly"
+        elif code == CloseCode.ABNORMAL:
+            outcome = "cut: " + (reason.partition(":")[0] or "no reason")
         else:
-            # Grouped by cause: "close timeout", "manager stopped", "1002 <reason>" ... (errno
-            # texts cut at their colon, so that a thousand resets make one group).
-            if code == CloseCode.ABNORMAL:
-                cause = reason.partition(":")[0] or "no reason"
-            else:
-                cause = f"{code} {reason}".rstrip()
-            self._stop_outcomes["cut: " + cause] += 1
+            outcome = f"cut: {code} {reason}".rstrip()
+        self._stop_outcomes[outcome] += 1
         if last_of_close_all:  # close_all() with no stop after it: its summary comes now
             self._log_stop_summary("closed all")
+        return True
 
     def _log_stop_summary(self, ended: str = "stopped") -> None:
         outcomes = self._stop_outcomes
