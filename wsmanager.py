@@ -2972,6 +2972,38 @@ class _Flushable(Protocol):
         """Write what is queued, as far as the socket takes it now."""
 
 
+class _Owner(Protocol):
+    """All that listeners, handshakes and reconnecting clients use of the manager that owns them
+    (typed so, mypy holds them to it): its loop and timeouts, and the calls by which they hand it a
+    connection or a handshake, or give one up. Everything else they do goes through :class:`_Loop`."""
+
+    _loop: "_Loop"
+    close_timeout: float
+    handshake_timeout: float
+
+    def _start_handshake(self, listener: "_Listener", sock: socket.socket, address: Any) -> Any:
+        """A listener accepted ``sock``: its server handshake begins."""
+
+    def _dial(self, target: "_ClientTarget", factory: Callable[..., WebSocket], options: "_ClientOptions",
+              redial: "Optional[_Redial]") -> "_ClientHandshake":
+        """A reconnection's client handshake, made (and its name resolved) in the loop."""
+
+    def _own(self, handshake: "_Handshake", websocket: Optional[WebSocket] = None) -> None:
+        """Record a handshake in flight as owned (a client's: its connection too), for the shutdown."""
+
+    def _admit(self, websocket: WebSocket) -> None:
+        """A handshake's 101: its connection runs from now on."""
+
+    def _disown(self, handshake: "_Handshake") -> None:
+        """A handshake is over (its connection, if any, was admitted or has failed)."""
+
+    def _refused_for_stop(self) -> None:
+        """A handshake was refused because the manager stops: counted in the stop's summary line."""
+
+    def _out_of_descriptors(self, exc: BaseException) -> bool:
+        """Whether a connect() failed for want of descriptors (logged once per episode)."""
+
+
 class _Answer(_NamedTuple):
     """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
 
@@ -2987,7 +3019,7 @@ class _Listener:
     __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
                  "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized", "_starved_since")
 
-    def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
+    def __init__(self, manager: _Owner, sock: Optional[socket.socket], factory: Callable[..., WebSocket],
                  ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
                  handshake: Optional[Callable[[Request], Any]], max_connections: Optional[int],
                  origins: Optional[Sequence[Optional[str]]], unix_path: Optional[str] = None,
@@ -3148,9 +3180,10 @@ class _Handshake:
     __slots__ = ("manager", "loop", "sock", "address", "timer", "tls_pending", "_finalized")
     _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
     _refuse_for_stop: Callable[[], None]  # each role's own: what a stop does to it (see _Loop.on_stop)
+    _finalize: Callable[..., None]  # each role's own: the shutdown's (see _Handler)
     reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
 
-    def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
+    def __init__(self, manager: _Owner, sock: socket.socket, address: Any):
         self.manager = manager
         self.loop = manager._loop
         self.sock = sock
@@ -3188,7 +3221,7 @@ class _Handshake:
         self._finalized = True
         _cancel(self.timer)
         self.loop.ignore_stop(self._refuse_for_stop)
-        self.manager._handshakes.discard(self)
+        self.manager._disown(self)
 
 
 class _ServerHandshake(_Handshake):
@@ -3196,7 +3229,7 @@ class _ServerHandshake(_Handshake):
 
     __slots__ = ("listener", "reader", "reply")
 
-    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
+    def __init__(self, manager: _Owner, listener: _Listener, sock: socket.socket, address: Any):
         super().__init__(manager, sock, address)
         self.listener = listener
         self.reader = HeadReader()
@@ -3246,8 +3279,7 @@ class _ServerHandshake(_Handshake):
             return
         self._detach()
         listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        self.manager._take(websocket)
-        self.manager._open(websocket)
+        self.manager._admit(websocket)
 
     def _on_write(self) -> None:
         if self._finalized:
@@ -3274,7 +3306,7 @@ class _ServerHandshake(_Handshake):
             return
         status = response.status
         if status == 503 and self.loop.stopping:
-            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
+            self.manager._refused_for_stop()  # in the stop's summary line
         elif status >= 400 and upgrade:
             logger.info("refused handshake from %s: %d %s", self.address, status,
                         reason or response.reason or _REASON_PHRASES.get(status, ""))
@@ -3341,7 +3373,7 @@ class _ClientHandshake(_Handshake):
 
     __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "tunnel", "visited", "redial")
 
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
+    def __init__(self, manager: _Owner, websocket: WebSocket, address: Any, target: _ClientTarget,
                  proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
                  redial: Optional[_Redial] = None):
         super().__init__(manager, websocket.sock, address)
@@ -3366,7 +3398,7 @@ class _ClientHandshake(_Handshake):
         if self.loop.stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
-        self.manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
+        self.manager._own(self, self.websocket)  # (a reconnection's: connect() records its own at once)
         self.loop.on_stop(self._refuse_for_stop)
         self.timer = self.loop.call_later(self.options.timeout, self._time_out)
         self._connect()
@@ -3483,8 +3515,7 @@ class _ClientHandshake(_Handshake):
         websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
         if self.redial is not None:
             self.redial.opened()
-        self.manager._take(websocket)
-        self.manager._open(websocket)  # takes the selector registration over from this handshake
+        self.manager._admit(websocket)  # the connection takes the selector registration over
 
     def _time_out(self) -> None:
         self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.options.timeout:g} s"))
@@ -3517,7 +3548,7 @@ class _ClientHandshake(_Handshake):
     def _report(self, exc: BaseException) -> None:
         websocket = self.websocket
         if isinstance(exc, ManagerStopped):
-            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
+            self.manager._refused_for_stop()  # in the stop's summary line
         elif not self.manager._out_of_descriptors(exc):  # which logs once per episode, not per connection
             logger.info("could not connect %s: %s", websocket._describe(), exc)
         websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
@@ -4068,7 +4099,7 @@ class WebSocketManager:
         self._topics = _Topics(self)
         # What the manager owns besides its connections: handshakes (a connect()'s from the call on,
         # before its loop turn begins it), listeners, and the sockets of accept() not yet adopted.
-        self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
+        self._handshakes: Set[_Handshake] = set()
         self._listeners: List[_Listener] = []
         self._adopting: Set[socket.socket] = set()
         self._life = _Life.IDLE  # changed by _become() only
@@ -4197,8 +4228,7 @@ class WebSocketManager:
             self._check_running(release=websocket.sock.close, stopping=True)
             # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
             # and a shutdown before the loop begins the handshake ends it (connect_failed()).
-            websocket._bind(self)
-            self._handshakes.add(handshake)
+            self._own(handshake, websocket)
         if failure is None:
             self._loop.call_threadsafe(handshake._begin)
         else:  # in the loop, as any failure to connect: connect_failed(exc)
@@ -4653,6 +4683,23 @@ class WebSocketManager:
     def _open(self, websocket: WebSocket) -> None:
         websocket._run(self)
 
+    # What listeners, handshakes and reconnections report (the _Owner interface) ---
+
+    def _own(self, handshake: "_Handshake", websocket: Optional[WebSocket] = None) -> None:
+        if websocket is not None:
+            websocket._bind(self)
+        self._handshakes.add(handshake)
+
+    def _admit(self, websocket: WebSocket) -> None:
+        self._take(websocket)
+        self._open(websocket)
+
+    def _disown(self, handshake: "_Handshake") -> None:
+        self._handshakes.discard(handshake)
+
+    def _refused_for_stop(self) -> None:
+        self._stop_outcomes["refused handshakes"] += 1
+
     def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
         if websocket.manager is self:
             self._forget(websocket)
@@ -5094,7 +5141,7 @@ class _Redial:
 
     __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
 
-    def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
+    def __init__(self, manager: _Owner, target: _ClientTarget, factory: Callable[..., WebSocket],
                  options: _ClientOptions, policy: Reconnect):
         self.manager = manager
         self.loop = manager._loop
@@ -5150,7 +5197,6 @@ class _Redial:
         except Exception as exc:
             logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
             return
-        handshake.websocket._bind(manager)
         handshake._begin()
 
 
