@@ -962,209 +962,6 @@ def parse_close(payload: bytes) -> Close:
     return Close(code, reason)
 
 
-# permessage-deflate (RFC 7692) -------------------------------------------------
-
-# RFC 7692 7.2.1: a message is compressed with a sync flush, and these 4 bytes that end it are
-# removed before sending; the receiver appends them again before inflating (7.2.2).
-_DEFLATE_TAIL = b"\x00\x00\xff\xff"
-
-
-class Deflate(_NamedTuple):
-    """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
-
-    ``compression="deflate"`` means ``Deflate()``. The four negotiation
-    parameters keep their RFC 7692 7.1 meaning in both roles: a server
-    answers with them (asking the client to comply where the RFC lets it),
-    a client offers them. The defaults keep no zlib object on any
-    connection between messages, so memory per connection stays a few KiB:
-
-    - ``server_no_context_takeover=True``: the server compresses each
-      message on its own, with a compressor shared by all its connections,
-      so one compressed broadcast frame is valid for every connection;
-    - ``client_no_context_takeover=True``: the same for the client, so the
-      server frees its inflater after each message (a client of ours then
-      shares its compressor too). Set both to ``False`` for better ratios on
-      streams of small similar messages, at about 10 KiB (12-bit windows)
-      to 300 KiB (15 bits, as a compressor) per connection that has sent or
-      received one;
-    - ``server_max_window_bits`` / ``client_max_window_bits``: the LZ77
-      window of each side, 9..15 (zlib cannot compress with 8). The client
-      window defaults to 12 bits (when the client offers
-      ``client_max_window_bits``, as browsers do), which bounds the
-      inflater a server keeps per client if contexts are kept.
-
-    ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
-    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
-    ``bench_wsmanager.py zparams`` for windows of 9 to 15 bits, it compresses
-    JSON to within 0.4 points of 8's size, small messages 20 % faster,
-    128 KiB messages 2.7x faster with 9-bit windows and 15 % faster with
-    12-bit ones (12 % slower with 15-bit ones), and a compressor that keeps
-    its context holds 112 KiB less.
-    """
-
-    server_no_context_takeover: bool = True
-    client_no_context_takeover: bool = True
-    server_max_window_bits: int = 15
-    client_max_window_bits: int = 12
-    level: int = 6
-    mem_level: int = 5
-
-
-class DeflateParams(_NamedTuple):
-    """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
-
-    server_no_context_takeover: bool = False
-    client_no_context_takeover: bool = False
-    server_max_window_bits: int = 15
-    client_max_window_bits: int = 15
-
-
-def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflate]:
-    """Check a ``compression=`` argument; ``None`` when compression is off."""
-    if compression is None:
-        return None
-    if isinstance(compression, str):
-        if compression != "deflate":
-            raise ValueError(f"unknown compression {compression!r}: None or 'deflate'")
-        return Deflate()
-    if not isinstance(compression, Deflate):
-        raise TypeError(f"compression must be None, 'deflate' or a Deflate, not {type(compression).__name__}")
-    for name in ("server_max_window_bits", "client_max_window_bits"):
-        if not 9 <= getattr(compression, name) <= 15:
-            raise ValueError(f"{name} must be between 9 and 15 (zlib cannot compress with 8)")
-    if not 0 <= compression.level <= 9 or not 1 <= compression.mem_level <= 9:
-        raise ValueError("level must be between 0 and 9 and mem_level between 1 and 9")
-    return compression
-
-
-# Compressors of messages sent without context takeover, one per thread and setting: each
-# message ends with a full flush, which resets the compressor, so its output never refers
-# to an earlier message and the same compressor serves every connection of that thread.
-_thread_compressors = threading.local()
-
-
-def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
-    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
-    if wbits == 8:
-        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
-        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
-        # back one byte: valid within any window, and runs still compress.
-        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
-    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
-
-
-def _shared_compressor(key: Tuple[int, int, int]) -> Any:
-    try:
-        compressors = _thread_compressors.compressors
-    except AttributeError:
-        compressors = _thread_compressors.compressors = {}
-    compressor = compressors.get(key)
-    if compressor is None:
-        compressor = compressors[key] = _new_compressor(*key)
-    return compressor
-
-
-class PerMessageDeflate:
-    """Sans-I/O permessage-deflate state of one connection: compresses what it sends,
-    inflates what it receives (RFC 7692 7.2).
-
-    zlib objects are made on first use and, where no context is kept,
-    dropped after each message: an idle connection holds none. Without
-    context takeover on the sending side, messages are compressed by a
-    compressor shared per thread (see :class:`Deflate`). ``lock`` orders
-    compress-and-queue when the sending context is kept.
-    """
-
-    __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
-                 "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
-
-    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
-        self.params = params
-        self.client = client
-        if client:
-            send_keep = not params.client_no_context_takeover
-            self._send_wbits = params.client_max_window_bits
-            self._recv_keep = not params.server_no_context_takeover
-            self._recv_wbits = params.server_max_window_bits
-        else:
-            send_keep = not params.server_no_context_takeover
-            self._send_wbits = params.server_max_window_bits
-            self._recv_keep = not params.client_no_context_takeover
-            self._recv_wbits = params.client_max_window_bits
-        self._level = level
-        self._mem_level = mem_level
-        # Messages that share this key compress to the same bytes: a broadcast compresses once.
-        self.send_key: Optional[Tuple[int, int, int]] = None if send_keep else (self._send_wbits, level, mem_level)
-        self.lock: Optional[threading.Lock] = threading.Lock() if send_keep else None
-        self._compressor: Any = None
-        self._decompressor: Any = None
-
-    def compress(self, data: _BytesLike) -> bytes:
-        """The payload of a compressed message (sent with RSV1 on its first frame)."""
-        key = self.send_key
-        if key is not None:
-            compressor = _shared_compressor(key)
-            try:
-                compressed: bytes = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
-            except BaseException:
-                del _thread_compressors.compressors[key]  # half used: its next output would be wrong
-                raise
-        else:
-            compressor = self._compressor
-            if compressor is None:
-                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
-            compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
-
-    def compress_fragments(self, chunks: Sequence[_BytesLike]) -> List[bytes]:
-        """Payloads of one compressed message sent in several frames, one per chunk."""
-        key = self.send_key
-        compressor = _shared_compressor(key) if key is not None else self._compressor
-        if compressor is None:
-            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
-        try:
-            # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
-            payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
-        except BaseException:
-            if key is not None:
-                del _thread_compressors.compressors[key]
-            raise
-        payloads.append(self.compress(chunks[-1]))
-        return payloads
-
-    def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
-        """Inflate one frame's payload; at most ``max_length + 1`` bytes come out.
-
-        More than ``max_length`` means the message is over its limit (the
-        rest is never inflated). Invalid compressed data raises
-        :class:`ProtocolError` 1007.
-        """
-        decompressor = self._decompressor
-        if decompressor is None:
-            decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
-        try:
-            # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
-            if not final:
-                out: bytes = decompressor.decompress(data, max_length + 1)
-            elif len(data) < 2048:
-                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
-            else:
-                # Large: the tail goes in a second call rather than copying the payload to append it.
-                out = decompressor.decompress(data, max_length + 1)
-                if len(out) <= max_length:
-                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
-        except zlib.error as exc:
-            # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
-            raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
-        # The peer may end its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
-        # but our tail is garbage, and the next message starts a new stream.
-        if decompressor.eof and decompressor.unused_data not in (b"", _DEFLATE_TAIL):
-            raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
-        if final and (decompressor.eof or not self._recv_keep):
-            self._decompressor = None
-        return out
-
-
 ###############################################################################
 # Handshake: pure functions over bytes ########################################
 ###############################################################################
@@ -1553,6 +1350,83 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
     return chosen
 
 
+###############################################################################
+# permessage-deflate (RFC 7692): settings, negotiation, compression ###########
+###############################################################################
+
+# RFC 7692 7.2.1: a message is compressed with a sync flush, and these 4 bytes that end it are
+# removed before sending; the receiver appends them again before inflating (7.2.2).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+class Deflate(_NamedTuple):
+    """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
+
+    ``compression="deflate"`` means ``Deflate()``. The four negotiation
+    parameters keep their RFC 7692 7.1 meaning in both roles: a server
+    answers with them (asking the client to comply where the RFC lets it),
+    a client offers them. The defaults keep no zlib object on any
+    connection between messages, so memory per connection stays a few KiB:
+
+    - ``server_no_context_takeover=True``: the server compresses each
+      message on its own, with a compressor shared by all its connections,
+      so one compressed broadcast frame is valid for every connection;
+    - ``client_no_context_takeover=True``: the same for the client, so the
+      server frees its inflater after each message (a client of ours then
+      shares its compressor too). Set both to ``False`` for better ratios on
+      streams of small similar messages, at about 10 KiB (12-bit windows)
+      to 300 KiB (15 bits, as a compressor) per connection that has sent or
+      received one;
+    - ``server_max_window_bits`` / ``client_max_window_bits``: the LZ77
+      window of each side, 9..15 (zlib cannot compress with 8). The client
+      window defaults to 12 bits (when the client offers
+      ``client_max_window_bits``, as browsers do), which bounds the
+      inflater a server keeps per client if contexts are kept.
+
+    ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
+    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
+    ``bench_wsmanager.py zparams`` for windows of 9 to 15 bits, it compresses
+    JSON to within 0.4 points of 8's size, small messages 20 % faster,
+    128 KiB messages 2.7x faster with 9-bit windows and 15 % faster with
+    12-bit ones (12 % slower with 15-bit ones), and a compressor that keeps
+    its context holds 112 KiB less.
+    """
+
+    server_no_context_takeover: bool = True
+    client_no_context_takeover: bool = True
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 12
+    level: int = 6
+    mem_level: int = 5
+
+
+class DeflateParams(_NamedTuple):
+    """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 15
+
+
+def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflate]:
+    """Check a ``compression=`` argument; ``None`` when compression is off."""
+    if compression is None:
+        return None
+    if isinstance(compression, str):
+        if compression != "deflate":
+            raise ValueError(f"unknown compression {compression!r}: None or 'deflate'")
+        return Deflate()
+    if not isinstance(compression, Deflate):
+        raise TypeError(f"compression must be None, 'deflate' or a Deflate, not {type(compression).__name__}")
+    for name in ("server_max_window_bits", "client_max_window_bits"):
+        if not 9 <= getattr(compression, name) <= 15:
+            raise ValueError(f"{name} must be between 9 and 15 (zlib cannot compress with 8)")
+    if not 0 <= compression.level <= 9 or not 1 <= compression.mem_level <= 9:
+        raise ValueError("level must be between 0 and 9 and mem_level between 1 and 9")
+    return compression
+
+
 # Sec-WebSocket-Extensions and permessage-deflate negotiation (RFC 7692 7.1) ---
 
 _EXTENSION_PARAM = _LazyPattern(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
@@ -1729,6 +1603,136 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     # answer binds the client (same clause), down to 8 bits (see _new_compressor).
     client_bits = min(answer.get("client_max_window_bits", 15), deflate.client_max_window_bits)
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
+
+
+# Compression ---------------------------------------------------------------
+
+# Compressors of messages sent without context takeover, one per thread and setting: each
+# message ends with a full flush, which resets the compressor, so its output never refers
+# to an earlier message and the same compressor serves every connection of that thread.
+_thread_compressors = threading.local()
+
+
+def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
+    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
+    if wbits == 8:
+        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
+        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
+        # back one byte: valid within any window, and runs still compress.
+        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
+    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+
+
+def _shared_compressor(key: Tuple[int, int, int]) -> Any:
+    try:
+        compressors = _thread_compressors.compressors
+    except AttributeError:
+        compressors = _thread_compressors.compressors = {}
+    compressor = compressors.get(key)
+    if compressor is None:
+        compressor = compressors[key] = _new_compressor(*key)
+    return compressor
+
+
+class PerMessageDeflate:
+    """Sans-I/O permessage-deflate state of one connection: compresses what it sends,
+    inflates what it receives (RFC 7692 7.2).
+
+    zlib objects are made on first use and, where no context is kept,
+    dropped after each message: an idle connection holds none. Without
+    context takeover on the sending side, messages are compressed by a
+    compressor shared per thread (see :class:`Deflate`). ``lock`` orders
+    compress-and-queue when the sending context is kept.
+    """
+
+    __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
+                 "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
+
+    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
+        self.params = params
+        self.client = client
+        if client:
+            send_keep = not params.client_no_context_takeover
+            self._send_wbits = params.client_max_window_bits
+            self._recv_keep = not params.server_no_context_takeover
+            self._recv_wbits = params.server_max_window_bits
+        else:
+            send_keep = not params.server_no_context_takeover
+            self._send_wbits = params.server_max_window_bits
+            self._recv_keep = not params.client_no_context_takeover
+            self._recv_wbits = params.client_max_window_bits
+        self._level = level
+        self._mem_level = mem_level
+        # Messages that share this key compress to the same bytes: a broadcast compresses once.
+        self.send_key: Optional[Tuple[int, int, int]] = None if send_keep else (self._send_wbits, level, mem_level)
+        self.lock: Optional[threading.Lock] = threading.Lock() if send_keep else None
+        self._compressor: Any = None
+        self._decompressor: Any = None
+
+    def compress(self, data: _BytesLike) -> bytes:
+        """The payload of a compressed message (sent with RSV1 on its first frame)."""
+        key = self.send_key
+        if key is not None:
+            compressor = _shared_compressor(key)
+            try:
+                compressed: bytes = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+            except BaseException:
+                del _thread_compressors.compressors[key]  # half used: its next output would be wrong
+                raise
+        else:
+            compressor = self._compressor
+            if compressor is None:
+                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
+            compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
+
+    def compress_fragments(self, chunks: Sequence[_BytesLike]) -> List[bytes]:
+        """Payloads of one compressed message sent in several frames, one per chunk."""
+        key = self.send_key
+        compressor = _shared_compressor(key) if key is not None else self._compressor
+        if compressor is None:
+            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
+        try:
+            # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
+            payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
+        except BaseException:
+            if key is not None:
+                del _thread_compressors.compressors[key]
+            raise
+        payloads.append(self.compress(chunks[-1]))
+        return payloads
+
+    def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
+        """Inflate one frame's payload; at most ``max_length + 1`` bytes come out.
+
+        More than ``max_length`` means the message is over its limit (the
+        rest is never inflated). Invalid compressed data raises
+        :class:`ProtocolError` 1007.
+        """
+        decompressor = self._decompressor
+        if decompressor is None:
+            decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
+        try:
+            # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
+            if not final:
+                out: bytes = decompressor.decompress(data, max_length + 1)
+            elif len(data) < 2048:
+                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
+            else:
+                # Large: the tail goes in a second call rather than copying the payload to append it.
+                out = decompressor.decompress(data, max_length + 1)
+                if len(out) <= max_length:
+                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
+        except zlib.error as exc:
+            # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
+            raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
+        # The peer may end its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
+        # but our tail is garbage, and the next message starts a new stream.
+        if decompressor.eof and decompressor.unused_data not in (b"", _DEFLATE_TAIL):
+            raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
+        if final and (decompressor.eof or not self._recv_keep):
+            self._decompressor = None
+        return out
 
 
 ###############################################################################
@@ -2935,6 +2939,433 @@ _RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
 
 
 ###############################################################################
+# Client: connect() ###########################################################
+###############################################################################
+
+MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
+# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class _ClientTarget(_NamedTuple):
+    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
+
+    secure: bool
+    host: str  # for name resolution and TLS's server_hostname
+    port: int
+    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
+    path: str  # origin-form request target: path and query
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
+
+    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
+             do_handshake_on_connect: bool = True) -> socket.socket:
+        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.secure:
+            return sock
+        context = ssl_context if ssl_context is not None else ssl.create_default_context()
+        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
+
+
+def _client_target(url: str) -> _ClientTarget:
+    """Parse and check a client URL; raises :class:`InvalidURL`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise InvalidURL(f"invalid port in {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise InvalidURL(f"no host in {url!r}")
+    bracketed = _bracket(host)
+    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
+    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
+
+    ``visited`` holds the URLs tried so far, the first included. Raises
+    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
+    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
+    """
+    response = error.response
+    location = response.headers.get("Location") if response is not None and isinstance(
+        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
+    if not location:
+        raise error
+
+    def refuse(message: str) -> HandshakeError:
+        return HandshakeError(message, error.status, error.headers, response=response)
+
+    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
+    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
+    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    url = f"{scheme}://{rest}" if separator else location
+    try:
+        new_target = _client_target(url)
+    except InvalidURL as exc:
+        raise refuse(f"redirected to an unusable URL: {exc}") from None
+    url = new_target.url
+    if target.secure and not new_target.secure:
+        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
+    if url in visited:
+        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
+    if len(visited) > MAX_REDIRECTS:
+        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
+    visited.append(url)
+    return new_target
+
+
+# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+
+
+def _headers_for(first: _ClientTarget, target: _ClientTarget,
+                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The application's headers for a request to ``target``, after redirects from ``first``."""
+    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
+        return headers
+    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+
+
+# Proxies (HTTP CONNECT) --------------------------------------------------------
+
+# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
+_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+class _Proxy:
+    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
+
+    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
+    __slots__ = ("host", "port", "authorization")
+
+    def __init__(self, host: str, port: int, authorization: Optional[str]):
+        self.host = host
+        self.port = port
+        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
+
+
+def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
+    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
+    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
+    :class:`InvalidURL` for a proxy that is not ``http://``."""
+    if proxy is None or proxy is False:
+        return None
+    if proxy is True:
+        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
+        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
+        if sys.platform not in ("darwin", "win32") and not any(
+                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
+            return None
+        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = request.getproxies()
+        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
+        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+            return None
+    else:
+        url = proxy
+    if "://" not in url:
+        url = "http://" + url  # "host:port", as curl and requests read it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return _Proxy(parts.hostname, port, authorization)
+
+
+def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
+    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
+    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
+    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
+    at an EOF, or with ``malformed`` and why for a head that does not parse."""
+    if not data:
+        raise HandshakeError(eof, None)
+    try:
+        result = reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"{malformed}: {exc}", None) from None
+    if result is None:
+        return None
+    head, rest = result
+    return parse_response(head), head, rest
+
+
+class _ProxyTunnel:
+    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("request", "reader")
+
+    def __init__(self, target: _ClientTarget, proxy: _Proxy):
+        authority = f"{_bracket(target.host)}:{target.port}"
+        fields = [("Host", authority)]
+        if proxy.authorization is not None:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> bool:
+        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
+        (``status``: the proxy's) when it refuses or answers wrongly."""
+        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
+                              "malformed answer from the proxy")
+        if answer is None:
+            return False
+        response, _, rest = answer
+        if not 200 <= response.status < 300:
+            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
+                                 response.status, list(response.headers), response=response)
+        if rest:  # the server speaks only after our request: this came from the proxy
+            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
+        return True
+
+
+def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
+    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
+    name is resolved)."""
+    chosen = _client_proxy(target, proxy)
+    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return chosen, address, sock
+
+
+# Reconnecting clients (the policy: _Redial runs it in the manager's loop) -------
+
+# Close codes after which a reconnecting client connects again: gone away (the server restarts),
+# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
+
+
+class Reconnect(_NamedTuple):
+    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
+
+    The n-th wait in a row (n = 0, 1, ...) is based on
+    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
+    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
+    by one event spread out over it), each later one between ``1 - jitter``
+    and 1 times its base. A connection that stayed open ``max_delay`` or
+    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
+    """
+
+    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
+    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
+    initial_delay: float = 3.0
+    factor: float = 1.618
+    max_delay: float = 60.0
+    jitter: float = 0.5
+
+    def delay(self, n: int) -> float:
+        """The ``n``-th wait in a row, drawn as the class docstring says."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
+        if not self.jitter:
+            return base
+        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
+        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
+
+
+def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
+    if value is None or value is False:
+        return None
+    policy = Reconnect() if value is True else Reconnect(*value)
+    initial_delay, factor, max_delay, jitter = policy
+    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
+        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
+    return policy
+
+
+# The opening handshake, and connect() --------------------------------------
+
+class _ClientOptions:
+    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
+
+    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
+                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
+        self.ssl_context = ssl_context
+        self.settings = settings
+        self.subprotocols = subprotocols
+        self.headers = headers
+        self.origin = origin
+        self.proxy = proxy
+        self.timeout = timeout
+
+
+class _ClientOpening:
+    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
+
+    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
+                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
+        self.key = new_key()
+        self.subprotocols = subprotocols
+        self.settings = settings
+        if settings is not None:  # the permessage-deflate offer
+            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
+                                      headers=headers, origin=origin)
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
+        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
+
+        Once the response head is complete and checked, returns it, the bytes
+        after it, the subprotocol and the permessage-deflate parameters.
+        """
+        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
+        if answer is None:
+            return None
+        response, head, rest = answer
+        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
+        deflate = None
+        if self.settings is not None and isinstance(response.headers, Headers):
+            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
+        return head, rest, subprotocol, deflate
+
+
+@overload
+def connect(url: str, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
+
+
+@overload
+def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
+
+
+def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
+    """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
+
+    Returns a client-role connection (its frames are masked), ready for
+    :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
+    are kept for the first read. ``compression="deflate"`` (or a
+    :class:`Deflate`) offers permessage-deflate; an answer the offer does not
+    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
+    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
+    scheme, host and port only); ``timeout`` bounds the whole opening,
+    redirects included.
+
+    ``proxy``: by default (``True``) the HTTP proxy the environment names
+    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
+    reads them; a URL (``http://user:password@host:port``) for that proxy;
+    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
+    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
+    ``wss://`` runs inside it, end to end with the server.
+
+    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
+    ``status`` and ``headers``) when the server or the proxy refuses or
+    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
+    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
+    ``TimeoutError`` included) when the network or TLS fails.
+
+    Any thread; it blocks that thread for the handshake (for many clients, or
+    from a callback, use :meth:`WebSocketManager.connect`). Example:
+    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
+    """
+    settings = _deflate_settings(compression)
+    target = _client_target(url)
+    if headers is not None:
+        headers = list(headers)  # sent again after a redirect
+    deadline = time.monotonic() + timeout
+    visited = [target.url]
+    first = target
+    while True:
+        try:
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
+                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
+        except HandshakeError as exc:
+            target = _redirected(target, exc, visited)
+
+
+def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
+                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
+    """One opening handshake of :func:`connect`, with no redirect followed."""
+
+    def receive(sock: socket.socket) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for the handshake response")
+        sock.settimeout(remaining)
+        return sock.recv(READ_SIZE)
+
+    hop = proxy if proxy is not None else target
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out before the handshake (redirects)")
+    try:
+        sock = socket.create_connection((hop.host, hop.port), remaining)
+    except OSError as exc:
+        raise _connect_error(exc, (hop.host, hop.port)) from None
+    try:
+        if proxy is not None:
+            tunnel = _ProxyTunnel(target, proxy)
+            sock.sendall(tunnel.request)
+            while not tunnel.feed(receive(sock)):
+                pass
+        sock = target.wrap(sock, ssl_context)
+        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+        sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
+        result = None
+        while result is None:
+            result = opening.feed(receive(sock))
+        head, rest, subprotocol, deflate = result
+        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
+                            response_headers=head, subprotocol=subprotocol,
+                            peer_address=peer_address, extra_data=rest)
+        websocket._enable_deflate(deflate, settings)
+    except BaseException:
+        sock.close()
+        raise
+    return websocket
+
+
+###############################################################################
 # WebSocketManager: the selector loop #########################################
 ###############################################################################
 
@@ -3002,6 +3433,247 @@ class _Owner(Protocol):
 
     def _out_of_descriptors(self, exc: BaseException) -> bool:
         """Whether a connect() failed for want of descriptors (logged once per episode)."""
+
+
+class _Loop:
+    """The selector loop a manager owns: it runs what is registered in it, and nothing else.
+
+    What a plug-in (a connection, a listener, a handshake, the Redis bridge, the load generator)
+    may use of it, and all it uses: :meth:`watch`, :meth:`set_events` and :meth:`unwatch` (a
+    :class:`_Handler` and its socket's events), :meth:`read_again` (TLS), :meth:`call_soon`,
+    :meth:`call_threadsafe` and :meth:`call_later` (a handle for :func:`_cancel`),
+    :meth:`schedule_flush` and :meth:`flush` (a :class:`_Flushable`), :meth:`on_stop` and
+    :meth:`ignore_stop`, :meth:`in_loop`, and ``now``, ``stopping`` (read only). The owner
+    (the manager) decides what runs and when it stops: :meth:`run_once`, :meth:`tell_stop`,
+    :meth:`wake`, :meth:`call_from_signal`, :meth:`renew`, :meth:`close`. Loop thread only,
+    unless a method says otherwise. The loop is its own waker's handler: other threads write a
+    byte to end select().
+    """
+
+    _finalized = False  # as the waker's handler (see _Handler)
+
+    def __init__(self, owner: Any, selector: Optional[selectors.BaseSelector] = None):
+        self.owner = owner  # a _Flushable whose ``manager`` is no longer the owner is not flushed
+        self.owns_selector = selector is None
+        self.selector = selector if selector is not None else selectors.DefaultSelector()
+        self.timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
+        self.timer_sequence = 0
+        self.calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
+        self.dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
+        self.ready: List[_Handler] = []  # TLS connections holding decrypted input
+        self.stop_callbacks: Dict[Callable[[], Any], None] = {}  # see on_stop()
+        self.now = time.monotonic()  # when this turn's select() returned
+        self.thread_id: Optional[int] = None  # the thread that runs it, once it runs
+        self.stopping = False  # set by the owner (any thread) as a stop begins: take nothing new in
+        self.wake_pending = False
+        self._open_waker()
+
+    def _open_waker(self) -> None:
+        self.waker_read, self.waker = socket.socketpair()
+        self.waker_read.setblocking(False)
+        self.waker.setblocking(False)
+        self.selector.register(self.waker_read, selectors.EVENT_READ, self)
+
+    # What a handler may call ---------------------------------------------------
+
+    def watch(self, sock: Any, events: int, handler: _Handler) -> None:
+        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
+
+        Also from another thread with an epoll selector, whose select() under way reports a socket
+        registered ready (``add()`` relies on it)."""
+        self.selector.register(sock, events, handler)
+
+    def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
+        """Watch ``sock`` for ``events``, calling ``handler``, registering it if it is not yet."""
+        try:
+            # By descriptor: the KeyError of a socket not yet registered would format the socket's
+            # repr, two system calls (getsockname, getpeername) per connection that joins.
+            self.selector.modify(sock.fileno(), events, handler)
+        except KeyError:
+            self.selector.register(sock, events, handler)
+
+    def unwatch(self, sock: Any) -> None:
+        """Stop watching ``sock``, if watched at all (also after the loop ended)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
+
+    def read_again(self, handler: _Handler) -> None:
+        """Call ``handler._on_read()`` again, in this turn or the next (TLS holds input no event announces)."""
+        self.ready.append(handler)
+
+    def in_loop(self) -> bool:
+        """Any thread: whether this is the loop's thread."""
+        return self.thread_id == threading.get_ident()
+
+    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        """Any thread: call ``function(*args)`` in the loop's next turn."""
+        self.calls.append((function, args))
+        self.wake()
+
+    def call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
+        """Any thread: call ``function(*args)`` now in the loop's thread, else in its next turn."""
+        if self.thread_id == threading.get_ident():
+            function(*args)
+        else:
+            self.call_soon(function, *args)
+
+    def call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
+        """Call ``function(*args)`` in ``delay`` seconds; returns the handle that :func:`_cancel` takes."""
+        self.timer_sequence += 1
+        handle = [time.monotonic() + delay, self.timer_sequence, function, args]
+        heapq.heappush(self.timers, handle)
+        return handle
+
+    def schedule_flush(self, handler: _Flushable) -> None:
+        """Any thread: call ``handler._flush()`` in the next turn (the caller queues it once until then)."""
+        self.dirty.append(handler)
+        if self.thread_id != threading.get_ident():
+            self.wake()
+
+    def on_stop(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` when the owner's stop begins (once; see :meth:`ignore_stop`)."""
+        self.stop_callbacks[callback] = None
+
+    def ignore_stop(self, callback: Callable[[], Any]) -> None:
+        """Forget a callback of :meth:`on_stop` (its object ended first)."""
+        self.stop_callbacks.pop(callback, None)
+
+    # What the owner calls --------------------------------------------------------
+
+    def tell_stop(self) -> None:
+        """A stop begins: call (and forget) every callback of :meth:`on_stop`."""
+        callbacks, self.stop_callbacks = self.stop_callbacks, {}
+        for callback in callbacks:
+            callback()
+
+    def wake(self) -> None:
+        """Any thread: end the select() under way (or the next one), once per turn."""
+        if self.wake_pending:
+            return
+        self.wake_pending = True
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (the loop is gone)
+            self.waker.send(b"\0")
+
+    def call_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
+        """The loop's thread, maybe in a signal handler: queue ``function(*args)`` and wake select()."""
+        self.calls.append((function, args))
+        with contextlib.suppress(OSError):
+            self.waker.send(b"\0")  # not wake(): its pending flag may be mid-update in this very thread
+
+    def run_once(self) -> None:
+        """One turn: select(), then the handlers, the due timers, the queued calls and the flushes."""
+        timers = self.timers
+        while timers and timers[0][2] is None:
+            # Cancelled (a handshake that completed, a close that finished): dropped now, so it
+            # neither wakes the loop up later nor stays in memory until its time.
+            heapq.heappop(timers)
+        if self.calls or self.dirty or self.ready:
+            timeout: Optional[float] = 0
+        elif timers:
+            timeout = max(0.0, timers[0][0] - time.monotonic())
+        else:
+            timeout = None
+        events = self.selector.select(timeout)
+        self.now = now = time.monotonic()
+        for key, mask in events:
+            handler = key.data
+            try:
+                if mask & selectors.EVENT_READ:
+                    handler._on_read()
+                if mask & selectors.EVENT_WRITE and not handler._finalized:
+                    handler._on_write()
+            except Exception as exc:
+                self.crashed(handler, exc)
+        if self.ready:
+            ready = self.ready
+            self.ready = []
+            for handler in ready:
+                try:
+                    handler._on_read()
+                except Exception as exc:
+                    self.crashed(handler, exc)
+        while timers and timers[0][0] <= now:
+            _, _, function, args = heapq.heappop(timers)
+            if function is not None:
+                try:
+                    function(*args)
+                except Exception as exc:
+                    self.crashed(getattr(function, "__self__", None), exc)
+        calls = self.calls
+        for _ in range(len(calls)):
+            function, args = calls.popleft()
+            try:
+                function(*args)
+            except Exception as exc:
+                self.crashed(getattr(function, "__self__", None), exc)
+        self.flush()
+
+    def flush(self) -> None:
+        """Flush the handlers queued by :meth:`schedule_flush` (any handler may ask for it between reads)."""
+        dirty = self.dirty
+        owner = self.owner
+        # Bounded work: only the connections queued when the flushing starts, each once
+        # (a handler queues itself when its output starts). What other threads queue
+        # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
+        for _ in range(len(dirty)):
+            handler = dirty.popleft()
+            if handler.manager is not owner:
+                continue  # remove()d since it was queued
+            try:
+                handler._flush()
+            except Exception as exc:
+                self.crashed(handler, exc)
+
+    @staticmethod
+    def crashed(handler: Any, exc: Exception) -> None:
+        """A bug in wsmanager itself: it ends that one handler, never the loop."""
+        logger.error("unexpected error in the wsmanager loop (handler %r)", handler, exc_info=exc)
+        finalize = getattr(handler, "_finalize", None)
+        if finalize is not None:
+            try:
+                finalize("internal error")
+            except Exception:
+                logger.exception("could not close %r", handler)
+
+    def renew(self) -> None:
+        """In a forked child, before the loop ever ran: a selector and a waker of its own, not the parent's."""
+        self.selector.close()  # this process's copies only: the parent's stay open
+        self.waker_read.close()
+        self.waker.close()
+        self.selector = selectors.DefaultSelector()
+        self._open_waker()
+
+    def close(self) -> None:
+        """The end: drop what is queued, close the waker (and the selector, unless it was given)."""
+        self.calls.clear()
+        self.timers.clear()
+        self.dirty.clear()
+        self.unwatch(self.waker_read)
+        self.waker_read.close()
+        self.waker.close()
+        if self.owns_selector:
+            self.selector.close()
+
+    # The waker's handler -----------------------------------------------------------
+
+    def _on_read(self) -> None:
+        try:
+            # wake() writes one byte per wake-up (see wake_pending): one read nearly always drains it,
+            # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
+            while len(self.waker_read.recv(4096)) == 4096:
+                pass
+        except _would_block():
+            pass
+        # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
+        # flag stays set) and before the queues are read (work queued before a skipped
+        # wake-up is still seen in this turn).
+        self.wake_pending = False
+
+    def _on_write(self) -> None:
+        pass
+
+    def _finalize(self, reason: str = "") -> None:
+        """Nothing: the waker lives as long as its loop, which closes it."""
 
 
 class _Answer(_NamedTuple):
@@ -3567,245 +4239,70 @@ class _ClientHandshake(_Handshake):
             self._fail(WebSocketError(reason or "internal error"))
 
 
-class _Loop:
-    """The selector loop a manager owns: it runs what is registered in it, and nothing else.
+class _Redial:
+    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
+    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
+    is followed by a new attempt after a back-off. Loop thread only."""
 
-    What a plug-in (a connection, a listener, a handshake, the Redis bridge, the load generator)
-    may use of it, and all it uses: :meth:`watch`, :meth:`set_events` and :meth:`unwatch` (a
-    :class:`_Handler` and its socket's events), :meth:`read_again` (TLS), :meth:`call_soon`,
-    :meth:`call_threadsafe` and :meth:`call_later` (a handle for :func:`_cancel`),
-    :meth:`schedule_flush` and :meth:`flush` (a :class:`_Flushable`), :meth:`on_stop` and
-    :meth:`ignore_stop`, :meth:`in_loop`, and ``now``, ``stopping`` (read only). The owner
-    (the manager) decides what runs and when it stops: :meth:`run_once`, :meth:`tell_stop`,
-    :meth:`wake`, :meth:`call_from_signal`, :meth:`renew`, :meth:`close`. Loop thread only,
-    unless a method says otherwise. The loop is its own waker's handler: other threads write a
-    byte to end select().
-    """
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
 
-    _finalized = False  # as the waker's handler (see _Handler)
+    def __init__(self, manager: _Owner, target: _ClientTarget, factory: Callable[..., WebSocket],
+                 options: _ClientOptions, policy: Reconnect):
+        self.manager = manager
+        self.loop = manager._loop
+        self.target = target
+        self.factory = factory
+        self.options = options
+        self.policy = policy
+        self.waits = 0  # waits in a row: the back-off's n
+        self.opens = 0  # connections of this client that opened
+        self.opened_at = 0.0
 
-    def __init__(self, owner: Any, selector: Optional[selectors.BaseSelector] = None):
-        self.owner = owner  # a _Flushable whose ``manager`` is no longer the owner is not flushed
-        self.owns_selector = selector is None
-        self.selector = selector if selector is not None else selectors.DefaultSelector()
-        self.timers: List[List[Any]] = []  # heap of [when, sequence, function or None when cancelled, args]
-        self.timer_sequence = 0
-        self.calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()  # from other threads
-        self.dirty: Deque[_Flushable] = collections.deque()  # handlers with output to flush
-        self.ready: List[_Handler] = []  # TLS connections holding decrypted input
-        self.stop_callbacks: Dict[Callable[[], Any], None] = {}  # see on_stop()
-        self.now = time.monotonic()  # when this turn's select() returned
-        self.thread_id: Optional[int] = None  # the thread that runs it, once it runs
-        self.stopping = False  # set by the owner (any thread) as a stop begins: take nothing new in
-        self.wake_pending = False
-        self._open_waker()
+    def opened(self) -> None:
+        self.opens += 1
+        self.opened_at = time.monotonic()
 
-    def _open_waker(self) -> None:
-        self.waker_read, self.waker = socket.socketpair()
-        self.waker_read.setblocking(False)
-        self.waker.setblocking(False)
-        self.selector.register(self.waker_read, selectors.EVENT_READ, self)
-
-    # What a handler may call ---------------------------------------------------
-
-    def watch(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Register ``sock`` (not watched yet) for ``events``, calling ``handler`` (cheaper than set_events).
-
-        Also from another thread with an epoll selector, whose select() under way reports a socket
-        registered ready (``add()`` relies on it)."""
-        self.selector.register(sock, events, handler)
-
-    def set_events(self, sock: Any, events: int, handler: _Handler) -> None:
-        """Watch ``sock`` for ``events``, calling ``handler``, registering it if it is not yet."""
-        try:
-            # By descriptor: the KeyError of a socket not yet registered would format the socket's
-            # repr, two system calls (getsockname, getpeername) per connection that joins.
-            self.selector.modify(sock.fileno(), events, handler)
-        except KeyError:
-            self.selector.register(sock, events, handler)
-
-    def unwatch(self, sock: Any) -> None:
-        """Stop watching ``sock``, if watched at all (also after the loop ended)."""
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(sock)
-
-    def read_again(self, handler: _Handler) -> None:
-        """Call ``handler._on_read()`` again, in this turn or the next (TLS holds input no event announces)."""
-        self.ready.append(handler)
-
-    def in_loop(self) -> bool:
-        """Any thread: whether this is the loop's thread."""
-        return self.thread_id == threading.get_ident()
-
-    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
-        """Any thread: call ``function(*args)`` in the loop's next turn."""
-        self.calls.append((function, args))
-        self.wake()
-
-    def call_threadsafe(self, function: Callable[..., Any], *args: Any) -> None:
-        """Any thread: call ``function(*args)`` now in the loop's thread, else in its next turn."""
-        if self.thread_id == threading.get_ident():
-            function(*args)
-        else:
-            self.call_soon(function, *args)
-
-    def call_later(self, delay: float, function: Callable[..., Any], *args: Any) -> List[Any]:
-        """Call ``function(*args)`` in ``delay`` seconds; returns the handle that :func:`_cancel` takes."""
-        self.timer_sequence += 1
-        handle = [time.monotonic() + delay, self.timer_sequence, function, args]
-        heapq.heappush(self.timers, handle)
-        return handle
-
-    def schedule_flush(self, handler: _Flushable) -> None:
-        """Any thread: call ``handler._flush()`` in the next turn (the caller queues it once until then)."""
-        self.dirty.append(handler)
-        if self.thread_id != threading.get_ident():
-            self.wake()
-
-    def on_stop(self, callback: Callable[[], Any]) -> None:
-        """Call ``callback()`` when the owner's stop begins (once; see :meth:`ignore_stop`)."""
-        self.stop_callbacks[callback] = None
-
-    def ignore_stop(self, callback: Callable[[], Any]) -> None:
-        """Forget a callback of :meth:`on_stop` (its object ended first)."""
-        self.stop_callbacks.pop(callback, None)
-
-    # What the owner calls --------------------------------------------------------
-
-    def tell_stop(self) -> None:
-        """A stop begins: call (and forget) every callback of :meth:`on_stop`."""
-        callbacks, self.stop_callbacks = self.stop_callbacks, {}
-        for callback in callbacks:
-            callback()
-
-    def wake(self) -> None:
-        """Any thread: end the select() under way (or the next one), once per turn."""
-        if self.wake_pending:
+    def ended(self, websocket: WebSocket) -> None:
+        """An open connection ended (after its closed())."""
+        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
             return
-        self.wake_pending = True
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (the loop is gone)
-            self.waker.send(b"\0")
+        if time.monotonic() - self.opened_at >= self.policy.max_delay:
+            self.waits = 0  # it was stable: start the back-off again
+        self._wait(websocket, f"closed with {websocket.close_code}")
 
-    def call_from_signal(self, function: Callable[..., Any], *args: Any) -> None:
-        """The loop's thread, maybe in a signal handler: queue ``function(*args)`` and wake select()."""
-        self.calls.append((function, args))
-        with contextlib.suppress(OSError):
-            self.waker.send(b"\0")  # not wake(): its pending flag may be mid-update in this very thread
+    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
+        """An attempt could not open (after its connect_failed())."""
+        if isinstance(exc, HandshakeError):
+            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
+        else:  # the network, a timeout; a certificate that does not verify will not verify later either
+            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
+        if transient and self._wanted(websocket):
+            self._wait(websocket, "could not connect")
 
-    def run_once(self) -> None:
-        """One turn: select(), then the handlers, the due timers, the queued calls and the flushes."""
-        timers = self.timers
-        while timers and timers[0][2] is None:
-            # Cancelled (a handshake that completed, a close that finished): dropped now, so it
-            # neither wakes the loop up later nor stays in memory until its time.
-            heapq.heappop(timers)
-        if self.calls or self.dirty or self.ready:
-            timeout: Optional[float] = 0
-        elif timers:
-            timeout = max(0.0, timers[0][0] - time.monotonic())
-        else:
-            timeout = None
-        events = self.selector.select(timeout)
-        self.now = now = time.monotonic()
-        for key, mask in events:
-            handler = key.data
-            try:
-                if mask & selectors.EVENT_READ:
-                    handler._on_read()
-                if mask & selectors.EVENT_WRITE and not handler._finalized:
-                    handler._on_write()
-            except Exception as exc:
-                self.crashed(handler, exc)
-        if self.ready:
-            ready = self.ready
-            self.ready = []
-            for handler in ready:
-                try:
-                    handler._on_read()
-                except Exception as exc:
-                    self.crashed(handler, exc)
-        while timers and timers[0][0] <= now:
-            _, _, function, args = heapq.heappop(timers)
-            if function is not None:
-                try:
-                    function(*args)
-                except Exception as exc:
-                    self.crashed(getattr(function, "__self__", None), exc)
-        calls = self.calls
-        for _ in range(len(calls)):
-            function, args = calls.popleft()
-            try:
-                function(*args)
-            except Exception as exc:
-                self.crashed(getattr(function, "__self__", None), exc)
-        self.flush()
+    def _wanted(self, websocket: WebSocket) -> bool:
+        return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
 
-    def flush(self) -> None:
-        """Flush the handlers queued by :meth:`schedule_flush` (any handler may ask for it between reads)."""
-        dirty = self.dirty
-        owner = self.owner
-        # Bounded work: only the connections queued when the flushing starts, each once
-        # (a handler queues itself when its output starts). What other threads queue
-        # meanwhile waits for the next turn, after select() has served reads, timers and accepts.
-        for _ in range(len(dirty)):
-            handler = dirty.popleft()
-            if handler.manager is not owner:
-                continue  # remove()d since it was queued
-            try:
-                handler._flush()
-            except Exception as exc:
-                self.crashed(handler, exc)
+    def _wait(self, last: WebSocket, why: str) -> None:
+        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
+        delay = self.policy.delay(self.waits)
+        self.waits += 1
+        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
+        self.loop.call_later(delay, self._attempt, last)
 
-    @staticmethod
-    def crashed(handler: Any, exc: Exception) -> None:
-        """A bug in wsmanager itself: it ends that one handler, never the loop."""
-        logger.error("unexpected error in the wsmanager loop (handler %r)", handler, exc_info=exc)
-        finalize = getattr(handler, "_finalize", None)
-        if finalize is not None:
-            try:
-                finalize("internal error")
-            except Exception:
-                logger.exception("could not close %r", handler)
-
-    def renew(self) -> None:
-        """In a forked child, before the loop ever ran: a selector and a waker of its own, not the parent's."""
-        self.selector.close()  # this process's copies only: the parent's stay open
-        self.waker_read.close()
-        self.waker.close()
-        self.selector = selectors.DefaultSelector()
-        self._open_waker()
-
-    def close(self) -> None:
-        """The end: drop what is queued, close the waker (and the selector, unless it was given)."""
-        self.calls.clear()
-        self.timers.clear()
-        self.dirty.clear()
-        self.unwatch(self.waker_read)
-        self.waker_read.close()
-        self.waker.close()
-        if self.owns_selector:
-            self.selector.close()
-
-    # The waker's handler -----------------------------------------------------------
-
-    def _on_read(self) -> None:
+    def _attempt(self, last: WebSocket) -> None:
+        manager = self.manager
+        if self.loop.stopping or last.reconnect is None:
+            return  # stopping, or the application closed (or gave up) the connection it last had
         try:
-            # wake() writes one byte per wake-up (see wake_pending): one read nearly always drains it,
-            # and a read that leaves a byte behind costs one more loop turn, not a lost wake-up.
-            while len(self.waker_read.recv(4096)) == 4096:
-                pass
-        except _would_block():
-            pass
-        # Cleared after the drain (a byte sent meanwhile must not be swallowed while the
-        # flag stays set) and before the queues are read (work queued before a skipped
-        # wake-up is still seen in this turn).
-        self.wake_pending = False
-
-    def _on_write(self) -> None:
-        pass
-
-    def _finalize(self, reason: str = "") -> None:
-        """Nothing: the waker lives as long as its loop, which closes it."""
+            # The name is resolved again, here in the loop: a host that moved is found where it went.
+            handshake = manager._dial(self.target, self.factory, self.options, self)
+        except OSError as exc:  # the name does not resolve (now), out of descriptors
+            self._wait(last, f"could not connect to {self.target.url} ({exc})")
+            return
+        except Exception as exc:
+            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
+            return
+        handshake._begin()
 
 
 # The manager's life beyond its loop: modules, Ctrl-C, interpreter exit -----------------
@@ -4851,495 +5348,6 @@ class WebSocketManager:
             self._topics.bridge._close()
         self._loop.close()
         self._log_stop_summary()
-
-
-###############################################################################
-# Client: connect() ###########################################################
-###############################################################################
-
-MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
-# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# Close codes after which a reconnecting client connects again: gone away (the server restarts),
-# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
-_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
-                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
-
-
-class _ClientTarget(_NamedTuple):
-    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
-
-    secure: bool
-    host: str  # for name resolution and TLS's server_hostname
-    port: int
-    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
-    path: str  # origin-form request target: path and query
-
-    @property
-    def url(self) -> str:
-        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
-
-    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
-             do_handshake_on_connect: bool = True) -> socket.socket:
-        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.secure:
-            return sock
-        context = ssl_context if ssl_context is not None else ssl.create_default_context()
-        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
-
-
-def _client_target(url: str) -> _ClientTarget:
-    """Parse and check a client URL; raises :class:`InvalidURL`."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
-    secure = parts.scheme == "wss"
-    try:
-        port = parts.port or (443 if secure else 80)
-    except ValueError:
-        raise InvalidURL(f"invalid port in {url!r}") from None
-    host = parts.hostname
-    if not host:
-        raise InvalidURL(f"no host in {url!r}")
-    bracketed = _bracket(host)
-    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
-        raise InvalidURL(f"invalid characters in the path of {url!r}")
-    return _ClientTarget(secure, host, port, host_header, path)
-
-
-def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
-    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
-
-    ``visited`` holds the URLs tried so far, the first included. Raises
-    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
-    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
-    """
-    response = error.response
-    location = response.headers.get("Location") if response is not None and isinstance(
-        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
-    if not location:
-        raise error
-
-    def refuse(message: str) -> HandshakeError:
-        return HandshakeError(message, error.status, error.headers, response=response)
-
-    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
-    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
-    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
-    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
-    url = f"{scheme}://{rest}" if separator else location
-    try:
-        new_target = _client_target(url)
-    except InvalidURL as exc:
-        raise refuse(f"redirected to an unusable URL: {exc}") from None
-    url = new_target.url
-    if target.secure and not new_target.secure:
-        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
-    if url in visited:
-        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
-    if len(visited) > MAX_REDIRECTS:
-        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
-    visited.append(url)
-    return new_target
-
-
-# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
-_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
-
-
-def _headers_for(first: _ClientTarget, target: _ClientTarget,
-                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
-    """The application's headers for a request to ``target``, after redirects from ``first``."""
-    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
-        return headers
-    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
-
-
-# Proxies (HTTP CONNECT) --------------------------------------------------------
-
-# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
-_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
-                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
-
-
-class _Proxy:
-    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
-
-    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
-    __slots__ = ("host", "port", "authorization")
-
-    def __init__(self, host: str, port: int, authorization: Optional[str]):
-        self.host = host
-        self.port = port
-        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
-
-
-def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
-    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
-    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
-    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
-    :class:`InvalidURL` for a proxy that is not ``http://``."""
-    if proxy is None or proxy is False:
-        return None
-    if proxy is True:
-        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
-        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
-        if sys.platform not in ("darwin", "win32") and not any(
-                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
-            return None
-        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
-        proxies = request.getproxies()
-        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
-        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
-            return None
-    else:
-        url = proxy
-    if "://" not in url:
-        url = "http://" + url  # "host:port", as curl and requests read it
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or 80
-    except ValueError as exc:
-        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
-    if parts.scheme.lower() != "http" or not parts.hostname:
-        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
-    authorization = None
-    if parts.username is not None:
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
-    return _Proxy(parts.hostname, port, authorization)
-
-
-def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
-    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
-    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
-    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
-    at an EOF, or with ``malformed`` and why for a head that does not parse."""
-    if not data:
-        raise HandshakeError(eof, None)
-    try:
-        result = reader.feed(data)
-    except HandshakeError as exc:
-        raise HandshakeError(f"{malformed}: {exc}", None) from None
-    if result is None:
-        return None
-    head, rest = result
-    return parse_response(head), head, rest
-
-
-class _ProxyTunnel:
-    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
-
-    __slots__ = ("request", "reader")
-
-    def __init__(self, target: _ClientTarget, proxy: _Proxy):
-        authority = f"{_bracket(target.host)}:{target.port}"
-        fields = [("Host", authority)]
-        if proxy.authorization is not None:
-            fields.append(("Proxy-Authorization", proxy.authorization))
-        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
-        self.reader = HeadReader()
-
-    def feed(self, data: bytes) -> bool:
-        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
-        (``status``: the proxy's) when it refuses or answers wrongly."""
-        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
-                              "malformed answer from the proxy")
-        if answer is None:
-            return False
-        response, _, rest = answer
-        if not 200 <= response.status < 300:
-            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
-                                 response.status, list(response.headers), response=response)
-        if rest:  # the server speaks only after our request: this came from the proxy
-            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
-        return True
-
-
-def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
-    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
-    name is resolved)."""
-    chosen = _client_proxy(target, proxy)
-    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return chosen, address, sock
-
-
-# Reconnecting clients ----------------------------------------------------------
-
-class Reconnect(_NamedTuple):
-    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
-
-    The n-th wait in a row (n = 0, 1, ...) is based on
-    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
-    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
-    by one event spread out over it), each later one between ``1 - jitter``
-    and 1 times its base. A connection that stayed open ``max_delay`` or
-    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
-    """
-
-    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
-    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
-    initial_delay: float = 3.0
-    factor: float = 1.618
-    max_delay: float = 60.0
-    jitter: float = 0.5
-
-    def delay(self, n: int) -> float:
-        """The ``n``-th wait in a row, drawn as the class docstring says."""
-        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
-        if not self.jitter:
-            return base
-        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
-        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
-
-
-def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
-    if value is None or value is False:
-        return None
-    policy = Reconnect() if value is True else Reconnect(*value)
-    initial_delay, factor, max_delay, jitter = policy
-    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
-        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
-    return policy
-
-
-class _ClientOptions:
-    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
-
-    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
-
-    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
-                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
-                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
-        self.ssl_context = ssl_context
-        self.settings = settings
-        self.subprotocols = subprotocols
-        self.headers = headers
-        self.origin = origin
-        self.proxy = proxy
-        self.timeout = timeout
-
-
-class _Redial:
-    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
-    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
-    is followed by a new attempt after a back-off. Loop thread only."""
-
-    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
-
-    def __init__(self, manager: _Owner, target: _ClientTarget, factory: Callable[..., WebSocket],
-                 options: _ClientOptions, policy: Reconnect):
-        self.manager = manager
-        self.loop = manager._loop
-        self.target = target
-        self.factory = factory
-        self.options = options
-        self.policy = policy
-        self.waits = 0  # waits in a row: the back-off's n
-        self.opens = 0  # connections of this client that opened
-        self.opened_at = 0.0
-
-    def opened(self) -> None:
-        self.opens += 1
-        self.opened_at = time.monotonic()
-
-    def ended(self, websocket: WebSocket) -> None:
-        """An open connection ended (after its closed())."""
-        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
-            return
-        if time.monotonic() - self.opened_at >= self.policy.max_delay:
-            self.waits = 0  # it was stable: start the back-off again
-        self._wait(websocket, f"closed with {websocket.close_code}")
-
-    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
-        """An attempt could not open (after its connect_failed())."""
-        if isinstance(exc, HandshakeError):
-            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
-        else:  # the network, a timeout; a certificate that does not verify will not verify later either
-            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
-        if transient and self._wanted(websocket):
-            self._wait(websocket, "could not connect")
-
-    def _wanted(self, websocket: WebSocket) -> bool:
-        return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
-
-    def _wait(self, last: WebSocket, why: str) -> None:
-        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
-        delay = self.policy.delay(self.waits)
-        self.waits += 1
-        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
-        self.loop.call_later(delay, self._attempt, last)
-
-    def _attempt(self, last: WebSocket) -> None:
-        manager = self.manager
-        if self.loop.stopping or last.reconnect is None:
-            return  # stopping, or the application closed (or gave up) the connection it last had
-        try:
-            # The name is resolved again, here in the loop: a host that moved is found where it went.
-            handshake = manager._dial(self.target, self.factory, self.options, self)
-        except OSError as exc:  # the name does not resolve (now), out of descriptors
-            self._wait(last, f"could not connect to {self.target.url} ({exc})")
-            return
-        except Exception as exc:
-            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
-            return
-        handshake._begin()
-
-
-class _ClientOpening:
-    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
-
-    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
-
-    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
-                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
-        self.key = new_key()
-        self.subprotocols = subprotocols
-        self.settings = settings
-        if settings is not None:  # the permessage-deflate offer
-            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
-        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
-                                      headers=headers, origin=origin)
-        self.reader = HeadReader()
-
-    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
-        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
-
-        Once the response head is complete and checked, returns it, the bytes
-        after it, the subprotocol and the permessage-deflate parameters.
-        """
-        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
-        if answer is None:
-            return None
-        response, head, rest = answer
-        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
-        deflate = None
-        if self.settings is not None and isinstance(response.headers, Headers):
-            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
-        return head, rest, subprotocol, deflate
-
-
-@overload
-def connect(url: str, *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
-
-
-@overload
-def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
-
-
-def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
-    """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
-
-    Returns a client-role connection (its frames are masked), ready for
-    :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
-    are kept for the first read. ``compression="deflate"`` (or a
-    :class:`Deflate`) offers permessage-deflate; an answer the offer does not
-    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
-    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
-    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
-    scheme, host and port only); ``timeout`` bounds the whole opening,
-    redirects included.
-
-    ``proxy``: by default (``True``) the HTTP proxy the environment names
-    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
-    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
-    reads them; a URL (``http://user:password@host:port``) for that proxy;
-    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
-    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
-    ``wss://`` runs inside it, end to end with the server.
-
-    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
-    ``status`` and ``headers``) when the server or the proxy refuses or
-    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
-    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
-    ``TimeoutError`` included) when the network or TLS fails.
-
-    Any thread; it blocks that thread for the handshake (for many clients, or
-    from a callback, use :meth:`WebSocketManager.connect`). Example:
-    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
-    """
-    settings = _deflate_settings(compression)
-    target = _client_target(url)
-    if headers is not None:
-        headers = list(headers)  # sent again after a redirect
-    deadline = time.monotonic() + timeout
-    visited = [target.url]
-    first = target
-    while True:
-        try:
-            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
-                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
-        except HandshakeError as exc:
-            target = _redirected(target, exc, visited)
-
-
-def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
-                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
-                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
-                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
-    """One opening handshake of :func:`connect`, with no redirect followed."""
-
-    def receive(sock: socket.socket) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("timed out waiting for the handshake response")
-        sock.settimeout(remaining)
-        return sock.recv(READ_SIZE)
-
-    hop = proxy if proxy is not None else target
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("timed out before the handshake (redirects)")
-    try:
-        sock = socket.create_connection((hop.host, hop.port), remaining)
-    except OSError as exc:
-        raise _connect_error(exc, (hop.host, hop.port)) from None
-    try:
-        if proxy is not None:
-            tunnel = _ProxyTunnel(target, proxy)
-            sock.sendall(tunnel.request)
-            while not tunnel.feed(receive(sock)):
-                pass
-        sock = target.wrap(sock, ssl_context)
-        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
-        sock.sendall(opening.request)
-        peer = sock.getpeername()  # while the server answers
-        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
-        result = None
-        while result is None:
-            result = opening.feed(receive(sock))
-        head, rest, subprotocol, deflate = result
-        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
-                            response_headers=head, subprotocol=subprotocol,
-                            peer_address=peer_address, extra_data=rest)
-        websocket._enable_deflate(deflate, settings)
-    except BaseException:
-        sock.close()
-        raise
-    return websocket
 
 
 ###############################################################################
