@@ -962,209 +962,6 @@ def parse_close(payload: bytes) -> Close:
     return Close(code, reason)
 
 
-# permessage-deflate (RFC 7692) -------------------------------------------------
-
-# RFC 7692 7.2.1: a message is compressed with a sync flush, and these 4 bytes that end it are
-# removed before sending; the receiver appends them again before inflating (7.2.2).
-_DEFLATE_TAIL = b"\x00\x00\xff\xff"
-
-
-class Deflate(_NamedTuple):
-    """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
-
-    ``compression="deflate"`` means ``Deflate()``. The four negotiation
-    parameters keep their RFC 7692 7.1 meaning in both roles: a server
-    answers with them (asking the client to comply where the RFC lets it),
-    a client offers them. The defaults keep no zlib object on any
-    connection between messages, so memory per connection stays a few KiB:
-
-    - ``server_no_context_takeover=True``: the server compresses each
-      message on its own, with a compressor shared by all its connections,
-      so one compressed broadcast frame is valid for every connection;
-    - ``client_no_context_takeover=True``: the same for the client, so the
-      server frees its inflater after each message (a client of ours then
-      shares its compressor too). Set both to ``False`` for better ratios on
-      streams of small similar messages, at about 10 KiB (12-bit windows)
-      to 300 KiB (15 bits, as a compressor) per connection that has sent or
-      received one;
-    - ``server_max_window_bits`` / ``client_max_window_bits``: the LZ77
-      window of each side, 9..15 (zlib cannot compress with 8). The client
-      window defaults to 12 bits (when the client offers
-      ``client_max_window_bits``, as browsers do), which bounds the
-      inflater a server keeps per client if contexts are kept.
-
-    ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
-    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
-    ``bench_wsmanager.py zparams`` for windows of 9 to 15 bits, it compresses
-    JSON to within 0.4 points of 8's size, small messages 20 % faster,
-    128 KiB messages 2.7x faster with 9-bit windows and 15 % faster with
-    12-bit ones (12 % slower with 15-bit ones), and a compressor that keeps
-    its context holds 112 KiB less.
-    """
-
-    server_no_context_takeover: bool = True
-    client_no_context_takeover: bool = True
-    server_max_window_bits: int = 15
-    client_max_window_bits: int = 12
-    level: int = 6
-    mem_level: int = 5
-
-
-class DeflateParams(_NamedTuple):
-    """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
-
-    server_no_context_takeover: bool = False
-    client_no_context_takeover: bool = False
-    server_max_window_bits: int = 15
-    client_max_window_bits: int = 15
-
-
-def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflate]:
-    """Check a ``compression=`` argument; ``None`` when compression is off."""
-    if compression is None:
-        return None
-    if isinstance(compression, str):
-        if compression != "deflate":
-            raise ValueError(f"unknown compression {compression!r}: None or 'deflate'")
-        return Deflate()
-    if not isinstance(compression, Deflate):
-        raise TypeError(f"compression must be None, 'deflate' or a Deflate, not {type(compression).__name__}")
-    for name in ("server_max_window_bits", "client_max_window_bits"):
-        if not 9 <= getattr(compression, name) <= 15:
-            raise ValueError(f"{name} must be between 9 and 15 (zlib cannot compress with 8)")
-    if not 0 <= compression.level <= 9 or not 1 <= compression.mem_level <= 9:
-        raise ValueError("level must be between 0 and 9 and mem_level between 1 and 9")
-    return compression
-
-
-# Compressors of messages sent without context takeover, one per thread and setting: each
-# message ends with a full flush, which resets the compressor, so its output never refers
-# to an earlier message and the same compressor serves every connection of that thread.
-_thread_compressors = threading.local()
-
-
-def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
-    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
-    if wbits == 8:
-        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
-        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
-        # back one byte: valid within any window, and runs still compress.
-        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
-    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
-
-
-def _shared_compressor(key: Tuple[int, int, int]) -> Any:
-    try:
-        compressors = _thread_compressors.compressors
-    except AttributeError:
-        compressors = _thread_compressors.compressors = {}
-    compressor = compressors.get(key)
-    if compressor is None:
-        compressor = compressors[key] = _new_compressor(*key)
-    return compressor
-
-
-class PerMessageDeflate:
-    """Sans-I/O permessage-deflate state of one connection: compresses what it sends,
-    inflates what it receives (RFC 7692 7.2).
-
-    zlib objects are made on first use and, where no context is kept,
-    dropped after each message: an idle connection holds none. Without
-    context takeover on the sending side, messages are compressed by a
-    compressor shared per thread (see :class:`Deflate`). ``lock`` orders
-    compress-and-queue when the sending context is kept.
-    """
-
-    __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
-                 "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
-
-    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
-        self.params = params
-        self.client = client
-        if client:
-            send_keep = not params.client_no_context_takeover
-            self._send_wbits = params.client_max_window_bits
-            self._recv_keep = not params.server_no_context_takeover
-            self._recv_wbits = params.server_max_window_bits
-        else:
-            send_keep = not params.server_no_context_takeover
-            self._send_wbits = params.server_max_window_bits
-            self._recv_keep = not params.client_no_context_takeover
-            self._recv_wbits = params.client_max_window_bits
-        self._level = level
-        self._mem_level = mem_level
-        # Messages that share this key compress to the same bytes: a broadcast compresses once.
-        self.send_key: Optional[Tuple[int, int, int]] = None if send_keep else (self._send_wbits, level, mem_level)
-        self.lock: Optional[threading.Lock] = threading.Lock() if send_keep else None
-        self._compressor: Any = None
-        self._decompressor: Any = None
-
-    def compress(self, data: _BytesLike) -> bytes:
-        """The payload of a compressed message (sent with RSV1 on its first frame)."""
-        key = self.send_key
-        if key is not None:
-            compressor = _shared_compressor(key)
-            try:
-                compressed: bytes = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
-            except BaseException:
-                del _thread_compressors.compressors[key]  # half used: its next output would be wrong
-                raise
-        else:
-            compressor = self._compressor
-            if compressor is None:
-                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
-            compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
-
-    def compress_fragments(self, chunks: Sequence[_BytesLike]) -> List[bytes]:
-        """Payloads of one compressed message sent in several frames, one per chunk."""
-        key = self.send_key
-        compressor = _shared_compressor(key) if key is not None else self._compressor
-        if compressor is None:
-            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
-        try:
-            # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
-            payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
-        except BaseException:
-            if key is not None:
-                del _thread_compressors.compressors[key]
-            raise
-        payloads.append(self.compress(chunks[-1]))
-        return payloads
-
-    def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
-        """Inflate one frame's payload; at most ``max_length + 1`` bytes come out.
-
-        More than ``max_length`` means the message is over its limit (the
-        rest is never inflated). Invalid compressed data raises
-        :class:`ProtocolError` 1007.
-        """
-        decompressor = self._decompressor
-        if decompressor is None:
-            decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
-        try:
-            # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
-            if not final:
-                out: bytes = decompressor.decompress(data, max_length + 1)
-            elif len(data) < 2048:
-                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
-            else:
-                # Large: the tail goes in a second call rather than copying the payload to append it.
-                out = decompressor.decompress(data, max_length + 1)
-                if len(out) <= max_length:
-                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
-        except zlib.error as exc:
-            # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
-            raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
-        # The peer may end its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
-        # but our tail is garbage, and the next message starts a new stream.
-        if decompressor.eof and decompressor.unused_data not in (b"", _DEFLATE_TAIL):
-            raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
-        if final and (decompressor.eof or not self._recv_keep):
-            self._decompressor = None
-        return out
-
-
 ###############################################################################
 # Handshake: pure functions over bytes ########################################
 ###############################################################################
@@ -1553,6 +1350,83 @@ def validate_response(response: Response, key: str, subprotocols: Optional[Seque
     return chosen
 
 
+###############################################################################
+# permessage-deflate (RFC 7692): settings, negotiation, compression ###########
+###############################################################################
+
+# RFC 7692 7.2.1: a message is compressed with a sync flush, and these 4 bytes that end it are
+# removed before sending; the receiver appends them again before inflating (7.2.2).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+class Deflate(_NamedTuple):
+    """Settings of permessage-deflate (RFC 7692), for ``compression=`` in either role.
+
+    ``compression="deflate"`` means ``Deflate()``. The four negotiation
+    parameters keep their RFC 7692 7.1 meaning in both roles: a server
+    answers with them (asking the client to comply where the RFC lets it),
+    a client offers them. The defaults keep no zlib object on any
+    connection between messages, so memory per connection stays a few KiB:
+
+    - ``server_no_context_takeover=True``: the server compresses each
+      message on its own, with a compressor shared by all its connections,
+      so one compressed broadcast frame is valid for every connection;
+    - ``client_no_context_takeover=True``: the same for the client, so the
+      server frees its inflater after each message (a client of ours then
+      shares its compressor too). Set both to ``False`` for better ratios on
+      streams of small similar messages, at about 10 KiB (12-bit windows)
+      to 300 KiB (15 bits, as a compressor) per connection that has sent or
+      received one;
+    - ``server_max_window_bits`` / ``client_max_window_bits``: the LZ77
+      window of each side, 9..15 (zlib cannot compress with 8). The client
+      window defaults to 12 bits (when the client offers
+      ``client_max_window_bits``, as browsers do), which bounds the
+      inflater a server keeps per client if contexts are kept.
+
+    ``level`` (0-9) and ``mem_level`` (1-9) go to :func:`zlib.compressobj`.
+    ``mem_level`` is 5 (as in websockets), not zlib's 8: measured by
+    ``bench_wsmanager.py zparams`` for windows of 9 to 15 bits, it compresses
+    JSON to within 0.4 points of 8's size, small messages 20 % faster,
+    128 KiB messages 2.7x faster with 9-bit windows and 15 % faster with
+    12-bit ones (12 % slower with 15-bit ones), and a compressor that keeps
+    its context holds 112 KiB less.
+    """
+
+    server_no_context_takeover: bool = True
+    client_no_context_takeover: bool = True
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 12
+    level: int = 6
+    mem_level: int = 5
+
+
+class DeflateParams(_NamedTuple):
+    """What a permessage-deflate negotiation agreed on (window bits are 8..15)."""
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 15
+
+
+def _deflate_settings(compression: Union[None, str, Deflate]) -> Optional[Deflate]:
+    """Check a ``compression=`` argument; ``None`` when compression is off."""
+    if compression is None:
+        return None
+    if isinstance(compression, str):
+        if compression != "deflate":
+            raise ValueError(f"unknown compression {compression!r}: None or 'deflate'")
+        return Deflate()
+    if not isinstance(compression, Deflate):
+        raise TypeError(f"compression must be None, 'deflate' or a Deflate, not {type(compression).__name__}")
+    for name in ("server_max_window_bits", "client_max_window_bits"):
+        if not 9 <= getattr(compression, name) <= 15:
+            raise ValueError(f"{name} must be between 9 and 15 (zlib cannot compress with 8)")
+    if not 0 <= compression.level <= 9 or not 1 <= compression.mem_level <= 9:
+        raise ValueError("level must be between 0 and 9 and mem_level between 1 and 9")
+    return compression
+
+
 # Sec-WebSocket-Extensions and permessage-deflate negotiation (RFC 7692 7.1) ---
 
 _EXTENSION_PARAM = _LazyPattern(r'\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"]*)"|([^\s";]*)))?\s*\Z')
@@ -1729,6 +1603,136 @@ def parse_deflate_response(value: Optional[str], settings: Union[str, Deflate] =
     # answer binds the client (same clause), down to 8 bits (see _new_compressor).
     client_bits = min(answer.get("client_max_window_bits", 15), deflate.client_max_window_bits)
     return DeflateParams(server_no_context, client_no_context, server_bits, client_bits)
+
+
+# Compression ---------------------------------------------------------------
+
+# Compressors of messages sent without context takeover, one per thread and setting: each
+# message ends with a full flush, which resets the compressor, so its output never refers
+# to an earlier message and the same compressor serves every connection of that thread.
+_thread_compressors = threading.local()
+
+
+def _new_compressor(wbits: int, level: int, mem_level: int) -> Any:
+    """A raw deflate compressor whose output refers back at most ``2 ** wbits`` bytes (9..15, or 8)."""
+    if wbits == 8:
+        # zlib cannot make a 256-byte window (it refuses 8 for raw deflate); a server may still ask a
+        # client for one (RFC 7692 7.1.2.2, Autobahn's cases 13.3, 13.5 and 13.7). Z_RLE only refers
+        # back one byte: valid within any window, and runs still compress.
+        return zlib.compressobj(level, zlib.DEFLATED, -9, mem_level, zlib.Z_RLE)
+    return zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+
+
+def _shared_compressor(key: Tuple[int, int, int]) -> Any:
+    try:
+        compressors = _thread_compressors.compressors
+    except AttributeError:
+        compressors = _thread_compressors.compressors = {}
+    compressor = compressors.get(key)
+    if compressor is None:
+        compressor = compressors[key] = _new_compressor(*key)
+    return compressor
+
+
+class PerMessageDeflate:
+    """Sans-I/O permessage-deflate state of one connection: compresses what it sends,
+    inflates what it receives (RFC 7692 7.2).
+
+    zlib objects are made on first use and, where no context is kept,
+    dropped after each message: an idle connection holds none. Without
+    context takeover on the sending side, messages are compressed by a
+    compressor shared per thread (see :class:`Deflate`). ``lock`` orders
+    compress-and-queue when the sending context is kept.
+    """
+
+    __slots__ = ("params", "client", "send_key", "lock", "_send_wbits", "_level", "_mem_level",
+                 "_recv_wbits", "_recv_keep", "_compressor", "_decompressor")
+
+    def __init__(self, params: DeflateParams, *, client: bool, level: int = 6, mem_level: int = 5):
+        self.params = params
+        self.client = client
+        if client:
+            send_keep = not params.client_no_context_takeover
+            self._send_wbits = params.client_max_window_bits
+            self._recv_keep = not params.server_no_context_takeover
+            self._recv_wbits = params.server_max_window_bits
+        else:
+            send_keep = not params.server_no_context_takeover
+            self._send_wbits = params.server_max_window_bits
+            self._recv_keep = not params.client_no_context_takeover
+            self._recv_wbits = params.client_max_window_bits
+        self._level = level
+        self._mem_level = mem_level
+        # Messages that share this key compress to the same bytes: a broadcast compresses once.
+        self.send_key: Optional[Tuple[int, int, int]] = None if send_keep else (self._send_wbits, level, mem_level)
+        self.lock: Optional[threading.Lock] = threading.Lock() if send_keep else None
+        self._compressor: Any = None
+        self._decompressor: Any = None
+
+    def compress(self, data: _BytesLike) -> bytes:
+        """The payload of a compressed message (sent with RSV1 on its first frame)."""
+        key = self.send_key
+        if key is not None:
+            compressor = _shared_compressor(key)
+            try:
+                compressed: bytes = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+            except BaseException:
+                del _thread_compressors.compressors[key]  # half used: its next output would be wrong
+                raise
+        else:
+            compressor = self._compressor
+            if compressor is None:
+                compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
+            compressed = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return compressed[:-4]  # RFC 7692 7.2.1: remove the 00 00 ff ff tail
+
+    def compress_fragments(self, chunks: Sequence[_BytesLike]) -> List[bytes]:
+        """Payloads of one compressed message sent in several frames, one per chunk."""
+        key = self.send_key
+        compressor = _shared_compressor(key) if key is not None else self._compressor
+        if compressor is None:
+            compressor = self._compressor = _new_compressor(self._send_wbits, self._level, self._mem_level)
+        try:
+            # A sync flush per fragment: each frame carries whole deflate blocks. compress() ends the message.
+            payloads = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks[:-1]]
+        except BaseException:
+            if key is not None:
+                del _thread_compressors.compressors[key]
+            raise
+        payloads.append(self.compress(chunks[-1]))
+        return payloads
+
+    def decompress(self, data: bytes, final: bool, max_length: int) -> bytes:
+        """Inflate one frame's payload; at most ``max_length + 1`` bytes come out.
+
+        More than ``max_length`` means the message is over its limit (the
+        rest is never inflated). Invalid compressed data raises
+        :class:`ProtocolError` 1007.
+        """
+        decompressor = self._decompressor
+        if decompressor is None:
+            decompressor = self._decompressor = zlib.decompressobj(-self._recv_wbits)
+        try:
+            # Deliberate: max_length bounds the output; max_length=0 would mean no bound.
+            if not final:
+                out: bytes = decompressor.decompress(data, max_length + 1)
+            elif len(data) < 2048:
+                out = decompressor.decompress(data + _DEFLATE_TAIL, max_length + 1)  # one call beats a copy here
+            else:
+                # Large: the tail goes in a second call rather than copying the payload to append it.
+                out = decompressor.decompress(data, max_length + 1)
+                if len(out) <= max_length:
+                    out += decompressor.decompress(_DEFLATE_TAIL, max_length + 1 - len(out))
+        except zlib.error as exc:
+            # RFC 7692 does not name a code: 1007 says the payload was not what the message claims.
+            raise ProtocolError(CloseCode.INVALID_DATA, f"invalid compressed data: {exc}") from None
+        # The peer may end its deflate stream (a BFINAL block, RFC 7692 7.2.3.3): anything after it
+        # but our tail is garbage, and the next message starts a new stream.
+        if decompressor.eof and decompressor.unused_data not in (b"", _DEFLATE_TAIL):
+            raise ProtocolError(CloseCode.INVALID_DATA, "data after the end of the compressed stream")
+        if final and (decompressor.eof or not self._recv_keep):
+            self._decompressor = None
+        return out
 
 
 ###############################################################################
@@ -2935,6 +2939,433 @@ _RESERVED_NAMES = frozenset(name for name in vars(WebSocket)
 
 
 ###############################################################################
+# Client: connect() ###########################################################
+###############################################################################
+
+MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
+# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class _ClientTarget(_NamedTuple):
+    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
+
+    secure: bool
+    host: str  # for name resolution and TLS's server_hostname
+    port: int
+    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
+    path: str  # origin-form request target: path and query
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
+
+    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
+             do_handshake_on_connect: bool = True) -> socket.socket:
+        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.secure:
+            return sock
+        context = ssl_context if ssl_context is not None else ssl.create_default_context()
+        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
+
+
+def _client_target(url: str) -> _ClientTarget:
+    """Parse and check a client URL; raises :class:`InvalidURL`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise InvalidURL(f"invalid port in {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise InvalidURL(f"no host in {url!r}")
+    bracketed = _bracket(host)
+    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
+        raise InvalidURL(f"invalid characters in the path of {url!r}")
+    return _ClientTarget(secure, host, port, host_header, path)
+
+
+def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
+    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
+
+    ``visited`` holds the URLs tried so far, the first included. Raises
+    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
+    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
+    """
+    response = error.response
+    location = response.headers.get("Location") if response is not None and isinstance(
+        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
+    if not location:
+        raise error
+
+    def refuse(message: str) -> HandshakeError:
+        return HandshakeError(message, error.status, error.headers, response=response)
+
+    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
+    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
+    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    url = f"{scheme}://{rest}" if separator else location
+    try:
+        new_target = _client_target(url)
+    except InvalidURL as exc:
+        raise refuse(f"redirected to an unusable URL: {exc}") from None
+    url = new_target.url
+    if target.secure and not new_target.secure:
+        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
+    if url in visited:
+        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
+    if len(visited) > MAX_REDIRECTS:
+        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
+    visited.append(url)
+    return new_target
+
+
+# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+
+
+def _headers_for(first: _ClientTarget, target: _ClientTarget,
+                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The application's headers for a request to ``target``, after redirects from ``first``."""
+    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
+        return headers
+    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+
+
+# Proxies (HTTP CONNECT) --------------------------------------------------------
+
+# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
+_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+class _Proxy:
+    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
+
+    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
+    __slots__ = ("host", "port", "authorization")
+
+    def __init__(self, host: str, port: int, authorization: Optional[str]):
+        self.host = host
+        self.port = port
+        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
+
+
+def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
+    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
+    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
+    :class:`InvalidURL` for a proxy that is not ``http://``."""
+    if proxy is None or proxy is False:
+        return None
+    if proxy is True:
+        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
+        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
+        if sys.platform not in ("darwin", "win32") and not any(
+                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
+            return None
+        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
+        proxies = request.getproxies()
+        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
+        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
+            return None
+    else:
+        url = proxy
+    if "://" not in url:
+        url = "http://" + url  # "host:port", as curl and requests read it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return _Proxy(parts.hostname, port, authorization)
+
+
+def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
+    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
+    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
+    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
+    at an EOF, or with ``malformed`` and why for a head that does not parse."""
+    if not data:
+        raise HandshakeError(eof, None)
+    try:
+        result = reader.feed(data)
+    except HandshakeError as exc:
+        raise HandshakeError(f"{malformed}: {exc}", None) from None
+    if result is None:
+        return None
+    head, rest = result
+    return parse_response(head), head, rest
+
+
+class _ProxyTunnel:
+    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("request", "reader")
+
+    def __init__(self, target: _ClientTarget, proxy: _Proxy):
+        authority = f"{_bracket(target.host)}:{target.port}"
+        fields = [("Host", authority)]
+        if proxy.authorization is not None:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> bool:
+        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
+        (``status``: the proxy's) when it refuses or answers wrongly."""
+        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
+                              "malformed answer from the proxy")
+        if answer is None:
+            return False
+        response, _, rest = answer
+        if not 200 <= response.status < 300:
+            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
+                                 response.status, list(response.headers), response=response)
+        if rest:  # the server speaks only after our request: this came from the proxy
+            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
+        return True
+
+
+def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
+    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
+    name is resolved)."""
+    chosen = _client_proxy(target, proxy)
+    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return chosen, address, sock
+
+
+# Reconnecting clients (the policy: _Redial runs it in the manager's loop) -------
+
+# Close codes after which a reconnecting client connects again: gone away (the server restarts),
+# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
+_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
+
+
+class Reconnect(_NamedTuple):
+    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
+
+    The n-th wait in a row (n = 0, 1, ...) is based on
+    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
+    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
+    by one event spread out over it), each later one between ``1 - jitter``
+    and 1 times its base. A connection that stayed open ``max_delay`` or
+    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
+    """
+
+    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
+    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
+    initial_delay: float = 3.0
+    factor: float = 1.618
+    max_delay: float = 60.0
+    jitter: float = 0.5
+
+    def delay(self, n: int) -> float:
+        """The ``n``-th wait in a row, drawn as the class docstring says."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
+        if not self.jitter:
+            return base
+        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
+        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
+
+
+def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
+    if value is None or value is False:
+        return None
+    policy = Reconnect() if value is True else Reconnect(*value)
+    initial_delay, factor, max_delay, jitter = policy
+    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
+        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
+    return policy
+
+
+# The opening handshake, and connect() --------------------------------------
+
+class _ClientOptions:
+    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
+
+    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
+                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
+        self.ssl_context = ssl_context
+        self.settings = settings
+        self.subprotocols = subprotocols
+        self.headers = headers
+        self.origin = origin
+        self.proxy = proxy
+        self.timeout = timeout
+
+
+class _ClientOpening:
+    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
+
+    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
+
+    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
+                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
+        self.key = new_key()
+        self.subprotocols = subprotocols
+        self.settings = settings
+        if settings is not None:  # the permessage-deflate offer
+            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
+        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
+                                      headers=headers, origin=origin)
+        self.reader = HeadReader()
+
+    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
+        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
+
+        Once the response head is complete and checked, returns it, the bytes
+        after it, the subprotocol and the permessage-deflate parameters.
+        """
+        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
+        if answer is None:
+            return None
+        response, head, rest = answer
+        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
+        deflate = None
+        if self.settings is not None and isinstance(response.headers, Headers):
+            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
+        return head, rest, subprotocol, deflate
+
+
+@overload
+def connect(url: str, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
+
+
+@overload
+def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
+
+
+def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
+            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
+            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
+            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
+    """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
+
+    Returns a client-role connection (its frames are masked), ready for
+    :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
+    are kept for the first read. ``compression="deflate"`` (or a
+    :class:`Deflate`) offers permessage-deflate; an answer the offer does not
+    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
+    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
+    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
+    scheme, host and port only); ``timeout`` bounds the whole opening,
+    redirects included.
+
+    ``proxy``: by default (``True``) the HTTP proxy the environment names
+    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
+    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
+    reads them; a URL (``http://user:password@host:port``) for that proxy;
+    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
+    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
+    ``wss://`` runs inside it, end to end with the server.
+
+    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
+    ``status`` and ``headers``) when the server or the proxy refuses or
+    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
+    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
+    ``TimeoutError`` included) when the network or TLS fails.
+
+    Any thread; it blocks that thread for the handshake (for many clients, or
+    from a callback, use :meth:`WebSocketManager.connect`). Example:
+    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
+    """
+    settings = _deflate_settings(compression)
+    target = _client_target(url)
+    if headers is not None:
+        headers = list(headers)  # sent again after a redirect
+    deadline = time.monotonic() + timeout
+    visited = [target.url]
+    first = target
+    while True:
+        try:
+            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
+                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
+        except HandshakeError as exc:
+            target = _redirected(target, exc, visited)
+
+
+def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
+                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
+                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
+                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
+    """One opening handshake of :func:`connect`, with no redirect followed."""
+
+    def receive(sock: socket.socket) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for the handshake response")
+        sock.settimeout(remaining)
+        return sock.recv(READ_SIZE)
+
+    hop = proxy if proxy is not None else target
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out before the handshake (redirects)")
+    try:
+        sock = socket.create_connection((hop.host, hop.port), remaining)
+    except OSError as exc:
+        raise _connect_error(exc, (hop.host, hop.port)) from None
+    try:
+        if proxy is not None:
+            tunnel = _ProxyTunnel(target, proxy)
+            sock.sendall(tunnel.request)
+            while not tunnel.feed(receive(sock)):
+                pass
+        sock = target.wrap(sock, ssl_context)
+        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
+        sock.sendall(opening.request)
+        peer = sock.getpeername()  # while the server answers
+        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
+        result = None
+        while result is None:
+            result = opening.feed(receive(sock))
+        head, rest, subprotocol, deflate = result
+        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
+                            response_headers=head, subprotocol=subprotocol,
+                            peer_address=peer_address, extra_data=rest)
+        websocket._enable_deflate(deflate, settings)
+    except BaseException:
+        sock.close()
+        raise
+    return websocket
+
+
+###############################################################################
 # WebSocketManager: the selector loop #########################################
 ###############################################################################
 
@@ -2972,568 +3403,36 @@ class _Flushable(Protocol):
         """Write what is queued, as far as the socket takes it now."""
 
 
-class _Answer(_NamedTuple):
-    """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
+class _Owner(Protocol):
+    """All that listeners, handshakes and reconnecting clients use of the manager that owns them
+    (typed so, mypy holds them to it): its loop and timeouts, and the calls by which they hand it a
+    connection or a handshake, or give one up. Everything else they do goes through :class:`_Loop`."""
 
-    response: Response  # a 101 to send, or the refusal (or page) that ends the connection
-    why: str = ""  # for the log: why a refusal refuses
-    deflate: Optional[DeflateParams] = None  # the permessage-deflate parameters a 101 agreed to
-    subprotocol: Optional[str] = None  # the one a 101's Sec-WebSocket-Protocol names
+    _loop: "_Loop"
+    close_timeout: float
+    handshake_timeout: float
 
+    def _start_handshake(self, listener: "_Listener", sock: socket.socket, address: Any) -> Any:
+        """A listener accepted ``sock``: its server handshake begins."""
 
-class _Listener:
-    """A listening socket (or, for accept(), just the settings) of a manager."""
+    def _dial(self, target: "_ClientTarget", factory: Callable[..., WebSocket], options: "_ClientOptions",
+              redial: "Optional[_Redial]") -> "_ClientHandshake":
+        """A reconnection's client handshake, made (and its name resolved) in the loop."""
 
-    __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
-                 "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized", "_starved_since")
+    def _own(self, handshake: "_Handshake", websocket: Optional[WebSocket] = None) -> None:
+        """Record a handshake in flight as owned (a client's: its connection too), for the shutdown."""
 
-    def __init__(self, manager: "WebSocketManager", sock: Optional[socket.socket], factory: Callable[..., WebSocket],
-                 ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
-                 handshake: Optional[Callable[[Request], Any]], max_connections: Optional[int],
-                 origins: Optional[Sequence[Optional[str]]], unix_path: Optional[str] = None,
-                 compression: Optional[Deflate] = None):
-        self.manager = manager
-        self.sock = sock
-        self.factory = factory
-        self.ssl_context = ssl_context
-        self.subprotocols = list(subprotocols or ())
-        self.handshake = handshake
-        self.max_connections = max_connections
-        self.origins = None if origins is None else frozenset(origins)
-        self.unix_path = unix_path
-        self.connections = 0
-        self.compression = compression
-        # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
-        self._count_lock = threading.Lock()
-        self._finalized = False
-        self._starved_since: Optional[float] = None  # when accept() ran out of descriptors, in an episode of it
+    def _admit(self, websocket: WebSocket) -> None:
+        """A handshake's 101: its connection runs from now on."""
 
-    def accept(self, request: Request, peer: Any = None) -> Response:
-        """The answer to an opening request, with no I/O: a 101, or the refusal to send.
+    def _disown(self, handshake: "_Handshake") -> None:
+        """A handshake is over (its connection, if any, was admitted or has failed)."""
 
-        The one place for the server's rules, shared by :meth:`WebSocketManager.listen`,
-        :meth:`~WebSocketManager.accept` and :meth:`~WebSocketManager.wsgi_app`: Origin
-        (403), max_connections (503), the handshake hook, RFC 6455 validation, the
-        subprotocol choice and permessage-deflate negotiation. A 101's headers are built
-        here and nowhere else; the subprotocol is its ``Sec-WebSocket-Protocol`` header.
-        ``peer`` is for the log.
-        """
-        return self._answer(request, peer).response
+    def _refused_for_stop(self) -> None:
+        """A handshake was refused because the manager stops: counted in the stop's summary line."""
 
-    def _answer(self, request: Request, peer: Any = None) -> "_Answer":
-        """:meth:`accept`, with what the log and the connection to make need to know (an :class:`_Answer`)."""
-        try:
-            if self.origins is not None and request.origin not in self.origins:
-                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
-            if self.full():
-                raise HandshakeError("too many connections", 503)
-            chosen = None
-            if self.handshake is not None:
-                try:
-                    chosen = self.handshake(request)
-                except HandshakeError:
-                    raise
-                except Exception as exc:
-                    logger.error("handshake hook raised for %s", peer, exc_info=exc)
-                    raise HandshakeError("handshake hook failed", 500) from None
-                if isinstance(chosen, Response):
-                    if chosen.status == 101:  # a 101 without the accept key would be a lie
-                        logger.error("handshake hook answered 101 itself; return None or a subprotocol")
-                        raise HandshakeError("bad handshake hook answer", 500)
-                    return _Answer(chosen, "answered by the handshake hook")
-            key = validate_request(request)
-            offered = request.subprotocols
-            if chosen is None:
-                subprotocol = next((name for name in self.subprotocols if name in offered), None)
-            elif chosen in offered:
-                subprotocol = chosen
-            else:
-                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
-                raise HandshakeError("bad subprotocol", 500)
-        except HandshakeError as exc:
-            return _Answer(Response(exc.status or 400, exc.headers), str(exc))
-        fields = _switch_fields(key, subprotocol)
-        deflate = None
-        if self.compression is not None:
-            extension, deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"), self.compression)
-            if extension:
-                fields.append(("Sec-WebSocket-Extensions", extension))
-        return _Answer(Response(101, fields), "", deflate, subprotocol)
-
-    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
-                         peer: Any, extra_data: bytes = b"") -> WebSocket:
-        """The connection for a request accepted with ``answer``, its 101 queued first; any thread."""
-        websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
-                                 subprotocol=answer.subprotocol, peer_address=peer,
-                                 extra_data=extra_data)
-        websocket._enable_deflate(answer.deflate, self.compression)
-        # The 101 goes out first, through the connection's own buffer.
-        websocket._queue_reply(_encode_switch(answer.response.headers), self)
-        return websocket
-
-    @property
-    def loop(self) -> "_Loop":
-        """Its manager's loop (a listening socket's: the settings alone need none)."""
-        return self.manager._loop
-
-    def full(self) -> bool:
-        """Whether max_connections connections are open."""
-        return self.max_connections is not None and self.connections >= self.max_connections
-
-    def _claim(self) -> bool:
-        """Count one more connection, unless full; any thread."""
-        with self._count_lock:
-            if self.full():
-                return False
-            self.connections += 1
-            return True
-
-    def _unclaim(self) -> None:
-        with self._count_lock:
-            self.connections -= 1
-
-    def _on_read(self) -> None:
-        if self._finalized:
-            return  # closed by a stop earlier in this turn
-        listening = cast(socket.socket, self.sock)  # (the settings of accept() have none: never in the selector)
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, address = listening.accept()
-            except _would_block():
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: the backlog stays readable, so the listener leaves the
-                    # selector for ACCEPT_BACKOFF instead of spinning, then tries again. One warning
-                    # per episode (until an accept() succeeds), not one per try.
-                    if self._starved_since is None:
-                        self._starved_since = self.loop.now
-                        logger.warning("accept() failed (%s); the listener rests %.1f s at a time until "
-                                       "descriptors are free", exc, ACCEPT_BACKOFF)
-                    else:
-                        logger.debug("accept() failed again (%s); resting %.1f s", exc, ACCEPT_BACKOFF)
-                    self.loop.unwatch(listening)
-                    self.loop.call_later(ACCEPT_BACKOFF, self._resume)
-                    return
-                logger.debug("accept() failed: %s", exc)
-                continue
-            if self._starved_since is not None:
-                logger.info("accept() works again after %.1f s out of descriptors", self.loop.now - self._starved_since)
-                self._starved_since = None
-            self.manager._start_handshake(self, sock, address)
-
-    def _on_write(self) -> None:
-        pass
-
-    def _resume(self) -> None:
-        """Loop thread: accept (listen(), or again after ACCEPT_BACKOFF) until the manager's stop."""
-        if not self._finalized and self.sock is not None:
-            self.loop.watch(self.sock, selectors.EVENT_READ, self)
-            self.loop.on_stop(self._finalize)
-
-    def _finalize(self, reason: str = "") -> None:
-        if self._finalized or self.sock is None:
-            return
-        self._finalized = True
-        self.loop.unwatch(self.sock)  # (its stop callback, if any, finds it finalized)
-        self.sock.close()
-        if self.unix_path:
-            with contextlib.suppress(OSError):
-                os.unlink(self.unix_path)
-
-
-class _Handshake:
-    """What a connection before its 101 has in both roles: a deadline and a TLS handshake."""
-
-    __slots__ = ("manager", "loop", "sock", "address", "timer", "tls_pending", "_finalized")
-    _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
-    _refuse_for_stop: Callable[[], None]  # each role's own: what a stop does to it (see _Loop.on_stop)
-    reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
-
-    def __init__(self, manager: "WebSocketManager", sock: socket.socket, address: Any):
-        self.manager = manager
-        self.loop = manager._loop
-        self.sock = sock
-        self.address = address
-        self.timer: Any = None
-        self.tls_pending = _is_tls(sock)
-        self._finalized = False
-
-    def _tls_handshake(self) -> bool:
-        """One step of the TLS handshake: True once it is done (and the socket is watched for reading)."""
-        try:
-            waiting = _tls_step(self.sock)
-        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
-            self._fail(exc)
-            return False
-        self._set_events(waiting or selectors.EVENT_READ)
-        self.tls_pending = bool(waiting)
-        return not waiting
-
-    def _set_events(self, events: int) -> None:
-        self.loop.set_events(self.sock, events, cast(_Handler, self))
-
-    def _send(self, data: memoryview) -> Optional[memoryview]:
-        """Send what the socket takes of ``data`` now: the rest, or ``None`` when the socket failed (see _fail)."""
-        try:
-            sent = self.sock.send(data) if data else 0
-        except _would_block():
-            sent = 0
-        except OSError as exc:
-            self._fail(exc)
-            return None
-        return data[sent:]
-
-    def _detach(self) -> None:
-        self._finalized = True
-        _cancel(self.timer)
-        self.loop.ignore_stop(self._refuse_for_stop)
-        self.manager._handshakes.discard(self)
-
-
-class _ServerHandshake(_Handshake):
-    """A server connection before its 101: TLS handshake, request head, answer."""
-
-    __slots__ = ("listener", "reader", "reply")
-
-    def __init__(self, manager: "WebSocketManager", listener: _Listener, sock: socket.socket, address: Any):
-        super().__init__(manager, sock, address)
-        self.listener = listener
-        self.reader = HeadReader()
-        self.reply = None
-
-    def _on_read(self) -> None:
-        if self._finalized:
-            return
-        if self.tls_pending and not self._tls_handshake():
-            return
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except _would_block():
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._finalize()
-            return
-        if self.reply is None:  # else refused: the rest of the request is discarded until the peer's EOF
-            self._feed(data)
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            result = self.reader.feed(data)
-            if result is None:
-                if _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-                    self.loop.read_again(self)
-                return
-            head, rest = result
-            if self.loop.stopping:
-                raise HandshakeError("the server is shutting down", 503)
-            request = parse_request(head)
-        except HandshakeError as exc:
-            self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
-            return
-        listener = self.listener
-        answer = listener._answer(request, self.address)
-        if answer.response.status != 101:
-            self._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
-            return
-        try:
-            websocket = listener._make_connection(self.sock, request, head, answer, self.address, rest)
-        except Exception as exc:
-            logger.error("could not create the connection for %s", self.address, exc_info=exc)
-            self._reply_and_close(Response(500), "the connection factory raised")
-            return
-        self._detach()
-        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
-        self.manager._take(websocket)
-        self.manager._open(websocket)
-
-    def _on_write(self) -> None:
-        if self._finalized:
-            return
-        if self.tls_pending:
-            if self._tls_handshake():
-                self._on_read()
-        elif self.reply is not None:
-            self._write_reply(self.reply)
-
-    def _fail(self, exc: BaseException) -> None:
-        # Only the socket and the TLS handshake fail this way: the rest is answered with HTTP, or ends
-        # at the peer's EOF.
-        logger.debug("connection from %s failed: %s", self.address, exc)
-        self._finalize()
-
-    def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
-        """Answer with plain HTTP, then close once it is written and the peer is done.
-
-        ``reason`` says why, for the log (the peer only sees the status);
-        ``upgrade=False`` for a plain HTTP request that a handshake hook answered.
-        """
-        if self.reply is not None:
-            return
-        status = response.status
-        if status == 503 and self.loop.stopping:
-            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
-        elif status >= 400 and upgrade:
-            logger.info("refused handshake from %s: %d %s", self.address, status,
-                        reason or response.reason or _REASON_PHRASES.get(status, ""))
-        else:
-            logger.debug("answered %s with HTTP %d", self.address, status)
-        try:
-            reply = encode_response(response)
-        except ValueError as exc:
-            logger.error("invalid handshake response: %s", exc)
-            reply = encode_response(Response(500))
-        self._write_reply(memoryview(reply))
-
-    def _write_reply(self, reply: memoryview) -> None:
-        rest = self._send(reply)
-        if rest is None:
-            return
-        self.reply = rest
-        if rest:
-            self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
-            return
-        self._set_events(selectors.EVENT_READ)
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._finalize()
-            return
-        # Bounded wait for the peer's EOF, so our reply is not destroyed by a RST.
-        _cancel(self.timer)
-        self.timer = self.loop.call_later(self.manager.close_timeout, self._finalize)
-
-    def _refuse_for_stop(self) -> None:
-        """The manager is stopping: refuse with 503 now (a TLS handshake still going is just closed)."""
-        if self._finalized or self.reply is not None:
-            return
-        if self.tls_pending:
-            self._finalize()
-        else:
-            self._reply_and_close(Response(503))
-
-    def _time_out(self) -> None:
-        logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
-        self._finalize()
-
-    def _finalize(self, reason: str = "") -> None:
-        if self._finalized:
-            return
-        self._detach()
-        self.loop.unwatch(self.sock)
-        self.sock.close()
-
-
-def _ended_by(websocket: WebSocket) -> str:
-    """Why a connection finalized before its opening handshake completed, for connect_failed()."""
-    reason = websocket.close_reason
-    return "terminated by the application" if reason == "terminated" else reason or "closed"
-
-
-class _ClientHandshake(_Handshake):
-    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
-
-    In order: the TCP connect (to the proxy, if any), the proxy's CONNECT tunnel, TLS for ``wss://``,
-    the opening handshake; a redirect starts over with a new socket, within the same deadline.
-    """
-
-    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "tunnel", "visited", "redial")
-
-    def __init__(self, manager: "WebSocketManager", websocket: WebSocket, address: Any, target: _ClientTarget,
-                 proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
-                 redial: Optional[_Redial] = None):
-        super().__init__(manager, websocket.sock, address)
-        self.websocket = websocket
-        self.options = options
-        self.redial = redial
-        self.visited = [target.url]
-        self._route(target, proxy, opening)
-
-    def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
-        self.target = target
-        self.opening = opening
-        self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
-        self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
-        self.connected = False
-
-    def _begin(self) -> None:
-        """Loop thread: start the TCP connect (the socket is non-blocking)."""
-        if self.websocket.terminated:
-            self._abandon(_ended_by(self.websocket))  # before the loop got to it
-            return
-        if self.loop.stopping:
-            self._fail(ManagerStopped("the manager is stopping"))
-            return
-        self.manager._handshakes.add(self)  # (a reconnection's: connect() adds its own at once)
-        self.loop.on_stop(self._refuse_for_stop)
-        self.timer = self.loop.call_later(self.options.timeout, self._time_out)
-        self._connect()
-
-    def _connect(self) -> None:
-        try:
-            error = self.sock.connect_ex(self.address)
-        except OSError as exc:
-            self._fail(exc)
-            return
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
-            self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
-            return
-        self.loop.watch(self.sock, selectors.EVENT_WRITE, self)
-
-    def _on_write(self) -> None:
-        if self._finalized:
-            return
-        if not self.connected:
-            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
-                return
-            self.connected = True
-            if self.tunnel is None:
-                self._secure()
-                return
-        if self.tls_pending and not self._tls_handshake():
-            return
-        self._write_request()
-
-    def _secure(self) -> None:
-        """Connected (through the tunnel, if any): start TLS for ``wss://``, then send the opening request."""
-        self.request = memoryview(self.opening.request)
-        if not self.target.secure:
-            self._write_request()
-            return
-        self.loop.unwatch(self.sock)
-        try:
-            # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
-            self.sock = self.target.wrap(self.sock, self.options.ssl_context, do_handshake_on_connect=False)
-        except (OSError, ValueError) as exc:
-            self._fail(exc)
-            return
-        self.websocket._take_socket(self.sock)
-        if self._tls_handshake():  # which watches the new socket
-            self._write_request()
-
-    def _on_read(self) -> None:
-        if self._finalized:
-            return
-        if self.tls_pending:
-            if self._tls_handshake():
-                self._write_request()
-            return
-        if self.request or not self.connected:
-            return  # a hang-up before the request is out: the write handler sees the error
-        try:
-            data = self.sock.recv(READ_SIZE)
-            if self.tunnel is not None:
-                if self.tunnel.feed(data):
-                    self.tunnel = None
-                    self._secure()
-                return
-            result = self.opening.feed(data)
-        except _would_block():
-            return
-        except HandshakeError as exc:
-            self._redirect(exc)  # or fails with it, when it is no redirect
-            return
-        except OSError as exc:
-            self._fail(exc)
-            return
-        if result is not None:
-            self._open(*result)
-        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
-            self.loop.read_again(self)
-
-    def _redirect(self, answer: HandshakeError) -> None:
-        """Follow a redirect (fail with ``answer`` when it is none): a new socket (and route) to the new URL,
-        the same connection and deadline."""
-        options = self.options
-        try:
-            target = _redirected(self.target, answer, self.visited)
-            first = _client_target(self.visited[0])
-            opening = _ClientOpening(target, options.settings, options.subprotocols,
-                                     _headers_for(first, target, options.headers), options.origin)
-            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
-            proxy, address, sock = _client_socket(target, options.proxy)
-        except (HandshakeError, OSError, ValueError) as exc:
-            self._fail(exc)
-            return
-        logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
-        self.loop.unwatch(self.sock)
-        self.sock.close()
-        self.sock = sock
-        self.address = address
-        self.websocket._take_socket(sock, address, target.path, opening.request)
-        self._route(target, proxy, opening)
-        self._connect()
-
-    def _write_request(self) -> None:
-        rest = self._send(self.request)
-        if rest is not None:
-            self.request = rest
-            self._set_events(selectors.EVENT_WRITE if rest else selectors.EVENT_READ)
-
-    def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
-              deflate: Optional[DeflateParams]) -> None:
-        websocket = self.websocket
-        self._detach()
-        if websocket.terminated:
-            return  # terminate()d meanwhile
-        websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
-        if self.redial is not None:
-            self.redial.opened()
-        self.manager._take(websocket)
-        self.manager._open(websocket)  # takes the selector registration over from this handshake
-
-    def _time_out(self) -> None:
-        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.options.timeout:g} s"))
-
-    def _refuse_for_stop(self) -> None:
-        self._fail(ManagerStopped("the manager stopped before the connection opened"))
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._finalized:
-            return
-        self._detach()
-        self.loop.unwatch(self.sock)
-        self._report(exc)
-
-    def _abandon(self, reason: str) -> None:
-        """The connection was closed or terminated before the 101 (``reason`` says how): the handshake
-        ends now, its timer with it, and connect_failed() says why instead of a timeout later."""
-        if self._finalized:
-            return
-        self._detach()
-        if self.websocket.terminated:
-            # Inside the connection's _finalize(), which closes the socket only after this (or
-            # before _begin(), when it is closed already): connect_failed() is promised a closed one.
-            self.sock.close()
-        else:
-            self.loop.unwatch(self.sock)
-        self._report(ConnectionClosed(f"{reason} before the opening handshake with {self.address!r} completed",
-                                      CloseCode.ABNORMAL, reason))
-
-    def _report(self, exc: BaseException) -> None:
-        websocket = self.websocket
-        if isinstance(exc, ManagerStopped):
-            self.manager._stop_outcomes["refused handshakes"] += 1  # in the stop's summary line
-        elif not self.manager._out_of_descriptors(exc):  # which logs once per episode, not per connection
-            logger.info("could not connect %s: %s", websocket._describe(), exc)
-        websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
-        try:
-            websocket.connect_failed(exc)
-        except Exception as error:
-            logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
-        if self.redial is not None:
-            self.redial.failed(websocket, exc)
-
-    def _finalize(self, reason: str = "") -> None:
-        # The manager's shutdown, or an internal error (_Loop.crashed).
-        if self.loop.stopping:
-            self._refuse_for_stop()
-        else:
-            self._fail(WebSocketError(reason or "internal error"))
+    def _out_of_descriptors(self, exc: BaseException) -> bool:
+        """Whether a connect() failed for want of descriptors (logged once per episode)."""
 
 
 class _Loop:
@@ -3775,6 +3674,635 @@ class _Loop:
 
     def _finalize(self, reason: str = "") -> None:
         """Nothing: the waker lives as long as its loop, which closes it."""
+
+
+class _Answer(_NamedTuple):
+    """What the server's policy decided for one opening request (see :meth:`_Listener.accept`)."""
+
+    response: Response  # a 101 to send, or the refusal (or page) that ends the connection
+    why: str = ""  # for the log: why a refusal refuses
+    deflate: Optional[DeflateParams] = None  # the permessage-deflate parameters a 101 agreed to
+    subprotocol: Optional[str] = None  # the one a 101's Sec-WebSocket-Protocol names
+
+
+class _Listener:
+    """A listening socket (or, for accept(), just the settings) of a manager."""
+
+    __slots__ = ("manager", "sock", "factory", "ssl_context", "subprotocols", "handshake", "max_connections",
+                 "origins", "unix_path", "connections", "compression", "_count_lock", "_finalized", "_starved_since")
+
+    def __init__(self, manager: _Owner, sock: Optional[socket.socket], factory: Callable[..., WebSocket],
+                 ssl_context: Optional[ssl.SSLContext], subprotocols: Optional[Sequence[str]],
+                 handshake: Optional[Callable[[Request], Any]], max_connections: Optional[int],
+                 origins: Optional[Sequence[Optional[str]]], unix_path: Optional[str] = None,
+                 compression: Optional[Deflate] = None):
+        self.manager = manager
+        self.sock = sock
+        self.factory = factory
+        self.ssl_context = ssl_context
+        self.subprotocols = list(subprotocols or ())
+        self.handshake = handshake
+        self.max_connections = max_connections
+        self.origins = None if origins is None else frozenset(origins)
+        self.unix_path = unix_path
+        self.connections = 0
+        self.compression = compression
+        # wsgi_app() counts from the host server's threads, the loop uncounts: one lock for both.
+        self._count_lock = threading.Lock()
+        self._finalized = False
+        self._starved_since: Optional[float] = None  # when accept() ran out of descriptors, in an episode of it
+
+    def accept(self, request: Request, peer: Any = None) -> Response:
+        """The answer to an opening request, with no I/O: a 101, or the refusal to send.
+
+        The one place for the server's rules, shared by :meth:`WebSocketManager.listen`,
+        :meth:`~WebSocketManager.accept` and :meth:`~WebSocketManager.wsgi_app`: Origin
+        (403), max_connections (503), the handshake hook, RFC 6455 validation, the
+        subprotocol choice and permessage-deflate negotiation. A 101's headers are built
+        here and nowhere else; the subprotocol is its ``Sec-WebSocket-Protocol`` header.
+        ``peer`` is for the log.
+        """
+        return self._answer(request, peer).response
+
+    def _answer(self, request: Request, peer: Any = None) -> "_Answer":
+        """:meth:`accept`, with what the log and the connection to make need to know (an :class:`_Answer`)."""
+        try:
+            if self.origins is not None and request.origin not in self.origins:
+                raise HandshakeError(f"origin {request.origin!r} not allowed", 403)
+            if self.full():
+                raise HandshakeError("too many connections", 503)
+            chosen = None
+            if self.handshake is not None:
+                try:
+                    chosen = self.handshake(request)
+                except HandshakeError:
+                    raise
+                except Exception as exc:
+                    logger.error("handshake hook raised for %s", peer, exc_info=exc)
+                    raise HandshakeError("handshake hook failed", 500) from None
+                if isinstance(chosen, Response):
+                    if chosen.status == 101:  # a 101 without the accept key would be a lie
+                        logger.error("handshake hook answered 101 itself; return None or a subprotocol")
+                        raise HandshakeError("bad handshake hook answer", 500)
+                    return _Answer(chosen, "answered by the handshake hook")
+            key = validate_request(request)
+            offered = request.subprotocols
+            if chosen is None:
+                subprotocol = next((name for name in self.subprotocols if name in offered), None)
+            elif chosen in offered:
+                subprotocol = chosen
+            else:
+                logger.error("handshake hook chose subprotocol %r, which the client did not offer", chosen)
+                raise HandshakeError("bad subprotocol", 500)
+        except HandshakeError as exc:
+            return _Answer(Response(exc.status or 400, exc.headers), str(exc))
+        fields = _switch_fields(key, subprotocol)
+        deflate = None
+        if self.compression is not None:
+            extension, deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"), self.compression)
+            if extension:
+                fields.append(("Sec-WebSocket-Extensions", extension))
+        return _Answer(Response(101, fields), "", deflate, subprotocol)
+
+    def _make_connection(self, sock: socket.socket, request: Request, head: bytes, answer: "_Answer",
+                         peer: Any, extra_data: bytes = b"") -> WebSocket:
+        """The connection for a request accepted with ``answer``, its 101 queued first; any thread."""
+        websocket = self.factory(sock, client=False, path=request.path, request_headers=head,
+                                 subprotocol=answer.subprotocol, peer_address=peer,
+                                 extra_data=extra_data)
+        websocket._enable_deflate(answer.deflate, self.compression)
+        # The 101 goes out first, through the connection's own buffer.
+        websocket._queue_reply(_encode_switch(answer.response.headers), self)
+        return websocket
+
+    @property
+    def loop(self) -> "_Loop":
+        """Its manager's loop (a listening socket's: the settings alone need none)."""
+        return self.manager._loop
+
+    def full(self) -> bool:
+        """Whether max_connections connections are open."""
+        return self.max_connections is not None and self.connections >= self.max_connections
+
+    def _claim(self) -> bool:
+        """Count one more connection, unless full; any thread."""
+        with self._count_lock:
+            if self.full():
+                return False
+            self.connections += 1
+            return True
+
+    def _unclaim(self) -> None:
+        with self._count_lock:
+            self.connections -= 1
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return  # closed by a stop earlier in this turn
+        listening = cast(socket.socket, self.sock)  # (the settings of accept() have none: never in the selector)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listening.accept()
+            except _would_block():
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the backlog stays readable, so the listener leaves the
+                    # selector for ACCEPT_BACKOFF instead of spinning, then tries again. One warning
+                    # per episode (until an accept() succeeds), not one per try.
+                    if self._starved_since is None:
+                        self._starved_since = self.loop.now
+                        logger.warning("accept() failed (%s); the listener rests %.1f s at a time until "
+                                       "descriptors are free", exc, ACCEPT_BACKOFF)
+                    else:
+                        logger.debug("accept() failed again (%s); resting %.1f s", exc, ACCEPT_BACKOFF)
+                    self.loop.unwatch(listening)
+                    self.loop.call_later(ACCEPT_BACKOFF, self._resume)
+                    return
+                logger.debug("accept() failed: %s", exc)
+                continue
+            if self._starved_since is not None:
+                logger.info("accept() works again after %.1f s out of descriptors", self.loop.now - self._starved_since)
+                self._starved_since = None
+            self.manager._start_handshake(self, sock, address)
+
+    def _on_write(self) -> None:
+        pass
+
+    def _resume(self) -> None:
+        """Loop thread: accept (listen(), or again after ACCEPT_BACKOFF) until the manager's stop."""
+        if not self._finalized and self.sock is not None:
+            self.loop.watch(self.sock, selectors.EVENT_READ, self)
+            self.loop.on_stop(self._finalize)
+
+    def _finalize(self, reason: str = "") -> None:
+        if self._finalized or self.sock is None:
+            return
+        self._finalized = True
+        self.loop.unwatch(self.sock)  # (its stop callback, if any, finds it finalized)
+        self.sock.close()
+        if self.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+
+
+class _Handshake:
+    """What a connection before its 101 has in both roles: a deadline and a TLS handshake."""
+
+    __slots__ = ("manager", "loop", "sock", "address", "timer", "tls_pending", "_finalized")
+    _fail: Callable[[BaseException], None]  # each role's own: a failure of the socket or of TLS
+    _refuse_for_stop: Callable[[], None]  # each role's own: what a stop does to it (see _Loop.on_stop)
+    _finalize: Callable[..., None]  # each role's own: the shutdown's (see _Handler)
+    reply: Optional[memoryview] = None  # a server's refusal being written, after which it closes
+
+    def __init__(self, manager: _Owner, sock: socket.socket, address: Any):
+        self.manager = manager
+        self.loop = manager._loop
+        self.sock = sock
+        self.address = address
+        self.timer: Any = None
+        self.tls_pending = _is_tls(sock)
+        self._finalized = False
+
+    def _tls_handshake(self) -> bool:
+        """One step of the TLS handshake: True once it is done (and the socket is watched for reading)."""
+        try:
+            waiting = _tls_step(self.sock)
+        except (ssl.SSLError, OSError) as exc:  # a certificate that does not verify included
+            self._fail(exc)
+            return False
+        self._set_events(waiting or selectors.EVENT_READ)
+        self.tls_pending = bool(waiting)
+        return not waiting
+
+    def _set_events(self, events: int) -> None:
+        self.loop.set_events(self.sock, events, cast(_Handler, self))
+
+    def _send(self, data: memoryview) -> Optional[memoryview]:
+        """Send what the socket takes of ``data`` now: the rest, or ``None`` when the socket failed (see _fail)."""
+        try:
+            sent = self.sock.send(data) if data else 0
+        except _would_block():
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return None
+        return data[sent:]
+
+    def _detach(self) -> None:
+        self._finalized = True
+        _cancel(self.timer)
+        self.loop.ignore_stop(self._refuse_for_stop)
+        self.manager._disown(self)
+
+
+class _ServerHandshake(_Handshake):
+    """A server connection before its 101: TLS handshake, request head, answer."""
+
+    __slots__ = ("listener", "reader", "reply")
+
+    def __init__(self, manager: _Owner, listener: _Listener, sock: socket.socket, address: Any):
+        super().__init__(manager, sock, address)
+        self.listener = listener
+        self.reader = HeadReader()
+        self.reply = None
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return
+        if self.tls_pending and not self._tls_handshake():
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except _would_block():
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._finalize()
+            return
+        if self.reply is None:  # else refused: the rest of the request is discarded until the peer's EOF
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            result = self.reader.feed(data)
+            if result is None:
+                if _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
+                    self.loop.read_again(self)
+                return
+            head, rest = result
+            if self.loop.stopping:
+                raise HandshakeError("the server is shutting down", 503)
+            request = parse_request(head)
+        except HandshakeError as exc:
+            self._reply_and_close(Response(exc.status or 400, exc.headers), str(exc))
+            return
+        listener = self.listener
+        answer = listener._answer(request, self.address)
+        if answer.response.status != 101:
+            self._reply_and_close(answer.response, answer.why, upgrade=request.is_upgrade)
+            return
+        try:
+            websocket = listener._make_connection(self.sock, request, head, answer, self.address, rest)
+        except Exception as exc:
+            logger.error("could not create the connection for %s", self.address, exc_info=exc)
+            self._reply_and_close(Response(500), "the connection factory raised")
+            return
+        self._detach()
+        listener._claim()  # checked by accept() in this same loop turn: it cannot be full here
+        self.manager._admit(websocket)
+
+    def _on_write(self) -> None:
+        if self._finalized:
+            return
+        if self.tls_pending:
+            if self._tls_handshake():
+                self._on_read()
+        elif self.reply is not None:
+            self._write_reply(self.reply)
+
+    def _fail(self, exc: BaseException) -> None:
+        # Only the socket and the TLS handshake fail this way: the rest is answered with HTTP, or ends
+        # at the peer's EOF.
+        logger.debug("connection from %s failed: %s", self.address, exc)
+        self._finalize()
+
+    def _reply_and_close(self, response: Response, reason: str = "", *, upgrade: bool = True) -> None:
+        """Answer with plain HTTP, then close once it is written and the peer is done.
+
+        ``reason`` says why, for the log (the peer only sees the status);
+        ``upgrade=False`` for a plain HTTP request that a handshake hook answered.
+        """
+        if self.reply is not None:
+            return
+        status = response.status
+        if status == 503 and self.loop.stopping:
+            self.manager._refused_for_stop()  # in the stop's summary line
+        elif status >= 400 and upgrade:
+            logger.info("refused handshake from %s: %d %s", self.address, status,
+                        reason or response.reason or _REASON_PHRASES.get(status, ""))
+        else:
+            logger.debug("answered %s with HTTP %d", self.address, status)
+        try:
+            reply = encode_response(response)
+        except ValueError as exc:
+            logger.error("invalid handshake response: %s", exc)
+            reply = encode_response(Response(500))
+        self._write_reply(memoryview(reply))
+
+    def _write_reply(self, reply: memoryview) -> None:
+        rest = self._send(reply)
+        if rest is None:
+            return
+        self.reply = rest
+        if rest:
+            self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
+            return
+        self._set_events(selectors.EVENT_READ)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finalize()
+            return
+        # Bounded wait for the peer's EOF, so our reply is not destroyed by a RST.
+        _cancel(self.timer)
+        self.timer = self.loop.call_later(self.manager.close_timeout, self._finalize)
+
+    def _refuse_for_stop(self) -> None:
+        """The manager is stopping: refuse with 503 now (a TLS handshake still going is just closed)."""
+        if self._finalized or self.reply is not None:
+            return
+        if self.tls_pending:
+            self._finalize()
+        else:
+            self._reply_and_close(Response(503))
+
+    def _time_out(self) -> None:
+        logger.info("handshake from %s timed out after %.1f s", self.address, self.manager.handshake_timeout)
+        self._finalize()
+
+    def _finalize(self, reason: str = "") -> None:
+        if self._finalized:
+            return
+        self._detach()
+        self.loop.unwatch(self.sock)
+        self.sock.close()
+
+
+def _ended_by(websocket: WebSocket) -> str:
+    """Why a connection finalized before its opening handshake completed, for connect_failed()."""
+    reason = websocket.close_reason
+    return "terminated by the application" if reason == "terminated" else reason or "closed"
+
+
+class _ClientHandshake(_Handshake):
+    """A client connection before the server's 101: what :meth:`WebSocketManager.connect` runs in the loop.
+
+    In order: the TCP connect (to the proxy, if any), the proxy's CONNECT tunnel, TLS for ``wss://``,
+    the opening handshake; a redirect starts over with a new socket, within the same deadline.
+    """
+
+    __slots__ = ("websocket", "opening", "request", "connected", "target", "options", "tunnel", "visited", "redial")
+
+    def __init__(self, manager: _Owner, websocket: WebSocket, address: Any, target: _ClientTarget,
+                 proxy: Optional[_Proxy], opening: "_ClientOpening", options: _ClientOptions,
+                 redial: Optional[_Redial] = None):
+        super().__init__(manager, websocket.sock, address)
+        self.websocket = websocket
+        self.options = options
+        self.redial = redial
+        self.visited = [target.url]
+        self._route(target, proxy, opening)
+
+    def _route(self, target: _ClientTarget, proxy: Optional[_Proxy], opening: "_ClientOpening") -> None:
+        self.target = target
+        self.opening = opening
+        self.tunnel = _ProxyTunnel(target, proxy) if proxy is not None else None
+        self.request = memoryview(self.tunnel.request if self.tunnel is not None else b"")
+        self.connected = False
+
+    def _begin(self) -> None:
+        """Loop thread: start the TCP connect (the socket is non-blocking)."""
+        if self.websocket.terminated:
+            self._abandon(_ended_by(self.websocket))  # before the loop got to it
+            return
+        if self.loop.stopping:
+            self._fail(ManagerStopped("the manager is stopping"))
+            return
+        self.manager._own(self, self.websocket)  # (a reconnection's: connect() records its own at once)
+        self.loop.on_stop(self._refuse_for_stop)
+        self.timer = self.loop.call_later(self.options.timeout, self._time_out)
+        self._connect()
+
+    def _connect(self) -> None:
+        try:
+            error = self.sock.connect_ex(self.address)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
+            return
+        self.loop.watch(self.sock, selectors.EVENT_WRITE, self)
+
+    def _on_write(self) -> None:
+        if self._finalized:
+            return
+        if not self.connected:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(_connect_error(OSError(error, os.strerror(error)), self.address))
+                return
+            self.connected = True
+            if self.tunnel is None:
+                self._secure()
+                return
+        if self.tls_pending and not self._tls_handshake():
+            return
+        self._write_request()
+
+    def _secure(self) -> None:
+        """Connected (through the tunnel, if any): start TLS for ``wss://``, then send the opening request."""
+        self.request = memoryview(self.opening.request)
+        if not self.target.secure:
+            self._write_request()
+            return
+        self.loop.unwatch(self.sock)
+        try:
+            # Wrapped only now, on the connected socket: inside the proxy's tunnel, TLS is with the server.
+            self.sock = self.target.wrap(self.sock, self.options.ssl_context, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.websocket._take_socket(self.sock)
+        if self._tls_handshake():  # which watches the new socket
+            self._write_request()
+
+    def _on_read(self) -> None:
+        if self._finalized:
+            return
+        if self.tls_pending:
+            if self._tls_handshake():
+                self._write_request()
+            return
+        if self.request or not self.connected:
+            return  # a hang-up before the request is out: the write handler sees the error
+        try:
+            data = self.sock.recv(READ_SIZE)
+            if self.tunnel is not None:
+                if self.tunnel.feed(data):
+                    self.tunnel = None
+                    self._secure()
+                return
+            result = self.opening.feed(data)
+        except _would_block():
+            return
+        except HandshakeError as exc:
+            self._redirect(exc)  # or fails with it, when it is no redirect
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if result is not None:
+            self._open(*result)
+        elif _is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending():
+            self.loop.read_again(self)
+
+    def _redirect(self, answer: HandshakeError) -> None:
+        """Follow a redirect (fail with ``answer`` when it is none): a new socket (and route) to the new URL,
+        the same connection and deadline."""
+        options = self.options
+        try:
+            target = _redirected(self.target, answer, self.visited)
+            first = _client_target(self.visited[0])
+            opening = _ClientOpening(target, options.settings, options.subprotocols,
+                                     _headers_for(first, target, options.headers), options.origin)
+            # Another host is resolved here, in the loop (blocking): the caller resolved only the first.
+            proxy, address, sock = _client_socket(target, options.proxy)
+        except (HandshakeError, OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        logger.debug("%s redirected (%s) to %s", self.websocket._describe(), answer.status, target.url)
+        self.loop.unwatch(self.sock)
+        self.sock.close()
+        self.sock = sock
+        self.address = address
+        self.websocket._take_socket(sock, address, target.path, opening.request)
+        self._route(target, proxy, opening)
+        self._connect()
+
+    def _write_request(self) -> None:
+        rest = self._send(self.request)
+        if rest is not None:
+            self.request = rest
+            self._set_events(selectors.EVENT_WRITE if rest else selectors.EVENT_READ)
+
+    def _open(self, head: bytes, rest: bytes, subprotocol: Optional[str],
+              deflate: Optional[DeflateParams]) -> None:
+        websocket = self.websocket
+        self._detach()
+        if websocket.terminated:
+            return  # terminate()d meanwhile
+        websocket._take_response(head, rest, subprotocol, deflate, self.opening.settings)  # before opened()
+        if self.redial is not None:
+            self.redial.opened()
+        self.manager._admit(websocket)  # the connection takes the selector registration over
+
+    def _time_out(self) -> None:
+        self._fail(socket.timeout(f"no WebSocket handshake with {self.target.url} within {self.options.timeout:g} s"))
+
+    def _refuse_for_stop(self) -> None:
+        self._fail(ManagerStopped("the manager stopped before the connection opened"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._finalized:
+            return
+        self._detach()
+        self.loop.unwatch(self.sock)
+        self._report(exc)
+
+    def _abandon(self, reason: str) -> None:
+        """The connection was closed or terminated before the 101 (``reason`` says how): the handshake
+        ends now, its timer with it, and connect_failed() says why instead of a timeout later."""
+        if self._finalized:
+            return
+        self._detach()
+        if self.websocket.terminated:
+            # Inside the connection's _finalize(), which closes the socket only after this (or
+            # before _begin(), when it is closed already): connect_failed() is promised a closed one.
+            self.sock.close()
+        else:
+            self.loop.unwatch(self.sock)
+        self._report(ConnectionClosed(f"{reason} before the opening handshake with {self.address!r} completed",
+                                      CloseCode.ABNORMAL, reason))
+
+    def _report(self, exc: BaseException) -> None:
+        websocket = self.websocket
+        if isinstance(exc, ManagerStopped):
+            self.manager._refused_for_stop()  # in the stop's summary line
+        elif not self.manager._out_of_descriptors(exc):  # which logs once per episode, not per connection
+            logger.info("could not connect %s: %s", websocket._describe(), exc)
+        websocket._finalize(f"could not connect: {exc}")  # closes the socket; closed() is not called
+        try:
+            websocket.connect_failed(exc)
+        except Exception as error:
+            logger.error("%s.connect_failed raised for %r", type(websocket).__name__, websocket, exc_info=error)
+        if self.redial is not None:
+            self.redial.failed(websocket, exc)
+
+    def _finalize(self, reason: str = "") -> None:
+        # The manager's shutdown, or an internal error (_Loop.crashed).
+        if self.loop.stopping:
+            self._refuse_for_stop()
+        else:
+            self._fail(WebSocketError(reason or "internal error"))
+
+
+class _Redial:
+    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
+    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
+    is followed by a new attempt after a back-off. Loop thread only."""
+
+    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
+
+    def __init__(self, manager: _Owner, target: _ClientTarget, factory: Callable[..., WebSocket],
+                 options: _ClientOptions, policy: Reconnect):
+        self.manager = manager
+        self.loop = manager._loop
+        self.target = target
+        self.factory = factory
+        self.options = options
+        self.policy = policy
+        self.waits = 0  # waits in a row: the back-off's n
+        self.opens = 0  # connections of this client that opened
+        self.opened_at = 0.0
+
+    def opened(self) -> None:
+        self.opens += 1
+        self.opened_at = time.monotonic()
+
+    def ended(self, websocket: WebSocket) -> None:
+        """An open connection ended (after its closed())."""
+        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
+            return
+        if time.monotonic() - self.opened_at >= self.policy.max_delay:
+            self.waits = 0  # it was stable: start the back-off again
+        self._wait(websocket, f"closed with {websocket.close_code}")
+
+    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
+        """An attempt could not open (after its connect_failed())."""
+        if isinstance(exc, HandshakeError):
+            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
+        else:  # the network, a timeout; a certificate that does not verify will not verify later either
+            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
+        if transient and self._wanted(websocket):
+            self._wait(websocket, "could not connect")
+
+    def _wanted(self, websocket: WebSocket) -> bool:
+        return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
+
+    def _wait(self, last: WebSocket, why: str) -> None:
+        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
+        delay = self.policy.delay(self.waits)
+        self.waits += 1
+        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
+        self.loop.call_later(delay, self._attempt, last)
+
+    def _attempt(self, last: WebSocket) -> None:
+        manager = self.manager
+        if self.loop.stopping or last.reconnect is None:
+            return  # stopping, or the application closed (or gave up) the connection it last had
+        try:
+            # The name is resolved again, here in the loop: a host that moved is found where it went.
+            handshake = manager._dial(self.target, self.factory, self.options, self)
+        except OSError as exc:  # the name does not resolve (now), out of descriptors
+            self._wait(last, f"could not connect to {self.target.url} ({exc})")
+            return
+        except Exception as exc:
+            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
+            return
+        handshake._begin()
 
 
 # The manager's life beyond its loop: modules, Ctrl-C, interpreter exit -----------------
@@ -4068,7 +4596,7 @@ class WebSocketManager:
         self._topics = _Topics(self)
         # What the manager owns besides its connections: handshakes (a connect()'s from the call on,
         # before its loop turn begins it), listeners, and the sockets of accept() not yet adopted.
-        self._handshakes: Set[Union[_ServerHandshake, _ClientHandshake]] = set()
+        self._handshakes: Set[_Handshake] = set()
         self._listeners: List[_Listener] = []
         self._adopting: Set[socket.socket] = set()
         self._life = _Life.IDLE  # changed by _become() only
@@ -4197,8 +4725,7 @@ class WebSocketManager:
             self._check_running(release=websocket.sock.close, stopping=True)
             # Owned by this manager from now: a send() queues (flushed once open), add() does nothing,
             # and a shutdown before the loop begins the handshake ends it (connect_failed()).
-            websocket._bind(self)
-            self._handshakes.add(handshake)
+            self._own(handshake, websocket)
         if failure is None:
             self._loop.call_threadsafe(handshake._begin)
         else:  # in the loop, as any failure to connect: connect_failed(exc)
@@ -4653,6 +5180,23 @@ class WebSocketManager:
     def _open(self, websocket: WebSocket) -> None:
         websocket._run(self)
 
+    # What listeners, handshakes and reconnections report (the _Owner interface) ---
+
+    def _own(self, handshake: "_Handshake", websocket: Optional[WebSocket] = None) -> None:
+        if websocket is not None:
+            websocket._bind(self)
+        self._handshakes.add(handshake)
+
+    def _admit(self, websocket: WebSocket) -> None:
+        self._take(websocket)
+        self._open(websocket)
+
+    def _disown(self, handshake: "_Handshake") -> None:
+        self._handshakes.discard(handshake)
+
+    def _refused_for_stop(self) -> None:
+        self._stop_outcomes["refused handshakes"] += 1
+
     def _release(self, websocket: WebSocket, released: Optional[threading.Event] = None) -> None:
         if websocket.manager is self:
             self._forget(websocket)
@@ -4804,496 +5348,6 @@ class WebSocketManager:
             self._topics.bridge._close()
         self._loop.close()
         self._log_stop_summary()
-
-
-###############################################################################
-# Client: connect() ###########################################################
-###############################################################################
-
-MAX_REDIRECTS = 10  # 3xx answers followed by one opening handshake, as websockets does
-# RFC 7231 6.4 and RFC 7538: the redirections that name the new location in Location.
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# Close codes after which a reconnecting client connects again: gone away (the server restarts),
-# no close frame at all (1006), and the server's own trouble (RFC 6455 7.4.1, IANA registry).
-_RECONNECT_CODES = frozenset({CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
-                              CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
-
-
-class _ClientTarget(_NamedTuple):
-    """Where a ``ws://`` / ``wss://`` URL points, checked (shared by both ways to connect)."""
-
-    secure: bool
-    host: str  # for name resolution and TLS's server_hostname
-    port: int
-    host_header: str  # the Host header: IPv6 literals bracketed, the port only when not the default
-    path: str  # origin-form request target: path and query
-
-    @property
-    def url(self) -> str:
-        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}"
-
-    def wrap(self, sock: socket.socket, ssl_context: Optional[ssl.SSLContext],
-             do_handshake_on_connect: bool = True) -> socket.socket:
-        """``sock``, made ready for the opening handshake: no Nagle delay, and TLS for ``wss://``."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.secure:
-            return sock
-        context = ssl_context if ssl_context is not None else ssl.create_default_context()
-        return context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=do_handshake_on_connect)
-
-
-def _client_target(url: str) -> _ClientTarget:
-    """Parse and check a client URL; raises :class:`InvalidURL`."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise InvalidURL(f"not a ws:// or wss:// URL: {url!r}")
-    secure = parts.scheme == "wss"
-    try:
-        port = parts.port or (443 if secure else 80)
-    except ValueError:
-        raise InvalidURL(f"invalid port in {url!r}") from None
-    host = parts.hostname
-    if not host:
-        raise InvalidURL(f"no host in {url!r}")
-    bracketed = _bracket(host)
-    host_header = bracketed if port == (443 if secure else 80) else f"{bracketed}:{port}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if _FORBIDDEN_IN_VALUE.search(path) or " " in path:
-        raise InvalidURL(f"invalid characters in the path of {url!r}")
-    return _ClientTarget(secure, host, port, host_header, path)
-
-
-def _redirected(target: _ClientTarget, error: HandshakeError, visited: List[str]) -> _ClientTarget:
-    """Where a redirect answer sends the opening handshake next; re-raises ``error`` when it is none.
-
-    ``visited`` holds the URLs tried so far, the first included. Raises
-    :class:`HandshakeError` for a loop, more than :data:`MAX_REDIRECTS` hops,
-    or a ``wss://`` URL sent to ``ws://`` (a downgrade to plain text).
-    """
-    response = error.response
-    location = response.headers.get("Location") if response is not None and isinstance(
-        response.headers, Headers) and error.status in _REDIRECT_STATUSES else None
-    if not location:
-        raise error
-
-    def refuse(message: str) -> HandshakeError:
-        return HandshakeError(message, error.status, error.headers, response=response)
-
-    # Joined as http(s) URLs (urljoin knows their rules on every Python), answered as ws(s) ones.
-    base = f"{'https' if target.secure else 'http'}://{target.host_header}{target.path}"
-    scheme, separator, rest = urllib.parse.urljoin(base, location.strip()).partition("://")
-    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
-    url = f"{scheme}://{rest}" if separator else location
-    try:
-        new_target = _client_target(url)
-    except InvalidURL as exc:
-        raise refuse(f"redirected to an unusable URL: {exc}") from None
-    url = new_target.url
-    if target.secure and not new_target.secure:
-        raise refuse(f"redirect from {target.url} to {url} refused: wss:// to ws:// drops TLS")
-    if url in visited:
-        raise refuse(f"redirect loop: {url} again after {len(visited) - 1} redirect(s)")
-    if len(visited) > MAX_REDIRECTS:
-        raise refuse(f"more than {MAX_REDIRECTS} redirects (the last to {url})")
-    visited.append(url)
-    return new_target
-
-
-# Credentials the application gave for the first server, kept from any other (as requests and browsers do).
-_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
-
-
-def _headers_for(first: _ClientTarget, target: _ClientTarget,
-                 headers: Optional[Sequence[Tuple[str, str]]]) -> Optional[Sequence[Tuple[str, str]]]:
-    """The application's headers for a request to ``target``, after redirects from ``first``."""
-    if headers is None or first[:3] == target[:3]:  # same scheme, host and port
-        return headers
-    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
-
-
-# Proxies (HTTP CONNECT) --------------------------------------------------------
-
-# What urllib.request.getproxies() reads for each kind of URL (lowercase first; secure: wss://).
-_PROXY_VARIABLES = {True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
-                    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
-
-
-class _Proxy:
-    """An HTTP proxy that tunnels with CONNECT (RFC 7231 4.3.6)."""
-
-    # Deliberate: plain slotted classes here and in _ClientOptions, not NamedTuples (0.1 ms each at import).
-    __slots__ = ("host", "port", "authorization")
-
-    def __init__(self, host: str, port: int, authorization: Optional[str]):
-        self.host = host
-        self.port = port
-        self.authorization = authorization  # the Proxy-Authorization value, from the proxy URL's user and password
-
-
-def _client_proxy(target: _ClientTarget, proxy: Union[str, bool, None]) -> Optional[_Proxy]:
-    """The proxy to reach ``target`` through: ``proxy`` itself (a URL), or with ``True`` the one the
-    environment names (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
-    ``all_proxy``; none when ``no_proxy`` covers the host), as urllib reads them. Raises
-    :class:`InvalidURL` for a proxy that is not ``http://``."""
-    if proxy is None or proxy is False:
-        return None
-    if proxy is True:
-        # Deliberate: where urllib reads the environment only (not macOS, Windows), a look at the few
-        # variables that matter (2 us) spares most connections getproxies() (60 us: all of os.environ).
-        if sys.platform not in ("darwin", "win32") and not any(
-                name in os.environ for name in _PROXY_VARIABLES[target.secure]):
-            return None
-        from urllib import request  # deliberate: only here, where it is needed (it imports http.client, email)
-        proxies = request.getproxies()
-        url = proxies.get("https" if target.secure else "http") or proxies.get("all")
-        if not url or request.proxy_bypass(f"{_bracket(target.host)}:{target.port}"):
-            return None
-    else:
-        url = proxy
-    if "://" not in url:
-        url = "http://" + url  # "host:port", as curl and requests read it
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or 80
-    except ValueError as exc:
-        raise InvalidURL(f"invalid proxy URL {url!r}: {exc}") from None
-    if parts.scheme.lower() != "http" or not parts.hostname:
-        raise InvalidURL(f"unsupported proxy {url!r}: only http:// proxies (HTTP CONNECT) are supported")
-    authorization = None
-    if parts.username is not None:
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
-    return _Proxy(parts.hostname, port, authorization)
-
-
-def _read_answer(reader: HeadReader, data: bytes, eof: str, malformed: str) -> Optional[Tuple[Response, bytes, bytes]]:
-    """What a client's request got back, sans I/O (a proxy's CONNECT, the opening handshake): feed ``data``
-    (``b""`` at the peer's EOF) to ``reader``; ``None`` until the answer's head is complete, then the
-    response, its head and the bytes after it. Raises :class:`HandshakeError` (no ``status``) with ``eof``
-    at an EOF, or with ``malformed`` and why for a head that does not parse."""
-    if not data:
-        raise HandshakeError(eof, None)
-    try:
-        result = reader.feed(data)
-    except HandshakeError as exc:
-        raise HandshakeError(f"{malformed}: {exc}", None) from None
-    if result is None:
-        return None
-    head, rest = result
-    return parse_response(head), head, rest
-
-
-class _ProxyTunnel:
-    """A CONNECT through an HTTP proxy, sans I/O (shared by both ways to connect): its request, then the answer."""
-
-    __slots__ = ("request", "reader")
-
-    def __init__(self, target: _ClientTarget, proxy: _Proxy):
-        authority = f"{_bracket(target.host)}:{target.port}"
-        fields = [("Host", authority)]
-        if proxy.authorization is not None:
-            fields.append(("Proxy-Authorization", proxy.authorization))
-        self.request = f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(fields)}\r\n".encode("latin-1")
-        self.reader = HeadReader()
-
-    def feed(self, data: bytes) -> bool:
-        """Feed what the proxy sent; True once the tunnel is open. Raises :class:`HandshakeError`
-        (``status``: the proxy's) when it refuses or answers wrongly."""
-        answer = _read_answer(self.reader, data, "the proxy closed the connection before answering CONNECT",
-                              "malformed answer from the proxy")
-        if answer is None:
-            return False
-        response, _, rest = answer
-        if not 200 <= response.status < 300:
-            raise HandshakeError(f"the proxy refused CONNECT: {response.status} {response.reason}".rstrip(),
-                                 response.status, list(response.headers), response=response)
-        if rest:  # the server speaks only after our request: this came from the proxy
-            raise HandshakeError("the proxy sent data after its answer to CONNECT", None)
-        return True
-
-
-def _client_socket(target: _ClientTarget, proxy: Union[str, bool, None]) -> Tuple[Optional[_Proxy], Any, socket.socket]:
-    """The proxy (or ``None``), the address and a non-blocking socket of the first hop (blocking: its
-    name is resolved)."""
-    chosen = _client_proxy(target, proxy)
-    host, port = (chosen.host, chosen.port) if chosen is not None else (target.host, target.port)
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return chosen, address, sock
-
-
-# Reconnecting clients ----------------------------------------------------------
-
-class Reconnect(_NamedTuple):
-    """How a client of :meth:`WebSocketManager.connect` (``reconnect=``) reconnects: exponential back-off.
-
-    The n-th wait in a row (n = 0, 1, ...) is based on
-    ``min(max_delay, initial_delay * factor ** n)``: the first (n = 0) is
-    drawn uniformly between 0 and ``initial_delay`` (so that clients dropped
-    by one event spread out over it), each later one between ``1 - jitter``
-    and 1 times its base. A connection that stayed open ``max_delay`` or
-    longer sets n back to 0; with ``jitter=0`` every wait is exactly its base.
-    """
-
-    # Chosen by simulating a herd whose server comes back after 2 to 4.5 s: every client is back
-    # within 8 s of it, at most a fifth of them in any 500 ms (websockets: 5 s, x1.618, 90 s cap).
-    initial_delay: float = 3.0
-    factor: float = 1.618
-    max_delay: float = 60.0
-    jitter: float = 0.5
-
-    def delay(self, n: int) -> float:
-        """The ``n``-th wait in a row, drawn as the class docstring says."""
-        base = min(self.max_delay, self.initial_delay * self.factor ** min(n, 64))
-        if not self.jitter:
-            return base
-        fraction = int.from_bytes(os.urandom(4), "big") / 2 ** 32  # uniform in [0, 1): no random import
-        return base * fraction if n == 0 else base * (1 - self.jitter * fraction)
-
-
-def _reconnect_policy(value: Union[bool, Reconnect, Tuple[float, ...], None]) -> Optional[Reconnect]:
-    if value is None or value is False:
-        return None
-    policy = Reconnect() if value is True else Reconnect(*value)
-    initial_delay, factor, max_delay, jitter = policy
-    if not (0 < initial_delay <= max_delay and factor >= 1 and 0 <= jitter <= 1):
-        raise ValueError(f"invalid {policy!r}: needs 0 < initial_delay <= max_delay, factor >= 1, 0 <= jitter <= 1")
-    return policy
-
-
-class _ClientOptions:
-    """What :meth:`WebSocketManager.connect` was asked for: the same for each redirect and reconnection."""
-
-    __slots__ = ("ssl_context", "settings", "subprotocols", "headers", "origin", "proxy", "timeout")
-
-    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
-                 subprotocols: Optional[Sequence[str]], headers: Optional[Sequence[Tuple[str, str]]],
-                 origin: Optional[str], proxy: Union[str, bool, None], timeout: float):
-        self.ssl_context = ssl_context
-        self.settings = settings
-        self.subprotocols = subprotocols
-        self.headers = headers
-        self.origin = origin
-        self.proxy = proxy
-        self.timeout = timeout
-
-
-class _Redial:
-    """A reconnecting client of :meth:`WebSocketManager.connect`: each of its connections (a fresh
-    instance from the factory) that ends abnormally, or cannot be opened for a reason that may pass,
-    is followed by a new attempt after a back-off. Loop thread only."""
-
-    __slots__ = ("manager", "loop", "target", "factory", "options", "policy", "waits", "opens", "opened_at")
-
-    def __init__(self, manager: "WebSocketManager", target: _ClientTarget, factory: Callable[..., WebSocket],
-                 options: _ClientOptions, policy: Reconnect):
-        self.manager = manager
-        self.loop = manager._loop
-        self.target = target
-        self.factory = factory
-        self.options = options
-        self.policy = policy
-        self.waits = 0  # waits in a row: the back-off's n
-        self.opens = 0  # connections of this client that opened
-        self.opened_at = 0.0
-
-    def opened(self) -> None:
-        self.opens += 1
-        self.opened_at = time.monotonic()
-
-    def ended(self, websocket: WebSocket) -> None:
-        """An open connection ended (after its closed())."""
-        if websocket.close_code not in _RECONNECT_CODES or not self._wanted(websocket):
-            return
-        if time.monotonic() - self.opened_at >= self.policy.max_delay:
-            self.waits = 0  # it was stable: start the back-off again
-        self._wait(websocket, f"closed with {websocket.close_code}")
-
-    def failed(self, websocket: WebSocket, exc: BaseException) -> None:
-        """An attempt could not open (after its connect_failed())."""
-        if isinstance(exc, HandshakeError):
-            transient = exc.status is None or exc.status >= 500  # no answer, or the server's trouble: 4xx is final
-        else:  # the network, a timeout; a certificate that does not verify will not verify later either
-            transient = isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
-        if transient and self._wanted(websocket):
-            self._wait(websocket, "could not connect")
-
-    def _wanted(self, websocket: WebSocket) -> bool:
-        return websocket.reconnect is not None and websocket.manager is self.manager and not self.loop.stopping
-
-    def _wait(self, last: WebSocket, why: str) -> None:
-        """Attempt again after the back-off; ``last``, the connection that ended last: its close() ends the wait."""
-        delay = self.policy.delay(self.waits)
-        self.waits += 1
-        logger.info("%s %s: reconnecting in %.2f s", last._describe(), why, delay)
-        self.loop.call_later(delay, self._attempt, last)
-
-    def _attempt(self, last: WebSocket) -> None:
-        manager = self.manager
-        if self.loop.stopping or last.reconnect is None:
-            return  # stopping, or the application closed (or gave up) the connection it last had
-        try:
-            # The name is resolved again, here in the loop: a host that moved is found where it went.
-            handshake = manager._dial(self.target, self.factory, self.options, self)
-        except OSError as exc:  # the name does not resolve (now), out of descriptors
-            self._wait(last, f"could not connect to {self.target.url} ({exc})")
-            return
-        except Exception as exc:
-            logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
-            return
-        handshake.websocket._bind(manager)
-        handshake._begin()
-
-
-class _ClientOpening:
-    """A client's opening handshake, sans I/O (shared by both ways to connect): its request, then the answer."""
-
-    __slots__ = ("key", "subprotocols", "settings", "request", "reader")
-
-    def __init__(self, target: _ClientTarget, settings: Optional[Deflate], subprotocols: Optional[Sequence[str]],
-                 headers: Optional[Iterable[Tuple[str, str]]], origin: Optional[str]):
-        self.key = new_key()
-        self.subprotocols = subprotocols
-        self.settings = settings
-        if settings is not None:  # the permessage-deflate offer
-            headers = [*(headers or ()), ("Sec-WebSocket-Extensions", encode_deflate_offer(settings))]
-        self.request = encode_request(target.host_header, target.path, self.key, subprotocols=subprotocols,
-                                      headers=headers, origin=origin)
-        self.reader = HeadReader()
-
-    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes, Optional[str], Optional[DeflateParams]]]:
-        """Feed what the server sent (``b""`` at its EOF); raises :class:`HandshakeError`.
-
-        Once the response head is complete and checked, returns it, the bytes
-        after it, the subprotocol and the permessage-deflate parameters.
-        """
-        answer = _read_answer(self.reader, data, "connection closed during the handshake", "malformed response")
-        if answer is None:
-            return None
-        response, head, rest = answer
-        subprotocol = validate_response(response, self.key, self.subprotocols, self.settings)
-        deflate = None
-        if self.settings is not None and isinstance(response.headers, Headers):
-            deflate = parse_deflate_response(response.headers.get("Sec-WebSocket-Extensions"), self.settings)
-        return head, rest, subprotocol, deflate
-
-
-@overload
-def connect(url: str, *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket: ...
-
-
-@overload
-def connect(url: str, factory: Callable[..., _WebSocketT], *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> _WebSocketT: ...
-
-
-def connect(url: str, factory: Callable[..., WebSocket] = WebSocket, *, timeout: float = 10.0,
-            ssl_context: Optional[ssl.SSLContext] = None, subprotocols: Optional[Sequence[str]] = None,
-            headers: Optional[Iterable[Tuple[str, str]]] = None, origin: Optional[str] = None,
-            compression: Union[None, str, Deflate] = None, proxy: Union[str, bool, None] = True) -> WebSocket:
-    """Open a client connection to a ``ws://`` or ``wss://`` URL (blocking handshake).
-
-    Returns a client-role connection (its frames are masked), ready for
-    :meth:`WebSocketManager.add`. Bytes the server sent right after its 101
-    are kept for the first read. ``compression="deflate"`` (or a
-    :class:`Deflate`) offers permessage-deflate; an answer the offer does not
-    allow fails the handshake. A redirect (301, 302, 303, 307, 308) is
-    followed, up to :data:`MAX_REDIRECTS`, never from ``wss://`` to ``ws://``
-    (``Authorization`` and ``Cookie`` of ``headers`` go to the first URL's
-    scheme, host and port only); ``timeout`` bounds the whole opening,
-    redirects included.
-
-    ``proxy``: by default (``True``) the HTTP proxy the environment names
-    (``https_proxy`` for ``wss://``, ``http_proxy`` for ``ws://``, then
-    ``all_proxy``; ``no_proxy`` exempts hosts), as :mod:`urllib.request`
-    reads them; a URL (``http://user:password@host:port``) for that proxy;
-    ``None`` for none. The proxy is asked for a tunnel with CONNECT (with
-    ``Proxy-Authorization: Basic`` when the URL has a user), and TLS for
-    ``wss://`` runs inside it, end to end with the server.
-
-    Raises :class:`HandshakeError` (with the server's, or the proxy's, HTTP
-    ``status`` and ``headers``) when the server or the proxy refuses or
-    answers wrongly, :class:`InvalidURL` (also a :class:`ValueError`) for a
-    bad URL or proxy URL, and :class:`OSError` (``ssl.SSLError``,
-    ``TimeoutError`` included) when the network or TLS fails.
-
-    Any thread; it blocks that thread for the handshake (for many clients, or
-    from a callback, use :meth:`WebSocketManager.connect`). Example:
-    ``manager.add(connect("wss://example.com/chat", Chat, subprotocols=["chat.v1"]))``.
-    """
-    settings = _deflate_settings(compression)
-    target = _client_target(url)
-    if headers is not None:
-        headers = list(headers)  # sent again after a redirect
-    deadline = time.monotonic() + timeout
-    visited = [target.url]
-    first = target
-    while True:
-        try:
-            return _connect_once(target, factory, deadline, ssl_context, settings, subprotocols,
-                                 _headers_for(first, target, headers), origin, _client_proxy(target, proxy))
-        except HandshakeError as exc:
-            target = _redirected(target, exc, visited)
-
-
-def _connect_once(target: _ClientTarget, factory: Callable[..., WebSocket], deadline: float,
-                  ssl_context: Optional[ssl.SSLContext], settings: Optional[Deflate],
-                  subprotocols: Optional[Sequence[str]], headers: Optional[Iterable[Tuple[str, str]]],
-                  origin: Optional[str], proxy: Optional[_Proxy]) -> WebSocket:
-    """One opening handshake of :func:`connect`, with no redirect followed."""
-
-    def receive(sock: socket.socket) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("timed out waiting for the handshake response")
-        sock.settimeout(remaining)
-        return sock.recv(READ_SIZE)
-
-    hop = proxy if proxy is not None else target
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("timed out before the handshake (redirects)")
-    try:
-        sock = socket.create_connection((hop.host, hop.port), remaining)
-    except OSError as exc:
-        raise _connect_error(exc, (hop.host, hop.port)) from None
-    try:
-        if proxy is not None:
-            tunnel = _ProxyTunnel(target, proxy)
-            sock.sendall(tunnel.request)
-            while not tunnel.feed(receive(sock)):
-                pass
-        sock = target.wrap(sock, ssl_context)
-        opening = _ClientOpening(target, settings, subprotocols, headers, origin)
-        sock.sendall(opening.request)
-        peer = sock.getpeername()  # while the server answers
-        peer_address = (sys.intern(peer[0]), *peer[1:])  # one host string for all its connections: 58 B each
-        result = None
-        while result is None:
-            result = opening.feed(receive(sock))
-        head, rest, subprotocol, deflate = result
-        websocket = factory(sock, client=True, path=target.path, request_headers=opening.request,
-                            response_headers=head, subprotocol=subprotocol,
-                            peer_address=peer_address, extra_data=rest)
-        websocket._enable_deflate(deflate, settings)
-    except BaseException:
-        sock.close()
-        raise
-    return websocket
 
 
 ###############################################################################
