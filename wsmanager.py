@@ -5847,8 +5847,7 @@ class _RedisConnection:
     """
 
     __slots__ = ("bridge", "manager", "loop", "role", "sock", "parser", "_out", "_lock", "_scheduled", "_writing",
-                 "_connecting", "_tls_pending", "_timer", "_finalized", "was_ready", "ready_since", "hello_pending",
-                 "complained", "_resume")
+                 "_timer", "_finalized", "ready_since", "hello_pending", "complained", "_resume")
 
     def __init__(self, bridge: "RedisBridge", role: str, sock: socket.socket):
         self.bridge = bridge
@@ -5861,19 +5860,16 @@ class _RedisConnection:
         self._lock = threading.Lock()
         self._scheduled = False
         self._writing = True  # registered for EVENT_WRITE until connected
-        self._connecting = True
-        self._tls_pending = _is_tls(sock)
-        self._timer: Any = None
-        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while parsed replies wait
+        self._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, self._finalize, "connect timeout")  # ready by then
+        self._resume: Optional[List[Any]] = None  # the timer of the next turn's read, while replies wait
         self._finalized = False
-        self.was_ready = False
-        self.ready_since = 0.0
-        self.hello_pending = False  # AUTH was sent: the first reply is its answer
+        self.ready_since: Optional[float] = None  # when it was connected (TLS included) and ready; None: not yet
+        self.hello_pending = bool(bridge._hello)  # AUTH goes first: the first reply is its answer
         self.complained = False  # a skipped reply was logged at WARNING (the others go to DEBUG)
 
     @property
     def ready(self) -> bool:
-        return self.was_ready and not self._finalized
+        return self.ready_since is not None and not self._finalized
 
     def write(self, data: bytes) -> None:
         """Queue bytes (any thread); the loop writes them once connected."""
@@ -5891,16 +5887,19 @@ class _RedisConnection:
         if not self.ready:
             self._on_write()  # still connecting (_on_write ignores a finalized connection)
             return
+        # One timer at most, not read_again(): this runs on readiness events and on its own re-reads, and a
+        # re-read queued by each of them would pile up, one more every turn. This read does the queued one's work.
+        _cancel(self._resume)
+        self._resume = None
         parser = self.parser
-        budget = BRIDGE_VALUES_PER_EVENT
+        parsed_by = parser.parsed + BRIDGE_VALUES_PER_EVENT  # bounded work per event, as for every handler
         for _ in range(BRIDGE_READS_PER_EVENT):
-            backlog = parser.more  # replies left over by the budget come before anything new is read
+            backlog = parser.more  # replies left over by that bound come before anything new is read
             try:
                 data = b"" if backlog else self.sock.recv(READ_SIZE)
                 if not data and not backlog:
                     raise ConnectionError("Redis closed the connection")
-                parsed = parser.parsed
-                replies = parser.feed(data, budget)
+                replies = parser.feed(data, parsed_by - parser.parsed)
             except _would_block():
                 break
             except _RespViolation as exc:  # not RESP, or past a limit: what came before it is good
@@ -5916,45 +5915,33 @@ class _RedisConnection:
             # What this read queued goes to the subscribers' sockets before the next read: draining
             # Redis by the MiB would otherwise pile it up in their queues, past max_buffered.
             self.loop.flush()
-            budget -= parser.parsed - parsed
-            if parser.more or budget <= 0:
-                # Bounded work per event, as for every handler: the rest in the next turn, after the others.
-                # One timer, not _read_again(): this runs on readiness events and on its own re-reads, and
-                # a re-read queued by each of them would pile up, one more every turn.
-                if self._resume is None:
-                    self._resume = self.loop.call_later(0, self._resume_reading)
+            if parser.more or parser.parsed >= parsed_by:
+                self._resume = self.loop.call_later(0, self._on_read)  # the rest in the next turn, after the others
                 return
             if backlog:
                 continue
             if len(data) < READ_SIZE and not (_is_tls(self.sock) and cast("ssl.SSLSocket", self.sock).pending()):
                 break
 
-    def _resume_reading(self) -> None:
-        self._resume = None
-        self._on_read()
-
     def _on_write(self) -> None:
         if self._finalized:
             return
-        if self._connecting:
+        if self.ready_since is None:
+            # Connected, or not? Then, for rediss://, the TLS handshake: one step per readiness event.
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self._finalize(os.strerror(error))
                 return
-            self._connecting = False
-        if self._tls_pending:
-            try:
-                waiting = _tls_step(self.sock)
-            except (ssl.SSLError, OSError) as exc:
-                self._finalize(f"TLS handshake: {exc}")
-                return
-            if waiting:
-                # Replies may arrive while a write is wanted: reading stays on.
-                self._set_events(waiting | selectors.EVENT_READ)
-                return
-            self._tls_pending = False
-        if not self.was_ready:
-            self.was_ready = True
+            if _is_tls(self.sock):
+                try:
+                    waiting = _tls_step(self.sock)
+                except (ssl.SSLError, OSError) as exc:
+                    self._finalize(f"TLS handshake: {exc}")
+                    return
+                if waiting:
+                    # Replies may arrive while a write is wanted: reading stays on.
+                    self._set_events(waiting | selectors.EVENT_READ)
+                    return
             self.ready_since = time.monotonic()
             _cancel(self._timer)
             self.bridge._connection_ready(self)
@@ -6073,7 +6060,7 @@ class RedisBridge:
         self._unacknowledged = 0  # PUBLISHes written whose reply has not come
         self._connections: Dict[str, Optional[_RedisConnection]] = {"publish": None, "subscribe": None}
         self._delays = {"publish": 0.0, "subscribe": 0.0}  # the last wait (0: none since a connection lived)
-        self._down_since: Dict[str, Optional[float]] = {"publish": None, "subscribe": None}
+        self._down_since: Dict[str, float] = {}  # role -> when it went down (absent: up, or on its first try)
         self._dropped_at_loss = 0
         self._channels: Set[str] = set()  # topics SUBSCRIBEd to (or asked for) on the current connection
         self._subscribed: Set[str] = set()  # topics Redis confirmed
@@ -6150,39 +6137,32 @@ class RedisBridge:
         self._connections[role] = connection
         try:
             error = sock.connect_ex(address)
+            if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConnectionError(os.strerror(error))
         except (OSError, ValueError) as exc:  # an SSLError included: for rediss://, it sets up the TLS object
             connection._finalize(str(exc) or type(exc).__name__)
             return
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            connection._finalize(os.strerror(error))
-            return
         self.loop.set_events(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
-        connection._timer = self.loop.call_later(BRIDGE_CONNECT_TIMEOUT, connection._finalize, "connect timeout")
 
     def _connection_ready(self, connection: _RedisConnection) -> None:
         role = connection.role
-        down_since = self._down_since[role]
+        down_since = self._down_since.pop(role, None)
         # The back-off is not reset here: a connection that Redis ends at once (or that fails on what
         # it is sent first) would be retried every 0.1 s for ever. It is once one lived (_connection_lost).
-        if self._hello:
-            connection.hello_pending = True
+        if connection.hello_pending:
             connection.write(self._hello)
         if role == "publish":
-            with self._lock:
-                self._unacknowledged = 0
+            with self._lock:  # (nothing is unacknowledged: see _connection_lost)
                 self._publisher = connection
                 news = f"{self.dropped - self._dropped_at_loss} message(s) could not be relayed"
         else:
             # Re-subscribe to every topic that has a local subscriber now.
-            self._channels = set(self._topics.topics())
-            self._subscribed.clear()
-            channels = sorted(self._channels)
+            self._channels = set(self._topics.topics())  # (and _subscribed is empty: see _connection_lost)
+            channels = [_topic_channel(self._prefix_bytes, topic) for topic in sorted(self._channels)]
             for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-                batch = [_topic_channel(self._prefix_bytes, topic) for topic in channels[start:start + _SUBSCRIBE_BATCH]]
-                connection.write(_resp_command(b"SUBSCRIBE", *batch))
+                connection.write(_resp_command(b"SUBSCRIBE", *channels[start:start + _SUBSCRIBE_BATCH]))
             news = f"re-subscribed to {len(self._channels)} topic(s)"
         if down_since is not None:
-            self._down_since[role] = None
             self.reconnections += 1
             logger.info("redis bridge: %s connection to %s:%d restored after %.1f s; %s", role, self.host,
                         self.port, time.monotonic() - down_since, news)
@@ -6194,11 +6174,12 @@ class RedisBridge:
         if self._connections.get(role) is not connection:
             return
         self._connections[role] = None
-        if connection.was_ready and time.monotonic() - connection.ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
+        ready_since = connection.ready_since
+        if ready_since is not None and time.monotonic() - ready_since >= BRIDGE_MAX_RECONNECT_DELAY:
             self._delays[role] = 0.0  # it lived: the next attempt comes quickly, and the back-off starts over
         if role == "publish":
             with self._lock:
-                if self._down_since[role] is None:
+                if role not in self._down_since:
                     self._dropped_at_loss = self.dropped
                 self._publisher = None
                 # Written but never acknowledged: maybe relayed, maybe not (at most once).
@@ -6209,9 +6190,9 @@ class RedisBridge:
             self._channels.clear()
         if self._closed:
             return
-        if self._down_since[role] is None:
+        if role not in self._down_since:
             logger.warning("redis bridge: %s connection to %s:%d %s (%s); local delivery goes on, reconnecting",
-                           role, self.host, self.port, "lost" if connection.was_ready else "failed", reason)
+                           role, self.host, self.port, "lost" if ready_since is not None else "failed", reason)
         else:
             logger.debug("redis bridge: %s connection to %s:%d failed again (%s)", role, self.host, self.port,
                          reason)
@@ -6221,8 +6202,7 @@ class RedisBridge:
         delay = self._delays[role]
         delay = BRIDGE_RECONNECT_DELAY if delay <= 0 else min(delay * 2, BRIDGE_MAX_RECONNECT_DELAY)
         self._delays[role] = delay
-        if self._down_since[role] is None:
-            self._down_since[role] = time.monotonic()
+        self._down_since.setdefault(role, time.monotonic())
         self.loop.call_later(delay, self._connect, role)
 
     def _sync_topic(self, topic: str) -> None:
@@ -6241,18 +6221,15 @@ class RedisBridge:
         refusal = None
         if connection.hello_pending and replies:
             connection.hello_pending = False
-            answer = replies[0]
-            replies = replies[1:]
+            answer = replies.pop(0)
             if isinstance(answer, _RedisError):
                 if self._refuses(answer):
                     refusal = answer
             elif answer != "OK":
                 self._skip(connection, answer, "not an answer to AUTH")
         if refusal is None:
-            if connection.role == "publish":
-                refusal = self._acknowledge(connection, replies)
-            else:
-                refusal = self._receive(connection, replies)
+            take = self._acknowledge if connection.role == "publish" else self._receive
+            refusal = take(connection, replies)
         if refusal is not None:
             connection._finalize(f"authentication failed: {refusal.message}")
 
@@ -6447,25 +6424,22 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
 
         previous = _request_stop_on_signals(self._stop_requests, force)
-        sock = None
         try:
             sock = self._bind()
-            for index in range(self.workers):
-                self._spawn(index, sock)
-            restarts: List[Tuple[float, int]] = []
+            forks = [(0.0, index) for index in range(self.workers)]  # (when, worker index): every one now, at first
             while not self._stop_requests:
-                restarts.extend(self._reap())
+                forks.extend(self._reap())
                 now = time.monotonic()
-                for due, index in sorted(restarts):
+                for due, index in sorted(forks):
                     if due <= now:
-                        restarts.remove((due, index))
+                        forks.remove((due, index))
                         self._spawn(index, sock)
                 time.sleep(0.05)
             return self._stop_workers()
         finally:
-            self._sock = None
-            if sock is not None:
-                sock.close()
+            if self._sock is not None:  # bound here, or by bind()
+                self._sock.close()
+                self._sock = None
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
