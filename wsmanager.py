@@ -29,35 +29,42 @@ An echo server and a client, in one manager::
         manager.add(wsmanager.connect(f"ws://{host}:{port}/", Hello))
         answered.wait(5)
 
-Layers, bottom up, each usable alone: the codec (:class:`FrameParser`,
-:func:`encode_frame`, :class:`MessageAssembler`, close payloads,
-permessage-deflate in :class:`PerMessageDeflate`), the
-handshake (pure functions over bytes), the connection (:class:`WebSocket`)
-and the manager (:class:`WebSocketManager`, :func:`connect`). On top, the
-integrations: :meth:`WebSocketManager.wsgi_app` shares the port of a WSGI
-application (wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy);
-and for more than one core or host: topics (``manager.publish``), a Redis
-pub/sub bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`).
+Layers, bottom up, each usable alone, and the file's chapters in that order
+(a reader meets each thing before what uses it): the codec
+(:class:`FrameParser`, :func:`encode_frame`, :class:`MessageAssembler`, close
+payloads), the handshake (pure functions over bytes), permessage-deflate
+(:class:`Deflate`, its negotiation, :class:`PerMessageDeflate`), the
+connection (:class:`WebSocket`), the client (:func:`connect`, and the opening
+that :meth:`WebSocketManager.connect` shares with it) and the manager
+(:class:`WebSocketManager`). On top, the integrations:
+:meth:`WebSocketManager.wsgi_app` shares the port of a WSGI application
+(wsgiref with :class:`WSGIRequestHandler`, gunicorn, Flask, CherryPy); and for
+more than one core or host: topics (``manager.publish``), a Redis pub/sub
+bridge (:class:`RedisBridge`) and worker processes (:class:`Supervisor`).
 Last, the command line (``main()``): run ``python -m wsmanager --help`` for
 the demo chat server and client.
 
 Internal classes, one job each: ``_Protocol`` is a connection's protocol with
 no I/O (its state, the close handshake, its output and the flow control over
 it; :class:`WebSocket` does its I/O), ``_Receiver`` its receive path (parser,
-assembler, inflation, partial UTF-8 check); ``_Listener`` holds a
-listening socket and the server's handshake policy (``accept(request) ->
-Response``); ``_ServerHandshake`` reads one server connection's request head
-before its 101, ``_ClientHandshake`` connects, handshakes and reads the 101 of
-one :meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
+assembler, inflation, partial UTF-8 check), ``_Setting`` one per-connection
+setting (instance, then class, then manager); ``_Loop`` is the selector loop a
+manager owns and the one API everything registered in it uses (``_Handler``
+is what it calls, ``_Flushable`` what its flush queue takes), ``_Owner`` what
+listeners, handshakes and reconnections use of their manager, ``_Life`` and
+``_LIFE`` the manager's life and its transitions, ``_Topics`` the manager's
+topics and the bridge attached to them; ``_Listener`` holds a listening
+socket and the server's handshake policy (``accept(request) -> Response``);
+``_ServerHandshake`` reads one server connection's request head before its
+101, ``_ClientHandshake`` connects, handshakes and reads the 101 of one
+:meth:`WebSocketManager.connect` in the loop (both are a ``_Handshake``: a
 deadline and a TLS handshake), with the request and the check of the answer
 that ``_ClientOpening`` shares with :func:`connect` (and ``_ProxyTunnel``, the
 CONNECT through an HTTP proxy); ``_Redial`` is one reconnecting client of
-:meth:`WebSocketManager.connect`; ``_Waker`` lets other threads interrupt
-``select()``; ``_Handler`` is the interface of everything in
-the selector and ``_Flushable`` that of the loop's flush queue;
-``_WSGIHandOff`` is the WSGI application of :meth:`WebSocketManager.wsgi_app`;
-``_RedisConnection`` and ``_RespParser`` are the bridge's socket and its RESP
-reader.
+:meth:`WebSocketManager.connect`; ``_WSGIHandOff`` is the WSGI application of
+:meth:`WebSocketManager.wsgi_app` and ``_Placeholder`` what it leaves the
+host in place of the socket it takes; ``_RedisConnection`` and
+``_RespParser`` are the bridge's socket and its RESP reader.
 """
 
 from __future__ import annotations  # annotations are not evaluated: typing costs nothing at import
@@ -278,33 +285,16 @@ _CLOSE, _PING, _PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 # What send() and the codec take as binary data (typing.Buffer is 3.12+).
 _BytesLike = Union[bytes, bytearray, memoryview]
 
+# The defaults of the limits (each documented where it is set), and the I/O bounds all chapters share.
 DEFAULT_MAX_FRAME_SIZE = 2 ** 20
 DEFAULT_MAX_MESSAGE_SIZE = 2 ** 20
 DEFAULT_MAX_BUFFERED = 4 * 2 ** 20
-MAX_HEAD_SIZE = 16 * 1024
-MAX_HEADER_LINES = 100
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
-_MAX_TIMED_PINGS = 16  # pings per connection whose send time is kept for `latency`
-COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
-WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
-ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
-ACCEPT_BACKOFF = 0.5  # seconds a listener rests after EMFILE/ENFILE
 DEFAULT_BRIDGE_MAX_PENDING = 8 * 2 ** 20  # bytes of PUBLISH commands waiting for the Redis socket
 DEFAULT_BRIDGE_MAX_MESSAGE = 64 * 2 ** 20  # largest reply the bridge reads from Redis
-BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per failure ...
-BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
-BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
-BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
-BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
-MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refuse a longer one (ValueError)
-
-# A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
-VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
-
-# RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
-_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+READ_SIZE = 64 * 1024  # bytes read per readiness event: bounds what one peer gets per loop turn
+WRITES_PER_FLUSH = 16  # socket writes per connection per loop turn, so one fast reader cannot hog the loop
 
 
 ###############################################################################
@@ -927,6 +917,10 @@ class _Receiver:
                 assembler.receive_partial(parser.read_partial(), starts_message=pending[0] == _TEXT)
 
 
+# A set makes `code in ...` fast. RFC 6455 7.4.2: 1004-1006 and 1015 must never be sent.
+VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+
+
 def encode_close(code: int, reason: str = "") -> bytes:
     """Close frame payload: 2-byte code and UTF-8 reason (at most 123 bytes).
 
@@ -1058,6 +1052,10 @@ def _tokens(value: Optional[str]) -> Set[str]:
     return {token.lower() for token in _token_list(value)}
 
 
+# RFC 6455 1.3: the GUID concatenated to Sec-WebSocket-Key.
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
 def accept_key(key: Union[str, bytes]) -> str:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2 step 5.4)."""
     if isinstance(key, str):
@@ -1089,6 +1087,11 @@ def _header_lines(headers: Iterable[Tuple[str, str]]) -> str:
 
 # RFC 7230 3.5: a recipient MAY accept a bare LF as a line terminator.
 _BLANK_LINE = _LazyPattern(rb"\n\r?\n")
+
+
+# Bounds of a request or response head (HeadReader): bytes, and header lines.
+MAX_HEAD_SIZE = 16 * 1024
+MAX_HEADER_LINES = 100
 
 
 class HeadReader:
@@ -1756,7 +1759,8 @@ _TRANSITIONS = {
     **{(state, "drop"): State.CLOSED for state in State},
 }
 
-
+_MAX_TIMED_PINGS = 16  # pings per connection whose send time is kept for `latency`
+COALESCE_SIZE = 64 * 1024  # small frames queued back to back share one buffer (and one send) up to this
 
 # What _Protocol.send() tells its driver (ints: tested on every send).
 _QUEUED = 0  # queued behind output the driver already knows of
@@ -3404,9 +3408,9 @@ class _Flushable(Protocol):
 
 
 class _Owner(Protocol):
-    """All that listeners, handshakes and reconnecting clients use of the manager that owns them
-    (typed so, mypy holds them to it): its loop and timeouts, and the calls by which they hand it a
-    connection or a handshake, or give one up. Everything else they do goes through :class:`_Loop`."""
+    """All that listeners, handshakes, reconnecting clients and the WSGI hand-off use of the manager
+    that owns them (typed so, mypy holds them to it): its loop and timeouts, and the calls by which
+    they hand it a connection or a handshake, or give one up. All else they do goes through :class:`_Loop`."""
 
     _loop: "_Loop"
     close_timeout: float
@@ -3433,6 +3437,12 @@ class _Owner(Protocol):
 
     def _out_of_descriptors(self, exc: BaseException) -> bool:
         """Whether a connect() failed for want of descriptors (logged once per episode)."""
+
+    def _ensure_running(self) -> None:
+        """Start the loop unless it runs (the WSGI hand-off, from a host's thread)."""
+
+    def add(self, websocket: WebSocket) -> None:
+        """The public :meth:`WebSocketManager.add` (the WSGI hand-off's connections)."""
 
 
 class _Loop:
@@ -3683,6 +3693,10 @@ class _Answer(_NamedTuple):
     why: str = ""  # for the log: why a refusal refuses
     deflate: Optional[DeflateParams] = None  # the permessage-deflate parameters a 101 agreed to
     subprotocol: Optional[str] = None  # the one a 101's Sec-WebSocket-Protocol names
+
+
+ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
+ACCEPT_BACKOFF = 0.5  # seconds a listener rests after EMFILE/ENFILE
 
 
 class _Listener:
@@ -4415,6 +4429,9 @@ def _stop_started_managers() -> None:
         deadline = time.monotonic() + max(manager.close_timeout for manager in managers) + 1.0
         for manager in managers:
             manager.join(max(0.0, deadline - time.monotonic()))
+
+
+MAX_TOPIC_LENGTH = 1024  # characters in a topic: subscribe() and publish() refuse a longer one (ValueError)
 
 
 class _Topics:
@@ -5380,7 +5397,7 @@ class _WSGIHandOff:
     the connection. Wherever it stops, one way back undoes what was taken.
     """
 
-    def __init__(self, manager: "WebSocketManager", listener: _Listener, app: Optional[WSGIApplication]):
+    def __init__(self, manager: _Owner, listener: _Listener, app: Optional[WSGIApplication]):
         self.manager = manager
         self.listener = listener
         self.app = app
@@ -5665,6 +5682,12 @@ def __getattr__(name: str) -> Any:
 ###############################################################################
 # Scaling out: a Redis pub/sub bridge and worker processes ####################
 ###############################################################################
+
+BRIDGE_RECONNECT_DELAY = 0.1  # first wait before a reconnection; doubled per failure ...
+BRIDGE_MAX_RECONNECT_DELAY = 5.0  # ... up to this
+BRIDGE_CONNECT_TIMEOUT = 5.0  # TCP (and TLS) connection to Redis
+BRIDGE_READS_PER_EVENT = 16  # the subscriber socket is drained this far per event: Redis never waits on us
+BRIDGE_VALUES_PER_EVENT = 1024  # ... and at most this many RESP values parsed (a pub/sub message is 4)
 
 _SUBSCRIBE_BATCH = 512  # channels per SUBSCRIBE command when (re)subscribing
 # The replies the bridge reads are flat arrays of 3 (a pub/sub message or confirmation) and scalars:
