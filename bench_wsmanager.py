@@ -1450,6 +1450,21 @@ async def client_s6_websockets(port: int, server_pid: int, p: Params) -> dict:
     return s6_result(meter, len(clients), rss_before, rss_after, errors, len(echoes))
 
 
+def await_echoes(selector: selectors.BaseSelector, expected: int, size: int, p: Params) -> int:
+    """Read the sockets registered in ``selector`` (each with a bytearray) until ``expected`` of them have
+    sent ``size`` bytes back or closed, within the trial's timeout; return how many did."""
+    echoed = 0
+    deadline = time.monotonic() + p.trial_timeout
+    while echoed < expected and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            data = key.fileobj.recv(READ_CHUNK)
+            key.data.extend(data)
+            if len(key.data) >= size or not data:
+                echoed += 1
+                selector.unregister(key.fileobj)
+    return echoed
+
+
 def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
     """Blocking connect + one round trip each (the stand-in for a handshake), then a selector holds them."""
     selector = selectors.DefaultSelector()
@@ -1477,15 +1492,7 @@ def client_s6_ceiling(port: int, server_pid: int, p: Params) -> dict:
     socks = [warm] + opened
     for sock in socks:
         sock.sendall(length_prefixed(b"hi"))
-    echoed = 0
-    deadline = time.monotonic() + p.trial_timeout
-    while echoed < len(socks) and time.monotonic() < deadline:
-        for key, _ in selector.select(1.0):
-            data = key.fileobj.recv(READ_CHUNK)
-            key.data.extend(data)
-            if len(key.data) >= 6 or not data:
-                echoed += 1
-                selector.unregister(key.fileobj)
+    echoed = await_echoes(selector, len(socks), 6, p)
     rss_after = rss_bytes()
     for sock in socks:
         sock.close()
@@ -1508,7 +1515,7 @@ def client_s6_floor(port: int, server_pid: int, p: Params, handoff: bool = False
     def loop() -> None:
         while running:
             for key, _ in selector.select(0.05):
-                selector.modify(key.fileobj, selectors.EVENT_READ)
+                selector.modify(key.fileobj, selectors.EVENT_READ, key.data)
 
     request = wsmanager.encode_request(f"{HOST}:{port}", "/", wsmanager.new_key())
     hello = wsmanager.encode_frame(wsmanager.Opcode.TEXT, b"hi", mask=True)
@@ -1524,7 +1531,7 @@ def client_s6_floor(port: int, server_pid: int, p: Params, handoff: bool = False
                 raise ConnectionError("closed during the handshake")
             answer += chunk
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_WRITE if handoff else selectors.EVENT_READ)
+        selector.register(sock, selectors.EVENT_WRITE if handoff else selectors.EVENT_READ, bytearray())
         return sock
 
     thread = threading.Thread(target=loop)
@@ -1540,16 +1547,10 @@ def client_s6_floor(port: int, server_pid: int, p: Params, handoff: bool = False
         thread.join()
     socks = [warm] + opened
     for key in list(selector.get_map().values()):  # (a last one the loop thread had no turn for)
-        selector.modify(key.fileobj, selectors.EVENT_READ)
+        selector.modify(key.fileobj, selectors.EVENT_READ, key.data)
     for sock in socks:
         sock.sendall(hello)
-    echoed = 0
-    deadline = time.monotonic() + p.trial_timeout
-    while echoed < len(socks) and time.monotonic() < deadline:
-        for key, _ in selector.select(1.0):
-            key.fileobj.recv(READ_CHUNK)  # the 4-byte echo of "hi" arrives in one piece on loopback
-            echoed += 1
-            selector.unregister(key.fileobj)
+    echoed = await_echoes(selector, len(socks), 4, p)  # the 4-byte echo of "hi"
     rss_after = rss_bytes()
     for sock in socks:
         sock.close()
