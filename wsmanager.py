@@ -4084,7 +4084,7 @@ class _ClientHandshake(_Handshake):
         if self.loop.stopping:
             self._fail(ManagerStopped("the manager is stopping"))
             return
-        self.manager._own(self, self.websocket)  # (a reconnection's: connect() records its own at once)
+        self.manager._own(self)  # (again for connect()'s, which it recorded at once: a set)
         self.loop.on_stop(self._refuse_for_stop)
         self.timer = self.loop.call_later(self.options.timeout, self._time_out)
         self._connect()
@@ -4316,6 +4316,7 @@ class _Redial:
         except Exception as exc:
             logger.error("reconnecting to %s failed; giving up", self.target.url, exc_info=exc)
             return
+        manager._own(handshake, handshake.websocket)  # its connection belongs to the manager from now on
         handshake._begin()
 
 
